@@ -1,0 +1,42 @@
+//! The `weir.dev/v1alpha1` API and the `weir-proxy` config contract.
+//!
+//! Shared by the operator (which writes both) and the sidecar (which reads the contract). The
+//! sidecar builds this crate without the `k8s` feature and gets only [`proxy`] and [`duration`].
+
+pub mod duration;
+pub mod proxy;
+
+#[cfg(feature = "k8s")]
+pub mod broker;
+#[cfg(feature = "k8s")]
+pub mod crd;
+#[cfg(feature = "k8s")]
+pub mod microservice;
+#[cfg(feature = "k8s")]
+pub mod policy;
+#[cfg(feature = "k8s")]
+pub mod queue;
+#[cfg(feature = "k8s")]
+pub mod saga;
+#[cfg(feature = "k8s")]
+pub mod validate;
+
+#[cfg(feature = "k8s")]
+pub use broker::{Broker, BrokerSpec};
+#[cfg(feature = "k8s")]
+pub use microservice::{Microservice, MicroserviceSpec};
+#[cfg(feature = "k8s")]
+pub use queue::{Queue, QueueSpec};
+#[cfg(feature = "k8s")]
+pub use saga::{Saga, SagaSpec};
+
+/// API group of every Weir resource.
+pub const GROUP: &str = "weir.dev";
+/// API version of every Weir resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// Schema for free-form JSON (message schemas, saga bodies): kept as given by the apiserver.
+#[cfg(feature = "k8s")]
+pub(crate) fn preserve_unknown_fields(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"x-kubernetes-preserve-unknown-fields": true})
+}

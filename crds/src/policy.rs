@@ -1,0 +1,201 @@
+//! Resilience policies, shared by Microservice dependencies and Saga steps.
+//!
+//! Defaults follow circuit-breaker practice (opossum, Hystrix) and Linkerd's retry budget, and
+//! are written down in `docs/api.md`: timeout 3s; breaker at 50 % errors over a 10s window split
+//! into 10 buckets, 20 calls minimum before it may open (a handful of calls says nothing about an
+//! upstream), 10s open before one trial call; retry budget 20 % of recent requests plus 10/s over 10s.
+
+use crate::duration::DURATION_PATTERN;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub fn default_timeout() -> String {
+    "3s".into()
+}
+
+/// Retries with exponential backoff and full jitter, bounded by a budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Total attempts including the first call (3 = one call and up to two retries).
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub attempts: u32,
+    #[serde(default)]
+    pub backoff: BackoffPolicy,
+    #[serde(default)]
+    pub budget: RetryBudget,
+    /// Also retry non-idempotent methods (POST, PATCH). Only for upstreams that dedupe
+    /// (e.g. by `Idempotency-Key`).
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffPolicy {
+    /// First retry waits a random time up to `base`; each next one doubles, capped at `max`.
+    #[serde(default = "default_backoff_base")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub base: String,
+    #[serde(default = "default_backoff_max")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub max: String,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        Self { base: default_backoff_base(), max: default_backoff_max() }
+    }
+}
+
+fn default_backoff_base() -> String {
+    "100ms".into()
+}
+fn default_backoff_max() -> String {
+    "2s".into()
+}
+
+/// Retries may add at most `ratio` of the recent request rate, plus `minPerSecond`, so retries
+/// never multiply load during an outage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Percentage of recent requests that may be retried.
+    #[serde(default = "default_budget_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+    #[serde(default = "default_budget_min")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_per_second: u32,
+    /// How far back "recent" reaches.
+    #[serde(default = "default_budget_ttl")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub ttl: String,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self { percent: default_budget_percent(), min_per_second: default_budget_min(), ttl: default_budget_ttl() }
+    }
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_budget_min() -> u32 {
+    10
+}
+fn default_budget_ttl() -> String {
+    "10s".into()
+}
+
+/// Opens when, with at least `volumeThreshold` calls in the rolling window, the failure
+/// percentage exceeds `errorThresholdPercentage`; after `resetTimeout` one trial call decides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerPolicy {
+    #[serde(default = "default_error_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub error_threshold_percentage: u32,
+    #[serde(default = "default_volume_threshold")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub volume_threshold: u32,
+    #[serde(default = "default_rolling_window")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub rolling_window: String,
+    #[serde(default = "default_buckets")]
+    #[schemars(range(min = 1, max = 100))]
+    pub buckets: u32,
+    #[serde(default = "default_reset_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub reset_timeout: String,
+    /// What counts as a failure; all three by default.
+    #[serde(default)]
+    pub failure_on: FailureOn,
+}
+
+impl Default for CircuitBreakerPolicy {
+    fn default() -> Self {
+        Self {
+            error_threshold_percentage: default_error_threshold(),
+            volume_threshold: default_volume_threshold(),
+            rolling_window: default_rolling_window(),
+            buckets: default_buckets(),
+            reset_timeout: default_reset_timeout(),
+            failure_on: FailureOn::default(),
+        }
+    }
+}
+
+fn default_error_threshold() -> u32 {
+    50
+}
+fn default_volume_threshold() -> u32 {
+    20
+}
+fn default_rolling_window() -> String {
+    "10s".into()
+}
+fn default_buckets() -> u32 {
+    10
+}
+fn default_reset_timeout() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureOn {
+    #[serde(default = "yes")]
+    pub status5xx: bool,
+    #[serde(default = "yes")]
+    pub connect_errors: bool,
+    #[serde(default = "yes")]
+    pub timeouts: bool,
+}
+
+impl Default for FailureOn {
+    fn default() -> Self {
+        Self { status5xx: true, connect_errors: true, timeouts: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// At most `maxConcurrent` calls in flight and `maxQueue` waiting; beyond that, fail fast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkheadPolicy {
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_concurrent: u32,
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_queue: u32,
+}
+
+/// Served when the breaker is open or the bulkhead is full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FallbackPolicy {
+    #[serde(default = "default_fallback_status")]
+    #[schemars(range(min = 200, max = 599))]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+fn default_fallback_status() -> u16 {
+    200
+}
+fn default_content_type() -> String {
+    "application/json".into()
+}

@@ -1,0 +1,396 @@
+//! The sidecar's config contract: what the operator (and `weir render`, `weir up`) writes into the
+//! `<name>-weir-proxy` ConfigMap as `proxy.json`, and what `weir-proxy` reads at start and on change.
+//!
+//! Every value here is resolved: no defaults left to apply, durations in milliseconds, addresses
+//! concrete. The operator owns the defaults (in the CRD types); the proxy only validates.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// The ConfigMap key holding the config, and the file name under the mount path.
+pub const CONFIG_KEY: &str = "proxy.json";
+/// Where the ConfigMap is mounted in the sidecar container.
+pub const CONFIG_MOUNT_PATH: &str = "/etc/weir";
+/// Default port of the inbound listener (the Service's target port).
+pub const INBOUND_PORT: u16 = 15001;
+/// Default port of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/config`).
+pub const ADMIN_PORT: u16 = 15090;
+/// First local port handed to dependencies; dependency `i` listens on `OUTBOUND_BASE_PORT + i`.
+pub const OUTBOUND_BASE_PORT: u16 = 15100;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The Microservice this sidecar serves (used in metrics, traces and logs).
+    pub service: String,
+    pub namespace: String,
+    pub inbound: InboundConfig,
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+    #[serde(default)]
+    pub tracing: TracingConfig,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// Queues and consumers (pub/sub bridge); absent when the service neither publishes nor consumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messaging: Option<MessagingConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Where the pod's traffic arrives.
+    pub listen: SocketAddr,
+    /// The app container's port on loopback.
+    pub app: SocketAddr,
+    pub timeout_ms: u64,
+    /// Concurrent requests passed to the app; `None` means no limit.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Requests waiting for a slot when `max_concurrent` is reached; beyond it: 503.
+    #[serde(default)]
+    pub max_queue: u32,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Largest request body accepted; beyond it: 413.
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Tokens added per second.
+    pub requests_per_second: f64,
+    /// Bucket size: the largest burst admitted at once.
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// One dependency: a local listener the app calls (`<NAME>_URL`) and the policy applied on the way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundConfig {
+    pub name: String,
+    /// Local address the app calls, e.g. `127.0.0.1:15100`.
+    pub listen: SocketAddr,
+    /// Where calls go, e.g. `http://users.shop.svc.cluster.local:80` or an external URL.
+    pub upstream: String,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    #[serde(default)]
+    pub bulkhead: Option<BulkheadConfig>,
+    #[serde(default)]
+    pub fallback: Option<FallbackConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts including the first (so 3 = one call and up to two retries).
+    pub attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Retry POST/PATCH too (only when the upstream is known to be idempotent).
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    pub budget: RetryBudgetConfig,
+}
+
+/// Retries allowed = `ratio` × requests seen in the last `ttl`, plus `min_per_second` × ttl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    pub ratio: f64,
+    pub min_per_second: u32,
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Opens when failures / calls × 100 exceeds this (strictly), with at least `volume_threshold` calls.
+    pub error_threshold_percentage: u32,
+    pub volume_threshold: u32,
+    pub rolling_window_ms: u64,
+    pub buckets: u32,
+    /// Time open before one trial call is let through (half-open).
+    pub reset_timeout_ms: u64,
+    /// What counts as a failure.
+    pub failure_on: FailureClassConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureClassConfig {
+    pub status_5xx: bool,
+    pub connect_errors: bool,
+    pub timeouts: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkheadConfig {
+    pub max_concurrent: u32,
+    pub max_queue: u32,
+}
+
+/// The response served instead of the upstream's when the breaker is open or the bulkhead is full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FallbackConfig {
+    pub status: u16,
+    pub body: String,
+    pub content_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP endpoint (e.g. `http://otel-collector:4318`); `None` disables export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled, 0.0 to 1.0.
+    #[serde(default)]
+    pub sampling_ratio: f64,
+}
+
+/// The pub/sub bridge: what the app may publish and which queues are pushed to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// Broker URL, e.g. `nats://nats.weir-system:4222`.
+    pub broker_url: String,
+    /// Broker kind: `nats`, `rabbitmq` or `redis`.
+    pub broker_kind: String,
+    /// File holding broker credentials, if any (mounted from the Broker's Secret).
+    #[serde(default)]
+    pub credentials_file: Option<String>,
+    #[serde(default)]
+    pub publishes: Vec<PublishConfig>,
+    #[serde(default)]
+    pub consumes: Vec<ConsumeConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PublishConfig {
+    /// The Queue resource name (the app posts to `/v1/publish/<queue>`).
+    pub queue: String,
+    /// Stream (or queue) name on the broker.
+    pub stream: String,
+    /// Subject the event is published on.
+    pub subject: String,
+    /// JSON Schema (draft 2020-12) every event must satisfy; `None` accepts any JSON.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// CloudEvents `type` given to events published here.
+    pub event_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumeConfig {
+    pub queue: String,
+    pub stream: String,
+    /// Durable consumer name on the broker.
+    pub consumer: String,
+    /// Path on the app that receives each event (POST).
+    pub path: String,
+    pub max_in_flight: u32,
+    pub max_deliveries: u32,
+    pub ack_wait_ms: u64,
+    #[serde(default)]
+    pub backoff_ms: Vec<u64>,
+    /// Stream that receives dead letters.
+    pub dead_letter_stream: String,
+    pub dead_letter_subject: String,
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// How long a processed event id is remembered for deduplication.
+    pub dedup_window_ms: u64,
+}
+
+/// A field of the config that fails validation, named by its JSON path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ProxyConfig {
+    /// Parses and validates a config file's contents; the error names the offending field.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let cfg: ProxyConfig = serde_json::from_str(text).map_err(|e| ConfigError {
+            field: format!("line {} column {}", e.line(), e.column()),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ranges, uniqueness, URLs, cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: String, message: &str| ConfigError { field, message: message.to_string() };
+        if self.service.is_empty() {
+            return Err(err("service".into(), "must not be empty"));
+        }
+        if self.inbound.timeout_ms == 0 {
+            return Err(err("inbound.timeoutMs".into(), "must be greater than 0"));
+        }
+        if self.inbound.max_concurrent == Some(0) {
+            return Err(err("inbound.maxConcurrent".into(), "must be greater than 0 when set"));
+        }
+        if let Some(rl) = &self.inbound.rate_limit {
+            if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
+                return Err(err("inbound.rateLimit.requestsPerSecond".into(), "must be a positive number"));
+            }
+            if rl.burst == 0 {
+                return Err(err("inbound.rateLimit.burst".into(), "must be at least 1"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sampling_ratio) {
+            return Err(err("tracing.samplingRatio".into(), "must be between 0 and 1"));
+        }
+        if let Some(ep) = &self.tracing.otlp_endpoint {
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                return Err(err("tracing.otlpEndpoint".into(), "must be an http:// or https:// URL"));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut listens = std::collections::BTreeSet::from([self.inbound.listen, self.admin.listen]);
+        if self.inbound.listen == self.admin.listen {
+            return Err(err("admin.listen".into(), "must differ from inbound.listen"));
+        }
+        for (i, o) in self.outbound.iter().enumerate() {
+            let at = |f: &str| format!("outbound[{i}].{f}");
+            if o.name.is_empty() {
+                return Err(err(at("name"), "must not be empty"));
+            }
+            if !names.insert(o.name.as_str()) {
+                return Err(err(at("name"), &format!("duplicate dependency name {:?}", o.name)));
+            }
+            if !listens.insert(o.listen) {
+                return Err(err(at("listen"), &format!("address {} is already used by another listener", o.listen)));
+            }
+            if !(o.upstream.starts_with("http://") || o.upstream.starts_with("https://")) {
+                return Err(err(at("upstream"), "must be an http:// or https:// URL"));
+            }
+            if o.timeout_ms == 0 {
+                return Err(err(at("timeoutMs"), "must be greater than 0"));
+            }
+            if let Some(r) = &o.retry {
+                if r.attempts == 0 {
+                    return Err(err(at("retry.attempts"), "must be at least 1"));
+                }
+                if r.backoff_max_ms < r.backoff_base_ms {
+                    return Err(err(at("retry.backoffMaxMs"), "must be at least backoffBaseMs"));
+                }
+                if !(r.budget.ratio.is_finite() && (0.0..=1.0).contains(&r.budget.ratio)) {
+                    return Err(err(at("retry.budget.ratio"), "must be between 0 and 1"));
+                }
+                if r.budget.ttl_ms == 0 {
+                    return Err(err(at("retry.budget.ttlMs"), "must be greater than 0"));
+                }
+            }
+            if let Some(b) = &o.circuit_breaker {
+                if !(1..=100).contains(&b.error_threshold_percentage) {
+                    return Err(err(at("circuitBreaker.errorThresholdPercentage"), "must be between 1 and 100"));
+                }
+                if b.buckets == 0 {
+                    return Err(err(at("circuitBreaker.buckets"), "must be at least 1"));
+                }
+                if b.rolling_window_ms == 0 || b.rolling_window_ms % u64::from(b.buckets) != 0 {
+                    return Err(err(at("circuitBreaker.rollingWindowMs"), "must be a positive multiple of buckets"));
+                }
+                if b.reset_timeout_ms == 0 {
+                    return Err(err(at("circuitBreaker.resetTimeoutMs"), "must be greater than 0"));
+                }
+            }
+            if let Some(b) = &o.bulkhead {
+                if b.max_concurrent == 0 {
+                    return Err(err(at("bulkhead.maxConcurrent"), "must be at least 1"));
+                }
+            }
+            if let Some(f) = &o.fallback {
+                if !(200..=599).contains(&f.status) {
+                    return Err(err(at("fallback.status"), "must be an HTTP status between 200 and 599"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> ProxyConfig {
+        ProxyConfig {
+            service: "orders".into(),
+            namespace: "shop".into(),
+            inbound: InboundConfig {
+                listen: "0.0.0.0:15001".parse().unwrap(),
+                app: "127.0.0.1:8080".parse().unwrap(),
+                timeout_ms: 3000,
+                max_concurrent: Some(100),
+                max_queue: 50,
+                rate_limit: None,
+                max_body_bytes: 1 << 20,
+            },
+            admin: AdminConfig { listen: "0.0.0.0:15090".parse().unwrap() },
+            outbound: vec![OutboundConfig {
+                name: "users".into(),
+                listen: "127.0.0.1:15100".parse().unwrap(),
+                upstream: "http://users.shop.svc.cluster.local:80".into(),
+                timeout_ms: 3000,
+                retry: None,
+                circuit_breaker: Some(CircuitBreakerConfig {
+                    error_threshold_percentage: 50,
+                    volume_threshold: 20,
+                    rolling_window_ms: 10_000,
+                    buckets: 10,
+                    reset_timeout_ms: 10_000,
+                    failure_on: FailureClassConfig { status_5xx: true, connect_errors: true, timeouts: true },
+                }),
+                bulkhead: None,
+                fallback: None,
+            }],
+            tracing: TracingConfig::default(),
+            shutdown_grace_ms: 30_000,
+            messaging: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_validates() {
+        let cfg = sample();
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(ProxyConfig::from_json(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut cfg = sample();
+        cfg.outbound[0].circuit_breaker.as_mut().unwrap().error_threshold_percentage = 0;
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field, "outbound[0].circuitBreaker.errorThresholdPercentage");
+
+        let mut cfg = sample();
+        cfg.outbound.push(cfg.outbound[0].clone());
+        assert_eq!(cfg.validate().unwrap_err().field, "outbound[1].name");
+
+        let e = ProxyConfig::from_json(r#"{"service": "x", "bogus": 1}"#).unwrap_err();
+        assert!(e.message.contains("bogus"), "{e}");
+    }
+}

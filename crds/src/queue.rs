@@ -1,0 +1,226 @@
+//! `Queue`: a durable queue on a Broker, with its consumers' delivery policy, its dead-letter
+//! queue and the JSON Schema its messages must satisfy.
+
+use crate::duration::DURATION_PATTERN;
+use crate::preserve_unknown_fields;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "Queue",
+    namespaced,
+    status = "QueueStatus",
+    shortname = "wq",
+    category = "weir",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Broker", type_ = "string", json_path = ".spec.broker"),
+    printcolumn(name = "Messages", type_ = "integer", json_path = ".status.messages"),
+    printcolumn(name = "Dead-Letters", type_ = "integer", json_path = ".status.deadLetters"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueSpec {
+    /// Name of a Broker in the same namespace.
+    #[schemars(length(min = 1))]
+    pub broker: String,
+    /// Subjects captured by the queue; defaults to the queue's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub retention: Retention,
+    /// `File` survives broker restarts; `Memory` only when asked for.
+    #[serde(default)]
+    pub storage: Storage,
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub max_age: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_messages: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<i64>,
+    /// Window in which a repeated event id is dropped by the broker.
+    #[serde(default = "default_dup_window")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub duplicate_window: String,
+    #[serde(default)]
+    pub consumer: ConsumerSettings,
+    #[serde(default)]
+    pub dead_letter: DeadLetterSettings,
+    /// JSON Schema (draft 2020-12) of the messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<MessageSchema>,
+    /// CloudEvents `type` of the events; defaults to the queue's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_dup_window() -> String {
+    "2m".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+pub enum Retention {
+    #[default]
+    Limits,
+    WorkQueue,
+    Interest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+pub enum Storage {
+    #[default]
+    File,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+pub enum DeletionPolicy {
+    /// Deleting the Queue leaves the stream and its messages on the broker.
+    #[default]
+    Retain,
+    /// Deleting the Queue deletes the stream, its consumers and its dead letters.
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "size(self.backoff) <= self.maxDeliveries", "message": "backoff has more entries than maxDeliveries", "fieldPath": ".backoff"}
+]))]
+pub struct ConsumerSettings {
+    /// Deliveries before a message is dead-lettered.
+    #[serde(default = "default_max_deliveries")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_deliveries: i32,
+    /// Time the consumer has to answer before the message is redelivered.
+    #[serde(default = "default_ack_wait")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub ack_wait: String,
+    /// Delay before each redelivery; the last entry repeats.
+    #[serde(default = "default_backoff")]
+    pub backoff: Vec<DurationString>,
+    #[serde(default = "default_max_ack_pending")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_ack_pending: i32,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            max_deliveries: default_max_deliveries(),
+            ack_wait: default_ack_wait(),
+            backoff: default_backoff(),
+            max_ack_pending: default_max_ack_pending(),
+        }
+    }
+}
+
+/// A duration string such as `500ms` or `1m30s`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DurationString(pub String);
+
+impl JsonSchema for DurationString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": DURATION_PATTERN})
+    }
+}
+
+fn default_max_deliveries() -> i32 {
+    5
+}
+fn default_ack_wait() -> String {
+    "30s".into()
+}
+fn default_backoff() -> Vec<DurationString> {
+    ["1s", "5s", "30s"].into_iter().map(|s| DurationString(s.into())).collect()
+}
+fn default_max_ack_pending() -> i32 {
+    1000
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetterSettings {
+    /// Dead letters are kept unless this is false (then failed messages stay on the queue's stream).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How long dead letters are kept.
+    #[serde(default = "default_dlq_age")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub max_age: String,
+}
+
+impl Default for DeadLetterSettings {
+    fn default() -> Self {
+        Self { enabled: true, max_age: default_dlq_age() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_dlq_age() -> String {
+    "336h".into()
+}
+
+/// The schema inline, or a key of a ConfigMap holding it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.inline) != has(self.configMapRef)", "message": "set exactly one of inline or configMapRef"}
+]))]
+pub struct MessageSchema {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_fields")]
+    pub inline: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapKeyRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigMapKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Messages on the stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<i64>,
+    /// Messages pending per consumer (Microservice).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending: BTreeMap<String, i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<i64>,
+}

@@ -1,0 +1,179 @@
+//! `Saga`: ordered steps, each an action and its compensation, run by a crash-safe coordinator.
+
+use crate::duration::DURATION_PATTERN;
+use crate::policy::{RetryPolicy, default_timeout};
+use crate::preserve_unknown_fields;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "Saga",
+    namespaced,
+    status = "SagaStatus",
+    shortname = "sg",
+    category = "weir",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Steps", type_ = "integer", json_path = ".status.steps"),
+    printcolumn(name = "Running", type_ = "integer", json_path = ".status.running"),
+    printcolumn(name = "Completed", type_ = "integer", json_path = ".status.completed"),
+    printcolumn(name = "Compensated", type_ = "integer", json_path = ".status.compensated"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SagaSpec {
+    /// Broker holding the instances' logs (JetStream).
+    #[schemars(length(min = 1))]
+    pub broker: String,
+    /// Coordinator replicas; each instance is driven by one replica at a time.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 10))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub trigger: SagaTrigger,
+    #[schemars(length(min = 1, max = 50))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub steps: Vec<SagaStep>,
+    /// Retries of a failing compensation before the instance ends `CompensationFailed`.
+    #[serde(default = "default_comp_retry")]
+    pub compensation_retry: RetryPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_completed: Option<OutcomeEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failed: Option<OutcomeEvent>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn default_comp_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 5,
+        backoff: Default::default(),
+        budget: Default::default(),
+        retry_non_idempotent: true,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SagaTrigger {
+    /// Start instances with `POST /v1/sagas/<name>` on the coordinator.
+    #[serde(default = "yes")]
+    pub http: bool,
+    /// Start an instance for each event on this Queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+impl Default for SagaTrigger {
+    fn default() -> Self {
+        Self { http: true, queue: None }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SagaStep {
+    #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"))]
+    pub name: String,
+    pub action: SagaAction,
+    /// Undoes the action; steps without one are not compensated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<SagaAction>,
+    #[serde(default = "default_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub timeout: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// An HTTP call to a dependency, or a request/reply on a broker subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.http) != has(self.request)", "message": "set exactly one of http or request"}
+]))]
+pub struct SagaAction {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<BrokerRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.microservice) != has(self.url)", "message": "set exactly one of microservice or url"}
+]))]
+pub struct HttpCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microservice: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://\S+$"))]
+    pub url: Option<String>,
+    #[serde(default = "default_method")]
+    #[schemars(extend("enum" = ["GET", "POST", "PUT", "PATCH", "DELETE"]))]
+    pub method: String,
+    #[schemars(regex(pattern = r"^/"))]
+    pub path: String,
+    /// Request body; `{{input.x}}` and `{{steps.<name>.result.y}}` are replaced by values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_fields")]
+    pub body: Option<serde_json::Value>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrokerRequest {
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_fields")]
+    pub body: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutcomeEvent {
+    /// Queue the outcome event is published to.
+    pub queue: String,
+    /// CloudEvents `type`, e.g. `OrderConfirmed`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<i32>,
+    #[serde(default)]
+    pub running: i64,
+    #[serde(default)]
+    pub completed: i64,
+    #[serde(default)]
+    pub compensated: i64,
+    #[serde(default)]
+    pub failed: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+}
