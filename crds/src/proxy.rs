@@ -55,6 +55,13 @@ pub struct InboundConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// Largest request body accepted; beyond it: 413.
     pub max_body_bytes: u64,
+    /// The app's liveness path: the admin listener serves `/app-health/liveness` by calling it,
+    /// so the kubelet probes the app through the sidecar and the app may listen on loopback only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_path: Option<String>,
+    /// The app's readiness path, served as `/app-health/readiness` on the admin listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,6 +354,8 @@ mod tests {
                 max_queue: 50,
                 rate_limit: None,
                 max_body_bytes: 1 << 20,
+                liveness_path: Some("/healthz".into()),
+                readiness_path: Some("/readyz".into()),
             },
             admin: AdminConfig { listen: "0.0.0.0:15090".parse().unwrap() },
             outbound: vec![OutboundConfig {
