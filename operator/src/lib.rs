@@ -1,0 +1,4 @@
+//! The Weir operator and command-line tool.
+
+pub mod manifest;
+pub mod render;

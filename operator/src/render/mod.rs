@@ -1,0 +1,322 @@
+//! What should exist for a Microservice: a Deployment (app + `weir-proxy`), a Service and the
+//! sidecar's ConfigMap. Pure functions: the operator applies their output, `weir render`
+//! prints it, `weir up` runs it.
+
+pub mod proxy_config;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction,
+    Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use proxy_config::{PodPlacement, dependency_env_name};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use weir_crds::Microservice;
+use weir_crds::proxy::{ADMIN_PORT, CONFIG_KEY, CONFIG_MOUNT_PATH, INBOUND_PORT, ProxyConfig};
+
+/// Label on everything rendered for a Microservice, and the pods' selector.
+pub const LABEL_MICROSERVICE: &str = "weir.dev/microservice";
+/// Pod-template annotation holding the sidecar config's hash: a config change rolls the pods.
+pub const ANNOTATION_CONFIG_HASH: &str = "weir.dev/config-hash";
+/// Name of the sidecar container.
+pub const PROXY_CONTAINER: &str = "weir-proxy";
+/// Name of the app container.
+pub const APP_CONTAINER: &str = "app";
+/// Port of the Service in front of each Microservice.
+pub const SERVICE_PORT: i32 = 80;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RenderError {
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+    #[error("metadata.{0}: missing (the object must have a name and a namespace)")]
+    Metadata(&'static str),
+}
+
+/// Settings of the operator that shape what is rendered.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    pub proxy_image: String,
+    pub proxy_image_pull_policy: Option<String>,
+    /// Sidecar as an init container with `restartPolicy: Always` (Kubernetes 1.29+); when false,
+    /// a plain second container that waits for its readiness before the app starts.
+    pub native_sidecar: bool,
+    pub cluster_domain: String,
+    /// Namespace used for objects that have none (e.g. `weir render` of a file without one).
+    pub default_namespace: String,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            proxy_image: format!("ghcr.io/weir-dev/weir-proxy:{}", env!("CARGO_PKG_VERSION")),
+            proxy_image_pull_policy: None,
+            native_sidecar: true,
+            cluster_domain: "cluster.local".into(),
+            default_namespace: "default".into(),
+        }
+    }
+}
+
+/// Everything one Microservice becomes.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub config: ProxyConfig,
+    pub config_hash: String,
+    pub config_map: ConfigMap,
+    pub deployment: Deployment,
+    pub service: Service,
+}
+
+pub fn config_map_name(ms_name: &str) -> String {
+    format!("{ms_name}-weir-proxy")
+}
+
+/// Labels shared by every object rendered for `name`.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), name.to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "weir".to_string()),
+        (LABEL_MICROSERVICE.to_string(), name.to_string()),
+    ])
+}
+
+fn owner_reference(ms: &Microservice) -> Option<OwnerReference> {
+    // An object from a file has no uid yet: no owner reference until it is on a cluster.
+    ms.controller_owner_ref(&())
+}
+
+fn metadata(ms: &Microservice, name: String, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels(&ms.name_any())),
+        owner_references: owner_reference(ms).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// Renders a Microservice for a cluster.
+pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, RenderError> {
+    let name = ms.metadata.name.clone().ok_or(RenderError::Metadata("name"))?;
+    let namespace = ms.namespace().unwrap_or_else(|| opts.default_namespace.clone());
+    let placement = PodPlacement { cluster_domain: opts.cluster_domain.clone() };
+    let config = proxy_config::build(&name, &namespace, &ms.spec, &placement)?;
+    let config_json = serde_json::to_string_pretty(&config).expect("proxy config serializes");
+    let config_hash = hash(&config_json);
+
+    let config_map = ConfigMap {
+        metadata: metadata(ms, config_map_name(&name), &namespace),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config_json)])),
+        ..Default::default()
+    };
+    let service = Service {
+        metadata: metadata(ms, name.clone(), &namespace),
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([(LABEL_MICROSERVICE.to_string(), name.clone())])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: SERVICE_PORT,
+                target_port: Some(IntOrString::String("weir-inbound".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let deployment = deployment(ms, &name, &namespace, &config, &config_hash, opts);
+    Ok(Rendered { config, config_hash, config_map, deployment, service })
+}
+
+fn hash(text: &str) -> String {
+    hex::encode(&Sha256::digest(text.as_bytes())[..8])
+}
+
+fn http_probe(path: &str, port: i32, spec: &weir_crds::microservice::ProbeSpec) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.to_string()), port: IntOrString::Int(port), ..Default::default() }),
+        period_seconds: Some(spec.period_seconds),
+        failure_threshold: Some(spec.failure_threshold),
+        initial_delay_seconds: Some(spec.initial_delay_seconds).filter(|d| *d > 0),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn deployment(
+    ms: &Microservice,
+    name: &str,
+    namespace: &str,
+    config: &ProxyConfig,
+    config_hash: &str,
+    opts: &RenderOptions,
+) -> Deployment {
+    let spec = &ms.spec;
+    let admin = i32::from(ADMIN_PORT);
+    let config_file = format!("{CONFIG_MOUNT_PATH}/{CONFIG_KEY}");
+
+    // The app reaches each dependency through its local sidecar port.
+    let mut env: Vec<EnvVar> = spec.env.clone();
+    for o in &config.outbound {
+        env.push(EnvVar {
+            name: dependency_env_name(&o.name),
+            value: Some(format!("http://{}", o.listen)),
+            ..Default::default()
+        });
+    }
+    env.push(EnvVar {
+        name: "WEIR_SIDECAR_URL".into(),
+        value: Some(format!("http://127.0.0.1:{ADMIN_PORT}")),
+        ..Default::default()
+    });
+    env.push(EnvVar { name: "PORT".into(), value: Some(spec.port.to_string()), ..Default::default() });
+
+    let app = Container {
+        name: APP_CONTAINER.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        command: spec.command.clone(),
+        args: spec.args.clone(),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("app".into()),
+            container_port: spec.port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: spec.resources.clone(),
+        // Probed through the sidecar, so the app may listen on loopback only.
+        liveness_probe: Some(http_probe("/app-health/liveness", admin, &spec.probes.liveness)),
+        readiness_probe: Some(http_probe("/app-health/readiness", admin, &spec.probes.readiness)),
+        ..Default::default()
+    };
+
+    let proxy_probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(admin), ..Default::default() }),
+        period_seconds: Some(5),
+        failure_threshold: Some(3),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    };
+    let mut proxy = Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(opts.proxy_image.clone()),
+        image_pull_policy: opts.proxy_image_pull_policy.clone(),
+        args: Some(vec!["--config".into(), config_file.clone()]),
+        env: Some(vec![EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..Default::default() }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("weir-inbound".into()),
+                container_port: i32::from(INBOUND_PORT),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("weir-admin".into()),
+                container_port: admin,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "weir-proxy-config".into(),
+            mount_path: CONFIG_MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(proxy_probe("/healthz")),
+        readiness_probe: Some(proxy_probe("/readyz")),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("10m".into())),
+                ("memory".to_string(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("64Mi".into()))])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let (init_containers, containers) = if opts.native_sidecar {
+        // A native sidecar starts, and must be started (startupProbe), before the app; it is
+        // stopped only after the app has exited, so the app's in-flight calls keep their proxy.
+        proxy.restart_policy = Some("Always".into());
+        proxy.startup_probe = Some(Probe { failure_threshold: Some(60), period_seconds: Some(1), ..proxy_probe("/readyz") });
+        (Some(vec![proxy]), vec![app])
+    } else {
+        // Before native sidecars: the kubelet starts containers in order and waits for each
+        // postStart hook, so `await` holds the app back until the proxy is ready; on shutdown
+        // `drain` keeps the proxy up until the app has stopped taking requests.
+        proxy.lifecycle = Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["/usr/local/bin/weir-proxy".into(), "await".into(), "--config".into(), config_file.clone()]),
+                }),
+                ..Default::default()
+            }),
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["/usr/local/bin/weir-proxy".into(), "drain".into(), "--config".into(), config_file]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        (None, vec![proxy, app])
+    };
+
+    let selector = BTreeMap::from([(LABEL_MICROSERVICE.to_string(), name.to_string())]);
+    Deployment {
+        metadata: metadata(ms, name.to_string(), namespace),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(name)),
+                    annotations: Some(BTreeMap::from([(ANNOTATION_CONFIG_HASH.to_string(), config_hash.to_string())])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    init_containers,
+                    containers,
+                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                    security_context: Some(PodSecurityContext {
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        ..Default::default()
+                    }),
+                    volumes: Some(vec![Volume {
+                        name: "weir-proxy-config".into(),
+                        config_map: Some(ConfigMapVolumeSource { name: config_map_name(name), ..Default::default() }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

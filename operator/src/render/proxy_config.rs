@@ -1,0 +1,176 @@
+//! The sidecar config of a Microservice: spec defaults resolved, durations in milliseconds,
+//! addresses concrete. Where things listen is a [`Placement`], so the same function serves a
+//! pod (fixed ports, Service DNS names) and `weir up` (free loopback ports).
+
+use super::RenderError;
+use std::net::SocketAddr;
+use weir_crds::duration;
+use weir_crds::microservice::{Dependency, MicroserviceSpec};
+use weir_crds::policy::{CircuitBreakerPolicy, RetryPolicy};
+use weir_crds::proxy::{
+    AdminConfig, BulkheadConfig, CircuitBreakerConfig, FailureClassConfig, FallbackConfig, InboundConfig,
+    OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, RetryConfig, TracingConfig,
+};
+
+/// Where a sidecar's listeners are and where its dependencies are reached.
+pub trait Placement {
+    fn inbound(&self) -> SocketAddr;
+    fn admin(&self) -> SocketAddr;
+    fn app(&self, port: u16) -> SocketAddr;
+    /// Local listener of the `index`-th dependency.
+    fn outbound(&self, index: usize) -> SocketAddr;
+    /// Base URL of another Microservice, as seen from this one.
+    fn microservice_url(&self, namespace: &str, name: &str) -> String;
+}
+
+/// Placement inside a pod: fixed ports, Services by their cluster DNS names.
+#[derive(Debug, Clone)]
+pub struct PodPlacement {
+    pub cluster_domain: String,
+}
+
+impl Placement for PodPlacement {
+    fn inbound(&self) -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], weir_crds::proxy::INBOUND_PORT))
+    }
+    fn admin(&self) -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], weir_crds::proxy::ADMIN_PORT))
+    }
+    fn app(&self, port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+    fn outbound(&self, index: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], weir_crds::proxy::OUTBOUND_BASE_PORT + index as u16))
+    }
+    fn microservice_url(&self, namespace: &str, name: &str) -> String {
+        format!("http://{name}.{namespace}.svc.{}:80", self.cluster_domain)
+    }
+}
+
+fn ms(field: &str, value: &str) -> Result<u64, RenderError> {
+    duration::parse(value)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| RenderError::Field { field: field.to_string(), message: e.to_string() })
+}
+
+/// Builds the sidecar config of `spec`. Errors name the field (`spec.dependencies[0].timeout`).
+pub fn build(
+    name: &str,
+    namespace: &str,
+    spec: &MicroserviceSpec,
+    placement: &dyn Placement,
+) -> Result<ProxyConfig, RenderError> {
+    let port = u16::try_from(spec.port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| RenderError::Field { field: "spec.port".into(), message: "must be between 1 and 65535".into() })?;
+    let inbound = &spec.inbound;
+    let outbound = spec
+        .dependencies
+        .iter()
+        .enumerate()
+        .map(|(i, d)| outbound(i, d, namespace, placement))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tracing = spec
+        .tracing
+        .as_ref()
+        .map(|t| TracingConfig { otlp_endpoint: t.otlp_endpoint.clone(), sampling_ratio: t.sampling_ratio })
+        .unwrap_or_default();
+    Ok(ProxyConfig {
+        service: name.to_string(),
+        namespace: namespace.to_string(),
+        inbound: InboundConfig {
+            listen: placement.inbound(),
+            app: placement.app(port),
+            timeout_ms: ms("spec.inbound.timeout", &inbound.timeout)?,
+            max_concurrent: inbound.max_concurrent,
+            max_queue: inbound.max_queue.unwrap_or(0),
+            rate_limit: inbound.rate_limit.as_ref().map(|r| RateLimitConfig {
+                requests_per_second: f64::from(r.requests_per_second),
+                burst: r.burst.unwrap_or(r.requests_per_second),
+            }),
+            max_body_bytes: inbound.max_body_bytes,
+            liveness_path: Some(spec.probes.liveness.path.clone()),
+            readiness_path: Some(spec.probes.readiness.path.clone()),
+        },
+        admin: AdminConfig { listen: placement.admin() },
+        outbound,
+        tracing,
+        shutdown_grace_ms: (spec.termination_grace_period_seconds.max(1) as u64) * 1000,
+        messaging: None,
+    })
+}
+
+fn outbound(i: usize, d: &Dependency, namespace: &str, placement: &dyn Placement) -> Result<OutboundConfig, RenderError> {
+    let at = |f: &str| format!("spec.dependencies[{i}].{f}");
+    let upstream = match (&d.microservice, &d.url) {
+        (Some(target), None) => placement.microservice_url(namespace, target),
+        (None, Some(url)) => url.trim_end_matches('/').to_string(),
+        _ => {
+            return Err(RenderError::Field {
+                field: format!("spec.dependencies[{i}]"),
+                message: "set exactly one of microservice or url".into(),
+            });
+        }
+    };
+    Ok(OutboundConfig {
+        name: d.name.clone(),
+        listen: placement.outbound(i),
+        upstream,
+        timeout_ms: ms(&at("timeout"), &d.timeout)?,
+        retry: d.retry.as_ref().map(|r| retry(r, &at)).transpose()?,
+        circuit_breaker: d.circuit_breaker.as_ref().map(|b| breaker(b, &at)).transpose()?,
+        bulkhead: d
+            .bulkhead
+            .as_ref()
+            .map(|b| BulkheadConfig { max_concurrent: b.max_concurrent, max_queue: b.max_queue }),
+        fallback: d.fallback.as_ref().map(|f| FallbackConfig {
+            status: f.status,
+            body: f.body.clone(),
+            content_type: f.content_type.clone(),
+        }),
+    })
+}
+
+fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, RenderError> {
+    Ok(RetryConfig {
+        attempts: r.attempts,
+        backoff_base_ms: ms(&at("retry.backoff.base"), &r.backoff.base)?,
+        backoff_max_ms: ms(&at("retry.backoff.max"), &r.backoff.max)?,
+        retry_non_idempotent: r.retry_non_idempotent,
+        budget: RetryBudgetConfig {
+            ratio: f64::from(r.budget.percent) / 100.0,
+            min_per_second: r.budget.min_per_second,
+            ttl_ms: ms(&at("retry.budget.ttl"), &r.budget.ttl)?,
+        },
+    })
+}
+
+fn breaker(b: &CircuitBreakerPolicy, at: &dyn Fn(&str) -> String) -> Result<CircuitBreakerConfig, RenderError> {
+    let window = ms(&at("circuitBreaker.rollingWindow"), &b.rolling_window)?;
+    let buckets = b.buckets.max(1);
+    // The window is a whole number of equal buckets: round it down to one.
+    let bucket_ms = (window / u64::from(buckets)).max(1);
+    Ok(CircuitBreakerConfig {
+        error_threshold_percentage: b.error_threshold_percentage,
+        volume_threshold: b.volume_threshold,
+        rolling_window_ms: bucket_ms * u64::from(buckets),
+        buckets,
+        reset_timeout_ms: ms(&at("circuitBreaker.resetTimeout"), &b.reset_timeout)?,
+        failure_on: FailureClassConfig {
+            status_5xx: b.failure_on.status5xx,
+            connect_errors: b.failure_on.connect_errors,
+            timeouts: b.failure_on.timeouts,
+        },
+    })
+}
+
+/// The env var through which the app reaches a dependency: `users` → `USERS_URL`.
+pub fn dependency_env_name(dependency: &str) -> String {
+    let mut s: String = dependency
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect();
+    s.push_str("_URL");
+    s
+}
