@@ -1,0 +1,196 @@
+# Shared settings and helpers for Weir's local test cluster (sourced by up.sh,
+# down.sh, build-k8s.sh and image.sh). Everything here is test infrastructure.
+
+set -euo pipefail
+
+CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# Where the built Kubernetes lives (outside the checkout, keyed by the Debian
+# source version) and where the running cluster keeps its state.
+WEIR_CLUSTER_CACHE="${WEIR_CLUSTER_CACHE:-/var/cache/weir-cluster}"
+STATE="${WEIR_CLUSTER_STATE:-/var/lib/weir-cluster}"
+RUN="$STATE/run"          # pid files
+LOGS="$STATE/logs"        # one log per component
+PKI="$STATE/pki"
+KUBECONFIG_ADMIN="$STATE/kubeconfig"
+
+# Addresses: 198.18.0.0/15 is reserved for network testing (RFC 2544).
+POD_CIDR="198.18.0.0/16"
+SERVICE_CIDR="198.19.0.0/16"
+KUBERNETES_SVC_IP="198.19.0.1"
+CLUSTER_DOMAIN="cluster.local"
+BRIDGE="cni0"
+
+K8S_VERSION="v1.20.2"
+PAUSE_IMAGE="k8s.gcr.io/pause:3.4-weir"
+NODE_NAME="${WEIR_NODE_NAME:-$(hostname | tr 'A-Z_' 'a-z-')}"
+
+# Components in start order; down.sh stops them in reverse.
+COMPONENTS=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy dnsmasq dns-sync)
+
+log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Debian source version of the kubernetes package (e.g. 1.20.5+really1.20.2-1.1+deb12u1).
+k8s_source_version() {
+  apt-cache showsrc kubernetes 2>/dev/null | awk '/^Version:/ {print $2}' | sort -V | tail -1
+}
+
+# The node address: the source address of the default route, read at run time.
+node_ip() {
+  local dev ip
+  dev=$(ip -4 route show default 2>/dev/null | awk '{for (i=1;i<=NF;i++) if ($i=="dev") {print $(i+1); exit}}')
+  if [[ -n "$dev" ]]; then
+    ip=$(ip -4 -o addr show dev "$dev" scope global | awk '{split($4,a,"/"); print a[1]; exit}')
+  fi
+  if [[ -z "${ip:-}" ]]; then
+    ip=$(ip -4 -o addr show scope global | awk '$2 != "'"$BRIDGE"'" {split($4,a,"/"); print a[1]; exit}')
+  fi
+  [[ -n "${ip:-}" ]] || die "cannot find the node's IPv4 address"
+  echo "$ip"
+}
+
+pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+
+# Start time of a process (field 22 of /proc/PID/stat), to tell our process
+# from a later one that reuses its pid.
+pid_starttime() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null || true; }
+
+# Start a component in its own session; records "pid starttime" in $RUN/<name>.pid.
+start_component() {
+  local name=$1; shift
+  mkdir -p "$RUN" "$LOGS"
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  local pid=$!
+  sleep 0.1
+  echo "$pid $(pid_starttime "$pid")" > "$RUN/$name.pid"
+}
+
+# The pid from $RUN/<name>.pid if that process is still the one we started.
+component_pid() {
+  local pidfile="$RUN/$1.pid" pid st
+  [[ -f "$pidfile" ]] || return 1
+  read -r pid st < "$pidfile" || return 1
+  pid_alive "$pid" || return 1
+  [[ -z "$st" || "$(pid_starttime "$pid")" == "$st" ]] || return 1
+  echo "$pid"
+}
+
+# Stop one component by its recorded pid: TERM, then KILL after 10 s.
+stop_component() {
+  local name=$1 pid i
+  if pid=$(component_pid "$name"); then
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.2; done
+    if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.3; fi
+  fi
+  rm -f "$RUN/$name.pid"
+}
+
+# Container processes and shims left by containerd: each task's bundle under
+# /run/containerd/io.containerd.runtime.v2.task/<ns>/<id>/ holds init.pid and shim.pid.
+kill_container_processes() {
+  local d f pid
+  for f in /run/containerd/io.containerd.runtime.v2.task/*/*/init.pid; do
+    [[ -f "$f" ]] || continue
+    pid=$(cat "$f" 2>/dev/null || true); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+  done
+  for f in /run/containerd/io.containerd.runtime.v2.task/*/*/shim.pid; do
+    [[ -f "$f" ]] || continue
+    pid=$(cat "$f" 2>/dev/null || true)
+    if pid_alive "$pid" && grep -qa containerd-shim "/proc/$pid/cmdline" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  sleep 0.5
+}
+
+# Unmount everything below the given directories, deepest first.
+unmount_below() {
+  local dir m
+  for dir in "$@"; do
+    while read -r m; do
+      [[ -n "$m" ]] || continue
+      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "WARNING: cannot unmount $m"
+    done < <(awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo \
+               | awk '{print length, $0}' | sort -rn | cut -d' ' -f2-)
+  done
+}
+
+# Remove the KUBE-* and CNI-* chains (and the rules that jump to them) from
+# every table, for IPv4 and IPv6. kube-proxy --cleanup leaves some; kubelet
+# makes KUBE-FIREWALL, KUBE-MARK-* and KUBE-KUBELET-CANARY in both families.
+delete_kube_chains() {
+  local cmd t rule c
+  for cmd in iptables ip6tables; do
+    command -v "$cmd" >/dev/null || continue
+    for t in filter nat mangle raw; do
+      "$cmd"-save -t "$t" >/dev/null 2>&1 || continue
+      while read -r rule; do
+        eval "$cmd -w -t $t ${rule/#-A/-D}" 2>/dev/null || true
+      done < <("$cmd"-save -t "$t" | grep -E '^-A ' | grep -E -- '-j (KUBE-|CNI-)|-g (KUBE-|CNI-)' \
+                 | grep -vE '^-A (KUBE-|CNI-)')
+      for c in $("$cmd"-save -t "$t" | awk '/^:(KUBE-|CNI-)/ {print substr($1, 2)}'); do
+        "$cmd" -w -t "$t" -F "$c" 2>/dev/null || true
+      done
+      for c in $("$cmd"-save -t "$t" | awk '/^:(KUBE-|CNI-)/ {print substr($1, 2)}'); do
+        "$cmd" -w -t "$t" -X "$c" 2>/dev/null || true
+      done
+    done
+  done
+}
+
+# Remove cgroups kubelet made (cgroupfs driver): kubepods* in every v1 hierarchy.
+remove_kube_cgroups() {
+  local h
+  for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/unified/; do
+    [[ -d "$h/kubepods" || -d "$h/kubepods.slice" ]] || continue
+    find "$h"kubepods* -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+}
+
+SYSCTLS=(net/ipv4/ip_forward net/ipv4/conf/all/route_localnet net/bridge/bridge-nf-call-iptables net/bridge/bridge-nf-call-ip6tables)
+SYSCTL_SAVE="$WEIR_CLUSTER_CACHE/sysctl.orig"   # outside $STATE: survives the state cleanup
+
+save_sysctls() {
+  [[ -f "$SYSCTL_SAVE" ]] && return 0   # an earlier, unfinished run saved the machine's values
+  mkdir -p "$(dirname "$SYSCTL_SAVE")"
+  local k
+  for k in "${SYSCTLS[@]}"; do
+    [[ -f "/proc/sys/$k" ]] && echo "$k $(cat "/proc/sys/$k")"
+  done > "$SYSCTL_SAVE.tmp"
+  mv "$SYSCTL_SAVE.tmp" "$SYSCTL_SAVE"
+}
+
+restore_sysctls() {
+  [[ -f "$SYSCTL_SAVE" ]] || return 0
+  local k v
+  while read -r k v; do
+    [[ -f "/proc/sys/$k" ]] && echo "$v" > "/proc/sys/$k" 2>/dev/null || true
+  done < "$SYSCTL_SAVE"
+  rm -f "$SYSCTL_SAVE"
+}
+
+# Everything a running or interrupted cluster leaves on the machine, removed.
+# Used by down.sh and at the start of up.sh. Keeps the build cache.
+cleanup_node() {
+  local i name ns
+  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+    name=${COMPONENTS[$i]}
+    [[ $name == containerd ]] && kill_container_processes
+    stop_component "$name"
+  done
+  kill_container_processes
+  # Network namespaces of pods (containerd 1.6 keeps them under /run/netns/cni-*).
+  for ns in /run/netns/cni-*; do
+    [[ -e "$ns" ]] || continue
+    ip netns delete "$(basename "$ns")" 2>/dev/null || { umount "$ns" 2>/dev/null || umount -l "$ns" 2>/dev/null; rm -f "$ns"; }
+  done
+  unmount_below /run/containerd /var/lib/kubelet "$STATE"
+  ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE" 2>/dev/null || true
+  ip link show kube-ipvs0 >/dev/null 2>&1 && ip link delete kube-ipvs0 2>/dev/null || true
+  delete_kube_chains
+  remove_kube_cgroups
+  rm -rf /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/containerd "$STATE"
+  restore_sysctls
+}
