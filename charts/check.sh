@@ -21,7 +21,7 @@
 # Exits non-zero when anything failed, after printing every failure.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 CHART=charts/weir
 RELEASE=weir
@@ -145,12 +145,13 @@ done
 
 # --- 3. contract assertions ------------------------------------------------------------------
 step "rendered manifests match the operator's contract"
+n_before=${#failures[@]}
 # API versions a Kubernetes 1.20 cluster serves (policy/v1 only behind its Capabilities guard).
 allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1)$'
 for f in "$work"/rendered-*.yaml; do
   [ -e "$f" ] || continue
   bad=$(objects "$f" | awk '{print $1}' | sort -u | grep -vE "$allowed" || true)
-  if [ -n "$bad" ]; then fail "API versions not served by Kubernetes 1.20: $bad"; fi
+  if [ -n "$bad" ]; then fail "$(basename "$f"): API versions not served by Kubernetes 1.20: $(tr '\n' ' ' <<<"$bad")"; fi
 done
 pdb_guard=$(helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version 1.20.0 \
   --set podDisruptionBudget.enabled=true 2>&1 | grep -c 'kind: PodDisruptionBudget')
@@ -171,7 +172,6 @@ expect_args() { # file label present|absent arg...
     if [ "$mode" = absent ] && grep -qxF -- "$a" <<<"$args"; then fail "$label: operator arg '$a' unexpected"; fi
   done
 }
-n_before=${#failures[@]}
 d="$work/by-name-default"
 if [ -e "$d" ]; then
   expect_kinds "$d" ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding Service Deployment
@@ -210,7 +210,7 @@ for f in charts/testdata/bad-*-values.yaml; do
   if [ "$lint_rc" -ne 0 ] && [ "$tmpl_rc" -ne 0 ] && grep -q 'schema' <<<"$lint_out$tmpl_out"; then
     pass "$f rejected (helm lint rc $lint_rc, helm template rc $tmpl_rc): ${reason#- }"
   else
-    printf '%s\n%s\n' "$lint_out" "$tmpl_out" | sed 's/^/       /'
+    { printf '%s\n' "$lint_out" | tail -n 5; printf '%s\n' "$tmpl_out" | head -n 5; } | sed 's/^/       /'
     fail "$f was not rejected by values.schema.json (helm lint rc $lint_rc, helm template rc $tmpl_rc)"
   fi
 done
