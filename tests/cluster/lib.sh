@@ -151,6 +151,7 @@ remove_kube_cgroups() {
 
 SYSCTLS=(net/ipv4/ip_forward net/ipv4/conf/all/route_localnet net/bridge/bridge-nf-call-iptables net/bridge/bridge-nf-call-ip6tables)
 SYSCTL_SAVE="$WEIR_CLUSTER_CACHE/sysctl.orig"   # outside $STATE: survives the state cleanup
+NFT_SAVE="$WEIR_CLUSTER_CACHE/nft-tables.orig"
 
 save_sysctls() {
   [[ -f "$SYSCTL_SAVE" ]] && return 0   # an earlier, unfinished run saved the machine's values
@@ -160,6 +161,8 @@ save_sysctls() {
     [[ -f "/proc/sys/$k" ]] && echo "$k $(cat "/proc/sys/$k")"
   done > "$SYSCTL_SAVE.tmp"
   mv "$SYSCTL_SAVE.tmp" "$SYSCTL_SAVE"
+  # nftables tables that exist now (iptables-nft makes tables on first use)
+  if command -v nft >/dev/null; then nft list tables 2>/dev/null > "$NFT_SAVE" || true; fi
 }
 
 restore_sysctls() {
@@ -169,6 +172,18 @@ restore_sysctls() {
     [[ -f "/proc/sys/$k" ]] && echo "$v" > "/proc/sys/$k" 2>/dev/null || true
   done < "$SYSCTL_SAVE"
   rm -f "$SYSCTL_SAVE"
+  # Drop the nftables tables that did not exist before up.sh and hold no rule now.
+  if [[ -f "$NFT_SAVE" ]] && command -v nft >/dev/null; then
+    local fam tbl
+    while read -r _ fam tbl; do
+      grep -qx "table $fam $tbl" "$NFT_SAVE" && continue
+      # rule lines are indented by two tabs; chain headers start with "type "
+      if ! nft list table "$fam" "$tbl" 2>/dev/null | grep -P '^\t\t' | grep -vqP '^\t\ttype '; then
+        nft delete table "$fam" "$tbl" 2>/dev/null || true
+      fi
+    done < <(nft list tables 2>/dev/null)
+  fi
+  rm -f "$NFT_SAVE"
 }
 
 # Everything a running or interrupted cluster leaves on the machine, removed.
@@ -186,6 +201,7 @@ cleanup_node() {
     [[ -e "$ns" ]] || continue
     ip netns delete "$(basename "$ns")" 2>/dev/null || { umount "$ns" 2>/dev/null || umount -l "$ns" 2>/dev/null; rm -f "$ns"; }
   done
+  rmdir /run/netns 2>/dev/null || true
   unmount_below /run/containerd /var/lib/kubelet "$STATE"
   ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE" 2>/dev/null || true
   ip link show kube-ipvs0 >/dev/null 2>&1 && ip link delete kube-ipvs0 2>/dev/null || true

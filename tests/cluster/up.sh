@@ -28,7 +28,7 @@ fi
 
 # ---------------------------------------------------------------- packages
 PACKAGES=(golang-go gcc libc6-dev dpkg-dev etcd-server containerd runc containernetworking-plugins
-          iptables conntrack openssl dnsmasq-base iproute2 kmod)
+          iptables nftables conntrack openssl dnsmasq-base iproute2 kmod)
 need_update=false
 missing=()
 for p in "${PACKAGES[@]}"; do
