@@ -1,12 +1,36 @@
 //! The CustomResourceDefinitions, generated from the Rust types.
 
 use crate::{Broker, Microservice, Queue, Saga};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
+};
 use kube::CustomResourceExt;
 
 /// Every Weir CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![Microservice::crd(), Queue::crd(), Saga::crd(), Broker::crd()]
+    let mut crds = vec![Microservice::crd(), Queue::crd(), Saga::crd(), Broker::crd()];
+    for crd in &mut crds {
+        for v in &mut crd.spec.versions {
+            if let Some(s) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+                bound_durations(s);
+            }
+        }
+    }
+    crds
+}
+
+/// Duration strings get a maximum length: the apiserver bounds the cost of CEL rules (such as
+/// `duration(self.max) >= duration(self.base)`) by the longest string a field may hold.
+fn bound_durations(s: &mut JSONSchemaProps) {
+    if s.pattern.as_deref() == Some(crate::duration::DURATION_PATTERN) {
+        s.max_length = Some(32);
+    }
+    for p in s.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        bound_durations(p);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = s.items.as_mut() {
+        bound_durations(items);
+    }
 }
 
 /// File name of a CRD under `charts/weir/crds/`.

@@ -56,7 +56,7 @@ pub struct MicroserviceSpec {
     pub probes: Probes,
     /// Calls this service makes. Each becomes `<NAME>_URL=http://127.0.0.1:<port>` in the app.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub dependencies: Vec<Dependency>,
     #[serde(default)]
     pub inbound: InboundPolicy,
@@ -64,11 +64,11 @@ pub struct MicroserviceSpec {
     pub tracing: Option<TracingSpec>,
     /// Queues this service publishes to (through `POST /v1/publish/<queue>` on its sidecar).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["queue"]))]
+    #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["queue"]))]
     pub publishes: Vec<PublishSpec>,
     /// Queues whose messages the sidecar pushes to this service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["queue"]))]
+    #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["queue"]))]
     pub consumes: Vec<ConsumeSpec>,
     /// Time the pod gets to finish in-flight work after SIGTERM.
     #[serde(default = "default_grace")]
@@ -86,7 +86,7 @@ fn default_grace() -> i64 {
     30
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probes {
     #[serde(default = "ProbeSpec::liveness")]
@@ -135,9 +135,9 @@ impl ProbeSpec {
     }
 }
 
-impl Default for ProbeSpec {
+impl Default for Probes {
     fn default() -> Self {
-        Self::liveness()
+        Self { liveness: ProbeSpec::liveness(), readiness: ProbeSpec::readiness() }
     }
 }
 

@@ -31,6 +31,7 @@ pub struct QueueSpec {
     pub broker: String,
     /// Subjects captured by the queue; defaults to the queue's name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
     pub subjects: Vec<String>,
     #[serde(default)]
     pub retention: Retention,
@@ -114,6 +115,7 @@ pub struct ConsumerSettings {
     pub ack_wait: String,
     /// Delay before each redelivery; the last entry repeats.
     #[serde(default = "default_backoff")]
+    #[schemars(length(max = 100))]
     pub backoff: Vec<DurationString>,
     #[serde(default = "default_max_ack_pending")]
     #[schemars(range(min = 1, max = 100000))]

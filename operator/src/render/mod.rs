@@ -320,3 +320,23 @@ fn deployment(
         ..Default::default()
     }
 }
+
+/// Objects of `loaded` rendered as one YAML stream, each document headed by its source.
+pub fn render_all(loaded: &[crate::manifest::Loaded], opts: &RenderOptions) -> Result<String, String> {
+    use crate::manifest::Object;
+    let mut docs = Vec::new();
+    for l in loaded {
+        let Object::Microservice(ms) = &l.object else { continue };
+        let name = ms.name_any();
+        let r = render(ms, opts).map_err(|e| format!("{}: Microservice/{name}: {e}", l.file.display()))?;
+        let head = format!("# Source: {} (Microservice/{name})\n", l.file.display());
+        for doc in [to_yaml(&r.config_map), to_yaml(&r.service), to_yaml(&r.deployment)] {
+            docs.push(format!("{head}{doc}"));
+        }
+    }
+    Ok(docs.join("---\n"))
+}
+
+fn to_yaml<T: serde::Serialize>(obj: &T) -> String {
+    serde_yaml::to_string(obj).expect("Kubernetes objects serialize")
+}

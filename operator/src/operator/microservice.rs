@@ -1,0 +1,278 @@
+//! The Microservice reconciler: applies the rendered Deployment, Service and ConfigMap with
+//! server-side apply, and reports what it sees in status conditions and Events.
+
+use super::{Context, FIELD_MANAGER, conditions};
+use crate::render::{self, RenderError};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use weir_crds::microservice::MicroserviceStatus;
+use weir_crds::{Microservice, validate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("render: {0}")]
+    Render(#[from] RenderError),
+    #[error("object has no {0}")]
+    Missing(&'static str),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Render(_) => "render",
+            Error::Missing(_) => "missing",
+        }
+    }
+}
+
+/// Per-object failure counts: each consecutive error doubles the requeue delay (5s .. 5m).
+#[derive(Default)]
+pub struct Backoff(Mutex<HashMap<ObjectRef<Microservice>, u32>>);
+
+impl Backoff {
+    pub fn next_delay(&self, key: ObjectRef<Microservice>) -> Duration {
+        let mut map = self.0.lock().expect("backoff lock");
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6))).min(Duration::from_secs(300))
+    }
+    pub fn reset(&self, key: &ObjectRef<Microservice>) {
+        self.0.lock().expect("backoff lock").remove(key);
+    }
+}
+
+/// Re-check interval while a dependency is missing (its creation is not watched).
+const DEPENDENCY_RECHECK: Duration = Duration::from_secs(30);
+/// Periodic resync even when nothing changes.
+const RESYNC: Duration = Duration::from_secs(300);
+
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
+    let client = ctx.client.clone();
+    let (mss, deps, svcs, cms) = match namespace {
+        Some(ns) => (
+            Api::<Microservice>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=weir");
+    Controller::new(mss, watcher::Config::default())
+        .owns(deps, owned.clone())
+        .owns(svcs, owned.clone())
+        .owns(cms, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.next_delay(ObjectRef::from_obj(&*ms));
+    tracing::warn!(microservice = %ms.name_any(), namespace = ?ms.namespace(), %error, retry_in = ?delay, "reconcile failed");
+    ctx.metrics.errors.get_or_create(&super::metrics::ErrorLabel { kind: "Microservice".into(), error: error.metric_label().into() }).inc();
+    Action::requeue(delay)
+}
+
+pub async fn reconcile(ms: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let label = super::metrics::KindLabel { kind: "Microservice".into() };
+    ctx.metrics.reconciles.get_or_create(&label).inc();
+    let result = reconcile_inner(&ms, &ctx).await;
+    ctx.metrics.duration.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.backoff.reset(&ObjectRef::from_obj(&*ms));
+    }
+    result
+}
+
+async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Error> {
+    let name = ms.metadata.name.clone().ok_or(Error::Missing("metadata.name"))?;
+    let ns = ms.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    let generation = ms.metadata.generation;
+    if ms.metadata.deletion_timestamp.is_some() {
+        // Children carry owner references: the garbage collector removes them.
+        return Ok(Action::await_change());
+    }
+    let current = ms.status.clone().unwrap_or_default();
+
+    // A spec the apiserver accepted may still break rules that only CEL states (clusters
+    // without CEL ignore it): report it on the object and wait for an edit.
+    let invalid = validate::microservice(&name, &ms.spec);
+    if let Some(first) = invalid.first() {
+        let message = invalid.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        let conds = vec![
+            conditions::new("Ready", false, "InvalidSpec", &message, generation),
+            conditions::new("Progressing", false, "InvalidSpec", &message, generation),
+            conditions::new("Degraded", true, "InvalidSpec", &message, generation),
+        ];
+        publish_on_change(ctx, ms, &current, "Degraded", "InvalidSpec", EventType::Warning, &format!("invalid field {first}")).await;
+        let status = MicroserviceStatus { observed_generation: generation, conditions: conds, ..current.clone() };
+        write_status(ctx, &ns, &name, &current, status).await?;
+        return Ok(Action::await_change());
+    }
+
+    // Dependencies on other Microservices must exist in the namespace.
+    let mss: Api<Microservice> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut missing = Vec::new();
+    for d in &ms.spec.dependencies {
+        if let Some(target) = &d.microservice {
+            if mss.get_opt(target).await?.is_none() {
+                missing.push(target.clone());
+            }
+        }
+    }
+
+    let rendered = render::render(ms, &ctx.render)?;
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .patch(&render::config_map_name(&name), &pp, &Patch::Apply(&rendered.config_map))
+        .await?;
+    Api::<Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &pp, &Patch::Apply(&rendered.service))
+        .await?;
+    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
+        .await?;
+
+    let desired = ms.spec.replicas;
+    let dstatus = deployment.status.clone().unwrap_or_default();
+    let ready = dstatus.ready_replicas.unwrap_or(0);
+    let updated = dstatus.updated_replicas.unwrap_or(0);
+    let rolled_out = deployment.metadata.generation.is_some()
+        && dstatus.observed_generation >= deployment.metadata.generation
+        && updated >= desired
+        && dstatus.replicas.unwrap_or(0) <= desired;
+
+    let deps_total = ms.spec.dependencies.len();
+    let mut conds = Vec::new();
+    let (ready_ok, ready_reason, ready_msg) = if !missing.is_empty() {
+        (false, "DependencyNotFound", format!("DependencyNotFound: {}", missing.join(", ")))
+    } else if ready >= desired && rolled_out {
+        if desired == 0 {
+            (true, "ScaledToZero", "scaled to zero replicas".to_string())
+        } else {
+            (true, "Available", format!("{ready}/{desired} replicas ready"))
+        }
+    } else {
+        (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready"))
+    };
+    conds.push(conditions::new("Ready", ready_ok, ready_reason, ready_msg, generation));
+    conds.push(if rolled_out {
+        conditions::new("Progressing", false, "RolloutComplete", format!("{updated} replicas up to date"), generation)
+    } else {
+        conditions::new("Progressing", true, "RollingOut", format!("{updated}/{desired} replicas updated"), generation)
+    });
+    conds.push(if !missing.is_empty() {
+        conditions::new(
+            "Degraded",
+            true,
+            "DependencyNotFound",
+            format!("DependencyNotFound: {} (no such Microservice in namespace {ns})", missing.join(", ")),
+            generation,
+        )
+    } else if rolled_out && ready < desired {
+        conditions::new("Degraded", true, "ReplicasUnavailable", format!("{ready}/{desired} replicas ready"), generation)
+    } else {
+        conditions::new("Degraded", false, "AsExpected", "", generation)
+    });
+
+    if !missing.is_empty() {
+        let note = format!("dependency Microservice not found: {}", missing.join(", "));
+        publish_on_change(ctx, ms, &current, "Degraded", "DependencyNotFound", EventType::Warning, &note).await;
+    }
+
+    let status = MicroserviceStatus {
+        observed_generation: generation,
+        conditions: conds,
+        replicas: Some(desired),
+        ready_replicas: Some(ready),
+        replica_summary: Some(format!("{ready}/{desired}")),
+        dependency_summary: Some(format!("{}/{}", deps_total - missing.len(), deps_total)),
+        config_hash: Some(rendered.config_hash),
+    };
+    write_status(ctx, &ns, &name, &current, status).await?;
+
+    Ok(if !missing.is_empty() {
+        Action::requeue(DEPENDENCY_RECHECK)
+    } else {
+        // Deployment status changes arrive through the owned watch.
+        Action::requeue(RESYNC)
+    })
+}
+
+/// Publishes an Event when a condition newly takes `reason` (not on every reconcile).
+async fn publish_on_change(
+    ctx: &Context,
+    ms: &Microservice,
+    current: &MicroserviceStatus,
+    condition: &str,
+    reason: &str,
+    type_: EventType,
+    note: &str,
+) {
+    let already = conditions::find(&current.conditions, condition).is_some_and(|c| c.reason == reason && c.observed_generation == ms.metadata.generation);
+    if already {
+        return;
+    }
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &ms.object_ref(&())).await {
+        tracing::warn!(error = %e, microservice = %ms.name_any(), "could not publish event");
+    }
+}
+
+/// Writes status only when it says something new: a status write is itself a watch event, and
+/// rewriting an unchanged status would loop.
+async fn write_status(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    current: &MicroserviceStatus,
+    mut status: MicroserviceStatus,
+) -> Result<(), Error> {
+    status.conditions = conditions::merge(&current.conditions, status.conditions);
+    let unchanged = conditions::same(&current.conditions, &status.conditions)
+        && current.observed_generation == status.observed_generation
+        && current.replicas == status.replicas
+        && current.ready_replicas == status.ready_replicas
+        && current.replica_summary == status.replica_summary
+        && current.dependency_summary == status.dependency_summary
+        && current.config_hash == status.config_hash;
+    if unchanged {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": Microservice::api_version(&()),
+        "kind": Microservice::kind(&()),
+        "status": status,
+    });
+    Api::<Microservice>::namespaced(ctx.client.clone(), ns)
+        .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `weir operator`: the controllers, leader election, and the metrics/health endpoint.
+
+pub mod admin;
+pub mod conditions;
+pub mod leader;
+pub mod metrics;
+pub mod microservice;
+
+use crate::render::RenderOptions;
+use clap::Args;
+use kube::Client;
+use kube::runtime::events::Reporter;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "weir-operator";
+
+#[derive(Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Image of the `weir-proxy` sidecar injected into every Microservice pod.
+    #[arg(long, env = "WEIR_PROXY_IMAGE", default_value_t = RenderOptions::default().proxy_image)]
+    pub proxy_image: String,
+    #[arg(long, env = "WEIR_PROXY_IMAGE_PULL_POLICY")]
+    pub proxy_image_pull_policy: Option<String>,
+    /// Render the sidecar as a plain second container, for clusters older than 1.29.
+    #[arg(long, env = "WEIR_LEGACY_SIDECAR")]
+    pub legacy_sidecar: bool,
+    /// Take part in leader election on a Lease (needed when running more than one replica).
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Namespace of the leader-election Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weir-system")]
+    pub lease_namespace: String,
+    #[arg(long, default_value = "weir-operator")]
+    pub lease_name: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Watch only this namespace (default: all).
+    #[arg(long)]
+    pub watch_namespace: Option<String>,
+    /// Plain-text logs instead of JSON.
+    #[arg(long)]
+    pub log_text: bool,
+}
+
+/// What every reconciler shares.
+pub struct Context {
+    pub client: Client,
+    pub render: RenderOptions,
+    pub metrics: Arc<metrics::Metrics>,
+    pub reporter: Reporter,
+    pub recorder: kube::runtime::events::Recorder,
+    pub backoff: microservice::Backoff,
+}
+
+impl Context {
+    pub fn new(client: Client, render: RenderOptions, metrics: Arc<metrics::Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter.clone());
+        Self { client, render, metrics, reporter, recorder, backoff: Default::default() }
+    }
+}
+
+/// Runs the operator until SIGTERM/SIGINT.
+pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    init_logging(!args.log_text);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run_async(args))
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    if json {
+        fmt().json().with_env_filter(filter).with_current_span(false).init();
+    } else {
+        fmt().with_env_filter(filter).init();
+    }
+}
+
+async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = tokio::spawn(admin::serve(args.metrics_addr, metrics.clone(), ready.clone()));
+
+    if args.leader_elect {
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("weir-{}", std::process::id()));
+        let lease = leader::Lease::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity);
+        tracing::info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
+        ready.store(true, Ordering::SeqCst);
+        lease.acquire().await?;
+        metrics.leader.set(1);
+        tracing::info!(%identity, "leading");
+        tokio::spawn(async move {
+            // Losing the lease means another replica may act: stop at once, the pod restarts.
+            let e = lease.hold().await;
+            tracing::error!(error = %e, "lost leadership; exiting");
+            std::process::exit(1);
+        });
+    } else {
+        metrics.leader.set(1);
+    }
+
+    let render = RenderOptions {
+        proxy_image: args.proxy_image.clone(),
+        proxy_image_pull_policy: args.proxy_image_pull_policy.clone(),
+        native_sidecar: !args.legacy_sidecar,
+        cluster_domain: args.cluster_domain.clone(),
+        default_namespace: "default".into(),
+    };
+    let ctx = Arc::new(Context::new(client.clone(), render, metrics));
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(native_sidecar = !args.legacy_sidecar, proxy_image = %args.proxy_image, "controllers starting");
+    microservice::run(ctx, args.watch_namespace.as_deref()).await;
+    admin.abort();
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `weir render` through its real interface: the binary, files in, YAML or errors out.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir")).args(args).current_dir(root()).output().unwrap()
+}
+
+fn check_golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        expected == actual,
+        "{} differs from `weir render` output; rerun with UPDATE_GOLDEN=1 and review the diff",
+        path.display()
+    );
+}
+
+#[test]
+fn renders_examples_hello_like_the_golden_file() {
+    let out = weir(&["render", "-f", "examples/hello", "-n", "demo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check_golden("hello.yaml", &String::from_utf8(out.stdout).unwrap());
+}
+
+#[test]
+fn renders_the_legacy_sidecar_like_the_golden_file() {
+    let out = weir(&["render", "-f", "examples/hello/users.yaml", "-n", "demo", "--legacy-sidecar"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check_golden("users-legacy.yaml", &String::from_utf8(out.stdout).unwrap());
+}
+
+#[test]
+fn every_example_renders_and_each_microservice_gets_three_objects() {
+    let out = weir(&["render", "-f", "examples/"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<serde_yaml::Value> = text
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let kinds = |k: &str| docs.iter().filter(|d| d["kind"] == k).count();
+    assert!(kinds("Deployment") >= 2);
+    assert_eq!(kinds("Deployment"), kinds("Service"));
+    assert_eq!(kinds("Deployment"), kinds("ConfigMap"));
+    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+        let init = &d["spec"]["template"]["spec"]["initContainers"];
+        let names: Vec<_> = init.as_sequence().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["weir-proxy"], "native sidecar by default");
+        assert_eq!(init[0]["restartPolicy"], "Always");
+    }
+}
+
+/// Each file under tests/bad/ is refused with exit 2 and a message naming file, object and field.
+#[test]
+fn broken_manifests_exit_2_naming_the_field() {
+    let cases = [
+        ("wrong-type.yaml", "Microservice/orders: spec.replicas"),
+        ("out-of-range.yaml", "Microservice/orders: spec.dependencies[0].circuitBreaker.errorThresholdPercentage"),
+        ("unknown-field.yaml", "Microservice/orders: spec.dependencies[0]"),
+        ("missing-dependency.yaml", "Microservice/orders: spec.dependencies[0].microservice"),
+        ("bad-duration.yaml", "Microservice/orders: spec.dependencies[0].timeout"),
+        ("both-targets.yaml", "Microservice/orders: spec.dependencies[0]"),
+        ("not-yaml.yaml", "document 1"),
+    ];
+    for (file, needle) in cases {
+        let path = format!("operator/tests/bad/{file}");
+        let out = weir(&["render", "-f", &path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.contains(&format!("{path}: {needle}")), "{file}: expected {needle:?} in:\n{stderr}");
+        assert!(out.stdout.is_empty(), "{file}: nothing may be rendered");
+    }
+}
+
+#[test]
+fn unknown_field_message_names_the_field() {
+    let out = weir(&["render", "-f", "operator/tests/bad/unknown-field.yaml"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timout"));
+}
