@@ -43,6 +43,10 @@ for tool in helm kubernetes-validate; do
   fi
 done
 [ -x "$PY" ] || PY=python3
+if ! "$PY" -c 'import yaml' 2>/dev/null; then
+  echo "check.sh: $PY has no PyYAML; run scripts/setup.sh first" >&2
+  exit 1
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -127,6 +131,7 @@ yaml.safe_dump_all(rest, open(sys.argv[3], "w"), sort_keys=False)
       { [ "$total" -eq 0 ] || [ "$i" -gt 1 ]; } && continue
       versions=$CRD_K8S_VERSIONS
     else
+      [ "$total" -gt 0 ] || { fail "no objects parsed from the rendered templates ($vs)"; continue; }
       versions=$K8S_VERSIONS
     fi
     for v in $versions; do
