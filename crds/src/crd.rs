@@ -8,10 +8,19 @@ use kube::CustomResourceExt;
 
 /// Every Weir CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    let mut crds = vec![Microservice::crd(), Queue::crd(), Saga::crd(), Broker::crd()];
+    let mut crds = vec![
+        Microservice::crd(),
+        Queue::crd(),
+        Saga::crd(),
+        Broker::crd(),
+    ];
     for crd in &mut crds {
         for v in &mut crd.spec.versions {
-            if let Some(s) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            if let Some(s) = v
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
                 bound_durations(s);
             }
         }
@@ -116,7 +125,10 @@ fn emit(v: &serde_json::Value, indent: usize, out: &mut String, in_list: bool) {
 }
 
 fn scalar_key(k: &str) -> String {
-    if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') && !k.is_empty() {
+    if k.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !k.is_empty()
+    {
         k.to_string()
     } else {
         serde_json::to_string(k).expect("string")
@@ -145,15 +157,26 @@ mod tests {
         for crd in all() {
             let text = to_yaml(&crd);
             let back: serde_json::Value = serde_yaml::from_str(&text).unwrap();
-            assert_eq!(back, serde_json::to_value(&crd).unwrap(), "{}", file_name(&crd));
+            assert_eq!(
+                back,
+                serde_json::to_value(&crd).unwrap(),
+                "{}",
+                file_name(&crd)
+            );
         }
     }
 
     #[test]
     fn crds_carry_names_columns_and_categories() {
         let ms = Microservice::crd();
-        assert_eq!(ms.spec.names.short_names.as_deref(), Some(&["ms".to_string()][..]));
-        assert_eq!(ms.spec.names.categories.as_deref(), Some(&["weir".to_string()][..]));
+        assert_eq!(
+            ms.spec.names.short_names.as_deref(),
+            Some(&["ms".to_string()][..])
+        );
+        assert_eq!(
+            ms.spec.names.categories.as_deref(),
+            Some(&["weir".to_string()][..])
+        );
         let cols: Vec<_> = ms.spec.versions[0]
             .additional_printer_columns
             .as_ref()
@@ -162,6 +185,13 @@ mod tests {
             .map(|c| c.name.as_str())
             .collect();
         assert_eq!(cols, ["Ready", "Replicas", "Dependencies", "Reason", "Age"]);
-        assert!(ms.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
+        assert!(
+            ms.spec.versions[0]
+                .subresources
+                .as_ref()
+                .unwrap()
+                .status
+                .is_some()
+        );
     }
 }

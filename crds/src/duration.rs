@@ -18,7 +18,10 @@ pub struct DurationError {
 
 /// Parses `250ms`, `3s`, `1m30s`, `2h`: one or more number+unit pairs, units `ms`, `s`, `m`, `h`.
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
-    let err = |reason| DurationError { input: input.to_string(), reason };
+    let err = |reason| DurationError {
+        input: input.to_string(),
+        reason,
+    };
     if input.is_empty() {
         return Err(err("empty"));
     }
@@ -33,7 +36,9 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
         if start == i {
             return Err(err("a number must come before each unit"));
         }
-        let n: u128 = input[start..i].parse().map_err(|_| err("number too large"))?;
+        let n: u128 = input[start..i]
+            .parse()
+            .map_err(|_| err("number too large"))?;
         let unit_ms: u128 = if input[i..].starts_with("ms") {
             i += 2;
             1
@@ -60,11 +65,11 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
 /// Formats a duration the way [`parse`] reads it back (`1500ms`, `3s`, `2m`).
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1_000 == 0 {
+    } else if ms.is_multiple_of(1_000) {
         format!("{}s", ms / 1_000)
     } else {
         format!("{ms}ms")
@@ -86,7 +91,16 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "3", "s", "3x", "1.5s", "-1s", "3 s", "99999999999999999999999h"] {
+        for bad in [
+            "",
+            "3",
+            "s",
+            "3x",
+            "1.5s",
+            "-1s",
+            "3 s",
+            "99999999999999999999999h",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

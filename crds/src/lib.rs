@@ -3,6 +3,9 @@
 //! Shared by the operator (which writes both) and the sidecar (which reads the contract). The
 //! sidecar builds this crate without the `k8s` feature and gets only [`proxy`] and [`duration`].
 
+// printcolumn(...) repeats `type_ = ...` by design; the lint reads them as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod duration;
 pub mod proxy;
 

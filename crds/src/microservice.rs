@@ -1,7 +1,9 @@
 //! `Microservice`: an app container, its sidecar, and the policies on every call it makes.
 
 use crate::duration::DURATION_PATTERN;
-use crate::policy::{BulkheadPolicy, CircuitBreakerPolicy, FallbackPolicy, RetryPolicy, default_timeout};
+use crate::policy::{
+    BulkheadPolicy, CircuitBreakerPolicy, FallbackPolicy, RetryPolicy, default_timeout,
+};
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -137,7 +139,10 @@ impl ProbeSpec {
 
 impl Default for Probes {
     fn default() -> Self {
-        Self { liveness: ProbeSpec::liveness(), readiness: ProbeSpec::readiness() }
+        Self {
+            liveness: ProbeSpec::liveness(),
+            readiness: ProbeSpec::readiness(),
+        }
     }
 }
 
@@ -289,4 +294,3 @@ pub struct MicroserviceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
 }
-

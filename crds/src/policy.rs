@@ -49,7 +49,10 @@ pub struct BackoffPolicy {
 
 impl Default for BackoffPolicy {
     fn default() -> Self {
-        Self { base: default_backoff_base(), max: default_backoff_max() }
+        Self {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
     }
 }
 
@@ -80,7 +83,11 @@ pub struct RetryBudget {
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        Self { percent: default_budget_percent(), min_per_second: default_budget_min(), ttl: default_budget_ttl() }
+        Self {
+            percent: default_budget_percent(),
+            min_per_second: default_budget_min(),
+            ttl: default_budget_ttl(),
+        }
     }
 }
 
@@ -161,7 +168,11 @@ pub struct FailureOn {
 
 impl Default for FailureOn {
     fn default() -> Self {
-        Self { status5xx: true, connect_errors: true, timeouts: true }
+        Self {
+            status5xx: true,
+            connect_errors: true,
+            timeouts: true,
+        }
     }
 }
 

@@ -247,7 +247,10 @@ impl ProxyConfig {
 
     /// Checks what serde cannot: ranges, uniqueness, URLs, cross-field rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |field: String, message: &str| ConfigError { field, message: message.to_string() };
+        let err = |field: String, message: &str| ConfigError {
+            field,
+            message: message.to_string(),
+        };
         if self.service.is_empty() {
             return Err(err("service".into(), "must not be empty"));
         }
@@ -255,28 +258,44 @@ impl ProxyConfig {
             return Err(err("inbound.timeoutMs".into(), "must be greater than 0"));
         }
         if self.inbound.max_concurrent == Some(0) {
-            return Err(err("inbound.maxConcurrent".into(), "must be greater than 0 when set"));
+            return Err(err(
+                "inbound.maxConcurrent".into(),
+                "must be greater than 0 when set",
+            ));
         }
         if let Some(rl) = &self.inbound.rate_limit {
             if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
-                return Err(err("inbound.rateLimit.requestsPerSecond".into(), "must be a positive number"));
+                return Err(err(
+                    "inbound.rateLimit.requestsPerSecond".into(),
+                    "must be a positive number",
+                ));
             }
             if rl.burst == 0 {
                 return Err(err("inbound.rateLimit.burst".into(), "must be at least 1"));
             }
         }
         if !(0.0..=1.0).contains(&self.tracing.sampling_ratio) {
-            return Err(err("tracing.samplingRatio".into(), "must be between 0 and 1"));
+            return Err(err(
+                "tracing.samplingRatio".into(),
+                "must be between 0 and 1",
+            ));
         }
-        if let Some(ep) = &self.tracing.otlp_endpoint {
-            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                return Err(err("tracing.otlpEndpoint".into(), "must be an http:// or https:// URL"));
-            }
+        if let Some(ep) = &self.tracing.otlp_endpoint
+            && !(ep.starts_with("http://") || ep.starts_with("https://"))
+        {
+            return Err(err(
+                "tracing.otlpEndpoint".into(),
+                "must be an http:// or https:// URL",
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
-        let mut listens = std::collections::BTreeSet::from([self.inbound.listen, self.admin.listen]);
+        let mut listens =
+            std::collections::BTreeSet::from([self.inbound.listen, self.admin.listen]);
         if self.inbound.listen == self.admin.listen {
-            return Err(err("admin.listen".into(), "must differ from inbound.listen"));
+            return Err(err(
+                "admin.listen".into(),
+                "must differ from inbound.listen",
+            ));
         }
         for (i, o) in self.outbound.iter().enumerate() {
             let at = |f: &str| format!("outbound[{i}].{f}");
@@ -284,10 +303,16 @@ impl ProxyConfig {
                 return Err(err(at("name"), "must not be empty"));
             }
             if !names.insert(o.name.as_str()) {
-                return Err(err(at("name"), &format!("duplicate dependency name {:?}", o.name)));
+                return Err(err(
+                    at("name"),
+                    &format!("duplicate dependency name {:?}", o.name),
+                ));
             }
             if !listens.insert(o.listen) {
-                return Err(err(at("listen"), &format!("address {} is already used by another listener", o.listen)));
+                return Err(err(
+                    at("listen"),
+                    &format!("address {} is already used by another listener", o.listen),
+                ));
             }
             if !(o.upstream.starts_with("http://") || o.upstream.starts_with("https://")) {
                 return Err(err(at("upstream"), "must be an http:// or https:// URL"));
@@ -300,7 +325,10 @@ impl ProxyConfig {
                     return Err(err(at("retry.attempts"), "must be at least 1"));
                 }
                 if r.backoff_max_ms < r.backoff_base_ms {
-                    return Err(err(at("retry.backoffMaxMs"), "must be at least backoffBaseMs"));
+                    return Err(err(
+                        at("retry.backoffMaxMs"),
+                        "must be at least backoffBaseMs",
+                    ));
                 }
                 if !(r.budget.ratio.is_finite() && (0.0..=1.0).contains(&r.budget.ratio)) {
                     return Err(err(at("retry.budget.ratio"), "must be between 0 and 1"));
@@ -311,27 +339,39 @@ impl ProxyConfig {
             }
             if let Some(b) = &o.circuit_breaker {
                 if !(1..=100).contains(&b.error_threshold_percentage) {
-                    return Err(err(at("circuitBreaker.errorThresholdPercentage"), "must be between 1 and 100"));
+                    return Err(err(
+                        at("circuitBreaker.errorThresholdPercentage"),
+                        "must be between 1 and 100",
+                    ));
                 }
                 if b.buckets == 0 {
                     return Err(err(at("circuitBreaker.buckets"), "must be at least 1"));
                 }
                 if b.rolling_window_ms == 0 || b.rolling_window_ms % u64::from(b.buckets) != 0 {
-                    return Err(err(at("circuitBreaker.rollingWindowMs"), "must be a positive multiple of buckets"));
+                    return Err(err(
+                        at("circuitBreaker.rollingWindowMs"),
+                        "must be a positive multiple of buckets",
+                    ));
                 }
                 if b.reset_timeout_ms == 0 {
-                    return Err(err(at("circuitBreaker.resetTimeoutMs"), "must be greater than 0"));
+                    return Err(err(
+                        at("circuitBreaker.resetTimeoutMs"),
+                        "must be greater than 0",
+                    ));
                 }
             }
-            if let Some(b) = &o.bulkhead {
-                if b.max_concurrent == 0 {
-                    return Err(err(at("bulkhead.maxConcurrent"), "must be at least 1"));
-                }
+            if let Some(b) = &o.bulkhead
+                && b.max_concurrent == 0
+            {
+                return Err(err(at("bulkhead.maxConcurrent"), "must be at least 1"));
             }
-            if let Some(f) = &o.fallback {
-                if !(200..=599).contains(&f.status) {
-                    return Err(err(at("fallback.status"), "must be an HTTP status between 200 and 599"));
-                }
+            if let Some(f) = &o.fallback
+                && !(200..=599).contains(&f.status)
+            {
+                return Err(err(
+                    at("fallback.status"),
+                    "must be an HTTP status between 200 and 599",
+                ));
             }
         }
         Ok(())
@@ -357,7 +397,9 @@ mod tests {
                 liveness_path: Some("/healthz".into()),
                 readiness_path: Some("/readyz".into()),
             },
-            admin: AdminConfig { listen: "0.0.0.0:15090".parse().unwrap() },
+            admin: AdminConfig {
+                listen: "0.0.0.0:15090".parse().unwrap(),
+            },
             outbound: vec![OutboundConfig {
                 name: "users".into(),
                 listen: "127.0.0.1:15100".parse().unwrap(),
@@ -370,7 +412,11 @@ mod tests {
                     rolling_window_ms: 10_000,
                     buckets: 10,
                     reset_timeout_ms: 10_000,
-                    failure_on: FailureClassConfig { status_5xx: true, connect_errors: true, timeouts: true },
+                    failure_on: FailureClassConfig {
+                        status_5xx: true,
+                        connect_errors: true,
+                        timeouts: true,
+                    },
                 }),
                 bulkhead: None,
                 fallback: None,
@@ -391,9 +437,16 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let mut cfg = sample();
-        cfg.outbound[0].circuit_breaker.as_mut().unwrap().error_threshold_percentage = 0;
+        cfg.outbound[0]
+            .circuit_breaker
+            .as_mut()
+            .unwrap()
+            .error_threshold_percentage = 0;
         let e = cfg.validate().unwrap_err();
-        assert_eq!(e.field, "outbound[0].circuitBreaker.errorThresholdPercentage");
+        assert_eq!(
+            e.field,
+            "outbound[0].circuitBreaker.errorThresholdPercentage"
+        );
 
         let mut cfg = sample();
         cfg.outbound.push(cfg.outbound[0].clone());

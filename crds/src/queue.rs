@@ -18,11 +18,23 @@ use std::collections::BTreeMap;
     status = "QueueStatus",
     shortname = "wq",
     category = "weir",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Broker", type_ = "string", json_path = ".spec.broker"),
     printcolumn(name = "Messages", type_ = "integer", json_path = ".status.messages"),
-    printcolumn(name = "Dead-Letters", type_ = "integer", json_path = ".status.deadLetters"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Dead-Letters",
+        type_ = "integer",
+        json_path = ".status.deadLetters"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueueSpec {
@@ -157,7 +169,10 @@ fn default_ack_wait() -> String {
     "30s".into()
 }
 fn default_backoff() -> Vec<DurationString> {
-    ["1s", "5s", "30s"].into_iter().map(|s| DurationString(s.into())).collect()
+    ["1s", "5s", "30s"]
+        .into_iter()
+        .map(|s| DurationString(s.into()))
+        .collect()
 }
 fn default_max_ack_pending() -> i32 {
     1000
@@ -177,7 +192,10 @@ pub struct DeadLetterSettings {
 
 impl Default for DeadLetterSettings {
     fn default() -> Self {
-        Self { enabled: true, max_age: default_dlq_age() }
+        Self {
+            enabled: true,
+            max_age: default_dlq_age(),
+        }
     }
 }
 

@@ -17,13 +17,25 @@ use serde::{Deserialize, Serialize};
     status = "SagaStatus",
     shortname = "sg",
     category = "weir",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Steps", type_ = "integer", json_path = ".status.steps"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.running"),
     printcolumn(name = "Completed", type_ = "integer", json_path = ".status.completed"),
-    printcolumn(name = "Compensated", type_ = "integer", json_path = ".status.compensated"),
+    printcolumn(
+        name = "Compensated",
+        type_ = "integer",
+        json_path = ".status.compensated"
+    ),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SagaSpec {
@@ -74,7 +86,10 @@ pub struct SagaTrigger {
 
 impl Default for SagaTrigger {
     fn default() -> Self {
-        Self { http: true, queue: None }
+        Self {
+            http: true,
+            queue: None,
+        }
     }
 }
 

@@ -22,10 +22,17 @@ impl std::fmt::Display for FieldError {
 }
 
 fn push(errs: &mut Vec<FieldError>, field: String, message: impl Into<String>) {
-    errs.push(FieldError { field, message: message.into() });
+    errs.push(FieldError {
+        field,
+        message: message.into(),
+    });
 }
 
-fn check_duration(errs: &mut Vec<FieldError>, field: String, value: &str) -> Option<std::time::Duration> {
+fn check_duration(
+    errs: &mut Vec<FieldError>,
+    field: String,
+    value: &str,
+) -> Option<std::time::Duration> {
     match duration::parse(value) {
         Ok(d) => Some(d),
         Err(e) => {
@@ -41,41 +48,73 @@ pub fn is_dns_label(s: &str) -> bool {
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase())
         && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if !is_dns_label(name) {
-        push(&mut errs, "metadata.name".into(), "must be a DNS label (it names the Service): lowercase letters, digits and '-', at most 63");
+        push(
+            &mut errs,
+            "metadata.name".into(),
+            "must be a DNS label (it names the Service): lowercase letters, digits and '-', at most 63",
+        );
     }
     if !(1..=65535).contains(&spec.port) {
         push(&mut errs, "spec.port".into(), "must be between 1 and 65535");
     } else if spec.port == 15001 || spec.port == 15090 || (15100..=15199).contains(&spec.port) {
-        push(&mut errs, "spec.port".into(), "port collides with a weir-proxy port (15001, 15090, 15100-15199)");
+        push(
+            &mut errs,
+            "spec.port".into(),
+            "port collides with a weir-proxy port (15001, 15090, 15100-15199)",
+        );
     }
     if spec.replicas < 0 {
         push(&mut errs, "spec.replicas".into(), "must be >= 0");
     }
-    for (which, p) in [("liveness", &spec.probes.liveness), ("readiness", &spec.probes.readiness)] {
+    for (which, p) in [
+        ("liveness", &spec.probes.liveness),
+        ("readiness", &spec.probes.readiness),
+    ] {
         if !p.path.starts_with('/') {
-            push(&mut errs, format!("spec.probes.{which}.path"), "must start with /");
+            push(
+                &mut errs,
+                format!("spec.probes.{which}.path"),
+                "must start with /",
+            );
         }
     }
     let mut names = BTreeSet::new();
     if spec.dependencies.len() > 100 {
-        push(&mut errs, "spec.dependencies".into(), "at most 100 dependencies (one local port each)");
+        push(
+            &mut errs,
+            "spec.dependencies".into(),
+            "at most 100 dependencies (one local port each)",
+        );
     }
     for (i, d) in spec.dependencies.iter().enumerate() {
         let at = |f: &str| format!("spec.dependencies[{i}].{f}");
         if !names.insert(d.name.as_str()) {
-            push(&mut errs, at("name"), format!("duplicate dependency name {:?}", d.name));
+            push(
+                &mut errs,
+                at("name"),
+                format!("duplicate dependency name {:?}", d.name),
+            );
         }
         if !is_dns_label(&d.name) || d.name.len() > 40 {
-            push(&mut errs, at("name"), "must be lowercase letters, digits and '-', at most 40");
+            push(
+                &mut errs,
+                at("name"),
+                "must be lowercase letters, digits and '-', at most 40",
+            );
         }
         match (&d.microservice, &d.url) {
-            (Some(_), Some(_)) | (None, None) => push(&mut errs, format!("spec.dependencies[{i}]"), "set exactly one of microservice or url"),
+            (Some(_), Some(_)) | (None, None) => push(
+                &mut errs,
+                format!("spec.dependencies[{i}]"),
+                "set exactly one of microservice or url",
+            ),
             (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
                 push(&mut errs, at("url"), "must start with http:// or https://")
             }
@@ -85,10 +124,14 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         if let Some(r) = &d.retry {
             let base = check_duration(&mut errs, at("retry.backoff.base"), &r.backoff.base);
             let max = check_duration(&mut errs, at("retry.backoff.max"), &r.backoff.max);
-            if let (Some(b), Some(m)) = (base, max) {
-                if m < b {
-                    push(&mut errs, at("retry.backoff.max"), "must be at least retry.backoff.base");
-                }
+            if let (Some(b), Some(m)) = (base, max)
+                && m < b
+            {
+                push(
+                    &mut errs,
+                    at("retry.backoff.max"),
+                    "must be at least retry.backoff.base",
+                );
             }
             check_duration(&mut errs, at("retry.budget.ttl"), &r.budget.ttl);
             if !(1..=10).contains(&r.attempts) {
@@ -97,37 +140,76 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         }
         if let Some(b) = &d.circuit_breaker {
             if !(1..=100).contains(&b.error_threshold_percentage) {
-                push(&mut errs, at("circuitBreaker.errorThresholdPercentage"), "must be between 1 and 100");
+                push(
+                    &mut errs,
+                    at("circuitBreaker.errorThresholdPercentage"),
+                    "must be between 1 and 100",
+                );
             }
             if !(1..=100).contains(&b.buckets) {
-                push(&mut errs, at("circuitBreaker.buckets"), "must be between 1 and 100");
+                push(
+                    &mut errs,
+                    at("circuitBreaker.buckets"),
+                    "must be between 1 and 100",
+                );
             }
-            if let Some(w) = check_duration(&mut errs, at("circuitBreaker.rollingWindow"), &b.rolling_window) {
-                if (w.as_millis() as u64) < u64::from(b.buckets) {
-                    push(&mut errs, at("circuitBreaker.rollingWindow"), "must be at least 1ms per bucket");
-                }
+            if let Some(w) = check_duration(
+                &mut errs,
+                at("circuitBreaker.rollingWindow"),
+                &b.rolling_window,
+            ) && (w.as_millis() as u64) < u64::from(b.buckets)
+            {
+                push(
+                    &mut errs,
+                    at("circuitBreaker.rollingWindow"),
+                    "must be at least 1ms per bucket",
+                );
             }
-            check_duration(&mut errs, at("circuitBreaker.resetTimeout"), &b.reset_timeout);
+            check_duration(
+                &mut errs,
+                at("circuitBreaker.resetTimeout"),
+                &b.reset_timeout,
+            );
         }
-        if let Some(f) = &d.fallback {
-            if !(200..=599).contains(&f.status) {
-                push(&mut errs, at("fallback.status"), "must be between 200 and 599");
-            }
+        if let Some(f) = &d.fallback
+            && !(200..=599).contains(&f.status)
+        {
+            push(
+                &mut errs,
+                at("fallback.status"),
+                "must be between 200 and 599",
+            );
         }
     }
-    check_duration(&mut errs, "spec.inbound.timeout".into(), &spec.inbound.timeout);
+    check_duration(
+        &mut errs,
+        "spec.inbound.timeout".into(),
+        &spec.inbound.timeout,
+    );
     if spec.inbound.max_queue.unwrap_or(0) > 0 && spec.inbound.max_concurrent.is_none() {
-        push(&mut errs, "spec.inbound.maxQueue".into(), "maxQueue needs maxConcurrent");
+        push(
+            &mut errs,
+            "spec.inbound.maxQueue".into(),
+            "maxQueue needs maxConcurrent",
+        );
     }
-    if let Some(t) = &spec.tracing {
-        if !(0.0..=1.0).contains(&t.sampling_ratio) {
-            push(&mut errs, "spec.tracing.samplingRatio".into(), "must be between 0 and 1");
-        }
+    if let Some(t) = &spec.tracing
+        && !(0.0..=1.0).contains(&t.sampling_ratio)
+    {
+        push(
+            &mut errs,
+            "spec.tracing.samplingRatio".into(),
+            "must be between 0 and 1",
+        );
     }
     let mut queues = BTreeSet::new();
     for (i, c) in spec.consumes.iter().enumerate() {
         if !queues.insert(c.queue.as_str()) {
-            push(&mut errs, format!("spec.consumes[{i}].queue"), format!("duplicate queue {:?}", c.queue));
+            push(
+                &mut errs,
+                format!("spec.consumes[{i}].queue"),
+                format!("duplicate queue {:?}", c.queue),
+            );
         }
     }
     errs
@@ -138,18 +220,34 @@ pub fn queue(spec: &QueueSpec) -> Vec<FieldError> {
     if let Some(a) = &spec.max_age {
         check_duration(&mut errs, "spec.maxAge".into(), a);
     }
-    check_duration(&mut errs, "spec.duplicateWindow".into(), &spec.duplicate_window);
-    check_duration(&mut errs, "spec.consumer.ackWait".into(), &spec.consumer.ack_wait);
+    check_duration(
+        &mut errs,
+        "spec.duplicateWindow".into(),
+        &spec.duplicate_window,
+    );
+    check_duration(
+        &mut errs,
+        "spec.consumer.ackWait".into(),
+        &spec.consumer.ack_wait,
+    );
     for (i, b) in spec.consumer.backoff.iter().enumerate() {
         check_duration(&mut errs, format!("spec.consumer.backoff[{i}]"), &b.0);
     }
     if spec.consumer.backoff.len() > spec.consumer.max_deliveries.max(0) as usize {
-        push(&mut errs, "spec.consumer.backoff".into(), "backoff has more entries than maxDeliveries");
+        push(
+            &mut errs,
+            "spec.consumer.backoff".into(),
+            "backoff has more entries than maxDeliveries",
+        );
     }
-    if let Some(s) = &spec.schema {
-        if s.inline.is_some() == s.config_map_ref.is_some() {
-            push(&mut errs, "spec.schema".into(), "set exactly one of inline or configMapRef");
-        }
+    if let Some(s) = &spec.schema
+        && s.inline.is_some() == s.config_map_ref.is_some()
+    {
+        push(
+            &mut errs,
+            "spec.schema".into(),
+            "set exactly one of inline or configMapRef",
+        );
     }
     errs
 }
@@ -162,16 +260,25 @@ pub fn saga(spec: &SagaSpec) -> Vec<FieldError> {
     let mut names = BTreeSet::new();
     for (i, s) in spec.steps.iter().enumerate() {
         if !names.insert(s.name.as_str()) {
-            push(&mut errs, format!("spec.steps[{i}].name"), format!("duplicate step name {:?}", s.name));
+            push(
+                &mut errs,
+                format!("spec.steps[{i}].name"),
+                format!("duplicate step name {:?}", s.name),
+            );
         }
         check_duration(&mut errs, format!("spec.steps[{i}].timeout"), &s.timeout);
-        let actions = std::iter::once(("action", &s.action)).chain(s.compensation.as_ref().map(|c| ("compensation", c)));
+        let actions = std::iter::once(("action", &s.action))
+            .chain(s.compensation.as_ref().map(|c| ("compensation", c)));
         for (which, a) in actions {
             let at = format!("spec.steps[{i}].{which}");
             match (&a.http, &a.request) {
                 (Some(h), None) => {
                     if h.microservice.is_some() == h.url.is_some() {
-                        push(&mut errs, format!("{at}.http"), "set exactly one of microservice or url");
+                        push(
+                            &mut errs,
+                            format!("{at}.http"),
+                            "set exactly one of microservice or url",
+                        );
                     }
                 }
                 (None, Some(_)) => {}
@@ -210,7 +317,10 @@ dependencies:
     retry: {backoff: {base: 2s, max: 1s}}
 inbound: {maxQueue: 5}
 "#);
-        let fields: Vec<_> = microservice("orders", &spec).into_iter().map(|e| e.field).collect();
+        let fields: Vec<_> = microservice("orders", &spec)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(
             fields,
             [

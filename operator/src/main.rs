@@ -7,7 +7,11 @@ use weir::manifest::{self, Schemas};
 use weir::render::RenderOptions;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "Microservices that hold in production: operator and tools")]
+#[command(
+    name = "weir",
+    version,
+    about = "Microservices that hold in production: operator and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -119,4 +123,3 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
         }
     }
 }
-

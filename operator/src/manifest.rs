@@ -46,9 +46,22 @@ pub struct ManifestError {
 impl std::fmt::Display for ManifestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.field.is_empty() {
-            write!(f, "{}: {}: {}", self.file.display(), self.object, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.object,
+                self.message
+            )
         } else {
-            write!(f, "{}: {}: {}: {}", self.file.display(), self.object, self.field, self.message)
+            write!(
+                f,
+                "{}: {}: {}: {}",
+                self.file.display(),
+                self.object,
+                self.field,
+                self.message
+            )
         }
     }
 }
@@ -67,7 +80,10 @@ pub fn expand_paths(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
                 let path = e.path();
                 if path.is_dir() {
                     dirs.push(path);
-                } else if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                } else if matches!(
+                    path.extension().and_then(|x| x.to_str()),
+                    Some("yaml" | "yml")
+                ) {
                     files.push(path);
                 }
             }
@@ -105,7 +121,8 @@ impl Schemas {
             if let Some(Value::Object(props)) = schema.get_mut("properties") {
                 props.values_mut().for_each(close_objects);
             }
-            let validator = jsonschema::draft4::new(&schema).expect("generated CRD schema compiles");
+            let validator =
+                jsonschema::draft4::new(&schema).expect("generated CRD schema compiles");
             by_kind.insert(crd.spec.names.kind.clone(), validator);
         }
         Self { by_kind }
@@ -113,7 +130,9 @@ impl Schemas {
 
     /// Schema errors of one object as `(field, message)`, field in `spec.a[0].b` form.
     pub fn check(&self, kind: &str, value: &Value) -> Vec<(String, String)> {
-        let Some(v) = self.by_kind.get(kind) else { return vec![] };
+        let Some(v) = self.by_kind.get(kind) else {
+            return vec![];
+        };
         let mut errs: Vec<_> = v
             .iter_errors(value)
             .map(|e| (pointer_to_field(e.instance_path().as_str()), e.to_string()))
@@ -166,7 +185,10 @@ pub fn pointer_to_field(pointer: &str) -> String {
 
 /// Reads every Weir object in `files`. Objects of other kinds are skipped and reported in
 /// the second list (so a directory may also hold, say, a ConfigMap).
-pub fn load(files: &[PathBuf], schemas: &Schemas) -> Result<(Vec<Loaded>, Vec<String>), Vec<ManifestError>> {
+pub fn load(
+    files: &[PathBuf],
+    schemas: &Schemas,
+) -> Result<(Vec<Loaded>, Vec<String>), Vec<ManifestError>> {
     let mut loaded = Vec::new();
     let mut skipped = Vec::new();
     let mut errors = Vec::new();
@@ -182,7 +204,11 @@ pub fn load(files: &[PathBuf], schemas: &Schemas) -> Result<(Vec<Loaded>, Vec<St
         }
     }
     errors.extend(cross_check(&loaded));
-    if errors.is_empty() { Ok((loaded, skipped)) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok((loaded, skipped))
+    } else {
+        Err(errors)
+    }
 }
 
 fn load_text(
@@ -211,25 +237,50 @@ fn load_text(
                 break;
             }
         };
-        let text_of = |p: &str| value.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
-        let (api_version, kind, name) = (text_of("/apiVersion"), text_of("/kind"), text_of("/metadata/name"));
+        let text_of = |p: &str| {
+            value
+                .pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (api_version, kind, name) = (
+            text_of("/apiVersion"),
+            text_of("/kind"),
+            text_of("/metadata/name"),
+        );
         let (api_version, kind, name) = (api_version.as_str(), kind.as_str(), name.as_str());
-        let object = if kind.is_empty() || name.is_empty() { doc_name.clone() } else { format!("{kind}/{name}") };
+        let object = if kind.is_empty() || name.is_empty() {
+            doc_name.clone()
+        } else {
+            format!("{kind}/{name}")
+        };
         if api_version.is_empty() || kind.is_empty() {
             errors.push(err(&object, "", "missing apiVersion or kind".into()));
             continue;
         }
         let (group, _) = api_version.split_once('/').unwrap_or(("", api_version));
         if group != weir_crds::GROUP {
-            skipped.push(format!("{}: {kind}/{name} ({api_version}) is not a Weir resource", file.display()));
+            skipped.push(format!(
+                "{}: {kind}/{name} ({api_version}) is not a Weir resource",
+                file.display()
+            ));
             continue;
         }
         if api_version != format!("{}/{}", weir_crds::GROUP, weir_crds::VERSION) {
-            errors.push(err(&object, "apiVersion", format!("unsupported version {api_version:?}; this weir serves weir.dev/v1alpha1")));
+            errors.push(err(
+                &object,
+                "apiVersion",
+                format!("unsupported version {api_version:?}; this weir serves weir.dev/v1alpha1"),
+            ));
             continue;
         }
         if !matches!(kind, "Microservice" | "Queue" | "Saga" | "Broker") {
-            errors.push(err(&object, "kind", format!("unknown kind {kind:?}; expected Microservice, Queue, Saga or Broker")));
+            errors.push(err(
+                &object,
+                "kind",
+                format!("unknown kind {kind:?}; expected Microservice, Queue, Saga or Broker"),
+            ));
             continue;
         }
         if name.is_empty() {
@@ -261,10 +312,17 @@ fn load_text(
             Object::Broker(_) => vec![],
         };
         if !rule_errors.is_empty() {
-            errors.extend(rule_errors.into_iter().map(|e| err(&object, &e.field, e.message)));
+            errors.extend(
+                rule_errors
+                    .into_iter()
+                    .map(|e| err(&object, &e.field, e.message)),
+            );
             continue;
         }
-        loaded.push(Loaded { file: file.to_path_buf(), object: object_value });
+        loaded.push(Loaded {
+            file: file.to_path_buf(),
+            object: object_value,
+        });
     }
 }
 
@@ -277,25 +335,32 @@ fn cross_check(loaded: &[Loaded]) -> Vec<ManifestError> {
     let services: BTreeSet<(String, String)> = loaded
         .iter()
         .filter_map(|l| match &l.object {
-            Object::Microservice(m) => Some((namespace_of(&m.metadata), m.metadata.name.clone().unwrap_or_default())),
+            Object::Microservice(m) => Some((
+                namespace_of(&m.metadata),
+                m.metadata.name.clone().unwrap_or_default(),
+            )),
             _ => None,
         })
         .collect();
     let mut errors = Vec::new();
     for l in loaded {
-        let Object::Microservice(m) = &l.object else { continue };
+        let Object::Microservice(m) = &l.object else {
+            continue;
+        };
         let ns = namespace_of(&m.metadata);
         let name = m.metadata.name.clone().unwrap_or_default();
         for (i, d) in m.spec.dependencies.iter().enumerate() {
-            if let Some(target) = &d.microservice {
-                if !services.contains(&(ns.clone(), target.clone())) {
-                    errors.push(ManifestError {
-                        file: l.file.clone(),
-                        object: format!("Microservice/{name}"),
-                        field: format!("spec.dependencies[{i}].microservice"),
-                        message: format!("Microservice {target:?} is not in the input (same namespace)"),
-                    });
-                }
+            if let Some(target) = &d.microservice
+                && !services.contains(&(ns.clone(), target.clone()))
+            {
+                errors.push(ManifestError {
+                    file: l.file.clone(),
+                    object: format!("Microservice/{name}"),
+                    field: format!("spec.dependencies[{i}].microservice"),
+                    message: format!(
+                        "Microservice {target:?} is not in the input (same namespace)"
+                    ),
+                });
             }
         }
     }
@@ -314,10 +379,15 @@ mod tests {
     }
 
     fn fields(text: &str) -> Vec<String> {
-        load_str(text).unwrap_err().into_iter().map(|e| format!("{}|{}", e.object, e.field)).collect()
+        load_str(text)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| format!("{}|{}", e.object, e.field))
+            .collect()
     }
 
-    const HEAD: &str = "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: orders}\n";
+    const HEAD: &str =
+        "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: orders}\n";
 
     #[test]
     fn loads_a_valid_microservice() {
@@ -327,7 +397,10 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named() {
-        assert_eq!(fields(&format!("{HEAD}spec: {{image: orders:1, replicas: two}}\n")), ["Microservice/orders|spec.replicas"]);
+        assert_eq!(
+            fields(&format!("{HEAD}spec: {{image: orders:1, replicas: two}}\n")),
+            ["Microservice/orders|spec.replicas"]
+        );
     }
 
     #[test]
@@ -335,12 +408,17 @@ mod tests {
         let f = fields(&format!(
             "{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    url: http://u\n    circuitBreaker: {{errorThresholdPercentage: 150}}\n"
         ));
-        assert_eq!(f, ["Microservice/orders|spec.dependencies[0].circuitBreaker.errorThresholdPercentage"]);
+        assert_eq!(
+            f,
+            ["Microservice/orders|spec.dependencies[0].circuitBreaker.errorThresholdPercentage"]
+        );
     }
 
     #[test]
     fn unknown_field_is_named() {
-        let f = fields(&format!("{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    url: http://u\n    timout: 1s\n"));
+        let f = fields(&format!(
+            "{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    url: http://u\n    timout: 1s\n"
+        ));
         assert_eq!(f, ["Microservice/orders|spec.dependencies[0]"]);
         let e = load_str(&format!("{HEAD}spec:\n  image: o\n  replica: 2\n")).unwrap_err();
         assert!(e[0].message.contains("replica"), "{}", e[0]);
@@ -348,27 +426,40 @@ mod tests {
 
     #[test]
     fn bad_duration_is_named() {
-        let f = fields(&format!("{HEAD}spec:\n  image: o\n  inbound: {{timeout: 10 seconds}}\n"));
+        let f = fields(&format!(
+            "{HEAD}spec:\n  image: o\n  inbound: {{timeout: 10 seconds}}\n"
+        ));
         assert_eq!(f, ["Microservice/orders|spec.inbound.timeout"]);
     }
 
     #[test]
     fn missing_dependency_is_named() {
-        let f = fields(&format!("{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    microservice: users\n"));
+        let f = fields(&format!(
+            "{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    microservice: users\n"
+        ));
         assert_eq!(f, ["Microservice/orders|spec.dependencies[0].microservice"]);
     }
 
     #[test]
     fn cel_rules_are_checked_without_an_apiserver() {
-        let f = fields(&format!("{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    url: http://u\n    microservice: users\n"));
-        assert!(f.contains(&"Microservice/orders|spec.dependencies[0]".to_string()), "{f:?}");
+        let f = fields(&format!(
+            "{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    url: http://u\n    microservice: users\n"
+        ));
+        assert!(
+            f.contains(&"Microservice/orders|spec.dependencies[0]".to_string()),
+            "{f:?}"
+        );
     }
 
     #[test]
     fn other_kinds_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cm.yaml");
-        std::fs::write(&file, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        )
+        .unwrap();
         let (l, skipped) = load(&[file], &Schemas::new()).unwrap();
         assert!(l.is_empty());
         assert_eq!(skipped.len(), 1);
@@ -376,7 +467,10 @@ mod tests {
 
     #[test]
     fn pointer_to_field_formats_indices() {
-        assert_eq!(pointer_to_field("/spec/dependencies/0/timeout"), "spec.dependencies[0].timeout");
+        assert_eq!(
+            pointer_to_field("/spec/dependencies/0/timeout"),
+            "spec.dependencies[0].timeout"
+        );
         assert_eq!(pointer_to_field(""), "");
     }
 }

@@ -10,7 +10,8 @@ fn committed_crds_match_the_types() {
     for crd in weir_crds::crd::all() {
         let file = weir_crds::crd::file_name(&crd);
         let path = dir.join(&file);
-        let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let committed =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
             committed == weir_crds::crd::to_yaml(&crd),
             "{} drifted from crds/src: run `cargo run -p weir -- crd --out-dir charts/weir/crds`",
@@ -25,12 +26,23 @@ fn committed_crds_match_the_types() {
         .collect();
     present.sort();
     expected_files.sort();
-    assert_eq!(present, expected_files, "stale CRD files in {}", dir.display());
+    assert_eq!(
+        present,
+        expected_files,
+        "stale CRD files in {}",
+        dir.display()
+    );
 }
 
 #[test]
 fn weir_crd_prints_the_same_crds() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("crd").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("crd")
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), weir_crds::crd::all_yaml());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        weir_crds::crd::all_yaml()
+    );
 }

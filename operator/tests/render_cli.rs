@@ -8,11 +8,17 @@ fn root() -> PathBuf {
 }
 
 fn weir(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weir")).args(args).current_dir(root()).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
 }
 
 fn check_golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
     }
@@ -27,21 +33,40 @@ fn check_golden(name: &str, actual: &str) {
 #[test]
 fn renders_examples_hello_like_the_golden_file() {
     let out = weir(&["render", "-f", "examples/hello", "-n", "demo"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_golden("hello.yaml", &String::from_utf8(out.stdout).unwrap());
 }
 
 #[test]
 fn renders_the_legacy_sidecar_like_the_golden_file() {
-    let out = weir(&["render", "-f", "examples/hello/users.yaml", "-n", "demo", "--legacy-sidecar"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = weir(&[
+        "render",
+        "-f",
+        "examples/hello/users.yaml",
+        "-n",
+        "demo",
+        "--legacy-sidecar",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_golden("users-legacy.yaml", &String::from_utf8(out.stdout).unwrap());
 }
 
 #[test]
 fn every_example_renders_and_each_microservice_gets_three_objects() {
     let out = weir(&["render", "-f", "examples/"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let docs: Vec<serde_yaml::Value> = text
         .split("\n---\n")
@@ -53,7 +78,12 @@ fn every_example_renders_and_each_microservice_gets_three_objects() {
     assert_eq!(kinds("Deployment"), kinds("ConfigMap"));
     for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
         let init = &d["spec"]["template"]["spec"]["initContainers"];
-        let names: Vec<_> = init.as_sequence().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let names: Vec<_> = init
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["weir-proxy"], "native sidecar by default");
         assert_eq!(init[0]["restartPolicy"], "Always");
     }
@@ -64,11 +94,26 @@ fn every_example_renders_and_each_microservice_gets_three_objects() {
 fn broken_manifests_exit_2_naming_the_field() {
     let cases = [
         ("wrong-type.yaml", "Microservice/orders: spec.replicas"),
-        ("out-of-range.yaml", "Microservice/orders: spec.dependencies[0].circuitBreaker.errorThresholdPercentage"),
-        ("unknown-field.yaml", "Microservice/orders: spec.dependencies[0]"),
-        ("missing-dependency.yaml", "Microservice/orders: spec.dependencies[0].microservice"),
-        ("bad-duration.yaml", "Microservice/orders: spec.dependencies[0].timeout"),
-        ("both-targets.yaml", "Microservice/orders: spec.dependencies[0]"),
+        (
+            "out-of-range.yaml",
+            "Microservice/orders: spec.dependencies[0].circuitBreaker.errorThresholdPercentage",
+        ),
+        (
+            "unknown-field.yaml",
+            "Microservice/orders: spec.dependencies[0]",
+        ),
+        (
+            "missing-dependency.yaml",
+            "Microservice/orders: spec.dependencies[0].microservice",
+        ),
+        (
+            "bad-duration.yaml",
+            "Microservice/orders: spec.dependencies[0].timeout",
+        ),
+        (
+            "both-targets.yaml",
+            "Microservice/orders: spec.dependencies[0]",
+        ),
         ("not-yaml.yaml", "document 1"),
     ];
     for (file, needle) in cases {
@@ -76,7 +121,10 @@ fn broken_manifests_exit_2_naming_the_field() {
         let out = weir(&["render", "-f", &path]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
-        assert!(stderr.contains(&format!("{path}: {needle}")), "{file}: expected {needle:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("{path}: {needle}")),
+            "{file}: expected {needle:?} in:\n{stderr}"
+        );
         assert!(out.stdout.is_empty(), "{file}: nothing may be rendered");
     }
 }

@@ -7,8 +7,8 @@
 use k8s_openapi::api::coordination::v1::{Lease as K8sLease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, PostParams};
 use kube::Client;
+use kube::api::{Api, PostParams};
 use std::time::Duration;
 
 pub const LEASE_SECONDS: i32 = 15;
@@ -23,7 +23,11 @@ pub struct Lease {
 
 impl Lease {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Self {
-        Self { api: Api::namespaced(client, namespace), name: name.into(), identity: identity.into() }
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+        }
     }
 
     /// Waits until this replica holds the lease.
@@ -48,7 +52,9 @@ impl Lease {
                 Ok(false) => return "another replica holds the lease".into(),
                 Err(e) => {
                     tracing::warn!(error = %e, "lease renewal failed");
-                    if Timestamp::now().duration_since(last_ok) > SignedDuration::from_secs(i64::from(LEASE_SECONDS)) {
+                    if Timestamp::now().duration_since(last_ok)
+                        > SignedDuration::from_secs(i64::from(LEASE_SECONDS))
+                    {
                         return format!("could not renew the lease for {LEASE_SECONDS}s: {e}");
                     }
                 }
@@ -62,7 +68,10 @@ impl Lease {
         match self.api.get_opt(&self.name).await? {
             None => {
                 let lease = K8sLease {
-                    metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..Default::default()
+                    },
                     spec: Some(LeaseSpec {
                         holder_identity: Some(self.identity.clone()),
                         lease_duration_seconds: Some(LEASE_SECONDS),
@@ -82,7 +91,11 @@ impl Lease {
                 let spec = lease.spec.get_or_insert_with(Default::default);
                 let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
                 let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-                    (Some(t), Some(d)) => t.0.saturating_add(SignedDuration::from_secs(i64::from(d))).map(|end| end < now.0).unwrap_or(true),
+                    (Some(t), Some(d)) => {
+                        t.0.saturating_add(SignedDuration::from_secs(i64::from(d)))
+                            .map(|end| end < now.0)
+                            .unwrap_or(true)
+                    }
                     _ => true,
                 };
                 if !mine && !expired && spec.holder_identity.is_some() {
@@ -96,7 +109,11 @@ impl Lease {
                 spec.lease_duration_seconds = Some(LEASE_SECONDS);
                 spec.renew_time = Some(now);
                 // replace carries the resourceVersion we read: a concurrent writer makes it 409.
-                match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+                match self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
                     Err(e) => Err(e),

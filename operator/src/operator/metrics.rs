@@ -32,21 +32,38 @@ impl Default for Metrics {
         let reconciles = Family::<KindLabel, Counter>::default();
         let errors = Family::<ErrorLabel, Counter>::default();
         let duration = Family::<KindLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
         });
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciliations that failed, by error", errors.clone());
-        registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", duration.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed, by error",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconciliation",
+            duration.clone(),
+        );
         registry.register("leader", "1 when this replica leads", leader.clone());
-        Self { registry, reconciles, errors, duration, leader }
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            leader,
+        }
     }
 }
 
 impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("metrics encode to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("metrics encode to a String");
         out
     }
 }

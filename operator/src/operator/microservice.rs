@@ -69,7 +69,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             Api::<Service>::namespaced(client.clone(), ns),
             Api::<ConfigMap>::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
     };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=weir");
     Controller::new(mss, watcher::Config::default())
@@ -89,16 +94,27 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
 pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoff.next_delay(ObjectRef::from_obj(&*ms));
     tracing::warn!(microservice = %ms.name_any(), namespace = ?ms.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics.errors.get_or_create(&super::metrics::ErrorLabel { kind: "Microservice".into(), error: error.metric_label().into() }).inc();
+    ctx.metrics
+        .errors
+        .get_or_create(&super::metrics::ErrorLabel {
+            kind: "Microservice".into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
     Action::requeue(delay)
 }
 
 pub async fn reconcile(ms: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let label = super::metrics::KindLabel { kind: "Microservice".into() };
+    let label = super::metrics::KindLabel {
+        kind: "Microservice".into(),
+    };
     ctx.metrics.reconciles.get_or_create(&label).inc();
     let result = reconcile_inner(&ms, &ctx).await;
-    ctx.metrics.duration.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
         ctx.backoff.reset(&ObjectRef::from_obj(&*ms));
     }
@@ -106,7 +122,11 @@ pub async fn reconcile(ms: Arc<Microservice>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Error> {
-    let name = ms.metadata.name.clone().ok_or(Error::Missing("metadata.name"))?;
+    let name = ms
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
     let ns = ms.namespace().ok_or(Error::Missing("metadata.namespace"))?;
     let generation = ms.metadata.generation;
     if ms.metadata.deletion_timestamp.is_some() {
@@ -119,14 +139,31 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     // without CEL ignore it): report it on the object and wait for an edit.
     let invalid = validate::microservice(&name, &ms.spec);
     if let Some(first) = invalid.first() {
-        let message = invalid.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        let message = invalid
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
         let conds = vec![
             conditions::new("Ready", false, "InvalidSpec", &message, generation),
             conditions::new("Progressing", false, "InvalidSpec", &message, generation),
             conditions::new("Degraded", true, "InvalidSpec", &message, generation),
         ];
-        publish_on_change(ctx, ms, &current, "Degraded", "InvalidSpec", EventType::Warning, &format!("invalid field {first}")).await;
-        let status = MicroserviceStatus { observed_generation: generation, conditions: conds, ..current.clone() };
+        publish_on_change(
+            ctx,
+            ms,
+            &current,
+            "Degraded",
+            "InvalidSpec",
+            EventType::Warning,
+            &format!("invalid field {first}"),
+        )
+        .await;
+        let status = MicroserviceStatus {
+            observed_generation: generation,
+            conditions: conds,
+            ..current.clone()
+        };
         write_status(ctx, &ns, &name, &current, status).await?;
         return Ok(Action::await_change());
     }
@@ -135,17 +172,21 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     let mss: Api<Microservice> = Api::namespaced(ctx.client.clone(), &ns);
     let mut missing = Vec::new();
     for d in &ms.spec.dependencies {
-        if let Some(target) = &d.microservice {
-            if mss.get_opt(target).await?.is_none() {
-                missing.push(target.clone());
-            }
+        if let Some(target) = &d.microservice
+            && mss.get_opt(target).await?.is_none()
+        {
+            missing.push(target.clone());
         }
     }
 
     let rendered = render::render(ms, &ctx.render)?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-        .patch(&render::config_map_name(&name), &pp, &Patch::Apply(&rendered.config_map))
+        .patch(
+            &render::config_map_name(&name),
+            &pp,
+            &Patch::Apply(&rendered.config_map),
+        )
         .await?;
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &pp, &Patch::Apply(&rendered.service))
@@ -166,39 +207,87 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     let deps_total = ms.spec.dependencies.len();
     let mut conds = Vec::new();
     let (ready_ok, ready_reason, ready_msg) = if !missing.is_empty() {
-        (false, "DependencyNotFound", format!("DependencyNotFound: {}", missing.join(", ")))
+        (
+            false,
+            "DependencyNotFound",
+            format!("DependencyNotFound: {}", missing.join(", ")),
+        )
     } else if ready >= desired && rolled_out {
         if desired == 0 {
             (true, "ScaledToZero", "scaled to zero replicas".to_string())
         } else {
-            (true, "Available", format!("{ready}/{desired} replicas ready"))
+            (
+                true,
+                "Available",
+                format!("{ready}/{desired} replicas ready"),
+            )
         }
     } else {
-        (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready"))
+        (
+            false,
+            "ReplicasNotReady",
+            format!("{ready}/{desired} replicas ready"),
+        )
     };
-    conds.push(conditions::new("Ready", ready_ok, ready_reason, ready_msg, generation));
+    conds.push(conditions::new(
+        "Ready",
+        ready_ok,
+        ready_reason,
+        ready_msg,
+        generation,
+    ));
     conds.push(if rolled_out {
-        conditions::new("Progressing", false, "RolloutComplete", format!("{updated} replicas up to date"), generation)
+        conditions::new(
+            "Progressing",
+            false,
+            "RolloutComplete",
+            format!("{updated} replicas up to date"),
+            generation,
+        )
     } else {
-        conditions::new("Progressing", true, "RollingOut", format!("{updated}/{desired} replicas updated"), generation)
+        conditions::new(
+            "Progressing",
+            true,
+            "RollingOut",
+            format!("{updated}/{desired} replicas updated"),
+            generation,
+        )
     });
     conds.push(if !missing.is_empty() {
         conditions::new(
             "Degraded",
             true,
             "DependencyNotFound",
-            format!("DependencyNotFound: {} (no such Microservice in namespace {ns})", missing.join(", ")),
+            format!(
+                "DependencyNotFound: {} (no such Microservice in namespace {ns})",
+                missing.join(", ")
+            ),
             generation,
         )
     } else if rolled_out && ready < desired {
-        conditions::new("Degraded", true, "ReplicasUnavailable", format!("{ready}/{desired} replicas ready"), generation)
+        conditions::new(
+            "Degraded",
+            true,
+            "ReplicasUnavailable",
+            format!("{ready}/{desired} replicas ready"),
+            generation,
+        )
     } else {
         conditions::new("Degraded", false, "AsExpected", "", generation)
     });
 
     if !missing.is_empty() {
         let note = format!("dependency Microservice not found: {}", missing.join(", "));
-        publish_on_change(ctx, ms, &current, "Degraded", "DependencyNotFound", EventType::Warning, &note).await;
+        publish_on_change(
+            ctx,
+            ms,
+            &current,
+            "Degraded",
+            "DependencyNotFound",
+            EventType::Warning,
+            &note,
+        )
+        .await;
     }
 
     let status = MicroserviceStatus {
@@ -230,7 +319,8 @@ async fn publish_on_change(
     type_: EventType,
     note: &str,
 ) {
-    let already = conditions::find(&current.conditions, condition).is_some_and(|c| c.reason == reason && c.observed_generation == ms.metadata.generation);
+    let already = conditions::find(&current.conditions, condition)
+        .is_some_and(|c| c.reason == reason && c.observed_generation == ms.metadata.generation);
     if already {
         return;
     }
@@ -272,7 +362,11 @@ async fn write_status(
         "status": status,
     });
     Api::<Microservice>::namespaced(ctx.client.clone(), ns)
-        .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await?;
     Ok(())
 }

@@ -65,22 +65,37 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter.clone());
-        Self { client, render, metrics, reporter, recorder, backoff: Default::default() }
+        Self {
+            client,
+            render,
+            metrics,
+            reporter,
+            recorder,
+            backoff: Default::default(),
+        }
     }
 }
 
 /// Runs the operator until SIGTERM/SIGINT.
 pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
     init_logging(!args.log_text);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(args))
 }
 
 fn init_logging(json: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     if json {
-        fmt().json().with_env_filter(filter).with_current_span(false).init();
+        fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .init();
     } else {
         fmt().with_env_filter(filter).init();
     }
@@ -90,11 +105,21 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = tokio::spawn(admin::serve(args.metrics_addr, metrics.clone(), ready.clone()));
+    let admin = tokio::spawn(admin::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        ready.clone(),
+    ));
 
     if args.leader_elect {
-        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("weir-{}", std::process::id()));
-        let lease = leader::Lease::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity);
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("weir-{}", std::process::id()));
+        let lease = leader::Lease::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+        );
         tracing::info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
         ready.store(true, Ordering::SeqCst);
         lease.acquire().await?;
@@ -124,3 +149,6 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     admin.abort();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

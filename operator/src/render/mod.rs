@@ -4,11 +4,14 @@
 
 pub mod proxy_config;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction,
-    Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -82,7 +85,10 @@ pub fn config_map_name(ms_name: &str) -> String {
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), name.to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), "weir".to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "weir".to_string(),
+        ),
         (LABEL_MICROSERVICE.to_string(), name.to_string()),
     ])
 }
@@ -104,9 +110,17 @@ fn metadata(ms: &Microservice, name: String, namespace: &str) -> ObjectMeta {
 
 /// Renders a Microservice for a cluster.
 pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, RenderError> {
-    let name = ms.metadata.name.clone().ok_or(RenderError::Metadata("name"))?;
-    let namespace = ms.namespace().unwrap_or_else(|| opts.default_namespace.clone());
-    let placement = PodPlacement { cluster_domain: opts.cluster_domain.clone() };
+    let name = ms
+        .metadata
+        .name
+        .clone()
+        .ok_or(RenderError::Metadata("name"))?;
+    let namespace = ms
+        .namespace()
+        .unwrap_or_else(|| opts.default_namespace.clone());
+    let placement = PodPlacement {
+        cluster_domain: opts.cluster_domain.clone(),
+    };
     let config = proxy_config::build(&name, &namespace, &ms.spec, &placement)?;
     let config_json = serde_json::to_string_pretty(&config).expect("proxy config serializes");
     let config_hash = hash(&config_json);
@@ -119,7 +133,10 @@ pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, Rende
     let service = Service {
         metadata: metadata(ms, name.clone(), &namespace),
         spec: Some(ServiceSpec {
-            selector: Some(BTreeMap::from([(LABEL_MICROSERVICE.to_string(), name.clone())])),
+            selector: Some(BTreeMap::from([(
+                LABEL_MICROSERVICE.to_string(),
+                name.clone(),
+            )])),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: SERVICE_PORT,
@@ -132,7 +149,13 @@ pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, Rende
         ..Default::default()
     };
     let deployment = deployment(ms, &name, &namespace, &config, &config_hash, opts);
-    Ok(Rendered { config, config_hash, config_map, deployment, service })
+    Ok(Rendered {
+        config,
+        config_hash,
+        config_map,
+        deployment,
+        service,
+    })
 }
 
 fn hash(text: &str) -> String {
@@ -141,7 +164,11 @@ fn hash(text: &str) -> String {
 
 fn http_probe(path: &str, port: i32, spec: &weir_crds::microservice::ProbeSpec) -> Probe {
     Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.to_string()), port: IntOrString::Int(port), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
         period_seconds: Some(spec.period_seconds),
         failure_threshold: Some(spec.failure_threshold),
         initial_delay_seconds: Some(spec.initial_delay_seconds).filter(|d| *d > 0),
@@ -176,7 +203,11 @@ fn deployment(
         value: Some(format!("http://127.0.0.1:{ADMIN_PORT}")),
         ..Default::default()
     });
-    env.push(EnvVar { name: "PORT".into(), value: Some(spec.port.to_string()), ..Default::default() });
+    env.push(EnvVar {
+        name: "PORT".into(),
+        value: Some(spec.port.to_string()),
+        ..Default::default()
+    });
 
     let app = Container {
         name: APP_CONTAINER.into(),
@@ -193,13 +224,25 @@ fn deployment(
         }]),
         resources: spec.resources.clone(),
         // Probed through the sidecar, so the app may listen on loopback only.
-        liveness_probe: Some(http_probe("/app-health/liveness", admin, &spec.probes.liveness)),
-        readiness_probe: Some(http_probe("/app-health/readiness", admin, &spec.probes.readiness)),
+        liveness_probe: Some(http_probe(
+            "/app-health/liveness",
+            admin,
+            &spec.probes.liveness,
+        )),
+        readiness_probe: Some(http_probe(
+            "/app-health/readiness",
+            admin,
+            &spec.probes.readiness,
+        )),
         ..Default::default()
     };
 
     let proxy_probe = |path: &str| Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(admin), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(admin),
+            ..Default::default()
+        }),
         period_seconds: Some(5),
         failure_threshold: Some(3),
         timeout_seconds: Some(2),
@@ -210,7 +253,11 @@ fn deployment(
         image: Some(opts.proxy_image.clone()),
         image_pull_policy: opts.proxy_image_pull_policy.clone(),
         args: Some(vec!["--config".into(), config_file.clone()]),
-        env: Some(vec![EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..Default::default() }]),
+        env: Some(vec![EnvVar {
+            name: "RUST_LOG".into(),
+            value: Some("info".into()),
+            ..Default::default()
+        }]),
         ports: Some(vec![
             ContainerPort {
                 name: Some("weir-inbound".into()),
@@ -238,7 +285,10 @@ fn deployment(
                 ("cpu".to_string(), Quantity("10m".into())),
                 ("memory".to_string(), Quantity("16Mi".into())),
             ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("64Mi".into()))])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("64Mi".into()),
+            )])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -246,7 +296,10 @@ fn deployment(
             run_as_user: Some(65532),
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -256,7 +309,11 @@ fn deployment(
         // A native sidecar starts, and must be started (startupProbe), before the app; it is
         // stopped only after the app has exited, so the app's in-flight calls keep their proxy.
         proxy.restart_policy = Some("Always".into());
-        proxy.startup_probe = Some(Probe { failure_threshold: Some(60), period_seconds: Some(1), ..proxy_probe("/readyz") });
+        proxy.startup_probe = Some(Probe {
+            failure_threshold: Some(60),
+            period_seconds: Some(1),
+            ..proxy_probe("/readyz")
+        });
         (Some(vec![proxy]), vec![app])
     } else {
         // Before native sidecars: the kubelet starts containers in order and waits for each
@@ -265,13 +322,23 @@ fn deployment(
         proxy.lifecycle = Some(Lifecycle {
             post_start: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec!["/usr/local/bin/weir-proxy".into(), "await".into(), "--config".into(), config_file.clone()]),
+                    command: Some(vec![
+                        "/usr/local/bin/weir-proxy".into(),
+                        "await".into(),
+                        "--config".into(),
+                        config_file.clone(),
+                    ]),
                 }),
                 ..Default::default()
             }),
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec!["/usr/local/bin/weir-proxy".into(), "drain".into(), "--config".into(), config_file]),
+                    command: Some(vec![
+                        "/usr/local/bin/weir-proxy".into(),
+                        "drain".into(),
+                        "--config".into(),
+                        config_file,
+                    ]),
                 }),
                 ..Default::default()
             }),
@@ -285,7 +352,10 @@ fn deployment(
         metadata: metadata(ms, name.to_string(), namespace),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
-            selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
@@ -296,7 +366,10 @@ fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(name)),
-                    annotations: Some(BTreeMap::from([(ANNOTATION_CONFIG_HASH.to_string(), config_hash.to_string())])),
+                    annotations: Some(BTreeMap::from([(
+                        ANNOTATION_CONFIG_HASH.to_string(),
+                        config_hash.to_string(),
+                    )])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -304,12 +377,18 @@ fn deployment(
                     containers,
                     termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
                     security_context: Some(PodSecurityContext {
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }),
                     volumes: Some(vec![Volume {
                         name: "weir-proxy-config".into(),
-                        config_map: Some(ConfigMapVolumeSource { name: config_map_name(name), ..Default::default() }),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: config_map_name(name),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }]),
                     ..Default::default()
@@ -322,15 +401,25 @@ fn deployment(
 }
 
 /// Objects of `loaded` rendered as one YAML stream, each document headed by its source.
-pub fn render_all(loaded: &[crate::manifest::Loaded], opts: &RenderOptions) -> Result<String, String> {
+pub fn render_all(
+    loaded: &[crate::manifest::Loaded],
+    opts: &RenderOptions,
+) -> Result<String, String> {
     use crate::manifest::Object;
     let mut docs = Vec::new();
     for l in loaded {
-        let Object::Microservice(ms) = &l.object else { continue };
+        let Object::Microservice(ms) = &l.object else {
+            continue;
+        };
         let name = ms.name_any();
-        let r = render(ms, opts).map_err(|e| format!("{}: Microservice/{name}: {e}", l.file.display()))?;
+        let r = render(ms, opts)
+            .map_err(|e| format!("{}: Microservice/{name}: {e}", l.file.display()))?;
         let head = format!("# Source: {} (Microservice/{name})\n", l.file.display());
-        for doc in [to_yaml(&r.config_map), to_yaml(&r.service), to_yaml(&r.deployment)] {
+        for doc in [
+            to_yaml(&r.config_map),
+            to_yaml(&r.service),
+            to_yaml(&r.deployment),
+        ] {
             docs.push(format!("{head}{doc}"));
         }
     }

@@ -8,8 +8,9 @@ use weir_crds::duration;
 use weir_crds::microservice::{Dependency, MicroserviceSpec};
 use weir_crds::policy::{CircuitBreakerPolicy, RetryPolicy};
 use weir_crds::proxy::{
-    AdminConfig, BulkheadConfig, CircuitBreakerConfig, FailureClassConfig, FallbackConfig, InboundConfig,
-    OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, RetryConfig, TracingConfig,
+    AdminConfig, BulkheadConfig, CircuitBreakerConfig, FailureClassConfig, FallbackConfig,
+    InboundConfig, OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, RetryConfig,
+    TracingConfig,
 };
 
 /// Where a sidecar's listeners are and where its dependencies are reached.
@@ -40,7 +41,10 @@ impl Placement for PodPlacement {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
     fn outbound(&self, index: usize) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], weir_crds::proxy::OUTBOUND_BASE_PORT + index as u16))
+        SocketAddr::from((
+            [127, 0, 0, 1],
+            weir_crds::proxy::OUTBOUND_BASE_PORT + index as u16,
+        ))
     }
     fn microservice_url(&self, namespace: &str, name: &str) -> String {
         format!("http://{name}.{namespace}.svc.{}:80", self.cluster_domain)
@@ -50,7 +54,10 @@ impl Placement for PodPlacement {
 fn ms(field: &str, value: &str) -> Result<u64, RenderError> {
     duration::parse(value)
         .map(|d| d.as_millis() as u64)
-        .map_err(|e| RenderError::Field { field: field.to_string(), message: e.to_string() })
+        .map_err(|e| RenderError::Field {
+            field: field.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// Builds the sidecar config of `spec`. Errors name the field (`spec.dependencies[0].timeout`).
@@ -63,7 +70,10 @@ pub fn build(
     let port = u16::try_from(spec.port)
         .ok()
         .filter(|p| *p > 0)
-        .ok_or_else(|| RenderError::Field { field: "spec.port".into(), message: "must be between 1 and 65535".into() })?;
+        .ok_or_else(|| RenderError::Field {
+            field: "spec.port".into(),
+            message: "must be between 1 and 65535".into(),
+        })?;
     let inbound = &spec.inbound;
     let outbound = spec
         .dependencies
@@ -74,7 +84,10 @@ pub fn build(
     let tracing = spec
         .tracing
         .as_ref()
-        .map(|t| TracingConfig { otlp_endpoint: t.otlp_endpoint.clone(), sampling_ratio: t.sampling_ratio })
+        .map(|t| TracingConfig {
+            otlp_endpoint: t.otlp_endpoint.clone(),
+            sampling_ratio: t.sampling_ratio,
+        })
         .unwrap_or_default();
     Ok(ProxyConfig {
         service: name.to_string(),
@@ -93,7 +106,9 @@ pub fn build(
             liveness_path: Some(spec.probes.liveness.path.clone()),
             readiness_path: Some(spec.probes.readiness.path.clone()),
         },
-        admin: AdminConfig { listen: placement.admin() },
+        admin: AdminConfig {
+            listen: placement.admin(),
+        },
         outbound,
         tracing,
         shutdown_grace_ms: (spec.termination_grace_period_seconds.max(1) as u64) * 1000,
@@ -101,7 +116,12 @@ pub fn build(
     })
 }
 
-fn outbound(i: usize, d: &Dependency, namespace: &str, placement: &dyn Placement) -> Result<OutboundConfig, RenderError> {
+fn outbound(
+    i: usize,
+    d: &Dependency,
+    namespace: &str,
+    placement: &dyn Placement,
+) -> Result<OutboundConfig, RenderError> {
     let at = |f: &str| format!("spec.dependencies[{i}].{f}");
     let upstream = match (&d.microservice, &d.url) {
         (Some(target), None) => placement.microservice_url(namespace, target),
@@ -119,11 +139,15 @@ fn outbound(i: usize, d: &Dependency, namespace: &str, placement: &dyn Placement
         upstream,
         timeout_ms: ms(&at("timeout"), &d.timeout)?,
         retry: d.retry.as_ref().map(|r| retry(r, &at)).transpose()?,
-        circuit_breaker: d.circuit_breaker.as_ref().map(|b| breaker(b, &at)).transpose()?,
-        bulkhead: d
-            .bulkhead
+        circuit_breaker: d
+            .circuit_breaker
             .as_ref()
-            .map(|b| BulkheadConfig { max_concurrent: b.max_concurrent, max_queue: b.max_queue }),
+            .map(|b| breaker(b, &at))
+            .transpose()?,
+        bulkhead: d.bulkhead.as_ref().map(|b| BulkheadConfig {
+            max_concurrent: b.max_concurrent,
+            max_queue: b.max_queue,
+        }),
         fallback: d.fallback.as_ref().map(|f| FallbackConfig {
             status: f.status,
             body: f.body.clone(),
@@ -146,7 +170,10 @@ fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, Re
     })
 }
 
-fn breaker(b: &CircuitBreakerPolicy, at: &dyn Fn(&str) -> String) -> Result<CircuitBreakerConfig, RenderError> {
+fn breaker(
+    b: &CircuitBreakerPolicy,
+    at: &dyn Fn(&str) -> String,
+) -> Result<CircuitBreakerConfig, RenderError> {
     let window = ms(&at("circuitBreaker.rollingWindow"), &b.rolling_window)?;
     let buckets = b.buckets.max(1);
     // The window is a whole number of equal buckets: round it down to one.
@@ -169,7 +196,13 @@ fn breaker(b: &CircuitBreakerPolicy, at: &dyn Fn(&str) -> String) -> Result<Circ
 pub fn dependency_env_name(dependency: &str) -> String {
     let mut s: String = dependency
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     s.push_str("_URL");
     s

@@ -1,0 +1,449 @@
+//! Reconciler tests against kube's `tower-test` mock API server: each test scripts the
+//! requests the reconciler must make, in order, and what the "apiserver" answers.
+
+use super::Context;
+use super::metrics::Metrics;
+use super::microservice::{Backoff, reconcile};
+use crate::render::RenderOptions;
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use weir_crds::Microservice;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Builds the answer (status, body) to a request from the request's body.
+type Responder = Box<dyn Fn(&Value) -> (StatusCode, Value) + Send>;
+
+/// One expected request: method, path (query ignored), and the answer (status, body) built
+/// from the request body.
+struct Expect {
+    method: Method,
+    path: String,
+    respond: Responder,
+}
+
+fn expect(
+    method: Method,
+    path: &str,
+    respond: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        method,
+        path: path.into(),
+        respond: Box::new(respond),
+    }
+}
+
+/// Answers the scripted requests, records their bodies, then checks nothing else is asked.
+async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<(String, Value)> {
+    let mut seen = Vec::new();
+    for e in script {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {} {}", e.method, e.path))
+            .expect("client dropped before the expected request");
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default().to_string();
+        assert_eq!(
+            (req.method(), path.as_str()),
+            (&e.method, e.path.as_str()),
+            "unexpected request (query {query})"
+        );
+        if req.method() == Method::PATCH && !path.contains("/events/") {
+            assert!(
+                query.contains("fieldManager=weir-operator"),
+                "server-side apply with the fixed field manager: {query}"
+            );
+            assert!(
+                query.contains("force=true"),
+                "apply forces ownership to repair drift: {query}"
+            );
+        }
+        let bytes = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let (status, answer) = (e.respond)(&body);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        seen.push((path, body));
+    }
+    if let Ok(Some((req, _))) =
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    {
+        panic!("unexpected extra request: {} {}", req.method(), req.uri());
+    }
+    seen
+}
+
+fn context() -> (Arc<Context>, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let render = RenderOptions {
+        proxy_image: "weir-proxy:test".into(),
+        ..Default::default()
+    };
+    (
+        Arc::new(Context::new(client, render, Arc::new(Metrics::default()))),
+        handle,
+    )
+}
+
+fn microservice(spec: Value, status: Option<Value>) -> Microservice {
+    let mut v = json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "Microservice",
+        "metadata": {"name": "orders", "namespace": "demo", "uid": "uid-orders", "generation": 2},
+        "spec": spec,
+    });
+    if let Some(s) = status {
+        v["status"] = s;
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn orders_spec() -> Value {
+    json!({"image": "orders:1", "replicas": 2, "dependencies": [{"name": "users", "microservice": "users"}]})
+}
+
+fn echo(body: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, body.clone())
+}
+
+/// The apiserver answers a status patch with the whole object.
+fn status_echo(body: &Value) -> (StatusCode, Value) {
+    let mut obj = serde_json::to_value(microservice(orders_spec(), None)).unwrap();
+    obj["status"] = body["status"].clone();
+    (StatusCode::OK, obj)
+}
+
+/// The Deployment as the apiserver returns it after apply, with a rollout status.
+fn deployment_with(ready: i32, updated: i32) -> impl Fn(&Value) -> (StatusCode, Value) {
+    move |body| {
+        let mut d = body.clone();
+        d["metadata"]["generation"] = json!(3);
+        d["status"] = json!({"observedGeneration": 3, "replicas": 2, "readyReplicas": ready, "updatedReplicas": updated});
+        (StatusCode::OK, d)
+    }
+}
+
+fn users_found(_: &Value) -> (StatusCode, Value) {
+    (
+        StatusCode::OK,
+        serde_json::to_value(microservice(json!({"image": "users:1"}), None)).unwrap(),
+    )
+}
+
+fn not_found(_: &Value) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+}
+
+const MS: &str = "/apis/weir.dev/v1alpha1/namespaces/demo/microservices";
+
+fn children(deployment: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static) -> Vec<Expect> {
+    vec![
+        expect(
+            Method::PATCH,
+            "/api/v1/namespaces/demo/configmaps/orders-weir-proxy",
+            echo,
+        ),
+        expect(
+            Method::PATCH,
+            "/api/v1/namespaces/demo/services/orders",
+            echo,
+        ),
+        expect(
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/demo/deployments/orders",
+            deployment,
+        ),
+    ]
+}
+
+fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status_patch}"))
+}
+
+#[tokio::test]
+async fn create_applies_children_with_owner_references_and_reports_ready() {
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
+    script.extend(children(deployment_with(2, 2)));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+
+    let action = reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    let seen = server.await.unwrap();
+
+    for (path, body) in &seen[1..4] {
+        let owner = &body["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (owner["kind"].as_str(), owner["name"].as_str()),
+            (Some("Microservice"), Some("orders")),
+            "{path}"
+        );
+        assert_eq!(owner["controller"], true, "{path}");
+        assert_eq!(
+            body["metadata"]["labels"]["app.kubernetes.io/managed-by"], "weir",
+            "{path}"
+        );
+    }
+    let deployment = &seen[3].1;
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["initContainers"][0]["name"],
+        "weir-proxy"
+    );
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "USERS_URL" && e["value"] == "http://127.0.0.1:15100")
+    );
+
+    let status = &seen[4].1;
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    assert_eq!(status["status"]["replicaSummary"], "2/2");
+    assert_eq!(status["status"]["dependencySummary"], "1/1");
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    assert_eq!(
+        condition(status, "Progressing")["reason"],
+        "RolloutComplete"
+    );
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+}
+
+#[tokio::test]
+async fn rollout_in_progress_is_reported() {
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
+    script.extend(children(deployment_with(1, 1)));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let status = &seen[4].1;
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Ready")["reason"], "ReplicasNotReady");
+    assert_eq!(condition(status, "Progressing")["status"], "True");
+    assert_eq!(status["status"]["replicaSummary"], "1/2");
+}
+
+#[tokio::test]
+async fn missing_dependency_is_a_condition_and_an_event() {
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), not_found)];
+    script.extend(children(deployment_with(2, 2)));
+    script.push(expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/demo/events",
+        |b| (StatusCode::CREATED, b.clone()),
+    ));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+
+    let action = reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(30)),
+        "rechecks the dependency"
+    );
+    let seen = server.await.unwrap();
+
+    let event = &seen[4].1;
+    assert_eq!(event["reason"], "DependencyNotFound");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["name"], "orders");
+    assert!(event["note"].as_str().unwrap().contains("users"));
+
+    let status = &seen[5].1;
+    let degraded = condition(status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "DependencyNotFound");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("DependencyNotFound: users")
+    );
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(status["status"]["dependencySummary"], "0/1");
+}
+
+#[tokio::test]
+async fn unchanged_status_is_not_rewritten() {
+    // First pass: learn the status the reconciler writes.
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
+    script.extend(children(deployment_with(2, 2)));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap();
+    let written = server.await.unwrap().pop().unwrap().1["status"].clone();
+
+    // Second pass on the object carrying that status: children re-applied (drift repair),
+    // but no status write, so the status write cannot retrigger a reconcile forever.
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
+    script.extend(children(deployment_with(2, 2)));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(orders_spec(), Some(written))), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn drifted_children_are_applied_back_to_the_spec() {
+    // Someone scaled the Deployment to 5 and edited the ConfigMap: the apply carries the
+    // spec's values with force, taking the fields back.
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
+    script.push(expect(
+        Method::PATCH,
+        "/api/v1/namespaces/demo/configmaps/orders-weir-proxy",
+        echo,
+    ));
+    script.push(expect(
+        Method::PATCH,
+        "/api/v1/namespaces/demo/services/orders",
+        echo,
+    ));
+    script.push(expect(Method::PATCH, "/apis/apps/v1/namespaces/demo/deployments/orders", |b| {
+        let mut d = b.clone();
+        d["metadata"]["generation"] = json!(7);
+        d["status"] = json!({"observedGeneration": 6, "replicas": 5, "readyReplicas": 5, "updatedReplicas": 5});
+        (StatusCode::OK, d)
+    }));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(seen[3].1["spec"]["replicas"], 2);
+    let cfg: Value =
+        serde_json::from_str(seen[1].1["data"]["proxy.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cfg["outbound"][0]["upstream"],
+        "http://users.demo.svc.cluster.local:80"
+    );
+    assert_eq!(
+        condition(&seen[4].1, "Progressing")["status"],
+        "True",
+        "scale-down still in progress"
+    );
+}
+
+#[tokio::test]
+async fn spec_breaking_a_cel_rule_is_reported_without_applying() {
+    // Clusters without CEL accept this (port 15001 is the sidecar's): no children, a condition
+    // and an Event naming the field.
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/demo/events",
+            |b| (StatusCode::CREATED, b.clone()),
+        ),
+        expect(Method::PATCH, &format!("{MS}/orders/status"), status_echo),
+    ];
+    let server = tokio::spawn(serve(handle, script));
+    let action = reconcile(
+        Arc::new(microservice(
+            json!({"image": "orders:1", "port": 15001}),
+            None,
+        )),
+        ctx,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    let seen = server.await.unwrap();
+    assert!(seen[0].1["note"].as_str().unwrap().contains("spec.port"));
+    let ready = condition(&seen[1].1, "Ready");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(ready["message"].as_str().unwrap().starts_with("spec.port:"));
+}
+
+#[tokio::test]
+async fn api_errors_surface_for_requeue() {
+    let (ctx, handle) = context();
+    let script = vec![expect(Method::GET, &format!("{MS}/users"), |_| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd down"}),
+        )
+    })];
+    let server = tokio::spawn(serve(handle, script));
+    let err = reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "kube");
+    server.await.unwrap();
+}
+
+#[test]
+fn error_backoff_doubles_up_to_five_minutes_and_resets() {
+    let b = Backoff::default();
+    let key = ObjectRef::<Microservice>::new("orders").within("demo");
+    let delays: Vec<u64> = (0..9)
+        .map(|_| b.next_delay(key.clone()).as_secs())
+        .collect();
+    assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    b.reset(&key);
+    assert_eq!(b.next_delay(key).as_secs(), 5);
+}
