@@ -1,0 +1,269 @@
+//! The innermost services: the pooled keep-alive HTTP/1.1 client that forwards to the app or to a
+//! dependency, and the per-attempt timeout that bounds each call by the request's deadline.
+
+use crate::body::{BodyError, BoxBody, Reason, Req, Resp, reject};
+use crate::layers::{BoxFuture, always_ready, deadline_of};
+use http::header::{CONNECTION, HOST, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::{Layer, Service};
+
+pub type HttpClient = Client<HttpConnector, BoxBody>;
+
+/// Idle pooled connections are closed after this; new connections resolve the name again.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn new_client() -> HttpClient {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(Duration::from_secs(10)));
+    conn.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(256)
+        .build(conn)
+}
+
+/// Where a listener forwards to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of the upstream URL without its trailing slash (`""` for none).
+    prefix: String,
+    /// Host header to send (outbound: the upstream's authority); `None` keeps the caller's.
+    host: Option<HeaderValue>,
+}
+
+impl Target {
+    /// The app on loopback: the caller's Host header is kept.
+    pub fn app(addr: std::net::SocketAddr) -> Target {
+        Target {
+            scheme: Scheme::HTTP,
+            authority: addr
+                .to_string()
+                .parse()
+                .expect("a socket address is an authority"),
+            prefix: String::new(),
+            host: None,
+        }
+    }
+
+    /// A dependency's URL, e.g. `http://users.shop.svc.cluster.local:80` or `http://api/v2`.
+    pub fn upstream(url: &str) -> Result<Target, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("{url}: no scheme"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{url}: no host"))?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        Ok(Target {
+            scheme,
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_string(),
+            host: Some(host),
+        })
+    }
+
+    fn uri(&self, pq: Option<&PathAndQuery>) -> Uri {
+        let pq = match (self.prefix.is_empty(), pq) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let rest = pq.map_or("/", |p| p.as_str());
+                format!("{}{}", self.prefix, rest)
+                    .parse()
+                    .unwrap_or_else(|_| PathAndQuery::from_static("/"))
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
+];
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.remove(CONNECTION) {
+        if let Ok(s) = conn.to_str() {
+            for name in s.split(',') {
+                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    h.remove(n);
+                }
+            }
+        }
+        // Further Connection values, if the header was repeated.
+        while let Some(extra) = h.remove(CONNECTION) {
+            drop(extra);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        if h.contains_key(n) {
+            h.remove(n);
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Forward {
+    client: HttpClient,
+    target: Arc<Target>,
+    /// Reason given when the target cannot be reached.
+    connect_reason: Reason,
+}
+
+impl Forward {
+    pub fn new(client: HttpClient, target: Target, connect_reason: Reason) -> Self {
+        Forward {
+            client,
+            target: Arc::new(target),
+            connect_reason,
+        }
+    }
+}
+
+impl Service<Req> for Forward {
+    type Response = Resp;
+    type Error = Infallible;
+    type Future = BoxFuture;
+    always_ready!();
+
+    fn call(&mut self, mut req: Req) -> BoxFuture {
+        if self.target.scheme != Scheme::HTTP {
+            return Box::pin(std::future::ready(Ok(reject(Reason::UnsupportedScheme))));
+        }
+        *req.uri_mut() = self.target.uri(req.uri().path_and_query());
+        *req.version_mut() = http::Version::HTTP_11;
+        let h = req.headers_mut();
+        strip_hop_by_hop(h);
+        if let Some(host) = &self.target.host {
+            h.insert(HOST, host.clone());
+        }
+        let connect_reason = self.connect_reason;
+        let fut = self.client.request(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(resp) => {
+                    let mut resp = resp.map(|b| b.map_err(BodyError::new).boxed_unsync());
+                    strip_hop_by_hop(resp.headers_mut());
+                    Ok(resp)
+                }
+                Err(e) => {
+                    let reason = if e.is_connect() {
+                        connect_reason
+                    } else {
+                        Reason::UpstreamError
+                    };
+                    let detail = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    tracing::warn!(reason = reason.as_str(), error = %e, detail, "forwarding failed");
+                    Ok(reject(reason))
+                }
+            }
+        })
+    }
+}
+
+/// Bounds each attempt by the request's deadline, so the breaker sees a timed-out attempt as a
+/// timeout (`504 timeout`).
+#[derive(Clone, Debug, Default)]
+pub struct AttemptTimeoutLayer;
+
+impl<S> Layer<S> for AttemptTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+    fn layer(&self, inner: S) -> AttemptTimeout<S> {
+        AttemptTimeout { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AttemptTimeout<S> {
+    inner: S,
+}
+
+impl<S> Service<Req> for AttemptTimeout<S>
+where
+    S: Service<Req, Response = Resp, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Resp;
+    type Error = Infallible;
+    type Future = BoxFuture;
+    always_ready!();
+
+    fn call(&mut self, req: Req) -> BoxFuture {
+        match deadline_of(&req) {
+            None => Box::pin(self.inner.call(req)),
+            Some(d) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    tokio::time::timeout_at(d, fut)
+                        .await
+                        .unwrap_or_else(|_| Ok(reject(Reason::Timeout)))
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_keep_their_path_prefix() {
+        let t = Target::upstream("http://users.shop.svc.cluster.local:80").unwrap();
+        let pq: PathAndQuery = "/v1/users?id=3".parse().unwrap();
+        assert_eq!(
+            t.uri(Some(&pq)).to_string(),
+            "http://users.shop.svc.cluster.local:80/v1/users?id=3"
+        );
+        assert_eq!(t.host.as_ref().unwrap(), "users.shop.svc.cluster.local:80");
+        let t = Target::upstream("http://api.example.com/v2/").unwrap();
+        assert_eq!(
+            t.uri(Some(&pq)).to_string(),
+            "http://api.example.com/v2/v1/users?id=3"
+        );
+        assert_eq!(t.uri(None).to_string(), "http://api.example.com/v2/");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

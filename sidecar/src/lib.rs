@@ -1,0 +1,14 @@
+//! `weir-proxy`: the Weir sidecar. See `sidecar/README.md`.
+
+pub mod admin;
+pub mod body;
+pub mod breaker;
+pub mod config;
+pub mod forward;
+pub mod layers;
+pub mod metrics;
+pub mod otlp;
+pub mod retry;
+pub mod server;
+pub mod stack;
+pub mod trace;

@@ -1,0 +1,252 @@
+//! Prometheus metrics. Label sets are created when a listener's stack is built (one per direction,
+//! dependency and status class), never per request: the hot path only increments.
+
+use crate::body::{Reason, STATUS_CLASSES};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: String,
+    pub dependency: String,
+    pub status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    pub dependency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub dependency: String,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub direction: String,
+    pub dependency: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    breaker_state: Family<DependencyLabels, Gauge>,
+    breaker_transitions: Family<TransitionLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
+    retries: Family<DependencyLabels, Counter>,
+    retries_refused: Family<DependencyLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
+    pub spans_exported: Counter,
+    pub spans_dropped: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Per direction and dependency: a counter and a latency histogram per status class.
+#[derive(Clone, Debug)]
+pub struct RequestMetrics {
+    pub requests: [Counter; 5],
+    pub latency: [Histogram; 5],
+}
+
+#[derive(Clone, Debug)]
+pub struct BreakerMetrics {
+    /// 0 closed, 1 open, 2 half-open.
+    pub state: Gauge,
+    /// Transitions into closed, open, half-open.
+    pub transitions: [Counter; 3],
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RetryMetrics {
+    pub attempted: Counter,
+    pub refused_by_budget: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("weir");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let breaker_state = Family::<DependencyLabels, Gauge>::default();
+        let breaker_transitions = Family::<TransitionLabels, Counter>::default();
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        let retries = Family::<DependencyLabels, Counter>::default();
+        let retries_refused = Family::<DependencyLabels, Counter>::default();
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        let spans_exported = Counter::default();
+        let spans_dropped = Counter::default();
+        registry.register(
+            "requests",
+            "Requests answered, by direction, dependency and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to response headers, by direction, dependency and status class",
+            latency.clone(),
+        );
+        registry.register(
+            "circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "circuit_breaker_transitions",
+            "Circuit breaker transitions, by the state entered",
+            breaker_transitions.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Requests refused by a policy (rate-limited, concurrency-limit, bulkhead-full, circuit-open, body-too-large)",
+            rejections.clone(),
+        );
+        registry.register("retries", "Retries attempted", retries.clone());
+        registry.register(
+            "retries_refused_by_budget",
+            "Retries wanted but refused because the retry budget was spent",
+            retries_refused.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result (success, failure)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "spans_exported",
+            "Spans sent to the OTLP endpoint",
+            spans_exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans dropped (export queue full or export failed)",
+            spans_dropped.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            breaker_state,
+            breaker_transitions,
+            rejections,
+            retries,
+            retries_refused,
+            config_reloads,
+            spans_exported,
+            spans_dropped,
+        })
+    }
+
+    pub fn request_metrics(&self, direction: &str, dependency: &str) -> RequestMetrics {
+        let labels = |i: usize| RequestLabels {
+            direction: direction.to_string(),
+            dependency: dependency.to_string(),
+            status_class: STATUS_CLASSES[i].to_string(),
+        };
+        RequestMetrics {
+            requests: std::array::from_fn(|i| self.requests.get_or_create_owned(&labels(i))),
+            latency: std::array::from_fn(|i| self.latency.get_or_create_owned(&labels(i))),
+        }
+    }
+
+    pub fn rejections(&self, direction: &str, dependency: &str, reason: Reason) -> Counter {
+        self.rejections.get_or_create_owned(&RejectionLabels {
+            direction: direction.to_string(),
+            dependency: dependency.to_string(),
+            reason: reason.as_str().to_string(),
+        })
+    }
+
+    pub fn breaker_metrics(&self, dependency: &str) -> BreakerMetrics {
+        let t = |to: &str| {
+            self.breaker_transitions
+                .get_or_create_owned(&TransitionLabels {
+                    dependency: dependency.to_string(),
+                    to: to.to_string(),
+                })
+        };
+        BreakerMetrics {
+            state: self.breaker_state.get_or_create_owned(&DependencyLabels {
+                dependency: dependency.to_string(),
+            }),
+            transitions: [t("closed"), t("open"), t("half_open")],
+        }
+    }
+
+    pub fn retry_metrics(&self, dependency: &str) -> RetryMetrics {
+        let l = DependencyLabels {
+            dependency: dependency.to_string(),
+        };
+        RetryMetrics {
+            attempted: self.retries.get_or_create_owned(&l),
+            refused_by_budget: self.retries_refused.get_or_create_owned(&l),
+        }
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pre_created_handles_feed_the_exposition() {
+        let m = Metrics::new();
+        let r = m.request_metrics("outbound", "users");
+        r.requests[1].inc();
+        r.latency[1].observe(0.002);
+        m.rejections("inbound", "", Reason::RateLimited).inc();
+        let again = m.request_metrics("outbound", "users");
+        again.requests[1].inc();
+        let text = m.encode();
+        assert!(
+            text.contains(r#"weir_requests_total{direction="outbound",dependency="users",status_class="2xx"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"weir_rejections_total{direction="inbound",dependency="",reason="rate-limited"} 1"#
+        ));
+        assert!(text.contains("weir_request_duration_seconds_bucket{"));
+    }
+}

@@ -1,0 +1,289 @@
+//! OTLP/HTTP span export (protobuf, `POST {endpoint}/v1/traces`), in batches, written by hand
+//! against the opentelemetry-proto messages to keep the sidecar small.
+//!
+//! Spans are queued without blocking (a full queue drops and counts the span) and sent when 512
+//! are waiting or every `flush_interval`.
+
+use crate::body::{self, BoxBody};
+use crate::trace::TraceContext;
+use bytes::Bytes;
+use http::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+pub const SPAN_KIND_SERVER: u64 = 2;
+pub const SPAN_KIND_CLIENT: u64 = 3;
+const BATCH: usize = 512;
+const QUEUE: usize = 4096;
+
+/// One finished span.
+#[derive(Clone, Debug)]
+pub struct SpanRecord {
+    pub ctx: TraceContext,
+    pub kind: u64,
+    pub method: Method,
+    pub path: String,
+    pub dependency: Option<Arc<str>>,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    pub status: u16,
+    pub reason: Option<&'static str>,
+}
+
+pub fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Where finished spans go; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SpanSink {
+    tx: mpsc::Sender<SpanRecord>,
+    dropped: Counter,
+}
+
+impl SpanSink {
+    #[cfg(test)]
+    pub(crate) fn for_tests(tx: mpsc::Sender<SpanRecord>) -> Self {
+        SpanSink {
+            tx,
+            dropped: Counter::default(),
+        }
+    }
+
+    pub fn record(&self, span: SpanRecord) {
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Starts the export task; it ends (after a last flush) when every sink clone is dropped.
+pub fn start_exporter(
+    endpoint: &str,
+    service: &str,
+    namespace: &str,
+    client: Client<HttpConnector, BoxBody>,
+    flush_interval: Duration,
+    exported: Counter,
+    dropped: Counter,
+) -> SpanSink {
+    let (tx, mut rx) = mpsc::channel::<SpanRecord>(QUEUE);
+    let url = traces_url(endpoint);
+    let resource = encode_resource(service, namespace);
+    let d2 = dropped.clone();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let deadline = tokio::time::Instant::now() + flush_interval;
+            let closed = loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(s)) => {
+                        batch.push(s);
+                        if batch.len() >= BATCH {
+                            break false;
+                        }
+                    }
+                    Ok(None) => break true,
+                    Err(_) => break false,
+                }
+            };
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                let payload = encode_request(&resource, &batch);
+                batch.clear();
+                match send(&client, &url, payload).await {
+                    Ok(()) => {
+                        exported.inc_by(n);
+                    }
+                    Err(e) => {
+                        d2.inc_by(n);
+                        tracing::warn!(endpoint = %url, error = %e, spans = n, "OTLP export failed");
+                    }
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+    });
+    SpanSink { tx, dropped }
+}
+
+fn traces_url(endpoint: &str) -> String {
+    let e = endpoint.trim_end_matches('/');
+    if e.ends_with("/v1/traces") {
+        e.to_string()
+    } else {
+        format!("{e}/v1/traces")
+    }
+}
+
+async fn send(
+    client: &Client<HttpConnector, BoxBody>,
+    url: &str,
+    payload: Vec<u8>,
+) -> Result<(), String> {
+    let req = Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(body::full(Bytes::from(payload)))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("collector answered {}", resp.status()))
+    }
+}
+
+// --- protobuf wire format -------------------------------------------------------------------
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_tag(out: &mut Vec<u8>, field: u32, wire: u8) {
+    put_varint(out, (u64::from(field) << 3) | u64::from(wire));
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+    put_tag(out, field, 2);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn put_fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
+    put_tag(out, field, 1);
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
+    put_tag(out, field, 0);
+    put_varint(out, v);
+}
+
+/// `KeyValue { key = 1; AnyValue value = 2 }` with `AnyValue { string_value = 1; int_value = 3 }`.
+fn put_attr_str(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
+    let mut any = Vec::with_capacity(value.len() + 2);
+    put_bytes(&mut any, 1, value.as_bytes());
+    let mut kv = Vec::with_capacity(key.len() + any.len() + 4);
+    put_bytes(&mut kv, 1, key.as_bytes());
+    put_bytes(&mut kv, 2, &any);
+    put_bytes(out, field, &kv);
+}
+
+fn put_attr_int(out: &mut Vec<u8>, field: u32, key: &str, value: i64) {
+    let mut any = Vec::with_capacity(11);
+    put_uint(&mut any, 3, value as u64);
+    let mut kv = Vec::with_capacity(key.len() + any.len() + 4);
+    put_bytes(&mut kv, 1, key.as_bytes());
+    put_bytes(&mut kv, 2, &any);
+    put_bytes(out, field, &kv);
+}
+
+/// `Resource { repeated KeyValue attributes = 1 }`.
+fn encode_resource(service: &str, namespace: &str) -> Vec<u8> {
+    let mut r = Vec::new();
+    put_attr_str(&mut r, 1, "service.name", service);
+    put_attr_str(&mut r, 1, "service.namespace", namespace);
+    put_attr_str(&mut r, 1, "k8s.namespace.name", namespace);
+    r
+}
+
+/// `Span` (opentelemetry/proto/trace/v1/trace.proto).
+pub fn encode_span(s: &SpanRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + s.path.len());
+    put_bytes(&mut out, 1, &s.ctx.trace_id);
+    put_bytes(&mut out, 2, &s.ctx.span_id);
+    if let Some(p) = &s.ctx.parent_span_id {
+        put_bytes(&mut out, 4, p);
+    }
+    let name = match &s.dependency {
+        Some(d) => format!("{} {}", s.method, d),
+        None => s.method.to_string(),
+    };
+    put_bytes(&mut out, 5, name.as_bytes());
+    put_uint(&mut out, 6, s.kind);
+    put_fixed64(&mut out, 7, s.start_unix_nanos);
+    put_fixed64(&mut out, 8, s.end_unix_nanos);
+    put_attr_str(&mut out, 9, "http.request.method", s.method.as_str());
+    put_attr_str(&mut out, 9, "url.path", &s.path);
+    put_attr_int(
+        &mut out,
+        9,
+        "http.response.status_code",
+        i64::from(s.status),
+    );
+    if let Some(d) = &s.dependency {
+        put_attr_str(&mut out, 9, "weir.dependency", d);
+    }
+    if let Some(r) = s.reason {
+        put_attr_str(&mut out, 9, "weir.reason", r);
+    }
+    // Status { message = 2; code = 3 (1 ok, 2 error) }
+    let mut status = Vec::new();
+    if s.status >= 500 {
+        if let Some(r) = s.reason {
+            put_bytes(&mut status, 2, r.as_bytes());
+        }
+        put_uint(&mut status, 3, 2);
+    }
+    put_bytes(&mut out, 15, &status);
+    out
+}
+
+/// `ExportTraceServiceRequest { repeated ResourceSpans resource_spans = 1 }`,
+/// `ResourceSpans { Resource resource = 1; repeated ScopeSpans scope_spans = 2 }`,
+/// `ScopeSpans { InstrumentationScope scope = 1; repeated Span spans = 2 }`.
+pub fn encode_request(resource: &[u8], spans: &[SpanRecord]) -> Vec<u8> {
+    let mut scope = Vec::new();
+    put_bytes(&mut scope, 1, b"weir-proxy");
+    put_bytes(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
+    let mut scope_spans = Vec::new();
+    put_bytes(&mut scope_spans, 1, &scope);
+    for s in spans {
+        put_bytes(&mut scope_spans, 2, &encode_span(s));
+    }
+    let mut rs = Vec::new();
+    put_bytes(&mut rs, 1, resource);
+    put_bytes(&mut rs, 2, &scope_spans);
+    let mut req = Vec::new();
+    put_bytes(&mut req, 1, &rs);
+    req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_match_the_protobuf_encoding() {
+        let mut v = Vec::new();
+        put_varint(&mut v, 300);
+        assert_eq!(v, [0xac, 0x02]);
+        let mut v = Vec::new();
+        put_tag(&mut v, 15, 2);
+        assert_eq!(v, [0x7a]);
+    }
+
+    #[test]
+    fn traces_url_appends_the_signal_path_once() {
+        assert_eq!(traces_url("http://c:4318"), "http://c:4318/v1/traces");
+        assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(
+            traces_url("http://c:4318/v1/traces"),
+            "http://c:4318/v1/traces"
+        );
+    }
+}

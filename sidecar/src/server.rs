@@ -1,0 +1,401 @@
+//! The running proxy: listeners (inbound, admin, one per dependency), config reload, readiness and
+//! graceful shutdown.
+
+use crate::admin;
+use crate::body::{BodyError, Reason, Resp, reject};
+use crate::forward::new_client;
+use crate::metrics::Metrics;
+use crate::stack::{self, Env, Snapshot};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tower::ServiceExt;
+use weir_crds::proxy::ProxyConfig;
+
+/// Largest request head (request line and headers) accepted; beyond it hyper answers 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// A client must send its request head within this time, or the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config_path: PathBuf,
+    pub reload_interval: Duration,
+    pub access_log: bool,
+    pub otlp_flush_interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Inbound,
+    Admin,
+    Outbound(Arc<str>),
+}
+
+impl Role {
+    fn name(&self) -> &str {
+        match self {
+            Role::Inbound => "inbound",
+            Role::Admin => "admin",
+            Role::Outbound(n) => n,
+        }
+    }
+}
+
+struct ListenerHandle {
+    _stop: oneshot::Sender<()>,
+}
+
+pub struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    env: Env,
+    listeners: Mutex<HashMap<(Role, SocketAddr), ListenerHandle>>,
+    /// Listeners of the current config that could not be bound.
+    unbound: Mutex<Vec<String>>,
+    draining: AtomicBool,
+    drain_rx: watch::Receiver<bool>,
+    /// Held by every connection; shutdown waits for all clones to drop.
+    conn_tracker: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+impl Shared {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ready: config loaded, every listener bound, not draining. `Err` lists what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining".into());
+        }
+        let unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+        if !unbound.is_empty() {
+            return Err(format!("listeners not bound: {}", unbound.join(", ")));
+        }
+        Ok(())
+    }
+
+    fn desired(cfg: &ProxyConfig) -> Vec<(Role, SocketAddr)> {
+        let mut v = vec![
+            (Role::Inbound, cfg.inbound.listen),
+            (Role::Admin, cfg.admin.listen),
+        ];
+        v.extend(
+            cfg.outbound
+                .iter()
+                .map(|o| (Role::Outbound(o.name.as_str().into()), o.listen)),
+        );
+        v
+    }
+
+    /// Binds the listeners the config wants and stops those it no longer wants. Connections
+    /// already accepted keep running.
+    async fn reconcile(self: &Arc<Self>, cfg: &ProxyConfig) -> Vec<String> {
+        let desired = Self::desired(cfg);
+        let mut failures = Vec::new();
+        {
+            let mut ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            ls.retain(|k, _| {
+                let keep = desired.contains(k);
+                if !keep {
+                    tracing::info!(listener = k.0.name(), addr = %k.1, "listener stopped");
+                }
+                keep
+            });
+        }
+        for key in desired {
+            if self
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
+            {
+                continue;
+            }
+            match bind(key.1).await {
+                Ok(listener) => {
+                    let (tx, rx) = oneshot::channel();
+                    tracing::info!(listener = key.0.name(), addr = %key.1, "listening");
+                    tokio::spawn(accept_loop(self.clone(), key.0.clone(), listener, rx));
+                    self.listeners
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, ListenerHandle { _stop: tx });
+                }
+                Err(e) => {
+                    tracing::error!(listener = key.0.name(), addr = %key.1, error = %e, "cannot bind listener");
+                    failures.push(format!("{} {}: {e}", key.0.name(), key.1));
+                }
+            }
+        }
+        *self.unbound.lock().unwrap_or_else(|e| e.into_inner()) = failures.clone();
+        failures
+    }
+
+    /// Applies a new, validated config.
+    async fn apply(self: &Arc<Self>, cfg: ProxyConfig) -> Result<(), String> {
+        let prev = self.snapshot();
+        let snap = stack::build(Arc::new(cfg), Some(&prev.components), &self.env)?;
+        let cfg = snap.config.clone();
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+        let failures = self.reconcile(&cfg).await;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// Resolves once shutdown has begun.
+async fn drained(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    role: Role,
+    listener: TcpListener,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut drain = shared.drain_rx.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            _ = drained(&mut drain) => break,
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let tracker = shared.conn_tracker.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let Some(tracker) = tracker else { break };
+                    tokio::spawn(serve_connection(shared.clone(), role.clone(), stream, tracker));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = role.name(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    role: Role,
+    stream: tokio::net::TcpStream,
+    _tracker: mpsc::Sender<()>,
+) {
+    let mut drain = shared.drain_rx.clone();
+    let s2 = shared.clone();
+    let r2 = role.clone();
+    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        dispatch(s2.clone(), r2.clone(), req)
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut draining = *drain.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    log_conn_error(&role, &e);
+                }
+                break;
+            }
+            _ = drained(&mut drain), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn log_conn_error(role: &Role, e: &hyper::Error) {
+    let reason = if e.is_parse_too_large() {
+        "request head too large"
+    } else if e.is_parse() {
+        "malformed request"
+    } else if e.is_timeout() {
+        "request head not received in time"
+    } else if e.is_incomplete_message() {
+        "connection closed before the message completed"
+    } else {
+        "connection error"
+    };
+    tracing::warn!(listener = role.name(), reason, error = %e, "connection closed");
+}
+
+async fn dispatch(
+    shared: Arc<Shared>,
+    role: Role,
+    req: hyper::Request<Incoming>,
+) -> Result<Resp, Infallible> {
+    let req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
+    match role {
+        Role::Admin => Ok(admin::handle(&shared, &req)),
+        Role::Inbound => {
+            let svc = shared.snapshot().inbound.clone();
+            svc.oneshot(req).await
+        }
+        Role::Outbound(name) => {
+            let svc = shared.snapshot().outbound.get(&name).cloned();
+            match svc {
+                Some(svc) => svc.oneshot(req).await,
+                None => Ok(reject(Reason::UnknownDependency)),
+            }
+        }
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+    drain_tx: watch::Sender<bool>,
+    conn_rx: mpsc::Receiver<()>,
+    reload_task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Builds the stacks and binds every listener; `Err` when a listener cannot be bound.
+    pub async fn start(config: ProxyConfig, raw: Vec<u8>, opts: Options) -> Result<Proxy, String> {
+        let metrics = Metrics::new();
+        let env = Env {
+            metrics: metrics.clone(),
+            client: new_client(),
+            access_log: opts.access_log,
+            otlp_flush_interval: opts.otlp_flush_interval,
+        };
+        let snap = stack::build(Arc::new(config), None, &env)?;
+        let cfg = snap.config.clone();
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let (conn_tx, conn_rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            snapshot: RwLock::new(Arc::new(snap)),
+            metrics,
+            env,
+            listeners: Mutex::new(HashMap::new()),
+            unbound: Mutex::new(Vec::new()),
+            draining: AtomicBool::new(false),
+            drain_rx,
+            conn_tracker: Mutex::new(Some(conn_tx)),
+        });
+        let failures = shared.reconcile(&cfg).await;
+        if !failures.is_empty() {
+            return Err(failures.join("; "));
+        }
+        let reload_task = tokio::spawn(watch_config(shared.clone(), opts, raw));
+        Ok(Proxy {
+            shared,
+            drain_tx,
+            conn_rx,
+            reload_task,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `shutdownGraceMs`, then returns.
+    /// Returns `false` when the grace period ran out with connections still open.
+    pub async fn shutdown(mut self) -> bool {
+        let grace = Duration::from_millis(self.shared.snapshot().config.shutdown_grace_ms);
+        self.reload_task.abort();
+        self.shared.draining.store(true, Ordering::Release);
+        let _ = self.drain_tx.send(true);
+        self.shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.shared
+            .conn_tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+        let clean = tokio::time::timeout(grace, self.conn_rx.recv())
+            .await
+            .is_ok();
+        if clean {
+            tracing::info!("all connections closed");
+        } else {
+            tracing::warn!("grace period over with requests still in flight");
+        }
+        clean
+    }
+}
+
+async fn watch_config(shared: Arc<Shared>, opts: Options, mut last: Vec<u8>) {
+    loop {
+        tokio::time::sleep(opts.reload_interval).await;
+        let bytes = match tokio::fs::read(&opts.config_path).await {
+            Ok(b) => b,
+            Err(e) => {
+                // A ConfigMap update swaps a symlink: a missing file can be transient.
+                tracing::debug!(path = %opts.config_path.display(), error = %e, "config file unreadable");
+                continue;
+            }
+        };
+        if bytes == last {
+            continue;
+        }
+        last = bytes;
+        let text = String::from_utf8_lossy(&last);
+        match ProxyConfig::from_json(&text) {
+            Ok(cfg) if cfg == *shared.snapshot().config => {}
+            Ok(cfg) => match shared.apply(cfg).await {
+                Ok(()) => {
+                    shared.metrics.config_reload(true);
+                    tracing::info!(path = %opts.config_path.display(), "config reloaded");
+                }
+                Err(e) => {
+                    shared.metrics.config_reload(false);
+                    tracing::error!(path = %opts.config_path.display(), error = %e, "config reloaded with errors");
+                }
+            },
+            Err(e) => {
+                shared.metrics.config_reload(false);
+                tracing::error!(
+                    path = %opts.config_path.display(),
+                    field = %e.field,
+                    message = %e.message,
+                    "invalid config refused; keeping the previous one"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Builds the per-listener service stacks from a config. Stateful parts (breakers, retry budgets,
+//! bulkheads, the inbound limiter and token bucket, the span exporter) are carried over from the
+//! previous build when their own config is unchanged, so a reload does not reset them.
+
+use crate::body::{Reason, Req, Resp};
+use crate::breaker::{Breaker, BreakerLayer};
+use crate::forward::{AttemptTimeoutLayer, Forward, HttpClient, Target};
+use crate::layers::body_limit::BodyLimitLayer;
+use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
+use crate::layers::fallback::{FallbackLayer, FallbackResponse};
+use crate::layers::guard::GuardLayer;
+use crate::layers::observe::{ObserveLayer, Observer};
+use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
+use crate::layers::timeout::TimeoutLayer;
+use crate::layers::trace::{TraceLayer, TraceSettings};
+use crate::metrics::Metrics;
+use crate::otlp::{self, SpanSink};
+use crate::retry::{RetryBudget, RetryLayer, RetryPolicy};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use weir_crds::proxy::{
+    CircuitBreakerConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, TracingConfig,
+};
+
+pub type Stack = BoxCloneSyncService<Req, Resp, Infallible>;
+
+/// What stacks are built with.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub metrics: Arc<Metrics>,
+    pub client: HttpClient,
+    pub access_log: bool,
+    pub otlp_flush_interval: Duration,
+}
+
+#[derive(Clone, Debug, Default)]
+struct DepState {
+    breaker: Option<(CircuitBreakerConfig, Arc<Breaker>)>,
+    budget: Option<(RetryBudgetConfig, Arc<RetryBudget>)>,
+    bulkhead: Option<((u32, u32), Arc<Limiter>)>,
+}
+
+/// The stateful components behind a snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Components {
+    limiter: Option<((u32, u32), Arc<Limiter>)>,
+    bucket: Option<(RateLimitConfig, Arc<TokenBucket>)>,
+    exporter: Option<(TracingConfig, String, SpanSink)>,
+    deps: HashMap<String, DepState>,
+}
+
+impl Components {
+    pub fn breaker(&self, dependency: &str) -> Option<&Arc<Breaker>> {
+        self.deps.get(dependency)?.breaker.as_ref().map(|(_, b)| b)
+    }
+}
+
+/// One config turned into services.
+pub struct Snapshot {
+    pub config: Arc<ProxyConfig>,
+    pub inbound: Stack,
+    pub outbound: HashMap<Arc<str>, Stack>,
+    pub components: Components,
+}
+
+fn reuse<C: PartialEq + Clone, T: Clone>(
+    prev: Option<&(C, T)>,
+    cfg: &C,
+    make: impl FnOnce() -> T,
+) -> (C, T) {
+    match prev {
+        Some((c, t)) if c == cfg => (c.clone(), t.clone()),
+        _ => (cfg.clone(), make()),
+    }
+}
+
+pub fn build(
+    config: Arc<ProxyConfig>,
+    prev: Option<&Components>,
+    env: &Env,
+) -> Result<Snapshot, String> {
+    let empty = Components::default();
+    let prev = prev.unwrap_or(&empty);
+    let m = &env.metrics;
+    let mut comps = Components::default();
+
+    // Tracing: one exporter per endpoint; sampling applies to new traces only.
+    let sink = match &config.tracing.otlp_endpoint {
+        Some(ep) if ep.starts_with("http://") => {
+            let key = (config.tracing.clone(), config.service.clone());
+            let e = match &prev.exporter {
+                Some((t, s, sink)) if *t == key.0 && *s == key.1 => {
+                    (t.clone(), s.clone(), sink.clone())
+                }
+                _ => {
+                    let sink = otlp::start_exporter(
+                        ep,
+                        &config.service,
+                        &config.namespace,
+                        env.client.clone(),
+                        env.otlp_flush_interval,
+                        m.spans_exported.clone(),
+                        m.spans_dropped.clone(),
+                    );
+                    (key.0, key.1, sink)
+                }
+            };
+            let sink = e.2.clone();
+            comps.exporter = Some(e);
+            Some(sink)
+        }
+        Some(ep) => {
+            tracing::warn!(endpoint = %ep, "OTLP export over https is not supported; spans are not exported");
+            None
+        }
+        None => None,
+    };
+    let ratio = config.tracing.sampling_ratio;
+
+    // Inbound.
+    let ib = &config.inbound;
+    comps.limiter = ib.max_concurrent.map(|max| {
+        reuse(prev.limiter.as_ref(), &(max, ib.max_queue), || {
+            Limiter::new(
+                max,
+                ib.max_queue,
+                Reason::ConcurrencyLimit,
+                m.rejections("inbound", "", Reason::ConcurrencyLimit),
+            )
+        })
+    });
+    comps.bucket = ib.rate_limit.as_ref().map(|rl| {
+        reuse(prev.bucket.as_ref(), rl, || {
+            TokenBucket::new(
+                rl.requests_per_second,
+                rl.burst,
+                m.rejections("inbound", "", Reason::RateLimited),
+            )
+        })
+    });
+    let inbound = ServiceBuilder::new()
+        .layer(TraceLayer::new(TraceSettings {
+            sampling_ratio: ratio,
+            sink: sink.clone(),
+            kind: otlp::SPAN_KIND_SERVER,
+            dependency: None,
+        }))
+        .layer(ObserveLayer::new(Observer {
+            direction: "inbound",
+            dependency: "".into(),
+            metrics: m.request_metrics("inbound", ""),
+            access_log: env.access_log,
+        }))
+        .layer(GuardLayer)
+        .option_layer(
+            comps
+                .bucket
+                .as_ref()
+                .map(|(_, b)| RateLimitLayer::new(b.clone())),
+        )
+        .layer(BodyLimitLayer::new(ib.max_body_bytes))
+        .layer(TimeoutLayer::new(Duration::from_millis(ib.timeout_ms)))
+        .option_layer(
+            comps
+                .limiter
+                .as_ref()
+                .map(|(_, l)| ConcurrencyLimitLayer::new(l.clone())),
+        )
+        .service(Forward::new(
+            env.client.clone(),
+            Target::app(ib.app),
+            Reason::AppConnect,
+        ));
+    let inbound = BoxCloneSyncService::new(inbound);
+
+    // Outbound, one stack per dependency.
+    let mut outbound = HashMap::new();
+    for o in &config.outbound {
+        let name = o.name.as_str();
+        let old = prev.deps.get(name).cloned().unwrap_or_default();
+        let mut st = DepState::default();
+        st.breaker = o.circuit_breaker.as_ref().map(|c| {
+            reuse(old.breaker.as_ref(), c, || {
+                Breaker::new(
+                    name,
+                    c,
+                    m.breaker_metrics(name),
+                    m.rejections("outbound", name, Reason::CircuitOpen),
+                )
+            })
+        });
+        st.budget = o.retry.as_ref().map(|r| {
+            reuse(old.budget.as_ref(), &r.budget, || {
+                RetryBudget::new(&r.budget)
+            })
+        });
+        st.bulkhead = o.bulkhead.as_ref().map(|b| {
+            reuse(
+                old.bulkhead.as_ref(),
+                &(b.max_concurrent, b.max_queue),
+                || {
+                    Limiter::new(
+                        b.max_concurrent,
+                        b.max_queue,
+                        Reason::BulkheadFull,
+                        m.rejections("outbound", name, Reason::BulkheadFull),
+                    )
+                },
+            )
+        });
+        let target =
+            Target::upstream(&o.upstream).map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
+        let svc = ServiceBuilder::new()
+            .layer(TraceLayer::new(TraceSettings {
+                sampling_ratio: ratio,
+                sink: sink.clone(),
+                kind: otlp::SPAN_KIND_CLIENT,
+                dependency: Some(name.into()),
+            }))
+            .layer(ObserveLayer::new(Observer {
+                direction: "outbound",
+                dependency: name.into(),
+                metrics: m.request_metrics("outbound", name),
+                access_log: env.access_log,
+            }))
+            .option_layer(
+                o.fallback
+                    .as_ref()
+                    .map(|f| FallbackLayer::new(FallbackResponse::from_config(f))),
+            )
+            .layer(TimeoutLayer::new(Duration::from_millis(o.timeout_ms)))
+            .option_layer(
+                st.bulkhead
+                    .as_ref()
+                    .map(|(_, l)| ConcurrencyLimitLayer::new(l.clone())),
+            )
+            .option_layer(o.retry.as_ref().zip(st.budget.as_ref()).map(|(r, (_, b))| {
+                RetryLayer::new(RetryPolicy::new(r, b.clone(), m.retry_metrics(name)))
+            }))
+            .option_layer(
+                st.breaker
+                    .as_ref()
+                    .map(|(_, b)| BreakerLayer::new(b.clone())),
+            )
+            .layer(AttemptTimeoutLayer)
+            .service(Forward::new(
+                env.client.clone(),
+                target,
+                Reason::UpstreamConnect,
+            ));
+        outbound.insert(Arc::<str>::from(name), BoxCloneSyncService::new(svc));
+        comps.deps.insert(name.to_string(), st);
+    }
+    Ok(Snapshot {
+        config,
+        inbound,
+        outbound,
+        components: comps,
+    })
+}
