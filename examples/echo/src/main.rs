@@ -1,0 +1,107 @@
+//! `weir-echo`: the app in Weir's examples and end-to-end tests.
+//!
+//! - `GET /healthz`, `GET /readyz`: 200.
+//! - `GET /`: who answered (`SERVICE_NAME`, `HOSTNAME`) and the trace context it received.
+//! - `GET /call/<dep>/<path>`: calls `$<DEP>_URL/<path>` (the sidecar's local port) and returns
+//!   the upstream's status and body: how an app uses its dependencies under Weir.
+//! - `GET /status/<code>`: answers with that status (to exercise breakers and retries).
+//! - `GET /sleep/<ms>`: answers after that many milliseconds (to exercise timeouts).
+//!
+//! Listens on `127.0.0.1:$PORT` (8080): only the sidecar calls it. `BIND=0.0.0.0` to expose it.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::io::Result<()> {
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = tokio::net::TcpListener::bind((bind.as_str(), port)).await?;
+    let client: Arc<HttpClient> = Arc::new(Client::builder(TokioExecutor::new()).build_http());
+    let name = Arc::new(std::env::var("SERVICE_NAME").unwrap_or_else(|_| "echo".into()));
+    println!("{}", json!({"msg": "listening", "service": *name, "addr": listener.local_addr()?.to_string()}));
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = &mut shutdown => break,
+        };
+        let client = client.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, client.clone(), name.clone()));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+    println!("{}", json!({"msg": "stopped", "service": *name}));
+    Ok(())
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid response")
+}
+
+async fn handle(req: Request<Incoming>, client: Arc<HttpClient>, name: Arc<String>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let path = req.uri().path().to_string();
+    let header = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let traceparent = header("traceparent");
+    Ok(match path.as_str() {
+        "/healthz" | "/readyz" => reply(StatusCode::OK, json!({"ok": true})),
+        "/" => reply(
+            StatusCode::OK,
+            json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "traceparent": traceparent}),
+        ),
+        p if p.starts_with("/status/") => {
+            let code = p["/status/".len()..].parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+            reply(code, json!({"service": *name, "status": code.as_u16()}))
+        }
+        p if p.starts_with("/sleep/") => {
+            let ms: u64 = p["/sleep/".len()..].parse().unwrap_or(0).min(60_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            reply(StatusCode::OK, json!({"service": *name, "slept_ms": ms}))
+        }
+        p if p.starts_with("/call/") => {
+            let rest = &p["/call/".len()..];
+            let (dep, tail) = rest.split_once('/').unwrap_or((rest, ""));
+            let var = format!("{}_URL", dep.to_ascii_uppercase().replace('-', "_"));
+            match std::env::var(&var) {
+                Err(_) => reply(StatusCode::NOT_FOUND, json!({"error": format!("no dependency {dep}: {var} is not set")})),
+                Ok(base) => {
+                    let uri = format!("{}/{}", base.trim_end_matches('/'), tail);
+                    let mut up = Request::get(&uri);
+                    if let Some(tp) = &traceparent {
+                        up = up.header("traceparent", tp);
+                    }
+                    match client.request(up.body(Empty::new()).expect("valid request")).await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let reason = resp.headers().get("x-weir-reason").and_then(|v| v.to_str().ok()).map(str::to_string);
+                            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let upstream: serde_json::Value = serde_json::from_slice(&body)
+                                .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body)));
+                            reply(status, json!({"service": *name, "via": uri, "status": status.as_u16(), "weir_reason": reason, "upstream": upstream}))
+                        }
+                        Err(e) => reply(StatusCode::BAD_GATEWAY, json!({"service": *name, "via": uri, "error": e.to_string()})),
+                    }
+                }
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, json!({"error": "not found", "path": path})),
+    })
+}
