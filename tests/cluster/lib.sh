@@ -60,7 +60,9 @@ pid_starttime() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null || true; }
 start_component() {
   local name=$1; shift
   mkdir -p "$RUN" "$LOGS"
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  # AWS_EC2_METADATA_DISABLED: kubelet's in-tree ECR credential provider would
+  # otherwise ask the EC2 metadata address (169.254.169.254) for credentials.
+  AWS_EC2_METADATA_DISABLED=true setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
   local pid=$!
   sleep 0.1
   echo "$pid $(pid_starttime "$pid")" > "$RUN/$name.pid"
@@ -81,8 +83,11 @@ stop_component() {
   local name=$1 pid i
   if pid=$(component_pid "$name"); then
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.2; done
-    if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.3; fi
+    for i in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+    if pid_alive "$pid"; then
+      log "$name (pid $pid) still running 10 s after TERM: KILL"
+      kill -KILL "$pid" 2>/dev/null || true; sleep 0.3
+    fi
   fi
   rm -f "$RUN/$name.pid"
 }
@@ -206,6 +211,11 @@ cleanup_node() {
   ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE" 2>/dev/null || true
   ip link show kube-ipvs0 >/dev/null 2>&1 && ip link delete kube-ipvs0 2>/dev/null || true
   delete_kube_chains
+  # connection-tracking entries of the pod and Service ranges
+  if command -v conntrack >/dev/null; then
+    conntrack -D -s 198.18.0.0/15 >/dev/null 2>&1 || true
+    conntrack -D -d 198.18.0.0/15 >/dev/null 2>&1 || true
+  fi
   remove_kube_cgroups
   rm -rf /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/containerd "$STATE"
   restore_sysctls
