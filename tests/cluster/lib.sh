@@ -80,7 +80,7 @@ component_pid() {
 
 # Stop one component by its recorded pid: TERM, then KILL after 10 s.
 stop_component() {
-  local name=$1 pid i
+  local name=$1 pid i t0=$SECONDS
   if pid=$(component_pid "$name"); then
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
@@ -88,6 +88,7 @@ stop_component() {
       log "$name (pid $pid) still running 10 s after TERM: KILL"
       kill -KILL "$pid" 2>/dev/null || true; sleep 0.3
     fi
+    log "stopped $name (pid $pid) in $((SECONDS - t0))s"
   fi
   rm -f "$RUN/$name.pid"
 }
@@ -213,8 +214,11 @@ cleanup_node() {
   delete_kube_chains
   # connection-tracking entries of the pod and Service ranges
   if command -v conntrack >/dev/null; then
-    conntrack -D -s 198.18.0.0/15 >/dev/null 2>&1 || true
-    conntrack -D -d 198.18.0.0/15 >/dev/null 2>&1 || true
+    local cidr
+    for cidr in "$POD_CIDR" "$SERVICE_CIDR"; do
+      conntrack -D -s "$cidr" >/dev/null 2>&1 || true
+      conntrack -D -d "$cidr" >/dev/null 2>&1 || true
+    done
   fi
   remove_kube_cgroups
   rm -rf /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/containerd "$STATE"
