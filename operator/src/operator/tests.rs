@@ -447,3 +447,145 @@ fn error_backoff_doubles_up_to_five_minutes_and_resets() {
     b.reset(&key);
     assert_eq!(b.next_delay(key).as_secs(), 5);
 }
+
+mod lease {
+    use super::*;
+    use crate::operator::leader::Lease;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases";
+
+    fn lease_held_by(holder: &str, renewed_secs_ago: i64) -> Value {
+        let renew = Timestamp::now() - SignedDuration::from_secs(renewed_secs_ago);
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "weir-operator", "namespace": "weir-system", "resourceVersion": "41"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renew.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(), "leaseTransitions": 3}
+        })
+    }
+
+    fn lease_client() -> (Client, Handle) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(svc, "default"), handle)
+    }
+
+    #[tokio::test]
+    async fn a_held_unexpired_lease_is_not_taken() {
+        let (client, handle) = lease_client();
+        let server = tokio::spawn(serve(
+            handle,
+            vec![expect(
+                Method::GET,
+                &format!("{LEASES}/weir-operator"),
+                |_| (StatusCode::OK, lease_held_by("other", 2)),
+            )],
+        ));
+        let lease = Lease::new(client, "weir-system", "weir-operator", "me");
+        assert!(!lease.try_acquire().await.unwrap());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_with_optimistic_concurrency() {
+        let (client, handle) = lease_client();
+        let script = vec![
+            expect(Method::GET, &format!("{LEASES}/weir-operator"), |_| {
+                (StatusCode::OK, lease_held_by("other", 60))
+            }),
+            expect(Method::PUT, &format!("{LEASES}/weir-operator"), |b| {
+                (StatusCode::OK, b.clone())
+            }),
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let lease = Lease::new(client, "weir-system", "weir-operator", "me");
+        assert!(lease.try_acquire().await.unwrap());
+        let seen = server.await.unwrap();
+        let put = &seen[1].1;
+        assert_eq!(
+            put["metadata"]["resourceVersion"], "41",
+            "replace carries the version read"
+        );
+        assert_eq!(put["spec"]["holderIdentity"], "me");
+        assert_eq!(put["spec"]["leaseTransitions"], 4);
+    }
+
+    #[tokio::test]
+    async fn losing_the_race_is_not_an_error() {
+        let (client, handle) = lease_client();
+        let script = vec![
+            expect(Method::GET, &format!("{LEASES}/weir-operator"), |_| {
+                (StatusCode::OK, lease_held_by("other", 60))
+            }),
+            expect(Method::PUT, &format!("{LEASES}/weir-operator"), |_| {
+                (
+                    StatusCode::CONFLICT,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
+                )
+            }),
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let lease = Lease::new(client, "weir-system", "weir-operator", "me");
+        assert!(!lease.try_acquire().await.unwrap());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_lease_yet_creates_one() {
+        let (client, handle) = lease_client();
+        let script = vec![
+            expect(Method::GET, &format!("{LEASES}/weir-operator"), not_found),
+            expect(Method::POST, LEASES, |b| (StatusCode::CREATED, b.clone())),
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let lease = Lease::new(client, "weir-system", "weir-operator", "me");
+        assert!(lease.try_acquire().await.unwrap());
+        assert_eq!(server.await.unwrap()[1].1["spec"]["holderIdentity"], "me");
+    }
+}
+
+#[tokio::test]
+async fn admin_endpoint_serves_metrics_health_and_readiness() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics = Arc::new(Metrics::default());
+    let kind = super::metrics::KindLabel {
+        kind: "Microservice".into(),
+    };
+    metrics.reconciles.get_or_create(&kind).inc();
+    metrics.duration.get_or_create(&kind).observe(0.02);
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    tokio::spawn(super::admin::serve(addr, metrics, ready.clone()));
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        for _ in 0..50 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                s.write_all(
+                    format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                return out;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("admin endpoint did not come up");
+    }
+    assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+    ready.store(true, Ordering::SeqCst);
+    assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    let m = get(addr, "/metrics").await;
+    assert!(
+        m.contains(r#"weir_operator_reconciles_total{kind="Microservice"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"weir_operator_reconcile_duration_seconds_count{kind="Microservice"} 1"#),
+        "{m}"
+    );
+}
