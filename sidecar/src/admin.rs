@@ -1,8 +1,15 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`, and the app's own probes
+//! relayed as `/app-health/liveness` and `/app-health/readiness` (so the kubelet can probe an app
+//! that listens on loopback only).
 
-use crate::body::{self, BoxBody, Resp};
+use crate::body::{self, BoxBody, Reason, Resp, reject};
 use crate::server::Shared;
 use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use std::time::Duration;
+
+/// How long a relayed app probe may take.
+pub const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Resp {
     let mut r = Response::new(body::full(body));
@@ -14,8 +21,51 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::B
     r
 }
 
-pub fn handle(shared: &Shared, req: &Request<BoxBody>) -> Resp {
+/// Calls the app's probe path on loopback and answers with its status (body dropped).
+async fn app_probe(shared: &Shared, which: &str) -> Resp {
+    let cfg = shared.snapshot().config.clone();
+    let path = match which {
+        "liveness" => cfg.inbound.liveness_path.as_deref(),
+        _ => cfg.inbound.readiness_path.as_deref(),
+    };
+    let Some(path) = path else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no {which} path configured\n"),
+        );
+    };
+    let uri = format!("http://{}{}", cfg.inbound.app, path);
+    let Ok(req) = Request::get(uri).body(body::empty()) else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "invalid probe path\n",
+        );
+    };
+    match tokio::time::timeout(APP_PROBE_TIMEOUT, shared.client().request(req)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status();
+            // Read the (small) body so the pooled connection can be reused.
+            let _ = tokio::time::timeout(APP_PROBE_TIMEOUT, resp.into_body().collect()).await;
+            text(
+                status,
+                "text/plain",
+                format!("app {which}: {}\n", status.as_u16()),
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(probe = which, error = %e, "app probe failed");
+            reject(Reason::AppConnect)
+        }
+        Err(_) => reject(Reason::Timeout),
+    }
+}
+
+pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
     match req.uri().path() {
+        "/app-health/liveness" => app_probe(shared, "liveness").await,
+        "/app-health/readiness" => app_probe(shared, "readiness").await,
         "/metrics" => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -70,6 +70,10 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub fn client(&self) -> &crate::forward::HttpClient {
+        &self.env.client
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot
             .read()
@@ -223,7 +227,8 @@ async fn serve_connection(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_headers(128)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
@@ -269,7 +274,7 @@ async fn dispatch(
 ) -> Result<Resp, Infallible> {
     let req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
     match role {
-        Role::Admin => Ok(admin::handle(&shared, &req)),
+        Role::Admin => Ok(admin::handle(&shared, req).await),
         Role::Inbound => {
             let svc = shared.snapshot().inbound.clone();
             svc.oneshot(req).await
