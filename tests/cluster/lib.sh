@@ -50,7 +50,11 @@ node_ip() {
   echo "$ip"
 }
 
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+# Alive and not a zombie (exited children of pid 1 may wait a moment to be reaped).
+pid_alive() {
+  [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+  [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]]
+}
 
 # Start time of a process (field 22 of /proc/PID/stat), to tell our process
 # from a later one that reuses its pid.
@@ -93,22 +97,32 @@ stop_component() {
   rm -f "$RUN/$name.pid"
 }
 
-# Container processes and shims left by containerd: each task's bundle under
-# /run/containerd/io.containerd.runtime.v2.task/<ns>/<id>/ holds init.pid and shim.pid.
+# Container processes and shims left by containerd, found by pid: each task's
+# bundle /run/containerd/io.containerd.runtime.v2.task/<ns>/<id>/ has init.pid
+# (the container's first process; its parent is the shim) and address (the
+# shim's socket, whose listening process is the shim).
 kill_container_processes() {
-  local d f pid
-  for f in /run/containerd/io.containerd.runtime.v2.task/*/*/init.pid; do
-    [[ -f "$f" ]] || continue
-    pid=$(cat "$f" 2>/dev/null || true); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-  done
-  for f in /run/containerd/io.containerd.runtime.v2.task/*/*/shim.pid; do
-    [[ -f "$f" ]] || continue
-    pid=$(cat "$f" 2>/dev/null || true)
-    if pid_alive "$pid" && grep -qa containerd-shim "/proc/$pid/cmdline" 2>/dev/null; then
-      kill -KILL "$pid" 2>/dev/null || true
+  local b pid ppid sock shims=()
+  for b in /run/containerd/io.containerd.runtime.v2.task/*/*/; do
+    [[ -d "$b" ]] || continue
+    if [[ -f "$b/init.pid" ]]; then
+      pid=$(cat "$b/init.pid" 2>/dev/null || true)
+      if pid_alive "$pid"; then
+        ppid=$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null || true)
+        [[ -n "$ppid" ]] && grep -qa containerd-shim "/proc/$ppid/cmdline" 2>/dev/null && shims+=("$ppid")
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+    fi
+    if [[ -f "$b/address" ]]; then
+      sock=$(sed 's|^unix://||' "$b/address" 2>/dev/null || true)
+      [[ -n "$sock" ]] && shims+=($(ss -xlpn 2>/dev/null | awk -v s="$sock" '$5 == s' | grep -oE "pid=[0-9]+" | cut -d= -f2 || true))
     fi
   done
-  sleep 0.5
+  for pid in $(printf '%s\n' "${shims[@]}" | sort -u); do
+    grep -qa containerd-shim "/proc/$pid/cmdline" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  done
+  (( ${#shims[@]} )) && sleep 0.5
+  return 0
 }
 
 # Unmount everything below the given directories, deepest first.
