@@ -101,6 +101,20 @@ pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> 
             error: error.metric_label().into(),
         })
         .inc();
+    // Tell the object's owner too (`kubectl describe`); repeats become one Event series.
+    let note = format!("{error}; retrying in {}s", delay.as_secs());
+    tokio::spawn(async move {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "ReconcileFailed".into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &ms.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish event");
+        }
+    });
     Action::requeue(delay)
 }
 

@@ -589,3 +589,26 @@ async fn admin_endpoint_serves_metrics_health_and_readiness() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn a_failed_reconcile_is_requeued_with_backoff_and_an_event() {
+    let (ctx, handle) = context();
+    let script = vec![expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/demo/events",
+        |b| (StatusCode::CREATED, b.clone()),
+    )];
+    let server = tokio::spawn(serve(handle, script));
+    let ms = Arc::new(microservice(orders_spec(), None));
+    let err = super::microservice::Error::Missing("metadata.namespace");
+    let first = super::microservice::error_policy(ms.clone(), &err, ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(5)));
+    let seen = server.await.unwrap();
+    assert_eq!(seen[0].1["reason"], "ReconcileFailed");
+    assert!(
+        seen[0].1["note"]
+            .as_str()
+            .unwrap()
+            .contains("retrying in 5s")
+    );
+}
