@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     let (cfg, raw) = match config::load(&cli.config_path) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(path = %cli.config_path.display(), field = %e.field, message = %e.message, "invalid config");
+            tracing::error!(path = %cli.config_path.display(), field = %e.field, error = %e.message, "invalid config");
             eprintln!(
                 "weir-proxy: invalid config {}: {}: {}",
                 cli.config_path.display(),

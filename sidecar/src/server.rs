@@ -24,8 +24,10 @@ use weir_crds::proxy::ProxyConfig;
 
 /// Largest request head (request line and headers) accepted; beyond it hyper answers 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// A client must send its request head within this time, or the connection is closed.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send its request head within this time, or the connection is closed. Hyper
+/// also applies it to idle keep-alive connections, so it doubles as the idle timeout: longer than
+/// the idle timeout of common client pools (Go's 90 s), so the client closes first.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -264,7 +266,11 @@ fn log_conn_error(role: &Role, e: &hyper::Error) {
     } else {
         "connection error"
     };
-    tracing::warn!(listener = role.name(), reason, error = %e, "connection closed");
+    if e.is_parse() || e.is_parse_too_large() {
+        tracing::warn!(listener = role.name(), reason, error = %e, "connection closed");
+    } else {
+        tracing::debug!(listener = role.name(), reason, error = %e, "connection closed");
+    }
 }
 
 async fn dispatch(
@@ -397,7 +403,7 @@ async fn watch_config(shared: Arc<Shared>, opts: Options, mut last: Vec<u8>) {
                 tracing::error!(
                     path = %opts.config_path.display(),
                     field = %e.field,
-                    message = %e.message,
+                    error = %e.message,
                     "invalid config refused; keeping the previous one"
                 );
             }

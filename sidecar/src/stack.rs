@@ -182,8 +182,7 @@ pub fn build(
     for o in &config.outbound {
         let name = o.name.as_str();
         let old = prev.deps.get(name).cloned().unwrap_or_default();
-        let mut st = DepState::default();
-        st.breaker = o.circuit_breaker.as_ref().map(|c| {
+        let breaker = o.circuit_breaker.as_ref().map(|c| {
             reuse(old.breaker.as_ref(), c, || {
                 Breaker::new(
                     name,
@@ -193,12 +192,12 @@ pub fn build(
                 )
             })
         });
-        st.budget = o.retry.as_ref().map(|r| {
+        let budget = o.retry.as_ref().map(|r| {
             reuse(old.budget.as_ref(), &r.budget, || {
                 RetryBudget::new(&r.budget)
             })
         });
-        st.bulkhead = o.bulkhead.as_ref().map(|b| {
+        let bulkhead = o.bulkhead.as_ref().map(|b| {
             reuse(
                 old.bulkhead.as_ref(),
                 &(b.max_concurrent, b.max_queue),
@@ -212,6 +211,11 @@ pub fn build(
                 },
             )
         });
+        let st = DepState {
+            breaker,
+            budget,
+            bulkhead,
+        };
         let target =
             Target::upstream(&o.upstream).map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
         let svc = ServiceBuilder::new()

@@ -66,8 +66,12 @@ impl Body for Counting {
     }
 }
 
+/// A `Content-Length` header that is not a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidLength;
+
 /// The declared length, `Err` when the header is not a number.
-pub fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+pub fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, InvalidLength> {
     match headers.get(http::header::CONTENT_LENGTH) {
         None => Ok(None),
         Some(v) => v
@@ -75,7 +79,7 @@ pub fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .map(Some)
-            .ok_or(()),
+            .ok_or(InvalidLength),
     }
 }
 
@@ -118,7 +122,9 @@ where
 
     fn call(&mut self, req: Req) -> BoxFuture {
         match content_length(req.headers()) {
-            Err(()) => return Box::pin(std::future::ready(Ok(reject(Reason::BadRequest)))),
+            Err(InvalidLength) => {
+                return Box::pin(std::future::ready(Ok(reject(Reason::BadRequest))));
+            }
             Ok(Some(n)) if n > self.max => {
                 let mut resp = reject(Reason::BodyTooLarge);
                 // The unread body is not drained: close the connection after answering.

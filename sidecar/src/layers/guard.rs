@@ -30,10 +30,10 @@ pub fn check(headers: &http::HeaderMap) -> Option<&'static str> {
         return Some("content-length with transfer-encoding");
     }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    if let (Some(a), Some(b)) = (lengths.next(), lengths.next()) {
-        if a != b {
-            return Some("conflicting content-length values");
-        }
+    if let (Some(a), Some(b)) = (lengths.next(), lengths.next())
+        && a != b
+    {
+        return Some("conflicting content-length values");
     }
     None
 }

@@ -213,10 +213,10 @@ impl Proxy {
             let req = Request::get(self.admin_url("/readyz"))
                 .body(Full::default())
                 .unwrap();
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,

@@ -1,0 +1,495 @@
+//! The real binary's lifecycle: config validation at start, reload on change, SIGTERM drain, and
+//! OTLP span export to a receiver that decodes the protobuf.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[test]
+fn invalid_config_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.json");
+    let mut cfg = base_config(free_addr());
+    let mut dep = dependency("users", "http://users:80".into());
+    dep.timeout_ms = 0;
+    cfg.outbound.push(dep);
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("outbound[0].timeoutMs"), "{stderr}");
+
+    std::fs::write(&path, "{not json").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .env("WEIR_PROXY_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "the env var names the file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1 column"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .arg("--config")
+        .arg(dir.path().join("missing.json"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_already_in_use_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = base_config(free_addr());
+    cfg.inbound.listen = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_valid_changes_refuses_invalid_ones_and_keeps_connections() {
+    let app = upstream(|_, _| async { respond(200, "app") }).await;
+    let users = upstream(|_, _| async { respond(200, "users") }).await;
+    let proxy = Proxy::start(base_config(app.addr)).await;
+
+    // A keep-alive connection opened before the reload.
+    let stream = tokio::net::TcpStream::connect(proxy.config.inbound.listen)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    async fn call(s: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> u16 {
+        s.ready().await.expect("the connection is still open");
+        let req = Request::get("/")
+            .header("host", "x")
+            .body(Full::default())
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await.unwrap();
+        status
+    }
+    assert_eq!(call(&mut sender).await, 200);
+
+    // Valid change: a new dependency and a tighter inbound policy.
+    let mut cfg = proxy.config.clone();
+    cfg.outbound.push(dependency("users", users.url()));
+    cfg.inbound.rate_limit = Some(weir_crds::proxy::RateLimitConfig {
+        requests_per_second: 0.001,
+        burst: 1,
+    });
+    proxy.write_config(&serde_json::to_string(&cfg).unwrap());
+    proxy.wait_log(|v| v["message"] == "config reloaded").await;
+    let c = client();
+    let o = cfg.outbound[0].listen;
+    assert_eq!(
+        get(&c, format!("http://{o}/")).await.body,
+        "users",
+        "the new listener serves"
+    );
+    let shown: weir_crds::proxy::ProxyConfig =
+        serde_json::from_str(&get(&c, proxy.admin_url("/config")).await.body).unwrap();
+    assert_eq!(shown, cfg);
+    assert_eq!(
+        call(&mut sender).await,
+        200,
+        "the old connection is still open and uses the new policy"
+    );
+    assert_eq!(call(&mut sender).await, 429, "burst of 1 spent");
+
+    // Invalid change: refused, logged, the previous config stays.
+    let mut bad = serde_json::to_value(&cfg).unwrap();
+    bad["outbound"][0]["retry"] = serde_json::json!({"attempts": 0, "backoffBaseMs": 1, "backoffMaxMs": 2, "budget": {"ratio": 0.2, "minPerSecond": 1, "ttlMs": 1000}});
+    proxy.write_config(&bad.to_string());
+    let line = proxy
+        .wait_log(|v| v["message"] == "invalid config refused; keeping the previous one")
+        .await;
+    assert_eq!(line["field"], "outbound[0].retry.attempts");
+    let shown: weir_crds::proxy::ProxyConfig =
+        serde_json::from_str(&get(&c, proxy.admin_url("/config")).await.body).unwrap();
+    assert_eq!(shown, cfg);
+    assert_eq!(get(&c, format!("http://{o}/")).await.status, 200);
+    assert_eq!(
+        proxy
+            .metric(r#"weir_config_reloads_total{result="failure"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"weir_config_reloads_total{result="success"}"#)
+            .await,
+        1.0
+    );
+
+    // Removing the dependency stops its listener.
+    let mut fewer = cfg.clone();
+    fewer.outbound.clear();
+    proxy.write_config(&serde_json::to_string(&fewer).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(o).await.is_ok() {
+        assert!(Instant::now() < deadline, "listener still accepting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_then_exits_0() {
+    let app = upstream(|_, _| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        respond(200, "finished")
+    })
+    .await;
+    let mut cfg = base_config(app.addr);
+    cfg.shutdown_grace_ms = 5_000;
+    let mut proxy = Proxy::start(cfg).await;
+    let c = client();
+    let inflight = tokio::spawn({
+        let (c, u) = (c.clone(), proxy.inbound_url("/"));
+        async move { get(&c, u).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.sigterm();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No longer accepting.
+    let refused = tokio::net::TcpStream::connect(proxy.config.inbound.listen).await;
+    assert!(
+        refused.is_err(),
+        "new connections are refused while draining"
+    );
+    let a = inflight.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, "finished");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_up_after_the_grace_period() {
+    let app = upstream(|_, _| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        respond(200, "never")
+    })
+    .await;
+    let mut cfg = base_config(app.addr);
+    cfg.inbound.timeout_ms = 60_000;
+    cfg.shutdown_grace_ms = 300;
+    let mut proxy = Proxy::start(cfg).await;
+    let c = client();
+    let u = proxy.inbound_url("/");
+    let _hanging = tokio::spawn(async move {
+        c.request(Request::get(u).body(Full::default()).unwrap())
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    proxy.sigterm();
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+// --- OTLP -----------------------------------------------------------------------------------
+
+/// A protobuf field: number and value (varint, fixed64 or bytes).
+#[derive(Debug, Clone)]
+enum Val {
+    Int(u64),
+    Bytes(Vec<u8>),
+}
+
+/// Decodes one protobuf message level (wire types 0, 1, 2, 5).
+fn fields(mut b: &[u8]) -> Vec<(u32, Val)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = b[0];
+            *b = &b[1..];
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                break;
+            }
+        }
+        v
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        let (field, wire) = ((key >> 3) as u32, key & 7);
+        let v = match wire {
+            0 => Val::Int(varint(&mut b)),
+            1 => {
+                let v = u64::from_le_bytes(b[..8].try_into().unwrap());
+                b = &b[8..];
+                Val::Int(v)
+            }
+            2 => {
+                let n = varint(&mut b) as usize;
+                let v = b[..n].to_vec();
+                b = &b[n..];
+                Val::Bytes(v)
+            }
+            5 => {
+                let v = u32::from_le_bytes(b[..4].try_into().unwrap());
+                b = &b[4..];
+                Val::Int(u64::from(v))
+            }
+            w => panic!("unexpected wire type {w}"),
+        };
+        out.push((field, v));
+    }
+    out
+}
+
+fn bytes_of(fs: &[(u32, Val)], n: u32) -> Vec<Vec<u8>> {
+    fs.iter()
+        .filter_map(|(f, v)| match v {
+            Val::Bytes(b) if *f == n => Some(b.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn int_of(fs: &[(u32, Val)], n: u32) -> Option<u64> {
+    fs.iter().find_map(|(f, v)| match v {
+        Val::Int(i) if *f == n => Some(*i),
+        _ => None,
+    })
+}
+
+/// `KeyValue` list to (key, string or int value).
+fn attrs(fs: &[(u32, Val)], n: u32) -> Vec<(String, String)> {
+    bytes_of(fs, n)
+        .iter()
+        .map(|kv| {
+            let kv = fields(kv);
+            let key = String::from_utf8(bytes_of(&kv, 1)[0].clone()).unwrap();
+            let any = fields(&bytes_of(&kv, 2)[0]);
+            let val = match (bytes_of(&any, 1).first(), int_of(&any, 3)) {
+                (Some(s), _) => String::from_utf8(s.clone()).unwrap(),
+                (None, Some(i)) => i.to_string(),
+                _ => String::new(),
+            };
+            (key, val)
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+struct Span {
+    trace_id: String,
+    parent: String,
+    kind: u64,
+    name: String,
+    attrs: Vec<(String, String)>,
+    service: String,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn decode_export(body: &[u8]) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for rs in bytes_of(&fields(body), 1) {
+        let rs = fields(&rs);
+        let resource = fields(&bytes_of(&rs, 1)[0]);
+        let service = attrs(&resource, 1)
+            .into_iter()
+            .find(|(k, _)| k == "service.name")
+            .unwrap()
+            .1;
+        for ss in bytes_of(&rs, 2) {
+            let ss = fields(&ss);
+            for sp in bytes_of(&ss, 2) {
+                let sp = fields(&sp);
+                let start = int_of(&sp, 7).unwrap();
+                let end = int_of(&sp, 8).unwrap();
+                assert!(
+                    end >= start && start > 1_600_000_000_000_000_000,
+                    "unix nanos"
+                );
+                spans.push(Span {
+                    trace_id: hex(&bytes_of(&sp, 1)[0]),
+                    parent: bytes_of(&sp, 4).first().map(|p| hex(p)).unwrap_or_default(),
+                    kind: int_of(&sp, 6).unwrap(),
+                    name: String::from_utf8(bytes_of(&sp, 5)[0].clone()).unwrap(),
+                    attrs: attrs(&sp, 9),
+                    service: service.clone(),
+                });
+            }
+        }
+    }
+    spans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_http_in_batches() {
+    type Exports = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+    let received: Exports = Arc::new(Mutex::new(Vec::new()));
+    let r2 = received.clone();
+    let collector = upstream(move |req, _| {
+        let r2 = r2.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let ct = req
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+            r2.lock().unwrap().push((path, ct, body));
+            respond(200, "")
+        }
+    })
+    .await;
+    let users = upstream(|_, _| async { respond(503, "down") }).await;
+    let app = upstream(|_, _| async { respond(200, "app") }).await;
+    let mut cfg = base_config(app.addr);
+    cfg.tracing.otlp_endpoint = Some(collector.url());
+    cfg.tracing.sampling_ratio = 1.0;
+    cfg.outbound.push(dependency("users", users.url()));
+    let proxy = Proxy::start(cfg).await;
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(get(&c, proxy.inbound_url("/orders/1")).await.status, 200);
+    }
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let a = send(
+        &c,
+        Request::get(proxy.outbound_url("users", "/u"))
+            .header("traceparent", tp)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, 503);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let got: Vec<Span> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, _, b)| decode_export(b))
+            .collect();
+        if got.len() >= 6 {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "spans received: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    {
+        let r = received.lock().unwrap();
+        assert!(
+            r.iter()
+                .all(|(p, ct, _)| p == "/v1/traces" && ct == "application/x-protobuf")
+        );
+        assert!(
+            r.len() < 6,
+            "batched: {} requests for {} spans",
+            r.len(),
+            spans.len()
+        );
+    }
+    let server: Vec<&Span> = spans.iter().filter(|s| s.kind == 2).collect();
+    assert_eq!(server.len(), 5);
+    assert!(
+        server
+            .iter()
+            .all(|s| s.service == "orders" && s.name == "GET" && s.parent.is_empty())
+    );
+    assert!(
+        server[0]
+            .attrs
+            .contains(&("url.path".into(), "/orders/1".into()))
+    );
+    assert!(
+        server[0]
+            .attrs
+            .contains(&("http.response.status_code".into(), "200".into()))
+    );
+    let client_span = spans.iter().find(|s| s.kind == 3).unwrap();
+    assert_eq!(
+        client_span.trace_id, "0af7651916cd43dd8448eb211c80319c",
+        "continued trace"
+    );
+    assert_eq!(
+        client_span.parent, "b7ad6b7169203331",
+        "child of the caller's span"
+    );
+    assert_eq!(client_span.name, "GET users");
+    assert!(
+        client_span
+            .attrs
+            .contains(&("http.response.status_code".into(), "503".into()))
+    );
+    assert!(proxy.metric("weir_spans_exported_total").await >= 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_ratio_zero_exports_only_sampled_parents() {
+    let received = Arc::new(Mutex::new(0usize));
+    let r2 = received.clone();
+    let collector = upstream(move |req, _| {
+        let r2 = r2.clone();
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            *r2.lock().unwrap() += decode_export(&body).len();
+            respond(200, "")
+        }
+    })
+    .await;
+    let app = upstream(|_, _| async { respond(200, "app") }).await;
+    let mut cfg = base_config(app.addr);
+    cfg.tracing.otlp_endpoint = Some(collector.url());
+    cfg.tracing.sampling_ratio = 0.0;
+    let proxy = Proxy::start(cfg).await;
+    let c = client();
+    for _ in 0..10 {
+        get(&c, proxy.inbound_url("/")).await;
+    }
+    // A caller that sampled its trace is respected.
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    send(
+        &c,
+        Request::get(proxy.inbound_url("/"))
+            .header("traceparent", tp)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(*received.lock().unwrap(), 1);
+}
