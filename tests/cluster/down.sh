@@ -9,6 +9,9 @@
 # Safe to run when nothing is up.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ $(id -u) == 0 ]] || die "must run as root"
+mkdir -p "$WEIR_CLUSTER_CACHE"
+exec 9>"$WEIR_CLUSTER_CACHE/.lock"
+flock -w 600 9 || die "another up.sh/down.sh holds $WEIR_CLUSTER_CACHE/.lock"
 log "tearing down the test cluster"
 cleanup_node
 log "done"

@@ -66,7 +66,8 @@ start_component() {
   mkdir -p "$RUN" "$LOGS"
   # AWS_EC2_METADATA_DISABLED: kubelet's in-tree ECR credential provider would
   # otherwise ask the EC2 metadata address (169.254.169.254) for credentials.
-  AWS_EC2_METADATA_DISABLED=true setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  # fd 9 (up.sh's lock) is not passed on.
+  AWS_EC2_METADATA_DISABLED=true setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null 9>&- &
   local pid=$!
   sleep 0.1
   echo "$pid $(pid_starttime "$pid")" > "$RUN/$name.pid"
@@ -137,7 +138,7 @@ unmount_below() {
   done
 }
 
-# Remove the KUBE-* and CNI-* chains (and the rules that jump to them) from
+# Remove the KUBE-*, CNI-* and WEIR-TEST-* chains (and the rules that jump to them) from
 # every table, for IPv4 and IPv6. kube-proxy --cleanup leaves some; kubelet
 # makes KUBE-FIREWALL, KUBE-MARK-* and KUBE-KUBELET-CANARY in both families.
 delete_kube_chains() {
@@ -148,12 +149,12 @@ delete_kube_chains() {
       "$cmd"-save -t "$t" >/dev/null 2>&1 || continue
       while read -r rule; do
         eval "$cmd -w -t $t ${rule/#-A/-D}" 2>/dev/null || true
-      done < <("$cmd"-save -t "$t" | grep -E '^-A ' | grep -E -- '-j (KUBE-|CNI-)|-g (KUBE-|CNI-)' \
-                 | grep -vE '^-A (KUBE-|CNI-)')
-      for c in $("$cmd"-save -t "$t" | awk '/^:(KUBE-|CNI-)/ {print substr($1, 2)}'); do
+      done < <("$cmd"-save -t "$t" | grep -E '^-A ' | grep -E -- '-j (KUBE-|CNI-|WEIR-TEST-)|-g (KUBE-|CNI-|WEIR-TEST-)' \
+                 | grep -vE '^-A (KUBE-|CNI-|WEIR-TEST-)')
+      for c in $("$cmd"-save -t "$t" | awk '/^:(KUBE-|CNI-|WEIR-TEST-)/ {print substr($1, 2)}'); do
         "$cmd" -w -t "$t" -F "$c" 2>/dev/null || true
       done
-      for c in $("$cmd"-save -t "$t" | awk '/^:(KUBE-|CNI-)/ {print substr($1, 2)}'); do
+      for c in $("$cmd"-save -t "$t" | awk '/^:(KUBE-|CNI-|WEIR-TEST-)/ {print substr($1, 2)}'); do
         "$cmd" -w -t "$t" -X "$c" 2>/dev/null || true
       done
     done

@@ -9,7 +9,11 @@
 #   WEIR_CLUSTER_STATE (runtime state, default /var/lib/weir-cluster).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ $(id -u) == 0 ]] || die "must run as root"
+command -v kubectl >/dev/null || die "kubectl is needed on PATH"
 T0=$SECONDS
+mkdir -p "$WEIR_CLUSTER_CACHE"
+exec 9>"$WEIR_CLUSTER_CACHE/.lock"
+flock -w 1800 9 || die "another up.sh/down.sh holds $WEIR_CLUSTER_CACHE/.lock"
 
 kc() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
@@ -258,7 +262,10 @@ JSON
 ip link add "$BRIDGE" type bridge
 ip addr add "$DNS_IP/16" dev "$BRIDGE"
 ip link set "$BRIDGE" up
-start_component containerd /usr/bin/containerd --config "$STATE/containerd/config.toml"
+# No image ever comes from outside: a pull of an image that was not imported
+# goes to a proxy address where nothing listens and fails at once.
+start_component containerd env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+  /usr/bin/containerd --config "$STATE/containerd/config.toml"
 wait_for containerd 30 ctr version || fail_with_log containerd "containerd did not start"
 
 log "importing the pause image ($PAUSE_IMAGE)"
@@ -333,6 +340,12 @@ start_component kube-proxy "$BIN/kube-proxy" \
   --nodeport-addresses "$NODE_IP/32" \
   --conntrack-max-per-core 0 --conntrack-tcp-timeout-established 0 --conntrack-tcp-timeout-close-wait 0 \
   --profiling=false --v 1
+
+# Pods reach only the node and other pods: anything forwarded from the pod
+# bridge to another interface is rejected (there is no masquerading either).
+iptables -w -N WEIR-TEST-EGRESS
+iptables -w -A WEIR-TEST-EGRESS -j REJECT --reject-with icmp-admin-prohibited
+iptables -w -I FORWARD 1 -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment "weir test cluster: pods stay inside" -j WEIR-TEST-EGRESS
 
 # ---------------------------------------------------------------- checks
 log "waiting for node $NODE_NAME to be Ready"
