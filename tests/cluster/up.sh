@@ -9,7 +9,6 @@
 #   WEIR_CLUSTER_STATE (runtime state, default /var/lib/weir-cluster).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ $(id -u) == 0 ]] || die "must run as root"
-command -v kubectl >/dev/null || die "kubectl is needed on PATH"
 T0=$SECONDS
 mkdir -p "$WEIR_CLUSTER_CACHE"
 exec 9>"$WEIR_CLUSTER_CACHE/.lock"
@@ -38,6 +37,8 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+# Any kubectl will do (the machine's 1.32 warns about the skew); without one, Debian's.
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
 # deb-src lines mirroring the machine's own Debian deb sources, for `apt-get source kubernetes`.
 SRC_LIST=/etc/apt/sources.list.d/weir-cluster-src.sources
 if [[ -z "$(k8s_source_version)" ]]; then
@@ -69,6 +70,7 @@ if (( ${#missing[@]} )) || $need_update; then
   fi
 fi
 [[ -n "$(k8s_source_version)" ]] || die "no source package 'kubernetes' known to apt (see $SRC_LIST)"
+command -v kubectl >/dev/null || die "no kubectl on PATH"
 
 # ---------------------------------------------------------------- leftovers
 log "clearing what an earlier run left (processes, mounts, chains, state)"
@@ -98,7 +100,8 @@ log "certificates and service-account key (openssl)"
 (
   cd "$PKI"
   umask 077
-  newkey() { openssl ecparam -name prime256v1 -genkey -noout -out "$1.key" 2>/dev/null; }
+  # ECDSA P-256 keys in PKCS#8 form (what Go, rustls and OpenSSL clients all read)
+  newkey() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null; }
   newkey ca
   openssl req -x509 -new -key ca.key -subj "/CN=weir-test-cluster-ca" -days 3650 -out ca.crt \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
