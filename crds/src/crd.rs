@@ -28,6 +28,43 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     crds
 }
 
+/// The CRDs as an API server of version 1.`minor` accepts them. CEL rules
+/// (`x-kubernetes-validations`) exist from 1.25 and their `fieldPath` from 1.28; a server-side
+/// apply to an older server refuses fields it does not know, so they are left out (the operator
+/// checks the same rules itself and reports violations in status).
+pub fn all_for_server(minor: u32) -> Vec<CustomResourceDefinition> {
+    let mut crds = all();
+    for crd in &mut crds {
+        for v in &mut crd.spec.versions {
+            if let Some(s) = v
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                downgrade(s, minor);
+            }
+        }
+    }
+    crds
+}
+
+fn downgrade(s: &mut JSONSchemaProps, minor: u32) {
+    if minor < 25 {
+        s.x_kubernetes_validations = None;
+    } else if minor < 28 {
+        for rule in s.x_kubernetes_validations.iter_mut().flatten() {
+            rule.field_path = None;
+            rule.reason = None;
+        }
+    }
+    for p in s.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        downgrade(p, minor);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = s.items.as_mut() {
+        downgrade(items, minor);
+    }
+}
+
 /// Duration strings get a maximum length: the apiserver bounds the cost of CEL rules (such as
 /// `duration(self.max) >= duration(self.base)`) by the longest string a field may hold.
 fn bound_durations(s: &mut JSONSchemaProps) {
@@ -164,6 +201,17 @@ mod tests {
                 file_name(&crd)
             );
         }
+    }
+
+    #[test]
+    fn old_servers_get_crds_without_cel() {
+        let text = |crds: Vec<CustomResourceDefinition>| serde_json::to_string(&crds).unwrap();
+        assert!(text(all()).contains("x-kubernetes-validations"));
+        assert!(text(all()).contains(r#""fieldPath":"."#));
+        assert!(!text(all_for_server(20)).contains("x-kubernetes-validations"));
+        let v127 = text(all_for_server(27));
+        assert!(v127.contains("x-kubernetes-validations") && !v127.contains(r#""fieldPath":"."#));
+        assert_eq!(text(all_for_server(33)), text(all()));
     }
 
     #[test]

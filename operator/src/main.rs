@@ -28,6 +28,10 @@ enum Command {
         /// Write one file per CRD into this directory instead of printing.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Target Kubernetes version (e.g. 1.20): leaves out what it does not know (CEL rules
+        /// before 1.25, their fieldPath before 1.28). Default: everything.
+        #[arg(long, value_parser = parse_kube_version)]
+        kube_version: Option<u32>,
     },
 }
 
@@ -61,18 +65,41 @@ fn main() -> ExitCode {
             }
         },
         Command::Render(args) => render_cmd(args),
-        Command::Crd { out_dir } => crd_cmd(out_dir),
+        Command::Crd {
+            out_dir,
+            kube_version,
+        } => crd_cmd(out_dir, kube_version),
     }
 }
 
-fn crd_cmd(out_dir: Option<PathBuf>) -> ExitCode {
+/// `1.20` → 20 (the minor version; Weir supports Kubernetes 1.x).
+fn parse_kube_version(s: &str) -> Result<u32, String> {
+    let s = s.trim_start_matches('v');
+    let (major, minor) = s.split_once('.').ok_or("expected MAJOR.MINOR, e.g. 1.20")?;
+    if major != "1" {
+        return Err(format!("unsupported Kubernetes major version {major}"));
+    }
+    minor
+        .split('.')
+        .next()
+        .unwrap_or(minor)
+        .parse()
+        .map_err(|_| format!("bad minor version {minor:?}"))
+}
+
+fn crd_cmd(out_dir: Option<PathBuf>, kube_version: Option<u32>) -> ExitCode {
+    let crds = match kube_version {
+        Some(minor) => weir_crds::crd::all_for_server(minor),
+        None => weir_crds::crd::all(),
+    };
     match out_dir {
         None => {
-            print!("{}", weir_crds::crd::all_yaml());
+            let docs: Vec<String> = crds.iter().map(weir_crds::crd::to_yaml).collect();
+            print!("{}", docs.join("---\n"));
             ExitCode::SUCCESS
         }
         Some(dir) => {
-            for crd in weir_crds::crd::all() {
+            for crd in crds {
                 let path = dir.join(weir_crds::crd::file_name(&crd));
                 if let Err(e) = std::fs::write(&path, weir_crds::crd::to_yaml(&crd)) {
                     eprintln!("weir crd: cannot write {}: {e}", path.display());

@@ -20,7 +20,9 @@ fn enabled() -> bool {
     if std::env::var("WEIR_E2E").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!("SKIPPED: the end-to-end suite needs a cluster: set WEIR_E2E=1 and KUBECONFIG (see tests/README.md)");
+    eprintln!(
+        "SKIPPED: the end-to-end suite needs a cluster: set WEIR_E2E=1 and KUBECONFIG (see tests/README.md)"
+    );
     false
 }
 
@@ -63,20 +65,35 @@ impl Drop for Operator {
     }
 }
 
-async fn install_crds(client: &Client) -> Result<()> {
+async fn install_crds(client: &Client, minor: u32) -> Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in weir_crds::crd::all() {
+    for crd in weir_crds::crd::all_for_server(minor) {
         let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd)).await.with_context(|| format!("apply CRD {name}"))?;
-        wait_for(&format!("CRD {name} established"), Duration::from_secs(30), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let c = crds.get(&name).await?;
-                let ok = c.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(ok.then_some(()))
-            }
-        })
+        crds.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("apply CRD {name}"))?;
+        wait_for(
+            &format!("CRD {name} established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let c = crds.get(&name).await?;
+                    let ok = c
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    Ok(ok.then_some(()))
+                }
+            },
+        )
         .await?;
     }
     Ok(())
@@ -92,26 +109,46 @@ fn start_operator(namespace: &str, legacy: bool) -> Result<Operator> {
         eprintln!("  using the operator that runs in the cluster");
         return Ok(Operator(None));
     }
-    let bin = std::env::var("WEIR_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weir")
-    });
+    let bin = std::env::var("WEIR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weir"));
     if !bin.exists() {
-        bail!("{} not found: run `cargo build -p weir` first or set WEIR_BIN", bin.display());
+        bail!(
+            "{} not found: run `cargo build -p weir` first or set WEIR_BIN",
+            bin.display()
+        );
     }
     let mut cmd = Command::new(&bin);
-    cmd.args(["operator", "--watch-namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--log-text"])
-        .args(["--proxy-image", &env_or("WEIR_E2E_PROXY_IMAGE", "ghcr.io/weir-dev/weir-proxy:0.1.0")])
-        .args(["--proxy-image-pull-policy", &env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent")])
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "operator",
+        "--watch-namespace",
+        namespace,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log-text",
+    ])
+    .args([
+        "--proxy-image",
+        &env_or("WEIR_E2E_PROXY_IMAGE", "ghcr.io/weir-dev/weir-proxy:0.1.0"),
+    ])
+    .args([
+        "--proxy-image-pull-policy",
+        &env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"),
+    ])
+    .stdout(Stdio::inherit())
+    .stderr(Stdio::inherit());
     if legacy {
         cmd.arg("--legacy-sidecar");
     }
-    Ok(Operator(Some(cmd.spawn().with_context(|| format!("start {}", bin.display()))?)))
+    Ok(Operator(Some(
+        cmd.spawn()
+            .with_context(|| format!("start {}", bin.display()))?,
+    )))
 }
 
 fn example(name: &str, app_image: &str, pull: &str) -> Result<Microservice> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/hello/{name}.yaml"));
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/hello/{name}.yaml"));
     let mut ms: Microservice = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
     ms.spec.image = app_image.to_string();
     ms.spec.image_pull_policy = Some(pull.to_string());
@@ -121,7 +158,12 @@ fn example(name: &str, app_image: &str, pull: &str) -> Result<Microservice> {
 }
 
 fn condition(ms: &Microservice, type_: &str) -> Option<(String, String, String)> {
-    ms.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    ms.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,12 +175,25 @@ async fn microservice_lifecycle_on_a_real_cluster() -> Result<()> {
     let minor = server_minor(&client).await?;
     let legacy = minor < 29;
     let pods = std::env::var("WEIR_E2E_PODS").as_deref() == Ok("1");
-    eprintln!("cluster 1.{minor}: {} sidecar; pods {}", if legacy { "legacy" } else { "native" }, if pods { "expected to run" } else { "not awaited" });
+    eprintln!(
+        "cluster 1.{minor}: {} sidecar; pods {}",
+        if legacy { "legacy" } else { "native" },
+        if pods {
+            "expected to run"
+        } else {
+            "not awaited"
+        }
+    );
 
-    install_crds(&client).await?;
+    install_crds(&client, minor).await?;
     let ns = format!("weir-e2e-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?).await?;
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await?;
     let result = run_suite(&client, &ns, legacy, pods).await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
     result
@@ -156,18 +211,26 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
 
     // orders first: its dependency is missing until users arrives.
     let orders = example("orders", &app_image, &pull)?;
-    mss.patch("orders", &PatchParams::apply(MANAGER), &Patch::Apply(&orders)).await?;
+    mss.patch(
+        "orders",
+        &PatchParams::apply(MANAGER),
+        &Patch::Apply(&orders),
+    )
+    .await?;
     wait_for("orders reports DependencyNotFound: users", long, || {
         let mss = mss.clone();
         async move {
             let ms = mss.get("orders").await?;
-            Ok(condition(&ms, "Degraded").filter(|(s, r, m)| s == "True" && r == "DependencyNotFound" && m.contains("users")).map(|_| ()))
+            Ok(condition(&ms, "Degraded")
+                .filter(|(s, r, m)| s == "True" && r == "DependencyNotFound" && m.contains("users"))
+                .map(|_| ()))
         }
     })
     .await?;
 
     let users = example("users", &app_image, &pull)?;
-    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users)).await?;
+    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users))
+        .await?;
 
     for name in ["orders", "users"] {
         let ms = mss.get(name).await?;
@@ -177,17 +240,31 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
             async move { Ok(deps.get_opt(name).await?) }
         })
         .await?;
-        let owner = &d.metadata.owner_references.as_ref().context("owner references")?[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Microservice", uid.as_str()));
+        let owner = &d
+            .metadata
+            .owner_references
+            .as_ref()
+            .context("owner references")?[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Microservice", uid.as_str())
+        );
         let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let has_proxy = if legacy {
             pod.containers.iter().any(|c| c.name == "weir-proxy")
         } else {
-            pod.init_containers.as_ref().is_some_and(|i| i.iter().any(|c| c.name == "weir-proxy" && c.restart_policy.as_deref() == Some("Always")))
+            pod.init_containers.as_ref().is_some_and(|i| {
+                i.iter().any(|c| {
+                    c.name == "weir-proxy" && c.restart_policy.as_deref() == Some("Always")
+                })
+            })
         };
         assert!(has_proxy, "{name}: weir-proxy sidecar in the pod template");
         assert!(svcs.get_opt(name).await?.is_some(), "Service {name}");
-        assert!(cms.get_opt(&format!("{name}-weir-proxy")).await?.is_some(), "ConfigMap {name}-weir-proxy");
+        assert!(
+            cms.get_opt(&format!("{name}-weir-proxy")).await?.is_some(),
+            "ConfigMap {name}-weir-proxy"
+        );
     }
 
     // Status catches up with the spec: observedGeneration, and the dependency now resolved.
@@ -196,7 +273,9 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
         async move {
             let ms = mss.get("orders").await?;
             let st = ms.status.clone().unwrap_or_default();
-            Ok((st.observed_generation == ms.metadata.generation && st.dependency_summary.as_deref() == Some("1/1")).then_some(()))
+            Ok((st.observed_generation == ms.metadata.generation
+                && st.dependency_summary.as_deref() == Some("1/1"))
+            .then_some(()))
         }
     })
     .await?;
@@ -204,7 +283,11 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
         for name in ["users", "orders"] {
             wait_for(&format!("{name} Ready=True"), long, || {
                 let mss = mss.clone();
-                async move { Ok(condition(&mss.get(name).await?, "Ready").filter(|(s, _, _)| s == "True").map(|_| ())) }
+                async move {
+                    Ok(condition(&mss.get(name).await?, "Ready")
+                        .filter(|(s, _, _)| s == "True")
+                        .map(|_| ()))
+                }
             })
             .await?;
         }
@@ -213,24 +296,44 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
     // Edit: a new dependency timeout changes the sidecar config, hence the pod template hash.
     let before = deps.get("orders").await?;
     let hash_of = |d: &Deployment| {
-        d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("weir.dev/config-hash").cloned())
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("weir.dev/config-hash").cloned())
     };
     let old_hash = hash_of(&before).context("config hash annotation")?;
     let mut edited = example("orders", &app_image, &pull)?;
     edited.spec.dependencies[0].timeout = "750ms".into();
-    mss.patch("orders", &PatchParams::apply(MANAGER), &Patch::Apply(&edited)).await?;
+    mss.patch(
+        "orders",
+        &PatchParams::apply(MANAGER),
+        &Patch::Apply(&edited),
+    )
+    .await?;
     let new_gen = mss.get("orders").await?.metadata.generation;
-    wait_for("edit rolled into the Deployment and the ConfigMap", long, || {
-        let deps = deps.clone();
-        let cms = cms.clone();
-        let old_hash = old_hash.clone();
-        async move {
-            let d = deps.get("orders").await?;
-            let cm = cms.get("orders-weir-proxy").await?;
-            let cfg = cm.data.unwrap_or_default().get("proxy.json").cloned().unwrap_or_default();
-            Ok((hash_of(&d).is_some_and(|h| h != old_hash) && cfg.contains("\"timeoutMs\": 750")).then_some(()))
-        }
-    })
+    wait_for(
+        "edit rolled into the Deployment and the ConfigMap",
+        long,
+        || {
+            let deps = deps.clone();
+            let cms = cms.clone();
+            let old_hash = old_hash.clone();
+            async move {
+                let d = deps.get("orders").await?;
+                let cm = cms.get("orders-weir-proxy").await?;
+                let cfg = cm
+                    .data
+                    .unwrap_or_default()
+                    .get("proxy.json")
+                    .cloned()
+                    .unwrap_or_default();
+                Ok((hash_of(&d).is_some_and(|h| h != old_hash)
+                    && cfg.contains("\"timeoutMs\": 750"))
+                .then_some(()))
+            }
+        },
+    )
     .await?;
     wait_for("orders observedGeneration follows the edit", long, || {
         let mss = mss.clone();
@@ -241,15 +344,19 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
     })
     .await?;
     if pods {
-        wait_for("orders rollout finished (Progressing=False, Ready=True)", long, || {
-            let mss = mss.clone();
-            async move {
-                let ms = mss.get("orders").await?;
-                let done = condition(&ms, "Progressing").is_some_and(|(s, _, _)| s == "False")
-                    && condition(&ms, "Ready").is_some_and(|(s, _, _)| s == "True");
-                Ok(done.then_some(()))
-            }
-        })
+        wait_for(
+            "orders rollout finished (Progressing=False, Ready=True)",
+            long,
+            || {
+                let mss = mss.clone();
+                async move {
+                    let ms = mss.get("orders").await?;
+                    let done = condition(&ms, "Progressing").is_some_and(|(s, _, _)| s == "False")
+                        && condition(&ms, "Ready").is_some_and(|(s, _, _)| s == "True");
+                    Ok(done.then_some(()))
+                }
+            },
+        )
         .await?;
     }
 
@@ -257,27 +364,51 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
     svcs.delete("users", &DeleteParams::default()).await?;
     wait_for("Service users recreated", long, || {
         let svcs = svcs.clone();
-        async move { Ok(svcs.get_opt("users").await?.filter(|s| s.metadata.deletion_timestamp.is_none()).map(|_| ())) }
+        async move {
+            Ok(svcs
+                .get_opt("users")
+                .await?
+                .filter(|s| s.metadata.deletion_timestamp.is_none())
+                .map(|_| ()))
+        }
     })
     .await?;
-    deps.patch("users", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}}))).await?;
-    wait_for("Deployment users scaled back to the spec's 2 replicas", long, || {
-        let deps = deps.clone();
-        async move { Ok((deps.get("users").await?.spec.and_then(|s| s.replicas) == Some(2)).then_some(())) }
-    })
+    deps.patch(
+        "users",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 5}})),
+    )
+    .await?;
+    wait_for(
+        "Deployment users scaled back to the spec's 2 replicas",
+        long,
+        || {
+            let deps = deps.clone();
+            async move {
+                Ok(
+                    (deps.get("users").await?.spec.and_then(|s| s.replicas) == Some(2))
+                        .then_some(()),
+                )
+            }
+        },
+    )
     .await?;
 
     // Deleting the Microservice garbage-collects its children.
     mss.delete("users", &DeleteParams::foreground()).await?;
-    wait_for("users' Deployment, Service and ConfigMap collected", long, || {
-        let (deps, svcs, cms) = (deps.clone(), svcs.clone(), cms.clone());
-        async move {
-            let gone = deps.get_opt("users").await?.is_none()
-                && svcs.get_opt("users").await?.is_none()
-                && cms.get_opt("users-weir-proxy").await?.is_none();
-            Ok(gone.then_some(()))
-        }
-    })
+    wait_for(
+        "users' Deployment, Service and ConfigMap collected",
+        long,
+        || {
+            let (deps, svcs, cms) = (deps.clone(), svcs.clone(), cms.clone());
+            async move {
+                let gone = deps.get_opt("users").await?.is_none()
+                    && svcs.get_opt("users").await?.is_none()
+                    && cms.get_opt("users-weir-proxy").await?.is_none();
+                Ok(gone.then_some(()))
+            }
+        },
+    )
     .await?;
     Ok(())
 }
