@@ -5,6 +5,7 @@ pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod forward;
+pub mod fuzzing;
 pub mod layers;
 pub mod metrics;
 pub mod otlp;

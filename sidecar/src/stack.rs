@@ -250,7 +250,9 @@ pub fn build(
                     .as_ref()
                     .map(|(_, b)| BreakerLayer::new(b.clone())),
             )
-            .layer(AttemptTimeoutLayer)
+            // Only the breaker needs to see a timed-out attempt; without one the outer timeout
+            // alone answers 504 (one timer per request instead of two).
+            .option_layer(st.breaker.as_ref().map(|_| AttemptTimeoutLayer))
             .service(Forward::new(
                 env.client.clone(),
                 target,
