@@ -1,5 +1,8 @@
 //! The Weir operator and command-line tool.
 
 pub mod manifest;
+pub mod messaging;
 pub mod operator;
 pub mod render;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -1,0 +1,462 @@
+//! Dead letters of a Queue (docs/messaging.md): list them with their reason, show one, and
+//! replay chosen ones (or all) back onto the queue after a fix. `weir dlq` runs these.
+
+use super::{Broker, Credentials, Error, dead_letter_stream_name, map_err};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use std::process::ExitCode;
+
+pub const H_ORIGINAL_SUBJECT: &str = "Weir-Original-Subject";
+pub const H_ORIGINAL_SEQ: &str = "Weir-Original-Seq";
+pub const H_CONSUMER: &str = "Weir-Consumer";
+pub const H_DELIVERY_COUNT: &str = "Weir-Delivery-Count";
+pub const H_REASON: &str = "Weir-Reason";
+pub const H_LAST_ERROR: &str = "Weir-Last-Error";
+pub const H_DEAD_LETTERED_AT: &str = "Weir-Dead-Lettered-At";
+pub const H_MSG_ID: &str = "Nats-Msg-Id";
+
+/// One message of a dead-letter stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Sequence on the dead-letter stream.
+    pub seq: u64,
+    /// Headers in a stable order (name, value).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// When the broker stored it, should `Weir-Dead-Lettered-At` be missing.
+    pub stored_at: String,
+}
+
+impl DeadLetter {
+    /// A header's value, names compared without case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn event_id(&self) -> Option<&str> {
+        self.header("ce-id")
+    }
+    pub fn reason(&self) -> &str {
+        self.header(H_REASON).unwrap_or("-")
+    }
+    pub fn time(&self) -> &str {
+        self.header(H_DEAD_LETTERED_AT).unwrap_or(&self.stored_at)
+    }
+}
+
+fn headers_of(map: &HeaderMap) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = map
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The broker's timestamp as text (the type depends on async-nats features, so only Display).
+fn stored_time(t: &impl std::fmt::Display) -> String {
+    t.to_string()
+}
+
+/// Reads the dead letter at `seq`; `None` when there is none (deleted or never there).
+pub async fn get(
+    broker: &Broker,
+    namespace: &str,
+    queue: &str,
+    seq: u64,
+) -> Result<Option<DeadLetter>, Error> {
+    let name = dead_letter_stream_name(namespace, queue);
+    let stream = broker
+        .jetstream()
+        .get_stream_no_info(&name)
+        .await
+        .map_err(map_err(format!("stream {name}")))?;
+    match stream.get_raw_message(seq).await {
+        Ok(m) => Ok(Some(DeadLetter {
+            seq: m.sequence,
+            headers: headers_of(&m.headers),
+            body: m.payload,
+            stored_at: stored_time(&m.time),
+        })),
+        Err(e) => {
+            let mapped = map_err(format!("message {seq} of stream {name}"))(e);
+            // 10037: no message found.
+            if mapped.code() == Some(10037) {
+                Ok(None)
+            } else {
+                Err(mapped)
+            }
+        }
+    }
+}
+
+/// Every dead letter of the Queue, oldest first.
+pub async fn list(broker: &Broker, namespace: &str, queue: &str) -> Result<Vec<DeadLetter>, Error> {
+    let name = dead_letter_stream_name(namespace, queue);
+    let mut stream = broker
+        .jetstream()
+        .get_stream(&name)
+        .await
+        .map_err(map_err(format!("stream {name}")))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(map_err(format!("stream {name}")))?
+        .state
+        .clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Some(d) = get(broker, namespace, queue, seq).await? {
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Republishes a dead letter on its original subject (original body, `ce-*`, `traceparent`
+/// and `content-type` headers, `Nats-Msg-Id: <event id>:replay:<dlq seq>`), waits for the
+/// stream's acknowledgement, then deletes the dead letter. Returns the new stream sequence.
+pub async fn replay_one(
+    broker: &Broker,
+    namespace: &str,
+    queue: &str,
+    d: &DeadLetter,
+) -> Result<u64, Error> {
+    let subject = d.header(H_ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
+        field: format!("dead letter {}", d.seq),
+        message: format!("has no {H_ORIGINAL_SUBJECT} header"),
+    })?;
+    let event_id = d.event_id().ok_or_else(|| Error::Invalid {
+        field: format!("dead letter {}", d.seq),
+        message: "has no ce-id header".into(),
+    })?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in &d.headers {
+        let lower = k.to_ascii_lowercase();
+        if lower.starts_with("ce-")
+            || lower == "traceparent"
+            || lower == "tracestate"
+            || lower == "content-type"
+        {
+            headers.append(k.as_str(), v.as_str());
+        }
+    }
+    headers.insert(H_MSG_ID, format!("{event_id}:replay:{}", d.seq).as_str());
+    let what = format!("replay of dead letter {} on {subject}", d.seq);
+    let ack = broker
+        .jetstream()
+        .publish_with_headers(subject.to_string(), headers, d.body.clone())
+        .await
+        .map_err(map_err(what.clone()))?
+        .await
+        .map_err(map_err(what))?;
+    let name = dead_letter_stream_name(namespace, queue);
+    let stream = broker
+        .jetstream()
+        .get_stream_no_info(&name)
+        .await
+        .map_err(map_err(format!("stream {name}")))?;
+    stream
+        .delete_message(d.seq)
+        .await
+        .map_err(map_err(format!("deleting dead letter {} of {name}", d.seq)))?;
+    Ok(ack.sequence)
+}
+
+/// `weir dlq`: inspect and replay a Queue's dead letters.
+#[derive(Args, Debug, Clone)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum DlqCommand {
+    /// List dead letters: sequence, event id, reason, delivery count, time, consumer, last error.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: its headers and body.
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Sequence on the dead-letter stream (from `list`).
+        #[arg(long)]
+        seq: u64,
+    },
+    /// Publish dead letters back onto the queue, then delete them from the dead-letter stream.
+    Replay {
+        #[command(flatten)]
+        target: Target,
+        /// Sequences to replay (repeat the flag for several).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        seq: Vec<u64>,
+        /// Replay every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The Queue's name.
+    pub queue: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Broker URL (e.g. nats://127.0.0.1:4222); by default the Queue's Broker, read from the
+    /// cluster with the current kubeconfig (with its credentials Secret).
+    #[arg(long, env = "WEIR_BROKER_URL")]
+    pub broker_url: Option<String>,
+}
+
+/// Runs `weir dlq`: exit 0 on success, 1 when the broker or the cluster fails, 2 on bad input.
+pub fn run(args: DlqArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weir dlq: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run_async(args))
+}
+
+async fn connect_target(t: &Target) -> Result<Broker, String> {
+    let (url, creds) = match &t.broker_url {
+        Some(u) => (u.clone(), Credentials::None),
+        None => broker_from_cluster(&t.namespace, &t.queue)
+            .await
+            .map_err(|e| format!("{e:#}"))?,
+    };
+    super::connect(&url, &creds)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The URL and credentials of the Queue's Broker, from the cluster.
+async fn broker_from_cluster(
+    namespace: &str,
+    queue: &str,
+) -> anyhow::Result<(String, Credentials)> {
+    use anyhow::Context as _;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::Api;
+    let client = kube::Client::try_default()
+        .await
+        .context("no cluster (pass --broker-url to reach the broker directly)")?;
+    let q = Api::<weir_crds::Queue>::namespaced(client.clone(), namespace)
+        .get(queue)
+        .await
+        .with_context(|| format!("Queue {namespace}/{queue}"))?;
+    let b = Api::<weir_crds::Broker>::namespaced(client.clone(), namespace)
+        .get(&q.spec.broker)
+        .await
+        .with_context(|| format!("Broker {namespace}/{}", q.spec.broker))?;
+    let url = b
+        .spec
+        .url
+        .clone()
+        .with_context(|| format!("Broker {namespace}/{} has no spec.url", q.spec.broker))?;
+    let creds = match &b.spec.credentials_secret {
+        None => Credentials::None,
+        Some(s) => {
+            let secret = Api::<Secret>::namespaced(client, namespace)
+                .get(&s.name)
+                .await
+                .with_context(|| format!("Secret {namespace}/{}", s.name))?;
+            let data = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            Credentials::from_secret_data(&data)?
+        }
+    };
+    Ok((url, creds))
+}
+
+async fn run_async(args: DlqArgs) -> ExitCode {
+    let target = match &args.command {
+        DlqCommand::List { target, .. }
+        | DlqCommand::Show { target, .. }
+        | DlqCommand::Replay { target, .. } => target.clone(),
+    };
+    let broker = match connect_target(&target).await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("weir dlq: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (ns, q) = (target.namespace.as_str(), target.queue.as_str());
+    let fail = |e: Error| {
+        eprintln!("weir dlq: {e}");
+        ExitCode::FAILURE
+    };
+    match args.command {
+        DlqCommand::List { json, .. } => {
+            let letters = match list(&broker, ns, q).await {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            print!("{}", format_list(&letters, json));
+            ExitCode::SUCCESS
+        }
+        DlqCommand::Show { seq, .. } => match get(&broker, ns, q, seq).await {
+            Ok(Some(d)) => {
+                print!("{}", format_show(&d));
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!(
+                    "weir dlq: no dead letter {seq} in {}",
+                    dead_letter_stream_name(ns, q)
+                );
+                ExitCode::from(2)
+            }
+            Err(e) => fail(e),
+        },
+        DlqCommand::Replay { seq, all, .. } => {
+            let chosen = if all {
+                match list(&broker, ns, q).await {
+                    Ok(l) => l,
+                    Err(e) => return fail(e),
+                }
+            } else {
+                let mut v = Vec::new();
+                for s in seq {
+                    match get(&broker, ns, q, s).await {
+                        Ok(Some(d)) => v.push(d),
+                        Ok(None) => {
+                            eprintln!(
+                                "weir dlq: no dead letter {s} in {}",
+                                dead_letter_stream_name(ns, q)
+                            );
+                            return ExitCode::from(2);
+                        }
+                        Err(e) => return fail(e),
+                    }
+                }
+                v
+            };
+            let mut failed = 0;
+            for d in &chosen {
+                match replay_one(&broker, ns, q, d).await {
+                    Ok(new_seq) => println!(
+                        "replayed dead letter {} (event {}) as message {new_seq}",
+                        d.seq,
+                        d.event_id().unwrap_or("-")
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("weir dlq: {e}");
+                    }
+                }
+            }
+            println!("{} replayed, {failed} failed", chosen.len() - failed);
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The `list` output: a table, or JSON lines.
+pub fn format_list(letters: &[DeadLetter], json: bool) -> String {
+    let mut out = String::new();
+    if json {
+        for d in letters {
+            let v = serde_json::json!({
+                "seq": d.seq,
+                "eventId": d.event_id(),
+                "reason": d.header(H_REASON),
+                "deliveryCount": d.header(H_DELIVERY_COUNT).and_then(|c| c.parse::<u64>().ok()),
+                "deadLetteredAt": d.time(),
+                "consumer": d.header(H_CONSUMER),
+                "lastError": d.header(H_LAST_ERROR),
+                "originalSubject": d.header(H_ORIGINAL_SUBJECT),
+                "originalSeq": d.header(H_ORIGINAL_SEQ).and_then(|c| c.parse::<u64>().ok()),
+            });
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+        return out;
+    }
+    let rows: Vec<[String; 7]> = letters
+        .iter()
+        .map(|d| {
+            [
+                d.seq.to_string(),
+                d.event_id().unwrap_or("-").to_string(),
+                d.reason().to_string(),
+                d.header(H_DELIVERY_COUNT).unwrap_or("-").to_string(),
+                d.time().to_string(),
+                d.header(H_CONSUMER).unwrap_or("-").to_string(),
+                d.header(H_LAST_ERROR).unwrap_or("-").replace('\n', " "),
+            ]
+        })
+        .collect();
+    let head = [
+        "SEQ",
+        "EVENT-ID",
+        "REASON",
+        "DELIVERIES",
+        "DEAD-LETTERED-AT",
+        "CONSUMER",
+        "LAST-ERROR",
+    ];
+    let mut width = head.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        l.push('\n');
+        l
+    };
+    out.push_str(&line(head.to_vec()));
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The `show` output: sequence, headers, then the body (pretty when it is JSON).
+pub fn format_show(d: &DeadLetter) -> String {
+    let mut out = format!("seq: {}\nstored: {}\nheaders:\n", d.seq, d.stored_at);
+    for (k, v) in &d.headers {
+        out.push_str(&format!("  {k}: {v}\n"));
+    }
+    out.push_str("body:\n");
+    match serde_json::from_slice::<serde_json::Value>(&d.body) {
+        Ok(v) => out.push_str(&serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Err(_) => out.push_str(&String::from_utf8_lossy(&d.body)),
+    }
+    out.push('\n');
+    out
+}

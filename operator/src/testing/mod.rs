@@ -1,0 +1,6 @@
+//! Helpers for tests of Weir against real dependencies (built for `cargo test` and with the
+//! `testing` feature).
+
+pub mod nats_server;
+
+pub use nats_server::NatsServer;
