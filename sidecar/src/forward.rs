@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tower::{Layer, Service};
 
@@ -20,16 +20,47 @@ pub type HttpClient = Client<HttpConnector, BoxBody>;
 /// Idle pooled connections are closed after this; new connections resolve the name again.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn new_client() -> HttpClient {
+fn connector() -> HttpConnector {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(Duration::from_secs(10)));
     conn.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+    conn
+}
+
+fn builder() -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(256)
-        .build(conn)
+        .pool_max_idle_per_host(256);
+    b
+}
+
+pub fn new_client() -> HttpClient {
+    builder().build(connector())
+}
+
+/// The client for `https://` upstreams (rustls, system roots; `SSL_CERT_FILE`/`SSL_CERT_DIR`
+/// are honoured). Built on first use so a proxy without TLS upstreams never loads the roots.
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>;
+
+static HTTPS: OnceLock<Result<HttpsClient, String>> = OnceLock::new();
+
+pub fn https_client() -> Result<&'static HttpsClient, &'static str> {
+    HTTPS
+        .get_or_init(|| {
+            let mut conn = connector();
+            conn.enforce_http(false);
+            let tls = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
+                .map_err(|e| format!("no usable TLS root certificates: {e}"))?
+                .https_only()
+                .enable_http1()
+                .wrap_connector(conn);
+            Ok(builder().build(tls))
+        })
+        .as_ref()
+        .map_err(String::as_str)
 }
 
 /// Where a listener forwards to.
@@ -152,7 +183,8 @@ impl Service<Req> for Forward {
     always_ready!();
 
     fn call(&mut self, mut req: Req) -> BoxFuture {
-        if self.target.scheme != Scheme::HTTP {
+        let https = self.target.scheme == Scheme::HTTPS;
+        if !https && self.target.scheme != Scheme::HTTP {
             return Box::pin(std::future::ready(Ok(reject(Reason::UnsupportedScheme))));
         }
         *req.uri_mut() = self.target.uri(req.uri().path_and_query());
@@ -163,7 +195,17 @@ impl Service<Req> for Forward {
             h.insert(HOST, host.clone());
         }
         let connect_reason = self.connect_reason;
-        let fut = self.client.request(req);
+        let fut = if https {
+            match https_client() {
+                Ok(c) => c.request(req),
+                Err(e) => {
+                    tracing::warn!(error = e, "cannot call an https:// upstream");
+                    return Box::pin(std::future::ready(Ok(reject(connect_reason))));
+                }
+            }
+        } else {
+            self.client.request(req)
+        };
         Box::pin(async move {
             match fut.await {
                 Ok(resp) => {

@@ -7,7 +7,9 @@ use weir_crds::proxy::ProxyConfig;
 /// Config parsing never panics; an accepted config survives a serialize/parse round trip and
 /// builds into service stacks.
 pub fn check_config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     match ProxyConfig::from_json(text) {
         Ok(cfg) => {
             let again = serde_json::to_string(&cfg).expect("an accepted config serializes");
@@ -26,7 +28,10 @@ pub fn check_traceparent(data: &[u8]) {
         assert_ne!(p.version, 0xff);
         let out = format_traceparent(&p.trace_id, &p.span_id, p.flags);
         let again = parse_traceparent(&out).expect("formatted traceparent parses");
-        assert_eq!((again.trace_id, again.span_id, again.flags), (p.trace_id, p.span_id, p.flags));
+        assert_eq!(
+            (again.trace_id, again.span_id, again.flags),
+            (p.trace_id, p.span_id, p.flags)
+        );
         if p.version == 0 {
             assert_eq!(&out[..], data, "version 00 is canonical");
         }

@@ -174,6 +174,14 @@ impl Proxy {
     }
 
     pub async fn start_with(config: ProxyConfig, extra: &[&str]) -> Proxy {
+        Self::start_env(config, extra, &[]).await
+    }
+
+    pub async fn start_env(
+        config: ProxyConfig,
+        extra: &[&str],
+        env: &[(&str, &std::path::Path)],
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("proxy.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
@@ -182,6 +190,7 @@ impl Proxy {
             .arg(&config_path)
             .args(["--reload-interval-ms", "100", "--otlp-flush-ms", "100"])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
