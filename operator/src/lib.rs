@@ -1,5 +1,7 @@
 //! The Weir operator and command-line tool.
 
+pub mod graph;
+pub mod lint;
 pub mod manifest;
 pub mod messaging;
 pub mod operator;

@@ -23,6 +23,10 @@ enum Command {
     Operator(weir::operator::OperatorArgs),
     /// Print the Kubernetes objects the operator would create for the given manifests.
     Render(RenderArgs),
+    /// Check a set of manifests for the mistakes that make microservices a distributed monolith.
+    Lint(LintArgs),
+    /// Print the system as a Mermaid or DOT graph: calls, events, sagas.
+    Graph(GraphArgs),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -36,7 +40,38 @@ enum Command {
 }
 
 #[derive(Args)]
+struct LintArgs {
+    /// Files or directories of manifests.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Longest synchronous call chain (in calls) before a warning.
+    #[arg(long, default_value_t = 2)]
+    max_chain_depth: usize,
+    /// Most event types one service may consume before a warning.
+    #[arg(long, default_value_t = 5)]
+    max_consumed_events: usize,
+}
+
+#[derive(Args)]
+struct GraphArgs {
+    /// Files or directories of manifests.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "mermaid")]
+    format: GraphFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    Mermaid,
+    Dot,
+}
+
+#[derive(Args)]
 struct RenderArgs {
+    /// Render even when `weir lint` finds errors.
+    #[arg(long)]
+    skip_lint: bool,
     /// Files or directories of manifests (directories are read recursively: *.yaml, *.yml).
     #[arg(short = 'f', long = "filename", required = true)]
     files: Vec<PathBuf>,
@@ -65,6 +100,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Render(args) => render_cmd(args),
+        Command::Lint(args) => lint_cmd(args),
+        Command::Graph(args) => graph_cmd(args),
         Command::Crd {
             out_dir,
             kube_version,
@@ -111,26 +148,87 @@ fn crd_cmd(out_dir: Option<PathBuf>, kube_version: Option<u32>) -> ExitCode {
     }
 }
 
-fn render_cmd(args: RenderArgs) -> ExitCode {
-    let files = match manifest::expand_paths(&args.files) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("weir render: {e}");
-            return ExitCode::from(2);
+/// Reads and validates manifests; on invalid input prints every error and gives exit code 2.
+fn load_manifests(command: &str, paths: &[PathBuf]) -> Result<Vec<manifest::Loaded>, ExitCode> {
+    let files = manifest::expand_paths(paths).map_err(|e| {
+        eprintln!("weir {command}: {e}");
+        ExitCode::from(2)
+    })?;
+    let (loaded, skipped) = manifest::load(&files, &Schemas::new()).map_err(|errors| {
+        for e in &errors {
+            eprintln!("error: {e}");
         }
-    };
-    let (loaded, skipped) = match manifest::load(&files, &Schemas::new()) {
-        Ok(l) => l,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("error: {e}");
-            }
-            eprintln!("weir render: {} error(s); nothing rendered", errors.len());
-            return ExitCode::from(2);
-        }
-    };
+        eprintln!("weir {command}: {} error(s) in the input", errors.len());
+        ExitCode::from(2)
+    })?;
     for s in skipped {
         eprintln!("note: {s}; skipped");
+    }
+    Ok(loaded)
+}
+
+fn lint_cmd(args: LintArgs) -> ExitCode {
+    let loaded = match load_manifests("lint", &args.files) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let cfg = weir::lint::LintConfig {
+        max_chain_depth: args.max_chain_depth,
+        max_consumed_events: args.max_consumed_events,
+    };
+    let findings = weir::lint::lint(&loaded, &cfg);
+    for f in &findings {
+        println!("{f}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == weir::lint::Severity::Error)
+        .count();
+    println!(
+        "weir lint: {} object(s), {errors} error(s), {} warning(s)",
+        loaded.len(),
+        findings.len() - errors
+    );
+    if errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn graph_cmd(args: GraphArgs) -> ExitCode {
+    let loaded = match load_manifests("graph", &args.files) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let format = match args.format {
+        GraphFormat::Mermaid => weir::graph::Format::Mermaid,
+        GraphFormat::Dot => weir::graph::Format::Dot,
+    };
+    print!("{}", weir::graph::render(&loaded, format));
+    ExitCode::SUCCESS
+}
+
+fn render_cmd(args: RenderArgs) -> ExitCode {
+    let loaded = match load_manifests("render", &args.files) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    if !args.skip_lint {
+        let errors: Vec<_> = weir::lint::lint(&loaded, &Default::default())
+            .into_iter()
+            .filter(|f| f.severity == weir::lint::Severity::Error)
+            .collect();
+        if !errors.is_empty() {
+            for f in &errors {
+                eprintln!("{f}");
+            }
+            eprintln!(
+                "weir render: {} lint error(s); nothing rendered (--skip-lint renders anyway)",
+                errors.len()
+            );
+            return ExitCode::from(1);
+        }
     }
     let opts = RenderOptions {
         proxy_image: args.proxy_image,
