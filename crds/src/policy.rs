@@ -198,7 +198,8 @@ pub struct FallbackPolicy {
     #[serde(default = "default_fallback_status")]
     #[schemars(range(min = 200, max = 599))]
     pub status: u16,
-    #[serde(default)]
+    // Not a schema default: Kubernetes 1.20 refuses an empty-string default in a CRD.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub body: String,
     #[serde(default = "default_content_type")]
     pub content_type: String,
