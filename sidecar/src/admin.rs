@@ -63,6 +63,17 @@ async fn app_probe(shared: &Shared, which: &str) -> Resp {
 }
 
 pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
+    if req
+        .uri()
+        .path()
+        .starts_with(crate::bridge::publish::PATH_PREFIX)
+    {
+        let peer = req
+            .extensions()
+            .get::<crate::bridge::PeerAddr>()
+            .map(|p| p.0);
+        return shared.bridge.publish(peer, req).await;
+    }
     match req.uri().path() {
         "/app-health/liveness" => app_probe(shared, "liveness").await,
         "/app-health/readiness" => app_probe(shared, "readiness").await,

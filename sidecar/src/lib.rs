@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod body;
 pub mod breaker;
+pub mod bridge;
 pub mod config;
 pub mod forward;
 pub mod fuzzing;

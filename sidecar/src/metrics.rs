@@ -60,6 +60,8 @@ pub struct Metrics {
     config_reloads: Family<ResultLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
+    /// The pub/sub bridge's counters (`weir_messaging_*`).
+    pub bridge: crate::bridge::metrics::BridgeMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,6 +150,7 @@ impl Metrics {
             "Spans dropped (export queue full or export failed)",
             spans_dropped.clone(),
         );
+        let bridge = crate::bridge::metrics::BridgeMetrics::register(&mut registry);
         Arc::new(Metrics {
             registry,
             requests,
@@ -160,6 +163,7 @@ impl Metrics {
             config_reloads,
             spans_exported,
             spans_dropped,
+            bridge,
         })
     }
 

@@ -69,6 +69,8 @@ pub struct Shared {
     drain_rx: watch::Receiver<bool>,
     /// Held by every connection; shutdown waits for all clones to drop.
     conn_tracker: Mutex<Option<mpsc::Sender<()>>>,
+    /// The pub/sub bridge (idle while the config has no `messaging`).
+    pub bridge: Arc<crate::bridge::Bridge>,
 }
 
 impl Shared {
@@ -92,7 +94,7 @@ impl Shared {
         if !unbound.is_empty() {
             return Err(format!("listeners not bound: {}", unbound.join(", ")));
         }
-        Ok(())
+        self.bridge.readiness()
     }
 
     fn desired(cfg: &ProxyConfig) -> Vec<(Role, SocketAddr)> {
@@ -158,7 +160,10 @@ impl Shared {
         let snap = stack::build(Arc::new(cfg), Some(&prev.components), &self.env)?;
         let cfg = snap.config.clone();
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
-        let failures = self.reconcile(&cfg).await;
+        let mut failures = self.reconcile(&cfg).await;
+        if let Err(e) = self.bridge.apply(&cfg).await {
+            failures.push(e);
+        }
         if failures.is_empty() {
             Ok(())
         } else {
@@ -223,7 +228,11 @@ async fn serve_connection(
     let mut drain = shared.drain_rx.clone();
     let s2 = shared.clone();
     let r2 = role.clone();
-    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+    let peer = stream.peer_addr().ok().map(crate::bridge::PeerAddr);
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        if let Some(p) = peer {
+            req.extensions_mut().insert(p);
+        }
         dispatch(s2.clone(), r2.clone(), req)
     });
     let conn = http1::Builder::new()
@@ -315,6 +324,7 @@ impl Proxy {
         };
         let snap = stack::build(Arc::new(config), None, &env)?;
         let cfg = snap.config.clone();
+        let bridge = crate::bridge::Bridge::new(metrics.bridge.clone(), env.client.clone());
         let (drain_tx, drain_rx) = watch::channel(false);
         let (conn_tx, conn_rx) = mpsc::channel(1);
         let shared = Arc::new(Shared {
@@ -326,11 +336,13 @@ impl Proxy {
             draining: AtomicBool::new(false),
             drain_rx,
             conn_tracker: Mutex::new(Some(conn_tx)),
+            bridge,
         });
         let failures = shared.reconcile(&cfg).await;
         if !failures.is_empty() {
             return Err(failures.join("; "));
         }
+        shared.bridge.apply(&cfg).await?;
         let reload_task = tokio::spawn(watch_config(shared.clone(), opts, raw));
         Ok(Proxy {
             shared,
@@ -358,9 +370,13 @@ impl Proxy {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+        // The bridge stops pulling and finishes its deliveries alongside the connections.
+        let bridge = self.shared.bridge.clone();
+        let bridge_stopped = tokio::spawn(async move { bridge.shutdown(grace).await });
         let clean = tokio::time::timeout(grace, self.conn_rx.recv())
             .await
             .is_ok();
+        let _ = bridge_stopped.await;
         if clean {
             tracing::info!("all connections closed");
         } else {

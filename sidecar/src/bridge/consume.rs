@@ -1,0 +1,522 @@
+//! Pushes one durable consumer's messages to the app.
+//!
+//! Per message: schema check (failure → dead letter `schema`, the app is never called), KV
+//! look-up of the event id (found → ack, counted as deduplicated), `POST` to the app with the
+//! CloudEvents HTTP binary headers, then: 2xx → record the event id in the KV bucket and ack;
+//! 4xx other than 408/429 → dead letter `rejected` and term; 5xx, 408, 429, timeout, connection
+//! error → nak with `backoffMs[delivery-1]` (the last value repeats), or, at `maxDeliveries`,
+//! dead letter `max-deliveries` and term. A dead letter is published and acknowledged by the
+//! broker before the original is termed; when that publish fails the original is nak'ed, never
+//! dropped.
+
+use super::cloudevents::*;
+use super::metrics::QueueMetrics;
+use super::publish::ensure_stream;
+use super::schema::{Schema, summarize};
+use crate::body;
+use crate::forward::HttpClient;
+use crate::trace::{TraceContext, new_span_id};
+use async_nats::jetstream::{
+    self, AckKind, consumer::pull, context::KeyValueErrorKind, kv, stream::StorageType,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderValue, Request};
+use http_body_util::BodyExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use weir_crds::proxy::ConsumeConfig;
+
+/// Shortest lifetime of a processed-event record (docs/messaging.md: max(window, 10m)).
+pub const MIN_DEDUP_TTL: Duration = Duration::from_secs(600);
+/// How long one pull request waits for messages.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Longest part of the app's answer kept in `Weir-Last-Error`.
+pub const ERROR_EXCERPT_BYTES: usize = 256;
+/// Nak delay when the broker could not take a dead letter or a KV look-up failed.
+pub const RETRY_LATER: Duration = Duration::from_secs(1);
+
+pub(crate) struct Consumer {
+    pub cfg: ConsumeConfig,
+    pub schema: Schema,
+    pub metrics: QueueMetrics,
+    pub js: jetstream::Context,
+    pub http: HttpClient,
+    pub app: SocketAddr,
+    pub app_timeout: Duration,
+    /// Stop pulling.
+    pub stop: watch::Receiver<bool>,
+    /// Give in-flight deliveries back to the broker now.
+    pub abort: watch::Receiver<bool>,
+}
+
+/// The nak delay after failed delivery number `delivered` (1-based).
+pub fn backoff(backoff_ms: &[u64], delivered: u64) -> Option<Duration> {
+    if backoff_ms.is_empty() {
+        return None;
+    }
+    let i = (delivered.max(1) - 1).min(backoff_ms.len() as u64 - 1) as usize;
+    Some(Duration::from_millis(backoff_ms[i]))
+}
+
+/// What the app's answer means for the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A 4xx other than 408/429: dead letter at once.
+    Permanent(String),
+    /// 5xx, 408, 429, timeout, connection error: nak and retry.
+    Retry(String),
+}
+
+pub fn classify(status: u16, excerpt: &str) -> Outcome {
+    let err = || {
+        if excerpt.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {excerpt}")
+        }
+    };
+    match status {
+        200..=299 => Outcome::Success,
+        408 | 429 => Outcome::Retry(err()),
+        400..=499 => Outcome::Permanent(err()),
+        _ => Outcome::Retry(err()),
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Finds a header whatever its case.
+fn header<'a>(h: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    h?.iter()
+        .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.first())
+        .map(|v| v.as_str())
+}
+
+struct Ready {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    kv: kv::Store,
+}
+
+impl Consumer {
+    fn queue(&self) -> &str {
+        &self.cfg.queue
+    }
+
+    /// Looks up (or creates) the durable consumer, the KV bucket and the dead-letter stream.
+    async fn setup(&self) -> Result<Ready, String> {
+        let c = &self.cfg;
+        let stream = self
+            .js
+            .get_stream(&c.stream)
+            .await
+            .map_err(|e| format!("stream {}: {e}", c.stream))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &c.consumer,
+                pull::Config {
+                    durable_name: Some(c.consumer.clone()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_millis(c.ack_wait_ms),
+                    // The sidecar counts deliveries and dead-letters at maxDeliveries; a server
+                    // limit would strand a message whose last delivery was cut short by a crash.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("consumer {}: {e}", c.consumer))?;
+        let bucket = processed_bucket(&c.stream);
+        let kv = match self.js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(e) if e.kind() == KeyValueErrorKind::GetBucket => {
+                let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
+                match self
+                    .js
+                    .create_key_value(kv::Config {
+                        bucket: bucket.clone(),
+                        description: format!("event ids processed from {}", c.stream),
+                        history: 1,
+                        max_age: ttl,
+                        storage: StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(kv) => {
+                        tracing::info!(bucket = %bucket, ttl_ms = ttl.as_millis() as u64, "processed-event bucket created (was absent)");
+                        kv
+                    }
+                    // Another sidecar may have created it meanwhile.
+                    Err(_) => self
+                        .js
+                        .get_key_value(&bucket)
+                        .await
+                        .map_err(|e| format!("KV bucket {bucket}: {e}"))?,
+                }
+            }
+            Err(e) => return Err(format!("KV bucket {bucket}: {e}")),
+        };
+        ensure_stream(&self.js, &c.dead_letter_stream, &c.dead_letter_subject).await?;
+        Ok(Ready { consumer, kv })
+    }
+}
+
+/// Runs until `stop`: pulls at most `maxInFlight` messages at a time and delivers each.
+pub(crate) async fn run(ctx: Arc<Consumer>) {
+    let mut stop = ctx.stop.clone();
+    let max = ctx.cfg.max_in_flight as usize;
+    let sem = Arc::new(Semaphore::new(max));
+    let mut delay = Duration::from_millis(100);
+    'setup: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let ready = match ctx.setup().await {
+            Ok(r) => {
+                tracing::info!(queue = ctx.queue(), consumer = %ctx.cfg.consumer, "consuming");
+                delay = Duration::from_millis(100);
+                Arc::new(r)
+            }
+            Err(e) => {
+                tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut failures = 0u32;
+        loop {
+            let first = tokio::select! {
+                _ = stopped(&mut stop) => break 'setup,
+                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let mut permits = vec![first];
+            while permits.len() < max {
+                match sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = ready
+                .consumer
+                .fetch()
+                .max_messages(permits.len())
+                .expires(PULL_EXPIRES)
+                .heartbeat(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(queue = ctx.queue(), error = %e, "pull failed");
+                    drop(permits);
+                    tokio::select! {
+                        _ = stopped(&mut stop) => break 'setup,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    if failures >= 3 {
+                        continue 'setup;
+                    }
+                    continue;
+                }
+            };
+            let deadline = tokio::time::sleep(PULL_EXPIRES + Duration::from_secs(3));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = &mut deadline => break,
+                    m = batch.next() => match m {
+                        Some(Ok(msg)) => {
+                            failures = 0;
+                            delay = Duration::from_millis(100);
+                            let permit = permits.pop();
+                            let (ctx, ready) = (ctx.clone(), ready.clone());
+                            tokio::spawn(async move {
+                                deliver(&ctx, &ready.kv, msg).await;
+                                drop(permit);
+                            });
+                            if permits.is_empty() {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            failures += 1;
+                            tracing::debug!(queue = ctx.queue(), error = %e, "pull interrupted");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            drop(permits);
+            if failures >= 3 {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break 'setup,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue 'setup;
+            }
+        }
+    }
+    // Drain: wait for the deliveries in flight (the abort signal makes them nak and return).
+    let _ = sem.acquire_many(max as u32).await;
+    tracing::info!(queue = ctx.queue(), consumer = %ctx.cfg.consumer, "consumer stopped");
+}
+
+async fn settle(ctx: &Consumer, msg: &jetstream::Message, kind: AckKind) {
+    let what = match kind {
+        AckKind::Ack => "ack",
+        AckKind::Nak(_) => "nak",
+        AckKind::Term => "term",
+        _ => "ack",
+    };
+    if let Err(e) = msg.ack_with(kind).await {
+        tracing::warn!(queue = ctx.queue(), op = what, error = %e, "cannot settle message; the broker will redeliver it");
+    }
+}
+
+/// Delivers one message and settles it.
+async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
+    let (delivered, seq) = match msg.info() {
+        Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
+        Err(_) => (1, 0),
+    };
+    let headers = msg.headers.as_ref();
+    let event_id = header(headers, CE_ID)
+        .or_else(|| header(headers, NATS_MSG_ID))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{}:{seq}", ctx.cfg.stream));
+    if let Err(errors) = ctx.schema.check(&msg.payload) {
+        let why = header_safe(&summarize(&errors), 1024);
+        tracing::warn!(queue = ctx.queue(), id = %event_id, seq, error = %why, "event fails the schema: dead-lettering");
+        dead_letter(ctx, &msg, delivered, seq, REASON_SCHEMA, &why).await;
+        return;
+    }
+    let key = processed_key(&ctx.cfg.consumer, &event_id);
+    match kv.get(key.clone()).await {
+        Ok(Some(_)) => {
+            ctx.metrics.deduplicated.inc();
+            tracing::debug!(queue = ctx.queue(), id = %event_id, "already processed: acking");
+            settle(ctx, &msg, AckKind::Ack).await;
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(queue = ctx.queue(), id = %event_id, error = %e, "processed-event look-up failed; retrying later");
+            ctx.metrics.naked.inc();
+            settle(ctx, &msg, AckKind::Nak(Some(RETRY_LATER))).await;
+            return;
+        }
+    }
+    ctx.metrics.delivered.inc();
+    let mut abort = ctx.abort.clone();
+    let outcome = tokio::select! {
+        o = call_app(ctx, &msg, &event_id) => Some(o),
+        _ = stopped(&mut abort) => None,
+    };
+    match outcome {
+        None => {
+            ctx.metrics.naked.inc();
+            settle(ctx, &msg, AckKind::Nak(None)).await;
+        }
+        Some(Outcome::Success) => {
+            let value = Bytes::from(format!("{seq}"));
+            let mut recorded = false;
+            for attempt in 0..3 {
+                match kv.put(key.clone(), value.clone()).await {
+                    Ok(_) => {
+                        recorded = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = ctx.queue(), id = %event_id, attempt, error = %e, "cannot record processed event");
+                        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    }
+                }
+            }
+            if !recorded {
+                tracing::error!(queue = ctx.queue(), id = %event_id, "processed event not recorded: a redelivery would reach the app again");
+            }
+            ctx.metrics.acked.inc();
+            settle(ctx, &msg, AckKind::Ack).await;
+        }
+        Some(Outcome::Permanent(err)) => {
+            tracing::warn!(queue = ctx.queue(), id = %event_id, error = %err, "app rejected the event: dead-lettering");
+            dead_letter(ctx, &msg, delivered, seq, REASON_REJECTED, &err).await;
+        }
+        Some(Outcome::Retry(err)) => {
+            if delivered >= u64::from(ctx.cfg.max_deliveries) {
+                tracing::warn!(queue = ctx.queue(), id = %event_id, delivered, error = %err, "max deliveries reached: dead-lettering");
+                dead_letter(ctx, &msg, delivered, seq, REASON_MAX_DELIVERIES, &err).await;
+            } else {
+                let d = backoff(&ctx.cfg.backoff_ms, delivered);
+                tracing::info!(queue = ctx.queue(), id = %event_id, delivered, retry_in_ms = d.map_or(0, |d| d.as_millis() as u64), error = %err, "delivery failed: will retry");
+                ctx.metrics.naked.inc();
+                settle(ctx, &msg, AckKind::Nak(d)).await;
+            }
+        }
+    }
+}
+
+/// POSTs the event to the app, sending "in progress" to the broker every half ack wait.
+async fn call_app(ctx: &Consumer, msg: &jetstream::Message, event_id: &str) -> Outcome {
+    let mut req = Request::post(format!("http://{}{}", ctx.app, ctx.cfg.path));
+    let hs = msg.headers.as_ref();
+    let h = req.headers_mut().expect("valid request");
+    let mut set = |name: &'static str, value: Option<&str>| {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(name, v);
+        }
+    };
+    set(CE_ID, Some(event_id));
+    set(
+        CE_SPECVERSION,
+        Some(header(hs, CE_SPECVERSION).unwrap_or("1.0")),
+    );
+    set(
+        CE_TYPE,
+        header(hs, CE_TYPE).or(Some(ctx.cfg.queue.as_str())),
+    );
+    set(CE_SOURCE, header(hs, CE_SOURCE));
+    set(CE_TIME, header(hs, CE_TIME));
+    set(
+        CONTENT_TYPE,
+        Some(header(hs, CONTENT_TYPE).unwrap_or("application/json")),
+    );
+    // Continue the publisher's trace: the delivery is a new span of it.
+    let mut trace_headers = http::HeaderMap::new();
+    if let Some(v) = header(hs, TRACEPARENT).and_then(|v| HeaderValue::from_str(v).ok()) {
+        trace_headers.insert(TRACEPARENT, v);
+    }
+    let (mut tc, _) = TraceContext::from_headers(&trace_headers, 1.0);
+    tc.span_id = new_span_id();
+    h.insert(TRACEPARENT, tc.traceparent());
+    if let Ok(v) = HeaderValue::from_str(&msg.payload.len().to_string()) {
+        h.insert(http::header::CONTENT_LENGTH, v);
+    }
+    let Ok(req) = req.body(body::full(msg.payload.clone())) else {
+        return Outcome::Permanent("cannot build the request to the app".into());
+    };
+    let call = async {
+        let resp = ctx
+            .http
+            .request(req)
+            .await
+            .map_err(|e| format!("cannot reach the app at {}: {e}", ctx.app))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut excerpt = Vec::new();
+        // Read the whole (usually small) answer so the connection can be reused; keep an excerpt.
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(d) = frame.data_ref()
+                && excerpt.len() < ERROR_EXCERPT_BYTES
+            {
+                excerpt.extend_from_slice(&d[..d.len().min(ERROR_EXCERPT_BYTES - excerpt.len())]);
+            }
+        }
+        Ok::<_, String>((status, String::from_utf8_lossy(&excerpt).into_owned()))
+    };
+    let progress_every = Duration::from_millis((ctx.cfg.ack_wait_ms / 2).max(100));
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+    let timeout = tokio::time::sleep(ctx.app_timeout);
+    tokio::pin!(call, timeout);
+    loop {
+        tokio::select! {
+            r = &mut call => return match r {
+                Ok((status, excerpt)) => classify(status, &header_safe(&excerpt, ERROR_EXCERPT_BYTES)),
+                Err(e) => Outcome::Retry(e),
+            },
+            _ = &mut timeout => return Outcome::Retry(format!("the app did not answer within {} ms", ctx.app_timeout.as_millis())),
+            _ = ticker.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+        }
+    }
+}
+
+/// Publishes the dead letter (acknowledged), then terms the original; naks it on failure.
+async fn dead_letter(
+    ctx: &Consumer,
+    msg: &jetstream::Message,
+    delivered: u64,
+    seq: u64,
+    reason: &str,
+    last_error: &str,
+) {
+    let mut h = async_nats::HeaderMap::new();
+    if let Some(orig) = msg.headers.as_ref() {
+        for (k, vs) in orig.iter() {
+            if AsRef::<str>::as_ref(k).eq_ignore_ascii_case(NATS_MSG_ID) {
+                continue;
+            }
+            for v in vs {
+                h.append(k.clone(), v.clone());
+            }
+        }
+    }
+    h.insert(WEIR_ORIGINAL_SUBJECT, msg.subject.as_str());
+    h.insert(WEIR_ORIGINAL_SEQ, seq.to_string().as_str());
+    h.insert(WEIR_CONSUMER, ctx.cfg.consumer.as_str());
+    h.insert(WEIR_DELIVERY_COUNT, delivered.to_string().as_str());
+    h.insert(WEIR_REASON, reason);
+    h.insert(WEIR_LAST_ERROR, header_safe(last_error, 1024).as_str());
+    h.insert(WEIR_DEAD_LETTERED_AT, now_rfc3339().as_str());
+    match super::publish::publish_with_ack(
+        &ctx.js,
+        &ctx.cfg.dead_letter_subject,
+        h,
+        msg.payload.clone(),
+    )
+    .await
+    {
+        Ok(_) => {
+            ctx.metrics.dead_lettered(reason).inc();
+            settle(ctx, msg, AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(queue = ctx.queue(), seq, error = %e, "cannot publish the dead letter; the message stays on the queue");
+            ctx.metrics.naked.inc();
+            settle(ctx, msg, AckKind::Nak(Some(RETRY_LATER))).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_repeats_the_last() {
+        let b = [100, 1000, 5000];
+        assert_eq!(backoff(&b, 1), Some(Duration::from_millis(100)));
+        assert_eq!(backoff(&b, 3), Some(Duration::from_millis(5000)));
+        assert_eq!(backoff(&b, 9), Some(Duration::from_millis(5000)));
+        assert_eq!(backoff(&[], 2), None);
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(204, ""), Outcome::Success);
+        assert!(matches!(classify(400, "bad"), Outcome::Permanent(e) if e == "HTTP 400: bad"));
+        assert!(matches!(classify(408, ""), Outcome::Retry(_)));
+        assert!(matches!(classify(429, ""), Outcome::Retry(_)));
+        assert!(matches!(classify(503, ""), Outcome::Retry(_)));
+        assert!(matches!(classify(404, ""), Outcome::Permanent(_)));
+    }
+}

@@ -1,0 +1,311 @@
+//! The pub/sub bridge: the app publishes events through `POST /v1/publish/<queue>` on the admin
+//! listener (loopback peers only), and the sidecar pushes the queues it consumes to the app.
+//! Names, headers and dead-letter format follow `docs/messaging.md`.
+//!
+//! Lifecycle: [`Bridge::apply`] on every config load (a change of the messaging section, the
+//! app's address or timeout restarts the bridge), [`Bridge::readiness`] for `/readyz`,
+//! [`Bridge::publish`] for the publish endpoint, [`Bridge::shutdown`] on drain.
+
+pub mod cloudevents;
+pub mod connect;
+pub mod consume;
+pub mod metrics;
+pub mod publish;
+pub mod schema;
+
+use crate::body::{BoxBody, Resp};
+use crate::forward::HttpClient;
+use async_nats::connection::State;
+use async_nats::jetstream;
+use metrics::{BridgeMetrics, QueueMetrics};
+use schema::Schema;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use weir_crds::proxy::{ConsumeConfig, MessagingConfig, ProxyConfig, PublishConfig};
+
+/// How long a publish waits for the broker's acknowledgement before answering 503.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of JetStream API calls (stream, consumer and KV look-ups).
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The peer address of an admin connection, set as a request extension by the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// What the bridge needs from the proxy config; a change of any of it restarts the bridge.
+#[derive(Clone, Debug, PartialEq)]
+struct Settings {
+    messaging: MessagingConfig,
+    service: String,
+    namespace: String,
+    app: SocketAddr,
+    app_timeout: Duration,
+    max_body_bytes: u64,
+}
+
+impl Settings {
+    fn from(cfg: &ProxyConfig) -> Option<Settings> {
+        Some(Settings {
+            messaging: cfg.messaging.clone()?,
+            service: cfg.service.clone(),
+            namespace: cfg.namespace.clone(),
+            app: cfg.inbound.app,
+            app_timeout: Duration::from_millis(cfg.inbound.timeout_ms),
+            max_body_bytes: cfg.inbound.max_body_bytes,
+        })
+    }
+}
+
+pub(crate) struct PublishTarget {
+    cfg: PublishConfig,
+    schema: Schema,
+    metrics: QueueMetrics,
+}
+
+/// One running configuration: a broker connection, the publish targets and the consumer tasks.
+pub(crate) struct Running {
+    settings: Settings,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    publishes: HashMap<String, PublishTarget>,
+    source: String,
+    stop_tx: watch::Sender<bool>,
+    abort_tx: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    connected_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// The bridge of one sidecar; always present, idle while the config has no `messaging`.
+pub struct Bridge {
+    metrics: BridgeMetrics,
+    http: HttpClient,
+    current: RwLock<Option<Arc<Running>>>,
+    apply_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bridge")
+    }
+}
+
+/// Compiles every schema of `messaging`; the error names the entry.
+pub fn check_config(messaging: &MessagingConfig) -> Result<(), String> {
+    compile_all(messaging).map(|_| ())
+}
+
+type Compiled = (Vec<(PublishConfig, Schema)>, Vec<(ConsumeConfig, Schema)>);
+
+fn compile_all(m: &MessagingConfig) -> Result<Compiled, String> {
+    if m.broker_kind != "nats" {
+        return Err(format!(
+            "messaging.brokerKind: {:?} is not supported by this sidecar (only \"nats\")",
+            m.broker_kind
+        ));
+    }
+    let mut pubs = Vec::new();
+    for (i, p) in m.publishes.iter().enumerate() {
+        let s = Schema::compile(p.schema.as_ref())
+            .map_err(|e| format!("messaging.publishes[{i}].schema: {e}"))?;
+        pubs.push((p.clone(), s));
+    }
+    let mut cons = Vec::new();
+    for (i, c) in m.consumes.iter().enumerate() {
+        let s = Schema::compile(c.schema.as_ref())
+            .map_err(|e| format!("messaging.consumes[{i}].schema: {e}"))?;
+        if c.max_in_flight == 0 {
+            return Err(format!(
+                "messaging.consumes[{i}].maxInFlight: must be at least 1"
+            ));
+        }
+        if c.max_deliveries == 0 {
+            return Err(format!(
+                "messaging.consumes[{i}].maxDeliveries: must be at least 1"
+            ));
+        }
+        if !c.path.starts_with('/') {
+            return Err(format!("messaging.consumes[{i}].path: must start with /"));
+        }
+        cons.push((c.clone(), s));
+    }
+    Ok((pubs, cons))
+}
+
+impl Bridge {
+    /// `metrics` registered in the sidecar's registry; `http` calls the app.
+    pub fn new(metrics: BridgeMetrics, http: HttpClient) -> Arc<Bridge> {
+        Arc::new(Bridge {
+            metrics,
+            http,
+            current: RwLock::new(None),
+            apply_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn running(&self) -> Option<Arc<Running>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts, restarts or stops the bridge for `cfg`. On `Err` (a schema that does not compile,
+    /// an unsupported broker) the running bridge is kept.
+    pub async fn apply(&self, cfg: &ProxyConfig) -> Result<(), String> {
+        let _guard = self.apply_lock.lock().await;
+        let settings = Settings::from(cfg);
+        let prev = self.running();
+        if prev.as_ref().map(|r| &r.settings) == settings.as_ref() {
+            return Ok(());
+        }
+        let next = match settings {
+            None => None,
+            Some(s) => Some(self.start(s).await?),
+        };
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            next,
+        );
+        if let Some(old) = old {
+            tracing::info!("messaging config changed: stopping the previous bridge");
+            old.stop(Duration::from_secs(10)).await;
+        }
+        Ok(())
+    }
+
+    async fn start(&self, settings: Settings) -> Result<Arc<Running>, String> {
+        let (pubs, cons) = compile_all(&settings.messaging)?;
+        let m = &settings.messaging;
+        let name = format!("weir-proxy {}/{}", settings.namespace, settings.service);
+        let gauge = self.metrics.broker_connected.clone();
+        let client = connect::connect(
+            &m.broker_url,
+            m.credentials_file.as_deref(),
+            &name,
+            move |up| {
+                gauge.set(i64::from(up));
+            },
+        )
+        .await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(API_TIMEOUT);
+        let publishes = pubs
+            .into_iter()
+            .map(|(cfg, schema)| {
+                let metrics = self.metrics.queue(&cfg.queue);
+                (
+                    cfg.queue.clone(),
+                    PublishTarget {
+                        cfg,
+                        schema,
+                        metrics,
+                    },
+                )
+            })
+            .collect();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let running = Arc::new(Running {
+            source: cloudevents::source(&settings.namespace, &settings.service),
+            client: client.clone(),
+            js: js.clone(),
+            publishes,
+            stop_tx,
+            abort_tx,
+            tasks: std::sync::Mutex::new(Vec::new()),
+            settings: settings.clone(),
+            connected_gauge: self.metrics.broker_connected.clone(),
+        });
+        let mut tasks = vec![tokio::spawn(publish::ensure_streams(
+            js.clone(),
+            settings.messaging.publishes.clone(),
+            stop_rx.clone(),
+        ))];
+        for (cfg, schema) in cons {
+            let ctx = Arc::new(consume::Consumer {
+                metrics: self.metrics.queue(&cfg.queue),
+                cfg,
+                schema,
+                js: js.clone(),
+                http: self.http.clone(),
+                app: settings.app,
+                app_timeout: settings.app_timeout,
+                stop: stop_rx.clone(),
+                abort: abort_rx.clone(),
+            });
+            tasks.push(tokio::spawn(consume::run(ctx)));
+        }
+        *running.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        tracing::info!(
+            broker = %m.broker_url,
+            publishes = m.publishes.len(),
+            consumes = m.consumes.len(),
+            "messaging bridge started"
+        );
+        Ok(running)
+    }
+
+    /// `Ok` when messaging is off or the broker connection is up; `Err` says what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.running() {
+            None => Ok(()),
+            Some(r) => match r.client.connection_state() {
+                State::Connected => Ok(()),
+                s => Err(format!(
+                    "broker {} {}",
+                    r.settings.messaging.broker_url,
+                    match s {
+                        State::Pending => "not connected yet",
+                        _ => "disconnected",
+                    }
+                )),
+            },
+        }
+    }
+
+    /// Shorthand for `readiness().is_ok()`.
+    pub fn is_ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
+
+    /// Handles `/v1/publish/<queue>`; `peer` is the client's address.
+    pub async fn publish(&self, peer: Option<SocketAddr>, req: http::Request<BoxBody>) -> Resp {
+        publish::handle(self.running(), peer, req).await
+    }
+
+    /// Stops pulling, lets in-flight deliveries finish within `grace` (then naks the rest),
+    /// flushes acknowledgements and closes the broker connection.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _guard = self.apply_lock.lock().await;
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = old {
+            old.stop(grace).await;
+        }
+    }
+}
+
+impl Running {
+    async fn stop(&self, grace: Duration) {
+        let _ = self.stop_tx.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut all = futures::future::join_all(tasks);
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            tracing::warn!("grace period over with deliveries in flight: handing them back");
+            let _ = self.abort_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
+        }
+        // Acks and naks are buffered: make sure they reach the broker before the process exits.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.drain()).await;
+        self.connected_gauge.set(0);
+        tracing::info!("messaging bridge stopped");
+    }
+}

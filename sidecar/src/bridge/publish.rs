@@ -1,0 +1,343 @@
+//! `POST /v1/publish/<queue>`: validate, wrap as a CloudEvent, publish, wait for the ack.
+//!
+//! | status | when |
+//! |---|---|
+//! | 202 | acknowledged by the broker: `{"id", "duplicate", "stream_seq"}` |
+//! | 400 | body not JSON, or an invalid `ce-id` / `Idempotency-Key` |
+//! | 403 | the caller is not on loopback (only the app in the pod may publish) |
+//! | 404 | unknown queue (not in `messaging.publishes`), or messaging not configured |
+//! | 405 | not a POST |
+//! | 413 | body larger than `inbound.maxBodyBytes` |
+//! | 422 | the event fails the queue's schema: `{"errors": [{"path", "message"}]}` |
+//! | 503 | broker unavailable or no ack within 5 s: `{"error", "reason"}` |
+
+use super::cloudevents::*;
+use super::schema::SchemaError;
+use super::{PUBLISH_TIMEOUT, Running};
+use crate::body::{self, BoxBody, Resp};
+use crate::trace::TraceContext;
+use async_nats::connection::State;
+use async_nats::jetstream::{
+    self,
+    context::{GetStreamErrorKind, PublishErrorKind},
+};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use weir_crds::proxy::PublishConfig;
+
+pub const PATH_PREFIX: &str = "/v1/publish/";
+
+fn json_resp(status: StatusCode, value: serde_json::Value) -> Resp {
+    let mut r = Response::new(body::full(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, error: &str, reason: impl Into<String>) -> Resp {
+    json_resp(status, json!({"error": error, "reason": reason.into()}))
+}
+
+pub(crate) async fn handle(
+    running: Option<Arc<Running>>,
+    peer: Option<SocketAddr>,
+    req: Request<BoxBody>,
+) -> Resp {
+    if !peer.is_some_and(|p| p.ip().is_loopback() || p.ip().to_canonical().is_loopback()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "publishing is accepted from the pod's loopback only",
+        );
+    }
+    if req.method() != Method::POST {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "use POST",
+        );
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let Some(running) = running else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not found",
+            "messaging is not configured for this service",
+        );
+    };
+    let queue = req
+        .uri()
+        .path()
+        .strip_prefix(PATH_PREFIX)
+        .unwrap_or_default()
+        .to_string();
+    let Some(target) = running.publishes.get(&queue) else {
+        let mut known: Vec<_> = running.publishes.keys().cloned().collect();
+        known.sort();
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown queue",
+            format!(
+                "this service does not publish to {queue:?}; it publishes to {}",
+                if known.is_empty() {
+                    "no queue".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    };
+    let limit = running.settings.max_body_bytes;
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload too large",
+            format!("the event is larger than {limit} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return too_large();
+    }
+    let bytes: Bytes = match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad request",
+                format!("cannot read the body: {e}"),
+            );
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad request",
+                format!("the body is not valid JSON: {e}"),
+            );
+        }
+    };
+    if let Err(errors) = target.schema.validate(&value) {
+        target.metrics.rejected_by_schema.inc();
+        return schema_rejection(&queue, errors);
+    }
+    let id = match event_id(&parts.headers) {
+        Ok(id) => id,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why),
+    };
+    if !matches!(running.client.connection_state(), State::Connected) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker unavailable",
+            format!("not connected to {}", running.settings.messaging.broker_url),
+        );
+    }
+    let (trace, _) = TraceContext::from_headers(&parts.headers, 1.0);
+    let traceparent = trace.traceparent();
+    let headers = event_headers(
+        &id,
+        &running.source,
+        &target.cfg.event_type,
+        traceparent.to_str().unwrap_or_default(),
+    );
+    match publish_with_ack(&running.js, &target.cfg.subject, headers, bytes).await {
+        Ok(ack) => {
+            target.metrics.published.inc();
+            let mut r = json_resp(
+                StatusCode::ACCEPTED,
+                json!({"id": id, "duplicate": ack.duplicate, "stream_seq": ack.sequence}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                r.headers_mut().insert(CE_ID, v);
+            }
+            r
+        }
+        Err(reason) => {
+            tracing::warn!(queue = %queue, id = %id, reason = %reason, "publish failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker unavailable",
+                reason,
+            )
+        }
+    }
+}
+
+fn schema_rejection(queue: &str, errors: Vec<SchemaError>) -> Resp {
+    json_resp(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        json!({
+            "error": format!("the event does not match the schema of queue {queue:?}"),
+            "errors": errors,
+        }),
+    )
+}
+
+/// `ce-id`, else `Idempotency-Key`, else a new UUID v4.
+fn event_id(h: &http::HeaderMap) -> Result<String, String> {
+    for name in [CE_ID, IDEMPOTENCY_KEY] {
+        if let Some(v) = h.get(name) {
+            let s = v.to_str().unwrap_or_default();
+            if !valid_event_id(s) {
+                return Err(format!(
+                    "{name}: must be 1 to {MAX_EVENT_ID_LEN} visible ASCII characters"
+                ));
+            }
+            return Ok(s.to_string());
+        }
+    }
+    Ok(uuid::Uuid::new_v4().to_string())
+}
+
+/// The CloudEvents binary-mode headers of a new event, with `Nats-Msg-Id` = event id.
+pub fn event_headers(
+    id: &str,
+    source: &str,
+    event_type: &str,
+    traceparent: &str,
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(CE_SPECVERSION, "1.0");
+    h.insert(CE_ID, id);
+    h.insert(CE_SOURCE, source);
+    h.insert(CE_TYPE, event_type);
+    h.insert(CE_TIME, now_rfc3339().as_str());
+    h.insert(TRACEPARENT, traceparent);
+    h.insert(CONTENT_TYPE, "application/json");
+    h.insert(NATS_MSG_ID, id);
+    h
+}
+
+/// Publishes and waits for the JetStream ack, bounded by [`PUBLISH_TIMEOUT`].
+pub async fn publish_with_ack(
+    js: &jetstream::Context,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+) -> Result<jetstream::publish::PublishAck, String> {
+    let fut = async {
+        let ack = js
+            .publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| format!("publish failed: {e}"))?;
+        ack.await.map_err(|e| match e.kind() {
+            PublishErrorKind::StreamNotFound => {
+                format!("no stream accepts subject {subject:?} (is the queue declared?)")
+            }
+            PublishErrorKind::TimedOut => "the broker did not acknowledge in time".to_string(),
+            _ => format!("publish failed: {e}"),
+        })
+    };
+    match tokio::time::timeout(PUBLISH_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the broker did not acknowledge within {} ms",
+            PUBLISH_TIMEOUT.as_millis()
+        )),
+    }
+}
+
+/// Creates the stream of each published queue when it is absent (`weir up` and tests run
+/// without the operator); an existing stream is never changed. Retries until it succeeds.
+pub(crate) async fn ensure_streams(
+    js: jetstream::Context,
+    publishes: Vec<PublishConfig>,
+    mut stop: watch::Receiver<bool>,
+) {
+    for p in publishes {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match ensure_stream(&js, &p.stream, &p.subject).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::debug!(stream = %p.stream, error = %e, "cannot ensure stream yet");
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Creates `stream` on `subject` (file storage, defaults otherwise) unless it exists.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<(), String> {
+    match js.get_stream(stream).await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(e.kind(), GetStreamErrorKind::JetStream(je)
+                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            js.create_stream(jetstream::stream::Config {
+                name: stream.to_string(),
+                subjects: vec![subject.to_string()],
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map(|_| tracing::info!(stream, subject, "stream created (was absent)"))
+            .map_err(|e| format!("cannot create stream {stream}: {e}"))
+        }
+        Err(e) => Err(format!("cannot look up stream {stream}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_sources() {
+        let mut h = http::HeaderMap::new();
+        let id = event_id(&h).unwrap();
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
+        h.insert("idempotency-key", HeaderValue::from_static("k-1"));
+        assert_eq!(event_id(&h).unwrap(), "k-1");
+        h.insert("ce-id", HeaderValue::from_static("e-1"));
+        assert_eq!(event_id(&h).unwrap(), "e-1");
+        h.insert("ce-id", HeaderValue::from_static("has space"));
+        assert!(event_id(&h).is_err());
+    }
+
+    #[test]
+    fn headers_follow_the_doc() {
+        let h = event_headers("e-1", "weir://shop/orders", "order.created", "00-x");
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e-1"),
+            ("ce-source", "weir://shop/orders"),
+            ("ce-type", "order.created"),
+            ("content-type", "application/json"),
+            ("Nats-Msg-Id", "e-1"),
+            ("traceparent", "00-x"),
+        ] {
+            assert_eq!(h.get(k).map(|v| v.as_str()), Some(v), "{k}");
+        }
+        assert!(h.get("ce-time").is_some());
+    }
+}

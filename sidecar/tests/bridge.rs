@@ -1,0 +1,598 @@
+//! The pub/sub bridge against a real nats-server: two real `weir-proxy` processes, small HTTP
+//! apps that count calls per event id, kill -9 of the sidecar and of the broker.
+
+mod bridge_support;
+
+use bridge_support::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+macro_rules! nats_or_skip {
+    () => {
+        match require_nats() {
+            Some(b) => b,
+            None => return,
+        }
+    };
+}
+
+const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+async fn consumer_info(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> async_nats::jetstream::consumer::Info {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let mut c: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(name).await.unwrap();
+    c.info().await.unwrap().clone()
+}
+
+/// Waits until the consumer has nothing pending or unacknowledged.
+async fn wait_settled(js: &async_nats::jetstream::Context, name: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let i = consumer_info(js, name).await;
+        if i.num_pending == 0 && i.num_ack_pending == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumer not settled: pending {} ack pending {}",
+            i.num_pending,
+            i.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_then_consume_through_two_sidecars() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app_a = App::ok().await;
+    let app_b = App::ok().await;
+    let a = Sidecar::start(base_config(
+        "orders",
+        app_a.addr,
+        publisher_messaging(&nats.url()),
+    ))
+    .await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app_b.addr,
+        consumer_messaging(&nats.url(), consume_config("billing")),
+    ))
+    .await;
+
+    for i in 0..20 {
+        let id = format!("order-{i}");
+        let (status, body) = a
+            .publish(
+                QUEUE,
+                &[("ce-id", &id), ("traceparent", TRACE)],
+                &format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["id"], id.as_str());
+        assert_eq!(body["duplicate"], false);
+        assert_eq!(body["stream_seq"], i + 1);
+    }
+    // No id given: the sidecar makes a UUID v4.
+    let (status, body) = a.publish(QUEUE, &[], r#"{"orderId":"x","amount":1}"#).await;
+    assert_eq!(status, 202, "{body}");
+    let uuid = body["id"].as_str().unwrap().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&uuid).unwrap().get_version_num(), 4);
+
+    assert!(
+        eventually(Duration::from_secs(15), || app_b.counts().len() == 21).await,
+        "delivered: {:?}",
+        app_b.counts()
+    );
+    wait_settled(&js, "billing", Duration::from_secs(10)).await;
+    let counts = app_b.counts();
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    assert!(counts.contains_key(&uuid));
+    assert_eq!(app_a.total(), 0, "the publisher's app is never called");
+
+    let call = &app_b.calls_for("order-3")[0];
+    let h = |k: &str| call.headers.get(k).unwrap().to_str().unwrap().to_string();
+    assert_eq!(h("ce-specversion"), "1.0");
+    assert_eq!(h("ce-type"), "order.created");
+    assert_eq!(h("ce-source"), "weir://shop/orders");
+    assert_eq!(h("content-type"), "application/json");
+    assert!(chrono::DateTime::parse_from_rfc3339(&h("ce-time")).is_ok());
+    let tp = h("traceparent");
+    assert!(
+        tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && tp != TRACE,
+        "the delivery continues the publisher's trace: {tp}"
+    );
+    assert_eq!(&call.body[..], br#"{"orderId":"o3","amount":3}"#);
+    // The message on the stream carries the CloudEvents headers and Nats-Msg-Id.
+    let msgs = stream_messages(&js, STREAM).await;
+    assert_eq!(header(&msgs[3], "Nats-Msg-Id"), "order-3");
+    assert_eq!(header(&msgs[3], "ce-id"), "order-3");
+
+    let q = r#"{queue="orders"}"#;
+    assert_eq!(
+        a.metric(&format!("weir_messaging_published_total{q}"))
+            .await,
+        21.0
+    );
+    assert_eq!(
+        b.metric(&format!("weir_messaging_delivered_total{q}"))
+            .await,
+        21.0
+    );
+    assert_eq!(
+        b.metric(&format!("weir_messaging_acked_total{q}")).await,
+        21.0
+    );
+    let (_, text) = http_get(&b.admin_url("/metrics")).await.unwrap();
+    assert!(
+        text.contains("# TYPE weir_messaging_naked counter"),
+        "{text}"
+    );
+    assert_eq!(b.metric("weir_messaging_broker_connected").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app_a = App::ok().await;
+    let app_b = App::ok().await;
+    let a = Sidecar::start(base_config(
+        "orders",
+        app_a.addr,
+        publisher_messaging(&nats.url()),
+    ))
+    .await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app_b.addr,
+        consumer_messaging(&nats.url(), consume_config("billing")),
+    ))
+    .await;
+
+    let (status, body) = a.publish(QUEUE, &[], r#"{"orderId": 5}"#).await;
+    assert_eq!(status, 422, "{body}");
+    let errors = body["errors"].as_array().unwrap();
+    let paths: Vec<_> = errors.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&"/orderId"), "{body}");
+    assert!(
+        paths.contains(&""),
+        "missing amount is reported at the root: {body}"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| !e["message"].as_str().unwrap().is_empty())
+    );
+
+    let (status, body) = a.publish(QUEUE, &[], "not json").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = a.publish("payments", &[], "{}").await;
+    assert_eq!(status, 404, "{body}");
+    let big = format!(r#"{{"orderId":"{}","amount":1}}"#, "x".repeat(70 * 1024));
+    let (status, body) = a.publish(QUEUE, &[], &big).await;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = a
+        .publish(
+            QUEUE,
+            &[("ce-id", "bad id")],
+            r#"{"orderId":"o","amount":1}"#,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = http_get(&a.admin_url("/v1/publish/orders")).await.unwrap();
+    assert_eq!(status, 405);
+    assert_eq!(
+        stream_len(&js, STREAM).await,
+        0,
+        "nothing reached the stream"
+    );
+    assert_eq!(
+        a.metric(r#"weir_messaging_rejected_by_schema_total{queue="orders"}"#)
+            .await,
+        1.0
+    );
+
+    // Straight into the stream, bypassing the publishing sidecar.
+    raw_publish(&js, "bad-1", "bad-1", r#"{"orderId":""}"#).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            stream_len(&js, DLQ_STREAM).await == 1
+        })
+        .await,
+        "dead letter expected"
+    );
+    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app_b.total(), 0, "the app never sees an invalid event");
+    let dl = &stream_messages(&js, DLQ_STREAM).await[0];
+    assert_eq!(dl.subject.as_str(), DLQ_SUBJECT);
+    assert_eq!(&dl.payload[..], br#"{"orderId":""}"#);
+    assert_eq!(header(dl, "ce-id"), "bad-1");
+    assert_eq!(header(dl, "ce-type"), "order.created");
+    assert_eq!(header(dl, "Nats-Msg-Id"), "");
+    assert_eq!(header(dl, "Weir-Reason"), "schema");
+    assert_eq!(header(dl, "Weir-Original-Subject"), SUBJECT);
+    assert_eq!(header(dl, "Weir-Original-Seq"), "1");
+    assert_eq!(header(dl, "Weir-Consumer"), "billing");
+    assert_eq!(header(dl, "Weir-Delivery-Count"), "1");
+    assert!(
+        header(dl, "Weir-Last-Error").contains("/orderId"),
+        "{:?}",
+        dl.headers
+    );
+    assert!(chrono::DateTime::parse_from_rfc3339(header(dl, "Weir-Dead-Lettered-At")).is_ok());
+    assert_eq!(
+        b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="schema"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn publishing_is_for_loopback_peers_only() {
+    let bridge = weir_proxy::bridge::Bridge::new(
+        weir_proxy::bridge::metrics::BridgeMetrics::default(),
+        weir_proxy::forward::new_client(),
+    );
+    let req = |body: &'static str| {
+        http::Request::post("/v1/publish/orders")
+            .body(weir_proxy::body::full(body))
+            .unwrap()
+    };
+    let r = bridge
+        .publish(Some("10.1.2.3:40000".parse().unwrap()), req("{}"))
+        .await;
+    assert_eq!(r.status(), 403);
+    let r = bridge.publish(None, req("{}")).await;
+    assert_eq!(r.status(), 403);
+    let r = bridge
+        .publish(Some("127.0.0.1:40000".parse().unwrap()), req("{}"))
+        .await;
+    assert_eq!(r.status(), 404, "loopback passes; no messaging configured");
+    let r = bridge
+        .publish(Some("[::1]:40000".parse().unwrap()), req("{}"))
+        .await;
+    assert_eq!(r.status(), 404);
+    assert!(bridge.is_ready(), "no messaging: nothing to wait for");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_is_retried_with_backoff_then_dead_lettered() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app = App::start(
+        Duration::ZERO,
+        Arc::new(|id: &str, _| match id {
+            "fail-1" => 503,
+            "reject-1" => 400,
+            _ => 200,
+        }),
+    )
+    .await;
+    let mut c = consume_config("billing");
+    c.max_deliveries = 3;
+    c.backoff_ms = vec![300, 600];
+    let b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        consumer_messaging(&nats.url(), c),
+    ))
+    .await;
+    let body = r#"{"orderId":"o1","amount":1}"#;
+    raw_publish(&js, "fail-1", "fail-1", body).await;
+    raw_publish(&js, "reject-1", "reject-1", body).await;
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            stream_len(&js, DLQ_STREAM).await == 2
+        })
+        .await,
+        "two dead letters expected; app calls: {:?}",
+        app.counts()
+    );
+    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    let fails = app.calls_for("fail-1");
+    assert_eq!(fails.len(), 3, "maxDeliveries");
+    let gap1 = fails[1].at - fails[0].at;
+    let gap2 = fails[2].at - fails[1].at;
+    assert!(
+        gap1 >= Duration::from_millis(280) && gap1 < Duration::from_millis(2000),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(580) && gap2 < Duration::from_millis(2500),
+        "{gap2:?}"
+    );
+    assert_eq!(app.calls_for("reject-1").len(), 1, "a 400 is not retried");
+
+    let dls = stream_messages(&js, DLQ_STREAM).await;
+    let by_id = |id: &str| dls.iter().find(|m| header(m, "ce-id") == id).unwrap();
+    let f = by_id("fail-1");
+    assert_eq!(header(f, "Weir-Reason"), "max-deliveries");
+    assert_eq!(header(f, "Weir-Delivery-Count"), "3");
+    assert!(header(f, "Weir-Last-Error").starts_with("HTTP 503"));
+    assert_eq!(&f.payload[..], body.as_bytes());
+    let r = by_id("reject-1");
+    assert_eq!(header(r, "Weir-Reason"), "rejected");
+    assert_eq!(header(r, "Weir-Delivery-Count"), "1");
+    assert_eq!(
+        header(r, "Weir-Last-Error"),
+        "HTTP 400: answer 400 for reject-1"
+    );
+
+    let q = |m: &str| format!(r#"weir_messaging_{m}_total{{queue="orders"}}"#);
+    assert_eq!(b.metric(&q("delivered")).await, 4.0);
+    assert_eq!(b.metric(&q("naked")).await, 2.0);
+    assert_eq!(b.metric(&q("acked")).await, 0.0);
+    assert_eq!(
+        b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="max-deliveries"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="rejected"}"#)
+            .await,
+        1.0
+    );
+
+    // After the handler is fixed, a replay (as docs/messaging.md describes it) is processed once.
+    app.set_behavior(Arc::new(|_, _| 200));
+    let seq = f.sequence;
+    raw_publish(&js, "fail-1", &format!("fail-1:replay:{seq}"), body).await;
+    assert!(
+        eventually(Duration::from_secs(10), || app.calls_for("fail-1").len()
+            == 4)
+        .await
+    );
+    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    assert_eq!(b.metric(&q("acked")).await, 1.0);
+    assert_eq!(app.calls_for("fail-1").len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_processed_once() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app_a = App::ok().await;
+    let app_b = App::ok().await;
+    let a = Sidecar::start(base_config(
+        "orders",
+        app_a.addr,
+        publisher_messaging(&nats.url()),
+    ))
+    .await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app_b.addr,
+        consumer_messaging(&nats.url(), consume_config("billing")),
+    ))
+    .await;
+    let body = r#"{"orderId":"o1","amount":1}"#;
+    let (s1, r1) = a.publish(QUEUE, &[("ce-id", "dup-1")], body).await;
+    let (s2, r2) = a.publish(QUEUE, &[("ce-id", "dup-1")], body).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(r1["duplicate"], false);
+    assert_eq!(
+        r2["duplicate"], true,
+        "the broker drops the second within its window"
+    );
+    assert_eq!(r1["stream_seq"], r2["stream_seq"]);
+    // Idempotency-Key is the other way to name the event.
+    let (s3, r3) = a
+        .publish(QUEUE, &[("Idempotency-Key", "key-7")], body)
+        .await;
+    assert_eq!(s3, 202);
+    assert_eq!(r3["id"], "key-7");
+    assert!(eventually(Duration::from_secs(10), || app_b.total() == 2).await);
+    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+
+    // A redelivered, already-processed event (same ce-id, past the broker's dedup): acked
+    // without calling the app.
+    raw_publish(&js, "dup-1", "dup-1:again", body).await;
+    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app_b.calls_for("dup-1").len(), 1);
+    assert_eq!(
+        b.metric(r#"weir_messaging_deduplicated_total{queue="orders"}"#)
+            .await,
+        1.0
+    );
+    // The record lives in the processed-event bucket under <consumer>.<sha256(id)>.
+    let kv = js
+        .get_key_value("weir_processed_shop_orders")
+        .await
+        .unwrap();
+    let key = weir_proxy::bridge::cloudevents::processed_key("billing", "dup-1");
+    assert!(kv.get(key).await.unwrap().is_some());
+}
+
+/// Ids the app saw more than once; the app dedupes on `ce-id` for these (see the bridge docs).
+fn repeated(app: &App) -> Vec<(String, usize)> {
+    let mut v: Vec<_> = app.counts().into_iter().filter(|(_, n)| *n > 1).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_consuming_sidecar_loses_nothing() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    const N: usize = 3000;
+    let mut acks = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("ce-id", format!("evt-{i}").as_str());
+        h.insert("Nats-Msg-Id", format!("evt-{i}").as_str());
+        acks.push(
+            js.publish_with_headers(
+                SUBJECT,
+                h,
+                format!(r#"{{"orderId":"o{i}","amount":{i}}}"#).into(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let app = App::start(Duration::from_millis(2), Arc::new(|_, _| 200)).await;
+    let c = consume_config("billing");
+    let max_in_flight = c.max_in_flight as usize;
+    let mut b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        consumer_messaging(&nats.url(), c),
+    ))
+    .await;
+    assert!(eventually(Duration::from_secs(30), || app.total() >= N / 3).await);
+    b.kill9();
+    let at_kill = app.counts().len();
+    assert!(at_kill < N, "the kill must land mid-stream");
+    b.restart().await;
+    assert!(
+        eventually(Duration::from_secs(90), || app.counts().len() == N).await,
+        "processed {} of {N}",
+        app.counts().len()
+    );
+    wait_settled(&js, "billing", Duration::from_secs(15)).await;
+    let repeated = repeated(&app);
+    eprintln!(
+        "kill -9 of the consuming sidecar after {at_kill} events: {} of {N} events reached the app twice: {repeated:?}",
+        repeated.len()
+    );
+    // Only deliveries cut by the kill (at most maxInFlight, between the app's 2xx and the
+    // processed-event record) can reach the app again.
+    assert!(repeated.len() <= max_in_flight, "{repeated:?}");
+    assert!(repeated.iter().all(|(_, n)| *n == 2), "{repeated:?}");
+    assert_eq!(stream_len(&js, DLQ_STREAM).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_broker_loses_nothing() {
+    let bin = nats_or_skip!();
+    let mut nats = Nats::start(bin).await;
+    {
+        let js = nats.js().await;
+        declare_stream(&js).await;
+    }
+    let app_a = App::ok().await;
+    let app = App::start(Duration::from_millis(1), Arc::new(|_, _| 200)).await;
+    let a = Arc::new(
+        Sidecar::start(base_config(
+            "orders",
+            app_a.addr,
+            publisher_messaging(&nats.url()),
+        ))
+        .await,
+    );
+    let c = consume_config("billing");
+    let max_in_flight = c.max_in_flight as usize;
+    let _b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        consumer_messaging(&nats.url(), c),
+    ))
+    .await;
+    const N: usize = 1500;
+    let a2 = a.clone();
+    let publisher = tokio::spawn(async move {
+        let mut refused = 0usize;
+        let mut duplicates = 0usize;
+        for i in 0..N {
+            let id = format!("evt-{i}");
+            loop {
+                let (status, body) = a2
+                    .publish(
+                        QUEUE,
+                        &[("ce-id", &id)],
+                        &format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
+                    )
+                    .await;
+                if status == 202 {
+                    duplicates += usize::from(body["duplicate"] == true);
+                    break;
+                }
+                assert_eq!(status, 503, "{body}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        (refused, duplicates)
+    });
+    assert!(eventually(Duration::from_secs(30), || app.total() >= N / 4).await);
+    nats.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nats.restart().await;
+    let (refused, duplicates) = tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("publisher finished")
+        .unwrap();
+    assert!(
+        refused > 0,
+        "publishes were refused (503) while the broker was down"
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || app.counts().len() == N).await,
+        "processed {} of {N}",
+        app.counts().len()
+    );
+    let js = nats.js().await;
+    wait_settled(&js, "billing", Duration::from_secs(20)).await;
+    assert_eq!(
+        stream_len(&js, STREAM).await,
+        N as u64,
+        "each event stored once"
+    );
+    let repeated = repeated(&app);
+    eprintln!(
+        "kill -9 of nats-server: {refused} publishes answered 503 and retried ({duplicates} \
+         retries were duplicates), {} of {N} events reached the app twice: {repeated:?}",
+        repeated.len()
+    );
+    assert!(repeated.len() <= max_in_flight, "{repeated:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_deliveries_in_flight() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app = App::start(Duration::from_millis(700), Arc::new(|_, _| 200)).await;
+    let mut b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        consumer_messaging(&nats.url(), consume_config("billing")),
+    ))
+    .await;
+    for i in 0..4 {
+        let id = format!("slow-{i}");
+        raw_publish(&js, &id, &id, r#"{"orderId":"o","amount":1}"#).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || app.total() == 4).await);
+    b.sigterm();
+    assert!(b.wait_exit(Duration::from_secs(10)).success());
+    let info = consumer_info(&js, "billing").await;
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "every delivery in flight was acked"
+    );
+    assert_eq!(info.ack_floor.stream_sequence, 4);
+}
