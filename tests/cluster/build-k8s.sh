@@ -15,7 +15,10 @@ BASE="$WEIR_CLUSTER_CACHE/$SRCVER"
 BIN="$BASE/bin"
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
-if [[ -f "$BIN/.complete" ]]; then
+# Bump when the recipe below changes what is built: a cached build with another
+# recipe is rebuilt (the Go build cache keeps that short where it can).
+RECIPE=2   # 2: vendored reflect2 1.0.1 replaced by Debian's 1.0.2
+if [[ -f "$BIN/.complete" && "$(cat "$BIN/.complete")" == "$RECIPE" ]]; then
   log "using cached Kubernetes build in $BIN"
   echo "$BIN"; exit 0
 fi
@@ -32,6 +35,21 @@ if [[ ! -f "$TREE/.extracted" ]]; then
   log "extracting (dpkg-source -x applies Debian's patches)"
   dpkg-source --no-check -x "$(ls "$BASE"/src/*.dsc | head -1)" "$TREE" >&2
   touch "$TREE/.extracted"
+fi
+
+# Go >= 1.18 changed the runtime's map iterator; the vendored
+# github.com/modern-go/reflect2 v1.0.1 then makes json-iterator crash the
+# apiserver ("unexpected fault address", sortKeysMapEncoder) whenever it encodes
+# a map, e.g. on creating a CustomResourceDefinition. Debian's
+# golang-github-modern-go-reflect2-dev (1.0.2) has the fix: vendor it instead.
+R2=/usr/share/gocode/src/github.com/modern-go/reflect2
+if grep -q '^# github.com/modern-go/reflect2 v1.0.1' "$TREE/vendor/modules.txt" && [[ ! -f "$TREE/.reflect2-debian" ]]; then
+  [[ -f "$R2/go_above_118.go" ]] || die "need Debian's golang-github-modern-go-reflect2-dev (>= 1.0.2) in $R2"
+  log "replacing vendored reflect2 v1.0.1 with Debian's $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev)"
+  rm -rf "$TREE/vendor/github.com/modern-go/reflect2"
+  cp -r "$R2" "$TREE/vendor/github.com/modern-go/reflect2"
+  rm -f "$TREE/vendor/github.com/modern-go/reflect2/go.mod"
+  touch "$TREE/.reflect2-debian"
 fi
 
 # 2. GOPATH mode: the tree linked at $GOPATH/src/k8s.io/kubernetes.
@@ -92,5 +110,5 @@ gcc -Os -Wall -static -DVERSION=v3.4-debian -o "$BIN/pause" build/pause/linux/pa
 
 for b in "${BINARIES[@]}" pause; do [[ -x "$BIN/$b" ]] || die "missing $BIN/$b"; done
 "$BIN/kube-apiserver" --version >&2
-touch "$BIN/.complete"
+echo "$RECIPE" > "$BIN/.complete"
 echo "$BIN"

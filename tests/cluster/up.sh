@@ -30,7 +30,7 @@ if cluster_healthy; then
 fi
 
 # ---------------------------------------------------------------- packages
-PACKAGES=(golang-go gcc libc6-dev dpkg-dev etcd-server containerd runc containernetworking-plugins
+PACKAGES=(golang-go golang-github-modern-go-reflect2-dev gcc libc6-dev dpkg-dev etcd-server containerd runc containernetworking-plugins
           iptables nftables conntrack openssl dnsmasq-base iproute2 kmod)
 need_update=false
 missing=()
