@@ -27,6 +27,8 @@ enum Command {
     Lint(LintArgs),
     /// Print the system as a Mermaid or DOT graph: calls, events, sagas.
     Graph(GraphArgs),
+    /// Inspect a Queue's dead letters and replay them onto the queue.
+    Dlq(weir::messaging::dlq::DlqArgs),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -102,6 +104,7 @@ fn main() -> ExitCode {
         Command::Render(args) => render_cmd(args),
         Command::Lint(args) => lint_cmd(args),
         Command::Graph(args) => graph_cmd(args),
+        Command::Dlq(args) => weir::messaging::dlq::run(args),
         Command::Crd {
             out_dir,
             kube_version,

@@ -342,6 +342,16 @@ fn cross_check(loaded: &[Loaded]) -> Vec<ManifestError> {
             _ => None,
         })
         .collect();
+    let queues: BTreeSet<(String, String)> = loaded
+        .iter()
+        .filter_map(|l| match &l.object {
+            Object::Queue(q) => Some((
+                namespace_of(&q.metadata),
+                q.metadata.name.clone().unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect();
     let mut errors = Vec::new();
     for l in loaded {
         let Object::Microservice(m) = &l.object else {
@@ -360,6 +370,29 @@ fn cross_check(loaded: &[Loaded]) -> Vec<ManifestError> {
                     message: format!(
                         "Microservice {target:?} is not in the input (same namespace)"
                     ),
+                });
+            }
+        }
+        let queue_refs = m
+            .spec
+            .publishes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("spec.publishes[{i}].queue"), &p.queue))
+            .chain(
+                m.spec
+                    .consumes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("spec.consumes[{i}].queue"), &c.queue)),
+            );
+        for (field, q) in queue_refs {
+            if !queues.contains(&(ns.clone(), q.clone())) {
+                errors.push(ManifestError {
+                    file: l.file.clone(),
+                    object: format!("Microservice/{name}"),
+                    field,
+                    message: format!("Queue {q:?} is not in the input (same namespace)"),
                 });
             }
         }
@@ -438,6 +471,14 @@ mod tests {
             "{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    microservice: users\n"
         ));
         assert_eq!(f, ["Microservice/orders|spec.dependencies[0].microservice"]);
+    }
+
+    #[test]
+    fn missing_queue_is_named() {
+        let f = fields(&format!(
+            "{HEAD}spec:\n  image: o\n  publishes: [{{queue: audit}}]\n  consumes: [{{queue: orders, path: /e}}]\n---\napiVersion: weir.dev/v1alpha1\nkind: Queue\nmetadata: {{name: audit}}\nspec: {{broker: nats}}\n"
+        ));
+        assert_eq!(f, ["Microservice/orders|spec.consumes[0].queue"]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::{Broker, Credentials, Error, dead_letter_stream_name, map_err};
 use async_nats::HeaderMap;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use std::process::ExitCode;
@@ -81,6 +82,7 @@ pub async fn get(
             body: m.payload,
             stored_at: stored_time(&m.time),
         })),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => {
             let mapped = map_err(format!("message {seq} of stream {name}"))(e);
             // 10037: no message found.

@@ -193,7 +193,37 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         }
     }
 
-    let rendered = render::render(ms, &ctx.render)?;
+    // The Queues and Broker of the sidecar's pub/sub bridge: until they all exist, nothing is
+    // applied (the running pods keep their config) and the condition names what is missing.
+    let bridge = match super::queue::resolve_bridge(ctx, &ns, ms).await? {
+        Ok(b) => b,
+        Err((reason, message)) => {
+            let conds = vec![
+                conditions::new("Ready", false, reason, &message, generation),
+                conditions::new("Progressing", false, reason, &message, generation),
+                conditions::new("Degraded", true, reason, &message, generation),
+            ];
+            publish_on_change(
+                ctx,
+                ms,
+                &current,
+                "Degraded",
+                reason,
+                EventType::Warning,
+                &message,
+            )
+            .await;
+            let status = MicroserviceStatus {
+                observed_generation: generation,
+                conditions: conds,
+                ..current.clone()
+            };
+            write_status(ctx, &ns, &name, &current, status).await?;
+            return Ok(Action::requeue(DEPENDENCY_RECHECK));
+        }
+    };
+
+    let rendered = render::render_with(ms, &ctx.render, bridge.as_ref())?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
         .patch(

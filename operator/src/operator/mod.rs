@@ -1,10 +1,12 @@
 //! `weir operator`: the controllers, leader election, and the metrics/health endpoint.
 
 pub mod admin;
+pub mod broker;
 pub mod conditions;
 pub mod leader;
 pub mod metrics;
 pub mod microservice;
+pub mod queue;
 
 use crate::render::RenderOptions;
 use clap::Args;
@@ -56,6 +58,10 @@ pub struct Context {
     pub reporter: Reporter,
     pub recorder: kube::runtime::events::Recorder,
     pub backoff: microservice::Backoff,
+    /// Failure counts of Queues and Brokers (requeue backoff on broker errors).
+    pub messaging_backoff: broker::Backoff,
+    /// Broker connections shared by the Queue reconciles.
+    pub connections: broker::Connections,
 }
 
 impl Context {
@@ -72,6 +78,8 @@ impl Context {
             reporter,
             recorder,
             backoff: Default::default(),
+            messaging_backoff: Default::default(),
+            connections: Default::default(),
         }
     }
 }
@@ -145,10 +153,17 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(client.clone(), render, metrics));
     ready.store(true, Ordering::SeqCst);
     tracing::info!(native_sidecar = !args.legacy_sidecar, proxy_image = %args.proxy_image, "controllers starting");
-    microservice::run(ctx, args.watch_namespace.as_deref()).await;
+    let ns = args.watch_namespace.as_deref();
+    tokio::join!(
+        microservice::run(ctx.clone(), ns),
+        queue::run(ctx.clone(), ns),
+        broker::run(ctx, ns),
+    );
     admin.abort();
     Ok(())
 }
 
+#[cfg(test)]
+mod messaging_tests;
 #[cfg(test)]
 mod tests;

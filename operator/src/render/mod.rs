@@ -2,6 +2,7 @@
 //! sidecar's ConfigMap. Pure functions: the operator applies their output, `weir render`
 //! prints it, `weir up` runs it.
 
+pub mod messaging;
 pub mod proxy_config;
 
 use k8s_openapi::api::apps::v1::{
@@ -10,8 +11,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction,
     HTTPGetAction, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -110,6 +111,15 @@ fn metadata(ms: &Microservice, name: String, namespace: &str) -> ObjectMeta {
 
 /// Renders a Microservice for a cluster.
 pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, RenderError> {
+    render_with(ms, opts, None)
+}
+
+/// Renders a Microservice with its pub/sub bridge config (see [`messaging::build`]).
+pub fn render_with(
+    ms: &Microservice,
+    opts: &RenderOptions,
+    bridge: Option<&messaging::Messaging>,
+) -> Result<Rendered, RenderError> {
     let name = ms
         .metadata
         .name
@@ -121,7 +131,8 @@ pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, Rende
     let placement = PodPlacement {
         cluster_domain: opts.cluster_domain.clone(),
     };
-    let config = proxy_config::build(&name, &namespace, &ms.spec, &placement)?;
+    let mut config = proxy_config::build(&name, &namespace, &ms.spec, &placement)?;
+    config.messaging = bridge.map(|m| m.config.clone());
     let config_json = serde_json::to_string_pretty(&config).expect("proxy config serializes");
     let config_hash = hash(&config_json);
 
@@ -148,7 +159,10 @@ pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, Rende
         }),
         ..Default::default()
     };
-    let deployment = deployment(ms, &name, &namespace, &config, &config_hash, opts);
+    let mut deployment = deployment(ms, &name, &namespace, &config, &config_hash, opts);
+    if let Some(secret) = bridge.and_then(|m| m.credentials_secret.as_deref()) {
+        mount_broker_credentials(&mut deployment, secret);
+    }
     Ok(Rendered {
         config,
         config_hash,
@@ -156,6 +170,41 @@ pub fn render(ms: &Microservice, opts: &RenderOptions) -> Result<Rendered, Rende
         deployment,
         service,
     })
+}
+
+/// Mounts the Broker's credentials Secret into the sidecar at
+/// [`messaging::CREDENTIALS_MOUNT_PATH`].
+fn mount_broker_credentials(deployment: &mut Deployment, secret: &str) {
+    let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    else {
+        return;
+    };
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: messaging::CREDENTIALS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_string()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let containers = pod
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(pod.containers.iter_mut());
+    for c in containers.filter(|c| c.name == PROXY_CONTAINER) {
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: messaging::CREDENTIALS_VOLUME.into(),
+                mount_path: messaging::CREDENTIALS_MOUNT_PATH.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+    }
 }
 
 fn hash(text: &str) -> String {
@@ -412,7 +461,8 @@ pub fn render_all(
             continue;
         };
         let name = ms.name_any();
-        let r = render(ms, opts)
+        let r = bridge_from_input(loaded, ms, opts)
+            .and_then(|bridge| render_with(ms, opts, bridge.as_ref()))
             .map_err(|e| format!("{}: Microservice/{name}: {e}", l.file.display()))?;
         let head = format!("# Source: {} (Microservice/{name})\n", l.file.display());
         for doc in [
@@ -424,6 +474,74 @@ pub fn render_all(
         }
     }
     Ok(docs.join("---\n"))
+}
+
+/// The bridge config of `ms` from the Queues and Brokers of the input (same namespace).
+fn bridge_from_input(
+    loaded: &[crate::manifest::Loaded],
+    ms: &Microservice,
+    opts: &RenderOptions,
+) -> Result<Option<messaging::Messaging>, RenderError> {
+    use crate::manifest::Object;
+    if ms.spec.publishes.is_empty() && ms.spec.consumes.is_empty() {
+        return Ok(None);
+    }
+    let wanted: std::collections::BTreeSet<&str> = ms
+        .spec
+        .publishes
+        .iter()
+        .map(|p| p.queue.as_str())
+        .chain(ms.spec.consumes.iter().map(|c| c.queue.as_str()))
+        .collect();
+    let same_ns = |m: &ObjectMeta| m.namespace == ms.metadata.namespace;
+    let mut queues = BTreeMap::new();
+    let mut brokers = BTreeMap::new();
+    for l in loaded {
+        match &l.object {
+            Object::Queue(q) if same_ns(&q.metadata) && wanted.contains(q.name_any().as_str()) => {
+                let qname = q.name_any();
+                if q.spec
+                    .schema
+                    .as_ref()
+                    .is_some_and(|s| s.config_map_ref.is_some())
+                {
+                    return Err(RenderError::Field {
+                        field: format!("Queue/{qname}: spec.schema.configMapRef"),
+                        message: "weir render reads no ConfigMaps; inline the schema to render its publishers and consumers".into(),
+                    });
+                }
+                let schema =
+                    messaging::resolve_schema(q.spec.schema.as_ref(), None).map_err(|e| {
+                        RenderError::Field {
+                            field: format!("Queue/{qname}: {}", e.field),
+                            message: e.message,
+                        }
+                    })?;
+                queues.insert(
+                    qname,
+                    messaging::ResolvedQueue {
+                        spec: q.spec.clone(),
+                        schema,
+                    },
+                );
+            }
+            Object::Broker(b) if same_ns(&b.metadata) => {
+                brokers.insert(b.name_any(), b.clone());
+            }
+            _ => {}
+        }
+    }
+    let namespace = ms
+        .namespace()
+        .unwrap_or_else(|| opts.default_namespace.clone());
+    messaging::build(
+        &ms.name_any(),
+        &namespace,
+        &ms.spec,
+        &queues,
+        &brokers,
+        &opts.cluster_domain,
+    )
 }
 
 fn to_yaml<T: serde::Serialize>(obj: &T) -> String {

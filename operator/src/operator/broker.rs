@@ -1,0 +1,279 @@
+//! The Broker reconciler: connects to the broker and reports `Connected` with the server's
+//! version, or the connection error; rechecks periodically. Also the shared pieces of the
+//! Queue reconciler's broker side: credentials from the Broker's Secret, cached connections and
+//! per-object backoff.
+
+use super::{Context, FIELD_MANAGER, conditions};
+use crate::messaging::{self, Credentials};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use weir_crds::Broker;
+use weir_crds::broker::{BrokerKind, BrokerStatus};
+
+/// Recheck of a connected Broker.
+pub const HEALTH_RECHECK: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("object has no {0}")]
+    Missing(&'static str),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Missing(_) => "missing",
+        }
+    }
+}
+
+/// Per-object failure counts (`Kind/ns/name`): each consecutive failure doubles the requeue
+/// delay, 5s up to 5m.
+#[derive(Default)]
+pub struct Backoff(Mutex<HashMap<String, u32>>);
+
+impl Backoff {
+    pub fn next_delay(&self, key: &str) -> Duration {
+        let mut map = self.0.lock().expect("backoff lock");
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6))).min(Duration::from_secs(300))
+    }
+    pub fn reset(&self, key: &str) {
+        self.0.lock().expect("backoff lock").remove(key);
+    }
+}
+
+/// Open broker connections, by Broker (`ns/name`), reused while URL and credentials stay.
+#[derive(Default)]
+pub struct Connections(Mutex<HashMap<String, (String, Credentials, messaging::Broker)>>);
+
+impl Connections {
+    /// A connection to `url` with `creds`, reusing the cached one when it matches.
+    pub async fn get(
+        &self,
+        key: &str,
+        url: &str,
+        creds: &Credentials,
+    ) -> Result<messaging::Broker, messaging::Error> {
+        if let Some((u, c, b)) = self.0.lock().expect("connections lock").get(key)
+            && u == url
+            && c == creds
+            && b.client().connection_state() == async_nats::connection::State::Connected
+        {
+            return Ok(b.clone());
+        }
+        let b = messaging::connect(url, creds).await?;
+        self.0
+            .lock()
+            .expect("connections lock")
+            .insert(key.to_string(), (url.into(), creds.clone(), b.clone()));
+        Ok(b)
+    }
+
+    /// Forgets a connection (after an error, so the next attempt dials afresh).
+    pub fn forget(&self, key: &str) {
+        self.0.lock().expect("connections lock").remove(key);
+    }
+}
+
+/// Why a Broker cannot be used, as a condition reason and message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unusable {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The URL and credentials of `broker`, reading its credentials Secret.
+pub async fn endpoint(
+    client: &kube::Client,
+    ns: &str,
+    broker: &Broker,
+) -> Result<Result<(String, Credentials), Unusable>, kube::Error> {
+    let name = broker.name_any();
+    if broker.spec.kind != BrokerKind::Nats {
+        return Ok(Err(Unusable {
+            reason: "UnsupportedKind",
+            message: format!(
+                "Broker {name}: spec.kind {:?} is not supported yet; only nats",
+                broker.spec.kind
+            ),
+        }));
+    }
+    let Some(url) = broker.spec.url.clone() else {
+        return Ok(Err(Unusable {
+            reason: "ManagedNotSupported",
+            message: format!(
+                "Broker {name}: managed brokers are not run by the operator yet; set spec.url"
+            ),
+        }));
+    };
+    let creds = match &broker.spec.credentials_secret {
+        None => Credentials::None,
+        Some(s) => {
+            let Some(secret) = Api::<Secret>::namespaced(client.clone(), ns)
+                .get_opt(&s.name)
+                .await?
+            else {
+                return Ok(Err(Unusable {
+                    reason: "CredentialsNotFound",
+                    message: format!(
+                        "Broker {name}: spec.credentialsSecret: Secret {:?} not found in namespace {ns}",
+                        s.name
+                    ),
+                }));
+            };
+            let data = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            match Credentials::from_secret_data(&data) {
+                Ok(c) => c,
+                Err(e) => {
+                    return Ok(Err(Unusable {
+                        reason: e.reason(),
+                        message: format!("Broker {name}: Secret {:?}: {e}", s.name),
+                    }));
+                }
+            }
+        }
+    };
+    Ok(Ok((url, creds)))
+}
+
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
+    let brokers = match namespace {
+        Some(ns) => Api::<Broker>::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    Controller::new(brokers, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "broker reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn key(b: &Broker) -> String {
+    format!(
+        "Broker/{}/{}",
+        b.namespace().unwrap_or_default(),
+        b.name_any()
+    )
+}
+
+pub fn error_policy(b: Arc<Broker>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.messaging_backoff.next_delay(&key(&b));
+    tracing::warn!(broker = %b.name_any(), namespace = ?b.namespace(), %error, retry_in = ?delay, "reconcile failed");
+    ctx.metrics
+        .errors
+        .get_or_create(&super::metrics::ErrorLabel {
+            kind: "Broker".into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
+    Action::requeue(delay)
+}
+
+pub async fn reconcile(b: Arc<Broker>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let label = super::metrics::KindLabel {
+        kind: "Broker".into(),
+    };
+    ctx.metrics.reconciles.get_or_create(&label).inc();
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&b, &ctx).await;
+    ctx.metrics
+        .duration
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
+    let name = b
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
+    let ns = b.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    if b.metadata.deletion_timestamp.is_some() {
+        ctx.connections.forget(&format!("{ns}/{name}"));
+        return Ok(Action::await_change());
+    }
+    let generation = b.metadata.generation;
+    let current = b.status.clone().unwrap_or_default();
+    let k = key(b);
+    let (cond, version, action) = match endpoint(&ctx.client, &ns, b).await? {
+        Err(u) => (
+            conditions::new("Connected", false, u.reason, u.message, generation),
+            None,
+            Action::await_change(),
+        ),
+        Ok((url, creds)) => match messaging::connect(&url, &creds).await {
+            Ok(conn) => {
+                ctx.messaging_backoff.reset(&k);
+                let version = conn.server_version();
+                (
+                    conditions::new(
+                        "Connected",
+                        true,
+                        "Connected",
+                        format!("connected to {url} (server {version})"),
+                        generation,
+                    ),
+                    Some(version),
+                    Action::requeue(HEALTH_RECHECK),
+                )
+            }
+            Err(e) => {
+                ctx.connections.forget(&format!("{ns}/{name}"));
+                let delay = ctx.messaging_backoff.next_delay(&k);
+                (
+                    conditions::new("Connected", false, e.reason(), e.to_string(), generation),
+                    None,
+                    Action::requeue(delay),
+                )
+            }
+        },
+    };
+    let status = BrokerStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&current.conditions, vec![cond]),
+        // Keep the last known version while disconnected: it is what ran there.
+        server_version: version.or(current.server_version.clone()),
+    };
+    let unchanged = conditions::same(&current.conditions, &status.conditions)
+        && current.observed_generation == status.observed_generation
+        && current.server_version == status.server_version;
+    if !unchanged {
+        let patch = json!({
+            "apiVersion": Broker::api_version(&()),
+            "kind": Broker::kind(&()),
+            "status": status,
+        });
+        Api::<Broker>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+    }
+    Ok(action)
+}

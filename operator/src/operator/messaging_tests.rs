@@ -1,0 +1,638 @@
+//! Queue, Broker and Microservice-bridge reconciles: the Kubernetes API is kube's `tower-test`
+//! mock (scripted requests, as in `tests.rs`), the broker is a real `nats-server -js`.
+
+use super::Context;
+use super::metrics::Metrics;
+use crate::messaging::{self, Credentials, Topology};
+use crate::render::RenderOptions;
+use crate::testing::NatsServer;
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use weir_crds::{Broker, Microservice, Queue};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Responder = Box<dyn Fn(&Value) -> (StatusCode, Value) + Send>;
+
+struct Expect {
+    method: Method,
+    path: String,
+    respond: Responder,
+}
+
+fn expect(
+    method: Method,
+    path: &str,
+    respond: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        method,
+        path: path.into(),
+        respond: Box::new(respond),
+    }
+}
+
+/// Answers the scripted requests in order and returns their bodies; fails on any other request.
+async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<(String, Value)> {
+    let mut seen = Vec::new();
+    for e in script {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {} {}", e.method, e.path))
+            .expect("client dropped before the expected request");
+        let path = req.uri().path().to_string();
+        assert_eq!(
+            (req.method(), path.as_str()),
+            (&e.method, e.path.as_str()),
+            "unexpected request"
+        );
+        let bytes = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let (status, answer) = (e.respond)(&body);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        seen.push((path, body));
+    }
+    if let Ok(Some((req, _))) =
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    {
+        panic!("unexpected extra request: {} {}", req.method(), req.uri());
+    }
+    seen
+}
+
+fn context() -> (Arc<Context>, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let render = RenderOptions {
+        proxy_image: "weir-proxy:test".into(),
+        ..Default::default()
+    };
+    (
+        Arc::new(Context::new(client, render, Arc::new(Metrics::default()))),
+        handle,
+    )
+}
+
+const NS: &str = "/namespaces/demo";
+fn api(kind: &str) -> String {
+    format!("/apis/weir.dev/v1alpha1{NS}/{kind}")
+}
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/demo/events";
+
+fn queue(spec: Value, extra_meta: Value) -> Queue {
+    let mut meta = json!({"name": "orders", "namespace": "demo", "uid": "uid-q", "generation": 1, "resourceVersion": "5"});
+    for (k, v) in extra_meta.as_object().unwrap() {
+        meta[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "Queue", "metadata": meta, "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn broker_obj(url: &str) -> Value {
+    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
+           "metadata": {"name": "nats", "namespace": "demo", "uid": "uid-b", "generation": 1},
+           "spec": {"url": url}})
+}
+
+fn ms_obj(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+           "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}"), "generation": 2},
+           "spec": spec})
+}
+
+fn ms_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "MicroserviceList", "metadata": {"resourceVersion": "9"}, "items": items})
+}
+
+fn not_found(_: &Value) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+}
+
+fn created(b: &Value) -> (StatusCode, Value) {
+    (StatusCode::CREATED, b.clone())
+}
+
+/// The apiserver answers a Queue patch with the object.
+fn queue_echo(b: &Value) -> (StatusCode, Value) {
+    let mut obj = serde_json::to_value(queue(json!({"broker": "nats"}), json!({}))).unwrap();
+    if let Some(s) = b.get("status") {
+        obj["status"] = s.clone();
+    }
+    (StatusCode::OK, obj)
+}
+
+fn ready(status_patch: &Value) -> &Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+}
+
+async fn nats(server: &NatsServer) -> messaging::Broker {
+    messaging::connect(&server.url(), &Credentials::None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_queue_is_declared_with_its_consumers_and_reports_the_broker_figures() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), move |_| {
+            (StatusCode::OK, broker_obj(&url))
+        }),
+        expect(Method::GET, &api("microservices"), |_| {
+            (
+                StatusCode::OK,
+                ms_list(vec![
+                    ms_obj(
+                        "billing",
+                        json!({"image": "b:1", "consumes": [{"queue": "orders", "path": "/e"}]}),
+                    ),
+                    ms_obj(
+                        "web",
+                        json!({"image": "w:1", "publishes": [{"queue": "orders"}]}),
+                    ),
+                ]),
+            )
+        }),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let q = queue(
+        json!({"broker": "nats", "consumer": {"maxDeliveries": 7}}),
+        json!({}),
+    );
+    let action = super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let seen = api_server.await.unwrap();
+    let status = &seen[2].1;
+    assert_eq!(ready(status)["status"], "True", "{status}");
+    assert_eq!(status["status"]["messages"], 0);
+    assert_eq!(status["status"]["deadLetters"], 0);
+    assert_eq!(status["status"]["pending"], json!({"billing": 0}));
+
+    let b = nats(&server).await;
+    let info = b
+        .consumer_info("weir_demo_orders", "billing")
+        .await
+        .unwrap();
+    assert_eq!(info.config.max_deliver, 7);
+    assert!(b.stream_exists("weir_demo_orders_dlq").await.unwrap());
+    assert!(
+        b.stream_exists("KV_weir_processed_demo_orders")
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn figures_follow_published_messages_and_unwanted_consumers_are_deleted() {
+    let server = NatsServer::start();
+    let b = nats(&server).await;
+    let t = Topology::new(
+        "demo",
+        "orders",
+        &serde_yaml::from_str("broker: nats").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+    b.declare_consumer(&t, "gone").await.unwrap();
+    for i in 0..5 {
+        b.jetstream()
+            .publish("weir.demo.orders", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        b.jetstream()
+            .publish("weir.dlq.demo.orders", "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let url = server.url();
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), move |_| {
+            (StatusCode::OK, broker_obj(&url))
+        }),
+        expect(Method::GET, &api("microservices"), |_| {
+            (
+                StatusCode::OK,
+                ms_list(vec![ms_obj(
+                    "billing",
+                    json!({"image": "b:1", "consumes": [{"queue": "orders", "path": "/e"}]}),
+                )]),
+            )
+        }),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    super::queue::reconcile(Arc::new(queue(json!({"broker": "nats"}), json!({}))), ctx)
+        .await
+        .unwrap();
+    let status = &api_server.await.unwrap()[2].1["status"];
+    assert_eq!(status["messages"], 5);
+    assert_eq!(
+        status["pending"],
+        json!({"billing": 5}),
+        "a new consumer has everything pending"
+    );
+    assert_eq!(status["deadLetters"], 2);
+    assert_eq!(b.managed_consumers(&t).await.unwrap(), ["billing"]);
+}
+
+#[tokio::test]
+async fn a_refused_spec_is_a_ready_false_condition_with_the_brokers_reason_and_a_backoff() {
+    let server = NatsServer::start();
+    let b = nats(&server).await;
+    let other = Topology::new(
+        "demo",
+        "all",
+        &serde_yaml::from_str("broker: nats\nsubjects: ['orders.>']").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&other).await.unwrap();
+
+    let url = server.url();
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), move |_| {
+            (StatusCode::OK, broker_obj(&url))
+        }),
+        expect(Method::POST, EVENTS, created),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let q = queue(
+        json!({"broker": "nats", "subjects": ["orders.created"]}),
+        json!({}),
+    );
+    let action = super::queue::reconcile(Arc::new(q), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(5)),
+        "backoff, not an error"
+    );
+    let seen = api_server.await.unwrap();
+    assert_eq!(seen[1].1["reason"], "SubjectsOverlap");
+    let r = ready(&seen[2].1);
+    assert_eq!(r["status"], "False");
+    assert_eq!(r["reason"], "SubjectsOverlap");
+    let msg = r["message"].as_str().unwrap();
+    assert!(msg.contains("overlap") && msg.contains("10065"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_missing_broker_is_named_and_rechecked() {
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), not_found),
+        expect(Method::POST, EVENTS, created),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let action =
+        super::queue::reconcile(Arc::new(queue(json!({"broker": "nats"}), json!({}))), ctx)
+            .await
+            .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let r = ready(&api_server.await.unwrap()[2].1).clone();
+    assert_eq!(r["reason"], "BrokerNotFound");
+    assert!(r["message"].as_str().unwrap().contains("\"nats\""));
+}
+
+#[tokio::test]
+async fn an_invalid_schema_names_spec_schema() {
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::POST, EVENTS, created),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let q = queue(
+        json!({"broker": "nats", "schema": {"inline": {"type": 12}}}),
+        json!({}),
+    );
+    let action = super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let r = ready(&api_server.await.unwrap()[1].1).clone();
+    assert_eq!(r["reason"], "InvalidSchema");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.schema.inline:"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn delete_policy_adds_a_finalizer_then_deletes_the_streams() {
+    let server = NatsServer::start();
+    let b = nats(&server).await;
+    let t = Topology::new(
+        "demo",
+        "orders",
+        &serde_yaml::from_str("broker: nats").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+
+    // Policy Delete on a live Queue: the finalizer is added first.
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![expect(Method::PATCH, &api("queues/orders"), queue_echo)],
+    ));
+    let q = queue(
+        json!({"broker": "nats", "deletionPolicy": "Delete"}),
+        json!({}),
+    );
+    assert_eq!(
+        super::queue::reconcile(Arc::new(q), ctx).await.unwrap(),
+        Action::await_change()
+    );
+    let patch = &api_server.await.unwrap()[0].1;
+    assert_eq!(
+        patch["metadata"]["finalizers"],
+        json!(["weir.dev/queue-cleanup"])
+    );
+    assert_eq!(patch["metadata"]["resourceVersion"], "5");
+
+    // Deleted: the streams go, then the finalizer.
+    let url = server.url();
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(Method::GET, &api("brokers/nats"), move |_| {
+                (StatusCode::OK, broker_obj(&url))
+            }),
+            expect(Method::PATCH, &api("queues/orders"), queue_echo),
+        ],
+    ));
+    let q = queue(
+        json!({"broker": "nats", "deletionPolicy": "Delete"}),
+        json!({"finalizers": ["weir.dev/queue-cleanup"], "deletionTimestamp": "2026-01-01T00:00:00Z"}),
+    );
+    super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+    let patch = &api_server.await.unwrap()[1].1;
+    assert_eq!(patch["metadata"]["finalizers"], json!([]));
+    for s in [
+        "weir_demo_orders",
+        "weir_demo_orders_dlq",
+        "KV_weir_processed_demo_orders",
+    ] {
+        assert!(!b.stream_exists(s).await.unwrap(), "{s} deleted");
+    }
+}
+
+#[tokio::test]
+async fn retain_policy_leaves_the_streams() {
+    let server = NatsServer::start();
+    let b = nats(&server).await;
+    let t = Topology::new(
+        "demo",
+        "orders",
+        &serde_yaml::from_str("broker: nats").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+    let (ctx, handle) = context();
+    // No finalizer, nothing to do: not a single request.
+    let api_server = tokio::spawn(serve(handle, vec![]));
+    let q = queue(
+        json!({"broker": "nats"}),
+        json!({"deletionTimestamp": "2026-01-01T00:00:00Z"}),
+    );
+    assert_eq!(
+        super::queue::reconcile(Arc::new(q), ctx).await.unwrap(),
+        Action::await_change()
+    );
+    api_server.await.unwrap();
+    assert!(b.stream_exists("weir_demo_orders").await.unwrap());
+    assert!(b.stream_exists("weir_demo_orders_dlq").await.unwrap());
+}
+
+fn broker_status_echo(b: &Value) -> (StatusCode, Value) {
+    let mut obj = broker_obj("nats://x:1");
+    obj["status"] = b["status"].clone();
+    (StatusCode::OK, obj)
+}
+
+#[tokio::test]
+async fn a_broker_reports_connected_with_the_server_version_or_the_error() {
+    let server = NatsServer::start();
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![expect(
+            Method::PATCH,
+            &api("brokers/nats/status"),
+            broker_status_echo,
+        )],
+    ));
+    let b: Broker = serde_json::from_value(broker_obj(&server.url())).unwrap();
+    let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let status = &api_server.await.unwrap()[0].1["status"];
+    assert_eq!(
+        status["serverVersion"],
+        nats(&server).await.server_version()
+    );
+    assert_eq!(status["conditions"][0]["type"], "Connected");
+    assert_eq!(status["conditions"][0]["status"], "True");
+
+    // Nothing listens there: Connected=False with the error, requeued with backoff.
+    let port = server.port;
+    drop(server);
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![expect(
+            Method::PATCH,
+            &api("brokers/nats/status"),
+            broker_status_echo,
+        )],
+    ));
+    let b: Broker =
+        serde_json::from_value(broker_obj(&format!("nats://127.0.0.1:{port}"))).unwrap();
+    let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    let c = &api_server.await.unwrap()[0].1["status"]["conditions"][0];
+    assert_eq!(c["status"], "False");
+    assert_eq!(c["reason"], "BrokerUnreachable");
+    assert!(
+        c["message"].as_str().unwrap().contains(&port.to_string()),
+        "{c}"
+    );
+}
+
+#[tokio::test]
+async fn a_broker_with_a_missing_secret_names_it() {
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(
+                Method::GET,
+                "/api/v1/namespaces/demo/secrets/nats-creds",
+                not_found,
+            ),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+        ],
+    ));
+    let mut obj = broker_obj("nats://127.0.0.1:4222");
+    obj["spec"]["credentialsSecret"] = json!({"name": "nats-creds"});
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+    let c = &api_server.await.unwrap()[1].1["status"]["conditions"][0];
+    assert_eq!(c["reason"], "CredentialsNotFound");
+    assert!(c["message"].as_str().unwrap().contains("nats-creds"));
+}
+
+fn consumer_ms() -> Microservice {
+    serde_json::from_value(ms_obj(
+        "billing",
+        json!({"image": "b:1", "consumes": [{"queue": "orders", "path": "/events"}]}),
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_microservice_consuming_a_missing_queue_is_degraded_naming_it() {
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(Method::GET, &api("queues/orders"), not_found),
+            expect(Method::POST, EVENTS, created),
+            expect(Method::PATCH, &api("microservices/billing/status"), |b| {
+                (StatusCode::OK, {
+                    let mut o = ms_obj("billing", json!({"image": "b:1"}));
+                    o["status"] = b["status"].clone();
+                    o
+                })
+            }),
+        ],
+    ));
+    let action = super::microservice::reconcile(Arc::new(consumer_ms()), ctx)
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let seen = api_server.await.unwrap();
+    let degraded = seen[2].1["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(degraded["reason"], "QueueNotFound");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("QueueNotFound: orders")
+    );
+}
+
+#[tokio::test]
+async fn a_consuming_microservice_gets_the_bridge_config_and_the_credentials_mount() {
+    let (ctx, handle) = context();
+    let echo = |b: &Value| (StatusCode::OK, b.clone());
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(Method::GET, &api("queues/orders"), |_| {
+                (
+                    StatusCode::OK,
+                    serde_json::to_value(queue(
+                        json!({"broker": "nats", "schema": {"inline": {"type": "object"}}}),
+                        json!({}),
+                    ))
+                    .unwrap(),
+                )
+            }),
+            expect(Method::GET, &api("brokers/nats"), |_| {
+                let mut b = broker_obj("nats://nats.infra:4222");
+                b["spec"]["credentialsSecret"] = json!({"name": "nats-creds"});
+                (StatusCode::OK, b)
+            }),
+            expect(
+                Method::PATCH,
+                "/api/v1/namespaces/demo/configmaps/billing-weir-proxy",
+                echo,
+            ),
+            expect(
+                Method::PATCH,
+                "/api/v1/namespaces/demo/services/billing",
+                echo,
+            ),
+            expect(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/demo/deployments/billing",
+                echo,
+            ),
+            expect(Method::PATCH, &api("microservices/billing/status"), |b| {
+                let mut o = ms_obj("billing", json!({"image": "b:1"}));
+                o["status"] = b["status"].clone();
+                (StatusCode::OK, o)
+            }),
+        ],
+    ));
+    super::microservice::reconcile(Arc::new(consumer_ms()), ctx)
+        .await
+        .unwrap();
+    let seen = api_server.await.unwrap();
+    let cfg: Value =
+        serde_json::from_str(seen[2].1["data"]["proxy.json"].as_str().unwrap()).unwrap();
+    let m = &cfg["messaging"];
+    assert_eq!(m["brokerUrl"], "nats://nats.infra:4222");
+    assert_eq!(m["credentialsFile"], "/etc/weir/broker");
+    assert_eq!(m["consumes"][0]["stream"], "weir_demo_orders");
+    assert_eq!(m["consumes"][0]["consumer"], "billing");
+    assert_eq!(m["consumes"][0]["schema"], json!({"type": "object"}));
+    let pod = &seen[4].1["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "nats-creds")
+    );
+    let mounts = pod["initContainers"][0]["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/etc/weir/broker"));
+}

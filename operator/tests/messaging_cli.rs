@@ -1,0 +1,224 @@
+//! `weir render` of publishing/consuming Microservices and `weir dlq` through the real binary;
+//! `weir dlq` against a real `nats-server` holding dead letters put there by hand as
+//! docs/messaging.md describes them.
+
+#[path = "../src/testing/nats_server.rs"]
+mod nats_server;
+
+use async_nats::HeaderMap;
+use nats_server::NatsServer;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+use weir::messaging::{self, Credentials, Topology};
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const BROKER: &str = "apiVersion: weir.dev/v1alpha1\nkind: Broker\nmetadata: {name: nats, namespace: shop}\nspec: {url: 'nats://nats.infra:4222', credentialsSecret: {name: nats-creds}}\n";
+const QUEUE: &str = "apiVersion: weir.dev/v1alpha1\nkind: Queue\nmetadata: {name: orders, namespace: shop}\nspec:\n  broker: nats\n  eventType: order.created\n  schema: {inline: {type: object, required: [id]}}\n";
+const BILLING: &str = "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: billing, namespace: shop}\nspec:\n  image: billing:1\n  consumes: [{queue: orders, path: /events/order}]\n";
+
+fn write(dir: &Path, name: &str, docs: &[&str]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, docs.join("---\n")).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn render_exits_2_naming_a_consumed_queue_missing_from_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "billing.yaml", &[BROKER, BILLING]);
+    let out = weir(&["render", "-f", &f]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Microservice/billing: spec.consumes[0].queue"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn render_writes_the_bridge_config_and_mounts_the_broker_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "all.yaml", &[BROKER, QUEUE, BILLING]);
+    let out = weir(&["render", "-f", &f]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let docs: Vec<serde_yaml::Value> = text(&out.stdout)
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let cfg: Value = serde_json::from_str(cm["data"]["proxy.json"].as_str().unwrap()).unwrap();
+    let m = &cfg["messaging"];
+    assert_eq!(m["brokerUrl"], "nats://nats.infra:4222");
+    assert_eq!(m["credentialsFile"], "/etc/weir/broker");
+    let c = &m["consumes"][0];
+    assert_eq!(c["stream"], "weir_shop_orders");
+    assert_eq!(c["consumer"], "billing");
+    assert_eq!(c["deadLetterSubject"], "weir.dlq.shop.orders");
+    assert_eq!(c["schema"]["required"][0], "id");
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    let vols = serde_yaml::to_string(&pod["volumes"]).unwrap();
+    assert!(vols.contains("secretName: nats-creds"), "{vols}");
+    let mounts = serde_yaml::to_string(&pod["initContainers"][0]["volumeMounts"]).unwrap();
+    assert!(mounts.contains("mountPath: /etc/weir/broker"), "{mounts}");
+}
+
+/// Puts a dead letter on the DLQ stream the way the sidecar does (docs/messaging.md).
+async fn dead_letter(js: &async_nats::jetstream::Context, id: &str, seq: u64, reason: &str) {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-source", "weir://shop/web"),
+        ("ce-type", "order.created"),
+        ("ce-time", "2026-11-26T01:00:00Z"),
+        ("content-type", "application/json"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("Weir-Original-Subject", "weir.shop.orders"),
+        ("Weir-Original-Seq", &seq.to_string()),
+        ("Weir-Consumer", "billing"),
+        ("Weir-Delivery-Count", "5"),
+        ("Weir-Reason", reason),
+        ("Weir-Last-Error", "HTTP 500 from POST /events/order"),
+        ("Weir-Dead-Lettered-At", "2026-11-26T01:02:03Z"),
+    ] {
+        h.insert(k, v);
+    }
+    js.publish_with_headers(
+        "weir.dlq.shop.orders",
+        h,
+        format!("{{\"id\":\"{id}\"}}").into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn dlq_list_show_and_replay_through_the_binary() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let b = messaging::connect(&url, &Credentials::None).await.unwrap();
+    let t = Topology::new(
+        "shop",
+        "orders",
+        &serde_yaml::from_str("broker: nats").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+    let js = b.jetstream().clone();
+    dead_letter(&js, "ev-1", 11, "max-deliveries").await;
+    dead_letter(&js, "ev-2", 12, "rejected").await;
+    dead_letter(&js, "ev-3", 13, "schema").await;
+
+    // The binary blocks this test's thread while it runs: fine, the broker is another process.
+    let dlq = |args: &[&str]| {
+        let mut all = vec!["dlq"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-n", "shop", "--broker-url", &url]);
+        weir(&all)
+    };
+
+    // list: a table with reason, deliveries and time; --json for machines.
+    let out = dlq(&["list", "orders"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("SEQ"), "{table}");
+    assert!(
+        lines[1].contains("ev-1")
+            && lines[1].contains("max-deliveries")
+            && lines[1].contains("2026-11-26T01:02:03Z"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains("rejected") && lines[3].contains("schema"),
+        "{table}"
+    );
+    let out = dlq(&["list", "orders", "--json"]);
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["seq"], 1);
+    assert_eq!(rows[0]["eventId"], "ev-1");
+    assert_eq!(rows[0]["deliveryCount"], 5);
+    assert_eq!(rows[0]["consumer"], "billing");
+    assert_eq!(rows[0]["originalSeq"], 11);
+
+    // show: headers and body.
+    let out = dlq(&["show", "orders", "--seq", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("Weir-Reason: rejected"), "{shown}");
+    assert!(shown.contains("Weir-Last-Error: HTTP 500"), "{shown}");
+    assert!(shown.contains("\"id\": \"ev-2\""), "{shown}");
+    let out = dlq(&["show", "orders", "--seq", "99"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // replay one: republished on the original subject with the replay message id, then gone
+    // from the dead letters.
+    let out = dlq(&["replay", "orders", "--seq", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 replayed, 0 failed"));
+    let stream = js.get_stream("weir_shop_orders").await.unwrap();
+    let m = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(m.subject.as_str(), "weir.shop.orders");
+    assert_eq!(
+        m.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        "ev-2:replay:2"
+    );
+    assert_eq!(m.headers.get("ce-id").unwrap().as_str(), "ev-2");
+    assert_eq!(m.headers.get("ce-type").unwrap().as_str(), "order.created");
+    assert!(m.headers.get("traceparent").is_some());
+    assert!(
+        m.headers.get("Weir-Reason").is_none(),
+        "only the event's own headers"
+    );
+    assert_eq!(&m.payload[..], br#"{"id":"ev-2"}"#);
+    let f = b.figures(&t, &[]).await.unwrap();
+    assert_eq!((f.messages, f.dead_letters), (1, Some(2)));
+
+    // replay all: the rest, and the dead-letter stream is empty.
+    let out = dlq(&["replay", "orders", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("2 replayed, 0 failed"));
+    let f = b.figures(&t, &[]).await.unwrap();
+    assert_eq!((f.messages, f.dead_letters), (3, Some(0)));
+    let out = dlq(&["list", "orders"]);
+    assert_eq!(text(&out.stdout).lines().count(), 1, "only the header");
+}
+
+#[test]
+fn dlq_without_a_reachable_broker_fails_plainly() {
+    let out = weir(&[
+        "dlq",
+        "list",
+        "orders",
+        "--broker-url",
+        "nats://127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+}
