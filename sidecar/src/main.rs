@@ -90,8 +90,6 @@ fn main() -> ExitCode {
         };
         wait_for_signal().await;
         proxy.shutdown().await;
-        // Let the span exporter flush its last batch.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

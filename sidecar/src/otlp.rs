@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub const SPAN_KIND_SERVER: u64 = 2;
 pub const SPAN_KIND_CLIENT: u64 = 3;
@@ -44,6 +44,7 @@ pub fn unix_nanos(t: SystemTime) -> u64 {
 pub struct SpanSink {
     tx: mpsc::Sender<SpanRecord>,
     dropped: Counter,
+    flush_tx: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 impl SpanSink {
@@ -53,6 +54,15 @@ impl SpanSink {
             tx,
             dropped: Counter::default(),
         }
+    }
+
+    /// Exports every span queued so far, waiting at most `timeout` (used at shutdown).
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (ack, done) = oneshot::channel();
+        if self.flush_tx.send(ack).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(())))
     }
 
     pub fn record(&self, span: SpanRecord) {
@@ -73,6 +83,7 @@ pub fn start_exporter(
     dropped: Counter,
 ) -> SpanSink {
     let (tx, mut rx) = mpsc::channel::<SpanRecord>(QUEUE);
+    let (flush_tx, mut flush_rx) = mpsc::channel::<oneshot::Sender<()>>(4);
     let url = traces_url(endpoint);
     let resource = encode_resource(service, namespace);
     let d2 = dropped.clone();
@@ -80,19 +91,37 @@ pub fn start_exporter(
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let deadline = tokio::time::Instant::now() + flush_interval;
+            let mut ack = None;
             let closed = loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(s)) => {
-                        batch.push(s);
-                        if batch.len() >= BATCH {
-                            break false;
+                tokio::select! {
+                    s = rx.recv() => match s {
+                        Some(s) => {
+                            batch.push(s);
+                            if batch.len() >= BATCH {
+                                break false;
+                            }
                         }
+                        None => break true,
+                    },
+                    Some(a) = flush_rx.recv() => {
+                        ack = Some(a);
+                        break false;
                     }
-                    Ok(None) => break true,
-                    Err(_) => break false,
+                    _ = tokio::time::sleep_until(deadline) => break false,
                 }
             };
-            if !batch.is_empty() {
+            // On a flush request, take everything queued so far.
+            let mut more = ack.is_some();
+            while more || !batch.is_empty() {
+                while more && batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(s) => batch.push(s),
+                        Err(_) => more = false,
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
                 let n = batch.len() as u64;
                 let payload = encode_request(&resource, &batch);
                 batch.clear();
@@ -106,12 +135,19 @@ pub fn start_exporter(
                     }
                 }
             }
+            if let Some(a) = ack {
+                let _ = a.send(());
+            }
             if closed {
                 break;
             }
         }
     });
-    SpanSink { tx, dropped }
+    SpanSink {
+        tx,
+        dropped,
+        flush_tx,
+    }
 }
 
 fn traces_url(endpoint: &str) -> String {

@@ -382,6 +382,9 @@ impl Proxy {
         } else {
             tracing::warn!("grace period over with requests still in flight");
         }
+        if let Some(sink) = self.shared.snapshot().components.span_sink() {
+            sink.flush(Duration::from_secs(2)).await;
+        }
         clean
     }
 }

@@ -54,6 +54,11 @@ pub struct Components {
 }
 
 impl Components {
+    /// The span exporter's sink, when spans are exported.
+    pub fn span_sink(&self) -> Option<&SpanSink> {
+        self.exporter.as_ref().map(|(_, _, s)| s)
+    }
+
     pub fn breaker(&self, dependency: &str) -> Option<&Arc<Breaker>> {
         self.deps.get(dependency)?.breaker.as_ref().map(|(_, b)| b)
     }

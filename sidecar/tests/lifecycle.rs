@@ -493,3 +493,35 @@ async fn sampling_ratio_zero_exports_only_sampled_parents() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(*received.lock().unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_spans_are_flushed_at_sigterm() {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let r2 = received.clone();
+    let collector = upstream(move |req, _| {
+        let r2 = r2.clone();
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            r2.lock().unwrap().extend(decode_export(&body));
+            respond(200, "")
+        }
+    })
+    .await;
+    let app = upstream(|_, _| async { respond(200, "app") }).await;
+    let mut cfg = base_config(app.addr);
+    cfg.tracing.otlp_endpoint = Some(collector.url());
+    cfg.tracing.sampling_ratio = 1.0;
+    // Spans would wait a minute for the next batch.
+    let mut proxy = Proxy::start_with(cfg, &["--otlp-flush-ms", "60000"]).await;
+    for _ in 0..3 {
+        get(&client(), proxy.inbound_url("/")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(received.lock().unwrap().is_empty(), "not yet exported");
+    proxy.sigterm();
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(received.lock().unwrap().len(), 3, "exported before exit");
+}
