@@ -15,12 +15,13 @@ fi
 "$CLUSTER_DIR/image.sh" weir-smoke-busybox:1 /bin/busybox 2>&1 | tail -1 >&2
 
 S=weir-smoke-server C=weir-smoke-client
-cleanup() { kubectl delete namespace "$S" "$C" --ignore-not-found --wait=false >/dev/null 2>&1 || true; }
+cleanup() {
+  kubectl delete namespace "$S" "$C" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  kubectl delete crd smokes.smoke.weir.test --ignore-not-found --wait=false >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 cleanup
-for i in $(seq 1 60); do
-  kubectl get namespace "$S" "$C" >/dev/null 2>&1 || break; sleep 1
-done
+kubectl wait --for=delete namespace/"$S" namespace/"$C" --timeout=120s >/dev/null 2>&1 || true
 kubectl create namespace "$S" >/dev/null
 kubectl create namespace "$C" >/dev/null
 kubectl -n "$S" apply -f - >/dev/null <<'YAML'
@@ -78,4 +79,39 @@ log "Service answered $n times from $backends backend pod(s) via DNS name web.$S
 pod=$(kubectl -n "$S" get pod -l app=web -o jsonpath='{.items[0].metadata.name}')
 [[ "$(kubectl -n "$S" exec "$pod" -- /busybox cat /www/index.html)" == "hello from $pod" ]] || die "kubectl exec failed"
 log "kubectl exec and logs work"
+# A CustomResourceDefinition and an object of it: the apiserver encodes maps
+# here (this crashed a build with the vendored reflect2 v1.0.1 under Go 1.19).
+kubectl apply -f - >/dev/null <<'YAML'
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: smokes.smoke.weir.test}
+spec:
+  group: smoke.weir.test
+  scope: Namespaced
+  names: {plural: smokes, singular: smoke, kind: Smoke}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              labels: {type: object, additionalProperties: {type: string}}
+YAML
+kubectl wait --for=condition=Established crd/smokes.smoke.weir.test --timeout=60s >/dev/null
+kubectl -n "$S" apply -f - >/dev/null <<'YAML'
+apiVersion: smoke.weir.test/v1
+kind: Smoke
+metadata: {name: one, labels: {b: "2", a: "1"}}
+spec: {labels: {c: "3", b: "2", a: "1"}}
+YAML
+[[ "$(kubectl -n "$S" get smoke one -o jsonpath='{.spec.labels.b}')" == 2 ]] || die "custom resource not served"
+kubectl get --raw /openapi/v2 >/dev/null || die "apiserver cannot serve /openapi/v2"
+kubectl delete crd smokes.smoke.weir.test --wait=false >/dev/null
+component_pid kube-apiserver >/dev/null || die "kube-apiserver exited"
+log "CustomResourceDefinition and custom object served"
 log "smoke test passed in $((SECONDS - T0))s"
