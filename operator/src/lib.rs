@@ -6,5 +6,6 @@ pub mod manifest;
 pub mod messaging;
 pub mod operator;
 pub mod render;
+pub mod up;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

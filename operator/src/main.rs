@@ -23,6 +23,8 @@ enum Command {
     Operator(weir::operator::OperatorArgs),
     /// Print the Kubernetes objects the operator would create for the given manifests.
     Render(RenderArgs),
+    /// Run the manifests on this machine, without a cluster: each app beside its own weir-proxy.
+    Up(UpArgs),
     /// Check a set of manifests for the mistakes that make microservices a distributed monolith.
     Lint(LintArgs),
     /// Print the system as a Mermaid or DOT graph: calls, events, sagas.
@@ -39,6 +41,38 @@ enum Command {
         #[arg(long, value_parser = parse_kube_version)]
         kube_version: Option<u32>,
     },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Files or directories of manifests.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Use this running broker instead of starting nats-server.
+    #[arg(long)]
+    broker_url: Option<String>,
+    /// The weir-proxy binary (default: next to weir, then PATH).
+    #[arg(long)]
+    proxy_bin: Option<PathBuf>,
+    /// Where configs and broker data go (default: a new temporary directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Namespace the manifests are taken to be in.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Write the services' addresses as JSON to this file once everything is ready.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Run even when `weir lint` finds errors.
+    #[arg(long)]
+    skip_lint: bool,
+    /// How long to wait for every service to be ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    ready_timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    weir_crds::duration::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -103,6 +137,7 @@ fn main() -> ExitCode {
         },
         Command::Render(args) => render_cmd(args),
         Command::Lint(args) => lint_cmd(args),
+        Command::Up(args) => up_cmd(args),
         Command::Graph(args) => graph_cmd(args),
         Command::Dlq(args) => weir::messaging::dlq::run(args),
         Command::Crd {
@@ -168,6 +203,53 @@ fn load_manifests(command: &str, paths: &[PathBuf]) -> Result<Vec<manifest::Load
         eprintln!("note: {s}; skipped");
     }
     Ok(loaded)
+}
+
+/// Lint errors refuse a command unless it was told to go on; warnings are printed.
+fn lint_gate(command: &str, loaded: &[manifest::Loaded], skip: bool) -> Result<(), ExitCode> {
+    if skip {
+        return Ok(());
+    }
+    let errors: Vec<_> = weir::lint::lint(loaded, &Default::default())
+        .into_iter()
+        .filter(|f| f.severity == weir::lint::Severity::Error)
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    for f in &errors {
+        eprintln!("{f}");
+    }
+    eprintln!("weir {command}: {} lint error(s); stopping (--skip-lint goes on anyway)", errors.len());
+    Err(ExitCode::from(1))
+}
+
+fn up_cmd(args: UpArgs) -> ExitCode {
+    let loaded = match load_manifests("up", &args.files).and_then(|l| lint_gate("up", &l, args.skip_lint).map(|()| l)) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match rt.block_on(weir::up::run(loaded, args.into_options())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir up: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl UpArgs {
+    fn into_options(self) -> weir::up::RunOptions {
+        weir::up::RunOptions {
+            broker_url: self.broker_url,
+            proxy_bin: self.proxy_bin,
+            work_dir: self.work_dir,
+            namespace: self.namespace,
+            state_file: self.state_file,
+            ready_timeout: self.ready_timeout,
+        }
+    }
 }
 
 fn lint_cmd(args: LintArgs) -> ExitCode {
