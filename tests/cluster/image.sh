@@ -69,6 +69,7 @@ out=${IMAGE_ARCHIVE:-$work/image.tar}
 tar --sort=name --numeric-owner --owner=0 --group=0 --mtime=@0 -C "$arch" -cf "$out" manifest.json "$config_sha.json" "$layer_sha"
 
 if [[ -z "${IMAGE_NO_IMPORT:-}" ]]; then
+  [[ -S /run/containerd/containerd.sock ]] || { echo "image.sh: containerd is not running (tests/cluster/up.sh)" >&2; exit 1; }
   ctr -n k8s.io images import --snapshotter overlayfs "$out" >&2
   echo "imported $name ($(du -h "$out" | cut -f1)), id sha256:$config_sha" >&2
 fi
