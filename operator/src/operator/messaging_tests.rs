@@ -636,3 +636,36 @@ async fn a_consuming_microservice_gets_the_bridge_config_and_the_credentials_mou
     let mounts = pod["initContainers"][0]["volumeMounts"].as_array().unwrap();
     assert!(mounts.iter().any(|m| m["mountPath"] == "/etc/weir/broker"));
 }
+
+#[test]
+fn controllers_map_microservices_to_queues_and_back() {
+    use kube::runtime::reflector::ObjectRef;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event as WatchEvent;
+    let billing = consumer_ms();
+    assert_eq!(
+        super::queue::queues_consumed_by(&billing),
+        [ObjectRef::<Queue>::new("orders").within("demo")]
+    );
+    let mut w = Writer::<Microservice>::default();
+    for ms in [
+        billing,
+        serde_json::from_value(ms_obj(
+            "web",
+            json!({"image": "w:1", "publishes": [{"queue": "orders"}]}),
+        ))
+        .unwrap(),
+        serde_json::from_value(ms_obj("other", json!({"image": "o:1"}))).unwrap(),
+    ] {
+        w.apply_watcher_event(&WatchEvent::Apply(ms));
+    }
+    let mut using: Vec<String> = super::queue::microservices_using(
+        &w.as_reader(),
+        &queue(json!({"broker": "nats"}), json!({})),
+    )
+    .into_iter()
+    .map(|r| r.name)
+    .collect();
+    using.sort();
+    assert_eq!(using, ["billing", "web"]);
+}

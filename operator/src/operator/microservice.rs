@@ -77,10 +77,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         ),
     };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=weir");
-    Controller::new(mss, watcher::Config::default())
+    let queues = match namespace {
+        Some(ns) => Api::<weir_crds::Queue>::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let controller = Controller::new(mss, watcher::Config::default());
+    // A Queue's change (e.g. maxDeliveries) reaches the sidecars of the services using it.
+    let store = controller.store();
+    controller
         .owns(deps, owned.clone())
         .owns(svcs, owned.clone())
         .owns(cms, owned)
+        .watches(queues, watcher::Config::default(), move |q| {
+            super::queue::microservices_using(&store, &q)
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -61,6 +61,21 @@ pub fn queues_consumed_by(ms: &Microservice) -> Vec<ObjectRef<Queue>> {
         .consumes
         .iter()
         .map(|c| ObjectRef::new(&c.queue).within(&ns))
+        .collect()
+}
+
+/// The Microservices (in `store`) that publish to or consume Queue `q`.
+pub fn microservices_using(store: &Store<Microservice>, q: &Queue) -> Vec<ObjectRef<Microservice>> {
+    let (ns, name) = (q.namespace(), q.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|ms| {
+            ms.namespace() == ns
+                && (ms.spec.publishes.iter().any(|p| p.queue == name)
+                    || ms.spec.consumes.iter().any(|c| c.queue == name))
+        })
+        .map(|ms| ObjectRef::from_obj(&*ms))
         .collect()
 }
 
