@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared settings and helpers for Weir's local test cluster (sourced by up.sh,
 # down.sh, build-k8s.sh and image.sh). Everything here is test infrastructure.
 
@@ -116,7 +117,11 @@ kill_container_processes() {
     fi
     if [[ -f "$b/address" ]]; then
       sock=$(sed 's|^unix://||' "$b/address" 2>/dev/null || true)
-      [[ -n "$sock" ]] && shims+=($(ss -xlpn 2>/dev/null | awk -v s="$sock" '$5 == s' | grep -oE "pid=[0-9]+" | cut -d= -f2 || true))
+      if [[ -n "$sock" ]]; then
+        for pid in $(ss -xlpn 2>/dev/null | awk -v s="$sock" '$5 == s' | grep -oE "pid=[0-9]+" | cut -d= -f2 || true); do
+          shims+=("$pid")
+        done
+      fi
     fi
   done
   for pid in $(printf '%s\n' "${shims[@]}" | sort -u); do
