@@ -53,6 +53,7 @@ impl SpanSink {
         SpanSink {
             tx,
             dropped: Counter::default(),
+            flush_tx: mpsc::channel(1).0,
         }
     }
 
