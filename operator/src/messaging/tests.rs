@@ -250,10 +250,8 @@ async fn figures_match_the_broker_after_publishing() {
         .unwrap();
     let mut batch = consumer.fetch().max_messages(2).messages().await.unwrap();
     let first = batch.try_next().await.unwrap().unwrap();
-    first.ack().await.unwrap();
+    first.double_ack().await.unwrap();
     let _second = batch.try_next().await.unwrap().unwrap();
-    b.client().flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let f = b.figures(&t, &["billing".to_string()]).await.unwrap();
     assert_eq!(f.messages, 7);
@@ -284,4 +282,27 @@ async fn credentials_are_used_and_a_refused_login_is_a_connect_error() {
         .err()
         .unwrap();
     assert!(down.to_string().contains("127.0.0.1:1"), "{down}");
+}
+
+#[tokio::test]
+async fn a_killed_server_restarts_on_its_port_with_its_file_streams() {
+    let mut server = NatsServer::start();
+    let b = broker(&server).await;
+    let t = Topology::new("shop", "orders", &spec("broker: nats")).unwrap();
+    b.declare_queue(&t).await.unwrap();
+    for i in 0..20 {
+        b.jetstream()
+            .publish("weir.shop.orders", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let port = server.port;
+    server.kill();
+    server.restart();
+    assert_eq!(server.port, port);
+    let b = broker(&server).await;
+    let f = b.figures(&t, &[]).await.unwrap();
+    assert_eq!(f.messages, 20, "file storage survives SIGKILL");
 }

@@ -669,3 +669,37 @@ fn controllers_map_microservices_to_queues_and_back() {
     using.sort();
     assert_eq!(using, ["billing", "web"]);
 }
+
+#[tokio::test]
+async fn a_changed_max_deliveries_updates_the_consumer_on_the_next_reconcile() {
+    let server = NatsServer::start();
+    for max in [5, 2] {
+        let url = server.url();
+        let (ctx, handle) = context();
+        let script = vec![
+            expect(Method::GET, &api("brokers/nats"), move |_| {
+                (StatusCode::OK, broker_obj(&url))
+            }),
+            expect(Method::GET, &api("microservices"), |_| {
+                (
+                    StatusCode::OK,
+                    ms_list(vec![serde_json::to_value(consumer_ms()).unwrap()]),
+                )
+            }),
+            expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+        ];
+        let api_server = tokio::spawn(serve(handle, script));
+        let q = queue(
+            json!({"broker": "nats", "consumer": {"maxDeliveries": max, "backoff": ["1s"]}}),
+            json!({"generation": max}),
+        );
+        super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+        api_server.await.unwrap();
+        let info = nats(&server)
+            .await
+            .consumer_info("weir_demo_orders", "billing")
+            .await
+            .unwrap();
+        assert_eq!(info.config.max_deliver, max);
+    }
+}

@@ -96,7 +96,7 @@ impl NatsServer {
         let bin = binary().expect(
             "nats-server not found (PATH, .tools/bin or $NATS_SERVER): run scripts/setup.sh",
         );
-        let child = Command::new(&bin)
+        let mut child = Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")
@@ -104,30 +104,57 @@ impl NatsServer {
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        // The server logs "Server is ready" once JetStream has started (and recovered its store)
+        // and the client port listens. The log is drained until the process ends.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("Server is ready") {
+                    let _ = ready_tx.send(());
+                }
+                let mut l = log2.lock().unwrap_or_else(|e| e.into_inner());
+                if l.len() < 200 {
+                    l.push(line);
+                }
+            }
+        });
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready(ready_rx, log);
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    fn wait_ready(
+        &mut self,
+        ready: std::sync::mpsc::Receiver<()>,
+        log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(20);
         let addr = self.addr();
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                // The port opens before JetStream has recovered its store; a little slack.
-                std::thread::sleep(Duration::from_millis(100));
+            if ready.recv_timeout(Duration::from_millis(50)).is_ok()
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+            {
                 return;
             }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("nats-server exited at start: {status}");
+                std::thread::sleep(Duration::from_millis(50));
+                let log = log.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+                panic!("nats-server exited at start: {status}\n{log}");
             }
-            std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("nats-server did not listen on {addr} within 10s");
+        let log = log.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+        panic!("nats-server was not ready on {addr} within 20s\n{log}");
     }
 
     pub fn addr(&self) -> SocketAddr {
