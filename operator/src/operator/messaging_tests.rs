@@ -703,3 +703,24 @@ async fn a_changed_max_deliveries_updates_the_consumer_on_the_next_reconcile() {
         assert_eq!(info.config.max_deliver, max);
     }
 }
+
+#[test]
+fn a_broker_maps_to_the_queues_on_it() {
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event as WatchEvent;
+    let mut w = Writer::<Queue>::default();
+    w.apply_watcher_event(&WatchEvent::Apply(queue(
+        json!({"broker": "nats"}),
+        json!({}),
+    )));
+    w.apply_watcher_event(&WatchEvent::Apply(queue(
+        json!({"broker": "other"}),
+        json!({"name": "audit"}),
+    )));
+    let b: Broker = serde_json::from_value(broker_obj("nats://x:4222")).unwrap();
+    let on: Vec<String> = super::queue::queues_on(&w.as_reader(), &b)
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(on, ["orders"]);
+}

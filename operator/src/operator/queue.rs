@@ -64,6 +64,17 @@ pub fn queues_consumed_by(ms: &Microservice) -> Vec<ObjectRef<Queue>> {
         .collect()
 }
 
+/// The Queues (in `store`) on Broker `b`.
+pub fn queues_on(store: &Store<Queue>, b: &Broker) -> Vec<ObjectRef<Queue>> {
+    let (ns, name) = (b.namespace(), b.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|q| q.namespace() == ns && q.spec.broker == name)
+        .map(|q| ObjectRef::from_obj(&*q))
+        .collect()
+}
+
 /// The Microservices (in `store`) that publish to or consume Queue `q`.
 pub fn microservices_using(store: &Store<Microservice>, q: &Queue) -> Vec<ObjectRef<Microservice>> {
     let (ns, name) = (q.namespace(), q.name_any());
@@ -81,16 +92,27 @@ pub fn microservices_using(store: &Store<Microservice>, q: &Queue) -> Vec<Object
 
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let client = ctx.client.clone();
-    let (queues, mss) = match namespace {
+    let (queues, mss, brokers) = match namespace {
         Some(ns) => (
             Api::<Queue>::namespaced(client.clone(), ns),
-            Api::<Microservice>::namespaced(client, ns),
+            Api::<Microservice>::namespaced(client.clone(), ns),
+            Api::<Broker>::namespaced(client, ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client)),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
     };
-    Controller::new(queues, watcher::Config::default())
+    let controller = Controller::new(queues, watcher::Config::default());
+    // A Broker's change (URL, credentials, back online) reconciles the Queues on it.
+    let store = controller.store();
+    controller
         .watches(mss, watcher::Config::default(), |ms| {
             queues_consumed_by(&ms)
+        })
+        .watches(brokers, watcher::Config::default(), move |b| {
+            queues_on(&store, &b)
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
