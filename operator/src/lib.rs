@@ -6,6 +6,7 @@ pub mod manifest;
 pub mod messaging;
 pub mod operator;
 pub mod render;
+pub mod saga;
 pub mod up;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

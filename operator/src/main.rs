@@ -31,6 +31,10 @@ enum Command {
     Graph(GraphArgs),
     /// Inspect a Queue's dead letters and replay them onto the queue.
     Dlq(weir::messaging::dlq::DlqArgs),
+    /// Run the coordinator of one Saga (what the operator deploys for each Saga).
+    SagaCoordinator(weir::saga::CoordinatorArgs),
+    /// List a Saga's instances, or show one instance's timeline, from its log on the broker.
+    Saga(weir::saga::cli::SagaArgs),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -132,6 +136,23 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("weir operator: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::SagaCoordinator(args) => match weir::saga::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weir saga-coordinator: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Saga(args) => match weir::saga::cli::run(args) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weir saga: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -1,0 +1,887 @@
+//! The coordinator: drives instances step by step, compensates in reverse order on failure, and
+//! shares the instances with the other replicas through leases.
+//!
+//! - Every state change is appended to the instance's log before (or, for outcomes, right after)
+//!   it is acted on; a replica that restarts folds the log and carries on from there.
+//! - Leases: a JetStream KV bucket `weir_saga_leases_<ns>_<saga>` whose `max_age` is the lease
+//!   TTL; key = instance id, value = replica id. A replica creates the key to take an instance
+//!   (create fails while another holds it), renews it with a revision-checked update every TTL/4,
+//!   and deletes it when the instance ends. A replica killed with `kill -9` stops renewing; the
+//!   key expires after the TTL and another replica (or the restarted one) takes the instance.
+//!   Chosen over a work-queue consumer because a lease follows one instance for its whole life
+//!   (a work-queue message would have to be re-published at every step to stay visible), and
+//!   every replica already tails the log to know which instances are unfinished.
+//! - The log's append is conditional on the last sequence seen: should a lease ever be held
+//!   twice (a replica paused longer than the TTL), the second writer's append fails and it stops.
+
+use super::call::{CallHeaders, Caller, Outcome};
+use super::config::{CallConfig, CoordinatorConfig, RetryConfig};
+use super::log::{Entry, Event, Instance, Log, LogError, Status, StepOutcome};
+use super::metrics::{SagaLabel, SagaMetrics, StepLabel};
+use super::template;
+use async_nats::jetstream::{self, consumer, kv};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// One instance as every replica sees it (from tailing the log).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub id: String,
+    pub status: Status,
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Last step touched (1-based), 0 before the first.
+    pub step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Counts over every instance on the log.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub running: i64,
+    pub compensating: i64,
+    pub completed: i64,
+    pub compensated: i64,
+    /// Instances that ended `CompensationFailed`.
+    pub failed: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+}
+
+#[derive(Default)]
+struct View {
+    instances: BTreeMap<String, Summary>,
+    last_failure: Option<String>,
+}
+
+/// The end of an instance, as broadcast to `?wait` callers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Finished {
+    pub id: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("instance id must be 1 to 64 of [A-Za-z0-9_-]")]
+    BadId,
+    #[error("instance {0} is being started by another replica; retry")]
+    Busy(String),
+    #[error("{0}")]
+    Log(#[from] LogError),
+}
+
+pub struct Coordinator {
+    pub cfg: Arc<CoordinatorConfig>,
+    pub replica: String,
+    pub log: Log,
+    pub metrics: Arc<SagaMetrics>,
+    js: jetstream::Context,
+    leases: kv::Store,
+    caller: Caller,
+    names: Vec<String>,
+    view: Mutex<View>,
+    driving: Mutex<HashSet<String>>,
+    finished: broadcast::Sender<Finished>,
+    /// True once the view has caught up with the log.
+    pub caught_up: AtomicBool,
+    pub stopping: AtomicBool,
+    crash: CrashPoints,
+}
+
+impl Coordinator {
+    pub async fn new(
+        cfg: CoordinatorConfig,
+        client: async_nats::Client,
+        replica: String,
+    ) -> anyhow::Result<Arc<Self>> {
+        let js = jetstream::new(client.clone());
+        let log = Log::open(js.clone(), &cfg.namespace, &cfg.name).await?;
+        let bucket = super::log::lease_bucket(&cfg.namespace, &cfg.name);
+        let ttl = Duration::from_millis(cfg.lease_ttl_ms);
+        let leases = match js
+            .create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                description: format!("Weir Saga {}/{}: instance leases", cfg.namespace, cfg.name),
+                history: 1,
+                max_age: ttl,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "lease bucket exists, opening it");
+                js.get_key_value(&bucket)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("lease bucket {bucket}: {e}"))?
+            }
+        };
+        let caller = Caller::new(client, cfg.targets.clone());
+        let names = cfg.steps.iter().map(|s| s.name.clone()).collect();
+        let (finished, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            cfg: Arc::new(cfg),
+            replica,
+            log,
+            metrics: Arc::new(SagaMetrics::default()),
+            js,
+            leases,
+            caller,
+            names,
+            view: Mutex::new(View::default()),
+            driving: Mutex::new(HashSet::new()),
+            finished,
+            caught_up: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            crash: CrashPoints::from_env(),
+        }))
+    }
+
+    fn label(&self) -> SagaLabel {
+        SagaLabel {
+            saga: self.cfg.name.clone(),
+        }
+    }
+
+    fn saga_ref(&self) -> String {
+        format!("{}/{}", self.cfg.namespace, self.cfg.name)
+    }
+
+    /// Runs the background work: tailing the log and taking over unowned unfinished instances.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = me.tail().await {
+                    tracing::warn!(error = %e, "tailing the saga log failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_millis((me.cfg.lease_ttl_ms / 4).max(50));
+            loop {
+                tokio::time::sleep(every).await;
+                if me.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if me.caught_up.load(Ordering::SeqCst) {
+                    me.scan().await;
+                }
+            }
+        });
+    }
+
+    /// Follows every instance's log into the view (from the beginning, then live).
+    async fn tail(self: &Arc<Self>) -> anyhow::Result<()> {
+        let stream = self.js.get_stream(&self.log.stream).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: super::log::subjects(&self.cfg.namespace, &self.cfg.name),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        if consumer.cached_info().num_pending == 0 {
+            self.caught_up.store(true, Ordering::SeqCst);
+        }
+        // Restarting the tail replays everything: start from an empty view.
+        *self.view.lock().expect("view") = View::default();
+        let mut messages = consumer.messages().await?;
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            let pending = m.info().map(|i| i.pending).unwrap_or(0);
+            let id = m.subject.rsplit('.').next().unwrap_or_default().to_string();
+            if let Ok(entry) = serde_json::from_slice::<Entry>(&m.payload) {
+                self.observe(&id, &entry);
+            }
+            if pending == 0 {
+                self.caught_up.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    fn observe(&self, id: &str, entry: &Entry) {
+        let mut view = self.view.lock().expect("view");
+        let s = view
+            .instances
+            .entry(id.to_string())
+            .or_insert_with(|| Summary {
+                id: id.to_string(),
+                status: Status::Running,
+                started_at: Some(entry.at),
+                updated_at: None,
+                step: 0,
+                reason: None,
+            });
+        s.updated_at = Some(entry.at);
+        let mut done = None;
+        match &entry.event {
+            Event::StepStarted { step, .. } | Event::StepSucceeded { step, .. } => s.step = *step,
+            Event::StepFailed {
+                step, name, error, ..
+            } => {
+                s.step = *step;
+                s.status = Status::Compensating;
+                s.reason = Some(format!("step {step} ({name}) failed: {error}"));
+            }
+            Event::CompStarted { .. } => s.status = Status::Compensating,
+            Event::Completed => done = Some(Status::Completed),
+            Event::Compensated { reason } => {
+                s.reason = Some(reason.clone());
+                done = Some(Status::Compensated);
+            }
+            Event::CompensationFailed { reason } => {
+                s.reason = Some(reason.clone());
+                done = Some(Status::CompensationFailed);
+            }
+            _ => {}
+        }
+        if let Some(status) = done {
+            s.status = status;
+            let f = Finished {
+                id: id.to_string(),
+                status,
+                reason: s.reason.clone(),
+            };
+            if status != Status::Completed {
+                view.last_failure = f.reason.clone().map(|r| format!("{id}: {r}"));
+            }
+            let _ = self.finished.send(f);
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let view = self.view.lock().expect("view");
+        let mut st = Stats {
+            last_failure: view.last_failure.clone(),
+            ..Default::default()
+        };
+        for s in view.instances.values() {
+            match s.status {
+                Status::Running => st.running += 1,
+                Status::Compensating => st.compensating += 1,
+                Status::Completed => st.completed += 1,
+                Status::Compensated => st.compensated += 1,
+                Status::CompensationFailed => st.failed += 1,
+            }
+        }
+        st
+    }
+
+    pub fn summaries(&self) -> Vec<Summary> {
+        self.view
+            .lock()
+            .expect("view")
+            .instances
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn summary(&self, id: &str) -> Option<Summary> {
+        self.view.lock().expect("view").instances.get(id).cloned()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Finished> {
+        self.finished.subscribe()
+    }
+
+    /// Number of instances this replica drives now.
+    pub fn driving(&self) -> usize {
+        self.driving.lock().expect("driving").len()
+    }
+
+    /// Takes every unfinished instance nobody holds.
+    async fn scan(self: &Arc<Self>) {
+        let candidates: Vec<String> = {
+            let view = self.view.lock().expect("view");
+            let driving = self.driving.lock().expect("driving");
+            view.instances
+                .values()
+                .filter(|s| !s.status.finished() && !driving.contains(&s.id))
+                .map(|s| s.id.clone())
+                .collect()
+        };
+        for id in candidates {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some(rev) = self.acquire(&id).await {
+                self.metrics.resumed.get_or_create(&self.label()).inc();
+                tracing::info!(instance = %id, replica = %self.replica, "resuming an unfinished instance");
+                self.drive(id, None, rev);
+            }
+        }
+    }
+
+    /// Creates the instance's lease; `None` when another replica holds it (or this one does).
+    async fn acquire(&self, id: &str) -> Option<u64> {
+        {
+            let mut driving = self.driving.lock().expect("driving");
+            if !driving.insert(id.to_string()) {
+                return None;
+            }
+        }
+        match self
+            .leases
+            .create(id, self.replica.clone().into_bytes().into())
+            .await
+        {
+            Ok(rev) => Some(rev),
+            Err(_) => {
+                self.driving.lock().expect("driving").remove(id);
+                None
+            }
+        }
+    }
+
+    /// Starts instance `id` with `input`; `Ok(false)` when it already exists (idempotent start).
+    pub async fn start(self: &Arc<Self>, id: &str, input: Value) -> Result<bool, StartError> {
+        if !super::log::valid_instance_id(id) {
+            return Err(StartError::BadId);
+        }
+        let Some(rev) = self.acquire(id).await else {
+            return match self.log.load(id, self.names.len()).await? {
+                Some(_) => Ok(false),
+                None => Err(StartError::Busy(id.to_string())),
+            };
+        };
+        let mut inst = Instance::new(id, self.names.len());
+        match self
+            .log
+            .append(id, 0, &self.replica, Event::Started { input })
+            .await
+        {
+            Ok((seq, entry)) => inst.apply(seq, entry),
+            Err(e) => {
+                self.release(id, rev).await;
+                return match e {
+                    LogError::Conflict(_) => Ok(false),
+                    other => Err(other.into()),
+                };
+            }
+        }
+        self.metrics.started.get_or_create(&self.label()).inc();
+        self.drive(id.to_string(), Some(inst), rev);
+        Ok(true)
+    }
+
+    async fn release(&self, id: &str, rev: u64) {
+        let _ = self.leases.delete_expect_revision(id, Some(rev)).await;
+        self.driving.lock().expect("driving").remove(id);
+    }
+
+    /// Drives `id` under its lease (revision `rev`) until it ends or the lease is lost.
+    fn drive(self: &Arc<Self>, id: String, preloaded: Option<Instance>, rev: u64) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let rev = Arc::new(AtomicU64::new(rev));
+            let renew = {
+                let me = me.clone();
+                let id = id.clone();
+                let rev = rev.clone();
+                async move {
+                    let every = Duration::from_millis((me.cfg.lease_ttl_ms / 4).max(25));
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let cur = rev.load(Ordering::SeqCst);
+                        match me
+                            .leases
+                            .update(&id, me.replica.clone().into_bytes().into(), cur)
+                            .await
+                        {
+                            Ok(r) => rev.store(r, Ordering::SeqCst),
+                            Err(e) => return e.to_string(),
+                        }
+                    }
+                }
+            };
+            let result = tokio::select! {
+                r = me.run_instance(&id, preloaded) => r.map_err(|e| e.to_string()),
+                lost = renew => Err(format!("lease lost: {lost}")),
+            };
+            match result {
+                Ok(()) => me.release(&id, rev.load(Ordering::SeqCst)).await,
+                Err(e) => {
+                    tracing::warn!(instance = %id, error = %e, "stopped driving the instance; another replica will resume it");
+                    // Leave the lease to expire unless the log is what failed: then hand it
+                    // back at once so that a retry (here or elsewhere) comes sooner.
+                    me.driving.lock().expect("driving").remove(&id);
+                }
+            }
+        });
+    }
+
+    async fn append(&self, inst: &mut Instance, event: Event) -> Result<(), LogError> {
+        let (seq, entry) = self
+            .log
+            .append(&inst.id, inst.last_seq, &self.replica, event)
+            .await?;
+        inst.apply(seq, entry);
+        Ok(())
+    }
+
+    async fn run_instance(&self, id: &str, preloaded: Option<Instance>) -> Result<(), LogError> {
+        let mut inst = match preloaded {
+            Some(i) => i,
+            None => match self.log.load(id, self.names.len()).await? {
+                Some(i) => i,
+                None => return Ok(()),
+            },
+        };
+        if inst.status.finished() {
+            return Ok(());
+        }
+        if inst.status == Status::Running {
+            for i in 0..self.cfg.steps.len() {
+                if matches!(inst.steps[i], StepOutcome::Succeeded(_)) {
+                    continue;
+                }
+                let step = &self.cfg.steps[i];
+                let name = step.name.clone();
+                self.crash.maybe("before-step");
+                self.append(
+                    &mut inst,
+                    Event::StepStarted {
+                        step: i + 1,
+                        name: name.clone(),
+                    },
+                )
+                .await?;
+                let key = format!("{}/{}/{}", self.cfg.name, id, name);
+                let (outcome, uncertain) = self
+                    .attempts(
+                        &inst,
+                        &step.action,
+                        &key,
+                        &step.retry,
+                        step.timeout_ms,
+                        &name,
+                        "action",
+                    )
+                    .await;
+                self.crash.maybe("after-step-call");
+                match outcome {
+                    Outcome::Ok(result) => {
+                        self.append(
+                            &mut inst,
+                            Event::StepSucceeded {
+                                step: i + 1,
+                                name,
+                                result,
+                            },
+                        )
+                        .await?;
+                    }
+                    other => {
+                        self.append(
+                            &mut inst,
+                            Event::StepFailed {
+                                step: i + 1,
+                                name,
+                                error: other.error().unwrap_or_default().to_string(),
+                                uncertain,
+                            },
+                        )
+                        .await?;
+                        self.metrics.failed.get_or_create(&self.label()).inc();
+                        break;
+                    }
+                }
+            }
+            if inst.status == Status::Running {
+                return self.finish(&mut inst, Event::Completed).await;
+            }
+        }
+        self.compensate(&mut inst).await
+    }
+
+    /// Calls `call` up to `retry.attempts` times. The second value is true when any attempt may
+    /// have reached the target (so a failure leaves the outcome unknown).
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        inst: &Instance,
+        call: &CallConfig,
+        key: &str,
+        retry: &RetryConfig,
+        timeout_ms: u64,
+        step: &str,
+        kind: &str,
+    ) -> (Outcome, bool) {
+        let started = Instant::now();
+        let results = inst.results(&self.names);
+        let scope = template::Scope {
+            input: &inst.input,
+            results: &results,
+        };
+        let body = match call {
+            CallConfig::Http(h) => h.body.as_ref(),
+            CallConfig::Request(r) => r.body.as_ref(),
+        };
+        let body = match body.map(|b| template::render(b, &scope)).transpose() {
+            Ok(b) => b,
+            Err(e) => {
+                return (
+                    Outcome::Refused {
+                        error: format!("body template: {e}"),
+                        retryable: false,
+                    },
+                    false,
+                );
+            }
+        };
+        let headers = CallHeaders {
+            idempotency_key: key.to_string(),
+            saga_id: inst.id.clone(),
+            saga: self.saga_ref(),
+        };
+        let mut uncertain = false;
+        let mut n = 1;
+        let outcome = loop {
+            let out = self
+                .caller
+                .call(
+                    call,
+                    body.clone(),
+                    &headers,
+                    Duration::from_millis(timeout_ms),
+                )
+                .await;
+            if matches!(out, Outcome::Unknown { .. }) {
+                uncertain = true;
+            }
+            if !out.retryable() || n >= retry.attempts {
+                break out;
+            }
+            n += 1;
+            tokio::time::sleep(retry.backoff(n)).await;
+        };
+        self.metrics
+            .step_duration
+            .get_or_create(&StepLabel {
+                saga: self.cfg.name.clone(),
+                step: step.to_string(),
+                kind: kind.to_string(),
+                outcome: if matches!(outcome, Outcome::Ok(_)) {
+                    "ok"
+                } else {
+                    "error"
+                }
+                .into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        (outcome, uncertain)
+    }
+
+    /// Compensates, in reverse order, every step whose action may have happened.
+    async fn compensate(&self, inst: &mut Instance) -> Result<(), LogError> {
+        let reason = inst.reason.clone().unwrap_or_else(|| "compensating".into());
+        let mut failures = Vec::new();
+        let policy = self.cfg.compensation_retry.clone();
+        for i in (0..self.cfg.steps.len()).rev() {
+            let step = &self.cfg.steps[i];
+            let Some(comp) = &step.compensation else {
+                continue;
+            };
+            if !inst.may_have_happened(i) || inst.comps[i].succeeded {
+                continue;
+            }
+            let key = format!("{}/{}/{}/compensate", self.cfg.name, inst.id, step.name);
+            loop {
+                let used = inst.comps[i].failures;
+                if used >= policy.attempts {
+                    failures.push(format!(
+                        "compensation of step {} ({}) failed {used} times: {}",
+                        i + 1,
+                        step.name,
+                        inst.comps[i].last_error.clone().unwrap_or_default()
+                    ));
+                    break;
+                }
+                if used > 0 {
+                    tokio::time::sleep(policy.backoff(used + 1)).await;
+                }
+                self.crash.maybe("before-compensation");
+                self.append(
+                    inst,
+                    Event::CompStarted {
+                        step: i + 1,
+                        name: step.name.clone(),
+                    },
+                )
+                .await?;
+                let (out, _) = self
+                    .attempts(
+                        inst,
+                        comp,
+                        &key,
+                        &RetryConfig::ONCE,
+                        step.timeout_ms,
+                        &step.name,
+                        "compensation",
+                    )
+                    .await;
+                self.crash.maybe("after-compensation-call");
+                match out {
+                    Outcome::Ok(_) => {
+                        self.append(
+                            inst,
+                            Event::CompSucceeded {
+                                step: i + 1,
+                                name: step.name.clone(),
+                            },
+                        )
+                        .await?;
+                        break;
+                    }
+                    other => {
+                        self.append(
+                            inst,
+                            Event::CompFailed {
+                                step: i + 1,
+                                name: step.name.clone(),
+                                error: other.error().unwrap_or_default().to_string(),
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        if failures.is_empty() {
+            self.finish(inst, Event::Compensated { reason }).await
+        } else {
+            let reason = format!("{reason}; {}", failures.join("; "));
+            self.finish(inst, Event::CompensationFailed { reason })
+                .await
+        }
+    }
+
+    /// Dead-letters (when compensation failed), publishes the outcome event, then logs the end.
+    /// Publishing first and deduplicating by message id means a crash in between repeats the
+    /// publish (dropped by the stream) rather than losing it.
+    async fn finish(&self, inst: &mut Instance, event: Event) -> Result<(), LogError> {
+        let (status, reason) = match &event {
+            Event::Completed => (Status::Completed, None),
+            Event::Compensated { reason } => (Status::Compensated, Some(reason.clone())),
+            _ => {
+                let Event::CompensationFailed { reason } = &event else {
+                    unreachable!("finish takes a terminal event")
+                };
+                (Status::CompensationFailed, Some(reason.clone()))
+            }
+        };
+        if status == Status::CompensationFailed {
+            let body = json!({
+                "saga": self.saga_ref(),
+                "sagaId": inst.id,
+                "reason": reason,
+                "input": inst.input,
+                "log": inst.entries,
+            });
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", format!("{}:dead-letter", inst.id).as_str());
+            h.insert("Weir-Saga", self.saga_ref().as_str());
+            h.insert("Weir-Saga-Id", inst.id.as_str());
+            h.insert("Weir-Reason", "compensation-failed");
+            h.insert("content-type", "application/json");
+            let subject = super::log::dead_letter_subject(&self.cfg.namespace, &self.cfg.name);
+            self.publish_until_acked(&subject, h, &body).await;
+        }
+        let outcome = if status == Status::Completed {
+            self.cfg.on_completed.as_ref()
+        } else {
+            self.cfg.on_failed.as_ref()
+        };
+        if let Some(o) = outcome {
+            let event_id = format!("{}:{}", inst.id, status.as_str().to_ascii_lowercase());
+            let body = json!({
+                "saga": self.cfg.name,
+                "sagaId": inst.id,
+                "outcome": status.as_str(),
+                "input": inst.input,
+                "reason": reason,
+                "results": inst.results(&self.names),
+            });
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("ce-specversion", "1.0");
+            h.insert("ce-id", event_id.as_str());
+            h.insert(
+                "ce-source",
+                format!("weir://{}/saga/{}", self.cfg.namespace, self.cfg.name).as_str(),
+            );
+            h.insert("ce-type", o.event_type.as_str());
+            h.insert("ce-time", chrono::Utc::now().to_rfc3339().as_str());
+            h.insert("content-type", "application/json");
+            h.insert("Nats-Msg-Id", event_id.as_str());
+            h.insert("Weir-Saga-Id", inst.id.as_str());
+            self.publish_until_acked(&o.subject, h, &body).await;
+        }
+        self.crash.maybe("before-end");
+        self.append(inst, event).await?;
+        let counter = match status {
+            Status::Completed => &self.metrics.completed,
+            Status::Compensated => &self.metrics.compensated,
+            _ => &self.metrics.compensation_failed,
+        };
+        counter.get_or_create(&self.label()).inc();
+        if status == Status::CompensationFailed {
+            tracing::error!(instance = %inst.id, reason = ?reason, "compensation failed: instance dead-lettered");
+        }
+        Ok(())
+    }
+
+    async fn publish_until_acked(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        body: &Value,
+    ) {
+        let payload = bytes::Bytes::from(serde_json::to_vec(body).expect("JSON serializes"));
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let r = match self
+                .js
+                .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(%subject, error = %e, retry_in = ?delay, "cannot publish; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Consumes the trigger Queue: one instance per event, its id derived from the event id.
+    pub async fn consume_trigger(self: Arc<Self>) {
+        let Some(q) = self.cfg.trigger.queue.clone() else {
+            return;
+        };
+        loop {
+            if let Err(e) = self.consume_once(&q).await {
+                tracing::warn!(queue = %q.queue, error = %e, "trigger consumer failed; retrying");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn consume_once(
+        self: &Arc<Self>,
+        q: &super::config::QueueTriggerConfig,
+    ) -> anyhow::Result<()> {
+        let stream = self.js.get_stream(&q.stream).await?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &q.consumer,
+                consumer::pull::Config {
+                    durable_name: Some(q.consumer.clone()),
+                    description: Some(format!("Weir Saga {} trigger", self.saga_ref())),
+                    filter_subjects: q.subjects.clone(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            let header = |k: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(k))
+                    .map(|v| v.as_str().to_string())
+            };
+            let event_id = header("ce-id")
+                .or_else(|| header("Nats-Msg-Id"))
+                .unwrap_or_else(|| {
+                    m.info()
+                        .map(|i| format!("{}:{}", i.stream, i.stream_sequence))
+                        .unwrap_or_default()
+                });
+            let id = instance_id_for_event(&event_id);
+            let input: Value = match serde_json::from_slice(&m.payload) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(%event_id, error = %e, "trigger event is not JSON; dropped");
+                    let _ = m.ack_with(jetstream::AckKind::Term).await;
+                    continue;
+                }
+            };
+            match self.start(&id, input).await {
+                Ok(_) => {
+                    let _ = m.ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(%event_id, error = %e, "cannot start an instance for the event; redelivering");
+                    let _ = m
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The instance started by a trigger event: `ev-` and 32 hex digits of the event id's SHA-256.
+pub fn instance_id_for_event(event_id: &str) -> String {
+    format!(
+        "ev-{}",
+        &hex::encode(Sha256::digest(event_id.as_bytes()))[..32]
+    )
+}
+
+/// Test-only crash injection: `WEIR_SAGA_TEST_CRASH="after-step-call=0.05,before-step=0.02"`
+/// makes the process exit at once (no cleanup, like `kill -9`) at a named point with the given
+/// probability. Unset in production.
+struct CrashPoints(Vec<(String, f64)>);
+
+impl CrashPoints {
+    fn from_env() -> Self {
+        let spec = std::env::var("WEIR_SAGA_TEST_CRASH").unwrap_or_default();
+        Self(
+            spec.split(',')
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k.trim().to_string(), v.trim().parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    fn maybe(&self, point: &str) {
+        for (k, p) in &self.0 {
+            if k == point && rand::random::<f64>() < *p {
+                eprintln!("WEIR_SAGA_TEST_CRASH: crashing at {point}");
+                std::process::exit(137);
+            }
+        }
+    }
+}

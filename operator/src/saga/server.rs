@@ -1,0 +1,196 @@
+//! The coordinator's HTTP interface.
+//!
+//! - `POST /v1/sagas/<name>`: JSON input → `202 {"id": ...}`; `?wait=30s` waits for the end and
+//!   answers `200 {"id", "status", "reason"}` (or `202` when it has not ended in time). An
+//!   `Idempotency-Key` header makes the start idempotent: the instance id is derived from it.
+//! - `GET /v1/sagas/<name>`: every instance (id, status, step, times).
+//! - `GET /v1/sagas/<name>/<id>`: one instance's timeline.
+//! - `GET /v1/stats`: counts (running, compensating, completed, compensated, failed).
+//! - `/metrics`, `/healthz`, `/readyz`.
+
+use super::coordinator::{Coordinator, StartError};
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const MAX_INPUT: usize = 1 << 20;
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+pub async fn serve(listener: tokio::net::TcpListener, c: Arc<Coordinator>) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let c = c.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let c = c.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, c).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(&body).expect("JSON serializes");
+    text.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(text)))
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    reply(status, json!({"error": message.to_string()}))
+}
+
+async fn handle(req: hyper::Request<Incoming>, c: Arc<Coordinator>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), parts.as_slice()) {
+        (Method::GET, ["metrics"]) => Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(c.metrics.encode())))
+            .expect("valid response"),
+        (Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({"status": "ok"})),
+        (Method::GET, ["readyz"]) => {
+            if c.caught_up.load(Ordering::SeqCst) && !c.stopping.load(Ordering::SeqCst) {
+                reply(StatusCode::OK, json!({"status": "ready"}))
+            } else {
+                error(StatusCode::SERVICE_UNAVAILABLE, "catching up with the log")
+            }
+        }
+        (Method::GET, ["v1", "stats"]) => reply(
+            StatusCode::OK,
+            serde_json::to_value(c.stats()).expect("stats serialize"),
+        ),
+        (_, ["v1", "sagas", name, ..]) if *name != c.cfg.name => error(
+            StatusCode::NOT_FOUND,
+            format!("this coordinator runs saga {:?}", c.cfg.name),
+        ),
+        (Method::POST, ["v1", "sagas", _]) => start(req, &query, c).await,
+        (Method::GET, ["v1", "sagas", _]) => {
+            reply(StatusCode::OK, json!({"instances": c.summaries()}))
+        }
+        (Method::GET, ["v1", "sagas", _, id]) => timeline(&c, id).await,
+        _ => error(StatusCode::NOT_FOUND, format!("no route for {path}")),
+    }
+}
+
+async fn start(
+    req: hyper::Request<Incoming>,
+    query: &str,
+    c: Arc<Coordinator>,
+) -> Response<Full<Bytes>> {
+    if !c.cfg.trigger.http {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the HTTP trigger is off for this saga (spec.trigger.http: false)",
+        );
+    }
+    if c.stopping.load(Ordering::SeqCst) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let wait = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("wait="))
+        .map(weir_crds::duration::parse)
+        .transpose();
+    let wait = match wait {
+        Ok(w) => w.map(|w| w.min(MAX_WAIT)),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("wait: {e}")),
+    };
+    let id = match req.headers().get("Idempotency-Key") {
+        Some(k) => format!("ik-{}", &hex::encode(Sha256::digest(k.as_bytes()))[..32]),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let body = match Limited::new(req.into_body(), MAX_INPUT).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+    };
+    let input: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("input is not JSON: {e}")),
+        }
+    };
+    let mut finished = c.subscribe();
+    let created = match c.start(&id, input).await {
+        Ok(created) => created,
+        Err(e @ StartError::BadId) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e @ StartError::Busy(_)) => return error(StatusCode::CONFLICT, e),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    let Some(wait) = wait else {
+        return reply(StatusCode::ACCEPTED, json!({"id": id, "created": created}));
+    };
+    if let Some(s) = c.summary(&id).filter(|s| s.status.finished()) {
+        return reply(
+            StatusCode::OK,
+            json!({"id": id, "status": s.status, "reason": s.reason}),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, finished.recv()).await {
+            Err(_) => {
+                return reply(
+                    StatusCode::ACCEPTED,
+                    json!({"id": id, "created": created, "status": "Running"}),
+                );
+            }
+            Ok(Ok(f)) if f.id == id => {
+                return reply(
+                    StatusCode::OK,
+                    json!({"id": id, "status": f.status, "reason": f.reason}),
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                if let Some(s) = c.summary(&id).filter(|s| s.status.finished()) {
+                    return reply(
+                        StatusCode::OK,
+                        json!({"id": id, "status": s.status, "reason": s.reason}),
+                    );
+                }
+            }
+            Ok(Err(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        }
+    }
+}
+
+async fn timeline(c: &Coordinator, id: &str) -> Response<Full<Bytes>> {
+    if !super::log::valid_instance_id(id) {
+        return error(StatusCode::BAD_REQUEST, "bad instance id");
+    }
+    match c.log.load(id, c.cfg.steps.len()).await {
+        Ok(Some(inst)) => reply(
+            StatusCode::OK,
+            json!({
+                "id": inst.id,
+                "status": inst.status,
+                "reason": inst.reason,
+                "input": inst.input,
+                "entries": inst.entries,
+            }),
+        ),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}

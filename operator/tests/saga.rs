@@ -1,0 +1,717 @@
+//! Sagas end to end: the real `weir saga-coordinator` binary, a real nats-server, and HTTP step
+//! services on loopback that record every call with its `Idempotency-Key`.
+
+mod saga_support;
+
+use saga_support::nats_server::NatsServer;
+use saga_support::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use weir::saga::config::{OutcomeConfig, RetryConfig};
+use weir::saga::log::{Event, Status};
+
+async fn outcome_stream(nats: &str, name: &str, subject: &str) -> async_nats::jetstream::Context {
+    let js = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js
+}
+
+async fn read_all(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let s = js.get_stream(stream).await.unwrap();
+    let mut out = Vec::new();
+    let mut seq = 1;
+    while let Ok(m) = s.get_raw_message(seq).await {
+        out.push(m);
+        seq += 1;
+    }
+    out
+}
+
+fn paths(calls: &[Call]) -> Vec<String> {
+    calls.iter().map(|c| c.path.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_steps_succeed_and_the_outcome_event_is_published() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    let js = outcome_stream(
+        &nats.url(),
+        "weir_shop_orders-done",
+        "weir.shop.orders-done",
+    )
+    .await;
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.on_completed = Some(OutcomeConfig {
+        queue: "orders-done".into(),
+        subject: "weir.shop.orders-done".into(),
+        event_type: "OrderConfirmed".into(),
+    });
+    let coord = Coordinator::spawn(&cfg, None);
+
+    let (status, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({"order": "o-1", "qty": 2})),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "Completed");
+    let id = body["id"].as_str().unwrap().to_string();
+
+    let calls = svc.calls_of(&id);
+    assert_eq!(paths(&calls), ["/reserve", "/charge", "/ship"]);
+    for c in &calls {
+        let step = c.path.trim_start_matches('/');
+        assert_eq!(c.key, format!("place-order/{id}/{step}"));
+    }
+    // Templates: the input's values keep their types, results of earlier steps are there.
+    assert_eq!(calls[0].body, json!({"order": "o-1", "qty": 2}));
+    assert_eq!(calls[1].body["reservation"], format!("/reserve:{id}"));
+
+    let events = read_all(&js, "weir_shop_orders-done").await;
+    assert_eq!(events.len(), 1);
+    let h = &events[0].headers;
+    assert_eq!(h.get("ce-type").unwrap().as_str(), "OrderConfirmed");
+    assert_eq!(
+        h.get("Nats-Msg-Id").unwrap().as_str(),
+        format!("{id}:completed")
+    );
+    let ev: Value = serde_json::from_slice(&events[0].payload).unwrap();
+    assert_eq!(ev["outcome"], "Completed");
+    assert_eq!(ev["input"]["order"], "o-1");
+
+    // The timeline over HTTP and on the command line.
+    let (status, tl) = request(
+        "GET",
+        &format!("{}/v1/sagas/place-order/{id}", coord.url()),
+        None,
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let kinds: Vec<&str> = tl["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "step-started",
+            "step-succeeded",
+            "step-started",
+            "step-succeeded",
+            "step-started",
+            "step-succeeded",
+            "completed"
+        ]
+    );
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["completed"], 1);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args([
+            "saga",
+            "show",
+            "place-order",
+            &id,
+            "-n",
+            "shop",
+            "--broker-url",
+            &nats.url(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("step 2 charge: succeeded"), "{text}");
+    assert!(text.contains("Completed"), "{text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args([
+            "saga",
+            "list",
+            "place-order",
+            "-n",
+            "shop",
+            "--broker-url",
+            &nats.url(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&id) && text.contains("1 instance(s)"),
+        "{text}"
+    );
+    let (_, metrics) = request("GET", &format!("{}/metrics", coord.url()), None, &[])
+        .await
+        .unwrap_or((0, Value::Null));
+    let _ = metrics; // /metrics is text; checked in the failure test
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_step_compensates_the_earlier_ones_in_reverse_order() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/ship", Mode::Status(409));
+    let js = outcome_stream(
+        &nats.url(),
+        "weir_shop_orders-failed",
+        "weir.shop.orders-failed",
+    )
+    .await;
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.on_failed = Some(OutcomeConfig {
+        queue: "orders-failed".into(),
+        subject: "weir.shop.orders-failed".into(),
+        event_type: "OrderFailed".into(),
+    });
+    let coord = Coordinator::spawn(&cfg, None);
+    let (status, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({"order": "o-2", "qty": 1})),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "Compensated");
+    let id = body["id"].as_str().unwrap();
+    let calls = svc.calls_of(id);
+    assert_eq!(
+        paths(&calls),
+        [
+            "/reserve",
+            "/charge",
+            "/ship",
+            "/charge/undo",
+            "/reserve/undo"
+        ],
+        "step 3 refused: compensations 2 then 1, none for step 3"
+    );
+    assert_eq!(calls[3].key, format!("place-order/{id}/charge/compensate"));
+    assert_eq!(calls[4].key, format!("place-order/{id}/reserve/compensate"));
+
+    let events = read_all(&js, "weir_shop_orders-failed").await;
+    assert_eq!(events.len(), 1);
+    let ev: Value = serde_json::from_slice(&events[0].payload).unwrap();
+    assert_eq!(ev["outcome"], "Compensated");
+    assert_eq!(
+        events[0].headers.get("ce-type").unwrap().as_str(),
+        "OrderFailed"
+    );
+    let reason = ev["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("step 3 (ship) failed: HTTP 409"),
+        "{reason}"
+    );
+    assert_eq!(ev["input"]["order"], "o-2");
+
+    let metrics = reqwest_text(&format!("{}/metrics", coord.url())).await;
+    assert!(
+        metrics.contains("weir_saga_instances_compensated_total{saga=\"place-order\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_saga_step_duration_seconds"),
+        "{metrics}"
+    );
+}
+
+async fn reqwest_text(url: &str) -> String {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_times_out_is_retried_then_compensated() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Hang);
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.steps[1].timeout_ms = 200;
+    cfg.steps[1].retry = RetryConfig {
+        attempts: 3,
+        backoff_base_ms: 20,
+        backoff_max_ms: 50,
+    };
+    let coord = Coordinator::spawn(&cfg, None);
+    let (status, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({"order": "o-3", "qty": 1})),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "Compensated");
+    let id = body["id"].as_str().unwrap();
+    let calls = svc.calls_of(id);
+    assert_eq!(
+        paths(&calls),
+        [
+            "/reserve",
+            "/charge",
+            "/charge",
+            "/charge",
+            "/charge/undo",
+            "/reserve/undo"
+        ],
+        "three attempts, then the timed-out step (it may have happened) and step 1 are compensated"
+    );
+    assert!(
+        calls[1..4]
+            .iter()
+            .all(|c| c.key == format!("place-order/{id}/charge"))
+    );
+    assert!(
+        body["reason"].as_str().unwrap().contains("timed out"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_keeps_failing_ends_compensation_failed_and_is_dead_lettered() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/ship", Mode::Status(422));
+    svc.set("/charge/undo", Mode::Status(500));
+    let cfg = config(&nats.url(), &svc.url(), "place-order");
+    let coord = Coordinator::spawn(&cfg, None);
+    let (status, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({"order": "o-4"})),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "CompensationFailed");
+    let id = body["id"].as_str().unwrap();
+    let calls = svc.calls_of(id);
+    assert_eq!(
+        paths(&calls),
+        [
+            "/reserve",
+            "/charge",
+            "/ship",
+            "/charge/undo",
+            "/charge/undo",
+            "/charge/undo",
+            "/reserve/undo"
+        ],
+        "retried compensationRetry.attempts times; the other compensations still run"
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let dl = read_all(&js, "weir_saga_shop_place-order_dlq").await;
+    assert_eq!(dl.len(), 1);
+    let v: Value = serde_json::from_slice(&dl[0].payload).unwrap();
+    assert_eq!(v["sagaId"], id);
+    assert!(v["log"].as_array().unwrap().len() >= 10);
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["failed"], 1, "{stats}");
+    assert!(
+        stats["lastFailure"]
+            .as_str()
+            .unwrap()
+            .contains("compensation of step 2"),
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_are_idempotent_by_key_and_by_trigger_event() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    let js = outcome_stream(&nats.url(), "weir_shop_orders", "weir.shop.orders").await;
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.trigger.queue = Some(weir::saga::config::QueueTriggerConfig {
+        queue: "orders".into(),
+        stream: "weir_shop_orders".into(),
+        subjects: vec!["weir.shop.orders".into()],
+        consumer: "saga-place-order".into(),
+    });
+    let coord = Coordinator::spawn(&cfg, None);
+    let url = format!("{}/v1/sagas/place-order?wait=10s", coord.url());
+    let (_, a) = request(
+        "POST",
+        &url,
+        Some(json!({"order": "k"})),
+        &[("Idempotency-Key", "k-1")],
+    )
+    .await
+    .unwrap();
+    let (_, b) = request(
+        "POST",
+        &url,
+        Some(json!({"order": "k"})),
+        &[("Idempotency-Key", "k-1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(b["status"], "Completed");
+    // The same event twice (a redelivery, or a publisher retry past the duplicate window).
+    for _ in 0..2 {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("ce-id", "evt-42");
+        js.publish_with_headers(
+            "weir.shop.orders",
+            h,
+            json!({"order": "e"}).to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let id = weir::saga::coordinator::instance_id_for_event("evt-42");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = instances(&nats.url(), "place-order").await;
+        if all.get(&id).is_some_and(|i| i.status == Status::Completed) {
+            assert_eq!(all.len(), 2, "one instance per key, one per event");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trigger event started no instance"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(svc.calls_of(&id).len(), 3);
+}
+
+/// Checks every invariant the log and the services must hold once all instances have ended.
+fn check_invariants(
+    all: &BTreeMap<String, weir::saga::log::Instance>,
+    svc: &StepService,
+    saga: &str,
+    fails: &BTreeMap<String, bool>,
+) -> BTreeMap<&'static str, usize> {
+    let names = ["reserve", "charge", "ship"];
+    let mut counts = BTreeMap::new();
+    let calls = svc.calls();
+    for (id, inst) in all {
+        let mine: Vec<&Call> = calls.iter().filter(|c| &c.saga_id == id).collect();
+        // Same key for every call of one step (and of one compensation), whoever made it.
+        for c in &mine {
+            let step = c.path.trim_start_matches('/').trim_end_matches("/undo");
+            let want = if c.path.ends_with("/undo") {
+                format!("{saga}/{id}/{step}/compensate")
+            } else {
+                format!("{saga}/{id}/{step}")
+            };
+            assert_eq!(c.key, want, "{id}: call to {} with another key", c.path);
+        }
+        // A compensation only for a step whose action started.
+        let mut started = [false; 3];
+        for e in &inst.entries {
+            match &e.event {
+                Event::StepStarted { step, .. } => started[step - 1] = true,
+                Event::CompStarted { step, .. } => {
+                    assert!(
+                        started[step - 1],
+                        "{id}: compensation of step {step} that never started"
+                    )
+                }
+                _ => {}
+            }
+        }
+        let undo = |s: &str| {
+            mine.iter()
+                .filter(|c| c.path == format!("/{s}/undo"))
+                .count()
+        };
+        let did = |s: &str| mine.iter().filter(|c| c.path == format!("/{s}")).count();
+        for (i, s) in names.iter().enumerate() {
+            if undo(s) > 0 {
+                assert!(
+                    started[i],
+                    "{id}: service saw a compensation of {s}, never started"
+                );
+            }
+        }
+        let fail = fails.get(id).copied().unwrap_or(false);
+        match inst.status {
+            Status::Completed => {
+                assert!(!fail, "{id}: completed although step 3 refuses it");
+                for s in names {
+                    assert!(did(s) >= 1, "{id}: completed without calling {s}");
+                    assert_eq!(undo(s), 0, "{id}: completed but {s} was compensated");
+                }
+                *counts.entry("completed").or_default() += 1;
+            }
+            Status::Compensated => {
+                assert!(
+                    fail,
+                    "{id}: compensated although nothing refused it: {:?}",
+                    inst.reason
+                );
+                assert_eq!(undo("ship"), 0, "{id}: the refused step was compensated");
+                assert!(
+                    undo("charge") >= 1 && undo("reserve") >= 1,
+                    "{id}: not fully compensated"
+                );
+                // Reverse order: step 1's compensation comes after step 2's.
+                let first_reserve_undo = mine
+                    .iter()
+                    .filter(|c| c.path == "/reserve/undo")
+                    .map(|c| c.seq)
+                    .min()
+                    .unwrap();
+                let first_charge_undo = mine
+                    .iter()
+                    .filter(|c| c.path == "/charge/undo")
+                    .map(|c| c.seq)
+                    .min()
+                    .unwrap();
+                assert!(
+                    first_charge_undo < first_reserve_undo,
+                    "{id}: compensations out of order"
+                );
+                *counts.entry("compensated").or_default() += 1;
+            }
+            other => panic!("{id}: ended {other:?}: {:?}", inst.reason),
+        }
+        for s in names {
+            if did(s) > 1 {
+                *counts.entry("step executed twice (same key)").or_default() += 1;
+            }
+            if undo(s) > 1 {
+                *counts
+                    .entry("compensation executed twice (same key)")
+                    .or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Submits `ids` (with `Idempotency-Key`s) to whichever coordinator answers, retrying while none does.
+async fn submit(urls: &[String], n: usize, fail_every: usize) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    for i in 0..n {
+        let fail = fail_every > 0 && i % fail_every == 0;
+        let key = format!("order-{i}");
+        let mut attempt = 0;
+        loop {
+            let url = &urls[(i + attempt) % urls.len()];
+            let r = request(
+                "POST",
+                &format!("{url}/v1/sagas/crash"),
+                Some(json!({"order": key, "qty": 1, "fail": fail})),
+                &[("Idempotency-Key", &key)],
+            )
+            .await;
+            if let Some((s, b)) = r
+                && (s == 202 || s == 200)
+            {
+                out.insert(b["id"].as_str().unwrap().to_string(), fail);
+                break;
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
+    let n: usize = std::env::var("WEIR_SAGA_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.state.lock().unwrap().delay = (0, 20);
+    svc.set("/ship", Mode::FailIfFlag);
+    let cfg = config(&nats.url(), &svc.url(), "crash");
+    // Crash points inside the coordinator (exit at once, like kill -9), plus kill -9 from here
+    // at random times.
+    let crash = "before-step=0.004,after-step-call=0.006,before-compensation=0.01,after-compensation-call=0.01,before-end=0.004";
+    let started = Instant::now();
+    let coord = std::sync::Arc::new(std::sync::Mutex::new(Coordinator::spawn(&cfg, Some(crash))));
+    let url = std::sync::Arc::new(std::sync::Mutex::new(coord.lock().unwrap().url()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut restarts, mut kills) = (0, 0);
+    // The supervisor: restarts the coordinator whenever it died, kills it now and then.
+    let sup = {
+        let (coord, url, stop, cfg) = (coord.clone(), url.clone(), stop.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut next_kill =
+                Instant::now() + Duration::from_millis(rand::random_range(300..1500));
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                let mut c = coord.lock().unwrap();
+                if Instant::now() >= next_kill {
+                    c.kill();
+                    kills += 1;
+                    next_kill =
+                        Instant::now() + Duration::from_millis(rand::random_range(300..1500));
+                }
+                if c.exited() {
+                    *c = Coordinator::spawn(&cfg, Some(crash));
+                    *url.lock().unwrap() = c.url();
+                    restarts += 1;
+                }
+            }
+            (restarts, kills)
+        })
+    };
+    let mut fails = BTreeMap::new();
+    for chunk in 0..n.div_ceil(50) {
+        let u = url.lock().unwrap().clone();
+        let m = 50.min(n - chunk * 50);
+        // Keys must be unique across chunks.
+        let part = submit_offset(&u, &url, chunk * 50, m, 5).await;
+        fails.extend(part);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let all = loop {
+        let all = instances(&nats.url(), "crash").await;
+        if all.len() == n && all.values().all(|i| i.status.finished()) {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} instances unfinished",
+            all.values().filter(|i| !i.status.finished()).count() + n - all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (restarts, kills) = sup.await.unwrap();
+    let counts = check_invariants(&all, &svc, "crash", &fails);
+    eprintln!(
+        "{n} instances in {:?}: {kills} kill -9, {restarts} restarts (kills + crash points); {counts:?}",
+        started.elapsed()
+    );
+    assert!(
+        restarts >= 5,
+        "the test must actually crash the coordinator ({restarts} restarts)"
+    );
+    assert_eq!(
+        counts.get("completed").copied().unwrap_or(0)
+            + counts.get("compensated").copied().unwrap_or(0),
+        n
+    );
+}
+
+async fn submit_offset(
+    _first: &str,
+    url: &std::sync::Arc<std::sync::Mutex<String>>,
+    offset: usize,
+    m: usize,
+    fail_every: usize,
+) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    for i in offset..offset + m {
+        let fail = i % fail_every == 0;
+        let key = format!("order-{i}");
+        loop {
+            let u = url.lock().unwrap().clone();
+            let r = request(
+                "POST",
+                &format!("{u}/v1/sagas/crash"),
+                Some(json!({"order": key, "qty": 1, "fail": fail})),
+                &[("Idempotency-Key", &key)],
+            )
+            .await;
+            if let Some((s, b)) = r
+                && (s == 202 || s == 200)
+            {
+                out.insert(b["id"].as_str().unwrap().to_string(), fail);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_one_replica_dies_the_other_finishes_its_instances() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.state.lock().unwrap().delay = (100, 200);
+    let cfg = config(&nats.url(), &svc.url(), "crash");
+    let mut a = Coordinator::spawn(&cfg, None);
+    let b = Coordinator::spawn(&cfg, None);
+    let fails = submit(&[a.url()], 40, 0).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let before = instances(&nats.url(), "crash").await;
+    let unfinished_on_a: Vec<String> = before
+        .values()
+        .filter(|i| !i.status.finished())
+        .map(|i| i.id.clone())
+        .collect();
+    assert!(!unfinished_on_a.is_empty(), "kill A mid-run");
+    a.kill();
+    let killed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let all = loop {
+        let all = instances(&nats.url(), "crash").await;
+        if all.len() == 40 && all.values().all(|i| i.status.finished()) {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "B did not finish A's instances");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "B finished {} of A's instances {:?} after the kill",
+        unfinished_on_a.len(),
+        killed.elapsed()
+    );
+    let (_, stats) = request("GET", &format!("{}/v1/stats", b.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["completed"], 40, "{stats}");
+    for id in &unfinished_on_a {
+        let last = all[id].entries.last().unwrap();
+        assert_eq!(last.event, Event::Completed);
+        assert_ne!(
+            last.by, all[id].entries[0].by,
+            "{id}: finished by the other replica"
+        );
+    }
+    check_invariants(&all, &svc, "crash", &fails);
+}
