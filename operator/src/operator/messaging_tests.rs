@@ -724,3 +724,42 @@ fn a_broker_maps_to_the_queues_on_it() {
         .collect();
     assert_eq!(on, ["orders"]);
 }
+
+#[tokio::test]
+async fn a_schema_from_a_config_map_key_is_read_and_a_missing_key_is_named() {
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(
+            Method::GET,
+            "/api/v1/namespaces/demo/configmaps/schemas",
+            |_| {
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "ConfigMap",
+                           "metadata": {"name": "schemas", "namespace": "demo"},
+                           "data": {"other.json": "{}"}}),
+                )
+            },
+        ),
+        expect(Method::POST, EVENTS, created),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let q = queue(
+        json!({"broker": "nats", "schema": {"configMapRef": {"name": "schemas", "key": "order.json"}}}),
+        json!({}),
+    );
+    let action = super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(30)),
+        "the ConfigMap may be fixed"
+    );
+    let r = ready(&api_server.await.unwrap()[2].1).clone();
+    assert_eq!(r["reason"], "InvalidSchema");
+    let msg = r["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("spec.schema.configMapRef.key:") && msg.contains("order.json"),
+        "{msg}"
+    );
+}
