@@ -222,3 +222,126 @@ fn dlq_without_a_reachable_broker_fails_plainly() {
         text(&out.stderr)
     );
 }
+
+/// A minimal Kubernetes API for `weir dlq` without `--broker-url`: answers GETs from `objects`
+/// (path → JSON) and 404 otherwise, one connection per request.
+fn fake_apiserver(objects: Vec<(String, Value)>) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            // Skip the headers.
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+            }
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let (status, body) = match objects.iter().find(|(p, _)| *p == path) {
+                Some((_, v)) => ("200 OK", v.to_string()),
+                None => (
+                    "404 Not Found",
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found")}).to_string(),
+                ),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn dlq_finds_the_broker_and_its_credentials_through_the_cluster() {
+    let server = NatsServer::start_with(&["--user", "weir", "--pass", "s3cret"]);
+    let b = messaging::connect(
+        &server.url(),
+        &Credentials::UserPassword {
+            username: "weir".into(),
+            password: "s3cret".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let t = Topology::new(
+        "shop",
+        "orders",
+        &serde_yaml::from_str("broker: nats").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+    dead_letter(b.jetstream(), "ev-9", 1, "schema").await;
+
+    let q: Value = serde_yaml::from_str(QUEUE).unwrap();
+    let mut broker: Value = serde_yaml::from_str(BROKER).unwrap();
+    broker["spec"]["url"] = Value::String(server.url());
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "nats-creds", "namespace": "shop"},
+        "data": {"username": "d2Vpcg==", "password": "czNjcmV0"},
+    });
+    let api = fake_apiserver(vec![
+        (
+            "/apis/weir.dev/v1alpha1/namespaces/shop/queues/orders".into(),
+            q,
+        ),
+        (
+            "/apis/weir.dev/v1alpha1/namespaces/shop/brokers/nats".into(),
+            broker,
+        ),
+        ("/api/v1/namespaces/shop/secrets/nats-creds".into(), secret),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{api}'}}\nusers:\n- name: me\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: me}}\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["dlq", "list", "orders", "-n", "shop", "--json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("WEIR_BROKER_URL")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let row: Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(row["eventId"], "ev-9");
+    assert_eq!(row["reason"], "schema");
+
+    // A Queue that is not there: the error names it.
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["dlq", "list", "nope", "-n", "shop"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("WEIR_BROKER_URL")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("Queue shop/nope"),
+        "{}",
+        text(&out.stderr)
+    );
+}
