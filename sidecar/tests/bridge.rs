@@ -538,8 +538,30 @@ async fn killing_the_broker_loses_nothing() {
     });
     assert!(eventually(Duration::from_secs(30), || app.total() >= N / 4).await);
     nats.kill9();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Readiness follows the broker connection; a publish is refused promptly, never hangs.
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            matches!(http_get(&a.admin_url("/readyz")).await, Ok((503, t)) if t.contains("broker"))
+        })
+        .await
+    );
+    let started = std::time::Instant::now();
+    let (status, body) = a
+        .publish(
+            QUEUE,
+            &[("ce-id", "while-down")],
+            r#"{"orderId":"x","amount":1}"#,
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(
+        body["reason"].as_str().unwrap().contains("nats://"),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart().await;
+    a.wait_ready().await;
     let (refused, duplicates) = tokio::time::timeout(Duration::from_secs(60), publisher)
         .await
         .expect("publisher finished")
@@ -595,4 +617,91 @@ async fn sigterm_finishes_deliveries_in_flight() {
         "every delivery in flight was acked"
     );
     assert_eq!(info.ack_floor.stream_sequence, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_credentials_from_the_secret_directory() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start_with(bin, &["--auth", "s3cret-token"]).await;
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("token"), "s3cret-token\n").unwrap();
+    let app = App::ok().await;
+    let mut m = publisher_messaging(&nats.url());
+    // The Secret's directory, as the operator mounts it (docs/messaging.md).
+    m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
+    // Ready means connected: the token was accepted.
+    let a = Sidecar::start(base_config("orders", app.addr, m)).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            a.publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
+                .await
+                .0
+                == 202
+        })
+        .await,
+        "the sidecar creates the absent stream and publishes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_reload_restarts_the_bridge() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app = App::ok().await;
+    let mut cfg = base_config("orders", app.addr, publisher_messaging(&nats.url()));
+    let a = Sidecar::start(cfg.clone()).await;
+    let (status, _) = a.publish("payments", &[], r#"{"x":1}"#).await;
+    assert_eq!(status, 404);
+    let m = cfg.messaging.as_mut().unwrap();
+    m.publishes.push(weir_crds::proxy::PublishConfig {
+        queue: "payments".into(),
+        stream: "weir_shop_payments".into(),
+        subject: "weir.shop.payments".into(),
+        schema: None,
+        event_type: "payment.made".into(),
+    });
+    let tmp = a.config_path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string(&cfg).unwrap()).unwrap();
+    std::fs::rename(&tmp, &a.config_path).unwrap();
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            a.publish("payments", &[], r#"{"x":1}"#).await.0 == 202
+        })
+        .await,
+        "the new queue is published to after the reload"
+    );
+    assert_eq!(stream_len(&js, "weir_shop_payments").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dead_letter_stream_a_failed_message_is_terminated() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let app = App::start(Duration::ZERO, Arc::new(|_, _| 404)).await;
+    let mut c = consume_config("billing");
+    c.dead_letter_stream = String::new();
+    c.dead_letter_subject = String::new();
+    let b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        consumer_messaging(&nats.url(), c),
+    ))
+    .await;
+    raw_publish(&js, "gone-1", "gone-1", r#"{"orderId":"o","amount":1}"#).await;
+    assert!(eventually(Duration::from_secs(10), || app.total() == 1).await);
+    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    assert_eq!(app.total(), 1);
+    assert!(
+        js.get_stream(DLQ_STREAM).await.is_err(),
+        "no dead-letter stream"
+    );
+    assert_eq!(
+        b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="rejected"}"#)
+            .await,
+        1.0
+    );
 }

@@ -1,9 +1,11 @@
 //! The broker connection: NATS with reconnect forever (capped exponential backoff).
 //!
-//! `credentialsFile` (mounted from the Broker's Secret) is read in one of two documented forms:
-//! - a NATS credentials file (`*.creds`, holding a user JWT and NKey seed): used as is;
-//! - any other file: its directory is the Secret's mount and is searched for the files
-//!   `token` (token auth) or `username` and `password` (user/password auth).
+//! `credentialsFile` names the Broker's credentials Secret as mounted (one file per key), in
+//! one of two documented forms (docs/messaging.md, "Broker credentials"):
+//! - a directory (what the operator renders: `/etc/weir/broker`) holding `creds` (a NATS
+//!   `.creds` file: user JWT and NKey seed), or `token`, or `username` and `password`; the first
+//!   present wins in that order;
+//! - a NATS `.creds` file itself.
 
 use async_nats::{Client, ConnectOptions, Event};
 use std::path::Path;
@@ -28,30 +30,41 @@ fn read_trimmed(p: &Path) -> Option<String> {
 /// Applies the credentials found at `path` (see the module doc).
 pub fn with_credentials(opts: ConnectOptions, path: &str) -> Result<ConnectOptions, String> {
     let p = Path::new(path);
-    let text = std::fs::read_to_string(p)
-        .map_err(|e| format!("cannot read credentials file {path}: {e}"))?;
-    if text.contains("BEGIN NATS USER JWT") {
-        return opts
-            .credentials(&text)
-            .map_err(|e| format!("invalid NATS credentials file {path}: {e}"));
+    let creds = |text: &str, from: &Path| {
+        opts.clone()
+            .credentials(text)
+            .map_err(|e| format!("invalid NATS credentials file {}: {e}", from.display()))
+    };
+    if !p.is_dir() {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| format!("cannot read credentials file {path}: {e}"))?;
+        if text.contains("BEGIN NATS USER JWT") {
+            return creds(&text, p);
+        }
+        return Err(format!(
+            "credentials file {path} is not a NATS .creds file (a Secret directory holding \
+             `creds`, `token`, or `username` and `password` is the other accepted form)"
+        ));
     }
-    let dir = p.parent().unwrap_or(Path::new("."));
-    if let Some(token) = read_trimmed(&dir.join("token")) {
+    let f = p.join("creds");
+    if let Some(text) = read_trimmed(&f) {
+        return creds(&text, &f);
+    }
+    if let Some(token) = read_trimmed(&p.join("token")) {
         return Ok(opts.token(token));
     }
     match (
-        read_trimmed(&dir.join("username")),
-        read_trimmed(&dir.join("password")),
+        read_trimmed(&p.join("username")),
+        read_trimmed(&p.join("password")),
     ) {
         (Some(u), Some(pw)) => Ok(opts.user_and_password(u, pw)),
         _ => Err(format!(
-            "credentials file {path} is neither a NATS .creds file nor beside `token` or \
-             `username` and `password` files"
+            "credentials directory {path} holds none of `creds`, `token`, or `username` and \
+             `password`"
         )),
     }
 }
 
-/// Connects in the background: returns at once, the client connecting and reconnecting forever.
 /// `on_state` is told `true` on every (re)connection and `false` on every disconnection.
 pub async fn connect(
     url: &str,
@@ -104,12 +117,27 @@ mod tests {
     #[test]
     fn credentials_forms() {
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("credentials");
-        std::fs::write(&f, "x").unwrap();
-        let path = f.to_str().unwrap();
-        assert!(with_credentials(ConnectOptions::new(), path).is_err());
+        let path = dir.path().to_str().unwrap();
+        assert!(
+            with_credentials(ConnectOptions::new(), path).is_err(),
+            "empty"
+        );
+        std::fs::write(dir.path().join("username"), "u").unwrap();
+        assert!(
+            with_credentials(ConnectOptions::new(), path).is_err(),
+            "no password"
+        );
+        std::fs::write(dir.path().join("password"), "p").unwrap();
+        assert!(with_credentials(ConnectOptions::new(), path).is_ok());
         std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
         assert!(with_credentials(ConnectOptions::new(), path).is_ok());
+        std::fs::write(dir.path().join("creds"), "garbage").unwrap();
+        assert!(
+            with_credentials(ConnectOptions::new(), path).is_err(),
+            "creds wins and is parsed"
+        );
+        let f = dir.path().join("token");
+        assert!(with_credentials(ConnectOptions::new(), f.to_str().unwrap()).is_err());
         assert!(with_credentials(ConnectOptions::new(), "/nonexistent/creds").is_err());
     }
 }

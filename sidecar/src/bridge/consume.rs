@@ -165,7 +165,9 @@ impl Consumer {
             }
             Err(e) => return Err(format!("KV bucket {bucket}: {e}")),
         };
-        ensure_stream(&self.js, &c.dead_letter_stream, &c.dead_letter_subject).await?;
+        if !c.dead_letter_subject.is_empty() {
+            ensure_stream(&self.js, &c.dead_letter_stream, &c.dead_letter_subject).await?;
+        }
         Ok(Ready { consumer, kv })
     }
 }
@@ -459,6 +461,13 @@ async fn dead_letter(
     reason: &str,
     last_error: &str,
 ) {
+    if ctx.cfg.dead_letter_subject.is_empty() {
+        // Dead letters disabled for this queue: the message is terminated and stays on the stream.
+        tracing::warn!(queue = ctx.queue(), seq, reason, error = %last_error, "failed for good; dead letters are disabled: terminating");
+        ctx.metrics.dead_lettered(reason).inc();
+        settle(ctx, msg, AckKind::Term).await;
+        return;
+    }
     let mut h = async_nats::HeaderMap::new();
     if let Some(orig) = msg.headers.as_ref() {
         for (k, vs) in orig.iter() {

@@ -71,6 +71,7 @@ pub fn require_nats() -> Option<PathBuf> {
 /// A real nats-server with JetStream and file storage on a free loopback port.
 pub struct Nats {
     bin: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
     pub port: u16,
     pub store: tempfile::TempDir,
@@ -78,9 +79,15 @@ pub struct Nats {
 
 impl Nats {
     pub async fn start(bin: PathBuf) -> Nats {
+        Self::start_with(bin, &[]).await
+    }
+
+    /// With extra command-line arguments, e.g. `["--auth", "token"]`.
+    pub async fn start_with(bin: PathBuf, extra: &[&str]) -> Nats {
         let port = free_addr().port();
         let mut n = Nats {
             bin,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             port,
             store: tempfile::tempdir().unwrap(),
@@ -98,6 +105,7 @@ impl Nats {
             .args(["-js", "-sd"])
             .arg(self.store.path())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -154,7 +162,11 @@ pub struct Call {
 /// A small HTTP app on loopback that counts calls per `ce-id`.
 pub struct App {
     pub addr: SocketAddr,
+    /// Every call with its headers and body (empty for a [`App::light`] app).
     pub calls: Arc<Mutex<Vec<Call>>>,
+    /// Calls per event id, and in total.
+    per_id: Arc<Mutex<HashMap<String, usize>>>,
+    total: Arc<std::sync::atomic::AtomicUsize>,
     pub behavior: Arc<Mutex<Behavior>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -168,20 +180,42 @@ impl Drop for App {
 impl App {
     /// An app that answers `status(id, n)` after `delay`.
     pub async fn start(delay: Duration, behavior: Behavior) -> App {
+        Self::start_inner(delay, behavior, true).await
+    }
+
+    /// A trivial 200 app that only counts (for the benchmark).
+    pub async fn light() -> App {
+        Self::start_inner(Duration::ZERO, Arc::new(|_, _| 200), false).await
+    }
+
+    async fn start_inner(delay: Duration, behavior: Behavior, details: bool) -> App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(Mutex::new(Vec::<Call>::new()));
+        let per_id = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+        let total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let behavior = Arc::new(Mutex::new(behavior));
-        let (c2, b2) = (calls.clone(), behavior.clone());
+        let (c2, b2, p2, t2) = (
+            calls.clone(),
+            behavior.clone(),
+            per_id.clone(),
+            total.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (calls, behavior) = (c2.clone(), b2.clone());
+                let (calls, behavior, per_id, total) =
+                    (c2.clone(), b2.clone(), p2.clone(), t2.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (calls, behavior) = (calls.clone(), behavior.clone());
+                        let (calls, behavior, per_id, total) = (
+                            calls.clone(),
+                            behavior.clone(),
+                            per_id.clone(),
+                            total.clone(),
+                        );
                         async move {
                             let headers = req.headers().clone();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -191,16 +225,20 @@ impl App {
                                 .unwrap_or("")
                                 .to_string();
                             let n = {
-                                let mut c = calls.lock().unwrap();
-                                let n = c.iter().filter(|c| c.id == id).count();
-                                c.push(Call {
+                                let mut p = per_id.lock().unwrap();
+                                let e = p.entry(id.clone()).or_insert(0);
+                                *e += 1;
+                                *e - 1
+                            };
+                            if details {
+                                calls.lock().unwrap().push(Call {
                                     id: id.clone(),
                                     at: Instant::now(),
                                     headers,
                                     body,
                                 });
-                                n
-                            };
+                            }
+                            total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
                             }
@@ -222,6 +260,8 @@ impl App {
         App {
             addr,
             calls,
+            per_id,
+            total,
             behavior,
             task,
         }
@@ -236,15 +276,11 @@ impl App {
     }
 
     pub fn total(&self) -> usize {
-        self.calls.lock().unwrap().len()
+        self.total.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn counts(&self) -> HashMap<String, usize> {
-        let mut m = HashMap::new();
-        for c in self.calls.lock().unwrap().iter() {
-            *m.entry(c.id.clone()).or_insert(0) += 1;
-        }
-        m
+        self.per_id.lock().unwrap().clone()
     }
 
     pub fn calls_for(&self, id: &str) -> Vec<Call> {
@@ -440,6 +476,7 @@ impl Sidecar {
             .arg("--config")
             .arg(&self.config_path)
             .arg("--no-access-log")
+            .args(["--reload-interval-ms", "200"])
             .env("WEIR_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

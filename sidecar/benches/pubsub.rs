@@ -1,0 +1,226 @@
+//! Pub/sub benchmark against a real nats-server, in one run:
+//! raw async-nats publish-with-ack vs `POST /v1/publish/<queue>` through `weir-proxy` (schema
+//! validation on), then end-to-end consume throughput through the sidecar into a trivial app.
+//! Prints a Markdown table. Run with `sidecar/benches/pubsub.sh` (or
+//! `cargo bench -p weir-proxy --bench pubsub`); `PUBSUB_N` and `PUBSUB_CONCURRENCY` adjust it.
+
+#[path = "../tests/bridge_support/mod.rs"]
+mod bridge_support;
+
+use bridge_support::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Row {
+    path: &'static str,
+    messages: usize,
+    concurrency: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> String {
+        if self.latencies.is_empty() {
+            return "–".into();
+        }
+        let mut l = self.latencies.clone();
+        l.sort();
+        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+        format!("{:.2}", l[i].as_secs_f64() * 1000.0)
+    }
+}
+
+fn body(i: usize) -> String {
+    format!(
+        r#"{{"orderId":"o-{i}","amount":{i},"currency":"EUR","lines":[{{"sku":"A-1","qty":2}}]}}"#
+    )
+}
+
+/// `concurrency` workers share a counter of `n` jobs; each job's latency is recorded.
+async fn run_load<F, Fut>(n: usize, concurrency: usize, job: F) -> (Duration, Vec<Duration>)
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (next, job) = (next.clone(), job.clone());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let t = Instant::now();
+                job(i).await;
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    (start.elapsed(), all)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(bench());
+}
+
+async fn bench() {
+    let Some(bin) = require_nats() else { return };
+    let n = env_usize("PUBSUB_N", 20_000);
+    let concurrency = env_usize("PUBSUB_CONCURRENCY", 64);
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    // The stream must not be the bottleneck of the publish comparison: both paths hit the same one.
+
+    // 1. Raw async-nats: publish with the same headers and wait for each ack.
+    let js2 = js.clone();
+    let (elapsed, latencies) = run_load(n, concurrency, move |i| {
+        let js = js2.clone();
+        async move {
+            let id = format!("raw-{i}");
+            let h = weir_proxy::bridge::publish::event_headers(
+                &id,
+                "weir://shop/bench",
+                "order.created",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            );
+            js.publish_with_headers(SUBJECT, h, Bytes::from(body(i)))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let raw = Row {
+        path: "raw async-nats publish + ack",
+        messages: n,
+        concurrency,
+        elapsed,
+        latencies,
+    };
+
+    // 2. Through weir-proxy: HTTP POST, schema validation, CloudEvent, publish + ack.
+    let app_a = App::ok().await;
+    let mut messaging = publisher_messaging(&nats.url());
+    messaging.publishes[0].schema = Some(serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "required": ["orderId", "amount", "currency", "lines"],
+        "properties": {
+            "orderId": {"type": "string", "minLength": 1},
+            "amount": {"type": "number", "minimum": 0},
+            "currency": {"enum": ["EUR", "USD"]},
+            "lines": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["sku", "qty"],
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}}
+            }}
+        }
+    }));
+    let mut cfg = base_config("orders", app_a.addr, messaging);
+    cfg.inbound.max_body_bytes = 1 << 20;
+    let a = Sidecar::start(cfg).await;
+    let url = Arc::new(a.admin_url("/v1/publish/orders"));
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(concurrency)
+            .build_http();
+    let (elapsed, latencies) = run_load(n, concurrency, move |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let req = http::Request::post(url.as_str())
+                .header("content-type", "application/json")
+                .header("ce-id", format!("sidecar-{i}"))
+                .body(Full::new(Bytes::from(body(i))))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let _ = resp.into_body().collect().await;
+            assert_eq!(status, 202);
+        }
+    })
+    .await;
+    let side = Row {
+        path: "weir-proxy POST /v1/publish (schema, CloudEvent, ack)",
+        messages: n,
+        concurrency,
+        elapsed,
+        latencies,
+    };
+
+    // 3. End to end: the sidecar pulls the 2n stored events and POSTs each to a trivial app.
+    let total = 2 * n;
+    assert_eq!(stream_len(&js, STREAM).await, total as u64);
+    let app_b = App::light().await;
+    let mut c = consume_config("billing");
+    c.max_in_flight = concurrency as u32;
+    c.ack_wait_ms = 30_000;
+    c.schema = None;
+    let start = Instant::now();
+    let _b = Sidecar::start(base_config(
+        "billing",
+        app_b.addr,
+        consumer_messaging(&nats.url(), c),
+    ))
+    .await;
+    assert!(
+        eventually(Duration::from_secs(600), || app_b.total() >= total).await,
+        "consumed {} of {total}",
+        app_b.total()
+    );
+    let consume = Row {
+        path: "end to end: stream → weir-proxy → app (ack + dedup record)",
+        messages: total,
+        concurrency: 64,
+        elapsed: start.elapsed(),
+        latencies: vec![],
+    };
+
+    println!();
+    println!("| path | messages | concurrency | msgs/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in [&raw, &side, &consume] {
+        println!(
+            "| {} | {} | {} | {:.0} | {} | {} |",
+            r.path,
+            r.messages,
+            r.concurrency,
+            r.rate(),
+            r.pct(0.50),
+            r.pct(0.99)
+        );
+    }
+    println!();
+    println!(
+        "sidecar publish throughput = {:.0} % of raw (target ≥ 50 %)",
+        side.rate() / raw.rate() * 100.0
+    );
+}
