@@ -8,6 +8,7 @@ pub mod config;
 pub mod forward;
 pub mod fuzzing;
 pub mod layers;
+pub mod logging;
 pub mod metrics;
 pub mod otlp;
 pub mod retry;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use weir_proxy::config::{self, CliAction};
 use weir_proxy::server::{Options, Proxy};
 
-fn init_logging() {
+fn init_logging() -> weir_proxy::logging::NonBlocking {
     let level = match std::env::var("WEIR_LOG")
         .unwrap_or_default()
         .to_ascii_lowercase()
@@ -14,14 +14,16 @@ fn init_logging() {
         "trace" => tracing::Level::TRACE,
         _ => tracing::Level::INFO,
     };
+    let out = weir_proxy::logging::NonBlocking::new(std::io::stdout(), 16 * 1024);
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
         .with_max_level(level)
-        .with_writer(std::io::stdout)
+        .with_writer(out.clone())
         .init();
+    out
 }
 
 fn main() -> ExitCode {
@@ -41,7 +43,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    let log = init_logging();
+    let code = run(cli);
+    if log.dropped() > 0 {
+        tracing::warn!(
+            dropped = log.dropped(),
+            "log lines dropped: stdout was not read fast enough"
+        );
+    }
+    log.flush();
+    code
+}
+
+fn run(cli: config::Cli) -> ExitCode {
     let (cfg, raw) = match config::load(&cli.config_path) {
         Ok(c) => c,
         Err(e) => {
