@@ -4,6 +4,7 @@
 
 pub mod messaging;
 pub mod proxy_config;
+pub mod saga;
 
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
@@ -457,6 +458,10 @@ pub fn render_all(
     use crate::manifest::Object;
     let mut docs = Vec::new();
     for l in loaded {
+        if let Object::Saga(sg) = &l.object {
+            docs.extend(saga::render_documents(loaded, l, sg, opts)?);
+            continue;
+        }
         let Object::Microservice(ms) = &l.object else {
             continue;
         };
