@@ -4,11 +4,16 @@
 //! A queued request that reaches its [`Deadline`](super::Deadline) gets 504.
 
 use super::{BoxFuture, always_ready, deadline_of};
-use crate::body::{Reason, Req, Resp, reject};
+use crate::body::{BodyError, BoxBody, Reason, Req, Resp, reject};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
@@ -80,6 +85,51 @@ impl Limiter {
     }
 }
 
+/// A response body that keeps its request's slot until the body has been sent (or dropped):
+/// a streaming response still counts as a call in flight.
+struct Held {
+    inner: BoxBody,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Body for Held {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            this.permit.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn hold_until_body_ends(resp: Resp, permit: OwnedSemaphorePermit) -> Resp {
+    if resp.body().is_end_stream() {
+        return resp; // nothing to stream: the slot is freed now
+    }
+    resp.map(|inner| {
+        Held {
+            inner,
+            permit: Some(permit),
+        }
+        .boxed_unsync()
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct ConcurrencyLimitLayer {
     limiter: Arc<Limiter>,
@@ -122,11 +172,7 @@ where
         // Fast path: a free slot, no queueing.
         if let Ok(permit) = limiter.sem.clone().try_acquire_owned() {
             let fut = self.inner.call(req);
-            return Box::pin(async move {
-                let resp = fut.await;
-                drop(permit);
-                resp
-            });
+            return Box::pin(async move { Ok(hold_until_body_ends(fut.await?, permit)) });
         }
         let mut inner = self.inner.clone();
         Box::pin(async move {
@@ -134,9 +180,7 @@ where
                 Ok(p) => p,
                 Err(reason) => return Ok(reject(reason)),
             };
-            let resp = inner.call(req).await;
-            drop(permit);
-            resp
+            Ok(hold_until_body_ends(inner.call(req).await?, permit))
         })
     }
 }
@@ -214,6 +258,27 @@ mod tests {
         let resp = svc.clone().oneshot(req).await.unwrap();
         assert_eq!(resp.status(), 504);
         assert_eq!(svc.limiter.queued(), 0, "the queue slot is released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slot_is_held_until_the_response_body_is_done() {
+        let (svc, _) = limited(1, 0, Duration::ZERO);
+        let resp = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(svc.limiter.in_flight(), 1, "body not read yet");
+        assert_eq!(svc.clone().oneshot(get("/")).await.unwrap().status(), 503);
+        assert_eq!(body_string(resp.into_body()).await, "ok");
+        assert_eq!(
+            svc.limiter.in_flight(),
+            0,
+            "released at the end of the body"
+        );
+        let resp = svc.clone().oneshot(get("/")).await.unwrap();
+        drop(resp);
+        assert_eq!(
+            svc.limiter.in_flight(),
+            0,
+            "released when the body is dropped"
+        );
     }
 
     #[tokio::test(start_paused = true)]
