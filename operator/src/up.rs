@@ -59,7 +59,9 @@ impl Placement for LocalPlacement<'_> {
 
 /// A free TCP port on loopback (bound and released; the window for a race is small).
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 /// What `weir up` will run for one Microservice.
@@ -88,8 +90,21 @@ pub fn plan(loaded: &[Loaded], namespace: &str) -> Result<Vec<LocalService>> {
     let mut ports = BTreeMap::new();
     for (_, ms) in &services {
         let name = ms.metadata.name.clone().unwrap_or_default();
-        let outbound = ms.spec.dependencies.iter().map(|_| free_port()).collect::<Result<Vec<_>>>()?;
-        ports.insert(name, LocalPorts { app: free_port()?, inbound: free_port()?, admin: free_port()?, outbound });
+        let outbound = ms
+            .spec
+            .dependencies
+            .iter()
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>>>()?;
+        ports.insert(
+            name,
+            LocalPorts {
+                app: free_port()?,
+                inbound: free_port()?,
+                admin: free_port()?,
+                outbound,
+            },
+        );
     }
     let mut out = Vec::new();
     for (l, ms) in services {
@@ -109,20 +124,34 @@ pub fn plan(loaded: &[Loaded], namespace: &str) -> Result<Vec<LocalService>> {
         };
         let me = &ports[&name];
         let placement = LocalPlacement { me, all: &ports };
-        let config = proxy_config::build(&name, namespace, &ms.spec, &placement).map_err(|e| anyhow!("{obj}: {e}"))?;
+        let config = proxy_config::build(&name, namespace, &ms.spec, &placement)
+            .map_err(|e| anyhow!("{obj}: {e}"))?;
         let mut env = Vec::new();
         for e in &ms.spec.env {
             match &e.value {
                 Some(v) => env.push((e.name.clone(), v.clone())),
-                None => eprintln!("note: {obj}: spec.env {}: valueFrom is not available locally; unset", e.name),
+                None => eprintln!(
+                    "note: {obj}: spec.env {}: valueFrom is not available locally; unset",
+                    e.name
+                ),
             }
         }
         for o in &config.outbound {
             env.push((dependency_env_name(&o.name), format!("http://{}", o.listen)));
         }
-        env.push(("WEIR_SIDECAR_URL".into(), format!("http://127.0.0.1:{}", me.admin)));
+        env.push((
+            "WEIR_SIDECAR_URL".into(),
+            format!("http://127.0.0.1:{}", me.admin),
+        ));
         env.push(("PORT".into(), me.app.to_string()));
-        out.push(LocalService { name, command, workdir, env, ports: me.clone(), config });
+        out.push(LocalService {
+            name,
+            command,
+            workdir,
+            env,
+            ports: me.clone(),
+            config,
+        });
     }
     Ok(out)
 }
@@ -134,7 +163,11 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     if sibling.is_file() {
         return Some(sibling);
     }
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Forwards a child's output line by line, each prefixed with `[label]`.
@@ -163,12 +196,20 @@ pub async fn http_ok(addr: SocketAddr, path: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut buf = vec![0u8; 16];
         let n = s.read(&mut buf).await.ok()?;
         Some(buf[..n].starts_with(b"HTTP/1.1 200"))
     };
-    tokio::time::timeout(Duration::from_secs(2), attempt).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// The processes of one `weir up` run.
@@ -188,9 +229,19 @@ pub struct UpOptions {
 /// Starts every sidecar, then every app, and waits until all are ready.
 pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Running> {
     std::fs::create_dir_all(&opts.work_dir)?;
-    let mut running = Running { services: services.clone(), apps: Vec::new(), proxies: Vec::new(), extra: Vec::new() };
-    let self_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(self_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())))?;
+    let mut running = Running {
+        services: services.clone(),
+        apps: Vec::new(),
+        proxies: Vec::new(),
+        extra: Vec::new(),
+    };
+    let self_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(self_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
     for s in &services {
         let cfg_path = opts.work_dir.join(format!("{}.proxy.json", s.name));
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&s.config)?)?;
@@ -207,7 +258,12 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
     }
     for s in &services {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, s.ports.admin));
-        wait_until(&format!("{}'s weir-proxy ready", s.name), opts.ready_timeout, || http_ok(admin, "/readyz")).await?;
+        wait_until(
+            &format!("{}'s weir-proxy ready", s.name),
+            opts.ready_timeout,
+            || http_ok(admin, "/readyz"),
+        )
+        .await?;
         let mut app = Command::new("sh")
             .arg("-c")
             .arg(&s.command)
@@ -225,7 +281,12 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
     }
     for s in &services {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, s.ports.admin));
-        wait_until(&format!("{} ready (through its sidecar)", s.name), opts.ready_timeout, || http_ok(admin, "/app-health/readiness")).await?;
+        wait_until(
+            &format!("{} ready (through its sidecar)", s.name),
+            opts.ready_timeout,
+            || http_ok(admin, "/app-health/readiness"),
+        )
+        .await?;
     }
     Ok(running)
 }
@@ -254,14 +315,17 @@ impl Running {
 
     /// A table of services and where to reach them.
     pub fn table(&self) -> String {
-        let mut t = format!("{:<16} {:<26} {:<26} {}\n", "SERVICE", "URL (through its sidecar)", "SIDECAR ADMIN", "APP");
+        let mut t = format!(
+            "{:<16} {:<26} {:<26} {}\n",
+            "SERVICE", "URL (through its sidecar)", "SIDECAR ADMIN", "APP"
+        );
         for s in &self.services {
+            let url = format!("http://127.0.0.1:{}", s.ports.inbound);
+            let admin = format!("http://127.0.0.1:{}", s.ports.admin);
             t.push_str(&format!(
-                "{:<16} {:<26} {:<26} {}\n",
-                s.name,
-                format!("http://127.0.0.1:{}", s.ports.inbound),
-                format!("http://127.0.0.1:{}", s.ports.admin),
-                format!("127.0.0.1:{}", s.ports.app)
+                "{:<16} {url:<26} {admin:<26} 127.0.0.1:{}
+",
+                s.name, s.ports.app
             ));
         }
         t
@@ -277,7 +341,12 @@ impl Running {
 
     /// Whether any process exited on its own (name and status).
     pub fn exited(&mut self) -> Option<(String, std::process::ExitStatus)> {
-        for (name, c) in self.apps.iter_mut().chain(self.proxies.iter_mut()).chain(self.extra.iter_mut()) {
+        for (name, c) in self
+            .apps
+            .iter_mut()
+            .chain(self.proxies.iter_mut())
+            .chain(self.extra.iter_mut())
+        {
             if let Ok(Some(st)) = c.try_wait() {
                 return Some((name.clone(), st));
             }
@@ -304,6 +373,95 @@ async fn stop_all(children: &mut Vec<(String, Child)>, grace: Duration) {
         }
     }
     children.clear();
+}
+
+/// Settings of one `weir up` run.
+pub struct RunOptions {
+    pub broker_url: Option<String>,
+    pub proxy_bin: Option<PathBuf>,
+    pub work_dir: Option<PathBuf>,
+    pub namespace: String,
+    pub state_file: Option<PathBuf>,
+    pub ready_timeout: Duration,
+}
+
+/// Runs until Ctrl-C or SIGTERM (or until a process exits by itself), then stops everything.
+pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
+    let services = plan(&loaded, &opts.namespace)?;
+    let proxy_bin = match opts.proxy_bin.clone().or_else(|| find_binary("weir-proxy")) {
+        Some(p) => p,
+        None => bail!(
+            "weir-proxy not found next to weir or on PATH: build it (`cargo build -p weir-proxy`) or pass --proxy-bin"
+        ),
+    };
+    let (work_dir, _temp) = match &opts.work_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempfile_dir()?;
+            (t.clone(), Some(TempDir(t)))
+        }
+    };
+    let _ = &opts.broker_url;
+    let up = UpOptions {
+        work_dir: work_dir.clone(),
+        proxy_bin,
+        ready_timeout: opts.ready_timeout,
+    };
+    let mut running = start(services, &up).await?;
+    println!(
+        "\nweir up: {} service(s) ready\n{}",
+        running.services.len(),
+        running.table()
+    );
+    if let Some(f) = &opts.state_file {
+        let state: BTreeMap<&str, &LocalPorts> = running
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), &s.ports))
+            .collect();
+        std::fs::write(
+            f,
+            serde_json::to_string_pretty(&serde_json::json!({"services": state}))?,
+        )?;
+    }
+    println!("Ctrl-C stops everything.");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let reason = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break "interrupted".to_string(),
+            _ = term.recv() => break "terminated".to_string(),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some((name, st)) = running.exited() {
+                    break format!("{name} exited ({st})");
+                }
+            }
+        }
+    };
+    println!("weir up: {reason}; stopping");
+    let grace = running
+        .services
+        .iter()
+        .map(|s| Duration::from_millis(s.config.shutdown_grace_ms))
+        .max()
+        .unwrap_or(Duration::from_secs(10))
+        .min(Duration::from_secs(30));
+    running.shutdown(grace).await;
+    Ok(())
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("weir-up-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -337,10 +495,16 @@ spec:
         let plan = plan(&loaded, "default").unwrap();
         let users = plan.iter().find(|s| s.name == "users").unwrap();
         let orders = plan.iter().find(|s| s.name == "orders").unwrap();
-        assert_eq!(orders.config.outbound[0].upstream, format!("http://127.0.0.1:{}", users.ports.inbound));
+        assert_eq!(
+            orders.config.outbound[0].upstream,
+            format!("http://127.0.0.1:{}", users.ports.inbound)
+        );
         assert_eq!(orders.config.inbound.app.port(), orders.ports.app);
         let env: BTreeMap<_, _> = orders.env.iter().cloned().collect();
-        assert_eq!(env["USERS_URL"], format!("http://127.0.0.1:{}", orders.ports.outbound[0]));
+        assert_eq!(
+            env["USERS_URL"],
+            format!("http://127.0.0.1:{}", orders.ports.outbound[0])
+        );
         assert_eq!(env["PORT"], orders.ports.app.to_string());
         assert_eq!(env["A"], "b");
     }
@@ -352,72 +516,9 @@ spec:
         std::fs::write(&f, "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: a}\nspec: {image: a:1}\n").unwrap();
         let (loaded, _) = load(&[f], &Schemas::new()).unwrap();
         let e = plan(&loaded, "default").unwrap_err().to_string();
-        assert!(e.contains("Microservice/a") && e.contains("weir.dev/local-command"), "{e}");
+        assert!(
+            e.contains("Microservice/a") && e.contains("weir.dev/local-command"),
+            "{e}"
+        );
     }
-}
-
-/// Settings of one `weir up` run.
-pub struct RunOptions {
-    pub broker_url: Option<String>,
-    pub proxy_bin: Option<PathBuf>,
-    pub work_dir: Option<PathBuf>,
-    pub namespace: String,
-    pub state_file: Option<PathBuf>,
-    pub ready_timeout: Duration,
-}
-
-/// Runs until Ctrl-C or SIGTERM (or until a process exits by itself), then stops everything.
-pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
-    let services = plan(&loaded, &opts.namespace)?;
-    let proxy_bin = match opts.proxy_bin.clone().or_else(|| find_binary("weir-proxy")) {
-        Some(p) => p,
-        None => bail!("weir-proxy not found next to weir or on PATH: build it (`cargo build -p weir-proxy`) or pass --proxy-bin"),
-    };
-    let (work_dir, _temp) = match &opts.work_dir {
-        Some(d) => (d.clone(), None),
-        None => {
-            let t = tempfile_dir()?;
-            (t.clone(), Some(TempDir(t)))
-        }
-    };
-    let _ = &opts.broker_url;
-    let up = UpOptions { work_dir: work_dir.clone(), proxy_bin, ready_timeout: opts.ready_timeout };
-    let mut running = start(services, &up).await?;
-    println!("\nweir up: {} service(s) ready\n{}", running.services.len(), running.table());
-    if let Some(f) = &opts.state_file {
-        let state: BTreeMap<&str, &LocalPorts> = running.services.iter().map(|s| (s.name.as_str(), &s.ports)).collect();
-        std::fs::write(f, serde_json::to_string_pretty(&serde_json::json!({"services": state}))?)?;
-    }
-    println!("Ctrl-C stops everything.");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let reason = loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break "interrupted".to_string(),
-            _ = term.recv() => break "terminated".to_string(),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some((name, st)) = running.exited() {
-                    break format!("{name} exited ({st})");
-                }
-            }
-        }
-    };
-    println!("weir up: {reason}; stopping");
-    let grace = running.services.iter().map(|s| Duration::from_millis(s.config.shutdown_grace_ms)).max().unwrap_or(Duration::from_secs(10)).min(Duration::from_secs(30));
-    running.shutdown(grace).await;
-    Ok(())
-}
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("weir-up-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
 }

@@ -395,7 +395,7 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
     .await?;
 
     // Deleting the Microservice garbage-collects its children.
-    mss.delete("users", &DeleteParams::foreground()).await?;
+    mss.delete("users", &DeleteParams::background()).await?;
     wait_for(
         "users' Deployment, Service and ConfigMap collected",
         long,

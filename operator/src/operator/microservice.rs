@@ -81,15 +81,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         Some(ns) => Api::<weir_crds::Queue>::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let dependency_api = mss.clone();
     let controller = Controller::new(mss, watcher::Config::default());
     // A Queue's change (e.g. maxDeliveries) reaches the sidecars of the services using it.
     let store = controller.store();
+    let dependents_store = store.clone();
     controller
         .owns(deps, owned.clone())
         .owns(svcs, owned.clone())
         .owns(cms, owned)
         .watches(queues, watcher::Config::default(), move |q| {
             super::queue::microservices_using(&store, &q)
+        })
+        // A Microservice that appears (or goes) resolves (or breaks) its callers at once.
+        .watches(dependency_api, watcher::Config::default(), move |target| {
+            dependents(&dependents_store.state(), &target)
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -99,6 +105,24 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             }
         })
         .await;
+}
+
+/// Microservices of `target`'s namespace that call it.
+pub fn dependents(
+    all: &[Arc<Microservice>],
+    target: &Microservice,
+) -> Vec<ObjectRef<Microservice>> {
+    let name = target.name_any();
+    all.iter()
+        .filter(|m| m.namespace() == target.namespace())
+        .filter(|m| {
+            m.spec
+                .dependencies
+                .iter()
+                .any(|d| d.microservice.as_deref() == Some(name.as_str()))
+        })
+        .map(|m| ObjectRef::from_obj(&**m))
+        .collect()
 }
 
 pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -327,7 +351,13 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
             generation,
         )
     } else {
-        conditions::new("Degraded", false, "AsExpected", "", generation)
+        conditions::new(
+            "Degraded",
+            false,
+            "AsExpected",
+            "replicas ready and dependencies resolved",
+            generation,
+        )
     });
 
     if !missing.is_empty() {

@@ -612,3 +612,32 @@ async fn a_failed_reconcile_is_requeued_with_backoff_and_an_event() {
             .contains("retrying in 5s")
     );
 }
+
+#[test]
+fn a_microservice_change_wakes_its_callers_only() {
+    let mk = |name: &str, ns: &str, deps: &[&str]| {
+        let deps: Vec<Value> = deps
+            .iter()
+            .map(|d| json!({"name": d, "microservice": d}))
+            .collect();
+        Arc::new(
+            serde_json::from_value::<Microservice>(json!({
+                "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"image": "x:1", "dependencies": deps}
+            }))
+            .unwrap(),
+        )
+    };
+    let all = vec![
+        mk("orders", "shop", &["users"]),
+        mk("gateway", "shop", &["orders", "users"]),
+        mk("orders", "other", &["users"]),
+        mk("users", "shop", &[]),
+    ];
+    let woken: Vec<String> = super::microservice::dependents(&all, &mk("users", "shop", &[]))
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(woken, ["orders", "gateway"]);
+}
