@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod bridge;
 pub mod config;
 pub mod forward;
+pub mod hooks;
 pub mod fuzzing;
 pub mod layers;
 pub mod logging;

@@ -28,6 +28,10 @@ fn init_logging() -> weir_proxy::logging::NonBlocking {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Pod lifecycle hooks (postStart / preStop) when the proxy is not a native sidecar.
+    if let Some(hook) = weir_proxy::hooks::hook_of(args.first().map(String::as_str)) {
+        return weir_proxy::hooks::run(hook, &args[1..]);
+    }
     let cli = match config::parse_args(&args, |k| std::env::var(k).ok()) {
         Ok(CliAction::Run(cli)) => cli,
         Ok(CliAction::Help) => {
