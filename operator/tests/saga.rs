@@ -678,6 +678,9 @@ async fn when_one_replica_dies_the_other_finishes_its_instances() {
     let b = Coordinator::spawn(&cfg, None);
     let fails = submit(&[a.url()], 40, 0).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
+    a.kill();
+    // Read after the kill: what is unfinished now was A's to finish (B waits for the leases to
+    // expire before it takes any).
     let before = instances(&nats.url(), "crash").await;
     let unfinished_on_a: Vec<String> = before
         .values()
@@ -685,7 +688,6 @@ async fn when_one_replica_dies_the_other_finishes_its_instances() {
         .map(|i| i.id.clone())
         .collect();
     assert!(!unfinished_on_a.is_empty(), "kill A mid-run");
-    a.kill();
     let killed = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
     let all = loop {

@@ -7,6 +7,7 @@ pub mod leader;
 pub mod metrics;
 pub mod microservice;
 pub mod queue;
+pub mod saga;
 
 use crate::render::RenderOptions;
 use clap::Args;
@@ -157,6 +158,7 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     tokio::join!(
         microservice::run(ctx.clone(), ns),
         queue::run(ctx.clone(), ns),
+        saga::run(ctx.clone(), ns),
         broker::run(ctx, ns),
     );
     admin.abort();
