@@ -605,7 +605,7 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
         let part = submit_offset(&u, &url, chunk * 50, m, 5).await;
         fails.extend(part);
     }
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(90) + Duration::from_millis(50 * n as u64);
     let all = loop {
         let all = instances(&nats.url(), "crash").await;
         if all.len() == n && all.values().all(|i| i.status.finished()) {
@@ -716,4 +716,75 @@ async fn when_one_replica_dies_the_other_finishes_its_instances() {
         );
     }
     check_invariants(&all, &svc, "crash", &fails);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_request_steps_carry_the_same_headers_and_their_reply_is_the_result() {
+    use futures::StreamExt;
+    use weir::saga::config::{CallConfig, RequestConfig};
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.steps[1].action = CallConfig::Request(RequestConfig {
+        subject: "payments.charge".into(),
+        body: Some(json!({"order": "{{input.order}}"})),
+    });
+    cfg.steps[1].compensation = Some(CallConfig::Request(RequestConfig {
+        subject: "payments.refund".into(),
+        body: Some(json!({"charge": "{{steps.charge.result.charge}}"})),
+    }));
+    svc.set("/ship", Mode::Status(409));
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for subject in ["payments.charge", "payments.refund"] {
+        let mut sub = client.subscribe(subject).await.unwrap();
+        let (client, seen) = (client.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let h = m.headers.clone().unwrap();
+                let body: Value = serde_json::from_slice(&m.payload).unwrap();
+                seen.lock().unwrap().push((
+                    m.subject.to_string(),
+                    h.get("Idempotency-Key").unwrap().to_string(),
+                    h.get("Weir-Saga-Id").unwrap().to_string(),
+                    body,
+                ));
+                let reply = json!({"charge": "ch-1"}).to_string();
+                client
+                    .publish(m.reply.unwrap(), reply.into())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    client.flush().await.unwrap();
+    let coord = Coordinator::spawn(&cfg, None);
+    let (_, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({"order": "o-9"})),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(body["status"], "Compensated", "{body}");
+    let id = body["id"].as_str().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (
+                "payments.charge".to_string(),
+                format!("place-order/{id}/charge"),
+                id.to_string(),
+                json!({"order": "o-9"})
+            ),
+            (
+                "payments.refund".to_string(),
+                format!("place-order/{id}/charge/compensate"),
+                id.to_string(),
+                json!({"charge": "ch-1"})
+            ),
+        ]
+    );
 }

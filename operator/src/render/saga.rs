@@ -55,6 +55,42 @@ pub struct RenderedSaga {
     pub config: CoordinatorConfig,
     /// The coordinator as a Microservice: its ConfigMap also holds `saga.json`.
     pub rendered: Rendered,
+    /// What each target of [`CoordinatorConfig::targets`] stands for.
+    pub targets: BTreeMap<String, Target>,
+}
+
+/// Where an HTTP target really is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A Microservice of the Saga's namespace.
+    Microservice(String),
+    /// `scheme://authority` of an external URL.
+    Url(String),
+}
+
+impl RenderedSaga {
+    /// The config for a coordinator without a sidecar (`weir up`, tests): each Microservice
+    /// target at `microservice_url(name)` (its sidecar's inbound listener, say), each URL target
+    /// called directly.
+    pub fn direct_config(
+        &self,
+        microservice_url: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<CoordinatorConfig, RenderError> {
+        let mut cfg = self.config.clone();
+        for (name, t) in &self.targets {
+            let url = match t {
+                Target::Microservice(m) => microservice_url(m).ok_or_else(|| {
+                    field(
+                        "spec.steps",
+                        format!("Microservice {m:?} has no local address"),
+                    )
+                })?,
+                Target::Url(u) => u.clone(),
+            };
+            cfg.targets.insert(name.clone(), url);
+        }
+        Ok(cfg)
+    }
 }
 
 fn field(field: impl Into<String>, message: impl Into<String>) -> RenderError {
@@ -417,7 +453,21 @@ pub fn render(
             });
         }
     }
-    Ok(RenderedSaga { config, rendered })
+    let targets = targets
+        .into_iter()
+        .map(|(_, dep, target, _)| {
+            let t = match (target["microservice"].as_str(), target["url"].as_str()) {
+                (Some(m), _) => Target::Microservice(m.to_string()),
+                (None, u) => Target::Url(u.unwrap_or_default().to_string()),
+            };
+            (dep, t)
+        })
+        .collect();
+    Ok(RenderedSaga {
+        config,
+        rendered,
+        targets,
+    })
 }
 
 /// The Queues and Brokers of `loaded` in `saga`'s namespace, for `weir render`.
@@ -565,6 +615,11 @@ spec:
         assert_eq!(t.subjects, ["weir.shop.orders"]);
         assert_eq!(c.on_failed.as_ref().unwrap().subject, "orders.outcome");
         assert_eq!(c.on_failed.as_ref().unwrap().event_type, "OrderFailed");
+        let direct = r
+            .direct_config(&|m| Some(format!("http://127.0.0.1:9/{m}")))
+            .unwrap();
+        assert_eq!(direct.targets["inventory"], "http://127.0.0.1:9/inventory");
+        assert_eq!(direct.targets["pay-example-com"], "https://pay.example.com");
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct CoordinatorArgs {
     /// Overrides the config's listen address.
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// Overrides the base URL of one target, `NAME=URL` (repeatable): e.g. to call a step's
+    /// service directly instead of through a sidecar.
+    #[arg(long = "target", value_parser = parse_target)]
+    pub targets: Vec<(String, String)>,
     /// Plain-text logs instead of JSON.
     #[arg(long)]
     pub log_text: bool,
@@ -60,11 +64,25 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
+    for (name, url) in args.targets {
+        if !cfg.targets.contains_key(&name) {
+            anyhow::bail!("--target {name}=...: the config has no target {name:?}");
+        }
+        cfg.targets.insert(name, url);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(run_async(cfg))
+}
+
+fn parse_target(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s.split_once('=').ok_or("expected NAME=URL")?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("{url:?} is not an http:// or https:// URL"));
+    }
+    Ok((name.to_string(), url.to_string()))
 }
 
 async fn run_async(cfg: CoordinatorConfig) -> anyhow::Result<()> {
