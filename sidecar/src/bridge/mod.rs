@@ -85,6 +85,8 @@ pub struct Bridge {
     http: HttpClient,
     current: RwLock<Option<Arc<Running>>>,
     apply_lock: tokio::sync::Mutex<()>,
+    /// Set by [`Bridge::shutdown`]: publishing answers 503 from then on.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -143,6 +145,7 @@ impl Bridge {
             http,
             current: RwLock::new(None),
             apply_lock: tokio::sync::Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -274,12 +277,15 @@ impl Bridge {
 
     /// Handles `/v1/publish/<queue>`; `peer` is the client's address.
     pub async fn publish(&self, peer: Option<SocketAddr>, req: http::Request<BoxBody>) -> Resp {
-        publish::handle(self.running(), peer, req).await
+        let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
+        publish::handle(self.running(), stopping, peer, req).await
     }
 
     /// Stops pulling, lets in-flight deliveries finish within `grace` (then naks the rest),
     /// flushes acknowledgements and closes the broker connection.
     pub async fn shutdown(&self, grace: Duration) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         let _guard = self.apply_lock.lock().await;
         let old = self
             .current

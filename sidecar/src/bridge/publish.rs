@@ -9,7 +9,7 @@
 //! | 405 | not a POST |
 //! | 413 | body larger than `inbound.maxBodyBytes` |
 //! | 422 | the event fails the queue's schema: `{"errors": [{"path", "message"}]}` |
-//! | 503 | broker unavailable or no ack within 5 s: `{"error", "reason"}` |
+//! | 503 | broker unavailable, no ack within 5 s, or shutting down: `{"error", "reason"}` |
 
 use super::cloudevents::*;
 use super::schema::SchemaError;
@@ -49,6 +49,7 @@ fn error(status: StatusCode, error: &str, reason: impl Into<String>) -> Resp {
 
 pub(crate) async fn handle(
     running: Option<Arc<Running>>,
+    stopping: bool,
     peer: Option<SocketAddr>,
     req: Request<BoxBody>,
 ) -> Resp {
@@ -68,6 +69,13 @@ pub(crate) async fn handle(
         r.headers_mut()
             .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
         return r;
+    }
+    if stopping {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+            "the sidecar is shutting down; publish again (same ce-id) shortly",
+        );
     }
     let Some(running) = running else {
         return error(
