@@ -564,18 +564,26 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
     let svc = StepService::start().await;
     svc.state.lock().unwrap().delay = (0, 20);
     svc.set("/ship", Mode::FailIfFlag);
-    let cfg = config(&nats.url(), &svc.url(), "crash");
+    let mut cfg = config(&nats.url(), &svc.url(), "crash");
+    cfg.lease_ttl_ms = 600;
     // Crash points inside the coordinator (exit at once, like kill -9), plus kill -9 from here
     // at random times.
-    let crash = "before-step=0.004,after-step-call=0.006,before-compensation=0.01,after-compensation-call=0.01,before-end=0.004";
+    let crash = "before-step=0.006,after-step-call=0.008,before-compensation=0.02,after-compensation-call=0.02,before-end=0.006";
+    let crash_dir = tempfile::tempdir().unwrap();
+    let crash_log = crash_dir.path().join("crashes");
     let started = Instant::now();
-    let coord = std::sync::Arc::new(std::sync::Mutex::new(Coordinator::spawn(&cfg, Some(crash))));
+    let coord = std::sync::Arc::new(std::sync::Mutex::new(Coordinator::spawn_with(
+        &cfg,
+        Some(crash),
+        Some(&crash_log),
+    )));
     let url = std::sync::Arc::new(std::sync::Mutex::new(coord.lock().unwrap().url()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (mut restarts, mut kills) = (0, 0);
     // The supervisor: restarts the coordinator whenever it died, kills it now and then.
     let sup = {
         let (coord, url, stop, cfg) = (coord.clone(), url.clone(), stop.clone(), cfg.clone());
+        let crash_log = crash_log.clone();
         tokio::task::spawn_blocking(move || {
             let mut next_kill =
                 Instant::now() + Duration::from_millis(rand::random_range(300..1500));
@@ -589,7 +597,7 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
                         Instant::now() + Duration::from_millis(rand::random_range(300..1500));
                 }
                 if c.exited() {
-                    *c = Coordinator::spawn(&cfg, Some(crash));
+                    *c = Coordinator::spawn_with(&cfg, Some(crash), Some(&crash_log));
                     *url.lock().unwrap() = c.url();
                     restarts += 1;
                 }
@@ -602,7 +610,7 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
         let u = url.lock().unwrap().clone();
         let m = 50.min(n - chunk * 50);
         // Keys must be unique across chunks.
-        let part = submit_offset(&u, &url, chunk * 50, m, 5).await;
+        let part = submit_offset(&u, &url, chunk * 50, m, 3).await;
         fails.extend(part);
     }
     let deadline = Instant::now() + Duration::from_secs(90) + Duration::from_millis(50 * n as u64);
@@ -621,6 +629,15 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (restarts, kills) = sup.await.unwrap();
     let counts = check_invariants(&all, &svc, "crash", &fails);
+    let mut points: BTreeMap<String, usize> = BTreeMap::new();
+    for p in std::fs::read_to_string(&crash_log)
+        .unwrap_or_default()
+        .lines()
+    {
+        *points.entry(p.to_string()).or_default() += 1;
+    }
+    eprintln!("crash points hit: {points:?}");
+    assert!(points.len() >= 3, "too few crash points hit: {points:?}");
     eprintln!(
         "{n} instances in {:?}: {kills} kill -9, {restarts} restarts (kills + crash points); {counts:?}",
         started.elapsed()

@@ -860,7 +860,9 @@ pub fn instance_id_for_event(event_id: &str) -> String {
 
 /// Test-only crash injection: `WEIR_SAGA_TEST_CRASH="after-step-call=0.05,before-step=0.02"`
 /// makes the process exit at once (no cleanup, like `kill -9`) at a named point with the given
-/// probability. Unset in production.
+/// probability, after appending the point's name to `$WEIR_SAGA_TEST_CRASH_LOG` if set. Points:
+/// `before-step` (before `step-started`), `after-step-call` (the step answered, nothing logged
+/// yet), `before-compensation`, `after-compensation-call`, `before-end`. Unset in production.
 struct CrashPoints(Vec<(String, f64)>);
 
 impl CrashPoints {
@@ -880,6 +882,16 @@ impl CrashPoints {
         for (k, p) in &self.0 {
             if k == point && rand::random::<f64>() < *p {
                 eprintln!("WEIR_SAGA_TEST_CRASH: crashing at {point}");
+                if let Some(path) = std::env::var_os("WEIR_SAGA_TEST_CRASH_LOG") {
+                    use std::io::Write;
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                    {
+                        let _ = writeln!(f, "{point}");
+                    }
+                }
                 std::process::exit(137);
             }
         }

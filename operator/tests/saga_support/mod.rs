@@ -231,6 +231,15 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn spawn(cfg: &CoordinatorConfig, crash: Option<&str>) -> Self {
+        Self::spawn_with(cfg, crash, None)
+    }
+
+    /// With crash points, each crash named in `crash_log`.
+    pub fn spawn_with(
+        cfg: &CoordinatorConfig,
+        crash: Option<&str>,
+        crash_log: Option<&std::path::Path>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("saga.json");
         std::fs::write(&path, serde_json::to_string_pretty(cfg).unwrap()).unwrap();
@@ -252,6 +261,9 @@ impl Coordinator {
             });
         if let Some(c) = crash {
             cmd.env("WEIR_SAGA_TEST_CRASH", c);
+        }
+        if let Some(l) = crash_log {
+            cmd.env("WEIR_SAGA_TEST_CRASH_LOG", l);
         }
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
