@@ -20,7 +20,9 @@ use crate::saga::config::{
     CONFIG_KEY, CONFIG_MOUNT_PATH, COORDINATOR_PORT, CallConfig, CoordinatorConfig, HttpCallConfig,
     OutcomeConfig, QueueTriggerConfig, RequestConfig, RetryConfig, StepConfig, TriggerConfig,
 };
-use k8s_openapi::api::core::v1::{ConfigMapVolumeSource, SecretVolumeSource, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -323,6 +325,7 @@ pub fn render(
         .collect();
     let ms_spec: MicroserviceSpec = serde_json::from_value(json!({
         "image": coordinator_image(&opts.proxy_image),
+        "imagePullPolicy": opts.proxy_image_pull_policy,
         "args": ["saga-coordinator", "--saga", format!("{namespace}/{name}"), "--config", config_path],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -437,6 +440,18 @@ pub fn render(
         .iter_mut()
         .filter(|c| c.name == APP_CONTAINER)
     {
+        // Our own binary: locked down like the sidecar.
+        c.security_context = Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
         mounts.push(VolumeMount {
             name: SAGA_CONFIG_VOLUME.into(),
