@@ -445,12 +445,16 @@ async fn write_status(
         "kind": Microservice::kind(&()),
         "status": status,
     });
-    Api::<Microservice>::namespaced(ctx.client.clone(), ns)
+    let written = Api::<Microservice>::namespaced(ctx.client.clone(), ns)
         .patch_status(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&patch),
         )
-        .await?;
-    Ok(())
+        .await;
+    match written {
+        // Deleted while we reconciled: nothing left to report on.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()).map_err(Error::from),
+    }
 }

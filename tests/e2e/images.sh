@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds Weir's binaries in release mode and imports them into the local test cluster's
+# containerd as the images the chart and the examples name, laid out as the Dockerfiles lay
+# them out (/usr/local/bin/<binary>), so pods use them with imagePullPolicy: Never.
+#
+#   tests/e2e/images.sh            # weir, weir-proxy and weir-echo (debug builds, stripped)
+#   WEIR_PROFILE=release tests/e2e/images.sh
+#
+# Tagged with the crate version under $WEIR_IMAGE_REGISTRY (ghcr.io/weir-dev), the names the
+# chart and the examples use.
+# Needs the cluster from tests/cluster/up.sh (it imports into its containerd).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+REGISTRY=${WEIR_IMAGE_REGISTRY:-ghcr.io/weir-dev}
+
+PROFILE=${WEIR_PROFILE:-debug}
+if [ "$PROFILE" = release ]; then
+  cargo build --release --locked -p weir -p weir-proxy -p weir-example-echo
+else
+  cargo build --locked -p weir -p weir-proxy -p weir-example-echo
+fi
+
+# rootfs with the binary at /usr/local/bin and the shared libraries ldd lists at their paths.
+rootfs_for() {
+  local bin=$1 dir=$2
+  mkdir -p "$dir/usr/local/bin" "$dir/tmp"
+  chmod 1777 "$dir/tmp"
+  cp "$bin" "$dir/usr/local/bin/"
+  strip "$dir/usr/local/bin/$(basename "$bin")" 2>/dev/null || true
+  while read -r lib; do
+    [ -e "$lib" ] || continue
+    mkdir -p "$dir$(dirname "$lib")"
+    cp -L "$lib" "$dir$lib"
+  done < <(ldd "$bin" | grep -oE '/[^ )]+' | sort -u)
+  # CA certificates for https:// upstreams, as the distroless base image has them.
+  if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mkdir -p "$dir/etc/ssl/certs"
+    cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/"
+  fi
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+for pair in weir:weir weir-proxy:weir-proxy weir-echo:weir-echo; do
+  image=${pair%%:*}
+  bin=${pair#*:}
+  rootfs_for "$ROOT/target/$PROFILE/$bin" "$work/$image"
+  IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "$REGISTRY/$image:$VERSION" "$work/$image" "/usr/local/bin/$bin"
+done
+echo "imported $REGISTRY/{weir,weir-proxy,weir-echo}:$VERSION"
