@@ -15,6 +15,7 @@ fn init_logging() -> weir_proxy::logging::NonBlocking {
         _ => tracing::Level::INFO,
     };
     let out = weir_proxy::logging::NonBlocking::new(std::io::stdout(), 16 * 1024);
+    weir_proxy::logging::install_access_log(out.clone());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

@@ -78,18 +78,17 @@ where
                     .as_ref()
                     .and_then(|b| std::str::from_utf8(b).ok())
                     .unwrap_or("");
-                tracing::info!(
-                    target: "weir::access",
-                    direction = obs.direction,
-                    dependency = &*obs.dependency,
-                    method = method.as_str(),
-                    path = uri.path(),
-                    status = resp.status().as_u16(),
-                    duration_us = elapsed.as_micros() as u64,
+                let line = crate::logging::AccessLine {
+                    direction: obs.direction,
+                    dependency: &obs.dependency,
+                    method: method.as_str(),
+                    path: uri.path(),
+                    status: resp.status().as_u16(),
+                    duration_us: elapsed.as_micros() as u64,
                     trace_id,
-                    reason = rejection(&resp).map_or("", |r| r.as_str()),
-                    "request"
-                );
+                    reason: rejection(&resp).map_or("", |r| r.as_str()),
+                };
+                line.emit();
             }
             Ok(resp)
         })
