@@ -503,7 +503,6 @@ async fn killing_the_broker_loses_nothing() {
         .await,
     );
     let c = consume_config("billing");
-    let max_in_flight = c.max_in_flight as usize;
     let _b = Sidecar::start(base_config(
         "billing",
         app.addr,
@@ -588,7 +587,9 @@ async fn killing_the_broker_loses_nothing() {
          retries were duplicates), {} of {N} events reached the app twice: {repeated:?}",
         repeated.len()
     );
-    assert!(repeated.len() <= max_in_flight, "{repeated:?}");
+    // The sidecar survived: what it processed while the broker was away (records refused) it
+    // remembers itself, and a redelivery racing a delivery in hand is handed back.
+    assert!(repeated.is_empty(), "{repeated:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,52 @@ pub(crate) struct Consumer {
     pub stop: watch::Receiver<bool>,
     /// Give in-flight deliveries back to the broker now.
     pub abort: watch::Receiver<bool>,
+    /// Event ids in the app right now, and those processed lately by this sidecar.
+    pub local: std::sync::Mutex<Local>,
+}
+
+/// Most event ids remembered as processed by this sidecar (beside the KV bucket).
+pub const LOCAL_DONE_MAX: usize = 10_000;
+
+/// What this sidecar knows without asking the broker: it never passes an event to the app while
+/// the same event is there already (a redelivery racing a slow delivery), and it remembers the
+/// events it processed lately, so that a record the broker could not take (it was restarting)
+/// does not make a redelivery reach the app again.
+#[derive(Debug, Default)]
+pub struct Local {
+    in_flight: std::collections::HashSet<String>,
+    done: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Local {
+    fn remember(&mut self, id: &str) {
+        if self.done.insert(id.to_string()) {
+            self.order.push_back(id.to_string());
+            if self.order.len() > LOCAL_DONE_MAX
+                && let Some(old) = self.order.pop_front()
+            {
+                self.done.remove(&old);
+            }
+        }
+    }
+}
+
+/// Removes the event id from the in-flight set when the delivery ends, however it ends.
+struct InFlight<'a> {
+    ctx: &'a Consumer,
+    id: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_flight
+            .remove(&self.id);
+    }
 }
 
 /// The nak delay after failed delivery number `delivered` (1-based).
@@ -311,6 +357,29 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
         return;
     }
     let key = processed_key(&ctx.cfg.consumer, &event_id);
+    let (busy, done) = {
+        let mut l = ctx.local.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = !l.in_flight.insert(event_id.clone());
+        (busy, l.done.contains(&event_id))
+    };
+    if busy {
+        // Never twice in the app at once: come back when the delivery in hand has settled.
+        ctx.metrics.naked.inc();
+        let later = Duration::from_millis((ctx.cfg.ack_wait_ms / 2).max(100));
+        settle(ctx, &msg, AckKind::Nak(Some(later))).await;
+        return;
+    }
+    let _in_flight = InFlight {
+        ctx,
+        id: event_id.clone(),
+    };
+    if done {
+        ctx.metrics.deduplicated.inc();
+        // Best effort: the record the broker could not take before.
+        let _ = kv.put(key.clone(), Bytes::from(format!("{seq}"))).await;
+        settle(ctx, &msg, AckKind::Ack).await;
+        return;
+    }
     match kv.get(key.clone()).await {
         Ok(Some(_)) => {
             ctx.metrics.deduplicated.inc();
@@ -339,21 +408,38 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
         }
         Some(Outcome::Success) => {
             let value = Bytes::from(format!("{seq}"));
+            // The broker may be restarting: keep trying for up to one ack wait (the message
+            // is not redelivered before that), unless the sidecar is giving deliveries back.
+            let give_up =
+                tokio::time::Instant::now() + Duration::from_millis(ctx.cfg.ack_wait_ms.max(1000));
+            let mut abort = ctx.abort.clone();
             let mut recorded = false;
-            for attempt in 0..3 {
+            let mut pause = Duration::from_millis(50);
+            for attempt in 0.. {
                 match kv.put(key.clone(), value.clone()).await {
                     Ok(_) => {
                         recorded = true;
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(queue = ctx.queue(), id = %event_id, attempt, error = %e, "cannot record processed event");
-                        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                        tracing::warn!(queue = ctx.queue(), id = %event_id, attempt, error = %e, "cannot record processed event yet");
                     }
                 }
+                if tokio::time::Instant::now() + pause > give_up || *abort.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stopped(&mut abort) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
+            ctx.local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remember(&event_id);
             if !recorded {
-                tracing::error!(queue = ctx.queue(), id = %event_id, "processed event not recorded: a redelivery would reach the app again");
+                tracing::error!(queue = ctx.queue(), id = %event_id, "processed event not recorded in the bucket: only this sidecar will know it");
             }
             ctx.metrics.acked.inc();
             settle(ctx, &msg, AckKind::Ack).await;
@@ -517,6 +603,18 @@ mod tests {
         assert_eq!(backoff(&b, 3), Some(Duration::from_millis(5000)));
         assert_eq!(backoff(&b, 9), Some(Duration::from_millis(5000)));
         assert_eq!(backoff(&[], 2), None);
+    }
+
+    #[test]
+    fn local_memory_is_bounded() {
+        let mut l = Local::default();
+        for i in 0..LOCAL_DONE_MAX + 5 {
+            l.remember(&format!("e-{i}"));
+        }
+        l.remember("e-9"); // already forgotten: remembered again
+        assert_eq!(l.done.len(), LOCAL_DONE_MAX);
+        assert!(!l.done.contains("e-0") && l.done.contains("e-9"));
+        assert!(l.done.contains(&format!("e-{}", LOCAL_DONE_MAX + 4)));
     }
 
     #[test]

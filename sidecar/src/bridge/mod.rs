@@ -239,6 +239,7 @@ impl Bridge {
                 app_timeout: settings.app_timeout,
                 stop: stop_rx.clone(),
                 abort: abort_rx.clone(),
+                local: Default::default(),
             });
             tasks.push(tokio::spawn(consume::run(ctx)));
         }
