@@ -706,3 +706,56 @@ async fn without_a_dead_letter_stream_a_failed_message_is_terminated() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_declared_by_the_operator_is_used_as_it_is() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    // As operator/src/messaging declares it: max_deliver = maxDeliveries, the broker's backoff
+    // raised to at least ackWait, filtered to the queue's subject.
+    let stream = js.get_stream(STREAM).await.unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("billing".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(2),
+            max_deliver: 3,
+            backoff: vec![Duration::from_secs(2), Duration::from_secs(2)],
+            max_ack_pending: 100,
+            filter_subject: SUBJECT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let app = App::start(Duration::ZERO, Arc::new(|_, _| 503)).await;
+    let mut c = consume_config("billing");
+    c.max_deliveries = 3;
+    c.backoff_ms = vec![100, 200];
+    let _b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        consumer_messaging(&nats.url(), c),
+    ))
+    .await;
+    raw_publish(&js, "fail-2", "fail-2", r#"{"orderId":"o","amount":1}"#).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            stream_len(&js, DLQ_STREAM).await == 1
+        })
+        .await
+    );
+    let calls = app.calls_for("fail-2");
+    assert_eq!(calls.len(), 3);
+    // The sidecar's nak delay, not the broker's backoff, spaces the deliveries.
+    assert!(calls[2].at - calls[0].at < Duration::from_millis(1500));
+    let dl = &stream_messages(&js, DLQ_STREAM).await[0];
+    assert_eq!(header(dl, "Weir-Reason"), "max-deliveries");
+    let info = consumer_info(&js, "billing").await;
+    assert_eq!(
+        info.config.max_deliver, 3,
+        "the declared consumer is left alone"
+    );
+    assert_eq!(info.num_ack_pending, 0);
+}
