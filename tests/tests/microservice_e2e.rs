@@ -3,6 +3,7 @@
 //! out, a deleted child put back, and the children garbage-collected with their owner.
 
 use anyhow::{Context as _, Result, bail};
+use weir_e2e::{env_or, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -11,48 +12,10 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use weir_crds::Microservice;
 
 const MANAGER: &str = "weir-e2e";
-
-fn enabled() -> bool {
-    if std::env::var("WEIR_E2E").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED: the end-to-end suite needs a cluster: set WEIR_E2E=1 and KUBECONFIG (see tests/README.md)"
-    );
-    false
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-/// Polls `f` until it returns `Some`, or fails after `timeout` naming what it waited for.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let start = Instant::now();
-    let mut last_err = None;
-    loop {
-        match f().await {
-            Ok(Some(v)) => {
-                eprintln!("  ok: {what} ({:.1}s)", start.elapsed().as_secs_f64());
-                return Ok(v);
-            }
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
 
 struct Operator(Option<Child>);
 
@@ -168,7 +131,7 @@ fn condition(ms: &Microservice, type_: &str) -> Option<(String, String, String)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microservice_lifecycle_on_a_real_cluster() -> Result<()> {
-    if !enabled() {
+    if !weir_e2e::enabled("microservice_e2e") {
         return Ok(());
     }
     let client = Client::try_default().await.context("KUBECONFIG")?;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The end-to-end suites on the local single-node cluster (tests/cluster/), as CI runs them:
+# bring the cluster up (cached builds), import Weir's images, `helm install` the chart with
+# the operator in a pod, run the suites, tear the cluster down.
+#
+#   tests/e2e/local-cluster.sh            # everything, then tear down
+#   WEIR_KEEP_CLUSTER=1 tests/e2e/local-cluster.sh   # leave the cluster up afterwards
+#   WEIR_E2E_SCALE=1 ...                  # also the 1,000-Microservice scale benchmark
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+export PATH="$ROOT/.tools/bin:$PATH"
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+
+KUBECONFIG=$(tests/cluster/up.sh | tail -1)
+export KUBECONFIG
+teardown() {
+  if [ "${WEIR_KEEP_CLUSTER:-0}" != 1 ]; then tests/cluster/down.sh || true; fi
+}
+trap teardown EXIT
+
+tests/e2e/images.sh
+
+minor=$(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["minor"].rstrip("+"))')
+native=true
+[ "$minor" -lt 29 ] && native=false
+helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \
+  --set image.pullPolicy=Never --set proxy.image.pullPolicy=Never \
+  --set image.tag="$VERSION" --set proxy.image.tag="$VERSION" \
+  --set sidecar.native=$native --set logLevel=info
+
+kubectl get pods -n weir-system -o wide
+cargo build --locked -p weir
+WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster WEIR_E2E_PODS=1 WEIR_E2E_PULL_POLICY=Never \
+  cargo test --locked -p weir-e2e -- --nocapture --test-threads 1

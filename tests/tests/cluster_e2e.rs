@@ -1,0 +1,289 @@
+//! Weir in a real cluster, the operator running in a pod (`helm install`): pods with their
+//! sidecars, traffic through both sidecars of a call, the breaker opening on a dependency
+//! scaled to zero with its fallback served and seen in `/metrics`, `kubectl get weir`, and an
+//! operator pod killed and replaced without losing anything. Run by tests/e2e/local-cluster.sh
+//! (`WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster`).
+
+use anyhow::{Context as _, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use weir_crds::Microservice;
+use weir_e2e::{env_or, http_get, metric, wait_for};
+
+const MANAGER: &str = "weir-e2e";
+
+fn in_cluster_operator() -> bool {
+    if !weir_e2e::enabled("cluster_e2e") {
+        return false;
+    }
+    if std::env::var("WEIR_E2E_OPERATOR").as_deref() != Ok("cluster") {
+        eprintln!("SKIPPED cluster_e2e: it needs the operator installed in the cluster (WEIR_E2E_OPERATOR=cluster; tests/e2e/local-cluster.sh does it)");
+        return false;
+    }
+    true
+}
+
+fn example(name: &str) -> Result<Microservice> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/hello/{name}.yaml"));
+    let mut ms: Microservice = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
+    ms.spec.dependencies.retain(|d| d.microservice.is_some());
+    Ok(ms)
+}
+
+async fn namespace(client: &Client, prefix: &str) -> Result<String> {
+    let ns = format!("{prefix}-{}", std::process::id());
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?)
+        .await?;
+    Ok(ns)
+}
+
+async fn ready(mss: &Api<Microservice>, name: &str, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{name} Ready=True"), timeout, || {
+        let mss = mss.clone();
+        async move {
+            let ms = mss.get(name).await?;
+            let ok = ms.status.as_ref().is_some_and(|s| {
+                s.observed_generation == ms.metadata.generation
+                    && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            Ok(ok.then_some(()))
+        }
+    })
+    .await
+}
+
+async fn service_addr(svcs: &Api<Service>, name: &str) -> Result<SocketAddr> {
+    let s = svcs.get(name).await?;
+    let ip = s.spec.and_then(|s| s.cluster_ip).context("cluster IP")?;
+    Ok(format!("{ip}:80").parse()?)
+}
+
+async fn pod_admin(pods: &Api<Pod>, app: &str) -> Result<SocketAddr> {
+    let list = pods.list(&ListParams::default().labels(&format!("weir.dev/microservice={app}"))).await?;
+    let pod = list
+        .items
+        .into_iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") && p.metadata.deletion_timestamp.is_none())
+        .context("a running pod")?;
+    let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
+    Ok(format!("{ip}:15090").parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_in_a_real_cluster() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-cluster-e2e").await?;
+    let result = run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::background()).await;
+    result
+}
+
+async fn run(client: &Client, ns: &str) -> Result<()> {
+    let long = Duration::from_secs(240);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    for name in ["users", "orders"] {
+        mss.patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&example(name)?)).await?;
+    }
+    ready(&mss, "users", long).await?;
+    ready(&mss, "orders", long).await?;
+
+    // Pods run the app and weir-proxy.
+    for p in pods.list(&ListParams::default()).await? {
+        let names: Vec<String> = p
+            .spec
+            .as_ref()
+            .map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()).map(|c| c.name.clone()).collect())
+            .unwrap_or_default();
+        assert!(names.contains(&"app".into()) && names.contains(&"weir-proxy".into()), "{}: {names:?}", p.name_any());
+    }
+
+    // `kubectl get weir` prints the columns.
+    let out = std::process::Command::new("kubectl").args(["get", "weir", "-n", ns]).output()?;
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{table}");
+    let header = table.lines().next().unwrap_or_default();
+    for col in ["NAME", "READY", "REPLICAS", "DEPENDENCIES", "AGE"] {
+        assert!(header.contains(col), "kubectl get weir: no {col} column in {header:?}");
+    }
+    assert!(table.lines().any(|l| l.contains("orders") && l.contains("True") && l.contains("1/1")), "{table}");
+
+    // A call through orders to users crosses both sidecars.
+    let orders = service_addr(&svcs, "orders").await?;
+    let (status, body) = http_get(orders, "/call/users/")?;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(v["upstream"]["service"], "users", "{body}");
+    assert!(v["upstream"]["traceparent"].as_str().is_some_and(|t| t.starts_with("00-")), "trace context crossed: {body}");
+    let orders_admin = pod_admin(&pods, "orders").await?;
+    let users_admin = pod_admin(&pods, "users").await?;
+    let (_, om) = http_get(orders_admin, "/metrics")?;
+    assert!(metric(&om, r#"weir_requests_total{direction="outbound",dependency="users",status_class="2xx"}"#).unwrap_or(0.0) >= 1.0, "orders' sidecar saw the outbound call:\n{om}");
+    let mut users_inbound = 0.0;
+    for p in pods.list(&ListParams::default().labels("weir.dev/microservice=users")).await? {
+        if let Some(ip) = p.status.and_then(|s| s.pod_ip) {
+            let (_, um) = http_get(format!("{ip}:15090").parse()?, "/metrics")?;
+            users_inbound += metric(&um, r#"weir_requests_total{direction="inbound",dependency="",status_class="2xx"}"#).unwrap_or(0.0);
+        }
+    }
+    let _ = users_admin;
+    assert!(users_inbound >= 1.0, "a users sidecar saw the inbound call");
+
+    // users scaled to zero: calls fail, the breaker opens, the fallback customer is served.
+    let mut users = example("users")?;
+    users.spec.replicas = 0;
+    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users)).await?;
+    wait_for("users has no pods", long, || {
+        let pods = pods.clone();
+        async move {
+            let n = pods.list(&ListParams::default().labels("weir.dev/microservice=users")).await?.items.len();
+            Ok((n == 0).then_some(()))
+        }
+    })
+    .await?;
+    let fallback = wait_for("the breaker opens and the fallback is served", Duration::from_secs(60), || async move {
+        let (status, body) = http_get(orders, "/call/users/")?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        Ok((status == 200 && v["upstream"]["stale"] == true).then_some(body))
+    })
+    .await?;
+    assert!(fallback.contains("Unknown"), "{fallback}");
+    let (_, om) = http_get(orders_admin, "/metrics")?;
+    assert_eq!(metric(&om, r#"weir_circuit_breaker_state{dependency="users"}"#), Some(1.0), "breaker open in /metrics:\n{om}");
+    assert!(om.contains("weir_circuit_breaker_transitions_total{"), "{om}");
+    eprintln!("  ok: breaker open and counted in orders' sidecar /metrics");
+
+    // Editing a Microservice rolls its pods (the config hash changes).
+    let before: Vec<String> = pods.list(&ListParams::default().labels("weir.dev/microservice=orders")).await?.items.iter().map(|p| p.name_any()).collect();
+    let mut orders_ms = example("orders")?;
+    orders_ms.spec.dependencies[0].timeout = "1500ms".into();
+    mss.patch("orders", &PatchParams::apply(MANAGER), &Patch::Apply(&orders_ms)).await?;
+    wait_for("orders' pods replaced after the edit", long, || {
+        let pods = pods.clone();
+        let before = before.clone();
+        async move {
+            let now = pods.list(&ListParams::default().labels("weir.dev/microservice=orders")).await?;
+            let fresh = now.items.iter().filter(|p| !before.contains(&p.name_any())).any(|p| {
+                p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            Ok(fresh.then_some(()))
+        }
+    })
+    .await?;
+
+    // Kill the operator pod: its replacement adopts what exists and keeps reconciling.
+    let system: Api<Pod> = Api::namespaced(client.clone(), "weir-system");
+    let ops = system.list(&ListParams::default().labels("app.kubernetes.io/name=weir")).await?;
+    let old: Vec<String> = ops.items.iter().map(|p| p.name_any()).collect();
+    for p in &old {
+        system.delete(p, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+    }
+    let uid_before = deps.get("orders").await?.uid();
+    users.spec.replicas = 1;
+    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users)).await?;
+    wait_for("a new operator pod running", long, || {
+        let system = system.clone();
+        let old = old.clone();
+        async move {
+            let list = system.list(&ListParams::default().labels("app.kubernetes.io/name=weir")).await?;
+            Ok(list.items.iter().any(|p| !old.contains(&p.name_any()) && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).then_some(()))
+        }
+    })
+    .await?;
+    ready(&mss, "users", long).await?;
+    assert_eq!(deps.get("orders").await?.uid(), uid_before, "the new operator adopted the Deployment instead of recreating it");
+    let all = deps.list(&ListParams::default()).await?.items.len();
+    assert_eq!(all, 2, "no duplicate children after the operator restart");
+
+    // Deleting a Microservice garbage-collects its children.
+    mss.delete("orders", &DeleteParams::background()).await?;
+    wait_for("orders' children collected", long, || {
+        let (deps, svcs) = (deps.clone(), svcs.clone());
+        async move { Ok((deps.get_opt("orders").await?.is_none() && svcs.get_opt("orders").await?.is_none()).then_some(())) }
+    })
+    .await?;
+    Ok(())
+}
+
+/// The scale benchmark: 1,000 Microservices applied at once; time until every one's status
+/// has caught up with its generation, and the operator's peak RSS (read from /proc on the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_benchmark() -> Result<()> {
+    if !in_cluster_operator() || std::env::var("WEIR_E2E_SCALE").as_deref() != Ok("1") {
+        eprintln!("SKIPPED scale_benchmark: set WEIR_E2E_SCALE=1 (with the in-cluster operator) to run it");
+        return Ok(());
+    }
+    let n: usize = env_or("WEIR_E2E_SCALE_COUNT", "1000").parse()?;
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-scale").await?;
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), &ns);
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let mss = mss.clone();
+            async move {
+                let ms: Microservice = serde_json::from_value(json!({
+                    "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+                    "metadata": {"name": format!("svc-{i:04}")},
+                    "spec": {"image": "ghcr.io/weir-dev/weir-echo:0.1.0", "replicas": 0}
+                }))?;
+                mss.create(&PostParams::default(), &ms).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let applied = start.elapsed();
+    let done = wait_for(&format!("{n} Microservices reconciled"), Duration::from_secs(600), || {
+        let mss = mss.clone();
+        async move {
+            let list = mss.list(&ListParams::default()).await?;
+            let current = list.items.iter().filter(|m| m.status.as_ref().is_some_and(|s| s.observed_generation == m.metadata.generation)).count();
+            Ok((current == n).then(|| start.elapsed()))
+        }
+    })
+    .await?;
+    let rss = operator_peak_rss_kib();
+    let line = format!(
+        "SCALE: {n} Microservices applied in {:.1}s, all reconciled {:.1}s after the first create; operator peak RSS {}",
+        applied.as_secs_f64(),
+        done.as_secs_f64(),
+        rss.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "unknown (operator process not visible from here)".into())
+    );
+    println!("{line}");
+    eprintln!("{line}");
+    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::background()).await;
+    if done > Duration::from_secs(600) {
+        bail!("too slow");
+    }
+    Ok(())
+}
+
+/// VmHWM of the `weir operator` process, when it runs on this machine (the local cluster).
+fn operator_peak_rss_kib() -> Option<u64> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_operator = args.len() >= 2 && args[0].ends_with(b"weir") && args[1] == b"operator";
+        if is_operator {
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            return status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        }
+    }
+    None
+}
