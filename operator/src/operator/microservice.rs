@@ -7,10 +7,11 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::HashMap;
@@ -60,43 +61,87 @@ const DEPENDENCY_RECHECK: Duration = Duration::from_secs(30);
 /// Periodic resync even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// Metadata-only events of the operator's children of kind `K`.
+fn children<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
+{
+    watcher(
+        api::<PartialObjectMeta<K>>(client, namespace),
+        config.clone(),
+    )
+    .default_backoff()
+    .touched_objects()
+}
+
+/// An Api over `K` in `namespace` (or all namespaces).
+fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let client = ctx.client.clone();
-    let (mss, deps, svcs, cms) = match namespace {
-        Some(ns) => (
-            Api::<Microservice>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
+    let mss: Api<Microservice> = api(&client, namespace);
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=weir");
     let queues = match namespace {
         Some(ns) => Api::<weir_crds::Queue>::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let dependency_api = mss.clone();
-    let controller = Controller::new(mss, watcher::Config::default());
-    // A Queue's change (e.g. maxDeliveries) reaches the sidecars of the services using it.
-    let store = controller.store();
+    // The cache holds Microservices without their managedFields (often the larger half of an
+    // object), and only spec changes (a new generation) trigger: the operator's own status
+    // writes do not come back as work.
+    let (store, writer) = reflector::store();
+    let main = watcher(mss.clone(), watcher::Config::default())
+        .default_backoff()
+        .modify(|ms: &mut Microservice| ms.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    // Children are watched by metadata only: enough to map an event to its owner, and the
+    // operator reads a Deployment's status from the answer to its own apply.
     let dependents_store = store.clone();
-    controller
-        .owns(deps, owned.clone())
-        .owns(svcs, owned.clone())
-        .owns(cms, owned)
+    let queue_store = store.clone();
+    Controller::for_stream(main, store)
+        .owns_stream(children::<Deployment>(&client, namespace, &owned))
+        .owns_stream(children::<Service>(&client, namespace, &owned))
+        .owns_stream(children::<ConfigMap>(&client, namespace, &owned))
+        // A Queue's change (e.g. maxDeliveries) reaches the sidecars of the services using it.
         .watches(queues, watcher::Config::default(), move |q| {
-            super::queue::microservices_using(&store, &q)
+            super::queue::microservices_using(&queue_store, &q)
         })
         // A Microservice that appears (or goes) resolves (or breaks) its callers at once.
-        .watches(dependency_api, watcher::Config::default(), move |target| {
-            dependents(&dependents_store.state(), &target)
-        })
+        .watches_stream(
+            watcher(
+                api::<PartialObjectMeta<Microservice>>(&client, namespace),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .touched_objects(),
+            move |target: PartialObjectMeta<Microservice>| {
+                dependents(
+                    &dependents_store.state(),
+                    target.namespace().as_deref(),
+                    &target.name_any(),
+                )
+            },
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -107,19 +152,19 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .await;
 }
 
-/// Microservices of `target`'s namespace that call it.
+/// Microservices of `namespace` that call Microservice `name`.
 pub fn dependents(
     all: &[Arc<Microservice>],
-    target: &Microservice,
+    namespace: Option<&str>,
+    name: &str,
 ) -> Vec<ObjectRef<Microservice>> {
-    let name = target.name_any();
     all.iter()
-        .filter(|m| m.namespace() == target.namespace())
+        .filter(|m| m.namespace().as_deref() == namespace)
         .filter(|m| {
             m.spec
                 .dependencies
                 .iter()
-                .any(|d| d.microservice.as_deref() == Some(name.as_str()))
+                .any(|d| d.microservice.as_deref() == Some(name))
         })
         .map(|m| ObjectRef::from_obj(&**m))
         .collect()

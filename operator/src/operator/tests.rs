@@ -635,7 +635,7 @@ fn a_microservice_change_wakes_its_callers_only() {
         mk("orders", "other", &["users"]),
         mk("users", "shop", &[]),
     ];
-    let woken: Vec<String> = super::microservice::dependents(&all, &mk("users", "shop", &[]))
+    let woken: Vec<String> = super::microservice::dependents(&all, Some("shop"), "users")
         .into_iter()
         .map(|r| r.name)
         .collect();
