@@ -759,3 +759,62 @@ async fn a_consumer_declared_by_the_operator_is_used_as_it_is() {
     );
     assert_eq!(info.num_ack_pending, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered() {
+    let bin = nats_or_skip!();
+    let nats = Nats::start(bin).await;
+    let js = nats.js().await;
+    declare_stream(&js).await;
+    let mut c = consume_config("billing");
+    c.max_deliveries = 2;
+    c.backoff_ms = vec![100];
+    // Nothing listens on the app's port: connection refused.
+    let down = free_addr();
+    let b = Sidecar::start(base_config(
+        "billing",
+        down,
+        consumer_messaging(&nats.url(), c.clone()),
+    ))
+    .await;
+    raw_publish(&js, "down-1", "down-1", r#"{"orderId":"o","amount":1}"#).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            stream_len(&js, DLQ_STREAM).await == 1
+        })
+        .await
+    );
+    let dl = &stream_messages(&js, DLQ_STREAM).await[0];
+    assert_eq!(header(dl, "Weir-Reason"), "max-deliveries");
+    assert!(
+        header(dl, "Weir-Last-Error").contains("cannot reach the app"),
+        "{:?}",
+        dl.headers
+    );
+    assert_eq!(
+        b.metric(r#"weir_messaging_naked_total{queue="orders"}"#)
+            .await,
+        1.0
+    );
+    drop(b);
+
+    // An app slower than inbound.timeoutMs.
+    let slow = App::start(Duration::from_millis(1500), Arc::new(|_, _| 200)).await;
+    let mut cfg = base_config("billing", slow.addr, consumer_messaging(&nats.url(), c));
+    cfg.inbound.timeout_ms = 300;
+    let _b = Sidecar::start(cfg).await;
+    raw_publish(&js, "slow-1", "slow-1", r#"{"orderId":"o","amount":1}"#).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            stream_len(&js, DLQ_STREAM).await == 2
+        })
+        .await
+    );
+    let dl = &stream_messages(&js, DLQ_STREAM).await[1];
+    assert_eq!(header(dl, "ce-id"), "slow-1");
+    assert_eq!(
+        header(dl, "Weir-Last-Error"),
+        "the app did not answer within 300 ms"
+    );
+    assert_eq!(slow.calls_for("slow-1").len(), 2);
+}
