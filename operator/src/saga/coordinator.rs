@@ -422,8 +422,8 @@ impl Coordinator {
                 Ok(()) => me.release(&id, rev.load(Ordering::SeqCst)).await,
                 Err(e) => {
                     tracing::warn!(instance = %id, error = %e, "stopped driving the instance; another replica will resume it");
-                    // Leave the lease to expire unless the log is what failed: then hand it
-                    // back at once so that a retry (here or elsewhere) comes sooner.
+                    // The lease is left to expire (it may be another replica's by now); the
+                    // instance is then resumed from its log, here or elsewhere.
                     me.driving.lock().expect("driving").remove(&id);
                 }
             }
