@@ -249,6 +249,20 @@ pub fn plan(
     Ok(out)
 }
 
+/// A command whose process gets SIGTERM when `weir up` dies, however it dies (even SIGKILL),
+/// so no app, sidecar or broker outlives it.
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    // SAFETY: prctl(2) is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    c
+}
+
 /// Finds a sibling binary: next to the running `weir`, then on PATH.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
@@ -338,7 +352,7 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
     for s in &services {
         let cfg_path = opts.work_dir.join(format!("{}.proxy.json", s.name));
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&s.config)?)?;
-        let mut proxy = Command::new(&opts.proxy_bin)
+        let mut proxy = command(&opts.proxy_bin)
             .arg("--config")
             .arg(&cfg_path)
             .stdout(Stdio::piped())
@@ -357,7 +371,7 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
             || http_ok(admin, "/readyz"),
         )
         .await?;
-        let mut app = Command::new("sh")
+        let mut app = command("sh")
             .arg("-c")
             .arg(&s.command)
             .current_dir(&s.workdir)
@@ -529,10 +543,11 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             .iter()
             .map(|s| (s.name.as_str(), &s.ports))
             .collect();
-        std::fs::write(
-            f,
-            serde_json::to_string_pretty(&serde_json::json!({"services": state}))?,
-        )?;
+        let json = serde_json::json!({"services": state, "brokerUrl": broker_url});
+        // Written whole then renamed: a reader never sees half a file.
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&json)?)?;
+        std::fs::rename(&tmp, f)?;
     }
     println!("Ctrl-C stops everything.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -603,7 +618,7 @@ pub async fn start_nats(work_dir: &Path) -> Result<(Child, String)> {
     let port = free_port()?;
     let store = work_dir.join("nats");
     std::fs::create_dir_all(&store)?;
-    let child = Command::new(&bin)
+    let child = command(&bin)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
         .stdout(Stdio::piped())

@@ -58,6 +58,8 @@ impl Backoff {
 
 /// Re-check interval while a dependency is missing (its creation is not watched).
 const DEPENDENCY_RECHECK: Duration = Duration::from_secs(30);
+/// Microservices reconciled at the same time.
+pub const RECONCILE_CONCURRENCY: u16 = 32;
 /// Periodic resync even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -141,6 +143,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
                     &target.name_any(),
                 )
             },
+        )
+        // Bounded: a burst of new objects (a namespace of a thousand services applied at once)
+        // queues up instead of holding a thousand renders and requests in memory.
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

@@ -259,7 +259,7 @@ pub(crate) async fn run(ctx: Arc<Consumer>) {
             }
             let batch = ready
                 .consumer
-                .fetch()
+                .batch()
                 .max_messages(permits.len())
                 .expires(PULL_EXPIRES)
                 .heartbeat(Duration::from_secs(1))
