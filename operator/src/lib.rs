@@ -7,6 +7,6 @@ pub mod messaging;
 pub mod operator;
 pub mod render;
 pub mod saga;
-pub mod up;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod up;

@@ -241,16 +241,25 @@ fn lint_gate(command: &str, loaded: &[manifest::Loaded], skip: bool) -> Result<(
     for f in &errors {
         eprintln!("{f}");
     }
-    eprintln!("weir {command}: {} lint error(s); stopping (--skip-lint goes on anyway)", errors.len());
+    eprintln!(
+        "weir {command}: {} lint error(s); stopping (--skip-lint goes on anyway)",
+        errors.len()
+    );
     Err(ExitCode::from(1))
 }
 
 fn up_cmd(args: UpArgs) -> ExitCode {
-    let loaded = match load_manifests("up", &args.files).and_then(|l| lint_gate("up", &l, args.skip_lint).map(|()| l)) {
+    let loaded = match load_manifests("up", &args.files)
+        .and_then(|l| lint_gate("up", &l, args.skip_lint).map(|()| l))
+    {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(weir::up::run(loaded, args.into_options())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -10,7 +10,9 @@ pub fn enabled(suite: &str) -> bool {
     if std::env::var("WEIR_E2E").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!("SKIPPED {suite}: it needs a cluster: set WEIR_E2E=1 and KUBECONFIG (see tests/README.md)");
+    eprintln!(
+        "SKIPPED {suite}: it needs a cluster: set WEIR_E2E=1 and KUBECONFIG (see tests/README.md)"
+    );
     false
 }
 
@@ -47,16 +49,29 @@ where
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// The value of a Prometheus sample (`name{labels} value`) in a metrics text, if present.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }

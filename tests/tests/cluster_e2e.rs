@@ -24,14 +24,17 @@ fn in_cluster_operator() -> bool {
         return false;
     }
     if std::env::var("WEIR_E2E_OPERATOR").as_deref() != Ok("cluster") {
-        eprintln!("SKIPPED cluster_e2e: it needs the operator installed in the cluster (WEIR_E2E_OPERATOR=cluster; tests/e2e/local-cluster.sh does it)");
+        eprintln!(
+            "SKIPPED cluster_e2e: it needs the operator installed in the cluster (WEIR_E2E_OPERATOR=cluster; tests/e2e/local-cluster.sh does it)"
+        );
         return false;
     }
     true
 }
 
 fn example(name: &str) -> Result<Microservice> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/hello/{name}.yaml"));
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/hello/{name}.yaml"));
     let mut ms: Microservice = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
     ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
     ms.spec.dependencies.retain(|d| d.microservice.is_some());
@@ -41,7 +44,10 @@ fn example(name: &str) -> Result<Microservice> {
 async fn namespace(client: &Client, prefix: &str) -> Result<String> {
     let ns = format!("{prefix}-{}", std::process::id());
     Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
         .await?;
     Ok(ns)
 }
@@ -53,7 +59,9 @@ async fn ready(mss: &Api<Microservice>, name: &str, timeout: Duration) -> Result
             let ms = mss.get(name).await?;
             let ok = ms.status.as_ref().is_some_and(|s| {
                 s.observed_generation == ms.metadata.generation
-                    && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
             });
             Ok(ok.then_some(()))
         }
@@ -68,11 +76,16 @@ async fn service_addr(svcs: &Api<Service>, name: &str) -> Result<SocketAddr> {
 }
 
 async fn pod_admin(pods: &Api<Pod>, app: &str) -> Result<SocketAddr> {
-    let list = pods.list(&ListParams::default().labels(&format!("weir.dev/microservice={app}"))).await?;
+    let list = pods
+        .list(&ListParams::default().labels(&format!("weir.dev/microservice={app}")))
+        .await?;
     let pod = list
         .items
         .into_iter()
-        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") && p.metadata.deletion_timestamp.is_none())
+        .find(|p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && p.metadata.deletion_timestamp.is_none()
+        })
         .context("a running pod")?;
     let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
     Ok(format!("{ip}:15090").parse()?)
@@ -86,7 +99,9 @@ async fn weir_in_a_real_cluster() -> Result<()> {
     let client = Client::try_default().await?;
     let ns = namespace(&client, "weir-cluster-e2e").await?;
     let result = run(&client, &ns).await;
-    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::background()).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
     result
 }
 
@@ -97,7 +112,12 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
     for name in ["users", "orders"] {
-        mss.patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&example(name)?)).await?;
+        mss.patch(
+            name,
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(&example(name)?),
+        )
+        .await?;
     }
     ready(&mss, "users", long).await?;
     ready(&mss, "orders", long).await?;
@@ -107,20 +127,40 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
         let names: Vec<String> = p
             .spec
             .as_ref()
-            .map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()).map(|c| c.name.clone()).collect())
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+                    .map(|c| c.name.clone())
+                    .collect()
+            })
             .unwrap_or_default();
-        assert!(names.contains(&"app".into()) && names.contains(&"weir-proxy".into()), "{}: {names:?}", p.name_any());
+        assert!(
+            names.contains(&"app".into()) && names.contains(&"weir-proxy".into()),
+            "{}: {names:?}",
+            p.name_any()
+        );
     }
 
     // `kubectl get weir` prints the columns.
-    let out = std::process::Command::new("kubectl").args(["get", "weir", "-n", ns]).output()?;
+    let out = std::process::Command::new("kubectl")
+        .args(["get", "weir", "-n", ns])
+        .output()?;
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     eprintln!("{table}");
     let header = table.lines().next().unwrap_or_default();
     for col in ["NAME", "READY", "REPLICAS", "DEPENDENCIES", "AGE"] {
-        assert!(header.contains(col), "kubectl get weir: no {col} column in {header:?}");
+        assert!(
+            header.contains(col),
+            "kubectl get weir: no {col} column in {header:?}"
+        );
     }
-    assert!(table.lines().any(|l| l.contains("orders") && l.contains("True") && l.contains("1/1")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("orders") && l.contains("True") && l.contains("1/1")),
+        "{table}"
+    );
 
     // A call through orders to users crosses both sidecars.
     let orders = service_addr(&svcs, "orders").await?;
@@ -128,16 +168,36 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(v["upstream"]["service"], "users", "{body}");
-    assert!(v["upstream"]["traceparent"].as_str().is_some_and(|t| t.starts_with("00-")), "trace context crossed: {body}");
+    assert!(
+        v["upstream"]["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-")),
+        "trace context crossed: {body}"
+    );
     let orders_admin = pod_admin(&pods, "orders").await?;
     let users_admin = pod_admin(&pods, "users").await?;
     let (_, om) = http_get(orders_admin, "/metrics")?;
-    assert!(metric(&om, r#"weir_requests_total{direction="outbound",dependency="users",status_class="2xx"}"#).unwrap_or(0.0) >= 1.0, "orders' sidecar saw the outbound call:\n{om}");
+    assert!(
+        metric(
+            &om,
+            r#"weir_requests_total{direction="outbound",dependency="users",status_class="2xx"}"#
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "orders' sidecar saw the outbound call:\n{om}"
+    );
     let mut users_inbound = 0.0;
-    for p in pods.list(&ListParams::default().labels("weir.dev/microservice=users")).await? {
+    for p in pods
+        .list(&ListParams::default().labels("weir.dev/microservice=users"))
+        .await?
+    {
         if let Some(ip) = p.status.and_then(|s| s.pod_ip) {
             let (_, um) = http_get(format!("{ip}:15090").parse()?, "/metrics")?;
-            users_inbound += metric(&um, r#"weir_requests_total{direction="inbound",dependency="",status_class="2xx"}"#).unwrap_or(0.0);
+            users_inbound += metric(
+                &um,
+                r#"weir_requests_total{direction="inbound",dependency="",status_class="2xx"}"#,
+            )
+            .unwrap_or(0.0);
         }
     }
     let _ = users_admin;
@@ -146,40 +206,76 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
     // users scaled to zero: calls fail, the breaker opens, the fallback customer is served.
     let mut users = example("users")?;
     users.spec.replicas = 0;
-    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users)).await?;
+    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users))
+        .await?;
     wait_for("users has no pods", long, || {
         let pods = pods.clone();
         async move {
-            let n = pods.list(&ListParams::default().labels("weir.dev/microservice=users")).await?.items.len();
+            let n = pods
+                .list(&ListParams::default().labels("weir.dev/microservice=users"))
+                .await?
+                .items
+                .len();
             Ok((n == 0).then_some(()))
         }
     })
     .await?;
-    let fallback = wait_for("the breaker opens and the fallback is served", Duration::from_secs(60), || async move {
-        let (status, body) = http_get(orders, "/call/users/")?;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        Ok((status == 200 && v["upstream"]["stale"] == true).then_some(body))
-    })
+    let fallback = wait_for(
+        "the breaker opens and the fallback is served",
+        Duration::from_secs(60),
+        || async move {
+            let (status, body) = http_get(orders, "/call/users/")?;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            Ok((status == 200 && v["upstream"]["stale"] == true).then_some(body))
+        },
+    )
     .await?;
     assert!(fallback.contains("Unknown"), "{fallback}");
     let (_, om) = http_get(orders_admin, "/metrics")?;
-    assert_eq!(metric(&om, r#"weir_circuit_breaker_state{dependency="users"}"#), Some(1.0), "breaker open in /metrics:\n{om}");
-    assert!(om.contains("weir_circuit_breaker_transitions_total{"), "{om}");
+    assert_eq!(
+        metric(&om, r#"weir_circuit_breaker_state{dependency="users"}"#),
+        Some(1.0),
+        "breaker open in /metrics:\n{om}"
+    );
+    assert!(
+        om.contains("weir_circuit_breaker_transitions_total{"),
+        "{om}"
+    );
     eprintln!("  ok: breaker open and counted in orders' sidecar /metrics");
 
     // Editing a Microservice rolls its pods (the config hash changes).
-    let before: Vec<String> = pods.list(&ListParams::default().labels("weir.dev/microservice=orders")).await?.items.iter().map(|p| p.name_any()).collect();
+    let before: Vec<String> = pods
+        .list(&ListParams::default().labels("weir.dev/microservice=orders"))
+        .await?
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
     let mut orders_ms = example("orders")?;
     orders_ms.spec.dependencies[0].timeout = "1500ms".into();
-    mss.patch("orders", &PatchParams::apply(MANAGER), &Patch::Apply(&orders_ms)).await?;
+    mss.patch(
+        "orders",
+        &PatchParams::apply(MANAGER),
+        &Patch::Apply(&orders_ms),
+    )
+    .await?;
     wait_for("orders' pods replaced after the edit", long, || {
         let pods = pods.clone();
         let before = before.clone();
         async move {
-            let now = pods.list(&ListParams::default().labels("weir.dev/microservice=orders")).await?;
-            let fresh = now.items.iter().filter(|p| !before.contains(&p.name_any())).any(|p| {
-                p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            });
+            let now = pods
+                .list(&ListParams::default().labels("weir.dev/microservice=orders"))
+                .await?;
+            let fresh = now
+                .items
+                .iter()
+                .filter(|p| !before.contains(&p.name_any()))
+                .any(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                });
             Ok(fresh.then_some(()))
         }
     })
@@ -187,25 +283,49 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
 
     // Kill the operator pod: its replacement adopts what exists and keeps reconciling.
     let system: Api<Pod> = Api::namespaced(client.clone(), "weir-system");
-    let ops = system.list(&ListParams::default().labels("app.kubernetes.io/name=weir")).await?;
+    let ops = system
+        .list(&ListParams::default().labels("app.kubernetes.io/name=weir"))
+        .await?;
     let old: Vec<String> = ops.items.iter().map(|p| p.name_any()).collect();
     for p in &old {
-        system.delete(p, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+        system
+            .delete(
+                p,
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await?;
     }
     let uid_before = deps.get("orders").await?.uid();
     users.spec.replicas = 1;
-    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users)).await?;
+    mss.patch("users", &PatchParams::apply(MANAGER), &Patch::Apply(&users))
+        .await?;
     wait_for("a new operator pod running", long, || {
         let system = system.clone();
         let old = old.clone();
         async move {
-            let list = system.list(&ListParams::default().labels("app.kubernetes.io/name=weir")).await?;
-            Ok(list.items.iter().any(|p| !old.contains(&p.name_any()) && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).then_some(()))
+            let list = system
+                .list(&ListParams::default().labels("app.kubernetes.io/name=weir"))
+                .await?;
+            Ok(list
+                .items
+                .iter()
+                .any(|p| {
+                    !old.contains(&p.name_any())
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                })
+                .then_some(()))
         }
     })
     .await?;
     ready(&mss, "users", long).await?;
-    assert_eq!(deps.get("orders").await?.uid(), uid_before, "the new operator adopted the Deployment instead of recreating it");
+    assert_eq!(
+        deps.get("orders").await?.uid(),
+        uid_before,
+        "the new operator adopted the Deployment instead of recreating it"
+    );
     let all = deps.list(&ListParams::default()).await?.items.len();
     assert_eq!(all, 2, "no duplicate children after the operator restart");
 
@@ -213,7 +333,13 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
     mss.delete("orders", &DeleteParams::background()).await?;
     wait_for("orders' children collected", long, || {
         let (deps, svcs) = (deps.clone(), svcs.clone());
-        async move { Ok((deps.get_opt("orders").await?.is_none() && svcs.get_opt("orders").await?.is_none()).then_some(())) }
+        async move {
+            Ok(
+                (deps.get_opt("orders").await?.is_none()
+                    && svcs.get_opt("orders").await?.is_none())
+                .then_some(()),
+            )
+        }
     })
     .await?;
     Ok(())
@@ -224,7 +350,9 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_benchmark() -> Result<()> {
     if !in_cluster_operator() || std::env::var("WEIR_E2E_SCALE").as_deref() != Ok("1") {
-        eprintln!("SKIPPED scale_benchmark: set WEIR_E2E_SCALE=1 (with the in-cluster operator) to run it");
+        eprintln!(
+            "SKIPPED scale_benchmark: set WEIR_E2E_SCALE=1 (with the in-cluster operator) to run it"
+        );
         return Ok(());
     }
     let n: usize = env_or("WEIR_E2E_SCALE_COUNT", "1000").parse()?;
@@ -249,25 +377,40 @@ async fn scale_benchmark() -> Result<()> {
         .try_collect::<Vec<_>>()
         .await?;
     let applied = start.elapsed();
-    let done = wait_for(&format!("{n} Microservices reconciled"), Duration::from_secs(600), || {
-        let mss = mss.clone();
-        async move {
-            let list = mss.list(&ListParams::default()).await?;
-            let current = list.items.iter().filter(|m| m.status.as_ref().is_some_and(|s| s.observed_generation == m.metadata.generation)).count();
-            Ok((current == n).then(|| start.elapsed()))
-        }
-    })
+    let done = wait_for(
+        &format!("{n} Microservices reconciled"),
+        Duration::from_secs(600),
+        || {
+            let mss = mss.clone();
+            async move {
+                let list = mss.list(&ListParams::default()).await?;
+                let current = list
+                    .items
+                    .iter()
+                    .filter(|m| {
+                        m.status
+                            .as_ref()
+                            .is_some_and(|s| s.observed_generation == m.metadata.generation)
+                    })
+                    .count();
+                Ok((current == n).then(|| start.elapsed()))
+            }
+        },
+    )
     .await?;
     let rss = operator_peak_rss_kib();
     let line = format!(
         "SCALE: {n} Microservices applied in {:.1}s, all reconciled {:.1}s after the first create; operator peak RSS {}",
         applied.as_secs_f64(),
         done.as_secs_f64(),
-        rss.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "unknown (operator process not visible from here)".into())
+        rss.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_else(|| "unknown (operator process not visible from here)".into())
     );
     println!("{line}");
     eprintln!("{line}");
-    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::background()).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
     if done > Duration::from_secs(600) {
         bail!("too slow");
     }
@@ -282,7 +425,10 @@ fn operator_peak_rss_kib() -> Option<u64> {
         let is_operator = args.len() >= 2 && args[0].ends_with(b"weir") && args[1] == b"operator";
         if is_operator {
             let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-            return status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
         }
     }
     None

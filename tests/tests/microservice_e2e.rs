@@ -3,7 +3,6 @@
 //! out, a deleted child put back, and the children garbage-collected with their owner.
 
 use anyhow::{Context as _, Result, bail};
-use weir_e2e::{env_or, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -14,6 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use weir_crds::Microservice;
+use weir_e2e::{env_or, wait_for};
 
 const MANAGER: &str = "weir-e2e";
 
