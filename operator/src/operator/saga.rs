@@ -12,8 +12,9 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -73,27 +74,48 @@ pub fn http_stats(base: String) -> BoxFuture<'static, Result<Stats, String>> {
     })
 }
 
-pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
-    let client = ctx.client.clone();
-    let (sagas, deps, svcs, cms) = match namespace {
-        Some(ns) => (
-            Api::<Saga>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+/// Metadata-only events of the coordinators' children of kind `K`.
+fn children<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
+{
+    let api: Api<PartialObjectMeta<K>> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
     let owned = watcher::Config::default().labels(crate::render::saga::LABEL_SAGA);
-    Controller::new(sagas, watcher::Config::default())
-        .owns(deps, owned.clone())
-        .owns(svcs, owned.clone())
-        .owns(cms, owned)
+    watcher(api, owned).default_backoff().touched_objects()
+}
+
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
+    let client = ctx.client.clone();
+    let sagas: Api<Saga> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Sagas cached without managedFields; only spec changes trigger (the counts are refreshed
+    // by the periodic requeue, and status writes do not come back as work). Children are
+    // watched by metadata only: enough to map an event to its Saga.
+    let (store, writer) = reflector::store();
+    let main = watcher(sagas, watcher::Config::default())
+        .default_backoff()
+        .modify(|s: &mut Saga| s.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(main, store)
+        .owns_stream(children::<Deployment>(&client, namespace))
+        .owns_stream(children::<Service>(&client, namespace))
+        .owns_stream(children::<ConfigMap>(&client, namespace))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
