@@ -454,6 +454,19 @@ impl Log {
             })
             .await
             .map_err(|e| LogError::Broker(format!("reading {filter}: {e}")))?;
+        // Ordered consumers linger 30s after use: delete this one when done, or resuming many
+        // instances at once would pile them up to the server's consumer limit.
+        let name = consumer.cached_info().name.clone();
+        let result = Self::read_from(consumer, filter, &mut f).await;
+        let _ = stream.delete_consumer(&name).await;
+        result
+    }
+
+    async fn read_from(
+        consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+        filter: &str,
+        f: &mut impl FnMut(&str, u64, Entry),
+    ) -> Result<(), LogError> {
         if consumer.cached_info().num_pending == 0 {
             return Ok(());
         }
