@@ -38,23 +38,6 @@ impl Error {
     }
 }
 
-/// Per-object failure counts (`Kind/ns/name`): each consecutive failure doubles the requeue
-/// delay, 5s up to 5m.
-#[derive(Default)]
-pub struct Backoff(Mutex<HashMap<String, u32>>);
-
-impl Backoff {
-    pub fn next_delay(&self, key: &str) -> Duration {
-        let mut map = self.0.lock().expect("backoff lock");
-        let n = map.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6))).min(Duration::from_secs(300))
-    }
-    pub fn reset(&self, key: &str) {
-        self.0.lock().expect("backoff lock").remove(key);
-    }
-}
-
 /// Open broker connections, by Broker (`ns/name`), reused while URL and credentials stay.
 #[derive(Default)]
 pub struct Connections(Mutex<HashMap<String, (String, Credentials, messaging::Broker)>>);
@@ -171,11 +154,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
 }
 
 fn key(b: &Broker) -> String {
-    format!(
-        "Broker/{}/{}",
-        b.namespace().unwrap_or_default(),
-        b.name_any()
-    )
+    super::backoff::key("Broker", b.namespace().as_deref(), &b.name_any())
 }
 
 pub fn error_policy(b: Arc<Broker>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -14,8 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_crds::microservice::MicroserviceStatus;
 use weir_crds::{Microservice, validate};
@@ -40,20 +39,9 @@ impl Error {
     }
 }
 
-/// Per-object failure counts: each consecutive error doubles the requeue delay (5s .. 5m).
-#[derive(Default)]
-pub struct Backoff(Mutex<HashMap<ObjectRef<Microservice>, u32>>);
-
-impl Backoff {
-    pub fn next_delay(&self, key: ObjectRef<Microservice>) -> Duration {
-        let mut map = self.0.lock().expect("backoff lock");
-        let n = map.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6))).min(Duration::from_secs(300))
-    }
-    pub fn reset(&self, key: &ObjectRef<Microservice>) {
-        self.0.lock().expect("backoff lock").remove(key);
-    }
+/// The backoff key of a Microservice.
+fn backoff_key(ms: &Microservice) -> String {
+    super::backoff::key("Microservice", ms.namespace().as_deref(), &ms.name_any())
 }
 
 /// Re-check interval while a dependency is missing (its creation is not watched).
@@ -178,7 +166,7 @@ pub fn dependents(
 }
 
 pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.next_delay(ObjectRef::from_obj(&*ms));
+    let delay = ctx.backoff.next_delay(&backoff_key(&ms));
     tracing::warn!(microservice = %ms.name_any(), namespace = ?ms.namespace(), %error, retry_in = ?delay, "reconcile failed");
     ctx.metrics
         .errors
@@ -216,7 +204,7 @@ pub async fn reconcile(ms: Arc<Microservice>, ctx: Arc<Context>) -> Result<Actio
         .get_or_create(&label)
         .observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.backoff.reset(&ObjectRef::from_obj(&*ms));
+        ctx.backoff.reset(&backoff_key(&ms));
     }
     result
 }

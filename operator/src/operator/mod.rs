@@ -1,6 +1,7 @@
 //! `weir operator`: the controllers, leader election, and the metrics/health endpoint.
 
 pub mod admin;
+pub mod backoff;
 pub mod broker;
 pub mod conditions;
 pub mod leader;
@@ -58,9 +59,9 @@ pub struct Context {
     pub metrics: Arc<metrics::Metrics>,
     pub reporter: Reporter,
     pub recorder: kube::runtime::events::Recorder,
-    pub backoff: microservice::Backoff,
+    pub backoff: backoff::Backoff,
     /// Failure counts of Queues and Brokers (requeue backoff on broker errors).
-    pub messaging_backoff: broker::Backoff,
+    pub messaging_backoff: backoff::Backoff,
     /// Broker connections shared by the Queue reconciles.
     pub connections: broker::Connections,
 }

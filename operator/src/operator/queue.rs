@@ -125,11 +125,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
 }
 
 fn key(q: &Queue) -> String {
-    format!(
-        "Queue/{}/{}",
-        q.namespace().unwrap_or_default(),
-        q.name_any()
-    )
+    super::backoff::key("Queue", q.namespace().as_deref(), &q.name_any())
 }
 
 pub fn error_policy(q: Arc<Queue>, error: &Error, ctx: Arc<Context>) -> Action {

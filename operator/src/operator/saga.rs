@@ -127,11 +127,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
 }
 
 pub fn error_policy(saga: Arc<Saga>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "Saga/{}/{}",
-        saga.namespace().unwrap_or_default(),
-        saga.name_any()
-    );
+    let key = super::backoff::key("Saga", saga.namespace().as_deref(), &saga.name_any());
     let delay = ctx.messaging_backoff.next_delay(&key);
     tracing::warn!(saga = %saga.name_any(), namespace = ?saga.namespace(), %error, retry_in = ?delay, "reconcile failed");
     ctx.metrics
@@ -165,10 +161,10 @@ pub async fn reconcile_with(
         .get_or_create(&label)
         .observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.messaging_backoff.reset(&format!(
-            "Saga/{}/{}",
-            saga.namespace().unwrap_or_default(),
-            saga.name_any()
+        ctx.messaging_backoff.reset(&super::backoff::key(
+            "Saga",
+            saga.namespace().as_deref(),
+            &saga.name_any(),
         ));
     }
     result

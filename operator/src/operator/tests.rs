@@ -2,14 +2,14 @@
 //! requests the reconciler must make, in order, and what the "apiserver" answers.
 
 use super::Context;
+use super::backoff::Backoff;
 use super::metrics::Metrics;
-use super::microservice::{Backoff, reconcile};
+use super::microservice::reconcile;
 use crate::render::RenderOptions;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -439,13 +439,12 @@ async fn api_errors_surface_for_requeue() {
 #[test]
 fn error_backoff_doubles_up_to_five_minutes_and_resets() {
     let b = Backoff::default();
-    let key = ObjectRef::<Microservice>::new("orders").within("demo");
-    let delays: Vec<u64> = (0..9)
-        .map(|_| b.next_delay(key.clone()).as_secs())
-        .collect();
+    let key = super::backoff::key("Microservice", Some("demo"), "orders");
+    assert_eq!(key, "Microservice/demo/orders");
+    let delays: Vec<u64> = (0..9).map(|_| b.next_delay(&key).as_secs()).collect();
     assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
     b.reset(&key);
-    assert_eq!(b.next_delay(key).as_secs(), 5);
+    assert_eq!(b.next_delay(&key).as_secs(), 5);
 }
 
 mod lease {
