@@ -160,28 +160,14 @@ fn key(b: &Broker) -> String {
 pub fn error_policy(b: Arc<Broker>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.messaging_backoff.next_delay(&key(&b));
     tracing::warn!(broker = %b.name_any(), namespace = ?b.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics
-        .errors
-        .get_or_create(&super::metrics::ErrorLabel {
-            kind: "Broker".into(),
-            error: error.metric_label().into(),
-        })
-        .inc();
+    ctx.metrics.failed("Broker", error.metric_label());
     Action::requeue(delay)
 }
 
 pub async fn reconcile(b: Arc<Broker>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let label = super::metrics::KindLabel {
-        kind: "Broker".into(),
-    };
-    ctx.metrics.reconciles.get_or_create(&label).inc();
-    let started = std::time::Instant::now();
-    let result = reconcile_inner(&b, &ctx).await;
     ctx.metrics
-        .duration
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
-    result
+        .reconcile("Broker", reconcile_inner(&b, &ctx))
+        .await
 }
 
 async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {

@@ -60,6 +60,28 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Runs one reconcile of a `kind`, counting it and timing it.
+    pub async fn reconcile<T>(&self, kind: &str, work: impl std::future::Future<Output = T>) -> T {
+        let label = KindLabel { kind: kind.into() };
+        self.reconciles.get_or_create(&label).inc();
+        let started = std::time::Instant::now();
+        let out = work.await;
+        self.duration
+            .get_or_create(&label)
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Counts a failed reconcile of a `kind`, by error.
+    pub fn failed(&self, kind: &str, error: &str) {
+        self.errors
+            .get_or_create(&ErrorLabel {
+                kind: kind.into(),
+                error: error.into(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -15,7 +15,7 @@ use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use weir_crds::microservice::MicroserviceStatus;
 use weir_crds::{Microservice, validate};
 
@@ -168,13 +168,7 @@ pub fn dependents(
 pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoff.next_delay(&backoff_key(&ms));
     tracing::warn!(microservice = %ms.name_any(), namespace = ?ms.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics
-        .errors
-        .get_or_create(&super::metrics::ErrorLabel {
-            kind: "Microservice".into(),
-            error: error.metric_label().into(),
-        })
-        .inc();
+    ctx.metrics.failed("Microservice", error.metric_label());
     // Tell the object's owner too (`kubectl describe`); repeats become one Event series.
     let note = format!("{error}; retrying in {}s", delay.as_secs());
     tokio::spawn(async move {
@@ -193,16 +187,10 @@ pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> 
 }
 
 pub async fn reconcile(ms: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let label = super::metrics::KindLabel {
-        kind: "Microservice".into(),
-    };
-    ctx.metrics.reconciles.get_or_create(&label).inc();
-    let result = reconcile_inner(&ms, &ctx).await;
-    ctx.metrics
-        .duration
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
+    let result = ctx
+        .metrics
+        .reconcile("Microservice", reconcile_inner(&ms, &ctx))
+        .await;
     if result.is_ok() {
         ctx.backoff.reset(&backoff_key(&ms));
     }

@@ -131,28 +131,14 @@ fn key(q: &Queue) -> String {
 pub fn error_policy(q: Arc<Queue>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.messaging_backoff.next_delay(&key(&q));
     tracing::warn!(queue = %q.name_any(), namespace = ?q.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics
-        .errors
-        .get_or_create(&super::metrics::ErrorLabel {
-            kind: "Queue".into(),
-            error: error.metric_label().into(),
-        })
-        .inc();
+    ctx.metrics.failed("Queue", error.metric_label());
     Action::requeue(delay)
 }
 
 pub async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let label = super::metrics::KindLabel {
-        kind: "Queue".into(),
-    };
-    ctx.metrics.reconciles.get_or_create(&label).inc();
-    let started = std::time::Instant::now();
-    let result = reconcile_inner(&q, &ctx).await;
     ctx.metrics
-        .duration
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
-    result
+        .reconcile("Queue", reconcile_inner(&q, &ctx))
+        .await
 }
 
 fn has_finalizer(q: &Queue) -> bool {

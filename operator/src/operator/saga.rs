@@ -130,13 +130,7 @@ pub fn error_policy(saga: Arc<Saga>, error: &Error, ctx: Arc<Context>) -> Action
     let key = super::backoff::key("Saga", saga.namespace().as_deref(), &saga.name_any());
     let delay = ctx.messaging_backoff.next_delay(&key);
     tracing::warn!(saga = %saga.name_any(), namespace = ?saga.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics
-        .errors
-        .get_or_create(&super::metrics::ErrorLabel {
-            kind: "Saga".into(),
-            error: error.metric_label().into(),
-        })
-        .inc();
+    ctx.metrics.failed("Saga", error.metric_label());
     Action::requeue(delay)
 }
 
@@ -150,16 +144,10 @@ pub async fn reconcile_with(
     ctx: Arc<Context>,
     stats: &StatsFn,
 ) -> Result<Action, Error> {
-    let label = super::metrics::KindLabel {
-        kind: "Saga".into(),
-    };
-    ctx.metrics.reconciles.get_or_create(&label).inc();
-    let started = std::time::Instant::now();
-    let result = reconcile_inner(&saga, &ctx, stats).await;
-    ctx.metrics
-        .duration
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
+    let result = ctx
+        .metrics
+        .reconcile("Saga", reconcile_inner(&saga, &ctx, stats))
+        .await;
     if result.is_ok() {
         ctx.messaging_backoff.reset(&super::backoff::key(
             "Saga",
