@@ -1,89 +1,16 @@
 //! Queue, Broker and Microservice-bridge reconciles: the Kubernetes API is kube's `tower-test`
 //! mock (scripted requests, as in `tests.rs`), the broker is a real `nats-server -js`.
 
-use super::Context;
-use super::metrics::Metrics;
 use crate::messaging::{self, Credentials, Topology};
-use crate::render::RenderOptions;
 use crate::testing::NatsServer;
-use http::{Method, Request, Response, StatusCode};
-use kube::Client;
-use kube::client::Body;
+use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use weir_crds::{Broker, Microservice, Queue};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Responder = Box<dyn Fn(&Value) -> (StatusCode, Value) + Send>;
-
-struct Expect {
-    method: Method,
-    path: String,
-    respond: Responder,
-}
-
-fn expect(
-    method: Method,
-    path: &str,
-    respond: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static,
-) -> Expect {
-    Expect {
-        method,
-        path: path.into(),
-        respond: Box::new(respond),
-    }
-}
-
-/// Answers the scripted requests in order and returns their bodies; fails on any other request.
-async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<(String, Value)> {
-    let mut seen = Vec::new();
-    for e in script {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {} {}", e.method, e.path))
-            .expect("client dropped before the expected request");
-        let path = req.uri().path().to_string();
-        assert_eq!(
-            (req.method(), path.as_str()),
-            (&e.method, e.path.as_str()),
-            "unexpected request"
-        );
-        let bytes = http_body_util::BodyExt::collect(req.into_body())
-            .await
-            .unwrap()
-            .to_bytes();
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let (status, answer) = (e.respond)(&body);
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap(),
-        );
-        seen.push((path, body));
-    }
-    if let Ok(Some((req, _))) =
-        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
-    {
-        panic!("unexpected extra request: {} {}", req.method(), req.uri());
-    }
-    seen
-}
-
-fn context() -> (Arc<Context>, Handle) {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
-    let render = RenderOptions {
-        proxy_image: "weir-proxy:test".into(),
-        ..Default::default()
-    };
-    (
-        Arc::new(Context::new(client, render, Arc::new(Metrics::default()))),
-        handle,
-    )
-}
+use super::mock_api::{context, expect, serve};
 
 const NS: &str = "/namespaces/demo";
 fn api(kind: &str) -> String {

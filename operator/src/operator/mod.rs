@@ -169,4 +169,6 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod messaging_tests;
 #[cfg(test)]
+mod mock_api;
+#[cfg(test)]
 mod tests;

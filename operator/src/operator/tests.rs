@@ -1,11 +1,9 @@
 //! Reconciler tests against kube's `tower-test` mock API server: each test scripts the
 //! requests the reconciler must make, in order, and what the "apiserver" answers.
 
-use super::Context;
 use super::backoff::Backoff;
 use super::metrics::Metrics;
 use super::microservice::reconcile;
-use crate::render::RenderOptions;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
@@ -15,94 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use weir_crds::Microservice;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-/// Builds the answer (status, body) to a request from the request's body.
-type Responder = Box<dyn Fn(&Value) -> (StatusCode, Value) + Send>;
-
-/// One expected request: method, path (query ignored), and the answer (status, body) built
-/// from the request body.
-struct Expect {
-    method: Method,
-    path: String,
-    respond: Responder,
-}
-
-fn expect(
-    method: Method,
-    path: &str,
-    respond: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static,
-) -> Expect {
-    Expect {
-        method,
-        path: path.into(),
-        respond: Box::new(respond),
-    }
-}
-
-/// Answers the scripted requests, records their bodies, then checks nothing else is asked.
-async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<(String, Value)> {
-    let mut seen = Vec::new();
-    for e in script {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {} {}", e.method, e.path))
-            .expect("client dropped before the expected request");
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        assert_eq!(
-            (req.method(), path.as_str()),
-            (&e.method, e.path.as_str()),
-            "unexpected request (query {query})"
-        );
-        if req.method() == Method::PATCH && !path.contains("/events/") {
-            assert!(
-                query.contains("fieldManager=weir-operator"),
-                "server-side apply with the fixed field manager: {query}"
-            );
-            assert!(
-                query.contains("force=true"),
-                "apply forces ownership to repair drift: {query}"
-            );
-        }
-        let bytes = http_body_util::BodyExt::collect(req.into_body())
-            .await
-            .unwrap()
-            .to_bytes();
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        let (status, answer) = (e.respond)(&body);
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap(),
-        );
-        seen.push((path, body));
-    }
-    if let Ok(Some((req, _))) =
-        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
-    {
-        panic!("unexpected extra request: {} {}", req.method(), req.uri());
-    }
-    seen
-}
-
-fn context() -> (Arc<Context>, Handle) {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
-    let render = RenderOptions {
-        proxy_image: "weir-proxy:test".into(),
-        ..Default::default()
-    };
-    (
-        Arc::new(Context::new(client, render, Arc::new(Metrics::default()))),
-        handle,
-    )
-}
+use super::mock_api::{Expect, Handle, context, expect, serve};
 
 fn microservice(spec: Value, status: Option<Value>) -> Microservice {
     let mut v = json!({
