@@ -35,6 +35,12 @@ pub struct ProxyConfig {
     /// Queues and consumers (pub/sub bridge); absent when the service neither publishes nor consumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messaging: Option<MessagingConfig>,
+    /// Edge mode (the gateway): JWT validation, identity headers, routes, CORS, per-client limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgeConfig>,
+    /// The namespace's identity key: which `x-user-*` headers this sidecar may trust and sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -226,6 +232,133 @@ pub struct ConsumeConfig {
     pub dedup_window_ms: u64,
 }
 
+/// Edge mode: every inbound request needs a valid JWT unless an `anonymous` rule admits it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EdgeConfig {
+    pub jwt: JwtConfig,
+    /// Requests that need no token (a token, if sent, is still validated).
+    #[serde(default)]
+    pub anonymous: Vec<AnonymousRuleConfig>,
+    /// Path prefixes sent to a dependency's outbound stack instead of the app.
+    #[serde(default)]
+    pub routes: Vec<EdgeRouteConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<ClientRateLimitConfig>,
+    /// False for a pure gateway: no app container, and a path no route matches gets 404.
+    #[serde(default = "yes")]
+    pub app: bool,
+    /// Proxies in front of the edge that append to `X-Forwarded-For`; 0 trusts no such header
+    /// and takes the client IP from the connection.
+    #[serde(default)]
+    pub xff_num_trusted_hops: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How tokens are validated. Exactly one key source is set; the key decides the algorithm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` claim must equal this.
+    pub issuer: String,
+    /// The `aud` claim must contain one of these.
+    pub audiences: Vec<String>,
+    /// A JWKS document (RS256 RSA keys, ES256 P-256 keys), inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// A file holding a JWKS document (mounted from a Secret); re-read every `jwksRefreshMs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// An `http(s)://` URL serving a JWKS document, fetched every `jwksRefreshMs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    #[serde(default = "default_jwks_refresh_ms")]
+    pub jwks_refresh_ms: u64,
+    /// A file holding the HS256 shared secret (mounted from a Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret_file: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_ms: u64,
+    /// Claim copied into `x-user-id` (a dotted path reaches into objects).
+    pub user_id_claim: String,
+    /// Claim copied into `x-user-role` (a list is joined with `,`).
+    pub role_claim: String,
+    /// Keep the `Authorization` header on the forwarded request.
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Longer tokens are refused before any parsing.
+    pub max_token_bytes: u32,
+}
+
+fn default_jwks_refresh_ms() -> u64 {
+    300_000
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnonymousRuleConfig {
+    /// Matches this path and everything below it (`/catalog` matches `/catalog/3`, not `/catalogs`).
+    pub path_prefix: String,
+    /// Upper-case methods; empty means every method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EdgeRouteConfig {
+    pub path_prefix: String,
+    /// Name of an entry of `outbound`.
+    pub dependency: String,
+    /// Remove the prefix before forwarding (`/orders/3` arrives as `/3`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://shop.example.com`), or `*` when credentials are not allowed.
+    pub allow_origins: Vec<String>,
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age_secs: u64,
+    #[serde(default)]
+    pub allow_credentials: bool,
+}
+
+/// One token bucket per client, in a map of at most `maxClients` entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientRateLimitConfig {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    /// `user`: the user id when authenticated, else the client IP; `ip`: always the client IP.
+    pub key: String,
+    pub max_clients: u32,
+}
+
+/// The namespace's identity key (the `weir-identity` Secret). Inbound `x-user-*` headers are kept
+/// only with a valid `x-weir-identity` signature made with it; calls to the listed dependencies
+/// that carry `x-user-*` headers are signed with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// File holding the key; while it is missing nothing is trusted or signed.
+    pub key_file: String,
+    /// Dependencies (other Microservices of the namespace) whose calls are signed.
+    #[serde(default)]
+    pub sign_for: Vec<String>,
+}
+
 /// A field of the config that fails validation, named by its JSON path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -374,6 +507,216 @@ impl ProxyConfig {
                 ));
             }
         }
+        if let Some(e) = &self.edge {
+            e.validate(&self.outbound)?;
+        }
+        if let Some(id) = &self.identity {
+            if id.key_file.is_empty() {
+                return Err(err("identity.keyFile".into(), "must not be empty"));
+            }
+            for (i, d) in id.sign_for.iter().enumerate() {
+                if !names.contains(d.as_str()) {
+                    return Err(err(
+                        format!("identity.signFor[{i}]"),
+                        &format!("no dependency named {d:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_path_prefix(p: &str) -> bool {
+    p.starts_with('/') && !p.contains(['?', '#', ' ']) && (p == "/" || !p.ends_with('/'))
+}
+
+fn valid_method(m: &str) -> bool {
+    !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+fn valid_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl EdgeConfig {
+    fn validate(&self, outbound: &[OutboundConfig]) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| ConfigError { field, message };
+        let j = &self.jwt;
+        if j.issuer.is_empty() {
+            return Err(err("edge.jwt.issuer".into(), "must not be empty".into()));
+        }
+        if j.audiences.is_empty() || j.audiences.iter().any(String::is_empty) {
+            return Err(err(
+                "edge.jwt.audiences".into(),
+                "needs at least one non-empty audience".into(),
+            ));
+        }
+        let sources = [
+            j.jwks.is_some(),
+            j.jwks_file.is_some(),
+            j.jwks_uri.is_some(),
+            j.hmac_secret_file.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(err(
+                "edge.jwt".into(),
+                "set exactly one of jwks, jwksFile, jwksUri or hmacSecretFile".into(),
+            ));
+        }
+        if let Some(u) = &j.jwks_uri
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(err(
+                "edge.jwt.jwksUri".into(),
+                "must be an http:// or https:// URL".into(),
+            ));
+        }
+        if j.jwks_refresh_ms < 1000 {
+            return Err(err(
+                "edge.jwt.jwksRefreshMs".into(),
+                "must be at least 1000".into(),
+            ));
+        }
+        if j.leeway_ms > 600_000 {
+            return Err(err(
+                "edge.jwt.leewayMs".into(),
+                "must be at most 600000 (10 minutes)".into(),
+            ));
+        }
+        if j.user_id_claim.is_empty() {
+            return Err(err(
+                "edge.jwt.userIdClaim".into(),
+                "must not be empty".into(),
+            ));
+        }
+        if j.role_claim.is_empty() {
+            return Err(err("edge.jwt.roleClaim".into(), "must not be empty".into()));
+        }
+        if !(64..=65536).contains(&j.max_token_bytes) {
+            return Err(err(
+                "edge.jwt.maxTokenBytes".into(),
+                "must be between 64 and 65536".into(),
+            ));
+        }
+        for (i, a) in self.anonymous.iter().enumerate() {
+            if !valid_path_prefix(&a.path_prefix) {
+                return Err(err(
+                    format!("edge.anonymous[{i}].pathPrefix"),
+                    "must start with / and not end with / (unless it is /)".into(),
+                ));
+            }
+            if let Some(m) = a.methods.iter().find(|m| !valid_method(m)) {
+                return Err(err(
+                    format!("edge.anonymous[{i}].methods"),
+                    format!("{m:?} is not an upper-case HTTP method"),
+                ));
+            }
+        }
+        let mut prefixes = std::collections::BTreeSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if !valid_path_prefix(&r.path_prefix) {
+                return Err(err(
+                    format!("edge.routes[{i}].pathPrefix"),
+                    "must start with / and not end with / (unless it is /)".into(),
+                ));
+            }
+            if !prefixes.insert(r.path_prefix.as_str()) {
+                return Err(err(
+                    format!("edge.routes[{i}].pathPrefix"),
+                    format!("duplicate prefix {:?}", r.path_prefix),
+                ));
+            }
+            if !outbound.iter().any(|o| o.name == r.dependency) {
+                return Err(err(
+                    format!("edge.routes[{i}].dependency"),
+                    format!("no dependency named {:?}", r.dependency),
+                ));
+            }
+        }
+        if !self.app && self.routes.is_empty() {
+            return Err(err(
+                "edge.routes".into(),
+                "an edge without an app needs at least one route".into(),
+            ));
+        }
+        if let Some(c) = &self.cors {
+            if c.allow_origins.is_empty() {
+                return Err(err(
+                    "edge.cors.allowOrigins".into(),
+                    "needs at least one origin".into(),
+                ));
+            }
+            for o in &c.allow_origins {
+                let ok = o == "*"
+                    || ((o.starts_with("http://") || o.starts_with("https://"))
+                        && !o.ends_with('/')
+                        && !o.contains(char::is_whitespace));
+                if !ok {
+                    return Err(err(
+                        "edge.cors.allowOrigins".into(),
+                        format!("{o:?} is not an origin (scheme://host[:port]) or *"),
+                    ));
+                }
+            }
+            if c.allow_credentials && c.allow_origins.iter().any(|o| o == "*") {
+                return Err(err(
+                    "edge.cors.allowOrigins".into(),
+                    "* is not allowed with allowCredentials".into(),
+                ));
+            }
+            if c.allow_methods.is_empty() {
+                return Err(err(
+                    "edge.cors.allowMethods".into(),
+                    "needs at least one method".into(),
+                ));
+            }
+            if let Some(m) = c.allow_methods.iter().find(|m| !valid_method(m)) {
+                return Err(err(
+                    "edge.cors.allowMethods".into(),
+                    format!("{m:?} is not an upper-case HTTP method"),
+                ));
+            }
+            for (f, list) in [
+                ("allowHeaders", &c.allow_headers),
+                ("exposeHeaders", &c.expose_headers),
+            ] {
+                if let Some(h) = list.iter().find(|h| !valid_header_name(h)) {
+                    return Err(err(
+                        format!("edge.cors.{f}"),
+                        format!("{h:?} is not a header name"),
+                    ));
+                }
+            }
+        }
+        if let Some(rl) = &self.rate_limit {
+            if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
+                return Err(err(
+                    "edge.rateLimit.requestsPerSecond".into(),
+                    "must be a positive number".into(),
+                ));
+            }
+            if rl.burst == 0 {
+                return Err(err(
+                    "edge.rateLimit.burst".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if rl.key != "user" && rl.key != "ip" {
+                return Err(err(
+                    "edge.rateLimit.key".into(),
+                    "must be user or ip".into(),
+                ));
+            }
+            if rl.max_clients == 0 {
+                return Err(err(
+                    "edge.rateLimit.maxClients".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -424,6 +767,8 @@ mod tests {
             tracing: TracingConfig::default(),
             shutdown_grace_ms: 30_000,
             messaging: None,
+            edge: None,
+            identity: None,
         }
     }
 

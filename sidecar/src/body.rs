@@ -69,6 +69,14 @@ pub enum Reason {
     UnknownDependency,
     /// The upstream URL's scheme is not supported (`https://` needs TLS): 502.
     UnsupportedScheme,
+    /// Edge: no valid bearer token where one is needed: 401 with `WWW-Authenticate`.
+    Unauthorized,
+    /// Edge without an app: no route matches the path: 404.
+    NoRoute,
+    /// Edge: this client's own token bucket is empty: 429 with `Retry-After`.
+    ClientRateLimited,
+    /// Edge: a CORS preflight from an origin, method or header not allowed: 403.
+    CorsRejected,
 }
 
 impl Reason {
@@ -87,6 +95,10 @@ impl Reason {
             Reason::RetryBudget => "retry-budget",
             Reason::UnknownDependency => "unknown-dependency",
             Reason::UnsupportedScheme => "unsupported-scheme",
+            Reason::Unauthorized => "unauthorized",
+            Reason::NoRoute => "no-route",
+            Reason::ClientRateLimited => "client-rate-limited",
+            Reason::CorsRejected => "cors-rejected",
         }
     }
 
@@ -98,7 +110,10 @@ impl Reason {
             | Reason::BulkheadFull
             | Reason::UnknownDependency
             | Reason::RetryBudget => StatusCode::SERVICE_UNAVAILABLE,
-            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::RateLimited | Reason::ClientRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::Unauthorized => StatusCode::UNAUTHORIZED,
+            Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::CorsRejected => StatusCode::FORBIDDEN,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::AppConnect
@@ -158,6 +173,10 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::RetryBudget => b"retry-budget\n",
         Reason::UnknownDependency => b"unknown-dependency\n",
         Reason::UnsupportedScheme => b"unsupported-scheme\n",
+        Reason::Unauthorized => b"unauthorized\n",
+        Reason::NoRoute => b"no-route\n",
+        Reason::ClientRateLimited => b"client-rate-limited\n",
+        Reason::CorsRejected => b"cors-rejected\n",
     }
 }
 

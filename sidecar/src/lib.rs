@@ -5,6 +5,7 @@ pub mod body;
 pub mod breaker;
 pub mod bridge;
 pub mod config;
+pub mod edge;
 pub mod forward;
 pub mod fuzzing;
 pub mod hooks;

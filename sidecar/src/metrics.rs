@@ -62,6 +62,8 @@ pub struct Metrics {
     pub spans_dropped: Counter,
     /// The pub/sub bridge's counters (`weir_messaging_*`).
     pub bridge: crate::bridge::metrics::BridgeMetrics,
+    /// Edge and identity-header counters (`weir_auth_rejections_*`, `weir_identity_*`).
+    pub edge: crate::edge::metrics::EdgeMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -151,6 +153,7 @@ impl Metrics {
             spans_dropped.clone(),
         );
         let bridge = crate::bridge::metrics::BridgeMetrics::register(&mut registry);
+        let edge = crate::edge::metrics::EdgeMetrics::register(&mut registry);
         Arc::new(Metrics {
             registry,
             requests,
@@ -164,6 +167,7 @@ impl Metrics {
             spans_exported,
             spans_dropped,
             bridge,
+            edge,
         })
     }
 

@@ -4,6 +4,10 @@
 
 use crate::body::{Reason, Req, Resp};
 use crate::breaker::{Breaker, BreakerLayer};
+use crate::edge::client_limit::ClientLimiter;
+use crate::edge::identity::IdentityKey;
+use crate::edge::keys::KeySource;
+use crate::edge::{Edge, EdgeCounters, EdgeLayer, InboundIdentityLayer, SignIdentityLayer};
 use crate::forward::{AttemptTimeoutLayer, Forward, HttpClient, Target};
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
@@ -23,7 +27,8 @@ use std::time::Duration;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use weir_crds::proxy::{
-    CircuitBreakerConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, TracingConfig,
+    CircuitBreakerConfig, ClientRateLimitConfig, JwtConfig, ProxyConfig, RateLimitConfig,
+    RetryBudgetConfig, TracingConfig,
 };
 
 pub type Stack = BoxCloneSyncService<Req, Resp, Infallible>;
@@ -51,6 +56,10 @@ pub struct Components {
     bucket: Option<(RateLimitConfig, Arc<TokenBucket>)>,
     exporter: Option<(TracingConfig, String, SpanSink)>,
     deps: HashMap<String, DepState>,
+    /// Edge: the JWT keys (a fetched JWKS stays cached across reloads) and per-client buckets.
+    jwt_keys: Option<(JwtConfig, Arc<KeySource>)>,
+    client_limiter: Option<(ClientRateLimitConfig, Arc<ClientLimiter>)>,
+    identity_key: Option<(String, Arc<IdentityKey>)>,
 }
 
 impl Components {
@@ -126,61 +135,19 @@ pub fn build(
     };
     let ratio = config.tracing.sampling_ratio;
 
-    // Inbound.
-    let ib = &config.inbound;
-    comps.limiter = ib.max_concurrent.map(|max| {
-        reuse(prev.limiter.as_ref(), &(max, ib.max_queue), || {
-            Limiter::new(
-                max,
-                ib.max_queue,
-                Reason::ConcurrencyLimit,
-                m.rejections("inbound", "", Reason::ConcurrencyLimit),
-            )
+    // Identity headers: the namespace key, kept across reloads while its file is the same.
+    comps.identity_key = config.identity.as_ref().map(|id| {
+        reuse(prev.identity_key.as_ref(), &id.key_file, || {
+            IdentityKey::start(&id.key_file)
         })
     });
-    comps.bucket = ib.rate_limit.as_ref().map(|rl| {
-        reuse(prev.bucket.as_ref(), rl, || {
-            TokenBucket::new(
-                rl.requests_per_second,
-                rl.burst,
-                m.rejections("inbound", "", Reason::RateLimited),
-            )
-        })
-    });
-    let inbound = ServiceBuilder::new()
-        .layer(TraceLayer::new(TraceSettings {
-            sampling_ratio: ratio,
-            sink: sink.clone(),
-            kind: otlp::SPAN_KIND_SERVER,
-            dependency: None,
-        }))
-        .layer(ObserveLayer::new(Observer {
-            direction: "inbound",
-            dependency: "".into(),
-            metrics: m.request_metrics("inbound", ""),
-            access_log: env.access_log,
-        }))
-        .layer(GuardLayer)
-        .option_layer(
-            comps
-                .bucket
-                .as_ref()
-                .map(|(_, b)| RateLimitLayer::new(b.clone())),
-        )
-        .layer(BodyLimitLayer::new(ib.max_body_bytes))
-        .layer(TimeoutLayer::new(Duration::from_millis(ib.timeout_ms)))
-        .option_layer(
-            comps
-                .limiter
-                .as_ref()
-                .map(|(_, l)| ConcurrencyLimitLayer::new(l.clone())),
-        )
-        .service(Forward::new(
-            env.client.clone(),
-            Target::app(ib.app),
-            Reason::AppConnect,
-        ));
-    let inbound = BoxCloneSyncService::new(inbound);
+    let identity_key = comps.identity_key.as_ref().map(|(_, k)| k.clone());
+    let sign_for = |dep: &str| {
+        config
+            .identity
+            .as_ref()
+            .is_some_and(|id| id.sign_for.iter().any(|d| d == dep))
+    };
 
     // Outbound, one stack per dependency.
     let mut outbound = HashMap::new();
@@ -224,6 +191,10 @@ pub fn build(
         let target =
             Target::upstream(&o.upstream).map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
         let svc = ServiceBuilder::new()
+            .layer(SignIdentityLayer {
+                key: identity_key.clone(),
+                sign: sign_for(name),
+            })
             .layer(TraceLayer::new(TraceSettings {
                 sampling_ratio: ratio,
                 sink: sink.clone(),
@@ -266,6 +237,106 @@ pub fn build(
         outbound.insert(Arc::<str>::from(name), BoxCloneSyncService::new(svc));
         comps.deps.insert(name.to_string(), st);
     }
+    // Edge mode: JWT, CORS, per-client limits and routes to the outbound stacks above.
+    let edge = match &config.edge {
+        None => None,
+        Some(e) => {
+            let keys = match &prev.jwt_keys {
+                Some((c, k)) if *c == e.jwt => (c.clone(), k.clone()),
+                _ => (e.jwt.clone(), KeySource::start(&e.jwt, env.client.clone())?),
+            };
+            comps.jwt_keys = Some(keys.clone());
+            comps.client_limiter = e.rate_limit.as_ref().map(|rl| {
+                reuse(prev.client_limiter.as_ref(), rl, || {
+                    Arc::new(ClientLimiter::new(
+                        rl.requests_per_second,
+                        rl.burst,
+                        rl.max_clients,
+                    ))
+                })
+            });
+            let counters = EdgeCounters {
+                auth: m.edge.auth(),
+                unauthorized: m.rejections("inbound", "", Reason::Unauthorized),
+                no_route: m.rejections("inbound", "", Reason::NoRoute),
+                client_rate_limited: m.rejections("inbound", "", Reason::ClientRateLimited),
+                cors_rejected: m.rejections("inbound", "", Reason::CorsRejected),
+                bad_path: m.rejections("inbound", "", Reason::BadRequest),
+            };
+            Some(EdgeLayer::new(Edge::new(
+                &config.service,
+                e,
+                keys.1,
+                comps.client_limiter.as_ref().map(|(_, l)| l.clone()),
+                |dep| outbound.get(dep).cloned(),
+                counters,
+            )?))
+        }
+    };
+    let identity_removed = Arc::new(m.edge.identity_removed());
+
+    // Inbound.
+    let ib = &config.inbound;
+    comps.limiter = ib.max_concurrent.map(|max| {
+        reuse(prev.limiter.as_ref(), &(max, ib.max_queue), || {
+            Limiter::new(
+                max,
+                ib.max_queue,
+                Reason::ConcurrencyLimit,
+                m.rejections("inbound", "", Reason::ConcurrencyLimit),
+            )
+        })
+    });
+    comps.bucket = ib.rate_limit.as_ref().map(|rl| {
+        reuse(prev.bucket.as_ref(), rl, || {
+            TokenBucket::new(
+                rl.requests_per_second,
+                rl.burst,
+                m.rejections("inbound", "", Reason::RateLimited),
+            )
+        })
+    });
+    let inbound = ServiceBuilder::new()
+        .layer(TraceLayer::new(TraceSettings {
+            sampling_ratio: ratio,
+            sink: sink.clone(),
+            kind: otlp::SPAN_KIND_SERVER,
+            dependency: None,
+        }))
+        .layer(ObserveLayer::new(Observer {
+            direction: "inbound",
+            dependency: "".into(),
+            metrics: m.request_metrics("inbound", ""),
+            access_log: env.access_log,
+        }))
+        .layer(GuardLayer)
+        .layer(InboundIdentityLayer {
+            edge: config.edge.is_some(),
+            key: identity_key.clone(),
+            removed: identity_removed,
+        })
+        .option_layer(
+            comps
+                .bucket
+                .as_ref()
+                .map(|(_, b)| RateLimitLayer::new(b.clone())),
+        )
+        .layer(BodyLimitLayer::new(ib.max_body_bytes))
+        .option_layer(edge)
+        .layer(TimeoutLayer::new(Duration::from_millis(ib.timeout_ms)))
+        .option_layer(
+            comps
+                .limiter
+                .as_ref()
+                .map(|(_, l)| ConcurrencyLimitLayer::new(l.clone())),
+        )
+        .service(Forward::new(
+            env.client.clone(),
+            Target::app(ib.app),
+            Reason::AppConnect,
+        ));
+    let inbound = BoxCloneSyncService::new(inbound);
+
     Ok(Snapshot {
         config,
         inbound,

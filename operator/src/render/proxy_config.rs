@@ -113,6 +113,8 @@ pub fn build(
         tracing,
         shutdown_grace_ms: (spec.termination_grace_period_seconds.max(1) as u64) * 1000,
         messaging: None,
+        edge: None,
+        identity: None,
     })
 }
 

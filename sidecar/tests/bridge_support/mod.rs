@@ -335,6 +335,8 @@ pub fn base_config(service: &str, app: SocketAddr, messaging: MessagingConfig) -
         tracing: TracingConfig::default(),
         shutdown_grace_ms: 5_000,
         messaging: Some(messaging),
+        edge: None,
+        identity: None,
     }
 }
 

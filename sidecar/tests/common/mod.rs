@@ -143,6 +143,8 @@ pub fn base_config(app: SocketAddr) -> ProxyConfig {
         tracing: TracingConfig::default(),
         shutdown_grace_ms: 5_000,
         messaging: None,
+        edge: None,
+        identity: None,
     }
 }
 

@@ -1,0 +1,207 @@
+//! Where the edge's verification keys come from: an inline JWKS, a file (a mounted Secret, re-read
+//! on every refresh so a rotated Secret is picked up), or a URL fetched at start and on every
+//! refresh, and fetched again, at most once per [`MIN_REFETCH`], when a token names a key id the
+//! cached set does not have (the issuer rotated its keys).
+
+use super::jwt::{Key, KeySet};
+use crate::body::BoxBody;
+use crate::forward::HttpClient;
+use http_body_util::BodyExt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+use weir_crds::proxy::JwtConfig;
+
+/// Unknown key ids trigger at most one refetch in this period.
+pub const MIN_REFETCH: Duration = Duration::from_secs(30);
+/// After a failed load, the next try comes this much later (or at the refresh, if sooner).
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// A JWKS response larger than this is refused.
+pub const MAX_JWKS_BYTES: usize = 1 << 20;
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+enum Origin {
+    Inline,
+    JwksFile(PathBuf),
+    HmacFile(PathBuf),
+    Uri(String),
+}
+
+/// The current key set and how to renew it.
+pub struct KeySource {
+    origin: Origin,
+    client: HttpClient,
+    keys: RwLock<Option<Arc<KeySet>>>,
+    /// When the last unknown-kid refetch started; the lock also coalesces concurrent refetches.
+    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeySource({:?})", self.origin)
+    }
+}
+
+impl KeySource {
+    /// Loads what can be loaded now and starts the refresh task for files and URLs. An invalid
+    /// inline JWKS is an error naming the field; a file or URL that fails is retried.
+    pub fn start(cfg: &JwtConfig, client: HttpClient) -> Result<Arc<KeySource>, String> {
+        let origin = match (
+            &cfg.jwks,
+            &cfg.jwks_file,
+            &cfg.jwks_uri,
+            &cfg.hmac_secret_file,
+        ) {
+            (Some(_), ..) => Origin::Inline,
+            (_, Some(f), ..) => Origin::JwksFile(f.into()),
+            (_, _, Some(u), _) => Origin::Uri(u.clone()),
+            (_, _, _, Some(f)) => Origin::HmacFile(f.into()),
+            _ => return Err("edge.jwt: no key source".into()),
+        };
+        let src = Arc::new(KeySource {
+            origin,
+            client,
+            keys: RwLock::new(None),
+            last_refetch: tokio::sync::Mutex::new(None),
+        });
+        match &src.origin {
+            Origin::Inline => {
+                let text = cfg.jwks.as_deref().unwrap_or_default();
+                let (set, skipped) = KeySet::from_jwks(text.as_bytes())
+                    .map_err(|e| format!("edge.jwt.jwks: {e}"))?;
+                for s in skipped {
+                    tracing::warn!(field = "edge.jwt.jwks", key = %s, "JWKS key skipped");
+                }
+                src.set(set);
+            }
+            Origin::JwksFile(_) | Origin::HmacFile(_) => {
+                if let Err(e) = src.load_file() {
+                    tracing::warn!(error = %e, "signing keys not loaded yet; retrying");
+                }
+                spawn_refresh(&src, Duration::from_millis(cfg.jwks_refresh_ms), false);
+            }
+            Origin::Uri(_) => {
+                spawn_refresh(&src, Duration::from_millis(cfg.jwks_refresh_ms), true);
+            }
+        }
+        Ok(src)
+    }
+
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, set: KeySet) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
+    }
+
+    fn load_file(&self) -> Result<(), String> {
+        match &self.origin {
+            Origin::JwksFile(p) => {
+                let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let (set, skipped) = KeySet::from_jwks(&bytes)
+                    .map_err(|e| format!("edge.jwt.jwksFile {}: {e}", p.display()))?;
+                for s in skipped {
+                    tracing::warn!(file = %p.display(), key = %s, "JWKS key skipped");
+                }
+                self.set(set);
+            }
+            Origin::HmacFile(p) => {
+                let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                // A Secret written with a trailing newline (`echo ... > file`) means the same key.
+                let secret = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+                let key = Key::hmac(secret)
+                    .map_err(|e| format!("edge.jwt.hmacSecretFile {}: {e}", p.display()))?;
+                self.set(KeySet { keys: vec![key] });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self) -> Result<(), String> {
+        let Origin::Uri(uri) = &self.origin else {
+            return self.load_file();
+        };
+        let req = http::Request::get(uri.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            .body(crate::body::empty())
+            .map_err(|e| format!("edge.jwt.jwksUri {uri}: {e}"))?;
+        let resp = if uri.starts_with("https://") {
+            let c = crate::forward::https_client().map_err(|e| e.to_string())?;
+            tokio::time::timeout(FETCH_TIMEOUT, c.request(req)).await
+        } else {
+            tokio::time::timeout(FETCH_TIMEOUT, self.client.request(req)).await
+        };
+        let resp = resp
+            .map_err(|_| format!("{uri}: no answer within {FETCH_TIMEOUT:?}"))?
+            .map_err(|e| format!("{uri}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{uri}: status {}", resp.status()));
+        }
+        let body: BoxBody = resp
+            .into_body()
+            .map_err(crate::body::BodyError::new)
+            .boxed_unsync();
+        let bytes = tokio::time::timeout(
+            FETCH_TIMEOUT,
+            http_body_util::Limited::new(body, MAX_JWKS_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| format!("{uri}: body not received within {FETCH_TIMEOUT:?}"))?
+        .map_err(|e| format!("{uri}: {e}"))?
+        .to_bytes();
+        let (set, skipped) = KeySet::from_jwks(&bytes).map_err(|e| format!("{uri}: {e}"))?;
+        for s in skipped {
+            tracing::warn!(uri = %uri, key = %s, "JWKS key skipped");
+        }
+        self.set(set);
+        Ok(())
+    }
+
+    /// Fetches the keys again because a token named an unknown key id, unless that was done less
+    /// than [`MIN_REFETCH`] ago. Concurrent callers wait for the one refetch in progress.
+    pub async fn refetch_for_unknown_kid(&self) {
+        if matches!(self.origin, Origin::Inline) {
+            return;
+        }
+        let mut last = self.last_refetch.lock().await;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < MIN_REFETCH) {
+            return;
+        }
+        *last = Some(now);
+        if let Err(e) = self.fetch().await {
+            tracing::warn!(error = %e, "signing keys refetch failed");
+        }
+    }
+
+    /// Whether the current set has a key for `kid` (a key without `kid` matches any).
+    pub fn knows_kid(&self, kid: &str) -> bool {
+        self.current().is_some_and(|s| s.has_kid(kid))
+    }
+}
+
+/// Reloads the keys every `every` (sooner after a failure) for as long as the source is in use.
+fn spawn_refresh(src: &Arc<KeySource>, every: Duration, load_now: bool) {
+    let weak: Weak<KeySource> = Arc::downgrade(src);
+    tokio::spawn(async move {
+        let mut wait = if load_now { Duration::ZERO } else { every };
+        if !load_now && weak.upgrade().is_some_and(|s| s.current().is_none()) {
+            wait = RETRY_AFTER_FAILURE.min(every);
+        }
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(src) = weak.upgrade() else { return };
+            wait = match src.fetch().await {
+                Ok(()) => every,
+                Err(e) => {
+                    tracing::warn!(error = %e, "signing keys not loaded; retrying");
+                    RETRY_AFTER_FAILURE.min(every)
+                }
+            };
+        }
+    });
+}
