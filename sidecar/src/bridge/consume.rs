@@ -1,4 +1,4 @@
-//! Pushes one durable consumer's messages to the app.
+//! Pushes one consumer's messages to the app, whatever the broker (see [`super::backend`]).
 //!
 //! Per message: schema check (failure → dead letter `schema`, the app is never called), KV
 //! look-up of the event id (found → ack, counted as deduplicated), `POST` to the app with the
@@ -9,24 +9,18 @@
 //! broker before the original is termed; when that publish fails the original is nak'ed, never
 //! dropped.
 
+use super::backend::{Headers, Inbound, Settle, Side, header, set_header};
 use super::cloudevents::*;
 use super::metrics::QueueMetrics;
-use super::publish::ensure_stream;
 use super::schema::{Schema, summarize};
 use crate::body;
 use crate::forward::HttpClient;
 use crate::trace::{TraceContext, new_span_id};
-use async_nats::jetstream::{
-    self, AckKind, consumer::pull, context::KeyValueErrorKind, kv, stream::StorageType,
-};
-use bytes::Bytes;
-use futures::StreamExt;
 use http::{HeaderValue, Request};
 use http_body_util::BodyExt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use weir_crds::proxy::ConsumeConfig;
 
 /// Shortest lifetime of a processed-event record (docs/messaging.md: max(window, 10m)).
@@ -42,7 +36,6 @@ pub(crate) struct Consumer {
     pub cfg: ConsumeConfig,
     pub schema: Schema,
     pub metrics: QueueMetrics,
-    pub js: jetstream::Context,
     pub http: HttpClient,
     pub app: SocketAddr,
     pub app_timeout: Duration,
@@ -133,227 +126,37 @@ pub fn classify(status: u16, excerpt: &str) -> Outcome {
     }
 }
 
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
 
-/// Finds a header whatever its case.
-fn header<'a>(h: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
-    h?.iter()
-        .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| v.first())
-        .map(|v| v.as_str())
-}
-
-struct Ready {
-    consumer: jetstream::consumer::Consumer<pull::Config>,
-    kv: kv::Store,
-}
-
 impl Consumer {
-    fn queue(&self) -> &str {
+    pub(crate) fn queue(&self) -> &str {
         &self.cfg.queue
     }
-
-    /// Looks up (or creates) the durable consumer, the KV bucket and the dead-letter stream.
-    async fn setup(&self) -> Result<Ready, String> {
-        let c = &self.cfg;
-        let stream = self
-            .js
-            .get_stream(&c.stream)
-            .await
-            .map_err(|e| format!("stream {}: {e}", c.stream))?;
-        let consumer = stream
-            .get_or_create_consumer(
-                &c.consumer,
-                pull::Config {
-                    durable_name: Some(c.consumer.clone()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_millis(c.ack_wait_ms),
-                    // The sidecar counts deliveries and dead-letters at maxDeliveries; a server
-                    // limit would strand a message whose last delivery was cut short by a crash.
-                    max_deliver: -1,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| format!("consumer {}: {e}", c.consumer))?;
-        let bucket = processed_bucket(&c.stream);
-        let kv = match self.js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(e) if e.kind() == KeyValueErrorKind::GetBucket => {
-                let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
-                match self
-                    .js
-                    .create_key_value(kv::Config {
-                        bucket: bucket.clone(),
-                        description: format!("event ids processed from {}", c.stream),
-                        history: 1,
-                        max_age: ttl,
-                        storage: StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(kv) => {
-                        tracing::info!(bucket = %bucket, ttl_ms = ttl.as_millis() as u64, "processed-event bucket created (was absent)");
-                        kv
-                    }
-                    // Another sidecar may have created it meanwhile.
-                    Err(_) => self
-                        .js
-                        .get_key_value(&bucket)
-                        .await
-                        .map_err(|e| format!("KV bucket {bucket}: {e}"))?,
-                }
-            }
-            Err(e) => return Err(format!("KV bucket {bucket}: {e}")),
-        };
-        if !c.dead_letter_subject.is_empty() {
-            ensure_stream(&self.js, &c.dead_letter_stream, &c.dead_letter_subject).await?;
-        }
-        Ok(Ready { consumer, kv })
-    }
 }
 
-/// Runs until `stop`: pulls at most `maxInFlight` messages at a time and delivers each.
-pub(crate) async fn run(ctx: Arc<Consumer>) {
-    let mut stop = ctx.stop.clone();
-    let max = ctx.cfg.max_in_flight as usize;
-    let sem = Arc::new(Semaphore::new(max));
-    let mut delay = Duration::from_millis(100);
-    'setup: loop {
-        if *stop.borrow() {
-            break;
-        }
-        let ready = match ctx.setup().await {
-            Ok(r) => {
-                tracing::info!(queue = ctx.queue(), consumer = %ctx.cfg.consumer, "consuming");
-                delay = Duration::from_millis(100);
-                Arc::new(r)
-            }
-            Err(e) => {
-                tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        let mut failures = 0u32;
-        loop {
-            let first = tokio::select! {
-                _ = stopped(&mut stop) => break 'setup,
-                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
-            };
-            let mut permits = vec![first];
-            while permits.len() < max {
-                match sem.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-            let batch = ready
-                .consumer
-                .batch()
-                .max_messages(permits.len())
-                .expires(PULL_EXPIRES)
-                .heartbeat(Duration::from_secs(1))
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(queue = ctx.queue(), error = %e, "pull failed");
-                    drop(permits);
-                    tokio::select! {
-                        _ = stopped(&mut stop) => break 'setup,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                    if failures >= 3 {
-                        continue 'setup;
-                    }
-                    continue;
-                }
-            };
-            let deadline = tokio::time::sleep(PULL_EXPIRES + Duration::from_secs(3));
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = &mut deadline => break,
-                    m = batch.next() => match m {
-                        Some(Ok(msg)) => {
-                            failures = 0;
-                            delay = Duration::from_millis(100);
-                            let permit = permits.pop();
-                            let (ctx, ready) = (ctx.clone(), ready.clone());
-                            tokio::spawn(async move {
-                                deliver(&ctx, &ready.kv, msg).await;
-                                drop(permit);
-                            });
-                            if permits.is_empty() {
-                                break;
-                            }
-                        }
-                        Some(Err(e)) => {
-                            failures += 1;
-                            tracing::debug!(queue = ctx.queue(), error = %e, "pull interrupted");
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-            }
-            drop(permits);
-            if failures >= 3 {
-                tokio::select! {
-                    _ = stopped(&mut stop) => break 'setup,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-                continue 'setup;
-            }
-        }
-    }
-    // Drain: wait for the deliveries in flight (the abort signal makes them nak and return).
-    let _ = sem.acquire_many(max as u32).await;
-    tracing::info!(queue = ctx.queue(), consumer = %ctx.cfg.consumer, "consumer stopped");
-}
-
-async fn settle(ctx: &Consumer, msg: &jetstream::Message, kind: AckKind) {
-    let what = match kind {
-        AckKind::Ack => "ack",
-        AckKind::Nak(_) => "nak",
-        AckKind::Term => "term",
-        _ => "ack",
-    };
-    if let Err(e) = msg.ack_with(kind).await {
-        tracing::warn!(queue = ctx.queue(), op = what, error = %e, "cannot settle message; the broker will redeliver it");
+async fn settle<M: Inbound>(ctx: &Consumer, msg: &M, how: Settle) {
+    if let Err(e) = msg.settle(how).await {
+        tracing::warn!(queue = ctx.queue(), op = ?how, error = %e, "cannot settle message; the broker will redeliver it");
     }
 }
 
 /// Delivers one message and settles it.
-async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
-    let (delivered, seq) = match msg.info() {
-        Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
-        Err(_) => (1, 0),
-    };
-    let headers = msg.headers.as_ref();
+pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
+    let delivered = msg.delivered().max(1);
+    let seq = msg.position();
+    let headers = msg.headers();
     let event_id = header(headers, CE_ID)
         .or_else(|| header(headers, NATS_MSG_ID))
         .map(str::to_string)
         .unwrap_or_else(|| format!("{}:{seq}", ctx.cfg.stream));
-    if let Err(errors) = ctx.schema.check(&msg.payload) {
+    if let Err(errors) = ctx.schema.check(msg.payload()) {
         let why = header_safe(&summarize(&errors), 1024);
         tracing::warn!(queue = ctx.queue(), id = %event_id, seq, error = %why, "event fails the schema: dead-lettering");
-        dead_letter(ctx, &msg, delivered, seq, REASON_SCHEMA, &why).await;
+        dead_letter(ctx, side, &msg, delivered, &seq, REASON_SCHEMA, &why).await;
         return;
     }
     let key = processed_key(&ctx.cfg.consumer, &event_id);
@@ -366,7 +169,7 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
         // Never twice in the app at once: come back when the delivery in hand has settled.
         ctx.metrics.naked.inc();
         let later = Duration::from_millis((ctx.cfg.ack_wait_ms / 2).max(100));
-        settle(ctx, &msg, AckKind::Nak(Some(later))).await;
+        settle(ctx, &msg, Settle::Nak(Some(later))).await;
         return;
     }
     let _in_flight = InFlight {
@@ -376,22 +179,22 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
     if done {
         ctx.metrics.deduplicated.inc();
         // Best effort: the record the broker could not take before.
-        let _ = kv.put(key.clone(), Bytes::from(format!("{seq}"))).await;
-        settle(ctx, &msg, AckKind::Ack).await;
+        let _ = side.record_processed(&key, &seq).await;
+        settle(ctx, &msg, Settle::Ack).await;
         return;
     }
-    match kv.get(key.clone()).await {
-        Ok(Some(_)) => {
+    match side.is_processed(&key).await {
+        Ok(true) => {
             ctx.metrics.deduplicated.inc();
             tracing::debug!(queue = ctx.queue(), id = %event_id, "already processed: acking");
-            settle(ctx, &msg, AckKind::Ack).await;
+            settle(ctx, &msg, Settle::Ack).await;
             return;
         }
-        Ok(None) => {}
+        Ok(false) => {}
         Err(e) => {
             tracing::warn!(queue = ctx.queue(), id = %event_id, error = %e, "processed-event look-up failed; retrying later");
             ctx.metrics.naked.inc();
-            settle(ctx, &msg, AckKind::Nak(Some(RETRY_LATER))).await;
+            settle(ctx, &msg, Settle::Nak(Some(RETRY_LATER))).await;
             return;
         }
     }
@@ -404,10 +207,9 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
     match outcome {
         None => {
             ctx.metrics.naked.inc();
-            settle(ctx, &msg, AckKind::Nak(None)).await;
+            settle(ctx, &msg, Settle::Nak(None)).await;
         }
         Some(Outcome::Success) => {
-            let value = Bytes::from(format!("{seq}"));
             // The broker may be restarting: keep trying for up to one ack wait (the message
             // is not redelivered before that), unless the sidecar is giving deliveries back.
             let give_up =
@@ -416,8 +218,8 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
             let mut recorded = false;
             let mut pause = Duration::from_millis(50);
             for attempt in 0.. {
-                match kv.put(key.clone(), value.clone()).await {
-                    Ok(_) => {
+                match side.record_processed(&key, &seq).await {
+                    Ok(()) => {
                         recorded = true;
                         break;
                     }
@@ -442,30 +244,39 @@ async fn deliver(ctx: &Consumer, kv: &kv::Store, msg: jetstream::Message) {
                 tracing::error!(queue = ctx.queue(), id = %event_id, "processed event not recorded in the bucket: only this sidecar will know it");
             }
             ctx.metrics.acked.inc();
-            settle(ctx, &msg, AckKind::Ack).await;
+            settle(ctx, &msg, Settle::Ack).await;
         }
         Some(Outcome::Permanent(err)) => {
             tracing::warn!(queue = ctx.queue(), id = %event_id, error = %err, "app rejected the event: dead-lettering");
-            dead_letter(ctx, &msg, delivered, seq, REASON_REJECTED, &err).await;
+            dead_letter(ctx, side, &msg, delivered, &seq, REASON_REJECTED, &err).await;
         }
         Some(Outcome::Retry(err)) => {
             if delivered >= u64::from(ctx.cfg.max_deliveries) {
                 tracing::warn!(queue = ctx.queue(), id = %event_id, delivered, error = %err, "max deliveries reached: dead-lettering");
-                dead_letter(ctx, &msg, delivered, seq, REASON_MAX_DELIVERIES, &err).await;
+                dead_letter(
+                    ctx,
+                    side,
+                    &msg,
+                    delivered,
+                    &seq,
+                    REASON_MAX_DELIVERIES,
+                    &err,
+                )
+                .await;
             } else {
                 let d = backoff(&ctx.cfg.backoff_ms, delivered);
                 tracing::info!(queue = ctx.queue(), id = %event_id, delivered, retry_in_ms = d.map_or(0, |d| d.as_millis() as u64), error = %err, "delivery failed: will retry");
                 ctx.metrics.naked.inc();
-                settle(ctx, &msg, AckKind::Nak(d)).await;
+                settle(ctx, &msg, Settle::Nak(d)).await;
             }
         }
     }
 }
 
 /// POSTs the event to the app, sending "in progress" to the broker every half ack wait.
-async fn call_app(ctx: &Consumer, msg: &jetstream::Message, event_id: &str) -> Outcome {
+async fn call_app<M: Inbound>(ctx: &Consumer, msg: &M, event_id: &str) -> Outcome {
     let mut req = Request::post(format!("http://{}{}", ctx.app, ctx.cfg.path));
-    let hs = msg.headers.as_ref();
+    let hs = msg.headers();
     let h = req.headers_mut().expect("valid request");
     let mut set = |name: &'static str, value: Option<&str>| {
         if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
@@ -495,10 +306,10 @@ async fn call_app(ctx: &Consumer, msg: &jetstream::Message, event_id: &str) -> O
     let (mut tc, _) = TraceContext::from_headers(&trace_headers, 1.0);
     tc.span_id = new_span_id();
     h.insert(TRACEPARENT, tc.traceparent());
-    if let Ok(v) = HeaderValue::from_str(&msg.payload.len().to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&msg.payload().len().to_string()) {
         h.insert(http::header::CONTENT_LENGTH, v);
     }
-    let Ok(req) = req.body(body::full(msg.payload.clone())) else {
+    let Ok(req) = req.body(body::full(msg.payload().clone())) else {
         return Outcome::Permanent("cannot build the request to the app".into());
     };
     let call = async {
@@ -533,61 +344,51 @@ async fn call_app(ctx: &Consumer, msg: &jetstream::Message, event_id: &str) -> O
                 Err(e) => Outcome::Retry(e),
             },
             _ = &mut timeout => return Outcome::Retry(format!("the app did not answer within {} ms", ctx.app_timeout.as_millis())),
-            _ = ticker.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+            _ = ticker.tick() => msg.progress().await,
         }
     }
 }
 
-/// Publishes the dead letter (acknowledged), then terms the original; naks it on failure.
-async fn dead_letter(
+/// Stores the dead letter (acknowledged by the broker), then terms the original; naks it when
+/// the dead letter could not be stored.
+async fn dead_letter<S: Side>(
     ctx: &Consumer,
-    msg: &jetstream::Message,
+    side: &S,
+    msg: &S::Msg,
     delivered: u64,
-    seq: u64,
+    seq: &str,
     reason: &str,
     last_error: &str,
 ) {
-    if ctx.cfg.dead_letter_subject.is_empty() {
+    if ctx.cfg.dead_letter_subject.is_empty() && ctx.cfg.dead_letter_stream.is_empty() {
         // Dead letters disabled for this queue: the message is terminated and stays on the stream.
         tracing::warn!(queue = ctx.queue(), seq, reason, error = %last_error, "failed for good; dead letters are disabled: terminating");
         ctx.metrics.dead_lettered(reason).inc();
-        settle(ctx, msg, AckKind::Term).await;
+        settle(ctx, msg, Settle::Term).await;
         return;
     }
-    let mut h = async_nats::HeaderMap::new();
-    if let Some(orig) = msg.headers.as_ref() {
-        for (k, vs) in orig.iter() {
-            if AsRef::<str>::as_ref(k).eq_ignore_ascii_case(NATS_MSG_ID) {
-                continue;
-            }
-            for v in vs {
-                h.append(k.clone(), v.clone());
-            }
-        }
-    }
-    h.insert(WEIR_ORIGINAL_SUBJECT, msg.subject.as_str());
-    h.insert(WEIR_ORIGINAL_SEQ, seq.to_string().as_str());
-    h.insert(WEIR_CONSUMER, ctx.cfg.consumer.as_str());
-    h.insert(WEIR_DELIVERY_COUNT, delivered.to_string().as_str());
-    h.insert(WEIR_REASON, reason);
-    h.insert(WEIR_LAST_ERROR, header_safe(last_error, 1024).as_str());
-    h.insert(WEIR_DEAD_LETTERED_AT, now_rfc3339().as_str());
-    match super::publish::publish_with_ack(
-        &ctx.js,
-        &ctx.cfg.dead_letter_subject,
-        h,
-        msg.payload.clone(),
-    )
-    .await
-    {
-        Ok(_) => {
+    let mut h: Headers = msg
+        .headers()
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case(NATS_MSG_ID) && !k.starts_with("x-"))
+        .cloned()
+        .collect();
+    set_header(&mut h, WEIR_ORIGINAL_SUBJECT, msg.origin());
+    set_header(&mut h, WEIR_ORIGINAL_SEQ, seq);
+    set_header(&mut h, WEIR_CONSUMER, ctx.cfg.consumer.as_str());
+    set_header(&mut h, WEIR_DELIVERY_COUNT, delivered.to_string());
+    set_header(&mut h, WEIR_REASON, reason);
+    set_header(&mut h, WEIR_LAST_ERROR, header_safe(last_error, 1024));
+    set_header(&mut h, WEIR_DEAD_LETTERED_AT, now_rfc3339());
+    match side.dead_letter(msg, h).await {
+        Ok(()) => {
             ctx.metrics.dead_lettered(reason).inc();
-            settle(ctx, msg, AckKind::Term).await;
+            settle(ctx, msg, Settle::Term).await;
         }
         Err(e) => {
-            tracing::error!(queue = ctx.queue(), seq, error = %e, "cannot publish the dead letter; the message stays on the queue");
+            tracing::error!(queue = ctx.queue(), seq, error = %e, "cannot store the dead letter; the message stays on the queue");
             ctx.metrics.naked.inc();
-            settle(ctx, msg, AckKind::Nak(Some(RETRY_LATER))).await;
+            settle(ctx, msg, Settle::Nak(Some(RETRY_LATER))).await;
         }
     }
 }

@@ -6,11 +6,14 @@
 //! app's address or timeout restarts the bridge), [`Bridge::readiness`] for `/readyz`,
 //! [`Bridge::publish`] for the publish endpoint, [`Bridge::shutdown`] on drain.
 
+pub mod backend;
 pub mod cloudevents;
 pub mod connect;
 pub mod consume;
 pub mod metrics;
+pub mod nats;
 pub mod publish;
+pub mod redis;
 pub mod schema;
 
 use crate::body::{BoxBody, Resp};
@@ -45,11 +48,24 @@ struct Settings {
     app: SocketAddr,
     app_timeout: Duration,
     max_body_bytes: u64,
+    /// This sidecar's name among the consumers of a group (Redis): `<hostname>-<admin port>`.
+    instance: String,
+}
+
+/// The host's name (the pod's name in a pod), or `local`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "local".into())
 }
 
 impl Settings {
     fn from(cfg: &ProxyConfig) -> Option<Settings> {
         Some(Settings {
+            instance: format!("{}-{}", hostname(), cfg.admin.listen.port()),
             messaging: cfg.messaging.clone()?,
             service: cfg.service.clone(),
             namespace: cfg.namespace.clone(),
@@ -67,10 +83,54 @@ pub(crate) struct PublishTarget {
 }
 
 /// One running configuration: a broker connection, the publish targets and the consumer tasks.
+/// The broker connection of a running bridge.
+#[allow(clippy::large_enum_variant)] // one per running bridge
+pub(crate) enum Conn {
+    Nats {
+        client: async_nats::Client,
+        js: jetstream::Context,
+    },
+    Redis(Arc<redis::RedisConn>),
+}
+
+impl Conn {
+    fn connected(&self) -> bool {
+        match self {
+            Conn::Nats { client, .. } => matches!(client.connection_state(), State::Connected),
+            Conn::Redis(r) => r.connected(),
+        }
+    }
+
+    /// Publishes and waits for the broker's confirmation (bounded by [`PUBLISH_TIMEOUT`]).
+    pub(crate) async fn publish(
+        &self,
+        target: &PublishConfig,
+        id: &str,
+        headers: backend::Headers,
+        payload: bytes::Bytes,
+    ) -> Result<backend::Published, String> {
+        match self {
+            Conn::Nats { js, .. } => {
+                let mut h = async_nats::HeaderMap::new();
+                for (k, v) in &headers {
+                    h.insert(k.as_str(), v.as_str());
+                }
+                h.insert(cloudevents::NATS_MSG_ID, id);
+                publish::publish_with_ack(js, &target.subject, h, payload)
+                    .await
+                    .map(|ack| backend::Published {
+                        duplicate: ack.duplicate,
+                        position: ack.sequence.into(),
+                    })
+            }
+            Conn::Redis(r) => r.publish(target, id, &headers, payload).await,
+        }
+    }
+}
+
 pub(crate) struct Running {
     settings: Settings,
-    client: async_nats::Client,
-    js: jetstream::Context,
+    conn: Conn,
     publishes: HashMap<String, PublishTarget>,
     source: String,
     stop_tx: watch::Sender<bool>,
@@ -103,9 +163,9 @@ pub fn check_config(messaging: &MessagingConfig) -> Result<(), String> {
 type Compiled = (Vec<(PublishConfig, Schema)>, Vec<(ConsumeConfig, Schema)>);
 
 fn compile_all(m: &MessagingConfig) -> Result<Compiled, String> {
-    if m.broker_kind != "nats" {
+    if !["nats", "redis", "rabbitmq"].contains(&m.broker_kind.as_str()) {
         return Err(format!(
-            "messaging.brokerKind: {:?} is not supported by this sidecar (only \"nats\")",
+            "messaging.brokerKind: {:?} is not supported (nats, redis or rabbitmq)",
             m.broker_kind
         ));
     }
@@ -185,17 +245,33 @@ impl Bridge {
         let m = &settings.messaging;
         let name = format!("weir-proxy {}/{}", settings.namespace, settings.service);
         let gauge = self.metrics.broker_connected.clone();
-        let client = connect::connect(
-            &m.broker_url,
-            m.credentials_file.as_deref(),
-            &name,
-            move |up| {
-                gauge.set(i64::from(up));
-            },
-        )
-        .await?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(API_TIMEOUT);
+        let on_state = move |up: bool| {
+            gauge.set(i64::from(up));
+        };
+        let conn = match m.broker_kind.as_str() {
+            "nats" => {
+                let client = connect::connect(
+                    &m.broker_url,
+                    m.credentials_file.as_deref(),
+                    &name,
+                    on_state,
+                )
+                .await?;
+                let mut js = jetstream::new(client.clone());
+                js.set_timeout(API_TIMEOUT);
+                Conn::Nats { client, js }
+            }
+            "redis" => Conn::Redis(Arc::new(redis::RedisConn::open(
+                &m.broker_url,
+                m.credentials_file.as_deref(),
+                on_state,
+            )?)),
+            other => {
+                return Err(format!(
+                    "messaging.brokerKind: {other:?} is not supported (nats, redis or rabbitmq)"
+                ));
+            }
+        };
         let publishes = pubs
             .into_iter()
             .map(|(cfg, schema)| {
@@ -213,9 +289,8 @@ impl Bridge {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (abort_tx, abort_rx) = watch::channel(false);
         let running = Arc::new(Running {
+            conn,
             source: cloudevents::source(&settings.namespace, &settings.service),
-            client: client.clone(),
-            js: js.clone(),
             publishes,
             stop_tx,
             abort_tx,
@@ -223,17 +298,19 @@ impl Bridge {
             settings: settings.clone(),
             connected_gauge: self.metrics.broker_connected.clone(),
         });
-        let mut tasks = vec![tokio::spawn(publish::ensure_streams(
-            js.clone(),
-            settings.messaging.publishes.clone(),
-            stop_rx.clone(),
-        ))];
+        let mut tasks = Vec::new();
+        if let Conn::Nats { js, .. } = &running.conn {
+            tasks.push(tokio::spawn(publish::ensure_streams(
+                js.clone(),
+                settings.messaging.publishes.clone(),
+                stop_rx.clone(),
+            )));
+        }
         for (cfg, schema) in cons {
             let ctx = Arc::new(consume::Consumer {
                 metrics: self.metrics.queue(&cfg.queue),
                 cfg,
                 schema,
-                js: js.clone(),
                 http: self.http.clone(),
                 app: settings.app,
                 app_timeout: settings.app_timeout,
@@ -241,7 +318,12 @@ impl Bridge {
                 abort: abort_rx.clone(),
                 local: Default::default(),
             });
-            tasks.push(tokio::spawn(consume::run(ctx)));
+            tasks.push(match &running.conn {
+                Conn::Nats { js, .. } => tokio::spawn(nats::run(ctx, js.clone())),
+                Conn::Redis(r) => {
+                    tokio::spawn(redis::run(ctx, r.clone(), settings.instance.clone()))
+                }
+            });
         }
         *running.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         tracing::info!(
@@ -257,15 +339,22 @@ impl Bridge {
     pub fn readiness(&self) -> Result<(), String> {
         match self.running() {
             None => Ok(()),
-            Some(r) => match r.client.connection_state() {
-                State::Connected => Ok(()),
-                s => Err(format!(
-                    "broker {} {}",
-                    r.settings.messaging.broker_url,
-                    match s {
-                        State::Pending => "not connected yet",
-                        _ => "disconnected",
-                    }
+            Some(r) => match &r.conn {
+                Conn::Nats { client, .. } => match client.connection_state() {
+                    State::Connected => Ok(()),
+                    s => Err(format!(
+                        "broker {} {}",
+                        r.settings.messaging.broker_url,
+                        match s {
+                            State::Pending => "not connected yet",
+                            _ => "disconnected",
+                        }
+                    )),
+                },
+                c if c.connected() => Ok(()),
+                _ => Err(format!(
+                    "broker {} not connected",
+                    r.settings.messaging.broker_url
                 )),
             },
         }
@@ -309,9 +398,15 @@ impl Running {
             let _ = self.abort_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
         }
-        // Acks and naks are buffered: make sure they reach the broker before the process exits.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.drain()).await;
+        match &self.conn {
+            Conn::Nats { client, .. } => {
+                // Acks and naks are buffered: make sure they reach the broker before the process
+                // exits.
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.drain()).await;
+            }
+            Conn::Redis(r) => r.close(),
+        }
         self.connected_gauge.set(0);
         tracing::info!("messaging bridge stopped");
     }

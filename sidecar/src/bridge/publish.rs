@@ -11,12 +11,12 @@
 //! | 422 | the event fails the queue's schema: `{"errors": [{"path", "message"}]}` |
 //! | 503 | broker unavailable, no ack within 5 s, or shutting down: `{"error", "reason"}` |
 
+use super::backend::Headers;
 use super::cloudevents::*;
 use super::schema::SchemaError;
 use super::{PUBLISH_TIMEOUT, Running};
 use crate::body::{self, BoxBody, Resp};
 use crate::trace::TraceContext;
-use async_nats::connection::State;
 use async_nats::jetstream::{
     self,
     context::{GetStreamErrorKind, PublishErrorKind},
@@ -152,7 +152,7 @@ pub(crate) async fn handle(
         Ok(id) => id,
         Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why),
     };
-    if !matches!(running.client.connection_state(), State::Connected) {
+    if !running.conn.connected() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker unavailable",
@@ -161,18 +161,18 @@ pub(crate) async fn handle(
     }
     let (trace, _) = TraceContext::from_headers(&parts.headers, 1.0);
     let traceparent = trace.traceparent();
-    let headers = event_headers(
+    let headers = cloud_event_headers(
         &id,
         &running.source,
         &target.cfg.event_type,
         traceparent.to_str().unwrap_or_default(),
     );
-    match publish_with_ack(&running.js, &target.cfg.subject, headers, bytes).await {
+    match running.conn.publish(&target.cfg, &id, headers, bytes).await {
         Ok(ack) => {
             target.metrics.published.inc();
             let mut r = json_resp(
                 StatusCode::ACCEPTED,
-                json!({"id": id, "duplicate": ack.duplicate, "stream_seq": ack.sequence}),
+                json!({"id": id, "duplicate": ack.duplicate, "stream_seq": ack.position}),
             );
             if let Ok(v) = HeaderValue::from_str(&id) {
                 r.headers_mut().insert(CE_ID, v);
@@ -216,6 +216,19 @@ fn event_id(h: &http::HeaderMap) -> Result<String, String> {
     Ok(uuid::Uuid::new_v4().to_string())
 }
 
+/// The CloudEvents binary-mode headers of a new event (every broker).
+pub fn cloud_event_headers(id: &str, source: &str, event_type: &str, traceparent: &str) -> Headers {
+    vec![
+        (CE_SPECVERSION.into(), "1.0".into()),
+        (CE_ID.into(), id.into()),
+        (CE_SOURCE.into(), source.into()),
+        (CE_TYPE.into(), event_type.into()),
+        (CE_TIME.into(), now_rfc3339()),
+        (TRACEPARENT.into(), traceparent.into()),
+        (CONTENT_TYPE.into(), "application/json".into()),
+    ]
+}
+
 /// The CloudEvents binary-mode headers of a new event, with `Nats-Msg-Id` = event id.
 pub fn event_headers(
     id: &str,
@@ -224,13 +237,9 @@ pub fn event_headers(
     traceparent: &str,
 ) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
-    h.insert(CE_SPECVERSION, "1.0");
-    h.insert(CE_ID, id);
-    h.insert(CE_SOURCE, source);
-    h.insert(CE_TYPE, event_type);
-    h.insert(CE_TIME, now_rfc3339().as_str());
-    h.insert(TRACEPARENT, traceparent);
-    h.insert(CONTENT_TYPE, "application/json");
+    for (k, v) in cloud_event_headers(id, source, event_type, traceparent) {
+        h.insert(k.as_str(), v.as_str());
+    }
     h.insert(NATS_MSG_ID, id);
     h
 }

@@ -2,6 +2,10 @@
 //! store), a counting HTTP app, the real `weir-proxy` binary with a messaging config.
 #![allow(dead_code)]
 
+mod brokers;
+#[allow(unused_imports)]
+pub use brokers::*;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -351,6 +355,9 @@ pub fn publisher_messaging(url: &str) -> MessagingConfig {
             subject: SUBJECT.into(),
             schema: Some(order_schema()),
             event_type: "order.created".into(),
+            duplicate_window_ms: None,
+            max_messages: None,
+            max_age_ms: None,
         }],
         consumes: vec![],
     }

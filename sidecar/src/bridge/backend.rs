@@ -1,0 +1,102 @@
+//! What the bridge needs from a broker, as two small traits with one implementation per broker
+//! kind (`nats`, `redis`, `rabbitmq`):
+//!
+//! - [`Inbound`]: a message in hand: its body and headers, how many times it was delivered, and
+//!   how to settle it (ack, nak with an optional delay, terminate) or say "still working";
+//! - [`Side`]: the consumer's surroundings: the processed-event (dedup) store and the dead-letter
+//!   destination, both acknowledged by the broker before the call returns.
+//!
+//! Publishing (with the broker's confirmation) is [`super::Broker::publish`], an enum over the
+//! three connections. The consume loops (pulling, reclaiming) are per broker; everything that
+//! decides what happens to a message ([`super::consume::deliver`]) is shared.
+
+use bytes::Bytes;
+use std::future::Future;
+use std::time::Duration;
+
+/// Headers as name/value pairs, in the order they came (names compared ignoring case).
+pub type Headers = Vec<(String, String)>;
+
+/// The first value of header `name`, whatever its case.
+pub fn header<'a>(h: &'a Headers, name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Sets `name` (replacing any value of it, whatever its case).
+pub fn set_header(h: &mut Headers, name: &str, value: impl Into<String>) {
+    h.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    h.push((name.to_string(), value.into()));
+}
+
+/// How a delivery ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Processed (or dead-lettered by the sidecar, see [`Settle::Term`]).
+    Ack,
+    /// Deliver again, after the delay when there is one.
+    Nak(Option<Duration>),
+    /// Never deliver again (the dead letter, if any, is already stored).
+    Term,
+}
+
+/// The broker's answer to a publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// An earlier publish with the same event id was stored (the broker dropped this one).
+    pub duplicate: bool,
+    /// Where the event is: JetStream's stream sequence (a number), the Redis stream entry id (a
+    /// string), or null for RabbitMQ (a queue has no addressable position).
+    pub position: serde_json::Value,
+}
+
+/// A message in hand.
+pub(crate) trait Inbound: Send + Sync + 'static {
+    fn payload(&self) -> &Bytes;
+    fn headers(&self) -> &Headers;
+    /// 1 for the first delivery.
+    fn delivered(&self) -> u64;
+    /// The message's position, for `Weir-Original-Seq` (stream sequence, entry id, message id).
+    fn position(&self) -> String;
+    /// Where it was read from, for `Weir-Original-Subject` (subject, stream key, queue).
+    fn origin(&self) -> &str;
+    fn settle(&self, how: Settle) -> impl Future<Output = Result<(), String>> + Send;
+    /// Tells the broker the delivery is still being worked on (no redelivery yet).
+    fn progress(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The processed-event store and the dead-letter destination of one consumer.
+pub(crate) trait Side: Send + Sync + 'static {
+    type Msg: Inbound;
+    /// Whether `key` (see [`super::cloudevents::processed_key`]) is recorded.
+    fn is_processed(&self, key: &str) -> impl Future<Output = Result<bool, String>> + Send;
+    /// Records `key` for the dedup window.
+    fn record_processed(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Stores the dead letter (`headers` already carry the `Weir-*` ones) and waits for the
+    /// broker's confirmation.
+    fn dead_letter(
+        &self,
+        msg: &Self::Msg,
+        headers: Headers,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_ignore_case() {
+        let mut h: Headers = vec![("Ce-Id".into(), "e-1".into())];
+        assert_eq!(header(&h, "ce-id"), Some("e-1"));
+        set_header(&mut h, "CE-ID", "e-2");
+        assert_eq!(h.len(), 1);
+        assert_eq!(header(&h, "ce-id"), Some("e-2"));
+        assert_eq!(header(&h, "nope"), None);
+    }
+}

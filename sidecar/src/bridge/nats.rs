@@ -1,0 +1,299 @@
+//! JetStream: the durable pull consumer of each consumed queue, the processed-event KV bucket
+//! and the dead-letter stream (names in docs/messaging.md).
+
+use super::backend::{Headers, Inbound, Settle, Side};
+use super::cloudevents::*;
+use super::consume::{Consumer, MIN_DEDUP_TTL, PULL_EXPIRES, deliver, stopped};
+use super::publish::{ensure_stream, publish_with_ack};
+use async_nats::jetstream::{
+    self, AckKind, consumer::pull, context::KeyValueErrorKind, kv, stream::StorageType,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use weir_crds::proxy::ConsumeConfig;
+
+struct Ready {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    side: NatsSide,
+}
+
+/// The processed-event bucket and the dead-letter subject of one consumer.
+pub(crate) struct NatsSide {
+    js: jetstream::Context,
+    kv: kv::Store,
+    dead_letter_subject: String,
+}
+
+/// A JetStream message with its headers read once.
+pub(crate) struct NatsMsg {
+    msg: jetstream::Message,
+    headers: Headers,
+    delivered: u64,
+    seq: u64,
+}
+
+impl NatsMsg {
+    fn new(msg: jetstream::Message) -> NatsMsg {
+        let (delivered, seq) = match msg.info() {
+            Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
+            Err(_) => (1, 0),
+        };
+        let headers = msg
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .flat_map(|(k, vs)| {
+                        let k: &str = k.as_ref();
+                        vs.iter()
+                            .map(move |v| (k.to_string(), v.as_str().to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        NatsMsg {
+            msg,
+            headers,
+            delivered,
+            seq,
+        }
+    }
+}
+
+impl Inbound for NatsMsg {
+    fn payload(&self) -> &Bytes {
+        &self.msg.payload
+    }
+    fn headers(&self) -> &Headers {
+        &self.headers
+    }
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+    fn position(&self) -> String {
+        self.seq.to_string()
+    }
+    fn origin(&self) -> &str {
+        self.msg.subject.as_str()
+    }
+    async fn settle(&self, how: Settle) -> Result<(), String> {
+        let kind = match how {
+            Settle::Ack => AckKind::Ack,
+            Settle::Nak(d) => AckKind::Nak(d),
+            Settle::Term => AckKind::Term,
+        };
+        self.msg.ack_with(kind).await.map_err(|e| e.to_string())
+    }
+    async fn progress(&self) {
+        let _ = self.msg.ack_with(AckKind::Progress).await;
+    }
+}
+
+impl Side for NatsSide {
+    type Msg = NatsMsg;
+    async fn is_processed(&self, key: &str) -> Result<bool, String> {
+        self.kv
+            .get(key.to_string())
+            .await
+            .map(|v| v.is_some())
+            .map_err(|e| e.to_string())
+    }
+    async fn record_processed(&self, key: &str, value: &str) -> Result<(), String> {
+        self.kv
+            .put(key.to_string(), Bytes::from(value.to_string()))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    async fn dead_letter(&self, msg: &NatsMsg, headers: Headers) -> Result<(), String> {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in &headers {
+            h.append(k.as_str(), v.as_str());
+        }
+        publish_with_ack(
+            &self.js,
+            &self.dead_letter_subject,
+            h,
+            msg.msg.payload.clone(),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Looks up (or creates) the durable consumer, the KV bucket and the dead-letter stream.
+async fn setup(js: &jetstream::Context, c: &ConsumeConfig) -> Result<Ready, String> {
+    {
+        let stream = js
+            .get_stream(&c.stream)
+            .await
+            .map_err(|e| format!("stream {}: {e}", c.stream))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &c.consumer,
+                pull::Config {
+                    durable_name: Some(c.consumer.clone()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_millis(c.ack_wait_ms),
+                    // The sidecar counts deliveries and dead-letters at maxDeliveries; a server
+                    // limit would strand a message whose last delivery was cut short by a crash.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("consumer {}: {e}", c.consumer))?;
+        let bucket = processed_bucket(&c.stream);
+        let kv = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(e) if e.kind() == KeyValueErrorKind::GetBucket => {
+                let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
+                match js
+                    .create_key_value(kv::Config {
+                        bucket: bucket.clone(),
+                        description: format!("event ids processed from {}", c.stream),
+                        history: 1,
+                        max_age: ttl,
+                        storage: StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(kv) => {
+                        tracing::info!(bucket = %bucket, ttl_ms = ttl.as_millis() as u64, "processed-event bucket created (was absent)");
+                        kv
+                    }
+                    // Another sidecar may have created it meanwhile.
+                    Err(_) => js
+                        .get_key_value(&bucket)
+                        .await
+                        .map_err(|e| format!("KV bucket {bucket}: {e}"))?,
+                }
+            }
+            Err(e) => return Err(format!("KV bucket {bucket}: {e}")),
+        };
+        if !c.dead_letter_subject.is_empty() {
+            ensure_stream(js, &c.dead_letter_stream, &c.dead_letter_subject).await?;
+        }
+        Ok(Ready {
+            consumer,
+            side: NatsSide {
+                js: js.clone(),
+                kv,
+                dead_letter_subject: c.dead_letter_subject.clone(),
+            },
+        })
+    }
+}
+
+/// Runs until `stop`: pulls at most `maxInFlight` messages at a time and delivers each.
+pub(crate) async fn run(ctx: Arc<Consumer>, js: jetstream::Context) {
+    let mut stop = ctx.stop.clone();
+    let max = ctx.cfg.max_in_flight as usize;
+    let sem = Arc::new(Semaphore::new(max));
+    let mut delay = Duration::from_millis(100);
+    'setup: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let ready = match setup(&js, &ctx.cfg).await {
+            Ok(r) => {
+                tracing::info!(queue = ctx.queue(), consumer = %ctx.cfg.consumer, "consuming");
+                delay = Duration::from_millis(100);
+                Arc::new(r)
+            }
+            Err(e) => {
+                tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut failures = 0u32;
+        loop {
+            let first = tokio::select! {
+                _ = stopped(&mut stop) => break 'setup,
+                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let mut permits = vec![first];
+            while permits.len() < max {
+                match sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = ready
+                .consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(PULL_EXPIRES)
+                .heartbeat(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(queue = ctx.queue(), error = %e, "pull failed");
+                    drop(permits);
+                    tokio::select! {
+                        _ = stopped(&mut stop) => break 'setup,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    if failures >= 3 {
+                        continue 'setup;
+                    }
+                    continue;
+                }
+            };
+            let deadline = tokio::time::sleep(PULL_EXPIRES + Duration::from_secs(3));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = &mut deadline => break,
+                    m = batch.next() => match m {
+                        Some(Ok(msg)) => {
+                            failures = 0;
+                            delay = Duration::from_millis(100);
+                            let permit = permits.pop();
+                            let (ctx, ready) = (ctx.clone(), ready.clone());
+                            tokio::spawn(async move {
+                                deliver(&ctx, &ready.side, NatsMsg::new(msg)).await;
+                                drop(permit);
+                            });
+                            if permits.is_empty() {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            failures += 1;
+                            tracing::debug!(queue = ctx.queue(), error = %e, "pull interrupted");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            drop(permits);
+            if failures >= 3 {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break 'setup,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue 'setup;
+            }
+        }
+    }
+    // Drain: wait for the deliveries in flight (the abort signal makes them nak and return).
+    let _ = sem.acquire_many(max as u32).await;
+    tracing::info!(queue = ctx.queue(), consumer = %ctx.cfg.consumer, "consumer stopped");
+}

@@ -1,0 +1,490 @@
+//! The three brokers as real processes on free loopback ports (start, `kill -9`, restart on the
+//! same port and data directory, persistence on), and what the conformance suite reads from each
+//! of them directly: stream lengths, dead letters, consumer backlogs, raw publishes.
+
+use super::*;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Nats,
+    Redis,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Nats => "nats",
+            Kind::Redis => "redis",
+        }
+    }
+
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Kind::Nats => "nats://",
+            Kind::Redis => "redis://",
+        }
+    }
+
+    /// Whether the broker itself drops a repeated event id at publish (`duplicate: true`).
+    pub fn drops_duplicate_publishes(self) -> bool {
+        matches!(self, Kind::Nats | Kind::Redis)
+    }
+}
+
+fn find_bin(env: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var(env) {
+        return Some(PathBuf::from(p));
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for n in names {
+        let local = repo.join(".tools/bin").join(n);
+        if local.exists() {
+            return Some(local);
+        }
+        let p = PathBuf::from(n);
+        if p.is_absolute() && p.exists() {
+            return Some(p);
+        }
+        if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(n))
+                .find(|p| p.exists())
+        }) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// The broker's server binary, or `None` (the test skips) unless `CI` is set (then it fails).
+pub fn require(kind: Kind) -> Option<PathBuf> {
+    let found = match kind {
+        Kind::Nats => nats_server_bin(),
+        Kind::Redis => find_bin("REDIS_SERVER", &["redis-server"]),
+    };
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("{} server not found: run scripts/setup.sh", kind.name())
+        }
+        None => {
+            eprintln!(
+                "SKIP: {} server not found (run scripts/setup.sh)",
+                kind.name()
+            );
+            None
+        }
+    }
+}
+
+/// A real redis-server on a free loopback port, append-only file fsynced at every write.
+pub struct RedisServer {
+    bin: PathBuf,
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start(bin: PathBuf) -> RedisServer {
+        let mut r = RedisServer {
+            bin,
+            child: None,
+            port: free_addr().port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.spawn().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(c) = redis::Client::open(self.url())
+                && let Ok(mut con) = c.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut con)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub async fn con(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A dead letter or stream message, whatever the broker: body, headers (names lowercased) and
+/// its position (stream sequence or entry id).
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub payload: Bytes,
+    pub headers: BTreeMap<String, String>,
+    pub position: String,
+}
+
+impl Stored {
+    pub fn h(&self, name: &str) -> &str {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(|s| s.as_str())
+            .unwrap_or("")
+    }
+}
+
+/// One broker of the conformance suite.
+pub enum Broker {
+    Nats(Nats),
+    Redis(RedisServer),
+}
+
+impl Broker {
+    /// Starts the broker, or `None` when its binary is missing (outside CI).
+    pub async fn start(kind: Kind) -> Option<Broker> {
+        let bin = require(kind)?;
+        Some(match kind {
+            Kind::Nats => Broker::Nats(Nats::start(bin).await),
+            Kind::Redis => Broker::Redis(RedisServer::start(bin).await),
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Broker::Nats(_) => Kind::Nats,
+            Broker::Redis(_) => Kind::Redis,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Broker::Nats(n) => n.url(),
+            Broker::Redis(r) => r.url(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        match self {
+            Broker::Nats(n) => n.kill9(),
+            Broker::Redis(r) => r.kill9(),
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        match self {
+            Broker::Nats(n) => n.restart().await,
+            Broker::Redis(r) => r.restart().await,
+        }
+    }
+
+    pub fn publisher(&self) -> MessagingConfig {
+        let mut m = publisher_messaging(&self.url());
+        m.broker_kind = self.kind().name().into();
+        m
+    }
+
+    pub fn consumer(&self, c: ConsumeConfig) -> MessagingConfig {
+        let mut m = consumer_messaging(&self.url(), c);
+        m.broker_kind = self.kind().name().into();
+        m
+    }
+
+    /// Declares the queue as the operator would (JetStream: the stream; Redis: nothing, the
+    /// stream appears with its first entry or consumer group).
+    pub async fn declare(&self) {
+        if let Broker::Nats(n) = self {
+            declare_stream(&n.js().await).await;
+        }
+    }
+
+    /// Messages stored in the stream `name`.
+    pub async fn len(&self, name: &str) -> u64 {
+        match self {
+            Broker::Nats(n) => stream_len(&n.js().await, name).await,
+            Broker::Redis(r) => {
+                let mut con = r.con().await;
+                redis::cmd("XLEN")
+                    .arg(name)
+                    .query_async::<u64>(&mut con)
+                    .await
+                    .unwrap_or(0)
+            }
+        }
+    }
+
+    /// Every message of the stream `name`, oldest first.
+    pub async fn messages(&self, name: &str) -> Vec<Stored> {
+        match self {
+            Broker::Nats(n) => stream_messages(&n.js().await, name)
+                .await
+                .into_iter()
+                .map(|m| Stored {
+                    payload: m.payload.clone(),
+                    headers: m
+                        .headers
+                        .iter()
+                        .map(|(k, v)| {
+                            let k: &str = k.as_ref();
+                            (k.to_ascii_lowercase(), v[0].as_str().to_string())
+                        })
+                        .collect(),
+                    position: m.sequence.to_string(),
+                })
+                .collect(),
+            Broker::Redis(r) => {
+                let mut con = r.con().await;
+                let v: redis::Value = redis::cmd("XRANGE")
+                    .arg(name)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                weir_proxy::bridge::redis::parse_entries(&v)
+                    .into_iter()
+                    .map(|e| Stored {
+                        payload: e.data,
+                        headers: e
+                            .headers
+                            .into_iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                            .collect(),
+                        position: e.id,
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Publishes straight to the queue, bypassing any sidecar; `dedup_id` is what the broker
+    /// dedupes on where it does (JetStream's `Nats-Msg-Id`).
+    pub async fn raw_publish(&self, id: &str, dedup_id: &str, body: &str) {
+        match self {
+            Broker::Nats(n) => {
+                raw_publish(&n.js().await, id, dedup_id, body).await;
+            }
+            Broker::Redis(r) => {
+                let mut con = r.con().await;
+                let _: String = redis::cmd("XADD")
+                    .arg(STREAM)
+                    .arg("*")
+                    .arg("ce-specversion")
+                    .arg("1.0")
+                    .arg("ce-id")
+                    .arg(id)
+                    .arg("ce-source")
+                    .arg("weir://shop/test")
+                    .arg("ce-type")
+                    .arg("order.created")
+                    .arg("ce-time")
+                    .arg("2026-01-01T00:00:00.000Z")
+                    .arg("content-type")
+                    .arg("application/json")
+                    .arg("data")
+                    .arg(body)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Publishes many `(event id, body)` straight to the queue, waiting for every confirmation.
+    pub async fn raw_publish_many(&self, events: Vec<(String, String)>) {
+        match self {
+            Broker::Nats(n) => {
+                let js = n.js().await;
+                let mut acks = Vec::with_capacity(events.len());
+                for (id, body) in events {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("ce-id", id.as_str());
+                    h.insert("Nats-Msg-Id", id.as_str());
+                    acks.push(
+                        js.publish_with_headers(SUBJECT, h, body.into())
+                            .await
+                            .unwrap(),
+                    );
+                }
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+            Broker::Redis(r) => {
+                let mut con = r.con().await;
+                for chunk in events.chunks(500) {
+                    let mut p = redis::pipe();
+                    for (id, body) in chunk {
+                        p.cmd("XADD")
+                            .arg(STREAM)
+                            .arg("*")
+                            .arg("ce-id")
+                            .arg(id)
+                            .arg("data")
+                            .arg(body);
+                    }
+                    let _: Vec<String> = p.query_async(&mut con).await.unwrap();
+                }
+            }
+        }
+    }
+
+    /// (messages not yet delivered to `consumer`, deliveries not yet settled).
+    pub async fn backlog(&self, consumer: &str) -> (u64, u64) {
+        match self {
+            Broker::Nats(n) => {
+                let js = n.js().await;
+                let stream = js.get_stream(STREAM).await.unwrap();
+                let mut c: async_nats::jetstream::consumer::PullConsumer =
+                    stream.get_consumer(consumer).await.unwrap();
+                let i = c.info().await.unwrap();
+                (i.num_pending, i.num_ack_pending as u64)
+            }
+            Broker::Redis(r) => {
+                let mut con = r.con().await;
+                let groups: redis::Value = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(STREAM)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap_or(redis::Value::Nil);
+                let last: String = {
+                    let v: redis::Value = redis::cmd("XREVRANGE")
+                        .arg(STREAM)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                    weir_proxy::bridge::redis::parse_entries(&v)
+                        .first()
+                        .map(|e| e.id.clone())
+                        .unwrap_or_else(|| "0-0".into())
+                };
+                let redis::Value::Array(groups) = groups else {
+                    return (0, 0);
+                };
+                for g in groups {
+                    let fields = redis_map(&g);
+                    if fields.get("name").map(String::as_str) != Some(consumer) {
+                        continue;
+                    }
+                    let pending: u64 = fields["pending"].parse().unwrap();
+                    let delivered = fields["last-delivered-id"].clone();
+                    let undelivered = u64::from(delivered != last && last != "0-0");
+                    return (undelivered, pending);
+                }
+                (u64::from(last != "0-0"), 0)
+            }
+        }
+    }
+
+    /// Waits until `consumer` has nothing undelivered or unsettled.
+    pub async fn wait_settled(&self, consumer: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (pending, unacked) = self.backlog(consumer).await;
+            if pending == 0 && unacked == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer not settled: undelivered {pending}, unacknowledged {unacked}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the processed-event store holds `consumer`'s record of `id`.
+    pub async fn processed(&self, consumer: &str, id: &str) -> bool {
+        let key = weir_proxy::bridge::cloudevents::processed_key(consumer, id);
+        match self {
+            Broker::Nats(n) => {
+                let kv = n
+                    .js()
+                    .await
+                    .get_key_value("weir_processed_shop_orders")
+                    .await
+                    .unwrap();
+                kv.get(key).await.unwrap().is_some()
+            }
+            Broker::Redis(r) => {
+                let mut con = r.con().await;
+                let n: i64 = redis::cmd("EXISTS")
+                    .arg(weir_proxy::bridge::redis::processed_record(STREAM, &key))
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                n == 1
+            }
+        }
+    }
+}
+
+/// A flat `[name, value, ...]` reply as a map of strings.
+fn redis_map(v: &redis::Value) -> BTreeMap<String, String> {
+    let redis::Value::Array(a) = v else {
+        return BTreeMap::new();
+    };
+    let s = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(s) => s.clone(),
+        redis::Value::Int(i) => i.to_string(),
+        _ => String::new(),
+    };
+    a.chunks(2)
+        .filter(|kv| kv.len() == 2)
+        .map(|kv| (s(&kv[0]), s(&kv[1])))
+        .collect()
+}
