@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-60}"
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(config traceparent)
+[ ${#targets[@]} -eq 0 ] && targets=(config traceparent jwt)
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz" >&2; exit 2; }
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 use weir_crds::proxy::ProxyConfig;
-use weir_proxy::fuzzing::{check_config, check_traceparent};
+use weir_proxy::edge::jwt::KeySet;
+use weir_proxy::fuzzing::{check_config, check_jwks, check_jwt, check_traceparent};
 use weir_proxy::trace::parse_traceparent;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -46,27 +47,44 @@ fn traceparent_corpus() {
     }
 }
 
+#[test]
+fn jwt_corpus() {
+    for (name, data) in corpus("jwt") {
+        let accepted = check_jwt(&data);
+        check_jwks(&data);
+        assert_eq!(accepted, name.starts_with("valid"), "{name}");
+        assert_eq!(
+            KeySet::from_jwks(&data).is_ok(),
+            name.starts_with("jwks"),
+            "{name}"
+        );
+    }
+}
+
+fn run(target: &str, data: &[u8]) {
+    match target {
+        "config" => check_config(data),
+        "traceparent" => check_traceparent(data),
+        _ => {
+            check_jwt(data);
+            check_jwks(data);
+        }
+    }
+}
+
 /// Mutations of the seeds (truncations and single-byte flips), as a fuzzer's first steps would.
 #[test]
 fn mutated_seeds_never_panic() {
-    for target in ["config", "traceparent"] {
+    for target in ["config", "traceparent", "jwt"] {
         for (_, seed) in corpus(target) {
             for cut in 0..seed.len().min(400) {
                 let mut m = seed[..cut].to_vec();
-                if target == "config" {
-                    check_config(&m);
-                } else {
-                    check_traceparent(&m);
-                }
+                run(target, &m);
                 if cut < seed.len() {
                     m.extend_from_slice(&seed[cut..]);
-                    for b in [b'-', b'0', b'{', 0xff, b'"'] {
+                    for b in [b'-', b'0', b'{', 0xff, b'"', b'.'] {
                         m[cut] = b;
-                        if target == "config" {
-                            check_config(&m);
-                        } else {
-                            check_traceparent(&m);
-                        }
+                        run(target, &m);
                     }
                 }
             }
