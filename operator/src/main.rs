@@ -73,6 +73,13 @@ struct UpArgs {
     /// How long to wait for every service to be ready.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     ready_timeout: std::time::Duration,
+    /// Send every sidecar's spans over OTLP/HTTP to this endpoint (e.g. http://127.0.0.1:4318),
+    /// whatever the manifests say.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Stop everything when a process exits, instead of restarting it.
+    #[arg(long)]
+    no_restart: bool,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -278,6 +285,8 @@ impl UpArgs {
             namespace: self.namespace,
             state_file: self.state_file,
             ready_timeout: self.ready_timeout,
+            otlp_endpoint: self.otlp_endpoint,
+            no_restart: self.no_restart,
         }
     }
 }

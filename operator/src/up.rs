@@ -22,6 +22,12 @@ use weir_crds::proxy::ProxyConfig;
 pub const LOCAL_COMMAND: &str = "weir.dev/local-command";
 /// Annotation naming the directory the local command runs in (relative to the manifest's file).
 pub const LOCAL_WORKDIR: &str = "weir.dev/local-workdir";
+/// Annotation fixing the local port of a Microservice's sidecar inbound listener (its URL), so
+/// instructions such as `curl http://127.0.0.1:8080/...` hold on every run.
+pub const LOCAL_PORT: &str = "weir.dev/local-port";
+/// Annotation with a note printed once everything is ready (how to use the service); `{url}`
+/// stands for the service's local URL.
+pub const LOCAL_USAGE: &str = "weir.dev/local-usage";
 
 /// Ports of one service on this machine.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -177,11 +183,29 @@ pub fn plan(
             .iter()
             .map(|_| free_port())
             .collect::<Result<Vec<_>>>()?;
+        let fixed = ms
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LOCAL_PORT))
+            .map(|p| {
+                let port: u16 = p.parse().map_err(|_| {
+                    anyhow!("Microservice/{name}: metadata.annotations[{LOCAL_PORT:?}]: {p:?} is not a port number")
+                })?;
+                TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| {
+                    anyhow!("Microservice/{name}: metadata.annotations[{LOCAL_PORT:?}]: port {port} on 127.0.0.1 is not free ({e}); stop what uses it or change the annotation")
+                })?;
+                Ok::<u16, anyhow::Error>(port)
+            })
+            .transpose()?;
         ports.insert(
             name,
             LocalPorts {
                 app: free_port()?,
-                inbound: free_port()?,
+                inbound: match fixed {
+                    Some(p) => p,
+                    None => free_port()?,
+                },
                 admin: free_port()?,
                 outbound,
             },
@@ -319,12 +343,75 @@ pub async fn http_ok(addr: SocketAddr, path: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// How a process is (re)started: the program, its arguments, env and directory.
+#[derive(Debug, Clone)]
+struct ProcSpec {
+    label: String,
+    kind: ProcKind,
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
+    workdir: Option<PathBuf>,
+}
+
+/// Stop order: apps (and saga coordinators) first, then sidecars, then the rest (the broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcKind {
+    App,
+    Proxy,
+    Other,
+}
+
+impl ProcSpec {
+    fn spawn(&self) -> Result<Child> {
+        let mut c = command(&self.program);
+        c.args(&self.args)
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(d) = &self.workdir {
+            c.current_dir(d);
+        }
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("start {} ({:?})", self.label, self.program))?;
+        prefix_output(&mut child, self.label.clone());
+        Ok(child)
+    }
+}
+
+/// One supervised process.
+struct Proc {
+    spec: ProcSpec,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    /// When a process that exited is started again.
+    restart_at: Option<Instant>,
+}
+
+/// Restart delay after the `n`th consecutive crash: 500ms doubling to 10s, as a kubelet backs
+/// off a crashing container (reset once a process has run for a minute).
+fn restart_delay(n: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(10))
+}
+
+/// A saga coordinator run by `weir up`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LocalSaga {
+    pub name: String,
+    /// Where its HTTP API listens (`POST /v1/sagas/<name>`, `GET /v1/stats`).
+    pub url: String,
+    #[serde(skip)]
+    pub config: crate::saga::config::CoordinatorConfig,
+}
+
 /// The processes of one `weir up` run.
 pub struct Running {
     pub services: Vec<LocalService>,
-    apps: Vec<(String, Child)>,
-    proxies: Vec<(String, Child)>,
-    extra: Vec<(String, Child)>,
+    pub sagas: Vec<LocalSaga>,
+    procs: Vec<Proc>,
 }
 
 pub struct UpOptions {
@@ -333,35 +420,38 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
 }
 
+/// `PATH` for apps: weir's own directory first (so sibling binaries such as the examples' apps
+/// are found), then the inherited one.
+fn app_path() -> Result<std::ffi::OsString> {
+    let self_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    Ok(std::env::join_paths(std::iter::once(self_dir).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?)
+}
+
 /// Starts every sidecar, then every app, and waits until all are ready.
 pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Running> {
     std::fs::create_dir_all(&opts.work_dir)?;
     let mut running = Running {
         services: services.clone(),
-        apps: Vec::new(),
-        proxies: Vec::new(),
-        extra: Vec::new(),
+        sagas: Vec::new(),
+        procs: Vec::new(),
     };
-    let self_dir = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(self_dir).chain(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    )))?;
+    let path = app_path()?.to_string_lossy().into_owned();
     for s in &services {
         let cfg_path = opts.work_dir.join(format!("{}.proxy.json", s.name));
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&s.config)?)?;
-        let mut proxy = command(&opts.proxy_bin)
-            .arg("--config")
-            .arg(&cfg_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", opts.proxy_bin.display()))?;
-        prefix_output(&mut proxy, format!("{}/proxy", s.name));
-        running.proxies.push((s.name.clone(), proxy));
+        running.launch(ProcSpec {
+            label: format!("{}/proxy", s.name),
+            kind: ProcKind::Proxy,
+            program: opts.proxy_bin.clone().into(),
+            args: vec!["--config".into(), cfg_path.into()],
+            env: Vec::new(),
+            workdir: None,
+        })?;
     }
     for s in &services {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, s.ports.admin));
@@ -371,20 +461,25 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
             || http_ok(admin, "/readyz"),
         )
         .await?;
-        let mut app = command("sh")
-            .arg("-c")
-            .arg(&s.command)
-            .current_dir(&s.workdir)
-            .envs(s.env.iter().cloned())
-            .env("PATH", &path)
-            .env("SERVICE_NAME", &s.name)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {:?} for {}", s.command, s.name))?;
-        prefix_output(&mut app, s.name.clone());
-        running.apps.push((s.name.clone(), app));
+        // The app's own directory: kept across restarts of the process, like a pod's emptyDir.
+        let state_dir = opts.work_dir.join("state").join(&s.name);
+        std::fs::create_dir_all(&state_dir)?;
+        let mut env = s.env.clone();
+        env.push(("PATH".into(), path.clone()));
+        env.push(("SERVICE_NAME".into(), s.name.clone()));
+        env.push((
+            "WEIR_STATE_DIR".into(),
+            state_dir.to_string_lossy().into_owned(),
+        ));
+        running.launch(ProcSpec {
+            label: s.name.clone(),
+            kind: ProcKind::App,
+            program: "sh".into(),
+            // `exec`: the app itself is the process weir up watches and signals.
+            args: vec!["-c".into(), format!("exec {}", s.command).into()],
+            env,
+            workdir: Some(s.workdir.clone()),
+        })?;
     }
     for s in &services {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, s.ports.admin));
@@ -414,10 +509,102 @@ where
 }
 
 impl Running {
-    /// Keeps a process (a broker, a coordinator) to stop with the rest.
+    fn launch(&mut self, spec: ProcSpec) -> Result<()> {
+        let child = spec.spawn()?;
+        self.procs.push(Proc {
+            spec,
+            child: Some(child),
+            started: Instant::now(),
+            restarts: 0,
+            restart_at: None,
+        });
+        Ok(())
+    }
+
+    /// Keeps a process (a broker) to stop with the rest; it is not restarted.
     pub fn adopt(&mut self, label: &str, mut child: Child) {
         prefix_output(&mut child, label.to_string());
-        self.extra.push((label.to_string(), child));
+        self.procs.push(Proc {
+            spec: ProcSpec {
+                label: label.to_string(),
+                kind: ProcKind::Other,
+                program: Default::default(),
+                args: Vec::new(),
+                env: Vec::new(),
+                workdir: None,
+            },
+            child: Some(child),
+            started: Instant::now(),
+            restarts: 0,
+            restart_at: None,
+        });
+    }
+
+    /// Starts the coordinator of each Saga of `loaded` (`weir saga-coordinator`, this binary),
+    /// calling each step's Microservice at its sidecar, and waits until each is ready.
+    pub async fn start_sagas(
+        &mut self,
+        loaded: &[Loaded],
+        namespace: &str,
+        broker_url: &str,
+        opts: &UpOptions,
+    ) -> Result<()> {
+        let (queues, brokers) = local_messaging(loaded, broker_url)?;
+        let queues: BTreeMap<String, weir_crds::QueueSpec> =
+            queues.into_iter().map(|(k, v)| (k, v.spec)).collect();
+        let inbound: BTreeMap<String, u16> = self
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.ports.inbound))
+            .collect();
+        let weir = std::env::current_exe()?;
+        for l in loaded {
+            let Object::Saga(saga) = &l.object else {
+                continue;
+            };
+            let name = saga.metadata.name.clone().unwrap_or_default();
+            let obj = format!("{}: Saga/{name}", l.file.display());
+            let render_opts = crate::render::RenderOptions {
+                default_namespace: namespace.to_string(),
+                ..Default::default()
+            };
+            let rendered = crate::render::saga::render(saga, &queues, &brokers, &render_opts)
+                .map_err(|e| anyhow!("{obj}: {e}"))?;
+            let mut config = rendered
+                .direct_config(&|m| inbound.get(m).map(|p| format!("http://127.0.0.1:{p}")))
+                .map_err(|e| anyhow!("{obj}: {e}"))?;
+            let port = free_port()?;
+            config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let cfg_path = opts.work_dir.join(format!("{name}.saga.json"));
+            std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
+            self.launch(ProcSpec {
+                label: format!("{name}/saga"),
+                kind: ProcKind::App,
+                program: weir.clone().into(),
+                args: vec![
+                    "saga-coordinator".into(),
+                    "--saga".into(),
+                    format!("{}/{name}", config.namespace).into(),
+                    "--config".into(),
+                    cfg_path.into(),
+                ],
+                env: Vec::new(),
+                workdir: None,
+            })?;
+            let addr = config.listen;
+            wait_until(
+                &format!("saga coordinator {name} ready"),
+                opts.ready_timeout,
+                || http_ok(addr, "/readyz"),
+            )
+            .await?;
+            self.sagas.push(LocalSaga {
+                name,
+                url: format!("http://{addr}"),
+                config,
+            });
+        }
+        Ok(())
     }
 
     /// A table of services and where to reach them.
@@ -430,35 +617,100 @@ impl Running {
             let url = format!("http://127.0.0.1:{}", s.ports.inbound);
             let admin = format!("http://127.0.0.1:{}", s.ports.admin);
             t.push_str(&format!(
-                "{:<16} {url:<26} {admin:<26} 127.0.0.1:{}
-",
+                "{:<16} {url:<26} {admin:<26} 127.0.0.1:{}\n",
                 s.name, s.ports.app
+            ));
+        }
+        for s in &self.sagas {
+            t.push_str(&format!(
+                "{:<16} {:<26} {:<26} saga coordinator\n",
+                format!("{}/saga", s.name),
+                s.url,
+                "-"
             ));
         }
         t
     }
 
+    /// The pid of each running process, by label (`orders`, `orders/proxy`, `place-order/saga`).
+    pub fn pids(&self) -> BTreeMap<String, u32> {
+        self.procs
+            .iter()
+            .filter_map(|p| Some((p.spec.label.clone(), p.child.as_ref()?.id()?)))
+            .collect()
+    }
+
     /// Stops apps first (SIGTERM, then SIGKILL after the grace period), then sidecars, then the
     /// rest: each sidecar outlives its app's in-flight calls, as in a pod.
     pub async fn shutdown(mut self, grace: Duration) {
-        stop_all(&mut self.apps, grace).await;
-        stop_all(&mut self.proxies, grace).await;
-        stop_all(&mut self.extra, grace).await;
+        for kind in [ProcKind::App, ProcKind::Proxy, ProcKind::Other] {
+            let mut group: Vec<(String, Child)> = self
+                .procs
+                .iter_mut()
+                .filter(|p| p.spec.kind == kind)
+                .filter_map(|p| Some((p.spec.label.clone(), p.child.take()?)))
+                .collect();
+            stop_all(&mut group, grace).await;
+        }
     }
 
     /// Whether any process exited on its own (name and status).
     pub fn exited(&mut self) -> Option<(String, std::process::ExitStatus)> {
-        for (name, c) in self
-            .apps
-            .iter_mut()
-            .chain(self.proxies.iter_mut())
-            .chain(self.extra.iter_mut())
-        {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some((name.clone(), st));
+        for p in &mut self.procs {
+            if let Some(c) = &mut p.child
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                return Some((p.spec.label.clone(), st));
             }
         }
         None
+    }
+
+    /// Restarts processes that exited, with a growing delay for one that keeps crashing.
+    /// Returns whether any process was started again (pids changed). A process adopted with
+    /// [`Running::adopt`] is not restarted: its exit is returned as an error.
+    pub fn supervise(&mut self) -> Result<bool> {
+        let mut restarted = false;
+        for p in &mut self.procs {
+            if let Some(c) = &mut p.child
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                p.child = None;
+                if p.spec.kind == ProcKind::Other {
+                    bail!("{} exited ({st})", p.spec.label);
+                }
+                if p.started.elapsed() > Duration::from_secs(60) {
+                    p.restarts = 0;
+                }
+                let delay = restart_delay(p.restarts);
+                println!(
+                    "weir up: {} exited ({st}); restarting in {delay:?} (restart {})",
+                    p.spec.label,
+                    p.restarts + 1
+                );
+                p.restart_at = Some(Instant::now() + delay);
+            }
+            if p.child.is_none()
+                && let Some(at) = p.restart_at
+                && Instant::now() >= at
+            {
+                match p.spec.spawn() {
+                    Ok(child) => {
+                        p.child = Some(child);
+                        p.started = Instant::now();
+                        p.restarts += 1;
+                        p.restart_at = None;
+                        restarted = true;
+                    }
+                    Err(e) => {
+                        eprintln!("weir up: {e:#}");
+                        p.restarts += 1;
+                        p.restart_at = Some(Instant::now() + restart_delay(p.restarts));
+                    }
+                }
+            }
+        }
+        Ok(restarted)
     }
 }
 
@@ -490,9 +742,45 @@ pub struct RunOptions {
     pub namespace: String,
     pub state_file: Option<PathBuf>,
     pub ready_timeout: Duration,
+    /// Sends every sidecar's spans (OTLP/HTTP) here, overriding the manifests.
+    pub otlp_endpoint: Option<String>,
+    /// Exit when a process exits instead of restarting it.
+    pub no_restart: bool,
 }
 
-/// Runs until Ctrl-C or SIGTERM (or until a process exits by itself), then stops everything.
+/// Writes the state file: ports, pids, saga URLs and the broker (whole, then renamed, so a
+/// reader never sees half a file).
+fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<()> {
+    let pids = running.pids();
+    let services: BTreeMap<&str, serde_json::Value> = running
+        .services
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(&s.ports).unwrap_or_default();
+            v["pid"] = serde_json::json!(pids.get(&s.name));
+            v["proxyPid"] = serde_json::json!(pids.get(&format!("{}/proxy", s.name)));
+            (s.name.as_str(), v)
+        })
+        .collect();
+    let sagas: BTreeMap<&str, serde_json::Value> = running
+        .sagas
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                serde_json::json!({"url": s.url, "pid": pids.get(&format!("{}/saga", s.name))}),
+            )
+        })
+        .collect();
+    let json = serde_json::json!({"services": services, "sagas": sagas, "brokerUrl": broker_url});
+    let tmp = f.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&json)?)?;
+    std::fs::rename(&tmp, f)?;
+    Ok(())
+}
+
+/// Runs until Ctrl-C or SIGTERM, restarting processes that exit (or, with `no_restart`, until
+/// one exits), then stops everything.
 pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     let (work_dir, _temp) = match &opts.work_dir {
         Some(d) => (d.clone(), None),
@@ -512,7 +800,12 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             Some(url)
         }
     };
-    let services = plan(&loaded, &opts.namespace, broker_url.as_deref())?;
+    let mut services = plan(&loaded, &opts.namespace, broker_url.as_deref())?;
+    if let Some(ep) = &opts.otlp_endpoint {
+        for s in &mut services {
+            s.config.tracing.otlp_endpoint = Some(ep.clone());
+        }
+    }
     if let Some(url) = &broker_url {
         declare_queues(&loaded, &opts.namespace, url).await?;
         println!("weir up: broker {url}; queues declared");
@@ -532,22 +825,21 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     if let Some(child) = broker_process {
         running.adopt("nats", child);
     }
+    if let Some(url) = &broker_url {
+        running
+            .start_sagas(&loaded, &opts.namespace, url, &up)
+            .await?;
+    }
     println!(
         "\nweir up: {} service(s) ready\n{}",
         running.services.len(),
         running.table()
     );
+    for (name, usage) in usage_notes(&loaded, &running) {
+        println!("{name}:\n{usage}");
+    }
     if let Some(f) = &opts.state_file {
-        let state: BTreeMap<&str, &LocalPorts> = running
-            .services
-            .iter()
-            .map(|s| (s.name.as_str(), &s.ports))
-            .collect();
-        let json = serde_json::json!({"services": state, "brokerUrl": broker_url});
-        // Written whole then renamed: a reader never sees half a file.
-        let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&json)?)?;
-        std::fs::rename(&tmp, f)?;
+        write_state(f, &running, broker_url.as_deref())?;
     }
     println!("Ctrl-C stops everything.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -555,9 +847,21 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break "interrupted".to_string(),
             _ = term.recv() => break "terminated".to_string(),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some((name, st)) = running.exited() {
-                    break format!("{name} exited ({st})");
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if opts.no_restart {
+                    if let Some((name, st)) = running.exited() {
+                        break format!("{name} exited ({st})");
+                    }
+                    continue;
+                }
+                match running.supervise() {
+                    Err(e) => break e.to_string(),
+                    Ok(true) => {
+                        if let Some(f) = &opts.state_file {
+                            write_state(f, &running, broker_url.as_deref())?;
+                        }
+                    }
+                    Ok(false) => {}
                 }
             }
         }
@@ -572,6 +876,23 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         .min(Duration::from_secs(30));
     running.shutdown(grace).await;
     Ok(())
+}
+
+/// The `weir.dev/local-usage` note of each Microservice, `{url}` replaced by its local URL.
+fn usage_notes(loaded: &[Loaded], running: &Running) -> Vec<(String, String)> {
+    loaded
+        .iter()
+        .filter_map(|l| match &l.object {
+            Object::Microservice(m) => {
+                let name = m.metadata.name.clone()?;
+                let note = m.metadata.annotations.as_ref()?.get(LOCAL_USAGE)?.clone();
+                let s = running.services.iter().find(|s| s.name == name)?;
+                let url = format!("http://127.0.0.1:{}", s.ports.inbound);
+                Some((name, note.replace("{url}", &url)))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Declares every Queue of the input on the broker, with a durable consumer for each
