@@ -13,6 +13,7 @@ pub mod consume;
 pub mod metrics;
 pub mod nats;
 pub mod publish;
+pub mod rabbitmq;
 pub mod redis;
 pub mod schema;
 
@@ -91,6 +92,7 @@ pub(crate) enum Conn {
         js: jetstream::Context,
     },
     Redis(Arc<redis::RedisConn>),
+    Rabbit(Arc<rabbitmq::RabbitConn>),
 }
 
 impl Conn {
@@ -98,6 +100,7 @@ impl Conn {
         match self {
             Conn::Nats { client, .. } => matches!(client.connection_state(), State::Connected),
             Conn::Redis(r) => r.connected(),
+            Conn::Rabbit(r) => r.connected(),
         }
     }
 
@@ -124,6 +127,7 @@ impl Conn {
                     })
             }
             Conn::Redis(r) => r.publish(target, id, &headers, payload).await,
+            Conn::Rabbit(r) => r.publish(target, id, &headers, payload).await,
         }
     }
 }
@@ -266,6 +270,13 @@ impl Bridge {
                 m.credentials_file.as_deref(),
                 on_state,
             )?)),
+            "rabbitmq" => Conn::Rabbit(Arc::new(rabbitmq::RabbitConn::open(
+                &m.broker_url,
+                m.credentials_file.as_deref(),
+                &name,
+                m.publishes.clone(),
+                on_state,
+            )?)),
             other => {
                 return Err(format!(
                     "messaging.brokerKind: {other:?} is not supported (nats, redis or rabbitmq)"
@@ -323,6 +334,11 @@ impl Bridge {
                 Conn::Redis(r) => {
                     tokio::spawn(redis::run(ctx, r.clone(), settings.instance.clone()))
                 }
+                Conn::Rabbit(r) => tokio::spawn(rabbitmq::run(
+                    ctx,
+                    r.uri.clone(),
+                    format!("{} {}", r.name, settings.instance),
+                )),
             });
         }
         *running.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
@@ -406,6 +422,7 @@ impl Running {
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.drain()).await;
             }
             Conn::Redis(r) => r.close(),
+            Conn::Rabbit(r) => r.close(),
         }
         self.connected_gauge.set(0);
         tracing::info!("messaging bridge stopped");

@@ -4,12 +4,14 @@
 
 use super::*;
 use bytes::Bytes;
+use futures::StreamExt;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Nats,
     Redis,
+    Rabbitmq,
 }
 
 impl Kind {
@@ -17,6 +19,7 @@ impl Kind {
         match self {
             Kind::Nats => "nats",
             Kind::Redis => "redis",
+            Kind::Rabbitmq => "rabbitmq",
         }
     }
 
@@ -24,11 +27,18 @@ impl Kind {
         match self {
             Kind::Nats => "nats://",
             Kind::Redis => "redis://",
+            Kind::Rabbitmq => "amqp://",
         }
     }
 
     /// Whether the broker itself drops a repeated event id at publish (`duplicate: true`).
     pub fn drops_duplicate_publishes(self) -> bool {
+        matches!(self, Kind::Nats | Kind::Redis)
+    }
+
+    /// Whether the queue keeps messages after they are acknowledged (a stream), so the suite
+    /// can read them back (RabbitMQ's queues do not).
+    pub fn keeps_messages(self) -> bool {
         matches!(self, Kind::Nats | Kind::Redis)
     }
 }
@@ -63,6 +73,10 @@ pub fn require(kind: Kind) -> Option<PathBuf> {
     let found = match kind {
         Kind::Nats => nats_server_bin(),
         Kind::Redis => find_bin("REDIS_SERVER", &["redis-server"]),
+        Kind::Rabbitmq => find_bin(
+            "RABBITMQ_SERVER",
+            &["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+        ),
     };
     match found {
         Some(p) => Some(p),
@@ -165,6 +179,162 @@ impl Drop for RedisServer {
     }
 }
 
+/// A real rabbitmq-server on free loopback ports (AMQP and Erlang distribution), its own epmd,
+/// node name, cookie (in a temporary HOME), database and log directories.
+pub struct RabbitServer {
+    bin: PathBuf,
+    child: Option<Child>,
+    epmd: Option<Child>,
+    pub port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl RabbitServer {
+    pub async fn start(bin: PathBuf) -> RabbitServer {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let cookie = home.join(".erlang.cookie");
+        std::fs::write(&cookie, format!("weirtest{}", std::process::id())).unwrap();
+        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .unwrap();
+        let port = free_addr().port();
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n\
+                 log.console = false\nlog.file.level = warning\n"
+            ),
+        )
+        .unwrap();
+        let mut r = RabbitServer {
+            bin,
+            child: None,
+            epmd: None,
+            port,
+            dist_port: free_addr().port(),
+            epmd_port: free_addr().port(),
+            dir,
+        };
+        let epmd =
+            Command::new(find_bin("EPMD", &["epmd"]).unwrap_or_else(|| PathBuf::from("epmd")))
+                .args(["-port", &r.epmd_port.to_string(), "-address", "127.0.0.1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn epmd");
+        r.epmd = Some(epmd);
+        r.spawn().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn env(&self, c: &mut Command) {
+        let d = self.dir.path();
+        c.env("HOME", d.join("home"))
+            .env("RABBITMQ_NODENAME", format!("weir{}@localhost", self.port))
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"));
+    }
+
+    async fn spawn(&mut self) {
+        let mut c = Command::new(&self.bin);
+        self.env(&mut c);
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn rabbitmq-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Ok(conn)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                lapin::Connection::connect(&self.url(), Default::default()),
+            )
+            .await
+            {
+                let _ = conn.close(200, "ok".into()).await;
+                return;
+            }
+            assert!(Instant::now() < deadline, "rabbitmq-server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `kill -9` of the server's whole process group (the start script, the Erlang VM and its
+    /// helpers).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-9", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let conn = lapin::Connection::connect(&self.url(), Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        (conn, ch)
+    }
+
+    /// `rabbitmqctl list_queues` for `queue`: (ready, unacknowledged).
+    pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
+        let mut c = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        self.env(&mut c);
+        let out = c
+            .args([
+                "-q",
+                "list_queues",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            if f.len() == 3 && f[0] == queue {
+                Some((f[1].parse().ok()?, f[2].parse().ok()?))
+            } else {
+                None
+            }
+        })
+    }
+}
+
+impl Drop for RabbitServer {
+    fn drop(&mut self) {
+        self.kill9();
+        if let Some(mut e) = self.epmd.take() {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+    }
+}
+
 /// A dead letter or stream message, whatever the broker: body, headers (names lowercased) and
 /// its position (stream sequence or entry id).
 #[derive(Clone, Debug)]
@@ -187,6 +357,7 @@ impl Stored {
 pub enum Broker {
     Nats(Nats),
     Redis(RedisServer),
+    Rabbitmq(RabbitServer),
 }
 
 impl Broker {
@@ -196,6 +367,7 @@ impl Broker {
         Some(match kind {
             Kind::Nats => Broker::Nats(Nats::start(bin).await),
             Kind::Redis => Broker::Redis(RedisServer::start(bin).await),
+            Kind::Rabbitmq => Broker::Rabbitmq(RabbitServer::start(bin).await),
         })
     }
 
@@ -203,6 +375,7 @@ impl Broker {
         match self {
             Broker::Nats(_) => Kind::Nats,
             Broker::Redis(_) => Kind::Redis,
+            Broker::Rabbitmq(_) => Kind::Rabbitmq,
         }
     }
 
@@ -210,6 +383,7 @@ impl Broker {
         match self {
             Broker::Nats(n) => n.url(),
             Broker::Redis(r) => r.url(),
+            Broker::Rabbitmq(r) => r.url(),
         }
     }
 
@@ -217,6 +391,7 @@ impl Broker {
         match self {
             Broker::Nats(n) => n.kill9(),
             Broker::Redis(r) => r.kill9(),
+            Broker::Rabbitmq(r) => r.kill9(),
         }
     }
 
@@ -224,6 +399,7 @@ impl Broker {
         match self {
             Broker::Nats(n) => n.restart().await,
             Broker::Redis(r) => r.restart().await,
+            Broker::Rabbitmq(r) => r.restart().await,
         }
     }
 
@@ -240,10 +416,30 @@ impl Broker {
     }
 
     /// Declares the queue as the operator would (JetStream: the stream; Redis: nothing, the
-    /// stream appears with its first entry or consumer group).
+    /// stream appears with its first entry or consumer group; RabbitMQ: the exchange, the
+    /// dead-letter exchange and queue, and the consumer queue of `billing`).
     pub async fn declare(&self) {
-        if let Broker::Nats(n) = self {
-            declare_stream(&n.js().await).await;
+        match self {
+            Broker::Nats(n) => declare_stream(&n.js().await).await,
+            Broker::Redis(_) => {}
+            Broker::Rabbitmq(_) => self.declare_queue(STREAM, "billing").await,
+        }
+    }
+
+    /// RabbitMQ: declares `consumer`'s queue on the queue whose stream is `stream` (an event no
+    /// queue is bound for is refused at publish); nothing elsewhere.
+    pub async fn declare_queue(&self, stream: &str, consumer: &str) {
+        if let Broker::Rabbitmq(r) = self {
+            let conn = lapin::Connection::connect(&r.url(), Default::default())
+                .await
+                .unwrap();
+            let mut c = consume_config(consumer);
+            c.stream = stream.into();
+            c.dead_letter_stream = format!("{stream}_dlq");
+            weir_proxy::bridge::rabbitmq::declare_consumer(&conn, &c, Duration::from_secs(600))
+                .await
+                .unwrap();
+            let _ = conn.close(200, "ok".into()).await;
         }
     }
 
@@ -258,6 +454,33 @@ impl Broker {
                     .query_async::<u64>(&mut con)
                     .await
                     .unwrap_or(0)
+            }
+            Broker::Rabbitmq(r) => {
+                // The queue itself (dead letters), else the consumer queues of the stream.
+                let names = [
+                    name.to_string(),
+                    format!("{name}.billing"),
+                    format!("{name}.audit"),
+                ];
+                let mut n = 0;
+                for q in names {
+                    let (conn, ch) = r.channel().await;
+                    if let Ok(q) = ch
+                        .queue_declare(
+                            q.as_str().into(),
+                            lapin::options::QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            Default::default(),
+                        )
+                        .await
+                    {
+                        n += u64::from(q.message_count());
+                    }
+                    let _ = conn.close(200, "ok".into()).await;
+                }
+                n
             }
         }
     }
@@ -303,6 +526,33 @@ impl Broker {
                     })
                     .collect()
             }
+            Broker::Rabbitmq(r) => {
+                // Gets every message without acknowledging it; closing the channel puts them back.
+                let (conn, ch) = r.channel().await;
+                let mut out = Vec::new();
+                while let Ok(Some(m)) = ch
+                    .basic_get(name.into(), lapin::options::BasicGetOptions::default())
+                    .await
+                {
+                    let headers = weir_proxy::bridge::rabbitmq::headers_of(&m.delivery.properties);
+                    out.push(Stored {
+                        payload: Bytes::from(m.delivery.data.clone()),
+                        headers: headers
+                            .into_iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                            .collect(),
+                        position: m
+                            .delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|s| s.as_str().to_string())
+                            .unwrap_or_default(),
+                    });
+                }
+                let _ = conn.close(200, "ok".into()).await;
+                out
+            }
         }
     }
 
@@ -335,6 +585,12 @@ impl Broker {
                     .query_async(&mut con)
                     .await
                     .unwrap();
+            }
+            Broker::Rabbitmq(r) => {
+                let (conn, ch) = r.channel().await;
+                ch.confirm_select(Default::default()).await.unwrap();
+                rabbit_publish(&ch, id, body).await;
+                let _ = conn.close(200, "ok".into()).await;
             }
         }
     }
@@ -374,6 +630,33 @@ impl Broker {
                     }
                     let _: Vec<String> = p.query_async(&mut con).await.unwrap();
                 }
+            }
+            Broker::Rabbitmq(r) => {
+                let (conn, ch) = r.channel().await;
+                ch.confirm_select(Default::default()).await.unwrap();
+                for chunk in events.chunks(500) {
+                    let mut confirms = Vec::new();
+                    for (id, body) in chunk {
+                        confirms.push(
+                            ch.basic_publish(
+                                STREAM.into(),
+                                SUBJECT.into(),
+                                lapin::options::BasicPublishOptions {
+                                    mandatory: true,
+                                    ..Default::default()
+                                },
+                                body.as_bytes(),
+                                rabbit_props(id),
+                            )
+                            .await
+                            .unwrap(),
+                        );
+                    }
+                    for c in confirms {
+                        assert_eq!(c.await.unwrap(), lapin::Confirmation::Ack(None));
+                    }
+                }
+                let _ = conn.close(200, "ok".into()).await;
             }
         }
     }
@@ -427,6 +710,10 @@ impl Broker {
                 }
                 (u64::from(last != "0-0"), 0)
             }
+            Broker::Rabbitmq(r) => {
+                let q = format!("{STREAM}.{consumer}");
+                r.queue_counts(&q).unwrap_or((u64::MAX, u64::MAX))
+            }
         }
     }
 
@@ -468,6 +755,34 @@ impl Broker {
                     .unwrap();
                 n == 1
             }
+            Broker::Rabbitmq(r) => {
+                // Reads the processed-event stream from its start until it is quiet.
+                let (conn, ch) = r.channel().await;
+                ch.basic_qos(1000, Default::default()).await.unwrap();
+                let mut args = lapin::types::FieldTable::default();
+                args.insert(
+                    "x-stream-offset".into(),
+                    lapin::types::AMQPValue::LongString("first".into()),
+                );
+                let mut c = ch
+                    .basic_consume(
+                        "weir_processed_shop_orders".into(),
+                        "probe".into(),
+                        Default::default(),
+                        args,
+                    )
+                    .await
+                    .unwrap();
+                let mut found = false;
+                while let Ok(Some(Ok(d))) =
+                    tokio::time::timeout(Duration::from_millis(500), c.next()).await
+                {
+                    found |= d.data == key.as_bytes();
+                    let _ = d.ack(Default::default()).await;
+                }
+                let _ = conn.close(200, "ok".into()).await;
+                found
+            }
         }
     }
 }
@@ -487,4 +802,45 @@ fn redis_map(v: &redis::Value) -> BTreeMap<String, String> {
         .filter(|kv| kv.len() == 2)
         .map(|kv| (s(&kv[0]), s(&kv[1])))
         .collect()
+}
+
+fn rabbit_props(id: &str) -> lapin::BasicProperties {
+    let mut h = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-source", "weir://shop/test"),
+        ("ce-type", "order.created"),
+        ("ce-time", "2026-01-01T00:00:00.000Z"),
+        ("content-type", "application/json"),
+    ] {
+        h.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    lapin::BasicProperties::default()
+        .with_headers(h)
+        .with_delivery_mode(2)
+        .with_message_id(id.into())
+}
+
+async fn rabbit_publish(ch: &lapin::Channel, id: &str, body: &str) {
+    let c = ch
+        .basic_publish(
+            STREAM.into(),
+            SUBJECT.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body.as_bytes(),
+            rabbit_props(id),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        c,
+        lapin::Confirmation::Ack(None),
+        "published to a bound queue"
+    );
 }

@@ -1,0 +1,918 @@
+//! RabbitMQ (AMQP 0-9-1, no plugins). For a queue's stream name `<s>` (`weir_<ns>_<q>`):
+//!
+//! | thing | RabbitMQ |
+//! |---|---|
+//! | where events are published | durable topic exchange `<s>`, routing key = the subject |
+//! | consumer `<ms>` | durable quorum queue `<s>.<ms>` bound with `#`: `x-delivery-limit` = maxDeliveries, `x-dead-letter-exchange` = `<s>_dlq`, `x-dead-letter-strategy: at-least-once`, `x-overflow: reject-publish` |
+//! | delayed retry after `<n>` ms | quorum queue `<s>.<ms>.retry.<n>`: `x-message-ttl` = n, dead-lettered (at least once) to the default exchange with routing key `<s>.<ms>` |
+//! | dead letters | fanout exchange `<s>_dlq` → quorum queue `<s>_dlq` |
+//! | processed events | stream queue `weir_processed_<ns>_<q>` (`x-max-age`), one message per record |
+//!
+//! Publish: `mandatory`, persistent, `message_id` = event id, CloudEvents headers; the 202 comes
+//! after the publisher confirm. An event no queue is bound for (no consumer declared yet) comes
+//! back (`basic.return`) and the publish answers 503: it was not stored.
+//!
+//! Consume: prefetch = maxInFlight. Ack and term are `basic.ack`. A nak with a delay publishes
+//! a copy (confirmed) to the retry queue of that delay and then acks the original; the copy's
+//! `Weir-Deliveries` header carries the deliveries so far. The delivery count is
+//! `Weir-Deliveries` + the quorum queue's `x-delivery-count` (deliveries returned by a crash or
+//! a requeue) + 1. A nak without delay is `basic.nack` with requeue.
+//!
+//! Processed events: each sidecar reads the queue's processed-event stream from `now - ttl` into
+//! memory (and keeps following it); it starts consuming only after it has read back a marker it
+//! published itself, so it knows every record older than its start. A record is published
+//! (confirmed) to the stream and kept in memory at once.
+
+use super::backend::{Headers, Inbound, Published, Settle, Side, header};
+use super::cloudevents::{CE_ID, processed_bucket};
+use super::consume::{Consumer, MIN_DEDUP_TTL, RETRY_LATER, deliver, stopped};
+use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use weir_crds::proxy::{ConsumeConfig, PublishConfig};
+
+/// The header counting deliveries made before a delayed retry's copy was published.
+pub const WEIR_DELIVERIES: &str = "Weir-Deliveries";
+
+/// The consumer queue of Microservice `consumer` on the queue whose stream name is `stream`.
+pub fn consumer_queue(stream: &str, consumer: &str) -> String {
+    format!("{stream}.{consumer}")
+}
+
+/// The retry queue delaying redeliveries to `queue` by `ms`.
+pub fn retry_queue(queue: &str, ms: u64) -> String {
+    format!("{queue}.retry.{ms}")
+}
+
+fn long(s: impl Into<String>) -> AMQPValue {
+    AMQPValue::LongString(s.into().into())
+}
+
+/// The arguments of a consumer queue (docs/messaging.md): quorum, delivery limit, at-least-once
+/// dead-lettering to the dead-letter exchange (none when dead letters are disabled).
+pub fn consumer_queue_args(max_deliveries: u32, dead_letter_exchange: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), long("quorum"));
+    t.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(max_deliveries.min(i32::MAX as u32) as i32),
+    );
+    if !dead_letter_exchange.is_empty() {
+        t.insert(
+            "x-dead-letter-exchange".into(),
+            long(dead_letter_exchange.to_string()),
+        );
+        t.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        t.insert("x-overflow".into(), long("reject-publish"));
+    }
+    t
+}
+
+/// The arguments of a retry queue: messages wait `ms`, then go back to `queue`.
+pub fn retry_queue_args(queue: &str, ms: u64) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), long("quorum"));
+    t.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(ms.min(i64::MAX as u64) as i64),
+    );
+    t.insert("x-dead-letter-exchange".into(), long(""));
+    t.insert("x-dead-letter-routing-key".into(), long(queue.to_string()));
+    t.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    t.insert("x-overflow".into(), long("reject-publish"));
+    t
+}
+
+/// The arguments of the dead-letter queue and of the processed-event stream.
+pub fn quorum_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), long("quorum"));
+    t
+}
+
+pub fn processed_stream_args(ttl: Duration) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), long("stream"));
+    t.insert(
+        "x-max-age".into(),
+        long(format!("{}s", ttl.as_secs().max(1))),
+    );
+    t.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongInt(4 << 20),
+    );
+    t
+}
+
+/// Parses the URL and puts the credentials of `credentials` (a Secret directory holding
+/// `username` and `password`) in it.
+pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
+    let mut u: AMQPUri = url
+        .parse()
+        .map_err(|e| format!("messaging.brokerUrl: {url:?} is not an AMQP URL: {e}"))?;
+    if let Some(dir) = credentials {
+        let p = std::path::Path::new(dir);
+        let read = |k: &str| {
+            std::fs::read_to_string(p.join(k))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        match (read("username"), read("password")) {
+            (Some(user), Some(pass)) => {
+                u.authority.userinfo.username = user;
+                u.authority.userinfo.password = pass;
+            }
+            _ => {
+                return Err(format!(
+                    "credentials directory {dir} holds no `username` and `password` (RabbitMQ)"
+                ));
+            }
+        }
+    }
+    Ok(u)
+}
+
+/// Connects once (bounded by [`API_TIMEOUT`]).
+pub async fn connect(u: &AMQPUri, name: &str) -> Result<Connection, String> {
+    let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
+    match tokio::time::timeout(API_TIMEOUT, Connection::connect_uri(u.clone(), props)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to {}:{}: {e}",
+            u.authority.host, u.authority.port
+        )),
+        Err(_) => Err(format!(
+            "cannot connect to {}:{}: timed out",
+            u.authority.host, u.authority.port
+        )),
+    }
+}
+
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(API_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} ms",
+            API_TIMEOUT.as_millis()
+        )),
+    }
+}
+
+/// Declares the queue unless it exists (an existing queue is used as it is: RabbitMQ refuses a
+/// redeclaration with other arguments). The check runs on a channel of its own, which the
+/// broker closes when the queue is absent.
+pub async fn ensure_queue(conn: &Connection, name: &str, args: FieldTable) -> Result<(), String> {
+    let probe = timed("channel", conn.create_channel()).await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..Default::default()
+    };
+    if probe
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = probe.close(200, "ok".into()).await;
+        return Ok(());
+    }
+    let ch = timed("channel", conn.create_channel()).await?;
+    timed(
+        &format!("declare queue {name}"),
+        ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args),
+    )
+    .await?;
+    tracing::info!(queue = name, "queue declared (was absent)");
+    let _ = ch.close(200, "ok".into()).await;
+    Ok(())
+}
+
+pub async fn ensure_exchange(
+    ch: &Channel,
+    name: &str,
+    kind: lapin::ExchangeKind,
+) -> Result<(), String> {
+    timed(
+        &format!("declare exchange {name}"),
+        ch.exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+/// Declares what one consumer needs, leaving alone what exists: the queue's exchange, the
+/// dead-letter exchange and queue, the consumer queue bound with `#`, the processed stream.
+pub async fn declare_consumer(
+    conn: &Connection,
+    c: &ConsumeConfig,
+    processed_ttl: Duration,
+) -> Result<(), String> {
+    let ch = timed("channel", conn.create_channel()).await?;
+    ensure_exchange(&ch, &c.stream, lapin::ExchangeKind::Topic).await?;
+    if !c.dead_letter_stream.is_empty() {
+        ensure_exchange(&ch, &c.dead_letter_stream, lapin::ExchangeKind::Fanout).await?;
+        ensure_queue(conn, &c.dead_letter_stream, quorum_args()).await?;
+        timed(
+            "bind the dead-letter queue",
+            ch.queue_bind(
+                c.dead_letter_stream.as_str().into(),
+                c.dead_letter_stream.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    }
+    let q = consumer_queue(&c.stream, &c.consumer);
+    ensure_queue(
+        conn,
+        &q,
+        consumer_queue_args(c.max_deliveries, &c.dead_letter_stream),
+    )
+    .await?;
+    timed(
+        &format!("bind {q}"),
+        ch.queue_bind(
+            q.as_str().into(),
+            c.stream.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    ensure_queue(
+        conn,
+        &processed_bucket(&c.stream),
+        processed_stream_args(processed_ttl),
+    )
+    .await?;
+    let _ = ch.close(200, "ok".into()).await;
+    Ok(())
+}
+
+/// Publishes and waits for the confirm; a returned (unroutable) or nacked message is an error.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<(), String> {
+    let fut = async {
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload,
+                props,
+            )
+            .await
+            .map_err(|e| format!("publish failed: {e}"))?;
+        match confirm.await.map_err(|e| format!("publish failed: {e}"))? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(format!(
+                "no queue is bound to exchange {exchange:?} (no consumer of this queue is \
+                 declared yet): the event was not stored"
+            )),
+            Confirmation::Nack(_) => Err(format!(
+                "the broker refused the event on exchange {exchange:?} (a queue is full)"
+            )),
+        }
+    };
+    match tokio::time::timeout(PUBLISH_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the broker did not confirm within {} ms",
+            PUBLISH_TIMEOUT.as_millis()
+        )),
+    }
+}
+
+fn props_with(headers: &Headers, message_id: &str) -> BasicProperties {
+    let mut t = FieldTable::default();
+    for (k, v) in headers {
+        t.insert(k.as_str().into(), long(v.clone()));
+    }
+    BasicProperties::default()
+        .with_headers(t)
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+}
+
+fn value_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::LongInt(i) => i.to_string(),
+        AMQPValue::LongLongInt(i) => i.to_string(),
+        AMQPValue::LongUInt(i) => i.to_string(),
+        AMQPValue::ShortInt(i) => i.to_string(),
+        AMQPValue::ShortUInt(i) => i.to_string(),
+        AMQPValue::ShortShortInt(i) => i.to_string(),
+        AMQPValue::ShortShortUInt(i) => i.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        _ => return None,
+    })
+}
+
+/// The message's headers as text (nested tables such as `x-death` are left out).
+pub fn headers_of(p: &BasicProperties) -> Headers {
+    p.headers()
+        .as_ref()
+        .map(|t| {
+            t.inner()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), value_text(v)?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The sidecar's publishing connection: one confirm-mode channel, re-opened by a supervisor.
+pub(crate) struct RabbitConn {
+    channel: Arc<Mutex<Option<Channel>>>,
+    connected: Arc<AtomicBool>,
+    supervisor: tokio::task::JoinHandle<()>,
+    pub uri: AMQPUri,
+    pub name: String,
+}
+
+impl RabbitConn {
+    pub fn open(
+        url: &str,
+        credentials: Option<&str>,
+        name: &str,
+        publishes: Vec<PublishConfig>,
+        on_state: impl Fn(bool) + Send + Sync + 'static,
+    ) -> Result<RabbitConn, String> {
+        let u = uri(url, credentials)?;
+        let channel: Arc<Mutex<Option<Channel>>> = Arc::default();
+        let connected = Arc::new(AtomicBool::new(false));
+        let (u2, ch2, flag, name2) = (
+            u.clone(),
+            channel.clone(),
+            connected.clone(),
+            name.to_string(),
+        );
+        let supervisor = tokio::spawn(async move {
+            let mut conn: Option<Connection> = None;
+            let mut delay = Duration::from_millis(50);
+            loop {
+                let up = conn.as_ref().is_some_and(|c| c.status().connected())
+                    && ch2
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .is_some_and(|c| c.status().connected());
+                if !up {
+                    *ch2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    if flag.swap(false, Ordering::AcqRel) {
+                        on_state(false);
+                        tracing::warn!("broker disconnected; reconnecting");
+                    }
+                    match open_publisher(&u2, &name2, &publishes).await {
+                        Ok((c, ch)) => {
+                            conn = Some(c);
+                            *ch2.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
+                            flag.store(true, Ordering::Release);
+                            on_state(true);
+                            tracing::info!("broker connected");
+                            delay = Duration::from_millis(50);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot connect yet");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(super::connect::MAX_RECONNECT_DELAY);
+                            continue;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(RabbitConn {
+            channel,
+            connected,
+            supervisor,
+            uri: u,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn close(&self) {
+        self.supervisor.abort();
+        if let Some(ch) = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            tokio::spawn(async move {
+                let _ = ch.close(200, "bye".into()).await;
+            });
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        target: &PublishConfig,
+        id: &str,
+        headers: &Headers,
+        payload: Bytes,
+    ) -> Result<Published, String> {
+        let ch = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| "not connected to the broker".to_string())?;
+        publish_confirmed(
+            &ch,
+            &target.stream,
+            &target.subject,
+            &payload,
+            props_with(headers, id),
+        )
+        .await?;
+        Ok(Published {
+            duplicate: false,
+            position: serde_json::Value::Null,
+        })
+    }
+}
+
+async fn open_publisher(
+    u: &AMQPUri,
+    name: &str,
+    publishes: &[PublishConfig],
+) -> Result<(Connection, Channel), String> {
+    let conn = connect(u, name).await?;
+    let ch = timed("channel", conn.create_channel()).await?;
+    timed(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    for p in publishes {
+        ensure_exchange(&ch, &p.stream, lapin::ExchangeKind::Topic).await?;
+    }
+    Ok((conn, ch))
+}
+
+/// Records read from (and written to) the processed-event stream: key → expiry (Unix ms).
+#[derive(Default)]
+struct Processed {
+    keys: HashMap<String, i64>,
+    markers: std::collections::HashSet<String>,
+}
+
+pub(crate) struct Shared {
+    /// Confirm-mode channel for retries, dead letters and processed records.
+    out: Channel,
+    queue: String,
+    dead_letter_exchange: String,
+    processed_stream: String,
+    processed_ttl: Duration,
+    processed: Arc<Mutex<Processed>>,
+    declared_retry: Mutex<std::collections::HashSet<u64>>,
+    conn: Connection,
+}
+
+pub(crate) struct RabbitMsg {
+    delivery: lapin::message::Delivery,
+    headers: Headers,
+    payload: Bytes,
+    delivered: u64,
+    shared: Arc<Shared>,
+}
+
+impl RabbitMsg {
+    fn new(mut delivery: lapin::message::Delivery, shared: Arc<Shared>) -> RabbitMsg {
+        let headers = headers_of(&delivery.properties);
+        let n = |k: &str| {
+            header(&headers, k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let delivered = n(WEIR_DELIVERIES) + n("x-delivery-count") + 1;
+        let payload = Bytes::from(std::mem::take(&mut delivery.data));
+        RabbitMsg {
+            delivery,
+            headers,
+            payload,
+            delivered,
+            shared,
+        }
+    }
+}
+
+impl Inbound for RabbitMsg {
+    fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+    fn headers(&self) -> &Headers {
+        &self.headers
+    }
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+    fn position(&self) -> String {
+        self.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_string())
+            .or_else(|| header(&self.headers, CE_ID).map(str::to_string))
+            .unwrap_or_default()
+    }
+    fn origin(&self) -> &str {
+        &self.shared.queue
+    }
+    async fn settle(&self, how: Settle) -> Result<(), String> {
+        let acker = &self.delivery.acker;
+        match how {
+            Settle::Ack | Settle::Term => acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Settle::Nak(None) => acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Settle::Nak(Some(d)) => match self.retry_later(d).await {
+                Ok(()) => acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => {
+                    tracing::warn!(queue = %self.shared.queue, error = %e, "cannot park the retry; handing the message back");
+                    tokio::time::sleep(RETRY_LATER).await;
+                    acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            },
+        }
+    }
+    async fn progress(&self) {
+        // RabbitMQ redelivers only when the consumer's connection is gone: nothing to extend.
+    }
+}
+
+impl RabbitMsg {
+    /// Publishes a copy to the retry queue of `d` (declared when first used), confirmed.
+    async fn retry_later(&self, d: Duration) -> Result<(), String> {
+        let s = &self.shared;
+        let ms = d.as_millis().max(1) as u64;
+        let rq = retry_queue(&s.queue, ms);
+        let known = s
+            .declared_retry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ms);
+        if !known {
+            ensure_queue(&s.conn, &rq, retry_queue_args(&s.queue, ms)).await?;
+            s.declared_retry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ms);
+        }
+        let mut h: Headers = self
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("x-") && !k.eq_ignore_ascii_case(WEIR_DELIVERIES))
+            .cloned()
+            .collect();
+        h.push((WEIR_DELIVERIES.into(), self.delivered.to_string()));
+        let id = self.position();
+        publish_confirmed(&s.out, "", &rq, &self.payload, props_with(&h, &id)).await
+    }
+}
+
+pub(crate) struct RabbitSide {
+    shared: Arc<Shared>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Side for RabbitSide {
+    type Msg = RabbitMsg;
+    async fn is_processed(&self, key: &str) -> Result<bool, String> {
+        let p = self
+            .shared
+            .processed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(p.keys.get(key).is_some_and(|&exp| exp > now_ms()))
+    }
+    async fn record_processed(&self, key: &str, _value: &str) -> Result<(), String> {
+        let s = &self.shared;
+        s.processed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .insert(
+                key.to_string(),
+                now_ms() + s.processed_ttl.as_millis() as i64,
+            );
+        publish_confirmed(
+            &s.out,
+            "",
+            &s.processed_stream,
+            key.as_bytes(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64),
+        )
+        .await
+    }
+    async fn dead_letter(&self, msg: &RabbitMsg, headers: Headers) -> Result<(), String> {
+        let s = &self.shared;
+        publish_confirmed(
+            &s.out,
+            &s.dead_letter_exchange,
+            "",
+            &msg.payload,
+            props_with(&headers, &msg.position()),
+        )
+        .await
+    }
+}
+
+/// Follows the processed-event stream from `now - ttl` into `processed` until `stop`.
+async fn follow_processed(
+    ch: Channel,
+    stream: String,
+    ttl: Duration,
+    processed: Arc<Mutex<Processed>>,
+    tag: String,
+) -> Result<(), String> {
+    timed("basic.qos", ch.basic_qos(1000, BasicQosOptions::default())).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        long(format!("{}s", ttl.as_secs().max(1))),
+    );
+    let mut consumer = timed(
+        &format!("follow {stream}"),
+        ch.basic_consume(
+            stream.as_str().into(),
+            ShortString::from(tag),
+            BasicConsumeOptions::default(),
+            args,
+        ),
+    )
+    .await?;
+    tokio::spawn(async move {
+        let ttl_ms = ttl.as_millis() as i64;
+        while let Some(Ok(d)) = consumer.next().await {
+            let at_ms = d
+                .properties
+                .timestamp()
+                .map(|t| t as i64 * 1000)
+                .unwrap_or_else(now_ms);
+            let key = String::from_utf8_lossy(&d.data).into_owned();
+            {
+                let mut p = processed.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(m) = key.strip_prefix("marker:") {
+                    p.markers.insert(m.to_string());
+                } else if at_ms + ttl_ms > now_ms() {
+                    let e = p.keys.entry(key).or_insert(0);
+                    *e = (*e).max(at_ms + ttl_ms);
+                }
+                if p.keys.len() > 100_000 && p.keys.len().is_power_of_two() {
+                    let now = now_ms();
+                    p.keys.retain(|_, exp| *exp > now);
+                }
+            }
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+    Ok(())
+}
+
+/// Runs until `stop`: prefetch = maxInFlight, one task per delivery.
+pub(crate) async fn run(ctx: Arc<Consumer>, u: AMQPUri, name: String) {
+    let c = ctx.cfg.clone();
+    let mut stop = ctx.stop.clone();
+    let max = c.max_in_flight as usize;
+    let sem = Arc::new(Semaphore::new(max));
+    let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
+    let processed: Arc<Mutex<Processed>> = Arc::default();
+    let mut delay = Duration::from_millis(100);
+    'connect: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let setup = async {
+            let conn = connect(&u, &name).await?;
+            declare_consumer(&conn, &c, ttl).await?;
+            let out = timed("channel", conn.create_channel()).await?;
+            timed(
+                "confirm.select",
+                out.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await?;
+            let follow = timed("channel", conn.create_channel()).await?;
+            let stream = processed_bucket(&c.stream);
+            follow_processed(
+                follow,
+                stream.clone(),
+                ttl,
+                processed.clone(),
+                format!("{name}-processed"),
+            )
+            .await?;
+            // Read up to a marker of our own: every record older than now is then known.
+            let marker = uuid::Uuid::new_v4().to_string();
+            publish_confirmed(
+                &out,
+                "",
+                &stream,
+                format!("marker:{marker}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if processed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .markers
+                    .remove(&marker)
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "the processed-event stream {stream} was not read back in 30 s"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let ch = timed("channel", conn.create_channel()).await?;
+            timed(
+                "basic.qos",
+                ch.basic_qos(
+                    c.max_in_flight.min(u16::MAX as u32) as u16,
+                    BasicQosOptions::default(),
+                ),
+            )
+            .await?;
+            let q = consumer_queue(&c.stream, &c.consumer);
+            let consumer = timed(
+                &format!("consume {q}"),
+                ch.basic_consume(
+                    q.as_str().into(),
+                    ShortString::from(name.clone()),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            let shared = Arc::new(Shared {
+                out,
+                queue: q,
+                dead_letter_exchange: c.dead_letter_stream.clone(),
+                processed_stream: stream,
+                processed_ttl: ttl,
+                processed: processed.clone(),
+                declared_retry: Default::default(),
+                conn,
+            });
+            Ok::<_, String>((shared, ch, consumer))
+        };
+        let (shared, ch, mut consumer) = match setup.await {
+            Ok(v) => {
+                tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consuming");
+                delay = Duration::from_millis(100);
+                v
+            }
+            Err(e) => {
+                tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let side = Arc::new(RabbitSide {
+            shared: shared.clone(),
+        });
+        loop {
+            let permit = tokio::select! {
+                _ = stopped(&mut stop) => {
+                    let _ = ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default()).await;
+                    break 'connect;
+                }
+                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let next = tokio::select! {
+                _ = stopped(&mut stop) => {
+                    let _ = ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default()).await;
+                    break 'connect;
+                }
+                n = consumer.next() => n,
+            };
+            match next {
+                Some(Ok(d)) => {
+                    let (ctx, side, shared) = (ctx.clone(), side.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        deliver(&ctx, side.as_ref(), RabbitMsg::new(d, shared)).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(queue = ctx.queue(), error = %e, "consumer interrupted; reconnecting");
+                    break;
+                }
+                None => {
+                    tracing::warn!(queue = ctx.queue(), "consumer cancelled; reconnecting");
+                    break;
+                }
+            }
+        }
+        let _ = shared.conn.close(200, "reconnecting".into()).await;
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+    let _ = sem.acquire_many(max as u32).await;
+    tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consumer stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_arguments() {
+        assert_eq!(
+            consumer_queue("weir_shop_orders", "billing"),
+            "weir_shop_orders.billing"
+        );
+        assert_eq!(
+            retry_queue("weir_shop_orders.billing", 500),
+            "weir_shop_orders.billing.retry.500"
+        );
+        let a = consumer_queue_args(5, "weir_shop_orders_dlq");
+        let get = |k: &str| a.inner().get(k).cloned();
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongInt(5)));
+        assert_eq!(get("x-dead-letter-strategy"), Some(long("at-least-once")));
+        assert_eq!(get("x-overflow"), Some(long("reject-publish")));
+        let none = consumer_queue_args(5, "");
+        assert!(none.inner().get("x-dead-letter-exchange").is_none());
+        let u = uri("amqp://127.0.0.1:5672/%2f", None).unwrap();
+        assert_eq!(u.vhost, "/");
+    }
+}
