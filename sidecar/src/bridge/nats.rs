@@ -233,7 +233,10 @@ pub(crate) async fn run(ctx: Arc<Consumer>, js: jetstream::Context) {
                 .batch()
                 .max_messages(permits.len())
                 .expires(PULL_EXPIRES)
-                .heartbeat(Duration::from_secs(1))
+                // No idle heartbeat: async-nats 0.51's batch stream returns Pending on a
+                // heartbeat without asking to be woken again, so a message arriving after the
+                // first heartbeat sat unseen until the pull expired, then waited out the ack
+                // wait. A dead connection is noticed by the client's pings and our deadline.
                 .messages()
                 .await;
             let mut batch = match batch {
