@@ -80,6 +80,10 @@ struct UpArgs {
     /// Stop everything when a process exits, instead of restarting it.
     #[arg(long)]
     no_restart: bool,
+    /// Choose every port free, even where a `weir.dev/local-port` annotation fixes one (to run
+    /// a second copy of a system beside the first).
+    #[arg(long)]
+    any_port: bool,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -287,6 +291,7 @@ impl UpArgs {
             ready_timeout: self.ready_timeout,
             otlp_endpoint: self.otlp_endpoint,
             no_restart: self.no_restart,
+            any_port: self.any_port,
         }
     }
 }

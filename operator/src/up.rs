@@ -160,6 +160,17 @@ pub fn plan(
     namespace: &str,
     broker_url: Option<&str>,
 ) -> Result<Vec<LocalService>> {
+    plan_with(loaded, namespace, broker_url, true)
+}
+
+/// [`plan`], with `fixed_ports: false` ignoring `weir.dev/local-port` (every port chosen free,
+/// so a second copy of a system can run beside the first).
+pub fn plan_with(
+    loaded: &[Loaded],
+    namespace: &str,
+    broker_url: Option<&str>,
+    fixed_ports: bool,
+) -> Result<Vec<LocalService>> {
     let (queues, brokers) = match broker_url {
         Some(url) => local_messaging(loaded, url)?,
         None => Default::default(),
@@ -188,6 +199,7 @@ pub fn plan(
             .annotations
             .as_ref()
             .and_then(|a| a.get(LOCAL_PORT))
+            .filter(|_| fixed_ports)
             .map(|p| {
                 let port: u16 = p.parse().map_err(|_| {
                     anyhow!("Microservice/{name}: metadata.annotations[{LOCAL_PORT:?}]: {p:?} is not a port number")
@@ -746,6 +758,8 @@ pub struct RunOptions {
     pub otlp_endpoint: Option<String>,
     /// Exit when a process exits instead of restarting it.
     pub no_restart: bool,
+    /// Choose every port free, ignoring `weir.dev/local-port`.
+    pub any_port: bool,
 }
 
 /// Writes the state file: ports, pids, saga URLs and the broker (whole, then renamed, so a
@@ -800,7 +814,12 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             Some(url)
         }
     };
-    let mut services = plan(&loaded, &opts.namespace, broker_url.as_deref())?;
+    let mut services = plan_with(
+        &loaded,
+        &opts.namespace,
+        broker_url.as_deref(),
+        !opts.any_port,
+    )?;
     if let Some(ep) = &opts.otlp_endpoint {
         for s in &mut services {
             s.config.tracing.otlp_endpoint = Some(ep.clone());

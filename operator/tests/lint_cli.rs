@@ -75,3 +75,23 @@ fn graph_prints_mermaid_and_dot() {
     assert!(dot.contains("q_refunds -> ms_ledger"), "{dot}");
     assert!(dot.contains("ms_orders -> q_order_audit"), "{dot}");
 }
+
+#[test]
+fn the_shop_lints_without_findings_and_its_graph_renders() {
+    let out = weir(&["lint", "-f", "examples/shop"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("0 error(s), 0 warning(s)"), "{text}");
+    let g = weir(&["graph", "-f", "examples/shop"]);
+    assert!(g.status.success());
+    let mermaid = String::from_utf8(g.stdout).unwrap();
+    for edge in [
+        r#"ms_orders -->|"300ms, breaker 50%, fallback"| ms_users"#,
+        r#"ms_gateway -->|"10s, breaker 50%, bulkhead 64"| ms_orders"#,
+        r#"q_orders -.->|"starts"| saga_place_order"#,
+        r#"saga_place_order ==>|"2. charge, compensable"| ms_payments"#,
+        r#"q_payments_captured -.->|"POST /events/payment-captured"| ms_notifications"#,
+    ] {
+        assert!(mermaid.contains(edge), "missing {edge}:\n{mermaid}");
+    }
+}

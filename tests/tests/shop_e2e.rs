@@ -110,7 +110,14 @@ impl Shop {
         );
         let log = std::fs::File::create(&log_file).unwrap();
         let child = Command::new(target.join("weir"))
-            .args(["up", "-f", "examples/shop", "--otlp-endpoint", otlp])
+            .args([
+                "up",
+                "-f",
+                "examples/shop",
+                "--any-port",
+                "--otlp-endpoint",
+                otlp,
+            ])
             .arg("--state-file")
             .arg(&state_file)
             .arg("--work-dir")
@@ -400,6 +407,9 @@ fn the_shop_runs_end_to_end_under_weir_up() {
 
     eprintln!("== an order: saga completes, one capture, notifications");
     let before = stock("p1");
+    // Idle first: the consumers' pull requests have been waiting a while when the events come.
+    std::thread::sleep(Duration::from_millis(2500));
+    let placed_at = Instant::now();
     let id = shop.place("u1", "p1", 2, "tok_visa");
     let o = shop.settled(&id);
     assert_eq!(o["status"], "confirmed", "{o}");
@@ -419,6 +429,13 @@ fn the_shop_runs_end_to_end_under_weir_up() {
         (kinds.len() == 2).then_some(kinds)
     });
     assert!(kinds.contains("order-outcome") && kinds.contains("payment-captured"));
+    // Pushed as they arrive: a stalled pull would show as a redelivery after the queues' 10s
+    // ack wait.
+    assert!(
+        placed_at.elapsed() < Duration::from_secs(5),
+        "events took {:?} to reach notifications",
+        placed_at.elapsed()
+    );
 
     eprintln!("== one trace id across gateway → orders → users: spans and log lines");
     let trace_id = format!("{:032x}", 0x5eed_0000_u128 + u128::from(std::process::id()));
