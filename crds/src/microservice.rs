@@ -30,10 +30,13 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.port != 15001 && self.port != 15090 && (self.port < 15100 || self.port > 15199)", "message": "port collides with a weir-proxy port (15001, 15090, 15100-15199)", "fieldPath": ".port"}
+    {"rule": "self.port != 15001 && self.port != 15090 && (self.port < 15100 || self.port > 15199)", "message": "port collides with a weir-proxy port (15001, 15090, 15100-15199)", "fieldPath": ".port"},
+    {"rule": "has(self.image) || (has(self.edge) && has(self.edge.routes) && size(self.edge.routes) > 0)", "message": "image is required unless the Microservice is an edge with routes (a gateway without an app)", "fieldPath": ".image"}
 ]))]
 pub struct MicroserviceSpec {
-    /// The app's container image.
+    /// The app's container image. Left out for an edge that only routes: the pod then runs
+    /// `weir-proxy` alone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1))]
     pub image: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +79,11 @@ pub struct MicroserviceSpec {
     #[serde(default = "default_grace")]
     #[schemars(range(min = 1, max = 3600))]
     pub termination_grace_period_seconds: i64,
+    /// Makes this Microservice the edge (the gateway clients call): its sidecar validates a JWT
+    /// on every request, sets `x-user-id` / `x-user-role`, routes path prefixes to dependencies,
+    /// answers CORS and limits each client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<Box<EdgeSpec>>,
 }
 
 fn default_port() -> i32 {
@@ -270,6 +278,248 @@ pub struct ConsumeSpec {
 
 fn default_in_flight() -> u32 {
     16
+}
+
+/// The edge: JWT validation, identity headers, routes, CORS and per-client rate limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EdgeSpec {
+    pub jwt: JwtSpec,
+    /// Requests admitted without a token (a token sent anyway is still validated). Everything
+    /// else needs one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub anonymous: Vec<AnonymousRule>,
+    /// Path prefixes sent to a dependency (with its timeout, retries and breaker) instead of the
+    /// app; the longest matching prefix wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pathPrefix"]))]
+    pub routes: Vec<EdgeRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsSpec>,
+    /// A token bucket per client (user id, or client IP for anonymous requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<ClientRateLimitSpec>,
+    /// Proxies in front of the edge that append to `X-Forwarded-For` (1 behind a cloud load
+    /// balancer); 0 takes the client IP from the connection.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 10))]
+    pub xff_num_trusted_hops: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Where signing keys come from (exactly one source) and what a token must say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.jwks), has(self.jwksSecretRef), has(self.jwksUri), has(self.hmacSecretRef)].filter(x, x).size() == 1", "message": "set exactly one of jwks, jwksSecretRef, jwksUri or hmacSecretRef"}
+]))]
+pub struct JwtSpec {
+    /// The `iss` claim must equal this.
+    #[schemars(length(min = 1, max = 1024))]
+    pub issuer: String,
+    /// The `aud` claim must contain one of these.
+    #[schemars(length(min = 1, max = 20))]
+    pub audiences: Vec<String>,
+    /// A JWKS document (JSON) with RS256 RSA or ES256 P-256 keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub jwks: Option<String>,
+    /// A Secret key holding a JWKS document; mounted into the sidecar, re-read on refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_secret_ref: Option<SecretKeyRef>,
+    /// The issuer's JWKS URL, fetched at start, every `jwksRefreshInterval`, and again (at most
+    /// every 30s) when a token names an unknown key id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://\S+$"))]
+    pub jwks_uri: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub jwks_refresh_interval: String,
+    /// A Secret key holding the HS256 shared secret (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret_ref: Option<SecretKeyRef>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub leeway: String,
+    /// Claim copied into `x-user-id`; a dotted path reaches into objects.
+    #[serde(default = "default_user_id_claim")]
+    #[schemars(length(min = 1, max = 256))]
+    pub user_id_claim: String,
+    /// Claim copied into `x-user-role`; a list is joined with `,`.
+    #[serde(default = "default_role_claim")]
+    #[schemars(length(min = 1, max = 256))]
+    pub role_claim: String,
+    /// Keep the `Authorization` header on the forwarded request.
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Longer tokens are refused unread.
+    #[serde(default = "default_max_token_bytes")]
+    #[schemars(range(min = 64, max = 65536))]
+    pub max_token_bytes: u32,
+}
+
+pub fn default_jwks_refresh() -> String {
+    "5m".into()
+}
+pub fn default_leeway() -> String {
+    "60s".into()
+}
+fn default_user_id_claim() -> String {
+    "sub".into()
+}
+fn default_role_claim() -> String {
+    "role".into()
+}
+fn default_max_token_bytes() -> u32 {
+    8192
+}
+
+/// One key of a Secret in the Microservice's namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnonymousRule {
+    /// This path and everything below it: `/catalog` covers `/catalog/3`, not `/catalogs`.
+    #[schemars(regex(pattern = r"^/([^/?#\s]+(/[^/?#\s]+)*)?$"))]
+    pub path_prefix: String,
+    /// Methods admitted without a token; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub methods: Vec<HttpMethod>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Head => "HEAD",
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Options => "OPTIONS",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EdgeRoute {
+    /// `/orders` covers `/orders` and `/orders/...`.
+    #[schemars(regex(pattern = r"^/([^/?#\s]+(/[^/?#\s]+)*)?$"))]
+    pub path_prefix: String,
+    /// Name of an entry of `dependencies` (checked by the operator).
+    #[schemars(length(min = 1, max = 40))]
+    pub dependency: String,
+    /// Remove the prefix before forwarding: `/orders/3` arrives as `/3`.
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!self.allowCredentials || !self.allowOrigins.exists(o, o == '*')", "message": "allowOrigins may not contain * when allowCredentials is true", "fieldPath": ".allowOrigins"}
+]))]
+pub struct CorsSpec {
+    /// Exact origins (`https://shop.example.com`), or `*` without credentials.
+    #[schemars(
+        length(min = 1, max = 100),
+        inner(length(max = 253), regex(pattern = r"^(\*|https?://[^/\s]+)$"))
+    )]
+    pub allow_origins: Vec<String>,
+    #[serde(default = "default_cors_methods")]
+    #[schemars(length(min = 1, max = 10))]
+    pub allow_methods: Vec<HttpMethod>,
+    /// Request headers a page may send; `*` allows any.
+    #[serde(default = "default_cors_headers")]
+    #[schemars(
+        length(max = 50),
+        inner(regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))
+    )]
+    pub allow_headers: Vec<String>,
+    /// Response headers a page may read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 50),
+        inner(regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))
+    )]
+    pub expose_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(default = "default_cors_max_age")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub max_age: String,
+    /// Allow cookies and `Authorization` on cross-origin requests.
+    #[serde(default)]
+    pub allow_credentials: bool,
+}
+
+fn default_cors_methods() -> Vec<HttpMethod> {
+    use HttpMethod::*;
+    vec![Get, Head, Post, Put, Patch, Delete]
+}
+fn default_cors_headers() -> Vec<String> {
+    vec!["authorization".into(), "content-type".into()]
+}
+fn default_cors_max_age() -> String {
+    "10m".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientRateLimitSpec {
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_second: u32,
+    /// Largest burst per client; defaults to one second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub key: ClientKey,
+    /// Clients remembered at once; beyond it idle ones are forgotten first.
+    #[serde(default = "default_max_clients")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_clients: u32,
+}
+
+fn default_max_clients() -> u32 {
+    100_000
+}
+
+/// What a client is, for per-client rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientKey {
+    /// The token's user id; the client IP for anonymous requests.
+    #[default]
+    User,
+    /// The client IP, authenticated or not.
+    Ip,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]

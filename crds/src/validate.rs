@@ -3,7 +3,7 @@
 //! The operator reports what these find as a status condition and an Event.
 
 use crate::duration;
-use crate::microservice::MicroserviceSpec;
+use crate::microservice::{EdgeSpec, MicroserviceSpec};
 use crate::queue::QueueSpec;
 use crate::saga::SagaSpec;
 use std::collections::BTreeSet;
@@ -202,6 +202,16 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
             "must be between 0 and 1",
         );
     }
+    if spec.image.is_empty() && spec.edge.as_ref().is_none_or(|e| e.routes.is_empty()) {
+        push(
+            &mut errs,
+            "spec.image".into(),
+            "image is required unless the Microservice is an edge with routes (a gateway without an app)",
+        );
+    }
+    if let Some(e) = &spec.edge {
+        edge(&mut errs, e, spec);
+    }
     let mut queues = BTreeSet::new();
     for (i, c) in spec.consumes.iter().enumerate() {
         if !queues.insert(c.queue.as_str()) {
@@ -213,6 +223,145 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         }
     }
     errs
+}
+
+/// A path prefix as the schema's pattern allows it: `/` or `/a/b`, no empty segment, no query.
+pub fn is_path_prefix(p: &str) -> bool {
+    p == "/"
+        || (p.starts_with('/')
+            && p[1..].split('/').all(|seg| {
+                !seg.is_empty() && !seg.contains(['?', '#']) && !seg.contains(char::is_whitespace)
+            }))
+}
+
+fn edge(errs: &mut Vec<FieldError>, e: &EdgeSpec, spec: &MicroserviceSpec) {
+    let j = &e.jwt;
+    let sources = [
+        j.jwks.is_some(),
+        j.jwks_secret_ref.is_some(),
+        j.jwks_uri.is_some(),
+        j.hmac_secret_ref.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        push(
+            errs,
+            "spec.edge.jwt".into(),
+            "set exactly one of jwks, jwksSecretRef, jwksUri or hmacSecretRef",
+        );
+    }
+    if j.issuer.is_empty() {
+        push(errs, "spec.edge.jwt.issuer".into(), "must not be empty");
+    }
+    if j.audiences.is_empty() || j.audiences.iter().any(String::is_empty) {
+        push(
+            errs,
+            "spec.edge.jwt.audiences".into(),
+            "needs at least one non-empty audience",
+        );
+    }
+    if let Some(doc) = &j.jwks {
+        let keys = serde_json::from_str::<serde_json::Value>(doc)
+            .ok()
+            .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len));
+        if keys.is_none_or(|n| n == 0) {
+            push(
+                errs,
+                "spec.edge.jwt.jwks".into(),
+                "must be a JWKS document: a JSON object with a non-empty keys array",
+            );
+        }
+    }
+    if let Some(u) = &j.jwks_uri
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        push(
+            errs,
+            "spec.edge.jwt.jwksUri".into(),
+            "must start with http:// or https://",
+        );
+    }
+    if let Some(d) = check_duration(
+        errs,
+        "spec.edge.jwt.jwksRefreshInterval".into(),
+        &j.jwks_refresh_interval,
+    ) && d < std::time::Duration::from_secs(1)
+    {
+        push(
+            errs,
+            "spec.edge.jwt.jwksRefreshInterval".into(),
+            "must be at least 1s",
+        );
+    }
+    if let Some(d) = check_duration(errs, "spec.edge.jwt.leeway".into(), &j.leeway)
+        && d > std::time::Duration::from_secs(600)
+    {
+        push(errs, "spec.edge.jwt.leeway".into(), "must be at most 10m");
+    }
+    if !(64..=65536).contains(&j.max_token_bytes) {
+        push(
+            errs,
+            "spec.edge.jwt.maxTokenBytes".into(),
+            "must be between 64 and 65536",
+        );
+    }
+    for (i, a) in e.anonymous.iter().enumerate() {
+        if !is_path_prefix(&a.path_prefix) {
+            push(
+                errs,
+                format!("spec.edge.anonymous[{i}].pathPrefix"),
+                "must be / or /segment[/segment...] (no trailing /, query or whitespace)",
+            );
+        }
+    }
+    let mut prefixes = BTreeSet::new();
+    for (i, r) in e.routes.iter().enumerate() {
+        if !is_path_prefix(&r.path_prefix) {
+            push(
+                errs,
+                format!("spec.edge.routes[{i}].pathPrefix"),
+                "must be / or /segment[/segment...] (no trailing /, query or whitespace)",
+            );
+        }
+        if !prefixes.insert(r.path_prefix.as_str()) {
+            push(
+                errs,
+                format!("spec.edge.routes[{i}].pathPrefix"),
+                format!("duplicate prefix {:?}", r.path_prefix),
+            );
+        }
+        if !spec.dependencies.iter().any(|d| d.name == r.dependency) {
+            push(
+                errs,
+                format!("spec.edge.routes[{i}].dependency"),
+                format!("no entry of dependencies is named {:?}", r.dependency),
+            );
+        }
+    }
+    if let Some(c) = &e.cors {
+        for (i, o) in c.allow_origins.iter().enumerate() {
+            let ok = o == "*"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o
+                        .split_once("://")
+                        .is_some_and(|(_, h)| h.is_empty() || h.contains('/'))
+                    && !o.contains(char::is_whitespace));
+            if !ok {
+                push(
+                    errs,
+                    format!("spec.edge.cors.allowOrigins[{i}]"),
+                    "must be an origin (scheme://host[:port]) or *",
+                );
+            }
+        }
+        if c.allow_credentials && c.allow_origins.iter().any(|o| o == "*") {
+            push(
+                errs,
+                "spec.edge.cors.allowOrigins".into(),
+                "allowOrigins may not contain * when allowCredentials is true",
+            );
+        }
+        check_duration(errs, "spec.edge.cors.maxAge".into(), &c.max_age);
+    }
 }
 
 pub fn queue(spec: &QueueSpec) -> Vec<FieldError> {
@@ -333,5 +482,61 @@ inbound: {maxQueue: 5}
             ]
         );
         assert!(!microservice("Bad_Name", &ms("image: x")).is_empty());
+    }
+
+    #[test]
+    fn edge_errors_name_the_field() {
+        let spec = ms(r#"
+dependencies:
+  - {name: orders, microservice: orders}
+edge:
+  jwt:
+    issuer: https://id.example.com/
+    audiences: [shop]
+    jwks: '{"keys": []}'
+    jwksUri: ftp://keys
+    leeway: 1h
+  anonymous:
+    - {pathPrefix: /catalog/}
+  routes:
+    - {pathPrefix: /orders, dependency: orders}
+    - {pathPrefix: /orders, dependency: billing}
+  cors:
+    allowOrigins: ["*", "https://shop.example.com/"]
+    allowCredentials: true
+"#);
+        let fields: Vec<_> = microservice("gateway", &spec)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.edge.jwt",
+                "spec.edge.jwt.jwks",
+                "spec.edge.jwt.jwksUri",
+                "spec.edge.jwt.leeway",
+                "spec.edge.anonymous[0].pathPrefix",
+                "spec.edge.routes[1].pathPrefix",
+                "spec.edge.routes[1].dependency",
+                "spec.edge.cors.allowOrigins[1]",
+                "spec.edge.cors.allowOrigins",
+            ]
+        );
+        // A gateway without an app is valid with routes, and an image is needed without them.
+        let gateway = ms(r#"
+dependencies: [{name: orders, microservice: orders}]
+edge:
+  jwt: {issuer: i, audiences: [a], jwksUri: "https://id/jwks.json"}
+  routes: [{pathPrefix: /orders, dependency: orders}]
+"#);
+        assert_eq!(microservice("gateway", &gateway), vec![]);
+        let no_routes = ms(r#"
+edge:
+  jwt: {issuer: i, audiences: [a], jwksUri: "https://id/jwks.json"}
+"#);
+        let errs = microservice("gateway", &no_routes);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "spec.image");
     }
 }

@@ -41,6 +41,18 @@ fn renders_examples_hello_like_the_golden_file() {
     check_golden("hello.yaml", &String::from_utf8(out.stdout).unwrap());
 }
 
+/// The edge example: a gateway with no app container, its Secrets mounted into the sidecar.
+#[test]
+fn renders_examples_edge_like_the_golden_file() {
+    let out = weir(&["render", "-f", "examples/edge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_golden("edge.yaml", &String::from_utf8(out.stdout).unwrap());
+}
+
 #[test]
 fn renders_the_legacy_sidecar_like_the_golden_file() {
     let out = weir(&[
@@ -77,7 +89,20 @@ fn every_example_renders_and_each_microservice_gets_three_objects() {
     assert_eq!(kinds("Deployment"), kinds("Service"));
     assert_eq!(kinds("Deployment"), kinds("ConfigMap"));
     for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
-        let init = &d["spec"]["template"]["spec"]["initContainers"];
+        let pod = &d["spec"]["template"]["spec"];
+        let containers: Vec<_> = pod["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        if !containers.contains(&"app") {
+            // A gateway without an app: the proxy alone, as a plain container.
+            assert_eq!(containers, ["weir-proxy"]);
+            assert!(pod["initContainers"].is_null());
+            continue;
+        }
+        let init = &pod["initContainers"];
         let names: Vec<_> = init
             .as_sequence()
             .unwrap()

@@ -1,7 +1,8 @@
 //! `weir-echo`: the app in Weir's examples and end-to-end tests.
 //!
 //! - `GET /healthz`, `GET /readyz`: 200.
-//! - `GET /`: who answered (`SERVICE_NAME`, `HOSTNAME`) and the trace context it received.
+//! - `GET /`: who answered (`SERVICE_NAME`, `HOSTNAME`), the trace context it received and the
+//!   identity headers its sidecar let through (`x-user-id`, `x-user-role`).
 //! - `GET /call/<dep>/<path>`: calls `$<DEP>_URL/<path>` (the sidecar's local port) and returns
 //!   the upstream's status and body: how an app uses its dependencies under Weir.
 //! - `GET /status/<code>`: answers with that status (to exercise breakers and retries).
@@ -103,7 +104,7 @@ async fn handle(
         "/healthz" | "/readyz" => reply(StatusCode::OK, json!({"ok": true})),
         "/" => reply(
             StatusCode::OK,
-            json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "traceparent": traceparent}),
+            json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "traceparent": traceparent, "user": header("x-user-id"), "role": header("x-user-role")}),
         ),
         p if p.starts_with("/status/") => {
             let code = p["/status/".len()..]

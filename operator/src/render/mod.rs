@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -164,6 +164,7 @@ pub fn render_with(
     if let Some(secret) = bridge.and_then(|m| m.credentials_secret.as_deref()) {
         mount_broker_credentials(&mut deployment, secret);
     }
+    mount_identity_and_edge_secrets(&mut deployment, &ms.spec);
     Ok(Rendered {
         config,
         config_hash,
@@ -205,6 +206,91 @@ fn mount_broker_credentials(deployment: &mut Deployment, secret: &str) {
                 read_only: Some(true),
                 ..Default::default()
             });
+    }
+}
+
+/// Mounts Secrets into the sidecar: the namespace's identity key (optional: a namespace without
+/// it simply trusts no `x-user-*` header) and, for an edge, its JWKS or HS256 Secret key.
+fn mount_identity_and_edge_secrets(
+    deployment: &mut Deployment,
+    spec: &weir_crds::microservice::MicroserviceSpec,
+) {
+    use proxy_config::{EDGE_HMAC_FILE, EDGE_JWKS_FILE, IDENTITY_KEY_FILE, IDENTITY_SECRET};
+    use std::path::Path;
+    // (volume, secret, key in the Secret, file it becomes, optional)
+    let mut mounts = vec![(
+        "weir-identity",
+        IDENTITY_SECRET.to_string(),
+        proxy_config::IDENTITY_SECRET_KEY.to_string(),
+        IDENTITY_KEY_FILE,
+        true,
+    )];
+    if let Some(j) = spec.edge.as_ref().map(|e| &e.jwt) {
+        if let Some(r) = &j.jwks_secret_ref {
+            mounts.push((
+                "weir-edge-jwks",
+                r.name.clone(),
+                r.key.clone(),
+                EDGE_JWKS_FILE,
+                false,
+            ));
+        }
+        if let Some(r) = &j.hmac_secret_ref {
+            mounts.push((
+                "weir-edge-hmac",
+                r.name.clone(),
+                r.key.clone(),
+                EDGE_HMAC_FILE,
+                false,
+            ));
+        }
+    }
+    let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    else {
+        return;
+    };
+    for (volume, secret, key, file, optional) in mounts {
+        let file = Path::new(file);
+        let dir = file
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        let name = file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret),
+                items: Some(vec![KeyToPath {
+                    key,
+                    path: name,
+                    ..Default::default()
+                }]),
+                optional: optional.then_some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let containers = pod
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .chain(pod.containers.iter_mut());
+        for c in containers.filter(|c| c.name == PROXY_CONTAINER) {
+            c.volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: volume.into(),
+                    mount_path: dir.clone(),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+        }
     }
 }
 
@@ -355,7 +441,10 @@ fn deployment(
         ..Default::default()
     };
 
-    let (init_containers, containers) = if opts.native_sidecar {
+    let (init_containers, containers) = if spec.image.is_empty() {
+        // A gateway without an app: the proxy is the pod's only container.
+        (None, vec![proxy])
+    } else if opts.native_sidecar {
         // A native sidecar starts, and must be started (startupProbe), before the app; it is
         // stopped only after the app has exited, so the app's in-flight calls keep their proxy.
         proxy.restart_policy = Some("Always".into());

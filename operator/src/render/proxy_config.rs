@@ -5,13 +5,24 @@
 use super::RenderError;
 use std::net::SocketAddr;
 use weir_crds::duration;
-use weir_crds::microservice::{Dependency, MicroserviceSpec};
+use weir_crds::microservice::{ClientKey, Dependency, EdgeSpec, MicroserviceSpec};
 use weir_crds::policy::{CircuitBreakerPolicy, RetryPolicy};
 use weir_crds::proxy::{
-    AdminConfig, BulkheadConfig, CircuitBreakerConfig, FailureClassConfig, FallbackConfig,
-    InboundConfig, OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, RetryConfig,
-    TracingConfig,
+    AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
+    CorsConfig, EdgeConfig, EdgeRouteConfig, FailureClassConfig, FallbackConfig, IdentityConfig,
+    InboundConfig, JwtConfig, OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig,
+    RetryConfig, TracingConfig,
 };
+
+/// Where the edge's JWKS Secret key is mounted in the sidecar (`spec.edge.jwt.jwksSecretRef`).
+pub const EDGE_JWKS_FILE: &str = "/etc/weir/edge/jwks/jwks.json";
+/// Where the edge's HS256 Secret key is mounted in the sidecar (`spec.edge.jwt.hmacSecretRef`).
+pub const EDGE_HMAC_FILE: &str = "/etc/weir/edge/hmac/secret";
+/// The namespace's identity key: Secret `weir-identity`, key `key`, mounted (optional) into
+/// every sidecar. Without it no sidecar trusts or signs `x-user-*` headers.
+pub const IDENTITY_SECRET: &str = "weir-identity";
+pub const IDENTITY_SECRET_KEY: &str = "key";
+pub const IDENTITY_KEY_FILE: &str = "/etc/weir/identity/key";
 
 /// Where a sidecar's listeners are and where its dependencies are reached.
 pub trait Placement {
@@ -22,6 +33,10 @@ pub trait Placement {
     fn outbound(&self, index: usize) -> SocketAddr;
     /// Base URL of another Microservice, as seen from this one.
     fn microservice_url(&self, namespace: &str, name: &str) -> String;
+    /// File holding the namespace's identity key, if this placement has one.
+    fn identity_key_file(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Placement inside a pod: fixed ports, Services by their cluster DNS names.
@@ -48,6 +63,9 @@ impl Placement for PodPlacement {
     }
     fn microservice_url(&self, namespace: &str, name: &str) -> String {
         format!("http://{name}.{namespace}.svc.{}:80", self.cluster_domain)
+    }
+    fn identity_key_file(&self) -> Option<String> {
+        Some(IDENTITY_KEY_FILE.into())
     }
 }
 
@@ -89,6 +107,20 @@ pub fn build(
             sampling_ratio: t.sampling_ratio,
         })
         .unwrap_or_default();
+    let has_app = !spec.image.is_empty();
+    let edge = spec.edge.as_ref().map(|e| edge(e, has_app)).transpose()?;
+    // Calls to the namespace's Microservices carry signed identity; external URLs never do.
+    let identity = placement
+        .identity_key_file()
+        .map(|key_file| IdentityConfig {
+            key_file,
+            sign_for: spec
+                .dependencies
+                .iter()
+                .filter(|d| d.microservice.is_some())
+                .map(|d| d.name.clone())
+                .collect(),
+        });
     Ok(ProxyConfig {
         service: name.to_string(),
         namespace: namespace.to_string(),
@@ -103,8 +135,8 @@ pub fn build(
                 burst: r.burst.unwrap_or(r.requests_per_second),
             }),
             max_body_bytes: inbound.max_body_bytes,
-            liveness_path: Some(spec.probes.liveness.path.clone()),
-            readiness_path: Some(spec.probes.readiness.path.clone()),
+            liveness_path: has_app.then(|| spec.probes.liveness.path.clone()),
+            readiness_path: has_app.then(|| spec.probes.readiness.path.clone()),
         },
         admin: AdminConfig {
             listen: placement.admin(),
@@ -113,8 +145,76 @@ pub fn build(
         tracing,
         shutdown_grace_ms: (spec.termination_grace_period_seconds.max(1) as u64) * 1000,
         messaging: None,
-        edge: None,
-        identity: None,
+        edge,
+        identity,
+    })
+}
+
+fn edge(e: &EdgeSpec, has_app: bool) -> Result<EdgeConfig, RenderError> {
+    let j = &e.jwt;
+    let methods = |m: &[weir_crds::microservice::HttpMethod]| {
+        m.iter().map(|m| m.as_str().to_string()).collect::<Vec<_>>()
+    };
+    Ok(EdgeConfig {
+        jwt: JwtConfig {
+            issuer: j.issuer.clone(),
+            audiences: j.audiences.clone(),
+            jwks: j.jwks.clone(),
+            jwks_file: j.jwks_secret_ref.as_ref().map(|_| EDGE_JWKS_FILE.into()),
+            jwks_uri: j.jwks_uri.clone(),
+            jwks_refresh_ms: ms(
+                "spec.edge.jwt.jwksRefreshInterval",
+                &j.jwks_refresh_interval,
+            )?,
+            hmac_secret_file: j.hmac_secret_ref.as_ref().map(|_| EDGE_HMAC_FILE.into()),
+            leeway_ms: ms("spec.edge.jwt.leeway", &j.leeway)?,
+            user_id_claim: j.user_id_claim.clone(),
+            role_claim: j.role_claim.clone(),
+            forward_token: j.forward_token,
+            max_token_bytes: j.max_token_bytes,
+        },
+        anonymous: e
+            .anonymous
+            .iter()
+            .map(|a| AnonymousRuleConfig {
+                path_prefix: a.path_prefix.clone(),
+                methods: methods(&a.methods),
+            })
+            .collect(),
+        routes: e
+            .routes
+            .iter()
+            .map(|r| EdgeRouteConfig {
+                path_prefix: r.path_prefix.clone(),
+                dependency: r.dependency.clone(),
+                strip_prefix: r.strip_prefix,
+            })
+            .collect(),
+        cors: e
+            .cors
+            .as_ref()
+            .map(|c| -> Result<CorsConfig, RenderError> {
+                Ok(CorsConfig {
+                    allow_origins: c.allow_origins.clone(),
+                    allow_methods: methods(&c.allow_methods),
+                    allow_headers: c.allow_headers.clone(),
+                    expose_headers: c.expose_headers.clone(),
+                    max_age_secs: ms("spec.edge.cors.maxAge", &c.max_age)? / 1000,
+                    allow_credentials: c.allow_credentials,
+                })
+            })
+            .transpose()?,
+        rate_limit: e.rate_limit.as_ref().map(|r| ClientRateLimitConfig {
+            requests_per_second: f64::from(r.requests_per_second),
+            burst: r.burst.unwrap_or(r.requests_per_second),
+            key: match r.key {
+                ClientKey::User => "user".into(),
+                ClientKey::Ip => "ip".into(),
+            },
+            max_clients: r.max_clients,
+        }),
+        app: has_app,
+        xff_num_trusted_hops: e.xff_num_trusted_hops,
     })
 }
 
