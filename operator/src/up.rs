@@ -286,9 +286,11 @@ pub fn plan_with(
 }
 
 /// A command whose process gets SIGTERM when `weir up` dies, however it dies (even SIGKILL),
-/// so no app, sidecar or broker outlives it.
+/// so no app, sidecar or broker outlives it. Each runs in a process group of its own: Ctrl-C
+/// at the terminal reaches `weir up` alone, which then stops apps before their sidecars.
 fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
+    c.process_group(0);
     // SAFETY: prctl(2) is async-signal-safe; it only sets this child's parent-death signal.
     unsafe {
         c.pre_exec(|| {

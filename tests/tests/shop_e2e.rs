@@ -673,4 +673,36 @@ fn the_shop_runs_end_to_end_under_weir_up() {
     eprintln!("  charge attempts refused while payments was down: {refused}");
     assert!(refused > 0, "no charge attempt met the crash");
     eprintln!("  {n} orders, each charged once, across a kill -9 of payments");
+
+    eprintln!("== Ctrl-C: apps and the coordinator stop first, then their sidecars, then nats");
+    let mut shop = shop;
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc_kill(shop.child.id() as i32, 2) }, 0);
+    let st = wait_until("weir up to exit", Duration::from_secs(60), || {
+        shop.child.try_wait().unwrap()
+    });
+    assert!(st.success(), "weir up exited with {st}");
+    let log = shop.log();
+    let line_of = |prefix: &str, needle: &str| {
+        log.lines()
+            .position(|l| l.starts_with(prefix) && l.contains(needle))
+            .unwrap_or_else(|| panic!("no line {prefix}…{needle}"))
+    };
+    let nats_down = line_of("[nats] ", "Server Exiting");
+    for svc in [
+        "gateway",
+        "orders",
+        "catalog",
+        "payments",
+        "users",
+        "notifications",
+    ] {
+        let app = line_of(&format!("[{svc}] "), "\"msg\":\"stopped\"");
+        let proxy = line_of(&format!("[{svc}/proxy] "), "shutting down");
+        assert!(app < proxy, "{svc}: its sidecar stopped before it");
+        assert!(
+            proxy < nats_down,
+            "{svc}: the broker stopped before its sidecar"
+        );
+    }
 }
