@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod config;
 pub mod edge;
 pub mod forward;
+pub mod framing;
 pub mod fuzzing;
 pub mod hooks;
 pub mod layers;

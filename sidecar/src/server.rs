@@ -4,6 +4,7 @@
 use crate::admin;
 use crate::body::{BodyError, Reason, Resp, reject};
 use crate::forward::new_client;
+use crate::framing::{Tap, Tapped};
 use crate::metrics::Metrics;
 use crate::stack::{self, Env, Snapshot};
 use http_body_util::BodyExt;
@@ -229,11 +230,14 @@ async fn serve_connection(
     let s2 = shared.clone();
     let r2 = role.clone();
     let peer = stream.peer_addr().ok().map(crate::bridge::PeerAddr);
+    let tap = Tap::default();
+    let stream = Tapped::new(stream, tap.clone());
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         if let Some(p) = peer {
             req.extensions_mut().insert(p);
         }
-        dispatch(s2.clone(), r2.clone(), req)
+        let refused = tap.dispatched(&req).err();
+        dispatch(s2.clone(), r2.clone(), req, refused)
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -286,7 +290,18 @@ async fn dispatch(
     shared: Arc<Shared>,
     role: Role,
     req: hyper::Request<Incoming>,
+    refused: Option<&'static str>,
 ) -> Result<Resp, Infallible> {
+    if let Some(reason) = refused {
+        // Ambiguous framing: answered here, before any stack, and the connection is closed.
+        tracing::warn!(listener = role.name(), reason, method = %req.method(), path = req.uri().path(), "refused request");
+        let mut resp = reject(Reason::BadRequest);
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return Ok(resp);
+    }
     let req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
     match role {
         Role::Admin => Ok(admin::handle(&shared, req).await),
