@@ -90,3 +90,124 @@ pub struct BrokerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_version: Option<String>,
 }
+
+impl BrokerKind {
+    /// The name used in the sidecar's config (`messaging.brokerKind`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Nats => "nats",
+            BrokerKind::Rabbitmq => "rabbitmq",
+            BrokerKind::Redis => "redis",
+        }
+    }
+
+    /// The URL schemes of this kind.
+    pub fn schemes(self) -> &'static [&'static str] {
+        match self {
+            BrokerKind::Nats => &["nats", "tls"],
+            BrokerKind::Rabbitmq => &["amqp", "amqps"],
+            BrokerKind::Redis => &["redis", "rediss"],
+        }
+    }
+}
+
+impl BrokerSpec {
+    /// Checks what the schema cannot: the URL's scheme matches `kind` (`spec.kind` defaults to
+    /// `nats`, so a RabbitMQ or Redis Broker names its kind). The error names the field.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        if let Some(url) = &self.url {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !self.kind.schemes().contains(&scheme) {
+                return Err((
+                    "spec.url".into(),
+                    format!(
+                        "scheme {scheme}:// does not match spec.kind {} (expected {})",
+                        self.kind.name(),
+                        self.kind
+                            .schemes()
+                            .iter()
+                            .map(|s| format!("{s}://"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `spec.url` with `spec.vhost` (RabbitMQ) as its path, percent-encoded (`/` is `%2f`).
+    pub fn effective_url(&self) -> Option<String> {
+        let url = self.url.clone()?;
+        let Some(vhost) = self
+            .vhost
+            .as_deref()
+            .filter(|_| self.kind == BrokerKind::Rabbitmq)
+        else {
+            return Some(url);
+        };
+        let (scheme, rest) = url.split_once("://")?;
+        let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+        let query = rest.find('?').map(|i| &rest[i..]).unwrap_or("");
+        let mut enc = String::new();
+        for b in vhost.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                enc.push(b as char);
+            } else {
+                enc.push_str(&format!("%{b:02x}"));
+            }
+        }
+        Some(format!("{scheme}://{authority}/{enc}{query}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: BrokerKind, url: &str, vhost: Option<&str>) -> BrokerSpec {
+        BrokerSpec {
+            kind,
+            url: Some(url.into()),
+            credentials_secret: None,
+            vhost: vhost.map(str::to_string),
+            managed: None,
+        }
+    }
+
+    #[test]
+    fn scheme_matches_kind() {
+        assert!(
+            spec(BrokerKind::Nats, "nats://n:4222", None)
+                .check()
+                .is_ok()
+        );
+        assert!(
+            spec(BrokerKind::Redis, "rediss://r:6379", None)
+                .check()
+                .is_ok()
+        );
+        let (field, msg) = spec(BrokerKind::Nats, "amqp://r:5672", None)
+            .check()
+            .unwrap_err();
+        assert_eq!(field, "spec.url");
+        assert!(msg.contains("spec.kind nats"), "{msg}");
+    }
+
+    #[test]
+    fn vhost_is_the_path() {
+        let s = spec(
+            BrokerKind::Rabbitmq,
+            "amqp://u:p@mq:5672/old?heartbeat=10",
+            Some("shop/a"),
+        );
+        assert_eq!(
+            s.effective_url().unwrap(),
+            "amqp://u:p@mq:5672/shop%2fa?heartbeat=10"
+        );
+        let s = spec(BrokerKind::Rabbitmq, "amqp://mq:5672", Some("/"));
+        assert_eq!(s.effective_url().unwrap(), "amqp://mq:5672/%2f");
+        let s = spec(BrokerKind::Nats, "nats://n:4222", None);
+        assert_eq!(s.effective_url().unwrap(), "nats://n:4222");
+    }
+}

@@ -1,4 +1,5 @@
-//! A Queue's topology on NATS JetStream, as docs/messaging.md names it: the stream, the
+//! A Queue's topology on NATS JetStream ([`brokers`] adds Redis and RabbitMQ), as
+//! docs/messaging.md names it: the stream, the
 //! dead-letter stream, the processed-event KV bucket and one durable pull consumer per consuming
 //! Microservice.
 //!
@@ -6,6 +7,7 @@
 //! update in place, idempotently), reads its figures and deletes it. Used by the Queue and Broker
 //! controllers, by `weir dlq`, and usable by `weir up` without a cluster.
 
+pub mod brokers;
 pub mod dlq;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
@@ -73,6 +75,9 @@ pub enum Error {
     /// Anything else on the way: timeouts, a dropped connection.
     #[error("{what}: {message}")]
     Broker { what: String, message: String },
+    /// The broker has the object with settings it cannot change (RabbitMQ queue arguments).
+    #[error("{what} must be recreated: {message}")]
+    Immutable { what: String, message: String },
 }
 
 /// JetStream error codes the operator names in conditions.
@@ -101,6 +106,7 @@ impl Error {
             Error::Invalid { .. } => "InvalidSpec",
             Error::Credentials(_) => "InvalidCredentials",
             Error::Broker { .. } => "BrokerError",
+            Error::Immutable { .. } => "QueueMustBeRecreated",
         }
     }
 

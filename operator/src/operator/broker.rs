@@ -4,6 +4,7 @@
 //! per-object backoff.
 
 use super::{Context, FIELD_MANAGER, conditions};
+use crate::messaging::brokers::{self, AnyBroker};
 use crate::messaging::{self, Credentials};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -40,28 +41,30 @@ impl Error {
 
 /// Open broker connections, by Broker (`ns/name`), reused while URL and credentials stay.
 #[derive(Default)]
-pub struct Connections(Mutex<HashMap<String, (String, Credentials, messaging::Broker)>>);
+pub struct Connections(Mutex<HashMap<String, (Endpoint, AnyBroker)>>);
+
+/// Where a Broker is: its kind, URL (with the vhost for RabbitMQ) and credentials.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub kind: BrokerKind,
+    pub url: String,
+    pub creds: Credentials,
+}
 
 impl Connections {
     /// A connection to `url` with `creds`, reusing the cached one when it matches.
-    pub async fn get(
-        &self,
-        key: &str,
-        url: &str,
-        creds: &Credentials,
-    ) -> Result<messaging::Broker, messaging::Error> {
-        if let Some((u, c, b)) = self.0.lock().expect("connections lock").get(key)
-            && u == url
-            && c == creds
-            && b.client().connection_state() == async_nats::connection::State::Connected
+    pub async fn get(&self, key: &str, e: &Endpoint) -> Result<AnyBroker, messaging::Error> {
+        if let Some((cached, b)) = self.0.lock().expect("connections lock").get(key)
+            && cached == e
+            && b.is_connected()
         {
             return Ok(b.clone());
         }
-        let b = messaging::connect(url, creds).await?;
+        let b = brokers::connect(e.kind, &e.url, &e.creds).await?;
         self.0
             .lock()
             .expect("connections lock")
-            .insert(key.to_string(), (url.into(), creds.clone(), b.clone()));
+            .insert(key.to_string(), (e.clone(), b.clone()));
         Ok(b)
     }
 
@@ -78,23 +81,20 @@ pub struct Unusable {
     pub message: String,
 }
 
-/// The URL and credentials of `broker`, reading its credentials Secret.
+/// The kind, URL and credentials of `broker`, reading its credentials Secret.
 pub async fn endpoint(
     client: &kube::Client,
     ns: &str,
     broker: &Broker,
-) -> Result<Result<(String, Credentials), Unusable>, kube::Error> {
+) -> Result<Result<Endpoint, Unusable>, kube::Error> {
     let name = broker.name_any();
-    if broker.spec.kind != BrokerKind::Nats {
+    if let Err((field, message)) = broker.spec.check() {
         return Ok(Err(Unusable {
-            reason: "UnsupportedKind",
-            message: format!(
-                "Broker {name}: spec.kind {:?} is not supported yet; only nats",
-                broker.spec.kind
-            ),
+            reason: "InvalidSpec",
+            message: format!("Broker {name}: {field}: {message}"),
         }));
     }
-    let Some(url) = broker.spec.url.clone() else {
+    let Some(url) = broker.spec.effective_url() else {
         return Ok(Err(Unusable {
             reason: "ManagedNotSupported",
             message: format!(
@@ -134,7 +134,11 @@ pub async fn endpoint(
             }
         }
     };
-    Ok(Ok((url, creds)))
+    Ok(Ok(Endpoint {
+        kind: broker.spec.kind,
+        url,
+        creds,
+    }))
 }
 
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
@@ -190,10 +194,11 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
             None,
             Action::await_change(),
         ),
-        Ok((url, creds)) => match messaging::connect(&url, &creds).await {
+        Ok(e) => match brokers::connect(e.kind, &e.url, &e.creds).await {
             Ok(conn) => {
+                let url = &e.url;
                 ctx.messaging_backoff.reset(&k);
-                let version = conn.server_version();
+                let version = conn.server_version().await;
                 (
                     conditions::new(
                         "Connected",

@@ -9,6 +9,7 @@
 
 use super::broker::{Unusable, endpoint};
 use super::{Context, FIELD_MANAGER, conditions};
+use crate::messaging::brokers::AnyBroker;
 use crate::messaging::{self, Topology};
 use crate::render::messaging::{Messaging, ResolvedQueue, build, resolve_schema};
 use futures::StreamExt;
@@ -270,7 +271,7 @@ async fn connect(
     ctx: &Context,
     ns: &str,
     broker_name: &str,
-) -> Result<Result<messaging::Broker, (Unusable, Retry)>, Error> {
+) -> Result<Result<AnyBroker, (Unusable, Retry)>, Error> {
     let Some(broker) = Api::<Broker>::namespaced(ctx.client.clone(), ns)
         .get_opt(broker_name)
         .await?
@@ -283,12 +284,12 @@ async fn connect(
             Retry::Recheck,
         )));
     };
-    let (url, creds) = match endpoint(&ctx.client, ns, &broker).await? {
+    let e = match endpoint(&ctx.client, ns, &broker).await? {
         Ok(e) => e,
         Err(u) => return Ok(Err((u, Retry::Recheck))),
     };
     let conn_key = format!("{ns}/{broker_name}");
-    match ctx.connections.get(&conn_key, &url, &creds).await {
+    match ctx.connections.get(&conn_key, &e).await {
         Ok(b) => Ok(Ok(b)),
         Err(e) => Ok(Err((
             Unusable {
@@ -368,7 +369,12 @@ async fn declare(
             return fail(e);
         }
     }
-    match broker.managed_consumers(&topology).await {
+    let known: Vec<String> = q
+        .status
+        .as_ref()
+        .map(|s| s.pending.keys().cloned().collect())
+        .unwrap_or_default();
+    match broker.managed_consumers(&topology, &known).await {
         Ok(existing) => {
             for c in existing.iter().filter(|c| !wanted.contains(*c)) {
                 tracing::info!(queue = %name, namespace = %ns, consumer = %c, "deleting a consumer no Microservice wants");
@@ -447,7 +453,17 @@ async fn cleanup(q: &Queue, ctx: &Context, ns: &str, name: &str) -> Result<(), E
         }
     };
     match connect(ctx, ns, &q.spec.broker).await? {
-        Ok(broker) => broker.delete_queue(&topology).await.map_err(Error::Cleanup),
+        Ok(broker) => {
+            let known: Vec<String> = q
+                .status
+                .as_ref()
+                .map(|s| s.pending.keys().cloned().collect())
+                .unwrap_or_default();
+            broker
+                .delete_queue(&topology, &known)
+                .await
+                .map_err(Error::Cleanup)
+        }
         Err((u, _)) if u.reason == "BrokerNotFound" => {
             let note = format!(
                 "{}; the streams of this Queue, if any, were left on the broker",

@@ -97,8 +97,8 @@ pub fn resolve_schema(
 
 /// The URL the sidecar dials for `broker`: its `spec.url`, or the Service of a managed one.
 pub fn broker_url(broker: &Broker, namespace: &str, cluster_domain: &str) -> String {
-    match &broker.spec.url {
-        Some(u) => u.clone(),
+    match broker.spec.effective_url() {
+        Some(u) => u,
         None => format!(
             "nats://{}.{namespace}.svc.{cluster_domain}:{MANAGED_NATS_PORT}",
             broker.metadata.name.clone().unwrap_or_default()
@@ -179,7 +179,14 @@ pub fn build(
             Some(_) => {}
         }
     }
-    let (_, broker) = broker.expect("at least one queue reference");
+    let (broker_name, broker) = broker.expect("at least one queue reference");
+    if let Err((field, message)) = broker.spec.check() {
+        return Err(RenderError::Field {
+            field: format!("Broker {broker_name}: {field}"),
+            message,
+        });
+    }
+    let redis = broker.spec.kind == BrokerKind::Redis;
 
     let publishes = spec
         .publishes
@@ -192,9 +199,23 @@ pub fn build(
                 subject: messaging::subjects(namespace, &p.queue, &q.spec)[0].clone(),
                 schema: q.schema.clone(),
                 event_type: q.spec.event_type.clone().unwrap_or_else(|| p.queue.clone()),
-                duplicate_window_ms: None,
-                max_messages: None,
-                max_age_ms: None,
+                // Redis drops repeated ids and trims at publish; the others keep it broker-side.
+                duplicate_window_ms: redis
+                    .then(|| duration::parse(&q.spec.duplicate_window).ok())
+                    .flatten()
+                    .map(|d| d.as_millis() as u64),
+                max_messages: redis
+                    .then(|| q.spec.max_messages.and_then(|m| u64::try_from(m).ok()))
+                    .flatten(),
+                max_age_ms: redis
+                    .then(|| {
+                        q.spec
+                            .max_age
+                            .as_deref()
+                            .and_then(|a| duration::parse(a).ok())
+                    })
+                    .flatten()
+                    .map(|d| d.as_millis() as u64),
             }
         })
         .collect();
