@@ -5,8 +5,8 @@ use super::{Context, FIELD_MANAGER, conditions};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -285,6 +285,9 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         }
     };
 
+    if ms.spec.edge.is_some() {
+        ensure_identity_secret(ctx, &ns).await?;
+    }
     let rendered = render::render_with(ms, &ctx.render, bridge.as_ref())?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
@@ -422,6 +425,49 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
 }
 
 /// Publishes an Event when a condition newly takes `reason` (not on every reconcile).
+/// The namespace's identity key (`x-user-*` headers are trusted only when signed with it, see
+/// docs/api.md): created with 32 random bytes when an edge first needs it. An existing Secret,
+/// made by hand or rotated, is left as it is; it is owned by no Microservice, since every
+/// sidecar of the namespace uses it.
+async fn ensure_identity_secret(ctx: &Context, ns: &str) -> Result<(), Error> {
+    use render::proxy_config::{IDENTITY_SECRET, IDENTITY_SECRET_KEY};
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if api.get_opt(IDENTITY_SECRET).await?.is_some() {
+        return Ok(());
+    }
+    let key: [u8; 32] = rand::random();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(IDENTITY_SECRET.into()),
+            namespace: Some(ns.into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "weir".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some([(IDENTITY_SECRET_KEY.to_string(), hex::encode(key))].into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(
+                namespace = ns,
+                secret = IDENTITY_SECRET,
+                "identity key created"
+            );
+            Ok(())
+        }
+        // Another reconcile (or a person) made it first.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn publish_on_change(
     ctx: &Context,
     ms: &Microservice,

@@ -551,3 +551,76 @@ fn a_microservice_change_wakes_its_callers_only() {
         .collect();
     assert_eq!(woken, ["orders", "gateway"]);
 }
+
+fn gateway_spec() -> Value {
+    json!({
+        "dependencies": [{"name": "users", "microservice": "users"}],
+        "edge": {
+            "jwt": {"issuer": "https://id.example.com/", "audiences": ["shop"], "jwksUri": "https://id.example.com/jwks.json"},
+            "routes": [{"pathPrefix": "/users", "dependency": "users"}]
+        }
+    })
+}
+
+const IDENTITY_SECRET: &str = "/api/v1/namespaces/demo/secrets/weir-identity";
+
+#[tokio::test]
+async fn an_edge_creates_the_namespace_identity_key_once_and_runs_the_proxy_alone() {
+    let (ctx, handle) = context();
+    let mut script = vec![
+        expect(Method::GET, &format!("{MS}/users"), users_found),
+        expect(Method::GET, IDENTITY_SECRET, not_found),
+        expect(Method::POST, "/api/v1/namespaces/demo/secrets", |b| {
+            (StatusCode::CREATED, b.clone())
+        }),
+    ];
+    script.extend(children(deployment_with(2, 2)));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(gateway_spec(), None)), ctx)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let secret = &seen[2].1;
+    assert_eq!(secret["metadata"]["name"], "weir-identity");
+    let key = secret["stringData"]["key"].as_str().unwrap();
+    assert_eq!(key.len(), 64, "32 random bytes, hex");
+    assert!(
+        secret["metadata"]["ownerReferences"].is_null(),
+        "shared by the namespace, owned by no Microservice"
+    );
+    let pod = &seen[5].1["spec"]["template"]["spec"];
+    assert!(pod["initContainers"].is_null());
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1, "no app container without an image");
+    assert_eq!(containers[0]["name"], "weir-proxy");
+}
+
+#[tokio::test]
+async fn an_existing_identity_key_is_left_alone() {
+    let (ctx, handle) = context();
+    let mut script = vec![
+        expect(Method::GET, &format!("{MS}/users"), users_found),
+        expect(Method::GET, IDENTITY_SECRET, |_| {
+            (
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "weir-identity", "namespace": "demo"}, "data": {"key": "a2V5"}}),
+            )
+        }),
+    ];
+    script.extend(children(deployment_with(2, 2)));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(gateway_spec(), None)), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
