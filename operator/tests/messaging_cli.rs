@@ -5,6 +5,9 @@
 #[path = "../src/testing/nats_server.rs"]
 mod nats_server;
 
+#[path = "../src/testing/brokers.rs"]
+mod brokers;
+
 use async_nats::HeaderMap;
 use nats_server::NatsServer;
 use serde_json::Value;
@@ -344,4 +347,200 @@ async fn dlq_finds_the_broker_and_its_credentials_through_the_cluster() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// The dead-letter headers the sidecar writes, for the Redis and RabbitMQ tests.
+fn letter_headers(id: &str, origin: &str, reason: &str) -> Vec<(String, String)> {
+    [
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-type", "order.created"),
+        ("content-type", "application/json"),
+        ("weir-original-subject", origin),
+        ("weir-consumer", "billing"),
+        ("weir-delivery-count", "3"),
+        ("weir-reason", reason),
+        ("weir-last-error", "HTTP 503"),
+        ("weir-dead-lettered-at", "2026-11-26T01:02:03Z"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+#[tokio::test]
+async fn dlq_list_show_and_replay_on_redis() {
+    let server = brokers::RedisServer::start();
+    let url = server.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut ids = Vec::new();
+    for (id, reason) in [("ev-1", "max-deliveries"), ("ev-2", "rejected")] {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg("weir_shop_orders_dlq").arg("*");
+        for (k, v) in letter_headers(id, "weir_shop_orders", reason) {
+            cmd.arg(k).arg(v);
+        }
+        cmd.arg("data").arg(format!("{{\"id\":\"{id}\"}}"));
+        ids.push(cmd.query_async::<String>(&mut con).await.unwrap());
+    }
+    let dlq = |args: &[&str]| {
+        let mut a = vec!["dlq"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-n", "shop", "--broker-url", url.as_str()]);
+        weir(&a)
+    };
+    let out = dlq(&["list", "orders", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["seq"], ids[0].as_str(), "the entry id");
+    assert_eq!(rows[0]["reason"], "max-deliveries");
+    assert_eq!(rows[1]["eventId"], "ev-2");
+    let out = dlq(&["show", "orders", "--seq", &ids[1]]);
+    assert!(
+        text(&out.stdout).contains("weir-reason: rejected"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("\"id\": \"ev-2\""));
+    assert_eq!(
+        dlq(&["show", "orders", "--seq", "1-99"]).status.code(),
+        Some(2)
+    );
+
+    let out = dlq(&["replay", "orders", "--seq", &ids[1]]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 replayed, 0 failed"));
+    let v: redis::Value = redis::cmd("XRANGE")
+        .arg("weir_shop_orders")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let shown = format!("{v:?}");
+    assert!(
+        shown.contains("ev-2") && !shown.contains("weir-reason"),
+        "{shown}"
+    );
+    let out = dlq(&["replay", "orders", "--all"]);
+    assert!(text(&out.stdout).contains("1 replayed, 0 failed"));
+    let left: u64 = redis::cmd("XLEN")
+        .arg("weir_shop_orders_dlq")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let back: u64 = redis::cmd("XLEN")
+        .arg("weir_shop_orders")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!((left, back), (0, 2));
+}
+
+#[tokio::test]
+async fn dlq_list_show_and_replay_on_rabbitmq() {
+    use lapin::options::*;
+    let server = brokers::RabbitServer::start();
+    let url = server.url();
+    let b = weir::messaging::brokers::connect(
+        weir_crds::broker::BrokerKind::Rabbitmq,
+        &url,
+        &Credentials::None,
+    )
+    .await
+    .unwrap();
+    let t = Topology::new(
+        "shop",
+        "orders",
+        &serde_yaml::from_str("broker: mq").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+    b.declare_consumer(&t, "billing").await.unwrap();
+    let weir::messaging::brokers::AnyBroker::Rabbitmq(r) = &b else {
+        panic!()
+    };
+    let ch = r.channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (id, reason) in [("ev-1", "max-deliveries"), ("ev-2", "rejected")] {
+        let mut h = lapin::types::FieldTable::default();
+        for (k, v) in letter_headers(id, "weir_shop_orders.billing", reason) {
+            h.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+        }
+        let c = ch
+            .basic_publish(
+                "weir_shop_orders_dlq".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                format!("{{\"id\":\"{id}\"}}").as_bytes(),
+                lapin::BasicProperties::default().with_headers(h),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(c, lapin::Confirmation::Ack(None));
+    }
+    let dlq = |args: &[&str]| {
+        let mut a = vec!["dlq"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-n", "shop", "--broker-url", url.as_str()]);
+        weir(&a)
+    };
+    let out = dlq(&["list", "orders"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("1 ") && table.contains("ev-1"),
+        "{table}"
+    );
+    // Listing hands the dead letters back: the same again.
+    let again = text(&dlq(&["list", "orders"]).stdout);
+    assert_eq!(again, table);
+    let out = dlq(&["show", "orders", "--seq", "2"]);
+    assert!(
+        text(&out.stdout).contains("weir-reason: rejected"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = dlq(&["replay", "orders", "--seq", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 replayed, 0 failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let f = b.figures(&t, &["billing".into()]).await.unwrap();
+    assert_eq!((f.pending["billing"], f.dead_letters), (1, Some(1)));
+    let m = ch
+        .basic_get(
+            "weir_shop_orders.billing".into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.delivery.data[..], br#"{"id":"ev-2"}"#);
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "ev-2"
+    );
+    let out = dlq(&["replay", "orders", "--all"]);
+    assert!(text(&out.stdout).contains("1 replayed, 0 failed"));
+    let f = b.figures(&t, &["billing".into()]).await.unwrap();
+    assert_eq!(f.dead_letters, Some(0));
 }

@@ -1,6 +1,17 @@
 //! Dead letters of a Queue (docs/messaging.md): list them with their reason, show one, and
-//! replay chosen ones (or all) back onto the queue after a fix. `weir dlq` runs these.
+//! replay chosen ones (or all) back onto the queue after a fix. `weir dlq` runs these, on each
+//! broker kind:
+//!
+//! - JetStream: `seq` is the dead-letter stream's sequence; a replay is published on
+//!   `Weir-Original-Subject` with `Nats-Msg-Id: <event id>:replay:<seq>`, then deleted.
+//! - Redis: `seq` is the dead-letter stream's entry id; a replay is `XADD`ed to the stream named
+//!   by `Weir-Original-Subject`, then the dead letter is `XDEL`eted.
+//! - RabbitMQ: `seq` is the dead letter's position in the dead-letter queue (1 = oldest) when
+//!   the command runs; a replay is published (confirmed) to the consumer queue named by
+//!   `Weir-Original-Subject`, then the dead letter is acknowledged (removed). Listing takes the
+//!   dead letters without acknowledging them and hands them back.
 
+use super::brokers::{AnyBroker, RabbitBroker, RedisBroker};
 use super::{Broker, Credentials, Error, dead_letter_stream_name, map_err};
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
@@ -20,8 +31,9 @@ pub const H_MSG_ID: &str = "Nats-Msg-Id";
 /// One message of a dead-letter stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
-    /// Sequence on the dead-letter stream.
-    pub seq: u64,
+    /// Where it is in the dead letters: stream sequence (JetStream), entry id (Redis), position
+    /// (RabbitMQ).
+    pub seq: String,
     /// Headers in a stable order (name, value).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
@@ -64,6 +76,358 @@ fn stored_time(t: &impl std::fmt::Display) -> String {
 
 /// Reads the dead letter at `seq`; `None` when there is none (deleted or never there).
 pub async fn get(
+    broker: &AnyBroker,
+    namespace: &str,
+    queue: &str,
+    seq: &str,
+) -> Result<Option<DeadLetter>, Error> {
+    match broker {
+        AnyBroker::Nats(b) => match seq.parse::<u64>() {
+            Ok(n) => nats_get(b, namespace, queue, n).await,
+            Err(_) => Ok(None),
+        },
+        AnyBroker::Redis(r) => redis_get(r, namespace, queue, seq).await,
+        AnyBroker::Rabbitmq(r) => {
+            let all = rabbit_list(r, namespace, queue).await?;
+            Ok(all.into_iter().find(|d| d.seq == seq))
+        }
+    }
+}
+
+/// Every dead letter of the Queue, oldest first.
+pub async fn list(
+    broker: &AnyBroker,
+    namespace: &str,
+    queue: &str,
+) -> Result<Vec<DeadLetter>, Error> {
+    match broker {
+        AnyBroker::Nats(b) => nats_list(b, namespace, queue).await,
+        AnyBroker::Redis(r) => redis_list(r, namespace, queue, "-", "+").await,
+        AnyBroker::Rabbitmq(r) => rabbit_list(r, namespace, queue).await,
+    }
+}
+
+/// Replays the chosen dead letters (all when `chosen` is `None`); per dead letter, its new
+/// position on the queue or the error.
+pub async fn replay(
+    broker: &AnyBroker,
+    namespace: &str,
+    queue: &str,
+    chosen: &[DeadLetter],
+) -> Vec<(DeadLetter, Result<String, Error>)> {
+    let mut out = Vec::new();
+    match broker {
+        AnyBroker::Nats(b) => {
+            for d in chosen {
+                let r = nats_replay_one(b, namespace, queue, d)
+                    .await
+                    .map(|s| s.to_string());
+                out.push((d.clone(), r));
+            }
+        }
+        AnyBroker::Redis(r) => {
+            for d in chosen {
+                out.push((d.clone(), redis_replay_one(r, namespace, queue, d).await));
+            }
+        }
+        AnyBroker::Rabbitmq(r) => {
+            let seqs: Vec<String> = chosen.iter().map(|d| d.seq.clone()).collect();
+            match rabbit_replay(r, namespace, queue, &seqs).await {
+                Ok(v) => out = v,
+                Err(e) => {
+                    for d in chosen {
+                        out.push((d.clone(), Err(e.clone())));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The headers of the event's own envelope, kept by a replay.
+fn replayed_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("ce-")
+        || lower == "traceparent"
+        || lower == "tracestate"
+        || lower == "content-type"
+}
+
+async fn redis_list(
+    r: &RedisBroker,
+    namespace: &str,
+    queue: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<DeadLetter>, Error> {
+    let name = dead_letter_stream_name(namespace, queue);
+    let mut con = r.connection();
+    let v: redis::Value = redis::cmd("XRANGE")
+        .arg(&name)
+        .arg(from)
+        .arg(to)
+        .query_async(&mut con)
+        .await
+        .map_err(|e| Error::Broker {
+            what: format!("stream {name}"),
+            message: e.to_string(),
+        })?;
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    let redis::Value::Array(entries) = v else {
+        return Ok(out);
+    };
+    for e in entries {
+        let redis::Value::Array(e) = e else { continue };
+        let (Some(id), Some(redis::Value::Array(fields))) = (e.first().and_then(text), e.get(1))
+        else {
+            continue;
+        };
+        let mut headers = Vec::new();
+        let mut body = Bytes::new();
+        for kv in fields.chunks(2) {
+            let (Some(k), Some(v)) = (kv.first().and_then(text), kv.get(1)) else {
+                continue;
+            };
+            if k == "data" {
+                if let redis::Value::BulkString(b) = v {
+                    body = Bytes::copy_from_slice(b);
+                }
+            } else if let Some(v) = text(v) {
+                headers.push((k, v));
+            }
+        }
+        headers.sort();
+        let ms: i64 = id
+            .split('-')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let stored_at = chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        out.push(DeadLetter {
+            seq: id,
+            headers,
+            body,
+            stored_at,
+        });
+    }
+    Ok(out)
+}
+
+async fn redis_get(
+    r: &RedisBroker,
+    namespace: &str,
+    queue: &str,
+    seq: &str,
+) -> Result<Option<DeadLetter>, Error> {
+    if !seq.contains('-') {
+        return Ok(None);
+    }
+    Ok(redis_list(r, namespace, queue, seq, seq)
+        .await?
+        .into_iter()
+        .next())
+}
+
+/// `XADD`s the event (its own headers and body) to its original stream, then `XDEL`s the dead
+/// letter. Returns the new entry id.
+async fn redis_replay_one(
+    r: &RedisBroker,
+    namespace: &str,
+    queue: &str,
+    d: &DeadLetter,
+) -> Result<String, Error> {
+    let stream = d.header(H_ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
+        field: format!("dead letter {}", d.seq),
+        message: format!("has no {H_ORIGINAL_SUBJECT} header"),
+    })?;
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in d.headers.iter().filter(|(k, _)| replayed_header(k)) {
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg("data").arg(d.body.as_ref());
+    let mut con = r.connection();
+    let id: String = cmd.query_async(&mut con).await.map_err(|e| Error::Broker {
+        what: format!("replay of dead letter {} on {stream}", d.seq),
+        message: e.to_string(),
+    })?;
+    let name = dead_letter_stream_name(namespace, queue);
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&name)
+        .arg(&d.seq)
+        .query_async(&mut con)
+        .await
+        .map_err(|e| Error::Broker {
+            what: format!("deleting dead letter {} of {name}", d.seq),
+            message: e.to_string(),
+        })?;
+    Ok(id)
+}
+
+fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Broker {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// Takes every dead letter without acknowledging it (in queue order); the channel returned
+/// holds them until it is closed (they go back) or they are acknowledged.
+async fn rabbit_take(
+    r: &RabbitBroker,
+    namespace: &str,
+    queue: &str,
+) -> Result<(lapin::Channel, Vec<(DeadLetter, lapin::message::Delivery)>), Error> {
+    let name = dead_letter_stream_name(namespace, queue);
+    let ch = r.channel().await?;
+    let mut out = Vec::new();
+    loop {
+        let got = tokio::time::timeout(
+            super::brokers::AMQP_GET_TIMEOUT,
+            ch.basic_get(
+                name.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            ),
+        )
+        .await
+        .map_err(|_| Error::Broker {
+            what: format!("queue {name}"),
+            message: "no answer in time".into(),
+        })?
+        .map_err(amqp(format!("queue {name}")))?;
+        let Some(m) = got else { break };
+        let d = m.delivery;
+        let mut headers: Vec<(String, String)> = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let v = match v {
+                            lapin::types::AMQPValue::LongString(s) => {
+                                String::from_utf8_lossy(s.as_bytes()).into_owned()
+                            }
+                            lapin::types::AMQPValue::ShortString(s) => s.as_str().to_string(),
+                            lapin::types::AMQPValue::LongInt(i) => i.to_string(),
+                            lapin::types::AMQPValue::LongLongInt(i) => i.to_string(),
+                            _ => return None,
+                        };
+                        Some((k.as_str().to_string(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        headers.retain(|(k, _)| !k.starts_with("x-"));
+        headers.sort();
+        let stored_at = d
+            .properties
+            .timestamp()
+            .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        let letter = DeadLetter {
+            seq: (out.len() + 1).to_string(),
+            headers,
+            body: Bytes::from(d.data.clone()),
+            stored_at,
+        };
+        out.push((letter, d));
+    }
+    Ok((ch, out))
+}
+
+async fn rabbit_list(
+    r: &RabbitBroker,
+    namespace: &str,
+    queue: &str,
+) -> Result<Vec<DeadLetter>, Error> {
+    let (ch, all) = rabbit_take(r, namespace, queue).await?;
+    // Closing the channel hands every dead letter back, in order.
+    let _ = ch.close(200, "listed".into()).await;
+    Ok(all.into_iter().map(|(d, _)| d).collect())
+}
+
+/// Publishes each chosen dead letter to its consumer queue (confirmed), then acknowledges it.
+async fn rabbit_replay(
+    r: &RabbitBroker,
+    namespace: &str,
+    queue: &str,
+    seqs: &[String],
+) -> Result<Vec<(DeadLetter, Result<String, Error>)>, Error> {
+    let (ch, all) = rabbit_take(r, namespace, queue).await?;
+    let out_ch = r.channel().await?;
+    out_ch
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm.select"))?;
+    let mut out = Vec::new();
+    for (d, delivery) in all.into_iter().filter(|(d, _)| seqs.contains(&d.seq)) {
+        let r = async {
+            let target = d.header(H_ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
+                field: format!("dead letter {}", d.seq),
+                message: format!("has no {H_ORIGINAL_SUBJECT} header"),
+            })?;
+            let mut t = lapin::types::FieldTable::default();
+            for (k, v) in d.headers.iter().filter(|(k, _)| replayed_header(k)) {
+                t.insert(
+                    k.as_str().into(),
+                    lapin::types::AMQPValue::LongString(v.clone().into()),
+                );
+            }
+            let props = lapin::BasicProperties::default()
+                .with_headers(t)
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(d.event_id().unwrap_or_default().into());
+            let what = format!("replay of dead letter {} to {target}", d.seq);
+            let confirm = out_ch
+                .basic_publish(
+                    "".into(),
+                    target.into(),
+                    lapin::options::BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &d.body,
+                    props,
+                )
+                .await
+                .map_err(amqp(what.clone()))?
+                .await
+                .map_err(amqp(what.clone()))?;
+            if confirm != lapin::Confirmation::Ack(None) {
+                return Err(Error::Broker {
+                    what,
+                    message: format!("not stored: {confirm:?} (is queue {target} there?)"),
+                });
+            }
+            delivery
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+                .map_err(amqp(format!("removing dead letter {}", d.seq)))?;
+            Ok(format!("on {target}"))
+        }
+        .await;
+        out.push((d, r));
+    }
+    let _ = ch.close(200, "replayed".into()).await;
+    let _ = out_ch.close(200, "replayed".into()).await;
+    Ok(out)
+}
+
+/// Reads the JetStream dead letter at `seq`.
+async fn nats_get(
     broker: &Broker,
     namespace: &str,
     queue: &str,
@@ -77,7 +441,7 @@ pub async fn get(
         .map_err(map_err(format!("stream {name}")))?;
     match stream.get_raw_message(seq).await {
         Ok(m) => Ok(Some(DeadLetter {
-            seq: m.sequence,
+            seq: m.sequence.to_string(),
             headers: headers_of(&m.headers),
             body: m.payload,
             stored_at: stored_time(&m.time),
@@ -95,8 +459,11 @@ pub async fn get(
     }
 }
 
-/// Every dead letter of the Queue, oldest first.
-pub async fn list(broker: &Broker, namespace: &str, queue: &str) -> Result<Vec<DeadLetter>, Error> {
+async fn nats_list(
+    broker: &Broker,
+    namespace: &str,
+    queue: &str,
+) -> Result<Vec<DeadLetter>, Error> {
     let name = dead_letter_stream_name(namespace, queue);
     let mut stream = broker
         .jetstream()
@@ -114,7 +481,7 @@ pub async fn list(broker: &Broker, namespace: &str, queue: &str) -> Result<Vec<D
         return Ok(out);
     }
     for seq in state.first_sequence..=state.last_sequence {
-        if let Some(d) = get(broker, namespace, queue, seq).await? {
+        if let Some(d) = nats_get(broker, namespace, queue, seq).await? {
             out.push(d);
         }
     }
@@ -124,7 +491,7 @@ pub async fn list(broker: &Broker, namespace: &str, queue: &str) -> Result<Vec<D
 /// Republishes a dead letter on its original subject (original body, `ce-*`, `traceparent`
 /// and `content-type` headers, `Nats-Msg-Id: <event id>:replay:<dlq seq>`), waits for the
 /// stream's acknowledgement, then deletes the dead letter. Returns the new stream sequence.
-pub async fn replay_one(
+async fn nats_replay_one(
     broker: &Broker,
     namespace: &str,
     queue: &str,
@@ -139,15 +506,8 @@ pub async fn replay_one(
         message: "has no ce-id header".into(),
     })?;
     let mut headers = HeaderMap::new();
-    for (k, v) in &d.headers {
-        let lower = k.to_ascii_lowercase();
-        if lower.starts_with("ce-")
-            || lower == "traceparent"
-            || lower == "tracestate"
-            || lower == "content-type"
-        {
-            headers.append(k.as_str(), v.as_str());
-        }
+    for (k, v) in d.headers.iter().filter(|(k, _)| replayed_header(k)) {
+        headers.append(k.as_str(), v.as_str());
     }
     headers.insert(H_MSG_ID, format!("{event_id}:replay:{}", d.seq).as_str());
     let what = format!("replay of dead letter {} on {subject}", d.seq);
@@ -164,8 +524,12 @@ pub async fn replay_one(
         .get_stream_no_info(&name)
         .await
         .map_err(map_err(format!("stream {name}")))?;
+    let seq: u64 = d.seq.parse().map_err(|_| Error::Invalid {
+        field: format!("dead letter {}", d.seq),
+        message: "not a stream sequence".into(),
+    })?;
     stream
-        .delete_message(d.seq)
+        .delete_message(seq)
         .await
         .map_err(map_err(format!("deleting dead letter {} of {name}", d.seq)))?;
     Ok(ack.sequence)
@@ -192,9 +556,10 @@ pub enum DlqCommand {
     Show {
         #[command(flatten)]
         target: Target,
-        /// Sequence on the dead-letter stream (from `list`).
+        /// The dead letter's SEQ from `list` (stream sequence, Redis entry id, or RabbitMQ
+        /// position).
         #[arg(long)]
-        seq: u64,
+        seq: String,
     },
     /// Publish dead letters back onto the queue, then delete them from the dead-letter stream.
     Replay {
@@ -202,7 +567,7 @@ pub enum DlqCommand {
         target: Target,
         /// Sequences to replay (repeat the flag for several).
         #[arg(long, required_unless_present = "all", conflicts_with = "all")]
-        seq: Vec<u64>,
+        seq: Vec<String>,
         /// Replay every dead letter.
         #[arg(long)]
         all: bool,
@@ -215,8 +580,9 @@ pub struct Target {
     pub queue: String,
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
-    /// Broker URL (e.g. nats://127.0.0.1:4222); by default the Queue's Broker, read from the
-    /// cluster with the current kubeconfig (with its credentials Secret).
+    /// Broker URL (nats://, redis:// or amqp://, the kind follows the scheme); by default the
+    /// Queue's Broker, read from the cluster with the current kubeconfig (with its credentials
+    /// Secret).
     #[arg(long, env = "WEIR_BROKER_URL")]
     pub broker_url: Option<String>,
 }
@@ -236,23 +602,29 @@ pub fn run(args: DlqArgs) -> ExitCode {
     rt.block_on(run_async(args))
 }
 
-async fn connect_target(t: &Target) -> Result<Broker, String> {
-    let (url, creds) = match &t.broker_url {
-        Some(u) => (u.clone(), Credentials::None),
+async fn connect_target(t: &Target) -> Result<AnyBroker, String> {
+    let (kind, url, creds) = match &t.broker_url {
+        Some(u) => (
+            super::brokers::kind_of_url(u).ok_or_else(|| {
+                format!("--broker-url {u:?}: not a nats://, redis:// or amqp:// URL")
+            })?,
+            u.clone(),
+            Credentials::None,
+        ),
         None => broker_from_cluster(&t.namespace, &t.queue)
             .await
             .map_err(|e| format!("{e:#}"))?,
     };
-    super::connect(&url, &creds)
+    super::brokers::connect(kind, &url, &creds)
         .await
         .map_err(|e| e.to_string())
 }
 
-/// The URL and credentials of the Queue's Broker, from the cluster.
+/// The kind, URL and credentials of the Queue's Broker, from the cluster.
 async fn broker_from_cluster(
     namespace: &str,
     queue: &str,
-) -> anyhow::Result<(String, Credentials)> {
+) -> anyhow::Result<(weir_crds::broker::BrokerKind, String, Credentials)> {
     use anyhow::Context as _;
     use k8s_openapi::api::core::v1::Secret;
     use kube::Api;
@@ -269,8 +641,7 @@ async fn broker_from_cluster(
         .with_context(|| format!("Broker {namespace}/{}", q.spec.broker))?;
     let url = b
         .spec
-        .url
-        .clone()
+        .effective_url()
         .with_context(|| format!("Broker {namespace}/{} has no spec.url", q.spec.broker))?;
     let creds = match &b.spec.credentials_secret {
         None => Credentials::None,
@@ -288,7 +659,7 @@ async fn broker_from_cluster(
             Credentials::from_secret_data(&data)?
         }
     };
-    Ok((url, creds))
+    Ok((b.spec.kind, url, creds))
 }
 
 async fn run_async(args: DlqArgs) -> ExitCode {
@@ -318,7 +689,7 @@ async fn run_async(args: DlqArgs) -> ExitCode {
             print!("{}", format_list(&letters, json));
             ExitCode::SUCCESS
         }
-        DlqCommand::Show { seq, .. } => match get(&broker, ns, q, seq).await {
+        DlqCommand::Show { seq, .. } => match get(&broker, ns, q, &seq).await {
             Ok(Some(d)) => {
                 print!("{}", format_show(&d));
                 ExitCode::SUCCESS
@@ -341,7 +712,7 @@ async fn run_async(args: DlqArgs) -> ExitCode {
             } else {
                 let mut v = Vec::new();
                 for s in seq {
-                    match get(&broker, ns, q, s).await {
+                    match get(&broker, ns, q, &s).await {
                         Ok(Some(d)) => v.push(d),
                         Ok(None) => {
                             eprintln!(
@@ -356,8 +727,8 @@ async fn run_async(args: DlqArgs) -> ExitCode {
                 v
             };
             let mut failed = 0;
-            for d in &chosen {
-                match replay_one(&broker, ns, q, d).await {
+            for (d, r) in replay(&broker, ns, q, &chosen).await {
+                match r {
                     Ok(new_seq) => println!(
                         "replayed dead letter {} (event {}) as message {new_seq}",
                         d.seq,
@@ -385,7 +756,8 @@ pub fn format_list(letters: &[DeadLetter], json: bool) -> String {
     if json {
         for d in letters {
             let v = serde_json::json!({
-                "seq": d.seq,
+                "seq": d.seq.parse::<u64>().map(serde_json::Value::from)
+                    .unwrap_or_else(|_| serde_json::Value::from(d.seq.clone())),
                 "eventId": d.event_id(),
                 "reason": d.header(H_REASON),
                 "deliveryCount": d.header(H_DELIVERY_COUNT).and_then(|c| c.parse::<u64>().ok()),
@@ -393,7 +765,10 @@ pub fn format_list(letters: &[DeadLetter], json: bool) -> String {
                 "consumer": d.header(H_CONSUMER),
                 "lastError": d.header(H_LAST_ERROR),
                 "originalSubject": d.header(H_ORIGINAL_SUBJECT),
-                "originalSeq": d.header(H_ORIGINAL_SEQ).and_then(|c| c.parse::<u64>().ok()),
+                "originalSeq": d.header(H_ORIGINAL_SEQ).map(|c| c
+                    .parse::<u64>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_else(|_| serde_json::Value::from(c))),
             });
             out.push_str(&v.to_string());
             out.push('\n');
