@@ -257,7 +257,17 @@ async fn es256_keys_from_a_jwks_file_and_forwarded_token() {
     // An ES256 token from another P-256 key with the same kid fails.
     let other = ec().token(Some("e1"), &claims("u2", "ops"));
     assert_eq!(with_token(&p, "/", &other).await.status, 401);
-    assert_eq!(app.hits(), 1);
+    // The Secret is rotated to a new key: a token naming its kid makes the file be read again.
+    let next = ec();
+    std::fs::write(&file, jwks(&[next.jwk("e2")])).unwrap();
+    let t2 = next.token(Some("e2"), &claims("u2", "ops"));
+    assert_eq!(with_token(&p, "/", &t2).await.status, 200);
+    assert_eq!(
+        with_token(&p, "/", &t).await.status,
+        401,
+        "e1 was rotated out"
+    );
+    assert_eq!(app.hits(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,4 +707,70 @@ async fn an_invalid_inline_jwks_is_refused_naming_the_field() {
     assert!(err.contains("edge.jwt.jwks: no usable key"), "{err}");
     let v: Value = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
     assert!(v["edge"]["jwt"]["jwks"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_fetched_keys_and_applies_new_rules() {
+    let app = echo_app().await;
+    let idp = upstream(|_req, _| async move {
+        Response::new(Full::new(Bytes::from(jwks(&[rsa("a").jwk("a")]))))
+    })
+    .await;
+    let mut cfg = common::base_config(app.addr);
+    let mut jwt = jwt_config();
+    jwt.jwks_uri = Some(format!("{}/jwks", idp.url()));
+    cfg.edge = Some(edge_config(jwt));
+    let p = Proxy::start(cfg.clone()).await;
+    let t = rsa("a").token(Some("a"), &claims("u1", "buyer"));
+    assert_eq!(with_token(&p, "/", &t).await.status, 200);
+    assert_eq!(call(&p, "GET", "/status", &[]).await.status, 401);
+    // New rules, same keys: /status becomes anonymous, the JWKS is not fetched again.
+    cfg.edge.as_mut().unwrap().anonymous = vec![AnonymousRuleConfig {
+        path_prefix: "/status".into(),
+        methods: vec![],
+    }];
+    p.write_config(&serde_json::to_string(&cfg).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while p
+        .metric(r#"weir_config_reloads_total{result="success"}"#)
+        .await
+        < 1.0
+    {
+        assert!(std::time::Instant::now() < deadline, "config not reloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(call(&p, "GET", "/status", &[]).await.status, 200);
+    assert_eq!(with_token(&p, "/", &t).await.status, 200);
+    assert_eq!(idp.hits(), 1, "the key cache survived the reload");
+}
+
+/// Behind one trusted proxy the client is the last `X-Forwarded-For` address: what the client
+/// itself puts further left changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for() {
+    let app = echo_app().await;
+    let mut cfg = inline_edge(app.addr);
+    let edge = cfg.edge.as_mut().unwrap();
+    edge.xff_num_trusted_hops = 1;
+    edge.anonymous = vec![AnonymousRuleConfig {
+        path_prefix: "/".into(),
+        methods: vec![],
+    }];
+    edge.rate_limit = Some(ClientRateLimitConfig {
+        requests_per_second: 0.1,
+        burst: 1,
+        key: "ip".into(),
+        max_clients: 100,
+    });
+    let p = Proxy::start(cfg).await;
+    let from = |xff: &'static str| [("x-forwarded-for", xff)];
+    assert_eq!(call(&p, "GET", "/", &from("203.0.113.7")).await.status, 200);
+    assert_eq!(
+        call(&p, "GET", "/", &from("198.51.100.1, 203.0.113.7"))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(call(&p, "GET", "/", &from("203.0.113.8")).await.status, 200);
+    assert_eq!(app.hits(), 2);
 }
