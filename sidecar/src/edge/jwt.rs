@@ -333,13 +333,13 @@ impl Token<'_> {
     /// algorithm is the token's `alg`.
     pub fn verify(&self, keys: &KeySet) -> Result<(), AuthError> {
         let alg = Alg::from_name(&self.alg).ok_or(AuthError::AlgNotAllowed)?;
-        let mut by_kid = keys.keys.iter().filter(|k| match (&self.kid, &k.kid) {
+        let by_kid = keys.keys.iter().filter(|k| match (&self.kid, &k.kid) {
             (Some(t), Some(k)) => t == k,
             _ => true,
         });
         let mut matched_kid = false;
         let mut matched_alg = false;
-        for k in by_kid.by_ref() {
+        for k in by_kid {
             matched_kid = true;
             if k.alg != alg {
                 continue;

@@ -184,14 +184,17 @@ impl KeySource {
     }
 }
 
-/// Reloads the keys every `every` (sooner after a failure) for as long as the source is in use.
+/// Reloads the keys every `every` (sooner after a failure) for as long as the source is in use;
+/// the first load is at once when `load_now`, else soon if nothing is loaded yet.
 fn spawn_refresh(src: &Arc<KeySource>, every: Duration, load_now: bool) {
+    let retry = RETRY_AFTER_FAILURE.min(every);
+    let mut wait = match (load_now, src.current().is_some()) {
+        (true, _) => Duration::ZERO,
+        (false, true) => every,
+        (false, false) => retry,
+    };
     let weak: Weak<KeySource> = Arc::downgrade(src);
     tokio::spawn(async move {
-        let mut wait = if load_now { Duration::ZERO } else { every };
-        if !load_now && weak.upgrade().is_some_and(|s| s.current().is_none()) {
-            wait = RETRY_AFTER_FAILURE.min(every);
-        }
         loop {
             tokio::time::sleep(wait).await;
             let Some(src) = weak.upgrade() else { return };
@@ -199,7 +202,7 @@ fn spawn_refresh(src: &Arc<KeySource>, every: Duration, load_now: bool) {
                 Ok(()) => every,
                 Err(e) => {
                     tracing::warn!(error = %e, "signing keys not loaded; retrying");
-                    RETRY_AFTER_FAILURE.min(every)
+                    retry
                 }
             };
         }
