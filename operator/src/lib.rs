@@ -10,3 +10,4 @@ pub mod saga;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod up;
+pub mod up_broker;

@@ -52,9 +52,12 @@ struct UpArgs {
     /// Files or directories of manifests.
     #[arg(short = 'f', long = "filename", required = true)]
     files: Vec<PathBuf>,
-    /// Use this running broker instead of starting nats-server.
+    /// Use this running broker instead of starting one (nats://, redis:// or amqp://).
     #[arg(long)]
     broker_url: Option<String>,
+    /// The broker to start when there is no --broker-url: nats, redis or rabbitmq.
+    #[arg(long, default_value = "nats", value_parser = weir::up_broker::parse_kind)]
+    broker: weir_crds::broker::BrokerKind,
     /// The weir-proxy binary (default: next to weir, then PATH).
     #[arg(long)]
     proxy_bin: Option<PathBuf>,
@@ -284,6 +287,7 @@ impl UpArgs {
     fn into_options(self) -> weir::up::RunOptions {
         weir::up::RunOptions {
             broker_url: self.broker_url,
+            broker: self.broker,
             proxy_bin: self.proxy_bin,
             work_dir: self.work_dir,
             namespace: self.namespace,

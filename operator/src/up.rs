@@ -135,10 +135,13 @@ pub fn local_messaging(
                         l.file.display()
                     )
                 })?;
+            let kind = crate::messaging::brokers::kind_of_url(broker_url)
+                .unwrap_or_default()
+                .name();
             let broker: weir_crds::Broker = serde_json::from_value(serde_json::json!({
                 "apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
                 "metadata": {"name": q.spec.broker},
-                "spec": {"url": broker_url}
+                "spec": {"url": broker_url, "kind": kind}
             }))?;
             brokers.insert(q.spec.broker.clone(), broker);
             queues.insert(
@@ -751,6 +754,8 @@ async fn stop_all(children: &mut Vec<(String, Child)>, grace: Duration) {
 /// Settings of one `weir up` run.
 pub struct RunOptions {
     pub broker_url: Option<String>,
+    /// The broker to start when `broker_url` is not given (`--broker`).
+    pub broker: weir_crds::broker::BrokerKind,
     pub proxy_bin: Option<PathBuf>,
     pub work_dir: Option<PathBuf>,
     pub namespace: String,
@@ -811,9 +816,9 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         (Some(url), _) => Some(url.clone()),
         (None, false) => None,
         (None, true) => {
-            let (child, url) = start_nats(&work_dir).await?;
-            broker_process = Some(child);
-            Some(url)
+            let started = crate::up_broker::start(opts.broker, &work_dir).await?;
+            broker_process = Some(started.children);
+            Some(started.url)
         }
     };
     let mut services = plan_with(
@@ -843,12 +848,23 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         ready_timeout: opts.ready_timeout,
     };
     let mut running = start(services, &up).await?;
-    if let Some(child) = broker_process {
-        running.adopt("nats", child);
+    for (label, child) in broker_process.into_iter().flatten() {
+        running.adopt(&label, child);
     }
     if let Some(url) = &broker_url {
+        // Saga coordinators keep their log on JetStream whatever the queues' broker.
+        let saga_url = match crate::messaging::brokers::kind_of_url(url) {
+            Some(weir_crds::broker::BrokerKind::Nats) => url.clone(),
+            _ if !loaded.iter().any(|l| matches!(l.object, Object::Saga(_))) => url.clone(),
+            _ => {
+                let (child, nats_url) = start_nats(&work_dir).await?;
+                running.adopt("nats", child);
+                println!("weir up: sagas on {nats_url} (their log needs JetStream)");
+                nats_url
+            }
+        };
         running
-            .start_sagas(&loaded, &opts.namespace, url, &up)
+            .start_sagas(&loaded, &opts.namespace, &saga_url, &up)
             .await?;
     }
     println!(
@@ -919,7 +935,9 @@ fn usage_notes(loaded: &[Loaded], running: &Running) -> Vec<(String, String)> {
 /// Declares every Queue of the input on the broker, with a durable consumer for each
 /// Microservice that consumes it: the same code the operator runs.
 pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Result<()> {
-    let broker = messaging::connect(url, &messaging::Credentials::default())
+    let kind = messaging::brokers::kind_of_url(url)
+        .ok_or_else(|| anyhow!("broker {url}: not a nats://, redis:// or amqp:// URL"))?;
+    let broker = messaging::brokers::connect(kind, url, &messaging::Credentials::default())
         .await
         .map_err(|e| anyhow!("broker {url}: {e}"))?;
     for l in loaded {
