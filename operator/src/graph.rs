@@ -64,7 +64,12 @@ fn build(objects: &[Loaded]) -> Graph {
             Object::Microservice(ms) => {
                 let name = ms.metadata.name.clone().unwrap_or_default();
                 let me = id("ms", &name);
-                add_node(&mut g, me.clone(), name.clone(), "service");
+                let edge = ms.spec.edge.as_deref();
+                let label = match edge {
+                    Some(_) => format!("{name} (edge)"),
+                    None => name.clone(),
+                };
+                add_node(&mut g, me.clone(), label, "service");
                 for d in &ms.spec.dependencies {
                     let (target, label) = match (&d.microservice, &d.url) {
                         (Some(t), _) => (id("ms", t), t.clone()),
@@ -81,13 +86,22 @@ fn build(objects: &[Loaded]) -> Graph {
                             "service"
                         },
                     );
-                    g.edges.push((
-                        me.clone(),
-                        target,
-                        Edge::Call {
-                            label: policy_label(d),
-                        },
-                    ));
+                    // At the edge, the path prefixes routed to this dependency come first.
+                    let routed: Vec<&str> = edge
+                        .map(|e| {
+                            e.routes
+                                .iter()
+                                .filter(|r| r.dependency == d.name)
+                                .map(|r| r.path_prefix.as_str())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let label = if routed.is_empty() {
+                        policy_label(d)
+                    } else {
+                        format!("{}: {}", routed.join(" "), policy_label(d))
+                    };
+                    g.edges.push((me.clone(), target, Edge::Call { label }));
                 }
                 for p in &ms.spec.publishes {
                     let q = id("q", &p.queue);
@@ -254,6 +268,25 @@ mod tests {
         );
         assert!(
             m.contains(r#"ext_payments_api>"https://payments.example.com"]"#),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_edge_and_its_routes_are_marked() {
+        let files = expand_paths(&[std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/edge"
+        ))])
+        .unwrap();
+        let m = render(&load(&files, &Schemas::new()).unwrap().0, Format::Mermaid);
+        assert!(m.contains(r#"ms_gateway["gateway (edge)"]"#), "{m}");
+        assert!(
+            m.contains(r#"ms_gateway -->|"/orders: 2s, retry 2, breaker 50%"| ms_orders"#),
+            "{m}"
+        );
+        assert!(
+            m.contains(r#"ms_orders -->|"1s, breaker 50%"| ms_catalog"#),
             "{m}"
         );
     }
