@@ -8,7 +8,7 @@ use crate::body::BoxBody;
 use crate::forward::HttpClient;
 use http_body_util::BodyExt;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
 use weir_crds::proxy::JwtConfig;
@@ -34,8 +34,25 @@ pub struct KeySource {
     origin: Origin,
     client: HttpClient,
     keys: RwLock<Option<Arc<KeySet>>>,
-    /// When the last unknown-kid refetch started; the lock also coalesces concurrent refetches.
-    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Held by every load (at start, on refresh, on demand): a request that needs keys waits for
+    /// the load in flight and then looks again, so concurrent needs cost one fetch.
+    loading: tokio::sync::Mutex<()>,
+    /// When the last on-demand load for an unknown key id started ([`MIN_REFETCH`] apart).
+    last_unknown_kid: Mutex<Option<Instant>>,
+    /// When the last on-demand load while no keys were loaded at all started
+    /// ([`RETRY_AFTER_FAILURE`] apart).
+    last_no_keys: Mutex<Option<Instant>>,
+}
+
+/// Whether a load may start now, `min` after the last one recorded in `slot`; records it if so.
+fn allow(slot: &Mutex<Option<Instant>>, min: Duration) -> bool {
+    let mut last = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < min) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 impl std::fmt::Debug for KeySource {
@@ -64,7 +81,9 @@ impl KeySource {
             origin,
             client,
             keys: RwLock::new(None),
-            last_refetch: tokio::sync::Mutex::new(None),
+            loading: tokio::sync::Mutex::new(()),
+            last_unknown_kid: Mutex::new(None),
+            last_no_keys: Mutex::new(None),
         });
         match &src.origin {
             Origin::Inline => {
@@ -161,20 +180,22 @@ impl KeySource {
         Ok(())
     }
 
-    /// Fetches the keys again because a token named an unknown key id, unless that was done less
-    /// than [`MIN_REFETCH`] ago. Concurrent callers wait for the one refetch in progress.
-    pub async fn refetch_for_unknown_kid(&self) {
+    /// Loads the keys again because none are loaded yet, or because a token names a key id
+    /// (`kid`) the set does not have (the issuer rotated its keys). Waits for a load in flight
+    /// first; then loads only if still needed, at most once per [`MIN_REFETCH`] for unknown key
+    /// ids and once per [`RETRY_AFTER_FAILURE`] while nothing is loaded.
+    pub async fn load_on_demand(&self, kid: Option<&str>) {
         if matches!(self.origin, Origin::Inline) {
             return;
         }
-        let mut last = self.last_refetch.lock().await;
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < MIN_REFETCH) {
-            return;
-        }
-        *last = Some(now);
-        if let Err(e) = self.fetch().await {
-            tracing::warn!(error = %e, "signing keys refetch failed");
+        let _loading = self.loading.lock().await;
+        let allowed = match (self.current(), kid) {
+            (None, _) => allow(&self.last_no_keys, RETRY_AFTER_FAILURE),
+            (Some(set), Some(k)) if !set.has_kid(k) => allow(&self.last_unknown_kid, MIN_REFETCH),
+            _ => false,
+        };
+        if allowed && let Err(e) = self.fetch().await {
+            tracing::warn!(error = %e, "signing keys load failed");
         }
     }
 
@@ -195,9 +216,16 @@ fn spawn_refresh(src: &Arc<KeySource>, every: Duration, load_now: bool) {
     };
     let weak: Weak<KeySource> = Arc::downgrade(src);
     tokio::spawn(async move {
+        let mut first = load_now;
         loop {
             tokio::time::sleep(wait).await;
             let Some(src) = weak.upgrade() else { return };
+            let _loading = src.loading.lock().await;
+            // A request may have loaded the keys first: no second fetch at start.
+            if std::mem::take(&mut first) && src.current().is_some() {
+                wait = every;
+                continue;
+            }
             wait = match src.fetch().await {
                 Ok(()) => every,
                 Err(e) => {
@@ -207,4 +235,78 @@ fn spawn_refresh(src: &Arc<KeySource>, every: Duration, load_now: bool) {
             };
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A JWKS endpoint on loopback that answers after 100 ms and counts its calls.
+    async fn slow_jwks() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h2 = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let hits = h2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let doc = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "e1",
+                                "x": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE",
+                                "y": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI"}]}"#;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    doc.as_bytes(),
+                                )),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn concurrent_needs_cost_one_fetch_and_unknown_kids_are_rate_limited() {
+        let (url, hits) = slow_jwks().await;
+        let cfg = JwtConfig {
+            issuer: "i".into(),
+            audiences: vec!["a".into()],
+            jwks: None,
+            jwks_file: None,
+            jwks_uri: Some(url),
+            jwks_refresh_ms: 300_000,
+            hmac_secret_file: None,
+            leeway_ms: 60_000,
+            user_id_claim: "sub".into(),
+            role_claim: "role".into(),
+            forward_token: false,
+            max_token_bytes: 8192,
+        };
+        let src = KeySource::start(&cfg, crate::forward::new_client()).unwrap();
+        // Requests arriving while the start-up fetch is in flight wait for it.
+        futures::future::join_all((0..5).map(|_| src.load_on_demand(None))).await;
+        assert!(src.knows_kid("e1"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // A known kid loads nothing; an unknown one loads once, then not again for 30 s.
+        src.load_on_demand(Some("e1")).await;
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        src.load_on_demand(Some("rotated")).await;
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        src.load_on_demand(Some("another")).await;
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
 }

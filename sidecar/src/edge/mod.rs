@@ -134,7 +134,7 @@ impl Edge {
         let tok = jwt::parse(token, self.cfg.jwt.max_token_bytes as usize)?;
         let unknown_kid = tok.kid.as_deref().is_some_and(|k| !self.keys.knows_kid(k));
         if self.keys.current().is_none() || unknown_kid {
-            self.keys.refetch_for_unknown_kid().await;
+            self.keys.load_on_demand(tok.kid.as_deref()).await;
         }
         let keys = self.keys.current().ok_or(AuthError::KeysUnavailable)?;
         tok.verify(&keys)?;
