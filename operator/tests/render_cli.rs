@@ -139,7 +139,10 @@ fn broken_manifests_exit_2_naming_the_field() {
             "both-targets.yaml",
             "Microservice/orders: spec.dependencies[0]",
         ),
-        ("edge-two-key-sources.yaml", "Microservice/gateway: spec.edge.jwt"),
+        (
+            "edge-two-key-sources.yaml",
+            "Microservice/gateway: spec.edge.jwt",
+        ),
         (
             "edge-route-unknown-dependency.yaml",
             "Microservice/gateway: spec.edge.routes[0].dependency",
