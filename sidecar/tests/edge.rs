@@ -774,3 +774,32 @@ async fn behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for() {
     assert_eq!(call(&p, "GET", "/", &from("203.0.113.8")).await.status, 200);
     assert_eq!(app.hits(), 2);
 }
+
+/// A refused request spends its client IP's bucket: past the burst, guessing tokens gets 429
+/// instead of 401, while a valid user keeps a bucket of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_tokens_spends_the_client_ip_bucket() {
+    let app = echo_app().await;
+    let mut cfg = inline_edge(app.addr);
+    cfg.edge.as_mut().unwrap().rate_limit = Some(ClientRateLimitConfig {
+        requests_per_second: 0.1,
+        burst: 2,
+        key: "user".into(),
+        max_clients: 100,
+    });
+    let p = Proxy::start(cfg).await;
+    let forged = rsa("b").token(Some("a"), &claims("admin", "admin"));
+    assert_eq!(with_token(&p, "/", &forged).await.status, 401);
+    assert_eq!(call(&p, "GET", "/", &[]).await.status, 401);
+    let a = with_token(&p, "/", &forged).await;
+    assert_eq!(a.status, 429);
+    assert_eq!(a.headers["retry-after"], "10");
+    let valid = rsa("a").token(Some("a"), &claims("u1", "buyer"));
+    assert_eq!(with_token(&p, "/", &valid).await.status, 200);
+    assert_eq!(app.hits(), 1);
+    assert_eq!(
+        p.metric(r#"weir_auth_rejections_total{reason="bad-signature"}"#)
+            .await,
+        1.0
+    );
+}

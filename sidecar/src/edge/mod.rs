@@ -157,10 +157,32 @@ impl Edge {
         if by_user && let Some(u) = req.headers().get(USER_ID).and_then(|v| v.to_str().ok()) {
             return format!("user:{u}");
         }
+        self.ip_key(req)
+    }
+
+    fn ip_key(&self, req: &Req) -> String {
         match client_ip(req, self.cfg.xff_num_trusted_hops) {
             Some(ip) => format!("ip:{ip}"),
             None => "ip:unknown".into(),
         }
+    }
+
+    /// 429 when `key`'s bucket is empty (a token is taken otherwise).
+    fn rate_limited(&self, key: &str) -> Option<Resp> {
+        let wait = self.limiter.as_ref()?.try_take(key).err()?;
+        self.counters.client_rate_limited.inc();
+        let mut resp = reject(Reason::ClientRateLimited);
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        Some(resp)
+    }
+
+    /// A refused request spends a token of its client IP's bucket too, so guessing tokens is
+    /// rate-limited like anonymous traffic: past the burst the answer is 429, not 401.
+    fn refuse(&self, req: &Req, e: AuthError) -> Resp {
+        self.rate_limited(&self.ip_key(req))
+            .unwrap_or_else(|| self.unauthorized(e))
     }
 
     async fn handle<S>(&self, mut req: Req, inner: S) -> Resp
@@ -177,11 +199,11 @@ impl Edge {
         }
         let token = match bearer(req.headers()) {
             Ok(t) => t,
-            Err(e) => return self.unauthorized(e),
+            Err(e) => return self.refuse(&req, e),
         };
         match token {
             None if !self.anonymous(req.method(), req.uri().path()) => {
-                return self.unauthorized(AuthError::Missing);
+                return self.refuse(&req, AuthError::Missing);
             }
             None => {}
             // A token sent on an anonymous route is still checked: a bad one is refused.
@@ -198,17 +220,10 @@ impl Edge {
                         h.remove(header::AUTHORIZATION);
                     }
                 }
-                Err(e) => return self.unauthorized(e),
+                Err(e) => return self.refuse(&req, e),
             },
         }
-        if let Some(l) = &self.limiter
-            && let Err(wait) = l.try_take(&self.client_key(&req))
-        {
-            self.counters.client_rate_limited.inc();
-            let mut resp = reject(Reason::ClientRateLimited);
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        if let Some(resp) = self.rate_limited(&self.client_key(&req)) {
             return resp;
         }
         let path = req.uri().path().to_string();
