@@ -1,8 +1,10 @@
-//! Pub/sub benchmark against a real nats-server, in one run:
-//! raw async-nats publish-with-ack vs `POST /v1/publish/<queue>` through `weir-proxy` (schema
-//! validation on), then end-to-end consume throughput through the sidecar into a trivial app.
-//! Prints a Markdown table. Run with `sidecar/benches/pubsub.sh` (or
-//! `cargo bench -p weir-proxy --bench pubsub`); `PUBSUB_N` and `PUBSUB_CONCURRENCY` adjust it.
+//! Pub/sub benchmark against each broker (a real nats-server, redis-server and rabbitmq-server),
+//! in one run per broker: the raw client's publish-with-confirmation (async-nats publish + ack,
+//! redis `XADD`, lapin publish + publisher confirm) vs `POST /v1/publish/<queue>` through
+//! `weir-proxy` (schema validation on), then end-to-end consume throughput through the sidecar
+//! into a trivial app. Prints a Markdown table. Run with `sidecar/benches/pubsub.sh` (or
+//! `cargo bench -p weir-proxy --bench pubsub`); `PUBSUB_N`, `PUBSUB_CONCURRENCY` and
+//! `PUBSUB_BROKERS` (default `nats,redis,rabbitmq`) adjust it.
 
 #[path = "../tests/bridge_support/mod.rs"]
 mod bridge_support;
@@ -21,6 +23,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 struct Row {
+    broker: &'static str,
     path: &'static str,
     messages: usize,
     concurrency: usize,
@@ -160,45 +163,155 @@ fn main() {
 }
 
 async fn bench() {
-    let Some(bin) = require_nats() else { return };
-    let n = env_usize("PUBSUB_N", 20_000);
-    let concurrency = env_usize("PUBSUB_CONCURRENCY", 64);
-    let nats = Nats::start(bin).await;
-    let js = nats.js().await;
-    declare_stream(&js).await;
-    // The stream must not be the bottleneck of the publish comparison: both paths hit the same one.
+    let brokers = std::env::var("PUBSUB_BROKERS").unwrap_or_else(|_| "nats,redis,rabbitmq".into());
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    for name in brokers.split(',').map(str::trim) {
+        let kind = match name {
+            "nats" => Kind::Nats,
+            "redis" => Kind::Redis,
+            "rabbitmq" => Kind::Rabbitmq,
+            other => panic!("PUBSUB_BROKERS: unknown broker {other:?}"),
+        };
+        let Some(broker) = Broker::start(kind).await else {
+            continue;
+        };
+        let r = bench_one(&broker).await;
+        ratios.push((kind.name(), r[1].rate() / r[0].rate() * 100.0));
+        rows.extend(r);
+    }
+    println!();
+    println!("| broker | path | messages | concurrency | msgs/s | p50 ms | p99 ms |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {} | {} |",
+            r.broker,
+            r.path,
+            r.messages,
+            r.concurrency,
+            r.rate(),
+            r.pct(0.50),
+            r.pct(0.99)
+        );
+    }
+    println!();
+    for (b, pct) in ratios {
+        println!("{b}: sidecar publish throughput = {pct:.0} % of the raw client's");
+    }
+}
 
-    // 1. Raw async-nats: publish with the same headers and wait for each ack.
-    let js2 = js.clone();
-    let (elapsed, latencies) = run_load(n, concurrency, move |i| {
-        let js = js2.clone();
-        async move {
-            let id = format!("raw-{i}");
-            let h = weir_proxy::bridge::publish::event_headers(
-                &id,
-                "weir://shop/bench",
-                "order.created",
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            );
-            js.publish_with_headers(SUBJECT, h, Bytes::from(body(i)))
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+/// The event's CloudEvents headers, as the sidecar sets them.
+fn headers(id: &str) -> Vec<(String, String)> {
+    weir_proxy::bridge::publish::cloud_event_headers(
+        id,
+        "weir://shop/bench",
+        "order.created",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+}
+
+/// The raw client's publish-and-confirm on `broker`, `n` times at `concurrency`.
+async fn raw_publish_load(broker: &Broker, n: usize, concurrency: usize) -> Row {
+    let (path, (elapsed, latencies)) = match broker {
+        Broker::Nats(nats) => {
+            let js = nats.js().await;
+            let r = run_load(n, concurrency, move |i| {
+                let js = js.clone();
+                async move {
+                    let id = format!("raw-{i}");
+                    let h = weir_proxy::bridge::publish::event_headers(
+                        &id,
+                        "weir://shop/bench",
+                        "order.created",
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                    );
+                    js.publish_with_headers(SUBJECT, h, Bytes::from(body(i)))
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+            ("raw async-nats publish + ack", r)
         }
-    })
-    .await;
-    let raw = Row {
-        path: "raw async-nats publish + ack",
+        Broker::Redis(server) => {
+            let con = server.con().await;
+            let r = run_load(n, concurrency, move |i| {
+                let mut con = con.clone();
+                async move {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(STREAM).arg("*");
+                    for (k, v) in headers(&format!("raw-{i}")) {
+                        cmd.arg(k).arg(v);
+                    }
+                    cmd.arg("data").arg(body(i));
+                    let _: String = cmd.query_async(&mut con).await.unwrap();
+                }
+            })
+            .await;
+            ("raw redis XADD (AOF fsync always)", r)
+        }
+        Broker::Rabbitmq(server) => {
+            let (conn, ch) = server.channel().await;
+            ch.confirm_select(Default::default()).await.unwrap();
+            let ch = Arc::new(ch);
+            let r = run_load(n, concurrency, move |i| {
+                let ch = ch.clone();
+                async move {
+                    let mut t = lapin::types::FieldTable::default();
+                    for (k, v) in headers(&format!("raw-{i}")) {
+                        t.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+                    }
+                    let c = ch
+                        .basic_publish(
+                            STREAM.into(),
+                            SUBJECT.into(),
+                            lapin::options::BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            body(i).as_bytes(),
+                            lapin::BasicProperties::default()
+                                .with_headers(t)
+                                .with_delivery_mode(2)
+                                .with_message_id(format!("raw-{i}").into()),
+                        )
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    assert_eq!(c, lapin::Confirmation::Ack(None));
+                }
+            })
+            .await;
+            let _ = conn.close(200, "done".into()).await;
+            ("raw lapin publish + confirm", r)
+        }
+    };
+    Row {
+        broker: broker.kind().name(),
+        path,
         messages: n,
         concurrency,
         elapsed,
         latencies,
-    };
+    }
+}
 
-    // 2. Through weir-proxy: HTTP POST, schema validation, CloudEvent, publish + ack.
+async fn bench_one(broker: &Broker) -> Vec<Row> {
+    let n = env_usize("PUBSUB_N", 20_000);
+    let concurrency = env_usize("PUBSUB_CONCURRENCY", 64);
+    broker.declare().await;
+    // The queue must not be the bottleneck of the publish comparison: both paths hit the same one.
+
+    // 1. The raw client: publish with the same headers and wait for each confirmation.
+    let raw = raw_publish_load(broker, n, concurrency).await;
+
+    // 2. Through weir-proxy: HTTP POST, schema validation, CloudEvent, publish + confirmation.
     let app_a = App::ok().await;
-    let mut messaging = publisher_messaging(&nats.url());
+    let mut messaging = broker.publisher();
     messaging.publishes[0].schema = Some(serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "type": "object",
@@ -220,7 +333,8 @@ async fn bench() {
     // (which shares the machine's cores with the sidecar) stays close to the raw client's.
     let (elapsed, latencies) = http_load(a.config.admin.listen, n, concurrency).await;
     let side = Row {
-        path: "weir-proxy POST /v1/publish (schema, CloudEvent, ack)",
+        broker: broker.kind().name(),
+        path: "weir-proxy POST /v1/publish (schema, CloudEvent, confirmation)",
         messages: n,
         concurrency,
         elapsed,
@@ -229,49 +343,27 @@ async fn bench() {
 
     // 3. End to end: the sidecar pulls the 2n stored events and POSTs each to a trivial app.
     let total = 2 * n;
-    assert_eq!(stream_len(&js, STREAM).await, total as u64);
+    assert_eq!(broker.len(STREAM).await, total as u64);
     let app_b = App::light().await;
     let mut c = consume_config("billing");
     c.max_in_flight = concurrency as u32;
     c.ack_wait_ms = 30_000;
     c.schema = None;
     let start = Instant::now();
-    let _b = Sidecar::start(base_config(
-        "billing",
-        app_b.addr,
-        consumer_messaging(&nats.url(), c),
-    ))
-    .await;
+    let _b = Sidecar::start(base_config("billing", app_b.addr, broker.consumer(c))).await;
     assert!(
         eventually(Duration::from_secs(600), || app_b.total() >= total).await,
         "consumed {} of {total}",
         app_b.total()
     );
     let consume = Row {
-        path: "end to end: stream → weir-proxy → app (ack + dedup record)",
+        broker: broker.kind().name(),
+        path: "end to end: queue → weir-proxy → app (ack + dedup record)",
         messages: total,
         concurrency: 64,
         elapsed: start.elapsed(),
         latencies: vec![],
     };
 
-    println!();
-    println!("| path | messages | concurrency | msgs/s | p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for r in [&raw, &side, &consume] {
-        println!(
-            "| {} | {} | {} | {:.0} | {} | {} |",
-            r.path,
-            r.messages,
-            r.concurrency,
-            r.rate(),
-            r.pct(0.50),
-            r.pct(0.99)
-        );
-    }
-    println!();
-    println!(
-        "sidecar publish throughput = {:.0} % of raw (target ≥ 50 %)",
-        side.rate() / raw.rate() * 100.0
-    );
+    vec![raw, side, consume]
 }
