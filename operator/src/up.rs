@@ -420,8 +420,9 @@ pub struct LocalSaga {
     pub name: String,
     /// Where its HTTP API listens (`POST /v1/sagas/<name>`, `GET /v1/stats`).
     pub url: String,
+    /// Its config, when `weir up` runs it without a sidecar (queues on NATS).
     #[serde(skip)]
-    pub config: crate::saga::config::CoordinatorConfig,
+    pub config: Option<crate::saga::config::CoordinatorConfig>,
 }
 
 /// The processes of one `weir up` run.
@@ -618,7 +619,7 @@ impl Running {
             self.sagas.push(LocalSaga {
                 name,
                 url: format!("http://{addr}"),
-                config,
+                config: Some(config),
             });
         }
         Ok(())
@@ -789,7 +790,9 @@ fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<
         .map(|s| {
             (
                 s.name.as_str(),
-                serde_json::json!({"url": s.url, "pid": pids.get(&format!("{}/saga", s.name))}),
+                serde_json::json!({"url": s.url, "pid": pids
+                    .get(&format!("{}/saga", s.name))
+                    .or_else(|| pids.get(&format!("{}{COORDINATOR_SUFFIX}", s.name)))}),
             )
         })
         .collect();
@@ -821,12 +824,49 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             Some(started.url)
         }
     };
+    // Queues on Redis or RabbitMQ: each saga coordinator runs as a service with its own
+    // sidecar, which pushes trigger events to its HTTP trigger and publishes its outcomes; its
+    // log stays on a nats-server of its own (JetStream).
+    let mut loaded = loaded;
+    let mut saga_log_nats = None;
+    let sidecar_sagas = match &broker_url {
+        Some(url)
+            if crate::messaging::brokers::kind_of_url(url)
+                != Some(weir_crds::broker::BrokerKind::Nats)
+                && loaded.iter().any(|l| matches!(l.object, Object::Saga(_))) =>
+        {
+            let (child, nats_url) = start_nats(&work_dir).await?;
+            println!("weir up: saga logs on {nats_url} (they need JetStream)");
+            saga_log_nats = Some((child, nats_url));
+            let synthetic = coordinator_services(&loaded, &opts.namespace, &work_dir)?;
+            let names = synthetic
+                .iter()
+                .filter_map(|l| match &l.object {
+                    Object::Microservice(m) => m.metadata.name.clone(),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            loaded.extend(synthetic);
+            names
+        }
+        _ => Vec::new(),
+    };
     let mut services = plan_with(
         &loaded,
         &opts.namespace,
         broker_url.as_deref(),
         !opts.any_port,
     )?;
+    if let (Some((_, nats_url)), Some(url)) = (&saga_log_nats, &broker_url) {
+        write_coordinator_configs(
+            &loaded,
+            &opts.namespace,
+            url,
+            nats_url,
+            &work_dir,
+            &services,
+        )?;
+    }
     if let Some(ep) = &opts.otlp_endpoint {
         for s in &mut services {
             s.config.tracing.otlp_endpoint = Some(ep.clone());
@@ -851,20 +891,23 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     for (label, child) in broker_process.into_iter().flatten() {
         running.adopt(&label, child);
     }
-    if let Some(url) = &broker_url {
-        // Saga coordinators keep their log on JetStream whatever the queues' broker.
-        let saga_url = match crate::messaging::brokers::kind_of_url(url) {
-            Some(weir_crds::broker::BrokerKind::Nats) => url.clone(),
-            _ if !loaded.iter().any(|l| matches!(l.object, Object::Saga(_))) => url.clone(),
-            _ => {
-                let (child, nats_url) = start_nats(&work_dir).await?;
-                running.adopt("nats", child);
-                println!("weir up: sagas on {nats_url} (their log needs JetStream)");
-                nats_url
-            }
-        };
+    if let Some((child, _)) = saga_log_nats {
+        running.adopt("nats", child);
+        for name in &sidecar_sagas {
+            let s = running
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .expect("planned");
+            running.sagas.push(LocalSaga {
+                name: name.trim_end_matches(COORDINATOR_SUFFIX).to_string(),
+                url: format!("http://127.0.0.1:{}", s.ports.app),
+                config: None,
+            });
+        }
+    } else if let Some(url) = &broker_url {
         running
-            .start_sagas(&loaded, &opts.namespace, &saga_url, &up)
+            .start_sagas(&loaded, &opts.namespace, url, &up)
             .await?;
     }
     println!(
@@ -912,6 +955,114 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         .unwrap_or(Duration::from_secs(10))
         .min(Duration::from_secs(30));
     running.shutdown(grace).await;
+    Ok(())
+}
+
+/// Name suffix of the service that runs a saga's coordinator beside its own sidecar.
+const COORDINATOR_SUFFIX: &str = "-saga";
+
+/// One Microservice per Saga, `<saga>-saga`, running `weir saga-coordinator`: its sidecar
+/// consumes the trigger Queue into the coordinator's HTTP trigger (`ce-id` makes the instance
+/// id, so a redelivered event starts nothing new) and publishes the outcome events.
+fn coordinator_services(
+    loaded: &[Loaded],
+    namespace: &str,
+    work_dir: &Path,
+) -> Result<Vec<Loaded>> {
+    let weir = std::env::current_exe()?;
+    let mut out = Vec::new();
+    for l in loaded {
+        let Object::Saga(saga) = &l.object else {
+            continue;
+        };
+        let name = saga.metadata.name.clone().unwrap_or_default();
+        let spec = &saga.spec;
+        let consumes: Vec<_> = spec
+            .trigger
+            .queue
+            .iter()
+            .map(|q| serde_json::json!({"queue": q, "path": format!("/v1/sagas/{name}")}))
+            .collect();
+        let mut publishes: Vec<String> = [&spec.on_completed, &spec.on_failed]
+            .into_iter()
+            .flatten()
+            .map(|o| o.queue.clone())
+            .collect();
+        publishes.dedup();
+        let publishes: Vec<_> = publishes
+            .iter()
+            .map(|q| serde_json::json!({"queue": q}))
+            .collect();
+        let command = format!(
+            "{} saga-coordinator --saga \"$WEIR_SAGA\" --config \"$WEIR_SAGA_CONFIG\"",
+            weir.display()
+        );
+        let ms: Microservice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+            "metadata": {"name": format!("{name}{COORDINATOR_SUFFIX}"),
+                         "annotations": {LOCAL_COMMAND: command}},
+            "spec": {"image": "weir", "consumes": consumes, "publishes": publishes,
+                     "env": [
+                         {"name": "WEIR_SAGA", "value": format!("{namespace}/{name}")},
+                         {"name": "WEIR_SAGA_CONFIG",
+                          "value": work_dir.join(format!("{name}.saga.json")).to_string_lossy()},
+                     ]}
+        }))?;
+        out.push(Loaded {
+            file: l.file.clone(),
+            object: Object::Microservice(ms),
+        });
+    }
+    Ok(out)
+}
+
+/// Writes the config of each coordinator run by [`coordinator_services`]: its log on
+/// `log_nats`, its steps calling each Microservice at its sidecar, no trigger of its own (the
+/// sidecar pushes), outcomes published through its sidecar; and points its command at it.
+fn write_coordinator_configs(
+    loaded: &[Loaded],
+    namespace: &str,
+    broker_url: &str,
+    log_nats: &str,
+    work_dir: &Path,
+    services: &[LocalService],
+) -> Result<()> {
+    let (queues, brokers) = local_messaging(loaded, broker_url)?;
+    let queues: BTreeMap<String, weir_crds::QueueSpec> =
+        queues.into_iter().map(|(k, v)| (k, v.spec)).collect();
+    let inbound: BTreeMap<&str, u16> = services
+        .iter()
+        .map(|s| (s.name.as_str(), s.ports.inbound))
+        .collect();
+    for l in loaded {
+        let Object::Saga(saga) = &l.object else {
+            continue;
+        };
+        let name = saga.metadata.name.clone().unwrap_or_default();
+        let obj = format!("{}: Saga/{name}", l.file.display());
+        let me = services
+            .iter()
+            .find(|s| s.name == format!("{name}{COORDINATOR_SUFFIX}"))
+            .ok_or_else(|| anyhow!("{obj}: no coordinator service planned"))?;
+        let render_opts = crate::render::RenderOptions {
+            default_namespace: namespace.to_string(),
+            ..Default::default()
+        };
+        let rendered = crate::render::saga::render(saga, &queues, &brokers, &render_opts)
+            .map_err(|e| anyhow!("{obj}: {e}"))?;
+        let mut config = rendered
+            .direct_config(&|m| inbound.get(m).map(|p| format!("http://127.0.0.1:{p}")))
+            .map_err(|e| anyhow!("{obj}: {e}"))?;
+        config.broker_url = log_nats.to_string();
+        config.credentials_file = None;
+        config.trigger.queue = None;
+        config.trigger.http = true;
+        config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, me.ports.app));
+        config.publish_url = Some(format!("http://127.0.0.1:{}", me.ports.admin));
+        // Where the service's `WEIR_SAGA_CONFIG` points.
+        let path = work_dir.join(format!("{name}.saga.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+    }
     Ok(())
 }
 

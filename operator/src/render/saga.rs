@@ -381,6 +381,7 @@ pub fn render(
         trigger,
         on_completed: outcome("spec.onCompleted", &spec.on_completed)?,
         on_failed: outcome("spec.onFailed", &spec.on_failed)?,
+        publish_url: None,
     };
     config
         .validate()

@@ -87,6 +87,47 @@ impl Caller {
         }
     }
 
+    /// Publishes an event through a sidecar's publish endpoint (`POST {base}/v1/publish/{queue}`,
+    /// `ce-id` = `id`): how outcome events reach a queue on a broker other than NATS.
+    /// `Err((permanent, why))`: permanent for a 4xx (the event will never be taken).
+    pub async fn publish_via_sidecar(
+        &self,
+        base: &str,
+        queue: &str,
+        id: &str,
+        body: &Value,
+    ) -> Result<(), (bool, String)> {
+        let url = format!("{}/v1/publish/{queue}", base.trim_end_matches('/'));
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(&url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("ce-id", header_value(id))
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec(body).expect("JSON serializes"),
+            )))
+            .map_err(|e| (true, format!("bad request to {url}: {e}")))?;
+        let attempt = async {
+            let resp = self.http.request(req).await?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, bytes))
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Err(_) => Err((false, format!("{url}: no answer within 10s"))),
+            Ok(Err(e)) => Err((false, format!("{url}: {e}"))),
+            Ok(Ok((status, _))) if status.is_success() => Ok(()),
+            Ok(Ok((status, b))) => Err((
+                status.is_client_error(),
+                format!(
+                    "{url}: HTTP {}: {}",
+                    status.as_u16(),
+                    String::from_utf8_lossy(&b)
+                ),
+            )),
+        }
+    }
+
     /// One attempt, with `body` already rendered.
     pub async fn call(
         &self,

@@ -36,6 +36,10 @@ pub struct CoordinatorConfig {
     pub on_completed: Option<OutcomeConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failed: Option<OutcomeConfig>,
+    /// A sidecar's admin URL: outcome events are published through its publish endpoint rather
+    /// than on NATS (queues on Redis or RabbitMQ; `weir up --broker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

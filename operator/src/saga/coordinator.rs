@@ -734,7 +734,13 @@ impl Coordinator {
             h.insert("content-type", "application/json");
             h.insert("Nats-Msg-Id", event_id.as_str());
             h.insert("Weir-Saga-Id", inst.id.as_str());
-            self.publish_until_acked(&o.subject, h, &body).await;
+            match &self.cfg.publish_url {
+                Some(base) => {
+                    self.publish_through_sidecar(base, &o.queue, &event_id, &body)
+                        .await
+                }
+                None => self.publish_until_acked(&o.subject, h, &body).await,
+            }
         }
         self.crash.maybe("before-end");
         self.append(inst, event).await?;
@@ -748,6 +754,26 @@ impl Coordinator {
             tracing::error!(instance = %inst.id, reason = ?reason, "compensation failed: instance dead-lettered");
         }
         Ok(())
+    }
+
+    /// Publishes an outcome through the sidecar until it is taken; a 4xx (the queue's schema
+    /// refuses it) is logged and not retried: the instance's log still holds the outcome.
+    async fn publish_through_sidecar(&self, base: &str, queue: &str, id: &str, body: &Value) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.caller.publish_via_sidecar(base, queue, id, body).await {
+                Ok(()) => return,
+                Err((true, e)) => {
+                    tracing::error!(%queue, event = %id, error = %e, "outcome event refused");
+                    return;
+                }
+                Err((false, e)) => {
+                    tracing::warn!(%queue, error = %e, retry_in = ?delay, "cannot publish; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
     }
 
     async fn publish_until_acked(

@@ -114,9 +114,14 @@ async fn start(
         Ok(w) => w.map(|w| w.min(MAX_WAIT)),
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("wait: {e}")),
     };
-    let id = match req.headers().get("Idempotency-Key") {
-        Some(k) => format!("ik-{}", &hex::encode(Sha256::digest(k.as_bytes()))[..32]),
-        None => uuid::Uuid::new_v4().to_string(),
+    // An event pushed by a sidecar (`ce-id`) starts the same instance as the NATS trigger would.
+    let id = match (
+        req.headers().get("Idempotency-Key"),
+        req.headers().get("ce-id").and_then(|v| v.to_str().ok()),
+    ) {
+        (Some(k), _) => format!("ik-{}", &hex::encode(Sha256::digest(k.as_bytes()))[..32]),
+        (None, Some(event)) => super::coordinator::instance_id_for_event(event),
+        (None, None) => uuid::Uuid::new_v4().to_string(),
     };
     let body = match Limited::new(req.into_body(), MAX_INPUT).collect().await {
         Ok(b) => b.to_bytes(),
@@ -134,7 +139,8 @@ async fn start(
     let created = match c.start(&id, input).await {
         Ok(created) => created,
         Err(e @ StartError::BadId) => return error(StatusCode::BAD_REQUEST, e),
-        Err(e @ StartError::Busy(_)) => return error(StatusCode::CONFLICT, e),
+        // Transient: a pushing sidecar retries a 503 later (a 409 would dead-letter the event).
+        Err(e @ StartError::Busy(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
     };
     let Some(wait) = wait else {

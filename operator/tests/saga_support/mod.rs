@@ -219,6 +219,7 @@ pub fn config(nats: &str, svc: &str, name: &str) -> CoordinatorConfig {
         trigger: TriggerConfig::default(),
         on_completed: None,
         on_failed: None,
+        publish_url: None,
     }
 }
 
