@@ -448,4 +448,62 @@ mod tests {
             "nats://bus.shop.svc.cluster.local:4222"
         );
     }
+
+    #[test]
+    fn redis_and_rabbitmq_brokers_in_the_bridge_config() {
+        let q = BTreeMap::from([(
+            "orders".to_string(),
+            queue(
+                "broker: bus\nmaxMessages: 1000\nmaxAge: 1h\nduplicateWindow: 5m",
+                None,
+            ),
+        )]);
+        let s = spec("image: x\npublishes: [{queue: orders}]");
+        let with = |b: &str| {
+            BTreeMap::from([(
+                "bus".to_string(),
+                broker(&format!(
+                    "apiVersion: weir.dev/v1alpha1\nkind: Broker\nmetadata: {{name: bus}}\nspec: {b}"
+                )),
+            )])
+        };
+        let m = build(
+            "x",
+            "shop",
+            &s,
+            &q,
+            &with("{kind: redis, url: 'redis://r:6379'}"),
+            "c",
+        )
+        .unwrap()
+        .unwrap()
+        .config;
+        assert_eq!(m.broker_kind, "redis");
+        let p = &m.publishes[0];
+        assert_eq!(p.duplicate_window_ms, Some(300_000));
+        assert_eq!(p.max_messages, Some(1000));
+        assert_eq!(p.max_age_ms, Some(3_600_000));
+
+        let m = build(
+            "x",
+            "shop",
+            &s,
+            &q,
+            &with("{kind: rabbitmq, url: 'amqp://mq:5672', vhost: shop}"),
+            "c",
+        )
+        .unwrap()
+        .unwrap()
+        .config;
+        assert_eq!(m.broker_kind, "rabbitmq");
+        assert_eq!(m.broker_url, "amqp://mq:5672/shop");
+        assert_eq!(m.publishes[0].max_messages, None, "Redis only");
+
+        let e = build("x", "shop", &s, &q, &with("{url: 'redis://r:6379'}"), "c").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("Broker bus: spec.url") && text.contains("spec.kind nats"),
+            "{text}"
+        );
+    }
 }
