@@ -690,3 +690,103 @@ async fn a_schema_from_a_config_map_key_is_read_and_a_missing_key_is_named() {
         "{msg}"
     );
 }
+
+fn broker_of(kind: &str, url: &str) -> Value {
+    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
+           "metadata": {"name": "nats", "namespace": "demo", "uid": "uid-b", "generation": 1},
+           "spec": {"kind": kind, "url": url}})
+}
+
+fn billing_consumes() -> Value {
+    ms_list(vec![ms_obj(
+        "billing",
+        json!({"image": "b:1", "consumes": [{"queue": "orders", "path": "/e"}]}),
+    )])
+}
+
+#[tokio::test]
+async fn a_queue_on_redis_gets_a_consumer_group_and_reports_the_figures() {
+    let server = crate::testing::RedisServer::start();
+    let url = server.url();
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), move |_| {
+            (StatusCode::OK, broker_of("redis", &url))
+        }),
+        expect(Method::GET, &api("microservices"), |_| {
+            (StatusCode::OK, billing_consumes())
+        }),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let q = queue(json!({"broker": "nats"}), json!({}));
+    let action = super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let seen = api_server.await.unwrap();
+    let status = &seen[2].1;
+    assert_eq!(ready(status)["status"], "True", "{status}");
+    assert_eq!(status["status"]["messages"], 0);
+    assert_eq!(status["status"]["pending"]["billing"], 0);
+    assert_eq!(status["status"]["deadLetters"], 0);
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let groups: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg("weir_demo_orders")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(format!("{groups:?}").contains("billing"), "{groups:?}");
+}
+
+#[tokio::test]
+async fn a_rabbitmq_queue_whose_delivery_limit_changed_must_be_recreated() {
+    let server = crate::testing::RabbitServer::start();
+    let url = server.url();
+    let run = |max: u32| {
+        let url = url.clone();
+        async move {
+            let (ctx, handle) = context();
+            let failing = max != 7;
+            let mut script = vec![
+                expect(Method::GET, &api("brokers/nats"), move |_| {
+                    (StatusCode::OK, broker_of("rabbitmq", &url))
+                }),
+                expect(Method::GET, &api("microservices"), |_| {
+                    (StatusCode::OK, billing_consumes())
+                }),
+            ];
+            if failing {
+                script.push(expect(Method::POST, EVENTS, created));
+            }
+            script.push(expect(
+                Method::PATCH,
+                &api("queues/orders/status"),
+                queue_echo,
+            ));
+            let api_server = tokio::spawn(serve(handle, script));
+            let q = queue(
+                json!({"broker": "nats", "consumer": {"maxDeliveries": max}}),
+                json!({}),
+            );
+            super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+            let seen = api_server.await.unwrap();
+            seen.last().unwrap().1.clone()
+        }
+    };
+    let first = run(7).await;
+    assert_eq!(ready(&first)["status"], "True", "{first}");
+    assert_eq!(first["status"]["pending"]["billing"], 0);
+    let second = run(3).await;
+    let r = ready(&second);
+    assert_eq!(r["status"], "False");
+    assert_eq!(r["reason"], "QueueMustBeRecreated");
+    let msg = r["message"].as_str().unwrap();
+    assert!(
+        msg.contains("weir_demo_orders.billing") && msg.contains("x-delivery-limit"),
+        "{msg}"
+    );
+}
