@@ -87,6 +87,10 @@ struct UpArgs {
     /// a second copy of a system beside the first).
     #[arg(long)]
     any_port: bool,
+    /// Local stand-ins for Secrets an edge reads (its JWKS or HS256 key): the key `K` of Secret
+    /// `S` is the file `DIR/S/K`.
+    #[arg(long)]
+    secrets_dir: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -296,6 +300,7 @@ impl UpArgs {
             otlp_endpoint: self.otlp_endpoint,
             no_restart: self.no_restart,
             any_port: self.any_port,
+            secrets_dir: self.secrets_dir,
         }
     }
 }

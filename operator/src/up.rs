@@ -43,6 +43,8 @@ pub struct LocalPorts {
 pub struct LocalPlacement<'a> {
     pub me: &'a LocalPorts,
     pub all: &'a BTreeMap<String, LocalPorts>,
+    /// The run's identity key (signs `x-user-*` headers between sidecars), if any.
+    pub identity_key: Option<&'a Path>,
 }
 
 impl Placement for LocalPlacement<'_> {
@@ -57,6 +59,9 @@ impl Placement for LocalPlacement<'_> {
     }
     fn outbound(&self, index: usize) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.me.outbound[index]))
+    }
+    fn identity_key_file(&self) -> Option<String> {
+        self.identity_key.map(|p| p.to_string_lossy().into_owned())
     }
     fn microservice_url(&self, _namespace: &str, name: &str) -> String {
         // A missing target was refused when the manifests were loaded.
@@ -95,11 +100,58 @@ pub fn free_port() -> Result<u16> {
     bail!("no free port on 127.0.0.1 between {LOW} and {}", LOW + SPAN)
 }
 
+/// Points an edge's Secret-backed key files at their local stand-ins, `<dir>/<name>/<key>`.
+fn local_edge_secrets(
+    obj: &str,
+    ms: &Microservice,
+    config: &mut ProxyConfig,
+    dir: Option<&Path>,
+) -> Result<()> {
+    let (Some(edge), Some(spec)) = (config.edge.as_mut(), ms.spec.edge.as_ref()) else {
+        return Ok(());
+    };
+    let refs = [
+        (
+            "spec.edge.jwt.jwksSecretRef",
+            &spec.jwt.jwks_secret_ref,
+            &mut edge.jwt.jwks_file,
+        ),
+        (
+            "spec.edge.jwt.hmacSecretRef",
+            &spec.jwt.hmac_secret_ref,
+            &mut edge.jwt.hmac_secret_file,
+        ),
+    ];
+    for (field, secret, file) in refs {
+        let Some(secret) = secret else { continue };
+        let Some(dir) = dir else {
+            bail!(
+                "{obj}: {field}: Secret {:?} is not available locally: pass --secrets-dir DIR with the key in DIR/{}/{}",
+                secret.name,
+                secret.name,
+                secret.key
+            );
+        };
+        let path = dir.join(&secret.name).join(&secret.key);
+        if !path.is_file() {
+            bail!(
+                "{obj}: {field}: {} not found (the local stand-in for Secret {:?}, key {:?})",
+                path.display(),
+                secret.name,
+                secret.key
+            );
+        }
+        *file = Some(path.to_string_lossy().into_owned());
+    }
+    Ok(())
+}
+
 /// What `weir up` will run for one Microservice.
 #[derive(Debug, Clone)]
 pub struct LocalService {
     pub name: String,
-    pub command: String,
+    /// `None` for an edge without an app (the sidecar alone routes).
+    pub command: Option<String>,
     pub workdir: PathBuf,
     pub env: Vec<(String, String)>,
     pub ports: LocalPorts,
@@ -163,17 +215,28 @@ pub fn plan(
     namespace: &str,
     broker_url: Option<&str>,
 ) -> Result<Vec<LocalService>> {
-    plan_with(loaded, namespace, broker_url, true)
+    plan_with(loaded, namespace, broker_url, &PlanOptions::default())
 }
 
-/// [`plan`], with `fixed_ports: false` ignoring `weir.dev/local-port` (every port chosen free,
-/// so a second copy of a system can run beside the first).
+/// How [`plan_with`] places a system on this machine.
+#[derive(Debug, Default)]
+pub struct PlanOptions<'a> {
+    /// Ignore `weir.dev/local-port`: every port chosen free (a second copy of a system).
+    pub any_port: bool,
+    /// The run's identity key file (signs `x-user-*` headers between sidecars).
+    pub identity_key: Option<&'a Path>,
+    /// Local stand-ins for Secrets: `<dir>/<secret name>/<key>` (an edge's JWKS or HS256 key).
+    pub secrets_dir: Option<&'a Path>,
+}
+
+/// [`plan`] with options.
 pub fn plan_with(
     loaded: &[Loaded],
     namespace: &str,
     broker_url: Option<&str>,
-    fixed_ports: bool,
+    opts: &PlanOptions,
 ) -> Result<Vec<LocalService>> {
+    let identity_key = opts.identity_key;
     let (queues, brokers) = match broker_url {
         Some(url) => local_messaging(loaded, url)?,
         None => Default::default(),
@@ -202,7 +265,7 @@ pub fn plan_with(
             .annotations
             .as_ref()
             .and_then(|a| a.get(LOCAL_PORT))
-            .filter(|_| fixed_ports)
+            .filter(|_| !opts.any_port)
             .map(|p| {
                 let port: u16 = p.parse().map_err(|_| {
                     anyhow!("Microservice/{name}: metadata.annotations[{LOCAL_PORT:?}]: {p:?} is not a port number")
@@ -231,21 +294,29 @@ pub fn plan_with(
         let name = ms.metadata.name.clone().unwrap_or_default();
         let obj = format!("{}: Microservice/{name}", l.file.display());
         let annotations = ms.metadata.annotations.clone().unwrap_or_default();
-        let command = annotations.get(LOCAL_COMMAND).cloned().ok_or_else(|| {
-            anyhow!(
+        let command = match annotations.get(LOCAL_COMMAND) {
+            Some(c) => Some(c.clone()),
+            // A pure edge: weir-proxy alone, as in its pod.
+            None if ms.spec.image.is_empty() => None,
+            None => bail!(
                 "{obj}: metadata.annotations[{LOCAL_COMMAND:?}]: missing; weir up runs each app as a local command (it cannot run the image {:?} without a container runtime)",
                 ms.spec.image
-            )
-        })?;
+            ),
+        };
         let base = l.file.parent().unwrap_or(Path::new("."));
         let workdir = match annotations.get(LOCAL_WORKDIR) {
             Some(d) => base.join(d),
             None => std::env::current_dir()?,
         };
         let me = &ports[&name];
-        let placement = LocalPlacement { me, all: &ports };
+        let placement = LocalPlacement {
+            me,
+            all: &ports,
+            identity_key,
+        };
         let mut config = proxy_config::build(&name, namespace, &ms.spec, &placement)
             .map_err(|e| anyhow!("{obj}: {e}"))?;
+        local_edge_secrets(&obj, ms, &mut config, opts.secrets_dir)?;
         if broker_url.is_some() {
             let bridge = render_messaging::build(
                 &name,
@@ -479,6 +550,9 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
             || http_ok(admin, "/readyz"),
         )
         .await?;
+        let Some(command) = &s.command else {
+            continue;
+        };
         // The app's own directory: kept across restarts of the process, like a pod's emptyDir.
         let state_dir = opts.work_dir.join("state").join(&s.name);
         std::fs::create_dir_all(&state_dir)?;
@@ -494,12 +568,12 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
             kind: ProcKind::App,
             program: "sh".into(),
             // `exec`: the app itself is the process weir up watches and signals.
-            args: vec!["-c".into(), format!("exec {}", s.command).into()],
+            args: vec!["-c".into(), format!("exec {command}").into()],
             env,
             workdir: Some(s.workdir.clone()),
         })?;
     }
-    for s in &services {
+    for s in services.iter().filter(|s| s.command.is_some()) {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, s.ports.admin));
         wait_until(
             &format!("{} ready (through its sidecar)", s.name),
@@ -768,6 +842,8 @@ pub struct RunOptions {
     pub no_restart: bool,
     /// Choose every port free, ignoring `weir.dev/local-port`.
     pub any_port: bool,
+    /// Local stand-ins for Secrets: `<dir>/<secret name>/<key>`.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 /// Writes the state file: ports, pids, saga URLs and the broker (whole, then renamed, so a
@@ -851,11 +927,21 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         }
         _ => Vec::new(),
     };
+    // The namespace's identity key, as the operator would keep in a Secret: sidecars sign the
+    // `x-user-*` headers the edge sets, and trust no others.
+    std::fs::create_dir_all(&work_dir)?;
+    let identity_key = work_dir.join("identity.key");
+    let key: [u8; 32] = rand::random();
+    std::fs::write(&identity_key, hex::encode(key))?;
     let mut services = plan_with(
         &loaded,
         &opts.namespace,
         broker_url.as_deref(),
-        !opts.any_port,
+        &PlanOptions {
+            any_port: opts.any_port,
+            identity_key: Some(&identity_key),
+            secrets_dir: opts.secrets_dir.as_deref(),
+        },
     )?;
     if let (Some((_, nats_url)), Some(url)) = (&saga_log_nats, &broker_url) {
         write_coordinator_configs(
