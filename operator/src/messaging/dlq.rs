@@ -328,7 +328,28 @@ async fn rabbit_take(
                     .collect()
             })
             .unwrap_or_default();
+        // Dead-lettered by RabbitMQ itself (the delivery limit reached while sidecars crashed):
+        // no Weir-* headers, but the broker says why and from where.
+        let first = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let (x_reason, x_queue) = (first("x-first-death-reason"), first("x-first-death-queue"));
         headers.retain(|(k, _)| !k.starts_with("x-"));
+        let has =
+            |h: &Vec<(String, String)>, n: &str| h.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+        if let Some(r) = x_reason
+            && !has(&headers, H_REASON)
+        {
+            headers.push((H_REASON.to_string(), format!("broker: {r}")));
+        }
+        if let Some(q) = x_queue
+            && !has(&headers, H_ORIGINAL_SUBJECT)
+        {
+            headers.push((H_ORIGINAL_SUBJECT.to_string(), q));
+        }
         headers.sort();
         let stored_at = d
             .properties

@@ -692,7 +692,10 @@ async fn follow_processed(
     ttl: Duration,
     processed: Arc<Mutex<Processed>>,
     tag: String,
+    owner: String,
 ) -> Result<(), String> {
+    // Only this consumer's records (`<consumer>.<sha256>`): other Microservices' are theirs.
+    let prefix = format!("{owner}.");
     timed("basic.qos", ch.basic_qos(1000, BasicQosOptions::default())).await?;
     let mut args = FieldTable::default();
     args.insert(
@@ -722,7 +725,7 @@ async fn follow_processed(
                 let mut p = processed.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(m) = key.strip_prefix("marker:") {
                     p.markers.insert(m.to_string());
-                } else if at_ms + ttl_ms > now_ms() {
+                } else if key.starts_with(&prefix) && at_ms + ttl_ms > now_ms() {
                     let e = p.keys.entry(key).or_insert(0);
                     *e = (*e).max(at_ms + ttl_ms);
                 }
@@ -767,6 +770,7 @@ pub(crate) async fn run(ctx: Arc<Consumer>, u: AMQPUri, name: String) {
                 ttl,
                 processed.clone(),
                 format!("{name}-processed"),
+                c.consumer.clone(),
             )
             .await?;
             // Read up to a marker of our own: every record older than now is then known.
