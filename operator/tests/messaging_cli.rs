@@ -543,4 +543,56 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
     assert!(text(&out.stdout).contains("1 replayed, 0 failed"));
     let f = b.figures(&t, &["billing".into()]).await.unwrap();
     assert_eq!(f.dead_letters, Some(0));
+
+    // A message returned past its queue's x-delivery-limit (sidecars crashing on it) is
+    // dead-lettered by RabbitMQ itself: weir dlq names the broker's reason and the queue.
+    let p = Topology::new(
+        "shop",
+        "payments",
+        &serde_yaml::from_str("broker: mq\nconsumer: {maxDeliveries: 1}").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&p).await.unwrap();
+    b.declare_consumer(&p, "billing").await.unwrap();
+    let c = ch
+        .basic_publish(
+            "weir_shop_payments".into(),
+            "weir.shop.payments".into(),
+            BasicPublishOptions::default(),
+            br#"{"id":"p-1"}"#,
+            lapin::BasicProperties::default().with_message_id("p-1".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(c, lapin::Confirmation::Ack(None));
+    for _ in 0..3 {
+        if let Some(m) = ch
+            .basic_get(
+                "weir_shop_payments.billing".into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            m.delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = dlq(&["list", "payments", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["reason"], "broker: delivery_limit");
+    assert_eq!(rows[0]["originalSubject"], "weir_shop_payments.billing");
 }
