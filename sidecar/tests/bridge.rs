@@ -870,3 +870,101 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
     };
     assert_eq!(list.len(), 2, "the dead consumer and the new one");
 }
+
+/// Redis with `requirepass`: the Secret's `password` (as the operator mounts it) is used; a
+/// wrong one leaves the sidecar unready, naming the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_password_from_the_secret_directory() {
+    let Some(bin) = require(Kind::Redis) else {
+        return;
+    };
+    let server = RedisServer::start_with_password(bin, Some("s3cret")).await;
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("password"), "s3cret\n").unwrap();
+    let app = App::ok().await;
+    let mut m = publisher_messaging(&server.url());
+    m.broker_kind = "redis".into();
+    m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
+    let a = Sidecar::start(base_config("orders", app.addr, m.clone())).await;
+    let (status, body) = a
+        .publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let mut con = server.con().await;
+    let n: u64 = ::redis::cmd("XLEN")
+        .arg(STREAM)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+
+    std::fs::write(secret.path().join("password"), "wrong").unwrap();
+    let cfg = base_config("orders2", app.addr, m);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{}/readyz", cfg.admin.listen);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            matches!(http_get(&url).await, Ok((503, t)) if t.contains("redis://"))
+        })
+        .await,
+        "unready with a wrong password"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(http_get(&url).await, Ok((503, _))), "and stays so");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// RabbitMQ: `username` and `password` from the Secret's directory; wrong ones leave the
+/// sidecar unready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_username_and_password_from_the_secret_directory() {
+    let broker = broker_or_skip!(Kind::Rabbitmq);
+    broker.declare().await;
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("username"), "guest").unwrap();
+    std::fs::write(secret.path().join("password"), "guest\n").unwrap();
+    let app = App::ok().await;
+    let mut m = broker.publisher();
+    m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
+    let a = Sidecar::start(base_config("orders", app.addr, m.clone())).await;
+    let (status, body) = a
+        .publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(broker.len(STREAM).await, 1);
+
+    std::fs::write(secret.path().join("password"), "wrong").unwrap();
+    let cfg = base_config("orders2", app.addr, m);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{}/readyz", cfg.admin.listen);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            matches!(http_get(&url).await, Ok((503, t)) if t.contains("amqp://"))
+        })
+        .await,
+        "unready with a wrong password"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(http_get(&url).await, Ok((503, _))), "and stays so");
+    let _ = child.kill();
+    let _ = child.wait();
+}

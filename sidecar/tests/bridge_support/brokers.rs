@@ -99,15 +99,22 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    password: Option<String>,
 }
 
 impl RedisServer {
     pub async fn start(bin: PathBuf) -> RedisServer {
+        Self::start_with_password(bin, None).await
+    }
+
+    /// With `requirepass` when `password` is given.
+    pub async fn start_with_password(bin: PathBuf, password: Option<&str>) -> RedisServer {
         let mut r = RedisServer {
             bin,
             child: None,
             port: free_addr().port(),
             dir: tempfile::tempdir().unwrap(),
+            password: password.map(str::to_string),
         };
         r.spawn().await;
         r
@@ -117,8 +124,19 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    fn authed_url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        }
+    }
+
     async fn spawn(&mut self) {
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -138,7 +156,7 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(c) = redis::Client::open(self.url())
+            if let Ok(c) = redis::Client::open(self.authed_url())
                 && let Ok(mut con) = c.get_multiplexed_async_connection().await
                 && redis::cmd("PING")
                     .query_async::<String>(&mut con)
@@ -165,7 +183,7 @@ impl RedisServer {
     }
 
     pub async fn con(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        redis::Client::open(self.authed_url())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
