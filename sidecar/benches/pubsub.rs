@@ -4,7 +4,8 @@
 //! `weir-proxy` (schema validation on), then end-to-end consume throughput through the sidecar
 //! into a trivial app. Prints a Markdown table. Run with `sidecar/benches/pubsub.sh` (or
 //! `cargo bench -p weir-proxy --bench pubsub`); `PUBSUB_N`, `PUBSUB_CONCURRENCY` and
-//! `PUBSUB_BROKERS` (default `nats,redis,rabbitmq`) adjust it.
+//! `PUBSUB_BROKERS` (default `nats,redis,rabbitmq`) adjust it; `PUBSUB_REDIS_FSYNC=everysec`
+//! runs Redis with `appendfsync everysec` instead of `always`.
 
 #[path = "../tests/bridge_support/mod.rs"]
 mod bridge_support;
@@ -251,7 +252,10 @@ async fn raw_publish_load(broker: &Broker, n: usize, concurrency: usize) -> Row 
                 }
             })
             .await;
-            ("raw redis XADD (AOF fsync always)", r)
+            let fsync = std::env::var("PUBSUB_REDIS_FSYNC").unwrap_or_else(|_| "always".into());
+            let label: &'static str =
+                Box::leak(format!("raw redis XADD (AOF fsync {fsync})").into_boxed_str());
+            (label, r)
         }
         Broker::Rabbitmq(server) => {
             let (conn, ch) = server.channel().await;

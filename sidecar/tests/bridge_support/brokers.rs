@@ -140,14 +140,9 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
+            .args(["--appendonly", "yes", "--save", "", "--appendfsync"])
+            // `always` unless the benchmark asks otherwise (PUBSUB_REDIS_FSYNC=everysec).
+            .arg(std::env::var("PUBSUB_REDIS_FSYNC").unwrap_or_else(|_| "always".into()))
             .args(["--daemonize", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
