@@ -641,30 +641,10 @@ impl Running {
         broker_url: &str,
         opts: &UpOptions,
     ) -> Result<()> {
-        let (queues, brokers) = local_messaging(loaded, broker_url)?;
-        let queues: BTreeMap<String, weir_crds::QueueSpec> =
-            queues.into_iter().map(|(k, v)| (k, v.spec)).collect();
-        let inbound: BTreeMap<String, u16> = self
-            .services
-            .iter()
-            .map(|s| (s.name.clone(), s.ports.inbound))
-            .collect();
         let weir = std::env::current_exe()?;
-        for l in loaded {
-            let Object::Saga(saga) = &l.object else {
-                continue;
-            };
-            let name = saga.metadata.name.clone().unwrap_or_default();
-            let obj = format!("{}: Saga/{name}", l.file.display());
-            let render_opts = crate::render::RenderOptions {
-                default_namespace: namespace.to_string(),
-                ..Default::default()
-            };
-            let rendered = crate::render::saga::render(saga, &queues, &brokers, &render_opts)
-                .map_err(|e| anyhow!("{obj}: {e}"))?;
-            let mut config = rendered
-                .direct_config(&|m| inbound.get(m).map(|p| format!("http://127.0.0.1:{p}")))
-                .map_err(|e| anyhow!("{obj}: {e}"))?;
+        for (name, _, mut config) in
+            coordinator_configs(loaded, namespace, broker_url, &self.services)?
+        {
             let port = free_port()?;
             config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             let cfg_path = opts.work_dir.join(format!("{name}.saga.json"));
@@ -1044,6 +1024,42 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
+/// The coordinator config of each Saga in `loaded` (name, object for errors, config), rendered
+/// as the operator would and calling each step's Microservice at its local sidecar.
+fn coordinator_configs(
+    loaded: &[Loaded],
+    namespace: &str,
+    broker_url: &str,
+    services: &[LocalService],
+) -> Result<Vec<(String, String, crate::saga::config::CoordinatorConfig)>> {
+    let (queues, brokers) = local_messaging(loaded, broker_url)?;
+    let queues: BTreeMap<String, weir_crds::QueueSpec> =
+        queues.into_iter().map(|(k, v)| (k, v.spec)).collect();
+    let inbound: BTreeMap<&str, u16> = services
+        .iter()
+        .map(|s| (s.name.as_str(), s.ports.inbound))
+        .collect();
+    let render_opts = crate::render::RenderOptions {
+        default_namespace: namespace.to_string(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for l in loaded {
+        let Object::Saga(saga) = &l.object else {
+            continue;
+        };
+        let name = saga.metadata.name.clone().unwrap_or_default();
+        let obj = format!("{}: Saga/{name}", l.file.display());
+        let rendered = crate::render::saga::render(saga, &queues, &brokers, &render_opts)
+            .map_err(|e| anyhow!("{obj}: {e}"))?;
+        let config = rendered
+            .direct_config(&|m| inbound.get(m).map(|p| format!("http://127.0.0.1:{p}")))
+            .map_err(|e| anyhow!("{obj}: {e}"))?;
+        out.push((name, obj, config));
+    }
+    Ok(out)
+}
+
 /// Name suffix of the service that runs a saga's coordinator beside its own sidecar.
 const COORDINATOR_SUFFIX: &str = "-saga";
 
@@ -1113,32 +1129,11 @@ fn write_coordinator_configs(
     work_dir: &Path,
     services: &[LocalService],
 ) -> Result<()> {
-    let (queues, brokers) = local_messaging(loaded, broker_url)?;
-    let queues: BTreeMap<String, weir_crds::QueueSpec> =
-        queues.into_iter().map(|(k, v)| (k, v.spec)).collect();
-    let inbound: BTreeMap<&str, u16> = services
-        .iter()
-        .map(|s| (s.name.as_str(), s.ports.inbound))
-        .collect();
-    for l in loaded {
-        let Object::Saga(saga) = &l.object else {
-            continue;
-        };
-        let name = saga.metadata.name.clone().unwrap_or_default();
-        let obj = format!("{}: Saga/{name}", l.file.display());
+    for (name, obj, mut config) in coordinator_configs(loaded, namespace, broker_url, services)? {
         let me = services
             .iter()
             .find(|s| s.name == format!("{name}{COORDINATOR_SUFFIX}"))
             .ok_or_else(|| anyhow!("{obj}: no coordinator service planned"))?;
-        let render_opts = crate::render::RenderOptions {
-            default_namespace: namespace.to_string(),
-            ..Default::default()
-        };
-        let rendered = crate::render::saga::render(saga, &queues, &brokers, &render_opts)
-            .map_err(|e| anyhow!("{obj}: {e}"))?;
-        let mut config = rendered
-            .direct_config(&|m| inbound.get(m).map(|p| format!("http://127.0.0.1:{p}")))
-            .map_err(|e| anyhow!("{obj}: {e}"))?;
         config.broker_url = log_nats.to_string();
         config.credentials_file = None;
         config.trigger.queue = None;
