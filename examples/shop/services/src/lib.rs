@@ -141,6 +141,20 @@ impl Env {
         })
     }
 
+    /// Opens the service's store `<data dir>/<name>.jsonl` with its records so far; a service
+    /// that cannot open its store logs why and exits 1 (it must not run without its data).
+    pub fn open_store(&self, name: &str) -> (Store, Vec<Value>) {
+        Store::open(&self.data_dir, name).unwrap_or_else(|e| {
+            self.log(
+                "error",
+                "cannot open store",
+                None,
+                json!({"error": e.to_string()}),
+            );
+            std::process::exit(1)
+        })
+    }
+
     pub fn log(&self, level: &str, msg: &str, trace: Option<&Trace>, fields: Value) {
         log(&self.name, level, msg, trace, fields);
     }

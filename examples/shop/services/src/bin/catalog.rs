@@ -86,15 +86,7 @@ fn seed() -> Vec<Value> {
 fn main() {
     weir_example_shop::runtime().block_on(async {
         let env = Env::from_env("catalog");
-        let (store, mut records) = Store::open(&env.data_dir, "catalog").unwrap_or_else(|e| {
-            env.log(
-                "error",
-                "cannot open store",
-                None,
-                json!({"error": e.to_string()}),
-            );
-            std::process::exit(1)
-        });
+        let (store, mut records) = env.open_store("catalog");
         if records.is_empty() {
             for p in seed() {
                 store.append(&p).expect("seed catalog");

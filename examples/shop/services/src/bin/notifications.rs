@@ -20,15 +20,7 @@ struct Notifications {
 fn main() {
     weir_example_shop::runtime().block_on(async {
         let env = Env::from_env("notifications");
-        let (store, records) = Store::open(&env.data_dir, "notifications").unwrap_or_else(|e| {
-            env.log(
-                "error",
-                "cannot open store",
-                None,
-                json!({"error": e.to_string()}),
-            );
-            std::process::exit(1)
-        });
+        let (store, records) = env.open_store("notifications");
         let sent = records
             .into_iter()
             .filter_map(|r| Some((r["eventId"].as_str()?.to_string(), r)))

@@ -80,15 +80,7 @@ impl Orders {
 fn main() {
     weir_example_shop::runtime().block_on(async {
         let env = Env::from_env("orders");
-        let (store, records) = Store::open(&env.data_dir, "orders").unwrap_or_else(|e| {
-            env.log(
-                "error",
-                "cannot open store",
-                None,
-                json!({"error": e.to_string()}),
-            );
-            std::process::exit(1)
-        });
+        let (store, records) = env.open_store("orders");
         let mut book = Book::default();
         records.iter().for_each(|r| book.apply(r));
         let state = Arc::new(Orders {

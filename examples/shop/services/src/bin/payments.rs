@@ -58,15 +58,7 @@ struct Payments {
 fn main() {
     weir_example_shop::runtime().block_on(async {
         let env = Env::from_env("payments");
-        let (store, records) = Store::open(&env.data_dir, "payments").unwrap_or_else(|e| {
-            env.log(
-                "error",
-                "cannot open store",
-                None,
-                json!({"error": e.to_string()}),
-            );
-            std::process::exit(1)
-        });
+        let (store, records) = env.open_store("payments");
         let mut ledger = Ledger::default();
         records.iter().for_each(|r| ledger.apply(r));
         env.log(

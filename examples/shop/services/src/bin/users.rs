@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use weir_example_shop::{Env, Req, Resp, Store, error, json, serve};
+use weir_example_shop::{Env, Req, Resp, error, json, serve};
 
 struct Users {
     env: Arc<Env>,
@@ -28,15 +28,7 @@ fn seed() -> Vec<Value> {
 fn main() {
     weir_example_shop::runtime().block_on(async {
         let env = Env::from_env("users");
-        let (store, mut records) = Store::open(&env.data_dir, "users").unwrap_or_else(|e| {
-            env.log(
-                "error",
-                "cannot open store",
-                None,
-                json!({"error": e.to_string()}),
-            );
-            std::process::exit(1)
-        });
+        let (store, mut records) = env.open_store("users");
         if records.is_empty() {
             for u in seed() {
                 store.append(&u).expect("seed users");
