@@ -13,7 +13,7 @@ use nats_server::NatsServer;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
-use weir::messaging::{self, Credentials, Topology};
+use weir::messaging::{self, Auth, Credentials, Topology};
 
 fn weir(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -117,7 +117,9 @@ async fn dead_letter(js: &async_nats::jetstream::Context, id: &str, seq: u64, re
 async fn dlq_list_show_and_replay_through_the_binary() {
     let server = NatsServer::start();
     let url = server.url();
-    let b = messaging::connect(&url, &Credentials::None).await.unwrap();
+    let b = messaging::connect(&url, &Credentials::default())
+        .await
+        .unwrap();
     let t = Topology::new(
         "shop",
         "orders",
@@ -277,10 +279,11 @@ async fn dlq_finds_the_broker_and_its_credentials_through_the_cluster() {
     let server = NatsServer::start_with(&["--user", "weir", "--pass", "s3cret"]);
     let b = messaging::connect(
         &server.url(),
-        &Credentials::UserPassword {
+        &Auth::UserPassword {
             username: "weir".into(),
             password: "s3cret".into(),
-        },
+        }
+        .into(),
     )
     .await
     .unwrap();
@@ -450,7 +453,7 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
     let b = weir::messaging::brokers::connect(
         weir_crds::broker::BrokerKind::Rabbitmq,
         &url,
-        &Credentials::None,
+        &Credentials::default(),
     )
     .await
     .unwrap();

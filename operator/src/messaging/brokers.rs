@@ -13,7 +13,7 @@
 //!   (RabbitMQ refuses the redeclaration): the operator then reports [`Error::Immutable`] naming
 //!   the argument, and the queue must be deleted to be recreated.
 
-use super::{Broker, Credentials, Error, Figures, Topology};
+use super::{Auth, Broker, Credentials, Error, Figures, Topology};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use redis::Value;
@@ -197,6 +197,29 @@ fn flat_map(v: &Value) -> BTreeMap<String, String> {
 }
 
 impl RedisBroker {
+    /// The client for `info`: over TLS trusting only the credentials' `ca.crt` when there is
+    /// one (and then the URL must be `rediss://`), else as the URL says.
+    fn client(
+        url: &str,
+        info: redis::ConnectionInfo,
+        creds: &Credentials,
+    ) -> Result<redis::Client, Error> {
+        let Some(pem) = &creds.ca else {
+            return redis::Client::open(info).map_err(|e| other("Redis client", e));
+        };
+        if !url.starts_with("rediss://") {
+            return Err(Error::Credentials(format!(
+                "key \"{}\" is given but the URL is not TLS (use rediss://)",
+                super::CA_KEY
+            )));
+        }
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone().into_bytes()),
+        };
+        redis::Client::build_with_tls(info, certs).map_err(|e| other("Redis TLS client", e))
+    }
+
     pub async fn connect(url: &str, creds: &Credentials) -> Result<RedisBroker, Error> {
         use redis::IntoConnectionInfo;
         let bad = |m: String| Error::Connect {
@@ -206,13 +229,13 @@ impl RedisBroker {
         let mut info = url
             .into_connection_info()
             .map_err(|e| bad(format!("not a Redis URL: {e}")))?;
-        let (user, pass) = match creds {
-            Credentials::None => (None, None),
-            Credentials::UserPassword { username, password } => {
+        let (user, pass) = match &creds.auth {
+            Auth::None => (None, None),
+            Auth::UserPassword { username, password } => {
                 (Some(username.clone()), Some(password.clone()))
             }
-            Credentials::Token(t) => (None, Some(t.clone())),
-            Credentials::Creds(_) => {
+            Auth::Token(t) => (None, Some(t.clone())),
+            Auth::Creds(_) => {
                 return Err(Error::Credentials(
                     "a NATS creds file is no Redis credential (use username and password, or \
                      token)"
@@ -227,7 +250,7 @@ impl RedisBroker {
             }
             info = info.set_redis_settings(r);
         }
-        let client = redis::Client::open(info).map_err(|e| bad(e.to_string()))?;
+        let client = Self::client(url, info, creds).map_err(|e| bad(e.to_string()))?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
             .set_response_timeout(Some(super::CONNECT_TIMEOUT))
@@ -531,14 +554,32 @@ impl RabbitBroker {
     pub async fn connect(url: &str, creds: &Credentials) -> Result<RabbitBroker, Error> {
         let bad = |m: String| Error::Connect {
             url: url.to_string(),
+    /// The TLS settings of `u`: the credentials' `ca.crt` trusted besides the system's roots
+    /// (and then the URL must be `amqps://`).
+    fn tls(
+        u: &lapin::uri::AMQPUri,
+        creds: &Credentials,
+    ) -> Result<lapin::tcp::OwnedTLSConfig, Error> {
+        if creds.ca.is_some() && u.scheme != lapin::uri::AMQPScheme::AMQPS {
+            return Err(Error::Credentials(format!(
+                "key \"{}\" is given but the URL is not TLS (use amqps://)",
+                super::CA_KEY
+            )));
+        }
+        Ok(lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: creds.ca.clone(),
+        })
+    }
+
             message: m,
         };
         let mut u: lapin::uri::AMQPUri = url
             .parse()
             .map_err(|e| bad(format!("not an AMQP URL: {e}")))?;
-        match creds {
-            Credentials::None => {}
-            Credentials::UserPassword { username, password } => {
+        match &creds.auth {
+            Auth::None => {}
+            Auth::UserPassword { username, password } => {
                 u.authority.userinfo.username = username.clone();
                 u.authority.userinfo.password = password.clone();
             }
@@ -551,8 +592,10 @@ impl RabbitBroker {
         let props = lapin::ConnectionProperties::default()
             .with_connection_name("weir-operator".to_string().into());
         let conn = tokio::time::timeout(
+        let tls = Self::tls(&u, creds)?;
             super::CONNECT_TIMEOUT,
-            lapin::Connection::connect_uri(u, props),
+            lapin::Connection::connect_uri_with_config(u, props, tls, runtime),
+        let runtime = lapin::runtime::default_runtime().map_err(|e| bad(e.to_string()))?;
         )
         .await
         .map_err(|_| bad("timed out".into()))?
@@ -769,7 +812,7 @@ mod tests {
     #[tokio::test]
     async fn redis_declare_update_figures_and_delete() {
         let server = RedisServer::start();
-        let b = connect(BrokerKind::Redis, &server.url(), &Credentials::None)
+        let b = connect(BrokerKind::Redis, &server.url(), &Credentials::default())
             .await
             .unwrap();
         assert!(
@@ -844,7 +887,7 @@ mod tests {
     #[tokio::test]
     async fn rabbitmq_declare_refuses_changed_arguments_figures_and_delete() {
         let server = RabbitServer::start();
-        let b = connect(BrokerKind::Rabbitmq, &server.url(), &Credentials::None)
+        let b = connect(BrokerKind::Rabbitmq, &server.url(), &Credentials::default())
             .await
             .unwrap();
         let t = Topology::new(

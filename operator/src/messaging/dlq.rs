@@ -630,7 +630,7 @@ async fn connect_target(t: &Target) -> Result<AnyBroker, String> {
                 format!("--broker-url {u:?}: not a nats://, redis:// or amqp:// URL")
             })?,
             u.clone(),
-            Credentials::None,
+            Credentials::default(),
         ),
         None => broker_from_cluster(&t.namespace, &t.queue)
             .await
@@ -665,7 +665,7 @@ async fn broker_from_cluster(
         .effective_url()
         .with_context(|| format!("Broker {namespace}/{} has no spec.url", q.spec.broker))?;
     let creds = match &b.spec.credentials_secret {
-        None => Credentials::None,
+        None => Credentials::default(),
         Some(s) => {
             let secret = Api::<Secret>::namespaced(client, namespace)
                 .get(&s.name)

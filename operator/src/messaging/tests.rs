@@ -10,7 +10,9 @@ fn spec(yaml: &str) -> QueueSpec {
 }
 
 async fn broker(server: &NatsServer) -> Broker {
-    connect(&server.url(), &Credentials::None).await.unwrap()
+    connect(&server.url(), &Credentials::default())
+        .await
+        .unwrap()
 }
 
 #[test]
@@ -65,22 +67,25 @@ fn credentials_from_a_secret() {
     };
     assert_eq!(
         Credentials::from_secret_data(&data(&[("username", "u"), ("password", "p\n")])).unwrap(),
-        Credentials::UserPassword {
+        Auth::UserPassword {
             username: "u".into(),
             password: "p".into()
         }
+        .into()
     );
     assert_eq!(
         Credentials::from_secret_data(&data(&[("token", "t")])).unwrap(),
-        Credentials::Token("t".into())
+        Auth::Token("t".into()).into()
     );
     assert!(matches!(
-        Credentials::from_secret_data(&data(&[("creds", "x"), ("token", "t")])).unwrap(),
-        Credentials::Creds(_)
+        Credentials::from_secret_data(&data(&[("creds", "x"), ("token", "t")]))
+            .unwrap()
+            .auth,
+        Auth::Creds(_)
     ));
     let e = Credentials::from_secret_data(&data(&[("user", "u")])).unwrap_err();
     assert_eq!(e.reason(), "InvalidCredentials");
-    assert!(!format!("{:?}", Credentials::Token("secret".into())).contains("secret"));
+    assert!(!format!("{:?}", Credentials::from(Auth::Token("secret".into()))).contains("secret"));
 }
 
 #[tokio::test]
@@ -264,20 +269,21 @@ async fn credentials_are_used_and_a_refused_login_is_a_connect_error() {
     let server = NatsServer::start_with(&["--user", "weir", "--pass", "s3cret"]);
     let ok = connect(
         &server.url(),
-        &Credentials::UserPassword {
+        &Auth::UserPassword {
             username: "weir".into(),
             password: "s3cret".into(),
-        },
+        }
+        .into(),
     )
     .await
     .unwrap();
     assert!(!ok.server_version().is_empty());
-    let e = connect(&server.url(), &Credentials::None)
+    let e = connect(&server.url(), &Credentials::default())
         .await
         .err()
         .unwrap();
     assert_eq!(e.reason(), "BrokerUnreachable");
-    let down = connect("nats://127.0.0.1:1", &Credentials::None)
+    let down = connect("nats://127.0.0.1:1", &Credentials::default())
         .await
         .err()
         .unwrap();

@@ -103,7 +103,7 @@ pub async fn endpoint(
         }));
     };
     let creds = match &broker.spec.credentials_secret {
-        None => Credentials::None,
+        None => Credentials::default(),
         Some(s) => {
             let Some(secret) = Api::<Secret>::namespaced(client.clone(), ns)
                 .get_opt(&s.name)

@@ -75,7 +75,7 @@ fn ready(status_patch: &Value) -> &Value {
 }
 
 async fn nats(server: &NatsServer) -> messaging::Broker {
-    messaging::connect(&server.url(), &Credentials::None)
+    messaging::connect(&server.url(), &Credentials::default())
         .await
         .unwrap()
 }

@@ -73,7 +73,7 @@ pub fn run(args: SagaArgs) -> anyhow::Result<String> {
 }
 
 async fn open(url: &str, namespace: &str, saga: &str) -> anyhow::Result<Log> {
-    let broker = messaging::connect(url, &Credentials::None).await?;
+    let broker = messaging::connect(url, &Credentials::default()).await?;
     let log = Log::existing(broker.jetstream().clone(), namespace, saga);
     if !broker.stream_exists(&log.stream).await? {
         anyhow::bail!(

@@ -88,7 +88,7 @@ fn parse_target(s: &str) -> Result<(String, String), String> {
 async fn run_async(cfg: CoordinatorConfig) -> anyhow::Result<()> {
     let creds = match &cfg.credentials_file {
         Some(dir) => Credentials::from_dir(std::path::Path::new(dir))?,
-        None => Credentials::None,
+        None => Credentials::default(),
     };
     let broker = messaging::connect(&cfg.broker_url, &creds).await?;
     let replica = std::env::var("POD_NAME").unwrap_or_else(|_| {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -90,15 +90,28 @@ pub struct RedisServer {
     pub dir: PathBuf,
     bin: PathBuf,
     owns_dir: bool,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server with an append-only file fsynced at every write; panics with a hint
     /// when the binary is missing.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra arguments (e.g. a TLS port beside the plain one).
+    pub fn start_with(extra: &[String]) -> Self {
         let bin = redis_binary().expect("redis-server not found: run scripts/setup.sh");
-        let mut s = Self::start_in(bin, free_port(), temp_dir("weir-redis"));
-        s.owns_dir = true;
+        let mut s = Self {
+            child: None,
+            port: free_port(),
+            dir: temp_dir("weir-redis"),
+            bin,
+            owns_dir: true,
+            extra: extra.to_vec(),
+        };
+        s.spawn();
         s
     }
 
@@ -110,6 +123,7 @@ impl RedisServer {
             dir,
             bin,
             owns_dir: false,
+            extra: vec![],
         };
         s.spawn();
         s
@@ -135,6 +149,7 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let mut child = Self::command(&self.bin, self.port, &self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -191,14 +206,23 @@ pub struct RabbitServer {
 impl RabbitServer {
     /// Starts a broker (about 5–10 s); panics with a hint when it is not installed.
     pub fn start() -> Self {
+        Self::start_with_conf("")
+    }
+
+    /// With `extra` appended to rabbitmq.conf (e.g. a TLS listener beside the plain one).
+    pub fn start_with_conf(extra: &str) -> Self {
         let bin = rabbitmq_binary().expect("rabbitmq-server not found: run scripts/setup.sh");
-        let mut s = Self::start_in(bin, free_port(), temp_dir("weir-rabbitmq"));
+        let mut s = Self::start_in_with_conf(bin, free_port(), temp_dir("weir-rabbitmq"), extra);
         s.owns_dir = true;
         s
     }
 
     /// Starts `bin` on `port` with everything under `dir` (what `weir up` runs).
     pub fn start_in(bin: PathBuf, port: u16, dir: PathBuf) -> Self {
+        Self::start_in_with_conf(bin, port, dir, "")
+    }
+
+    fn start_in_with_conf(bin: PathBuf, port: u16, dir: PathBuf, extra: &str) -> Self {
         let home = dir.join("home");
         std::fs::create_dir_all(&home).expect("create RabbitMQ's HOME");
         let cookie = home.join(".erlang.cookie");
@@ -214,7 +238,7 @@ impl RabbitServer {
             dir.join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n\
-                 log.console = false\nlog.file.level = warning\n"
+                 log.console = false\nlog.file.level = warning\n{extra}"
             ),
         )
         .expect("write rabbitmq.conf");

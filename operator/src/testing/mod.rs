@@ -3,6 +3,8 @@
 
 pub mod brokers;
 pub mod nats_server;
+pub mod pki;
 
 pub use brokers::{RabbitServer, RedisServer};
 pub use nats_server::NatsServer;
+pub use pki::Pki;

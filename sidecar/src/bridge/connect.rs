@@ -6,9 +6,15 @@
 //!   `.creds` file: user JWT and NKey seed), or `token`, or `username` and `password`; the first
 //!   present wins in that order;
 //! - a NATS `.creds` file itself.
+//!
+//! The directory may also hold `ca.crt` (PEM), the trust root of a TLS connection to a broker
+//! signed by a private CA, for every broker kind ([`ca_file`]); without it the system's roots
+//! apply. A directory holding only `ca.crt` means TLS without credentials.
 
 use async_nats::{Client, ConnectOptions, Event};
-use std::path::Path;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Longest pause between two reconnect attempts.
@@ -25,6 +31,60 @@ fn read_trimmed(p: &Path) -> Option<String> {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
+}
+
+/// The key of a Broker's credentials Secret holding the CA that signed the broker's certificate.
+pub const CA_KEY: &str = "ca.crt";
+
+/// The keys of a credentials Secret that are a credential (anything but [`CA_KEY`]).
+const AUTH_KEYS: [&str; 4] = ["creds", "token", "username", "password"];
+
+/// Whether the credentials directory `dir` holds `ca.crt` and no credential at all: TLS to a
+/// broker that asks for none, which is not the mistake of an incomplete Secret.
+pub fn ca_only(dir: &Path) -> bool {
+    dir.join(CA_KEY).is_file()
+        && AUTH_KEYS
+            .iter()
+            .all(|k| read_trimmed(&dir.join(k)).is_none())
+}
+
+/// The certificates of a PEM text; an error (naming `from`) when it holds none or a broken one,
+/// so that a wrong `ca.crt` is reported where it is and not as a failed TLS handshake later.
+pub fn parse_ca(pem: &[u8], from: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{from} is not a PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{from} is not a PEM certificate: no `-----BEGIN CERTIFICATE-----` block"
+        ));
+    }
+    Ok(certs)
+}
+
+/// `ca.crt` of the credentials at `credentials` when it is a directory holding one, checked
+/// to be PEM: its path and text. A NATS `.creds` file (the other form) has no CA beside it.
+pub fn ca_file(credentials: Option<&str>) -> Result<Option<(PathBuf, String)>, String> {
+    let Some(dir) = credentials.map(Path::new).filter(|p| p.is_dir()) else {
+        return Ok(None);
+    };
+    let f = dir.join(CA_KEY);
+    if !f.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+    parse_ca(text.as_bytes(), &f.display().to_string())?;
+    Ok(Some((f, text)))
+}
+
+/// Trusts only `ca.crt` when the credentials hold one, and then requires TLS: a broker that
+/// offers none would otherwise be talked to in plain text although a CA was given.
+pub fn with_ca(opts: ConnectOptions, credentials: Option<&str>) -> Result<ConnectOptions, String> {
+    Ok(match ca_file(credentials)? {
+        Some((path, _)) => opts.add_root_certificates(path).require_tls(true),
+        None => opts,
+    })
 }
 
 /// Applies the credentials found at `path` (see the module doc).
@@ -58,6 +118,7 @@ pub fn with_credentials(opts: ConnectOptions, path: &str) -> Result<ConnectOptio
         read_trimmed(&p.join("password")),
     ) {
         (Some(u), Some(pw)) => Ok(opts.user_and_password(u, pw)),
+        _ if ca_only(p) => Ok(opts),
         _ => Err(format!(
             "credentials directory {path} holds none of `creds`, `token`, or `username` and \
              `password`"
@@ -73,6 +134,7 @@ pub async fn connect(
     on_state: impl Fn(bool) + Send + Sync + 'static,
 ) -> Result<Client, String> {
     let on_state = std::sync::Arc::new(on_state);
+    let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     let mut opts = ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
@@ -80,16 +142,27 @@ pub async fn connect(
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |ev| {
-            let on_state = on_state.clone();
+            let (on_state, last_error) = (on_state.clone(), last_error.clone());
             async move {
                 match ev {
                     Event::Connected => {
+                        *last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         on_state(true);
                         tracing::info!("broker connected");
                     }
                     Event::Disconnected => {
                         on_state(false);
                         tracing::warn!("broker disconnected; reconnecting");
+                    }
+                    // A connection refused (TLS, authorization) comes as a client error: said
+                    // once per distinct error, not at every retry.
+                    Event::ClientError(e) => {
+                        let e = e.to_string();
+                        let mut last = last_error.lock().unwrap_or_else(|p| p.into_inner());
+                        if last.as_ref() != Some(&e) {
+                            tracing::warn!(error = %e, "cannot connect to the broker");
+                            *last = Some(e);
+                        }
                     }
                     other => tracing::debug!(event = %other, "broker event"),
                 }
@@ -98,6 +171,7 @@ pub async fn connect(
     if let Some(c) = credentials {
         opts = with_credentials(opts, c)?;
     }
+    opts = with_ca(opts, credentials)?;
     opts.connect(url)
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}"))
@@ -139,5 +213,28 @@ mod tests {
         let f = dir.path().join("token");
         assert!(with_credentials(ConnectOptions::new(), f.to_str().unwrap()).is_err());
         assert!(with_credentials(ConnectOptions::new(), "/nonexistent/creds").is_err());
+    }
+
+    #[test]
+    fn a_ca_alone_is_tls_without_credentials_and_a_bad_one_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap();
+        assert_eq!(
+            ca_file(Some(path)).unwrap(),
+            None,
+            "no ca.crt: system roots"
+        );
+        std::fs::write(dir.path().join(CA_KEY), "not a certificate").unwrap();
+        assert!(!ca_only(&dir.path().join("nothing")));
+        assert!(ca_only(dir.path()), "ca.crt and no credential");
+        assert!(with_credentials(ConnectOptions::new(), path).is_ok());
+        let e = ca_file(Some(path)).unwrap_err();
+        assert!(
+            e.contains(&format!("{path}/ca.crt")) && e.contains("not a PEM"),
+            "{e}"
+        );
+        assert!(with_ca(ConnectOptions::new(), Some(path)).is_err());
+        std::fs::write(dir.path().join("token"), "t").unwrap();
+        assert!(!ca_only(dir.path()), "a credential is there too");
     }
 }

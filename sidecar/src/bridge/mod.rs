@@ -336,7 +336,7 @@ impl Bridge {
                 }
                 Conn::Rabbit(r) => tokio::spawn(rabbitmq::run(
                     ctx,
-                    r.uri.clone(),
+                    r.endpoint.clone(),
                     format!("{} {}", r.name, settings.instance),
                 )),
             });

@@ -30,8 +30,9 @@ use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::*;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,13 +115,39 @@ pub fn processed_stream_args(ttl: Duration) -> FieldTable {
 }
 
 /// Parses the URL and puts the credentials of `credentials` (a Secret directory holding
-/// `username` and `password`) in it.
+/// `username` and `password`, or only `ca.crt`) in it.
 pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
     let mut u: AMQPUri = url
         .parse()
         .map_err(|e| format!("messaging.brokerUrl: {url:?} is not an AMQP URL: {e}"))?;
     if let Some(dir) = credentials {
         let p = std::path::Path::new(dir);
+/// Where and how the sidecar connects: the URL with the credentials in it, and the TLS roots.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub uri: AMQPUri,
+    /// `cert_chain`: the `ca.crt` of the credentials, trusted for `amqps://` besides the
+    /// system's roots.
+    pub tls: OwnedTLSConfig,
+}
+
+/// The endpoint of `url` with the credentials and `ca.crt` of `credentials` (a Secret
+/// directory, module `connect`).
+pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String> {
+    let uri = uri(url, credentials)?;
+    let mut tls = OwnedTLSConfig::default();
+    if let Some((path, pem)) = super::connect::ca_file(credentials)? {
+        if uri.scheme != AMQPScheme::AMQPS {
+            return Err(format!(
+                "{} is given but messaging.brokerUrl {url:?} is not TLS (use amqps://)",
+                path.display()
+            ));
+        }
+        tls.cert_chain = Some(pem);
+    }
+    Ok(Endpoint { uri, tls })
+}
+
         let read = |k: &str| {
             std::fs::read_to_string(p.join(k))
                 .ok()
@@ -140,12 +167,16 @@ pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
         }
     }
     Ok(u)
+            _ if super::connect::ca_only(p) => {}
 }
 
 /// Connects once (bounded by [`API_TIMEOUT`]).
-pub async fn connect(u: &AMQPUri, name: &str) -> Result<Connection, String> {
+pub async fn connect(e: &Endpoint, name: &str) -> Result<Connection, String> {
+    let u = &e.uri;
     let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-    match tokio::time::timeout(API_TIMEOUT, Connection::connect_uri(u.clone(), props)).await {
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    let open = Connection::connect_uri_with_config(u.clone(), props, e.tls.clone(), runtime);
+    match tokio::time::timeout(API_TIMEOUT, open).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(format!(
             "cannot connect to {}:{}: {e}",
@@ -362,7 +393,7 @@ pub(crate) struct RabbitConn {
     channel: Arc<Mutex<Option<Channel>>>,
     connected: Arc<AtomicBool>,
     supervisor: tokio::task::JoinHandle<()>,
-    pub uri: AMQPUri,
+    pub endpoint: Endpoint,
     pub name: String,
 }
 
@@ -374,7 +405,7 @@ impl RabbitConn {
         publishes: Vec<PublishConfig>,
         on_state: impl Fn(bool) + Send + Sync + 'static,
     ) -> Result<RabbitConn, String> {
-        let u = uri(url, credentials)?;
+        let u = endpoint(url, credentials)?;
         let channel: Arc<Mutex<Option<Channel>>> = Arc::default();
         let connected = Arc::new(AtomicBool::new(false));
         let (u2, ch2, flag, name2) = (
@@ -394,6 +425,7 @@ impl RabbitConn {
                         .as_ref()
                         .is_some_and(|c| c.status().connected());
                 if !up {
+            let mut last_error: Option<String> = None;
                     *ch2.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     if flag.swap(false, Ordering::AcqRel) {
                         on_state(false);
@@ -409,12 +441,18 @@ impl RabbitConn {
                             delay = Duration::from_millis(50);
                         }
                         Err(e) => {
-                            tracing::debug!(error = %e, "cannot connect yet");
+                            // Said once per distinct error (a refused TLS certificate, a wrong
+                            // password), not at every retry.
+                            if last_error.as_ref() != Some(&e) {
+                                tracing::warn!(error = %e, "cannot connect to the broker");
+                                last_error = Some(e);
+                            }
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(super::connect::MAX_RECONNECT_DELAY);
                             continue;
                         }
                     }
+                            last_error = None;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -423,7 +461,7 @@ impl RabbitConn {
             channel,
             connected,
             supervisor,
-            uri: u,
+            endpoint: u,
             name: name.to_string(),
         })
     }
@@ -475,7 +513,7 @@ impl RabbitConn {
 }
 
 async fn open_publisher(
-    u: &AMQPUri,
+    u: &Endpoint,
     name: &str,
     publishes: &[PublishConfig],
 ) -> Result<(Connection, Channel), String> {
@@ -741,7 +779,7 @@ async fn follow_processed(
 }
 
 /// Runs until `stop`: prefetch = maxInFlight, one task per delivery.
-pub(crate) async fn run(ctx: Arc<Consumer>, u: AMQPUri, name: String) {
+pub(crate) async fn run(ctx: Arc<Consumer>, u: Endpoint, name: String) {
     let c = ctx.cfg.clone();
     let mut stop = ctx.stop.clone();
     let max = c.max_in_flight as usize;

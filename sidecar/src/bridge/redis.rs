@@ -62,33 +62,58 @@ pub fn processed_record(stream: &str, key: &str) -> String {
 }
 
 /// Opens a client for `url` with the credentials at `credentials` (a Secret directory holding
-/// `username` and `password`, or `password` alone, or `token`, used as the password).
+/// `username` and `password`, or `password` alone, or `token`, used as the password; or only
+/// `ca.crt`). A `ca.crt` there is the only root trusted for `rediss://`.
 pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, String> {
     let mut info = url
         .into_connection_info()
         .map_err(|e| format!("messaging.brokerUrl: {url:?} is not a Redis URL: {e}"))?;
     if let Some(dir) = credentials {
-        let p = std::path::Path::new(dir);
-        let read = |k: &str| {
-            std::fs::read_to_string(p.join(k))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        };
-        let user = read("username");
-        let pass = read("password").or_else(|| read("token"));
-        let Some(pass) = pass else {
-            return Err(format!(
-                "credentials directory {dir} holds neither `password` nor `token` (Redis)"
-            ));
-        };
-        let mut r = info.redis_settings().clone().set_password(pass);
-        if let Some(u) = user {
-            r = r.set_username(u);
-        }
-        info = info.set_redis_settings(r);
+        info = with_auth(info, dir)?;
     }
-    redis::Client::open(info).map_err(|e| format!("cannot use {url}: {e}"))
+    match super::connect::ca_file(credentials)? {
+        None => redis::Client::open(info),
+        Some((path, pem)) => {
+            if !url.starts_with("rediss://") {
+                return Err(format!(
+                    "{} is given but messaging.brokerUrl {url:?} is not TLS (use rediss://)",
+                    path.display()
+                ));
+            }
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.into_bytes()),
+            };
+            redis::Client::build_with_tls(info, certs)
+        }
+    }
+    .map_err(|e| format!("cannot use {url}: {e}"))
+}
+
+/// Puts the credentials of the Secret directory `dir` into `info` (none when it holds only
+/// `ca.crt`).
+fn with_auth(info: redis::ConnectionInfo, dir: &str) -> Result<redis::ConnectionInfo, String> {
+    let p = std::path::Path::new(dir);
+    let read = |k: &str| {
+        std::fs::read_to_string(p.join(k))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let user = read("username");
+    let Some(pass) = read("password").or_else(|| read("token")) else {
+        if super::connect::ca_only(p) {
+            return Ok(info);
+        }
+        return Err(format!(
+            "credentials directory {dir} holds neither `password` nor `token` (Redis)"
+        ));
+    };
+    let mut r = info.redis_settings().clone().set_password(pass);
+    if let Some(u) = user {
+        r = r.set_username(u);
+    }
+    Ok(info.set_redis_settings(r))
 }
 
 fn manager(
@@ -126,13 +151,24 @@ impl RedisConn {
         let (c2, flag) = (con.clone(), connected.clone());
         let health = tokio::spawn(async move {
             let mut con = c2;
+            let mut last_error: Option<String> = None;
             loop {
-                let ok = tokio::time::timeout(
+                let ping = tokio::time::timeout(
                     Duration::from_secs(1),
                     redis::cmd("PING").query_async::<String>(&mut con),
                 )
-                .await
-                .is_ok_and(|r| r.is_ok());
+                .await;
+                let error = match ping {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no answer to PING within 1 s".to_string()),
+                };
+                // Said once per distinct error (a refused TLS certificate, a wrong password).
+                if let Some(e) = error.as_ref().filter(|e| last_error.as_ref() != Some(*e)) {
+                    tracing::warn!(error = %e, "broker not usable");
+                }
+                let ok = error.is_none();
+                last_error = error;
                 if flag.swap(ok, Ordering::AcqRel) != ok {
                     on_state(ok);
                     if ok {

@@ -100,6 +100,7 @@ pub struct RedisServer {
     pub port: u16,
     pub dir: tempfile::TempDir,
     password: Option<String>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -109,12 +110,23 @@ impl RedisServer {
 
     /// With `requirepass` when `password` is given.
     pub async fn start_with_password(bin: PathBuf, password: Option<&str>) -> RedisServer {
+        Self::start_with_args(bin, password, &[]).await
+    }
+
+    /// With extra command-line arguments (e.g. a TLS port beside the plain one, which the
+    /// start-up check uses).
+    pub async fn start_with_args(
+        bin: PathBuf,
+        password: Option<&str>,
+        extra: &[String],
+    ) -> RedisServer {
         let mut r = RedisServer {
             bin,
             child: None,
             port: free_addr().port(),
             dir: tempfile::tempdir().unwrap(),
             password: password.map(str::to_string),
+            extra: extra.to_vec(),
         };
         r.spawn().await;
         r
@@ -144,6 +156,7 @@ impl RedisServer {
             // `always` unless the benchmark asks otherwise (PUBSUB_REDIS_FSYNC=everysec).
             .arg(std::env::var("PUBSUB_REDIS_FSYNC").unwrap_or_else(|_| "always".into()))
             .args(["--daemonize", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -206,6 +219,12 @@ pub struct RabbitServer {
 
 impl RabbitServer {
     pub async fn start(bin: PathBuf) -> RabbitServer {
+        Self::start_with_conf(bin, "").await
+    }
+
+    /// With `extra` appended to rabbitmq.conf (e.g. a TLS listener beside the plain one, which
+    /// the start-up check uses).
+    pub async fn start_with_conf(bin: PathBuf, extra: &str) -> RabbitServer {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
@@ -218,7 +237,7 @@ impl RabbitServer {
             dir.path().join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n\
-                 log.console = false\nlog.file.level = warning\n"
+                 log.console = false\nlog.file.level = warning\n{extra}"
             ),
         )
         .unwrap();

@@ -1,0 +1,331 @@
+//! `weir-proxy` to brokers behind TLS whose certificate a private CA signed (`ca.crt` in the
+//! Broker's credentials Secret, mounted as the sidecar's credentials directory), on each broker
+//! kind: real nats-server (`--tls`), redis-server (`--tls-port`) and rabbitmq-server (an SSL
+//! listener), two real sidecars and a counting app. With `ca.crt` events go through and reach
+//! the app; without it the sidecar stays unready and its log says why; a `ca.crt` that is not
+//! PEM is reported naming the file. Skipped when a server or `openssl` is missing.
+
+mod bridge_support;
+
+use bridge_support::*;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use weir_crds::proxy::{MessagingConfig, ProxyConfig};
+
+/// A private CA and a server certificate it signed for 127.0.0.1/localhost (openssl, P-256).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Option<Pki> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("SKIP: openssl not found");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let ca = format!(
+            "req -x509 -days 1 {key} -keyout ca.key -out ca.crt -subj /CN=weir-test-ca \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+        );
+        let csr = format!("req {key} -keyout server.key -out server.csr -subj /CN=localhost");
+        let sign = "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+                    -out server.crt -extfile server.ext";
+        for args in [ca.as_str(), csr.as_str(), sign] {
+            let out = Command::new("openssl")
+                .args(args.split_whitespace())
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "openssl {args}: {out:?}");
+        }
+        Some(Pki { dir })
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().unwrap().to_string()
+    }
+
+    /// A credentials directory holding only `ca.crt` (TLS, no credentials).
+    fn secret_with_ca(&self) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::copy(self.path("ca.crt"), d.path().join("ca.crt")).unwrap();
+        d
+    }
+}
+
+/// A broker listening with TLS; `url` is its TLS URL.
+struct TlsBroker {
+    kind: Kind,
+    url: String,
+    _server: Box<dyn std::any::Any>,
+}
+
+async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
+    let bin = require(kind)?;
+    let (cert, key, ca) = (
+        pki.path("server.crt"),
+        pki.path("server.key"),
+        pki.path("ca.crt"),
+    );
+    let tls_port = free_addr().port();
+    Some(match kind {
+        Kind::Nats => {
+            let n = Nats::start_with(bin, &["--tls", "--tlscert", &cert, "--tlskey", &key]).await;
+            TlsBroker {
+                kind,
+                url: format!("tls://127.0.0.1:{}", n.port),
+                _server: Box::new(n),
+            }
+        }
+        Kind::Redis => {
+            let args = format!(
+                "--tls-port {tls_port} --tls-cert-file {cert} --tls-key-file {key} \
+                 --tls-ca-cert-file {ca} --tls-auth-clients no"
+            );
+            let args: Vec<String> = args.split_whitespace().map(str::to_string).collect();
+            TlsBroker {
+                kind,
+                url: format!("rediss://127.0.0.1:{tls_port}"),
+                _server: Box::new(RedisServer::start_with_args(bin, None, &args).await),
+            }
+        }
+        Kind::Rabbitmq => {
+            let conf = format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {ca}\n\
+                 ssl_options.certfile = {cert}\nssl_options.keyfile = {key}\n\
+                 ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"
+            );
+            TlsBroker {
+                kind,
+                url: format!("amqps://127.0.0.1:{tls_port}/%2f"),
+                _server: Box::new(RabbitServer::start_with_conf(bin, &conf).await),
+            }
+        }
+    })
+}
+
+fn messaging(
+    b: &TlsBroker,
+    m: MessagingConfig,
+    secret: Option<&tempfile::TempDir>,
+) -> MessagingConfig {
+    MessagingConfig {
+        broker_kind: b.kind.name().into(),
+        credentials_file: secret.map(|d| d.path().to_str().unwrap().to_string()),
+        ..m
+    }
+}
+
+/// Publishes `n` events through `s`, each retried until the broker takes it (the consuming
+/// sidecar declares its queue or group concurrently).
+async fn publish_all(s: &Sidecar, n: usize) {
+    for i in 0..n {
+        let id = format!("tls-{i}");
+        let body = format!(r#"{{"orderId":"{id}","amount":1}}"#);
+        let ok = eventually_async(Duration::from_secs(15), || async {
+            s.publish(QUEUE, &[("ce-id", id.as_str())], &body).await.0 == 202
+        })
+        .await;
+        assert!(
+            ok,
+            "event {id} not taken over TLS; logs {:#?}",
+            s.logs.lock().unwrap()
+        );
+    }
+}
+
+async fn publish_and_consume_over_tls_with_the_secrets_ca(kind: Kind) {
+    let Some(pki) = Pki::new() else { return };
+    let Some(broker) = start_tls(kind, &pki).await else {
+        return;
+    };
+    let secret = pki.secret_with_ca();
+    let app = App::ok().await;
+    let publisher = Sidecar::start(base_config(
+        "orders",
+        app.addr,
+        messaging(&broker, publisher_messaging(&broker.url), Some(&secret)),
+    ))
+    .await;
+    let consumer = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        messaging(
+            &broker,
+            consumer_messaging(&broker.url, consume_config("billing")),
+            Some(&secret),
+        ),
+    ))
+    .await;
+    publish_all(&publisher, 20).await;
+    let delivered = eventually(Duration::from_secs(20), || app.total() >= 20).await;
+    assert!(
+        delivered,
+        "{} of 20 reached the app; consumer logs {:#?}",
+        app.total(),
+        consumer.logs.lock().unwrap()
+    );
+    assert!(
+        app.counts().values().all(|c| *c == 1),
+        "each once: {:?}",
+        app.counts()
+    );
+}
+
+/// A `weir-proxy` that is not expected to become ready, its stdout collected.
+struct Unready {
+    child: Child,
+    admin: String,
+    logs: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Unready {
+    fn start(config: ProxyConfig) -> Unready {
+        let dir = tempfile::tempdir().unwrap();
+        let path: PathBuf = dir.path().join("proxy.json");
+        std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+            .arg("--config")
+            .arg(&path)
+            .env("WEIR_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Unready {
+            child,
+            admin: format!("http://{}/readyz", config.admin.listen),
+            logs,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until `/readyz` answers 503 and a log line contains every one of `words`
+    /// (lowercase); then checks it stays unready.
+    async fn says(&self, words: &[&str]) {
+        let found = eventually_async(Duration::from_secs(15), || async {
+            let unready = matches!(http_get(&self.admin).await, Ok((503, _)));
+            unready
+                && self.logs.lock().unwrap().iter().any(|l| {
+                    let l = l.to_lowercase();
+                    words.iter().all(|w| l.contains(w))
+                })
+        })
+        .await;
+        assert!(
+            found,
+            "no 503 and log with {words:?}: {:#?}",
+            self.logs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            matches!(http_get(&self.admin).await, Ok((503, _))),
+            "stays unready"
+        );
+    }
+}
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn without_the_ca_the_sidecar_does_not_connect_and_says_why(kind: Kind) {
+    let Some(pki) = Pki::new() else { return };
+    let Some(broker) = start_tls(kind, &pki).await else {
+        return;
+    };
+    let app = App::ok().await;
+    let m = messaging(&broker, publisher_messaging(&broker.url), None);
+    let s = Unready::start(base_config("orders", app.addr, m));
+    // rustls says "invalid peer certificate: UnknownIssuer"; async-nats reports only the kind
+    // of a failed connection attempt ("IO error" for a refused certificate).
+    let why: &[&str] = match kind {
+        Kind::Nats => &["cannot connect to the broker", "error"],
+        _ => &["certificate", "unknownissuer"],
+    };
+    s.says(why).await;
+}
+
+/// A `ca.crt` that is not PEM: the sidecar does not start, and says which file is wrong.
+async fn a_ca_that_is_not_pem_stops_the_sidecar_naming_the_file(kind: Kind) {
+    let Some(pki) = Pki::new() else { return };
+    let Some(broker) = start_tls(kind, &pki).await else {
+        return;
+    };
+    let app = App::ok().await;
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("ca.crt"), "not a certificate").unwrap();
+    let m = messaging(&broker, publisher_messaging(&broker.url), Some(&secret));
+    let mut s = Unready::start(base_config("orders", app.addr, m));
+    let exited = eventually(
+        Duration::from_secs(10),
+        || matches!(s.child.try_wait(), Ok(Some(st)) if !st.success()),
+    )
+    .await;
+    assert!(exited, "exits with an error");
+    let file = secret.path().join("ca.crt").to_str().unwrap().to_string();
+    let said = format!("{file} is not a PEM certificate");
+    let named = eventually(Duration::from_secs(5), || {
+        s.logs.lock().unwrap().iter().any(|l| l.contains(&said))
+    })
+    .await;
+    assert!(named, "{said}: {:#?}", s.logs.lock().unwrap());
+}
+
+macro_rules! per_broker {
+    ($($name:ident),* $(,)?) => {
+        mod nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Nats).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Redis).await
+                }
+            )*
+        }
+        mod rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Rabbitmq).await
+                }
+            )*
+        }
+    };
+}
+
+per_broker!(
+    publish_and_consume_over_tls_with_the_secrets_ca,
+    without_the_ca_the_sidecar_does_not_connect_and_says_why,
+    a_ca_that_is_not_pem_stops_the_sidecar_naming_the_file,
+);
