@@ -43,7 +43,8 @@ pub struct BrokerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(nats|tls|amqps?|rediss?)://\S+$"))]
     pub url: Option<String>,
-    /// Secret with the credentials (`username`/`password`, `token`, or a NATS `creds` file).
+    /// Secret with the credentials (`username`/`password`, `token`, or a NATS `creds` file) and,
+    /// for a broker whose TLS certificate a private CA signed, that CA as `ca.crt` (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<SecretRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
