@@ -240,6 +240,50 @@ pub struct ConsumeConfig {
     pub schema: Option<serde_json::Value>,
     /// How long a processed event id is remembered for deduplication.
     pub dedup_window_ms: u64,
+    /// RabbitMQ: the limits of the consumer queue, set when the sidecar declares it (the
+    /// operator declares the same); empty elsewhere.
+    #[serde(default, skip_serializing_if = "QueueLimits::is_empty")]
+    pub limits: QueueLimits,
+}
+
+/// A RabbitMQ consumer queue's limits, from the Queue's `maxMessages`, `maxBytes`, `maxAge`
+/// and `replicas`. Each consuming Microservice has its own queue, so each holds at most this
+/// much that it has not consumed yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+    /// Quorum queue's initial group size; `None` leaves RabbitMQ's default (the cluster's size
+    /// up to its configured maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+}
+
+impl QueueLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The queue arguments these limits become (one mapping for the operator and the
+    /// sidecar, which must declare identical arguments): `x-max-length`,
+    /// `x-max-length-bytes`, `x-message-ttl`, `x-quorum-initial-group-size`.
+    pub fn amqp_arguments(&self) -> Vec<(&'static str, i64)> {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        [
+            ("x-max-length", self.max_messages.map(as_i64)),
+            ("x-max-length-bytes", self.max_bytes.map(as_i64)),
+            ("x-message-ttl", self.max_age_ms.map(as_i64)),
+            ("x-quorum-initial-group-size", self.replicas.map(i64::from)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
 }
 
 /// Edge mode: every inbound request needs a valid JWT unless an `anonymous` rule admits it.

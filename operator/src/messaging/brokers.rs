@@ -535,6 +535,9 @@ pub fn r_consumer_args(t: &Topology) -> FieldTable {
         a.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         a.insert("x-overflow".into(), long("reject-publish"));
     }
+    for (k, v) in t.rabbitmq_limits().amqp_arguments() {
+        a.insert(k.into(), AMQPValue::LongLongInt(v));
+    }
     a
 }
 
@@ -551,9 +554,6 @@ fn amqp_err(what: &str, e: &lapin::Error) -> Error {
 }
 
 impl RabbitBroker {
-    pub async fn connect(url: &str, creds: &Credentials) -> Result<RabbitBroker, Error> {
-        let bad = |m: String| Error::Connect {
-            url: url.to_string(),
     /// The TLS settings of `u`: the credentials' `ca.crt` trusted besides the system's roots
     /// (and then the URL must be `amqps://`).
     fn tls(
@@ -572,6 +572,9 @@ impl RabbitBroker {
         })
     }
 
+    pub async fn connect(url: &str, creds: &Credentials) -> Result<RabbitBroker, Error> {
+        let bad = |m: String| Error::Connect {
+            url: url.to_string(),
             message: m,
         };
         let mut u: lapin::uri::AMQPUri = url
@@ -589,13 +592,13 @@ impl RabbitBroker {
                 ));
             }
         }
+        let tls = Self::tls(&u, creds)?;
         let props = lapin::ConnectionProperties::default()
             .with_connection_name("weir-operator".to_string().into());
+        let runtime = lapin::runtime::default_runtime().map_err(|e| bad(e.to_string()))?;
         let conn = tokio::time::timeout(
-        let tls = Self::tls(&u, creds)?;
             super::CONNECT_TIMEOUT,
             lapin::Connection::connect_uri_with_config(u, props, tls, runtime),
-        let runtime = lapin::runtime::default_runtime().map_err(|e| bad(e.to_string()))?;
         )
         .await
         .map_err(|_| bad("timed out".into()))?
@@ -719,8 +722,10 @@ impl RabbitBroker {
                     message: format!(
                         "{message}; RabbitMQ cannot change the arguments of an existing queue \
                      (x-delivery-limit = spec.consumer.maxDeliveries {}, dead-lettering from \
-                     spec.deadLetter.enabled): delete queue {q} (its messages go with it) and \
-                     the operator declares it again",
+                     spec.deadLetter.enabled, x-max-length = spec.maxMessages, \
+                     x-max-length-bytes = spec.maxBytes, x-message-ttl = spec.maxAge, \
+                     x-quorum-initial-group-size = spec.replicas): delete queue {q} (its \
+                     messages go with it) and the operator declares it again",
                         t.consumer.max_deliver
                     ),
                 },

@@ -9,6 +9,7 @@
 
 pub mod brokers;
 pub mod dlq;
+pub mod not_applied;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures::TryStreamExt;
@@ -212,7 +213,6 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-impl Credentials {
 /// The key of a Broker's Secret holding the CA (PEM) that signed the broker's certificate.
 pub const CA_KEY: &str = "ca.crt";
 
@@ -248,6 +248,7 @@ pub fn parse_ca(
     Ok(certs)
 }
 
+impl Credentials {
     /// From a Secret's data: key `creds` (a NATS creds file), else `token`, else
     /// `username` and `password`; and `ca.crt`. A Secret holding only `ca.crt` is TLS without
     /// credentials.
@@ -346,11 +347,11 @@ pub async fn connect(url: &str, credentials: &Credentials) -> Result<Broker, Err
             .credentials(c)
             .map_err(|e| Error::Credentials(format!("not a NATS creds file: {e}")))?,
     };
-    let client = tokio::time::timeout(CONNECT_TIMEOUT * 2, opts.connect(url))
     // A CA given means TLS is expected: a server offering none is refused, not used in plain.
     if let Some(tls) = credentials.tls_config()? {
         opts = opts.tls_client_config(tls).require_tls(true);
     }
+    let client = tokio::time::timeout(CONNECT_TIMEOUT * 2, opts.connect(url))
         .await
         .map_err(|_| Error::Connect {
             url: url.to_string(),
@@ -487,6 +488,18 @@ impl Topology {
 
     pub fn stream_name(&self) -> &str {
         &self.stream.name
+    }
+
+    /// The limits of each RabbitMQ consumer queue (the sidecar gets the same in its config).
+    pub fn rabbitmq_limits(&self) -> weir_crds::proxy::QueueLimits {
+        let s = &self.stream;
+        let positive = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
+        weir_crds::proxy::QueueLimits {
+            max_messages: positive(s.max_messages),
+            max_bytes: positive(s.max_bytes),
+            max_age_ms: (!s.max_age.is_zero()).then(|| s.max_age.as_millis() as u64),
+            replicas: (s.num_replicas > 1).then(|| s.num_replicas as u32),
+        }
     }
 
     /// The subject events are published on.

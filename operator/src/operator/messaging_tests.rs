@@ -716,15 +716,41 @@ async fn a_queue_on_redis_gets_a_consumer_group_and_reports_the_figures() {
         expect(Method::GET, &api("microservices"), |_| {
             (StatusCode::OK, billing_consumes())
         }),
+        expect(Method::POST, EVENTS, created),
         expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
     ];
     let api_server = tokio::spawn(serve(handle, script));
-    let q = queue(json!({"broker": "nats"}), json!({}));
+    // maxBytes is JetStream's and RabbitMQ's: on Redis it is named, not ignored in silence.
+    let q = queue(json!({"broker": "nats", "maxBytes": 1048576}), json!({}));
     let action = super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
     let seen = api_server.await.unwrap();
-    let status = &seen[2].1;
+    assert_eq!(seen[2].1["reason"], "SettingsNotApplied", "{}", seen[2].1);
+    assert!(
+        seen[2].1["note"]
+            .as_str()
+            .unwrap()
+            .contains("spec.maxBytes"),
+        "{}",
+        seen[2].1
+    );
+    let status = &seen[3].1;
     assert_eq!(ready(status)["status"], "True", "{status}");
+    let settings = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "SettingsApplied")
+        .unwrap();
+    assert_eq!(settings["status"], "False", "{status}");
+    assert_eq!(settings["reason"], "NotAppliedByBroker");
+    assert!(
+        settings["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Broker nats does not apply: spec.maxBytes (a Redis stream"),
+        "{settings}"
+    );
     assert_eq!(status["status"]["messages"], 0);
     assert_eq!(status["status"]["pending"]["billing"], 0);
     assert_eq!(status["status"]["deadLetters"], 0);
@@ -789,4 +815,81 @@ async fn a_rabbitmq_queue_whose_delivery_limit_changed_must_be_recreated() {
         msg.contains("weir_demo_orders.billing") && msg.contains("x-delivery-limit"),
         "{msg}"
     );
+}
+
+/// The Queue's limits become the consumer queue's arguments on RabbitMQ: past `maxMessages`
+/// a publish is refused (the publisher hears it; dead-lettering is at-least-once, so the queue
+/// cannot drop its head instead), and a message older than `maxAge` goes to the dead-letter
+/// queue.
+#[tokio::test]
+async fn rabbitmq_applies_max_messages_and_max_age_to_each_consumer_queue() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let server = crate::testing::RabbitServer::start();
+    let url = server.url();
+    let (ctx, handle) = context();
+    let u = url.clone();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), move |_| {
+            (StatusCode::OK, broker_of("rabbitmq", &u))
+        }),
+        expect(Method::GET, &api("microservices"), |_| {
+            (StatusCode::OK, billing_consumes())
+        }),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    let spec = json!({"broker": "nats", "maxMessages": 2, "maxAge": "2s"});
+    let q = queue(spec.clone(), json!({}));
+    super::queue::reconcile(Arc::new(q), ctx).await.unwrap();
+    let seen = api_server.await.unwrap();
+    let status = &seen[2].1;
+    assert_eq!(ready(status)["status"], "True", "{status}");
+
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut acked = 0;
+    for i in 0..6 {
+        let confirm = ch
+            .basic_publish(
+                "weir_demo_orders".into(),
+                "weir.demo.orders".into(),
+                BasicPublishOptions::default(),
+                format!("{{\"n\":{i}}}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if confirm.is_ack() {
+            acked += 1;
+        }
+    }
+    // A quorum queue refuses once it is over the limit, so it may take one past it.
+    assert!(
+        (2..=3).contains(&acked),
+        "publishes past maxMessages are refused ({acked} of 6 confirmed)"
+    );
+    let broker = crate::messaging::brokers::RabbitBroker::connect(&url, &Credentials::default())
+        .await
+        .unwrap();
+    let depth = |q: &'static str| {
+        let broker = broker.clone();
+        async move { broker.queue_depth(q).await.unwrap().unwrap_or(0) }
+    };
+    assert_eq!(depth("weir_demo_orders.billing").await, acked);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while depth("weir_demo_orders_dlq").await < acked {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired messages reach the dead-letter queue"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(depth("weir_demo_orders.billing").await, 0);
 }

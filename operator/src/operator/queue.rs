@@ -14,6 +14,7 @@ use crate::messaging::{self, Topology};
 use crate::render::messaging::{Messaging, ResolvedQueue, build, resolve_schema};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -176,6 +177,8 @@ enum Outcome {
     Declared {
         figures: messaging::Figures,
         consumers: usize,
+        /// Settings this broker kind does not apply (see `messaging::not_applied`).
+        not_applied: Vec<String>,
     },
     NotReady(Unusable),
 }
@@ -220,18 +223,25 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let status = match outcome {
-        Outcome::Declared { figures, consumers } => QueueStatus {
+        Outcome::Declared {
+            figures,
+            consumers,
+            not_applied,
+        } => QueueStatus {
             observed_generation: generation,
-            conditions: vec![conditions::new(
-                "Ready",
-                true,
-                "Declared",
-                format!(
-                    "stream {} on the broker with {consumers} consumer(s)",
-                    messaging::stream_name(&ns, &name)
+            conditions: vec![
+                conditions::new(
+                    "Ready",
+                    true,
+                    "Declared",
+                    format!(
+                        "stream {} on the broker with {consumers} consumer(s)",
+                        messaging::stream_name(&ns, &name)
+                    ),
+                    generation,
                 ),
-                generation,
-            )],
+                settings_condition(ctx, q, &current, &not_applied).await,
+            ],
             messages: Some(figures.messages as i64),
             pending: figures
                 .pending
@@ -390,6 +400,7 @@ async fn declare(
         Ok(figures) => Ok(Ok(Outcome::Declared {
             figures,
             consumers: wanted.len(),
+            not_applied: messaging::not_applied::not_applied(broker.kind(), &q.spec),
         })),
         Err(e) => fail(e),
     }
@@ -490,6 +501,43 @@ async fn publish(ctx: &Context, q: &Queue, reason: &str, note: &str) {
     if let Err(e) = ctx.recorder.publish(&ev, &q.object_ref(&())).await {
         tracing::warn!(error = %e, queue = %q.name_any(), "could not publish event");
     }
+}
+
+/// `SettingsApplied`: False naming each setting the Broker's kind does not apply, with a
+/// Warning Event when that list changes (not on every reconcile).
+async fn settings_condition(
+    ctx: &Context,
+    q: &Queue,
+    current: &QueueStatus,
+    not_applied: &[String],
+) -> Condition {
+    let generation = q.metadata.generation;
+    if not_applied.is_empty() {
+        return conditions::new(
+            "SettingsApplied",
+            true,
+            "AllApplied",
+            "the broker applies every setting of the spec",
+            generation,
+        );
+    }
+    let message = format!(
+        "Broker {} does not apply: {}",
+        q.spec.broker,
+        not_applied.join("; ")
+    );
+    let already = conditions::find(&current.conditions, "SettingsApplied")
+        .is_some_and(|c| c.message == message && c.observed_generation == generation);
+    if !already {
+        publish(ctx, q, "SettingsNotApplied", &message).await;
+    }
+    conditions::new(
+        "SettingsApplied",
+        false,
+        "NotAppliedByBroker",
+        message,
+        generation,
+    )
 }
 
 /// An Event when `Ready` newly takes `reason` (not on every reconcile).

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use weir_crds::broker::BrokerKind;
 use weir_crds::microservice::MicroserviceSpec;
-use weir_crds::proxy::{ConsumeConfig, MessagingConfig, PublishConfig};
+use weir_crds::proxy::{ConsumeConfig, MessagingConfig, PublishConfig, QueueLimits};
 use weir_crds::queue::{MessageSchema, QueueSpec};
 use weir_crds::{Broker, duration};
 
@@ -187,6 +187,7 @@ pub fn build(
         });
     }
     let redis = broker.spec.kind == BrokerKind::Redis;
+    let rabbitmq = broker.spec.kind == BrokerKind::Rabbitmq;
 
     let publishes = spec
         .publishes
@@ -259,6 +260,16 @@ pub fn build(
                 dead_letter_subject: dl_subject,
                 schema: q.schema.clone(),
                 dedup_window_ms: window.max(MIN_PROCESSED_TTL.as_millis() as u64),
+                limits: if rabbitmq {
+                    messaging::Topology::new(namespace, &c.queue, &q.spec)
+                        .map_err(|e| RenderError::Field {
+                            field: format!("Queue {}", c.queue),
+                            message: e.to_string(),
+                        })?
+                        .rabbitmq_limits()
+                } else {
+                    QueueLimits::default()
+                },
             })
         })
         .collect::<Result<Vec<_>, RenderError>>()?;
@@ -458,7 +469,8 @@ mod tests {
                 None,
             ),
         )]);
-        let s = spec("image: x\npublishes: [{queue: orders}]");
+        let s =
+            spec("image: x\npublishes: [{queue: orders}]\nconsumes: [{queue: orders, path: /e}]");
         let with = |b: &str| {
             BTreeMap::from([(
                 "bus".to_string(),
@@ -483,6 +495,7 @@ mod tests {
         assert_eq!(p.duplicate_window_ms, Some(300_000));
         assert_eq!(p.max_messages, Some(1000));
         assert_eq!(p.max_age_ms, Some(3_600_000));
+        assert!(m.consumes[0].limits.is_empty(), "RabbitMQ only");
 
         let m = build(
             "x",
@@ -498,6 +511,15 @@ mod tests {
         assert_eq!(m.broker_kind, "rabbitmq");
         assert_eq!(m.broker_url, "amqp://mq:5672/shop");
         assert_eq!(m.publishes[0].max_messages, None, "Redis only");
+        assert_eq!(
+            m.consumes[0].limits,
+            weir_crds::proxy::QueueLimits {
+                max_messages: Some(1000),
+                max_age_ms: Some(3_600_000),
+                ..Default::default()
+            },
+            "the consumer queue's limits, as the operator declares them"
+        );
 
         let e = build("x", "shop", &s, &q, &with("{url: 'redis://r:6379'}"), "c").unwrap_err();
         let text = e.to_string();

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use weir_crds::proxy::{ConsumeConfig, PublishConfig};
+use weir_crds::proxy::{ConsumeConfig, PublishConfig, QueueLimits};
 
 /// The header counting deliveries made before a delayed retry's copy was published.
 pub const WEIR_DELIVERIES: &str = "Weir-Deliveries";
@@ -59,8 +59,13 @@ fn long(s: impl Into<String>) -> AMQPValue {
 }
 
 /// The arguments of a consumer queue (docs/messaging.md): quorum, delivery limit, at-least-once
-/// dead-lettering to the dead-letter exchange (none when dead letters are disabled).
-pub fn consumer_queue_args(max_deliveries: u32, dead_letter_exchange: &str) -> FieldTable {
+/// dead-lettering to the dead-letter exchange (none when dead letters are disabled), and the
+/// Queue's limits (the same the operator declares).
+pub fn consumer_queue_args(
+    max_deliveries: u32,
+    dead_letter_exchange: &str,
+    limits: &QueueLimits,
+) -> FieldTable {
     let mut t = FieldTable::default();
     t.insert("x-queue-type".into(), long("quorum"));
     t.insert(
@@ -74,6 +79,9 @@ pub fn consumer_queue_args(max_deliveries: u32, dead_letter_exchange: &str) -> F
         );
         t.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         t.insert("x-overflow".into(), long("reject-publish"));
+    }
+    for (k, v) in limits.amqp_arguments() {
+        t.insert(k.into(), AMQPValue::LongLongInt(v));
     }
     t
 }
@@ -114,14 +122,6 @@ pub fn processed_stream_args(ttl: Duration) -> FieldTable {
     t
 }
 
-/// Parses the URL and puts the credentials of `credentials` (a Secret directory holding
-/// `username` and `password`, or only `ca.crt`) in it.
-pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
-    let mut u: AMQPUri = url
-        .parse()
-        .map_err(|e| format!("messaging.brokerUrl: {url:?} is not an AMQP URL: {e}"))?;
-    if let Some(dir) = credentials {
-        let p = std::path::Path::new(dir);
 /// Where and how the sidecar connects: the URL with the credentials in it, and the TLS roots.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -148,6 +148,14 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String
     Ok(Endpoint { uri, tls })
 }
 
+/// Parses the URL and puts the credentials of `credentials` (a Secret directory holding
+/// `username` and `password`, or only `ca.crt`) in it.
+pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
+    let mut u: AMQPUri = url
+        .parse()
+        .map_err(|e| format!("messaging.brokerUrl: {url:?} is not an AMQP URL: {e}"))?;
+    if let Some(dir) = credentials {
+        let p = std::path::Path::new(dir);
         let read = |k: &str| {
             std::fs::read_to_string(p.join(k))
                 .ok()
@@ -159,6 +167,7 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String
                 u.authority.userinfo.username = user;
                 u.authority.userinfo.password = pass;
             }
+            _ if super::connect::ca_only(p) => {}
             _ => {
                 return Err(format!(
                     "credentials directory {dir} holds no `username` and `password` (RabbitMQ)"
@@ -167,7 +176,6 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String
         }
     }
     Ok(u)
-            _ if super::connect::ca_only(p) => {}
 }
 
 /// Connects once (bounded by [`API_TIMEOUT`]).
@@ -280,7 +288,7 @@ pub async fn declare_consumer(
     ensure_queue(
         conn,
         &q,
-        consumer_queue_args(c.max_deliveries, &c.dead_letter_stream),
+        consumer_queue_args(c.max_deliveries, &c.dead_letter_stream, &c.limits),
     )
     .await?;
     timed(
@@ -417,6 +425,7 @@ impl RabbitConn {
         let supervisor = tokio::spawn(async move {
             let mut conn: Option<Connection> = None;
             let mut delay = Duration::from_millis(50);
+            let mut last_error: Option<String> = None;
             loop {
                 let up = conn.as_ref().is_some_and(|c| c.status().connected())
                     && ch2
@@ -425,7 +434,6 @@ impl RabbitConn {
                         .as_ref()
                         .is_some_and(|c| c.status().connected());
                 if !up {
-            let mut last_error: Option<String> = None;
                     *ch2.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     if flag.swap(false, Ordering::AcqRel) {
                         on_state(false);
@@ -439,6 +447,7 @@ impl RabbitConn {
                             on_state(true);
                             tracing::info!("broker connected");
                             delay = Duration::from_millis(50);
+                            last_error = None;
                         }
                         Err(e) => {
                             // Said once per distinct error (a refused TLS certificate, a wrong
@@ -452,7 +461,6 @@ impl RabbitConn {
                             continue;
                         }
                     }
-                            last_error = None;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -947,12 +955,22 @@ mod tests {
             retry_queue("weir_shop_orders.billing", 500),
             "weir_shop_orders.billing.retry.500"
         );
-        let a = consumer_queue_args(5, "weir_shop_orders_dlq");
+        let limits = QueueLimits {
+            max_messages: Some(1000),
+            max_age_ms: Some(60_000),
+            ..Default::default()
+        };
+        let a = consumer_queue_args(5, "weir_shop_orders_dlq", &limits);
         let get = |k: &str| a.inner().get(k).cloned();
         assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongInt(5)));
         assert_eq!(get("x-dead-letter-strategy"), Some(long("at-least-once")));
         assert_eq!(get("x-overflow"), Some(long("reject-publish")));
-        let none = consumer_queue_args(5, "");
+        assert_eq!(get("x-max-length"), Some(AMQPValue::LongLongInt(1000)));
+        assert_eq!(get("x-message-ttl"), Some(AMQPValue::LongLongInt(60_000)));
+        assert!(
+            get("x-max-length-bytes").is_none() && get("x-quorum-initial-group-size").is_none()
+        );
+        let none = consumer_queue_args(5, "", &QueueLimits::default());
         assert!(none.inner().get("x-dead-letter-exchange").is_none());
         let u = uri("amqp://127.0.0.1:5672/%2f", None).unwrap();
         assert_eq!(u.vhost, "/");

@@ -377,6 +377,7 @@ pub fn consume_config(consumer: &str) -> ConsumeConfig {
         dead_letter_subject: DLQ_SUBJECT.into(),
         schema: Some(order_schema()),
         dedup_window_ms: 120_000,
+        limits: Default::default(),
     }
 }
 
