@@ -41,7 +41,7 @@ pub struct QueueSpec {
     /// Name of a Broker in the same namespace.
     #[schemars(length(min = 1))]
     pub broker: String,
-    /// Subjects captured by the queue; defaults to the queue's name.
+    /// Subjects captured by the queue; defaults to `weir.<namespace>.<queue>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub subjects: Vec<String>,
