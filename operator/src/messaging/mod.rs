@@ -497,8 +497,8 @@ impl Topology {
         weir_crds::proxy::QueueLimits {
             max_messages: positive(s.max_messages),
             max_bytes: positive(s.max_bytes),
-            max_age_ms: (!s.max_age.is_zero()).then(|| s.max_age.as_millis() as u64),
-            replicas: (s.num_replicas > 1).then(|| s.num_replicas as u32),
+            max_age_ms: (!s.max_age.is_zero()).then_some(s.max_age.as_millis() as u64),
+            replicas: (s.num_replicas > 1).then_some(s.num_replicas as u32),
         }
     }
 
