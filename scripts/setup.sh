@@ -82,6 +82,8 @@ if ! command -v redis-server >/dev/null || ! [ -x /usr/lib/rabbitmq/bin/rabbitmq
   apt_install redis-server rabbitmq-server
   [ "$had_policy" = 1 ] || rm -f "$policy"
 fi
+# The broker TLS tests make their CA and server certificates with the openssl CLI.
+command -v openssl >/dev/null || apt_install openssl
 for svc in redis-server rabbitmq-server; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     log "stopping and disabling the system-wide $svc (tests run their own)"
