@@ -2,11 +2,6 @@ use std::process::ExitCode;
 use weir_proxy::config::{self, CliAction};
 use weir_proxy::server::{Options, Proxy};
 
-/// mimalloc instead of glibc's malloc: the request path allocates small, short-lived buffers,
-/// and glibc's malloc/free took about a sixth of the sidecar's CPU under load.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn init_logging() -> weir_proxy::logging::NonBlocking {
     let level = match std::env::var("WEIR_LOG")
         .unwrap_or_default()
