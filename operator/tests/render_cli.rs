@@ -86,7 +86,9 @@ fn every_example_renders_and_each_microservice_gets_three_objects() {
         .collect();
     let kinds = |k: &str| docs.iter().filter(|d| d["kind"] == k).count();
     assert!(kinds("Deployment") >= 2);
-    assert_eq!(kinds("Deployment"), kinds("Service"));
+    // Each managed Broker (the saga and shop examples have one) is a StatefulSet and a Service.
+    assert_eq!(kinds("StatefulSet"), 2);
+    assert_eq!(kinds("Deployment") + kinds("StatefulSet"), kinds("Service"));
     assert_eq!(kinds("Deployment"), kinds("ConfigMap"));
     for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
         let pod = &d["spec"]["template"]["spec"];

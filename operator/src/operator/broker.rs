@@ -6,9 +6,11 @@
 use super::{Context, FIELD_MANAGER, conditions};
 use crate::messaging::brokers::{self, AnyBroker};
 use crate::messaging::{self, Credentials};
+use crate::render::broker as render_broker;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -81,11 +83,13 @@ pub struct Unusable {
     pub message: String,
 }
 
-/// The kind, URL and credentials of `broker`, reading its credentials Secret.
+/// The kind, URL and credentials of `broker`, reading its credentials Secret. A managed
+/// Broker is reached through its Service (`cluster_domain` completes the name).
 pub async fn endpoint(
     client: &kube::Client,
     ns: &str,
     broker: &Broker,
+    cluster_domain: &str,
 ) -> Result<Result<Endpoint, Unusable>, kube::Error> {
     let name = broker.name_any();
     if let Err((field, message)) = broker.spec.check() {
@@ -94,26 +98,21 @@ pub async fn endpoint(
             message: format!("Broker {name}: {field}: {message}"),
         }));
     }
-    let Some(url) = broker.spec.effective_url() else {
-        return Ok(Err(Unusable {
-            reason: "ManagedNotSupported",
-            message: format!(
-                "Broker {name}: managed brokers are not run by the operator yet; set spec.url"
-            ),
-        }));
-    };
-    let creds = match &broker.spec.credentials_secret {
+    let url = broker
+        .spec
+        .effective_url()
+        .unwrap_or_else(|| render_broker::managed_url(broker.spec.kind, &name, ns, cluster_domain));
+    let creds = match render_broker::credentials_secret(broker) {
         None => Credentials::default(),
-        Some(s) => {
+        Some(secret_name) => {
             let Some(secret) = Api::<Secret>::namespaced(client.clone(), ns)
-                .get_opt(&s.name)
+                .get_opt(&secret_name)
                 .await?
             else {
                 return Ok(Err(Unusable {
                     reason: "CredentialsNotFound",
                     message: format!(
-                        "Broker {name}: spec.credentialsSecret: Secret {:?} not found in namespace {ns}",
-                        s.name
+                        "Broker {name}: spec.credentialsSecret: Secret {secret_name:?} not found in namespace {ns}",
                     ),
                 }));
             };
@@ -128,7 +127,7 @@ pub async fn endpoint(
                 Err(e) => {
                     return Ok(Err(Unusable {
                         reason: e.reason(),
-                        message: format!("Broker {name}: Secret {:?}: {e}", s.name),
+                        message: format!("Broker {name}: Secret {secret_name:?}: {e}"),
                     }));
                 }
             }
@@ -146,7 +145,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         Some(ns) => Api::<Broker>::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    let owned = match namespace {
+        Some(ns) => Api::<StatefulSet>::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     Controller::new(brokers, watcher::Config::default())
+        // A managed broker's pod becoming ready (or not) is reported at once.
+        .owns(
+            owned,
+            watcher::Config::default().labels("app.kubernetes.io/component=broker"),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -188,7 +196,17 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
     let generation = b.metadata.generation;
     let current = b.status.clone().unwrap_or_default();
     let k = key(b);
-    let (cond, version, action) = match endpoint(&ctx.client, &ns, b).await? {
+    let managed = match run_managed(b, ctx, &ns).await? {
+        Ok(m) => m,
+        Err(u) => {
+            let cond = conditions::new("Connected", false, u.reason, u.message, generation);
+            write_status(ctx, b, &ns, &name, &current, cond, None).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let (cond, version, action) = match endpoint(&ctx.client, &ns, b, &ctx.render.cluster_domain)
+        .await?
+    {
         Err(u) => (
             conditions::new("Connected", false, u.reason, u.message, generation),
             None,
@@ -214,14 +232,129 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
             Err(e) => {
                 ctx.connections.forget(&format!("{ns}/{name}"));
                 let delay = ctx.messaging_backoff.next_delay(&k);
-                (
-                    conditions::new("Connected", false, e.reason(), e.to_string(), generation),
-                    None,
-                    Action::requeue(delay),
-                )
+                let cond = match managed {
+                    // A managed broker that is not ready yet is starting, not failing.
+                    Some(Managed { ready: false }) => conditions::new(
+                        "Connected",
+                        false,
+                        "BrokerStarting",
+                        format!("StatefulSet {name}: the broker pod is not ready yet ({e})"),
+                        generation,
+                    ),
+                    _ => conditions::new("Connected", false, e.reason(), e.to_string(), generation),
+                };
+                let action = if managed.is_some_and(|m| !m.ready) {
+                    Action::requeue(MANAGED_STARTING_RECHECK.min(delay))
+                } else {
+                    Action::requeue(delay)
+                };
+                (cond, None, action)
             }
         },
     };
+    write_status(ctx, b, &ns, &name, &current, cond, version).await?;
+    Ok(action)
+}
+
+/// Recheck of a managed broker whose pod is starting.
+pub const MANAGED_STARTING_RECHECK: Duration = Duration::from_secs(5);
+
+/// A managed broker's state: whether its pod is ready.
+#[derive(Debug, Clone, Copy)]
+struct Managed {
+    ready: bool,
+}
+
+/// For a managed Broker: creates its generated credentials once (RabbitMQ) and applies its
+/// StatefulSet and Service. `None` for a Broker with a URL.
+async fn run_managed(
+    b: &Broker,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<Option<Managed>, Unusable>, Error> {
+    let rendered = match render_broker::render(b, ns) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(Ok(None)),
+        Err(e) => {
+            return Ok(Err(Unusable {
+                reason: "InvalidSpec",
+                message: e.to_string(),
+            }));
+        }
+    };
+    let name = b.name_any();
+    if b.spec.kind == BrokerKind::Rabbitmq && b.spec.credentials_secret.is_none() {
+        ensure_generated_credentials(ctx, b, ns).await?;
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<Service>::namespaced(ctx.client.clone(), ns)
+        .patch(&name, &pp, &Patch::Apply(&rendered.service))
+        .await?;
+    let sts = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+        .patch(&name, &pp, &Patch::Apply(&rendered.stateful_set))
+        .await?;
+    let ready = sts
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+        >= 1;
+    Ok(Ok(Some(Managed { ready })))
+}
+
+/// The user of a managed RabbitMQ Broker, made once with a random password and owned by the
+/// Broker (deleted with it); an existing Secret is never changed.
+async fn ensure_generated_credentials(ctx: &Context, b: &Broker, ns: &str) -> Result<(), Error> {
+    let secret_name = render_broker::generated_credentials_name(&b.name_any());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if api.get_opt(&secret_name).await?.is_some() {
+        return Ok(());
+    }
+    let password: [u8; 24] = rand::random();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(secret_name.clone()),
+            namespace: Some(ns.into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "weir".to_string(),
+                )]
+                .into(),
+            ),
+            owner_references: b.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(
+            [
+                ("username".to_string(), "weir".to_string()),
+                ("password".to_string(), hex::encode(password)),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(namespace = ns, secret = %secret_name, "managed broker credentials created");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_status(
+    ctx: &Context,
+    b: &Broker,
+    ns: &str,
+    name: &str,
+    current: &BrokerStatus,
+    cond: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+    version: Option<String>,
+) -> Result<(), Error> {
+    let generation = b.metadata.generation;
     let status = BrokerStatus {
         observed_generation: generation,
         conditions: conditions::merge(&current.conditions, vec![cond]),
@@ -237,13 +370,13 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
             "kind": Broker::kind(&()),
             "status": status,
         });
-        Api::<Broker>::namespaced(ctx.client.clone(), &ns)
+        Api::<Broker>::namespaced(ctx.client.clone(), ns)
             .patch_status(
-                &name,
+                name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await?;
     }
-    Ok(action)
+    Ok(())
 }

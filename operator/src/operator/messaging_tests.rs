@@ -893,3 +893,156 @@ async fn rabbitmq_applies_max_messages_and_max_age_to_each_consumer_queue() {
     }
     assert_eq!(depth("weir_demo_orders.billing").await, 0);
 }
+
+fn managed_broker(spec: Value) -> Broker {
+    serde_json::from_value(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "bus", "namespace": "demo", "uid": "uid-b", "generation": 1},
+        "spec": spec}))
+    .unwrap()
+}
+
+fn bus_status_echo(b: &Value) -> (StatusCode, Value) {
+    let mut obj = serde_json::to_value(managed_broker(json!({"managed": {}}))).unwrap();
+    obj["status"] = b["status"].clone();
+    (StatusCode::OK, obj)
+}
+
+/// The apiserver answers an apply with the object, here with `ready` ready replicas.
+fn sts_echo(ready: i32) -> impl Fn(&Value) -> (StatusCode, Value) {
+    move |b: &Value| {
+        let mut obj = b.clone();
+        obj["status"] = json!({"replicas": 1, "readyReplicas": ready});
+        (StatusCode::OK, obj)
+    }
+}
+
+fn echo(b: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, b.clone())
+}
+
+/// A managed NATS Broker: the operator applies its StatefulSet and Service (owned by the
+/// Broker, server-side applied) and reports `BrokerStarting` until the pod is ready; a ready
+/// pod it cannot reach is `BrokerUnreachable`.
+#[tokio::test]
+async fn a_managed_broker_is_applied_and_reported_starting_then_unreachable() {
+    let run = |ready: i32| async move {
+        let (ctx, handle) = context();
+        let api_server = tokio::spawn(serve(
+            handle,
+            vec![
+                expect(Method::PATCH, "/api/v1/namespaces/demo/services/bus", echo),
+                expect(
+                    Method::PATCH,
+                    "/apis/apps/v1/namespaces/demo/statefulsets/bus",
+                    sts_echo(ready),
+                ),
+                expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
+            ],
+        ));
+        let b = managed_broker(json!({"managed": {"storage": "1Gi"}}));
+        let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+        (action, api_server.await.unwrap())
+    };
+    let (action, seen) = run(0).await;
+    let svc = &seen[0].1;
+    assert_eq!(svc["spec"]["ports"][0]["port"], 4222);
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "Broker");
+    let sts = &seen[1].1;
+    assert_eq!(sts["metadata"]["ownerReferences"][0]["name"], "bus");
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nats:2.10-alpine"
+    );
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "1Gi"
+    );
+    let c = &seen[2].1["status"]["conditions"][0];
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("BrokerStarting"))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("nats://bus.demo.svc.cluster.local:4222"),
+        "{c}"
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+
+    let (_, seen) = run(1).await;
+    let c = &seen[2].1["status"]["conditions"][0];
+    assert_eq!(c["reason"], "BrokerUnreachable", "{c}");
+}
+
+/// A managed RabbitMQ Broker gets a generated user once (a Secret owned by the Broker), which
+/// the broker container and the operator's own connection both use.
+#[tokio::test]
+async fn a_managed_rabbitmq_broker_gets_generated_credentials_once() {
+    let (ctx, handle) = context();
+    let secret = "/api/v1/namespaces/demo/secrets/bus-broker-credentials";
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(Method::GET, secret, not_found),
+            expect(Method::POST, "/api/v1/namespaces/demo/secrets", created),
+            expect(Method::PATCH, "/api/v1/namespaces/demo/services/bus", echo),
+            expect(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/demo/statefulsets/bus",
+                sts_echo(0),
+            ),
+            expect(Method::GET, secret, |_| {
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                           "metadata": {"name": "bus-broker-credentials", "namespace": "demo"},
+                           "data": {"username": "d2Vpcg==", "password": "c2VjcmV0"}}),
+                )
+            }),
+            expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
+        ],
+    ));
+    let b = managed_broker(json!({"kind": "rabbitmq", "managed": {}}));
+    super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+    let seen = api_server.await.unwrap();
+    let made = &seen[1].1;
+    assert_eq!(made["metadata"]["name"], "bus-broker-credentials");
+    assert_eq!(made["metadata"]["ownerReferences"][0]["kind"], "Broker");
+    assert_eq!(made["stringData"]["username"], "weir");
+    assert_eq!(made["stringData"]["password"].as_str().unwrap().len(), 48);
+    let env = &seen[3].1["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(
+        env[1]["valueFrom"]["secretKeyRef"],
+        json!({"name": "bus-broker-credentials", "key": "password", "optional": false})
+    );
+    let c = &seen[5].1["status"]["conditions"][0];
+    assert_eq!(c["reason"], "BrokerStarting", "{c}");
+}
+
+/// A storage size that is no size is named, and nothing is applied.
+#[tokio::test]
+async fn a_managed_broker_with_a_bad_storage_size_names_the_field() {
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![expect(
+            Method::PATCH,
+            &api("brokers/bus/status"),
+            bus_status_echo,
+        )],
+    ));
+    let b = managed_broker(json!({"managed": {"storage": "big"}}));
+    let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let c = &api_server.await.unwrap()[0].1["status"]["conditions"][0];
+    assert_eq!(c["reason"], "InvalidSpec");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Broker bus: spec.managed.storage: \"big\""),
+        "{c}"
+    );
+}

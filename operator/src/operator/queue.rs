@@ -294,7 +294,7 @@ async fn connect(
             Retry::Recheck,
         )));
     };
-    let e = match endpoint(&ctx.client, ns, &broker).await? {
+    let e = match endpoint(&ctx.client, ns, &broker, &ctx.render.cluster_domain).await? {
         Ok(e) => e,
         Err(u) => return Ok(Err((u, Retry::Recheck))),
     };

@@ -18,8 +18,6 @@ use weir_crds::{Broker, duration};
 pub const CREDENTIALS_MOUNT_PATH: &str = "/etc/weir/broker";
 /// Name of the pod volume holding the Broker's credentials.
 pub const CREDENTIALS_VOLUME: &str = "weir-broker-credentials";
-/// NATS client port of a managed Broker's Service.
-pub const MANAGED_NATS_PORT: u16 = 4222;
 
 /// A Queue as the renderer needs it: its spec and its schema, already resolved.
 #[derive(Debug, Clone)]
@@ -99,9 +97,11 @@ pub fn resolve_schema(
 pub fn broker_url(broker: &Broker, namespace: &str, cluster_domain: &str) -> String {
     match broker.spec.effective_url() {
         Some(u) => u,
-        None => format!(
-            "nats://{}.{namespace}.svc.{cluster_domain}:{MANAGED_NATS_PORT}",
-            broker.metadata.name.clone().unwrap_or_default()
+        None => super::broker::managed_url(
+            broker.spec.kind,
+            &broker.metadata.name.clone().unwrap_or_default(),
+            namespace,
+            cluster_domain,
         ),
     }
 }
@@ -273,11 +273,7 @@ pub fn build(
             })
         })
         .collect::<Result<Vec<_>, RenderError>>()?;
-    let credentials_secret = broker
-        .spec
-        .credentials_secret
-        .as_ref()
-        .map(|s| s.name.clone());
+    let credentials_secret = super::broker::credentials_secret(broker);
     Ok(Some(Messaging {
         config: MessagingConfig {
             broker_url: broker_url(broker, namespace, cluster_domain),

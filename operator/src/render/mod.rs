@@ -2,6 +2,7 @@
 //! sidecar's ConfigMap. Pure functions: the operator applies their output, `weir render`
 //! prints it, `weir up` runs it.
 
+pub mod broker;
 pub mod messaging;
 pub mod proxy_config;
 pub mod saga;
@@ -549,6 +550,20 @@ pub fn render_all(
     for l in loaded {
         if let Object::Saga(sg) = &l.object {
             docs.extend(saga::render_documents(loaded, l, sg, opts)?);
+            continue;
+        }
+        if let Object::Broker(b) = &l.object {
+            let name = b.name_any();
+            let ns = b
+                .namespace()
+                .unwrap_or_else(|| opts.default_namespace.clone());
+            let rendered = broker::render(b, &ns)
+                .map_err(|e| format!("{}: Broker/{name}: {e}", l.file.display()))?;
+            if let Some(r) = rendered {
+                let head = format!("# Source: {} (Broker/{name})\n", l.file.display());
+                docs.push(format!("{head}{}", to_yaml(&r.service)));
+                docs.push(format!("{head}{}", to_yaml(&r.stateful_set)));
+            }
             continue;
         }
         let Object::Microservice(ms) = &l.object else {

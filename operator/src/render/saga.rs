@@ -356,11 +356,7 @@ pub fn render(
         other => other,
     })?;
 
-    let credentials_secret = broker
-        .spec
-        .credentials_secret
-        .as_ref()
-        .map(|s| s.name.clone());
+    let credentials_secret = super::broker::credentials_secret(broker);
     let config = CoordinatorConfig {
         namespace: namespace.clone(),
         name: name.clone(),
