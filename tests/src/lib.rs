@@ -47,11 +47,34 @@ where
 /// `GET path` over plain HTTP/1.1: (status, body). For test traffic to this cluster's pods and
 /// Services only.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// `POST path` with a JSON body; as [`http_get`].
+pub fn http_post(addr: SocketAddr, path: &str, json: &str) -> Result<(u16, String)> {
+    http_request(addr, "POST", path, Some(json))
+}
+
+fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = json.unwrap_or_default();
+    let head = if json.is_some() {
+        format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+    } else {
+        String::new()
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{head}connection: close\r\n\r\n{body}"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

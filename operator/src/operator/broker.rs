@@ -199,9 +199,15 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
     let managed = match run_managed(b, ctx, &ns).await? {
         Ok(m) => m,
         Err(u) => {
+            // A spec the renderer refuses waits for an edit; a refused apply is retried.
+            let action = if u.reason == "InvalidSpec" {
+                Action::await_change()
+            } else {
+                Action::requeue(ctx.messaging_backoff.next_delay(&k))
+            };
             let cond = conditions::new("Connected", false, u.reason, u.message, generation);
             write_status(ctx, b, &ns, &name, &current, cond, None).await?;
-            return Ok(Action::await_change());
+            return Ok(action);
         }
     };
     let (cond, version, action) = match endpoint(&ctx.client, &ns, b, &ctx.render.cluster_domain)
@@ -243,10 +249,14 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
                     ),
                     _ => conditions::new("Connected", false, e.reason(), e.to_string(), generation),
                 };
-                let action = if managed.is_some_and(|m| !m.ready) {
-                    Action::requeue(MANAGED_STARTING_RECHECK.min(delay))
-                } else {
-                    Action::requeue(delay)
+                // The operator runs a managed broker: while it starts (or its Service name
+                // is not resolvable yet) check again soon instead of backing off for minutes.
+                let action = match managed {
+                    Some(Managed { ready: false }) => {
+                        Action::requeue(MANAGED_STARTING_RECHECK.min(delay))
+                    }
+                    Some(Managed { ready: true }) => Action::requeue(MANAGED_RECHECK.min(delay)),
+                    None => Action::requeue(delay),
                 };
                 (cond, None, action)
             }
@@ -258,6 +268,8 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
 
 /// Recheck of a managed broker whose pod is starting.
 pub const MANAGED_STARTING_RECHECK: Duration = Duration::from_secs(5);
+/// Longest wait before reconnecting to a managed broker whose pod is ready.
+pub const MANAGED_RECHECK: Duration = Duration::from_secs(10);
 
 /// A managed broker's state: whether its pod is ready.
 #[derive(Debug, Clone, Copy)]
@@ -287,12 +299,27 @@ async fn run_managed(
         ensure_generated_credentials(ctx, b, ns).await?;
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<Service>::namespaced(ctx.client.clone(), ns)
+    // The API server's refusal is the Broker's condition (and retried), not only a log line.
+    let refused = |what: &str, e: kube::Error| match e {
+        kube::Error::Api(s) => Ok(Err(Unusable {
+            reason: "ApplyFailed",
+            message: format!("Broker {name}: applying {what} {name}: {}", s.message),
+        })),
+        e => Err(Error::Kube(e)),
+    };
+    if let Err(e) = Api::<Service>::namespaced(ctx.client.clone(), ns)
         .patch(&name, &pp, &Patch::Apply(&rendered.service))
-        .await?;
-    let sts = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+        .await
+    {
+        return refused("Service", e);
+    }
+    let sts = match Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
         .patch(&name, &pp, &Patch::Apply(&rendered.stateful_set))
-        .await?;
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return refused("StatefulSet", e),
+    };
     let ready = sts
         .status
         .as_ref()

@@ -1046,3 +1046,35 @@ async fn a_managed_broker_with_a_bad_storage_size_names_the_field() {
         "{c}"
     );
 }
+
+/// What the API server refuses to apply is the Broker's condition, retried with backoff.
+#[tokio::test]
+async fn a_refused_apply_of_a_managed_broker_is_its_condition() {
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(
+                Method::PATCH,
+                "/api/v1/namespaces/demo/services/bus",
+                |_| {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500,
+                           "message": "failed to create typed patch object: .spec.ports"}),
+                    )
+                },
+            ),
+            expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
+        ],
+    ));
+    let b = managed_broker(json!({"managed": {}}));
+    let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    let c = &api_server.await.unwrap()[1].1["status"]["conditions"][0];
+    assert_eq!(c["reason"], "ApplyFailed");
+    assert_eq!(
+        c["message"],
+        "Broker bus: applying Service bus: failed to create typed patch object: .spec.ports"
+    );
+}

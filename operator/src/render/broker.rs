@@ -182,15 +182,19 @@ fn container(b: &Broker, image: String) -> Container {
             (vec![], env, "/var/lib/rabbitmq", tcp(port(kind)))
         }
     };
+    // The protocol is spelled out: server-side apply on older API servers (1.20) needs every
+    // key of the ports list.
     let mut ports = vec![ContainerPort {
         name: Some("client".into()),
         container_port: i32::from(port(kind)),
+        protocol: Some("TCP".into()),
         ..Default::default()
     }];
     if kind == BrokerKind::Nats {
         ports.push(ContainerPort {
             name: Some("monitoring".into()),
             container_port: 8222,
+            protocol: Some("TCP".into()),
             ..Default::default()
         });
     }
@@ -298,6 +302,7 @@ pub fn render(b: &Broker, namespace: &str) -> Result<Option<RenderedBroker>, Ren
             ports: Some(vec![ServicePort {
                 name: Some("client".into()),
                 port: i32::from(port(b.spec.kind)),
+                protocol: Some("TCP".into()),
                 target_port: Some(IntOrString::Int(i32::from(port(b.spec.kind)))),
                 ..Default::default()
             }]),

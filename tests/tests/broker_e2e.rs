@@ -1,0 +1,194 @@
+//! A managed Broker in a real cluster, the operator running in a pod (`helm install`): the
+//! Broker's StatefulSet and Service appear, `Connected` turns True with the server's version,
+//! the Queue is declared on that broker, and an event published through one Microservice's
+//! sidecar reaches another's app through it (an invalid one is refused with 422); deleting the
+//! Broker garbage-collects what it became. Run by tests/e2e/local-cluster.sh
+//! (`WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster`; `WEIR_E2E_NATS_IMAGE` names the nats-server image
+//! the cluster can run, `nats:2.10-alpine` by default).
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde::Deserialize;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use weir_crds::{Broker, Microservice, Queue};
+use weir_e2e::{env_or, http_get, http_post, wait_for};
+
+const MANAGER: &str = "weir-e2e";
+
+fn in_cluster_operator() -> bool {
+    if !weir_e2e::enabled("broker_e2e") {
+        return false;
+    }
+    if std::env::var("WEIR_E2E_OPERATOR").as_deref() != Ok("cluster") {
+        eprintln!(
+            "SKIPPED broker_e2e: it needs the operator installed in the cluster (WEIR_E2E_OPERATOR=cluster; tests/e2e/local-cluster.sh does it)"
+        );
+        return false;
+    }
+    true
+}
+
+/// The documents of an example file, in order.
+fn example_docs(file: &str) -> Result<Vec<serde_yaml::Value>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{file}"));
+    let text = std::fs::read_to_string(&path)?;
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(serde_yaml::Value::deserialize)
+        .collect::<Result<_, _>>()?)
+}
+
+fn condition_true(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> bool {
+    conds.iter().any(|c| c.type_ == t && c.status == "True")
+}
+
+async fn service_addr(svcs: &Api<Service>, name: &str) -> Result<SocketAddr> {
+    let s = svcs.get(name).await?;
+    let ip = s.spec.and_then(|s| s.cluster_ip).context("cluster IP")?;
+    Ok(format!("{ip}:80").parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_broker_carries_events_between_microservices() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = format!("weir-broker-e2e-{}", std::process::id());
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await?;
+    let result = run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+async fn run(client: &Client, ns: &str) -> Result<()> {
+    let long = Duration::from_secs(240);
+    let pp = PatchParams::apply(MANAGER).force();
+    let brokers: Api<Broker> = Api::namespaced(client.clone(), ns);
+    let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+
+    // The events example on a managed broker instead of an external one.
+    let image = env_or("WEIR_E2E_NATS_IMAGE", "nats:2.10-alpine");
+    let broker: Broker = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "bus"},
+        "spec": {"managed": {"image": image}},
+    }))?;
+    brokers.patch("bus", &pp, &Patch::Apply(&broker)).await?;
+    let mut queue: Queue = serde_yaml::from_value(example_docs("events/signups.yaml")?[0].clone())?;
+    queue.spec.broker = "bus".into();
+    queues.patch("signups", &pp, &Patch::Apply(&queue)).await?;
+    for doc in example_docs("events/services.yaml")? {
+        let mut ms: Microservice = serde_yaml::from_value(doc)?;
+        ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
+        let name = ms.metadata.name.clone().context("name")?;
+        mss.patch(&name, &pp, &Patch::Apply(&ms)).await?;
+    }
+
+    // The Broker becomes a StatefulSet and a Service it owns.
+    let sts = wait_for("StatefulSet bus", long, || {
+        let sets = sets.clone();
+        async move { Ok(sets.get_opt("bus").await?) }
+    })
+    .await?;
+    let owner = &sts.metadata.owner_references.clone().unwrap_or_default()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Broker", "bus")
+    );
+    assert!(svcs.get_opt("bus").await?.is_some(), "Service bus");
+
+    let version = wait_for("Broker bus Connected=True", long, || {
+        let brokers = brokers.clone();
+        async move {
+            let b = brokers.get("bus").await?;
+            let s = b.status.unwrap_or_default();
+            Ok(condition_true(&s.conditions, "Connected").then_some(s.server_version))
+        }
+    })
+    .await?;
+    eprintln!("managed broker connected, server {version:?}");
+    assert!(version.is_some_and(|v| !v.is_empty()));
+
+    wait_for("Queue signups Ready=True", long, || {
+        let queues = queues.clone();
+        async move {
+            let q = queues.get("signups").await?;
+            let s = q.status.unwrap_or_default();
+            Ok(condition_true(&s.conditions, "Ready").then_some(()))
+        }
+    })
+    .await?;
+    for name in ["accounts", "mailer"] {
+        wait_for(&format!("{name} Ready=True"), long, || {
+            let mss = mss.clone();
+            async move {
+                let ms = mss.get(name).await?;
+                let ok = ms.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == ms.metadata.generation
+                        && condition_true(&s.conditions, "Ready")
+                });
+                Ok(ok.then_some(()))
+            }
+        })
+        .await?;
+    }
+
+    // accounts publishes through its sidecar; mailer's app receives it through its own.
+    let accounts = service_addr(&svcs, "accounts").await?;
+    let mailer = service_addr(&svcs, "mailer").await?;
+    let event = r#"{"userId":"u-e2e","email":"e2e@example.com"}"#;
+    let (status, body) = wait_for(
+        "a publish accepted",
+        Duration::from_secs(60),
+        || async move {
+            let (status, body) = http_post(accounts, "/publish/signups", event)?;
+            Ok((status == 202).then_some((status, body)))
+        },
+    )
+    .await?;
+    eprintln!("publish: {status} {body}");
+    let received = wait_for(
+        "mailer received u-e2e",
+        Duration::from_secs(60),
+        || async move {
+            let (status, body) = http_get(mailer, "/received")?;
+            Ok((status == 200 && body.contains("u-e2e")).then_some(body))
+        },
+    )
+    .await?;
+    assert!(received.contains("UserSignedUp"), "{received}");
+    let (status, body) = http_post(accounts, "/publish/signups", r#"{"userId":""}"#)?;
+    assert_eq!(status, 422, "an event that fails the schema: {body}");
+
+    // Deleting the Broker deletes its StatefulSet and Service (owner references).
+    brokers.delete("bus", &DeleteParams::foreground()).await?;
+    wait_for("StatefulSet bus garbage-collected", long, || {
+        let sets = sets.clone();
+        let svcs = svcs.clone();
+        async move {
+            let gone = sets.get_opt("bus").await?.is_none() && svcs.get_opt("bus").await?.is_none();
+            Ok(gone.then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
