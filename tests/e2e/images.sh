@@ -58,3 +58,7 @@ NATS_VERSION=$("$NATS_BIN" --version | sed -n 's/.*v\([0-9.]*\).*/\1/p')
 rootfs_for "$NATS_BIN" "$work/nats"
 IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "weir-e2e/nats:$NATS_VERSION" "$work/nats" /usr/local/bin/nats-server
 echo "imported weir-e2e/nats:$NATS_VERSION"
+# redis-server from Debian (scripts/setup.sh), with the libraries it links.
+rootfs_for "$(command -v redis-server)" "$work/redis"
+IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "weir-e2e/redis:local" "$work/redis" /usr/local/bin/redis-server
+echo "imported weir-e2e/redis:local"

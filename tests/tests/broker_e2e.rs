@@ -2,9 +2,10 @@
 //! Broker's StatefulSet and Service appear, `Connected` turns True with the server's version,
 //! the Queue is declared on that broker, and an event published through one Microservice's
 //! sidecar reaches another's app through it (an invalid one is refused with 422); deleting the
-//! Broker garbage-collects what it became. Run by tests/e2e/local-cluster.sh
-//! (`WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster`; `WEIR_E2E_NATS_IMAGE` names the nats-server image
-//! the cluster can run, `nats:2.10-alpine` by default).
+//! Broker garbage-collects what it became. Once with a managed NATS, once with a managed Redis.
+//! Run by tests/e2e/local-cluster.sh (`WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster`;
+//! `WEIR_E2E_NATS_IMAGE` and `WEIR_E2E_REDIS_IMAGE` name images the cluster can run, by
+//! default `nats:2.10-alpine` and `redis:7.2-alpine`).
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -62,21 +63,28 @@ async fn a_managed_broker_carries_events_between_microservices() -> Result<()> {
         return Ok(());
     }
     let client = Client::try_default().await?;
-    let ns = format!("weir-broker-e2e-{}", std::process::id());
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
-        )
-        .await?;
-    let result = run(&client, &ns).await;
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&ns, &DeleteParams::background())
-        .await;
-    result
+    for (kind, image) in [
+        ("nats", env_or("WEIR_E2E_NATS_IMAGE", "nats:2.10-alpine")),
+        ("redis", env_or("WEIR_E2E_REDIS_IMAGE", "redis:7.2-alpine")),
+    ] {
+        eprintln!("== managed {kind} broker ({image})");
+        let ns = format!("weir-broker-e2e-{kind}-{}", std::process::id());
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+            )
+            .await?;
+        let result = run(&client, &ns, kind, &image).await;
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&ns, &DeleteParams::background())
+            .await;
+        result.with_context(|| format!("managed {kind} broker"))?;
+    }
+    Ok(())
 }
 
-async fn run(client: &Client, ns: &str) -> Result<()> {
+async fn run(client: &Client, ns: &str, kind: &str, image: &str) -> Result<()> {
     let long = Duration::from_secs(240);
     let pp = PatchParams::apply(MANAGER).force();
     let brokers: Api<Broker> = Api::namespaced(client.clone(), ns);
@@ -86,11 +94,10 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
 
     // The events example on a managed broker instead of an external one.
-    let image = env_or("WEIR_E2E_NATS_IMAGE", "nats:2.10-alpine");
     let broker: Broker = serde_json::from_value(json!({
         "apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
         "metadata": {"name": "bus"},
-        "spec": {"managed": {"image": image}},
+        "spec": {"kind": kind, "managed": {"image": image}},
     }))?;
     brokers.patch("bus", &pp, &Patch::Apply(&broker)).await?;
     let mut queue: Queue = serde_yaml::from_value(example_docs("events/signups.yaml")?[0].clone())?;
