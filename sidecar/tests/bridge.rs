@@ -4,6 +4,7 @@
 //! broker. Each scenario is an `async fn(Kind)`; `conformance!` makes one test per broker
 //! (`nats::…`, `redis::…`, `rabbitmq::…`). Tests that only make sense on one broker say so in their name.
 
+#[macro_use]
 mod bridge_support;
 
 use bridge_support::*;
@@ -28,37 +29,7 @@ macro_rules! broker_or_skip {
     };
 }
 
-/// One test per broker for each scenario.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod nats {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Nats).await
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Redis).await
-                }
-            )*
-        }
-        mod rabbitmq {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Rabbitmq).await
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+per_broker!(
     publish_then_consume_through_two_sidecars,
     invalid_events_are_refused_at_publish_and_dead_lettered_at_consume,
     failing_handler_is_retried_with_backoff_then_dead_lettered,

@@ -5,6 +5,7 @@
 //! the app; without it the sidecar stays unready and its log says why; a `ca.crt` that is not
 //! PEM is reported naming the file. Skipped when a server or `openssl` is missing.
 
+#[macro_use]
 mod bridge_support;
 
 use bridge_support::*;
@@ -293,35 +294,6 @@ async fn a_ca_that_is_not_pem_stops_the_sidecar_naming_the_file(kind: Kind) {
     })
     .await;
     assert!(named, "{said}: {:#?}", s.logs.lock().unwrap());
-}
-
-macro_rules! per_broker {
-    ($($name:ident),* $(,)?) => {
-        mod nats {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Nats).await
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Redis).await
-                }
-            )*
-        }
-        mod rabbitmq {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Rabbitmq).await
-                }
-            )*
-        }
-    };
 }
 
 per_broker!(

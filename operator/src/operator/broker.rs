@@ -10,7 +10,7 @@ use crate::render::broker as render_broker;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -333,43 +333,17 @@ async fn run_managed(
 /// Broker (deleted with it); an existing Secret is never changed.
 async fn ensure_generated_credentials(ctx: &Context, b: &Broker, ns: &str) -> Result<(), Error> {
     let secret_name = render_broker::generated_credentials_name(&b.name_any());
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    if api.get_opt(&secret_name).await?.is_some() {
-        return Ok(());
-    }
     let password: [u8; 24] = rand::random();
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(secret_name.clone()),
-            namespace: Some(ns.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "weir".to_string(),
-                )]
-                .into(),
-            ),
-            owner_references: b.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        string_data: Some(
-            [
-                ("username".to_string(), "weir".to_string()),
-                ("password".to_string(), hex::encode(password)),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            tracing::info!(namespace = ns, secret = %secret_name, "managed broker credentials created");
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+    let data = [
+        ("username".to_string(), "weir".to_string()),
+        ("password".to_string(), hex::encode(password)),
+    ]
+    .into();
+    let owner = b.controller_owner_ref(&());
+    if super::secrets::create_once(&ctx.client, ns, &secret_name, data, owner).await? {
+        tracing::info!(namespace = ns, secret = %secret_name, "managed broker credentials created");
     }
+    Ok(())
 }
 
 async fn write_status(

@@ -5,8 +5,8 @@ use super::{Context, FIELD_MANAGER, conditions};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -431,41 +431,16 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
 /// sidecar of the namespace uses it.
 async fn ensure_identity_secret(ctx: &Context, ns: &str) -> Result<(), Error> {
     use render::proxy_config::{IDENTITY_SECRET, IDENTITY_SECRET_KEY};
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    if api.get_opt(IDENTITY_SECRET).await?.is_some() {
-        return Ok(());
-    }
     let key: [u8; 32] = rand::random();
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(IDENTITY_SECRET.into()),
-            namespace: Some(ns.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "weir".to_string(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        string_data: Some([(IDENTITY_SECRET_KEY.to_string(), hex::encode(key))].into()),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            tracing::info!(
-                namespace = ns,
-                secret = IDENTITY_SECRET,
-                "identity key created"
-            );
-            Ok(())
-        }
-        // Another reconcile (or a person) made it first.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+    let data = [(IDENTITY_SECRET_KEY.to_string(), hex::encode(key))].into();
+    if super::secrets::create_once(&ctx.client, ns, IDENTITY_SECRET, data, None).await? {
+        tracing::info!(
+            namespace = ns,
+            secret = IDENTITY_SECRET,
+            "identity key created"
+        );
     }
+    Ok(())
 }
 
 async fn publish_on_change(

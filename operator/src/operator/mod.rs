@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod microservice;
 pub mod queue;
 pub mod saga;
+pub mod secrets;
 
 use crate::render::RenderOptions;
 use clap::Args;
