@@ -988,10 +988,14 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         write_state(f, &running, broker_url.as_deref())?;
     }
     println!("Ctrl-C stops everything.");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Both streams are made once, outside the loop: a fresh `ctrl_c()` each turn would miss a
+    // Ctrl-C that arrives while the loop body runs (supervising, writing the state file).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let reason = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break "interrupted".to_string(),
+            _ = interrupt.recv() => break "interrupted".to_string(),
             _ = term.recv() => break "terminated".to_string(),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if opts.no_restart {

@@ -667,11 +667,32 @@ fn shop_end_to_end(broker: &str) {
     let mut shop = shop;
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc_kill(shop.child.id() as i32, 2) }, 0);
-    let st = wait_until("weir up to exit", Duration::from_secs(60), || {
-        shop.child.try_wait().unwrap()
-    });
+    // weir up gives each of its three groups (apps, sidecars, the rest) up to the grace
+    // period (30 s here) before SIGKILL: wait for all three, and say who was slow.
+    let start = Instant::now();
+    let st = loop {
+        if let Some(st) = shop.child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(100) {
+            let log = shop.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "weir up did not exit within 100 s of Ctrl-C; the end of its log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "  ok: weir up exited ({:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
     assert!(st.success(), "weir up exited with {st}");
     let log = shop.log();
+    for slow in log.lines().filter(|l| l.contains("did not stop within")) {
+        eprintln!("  NOTE (stopped with SIGKILL): {slow}");
+    }
     let line_of = |prefix: &str, needle: &str| {
         log.lines()
             .position(|l| l.starts_with(prefix) && l.contains(needle))
