@@ -880,29 +880,10 @@ async fn redis_password_from_the_secret_directory() {
     assert_eq!(n, 1);
 
     std::fs::write(secret.path().join("password"), "wrong").unwrap();
-    let cfg = base_config("orders2", app.addr, m);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.json");
-    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://{}/readyz", cfg.admin.listen);
-    assert!(
-        eventually_async(Duration::from_secs(10), || async {
-            matches!(http_get(&url).await, Ok((503, t)) if t.contains("redis://"))
-        })
-        .await,
-        "unready with a wrong password"
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(matches!(http_get(&url).await, Ok((503, _))), "and stays so");
-    let _ = child.kill();
-    let _ = child.wait();
+    // Unready with a wrong password, and stays so.
+    Unready::start(base_config("orders2", app.addr, m))
+        .readyz_says("redis://")
+        .await;
 }
 
 /// RabbitMQ: `username` and `password` from the Secret's directory; wrong ones leave the
@@ -925,27 +906,8 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
     assert_eq!(broker.len(STREAM).await, 1);
 
     std::fs::write(secret.path().join("password"), "wrong").unwrap();
-    let cfg = base_config("orders2", app.addr, m);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.json");
-    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://{}/readyz", cfg.admin.listen);
-    assert!(
-        eventually_async(Duration::from_secs(10), || async {
-            matches!(http_get(&url).await, Ok((503, t)) if t.contains("amqp://"))
-        })
-        .await,
-        "unready with a wrong password"
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(matches!(http_get(&url).await, Ok((503, _))), "and stays so");
-    let _ = child.kill();
-    let _ = child.wait();
+    // Unready with a wrong password, and stays so.
+    Unready::start(base_config("orders2", app.addr, m))
+        .readyz_says("amqp://")
+        .await;
 }

@@ -9,12 +9,9 @@
 mod bridge_support;
 
 use bridge_support::*;
-use std::io::BufRead;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
-use weir_crds::proxy::{MessagingConfig, ProxyConfig};
+use weir_crds::proxy::MessagingConfig;
 
 /// A private CA and a server certificate it signed for 127.0.0.1/localhost (openssl, P-256).
 struct Pki {
@@ -182,75 +179,6 @@ async fn publish_and_consume_over_tls_with_the_secrets_ca(kind: Kind) {
         "each once: {:?}",
         app.counts()
     );
-}
-
-/// A `weir-proxy` that is not expected to become ready, its stdout collected.
-struct Unready {
-    child: Child,
-    admin: String,
-    logs: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Unready {
-    fn start(config: ProxyConfig) -> Unready {
-        let dir = tempfile::tempdir().unwrap();
-        let path: PathBuf = dir.path().join("proxy.json");
-        std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
-            .arg("--config")
-            .arg(&path)
-            .env("WEIR_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        let l2 = logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push(line);
-            }
-        });
-        Unready {
-            child,
-            admin: format!("http://{}/readyz", config.admin.listen),
-            logs,
-            _dir: dir,
-        }
-    }
-
-    /// Waits until `/readyz` answers 503 and a log line contains every one of `words`
-    /// (lowercase); then checks it stays unready.
-    async fn says(&self, words: &[&str]) {
-        let found = eventually_async(Duration::from_secs(15), || async {
-            let unready = matches!(http_get(&self.admin).await, Ok((503, _)));
-            unready
-                && self.logs.lock().unwrap().iter().any(|l| {
-                    let l = l.to_lowercase();
-                    words.iter().all(|w| l.contains(w))
-                })
-        })
-        .await;
-        assert!(
-            found,
-            "no 503 and log with {words:?}: {:#?}",
-            self.logs.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            matches!(http_get(&self.admin).await, Ok((503, _))),
-            "stays unready"
-        );
-    }
-}
-
-impl Drop for Unready {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn without_the_ca_the_sidecar_does_not_connect_and_says_why(kind: Kind) {

@@ -641,6 +641,93 @@ where
     }
 }
 
+/// A `weir-proxy` that is not expected to become ready, its stdout collected.
+pub struct Unready {
+    pub child: Child,
+    admin: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Unready {
+    pub fn start(config: ProxyConfig) -> Unready {
+        let dir = tempfile::tempdir().unwrap();
+        let path: PathBuf = dir.path().join("proxy.json");
+        std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
+            .arg("--config")
+            .arg(&path)
+            .env("WEIR_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Unready {
+            child,
+            admin: format!("http://{}/readyz", config.admin.listen),
+            logs,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until `/readyz` answers 503 and a log line contains every one of `words`
+    /// (lowercase); then checks it stays unready.
+    pub async fn says(&self, words: &[&str]) {
+        let found = eventually_async(Duration::from_secs(15), || async {
+            let unready = matches!(http_get(&self.admin).await, Ok((503, _)));
+            unready
+                && self.logs.lock().unwrap().iter().any(|l| {
+                    let l = l.to_lowercase();
+                    words.iter().all(|w| l.contains(w))
+                })
+        })
+        .await;
+        assert!(
+            found,
+            "no 503 and log with {words:?}: {:#?}",
+            self.logs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            matches!(http_get(&self.admin).await, Ok((503, _))),
+            "stays unready"
+        );
+    }
+
+    /// Waits until `/readyz` answers 503 with a body containing `text`; then checks it
+    /// stays unready.
+    pub async fn readyz_says(&self, text: &str) {
+        assert!(
+            eventually_async(Duration::from_secs(10), || async {
+                matches!(http_get(&self.admin).await, Ok((503, t)) if t.contains(text))
+            })
+            .await,
+            "no 503 naming {text:?} from {}",
+            self.admin
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            matches!(http_get(&self.admin).await, Ok((503, _))),
+            "and stays so"
+        );
+    }
+}
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One test per broker (modules `nats`, `redis`, `rabbitmq`) for each scenario function
 /// `async fn name(kind: Kind)` named.
 #[allow(unused_macros)]
