@@ -26,7 +26,8 @@ pub fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(50u64 << exp).min(MAX_RECONNECT_DELAY)
 }
 
-fn read_trimmed(p: &Path) -> Option<String> {
+/// A Secret file's value, trimmed; `None` when it is missing or blank.
+pub(crate) fn read_trimmed(p: &Path) -> Option<String> {
     std::fs::read_to_string(p)
         .ok()
         .map(|s| s.trim().to_string())

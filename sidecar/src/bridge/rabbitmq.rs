@@ -156,12 +156,7 @@ pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
         .map_err(|e| format!("messaging.brokerUrl: {url:?} is not an AMQP URL: {e}"))?;
     if let Some(dir) = credentials {
         let p = std::path::Path::new(dir);
-        let read = |k: &str| {
-            std::fs::read_to_string(p.join(k))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        };
+        let read = |k: &str| super::connect::read_trimmed(&p.join(k));
         match (read("username"), read("password")) {
             (Some(user), Some(pass)) => {
                 u.authority.userinfo.username = user;

@@ -94,12 +94,7 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
 /// `ca.crt`).
 fn with_auth(info: redis::ConnectionInfo, dir: &str) -> Result<redis::ConnectionInfo, String> {
     let p = std::path::Path::new(dir);
-    let read = |k: &str| {
-        std::fs::read_to_string(p.join(k))
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-    };
+    let read = |k: &str| super::connect::read_trimmed(&p.join(k));
     let user = read("username");
     let Some(pass) = read("password").or_else(|| read("token")) else {
         if super::connect::ca_only(p) {
