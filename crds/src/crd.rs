@@ -2,7 +2,7 @@
 
 use crate::{Broker, Microservice, Queue, Saga};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
 use kube::CustomResourceExt;
 
@@ -15,17 +15,109 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         Broker::crd(),
     ];
     for crd in &mut crds {
+        let kind = crd.spec.names.kind.clone();
         for v in &mut crd.spec.versions {
             if let Some(s) = v
                 .schema
                 .as_mut()
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
-                bound_durations(s);
+                if kind == "Microservice" {
+                    name_is_a_dns_label(s);
+                }
+                visit(s, &mut |s| {
+                    bound_duration(s);
+                    drop_unknown_format(s);
+                });
             }
         }
     }
     crds
+}
+
+/// A Microservice's name names its Service, so it must be a DNS label. The schema says so on
+/// `metadata.name` itself (the one place besides `generateName` where a CRD may restrict
+/// metadata), rather than in a CEL rule on the root: the apiserver names the field in its
+/// answer (`metadata.name: Invalid value`), where a root rule is reported against no field.
+fn name_is_a_dns_label(root: &mut JSONSchemaProps) {
+    let name = JSONSchemaProps {
+        type_: Some("string".into()),
+        max_length: Some(63),
+        pattern: Some(crate::validate::DNS_LABEL_PATTERN.into()),
+        description: Some(
+            "A DNS label (it names the Service): lowercase letters, digits and '-', at most 63."
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let metadata = JSONSchemaProps {
+        type_: Some("object".into()),
+        properties: Some([("name".to_string(), name)].into()),
+        ..Default::default()
+    };
+    root.properties
+        .get_or_insert_with(Default::default)
+        .insert("metadata".into(), metadata);
+}
+
+/// Calls `f` on `s` and on every schema nested in it (properties, items, map values).
+fn visit(s: &mut JSONSchemaProps, f: &mut impl FnMut(&mut JSONSchemaProps)) {
+    f(s);
+    for p in s.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        visit(p, f);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = s.items.as_mut() {
+        visit(items, f);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(values)) = s.additional_properties.as_mut() {
+        visit(values, f);
+    }
+}
+
+/// Formats the apiserver knows (k8s.io/kube-openapi `strfmt` and the OpenAPI number formats).
+/// Any other (schemars writes `uint16`, `uint32`, `uint64` for unsigned integers) makes the
+/// apiserver warn `unrecognized format` on every apply, and it checks nothing: the bounds
+/// schemars also writes (`minimum: 0`, `maximum: 65535`) do the checking.
+const KNOWN_FORMATS: &[&str] = &[
+    "int32",
+    "int64",
+    "float",
+    "double",
+    "byte",
+    "binary",
+    "date",
+    "date-time",
+    "datetime",
+    "duration",
+    "password",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "bsonobjectid",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+];
+
+fn drop_unknown_format(s: &mut JSONSchemaProps) {
+    if s.format
+        .as_deref()
+        .is_some_and(|f| !KNOWN_FORMATS.contains(&f))
+    {
+        s.format = None;
+    }
 }
 
 /// The CRDs as an API server of version 1.`minor` accepts them. CEL rules
@@ -41,7 +133,7 @@ pub fn all_for_server(minor: u32) -> Vec<CustomResourceDefinition> {
                 .as_mut()
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
-                downgrade(s, minor);
+                visit(s, &mut |s| downgrade(s, minor));
             }
         }
     }
@@ -57,25 +149,13 @@ fn downgrade(s: &mut JSONSchemaProps, minor: u32) {
             rule.reason = None;
         }
     }
-    for p in s.properties.iter_mut().flat_map(|m| m.values_mut()) {
-        downgrade(p, minor);
-    }
-    if let Some(JSONSchemaPropsOrArray::Schema(items)) = s.items.as_mut() {
-        downgrade(items, minor);
-    }
 }
 
 /// Duration strings get a maximum length: the apiserver bounds the cost of CEL rules (such as
 /// `duration(self.max) >= duration(self.base)`) by the longest string a field may hold.
-fn bound_durations(s: &mut JSONSchemaProps) {
+fn bound_duration(s: &mut JSONSchemaProps) {
     if s.pattern.as_deref() == Some(crate::duration::DURATION_PATTERN) {
         s.max_length = Some(32);
-    }
-    for p in s.properties.iter_mut().flat_map(|m| m.values_mut()) {
-        bound_durations(p);
-    }
-    if let Some(JSONSchemaPropsOrArray::Schema(items)) = s.items.as_mut() {
-        bound_durations(items);
     }
 }
 

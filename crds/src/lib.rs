@@ -43,3 +43,11 @@ pub const VERSION: &str = "v1alpha1";
 pub(crate) fn preserve_unknown_fields(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"x-kubernetes-preserve-unknown-fields": true})
 }
+
+/// Schema for a free-form JSON object that a CEL rule refers to (`has(self.inline)`): the
+/// apiserver compiles CEL against the schema's types, and a field without a `type` is invisible
+/// to it ("undefined field"), so the object type is stated.
+#[cfg(feature = "k8s")]
+pub(crate) fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}

@@ -21,12 +21,34 @@ use serde::{Deserialize, Serialize};
     status = "MicroserviceStatus",
     shortname = "ms",
     category = "weir",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Replicas", type_ = "string", json_path = ".status.replicaSummary", description = "ready/desired"),
-    printcolumn(name = "Dependencies", type_ = "string", json_path = ".status.dependencySummary", description = "resolved/declared"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("name must be a DNS label (it names the Service): lowercase letters, digits and '-', at most 63")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicaSummary",
+        description = "ready/desired"
+    ),
+    printcolumn(
+        name = "Dependencies",
+        type_ = "string",
+        json_path = ".status.dependencySummary",
+        description = "resolved/declared"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [

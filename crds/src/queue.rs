@@ -2,7 +2,7 @@
 //! queue and the JSON Schema its messages must satisfy.
 
 use crate::duration::DURATION_PATTERN;
-use crate::preserve_unknown_fields;
+use crate::preserve_unknown_object;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -214,7 +214,7 @@ fn default_dlq_age() -> String {
 ]))]
 pub struct MessageSchema {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "preserve_unknown_fields")]
+    #[schemars(schema_with = "preserve_unknown_object")]
     pub inline: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_ref: Option<ConfigMapKeyRef>,

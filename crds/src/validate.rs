@@ -2,6 +2,7 @@
 //! `weir render`, `weir up`, and clusters older than 1.25 that ignore `x-kubernetes-validations`.
 //! The operator reports what these find as a status condition and an Event.
 
+use crate::broker::{BrokerKind, BrokerSpec};
 use crate::duration;
 use crate::microservice::{EdgeSpec, MicroserviceSpec};
 use crate::queue::QueueSpec;
@@ -41,6 +42,9 @@ fn check_duration(
         }
     }
 }
+
+/// The pattern of a DNS label, as the Microservice CRD states it for `metadata.name`.
+pub const DNS_LABEL_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
 
 /// A DNS label as Kubernetes names Services: the rule Microservice names must follow.
 pub fn is_dns_label(s: &str) -> bool {
@@ -96,9 +100,10 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
     for (i, d) in spec.dependencies.iter().enumerate() {
         let at = |f: &str| format!("spec.dependencies[{i}].{f}");
         if !names.insert(d.name.as_str()) {
+            // The item, as the apiserver names a duplicate key of a list-map.
             push(
                 &mut errs,
-                at("name"),
+                format!("spec.dependencies[{i}]"),
                 format!("duplicate dependency name {:?}", d.name),
             );
         }
@@ -217,8 +222,18 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         if !queues.insert(c.queue.as_str()) {
             push(
                 &mut errs,
-                format!("spec.consumes[{i}].queue"),
+                format!("spec.consumes[{i}]"),
                 format!("duplicate queue {:?}", c.queue),
+            );
+        }
+    }
+    let mut queues = BTreeSet::new();
+    for (i, p) in spec.publishes.iter().enumerate() {
+        if !queues.insert(p.queue.as_str()) {
+            push(
+                &mut errs,
+                format!("spec.publishes[{i}]"),
+                format!("duplicate queue {:?}", p.queue),
             );
         }
     }
@@ -325,7 +340,7 @@ fn edge(errs: &mut Vec<FieldError>, e: &EdgeSpec, spec: &MicroserviceSpec) {
         if !prefixes.insert(r.path_prefix.as_str()) {
             push(
                 errs,
-                format!("spec.edge.routes[{i}].pathPrefix"),
+                format!("spec.edge.routes[{i}]"),
                 format!("duplicate prefix {:?}", r.path_prefix),
             );
         }
@@ -401,6 +416,27 @@ pub fn queue(spec: &QueueSpec) -> Vec<FieldError> {
     errs
 }
 
+/// The Broker's rules (`spec.url` xor `spec.managed`; `vhost` only on RabbitMQ), as its CEL
+/// rules state them.
+pub fn broker(spec: &BrokerSpec) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if spec.url.is_some() == spec.managed.is_some() {
+        push(
+            &mut errs,
+            "spec".into(),
+            "set exactly one of url or managed",
+        );
+    }
+    if spec.vhost.is_some() && spec.kind != BrokerKind::Rabbitmq {
+        push(
+            &mut errs,
+            "spec.vhost".into(),
+            "vhost applies to rabbitmq only",
+        );
+    }
+    errs
+}
+
 pub fn saga(spec: &SagaSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if spec.steps.is_empty() {
@@ -411,7 +447,7 @@ pub fn saga(spec: &SagaSpec) -> Vec<FieldError> {
         if !names.insert(s.name.as_str()) {
             push(
                 &mut errs,
-                format!("spec.steps[{i}].name"),
+                format!("spec.steps[{i}]"),
                 format!("duplicate step name {:?}", s.name),
             );
         }
@@ -476,7 +512,7 @@ inbound: {maxQueue: 5}
                 "spec.port",
                 "spec.dependencies[0]",
                 "spec.dependencies[0].timeout",
-                "spec.dependencies[1].name",
+                "spec.dependencies[1]",
                 "spec.dependencies[1].retry.backoff.max",
                 "spec.inbound.maxQueue",
             ]
@@ -517,7 +553,7 @@ edge:
                 "spec.edge.jwt.jwksUri",
                 "spec.edge.jwt.leeway",
                 "spec.edge.anonymous[0].pathPrefix",
-                "spec.edge.routes[1].pathPrefix",
+                "spec.edge.routes[1]",
                 "spec.edge.routes[1].dependency",
                 "spec.edge.cors.allowOrigins[1]",
                 "spec.edge.cors.allowOrigins",

@@ -118,8 +118,12 @@ impl Schemas {
                 .expect("every Weir CRD has a schema");
             let mut schema = serde_json::to_value(schema).expect("schema serializes");
             // The root lists only spec and status; apiVersion, kind and metadata are the apiserver's.
+            // metadata is the apiserver's: the schema restricts only its name.
             if let Some(Value::Object(props)) = schema.get_mut("properties") {
-                props.values_mut().for_each(close_objects);
+                props
+                    .iter_mut()
+                    .filter(|(k, _)| *k != "metadata")
+                    .for_each(|(_, v)| close_objects(v));
             }
             let validator =
                 jsonschema::draft4::new(&schema).expect("generated CRD schema compiles");
@@ -133,13 +137,40 @@ impl Schemas {
         let Some(v) = self.by_kind.get(kind) else {
             return vec![];
         };
-        let mut errs: Vec<_> = v
-            .iter_errors(value)
-            .map(|e| (pointer_to_field(e.instance_path().as_str()), e.to_string()))
-            .collect();
+        let mut errs: Vec<_> = v.iter_errors(value).flat_map(named).collect();
         errs.sort();
         errs.dedup();
         errs
+    }
+}
+
+/// One schema error as `(field, message)`. A missing or unknown property is named by its own
+/// path (`spec.dependencies[0].name`), as the apiserver names it, not by the object holding it.
+fn named(e: jsonschema::ValidationError<'_>) -> Vec<(String, String)> {
+    use jsonschema::error::ValidationErrorKind;
+    let at = pointer_to_field(e.instance_path().as_str());
+    let child = |name: &str| {
+        if at.is_empty() {
+            name.to_string()
+        } else {
+            format!("{at}.{name}")
+        }
+    };
+    match e.kind() {
+        ValidationErrorKind::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            vec![(child(name), format!("required field {name:?} is missing"))]
+        }
+        ValidationErrorKind::AdditionalProperties { unexpected } => unexpected
+            .iter()
+            .map(|name| {
+                (
+                    child(name),
+                    format!("unknown field {name:?} (not in the schema)"),
+                )
+            })
+            .collect(),
+        _ => vec![(at, e.to_string())],
     }
 }
 
@@ -309,7 +340,7 @@ fn load_text(
             Object::Microservice(m) => validate::microservice(name, &m.spec),
             Object::Queue(q) => validate::queue(&q.spec),
             Object::Saga(s) => validate::saga(&s.spec),
-            Object::Broker(_) => vec![],
+            Object::Broker(b) => validate::broker(&b.spec),
         };
         if !rule_errors.is_empty() {
             errors.extend(
@@ -452,7 +483,7 @@ mod tests {
         let f = fields(&format!(
             "{HEAD}spec:\n  image: o\n  dependencies:\n  - name: users\n    url: http://u\n    timout: 1s\n"
         ));
-        assert_eq!(f, ["Microservice/orders|spec.dependencies[0]"]);
+        assert_eq!(f, ["Microservice/orders|spec.dependencies[0].timout"]);
         let e = load_str(&format!("{HEAD}spec:\n  image: o\n  replica: 2\n")).unwrap_err();
         assert!(e[0].message.contains("replica"), "{}", e[0]);
     }
