@@ -3,7 +3,7 @@
 # logs). The build cache stays (see README.md beside this file).
 source "$(dirname "$0")/lib.sh"
 
-for name in apiserver etcd; do
+for name in kubectl-front apiserver etcd; do
   pidfile="$STATE/run/$name.pid"
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")

@@ -7,13 +7,15 @@
 #   tests/apiserver/down.sh
 #
 # The server serves CustomResourceDefinitions and custom resources only: no core API and no
-# discovery of it, so `kubectl apply` does not work against it; use `kubectl create --raw`, or
-# kube-rs as the suite does. See README.md beside this file.
+# group list. kube-rs and raw requests use it directly; kubectl goes through a small front that
+# serves those two discovery documents: KUBECONFIG=/var/lib/weir-apiserver/kubectl.kubeconfig.
+# See README.md beside this file.
 source "$(dirname "$0")/lib.sh"
 
 ETCD_PORT="${WEIR_APISERVER_ETCD_PORT:-23791}"
 ETCD_PEER_PORT="${WEIR_APISERVER_ETCD_PEER_PORT:-23792}"
 API_PORT="${WEIR_APISERVER_PORT:-26443}"
+SHIM_PORT="${WEIR_APISERVER_KUBECTL_PORT:-26444}"
 KUBECONFIG_ADMIN="$STATE/kubeconfig"
 PKI="$STATE/pki"
 
@@ -22,7 +24,9 @@ PKI="$STATE/pki"
 # served regardless.
 healthy() {
   [ -f "$KUBECONFIG_ADMIN" ] && curl -sf --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" \
-    --key "$PKI/admin.key" "https://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1
+    --key "$PKI/admin.key" "https://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1 &&
+  curl -sf --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" \
+    --key "$PKI/admin.key" "https://127.0.0.1:$SHIM_PORT/api" >/dev/null 2>&1
 }
 
 if healthy; then
@@ -104,13 +108,18 @@ start apiserver "$BIN" \
   --authentication-skip-lookup \
   --cert-dir "$STATE/certs"
 
-cat > "$KUBECONFIG_ADMIN" <<EOF
+# kubectl needs discovery of the core group and of the group list, which this server does not
+# serve: a front on the next port answers those two and passes the rest (discovery-shim.py).
+start kubectl-front python3 "$APISERVER_DIR/discovery-shim.py" "$SHIM_PORT" "$API_PORT" "$PKI"
+
+for kc in "$KUBECONFIG_ADMIN:$API_PORT" "$STATE/kubectl.kubeconfig:$SHIM_PORT"; do
+cat > "${kc%%:*}" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
 - name: weir-modern
   cluster:
-    server: https://127.0.0.1:$API_PORT
+    server: https://127.0.0.1:${kc##*:}
     certificate-authority: $PKI/ca.crt
 users:
 - name: admin
@@ -122,6 +131,7 @@ contexts:
   context: {cluster: weir-modern, user: admin}
 current-context: weir-modern
 EOF
+done
 
 for _ in $(seq 1 300); do
   healthy && break

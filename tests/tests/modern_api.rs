@@ -59,6 +59,9 @@ async fn crds_on_a_modern_api_server() -> Result<()> {
 
     upgrade_from_previous_crds(&api).await.context("upgrade")?;
     install_current_crds(&api).await.context("install")?;
+    kubectl_applies_the_chart_crds(&api, Path::new(&kubeconfig))
+        .await
+        .context("kubectl")?;
     examples_are_accepted(&api).await.context("examples")?;
     parity(&api).await.context("parity")?;
     printer_columns(&api).await.context("printer columns")?;
@@ -429,6 +432,97 @@ async fn install_current_crds(api: &Api) -> Result<()> {
         }
         eprintln!("  ok: {name} created and re-applied with no warning, Established");
     }
+    Ok(())
+}
+
+/// `kubectl apply` of the chart's CRDs, as a user runs it (through the discovery front of
+/// tests/apiserver/, since this server has no core API): no warning printed. The CRD as
+/// committed before this check existed is applied first, as a control: kubectl prints the
+/// server's warnings for it, so their absence afterwards means something.
+async fn kubectl_applies_the_chart_crds(api: &Api, kubeconfig: &Path) -> Result<()> {
+    eprintln!("== kubectl apply of charts/weir/crds/ (through the discovery front)");
+    let kubeconfig = kubeconfig.with_file_name("kubectl.kubeconfig");
+    let cache = tempfile::tempdir()?;
+    let kubectl = |args: &[&str]| -> Result<(bool, String, String)> {
+        let out = std::process::Command::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig)
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .args(args)
+            .current_dir(root())
+            .output()
+            .context("running kubectl (is it on PATH?)")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    delete_weir_crds(api).await?;
+    let (ok, _, stderr) = kubectl(&[
+        "apply",
+        "-f",
+        "tests/apiserver/previous-crds/microservices.weir.dev.yaml",
+    ])?;
+    if !ok || !stderr.contains("Warning: unrecognized format \"uint32\"") {
+        bail!("control: the previous Microservice CRD should apply with format warnings: {stderr}");
+    }
+    eprintln!(
+        "  control: the previous CRD warned: {}",
+        stderr.trim().replace('\n', " | ")
+    );
+    for args in [
+        &["apply", "-f", "charts/weir/crds/"][..],
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "charts/weir/crds/",
+        ][..],
+    ] {
+        let (ok, stdout, stderr) = kubectl(args)?;
+        if !ok || !stderr.trim().is_empty() {
+            bail!(
+                "kubectl {}: ok={ok}, printed on stderr:\n{stderr}",
+                args.join(" ")
+            );
+        }
+        if stdout.lines().count() != 4 {
+            bail!(
+                "kubectl {}: expected the four CRDs, got:\n{stdout}",
+                args.join(" ")
+            );
+        }
+        eprintln!(
+            "  ok: kubectl {}: no warning; {}",
+            args.join(" "),
+            stdout.trim().replace('\n', " | ")
+        );
+    }
+    for crd in current_crds() {
+        wait_established(api, str_of(&crd, "/metadata/name")).await?;
+    }
+    // A user's next steps: the hello example and its columns. (This server publishes no OpenAPI
+    // for custom resources, which kubectl's client-side validation asks for.)
+    let (ok, _, stderr) = kubectl(&[
+        "apply",
+        "--validate=false",
+        "-n",
+        "kubectl-check",
+        "-f",
+        "examples/hello/",
+    ])?;
+    if !ok || !stderr.trim().is_empty() {
+        bail!("kubectl apply -f examples/hello/: {stderr}");
+    }
+    let (ok, stdout, stderr) = kubectl(&["get", "microservices", "-n", "kubectl-check"])?;
+    let header = stdout.lines().next().unwrap_or_default();
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    if !ok || columns != ["NAME", "READY", "REPLICAS", "DEPENDENCIES", "AGE"] {
+        bail!("kubectl get microservices: {stdout}{stderr}");
+    }
+    eprintln!("  ok: kubectl get microservices:\n{}", stdout.trim_end());
     Ok(())
 }
 
