@@ -377,6 +377,8 @@ pub fn consume_config(consumer: &str) -> ConsumeConfig {
         dead_letter_subject: DLQ_SUBJECT.into(),
         schema: Some(order_schema()),
         dedup_window_ms: 120_000,
+        // As the operator renders it: the Queue's eventType (not its name, `orders`).
+        event_type: Some("order.created".into()),
         limits: Default::default(),
     }
 }
