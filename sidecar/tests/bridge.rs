@@ -207,6 +207,25 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume(kind
     assert_eq!(status, 400, "{body}");
     let (status, _) = http_get(&a.admin_url("/v1/publish/orders")).await.unwrap();
     assert_eq!(status, 405);
+    // The queue has a JSON Schema: its events are JSON by their content-type too, not a body
+    // that happens to parse as JSON.
+    let valid = r#"{"orderId":"o","amount":1}"#;
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let ((status, body), headers) = a.publish_as(QUEUE, ct, &[], valid).await;
+        assert_eq!(status, 415, "{ct:?}: {body}");
+        assert_eq!(headers["x-weir-reason"], "unsupported-media-type", "{ct:?}");
+        assert!(
+            body["reason"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"),
+            "{body}"
+        );
+    }
     assert_eq!(broker.len(STREAM).await, 0, "nothing reached the stream");
     assert_eq!(
         a.metric(r#"weir_messaging_rejected_by_schema_total{queue="orders"}"#)
@@ -253,6 +272,20 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume(kind
         b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="schema"}"#)
             .await,
         1.0
+    );
+
+    // JSON media types with parameters, and structured-syntax suffixes, are JSON.
+    for (id, ct) in [
+        ("ct-1", "application/json; charset=utf-8"),
+        ("ct-2", "application/vnd.shop.order+json"),
+    ] {
+        let ((status, body), _) = a.publish_as(QUEUE, Some(ct), &[("ce-id", id)], valid).await;
+        assert_eq!(status, 202, "{ct}: {body}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || app_b.total() == 2).await,
+        "{:?}",
+        app_b.counts()
     );
 }
 
@@ -655,6 +688,12 @@ async fn a_config_reload_restarts_the_bridge(kind: Kind) {
         "the new queue is published to after the reload"
     );
     assert_eq!(broker.len("weir_shop_payments").await, 1);
+    // Without a schema a queue takes any JSON body, whatever its content-type says.
+    let ((status, body), _) = a
+        .publish_as("payments", Some("text/plain"), &[], r#"{"x":2}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(broker.len("weir_shop_payments").await, 2);
 }
 
 async fn without_a_dead_letter_stream_a_failed_message_is_terminated(kind: Kind) {
