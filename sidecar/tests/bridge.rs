@@ -40,6 +40,7 @@ per_broker!(
     a_config_reload_restarts_the_bridge,
     without_a_dead_letter_stream_a_failed_message_is_terminated,
     an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered,
+    a_message_larger_than_the_app_accepts_is_dead_lettered,
 );
 
 const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -949,4 +950,59 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
     Unready::start(base_config("orders2", app.addr, m))
         .readyz_says("amqp://")
         .await;
+}
+
+/// A message larger than the consuming app's `maxBodyBytes` (which no publishing sidecar
+/// lets through: it answers 413) is dead-lettered `too-large` instead of pushed to the app.
+async fn a_message_larger_than_the_app_accepts_is_dead_lettered(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    let app = App::ok().await;
+    let cfg = base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    );
+    let limit = cfg.inbound.max_body_bytes as usize;
+    let b = Sidecar::start(cfg).await;
+    // Valid events but for their size: exactly the limit, and one byte more.
+    let sized = |n: usize| {
+        let frame = r#"{"orderId":"","amount":1}"#.len();
+        format!(r#"{{"orderId":"{}","amount":1}}"#, "x".repeat(n - frame))
+    };
+    let (fits, over) = (sized(limit), sized(limit + 1));
+    assert_eq!((fits.len(), over.len()), (limit, limit + 1));
+    broker.raw_publish("big-1", "big-1", &over).await;
+    broker.raw_publish("fits-1", "fits-1", &fits).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            broker.len(DLQ_STREAM).await == 1
+        })
+        .await,
+        "dead letter expected; app calls: {:?}",
+        app.counts()
+    );
+    assert!(eventually(Duration::from_secs(10), || app.total() == 1).await);
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.calls_for("big-1").len(), 0, "the app never sees it");
+    assert_eq!(app.calls_for("fits-1")[0].body.len(), limit);
+    let dl = &broker.messages(DLQ_STREAM).await[0];
+    assert_eq!(dl.h("ce-id"), "big-1");
+    assert_eq!(dl.h("Weir-Reason"), "too-large");
+    assert_eq!(
+        dl.h("Weir-Last-Error"),
+        format!(
+            "{} bytes, more than the {limit} the app accepts (inbound.maxBodyBytes)",
+            limit + 1
+        )
+    );
+    assert_eq!(dl.h("Weir-Original-Subject"), origin(kind));
+    assert_eq!(dl.h("Weir-Delivery-Count"), "1");
+    assert_eq!(dl.payload.len(), limit + 1, "kept whole");
+    assert_eq!(
+        b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="too-large"}"#)
+            .await,
+        1.0
+    );
 }

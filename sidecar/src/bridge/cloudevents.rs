@@ -26,6 +26,8 @@ pub const WEIR_DEAD_LETTERED_AT: &str = "Weir-Dead-Lettered-At";
 pub const REASON_MAX_DELIVERIES: &str = "max-deliveries";
 pub const REASON_REJECTED: &str = "rejected";
 pub const REASON_SCHEMA: &str = "schema";
+/// Larger than the consuming app's `inbound.maxBodyBytes`: it would refuse it over HTTP anyway.
+pub const REASON_TOO_LARGE: &str = "too-large";
 
 /// Longest event id accepted.
 pub const MAX_EVENT_ID_LEN: usize = 256;

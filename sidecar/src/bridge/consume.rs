@@ -1,6 +1,7 @@
 //! Pushes one consumer's messages to the app, whatever the broker (see [`super::backend`]).
 //!
-//! Per message: schema check (failure → dead letter `schema`, the app is never called), KV
+//! Per message: size within the app's `inbound.maxBodyBytes` (else dead letter `too-large`),
+//! schema check (failure → dead letter `schema`; either way the app is never called), KV
 //! look-up of the event id (found → ack, counted as deduplicated), `POST` to the app with the
 //! CloudEvents HTTP binary headers, then: 2xx → record the event id in the KV bucket and ack;
 //! 4xx other than 408/429 → dead letter `rejected` and term; 5xx, 408, 429, timeout, connection
@@ -45,6 +46,9 @@ pub(crate) struct Consumer {
     pub abort: watch::Receiver<bool>,
     /// Event ids in the app right now, and those processed lately by this sidecar.
     pub local: std::sync::Mutex<Local>,
+    /// The app's `inbound.maxBodyBytes`: a larger message is dead-lettered `too-large` instead
+    /// of being pushed to an app that would refuse it from anyone else.
+    pub max_body_bytes: u64,
 }
 
 /// Most event ids remembered as processed by this sidecar (beside the KV bucket).
@@ -148,6 +152,16 @@ async fn settle<M: Inbound>(ctx: &Consumer, msg: &M, how: Settle) {
 pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
     let delivered = msg.delivered().max(1);
     let seq = msg.position();
+    let size = msg.payload().len() as u64;
+    if size > ctx.max_body_bytes {
+        let why = format!(
+            "{size} bytes, more than the {} the app accepts (inbound.maxBodyBytes)",
+            ctx.max_body_bytes
+        );
+        tracing::warn!(queue = ctx.queue(), seq, error = %why, "message too large for the app: dead-lettering");
+        dead_letter(ctx, side, &msg, delivered, &seq, REASON_TOO_LARGE, &why).await;
+        return;
+    }
     let headers = msg.headers();
     let event_id = header(headers, CE_ID)
         .or_else(|| header(headers, NATS_MSG_ID))

@@ -88,7 +88,8 @@ impl BridgeMetrics {
         );
         r.register(
             "dead_lettered",
-            "Messages moved to the dead-letter stream, by reason (max-deliveries, rejected, schema)",
+            "Messages moved to the dead-letter stream, by reason (max-deliveries, rejected, schema, \
+             too-large)",
             m.dead_lettered.clone(),
         );
         r.register(

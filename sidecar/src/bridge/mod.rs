@@ -328,6 +328,7 @@ impl Bridge {
                 stop: stop_rx.clone(),
                 abort: abort_rx.clone(),
                 local: Default::default(),
+                max_body_bytes: settings.max_body_bytes,
             });
             tasks.push(match &running.conn {
                 Conn::Nats { js, .. } => tokio::spawn(nats::run(ctx, js.clone())),
