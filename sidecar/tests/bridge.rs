@@ -40,6 +40,8 @@ per_broker!(
     a_config_reload_restarts_the_bridge,
     without_a_dead_letter_stream_a_failed_message_is_terminated,
     an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered,
+    messages_without_a_cloudevents_envelope_reach_the_app_with_ids_of_their_own,
+    events_that_are_not_cloudevents_1_0_are_dead_lettered,
     a_message_larger_than_the_app_accepts_is_dead_lettered,
 );
 
@@ -950,6 +952,176 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
     Unready::start(base_config("orders2", app.addr, m))
         .readyz_says("amqp://")
         .await;
+}
+
+/// Messages another producer wrote (no CloudEvents headers at all: a legacy service, a broker UI,
+/// a script) reach the app as events: each with an id of its own, derived from the broker's
+/// identity of the message and the same at every redelivery, `ce-type` = the Queue's event type
+/// and `ce-source` naming the queue. None is merged with another, dropped or dead-lettered.
+async fn messages_without_a_cloudevents_envelope_reach_the_app_with_ids_of_their_own(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    // The first delivery of each fails: the retry must come with the same id.
+    let app = App::start(
+        Duration::ZERO,
+        Arc::new(|_, n| if n == 0 { 503 } else { 200 }),
+    )
+    .await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    ))
+    .await;
+    let bodies: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"orderId":"legacy-{i}","amount":{i}}}"#))
+        .collect();
+    for body in &bodies {
+        broker.raw_publish_headers(&[], body.as_bytes()).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || app.total() == 10).await,
+        "each of 5 messages delivered twice; app calls: {:?}",
+        app.counts()
+    );
+    broker
+        .wait_settled("billing", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = app.counts();
+    assert_eq!(counts.len(), 5, "five distinct ids: {counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 2),
+        "a retry carries the id of the first delivery: {counts:?}"
+    );
+    let mut delivered = Vec::new();
+    for id in counts.keys() {
+        let calls = app.calls_for(id);
+        assert_eq!(calls[0].body, calls[1].body, "{id}: one message");
+        delivered.push(String::from_utf8(calls[0].body.to_vec()).unwrap());
+        let h = |k: &str| calls[0].headers[k].to_str().unwrap().to_string();
+        assert_eq!(h("ce-specversion"), "1.0");
+        assert_eq!(h("ce-type"), "order.created", "the Queue's eventType");
+        assert_eq!(h("ce-source"), "weir://shop/queues/orders");
+        assert_eq!(h("content-type"), "application/json");
+        let identity = id
+            .strip_prefix("weir_shop_orders:")
+            .unwrap_or_else(|| panic!("{id}: the stream's name, then the identity"));
+        match kind {
+            // Stream sequence and stored time.
+            Kind::Nats => {
+                let (seq, ns) = identity.split_once(':').unwrap();
+                assert!((1..=5).contains(&seq.parse::<u64>().unwrap()), "{id}");
+                assert!(ns.parse::<i128>().unwrap() > 0, "{id}");
+            }
+            Kind::Redis => assert!(
+                broker
+                    .messages(STREAM)
+                    .await
+                    .iter()
+                    .any(|m| m.position == identity),
+                "{id}: an entry id of the stream"
+            ),
+            // Given by the sidecar: RabbitMQ keeps no identity of a message.
+            Kind::Rabbitmq => {
+                assert!(uuid::Uuid::parse_str(identity).is_ok(), "{id}");
+            }
+        }
+    }
+    delivered.sort();
+    assert_eq!(delivered, bodies, "every message reached the app");
+    assert_eq!(broker.len(DLQ_STREAM).await, 0, "none dead-lettered");
+    let q = |m: &str| format!(r#"weir_messaging_{m}_total{{queue="orders"}}"#);
+    assert_eq!(b.metric(&q("deduplicated")).await, 0.0, "none merged");
+    assert_eq!(b.metric(&q("acked")).await, 5.0);
+    assert_eq!(b.metric(&q("plain_messages")).await, 10.0);
+    assert!(
+        b.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("without a CloudEvents envelope")),
+        "the first one is logged"
+    );
+}
+
+/// A message that says it is a CloudEvent but is not a valid CloudEvents 1.0 one is
+/// dead-lettered with the reason, never passed on as 1.0.
+async fn events_that_are_not_cloudevents_1_0_are_dead_lettered(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    let app = App::ok().await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    ))
+    .await;
+    let body = r#"{"orderId":"o1","amount":1}"#;
+    let mut v03 = ce_headers("v03-1");
+    for (_, v) in v03.iter_mut().filter(|(k, _)| *k == "ce-specversion") {
+        *v = "0.3".into();
+    }
+    let mut no_source = ce_headers("no-source-1");
+    no_source.retain(|(k, _)| *k != "ce-source");
+    let mut no_type = ce_headers("no-type-1");
+    no_type.retain(|(k, _)| *k != "ce-type");
+    let cases = [v03, no_source, no_type];
+    for h in &cases {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        broker.raw_publish_headers(&h, body.as_bytes()).await;
+    }
+    broker.raw_publish("ok-1", "ok-1", body).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            broker.len(DLQ_STREAM).await == 3
+        })
+        .await,
+        "three dead letters expected; app calls: {:?}",
+        app.counts()
+    );
+    assert!(eventually(Duration::from_secs(10), || app.total() == 1).await);
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.counts().into_iter().collect::<Vec<_>>(),
+        [("ok-1".to_string(), 1)],
+        "only the valid event reached the app"
+    );
+    let dls = broker.messages(DLQ_STREAM).await;
+    let by_id = |id: &str| dls.iter().find(|m| m.h("ce-id") == id).unwrap();
+    for (id, reason, error) in [
+        (
+            "v03-1",
+            "unsupported-specversion",
+            r#"ce-specversion "0.3" is not supported (only CloudEvents 1.0)"#,
+        ),
+        (
+            "no-source-1",
+            "invalid-cloudevent",
+            "ce-source is missing (required by CloudEvents 1.0)",
+        ),
+        (
+            "no-type-1",
+            "invalid-cloudevent",
+            "ce-type is missing (required by CloudEvents 1.0)",
+        ),
+    ] {
+        let dl = by_id(id);
+        assert_eq!(dl.h("Weir-Reason"), reason, "{id}");
+        assert_eq!(dl.h("Weir-Last-Error"), error, "{id}");
+        assert_eq!(dl.h("Weir-Original-Subject"), origin(kind), "{id}");
+        assert_eq!(dl.h("Weir-Consumer"), "billing", "{id}");
+        assert_eq!(dl.h("Weir-Delivery-Count"), "1", "{id}");
+        assert!(chrono::DateTime::parse_from_rfc3339(dl.h("Weir-Dead-Lettered-At")).is_ok());
+        assert_eq!(&dl.payload[..], body.as_bytes(), "{id}: kept as it was");
+    }
+    assert_eq!(by_id("v03-1").h("ce-specversion"), "0.3", "headers kept");
+    let dead = |reason: &str| {
+        format!(r#"weir_messaging_dead_lettered_total{{queue="orders",reason="{reason}"}}"#)
+    };
+    assert_eq!(b.metric(&dead("unsupported-specversion")).await, 1.0);
+    assert_eq!(b.metric(&dead("invalid-cloudevent")).await, 2.0);
 }
 
 /// A message larger than the consuming app's `maxBodyBytes` (which no publishing sidecar

@@ -33,13 +33,19 @@ pub(crate) struct NatsMsg {
     headers: Headers,
     delivered: u64,
     seq: u64,
+    /// When the stream stored it (Unix nanoseconds): with `seq`, the message's identity.
+    stored_ns: i128,
 }
 
 impl NatsMsg {
     fn new(msg: jetstream::Message) -> NatsMsg {
-        let (delivered, seq) = match msg.info() {
-            Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
-            Err(_) => (1, 0),
+        let (delivered, seq, stored_ns) = match msg.info() {
+            Ok(i) => (
+                i.delivered.max(1) as u64,
+                i.stream_sequence,
+                i.published.unix_timestamp_nanos(),
+            ),
+            Err(_) => (1, 0, 0),
         };
         let headers = msg
             .headers
@@ -59,6 +65,7 @@ impl NatsMsg {
             headers,
             delivered,
             seq,
+            stored_ns,
         }
     }
 }
@@ -78,6 +85,14 @@ impl Inbound for NatsMsg {
     }
     fn origin(&self) -> &str {
         self.msg.subject.as_str()
+    }
+    fn identity(&self) -> Option<String> {
+        // The sequence alone repeats when the stream is deleted and declared again, while the
+        // processed-event records of the old one live on: the stored time tells them apart.
+        Some(format!("{}:{}", self.seq, self.stored_ns))
+    }
+    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), String> {
+        Err("a JetStream message always has an identity (its stream sequence)".into())
     }
     async fn settle(&self, how: Settle) -> Result<(), String> {
         let kind = match how {
