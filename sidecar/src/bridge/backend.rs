@@ -66,7 +66,7 @@ pub(crate) trait Inbound: Send + Sync + 'static {
     /// it and is deduplicated like any event, never merged with another. JetStream: stream
     /// sequence and stored time (a re-created stream counts from 1 again); Redis: the entry id.
     /// `None` when the broker keeps no identity of a message (RabbitMQ, until a sidecar gave it
-    /// one with [`Inbound::requeue_with_identity`]).
+    /// one with [`Inbound::requeue_with_identity`]), never one that other messages share.
     fn identity(&self) -> Option<String>;
     /// Puts a copy of the message carrying `identity` back on the queue (confirmed by the
     /// broker), then acknowledges this delivery: the copy is delivered in its place, with the
