@@ -240,6 +240,11 @@ pub struct ConsumeConfig {
     pub schema: Option<serde_json::Value>,
     /// How long a processed event id is remembered for deduplication.
     pub dedup_window_ms: u64,
+    /// The Queue's CloudEvents `type` (its `eventType`, else its name): the `ce-type` given to a
+    /// plain message, one another producer wrote without a CloudEvents envelope. Absent: the
+    /// queue's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
     /// RabbitMQ: the limits of the consumer queue, set when the sidecar declares it (the
     /// operator declares the same); empty elsewhere.
     #[serde(default, skip_serializing_if = "QueueLimits::is_empty")]

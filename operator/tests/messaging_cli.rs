@@ -211,6 +211,74 @@ async fn dlq_list_show_and_replay_through_the_binary() {
     assert_eq!(text(&out.stdout).lines().count(), 1, "only the header");
 }
 
+/// A dead letter of a message another producer wrote without a CloudEvents envelope has no
+/// `ce-id`: it is listed and replayed like any other.
+#[tokio::test]
+async fn dlq_replays_a_dead_letter_without_an_event_id() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let b = messaging::connect(&url, &Credentials::default())
+        .await
+        .unwrap();
+    let t = Topology::new(
+        "shop",
+        "orders",
+        &serde_yaml::from_str("broker: nats").unwrap(),
+    )
+    .unwrap();
+    b.declare_queue(&t).await.unwrap();
+    let js = b.jetstream().clone();
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("Weir-Original-Subject", "weir.shop.orders"),
+        ("Weir-Original-Seq", "7"),
+        ("Weir-Consumer", "billing"),
+        ("Weir-Delivery-Count", "1"),
+        ("Weir-Reason", "rejected"),
+        ("Weir-Last-Error", "HTTP 400"),
+        ("Weir-Dead-Lettered-At", "2026-11-26T01:02:03Z"),
+    ] {
+        h.insert(k, v);
+    }
+    js.publish_with_headers("weir.dlq.shop.orders", h, r#"{"legacy":1}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dlq = |args: &[&str]| {
+        let mut all = vec!["dlq"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-n", "shop", "--broker-url", &url]);
+        weir(&all)
+    };
+    let table = text(&dlq(&["list", "orders"]).stdout);
+    assert!(
+        table.lines().nth(1).unwrap().contains("rejected"),
+        "{table}"
+    );
+    let out = dlq(&["replay", "orders", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 replayed, 0 failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let stream = js.get_stream("weir_shop_orders").await.unwrap();
+    let m = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(m.subject.as_str(), "weir.shop.orders");
+    assert_eq!(
+        m.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        "weir_shop_orders_dlq:replay:1"
+    );
+    assert!(
+        m.headers.get("ce-id").is_none(),
+        "still without an envelope"
+    );
+    assert_eq!(&m.payload[..], br#"{"legacy":1}"#);
+    let f = b.figures(&t, &[]).await.unwrap();
+    assert_eq!((f.messages, f.dead_letters), (1, Some(0)));
+}
+
 #[test]
 fn dlq_without_a_reachable_broker_fails_plainly() {
     let out = weir(&[

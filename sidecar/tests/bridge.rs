@@ -40,6 +40,9 @@ per_broker!(
     a_config_reload_restarts_the_bridge,
     without_a_dead_letter_stream_a_failed_message_is_terminated,
     an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered,
+    messages_without_a_cloudevents_envelope_reach_the_app_with_ids_of_their_own,
+    events_that_are_not_cloudevents_1_0_are_dead_lettered,
+    a_message_larger_than_the_app_accepts_is_dead_lettered,
 );
 
 const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -207,6 +210,25 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume(kind
     assert_eq!(status, 400, "{body}");
     let (status, _) = http_get(&a.admin_url("/v1/publish/orders")).await.unwrap();
     assert_eq!(status, 405);
+    // The queue has a JSON Schema: its events are JSON by their content-type too, not a body
+    // that happens to parse as JSON.
+    let valid = r#"{"orderId":"o","amount":1}"#;
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let ((status, body), headers) = a.publish_as(QUEUE, ct, &[], valid).await;
+        assert_eq!(status, 415, "{ct:?}: {body}");
+        assert_eq!(headers["x-weir-reason"], "unsupported-media-type", "{ct:?}");
+        assert!(
+            body["reason"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"),
+            "{body}"
+        );
+    }
     assert_eq!(broker.len(STREAM).await, 0, "nothing reached the stream");
     assert_eq!(
         a.metric(r#"weir_messaging_rejected_by_schema_total{queue="orders"}"#)
@@ -253,6 +275,20 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume(kind
         b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="schema"}"#)
             .await,
         1.0
+    );
+
+    // JSON media types with parameters, and structured-syntax suffixes, are JSON.
+    for (id, ct) in [
+        ("ct-1", "application/json; charset=utf-8"),
+        ("ct-2", "application/vnd.shop.order+json"),
+    ] {
+        let ((status, body), _) = a.publish_as(QUEUE, Some(ct), &[("ce-id", id)], valid).await;
+        assert_eq!(status, 202, "{ct}: {body}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || app_b.total() == 2).await,
+        "{:?}",
+        app_b.counts()
     );
 }
 
@@ -655,6 +691,12 @@ async fn a_config_reload_restarts_the_bridge(kind: Kind) {
         "the new queue is published to after the reload"
     );
     assert_eq!(broker.len("weir_shop_payments").await, 1);
+    // Without a schema a queue takes any JSON body, whatever its content-type says.
+    let ((status, body), _) = a
+        .publish_as("payments", Some("text/plain"), &[], r#"{"x":2}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(broker.len("weir_shop_payments").await, 2);
 }
 
 async fn without_a_dead_letter_stream_a_failed_message_is_terminated(kind: Kind) {
@@ -910,4 +952,229 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
     Unready::start(base_config("orders2", app.addr, m))
         .readyz_says("amqp://")
         .await;
+}
+
+/// Messages another producer wrote (no CloudEvents headers at all: a legacy service, a broker UI,
+/// a script) reach the app as events: each with an id of its own, derived from the broker's
+/// identity of the message and the same at every redelivery, `ce-type` = the Queue's event type
+/// and `ce-source` naming the queue. None is merged with another, dropped or dead-lettered.
+async fn messages_without_a_cloudevents_envelope_reach_the_app_with_ids_of_their_own(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    // The first delivery of each fails: the retry must come with the same id.
+    let app = App::start(
+        Duration::ZERO,
+        Arc::new(|_, n| if n == 0 { 503 } else { 200 }),
+    )
+    .await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    ))
+    .await;
+    let bodies: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"orderId":"legacy-{i}","amount":{i}}}"#))
+        .collect();
+    for body in &bodies {
+        broker.raw_publish_headers(&[], body.as_bytes()).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || app.total() == 10).await,
+        "each of 5 messages delivered twice; app calls: {:?}",
+        app.counts()
+    );
+    broker
+        .wait_settled("billing", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = app.counts();
+    assert_eq!(counts.len(), 5, "five distinct ids: {counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 2),
+        "a retry carries the id of the first delivery: {counts:?}"
+    );
+    let mut delivered = Vec::new();
+    for id in counts.keys() {
+        let calls = app.calls_for(id);
+        assert_eq!(calls[0].body, calls[1].body, "{id}: one message");
+        delivered.push(String::from_utf8(calls[0].body.to_vec()).unwrap());
+        let h = |k: &str| calls[0].headers[k].to_str().unwrap().to_string();
+        assert_eq!(h("ce-specversion"), "1.0");
+        assert_eq!(h("ce-type"), "order.created", "the Queue's eventType");
+        assert_eq!(h("ce-source"), "weir://shop/queues/orders");
+        assert_eq!(h("content-type"), "application/json");
+        let identity = id
+            .strip_prefix("weir_shop_orders:")
+            .unwrap_or_else(|| panic!("{id}: the stream's name, then the identity"));
+        match kind {
+            // Stream sequence and stored time.
+            Kind::Nats => {
+                let (seq, ns) = identity.split_once(':').unwrap();
+                assert!((1..=5).contains(&seq.parse::<u64>().unwrap()), "{id}");
+                assert!(ns.parse::<i128>().unwrap() > 0, "{id}");
+            }
+            Kind::Redis => assert!(
+                broker
+                    .messages(STREAM)
+                    .await
+                    .iter()
+                    .any(|m| m.position == identity),
+                "{id}: an entry id of the stream"
+            ),
+            // Given by the sidecar: RabbitMQ keeps no identity of a message.
+            Kind::Rabbitmq => {
+                assert!(uuid::Uuid::parse_str(identity).is_ok(), "{id}");
+            }
+        }
+    }
+    delivered.sort();
+    assert_eq!(delivered, bodies, "every message reached the app");
+    assert_eq!(broker.len(DLQ_STREAM).await, 0, "none dead-lettered");
+    let q = |m: &str| format!(r#"weir_messaging_{m}_total{{queue="orders"}}"#);
+    assert_eq!(b.metric(&q("deduplicated")).await, 0.0, "none merged");
+    assert_eq!(b.metric(&q("acked")).await, 5.0);
+    assert_eq!(b.metric(&q("plain_messages")).await, 10.0);
+    assert!(
+        b.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("without a CloudEvents envelope")),
+        "the first one is logged"
+    );
+}
+
+/// A message that says it is a CloudEvent but is not a valid CloudEvents 1.0 one is
+/// dead-lettered with the reason, never passed on as 1.0.
+async fn events_that_are_not_cloudevents_1_0_are_dead_lettered(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    let app = App::ok().await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    ))
+    .await;
+    let body = r#"{"orderId":"o1","amount":1}"#;
+    let mut v03 = ce_headers("v03-1");
+    for (_, v) in v03.iter_mut().filter(|(k, _)| *k == "ce-specversion") {
+        *v = "0.3".into();
+    }
+    let mut no_source = ce_headers("no-source-1");
+    no_source.retain(|(k, _)| *k != "ce-source");
+    let mut no_type = ce_headers("no-type-1");
+    no_type.retain(|(k, _)| *k != "ce-type");
+    let cases = [v03, no_source, no_type];
+    for h in &cases {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        broker.raw_publish_headers(&h, body.as_bytes()).await;
+    }
+    broker.raw_publish("ok-1", "ok-1", body).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            broker.len(DLQ_STREAM).await == 3
+        })
+        .await,
+        "three dead letters expected; app calls: {:?}",
+        app.counts()
+    );
+    assert!(eventually(Duration::from_secs(10), || app.total() == 1).await);
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.counts().into_iter().collect::<Vec<_>>(),
+        [("ok-1".to_string(), 1)],
+        "only the valid event reached the app"
+    );
+    let dls = broker.messages(DLQ_STREAM).await;
+    let by_id = |id: &str| dls.iter().find(|m| m.h("ce-id") == id).unwrap();
+    for (id, reason, error) in [
+        (
+            "v03-1",
+            "unsupported-specversion",
+            r#"ce-specversion "0.3" is not supported (only CloudEvents 1.0)"#,
+        ),
+        (
+            "no-source-1",
+            "invalid-cloudevent",
+            "ce-source is missing (required by CloudEvents 1.0)",
+        ),
+        (
+            "no-type-1",
+            "invalid-cloudevent",
+            "ce-type is missing (required by CloudEvents 1.0)",
+        ),
+    ] {
+        let dl = by_id(id);
+        assert_eq!(dl.h("Weir-Reason"), reason, "{id}");
+        assert_eq!(dl.h("Weir-Last-Error"), error, "{id}");
+        assert_eq!(dl.h("Weir-Original-Subject"), origin(kind), "{id}");
+        assert_eq!(dl.h("Weir-Consumer"), "billing", "{id}");
+        assert_eq!(dl.h("Weir-Delivery-Count"), "1", "{id}");
+        assert!(chrono::DateTime::parse_from_rfc3339(dl.h("Weir-Dead-Lettered-At")).is_ok());
+        assert_eq!(&dl.payload[..], body.as_bytes(), "{id}: kept as it was");
+    }
+    assert_eq!(by_id("v03-1").h("ce-specversion"), "0.3", "headers kept");
+    let dead = |reason: &str| {
+        format!(r#"weir_messaging_dead_lettered_total{{queue="orders",reason="{reason}"}}"#)
+    };
+    assert_eq!(b.metric(&dead("unsupported-specversion")).await, 1.0);
+    assert_eq!(b.metric(&dead("invalid-cloudevent")).await, 2.0);
+}
+
+/// A message larger than the consuming app's `maxBodyBytes` (which no publishing sidecar
+/// lets through: it answers 413) is dead-lettered `too-large` instead of pushed to the app.
+async fn a_message_larger_than_the_app_accepts_is_dead_lettered(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    let app = App::ok().await;
+    let cfg = base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    );
+    let limit = cfg.inbound.max_body_bytes as usize;
+    let b = Sidecar::start(cfg).await;
+    // Valid events but for their size: exactly the limit, and one byte more.
+    let sized = |n: usize| {
+        let frame = r#"{"orderId":"","amount":1}"#.len();
+        format!(r#"{{"orderId":"{}","amount":1}}"#, "x".repeat(n - frame))
+    };
+    let (fits, over) = (sized(limit), sized(limit + 1));
+    assert_eq!((fits.len(), over.len()), (limit, limit + 1));
+    broker.raw_publish("big-1", "big-1", &over).await;
+    broker.raw_publish("fits-1", "fits-1", &fits).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            broker.len(DLQ_STREAM).await == 1
+        })
+        .await,
+        "dead letter expected; app calls: {:?}",
+        app.counts()
+    );
+    assert!(eventually(Duration::from_secs(10), || app.total() == 1).await);
+    broker.wait_settled("billing", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.calls_for("big-1").len(), 0, "the app never sees it");
+    assert_eq!(app.calls_for("fits-1")[0].body.len(), limit);
+    let dl = &broker.messages(DLQ_STREAM).await[0];
+    assert_eq!(dl.h("ce-id"), "big-1");
+    assert_eq!(dl.h("Weir-Reason"), "too-large");
+    assert_eq!(
+        dl.h("Weir-Last-Error"),
+        format!(
+            "{} bytes, more than the {limit} the app accepts (inbound.maxBodyBytes)",
+            limit + 1
+        )
+    );
+    assert_eq!(dl.h("Weir-Original-Subject"), origin(kind));
+    assert_eq!(dl.h("Weir-Delivery-Count"), "1");
+    assert_eq!(dl.payload.len(), limit + 1, "kept whole");
+    assert_eq!(
+        b.metric(r#"weir_messaging_dead_lettered_total{queue="orders",reason="too-large"}"#)
+            .await,
+        1.0
+    );
 }

@@ -3,7 +3,8 @@
 //! broker kind:
 //!
 //! - JetStream: `seq` is the dead-letter stream's sequence; a replay is published on
-//!   `Weir-Original-Subject` with `Nats-Msg-Id: <event id>:replay:<seq>`, then deleted.
+//!   `Weir-Original-Subject` with `Nats-Msg-Id: <event id>:replay:<seq>` (a message another
+//!   producer wrote without an event id: `<dead-letter stream>:replay:<seq>`), then deleted.
 //! - Redis: `seq` is the dead-letter stream's entry id; a replay is `XADD`ed to the stream named
 //!   by `Weir-Original-Subject`, then the dead letter is `XDEL`eted.
 //! - RabbitMQ: `seq` is the dead letter's position in the dead-letter queue (1 = oldest) when
@@ -512,6 +513,10 @@ async fn nats_list(
 /// Republishes a dead letter on its original subject (original body, `ce-*`, `traceparent`
 /// and `content-type` headers, `Nats-Msg-Id: <event id>:replay:<dlq seq>`), waits for the
 /// stream's acknowledgement, then deletes the dead letter. Returns the new stream sequence.
+/// A dead letter without `ce-id` (a message another producer wrote without a CloudEvents
+/// envelope, which the sidecar delivers with an id from the stream) is replayed too, under
+/// `<dead-letter stream>:replay:<dlq seq>`: the Nats-Msg-Id only has to make a repeated replay
+/// of the same dead letter a duplicate.
 async fn nats_replay_one(
     broker: &Broker,
     namespace: &str,
@@ -522,15 +527,13 @@ async fn nats_replay_one(
         field: format!("dead letter {}", d.seq),
         message: format!("has no {H_ORIGINAL_SUBJECT} header"),
     })?;
-    let event_id = d.event_id().ok_or_else(|| Error::Invalid {
-        field: format!("dead letter {}", d.seq),
-        message: "has no ce-id header".into(),
-    })?;
+    let name = dead_letter_stream_name(namespace, queue);
+    let replayed_as = d.event_id().unwrap_or(&name);
     let mut headers = HeaderMap::new();
     for (k, v) in d.headers.iter().filter(|(k, _)| replayed_header(k)) {
         headers.append(k.as_str(), v.as_str());
     }
-    headers.insert(H_MSG_ID, format!("{event_id}:replay:{}", d.seq).as_str());
+    headers.insert(H_MSG_ID, format!("{replayed_as}:replay:{}", d.seq).as_str());
     let what = format!("replay of dead letter {} on {subject}", d.seq);
     let ack = broker
         .jetstream()
@@ -539,7 +542,6 @@ async fn nats_replay_one(
         .map_err(map_err(what.clone()))?
         .await
         .map_err(map_err(what))?;
-    let name = dead_letter_stream_name(namespace, queue);
     let stream = broker
         .jetstream()
         .get_stream_no_info(&name)

@@ -260,6 +260,7 @@ pub fn build(
                 dead_letter_subject: dl_subject,
                 schema: q.schema.clone(),
                 dedup_window_ms: window.max(MIN_PROCESSED_TTL.as_millis() as u64),
+                event_type: Some(q.spec.event_type.clone().unwrap_or_else(|| c.queue.clone())),
                 limits: if rabbitmq {
                     messaging::Topology::new(namespace, &c.queue, &q.spec)
                         .map_err(|e| RenderError::Field {
@@ -382,6 +383,8 @@ mod tests {
         assert_eq!(k.dead_letter_subject, "weir.dlq.shop.orders");
         assert_eq!(k.dedup_window_ms, 30 * 60_000);
         assert_eq!(k.schema.as_ref().unwrap()["required"][0], "id");
+        // The ce-type the sidecar gives a message written without a CloudEvents envelope.
+        assert_eq!(k.event_type.as_deref(), Some("order.created"));
     }
 
     #[test]
@@ -395,6 +398,11 @@ mod tests {
         assert_eq!(k.dedup_window_ms, 600_000);
         assert_eq!(k.dead_letter_stream, "");
         assert_eq!(k.max_in_flight, 16);
+        assert_eq!(
+            k.event_type.as_deref(),
+            Some("audit"),
+            "no eventType: the name"
+        );
     }
 
     #[test]

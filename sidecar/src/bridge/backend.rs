@@ -61,6 +61,21 @@ pub(crate) trait Inbound: Send + Sync + 'static {
     fn position(&self) -> String;
     /// Where it was read from, for `Weir-Original-Subject` (subject, stream key, queue).
     fn origin(&self) -> &str;
+    /// The broker's own identity of the message: unique among the queue's messages and the same
+    /// at every redelivery, so a plain message (no CloudEvents envelope) takes its event id from
+    /// it and is deduplicated like any event, never merged with another. JetStream: stream
+    /// sequence and stored time (a re-created stream counts from 1 again); Redis: the entry id.
+    /// `None` when the broker keeps no identity of a message (RabbitMQ, until a sidecar gave it
+    /// one with [`Inbound::requeue_with_identity`]), never one that other messages share.
+    fn identity(&self) -> Option<String>;
+    /// Puts a copy of the message carrying `identity` back on the queue (confirmed by the
+    /// broker), then acknowledges this delivery: the copy is delivered in its place, with the
+    /// same delivery count. Called only when [`Inbound::identity`] is `None`; a crash between the
+    /// two steps leaves both, and each reaches the app (at least once, never lost).
+    fn requeue_with_identity(
+        &self,
+        identity: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     fn settle(&self, how: Settle) -> impl Future<Output = Result<(), String>> + Send;
     /// Tells the broker the delivery is still being worked on (no redelivery yet).
     fn progress(&self) -> impl Future<Output = ()> + Send;

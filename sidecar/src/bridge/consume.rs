@@ -1,7 +1,11 @@
 //! Pushes one consumer's messages to the app, whatever the broker (see [`super::backend`]).
 //!
-//! Per message: schema check (failure → dead letter `schema`, the app is never called), KV
-//! look-up of the event id (found → ack, counted as deduplicated), `POST` to the app with the
+//! Per message, before the app is called (each failure → a dead letter with its reason, the app
+//! never sees the message): size within the app's `inbound.maxBodyBytes` (`too-large`), the
+//! CloudEvents envelope ([`envelope`]: `unsupported-specversion`, `invalid-cloudevent`), the
+//! schema (`schema`). A plain message (no envelope: another producer wrote it) is an event whose
+//! id comes from the broker's identity of the message ([`Inbound::identity`]). Then: KV look-up
+//! of the event id (found → ack, counted as deduplicated), `POST` to the app with the
 //! CloudEvents HTTP binary headers, then: 2xx → record the event id in the KV bucket and ack;
 //! 4xx other than 408/429 → dead letter `rejected` and term; 5xx, 408, 429, timeout, connection
 //! error → nak with `backoffMs[delivery-1]` (the last value repeats), or, at `maxDeliveries`,
@@ -45,6 +49,14 @@ pub(crate) struct Consumer {
     pub abort: watch::Receiver<bool>,
     /// Event ids in the app right now, and those processed lately by this sidecar.
     pub local: std::sync::Mutex<Local>,
+    /// The app's `inbound.maxBodyBytes`: a larger message is dead-lettered `too-large` instead
+    /// of being pushed to an app that would refuse it from anyone else.
+    pub max_body_bytes: u64,
+    /// `ce-source` of plain messages ([`queue_source`]).
+    pub plain_source: String,
+    /// Whether a plain message was seen yet: the first one is logged, so that an operator
+    /// learns another producer writes to the queue.
+    pub plain_seen: std::sync::atomic::AtomicBool,
 }
 
 /// Most event ids remembered as processed by this sidecar (beside the KV bucket).
@@ -148,17 +160,73 @@ async fn settle<M: Inbound>(ctx: &Consumer, msg: &M, how: Settle) {
 pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
     let delivered = msg.delivered().max(1);
     let seq = msg.position();
-    let headers = msg.headers();
-    let event_id = header(headers, CE_ID)
-        .or_else(|| header(headers, NATS_MSG_ID))
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{}:{seq}", ctx.cfg.stream));
+    let size = msg.payload().len() as u64;
+    if size > ctx.max_body_bytes {
+        let why = format!(
+            "{size} bytes, more than the {} the app accepts (inbound.maxBodyBytes)",
+            ctx.max_body_bytes
+        );
+        tracing::warn!(queue = ctx.queue(), seq, error = %why, "message too large for the app: dead-lettering");
+        dead_letter(ctx, side, &msg, delivered, &seq, REASON_TOO_LARGE, &why).await;
+        return;
+    }
+    let envelope = match envelope(msg.headers()) {
+        Ok(e) => e,
+        Err(e) => {
+            let why = e.to_string();
+            tracing::warn!(queue = ctx.queue(), seq, error = %why, "not a CloudEvents 1.0 event: dead-lettering");
+            dead_letter(ctx, side, &msg, delivered, &seq, e.reason(), &why).await;
+            return;
+        }
+    };
     if let Err(errors) = ctx.schema.check(msg.payload()) {
         let why = header_safe(&summarize(&errors), 1024);
-        tracing::warn!(queue = ctx.queue(), id = %event_id, seq, error = %why, "event fails the schema: dead-lettering");
+        let id = match &envelope {
+            Envelope::CloudEvent { id } => id.as_str(),
+            Envelope::Plain => "",
+        };
+        tracing::warn!(queue = ctx.queue(), id, seq, error = %why, "event fails the schema: dead-lettering");
         dead_letter(ctx, side, &msg, delivered, &seq, REASON_SCHEMA, &why).await;
         return;
     }
+    let (event_id, plain) = match envelope {
+        Envelope::CloudEvent { id } => (id, false),
+        Envelope::Plain => match msg.identity() {
+            Some(identity) => {
+                if !ctx
+                    .plain_seen
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::info!(
+                        queue = ctx.queue(),
+                        seq,
+                        "a message without a CloudEvents envelope (another producer's): delivering it with an id from the broker; more are counted in weir_messaging_plain_messages_total"
+                    );
+                }
+                (plain_event_id(&ctx.cfg.stream, &identity), true)
+            }
+            None => {
+                // The broker keeps no identity of the message (RabbitMQ): give it one, on a copy
+                // that takes its place, so that its redeliveries are known as the same event.
+                let identity = uuid::Uuid::new_v4().to_string();
+                match msg.requeue_with_identity(&identity).await {
+                    Ok(()) => {
+                        tracing::debug!(
+                            queue = ctx.queue(),
+                            identity,
+                            "plain message re-queued with an identity"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = ctx.queue(), error = %e, "cannot give a plain message an identity; retrying later");
+                        ctx.metrics.naked.inc();
+                        settle(ctx, &msg, Settle::Nak(Some(RETRY_LATER))).await;
+                    }
+                }
+                return;
+            }
+        },
+    };
     let key = processed_key(&ctx.cfg.consumer, &event_id);
     let (busy, done) = {
         let mut l = ctx.local.lock().unwrap_or_else(|e| e.into_inner());
@@ -199,9 +267,12 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
         }
     }
     ctx.metrics.delivered.inc();
+    if plain {
+        ctx.metrics.plain_messages.inc();
+    }
     let mut abort = ctx.abort.clone();
     let outcome = tokio::select! {
-        o = call_app(ctx, &msg, &event_id) => Some(o),
+        o = call_app(ctx, &msg, &event_id, plain) => Some(o),
         _ = stopped(&mut abort) => None,
     };
     match outcome {
@@ -273,8 +344,10 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
     }
 }
 
-/// POSTs the event to the app, sending "in progress" to the broker every half ack wait.
-async fn call_app<M: Inbound>(ctx: &Consumer, msg: &M, event_id: &str) -> Outcome {
+/// POSTs the event to the app, sending "in progress" to the broker every half ack wait. A
+/// plain message gets the envelope the bridge makes for it: `ce-id` = `event_id`, `ce-type` =
+/// the Queue's event type, `ce-source` = the queue; none of its own `ce-*` headers is trusted.
+async fn call_app<M: Inbound>(ctx: &Consumer, msg: &M, event_id: &str, plain: bool) -> Outcome {
     let mut req = Request::post(format!("http://{}{}", ctx.app, ctx.cfg.path));
     let hs = msg.headers();
     let h = req.headers_mut().expect("valid request");
@@ -284,16 +357,18 @@ async fn call_app<M: Inbound>(ctx: &Consumer, msg: &M, event_id: &str) -> Outcom
         }
     };
     set(CE_ID, Some(event_id));
-    set(
-        CE_SPECVERSION,
-        Some(header(hs, CE_SPECVERSION).unwrap_or("1.0")),
-    );
-    set(
-        CE_TYPE,
-        header(hs, CE_TYPE).or(Some(ctx.cfg.queue.as_str())),
-    );
-    set(CE_SOURCE, header(hs, CE_SOURCE));
-    set(CE_TIME, header(hs, CE_TIME));
+    set(CE_SPECVERSION, Some(SPECVERSION));
+    if plain {
+        set(
+            CE_TYPE,
+            Some(ctx.cfg.event_type.as_deref().unwrap_or(&ctx.cfg.queue)),
+        );
+        set(CE_SOURCE, Some(&ctx.plain_source));
+    } else {
+        set(CE_TYPE, header(hs, CE_TYPE));
+        set(CE_SOURCE, header(hs, CE_SOURCE));
+        set(CE_TIME, header(hs, CE_TIME));
+    }
     set(
         CONTENT_TYPE,
         Some(header(hs, CONTENT_TYPE).unwrap_or("application/json")),

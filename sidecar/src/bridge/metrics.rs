@@ -27,6 +27,7 @@ pub struct BridgeMetrics {
     naked: Family<QueueLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
     deduplicated: Family<QueueLabels, Counter>,
+    plain_messages: Family<QueueLabels, Counter>,
     /// 1 while the broker connection is up.
     pub broker_connected: Gauge,
 }
@@ -40,6 +41,7 @@ pub struct QueueMetrics {
     pub acked: Counter,
     pub naked: Counter,
     pub deduplicated: Counter,
+    pub plain_messages: Counter,
     families: BridgeMetrics,
     queue: String,
 }
@@ -88,13 +90,20 @@ impl BridgeMetrics {
         );
         r.register(
             "dead_lettered",
-            "Messages moved to the dead-letter stream, by reason (max-deliveries, rejected, schema)",
+            "Messages moved to the dead-letter stream, by reason (max-deliveries, rejected, schema, \
+             too-large, unsupported-specversion, invalid-cloudevent)",
             m.dead_lettered.clone(),
         );
         r.register(
             "deduplicated",
             "Redelivered messages already processed: acked without calling the app",
             m.deduplicated.clone(),
+        );
+        r.register(
+            "plain_messages",
+            "Deliveries of messages without a CloudEvents envelope (written by another producer), \
+             given an event id from the broker",
+            m.plain_messages.clone(),
         );
         r.register(
             "broker_connected",
@@ -115,6 +124,7 @@ impl BridgeMetrics {
             acked: self.acked.get_or_create_owned(&l),
             naked: self.naked.get_or_create_owned(&l),
             deduplicated: self.deduplicated.get_or_create_owned(&l),
+            plain_messages: self.plain_messages.get_or_create_owned(&l),
             families: self.clone(),
             queue: queue.to_string(),
         }

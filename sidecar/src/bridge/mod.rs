@@ -320,6 +320,7 @@ impl Bridge {
         for (cfg, schema) in cons {
             let ctx = Arc::new(consume::Consumer {
                 metrics: self.metrics.queue(&cfg.queue),
+                plain_source: cloudevents::queue_source(&settings.namespace, &cfg.queue),
                 cfg,
                 schema,
                 http: self.http.clone(),
@@ -328,6 +329,8 @@ impl Bridge {
                 stop: stop_rx.clone(),
                 abort: abort_rx.clone(),
                 local: Default::default(),
+                max_body_bytes: settings.max_body_bytes,
+                plain_seen: Default::default(),
             });
             tasks.push(match &running.conn {
                 Conn::Nats { js, .. } => tokio::spawn(nats::run(ctx, js.clone())),

@@ -33,13 +33,27 @@ pub(crate) struct NatsMsg {
     headers: Headers,
     delivered: u64,
     seq: u64,
+    /// Stream sequence and stored time (Unix nanoseconds); `None` when the message carries no
+    /// JetStream metadata, rather than an identity every such message would share.
+    identity: Option<String>,
 }
 
 impl NatsMsg {
     fn new(msg: jetstream::Message) -> NatsMsg {
-        let (delivered, seq) = match msg.info() {
-            Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
-            Err(_) => (1, 0),
+        let (delivered, seq, identity) = match msg.info() {
+            // The sequence alone repeats when the stream is deleted and declared again, while
+            // the processed-event records of the old one live on: the stored time tells them
+            // apart.
+            Ok(i) => (
+                i.delivered.max(1) as u64,
+                i.stream_sequence,
+                Some(format!(
+                    "{}:{}",
+                    i.stream_sequence,
+                    i.published.unix_timestamp_nanos()
+                )),
+            ),
+            Err(_) => (1, 0, None),
         };
         let headers = msg
             .headers
@@ -59,6 +73,7 @@ impl NatsMsg {
             headers,
             delivered,
             seq,
+            identity,
         }
     }
 }
@@ -78,6 +93,12 @@ impl Inbound for NatsMsg {
     }
     fn origin(&self) -> &str {
         self.msg.subject.as_str()
+    }
+    fn identity(&self) -> Option<String> {
+        self.identity.clone()
+    }
+    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), String> {
+        Err("a JetStream message without its metadata (stream sequence) cannot be given one".into())
     }
     async fn settle(&self, how: Settle) -> Result<(), String> {
         let kind = match how {

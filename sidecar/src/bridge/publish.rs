@@ -8,6 +8,7 @@
 //! | 404 | unknown queue (not in `messaging.publishes`), or messaging not configured |
 //! | 405 | not a POST |
 //! | 413 | body larger than `inbound.maxBodyBytes` |
+//! | 415 | the queue has a JSON Schema and `content-type` is not a JSON media type (`x-weir-reason: unsupported-media-type`) |
 //! | 422 | the event fails the queue's schema: `{"errors": [{"path", "message"}]}` |
 //! | 503 | broker unavailable, no ack within 5 s, or shutting down: `{"error", "reason"}` |
 
@@ -32,6 +33,24 @@ use tokio::sync::watch;
 use weir_crds::proxy::PublishConfig;
 
 pub const PATH_PREFIX: &str = "/v1/publish/";
+/// `x-weir-reason` of a 415.
+pub const REASON_UNSUPPORTED_MEDIA_TYPE: &str = "unsupported-media-type";
+
+/// Whether `content_type` names JSON: `application/json` or `application/<anything>+json`
+/// (RFC 6839), in any case, with any parameters (`; charset=utf-8`).
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.strip_prefix("application/") {
+        Some("json") => true,
+        Some(sub) => sub.len() > "+json".len() && sub.ends_with("+json") && !sub.contains('/'),
+        None => false,
+    }
+}
 
 fn json_resp(status: StatusCode, value: serde_json::Value) -> Resp {
     let mut r = Response::new(body::full(value.to_string()));
@@ -106,6 +125,34 @@ pub(crate) async fn handle(
             ),
         );
     };
+    if !target.schema.accepts_any() {
+        // The schema says what JSON the event is: a body sent as something else (no
+        // content-type, text/plain) may parse as JSON by accident, and would then be stored as
+        // application/json with a meaning its sender did not give it.
+        let given = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        if !given.as_deref().is_some_and(is_json_media_type) {
+            let mut r = error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported media type",
+                format!(
+                    "queue {queue:?} has a JSON Schema: send the event with content-type \
+                     application/json (or application/*+json), not {}",
+                    given.map_or("none".to_string(), |g| format!(
+                        "{:?}",
+                        header_safe(&g, 100)
+                    ))
+                ),
+            );
+            r.headers_mut().insert(
+                "x-weir-reason",
+                HeaderValue::from_static(REASON_UNSUPPORTED_MEDIA_TYPE),
+            );
+            return r;
+        }
+    }
     let limit = running.settings.max_body_bytes;
     let (parts, body) = req.into_parts();
     let declared = parts
@@ -339,6 +386,33 @@ mod tests {
         assert_eq!(event_id(&h).unwrap(), "e-1");
         h.insert("ce-id", HeaderValue::from_static("has space"));
         assert!(event_id(&h).is_err());
+    }
+
+    #[test]
+    fn json_media_types() {
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/vnd.shop.order+json",
+            "application/merge-patch+json ; q=1",
+        ] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for refused in [
+            "",
+            "text/plain",
+            "text/json",
+            "application/x-www-form-urlencoded",
+            "application/+json",
+            "application/jsonx",
+            "application/json-seq",
+            "json",
+            "*/*",
+        ] {
+            assert!(!is_json_media_type(refused), "{refused}");
+        }
     }
 
     #[test]

@@ -18,6 +18,11 @@
 //! `Weir-Deliveries` + the quorum queue's `x-delivery-count` (deliveries returned by a crash or
 //! a requeue) + 1. A nak without delay is `basic.nack` with requeue.
 //!
+//! A plain message (no CloudEvents envelope: another producer wrote it) needs an identity that
+//! lasts across redeliveries, and RabbitMQ keeps none: on its first delivery the sidecar
+//! publishes a copy (confirmed) carrying a new UUID in `Weir-Message-Id` (and as `message_id`)
+//! to the consumer queue, and acks the original; the copy is delivered in its place.
+//!
 //! Processed events: each sidecar reads the queue's processed-event stream from `now - ttl` into
 //! memory (and keeps following it); it starts consuming only after it has read back a marker it
 //! published itself, so it knows every record older than its start. A record is published
@@ -43,6 +48,10 @@ use weir_crds::proxy::{ConsumeConfig, PublishConfig, QueueLimits};
 
 /// The header counting deliveries made before a delayed retry's copy was published.
 pub const WEIR_DELIVERIES: &str = "Weir-Deliveries";
+/// The identity a sidecar gave a plain message (one without a CloudEvents envelope): RabbitMQ
+/// keeps none of its own, and the producer's `message_id`, when set at all, is not known to
+/// differ between messages.
+pub const WEIR_MESSAGE_ID: &str = "Weir-Message-Id";
 
 /// The consumer queue of Microservice `consumer` on the queue whose stream name is `stream`.
 pub fn consumer_queue(stream: &str, consumer: &str) -> String {
@@ -602,6 +611,29 @@ impl Inbound for RabbitMsg {
     fn origin(&self) -> &str {
         &self.shared.queue
     }
+    fn identity(&self) -> Option<String> {
+        header(&self.headers, WEIR_MESSAGE_ID).map(str::to_string)
+    }
+    async fn requeue_with_identity(&self, identity: &str) -> Result<(), String> {
+        let s = &self.shared;
+        // The deliveries so far count on: the copy is not a new message to the app.
+        let mut h = self.copy_headers(self.delivered.saturating_sub(1));
+        h.push((WEIR_MESSAGE_ID.into(), identity.to_string()));
+        publish_confirmed(
+            &s.out,
+            "",
+            &s.queue,
+            &self.payload,
+            props_with(&h, identity),
+        )
+        .await?;
+        self.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the copy is stored but the original was not acknowledged: {e}"))
+    }
     async fn settle(&self, how: Settle) -> Result<(), String> {
         let acker = &self.delivery.acker;
         match how {
@@ -662,15 +694,22 @@ impl RabbitMsg {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(ms);
         }
+        let h = self.copy_headers(self.delivered);
+        let id = self.position();
+        publish_confirmed(&s.out, "", &rq, &self.payload, props_with(&h, &id)).await
+    }
+
+    /// The headers of a copy of this message put back on a queue: the broker's own (`x-*`)
+    /// left out, `Weir-Deliveries` = `deliveries` made so far.
+    fn copy_headers(&self, deliveries: u64) -> Headers {
         let mut h: Headers = self
             .headers
             .iter()
             .filter(|(k, _)| !k.starts_with("x-") && !k.eq_ignore_ascii_case(WEIR_DELIVERIES))
             .cloned()
             .collect();
-        h.push((WEIR_DELIVERIES.into(), self.delivered.to_string()));
-        let id = self.position();
-        publish_confirmed(&s.out, "", &rq, &self.payload, props_with(&h, &id)).await
+        h.push((WEIR_DELIVERIES.into(), deliveries.to_string()));
+        h
     }
 }
 

@@ -390,6 +390,14 @@ impl Inbound for RedisMsg {
     fn origin(&self) -> &str {
         &self.shared.stream
     }
+    fn identity(&self) -> Option<String> {
+        // `<ms>-<n>`: they only grow, and a stream deleted and written again starts at the
+        // current time, so an id is not repeated while a processed-event record may hold it.
+        Some(self.entry.id.clone())
+    }
+    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), String> {
+        Err("a Redis stream entry always has an identity (its entry id)".into())
+    }
     async fn settle(&self, how: Settle) -> Result<(), String> {
         let s = &self.shared;
         match how {

@@ -38,6 +38,11 @@ impl Schema {
         }
     }
 
+    /// Whether this accepts any JSON (the queue declares no schema).
+    pub fn accepts_any(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// Parses `body` as JSON and validates it. A body that is not JSON yields one error at `""`.
     pub fn check(&self, body: &[u8]) -> Result<Value, Vec<SchemaError>> {
         let value: Value = serde_json::from_slice(body).map_err(|e| {
@@ -105,5 +110,7 @@ mod tests {
         assert_eq!(errs[0].path, "");
         assert!(Schema::compile(Some(&json!({"type": 12}))).is_err());
         assert!(Schema::compile(None).unwrap().check(b"[1]").is_ok());
+        assert!(Schema::compile(None).unwrap().accepts_any());
+        assert!(!s.accepts_any());
     }
 }

@@ -588,30 +588,35 @@ impl Broker {
         }
     }
 
-    /// Publishes straight to the queue, bypassing any sidecar; `dedup_id` is what the broker
-    /// dedupes on where it does (JetStream's `Nats-Msg-Id`).
+    /// Publishes an event straight to the queue, bypassing any sidecar, with the CloudEvents
+    /// headers a publishing sidecar writes; `dedup_id` is what the broker dedupes on where it
+    /// does (JetStream's `Nats-Msg-Id`).
     pub async fn raw_publish(&self, id: &str, dedup_id: &str, body: &str) {
+        let mut h = ce_headers(id);
+        if self.kind() == Kind::Nats {
+            h.push(("Nats-Msg-Id", dedup_id.into()));
+        }
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.raw_publish_headers(&h, body.as_bytes()).await;
+    }
+
+    /// Publishes a message with exactly `headers` (none: as a producer that knows nothing of
+    /// CloudEvents writes it) straight to the queue, as each broker carries headers: JetStream
+    /// headers, Redis fields beside `data`, AMQP headers (and `message_id` = the `ce-id`, if
+    /// any, as a sidecar sets it; none otherwise).
+    pub async fn raw_publish_headers(&self, headers: &[(&str, &str)], body: &[u8]) {
         match self {
             Broker::Nats(n) => {
-                raw_publish(&n.js().await, id, dedup_id, body).await;
+                raw_publish_headers(&n.js().await, headers, body).await;
             }
             Broker::Redis(r) => {
                 let mut con = r.con().await;
-                let _: String = redis::cmd("XADD")
-                    .arg(STREAM)
-                    .arg("*")
-                    .arg("ce-specversion")
-                    .arg("1.0")
-                    .arg("ce-id")
-                    .arg(id)
-                    .arg("ce-source")
-                    .arg("weir://shop/test")
-                    .arg("ce-type")
-                    .arg("order.created")
-                    .arg("ce-time")
-                    .arg("2026-01-01T00:00:00.000Z")
-                    .arg("content-type")
-                    .arg("application/json")
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(STREAM).arg("*");
+                for (k, v) in headers {
+                    cmd.arg(*k).arg(*v);
+                }
+                let _: String = cmd
                     .arg("data")
                     .arg(body)
                     .query_async(&mut con)
@@ -621,7 +626,7 @@ impl Broker {
             Broker::Rabbitmq(r) => {
                 let (conn, ch) = r.channel().await;
                 ch.confirm_select(Default::default()).await.unwrap();
-                rabbit_publish(&ch, id, body).await;
+                rabbit_publish(&ch, headers, body).await;
                 let _ = conn.close(200, "ok".into()).await;
             }
         }
@@ -635,7 +640,9 @@ impl Broker {
                 let mut acks = Vec::with_capacity(events.len());
                 for (id, body) in events {
                     let mut h = async_nats::HeaderMap::new();
-                    h.insert("ce-id", id.as_str());
+                    for (k, v) in ce_headers(&id) {
+                        h.insert(k, v.as_str());
+                    }
                     h.insert("Nats-Msg-Id", id.as_str());
                     acks.push(
                         js.publish_with_headers(SUBJECT, h, body.into())
@@ -652,13 +659,11 @@ impl Broker {
                 for chunk in events.chunks(500) {
                     let mut p = redis::pipe();
                     for (id, body) in chunk {
-                        p.cmd("XADD")
-                            .arg(STREAM)
-                            .arg("*")
-                            .arg("ce-id")
-                            .arg(id)
-                            .arg("data")
-                            .arg(body);
+                        let c = p.cmd("XADD").arg(STREAM).arg("*");
+                        for (k, v) in ce_headers(id) {
+                            c.arg(k).arg(v);
+                        }
+                        c.arg("data").arg(body);
                     }
                     let _: Vec<String> = p.query_async(&mut con).await.unwrap();
                 }
@@ -678,7 +683,12 @@ impl Broker {
                                     ..Default::default()
                                 },
                                 body.as_bytes(),
-                                rabbit_props(id),
+                                rabbit_props(
+                                    &ce_headers(id)
+                                        .iter()
+                                        .map(|(k, v)| (*k, v.as_str()))
+                                        .collect::<Vec<_>>(),
+                                ),
                             )
                             .await
                             .unwrap(),
@@ -836,25 +846,26 @@ fn redis_map(v: &redis::Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn rabbit_props(id: &str) -> lapin::BasicProperties {
+/// AMQP properties carrying `headers`, persistent, `message_id` = the `ce-id` among them (as a
+/// sidecar publishes an event), none without one.
+fn rabbit_props(headers: &[(&str, &str)]) -> lapin::BasicProperties {
     let mut h = lapin::types::FieldTable::default();
-    for (k, v) in [
-        ("ce-specversion", "1.0"),
-        ("ce-id", id),
-        ("ce-source", "weir://shop/test"),
-        ("ce-type", "order.created"),
-        ("ce-time", "2026-01-01T00:00:00.000Z"),
-        ("content-type", "application/json"),
-    ] {
-        h.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    for (k, v) in headers {
+        h.insert(
+            (*k).into(),
+            lapin::types::AMQPValue::LongString((*v).into()),
+        );
     }
-    lapin::BasicProperties::default()
+    let p = lapin::BasicProperties::default()
         .with_headers(h)
-        .with_delivery_mode(2)
-        .with_message_id(id.into())
+        .with_delivery_mode(2);
+    match headers.iter().find(|(k, _)| *k == "ce-id") {
+        Some((_, id)) => p.with_message_id((*id).into()),
+        None => p,
+    }
 }
 
-async fn rabbit_publish(ch: &lapin::Channel, id: &str, body: &str) {
+async fn rabbit_publish(ch: &lapin::Channel, headers: &[(&str, &str)], body: &[u8]) {
     let c = ch
         .basic_publish(
             STREAM.into(),
@@ -863,8 +874,8 @@ async fn rabbit_publish(ch: &lapin::Channel, id: &str, body: &str) {
                 mandatory: true,
                 ..Default::default()
             },
-            body.as_bytes(),
-            rabbit_props(id),
+            body,
+            rabbit_props(headers),
         )
         .await
         .unwrap()

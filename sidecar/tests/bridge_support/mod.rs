@@ -377,6 +377,8 @@ pub fn consume_config(consumer: &str) -> ConsumeConfig {
         dead_letter_subject: DLQ_SUBJECT.into(),
         schema: Some(order_schema()),
         dedup_window_ms: 120_000,
+        // As the operator renders it: the Queue's eventType (not its name, `orders`).
+        event_type: Some("order.created".into()),
         limits: Default::default(),
     }
 }
@@ -433,6 +435,35 @@ pub fn header<'a>(m: &'a async_nats::jetstream::message::StreamMessage, name: &s
     m.headers.get(name).map(|v| v.as_str()).unwrap_or("")
 }
 
+/// The CloudEvents headers of event `id`, as a publishing sidecar writes them.
+pub fn ce_headers(id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ce-specversion", "1.0".into()),
+        ("ce-id", id.into()),
+        ("ce-source", "weir://shop/test".into()),
+        ("ce-type", "order.created".into()),
+        ("ce-time", "2026-01-01T00:00:00.000Z".into()),
+        ("content-type", "application/json".into()),
+    ]
+}
+
+/// Publishes a message with exactly `headers` straight to the stream.
+pub async fn raw_publish_headers(
+    js: &async_nats::jetstream::Context,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> async_nats::jetstream::publish::PublishAck {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    js.publish_with_headers(SUBJECT, h, Bytes::copy_from_slice(body))
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}
+
 /// Publishes an event straight to the stream (as a publisher sidecar would, or bypassing it).
 pub async fn raw_publish(
     js: &async_nats::jetstream::Context,
@@ -440,19 +471,10 @@ pub async fn raw_publish(
     msg_id: &str,
     body: &str,
 ) -> async_nats::jetstream::publish::PublishAck {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", id);
-    h.insert("ce-source", "weir://shop/test");
-    h.insert("ce-type", "order.created");
-    h.insert("ce-time", "2026-01-01T00:00:00.000Z");
-    h.insert("content-type", "application/json");
-    h.insert("Nats-Msg-Id", msg_id);
-    js.publish_with_headers(SUBJECT, h, Bytes::from(body.to_string()))
-        .await
-        .unwrap()
-        .await
-        .unwrap()
+    let mut h = ce_headers(id);
+    h.push(("Nats-Msg-Id", msg_id.into()));
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    raw_publish_headers(js, &h, body.as_bytes()).await
 }
 
 /// The real `weir-proxy` binary; `kill9` and `restart` keep the config and ports.
@@ -556,24 +578,44 @@ impl Sidecar {
         }
     }
 
-    /// Publishes through the sidecar: (status, parsed JSON body).
+    /// Publishes through the sidecar as JSON: (status, parsed JSON body).
     pub async fn publish(
         &self,
         queue: &str,
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, serde_json::Value) {
-        let mut req = Request::post(self.admin_url(&format!("/v1/publish/{queue}")))
-            .header("content-type", "application/json");
+        self.publish_as(queue, Some("application/json"), headers, body)
+            .await
+            .0
+    }
+
+    /// Publishes through the sidecar with that `content-type` (none when `None`): (status,
+    /// parsed JSON body), and the answer's headers.
+    pub async fn publish_as(
+        &self,
+        queue: &str,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> ((u16, serde_json::Value), http::HeaderMap) {
+        let mut req = Request::post(self.admin_url(&format!("/v1/publish/{queue}")));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let (status, text) = http_send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
-            .await
-            .expect("publish request");
+        let (status, answer, text) =
+            http_send_full(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+                .await
+                .expect("publish request");
         (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            ),
+            answer,
         )
     }
 
@@ -603,16 +645,26 @@ fn client() -> Client {
 }
 
 pub async fn http_send(req: Request<Full<Bytes>>) -> Result<(u16, String), String> {
+    http_send_full(req)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// Like [`http_send`], with the answer's headers.
+pub async fn http_send_full(
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, http::HeaderMap, String), String> {
     let fut = async {
         let resp = client().request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
