@@ -304,6 +304,87 @@ async fn a_step_that_times_out_is_retried_then_compensated() {
     );
 }
 
+/// A step's `retry.attempts` bounds its failed attempts whatever happens to the coordinator:
+/// each attempt and each failure is logged, and a restarted coordinator counts the failures its
+/// predecessors logged. An attempt cut short by the coordinator's death has no outcome and is
+/// made again on resumption, so the step's calls are at most `retry.attempts` plus one per
+/// death. Here the coordinator is killed (-9) during the second call it makes, three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_attempts_are_bounded_across_coordinator_restarts() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Hang);
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.steps[1].timeout_ms = 300;
+    cfg.steps[1].retry = RetryConfig {
+        attempts: 2,
+        backoff_base_ms: 20,
+        backoff_max_ms: 50,
+    };
+    let mut coord = Coordinator::spawn(&cfg, None);
+    let (status, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order", coord.url()),
+        Some(json!({"order": "o-9", "qty": 1})),
+        &[("Idempotency-Key", "o-9")],
+    )
+    .await
+    .unwrap();
+    assert!(status == 202 || status == 200, "{status} {body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let charges = || {
+        svc.calls_of(&id)
+            .iter()
+            .filter(|c| c.path == "/charge")
+            .count()
+    };
+    let started = Instant::now();
+    let (mut kills, mut at_spawn) = (0, 0);
+    let inst = loop {
+        if let Some(inst) = instances(&nats.url(), "place-order").await.remove(&id)
+            && inst.status.finished()
+        {
+            break inst;
+        }
+        // Killed while its second call hangs: one failed attempt logged, one cut short.
+        if kills < 3 && charges() >= at_spawn + 2 {
+            coord.kill();
+            kills += 1;
+            at_spawn = charges();
+            coord = Coordinator::spawn(&cfg, None);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no end in 60 s: {:?}",
+            paths(&svc.calls_of(&id))
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let calls = paths(&svc.calls_of(&id));
+    eprintln!("{kills} kills; calls {calls:?}; reason {:?}", inst.reason);
+    assert!(kills >= 1, "the coordinator must be killed mid-attempt");
+    assert_eq!(inst.status, Status::Compensated);
+    assert!(
+        charges() <= 2 + kills,
+        "at most retry.attempts (2) + one per kill ({kills}) calls: {calls:?}"
+    );
+    let failed = inst
+        .entries
+        .iter()
+        .filter(|e| matches!(&e.event, Event::StepAttemptFailed { step: 2, .. }))
+        .count();
+    assert_eq!(failed, 1, "one failed attempt logged before the last one");
+    assert!(
+        calls.ends_with(&["/charge/undo".to_string(), "/reserve/undo".to_string()]),
+        "the step may have happened, so it is compensated, then step 1: {calls:?}"
+    );
+    let reason = inst.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("attempt 2 of 2; failed attempts are counted across coordinator restarts"),
+        "{reason}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compensation_that_keeps_failing_ends_compensation_failed_and_is_dead_lettered() {
     let nats = NatsServer::start();

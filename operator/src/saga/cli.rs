@@ -139,7 +139,10 @@ pub fn show(inst: &Instance) -> String {
             .unwrap_or_default();
         let what = match &e.event {
             Event::Started { .. } => "started".to_string(),
-            Event::StepStarted { step, name } => format!("step {step} {name}: started"),
+            Event::StepStarted { step, name } => format!("step {step} {name}: attempt started"),
+            Event::StepAttemptFailed {
+                step, name, error, ..
+            } => format!("step {step} {name}: attempt failed, will retry: {error}"),
             Event::StepSucceeded { step, name, result } => {
                 format!("step {step} {name}: succeeded → {result}")
             }

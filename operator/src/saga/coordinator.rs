@@ -457,54 +457,92 @@ impl Coordinator {
                 }
                 let step = &self.cfg.steps[i];
                 let name = step.name.clone();
-                self.crash.maybe("before-step");
-                self.append(
-                    &mut inst,
-                    Event::StepStarted {
-                        step: i + 1,
-                        name: name.clone(),
-                    },
-                )
-                .await?;
                 let key = format!("{}/{}/{}", self.cfg.name, id, name);
-                let (outcome, uncertain) = self
-                    .attempts(
-                        &inst,
-                        &step.action,
-                        &key,
-                        &step.retry,
-                        step.timeout_ms,
-                        &name,
-                        "action",
+                // One logged attempt per turn. `retry.attempts` bounds the failed attempts across
+                // restarts: a restarted coordinator counts the failures its predecessors logged.
+                // An attempt cut short by a stop has no outcome; it is made again (same
+                // idempotency key), as a resumption rather than a retry.
+                let failed = loop {
+                    let failures = inst.step_failures[i];
+                    if matches!(inst.steps[i], StepOutcome::Retrying { .. }) {
+                        tokio::time::sleep(step.retry.backoff(failures + 1)).await;
+                    }
+                    self.crash.maybe("before-step");
+                    self.append(
+                        &mut inst,
+                        Event::StepStarted {
+                            step: i + 1,
+                            name: name.clone(),
+                        },
                     )
-                    .await;
-                self.crash.maybe("after-step-call");
-                match outcome {
-                    Outcome::Ok(result) => {
-                        self.append(
-                            &mut inst,
-                            Event::StepSucceeded {
-                                step: i + 1,
-                                name,
-                                result,
-                            },
+                    .await?;
+                    let (outcome, uncertain) = self
+                        .attempts(
+                            &inst,
+                            &step.action,
+                            &key,
+                            &RetryConfig::ONCE,
+                            step.timeout_ms,
+                            &name,
+                            "action",
                         )
-                        .await?;
+                        .await;
+                    self.crash.maybe("after-step-call");
+                    let uncertain = uncertain || inst.step_uncertain[i];
+                    match outcome {
+                        Outcome::Ok(result) => {
+                            self.append(
+                                &mut inst,
+                                Event::StepSucceeded {
+                                    step: i + 1,
+                                    name: name.clone(),
+                                    result,
+                                },
+                            )
+                            .await?;
+                            break None;
+                        }
+                        other
+                            if other.retryable()
+                                && inst.step_failures[i] + 1 < step.retry.attempts =>
+                        {
+                            self.append(
+                                &mut inst,
+                                Event::StepAttemptFailed {
+                                    step: i + 1,
+                                    name: name.clone(),
+                                    error: other.error().unwrap_or_default().to_string(),
+                                    uncertain,
+                                },
+                            )
+                            .await?;
+                        }
+                        other => {
+                            let mut error = other.error().unwrap_or_default().to_string();
+                            if other.retryable() && step.retry.attempts > 1 {
+                                error.push_str(&format!(
+                                    " (attempt {} of {}; failed attempts are counted across coordinator restarts)",
+                                    inst.step_failures[i] + 1,
+                                    step.retry.attempts
+                                ));
+                            }
+                            break Some((error, uncertain));
+                        }
                     }
-                    other => {
-                        self.append(
-                            &mut inst,
-                            Event::StepFailed {
-                                step: i + 1,
-                                name,
-                                error: other.error().unwrap_or_default().to_string(),
-                                uncertain,
-                            },
-                        )
-                        .await?;
-                        self.metrics.failed.get_or_create(&self.label()).inc();
-                        break;
-                    }
+                };
+                if let Some((error, uncertain)) = failed {
+                    self.append(
+                        &mut inst,
+                        Event::StepFailed {
+                            step: i + 1,
+                            name,
+                            error,
+                            uncertain,
+                        },
+                    )
+                    .await?;
+                    self.metrics.failed.get_or_create(&self.label()).inc();
+                    break;
                 }
             }
             if inst.status == Status::Running {

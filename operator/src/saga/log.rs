@@ -55,10 +55,20 @@ pub enum Event {
     Started {
         input: Value,
     },
-    /// Steps are numbered from 1.
+    /// One attempt of a step's action begins (steps are numbered from 1). Every attempt is
+    /// logged, and so is every failed one (`step-attempt-failed`), so that a restarted
+    /// coordinator knows how many of the step's `retry.attempts` are spent.
     StepStarted {
         step: usize,
         name: String,
+    },
+    /// An attempt failed in a way worth retrying and attempts remain; `uncertain` as for
+    /// `step-failed`.
+    StepAttemptFailed {
+        step: usize,
+        name: String,
+        error: String,
+        uncertain: bool,
     },
     StepSucceeded {
         step: usize,
@@ -100,6 +110,7 @@ impl Event {
         match self {
             Event::Started { .. } => "started",
             Event::StepStarted { .. } => "step-started",
+            Event::StepAttemptFailed { .. } => "step-attempt-failed",
             Event::StepSucceeded { .. } => "step-succeeded",
             Event::StepFailed { .. } => "step-failed",
             Event::CompStarted { .. } => "comp-started",
@@ -154,6 +165,11 @@ pub enum StepOutcome {
     NotStarted,
     /// Started, no outcome logged: it may have happened.
     InFlight,
+    /// An attempt failed and another may follow.
+    Retrying {
+        error: String,
+        uncertain: bool,
+    },
     Succeeded(Value),
     Failed {
         error: String,
@@ -180,6 +196,15 @@ pub struct Instance {
     /// Stream sequence of the last entry (0: no entry yet).
     pub last_seq: u64,
     pub steps: Vec<StepOutcome>,
+    /// Attempts of each step's action started so far (across restarts).
+    pub step_attempts: Vec<u32>,
+    /// Attempts of each step's action that failed so far (across restarts): what
+    /// `retry.attempts` bounds. An attempt cut short by the coordinator stopping has no outcome
+    /// and is made again on resumption, not counted as failed.
+    pub step_failures: Vec<u32>,
+    /// Whether any failed attempt of each step may have happened (its outcome unknown: a
+    /// timeout, a broken connection).
+    pub step_uncertain: Vec<bool>,
     pub comps: Vec<CompState>,
     pub status: Status,
     /// Why it is compensating (the failed step's error).
@@ -194,6 +219,9 @@ impl Instance {
             entries: Vec::new(),
             last_seq: 0,
             steps: vec![StepOutcome::NotStarted; steps],
+            step_attempts: vec![0; steps],
+            step_failures: vec![0; steps],
+            step_uncertain: vec![false; steps],
             comps: vec![CompState::default(); steps],
             status: Status::Running,
             reason: None,
@@ -207,8 +235,26 @@ impl Instance {
         match &entry.event {
             Event::Started { input } => self.input = input.clone(),
             Event::StepStarted { step, .. } => {
-                if let Some(s) = idx(*step).and_then(|i| self.steps.get_mut(i)) {
-                    *s = StepOutcome::InFlight;
+                if let Some(i) = idx(*step).filter(|i| *i < self.steps.len()) {
+                    // An earlier attempt cut short (no outcome logged) is not marked uncertain:
+                    // this one carries the same idempotency key, so its answer covers both.
+                    self.steps[i] = StepOutcome::InFlight;
+                    self.step_attempts[i] += 1;
+                }
+            }
+            Event::StepAttemptFailed {
+                step,
+                error,
+                uncertain,
+                ..
+            } => {
+                if let Some(i) = idx(*step).filter(|i| *i < self.steps.len()) {
+                    self.step_failures[i] += 1;
+                    self.step_uncertain[i] |= *uncertain;
+                    self.steps[i] = StepOutcome::Retrying {
+                        error: error.clone(),
+                        uncertain: self.step_uncertain[i],
+                    };
                 }
             }
             Event::StepSucceeded { step, result, .. } => {
@@ -280,7 +326,9 @@ impl Instance {
         match &self.steps[i] {
             StepOutcome::NotStarted => false,
             StepOutcome::InFlight | StepOutcome::Succeeded(_) => true,
-            StepOutcome::Failed { uncertain, .. } => *uncertain,
+            StepOutcome::Failed { uncertain, .. } | StepOutcome::Retrying { uncertain, .. } => {
+                *uncertain
+            }
         }
     }
 
