@@ -35,6 +35,7 @@ per_broker!(
     failing_handler_is_retried_with_backoff_then_dead_lettered,
     an_event_is_processed_once,
     killing_the_consuming_sidecar_loses_nothing,
+    killing_the_consuming_sidecar_twice_redelivers_once_more_per_crash,
     killing_the_broker_loses_nothing,
     sigterm_finishes_deliveries_in_flight,
     a_config_reload_restarts_the_bridge,
@@ -505,6 +506,65 @@ async fn killing_the_consuming_sidecar_loses_nothing(kind: Kind) {
     // processed-event record) can reach the app again.
     assert!(repeated.len() <= max_in_flight, "{repeated:?}");
     assert!(repeated.iter().all(|(_, n)| *n == 2), "{repeated:?}");
+    assert_eq!(broker.len(DLQ_STREAM).await, 0);
+}
+
+/// The redelivery guarantee is per crash: a second `kill -9` while the first crash's
+/// redeliveries are still in the app may deliver those events once more (at most k + 1
+/// deliveries after k crashes), never loses one, and each crash adds at most `maxInFlight`
+/// redeliveries.
+async fn killing_the_consuming_sidecar_twice_redelivers_once_more_per_crash(kind: Kind) {
+    let broker = broker_or_skip!(kind);
+    broker.declare().await;
+    const N: usize = 400;
+    broker
+        .raw_publish_many(
+            (0..N)
+                .map(|i| {
+                    (
+                        format!("evt-{i}"),
+                        format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    // A slow app, so the first crash's redeliveries are still in it at the second kill.
+    let app = App::start(Duration::from_millis(40), Arc::new(|_, _| 200)).await;
+    let c = consume_config("billing");
+    let max_in_flight = c.max_in_flight as usize;
+    let mut b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    assert!(eventually(Duration::from_secs(60), || app.total() >= N / 4).await);
+    b.kill9();
+    let first = app.total();
+    b.restart().await;
+    // The second kill lands as soon as deliveries resume: the redeliveries are in the app.
+    assert!(eventually(Duration::from_secs(30), || app.total() > first).await);
+    b.kill9();
+    b.restart().await;
+    assert!(
+        eventually(Duration::from_secs(90), || app.counts().len() == N).await,
+        "processed {} of {N}",
+        app.counts().len()
+    );
+    broker
+        .wait_settled("billing", Duration::from_secs(15))
+        .await;
+    let repeated = repeated(&app);
+    let extra: usize = repeated.iter().map(|(_, n)| n - 1).sum();
+    eprintln!(
+        "{}: two kills of the consuming sidecar: {} of {N} events reached the app more than once ({extra} extra deliveries): {repeated:?}",
+        kind.name(),
+        repeated.len()
+    );
+    assert!(
+        repeated.iter().all(|(_, n)| *n <= 3),
+        "at most k + 1 = 3: {repeated:?}"
+    );
+    assert!(
+        extra <= 2 * max_in_flight,
+        "at most maxInFlight per crash: {repeated:?}"
+    );
     assert_eq!(broker.len(DLQ_STREAM).await, 0);
 }
 
