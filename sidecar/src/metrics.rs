@@ -77,6 +77,9 @@ impl std::fmt::Debug for Metrics {
 pub struct RequestMetrics {
     pub requests: [Counter; 5],
     pub latency: [Histogram; 5],
+    /// `weir_rejections_total{reason="client-body-error"}`: requests whose body broke on the
+    /// client's side, found by the innermost forwarding, so counted where every answer passes.
+    pub client_body_errors: Counter,
 }
 
 #[derive(Clone, Debug)]
@@ -128,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "rejections",
-            "Requests refused by a policy (rate-limited, concurrency-limit, bulkhead-full, circuit-open, body-too-large)",
+            "Requests refused by a policy or for bad input, by reason (the x-weir-reason of the answer)",
             rejections.clone(),
         );
         registry.register("retries", "Retries attempted", retries.clone());
@@ -180,6 +183,7 @@ impl Metrics {
         RequestMetrics {
             requests: std::array::from_fn(|i| self.requests.get_or_create_owned(&labels(i))),
             latency: std::array::from_fn(|i| self.latency.get_or_create_owned(&labels(i))),
+            client_body_errors: self.rejections(direction, dependency, Reason::ClientBodyError),
         }
     }
 

@@ -12,9 +12,11 @@
 //!   if, with it, every sliding window of `ttl` holds at most
 //!   `ratio * requests + minPerSecond * ttl_seconds` retries ([`RetryBudget`]). A refused retry
 //!   returns the failed response with `x-weir-reason: retry-budget` added (unless the proxy
-//!   already named a reason).
+//!   already named a reason). A request whose body broke on the client's side deposits nothing.
 
-use crate::body::{self, REASON_HEADER, Reason, Req, Resp, reject, rejection};
+use crate::body::{
+    self, ClientBodyError, REASON_HEADER, Reason, Req, Resp, reject, reject_closing, rejection,
+};
 use crate::layers::body_limit::content_length;
 use crate::layers::{BoxFuture, always_ready, deadline_of};
 use crate::metrics::RetryMetrics;
@@ -145,6 +147,34 @@ impl RetryBudget {
     }
 }
 
+/// A request's deposit into the budget, made when its first attempt is answered (or when the
+/// request is abandoned: a timeout, the caller gone) — unless the request's own body broke on
+/// the client's side: a broken upload says nothing about the dependency, so it must not earn
+/// retries for other requests either.
+struct Deposit(Option<Arc<RetryBudget>>);
+
+impl Deposit {
+    fn settle(mut self, resp: &Resp) {
+        if let Some(b) = self.0.take()
+            && rejection(resp) != Some(Reason::ClientBodyError)
+        {
+            b.deposit();
+        }
+    }
+
+    fn cancel(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Deposit {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.deposit();
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RetryPolicy {
     pub attempts: u32,
@@ -251,7 +281,7 @@ where
 
     fn call(&mut self, req: Req) -> BoxFuture {
         let policy = self.policy.clone();
-        policy.budget.deposit();
+        let deposit = Deposit(Some(policy.budget.clone()));
         let method_ok = policy.retry_non_idempotent || is_idempotent(req.method());
         let replayable = match content_length(req.headers()) {
             Ok(Some(n)) => n <= MAX_RETRY_BODY,
@@ -259,7 +289,12 @@ where
             Err(_) => false,
         };
         if policy.attempts <= 1 || !method_ok || !replayable {
-            return Box::pin(self.inner.call(req));
+            let fut = self.inner.call(req);
+            return Box::pin(async move {
+                let resp = fut.await?;
+                deposit.settle(&resp);
+                Ok(resp)
+            });
         }
         let mut inner = self.inner.clone();
         Box::pin(async move {
@@ -268,13 +303,22 @@ where
             let bytes = match body.collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) => {
-                    tracing::debug!(error = %e, "request body failed while buffering for retries");
-                    return Ok(reject(Reason::BadRequest));
+                    deposit.cancel();
+                    tracing::warn!(error = %e, "request body failed while buffering for retries");
+                    return Ok(if ClientBodyError::in_chain(&e).is_some() {
+                        reject_closing(Reason::ClientBodyError)
+                    } else {
+                        reject(Reason::BadRequest)
+                    });
                 }
             };
+            let mut deposit = Some(deposit);
             let mut attempt = 1;
             loop {
                 let mut resp = inner.call(rebuild(&parts, &bytes)).await?;
+                if let Some(d) = deposit.take() {
+                    d.settle(&resp);
+                }
                 if attempt >= policy.attempts || !is_retryable(&resp) {
                     return Ok(resp);
                 }

@@ -2,7 +2,7 @@
 //! graceful shutdown.
 
 use crate::admin;
-use crate::body::{BodyError, Reason, Resp, reject};
+use crate::body::{BodyError, ClientBodyError, Reason, Resp, reject, reject_closing};
 use crate::forward::new_client;
 use crate::framing::{Tap, Tapped};
 use crate::metrics::Metrics;
@@ -295,14 +295,13 @@ async fn dispatch(
     if let Some(reason) = refused {
         // Ambiguous framing: answered here, before any stack, and the connection is closed.
         tracing::warn!(listener = role.name(), reason, method = %req.method(), path = req.uri().path(), "refused request");
-        let mut resp = reject(Reason::BadRequest);
-        resp.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-        return Ok(resp);
+        return Ok(reject_closing(Reason::BadRequest));
     }
-    let req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
+    // Every error of this body is the downstream client's (see `ClientBodyError`).
+    let req = req.map(|b| {
+        b.map_err(|e| BodyError::new(ClientBodyError(e)))
+            .boxed_unsync()
+    });
     match role {
         Role::Admin => Ok(admin::handle(&shared, req).await),
         Role::Inbound => {

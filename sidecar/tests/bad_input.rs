@@ -1,6 +1,11 @@
-//! Ambiguous framing on the wire: `Content-Length` together with `Transfer-Encoding` is refused
-//! with 400 before anything reaches the app or the dependency, in either order, in any case, and
-//! as a later request of a keep-alive (or pipelined) connection; plain chunked requests still pass.
+//! Hostile input on the wire, sent as raw bytes to the real binary:
+//!
+//! - ambiguous framing: `Content-Length` together with `Transfer-Encoding` is refused with 400
+//!   before anything reaches the app or the dependency, in either order, in any case, and as a
+//!   later request of a keep-alive (or pipelined) connection; plain chunked requests still pass;
+//! - broken request bodies (bad chunk size, chunk data longer than its size, an upload cut short)
+//!   are the client's fault: 400 `client-body-error`, and the dependency's breaker never hears
+//!   of them.
 
 mod common;
 
@@ -10,21 +15,18 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use weir_crds::proxy::{CircuitBreakerConfig, FailureClassConfig, RetryBudgetConfig, RetryConfig};
 
 const T: Duration = Duration::from_secs(5);
 
-/// Answers with the number of body bytes received.
+/// Answers with the number of body bytes received ("broken" when the body could not be read).
 async fn counting_upstream() -> Upstream {
     upstream(|req, _| async move {
-        let n = req.into_body().collect().await.unwrap().to_bytes().len();
-        respond(
-            200,
-            if n == 0 {
-                "empty"
-            } else {
-                leak(format!("got {n}"))
-            },
-        )
+        match req.into_body().collect().await.map(|b| b.to_bytes().len()) {
+            Ok(0) => respond(200, "empty"),
+            Ok(n) => respond(200, leak(format!("got {n}"))),
+            Err(_) => respond(400, "broken"),
+        }
     })
     .await
 }
@@ -98,6 +100,11 @@ impl Conn {
         }
     }
 
+    /// Half-closes: the client sends nothing more but can still read the answer.
+    async fn stop_sending(&mut self) {
+        self.s.shutdown().await.unwrap();
+    }
+
     /// After a refusal the proxy closes the connection (EOF well before the timeout).
     async fn assert_closed(&mut self) {
         let start = Instant::now();
@@ -115,9 +122,27 @@ impl Conn {
 }
 
 fn assert_refused(r: &Resp) {
-    assert_eq!(r.status, 400, "{}{}", r.head, r.body);
-    assert!(r.head.contains("x-weir-reason: bad-request"), "{}", r.head);
+    assert_refused_with(r, 400, "bad-request");
+}
+
+/// The proxy's own refusal: this status and reason, and the connection closed after it.
+fn assert_refused_with(r: &Resp, status: u16, reason: &str) {
+    assert_eq!(r.status, status, "{}{}", r.head, r.body);
+    assert!(
+        r.head.contains(&format!("x-weir-reason: {reason}\r\n")),
+        "{}",
+        r.head
+    );
+    assert_eq!(r.body, format!("{reason}\n"));
     assert!(r.head.contains("connection: close"), "{}", r.head);
+}
+
+/// Sends `req` on a new connection, expects the proxy's refusal and the connection closed.
+async fn refused(addr: SocketAddr, req: &str, status: u16, reason: &str) {
+    let mut c = connect(addr).await;
+    c.send(req.as_bytes()).await;
+    assert_refused_with(&c.response().await, status, reason);
+    c.assert_closed().await;
 }
 
 const BOTH: [&str; 4] = [
@@ -250,4 +275,157 @@ async fn a_later_request_on_the_connection_with_both_headers_is_refused() {
             "only the first request reached the app"
         );
     }
+}
+
+// --- Broken request bodies ---------------------------------------------------------------------
+
+/// A chunk size that is not hex.
+const BAD_CHUNK_SIZE: &str =
+    "POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
+/// Chunk data longer than its size.
+const CHUNK_TOO_LONG: &str = "PUT /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello, and more than five\r\n0\r\n\r\n";
+/// `Content-Length: 100`, 5 bytes, then the client stops sending (PUT: buffered for retries).
+const CUT_SHORT_PUT: &str = "PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhello";
+/// The same as a POST (streamed to the upstream), the connection then closed outright.
+const CUT_SHORT_POST: &str = "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhello";
+
+/// Sends each broken upload in turn and checks the answer is the client's fault: 400
+/// `client-body-error`, the connection closed.
+async fn broken_uploads(addr: SocketAddr) {
+    for req in [BAD_CHUNK_SIZE, CHUNK_TOO_LONG] {
+        refused(addr, req, 400, "client-body-error").await;
+    }
+    let mut c = connect(addr).await;
+    c.send(CUT_SHORT_PUT.as_bytes()).await;
+    c.stop_sending().await;
+    assert_refused_with(&c.response().await, 400, "client-body-error");
+    c.assert_closed().await;
+}
+
+/// Issue #15, 1: 25 broken uploads from the app opened the breaker of a healthy dependency
+/// (each was answered 502 `upstream-error` and counted as its failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_request_bodies_are_the_clients_fault_not_the_dependencys() {
+    let app = counting_upstream().await;
+    let users = counting_upstream().await;
+    let mut cfg = base_config(app.addr);
+    let mut dep = dependency("users", users.url());
+    dep.circuit_breaker = Some(CircuitBreakerConfig {
+        error_threshold_percentage: 50,
+        volume_threshold: 10,
+        rolling_window_ms: 10_000,
+        buckets: 10,
+        reset_timeout_ms: 30_000,
+        failure_on: FailureClassConfig {
+            status_5xx: true,
+            connect_errors: true,
+            timeouts: true,
+        },
+    });
+    dep.retry = Some(RetryConfig {
+        attempts: 3,
+        backoff_base_ms: 0,
+        backoff_max_ms: 0,
+        retry_non_idempotent: false,
+        budget: RetryBudgetConfig {
+            ratio: 0.2,
+            min_per_second: 10,
+            ttl_ms: 10_000,
+        },
+    });
+    cfg.outbound.push(dep);
+    let proxy = Proxy::start(cfg).await;
+    let outbound = proxy.config.outbound[0].listen;
+
+    // 30 broken uploads that can be answered, and 5 whose client is gone before the answer.
+    for _ in 0..10 {
+        broken_uploads(outbound).await;
+    }
+    for _ in 0..5 {
+        let mut c = connect(outbound).await;
+        c.send(CUT_SHORT_POST.as_bytes()).await;
+        drop(c);
+    }
+    let series = |status_class: &str| {
+        format!(
+            r#"weir_requests_total{{direction="outbound",dependency="users",status_class="{status_class}"}}"#
+        )
+    };
+    proxy
+        .wait_metric(
+            r#"weir_rejections_total{direction="outbound",dependency="users",reason="client-body-error"}"#,
+            35.0,
+        )
+        .await;
+    assert_eq!(proxy.metric(&series("4xx")).await, 35.0);
+    assert_eq!(proxy.metric(&series("5xx")).await, 0.0, "none is a 502");
+    assert_eq!(
+        proxy
+            .metric(r#"weir_circuit_breaker_state{dependency="users"}"#)
+            .await,
+        0.0,
+        "the breaker is still closed"
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"weir_circuit_breaker_transitions_total{dependency="users",to="open"}"#)
+            .await,
+        0.0
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"weir_retries_total{dependency="users"}"#)
+            .await,
+        0.0,
+        "a broken upload is not retried"
+    );
+    let line = proxy
+        .wait_log(|v| v["target"] == "weir::access" && v["reason"] == "client-body-error")
+        .await;
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["direction"], "outbound");
+    proxy
+        .wait_log(|v| {
+            v["message"] == "request body from the client failed; not forwarded in full"
+                && v["reason"] == "client-body-error"
+        })
+        .await;
+    assert!(
+        !proxy
+            .log_lines()
+            .iter()
+            .any(|v| v["message"] == "forwarding failed"),
+        "nothing was blamed on the dependency"
+    );
+
+    // The dependency is still called: bodies intact, by length and chunked.
+    let c = client();
+    for _ in 0..5 {
+        let put = http::Request::put(proxy.outbound_url("users", "/up"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"hello",
+            )))
+            .unwrap();
+        let a = send(&c, put).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "got 5"));
+    }
+    let mut conn = connect(outbound).await;
+    conn.send(b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await;
+    let r = conn.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "got 5"));
+
+    // The app's own inbound listener blames the client the same way.
+    broken_uploads(proxy.config.inbound.listen).await;
+    proxy
+        .wait_metric(
+            r#"weir_rejections_total{direction="inbound",dependency="",reason="client-body-error"}"#,
+            3.0,
+        )
+        .await;
+    assert_eq!(
+        get(&c, proxy.inbound_url("/")).await.body,
+        "empty",
+        "the app still serves"
+    );
 }
