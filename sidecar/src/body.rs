@@ -121,6 +121,9 @@ pub enum Reason {
     /// The client's request body broke while it was read (malformed chunked framing, closed or
     /// reset before `Content-Length` bytes): 400. The client's fault, not the upstream's.
     ClientBodyError,
+    /// An HTTP/1.1 request without `Host`, with more than one, or with an invalid value
+    /// (RFC 9112 §3.2): 400.
+    BadHost,
 }
 
 impl Reason {
@@ -144,6 +147,7 @@ impl Reason {
             Reason::ClientRateLimited => "client-rate-limited",
             Reason::CorsRejected => "cors-rejected",
             Reason::ClientBodyError => "client-body-error",
+            Reason::BadHost => "bad-host",
         }
     }
 
@@ -160,7 +164,9 @@ impl Reason {
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::CorsRejected => StatusCode::FORBIDDEN,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::BadRequest | Reason::ClientBodyError => StatusCode::BAD_REQUEST,
+            Reason::BadRequest | Reason::ClientBodyError | Reason::BadHost => {
+                StatusCode::BAD_REQUEST
+            }
             Reason::AppConnect
             | Reason::UpstreamConnect
             | Reason::UpstreamError
@@ -232,6 +238,7 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::ClientRateLimited => b"client-rate-limited\n",
         Reason::CorsRejected => b"cors-rejected\n",
         Reason::ClientBodyError => b"client-body-error\n",
+        Reason::BadHost => b"bad-host\n",
     }
 }
 

@@ -207,6 +207,7 @@ pub fn build(
                 metrics: m.request_metrics("outbound", name),
                 access_log: env.access_log,
             }))
+            .layer(GuardLayer::new(name, |r| m.rejections("outbound", name, r)))
             .option_layer(
                 o.fallback
                     .as_ref()
@@ -309,7 +310,9 @@ pub fn build(
             metrics: m.request_metrics("inbound", ""),
             access_log: env.access_log,
         }))
-        .layer(GuardLayer)
+        .layer(GuardLayer::new("inbound", |r| {
+            m.rejections("inbound", "", r)
+        }))
         .layer(InboundIdentityLayer {
             edge: config.edge.is_some(),
             key: identity_key.clone(),

@@ -5,7 +5,8 @@
 //!   later request of a keep-alive (or pipelined) connection; plain chunked requests still pass;
 //! - broken request bodies (bad chunk size, chunk data longer than its size, an upload cut short)
 //!   are the client's fault: 400 `client-body-error`, and the dependency's breaker never hears
-//!   of them.
+//!   of them;
+//! - `Host` missing from an HTTP/1.1 request, or given twice: 400 `bad-host`.
 
 mod common;
 
@@ -428,4 +429,61 @@ async fn broken_request_bodies_are_the_clients_fault_not_the_dependencys() {
         "empty",
         "the app still serves"
     );
+}
+
+// --- Host --------------------------------------------------------------------------------------
+
+/// Issue #15, 4: an HTTP/1.1 request without `Host` was forwarded, one with two reached the app
+/// with both (RFC 9112 §3.2 asks for 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_requests_without_host_or_with_two_are_refused() {
+    let app = counting_upstream().await;
+    let users = counting_upstream().await;
+    let mut cfg = base_config(app.addr);
+    cfg.outbound.push(dependency("users", users.url()));
+    let proxy = Proxy::start(cfg).await;
+    let listeners = [
+        (proxy.config.inbound.listen, "inbound", ""),
+        (proxy.config.outbound[0].listen, "outbound", "users"),
+    ];
+    for (addr, _, _) in listeners {
+        for req in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: user@a\r\n\r\n",
+            "GET / HTTP/1.0\r\nhost: a\r\nhost: b\r\n\r\n",
+        ] {
+            refused(addr, req, 400, "bad-host").await;
+        }
+    }
+    assert_eq!(app.hits(), 0, "nothing reached the app");
+    assert_eq!(users.hits(), 0, "nothing reached the dependency");
+    for (_, direction, dependency) in listeners {
+        assert_eq!(
+            proxy
+                .metric(&format!(
+                    r#"weir_rejections_total{{direction="{direction}",dependency="{dependency}",reason="bad-host"}}"#
+                ))
+                .await,
+            6.0
+        );
+    }
+    let line = proxy
+        .wait_log(|v| v["message"] == "refused request" && v["reason"] == "more than one Host")
+        .await;
+    assert_eq!(line["listener"], "inbound");
+    // HTTP/1.0 needs no Host; one Host is fine.
+    for (addr, _, _) in listeners {
+        for req in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+        ] {
+            let mut c = connect(addr).await;
+            c.send(req.as_bytes()).await;
+            assert_eq!(c.response().await.status, 200, "{req:?}");
+        }
+    }
+    assert_eq!((app.hits(), users.hits()), (2, 2));
 }
