@@ -124,6 +124,11 @@ pub enum Reason {
     /// An HTTP/1.1 request without `Host`, with more than one, or with an invalid value
     /// (RFC 9112 §3.2): 400.
     BadHost,
+    /// `CONNECT`: the proxy forwards requests, it does not open tunnels: 405.
+    MethodNotAllowed,
+    /// A `Transfer-Encoding` other than `chunked` alone: a coding the proxy does not apply, so
+    /// it cannot frame the body it would pass on (RFC 9112 §6.1): 501.
+    UnsupportedTransferCoding,
 }
 
 impl Reason {
@@ -148,6 +153,8 @@ impl Reason {
             Reason::CorsRejected => "cors-rejected",
             Reason::ClientBodyError => "client-body-error",
             Reason::BadHost => "bad-host",
+            Reason::MethodNotAllowed => "method-not-allowed",
+            Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
         }
     }
 
@@ -167,6 +174,8 @@ impl Reason {
             Reason::BadRequest | Reason::ClientBodyError | Reason::BadHost => {
                 StatusCode::BAD_REQUEST
             }
+            Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Reason::AppConnect
             | Reason::UpstreamConnect
             | Reason::UpstreamError
@@ -239,6 +248,8 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::CorsRejected => b"cors-rejected\n",
         Reason::ClientBodyError => b"client-body-error\n",
         Reason::BadHost => b"bad-host\n",
+        Reason::MethodNotAllowed => b"method-not-allowed\n",
+        Reason::UnsupportedTransferCoding => b"unsupported-transfer-coding\n",
     }
 }
 

@@ -6,7 +6,8 @@
 //! - broken request bodies (bad chunk size, chunk data longer than its size, an upload cut short)
 //!   are the client's fault: 400 `client-body-error`, and the dependency's breaker never hears
 //!   of them;
-//! - `Host` missing from an HTTP/1.1 request, or given twice: 400 `bad-host`.
+//! - `Host` missing from an HTTP/1.1 request, or given twice: 400 `bad-host`;
+//! - `CONNECT` (405) and transfer codings the proxy does not apply (501) are refused.
 
 mod common;
 
@@ -486,4 +487,59 @@ async fn http11_requests_without_host_or_with_two_are_refused() {
         }
     }
     assert_eq!((app.hits(), users.hits()), (2, 2));
+}
+
+// --- Methods and transfer codings --------------------------------------------------------------
+
+/// Issue #15, 5: `CONNECT` was forwarded as a plain request (the client got an empty answer, the
+/// access log said 200), and `Transfer-Encoding: gzip, chunked` reached the app as `chunked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_transfer_codings_the_proxy_does_not_apply_are_refused() {
+    let app = counting_upstream().await;
+    let users = counting_upstream().await;
+    let mut cfg = base_config(app.addr);
+    cfg.outbound.push(dependency("users", users.url()));
+    let proxy = Proxy::start(cfg).await;
+    for addr in [proxy.config.inbound.listen, proxy.config.outbound[0].listen] {
+        let mut c = connect(addr).await;
+        c.send(b"CONNECT users:443 HTTP/1.1\r\nhost: users:443\r\n\r\n")
+            .await;
+        let r = c.response().await;
+        assert_refused_with(&r, 405, "method-not-allowed");
+        assert!(
+            r.head
+                .contains("allow: get, head, post, put, delete, patch, options, trace\r\n"),
+            "{}",
+            r.head
+        );
+        c.assert_closed().await;
+        for req in [
+            "POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            refused(addr, req, 501, "unsupported-transfer-coding").await;
+        }
+    }
+    assert_eq!(app.hits(), 0, "nothing reached the app");
+    assert_eq!(users.hits(), 0, "nothing reached the dependency");
+    let line = proxy
+        .wait_log(|v| v["target"] == "weir::access" && v["method"] == "CONNECT")
+        .await;
+    assert_eq!(line["status"], 405);
+    assert_eq!(line["reason"], "method-not-allowed");
+    assert_eq!(
+        proxy
+            .metric(r#"weir_rejections_total{direction="outbound",dependency="users",reason="unsupported-transfer-coding"}"#)
+            .await,
+        3.0
+    );
+    // Plain chunked still passes.
+    let mut c = connect(proxy.config.inbound.listen).await;
+    c.send(
+        b"POST /u HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "got 5"));
 }
