@@ -129,6 +129,8 @@ pub enum Reason {
     /// A `Transfer-Encoding` other than `chunked` alone: a coding the proxy does not apply, so
     /// it cannot frame the body it would pass on (RFC 9112 §6.1): 501.
     UnsupportedTransferCoding,
+    /// A header name with `_` while `inbound.underscoreHeaders` is `reject`: 400.
+    UnderscoreHeader,
 }
 
 impl Reason {
@@ -155,6 +157,7 @@ impl Reason {
             Reason::BadHost => "bad-host",
             Reason::MethodNotAllowed => "method-not-allowed",
             Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
+            Reason::UnderscoreHeader => "underscore-header",
         }
     }
 
@@ -171,9 +174,10 @@ impl Reason {
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::CorsRejected => StatusCode::FORBIDDEN,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::BadRequest | Reason::ClientBodyError | Reason::BadHost => {
-                StatusCode::BAD_REQUEST
-            }
+            Reason::BadRequest
+            | Reason::ClientBodyError
+            | Reason::BadHost
+            | Reason::UnderscoreHeader => StatusCode::BAD_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Reason::AppConnect
@@ -250,6 +254,7 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::BadHost => b"bad-host\n",
         Reason::MethodNotAllowed => b"method-not-allowed\n",
         Reason::UnsupportedTransferCoding => b"unsupported-transfer-coding\n",
+        Reason::UnderscoreHeader => b"underscore-header\n",
     }
 }
 

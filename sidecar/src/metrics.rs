@@ -36,6 +36,11 @@ pub struct RejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -58,6 +63,7 @@ pub struct Metrics {
     retries: Family<DependencyLabels, Counter>,
     retries_refused: Family<DependencyLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
+    underscore_removed: Family<KindLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
     /// The pub/sub bridge's counters (`weir_messaging_*`).
@@ -107,6 +113,7 @@ impl Metrics {
         let retries = Family::<DependencyLabels, Counter>::default();
         let retries_refused = Family::<DependencyLabels, Counter>::default();
         let config_reloads = Family::<ResultLabels, Counter>::default();
+        let underscore_removed = Family::<KindLabels, Counter>::default();
         let spans_exported = Counter::default();
         let spans_dropped = Counter::default();
         registry.register(
@@ -146,6 +153,11 @@ impl Metrics {
             config_reloads.clone(),
         );
         registry.register(
+            "underscore_headers_removed",
+            "Inbound requests from which header names with _ were removed, by kind (look-alike of x-user-* or x-weir-*, other)",
+            underscore_removed.clone(),
+        );
+        registry.register(
             "spans_exported",
             "Spans sent to the OTLP endpoint",
             spans_exported.clone(),
@@ -167,6 +179,7 @@ impl Metrics {
             retries,
             retries_refused,
             config_reloads,
+            underscore_removed,
             spans_exported,
             spans_dropped,
             bridge,
@@ -218,6 +231,20 @@ impl Metrics {
         RetryMetrics {
             attempted: self.retries.get_or_create_owned(&l),
             refused_by_budget: self.retries_refused.get_or_create_owned(&l),
+        }
+    }
+
+    /// The inbound listener's counters for header names with `_`.
+    pub fn header_name_counters(&self) -> crate::layers::header_names::HeaderNameCounters {
+        let kind = |k: &str| {
+            self.underscore_removed.get_or_create_owned(&KindLabels {
+                kind: k.to_string(),
+            })
+        };
+        crate::layers::header_names::HeaderNameCounters {
+            look_alike_removed: kind("look-alike"),
+            underscore_removed: kind("other"),
+            rejected: self.rejections("inbound", "", Reason::UnderscoreHeader),
         }
     }
 

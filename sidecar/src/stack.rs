@@ -13,6 +13,7 @@ use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
 use crate::layers::fallback::{FallbackLayer, FallbackResponse};
 use crate::layers::guard::GuardLayer;
+use crate::layers::header_names::HeaderNamesLayer;
 use crate::layers::observe::{ObserveLayer, Observer};
 use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
 use crate::layers::timeout::TimeoutLayer;
@@ -313,6 +314,10 @@ pub fn build(
         .layer(GuardLayer::new("inbound", |r| {
             m.rejections("inbound", "", r)
         }))
+        .layer(HeaderNamesLayer::new(
+            ib.underscore_headers,
+            m.header_name_counters(),
+        ))
         .layer(InboundIdentityLayer {
             edge: config.edge.is_some(),
             key: identity_key.clone(),

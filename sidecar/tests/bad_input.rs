@@ -6,6 +6,7 @@
 //! - broken request bodies (bad chunk size, chunk data longer than its size, an upload cut short)
 //!   are the client's fault: 400 `client-body-error`, and the dependency's breaker never hears
 //!   of them;
+//! - header names with `_`, look-alikes of the identity headers among them, never reach the app;
 //! - `Host` missing from an HTTP/1.1 request, or given twice: 400 `bad-host`;
 //! - `CONNECT` (405) and transfer codings the proxy does not apply (501) are refused.
 
@@ -17,7 +18,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_crds::proxy::{CircuitBreakerConfig, FailureClassConfig, RetryBudgetConfig, RetryConfig};
+use weir_crds::proxy::{
+    CircuitBreakerConfig, FailureClassConfig, IdentityConfig, RetryBudgetConfig, RetryConfig,
+    UnderscoreHeaders,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -430,6 +434,105 @@ async fn broken_request_bodies_are_the_clients_fault_not_the_dependencys() {
         "empty",
         "the app still serves"
     );
+}
+
+// --- Header names with `_` ---------------------------------------------------------------------
+
+/// What the app saw, as `name: value` lines of the names with `_` and of `x-user-*`.
+fn user_and_underscore_headers(app: &Upstream) -> Vec<String> {
+    let seen = app.seen.lock().unwrap();
+    let h = seen.last().expect("the app was called");
+    let mut v: Vec<String> = h
+        .iter()
+        .filter(|(n, _)| n.as_str().contains('_') || n.as_str().starts_with("x-user-"))
+        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+const LOOK_ALIKES: &str =
+    "x_user_id: admin\r\nX_User_Role: admin\r\nx_weir_identity: forged\r\nx-request_tag: 7\r\n";
+
+/// Issue #15, 2: `x_user_id: admin` and `X_User_Role: admin` reached the app beside a valid
+/// signed identity; CGI-style frameworks read them as `HTTP_X_USER_ID` / `HTTP_X_USER_ROLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_with_underscores_never_pass_for_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("identity-key");
+    std::fs::write(&key_file, b"the namespace identity key, 32+ bytes").unwrap();
+    let identity = |sign_for: &[&str]| IdentityConfig {
+        key_file: key_file.display().to_string(),
+        sign_for: sign_for.iter().map(|s| s.to_string()).collect(),
+    };
+    // orders, with the default (`drop`), called by a caller's sidecar that signs the identity.
+    let orders_app = counting_upstream().await;
+    let mut orders_cfg = base_config(orders_app.addr);
+    orders_cfg.identity = Some(identity(&[]));
+    let orders = Proxy::start(orders_cfg).await;
+    let caller_app = counting_upstream().await;
+    let mut caller_cfg = base_config(caller_app.addr);
+    caller_cfg.service = "caller".into();
+    caller_cfg.identity = Some(identity(&["orders"]));
+    caller_cfg.outbound.push(dependency(
+        "orders",
+        format!("http://{}", orders.config.inbound.listen),
+    ));
+    let caller = Proxy::start(caller_cfg).await;
+
+    let mut c = connect(caller.config.outbound[0].listen).await;
+    c.send(
+        format!("GET /me HTTP/1.1\r\nhost: orders\r\nx-user-id: u1\r\n{LOOK_ALIKES}\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}{}", r.head, r.body);
+    assert_eq!(
+        user_and_underscore_headers(&orders_app),
+        ["x-user-id: u1"],
+        "the signed identity only"
+    );
+    let removed = |kind: &str| format!(r#"weir_underscore_headers_removed_total{{kind="{kind}"}}"#);
+    assert_eq!(orders.metric(&removed("look-alike")).await, 1.0);
+    assert_eq!(orders.metric(&removed("other")).await, 1.0);
+    assert_eq!(
+        orders
+            .metric(r#"weir_identity_headers_removed_total{reason="unsigned"}"#)
+            .await,
+        0.0,
+        "the signed identity itself was trusted"
+    );
+
+    // `reject`: refused before the app.
+    let app = counting_upstream().await;
+    let mut cfg = base_config(app.addr);
+    cfg.inbound.underscore_headers = UnderscoreHeaders::Reject;
+    let strict = Proxy::start(cfg).await;
+    refused(
+        strict.config.inbound.listen,
+        "GET / HTTP/1.1\r\nhost: x\r\nx-request_tag: 7\r\n\r\n",
+        400,
+        "underscore-header",
+    )
+    .await;
+    assert_eq!(app.hits(), 0);
+    assert_eq!(
+        strict
+            .metric(r#"weir_rejections_total{direction="inbound",dependency="",reason="underscore-header"}"#)
+            .await,
+        1.0
+    );
+
+    // `allow`: other names with `_` pass, look-alikes of reserved names still do not.
+    let mut cfg = base_config(app.addr);
+    cfg.inbound.underscore_headers = UnderscoreHeaders::Allow;
+    let lenient = Proxy::start(cfg).await;
+    let mut c = connect(lenient.config.inbound.listen).await;
+    c.send(format!("GET / HTTP/1.1\r\nhost: x\r\n{LOOK_ALIKES}\r\n").as_bytes())
+        .await;
+    assert_eq!(c.response().await.status, 200);
+    assert_eq!(user_and_underscore_headers(&app), ["x-request_tag: 7"]);
 }
 
 // --- Host --------------------------------------------------------------------------------------

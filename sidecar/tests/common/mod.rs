@@ -135,6 +135,7 @@ pub fn base_config(app: SocketAddr) -> ProxyConfig {
             max_body_bytes: 1 << 20,
             liveness_path: None,
             readiness_path: None,
+            underscore_headers: UnderscoreHeaders::default(),
         },
         admin: AdminConfig {
             listen: free_addr(),
