@@ -8,7 +8,8 @@
 //!   of them;
 //! - header names with `_`, look-alikes of the identity headers among them, never reach the app;
 //! - `Host` missing from an HTTP/1.1 request, or given twice: 400 `bad-host`;
-//! - `CONNECT` (405) and transfer codings the proxy does not apply (501) are refused.
+//! - `CONNECT` (405) and transfer codings the proxy does not apply (501) are refused;
+//! - two `traceparent` headers start a new trace.
 
 mod common;
 
@@ -645,4 +646,49 @@ async fn connect_and_transfer_codings_the_proxy_does_not_apply_are_refused() {
     .await;
     let r = c.response().await;
     assert_eq!((r.status, r.body.as_str()), (200, "got 5"));
+}
+
+// --- Trace context -----------------------------------------------------------------------------
+
+/// Issue #15, 6: of two `traceparent` headers the first was continued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_traceparent_headers_start_a_new_trace() {
+    const FIRST: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const SECOND: &str = "0af7651916cd43dd8448eb211c80319c";
+    let app = counting_upstream().await;
+    let users = counting_upstream().await;
+    let mut cfg = base_config(app.addr);
+    cfg.outbound.push(dependency("users", users.url()));
+    let proxy = Proxy::start(cfg).await;
+    let req = format!(
+        "GET /t HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{FIRST}-00f067aa0ba902b7-01\r\ntracestate: a=b\r\ntraceparent: 00-{SECOND}-b7ad6b7169203331-01\r\n\r\n"
+    );
+    for (addr, upstream, direction) in [
+        (proxy.config.inbound.listen, &app, "inbound"),
+        (proxy.config.outbound[0].listen, &users, "outbound"),
+    ] {
+        let mut c = connect(addr).await;
+        c.send(req.as_bytes()).await;
+        assert_eq!(c.response().await.status, 200);
+        let seen = upstream.seen.lock().unwrap().last().unwrap().clone();
+        let parents: Vec<&str> = seen
+            .get_all("traceparent")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(parents.len(), 1, "{parents:?}");
+        let trace = parents[0].split('-').nth(1).unwrap().to_string();
+        assert!(
+            trace != FIRST && trace != SECOND,
+            "{direction}: a new trace"
+        );
+        assert!(
+            !seen.contains_key("tracestate"),
+            "{direction}: tracestate dropped"
+        );
+        let line = proxy
+            .wait_log(|v| v["target"] == "weir::access" && v["direction"] == direction)
+            .await;
+        assert_eq!(line["trace_id"], trace.as_str());
+    }
 }
