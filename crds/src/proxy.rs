@@ -68,6 +68,33 @@ pub struct InboundConfig {
     /// The app's readiness path, served as `/app-health/readiness` on the admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_path: Option<String>,
+    /// What the inbound listener does with request header names containing `_`.
+    #[serde(default, skip_serializing_if = "UnderscoreHeaders::is_default")]
+    pub underscore_headers: UnderscoreHeaders,
+}
+
+/// Request header names containing `_`, as they reach the app.
+///
+/// CGI, Rack, PHP and WSGI hand headers to the app as `HTTP_X_USER_ID`, mapping `-` to `_`: there
+/// `x_user_id: admin` and the signed `x-user-id` are the same variable, and whichever comes last
+/// wins. A name that normalises (`_` to `-`, any case) to a reserved one (`x-user-*`,
+/// `x-weir-*`) is therefore removed whatever this says (refused with `Reject`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UnderscoreHeaders {
+    /// Passed on, except look-alikes of reserved names (removed).
+    Allow,
+    /// Removed before the request is forwarded; the request goes on without them.
+    #[default]
+    Drop,
+    /// The request is refused with 400 `underscore-header`.
+    Reject,
+}
+
+impl UnderscoreHeaders {
+    pub fn is_default(&self) -> bool {
+        *self == UnderscoreHeaders::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -798,6 +825,7 @@ mod tests {
                 max_body_bytes: 1 << 20,
                 liveness_path: Some("/healthz".into()),
                 readiness_path: Some("/readyz".into()),
+                underscore_headers: UnderscoreHeaders::Drop,
             },
             admin: AdminConfig {
                 listen: "0.0.0.0:15090".parse().unwrap(),
@@ -836,6 +864,19 @@ mod tests {
         let cfg = sample();
         let text = serde_json::to_string(&cfg).unwrap();
         assert_eq!(ProxyConfig::from_json(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn underscore_headers_default_to_drop_and_are_left_out_when_default() {
+        let cfg = sample();
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(!text.contains("underscoreHeaders"), "{text}");
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["inbound"]["underscoreHeaders"] = "reject".into();
+        let strict = ProxyConfig::from_json(&v.to_string()).unwrap();
+        assert_eq!(strict.inbound.underscore_headers, UnderscoreHeaders::Reject);
+        v["inbound"]["underscoreHeaders"] = "keep".into();
+        assert!(ProxyConfig::from_json(&v.to_string()).is_err());
     }
 
     #[test]

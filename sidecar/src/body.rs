@@ -29,6 +29,47 @@ impl std::error::Error for BodyError {
     }
 }
 
+/// Reading the request body from the downstream client failed: a malformed chunk, a body shorter
+/// than its `Content-Length` (the client closed or reset mid-upload), a read error on the
+/// client's connection. Every body error of a request the proxy received is wrapped in this
+/// type, so a forwarding failure it causes can be told apart from the upstream's own failures
+/// and blamed on the client: 400 `client-body-error`, never counted by the breaker or the retry
+/// budget (a broken upload is not evidence that the dependency is unhealthy).
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "reading the request body from the client failed: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl ClientBodyError {
+    /// The [`ClientBodyError`] that is `e` or in its chain of sources, if any. Forwarding
+    /// errors arrive wrapped by the HTTP client (its error, hyper's, then the body's), so the
+    /// whole chain is searched.
+    pub fn in_chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(c) = err.downcast_ref::<ClientBodyError>() {
+                return Some(c);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
 /// The one body type inside the proxy (requests and responses).
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 pub type Req = Request<BoxBody>;
@@ -77,6 +118,19 @@ pub enum Reason {
     ClientRateLimited,
     /// Edge: a CORS preflight from an origin, method or header not allowed: 403.
     CorsRejected,
+    /// The client's request body broke while it was read (malformed chunked framing, closed or
+    /// reset before `Content-Length` bytes): 400. The client's fault, not the upstream's.
+    ClientBodyError,
+    /// An HTTP/1.1 request without `Host`, with more than one, or with an invalid value
+    /// (RFC 9112 §3.2): 400.
+    BadHost,
+    /// `CONNECT`: the proxy forwards requests, it does not open tunnels: 405.
+    MethodNotAllowed,
+    /// A `Transfer-Encoding` other than `chunked` alone: a coding the proxy does not apply, so
+    /// it cannot frame the body it would pass on (RFC 9112 §6.1): 501.
+    UnsupportedTransferCoding,
+    /// A header name with `_` while `inbound.underscoreHeaders` is `reject`: 400.
+    UnderscoreHeader,
 }
 
 impl Reason {
@@ -99,6 +153,11 @@ impl Reason {
             Reason::NoRoute => "no-route",
             Reason::ClientRateLimited => "client-rate-limited",
             Reason::CorsRejected => "cors-rejected",
+            Reason::ClientBodyError => "client-body-error",
+            Reason::BadHost => "bad-host",
+            Reason::MethodNotAllowed => "method-not-allowed",
+            Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
+            Reason::UnderscoreHeader => "underscore-header",
         }
     }
 
@@ -115,7 +174,12 @@ impl Reason {
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::CorsRejected => StatusCode::FORBIDDEN,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::BadRequest
+            | Reason::ClientBodyError
+            | Reason::BadHost
+            | Reason::UnderscoreHeader => StatusCode::BAD_REQUEST,
+            Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Reason::AppConnect
             | Reason::UpstreamConnect
             | Reason::UpstreamError
@@ -158,6 +222,15 @@ pub fn reject(reason: Reason) -> Resp {
     resp
 }
 
+/// [`reject`] with `connection: close`: for refusals after which the rest of the connection cannot
+/// be trusted (an unread or broken body, framing the proxy does not understand).
+pub fn reject_closing(reason: Reason) -> Resp {
+    let mut resp = reject(reason);
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 fn reason_body(reason: Reason) -> &'static [u8] {
     match reason {
         Reason::Timeout => b"timeout\n",
@@ -177,6 +250,11 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::NoRoute => b"no-route\n",
         Reason::ClientRateLimited => b"client-rate-limited\n",
         Reason::CorsRejected => b"cors-rejected\n",
+        Reason::ClientBodyError => b"client-body-error\n",
+        Reason::BadHost => b"bad-host\n",
+        Reason::MethodNotAllowed => b"method-not-allowed\n",
+        Reason::UnsupportedTransferCoding => b"unsupported-transfer-coding\n",
+        Reason::UnderscoreHeader => b"underscore-header\n",
     }
 }
 

@@ -7,8 +7,9 @@
 //! the single trial (half-open); every other call is rejected while it runs. The trial's success
 //! closes the breaker (window cleared), its failure re-opens it for another `resetTimeoutMs`. A
 //! trial abandoned without a result (caller gone) frees the trial slot for the next call.
-//! What counts as a failure (5xx, connect errors, timeouts) comes from the config. Every
-//! transition is logged and counted.
+//! What counts as a failure (5xx, connect errors, timeouts) comes from the config; a request whose
+//! body broke on the client's side (`client-body-error`) is not counted at all. Every transition
+//! is logged and counted.
 
 use crate::body::{Reason, Req, Resp, reject, rejection};
 use crate::layers::{BoxFuture, always_ready};
@@ -336,7 +337,11 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            permit.record(breaker.is_failure(&resp));
+            // A request whose body broke on the client's side tells nothing about the
+            // dependency: not a call of the window at all (dropping the permit frees a trial).
+            if rejection(&resp) != Some(Reason::ClientBodyError) {
+                permit.record(breaker.is_failure(&resp));
+            }
             Ok(resp)
         })
     }

@@ -1,7 +1,7 @@
 //! The innermost services: the pooled keep-alive HTTP/1.1 client that forwards to the app or to a
 //! dependency, and the per-attempt timeout that bounds each call by the request's deadline.
 
-use crate::body::{BodyError, BoxBody, Reason, Req, Resp, reject};
+use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
 use crate::layers::{BoxFuture, always_ready, deadline_of};
 use http::header::{CONNECTION, HOST, HeaderName};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -214,6 +214,17 @@ impl Service<Req> for Forward {
                     Ok(resp)
                 }
                 Err(e) => {
+                    if let Some(client) = ClientBodyError::in_chain(&e) {
+                        // The request body the client sent broke (bad chunk, aborted upload):
+                        // its fault, not the upstream's. The connection is closed: the rest of
+                        // its bytes cannot be framed.
+                        tracing::warn!(
+                            reason = Reason::ClientBodyError.as_str(),
+                            error = %client,
+                            "request body from the client failed; not forwarded in full"
+                        );
+                        return Ok(reject_closing(Reason::ClientBodyError));
+                    }
                     let reason = if e.is_connect() {
                         connect_reason
                     } else {

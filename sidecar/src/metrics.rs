@@ -36,6 +36,11 @@ pub struct RejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -58,6 +63,7 @@ pub struct Metrics {
     retries: Family<DependencyLabels, Counter>,
     retries_refused: Family<DependencyLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
+    underscore_removed: Family<KindLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
     /// The pub/sub bridge's counters (`weir_messaging_*`).
@@ -77,6 +83,9 @@ impl std::fmt::Debug for Metrics {
 pub struct RequestMetrics {
     pub requests: [Counter; 5],
     pub latency: [Histogram; 5],
+    /// `weir_rejections_total{reason="client-body-error"}`: requests whose body broke on the
+    /// client's side, found by the innermost forwarding, so counted where every answer passes.
+    pub client_body_errors: Counter,
 }
 
 #[derive(Clone, Debug)]
@@ -104,6 +113,7 @@ impl Metrics {
         let retries = Family::<DependencyLabels, Counter>::default();
         let retries_refused = Family::<DependencyLabels, Counter>::default();
         let config_reloads = Family::<ResultLabels, Counter>::default();
+        let underscore_removed = Family::<KindLabels, Counter>::default();
         let spans_exported = Counter::default();
         let spans_dropped = Counter::default();
         registry.register(
@@ -128,7 +138,7 @@ impl Metrics {
         );
         registry.register(
             "rejections",
-            "Requests refused by a policy (rate-limited, concurrency-limit, bulkhead-full, circuit-open, body-too-large)",
+            "Requests refused by a policy or for bad input, by reason (the x-weir-reason of the answer)",
             rejections.clone(),
         );
         registry.register("retries", "Retries attempted", retries.clone());
@@ -141,6 +151,11 @@ impl Metrics {
             "config_reloads",
             "Config reloads, by result (success, failure)",
             config_reloads.clone(),
+        );
+        registry.register(
+            "underscore_headers_removed",
+            "Inbound requests from which header names with _ were removed, by kind (look-alike of x-user-* or x-weir-*, other)",
+            underscore_removed.clone(),
         );
         registry.register(
             "spans_exported",
@@ -164,6 +179,7 @@ impl Metrics {
             retries,
             retries_refused,
             config_reloads,
+            underscore_removed,
             spans_exported,
             spans_dropped,
             bridge,
@@ -180,6 +196,7 @@ impl Metrics {
         RequestMetrics {
             requests: std::array::from_fn(|i| self.requests.get_or_create_owned(&labels(i))),
             latency: std::array::from_fn(|i| self.latency.get_or_create_owned(&labels(i))),
+            client_body_errors: self.rejections(direction, dependency, Reason::ClientBodyError),
         }
     }
 
@@ -214,6 +231,20 @@ impl Metrics {
         RetryMetrics {
             attempted: self.retries.get_or_create_owned(&l),
             refused_by_budget: self.retries_refused.get_or_create_owned(&l),
+        }
+    }
+
+    /// The inbound listener's counters for header names with `_`.
+    pub fn header_name_counters(&self) -> crate::layers::header_names::HeaderNameCounters {
+        let kind = |k: &str| {
+            self.underscore_removed.get_or_create_owned(&KindLabels {
+                kind: k.to_string(),
+            })
+        };
+        crate::layers::header_names::HeaderNameCounters {
+            look_alike_removed: kind("look-alike"),
+            underscore_removed: kind("other"),
+            rejected: self.rejections("inbound", "", Reason::UnderscoreHeader),
         }
     }
 

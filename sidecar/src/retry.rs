@@ -8,12 +8,15 @@
 //!   again; larger or streamed bodies are sent once.
 //! - The n-th retry waits a random time in `[0, min(backoffMaxMs, backoffBaseMs * 2^(n-1))]`,
 //!   and never past the request's deadline.
-//! - Budget: every request deposits one token, every retry withdraws one; a retry is allowed while
-//!   `ratio * requests(last ttl) + minPerSecond * ttl_seconds - retries(last ttl) >= 1`. A refused
-//!   retry returns the failed response with `x-weir-reason: retry-budget` added (unless the proxy
-//!   already named a reason).
+//! - Budget: every request deposits `ratio`, every retry withdraws one; a retry is allowed only
+//!   if, with it, every sliding window of `ttl` holds at most
+//!   `ratio * requests + minPerSecond * ttl_seconds` retries ([`RetryBudget`]). A refused retry
+//!   returns the failed response with `x-weir-reason: retry-budget` added (unless the proxy
+//!   already named a reason). A request whose body broke on the client's side deposits nothing.
 
-use crate::body::{self, REASON_HEADER, Reason, Req, Resp, reject, rejection};
+use crate::body::{
+    self, ClientBodyError, REASON_HEADER, Reason, Req, Resp, reject, reject_closing, rejection,
+};
 use crate::layers::body_limit::content_length;
 use crate::layers::{BoxFuture, always_ready, deadline_of};
 use crate::metrics::RetryMetrics;
@@ -30,73 +33,144 @@ use weir_crds::proxy::{RetryBudgetConfig, RetryConfig};
 
 /// Bodies up to this size are buffered for retries.
 pub const MAX_RETRY_BODY: u64 = 64 * 1024;
-const SLOTS: usize = 10;
+/// The budget's window is kept in this many slots of `ttl / SLOTS` each (plus the current one).
+const SLOTS: usize = 100;
+/// One retry, in the budget's fixed-point unit (a deposit of `ratio` is `ratio * UNIT`, rounded
+/// down, so rounding never adds to the budget).
+const UNIT: i128 = 1_000_000;
 
-#[derive(Clone, Copy, Debug, Default)]
+/// The highest balance held during one slot of time.
+#[derive(Clone, Copy, Debug)]
 struct Slot {
+    /// `u64::MAX` for a slot never used.
     epoch: u64,
-    deposits: u64,
-    withdrawals: u64,
+    peak: i128,
 }
 
 #[derive(Debug)]
+struct Ledger {
+    /// `ratio * deposits - retries` since the budget was made, in [`UNIT`]s.
+    balance: i128,
+    slots: [Slot; SLOTS + 1],
+}
+
+/// The retry budget: over every window of `ttl` (sliding, not aligned to anything), retries
+/// are at most `ratio * requests + minPerSecond * ttl` of the same window.
+///
+/// Why it holds: let `B(t)` be the balance, `ratio * deposits - withdrawals` up to time `t`.
+/// For a window `(s, t]`, `withdrawals - ratio * deposits = B(s) - B(t)`, so the bound holds for
+/// every window ending at `t` when `B(t) + reserve >= max B(s)` over `s` in `[t - ttl, t)`. A
+/// withdrawal is allowed only when that holds afterwards, and a window's count can only grow
+/// at its withdrawals (deposits coming later only help), so checking at each withdrawal bounds
+/// every window. The maximum over the last `ttl` is kept per slot of `ttl / SLOTS`: the peak
+/// balance held during the slot, starting with the balance carried into it. The oldest slot may
+/// reach back up to one slot before `t - ttl`, which only makes the check stricter: the budget
+/// never exceeds its bound, and at worst refuses a retry the exact window would have allowed.
+///
+/// Why not sums over whole buckets: retries spent in a bucket are forgotten as soon as the
+/// bucket falls out, up to a bucket's width before `ttl` has passed, so a dependency that stays
+/// down gets a second burst of retries inside one window.
+#[derive(Debug)]
 pub struct RetryBudget {
-    ratio: f64,
-    reserve: f64,
+    per_request: i128,
+    reserve: i128,
     slot_nanos: u128,
     origin: Instant,
-    slots: Mutex<[Slot; SLOTS]>,
+    ledger: Mutex<Ledger>,
 }
 
 impl RetryBudget {
     pub fn new(cfg: &RetryBudgetConfig) -> Arc<Self> {
         let ttl = Duration::from_millis(cfg.ttl_ms.max(1));
+        let unit = UNIT as f64;
         Arc::new(RetryBudget {
-            ratio: cfg.ratio,
-            reserve: f64::from(cfg.min_per_second) * ttl.as_secs_f64(),
+            // Float to integer casts saturate; validation keeps the ratio in [0, 1].
+            per_request: (cfg.ratio.clamp(0.0, 1.0) * unit).floor() as i128,
+            reserve: (f64::from(cfg.min_per_second) * ttl.as_secs_f64() * unit).floor() as i128,
             slot_nanos: (ttl.as_nanos() / SLOTS as u128).max(1),
             origin: Instant::now(),
-            slots: Mutex::new([Slot::default(); SLOTS]),
+            ledger: Mutex::new(Ledger {
+                balance: 0,
+                slots: [Slot {
+                    epoch: u64::MAX,
+                    peak: 0,
+                }; SLOTS + 1],
+            }),
         })
     }
 
-    fn slot<'a>(&self, slots: &'a mut [Slot; SLOTS]) -> &'a mut Slot {
+    /// The slot of the current time, opened with the balance carried into it if new.
+    fn current(&self, l: &mut Ledger) -> (u64, usize) {
         let epoch = (Instant::now()
             .saturating_duration_since(self.origin)
             .as_nanos()
             / self.slot_nanos) as u64;
-        let s = &mut slots[(epoch % SLOTS as u64) as usize];
-        if s.epoch != epoch {
-            *s = Slot {
+        let i = (epoch % (SLOTS as u64 + 1)) as usize;
+        if l.slots[i].epoch != epoch {
+            l.slots[i] = Slot {
                 epoch,
-                deposits: 0,
-                withdrawals: 0,
+                peak: l.balance,
             };
         }
-        s
+        (epoch, i)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records one original request.
     pub fn deposit(&self) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        self.slot(&mut slots).deposits += 1;
+        let mut l = self.lock();
+        let (_, i) = self.current(&mut l);
+        l.balance += self.per_request;
+        l.slots[i].peak = l.slots[i].peak.max(l.balance);
     }
 
     /// Takes a retry from the budget, if there is one left.
     pub fn try_withdraw(&self) -> bool {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let epoch = self.slot(&mut slots).epoch;
-        let (d, w) = slots
+        let mut l = self.lock();
+        let (epoch, _) = self.current(&mut l);
+        let peak = l
+            .slots
             .iter()
-            .filter(|s| s.epoch <= epoch && epoch - s.epoch < SLOTS as u64)
-            .fold((0u64, 0u64), |(d, w), s| {
-                (d + s.deposits, w + s.withdrawals)
-            });
-        if self.ratio * d as f64 + self.reserve - w as f64 >= 1.0 {
-            self.slot(&mut slots).withdrawals += 1;
+            .filter(|s| s.epoch <= epoch && epoch - s.epoch <= SLOTS as u64)
+            .map(|s| s.peak)
+            .max()
+            .unwrap_or(l.balance);
+        if l.balance - UNIT + self.reserve >= peak {
+            l.balance -= UNIT;
             true
         } else {
             false
+        }
+    }
+}
+
+/// A request's deposit into the budget, made when its first attempt is answered (or when the
+/// request is abandoned: a timeout, the caller gone) — unless the request's own body broke on
+/// the client's side: a broken upload says nothing about the dependency, so it must not earn
+/// retries for other requests either.
+struct Deposit(Option<Arc<RetryBudget>>);
+
+impl Deposit {
+    fn settle(mut self, resp: &Resp) {
+        if let Some(b) = self.0.take()
+            && rejection(resp) != Some(Reason::ClientBodyError)
+        {
+            b.deposit();
+        }
+    }
+
+    fn cancel(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Deposit {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.deposit();
         }
     }
 }
@@ -207,7 +281,7 @@ where
 
     fn call(&mut self, req: Req) -> BoxFuture {
         let policy = self.policy.clone();
-        policy.budget.deposit();
+        let deposit = Deposit(Some(policy.budget.clone()));
         let method_ok = policy.retry_non_idempotent || is_idempotent(req.method());
         let replayable = match content_length(req.headers()) {
             Ok(Some(n)) => n <= MAX_RETRY_BODY,
@@ -215,7 +289,12 @@ where
             Err(_) => false,
         };
         if policy.attempts <= 1 || !method_ok || !replayable {
-            return Box::pin(self.inner.call(req));
+            let fut = self.inner.call(req);
+            return Box::pin(async move {
+                let resp = fut.await?;
+                deposit.settle(&resp);
+                Ok(resp)
+            });
         }
         let mut inner = self.inner.clone();
         Box::pin(async move {
@@ -224,13 +303,22 @@ where
             let bytes = match body.collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) => {
-                    tracing::debug!(error = %e, "request body failed while buffering for retries");
-                    return Ok(reject(Reason::BadRequest));
+                    deposit.cancel();
+                    tracing::warn!(error = %e, "request body failed while buffering for retries");
+                    return Ok(if ClientBodyError::in_chain(&e).is_some() {
+                        reject_closing(Reason::ClientBodyError)
+                    } else {
+                        reject(Reason::BadRequest)
+                    });
                 }
             };
+            let mut deposit = Some(deposit);
             let mut attempt = 1;
             loop {
                 let mut resp = inner.call(rebuild(&parts, &bytes)).await?;
+                if let Some(d) = deposit.take() {
+                    d.settle(&resp);
+                }
                 if attempt >= policy.attempts || !is_retryable(&resp) {
                     return Ok(resp);
                 }
@@ -326,10 +414,79 @@ mod tests {
         assert!(b.try_withdraw(), "10 requests * 0.2 = 2 more");
         assert!(b.try_withdraw());
         assert!(!b.try_withdraw());
-        tokio::time::advance(Duration::from_secs(10)).await;
+        tokio::time::advance(Duration::from_millis(9_900)).await;
+        assert!(
+            !b.try_withdraw(),
+            "the retries spent are still in the window"
+        );
+        // The window is kept in slots of ttl / 100: one slot past ttl, all of it has expired.
+        tokio::time::advance(Duration::from_millis(200)).await;
         assert!(
             b.try_withdraw(),
             "everything expired after ttl: floor available again"
+        );
+    }
+
+    /// The outage of issue #15: 200 requests/s, each wanting two retries, against a dependency
+    /// that stays down, starting half a second into the budget's life. Every sliding window of
+    /// `ttl` (not only those aligned with the budget's slots) must hold at most
+    /// `ratio * requests + minPerSecond * ttl` retries of the same window.
+    #[tokio::test(start_paused = true)]
+    async fn budget_holds_over_every_sliding_window() {
+        let ttl = Duration::from_secs(10);
+        let (ratio, floor) = (0.2, 10);
+        let b = budget(ratio, floor, ttl.as_millis() as u64);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let start = Instant::now();
+        let (mut deposits, mut withdrawals) = (Vec::new(), Vec::new());
+        while start.elapsed() < Duration::from_secs(25) {
+            b.deposit();
+            deposits.push(start.elapsed());
+            for _ in 0..2 {
+                if !b.try_withdraw() {
+                    break;
+                }
+                withdrawals.push(start.elapsed());
+            }
+            tokio::time::advance(Duration::from_millis(5)).await;
+        }
+        let reserve = f64::from(floor) * ttl.as_secs_f64();
+        let in_window = |v: &[Duration], end: Duration| {
+            v.iter()
+                .filter(|t| **t <= end && end.saturating_sub(**t) < ttl)
+                .count()
+        };
+        // A window's count only grows at its withdrawals: checking the windows that end at
+        // each withdrawal checks them all.
+        let mut worst = (f64::NEG_INFINITY, Duration::ZERO, 0, 0);
+        for &end in &withdrawals {
+            let (w, d) = (in_window(&withdrawals, end), in_window(&deposits, end));
+            let excess = w as f64 - (ratio * d as f64 + reserve);
+            if excess > worst.0 {
+                worst = (excess, end, w, d);
+            }
+        }
+        let (excess, end, w, d) = worst;
+        println!(
+            "{} requests, {} retries in 25 s; closest window: {w} retries against {d} requests, \
+             ending at {end:?} (excess {excess:.1})",
+            deposits.len(),
+            withdrawals.len()
+        );
+        assert!(
+            excess <= 0.0,
+            "{w} retries against {d} requests in the 10 s window ending at {end:?}: \
+             the bound is {}",
+            ratio * d as f64 + reserve
+        );
+        // The budget is not starved either: at least 95 % of the bound over the run's first
+        // window (the check is exact up to one slot of ttl / 100).
+        let first = in_window(&withdrawals, ttl - Duration::from_millis(5));
+        let bound = ratio * in_window(&deposits, ttl - Duration::from_millis(5)) as f64 + reserve;
+        println!("first window: {first} retries, bound {bound}");
+        assert!(
+            first as f64 >= 0.95 * bound,
+            "{first} retries, bound {bound}"
         );
     }
 

@@ -2,7 +2,7 @@
 //! graceful shutdown.
 
 use crate::admin;
-use crate::body::{BodyError, Reason, Resp, reject};
+use crate::body::{BodyError, ClientBodyError, Reason, Resp, reject, reject_closing};
 use crate::forward::new_client;
 use crate::framing::{Tap, Tapped};
 use crate::metrics::Metrics;
@@ -191,6 +191,11 @@ async fn drained(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Accepts connections until stopped (the listener left the config) or, for every listener but
+/// the admin one, until the drain begins. The admin listener stays up through the drain, so
+/// `/readyz` can say 503 (and `/metrics`, `/app-health/*` keep answering) while in-flight requests
+/// finish; it closes when the process exits. Its connections are not waited for by the drain:
+/// a kept-alive scrape or probe connection must not hold the pod's shutdown open.
 async fn accept_loop(
     shared: Arc<Shared>,
     role: Role,
@@ -198,16 +203,22 @@ async fn accept_loop(
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut drain = shared.drain_rx.clone();
+    let admin = role == Role::Admin;
     loop {
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            _ = drained(&mut drain) => break,
+            _ = drained(&mut drain), if !admin => break,
             r = listener.accept() => match r {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let tracker = shared.conn_tracker.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let Some(tracker) = tracker else { break };
+                    let tracker = if admin {
+                        None
+                    } else {
+                        let t = shared.conn_tracker.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let Some(t) = t else { break };
+                        Some(t)
+                    };
                     tokio::spawn(serve_connection(shared.clone(), role.clone(), stream, tracker));
                 }
                 Err(e) => {
@@ -224,7 +235,7 @@ async fn serve_connection(
     shared: Arc<Shared>,
     role: Role,
     stream: tokio::net::TcpStream,
-    _tracker: mpsc::Sender<()>,
+    _tracker: Option<mpsc::Sender<()>>,
 ) {
     let mut drain = shared.drain_rx.clone();
     let s2 = shared.clone();
@@ -247,8 +258,9 @@ async fn serve_connection(
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    let mut draining = *drain.borrow();
-    if draining {
+    // Admin connections are left alone by the drain (see `accept_loop`).
+    let mut draining = *drain.borrow() || role == Role::Admin;
+    if draining && role != Role::Admin {
         conn.as_mut().graceful_shutdown();
     }
     loop {
@@ -295,14 +307,13 @@ async fn dispatch(
     if let Some(reason) = refused {
         // Ambiguous framing: answered here, before any stack, and the connection is closed.
         tracing::warn!(listener = role.name(), reason, method = %req.method(), path = req.uri().path(), "refused request");
-        let mut resp = reject(Reason::BadRequest);
-        resp.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-        return Ok(resp);
+        return Ok(reject_closing(Reason::BadRequest));
     }
-    let req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
+    // Every error of this body is the downstream client's (see `ClientBodyError`).
+    let req = req.map(|b| {
+        b.map_err(|e| BodyError::new(ClientBodyError(e)))
+            .boxed_unsync()
+    });
     match role {
         Role::Admin => Ok(admin::handle(&shared, req).await),
         Role::Inbound => {
@@ -367,18 +378,20 @@ impl Proxy {
         })
     }
 
-    /// Stops accepting, lets in-flight requests finish within `shutdownGraceMs`, then returns.
-    /// Returns `false` when the grace period ran out with connections still open.
+    /// Stops accepting (except on the admin listener), lets in-flight requests finish within
+    /// `shutdownGraceMs`, then returns. Returns `false` when the grace period ran out with
+    /// connections still open.
     pub async fn shutdown(mut self) -> bool {
         let grace = Duration::from_millis(self.shared.snapshot().config.shutdown_grace_ms);
         self.reload_task.abort();
         self.shared.draining.store(true, Ordering::Release);
         let _ = self.drain_tx.send(true);
+        // Every listener stops accepting but the admin one (`/readyz` answers 503 meanwhile).
         self.shared
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .retain(|(role, _), _| *role == Role::Admin);
         self.shared
             .conn_tracker
             .lock()

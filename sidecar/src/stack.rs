@@ -13,6 +13,7 @@ use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
 use crate::layers::fallback::{FallbackLayer, FallbackResponse};
 use crate::layers::guard::GuardLayer;
+use crate::layers::header_names::HeaderNamesLayer;
 use crate::layers::observe::{ObserveLayer, Observer};
 use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
 use crate::layers::timeout::TimeoutLayer;
@@ -207,6 +208,7 @@ pub fn build(
                 metrics: m.request_metrics("outbound", name),
                 access_log: env.access_log,
             }))
+            .layer(GuardLayer::new(name, |r| m.rejections("outbound", name, r)))
             .option_layer(
                 o.fallback
                     .as_ref()
@@ -309,7 +311,13 @@ pub fn build(
             metrics: m.request_metrics("inbound", ""),
             access_log: env.access_log,
         }))
-        .layer(GuardLayer)
+        .layer(GuardLayer::new("inbound", |r| {
+            m.rejections("inbound", "", r)
+        }))
+        .layer(HeaderNamesLayer::new(
+            ib.underscore_headers,
+            m.header_name_counters(),
+        ))
         .layer(InboundIdentityLayer {
             edge: config.edge.is_some(),
             key: identity_key.clone(),

@@ -155,11 +155,16 @@ pub struct TraceContext {
 
 impl TraceContext {
     /// Continues the caller's trace when its `traceparent` is valid (keeping its sampling
-    /// decision), otherwise starts a new trace sampled with probability `sampling_ratio`.
+    /// decision), otherwise starts a new trace sampled with probability `sampling_ratio`. More
+    /// than one `traceparent` counts as invalid: which one is the caller's cannot be told, and
+    /// continuing either would let a client graft its request onto a trace of its choosing (the
+    /// W3C Trace Context test suite expects a new trace id here).
     pub fn from_headers(headers: &HeaderMap, sampling_ratio: f64) -> (Self, bool) {
-        let parent = headers
-            .get(TRACEPARENT)
-            .and_then(|v| parse_traceparent(v.as_bytes()));
+        let mut all = headers.get_all(TRACEPARENT).iter();
+        let parent = match (all.next(), all.next()) {
+            (Some(v), None) => parse_traceparent(v.as_bytes()),
+            _ => None,
+        };
         match parent {
             Some(p) => (
                 TraceContext {
@@ -289,6 +294,24 @@ mod tests {
             (2000..3000).contains(&n),
             "sampled {n} of 10000 at ratio 0.25"
         );
+    }
+
+    #[test]
+    fn two_traceparents_start_a_new_trace() {
+        let mut h = HeaderMap::new();
+        h.append(TRACEPARENT, HeaderValue::from_static(VALID));
+        h.append(
+            TRACEPARENT,
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        h.insert(TRACESTATE, HeaderValue::from_static("a=b"));
+        let (ctx, continued) = TraceContext::from_headers(&h, 0.0);
+        assert!(!continued);
+        assert_eq!(ctx.parent_span_id, None);
+        assert!(!ctx.sampled, "a new trace, sampled by the ratio");
+        propagate(&mut h, &ctx, continued);
+        assert_eq!(h.get_all(TRACEPARENT).iter().count(), 1);
+        assert!(h.get(TRACESTATE).is_none());
     }
 
     #[test]

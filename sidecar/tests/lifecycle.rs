@@ -189,6 +189,71 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Issue #15, 7: the admin listener stopped at SIGTERM with the others, so `/readyz` could not
+/// say 503 (the kubelet saw connection refused) and `/metrics` went dark for the whole drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_answers_until_the_drain_ends() {
+    let app = upstream(|req, _| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        respond(200, "finished")
+    })
+    .await;
+    let mut cfg = base_config(app.addr);
+    cfg.inbound.readiness_path = Some("/ready".into());
+    cfg.shutdown_grace_ms = 5_000;
+    let mut proxy = Proxy::start(cfg).await;
+    let c = client();
+    let inflight = tokio::spawn({
+        let (c, u) = (c.clone(), proxy.inbound_url("/slow"));
+        async move { get(&c, u).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.sigterm();
+    proxy.wait_log(|v| v["message"] == "draining").await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy.config.inbound.listen)
+            .await
+            .is_err(),
+        "the inbound listener no longer accepts"
+    );
+    // While the request is in flight, on new connections each time.
+    let fresh = client();
+    let readyz = get(&fresh, proxy.admin_url("/readyz")).await;
+    assert_eq!(readyz.status, 503);
+    assert_eq!(readyz.body, "not ready: draining\n");
+    assert_eq!(
+        get(&client(), proxy.admin_url("/healthz")).await.status,
+        200
+    );
+    let metrics = get(&client(), proxy.admin_url("/metrics")).await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.body.contains("weir_requests_total"));
+    let probe = get(&client(), proxy.admin_url("/app-health/readiness")).await;
+    assert_eq!(
+        (probe.status, probe.body.as_str()),
+        (200, "app readiness: 200\n")
+    );
+    assert!(!inflight.is_finished(), "all of that during the drain");
+
+    let a = inflight.await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "finished"));
+    let status = tokio::task::spawn_blocking(move || {
+        let status = proxy.wait_exit(Duration::from_secs(5));
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(status.1.config.admin.listen)
+            .await
+            .is_err(),
+        "the admin listener closes with the process"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_gives_up_after_the_grace_period() {
     let app = upstream(|_, _| async {

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use weir_crds::proxy::*;
 
 fn trace_parts(v: &http::HeaderValue) -> (String, String) {
@@ -540,6 +541,97 @@ async fn retries_recover_a_flapping_upstream_and_the_budget_caps_an_outage() {
             .metric(r#"weir_retries_total{dependency="down"}"#)
             .await as usize,
         retries
+    );
+}
+
+/// Issue #15, 3: at 200 requests/s against a dead dependency the budget let 2,599 requests
+/// through in 10 s against a bound of (1 + 0.2) x 2,000 + 10 x 10 = 2,500: the retries spent in
+/// the first second fell out of its window early and a second burst followed at 9.5-9.8 s.
+///
+/// The load starts half a second into a second of the proxy's life (its budget's slots are
+/// counted from its start), which is where whole-second buckets let that second burst through;
+/// every request, original or retry, is recorded by the dependency. When all of them fit in one
+/// `ttl` the bound is simply `ratio * requests + minPerSecond * ttl`; should a slow machine
+/// stretch them over more, each further window adds its own reserve to the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budget_holds_over_a_window_that_straddles_its_slots() {
+    let arrivals: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let seen = arrivals.clone();
+    let down = upstream(move |req, _| {
+        seen.lock()
+            .unwrap()
+            .push((Instant::now(), req.uri().path().to_string()));
+        async { respond(503, "down") }
+    })
+    .await;
+    let app = upstream(|_, _| async { respond(200, "app") }).await;
+    let (ratio, min_per_second, ttl) = (0.2, 10, Duration::from_secs(10));
+    let mut cfg = base_config(app.addr);
+    let mut dep = dependency("down", down.url());
+    dep.retry = Some(RetryConfig {
+        attempts: 3,
+        backoff_base_ms: 0,
+        backoff_max_ms: 0,
+        retry_non_idempotent: false,
+        budget: RetryBudgetConfig {
+            ratio,
+            min_per_second,
+            ttl_ms: ttl.as_millis() as u64,
+        },
+    });
+    cfg.outbound.push(dep);
+    let spawned = Instant::now();
+    let proxy = Proxy::start(cfg).await;
+    let ready = spawned.elapsed() + Duration::from_millis(50);
+    let seconds = ready.saturating_sub(Duration::from_millis(500)).as_secs() + 1;
+    let start = spawned + Duration::from_millis(500) + Duration::from_secs(seconds);
+    tokio::time::sleep_until(start.into()).await;
+
+    // 200 requests/s for 9.8 s, each its own path.
+    let c = client();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut calls = Vec::new();
+    while start.elapsed() < Duration::from_millis(9_800) {
+        tick.tick().await;
+        let (c, url) = (
+            c.clone(),
+            proxy.outbound_url("down", &format!("/r/{}", calls.len())),
+        );
+        calls.push(tokio::spawn(async move { get(&c, url).await.status }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 503);
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    let originals = arrivals
+        .iter()
+        .map(|(_, p)| p)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let retries = arrivals.len() - originals;
+    let span = arrivals.last().unwrap().0 - arrivals[0].0;
+    let windows = span.as_nanos().div_ceil(ttl.as_nanos()).max(1) as f64;
+    let bound = ratio * originals as f64 + f64::from(min_per_second) * ttl.as_secs_f64() * windows;
+    println!(
+        "{originals} requests, {retries} retries ({} at the dependency) over {span:?}; bound {bound}",
+        arrivals.len()
+    );
+    assert!(
+        retries as f64 <= bound + 1e-6,
+        "{retries} retries for {originals} requests over {span:?}: the bound is {bound}"
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"weir_retries_total{dependency="down"}"#)
+            .await as usize,
+        retries
+    );
+    assert!(
+        proxy
+            .metric(r#"weir_retries_refused_by_budget_total{dependency="down"}"#)
+            .await
+            > 0.0,
+        "the budget was the limit"
     );
 }
 

@@ -11,7 +11,7 @@ use weir_crds::proxy::{
     AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
     CorsConfig, EdgeConfig, EdgeRouteConfig, FailureClassConfig, FallbackConfig, IdentityConfig,
     InboundConfig, JwtConfig, OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig,
-    RetryConfig, TracingConfig,
+    RetryConfig, TracingConfig, UnderscoreHeaders,
 };
 
 /// Where the edge's JWKS Secret key is mounted in the sidecar (`spec.edge.jwt.jwksSecretRef`).
@@ -137,6 +137,7 @@ pub fn build(
             max_body_bytes: inbound.max_body_bytes,
             liveness_path: has_app.then(|| spec.probes.liveness.path.clone()),
             readiness_path: has_app.then(|| spec.probes.readiness.path.clone()),
+            underscore_headers: UnderscoreHeaders::default(),
         },
         admin: AdminConfig {
             listen: placement.admin(),

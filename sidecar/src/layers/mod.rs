@@ -6,6 +6,7 @@ pub mod body_limit;
 pub mod concurrency;
 pub mod fallback;
 pub mod guard;
+pub mod header_names;
 pub mod observe;
 pub mod rate_limit;
 pub mod timeout;

@@ -2,7 +2,7 @@
 //! the pre-created label set of its status class, and logs one line per request with the trace id.
 
 use super::{BoxFuture, always_ready};
-use crate::body::{Req, Resp, rejection, status_class};
+use crate::body::{Reason, Req, Resp, rejection, status_class};
 use crate::metrics::RequestMetrics;
 use crate::trace::TraceContext;
 use std::convert::Infallible;
@@ -71,6 +71,10 @@ where
             let elapsed = start.elapsed();
             let class = status_class(resp.status());
             obs.metrics.requests[class].inc();
+            let reason = rejection(&resp);
+            if reason == Some(Reason::ClientBodyError) {
+                obs.metrics.client_body_errors.inc();
+            }
             obs.metrics.latency[class].observe(elapsed.as_secs_f64());
             if let Some((method, uri)) = log {
                 let tid = ctx.map(|c| c.trace_id_hex());
@@ -86,7 +90,7 @@ where
                     status: resp.status().as_u16(),
                     duration_us: elapsed.as_micros() as u64,
                     trace_id,
-                    reason: rejection(&resp).map_or("", |r| r.as_str()),
+                    reason: reason.map_or("", |r| r.as_str()),
                 };
                 line.emit();
             }

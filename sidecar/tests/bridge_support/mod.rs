@@ -331,6 +331,7 @@ pub fn base_config(service: &str, app: SocketAddr, messaging: MessagingConfig) -
             max_body_bytes: 64 * 1024,
             liveness_path: None,
             readiness_path: None,
+            underscore_headers: UnderscoreHeaders::default(),
         },
         admin: AdminConfig {
             listen: free_addr(),

@@ -135,6 +135,7 @@ pub fn base_config(app: SocketAddr) -> ProxyConfig {
             max_body_bytes: 1 << 20,
             liveness_path: None,
             readiness_path: None,
+            underscore_headers: UnderscoreHeaders::default(),
         },
         admin: AdminConfig {
             listen: free_addr(),
@@ -268,6 +269,20 @@ impl Proxy {
             })
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or(0.0)
+    }
+
+    /// Waits until a sample line has `value`: a request's counters are updated once its answer
+    /// is made, which may be after the client stopped listening.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(series).await;
+            if v == value {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{series} is {v}, not {value}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     pub fn log_lines(&self) -> Vec<serde_json::Value> {
