@@ -47,7 +47,10 @@ mod tests {
 
     #[test]
     fn a_token_alone_is_masked() {
-        assert_eq!(url("nats://s3cr3t@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
+        assert_eq!(
+            url("nats://s3cr3t@127.0.0.1:4222"),
+            "nats://***@127.0.0.1:4222"
+        );
     }
 
     #[test]

@@ -65,14 +65,12 @@ pub fn processed_record(stream: &str, key: &str) -> String {
 /// `username` and `password`, or `password` alone, or `token`, used as the password; or only
 /// `ca.crt`). A `ca.crt` there is the only root trusted for `rediss://`.
 pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, String> {
-    let mut info = url
-        .into_connection_info()
-        .map_err(|e| {
-            format!(
-                "messaging.brokerUrl: {:?} is not a Redis URL: {e}",
-                weir_crds::redact::url(url)
-            )
-        })?;
+    let mut info = url.into_connection_info().map_err(|e| {
+        format!(
+            "messaging.brokerUrl: {:?} is not a Redis URL: {e}",
+            weir_crds::redact::url(url)
+        )
+    })?;
     if let Some(dir) = credentials {
         info = with_auth(info, dir)?;
     }
