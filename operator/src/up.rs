@@ -1583,6 +1583,50 @@ spec:
     }
 
     #[test]
+    fn each_replica_has_its_own_ports_and_dependants_call_replica_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        std::fs::write(
+            &f,
+            r#"
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: users, annotations: {weir.dev/local-command: "weir-echo"}}
+spec: {image: users:1, replicas: 3}
+---
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: orders, annotations: {weir.dev/local-command: "weir-echo"}}
+spec:
+  image: orders:1
+  dependencies: [{name: users, microservice: users}]
+"#,
+        )
+        .unwrap();
+        let (loaded, _) = load(&[f], &Schemas::new()).unwrap();
+        let plan = plan(&loaded, "default", None).unwrap();
+        let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["users-0", "users-1", "users-2", "orders"]);
+        let users: Vec<&LocalService> = plan.iter().filter(|s| s.microservice == "users").collect();
+        let mut ports = std::collections::BTreeSet::new();
+        for (i, u) in users.iter().enumerate() {
+            assert_eq!(u.replica, i);
+            assert_eq!(
+                u.config.service, "users",
+                "the sidecar acts as the Microservice"
+            );
+            for p in [u.ports.app, u.ports.inbound, u.ports.admin] {
+                assert!(ports.insert(p), "port {p} given twice");
+            }
+        }
+        let orders = plan.iter().find(|s| s.name == "orders").unwrap();
+        assert_eq!(
+            orders.config.outbound[0].upstream,
+            format!("http://127.0.0.1:{}", users[0].ports.inbound)
+        );
+    }
+
+    #[test]
     fn a_microservice_without_local_command_is_refused_naming_the_annotation() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m.yaml");
