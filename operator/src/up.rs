@@ -146,10 +146,17 @@ fn local_edge_secrets(
     Ok(())
 }
 
-/// What `weir up` will run for one Microservice.
+/// What `weir up` will run for one replica of a Microservice.
 #[derive(Debug, Clone)]
 pub struct LocalService {
+    /// The replica's name: the Microservice's name when it has one replica, else
+    /// `<name>-<index>` (`orders-0`, `orders-1`), as log prefixes and the state file show it.
     pub name: String,
+    /// The Microservice's name: what its sidecar consumes and publishes as, and its apps'
+    /// `SERVICE_NAME`, the same for every replica (they share the queue's consumer).
+    pub microservice: String,
+    /// Index among the Microservice's replicas; dependants call replica 0.
+    pub replica: usize,
     /// `None` for an edge without an app (the sidecar alone routes).
     pub command: Option<String>,
     pub workdir: PathBuf,
@@ -251,21 +258,23 @@ pub fn plan_with(
     if services.is_empty() {
         bail!("no Microservice in the input");
     }
-    let mut ports = BTreeMap::new();
-    for (_, ms) in &services {
+    // Each replica on ports of its own, as each pod has its own address.
+    let mut ports: BTreeMap<String, Vec<LocalPorts>> = BTreeMap::new();
+    for (l, ms) in &services {
         let name = ms.metadata.name.clone().unwrap_or_default();
-        let outbound = ms
-            .spec
-            .dependencies
-            .iter()
-            .map(|_| free_port())
-            .collect::<Result<Vec<_>>>()?;
+        let replicas = usize::try_from(ms.spec.replicas).unwrap_or(0);
+        if replicas == 0 {
+            eprintln!(
+                "note: {}: Microservice/{name}: replicas: 0; not run (as in a cluster, calls to it find no one)",
+                l.file.display()
+            );
+        }
         let fixed = ms
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(LOCAL_PORT))
-            .filter(|_| !opts.any_port)
+            .filter(|_| !opts.any_port && replicas > 0)
             .map(|p| {
                 let port: u16 = p.parse().map_err(|_| {
                     anyhow!("Microservice/{name}: metadata.annotations[{LOCAL_PORT:?}]: {p:?} is not a port number")
@@ -276,23 +285,41 @@ pub fn plan_with(
                 Ok::<u16, anyhow::Error>(port)
             })
             .transpose()?;
-        ports.insert(
-            name,
-            LocalPorts {
+        let mut all = Vec::new();
+        for replica in 0..replicas {
+            let outbound = ms
+                .spec
+                .dependencies
+                .iter()
+                .map(|_| free_port())
+                .collect::<Result<Vec<_>>>()?;
+            all.push(LocalPorts {
                 app: free_port()?,
-                inbound: match fixed {
+                // The fixed port is the service's URL: replica 0's, the one dependants call.
+                inbound: match fixed.filter(|_| replica == 0) {
                     Some(p) => p,
                     None => free_port()?,
                 },
                 admin: free_port()?,
                 outbound,
-            },
-        );
+            });
+        }
+        ports.insert(name, all);
+    }
+    // Where a dependant's sidecar sends a Microservice's calls: its replica 0. A dependency has
+    // one upstream in the sidecar's config (balancing over replicas is issue #17); a
+    // Microservice with no replica is missing here and its callers get connection refused.
+    let first: BTreeMap<String, LocalPorts> = ports
+        .iter()
+        .filter_map(|(name, all)| Some((name.clone(), all.first()?.clone())))
+        .collect();
+    if first.is_empty() {
+        bail!("every Microservice has replicas: 0: nothing to run");
     }
     let mut out = Vec::new();
     for (l, ms) in services {
-        let name = ms.metadata.name.clone().unwrap_or_default();
-        let obj = format!("{}: Microservice/{name}", l.file.display());
+        let microservice = ms.metadata.name.clone().unwrap_or_default();
+        let obj = format!("{}: Microservice/{microservice}", l.file.display());
         let annotations = ms.metadata.annotations.clone().unwrap_or_default();
         let command = match annotations.get(LOCAL_COMMAND) {
             Some(c) => Some(c.clone()),
@@ -308,53 +335,62 @@ pub fn plan_with(
             Some(d) => base.join(d),
             None => std::env::current_dir()?,
         };
-        let me = &ports[&name];
-        let placement = LocalPlacement {
-            me,
-            all: &ports,
-            identity_key,
-        };
-        let mut config = proxy_config::build(&name, namespace, &ms.spec, &placement)
-            .map_err(|e| anyhow!("{obj}: {e}"))?;
-        local_edge_secrets(&obj, ms, &mut config, opts.secrets_dir)?;
-        if broker_url.is_some() {
-            let bridge = render_messaging::build(
-                &name,
-                namespace,
-                &ms.spec,
-                &queues,
-                &brokers,
-                "cluster.local",
-            )
-            .map_err(|e| anyhow!("{obj}: {e}"))?;
-            config.messaging = bridge.map(|m| m.config);
-        }
-        let mut env = Vec::new();
-        for e in &ms.spec.env {
-            match &e.value {
-                Some(v) => env.push((e.name.clone(), v.clone())),
-                None => eprintln!(
-                    "note: {obj}: spec.env {}: valueFrom is not available locally; unset",
-                    e.name
-                ),
+        let replicas = &ports[&microservice];
+        for (replica, me) in replicas.iter().enumerate() {
+            let name = match replicas.len() {
+                1 => microservice.clone(),
+                _ => format!("{microservice}-{replica}"),
+            };
+            let placement = LocalPlacement {
+                me,
+                all: &first,
+                identity_key,
+            };
+            let mut config = proxy_config::build(&microservice, namespace, &ms.spec, &placement)
+                .map_err(|e| anyhow!("{obj}: {e}"))?;
+            local_edge_secrets(&obj, ms, &mut config, opts.secrets_dir)?;
+            if broker_url.is_some() {
+                let bridge = render_messaging::build(
+                    &microservice,
+                    namespace,
+                    &ms.spec,
+                    &queues,
+                    &brokers,
+                    "cluster.local",
+                )
+                .map_err(|e| anyhow!("{obj}: {e}"))?;
+                config.messaging = bridge.map(|m| m.config);
             }
+            let mut env = Vec::new();
+            for e in &ms.spec.env {
+                match &e.value {
+                    Some(v) => env.push((e.name.clone(), v.clone())),
+                    None if replica == 0 => eprintln!(
+                        "note: {obj}: spec.env {}: valueFrom is not available locally; unset",
+                        e.name
+                    ),
+                    None => {}
+                }
+            }
+            for o in &config.outbound {
+                env.push((dependency_env_name(&o.name), format!("http://{}", o.listen)));
+            }
+            env.push((
+                "WEIR_SIDECAR_URL".into(),
+                format!("http://127.0.0.1:{}", me.admin),
+            ));
+            env.push(("PORT".into(), me.app.to_string()));
+            out.push(LocalService {
+                name,
+                microservice: microservice.clone(),
+                replica,
+                command: command.clone(),
+                workdir: workdir.clone(),
+                env,
+                ports: me.clone(),
+                config,
+            });
         }
-        for o in &config.outbound {
-            env.push((dependency_env_name(&o.name), format!("http://{}", o.listen)));
-        }
-        env.push((
-            "WEIR_SIDECAR_URL".into(),
-            format!("http://127.0.0.1:{}", me.admin),
-        ));
-        env.push(("PORT".into(), me.app.to_string()));
-        out.push(LocalService {
-            name,
-            command,
-            workdir,
-            env,
-            ports: me.clone(),
-            config,
-        });
     }
     Ok(out)
 }
@@ -433,28 +469,33 @@ pub async fn http_ok(addr: SocketAddr, path: &str) -> bool {
 
 /// How a process is (re)started: the program, its arguments, env and directory.
 #[derive(Debug, Clone)]
-struct ProcSpec {
-    label: String,
-    kind: ProcKind,
-    program: std::ffi::OsString,
-    args: Vec<std::ffi::OsString>,
-    env: Vec<(String, String)>,
-    workdir: Option<PathBuf>,
+pub(crate) struct ProcSpec {
+    pub(crate) label: String,
+    pub(crate) kind: ProcKind,
+    pub(crate) program: std::ffi::OsString,
+    pub(crate) args: Vec<std::ffi::OsString>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) workdir: Option<PathBuf>,
+    /// A broker's port: a restarted broker must listen on it again within the timeout, or
+    /// the run ends (a broker that cannot come back leaves every sidecar without one).
+    pub(crate) listens: Option<(u16, Duration)>,
 }
 
-/// Stop order: apps (and saga coordinators) first, then sidecars, then the rest (the broker).
+/// Stop order: apps (and saga coordinators) first, then sidecars, then brokers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ProcKind {
+pub(crate) enum ProcKind {
     App,
     Proxy,
-    Other,
+    Broker,
 }
 
 impl ProcSpec {
-    fn spawn(&self) -> Result<Child> {
+    pub(crate) fn spawn(&self) -> Result<Child> {
         let mut c = command(&self.program);
         c.args(&self.args)
             .envs(self.env.iter().cloned())
+            // Each process has a group of its own, off the terminal: reading it would stop it.
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -469,14 +510,51 @@ impl ProcSpec {
     }
 }
 
+/// A broker process `weir up` started, with what it takes to start it again the same way
+/// (same port, same data directory), so that the sidecars reconnect to it.
+pub struct BrokerProcess {
+    pub(crate) spec: ProcSpec,
+    pub(crate) child: Child,
+}
+
+/// SIGKILL to what is left of an exited process's group: children it started (the Erlang VM
+/// of rabbitmq-server's start script, an app's workers) would otherwise keep its ports, and
+/// its restart could not listen on them. Each process leads its own group (see [`command`]).
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) on the process group of a child we started; ESRCH when it is empty.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+}
+
 /// One supervised process.
 struct Proc {
     spec: ProcSpec,
     child: Option<Child>,
+    /// The pid of the last start: its process group outlives the child's reaping.
+    pid: Option<u32>,
     started: Instant,
     restarts: u32,
     /// When a process that exited is started again.
     restart_at: Option<Instant>,
+    /// A restarted broker not yet listening on its port: the deadline for it to.
+    listen_by: Option<Instant>,
+}
+
+impl Proc {
+    fn new(spec: ProcSpec, child: Child) -> Proc {
+        Proc {
+            pid: child.id(),
+            spec,
+            child: Some(child),
+            started: Instant::now(),
+            restarts: 0,
+            restart_at: None,
+            listen_by: None,
+        }
+    }
 }
 
 /// Restart delay after the `n`th consecutive crash: 500ms doubling to 10s, as a kubelet backs
@@ -485,15 +563,38 @@ fn restart_delay(n: u32) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(10))
 }
 
-/// A saga coordinator run by `weir up`.
+/// Why a `weir up` run failed: it stops everything and exits non-zero. Ctrl-C and SIGTERM are
+/// not failures (exit 0).
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// With `--no-restart`, a process exited.
+    #[error("{label} exited ({status}) and --no-restart is set")]
+    Exited {
+        label: String,
+        status: std::process::ExitStatus,
+    },
+    /// A broker exited and could not be started again: its program cannot be run, or it exited
+    /// or did not listen on its port again in time (another program took the port, its data
+    /// directory is unusable, ...).
+    #[error("{label} could not be restarted: {reason}")]
+    BrokerNotRestarted { label: String, reason: String },
+    /// The state file could not be written (the tools reading it would act on stale pids).
+    #[error("state file {}: {message}", path.display())]
+    StateFile { path: PathBuf, message: String },
+}
+
+/// A saga coordinator replica run by `weir up`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LocalSaga {
+    /// The Saga's name.
     pub name: String,
+    /// The replica's name: the Saga's with one replica, else `<saga>-<index>`.
+    pub replica: String,
     /// Where its HTTP API listens (`POST /v1/sagas/<name>`, `GET /v1/stats`).
     pub url: String,
-    /// Its config, when `weir up` runs it without a sidecar (queues on NATS).
+    /// The label of its process (its log prefix), to find its pid.
     #[serde(skip)]
-    pub config: Option<crate::saga::config::CoordinatorConfig>,
+    label: String,
 }
 
 /// The processes of one `weir up` run.
@@ -540,6 +641,7 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
             args: vec!["--config".into(), cfg_path.into()],
             env: Vec::new(),
             workdir: None,
+            listens: None,
         })?;
     }
     for s in &services {
@@ -553,12 +655,13 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
         let Some(command) = &s.command else {
             continue;
         };
-        // The app's own directory: kept across restarts of the process, like a pod's emptyDir.
+        // The replica's own directory: kept across restarts of the process, like a pod's
+        // emptyDir (each replica has its own, as each pod has).
         let state_dir = opts.work_dir.join("state").join(&s.name);
         std::fs::create_dir_all(&state_dir)?;
         let mut env = s.env.clone();
         env.push(("PATH".into(), path.clone()));
-        env.push(("SERVICE_NAME".into(), s.name.clone()));
+        env.push(("SERVICE_NAME".into(), s.microservice.clone()));
         env.push((
             "WEIR_STATE_DIR".into(),
             state_dir.to_string_lossy().into_owned(),
@@ -571,6 +674,7 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
             args: vec!["-c".into(), format!("exec {command}").into()],
             env,
             workdir: Some(s.workdir.clone()),
+            listens: None,
         })?;
     }
     for s in services.iter().filter(|s| s.command.is_some()) {
@@ -600,40 +704,88 @@ where
     Ok(())
 }
 
+/// Whether a process of the group `pgid` listens on TCP `port`, read from /proc: a connection
+/// accepted on the port would not tell, as another program may have taken the port while the
+/// broker was down (the broker then exits at once, and must not be taken as back).
+fn group_listens(pgid: u32, port: u16) -> bool {
+    let inodes = listening_sockets(port);
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp ...`; the command name may hold spaces and parentheses.
+        let pgrp = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok());
+        if pgrp != Some(pgid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path())
+                && let Some(inode) = link
+                    .to_str()
+                    .and_then(|l| l.strip_prefix("socket:["))
+                    .and_then(|l| l.strip_suffix(']'))
+                && inodes.iter().any(|i| i == inode)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The inodes of the TCP sockets listening on `port` (any address), from /proc/net/tcp{,6}.
+fn listening_sockets(port: u16) -> Vec<String> {
+    const LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...`
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if f.len() > 9 && f[3] == LISTEN && local_port == Some(port) {
+                out.push(f[9].to_string());
+            }
+        }
+    }
+    out
+}
+
 impl Running {
     fn launch(&mut self, spec: ProcSpec) -> Result<()> {
         let child = spec.spawn()?;
-        self.procs.push(Proc {
-            spec,
-            child: Some(child),
-            started: Instant::now(),
-            restarts: 0,
-            restart_at: None,
-        });
+        self.procs.push(Proc::new(spec, child));
         Ok(())
     }
 
-    /// Keeps a process (a broker) to stop with the rest; it is not restarted.
-    pub fn adopt(&mut self, label: &str, mut child: Child) {
-        prefix_output(&mut child, label.to_string());
-        self.procs.push(Proc {
-            spec: ProcSpec {
-                label: label.to_string(),
-                kind: ProcKind::Other,
-                program: Default::default(),
-                args: Vec::new(),
-                env: Vec::new(),
-                workdir: None,
-            },
-            child: Some(child),
-            started: Instant::now(),
-            restarts: 0,
-            restart_at: None,
-        });
+    /// Supervises a broker started before the rest: restarted like any process when it exits,
+    /// the same way (same port, same data), stopped after the sidecars.
+    pub fn adopt(&mut self, broker: BrokerProcess) {
+        self.procs.push(Proc::new(broker.spec, broker.child));
     }
 
-    /// Starts the coordinator of each Saga of `loaded` (`weir saga-coordinator`, this binary),
-    /// calling each step's Microservice at its sidecar, and waits until each is ready.
+    /// Starts the coordinators of each Saga of `loaded` (`weir saga-coordinator`, this binary;
+    /// `spec.replicas` of them, sharing the instances through the log's leases), calling each
+    /// step's Microservice at its sidecar, and waits until each is ready.
     pub async fn start_sagas(
         &mut self,
         loaded: &[Loaded],
@@ -642,39 +794,47 @@ impl Running {
         opts: &UpOptions,
     ) -> Result<()> {
         let weir = std::env::current_exe()?;
-        for (name, _, mut config) in
-            coordinator_configs(loaded, namespace, broker_url, &self.services)?
-        {
-            let port = free_port()?;
-            config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let cfg_path = opts.work_dir.join(format!("{name}.saga.json"));
-            std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
-            self.launch(ProcSpec {
-                label: format!("{name}/saga"),
-                kind: ProcKind::App,
-                program: weir.clone().into(),
-                args: vec![
-                    "saga-coordinator".into(),
-                    "--saga".into(),
-                    format!("{}/{name}", config.namespace).into(),
-                    "--config".into(),
-                    cfg_path.into(),
-                ],
-                env: Vec::new(),
-                workdir: None,
-            })?;
-            let addr = config.listen;
-            wait_until(
-                &format!("saga coordinator {name} ready"),
-                opts.ready_timeout,
-                || http_ok(addr, "/readyz"),
-            )
-            .await?;
-            self.sagas.push(LocalSaga {
-                name,
-                url: format!("http://{addr}"),
-                config: Some(config),
-            });
+        for saga in coordinator_configs(loaded, namespace, broker_url, &self.services)? {
+            for index in 0..saga.replicas {
+                let replica = match saga.replicas {
+                    1 => saga.name.clone(),
+                    _ => format!("{}-{index}", saga.name),
+                };
+                let mut config = saga.config.clone();
+                config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+                let cfg_path = opts.work_dir.join(format!("{replica}.saga.json"));
+                std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
+                let label = format!("{replica}/saga");
+                self.launch(ProcSpec {
+                    label: label.clone(),
+                    kind: ProcKind::App,
+                    program: weir.clone().into(),
+                    args: vec![
+                        "saga-coordinator".into(),
+                        "--saga".into(),
+                        format!("{}/{}", config.namespace, saga.name).into(),
+                        "--config".into(),
+                        cfg_path.into(),
+                    ],
+                    // The replica's name in the log entries it writes (`by`), as a pod's.
+                    env: vec![("POD_NAME".into(), replica.clone())],
+                    workdir: None,
+                    listens: None,
+                })?;
+                let addr = config.listen;
+                wait_until(
+                    &format!("saga coordinator {replica} ready"),
+                    opts.ready_timeout,
+                    || http_ok(addr, "/readyz"),
+                )
+                .await?;
+                self.sagas.push(LocalSaga {
+                    name: saga.name.clone(),
+                    replica,
+                    url: format!("http://{addr}"),
+                    label,
+                });
+            }
         }
         Ok(())
     }
@@ -696,7 +856,7 @@ impl Running {
         for s in &self.sagas {
             t.push_str(&format!(
                 "{:<16} {:<26} {:<26} saga coordinator\n",
-                format!("{}/saga", s.name),
+                format!("{}/saga", s.replica),
                 s.url,
                 "-"
             ));
@@ -704,7 +864,8 @@ impl Running {
         t
     }
 
-    /// The pid of each running process, by label (`orders`, `orders/proxy`, `place-order/saga`).
+    /// The pid of each running process, by label (`orders`, `orders/proxy`, `place-order/saga`,
+    /// `nats`).
     pub fn pids(&self) -> BTreeMap<String, u32> {
         self.procs
             .iter()
@@ -712,10 +873,27 @@ impl Running {
             .collect()
     }
 
+    /// Each broker process: label, pid (while it runs) and port.
+    fn brokers(&self) -> BTreeMap<String, serde_json::Value> {
+        self.procs
+            .iter()
+            .filter(|p| p.spec.kind == ProcKind::Broker)
+            .map(|p| {
+                (
+                    p.spec.label.clone(),
+                    serde_json::json!({
+                        "pid": p.child.as_ref().and_then(Child::id),
+                        "port": p.spec.listens.map(|(port, _)| port),
+                    }),
+                )
+            })
+            .collect()
+    }
+
     /// Stops apps first (SIGTERM, then SIGKILL after the grace period), then sidecars, then the
-    /// rest: each sidecar outlives its app's in-flight calls, as in a pod.
+    /// brokers: each sidecar outlives its app's in-flight calls, as in a pod.
     pub async fn shutdown(mut self, grace: Duration) {
-        for kind in [ProcKind::App, ProcKind::Proxy, ProcKind::Other] {
+        for kind in [ProcKind::App, ProcKind::Proxy, ProcKind::Broker] {
             let mut group: Vec<(String, Child)> = self
                 .procs
                 .iter_mut()
@@ -732,32 +910,38 @@ impl Running {
             if let Some(c) = &mut p.child
                 && let Ok(Some(st)) = c.try_wait()
             {
+                p.child = None;
+                kill_group(p.pid);
                 return Some((p.spec.label.clone(), st));
             }
         }
         None
     }
 
-    /// Restarts processes that exited, with a growing delay for one that keeps crashing.
-    /// Returns whether any process was started again (pids changed). A process adopted with
-    /// [`Running::adopt`] is not restarted: its exit is returned as an error.
-    pub fn supervise(&mut self) -> Result<bool> {
+    /// Restarts processes that exited, with a growing delay for one that keeps crashing, and
+    /// watches restarted brokers come back on their ports. Returns whether any process was
+    /// started again (pids changed); an error when a broker cannot be.
+    pub fn supervise(&mut self) -> Result<bool, UpError> {
         let mut restarted = false;
         for p in &mut self.procs {
+            let label = p.spec.label.clone();
             if let Some(c) = &mut p.child
                 && let Ok(Some(st)) = c.try_wait()
             {
                 p.child = None;
-                if p.spec.kind == ProcKind::Other {
-                    bail!("{} exited ({st})", p.spec.label);
+                kill_group(p.pid);
+                if let (Some(_), Some((port, _))) = (p.listen_by, p.spec.listens) {
+                    return Err(UpError::BrokerNotRestarted {
+                        label,
+                        reason: format!("it exited ({st}) before listening on port {port} again"),
+                    });
                 }
                 if p.started.elapsed() > Duration::from_secs(60) {
                     p.restarts = 0;
                 }
                 let delay = restart_delay(p.restarts);
                 println!(
-                    "weir up: {} exited ({st}); restarting in {delay:?} (restart {})",
-                    p.spec.label,
+                    "weir up: {label} exited ({st}); restarting in {delay:?} (restart {})",
                     p.restarts + 1
                 );
                 p.restart_at = Some(Instant::now() + delay);
@@ -768,17 +952,38 @@ impl Running {
             {
                 match p.spec.spawn() {
                     Ok(child) => {
+                        p.pid = child.id();
                         p.child = Some(child);
                         p.started = Instant::now();
                         p.restarts += 1;
                         p.restart_at = None;
+                        p.listen_by = p.spec.listens.map(|(_, within)| Instant::now() + within);
                         restarted = true;
+                    }
+                    Err(e) if p.spec.kind == ProcKind::Broker => {
+                        return Err(UpError::BrokerNotRestarted {
+                            label,
+                            reason: format!("{e:#}"),
+                        });
                     }
                     Err(e) => {
                         eprintln!("weir up: {e:#}");
                         p.restarts += 1;
                         p.restart_at = Some(Instant::now() + restart_delay(p.restarts));
                     }
+                }
+            }
+            if let (Some(by), Some((port, within))) = (p.listen_by, p.spec.listens)
+                && p.child.is_some()
+            {
+                if p.pid.is_some_and(|pid| group_listens(pid, port)) {
+                    println!("weir up: {label} is back on 127.0.0.1:{port}");
+                    p.listen_by = None;
+                } else if Instant::now() > by {
+                    return Err(UpError::BrokerNotRestarted {
+                        label,
+                        reason: format!("it did not listen on port {port} within {within:?}"),
+                    });
                 }
             }
         }
@@ -797,11 +1002,13 @@ async fn stop_all(children: &mut Vec<(String, Child)>, grace: Duration) {
     }
     let deadline = Instant::now() + grace;
     for (name, c) in children.iter_mut() {
+        let pid = c.id();
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, c.wait()).await.is_err() {
             eprintln!("weir up: {name} did not stop within {grace:?}; killing it");
             let _ = c.kill().await;
         }
+        kill_group(pid);
     }
     children.clear();
 }
@@ -826,15 +1033,22 @@ pub struct RunOptions {
     pub secrets_dir: Option<PathBuf>,
 }
 
-/// Writes the state file: ports, pids, saga URLs and the broker (whole, then renamed, so a
-/// reader never sees half a file).
-fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<()> {
+/// Writes the state file: ports and pids by replica, saga coordinator URLs, the broker's URL
+/// (as given to the sidecars, credentials included: tools connect with it) and each broker
+/// process's pid and port. Whole, then renamed, so a reader never sees half a file.
+fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<(), UpError> {
+    let failed = |e: &dyn std::fmt::Display| UpError::StateFile {
+        path: f.to_path_buf(),
+        message: e.to_string(),
+    };
     let pids = running.pids();
     let services: BTreeMap<&str, serde_json::Value> = running
         .services
         .iter()
         .map(|s| {
             let mut v = serde_json::to_value(&s.ports).unwrap_or_default();
+            v["microservice"] = serde_json::json!(s.microservice);
+            v["replica"] = serde_json::json!(s.replica);
             v["pid"] = serde_json::json!(pids.get(&s.name));
             v["proxyPid"] = serde_json::json!(pids.get(&format!("{}/proxy", s.name)));
             (s.name.as_str(), v)
@@ -845,22 +1059,33 @@ fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<
         .iter()
         .map(|s| {
             (
-                s.name.as_str(),
-                serde_json::json!({"url": s.url, "pid": pids
-                    .get(&format!("{}/saga", s.name))
-                    .or_else(|| pids.get(&format!("{}{COORDINATOR_SUFFIX}", s.name)))}),
+                s.replica.as_str(),
+                serde_json::json!({"saga": s.name, "url": s.url, "pid": pids.get(&s.label)}),
             )
         })
         .collect();
-    let json = serde_json::json!({"services": services, "sagas": sagas, "brokerUrl": broker_url});
+    let json = serde_json::json!({
+        "services": services,
+        "sagas": sagas,
+        "brokerUrl": broker_url,
+        "brokers": running.brokers(),
+    });
     let tmp = f.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&json)?)?;
-    std::fs::rename(&tmp, f)?;
+    let text = serde_json::to_string_pretty(&json).map_err(|e| failed(&e))?;
+    std::fs::write(&tmp, text).map_err(|e| failed(&e))?;
+    std::fs::rename(&tmp, f).map_err(|e| failed(&e))?;
     Ok(())
 }
 
-/// Runs until Ctrl-C or SIGTERM, restarting processes that exit (or, with `no_restart`, until
-/// one exits), then stops everything.
+/// How a run ended: a signal (exit 0) or a failure (exit 1).
+enum Stop {
+    Signal(&'static str),
+    Failed(UpError),
+}
+
+/// Runs until Ctrl-C or SIGTERM, restarting processes that exit (brokers too), then stops
+/// everything. Returns an error, after stopping everything, when the run ended because
+/// something failed: with `no_restart` a process exited, or a broker could not be restarted.
 pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     let (work_dir, _temp) = match &opts.work_dir {
         Some(d) => (d.clone(), None),
@@ -876,7 +1101,7 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         (None, false) => None,
         (None, true) => {
             let started = crate::up_broker::start(opts.broker, &work_dir).await?;
-            broker_process = Some(started.children);
+            broker_process = Some(started.processes);
             Some(started.url)
         }
     };
@@ -891,10 +1116,10 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
                 != Some(weir_crds::broker::BrokerKind::Nats)
                 && loaded.iter().any(|l| matches!(l.object, Object::Saga(_))) =>
         {
-            let (child, nats_url) = start_nats(&work_dir).await?;
+            let (process, nats_url) = start_nats(&work_dir).await?;
             println!("weir up: saga logs on {nats_url} (they need JetStream)");
-            saga_log_nats = Some((child, nats_url));
-            let synthetic = coordinator_services(&loaded, &opts.namespace, &work_dir)?;
+            saga_log_nats = Some((process, nats_url));
+            let synthetic = coordinator_services(&loaded, &opts.namespace)?;
             let names = synthetic
                 .iter()
                 .filter_map(|l| match &l.object {
@@ -930,7 +1155,7 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             url,
             nats_url,
             &work_dir,
-            &services,
+            &mut services,
         )?;
     }
     if let Some(ep) = &opts.otlp_endpoint {
@@ -940,7 +1165,11 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     }
     if let Some(url) = &broker_url {
         declare_queues(&loaded, &opts.namespace, url).await?;
-        println!("weir up: broker {url}; queues declared");
+        // Printed without its password: the sidecars get the URL whole, in their configs.
+        println!(
+            "weir up: broker {}; queues declared",
+            weir_crds::redact::url(url)
+        );
     }
     let proxy_bin = match opts.proxy_bin.clone().or_else(|| find_binary("weir-proxy")) {
         Some(p) => p,
@@ -954,22 +1183,25 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         ready_timeout: opts.ready_timeout,
     };
     let mut running = start(services, &up).await?;
-    for (label, child) in broker_process.into_iter().flatten() {
-        running.adopt(&label, child);
+    for broker in broker_process.into_iter().flatten() {
+        running.adopt(broker);
     }
-    if let Some((child, _)) = saga_log_nats {
-        running.adopt("nats", child);
+    if let Some((process, _)) = saga_log_nats {
+        running.adopt(process);
         for name in &sidecar_sagas {
-            let s = running
+            let saga = name.trim_end_matches(COORDINATOR_SUFFIX).to_string();
+            let replicas: Vec<LocalSaga> = running
                 .services
                 .iter()
-                .find(|s| &s.name == name)
-                .expect("planned");
-            running.sagas.push(LocalSaga {
-                name: name.trim_end_matches(COORDINATOR_SUFFIX).to_string(),
-                url: format!("http://127.0.0.1:{}", s.ports.app),
-                config: None,
-            });
+                .filter(|s| &s.microservice == name)
+                .map(|s| LocalSaga {
+                    name: saga.clone(),
+                    replica: replica_name(&saga, s),
+                    url: format!("http://127.0.0.1:{}", s.ports.app),
+                    label: s.name.clone(),
+                })
+                .collect();
+            running.sagas.extend(replicas);
         }
     } else if let Some(url) = &broker_url {
         running
@@ -993,22 +1225,24 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let reason = loop {
+    let stop = loop {
         tokio::select! {
-            _ = interrupt.recv() => break "interrupted".to_string(),
-            _ = term.recv() => break "terminated".to_string(),
+            _ = interrupt.recv() => break Stop::Signal("interrupted"),
+            _ = term.recv() => break Stop::Signal("terminated"),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if opts.no_restart {
-                    if let Some((name, st)) = running.exited() {
-                        break format!("{name} exited ({st})");
+                    if let Some((label, status)) = running.exited() {
+                        break Stop::Failed(UpError::Exited { label, status });
                     }
                     continue;
                 }
                 match running.supervise() {
-                    Err(e) => break e.to_string(),
+                    Err(e) => break Stop::Failed(e),
                     Ok(true) => {
-                        if let Some(f) = &opts.state_file {
-                            write_state(f, &running, broker_url.as_deref())?;
+                        if let Some(f) = &opts.state_file
+                            && let Err(e) = write_state(f, &running, broker_url.as_deref())
+                        {
+                            break Stop::Failed(e);
                         }
                     }
                     Ok(false) => {}
@@ -1016,7 +1250,10 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             }
         }
     };
-    println!("weir up: {reason}; stopping");
+    match &stop {
+        Stop::Signal(why) => println!("weir up: {why}; stopping"),
+        Stop::Failed(e) => println!("weir up: {e}; stopping"),
+    }
     let grace = running
         .services
         .iter()
@@ -1025,23 +1262,45 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         .unwrap_or(Duration::from_secs(10))
         .min(Duration::from_secs(30));
     running.shutdown(grace).await;
-    Ok(())
+    match stop {
+        Stop::Signal(_) => Ok(()),
+        Stop::Failed(e) => Err(e.into()),
+    }
 }
 
-/// The coordinator config of each Saga in `loaded` (name, object for errors, config), rendered
-/// as the operator would and calling each step's Microservice at its local sidecar.
+/// A coordinator replica's name from its service's: `place-order-saga-1` → `place-order-1`.
+fn replica_name(saga: &str, service: &LocalService) -> String {
+    match service.name.strip_prefix(&service.microservice) {
+        Some(suffix) if !suffix.is_empty() => format!("{saga}{suffix}"),
+        _ => saga.to_string(),
+    }
+}
+
+/// A Saga's coordinator as `weir up` runs it: its config, rendered as the operator would and
+/// calling each step's Microservice at its local sidecar, and how many replicas run it.
+struct SagaPlan {
+    name: String,
+    /// `file: Saga/name`, for errors.
+    obj: String,
+    replicas: usize,
+    config: crate::saga::config::CoordinatorConfig,
+}
+
+/// The coordinator of each Saga in `loaded`. Steps call a Microservice at its replica 0's
+/// sidecar, as every dependant does (one upstream per target).
 fn coordinator_configs(
     loaded: &[Loaded],
     namespace: &str,
     broker_url: &str,
     services: &[LocalService],
-) -> Result<Vec<(String, String, crate::saga::config::CoordinatorConfig)>> {
+) -> Result<Vec<SagaPlan>> {
     let (queues, brokers) = local_messaging(loaded, broker_url)?;
     let queues: BTreeMap<String, weir_crds::QueueSpec> =
         queues.into_iter().map(|(k, v)| (k, v.spec)).collect();
     let inbound: BTreeMap<&str, u16> = services
         .iter()
-        .map(|s| (s.name.as_str(), s.ports.inbound))
+        .filter(|s| s.replica == 0)
+        .map(|s| (s.microservice.as_str(), s.ports.inbound))
         .collect();
     let render_opts = crate::render::RenderOptions {
         default_namespace: namespace.to_string(),
@@ -1059,7 +1318,16 @@ fn coordinator_configs(
         let config = rendered
             .direct_config(&|m| inbound.get(m).map(|p| format!("http://127.0.0.1:{p}")))
             .map_err(|e| anyhow!("{obj}: {e}"))?;
-        out.push((name, obj, config));
+        let replicas = usize::try_from(saga.spec.replicas).unwrap_or(0);
+        if replicas == 0 {
+            eprintln!("note: {obj}: replicas: 0; no coordinator runs (as in a cluster)");
+        }
+        out.push(SagaPlan {
+            name,
+            obj,
+            replicas,
+            config,
+        });
     }
     Ok(out)
 }
@@ -1070,11 +1338,7 @@ const COORDINATOR_SUFFIX: &str = "-saga";
 /// One Microservice per Saga, `<saga>-saga`, running `weir saga-coordinator`: its sidecar
 /// consumes the trigger Queue into the coordinator's HTTP trigger (`ce-id` makes the instance
 /// id, so a redelivered event starts nothing new) and publishes the outcome events.
-fn coordinator_services(
-    loaded: &[Loaded],
-    namespace: &str,
-    work_dir: &Path,
-) -> Result<Vec<Loaded>> {
+fn coordinator_services(loaded: &[Loaded], namespace: &str) -> Result<Vec<Loaded>> {
     let weir = std::env::current_exe()?;
     let mut out = Vec::new();
     for l in loaded {
@@ -1107,12 +1371,10 @@ fn coordinator_services(
             "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
             "metadata": {"name": format!("{name}{COORDINATOR_SUFFIX}"),
                          "annotations": {LOCAL_COMMAND: command}},
+            // `WEIR_SAGA_CONFIG` differs by replica: see [`write_coordinator_configs`].
             "spec": {"image": "weir", "consumes": consumes, "publishes": publishes,
-                     "env": [
-                         {"name": "WEIR_SAGA", "value": format!("{namespace}/{name}")},
-                         {"name": "WEIR_SAGA_CONFIG",
-                          "value": work_dir.join(format!("{name}.saga.json")).to_string_lossy()},
-                     ]}
+                     "replicas": spec.replicas,
+                     "env": [{"name": "WEIR_SAGA", "value": format!("{namespace}/{name}")}]}
         }))?;
         out.push(Loaded {
             file: l.file.clone(),
@@ -1122,31 +1384,50 @@ fn coordinator_services(
     Ok(out)
 }
 
-/// Writes the config of each coordinator run by [`coordinator_services`]: its log on
+/// Writes the config of each coordinator replica run by [`coordinator_services`]: its log on
 /// `log_nats`, its steps calling each Microservice at its sidecar, no trigger of its own (the
-/// sidecar pushes), outcomes published through its sidecar; and points its command at it.
+/// sidecar pushes), outcomes published through its own sidecar; and points the replica's
+/// command at it (`WEIR_SAGA_CONFIG`), with its name as `POD_NAME` (the `by` of its log
+/// entries).
 fn write_coordinator_configs(
     loaded: &[Loaded],
     namespace: &str,
     broker_url: &str,
     log_nats: &str,
     work_dir: &Path,
-    services: &[LocalService],
+    services: &mut [LocalService],
 ) -> Result<()> {
-    for (name, obj, mut config) in coordinator_configs(loaded, namespace, broker_url, services)? {
-        let me = services
-            .iter()
-            .find(|s| s.name == format!("{name}{COORDINATOR_SUFFIX}"))
-            .ok_or_else(|| anyhow!("{obj}: no coordinator service planned"))?;
-        config.broker_url = log_nats.to_string();
-        config.credentials_file = None;
-        config.trigger.queue = None;
-        config.trigger.http = true;
-        config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, me.ports.app));
-        config.publish_url = Some(format!("http://127.0.0.1:{}", me.ports.admin));
-        // Where the service's `WEIR_SAGA_CONFIG` points.
-        let path = work_dir.join(format!("{name}.saga.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+    for saga in coordinator_configs(loaded, namespace, broker_url, services)? {
+        let microservice = format!("{}{COORDINATOR_SUFFIX}", saga.name);
+        let mut planned = 0;
+        for me in services
+            .iter_mut()
+            .filter(|s| s.microservice == microservice)
+        {
+            let mut config = saga.config.clone();
+            config.broker_url = log_nats.to_string();
+            config.credentials_file = None;
+            config.trigger.queue = None;
+            config.trigger.http = true;
+            config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, me.ports.app));
+            config.publish_url = Some(format!("http://127.0.0.1:{}", me.ports.admin));
+            let path = work_dir.join(format!("{}.saga.json", me.name));
+            std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+            me.env.push((
+                "WEIR_SAGA_CONFIG".into(),
+                path.to_string_lossy().into_owned(),
+            ));
+            me.env
+                .push(("POD_NAME".into(), replica_name(&saga.name, me)));
+            planned += 1;
+        }
+        if planned != saga.replicas {
+            bail!(
+                "{}: {planned} coordinator service(s) planned for {} replica(s)",
+                saga.obj,
+                saga.replicas
+            );
+        }
     }
     Ok(())
 }
@@ -1159,7 +1440,11 @@ fn usage_notes(loaded: &[Loaded], running: &Running) -> Vec<(String, String)> {
             Object::Microservice(m) => {
                 let name = m.metadata.name.clone()?;
                 let note = m.metadata.annotations.as_ref()?.get(LOCAL_USAGE)?.clone();
-                let s = running.services.iter().find(|s| s.name == name)?;
+                // The service's URL: its replica 0's, the one dependants call.
+                let s = running
+                    .services
+                    .iter()
+                    .find(|s| s.microservice == name && s.replica == 0)?;
                 let url = format!("http://127.0.0.1:{}", s.ports.inbound);
                 Some((name, note.replace("{url}", &url)))
             }
@@ -1171,11 +1456,12 @@ fn usage_notes(loaded: &[Loaded], running: &Running) -> Vec<(String, String)> {
 /// Declares every Queue of the input on the broker, with a durable consumer for each
 /// Microservice that consumes it: the same code the operator runs.
 pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Result<()> {
+    let shown = weir_crds::redact::url(url);
     let kind = messaging::brokers::kind_of_url(url)
-        .ok_or_else(|| anyhow!("broker {url}: not a nats://, redis:// or amqp:// URL"))?;
+        .ok_or_else(|| anyhow!("broker {shown}: not a nats://, redis:// or amqp:// URL"))?;
     let broker = messaging::brokers::connect(kind, url, &messaging::Credentials::default())
         .await
-        .map_err(|e| anyhow!("broker {url}: {e}"))?;
+        .map_err(|e| anyhow!("broker {shown}: {e}"))?;
     for l in loaded {
         let Object::Queue(q) = &l.object else {
             continue;
@@ -1203,7 +1489,7 @@ pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Re
 }
 
 /// Starts `nats-server` with JetStream on a free loopback port; its store under `work_dir`.
-pub async fn start_nats(work_dir: &Path) -> Result<(Child, String)> {
+pub async fn start_nats(work_dir: &Path) -> Result<(BrokerProcess, String)> {
     let bin = find_binary("nats-server")
         .or_else(|| Some(PathBuf::from(".tools/bin/nats-server")).filter(|p| p.is_file()))
         .ok_or_else(|| {
@@ -1214,22 +1500,26 @@ pub async fn start_nats(work_dir: &Path) -> Result<(Child, String)> {
     let port = free_port()?;
     let store = work_dir.join("nats");
     std::fs::create_dir_all(&store)?;
-    let child = command(&bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&store)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("start {}", bin.display()))?;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    wait_until(
-        "nats-server to accept connections",
-        Duration::from_secs(20),
-        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-    )
-    .await?;
-    Ok((child, format!("nats://127.0.0.1:{port}")))
+    let timeout = Duration::from_secs(20);
+    let spec = ProcSpec {
+        label: "nats".into(),
+        kind: ProcKind::Broker,
+        program: bin.into(),
+        args: ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]
+            .into_iter()
+            .map(Into::into)
+            .chain([store.into_os_string()])
+            .collect(),
+        env: Vec::new(),
+        workdir: None,
+        listens: Some((port, timeout)),
+    };
+    let mut child = spec.spawn()?;
+    crate::up_broker::wait_port("nats-server", port, timeout, &mut child).await?;
+    Ok((
+        BrokerProcess { spec, child },
+        format!("nats://127.0.0.1:{port}"),
+    ))
 }
 
 /// A directory removed when dropped.
@@ -1290,6 +1580,50 @@ spec:
         );
         assert_eq!(env["PORT"], orders.ports.app.to_string());
         assert_eq!(env["A"], "b");
+    }
+
+    #[test]
+    fn each_replica_has_its_own_ports_and_dependants_call_replica_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        std::fs::write(
+            &f,
+            r#"
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: users, annotations: {weir.dev/local-command: "weir-echo"}}
+spec: {image: users:1, replicas: 3}
+---
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: orders, annotations: {weir.dev/local-command: "weir-echo"}}
+spec:
+  image: orders:1
+  dependencies: [{name: users, microservice: users}]
+"#,
+        )
+        .unwrap();
+        let (loaded, _) = load(&[f], &Schemas::new()).unwrap();
+        let plan = plan(&loaded, "default", None).unwrap();
+        let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["users-0", "users-1", "users-2", "orders"]);
+        let users: Vec<&LocalService> = plan.iter().filter(|s| s.microservice == "users").collect();
+        let mut ports = std::collections::BTreeSet::new();
+        for (i, u) in users.iter().enumerate() {
+            assert_eq!(u.replica, i);
+            assert_eq!(
+                u.config.service, "users",
+                "the sidecar acts as the Microservice"
+            );
+            for p in [u.ports.app, u.ports.inbound, u.ports.admin] {
+                assert!(ports.insert(p), "port {p} given twice");
+            }
+        }
+        let orders = plan.iter().find(|s| s.name == "orders").unwrap();
+        assert_eq!(
+            orders.config.outbound[0].upstream,
+            format!("http://127.0.0.1:{}", users[0].ports.inbound)
+        );
     }
 
     #[test]

@@ -7,16 +7,20 @@
 //!   epmd, node name, Erlang cookie (a HOME under the work directory), database and logs; it
 //!   takes a few seconds to boot.
 //!
+//! Each broker process is supervised as an app is: when it exits, `weir up` starts it again
+//! after the same backoff, with the same arguments (same port, same data directory), so the
+//! sidecars reconnect and find their queues; one that cannot listen again ends the run.
+//!
 //! Sagas keep their log on JetStream whatever the broker: with `redis` or `rabbitmq`, a
 //! nats-server is started beside it for the saga coordinators (see docs/messaging.md).
 
-use anyhow::{Context, Result, anyhow};
+use crate::up::{BrokerProcess, ProcKind, ProcSpec, free_port};
+use anyhow::{Result, anyhow};
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use weir_crds::broker::BrokerKind;
 
 /// Parses `--broker`.
@@ -29,34 +33,40 @@ pub fn parse_kind(s: &str) -> Result<BrokerKind, String> {
     }
 }
 
-/// A local broker: its processes (label, child) and the URL to give the sidecars.
+/// A local broker: its processes (supervised and restarted the same way as started) and the
+/// URL to give the sidecars.
 pub struct Started {
-    pub children: Vec<(String, Child)>,
+    pub processes: Vec<BrokerProcess>,
     pub url: String,
 }
 
-fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = std::process::Command::new(program);
-    c.process_group(0);
-    // SAFETY: prctl(2) is async-signal-safe; it only sets this child's parent-death signal.
-    unsafe {
-        c.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
+/// A broker process: `program` with `args` and `env`, expected to listen on `port` within
+/// `timeout` (at its first start and at each restart).
+fn spec(
+    label: &str,
+    program: &Path,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    port: u16,
+    timeout: Duration,
+) -> ProcSpec {
+    ProcSpec {
+        label: label.into(),
+        kind: ProcKind::Broker,
+        program: program.into(),
+        args,
+        env,
+        workdir: None,
+        listens: Some((port, timeout)),
     }
-    let mut c = Command::from(c);
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    c
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Starts `spec` and waits until it listens on its port.
+async fn launch(what: &str, spec: ProcSpec) -> Result<BrokerProcess> {
+    let mut child = spec.spawn()?;
+    let (port, timeout) = spec.listens.expect("a broker listens");
+    wait_port(what, port, timeout, &mut child).await?;
+    Ok(BrokerProcess { spec, child })
 }
 
 fn find(names: &[&str]) -> Option<PathBuf> {
@@ -79,7 +89,13 @@ fn find(names: &[&str]) -> Option<PathBuf> {
     None
 }
 
-async fn wait_port(what: &str, port: u16, timeout: Duration, child: &mut Child) -> Result<()> {
+/// Waits until `127.0.0.1:port` accepts connections; fails when `child` exits first.
+pub(crate) async fn wait_port(
+    what: &str,
+    port: u16,
+    timeout: Duration,
+    child: &mut Child,
+) -> Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let deadline = Instant::now() + timeout;
     loop {
@@ -98,13 +114,15 @@ async fn wait_port(what: &str, port: u16, timeout: Duration, child: &mut Child) 
     }
 }
 
-/// Starts the broker of `kind` under `work_dir`.
+/// Starts the broker of `kind` under `work_dir`. Each process gets a port below the kernel's
+/// ephemeral range ([`free_port`]): a restarted broker binds the same port again, which a
+/// reconnecting sidecar's outgoing connection could otherwise have been given meanwhile.
 pub async fn start(kind: BrokerKind, work_dir: &Path) -> Result<Started> {
     match kind {
         BrokerKind::Nats => {
-            let (child, url) = crate::up::start_nats(work_dir).await?;
+            let (process, url) = crate::up::start_nats(work_dir).await?;
             Ok(Started {
-                children: vec![("nats".into(), child)],
+                processes: vec![process],
                 url,
             })
         }
@@ -123,24 +141,36 @@ async fn start_redis(work_dir: &Path) -> Result<Started> {
     let port = free_port()?;
     let dir = work_dir.join("redis");
     std::fs::create_dir_all(&dir)?;
-    let mut child = command(&bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .arg("--dir")
-        .arg(&dir)
-        .args([
+    let mut args: Vec<OsString> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    args.push(dir.into_os_string());
+    args.extend(
+        [
             "--appendonly",
             "yes",
             "--appendfsync",
             "always",
             "--save",
             "",
-        ])
-        .args(["--daemonize", "no", "--protected-mode", "no"])
-        .spawn()
-        .with_context(|| format!("start {}", bin.display()))?;
-    wait_port("redis-server", port, Duration::from_secs(20), &mut child).await?;
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+        ]
+        .map(OsString::from),
+    );
+    let redis = spec(
+        "redis",
+        &bin,
+        args,
+        Vec::new(),
+        port,
+        Duration::from_secs(20),
+    );
     Ok(Started {
-        children: vec![("redis".into(), child)],
+        processes: vec![launch("redis-server", redis).await?],
         url: format!("redis://127.0.0.1:{port}"),
     })
 }
@@ -169,29 +199,48 @@ async fn start_rabbitmq(work_dir: &Path) -> Result<Started> {
              log.console = true\nlog.console.level = warning\nlog.file = false\n"
         ),
     )?;
-    let epmd = command(&epmd_bin)
-        .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
-        .spawn()
-        .with_context(|| format!("start {}", epmd_bin.display()))?;
-    let mut child = command(&bin)
-        .env("HOME", &home)
-        .env("RABBITMQ_NODENAME", format!("weirup{port}@localhost"))
-        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_NODE_PORT", port.to_string())
-        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-        .env("ERL_EPMD_PORT", epmd_port.to_string())
-        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-        .env("RABBITMQ_LOG_BASE", dir.join("log"))
-        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
-        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
-        .env("RABBITMQ_PID_FILE", dir.join("pid"))
-        .spawn()
-        .with_context(|| format!("start {}", bin.display()))?;
+    let epmd = spec(
+        "epmd",
+        &epmd_bin,
+        ["-port", &epmd_port.to_string(), "-address", "127.0.0.1"]
+            .map(OsString::from)
+            .to_vec(),
+        Vec::new(),
+        epmd_port,
+        Duration::from_secs(20),
+    );
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    // The same node name, ports and database at every start: a restarted node finds its
+    // durable queues and messages again.
+    let env = [
+        ("HOME", path(home)),
+        ("RABBITMQ_NODENAME", format!("weirup{port}@localhost")),
+        ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".into()),
+        ("RABBITMQ_NODE_PORT", port.to_string()),
+        ("RABBITMQ_DIST_PORT", dist_port.to_string()),
+        ("ERL_EPMD_PORT", epmd_port.to_string()),
+        ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
+        ("RABBITMQ_MNESIA_BASE", path(dir.join("mnesia"))),
+        ("RABBITMQ_LOG_BASE", path(dir.join("log"))),
+        ("RABBITMQ_CONFIG_FILE", path(dir.join("rabbitmq"))),
+        ("RABBITMQ_ENABLED_PLUGINS_FILE", path(dir.join("plugins"))),
+        ("RABBITMQ_PID_FILE", path(dir.join("pid"))),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec();
     // The AMQP listener opens once the broker has booted (5–10 s).
-    wait_port("rabbitmq-server", port, Duration::from_secs(90), &mut child).await?;
+    let rabbitmq = spec(
+        "rabbitmq",
+        &bin,
+        Vec::new(),
+        env,
+        port,
+        Duration::from_secs(90),
+    );
+    let epmd = launch("epmd", epmd).await?;
+    let rabbitmq = launch("rabbitmq-server", rabbitmq).await?;
     Ok(Started {
-        children: vec![("rabbitmq".into(), child), ("epmd".into(), epmd)],
+        processes: vec![rabbitmq, epmd],
         url: format!("amqp://127.0.0.1:{port}/%2f"),
     })
 }

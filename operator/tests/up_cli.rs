@@ -1,80 +1,21 @@
-//! `weir up` through the real binary: examples/events runs on this machine with a real
-//! nats-server, real sidecars and the weir-echo app; an event goes through one sidecar to the
-//! broker and through the other to the consuming app; a bad one is refused with 422; SIGTERM
-//! stops everything. Needs `cargo build --workspace --bins` (scripts/test.sh does it) and
-//! nats-server (scripts/setup.sh).
+//! `weir up` through the real binary, with a real nats-server, real sidecars and the weir-echo
+//! app: examples/events end to end (an event through one sidecar to the broker and through the
+//! other to the consuming app, a bad one refused with 422, SIGTERM stops everything, exit 0);
+//! the broker killed with SIGKILL and restarted on its port; exit codes when a run ends because
+//! something failed; replicas of a Microservice and of a Saga. Needs `cargo build --workspace
+//! --bins` (scripts/test.sh does it) and nats-server (scripts/setup.sh).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod up_support;
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default(),
-    )
-}
+use up_support::*;
 
 #[test]
 fn events_example_runs_end_to_end_under_weir_up() {
-    let target = root().join("target/debug");
-    for bin in ["weir-proxy", "weir-echo"] {
-        assert!(
-            target.join(bin).is_file(),
-            "{bin} not built: run `cargo build --workspace --bins` first"
-        );
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.json");
-    let path = format!(
-        "{}:{}:{}",
-        target.display(),
-        root().join(".tools/bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut up = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["up", "-f", "examples/events", "--state-file"])
-        .arg(&state)
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
-        .current_dir(root())
-        .env("PATH", path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !state.exists() {
-        if let Ok(Some(st)) = up.try_wait() {
-            panic!("weir up exited early: {st}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "weir up not ready after 60s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    let port = |svc: &str| s["services"][svc]["inbound"].as_u64().unwrap() as u16;
+    let mut up = Up::start(&["-f", "examples/events"], Duration::from_secs(60));
+    let s = up.state();
     assert!(
         s["brokerUrl"]
             .as_str()
@@ -83,14 +24,14 @@ fn events_example_runs_end_to_end_under_weir_up() {
     );
 
     let (st, body) = request(
-        port("accounts"),
+        up.port("accounts"),
         "POST",
         "/publish/signups",
         r#"{"userId": "u1", "email": "a@example.com"}"#,
     );
     assert_eq!(st, 202, "{body}");
     let (st, body) = request(
-        port("accounts"),
+        up.port("accounts"),
         "POST",
         "/publish/signups",
         r#"{"userId": "u2"}"#,
@@ -100,9 +41,7 @@ fn events_example_runs_end_to_end_under_weir_up() {
 
     let start = Instant::now();
     let received = loop {
-        let (_, body) = request(port("mailer"), "GET", "/received", "");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let events = v["events"].as_array().cloned().unwrap_or_default();
+        let events = received(up.port("mailer"));
         if !events.is_empty() || start.elapsed() > Duration::from_secs(10) {
             break events;
         }
@@ -122,17 +61,410 @@ fn events_example_runs_end_to_end_under_weir_up() {
     );
 
     // SIGTERM: apps, then sidecars, then the broker stop; weir up exits 0.
-    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
-    let start = Instant::now();
-    let st = loop {
-        if let Some(st) = up.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "weir up did not stop"
+    let st = up.terminate();
+    assert!(st.success(), "{st}");
+}
+
+/// The broker's pid and port from the state file.
+fn broker(up: &Up, label: &str) -> (u64, u16) {
+    let b = &up.state()["brokers"][label];
+    let pid = b["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid of {label} in the state file: {b}"));
+    (pid, b["port"].as_u64().unwrap() as u16)
+}
+
+#[test]
+fn a_killed_broker_is_restarted_on_its_port_and_events_flow_again() {
+    let mut up = Up::start(&["-f", "examples/events"], Duration::from_secs(60));
+    let mailer = up.port("mailer");
+    publish_signup(&up, "before", Duration::from_secs(10));
+    wait_for("the first event at mailer", Duration::from_secs(10), || {
+        (received(mailer).len() == 1).then_some(())
+    });
+
+    let (pid, port) = broker(&up, "nats");
+    assert!(
+        up.state()["brokerUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{port}")),
+        "the port in the state file is the broker URL's"
+    );
+    kill9(pid);
+    let (new_pid, new_port) = wait_for(
+        "a new nats-server in the state file",
+        Duration::from_secs(20),
+        || {
+            let (p, port) = broker(&up, "nats");
+            (p != pid).then_some((p, port))
+        },
+    );
+    assert_eq!(new_port, port, "restarted on the same port");
+    wait_for(
+        "the restarted broker listening again",
+        Duration::from_secs(20),
+        || {
+            up.log()
+                .contains(&format!("weir up: nats is back on 127.0.0.1:{port}"))
+                .then_some(())
+        },
+    );
+    assert!(
+        up.log()
+            .contains("weir up: nats exited (signal: 9 (SIGKILL)); restarting in 500ms"),
+        "{}",
+        up.log()
+    );
+
+    // The sidecars reconnect: an event published now reaches the consumer, and the one from
+    // before the kill was kept in the broker's store (not delivered again as new).
+    publish_signup(&up, "after", Duration::from_secs(30));
+    let events = up.until(
+        "the event published after the restart at mailer",
+        Duration::from_secs(30),
+        || {
+            let e = received(mailer);
+            e.iter()
+                .any(|e| e["data"]["userId"] == "after")
+                .then_some(e)
+        },
+    );
+    let users: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["data"]["userId"].as_str())
+        .collect();
+    assert_eq!(users, ["before", "after"], "{events:?}");
+    eprintln!("nats pid {pid} → {new_pid}, port {port}; events {users:?}");
+
+    let st = up.terminate();
+    assert!(st.success(), "Ctrl-C/SIGTERM is not a failure: {st}");
+}
+
+#[test]
+fn a_process_that_exits_under_no_restart_fails_the_run() {
+    let mut up = Up::start(
+        &["-f", "examples/events", "--no-restart"],
+        Duration::from_secs(60),
+    );
+    let pid = up.state()["services"]["mailer"]["pid"].as_u64().unwrap();
+    kill9(pid);
+    let st = up.wait_exit(Duration::from_secs(30));
+    let log = up.log();
+    assert!(!st.success(), "weir up exits non-zero: {st}\n{log}");
+    assert!(
+        log.contains("mailer exited (signal: 9 (SIGKILL)) and --no-restart is set"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_broker_that_cannot_listen_again_fails_the_run() {
+    let mut up = Up::start(&["-f", "examples/events"], Duration::from_secs(60));
+    let (pid, port) = broker(&up, "nats");
+    kill9(pid);
+    // Another program takes the port while the broker is down: its restart cannot listen.
+    let squatter = wait_for("the broker's port", Duration::from_secs(5), || {
+        std::net::TcpListener::bind(("127.0.0.1", port)).ok()
+    });
+    let st = up.wait_exit(Duration::from_secs(30));
+    let log = up.log();
+    drop(squatter);
+    assert!(!st.success(), "weir up exits non-zero: {st}\n{log}");
+    assert!(
+        log.contains(&format!(
+            "nats could not be restarted: it exited (exit status: 1) before listening on port {port} again"
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains("nats is back"),
+        "a port answered by another program is not the broker back: {log}"
+    );
+}
+
+/// examples/events with `replicas: 2` on mailer.
+fn events_with_replicas(dir: &std::path::Path) -> String {
+    let src = root().join("examples/events");
+    for f in ["broker.yaml", "signups.yaml", "services.yaml"] {
+        let text = std::fs::read_to_string(src.join(f)).unwrap();
+        let text = text.replace(
+            "  name: mailer\n  annotations:\n    weir.dev/local-command: weir-echo\nspec:\n",
+            "  name: mailer\n  annotations:\n    weir.dev/local-command: weir-echo\nspec:\n  replicas: 2\n",
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(dir.join(f), text).unwrap();
+    }
+    let services = std::fs::read_to_string(dir.join("services.yaml")).unwrap();
+    assert!(services.contains("replicas: 2"), "{services}");
+    dir.to_string_lossy().into_owned()
+}
+
+#[test]
+fn each_replica_of_a_microservice_runs_consumes_and_is_restarted() {
+    let manifests = tempfile::tempdir().unwrap();
+    let dir = events_with_replicas(manifests.path());
+    let mut up = Up::start(&["-f", &dir], Duration::from_secs(60));
+    let s = up.state();
+    let services = s["services"].as_object().unwrap();
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["accounts", "mailer-0", "mailer-1"]),
+        "{s}"
+    );
+    let mut ports = BTreeSet::new();
+    for r in ["mailer-0", "mailer-1"] {
+        assert_eq!(services[r]["microservice"], "mailer");
+        for k in ["app", "inbound", "admin"] {
+            assert!(ports.insert(services[r][k].as_u64().unwrap()), "{s}");
+        }
+    }
+    let log = up.log();
+    for prefix in [
+        "[mailer-0] ",
+        "[mailer-1] ",
+        "[mailer-0/proxy] ",
+        "[mailer-1/proxy] ",
+    ] {
+        assert!(log.contains(prefix), "no {prefix:?} in the log:\n{log}");
+    }
+
+    // Both consume: the queue's events are shared between them, each delivered once.
+    let share = |batch: &str, n: usize| -> BTreeMap<String, Vec<String>> {
+        for i in 0..n {
+            publish_signup(&up, &format!("{batch}{i}"), Duration::from_secs(30));
+        }
+        wait_for(
+            &format!("the {n} events of batch {batch} at mailer"),
+            Duration::from_secs(30),
+            || {
+                let got: BTreeMap<String, Vec<String>> = ["mailer-0", "mailer-1"]
+                    .into_iter()
+                    .map(|r| {
+                        let users = received(up.port(r))
+                            .iter()
+                            .filter_map(|e| e["data"]["userId"].as_str().map(str::to_string))
+                            .filter(|u| u.starts_with(batch))
+                            .collect();
+                        (r.to_string(), users)
+                    })
+                    .collect();
+                (got.values().map(Vec::len).sum::<usize>() >= n).then_some(got)
+            },
+        )
     };
+    let got = share("a", 40);
+    let all: Vec<&String> = got.values().flatten().collect();
+    let distinct: BTreeSet<&String> = all.iter().copied().collect();
+    assert_eq!((all.len(), distinct.len()), (40, 40), "{got:?}");
+    assert!(
+        got.values().all(|v| !v.is_empty()),
+        "each replica consumes its share: {got:?}"
+    );
+    eprintln!(
+        "shares: mailer-0 {}, mailer-1 {}",
+        got["mailer-0"].len(),
+        got["mailer-1"].len()
+    );
+
+    // Each replica's app and sidecar is restarted on its own when killed.
+    let before = up.state();
+    for r in ["mailer-0", "mailer-1"] {
+        kill9(before["services"][r]["pid"].as_u64().unwrap());
+    }
+    kill9(before["services"]["mailer-1"]["proxyPid"].as_u64().unwrap());
+    wait_for("new pids of both replicas", Duration::from_secs(30), || {
+        let now = up.state();
+        let changed = |r: &str, k: &str| {
+            now["services"][r][k].is_u64() && now["services"][r][k] != before["services"][r][k]
+        };
+        (changed("mailer-0", "pid")
+            && changed("mailer-1", "pid")
+            && changed("mailer-1", "proxyPid"))
+        .then_some(())
+    });
+    assert_eq!(
+        up.state()["services"]["mailer-0"]["proxyPid"],
+        before["services"]["mailer-0"]["proxyPid"],
+        "only what was killed restarts"
+    );
+    for r in ["mailer-0", "mailer-1"] {
+        let port = up.port(r);
+        wait_for(
+            &format!("{r} answering again"),
+            Duration::from_secs(30),
+            || (request(port, "GET", "/received", "").0 == 200).then_some(()),
+        );
+    }
+    let got = share("b", 40);
+    let all: Vec<&String> = got.values().flatten().collect();
+    assert_eq!(all.len(), 40, "{got:?}");
+    assert!(got.values().all(|v| !v.is_empty()), "{got:?}");
+
+    let st = up.terminate();
+    assert!(st.success(), "{st}");
+}
+
+const SAGA: &str = r#"
+apiVersion: weir.dev/v1alpha1
+kind: Broker
+metadata: {name: bus}
+spec: {url: "nats://unused:4222"}
+---
+apiVersion: weir.dev/v1alpha1
+kind: Queue
+metadata: {name: orders}
+spec: {broker: bus, eventType: orders.created}
+---
+apiVersion: weir.dev/v1alpha1
+kind: Queue
+metadata: {name: outcomes}
+spec: {broker: bus}
+---
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata:
+  name: shop
+  annotations: {weir.dev/local-command: weir-echo}
+spec:
+  image: weir-echo
+  publishes: [{queue: orders}]
+  consumes: [{queue: outcomes, path: /events/outcome}]
+---
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata:
+  name: warehouse
+  annotations: {weir.dev/local-command: weir-echo}
+spec: {image: weir-echo}
+---
+apiVersion: weir.dev/v1alpha1
+kind: Saga
+metadata: {name: checkout}
+spec:
+  broker: bus
+  replicas: 2
+  trigger: {http: true, queue: orders}
+  steps:
+    - name: pick
+      timeout: 5s
+      action: {http: {microservice: warehouse, method: GET, path: /sleep/300}}
+    - name: pack
+      timeout: 5s
+      action: {http: {microservice: warehouse, method: GET, path: /sleep/300}}
+  onCompleted: {queue: outcomes, type: CheckoutCompleted}
+  onFailed: {queue: outcomes, type: CheckoutFailed}
+"#;
+
+#[test]
+fn two_saga_coordinators_complete_every_instance_once_across_a_kill() {
+    let manifests = tempfile::tempdir().unwrap();
+    std::fs::write(manifests.path().join("checkout.yaml"), SAGA).unwrap();
+    let dir = manifests.path().to_string_lossy().into_owned();
+    let mut up = Up::start(&["-f", &dir], Duration::from_secs(60));
+    let s = up.state();
+    let sagas = s["sagas"].as_object().unwrap();
+    assert_eq!(
+        sagas.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["checkout-0", "checkout-1"],
+        "{s}"
+    );
+    let url = |r: &str| -> u16 {
+        sagas[r]["url"]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (c0, c1) = (url("checkout-0"), url("checkout-1"));
+    assert_ne!(c0, c1);
+    for r in ["[checkout-0/saga] ", "[checkout-1/saga] "] {
+        assert!(up.log().contains(r), "no {r:?} in the log");
+    }
+
+    // 10 instances started on each coordinator, 10 by events on the trigger queue (shared by
+    // both coordinators' consumers); each step takes 300 ms.
+    let mut ids = BTreeSet::new();
+    for i in 0..20 {
+        let port = if i % 2 == 0 { c0 } else { c1 };
+        let key = format!("order-{i}");
+        let (st, body) = request_with(
+            port,
+            "POST",
+            "/v1/sagas/checkout",
+            &format!(r#"{{"order": "{key}"}}"#),
+            &[("idempotency-key", &key)],
+        );
+        assert_eq!(st, 202, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        ids.insert(v["id"].as_str().unwrap().to_string());
+    }
+    let shop = up.port("shop");
+    for i in 0..10 {
+        let (st, body) = request(
+            shop,
+            "POST",
+            "/publish/orders",
+            &format!(r#"{{"order": "event-{i}"}}"#),
+        );
+        assert_eq!(st, 202, "{body}");
+    }
+    // kill -9 one coordinator while instances are in their steps: its instances are resumed
+    // (by the other or by its restart) once their leases expire.
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = sagas["checkout-1"]["pid"].as_u64().unwrap();
+    kill9(pid);
+    wait_for("checkout-1 restarted", Duration::from_secs(20), || {
+        let p = up.state()["sagas"]["checkout-1"]["pid"].as_u64();
+        (p.is_some() && p != Some(pid)).then_some(())
+    });
+
+    wait_for("30 outcome events at shop", Duration::from_secs(90), || {
+        (received(shop).len() >= 30).then_some(())
+    });
+    // Give a duplicate, if any, the time to arrive.
+    std::thread::sleep(Duration::from_secs(2));
+    let outcomes = received(shop);
+    let mut per_instance: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &outcomes {
+        assert_eq!(e["type"], "CheckoutCompleted", "{e}");
+        assert_eq!(e["data"]["outcome"], "Completed", "{e}");
+        *per_instance
+            .entry(e["data"]["sagaId"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_instance.len(), 30, "{per_instance:?}");
+    assert!(
+        per_instance.values().all(|n| *n == 1),
+        "one outcome per instance: {per_instance:?}"
+    );
+    for id in &ids {
+        assert!(per_instance.contains_key(id), "{id} has no outcome");
+    }
+
+    // Each instance's log: started once, completed once; both replicas drove instances.
+    let mut by = BTreeSet::new();
+    for id in per_instance.keys() {
+        let (st, body) = request(c0, "GET", &format!("/v1/sagas/checkout/{id}"), "");
+        assert_eq!(st, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "Completed", "{v}");
+        let entries = v["entries"].as_array().unwrap();
+        let count = |t: &str| entries.iter().filter(|e| e["type"] == t).count();
+        assert_eq!((count("started"), count("completed")), (1, 1), "{v}");
+        for e in entries {
+            by.insert(e["by"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert!(
+        by.contains("checkout-0") && by.contains("checkout-1"),
+        "both coordinators drove instances: {by:?}"
+    );
+    eprintln!("30 instances completed once each, driven by {by:?}");
+
+    let st = up.terminate();
     assert!(st.success(), "{st}");
 }

@@ -148,12 +148,17 @@ fn a_pure_edge_gateway_runs_under_weir_up() {
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     let port = |svc: &str| s["services"][svc]["inbound"].as_u64().unwrap() as u16;
-    assert!(
-        s["services"]["gateway"]["pid"].is_null(),
-        "the gateway runs no app: {s}"
-    );
+    // The gateway has `replicas: 2`: two weir-proxies, no app; replica 0 is its URL.
+    for r in ["gateway-0", "gateway-1"] {
+        assert!(
+            s["services"][r]["pid"].is_null() && s["services"][r]["proxyPid"].is_u64(),
+            "{r} runs its weir-proxy and no app: {s}"
+        );
+    }
+    let (st, resp) = get(port("gateway-1"), "/orders/", &[]);
+    assert_eq!(st, 401, "each replica checks the token: {resp}");
 
-    let (st, resp) = get(port("gateway"), "/orders/", &[]);
+    let (st, resp) = get(port("gateway-0"), "/orders/", &[]);
     assert_eq!(st, 401, "{resp}");
     assert!(
         resp.to_ascii_lowercase()
@@ -163,7 +168,7 @@ fn a_pure_edge_gateway_runs_under_weir_up() {
 
     let bearer = format!("Bearer {}", token("alice", "admin"));
     let (st, resp) = get(
-        port("gateway"),
+        port("gateway-0"),
         "/orders/",
         &[("authorization", &bearer), ("x-user-id", "mallory")],
     );

@@ -155,14 +155,41 @@ impl Shop {
         serde_json::from_str(&std::fs::read_to_string(&self.state_file).unwrap()).unwrap()
     }
 
+    /// A Microservice's entry in the state file: its replica 0's (`gateway-0` when it has
+    /// `replicas: 2`), the one its dependants call.
+    fn service(&self, service: &str) -> Value {
+        let state = self.state();
+        state["services"]
+            .as_object()
+            .and_then(|all| {
+                all.values()
+                    .find(|s| s["microservice"] == service && s["replica"] == 0)
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no service {service} in the state file: {state}"))
+    }
+
+    /// The names of a Microservice's replicas (their log prefixes): `users`, or `users-0` and
+    /// `users-1` with `replicas: 2`; replica 0 first.
+    fn replicas(&self, service: &str) -> Vec<String> {
+        let state = self.state();
+        let mut names: Vec<(u64, String)> = state["services"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s["microservice"] == service)
+            .map(|(name, s)| (s["replica"].as_u64().unwrap(), name.clone()))
+            .collect();
+        names.sort();
+        names.into_iter().map(|(_, n)| n).collect()
+    }
+
     fn port(&self, service: &str) -> u16 {
-        self.state()["services"][service]["inbound"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no service {service} in the state file")) as u16
+        self.service(service)["inbound"].as_u64().unwrap() as u16
     }
 
     fn admin(&self, service: &str) -> u16 {
-        self.state()["services"][service]["admin"].as_u64().unwrap() as u16
+        self.service(service)["admin"].as_u64().unwrap() as u16
     }
 
     fn log(&self) -> String {
@@ -491,6 +518,8 @@ fn shop_end_to_end(broker: &str) {
     eprintln!("  services with spans of the trace: {services:?}");
     let log = shop.log();
     for svc in ["gateway", "orders", "users"] {
+        // Replica 0: the one called through the gateway's URL and by dependants.
+        let svc = &shop.replicas(svc)[0];
         assert!(
             log.lines()
                 .any(|l| l.starts_with(&format!("[{svc}] ")) && l.contains(&trace_id)),
@@ -706,7 +735,10 @@ fn shop_end_to_end(broker: &str) {
         "payments",
         "users",
         "notifications",
-    ] {
+    ]
+    .iter()
+    .flat_map(|svc| shop.replicas(svc))
+    {
         let app = line_of(&format!("[{svc}] "), "\"msg\":\"stopped\"");
         let proxy = line_of(&format!("[{svc}/proxy] "), "shutting down");
         assert!(app < proxy, "{svc}: its sidecar stopped before it");

@@ -223,7 +223,7 @@ impl RedisBroker {
     pub async fn connect(url: &str, creds: &Credentials) -> Result<RedisBroker, Error> {
         use redis::IntoConnectionInfo;
         let bad = |m: String| Error::Connect {
-            url: url.to_string(),
+            url: weir_crds::redact::url(url),
             message: m,
         };
         let mut info = url
@@ -574,7 +574,7 @@ impl RabbitBroker {
 
     pub async fn connect(url: &str, creds: &Credentials) -> Result<RabbitBroker, Error> {
         let bad = |m: String| Error::Connect {
-            url: url.to_string(),
+            url: weir_crds::redact::url(url),
             message: m,
         };
         let mut u: lapin::uri::AMQPUri = url

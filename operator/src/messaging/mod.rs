@@ -354,11 +354,11 @@ pub async fn connect(url: &str, credentials: &Credentials) -> Result<Broker, Err
     let client = tokio::time::timeout(CONNECT_TIMEOUT * 2, opts.connect(url))
         .await
         .map_err(|_| Error::Connect {
-            url: url.to_string(),
+            url: weir_crds::redact::url(url),
             message: "timed out".into(),
         })?
         .map_err(|e| Error::Connect {
-            url: url.to_string(),
+            url: weir_crds::redact::url(url),
             message: e.to_string(),
         })?;
     let js = jetstream::new(client.clone());

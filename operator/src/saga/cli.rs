@@ -77,8 +77,9 @@ async fn open(url: &str, namespace: &str, saga: &str) -> anyhow::Result<Log> {
     let log = Log::existing(broker.jetstream().clone(), namespace, saga);
     if !broker.stream_exists(&log.stream).await? {
         anyhow::bail!(
-            "no log stream {} on {url}: saga {namespace}/{saga} has never run there",
-            log.stream
+            "no log stream {} on {}: saga {namespace}/{saga} has never run there",
+            log.stream,
+            weir_crds::redact::url(url)
         );
     }
     Ok(log)

@@ -175,7 +175,7 @@ pub async fn connect(
     opts = with_ca(opts, credentials)?;
     opts.connect(url)
         .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))
+        .map_err(|e| format!("cannot connect to {}: {e}", weir_crds::redact::url(url)))
 }
 
 #[cfg(test)]

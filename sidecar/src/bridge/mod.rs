@@ -346,7 +346,7 @@ impl Bridge {
         }
         *running.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         tracing::info!(
-            broker = %m.broker_url,
+            broker = %weir_crds::redact::url(&m.broker_url),
             publishes = m.publishes.len(),
             consumes = m.consumes.len(),
             "messaging bridge started"
@@ -363,7 +363,7 @@ impl Bridge {
                     State::Connected => Ok(()),
                     s => Err(format!(
                         "broker {} {}",
-                        r.settings.messaging.broker_url,
+                        weir_crds::redact::url(&r.settings.messaging.broker_url),
                         match s {
                             State::Pending => "not connected yet",
                             _ => "disconnected",
@@ -373,7 +373,7 @@ impl Bridge {
                 c if c.connected() => Ok(()),
                 _ => Err(format!(
                     "broker {} not connected",
-                    r.settings.messaging.broker_url
+                    weir_crds::redact::url(&r.settings.messaging.broker_url)
                 )),
             },
         }

@@ -203,7 +203,10 @@ pub(crate) async fn handle(
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker unavailable",
-            format!("not connected to {}", running.settings.messaging.broker_url),
+            format!(
+                "not connected to {}",
+                weir_crds::redact::url(&running.settings.messaging.broker_url)
+            ),
         );
     }
     let (trace, _) = TraceContext::from_headers(&parts.headers, 1.0);

@@ -148,8 +148,9 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String
     if let Some((path, pem)) = super::connect::ca_file(credentials)? {
         if uri.scheme != AMQPScheme::AMQPS {
             return Err(format!(
-                "{} is given but messaging.brokerUrl {url:?} is not TLS (use amqps://)",
-                path.display()
+                "{} is given but messaging.brokerUrl {:?} is not TLS (use amqps://)",
+                path.display(),
+                weir_crds::redact::url(url)
             ));
         }
         tls.cert_chain = Some(pem);
@@ -160,9 +161,12 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String
 /// Parses the URL and puts the credentials of `credentials` (a Secret directory holding
 /// `username` and `password`, or only `ca.crt`) in it.
 pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
-    let mut u: AMQPUri = url
-        .parse()
-        .map_err(|e| format!("messaging.brokerUrl: {url:?} is not an AMQP URL: {e}"))?;
+    let mut u: AMQPUri = url.parse().map_err(|e| {
+        format!(
+            "messaging.brokerUrl: {:?} is not an AMQP URL: {e}",
+            weir_crds::redact::url(url)
+        )
+    })?;
     if let Some(dir) = credentials {
         let p = std::path::Path::new(dir);
         let read = |k: &str| super::connect::read_trimmed(&p.join(k));

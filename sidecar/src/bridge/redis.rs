@@ -65,9 +65,12 @@ pub fn processed_record(stream: &str, key: &str) -> String {
 /// `username` and `password`, or `password` alone, or `token`, used as the password; or only
 /// `ca.crt`). A `ca.crt` there is the only root trusted for `rediss://`.
 pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, String> {
-    let mut info = url
-        .into_connection_info()
-        .map_err(|e| format!("messaging.brokerUrl: {url:?} is not a Redis URL: {e}"))?;
+    let mut info = url.into_connection_info().map_err(|e| {
+        format!(
+            "messaging.brokerUrl: {:?} is not a Redis URL: {e}",
+            weir_crds::redact::url(url)
+        )
+    })?;
     if let Some(dir) = credentials {
         info = with_auth(info, dir)?;
     }
@@ -76,8 +79,9 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
         Some((path, pem)) => {
             if !url.starts_with("rediss://") {
                 return Err(format!(
-                    "{} is given but messaging.brokerUrl {url:?} is not TLS (use rediss://)",
-                    path.display()
+                    "{} is given but messaging.brokerUrl {:?} is not TLS (use rediss://)",
+                    path.display(),
+                    weir_crds::redact::url(url)
                 ));
             }
             let certs = redis::TlsCertificates {
@@ -87,7 +91,7 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
             redis::Client::build_with_tls(info, certs)
         }
     }
-    .map_err(|e| format!("cannot use {url}: {e}"))
+    .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)))
 }
 
 /// Puts the credentials of the Secret directory `dir` into `info` (none when it holds only
