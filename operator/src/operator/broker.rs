@@ -200,6 +200,7 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
     let ns = b.namespace().ok_or(Error::Missing("metadata.namespace"))?;
     if b.metadata.deletion_timestamp.is_some() {
         ctx.connections.forget(&format!("{ns}/{name}"));
+        ctx.last_written.forget(&key(b));
         return Ok(Action::await_change());
     }
     let generation = b.metadata.generation;
@@ -388,6 +389,8 @@ async fn write_status(
         // Keep the last known version while disconnected: it is what ran there.
         server_version: version.or(current.server_version.clone()),
     };
+    ctx.last_written
+        .record(&key(b), b.metadata.uid.as_deref(), &status.conditions);
     let unchanged = conditions::same(&current.conditions, &status.conditions)
         && current.observed_generation == status.observed_generation
         && current.server_version == status.server_version;
@@ -418,7 +421,11 @@ async fn publish_on_change(
     current: &BrokerStatus,
     cond: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
 ) {
-    let unchanged = conditions::find(&current.conditions, &cond.type_).is_some_and(|old| {
+    // The cached Broker may not carry the status this process last wrote yet.
+    let latest = ctx
+        .last_written
+        .latest(&key(b), b.metadata.uid.as_deref(), &current.conditions);
+    let unchanged = conditions::find(&latest, &cond.type_).is_some_and(|old| {
         old.status == cond.status
             && old.reason == cond.reason
             && old.observed_generation == cond.observed_generation

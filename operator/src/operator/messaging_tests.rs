@@ -1185,4 +1185,35 @@ async fn a_broker_condition_change_is_one_event_not_one_per_reconcile() {
     let written = seen[2].1["status"].clone();
     // Same cause again: only the Secret is read.
     run(Some(written), vec![expect(Method::GET, secret, not_found)]).await;
+
+    // Same cause on one operator whose cache still has the Broker without that status (the
+    // status write's watch event not in yet): the status is written again, no second Event.
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(Method::GET, secret, not_found),
+            expect(Method::POST, EVENTS, created),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+            expect(Method::GET, secret, not_found),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+        ],
+    ));
+    let mut obj = broker_obj("nats://127.0.0.1:4222");
+    obj["spec"]["credentialsSecret"] = json!({"name": "nats-creds"});
+    let stale: Arc<Broker> = Arc::new(serde_json::from_value(obj).unwrap());
+    for _ in 0..2 {
+        super::broker::reconcile(stale.clone(), ctx.clone())
+            .await
+            .unwrap();
+    }
+    api_server.await.unwrap();
 }

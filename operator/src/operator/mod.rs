@@ -65,6 +65,8 @@ pub struct Context {
     pub messaging_backoff: backoff::Backoff,
     /// Broker connections shared by the Queue reconciles.
     pub connections: broker::Connections,
+    /// The conditions last written per object, so an Event is published once per change.
+    pub last_written: conditions::LastWritten,
 }
 
 impl Context {
@@ -83,6 +85,7 @@ impl Context {
             backoff: Default::default(),
             messaging_backoff: Default::default(),
             connections: Default::default(),
+            last_written: Default::default(),
         }
     }
 }
