@@ -8,6 +8,7 @@ pub mod leader;
 pub mod metrics;
 pub mod microservice;
 pub mod queue;
+pub mod rbac;
 pub mod saga;
 pub mod secrets;
 
