@@ -94,6 +94,7 @@ pub const RULES: &[Rule] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
     use std::collections::BTreeSet;
     use std::path::{Path, PathBuf};
 
@@ -181,8 +182,6 @@ mod tests {
         );
         String::from_utf8(out.stdout).unwrap()
     }
-
-    use serde::Deserialize;
 
     #[test]
     fn the_charts_rbac_grants_exactly_the_verbs_the_operator_uses() {
