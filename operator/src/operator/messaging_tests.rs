@@ -256,6 +256,33 @@ async fn a_missing_broker_is_named_and_rechecked() {
     assert!(r["message"].as_str().unwrap().contains("\"nats\""));
 }
 
+/// A Queue on a Broker that breaks the CRD's rules (here both url and managed, accepted by a
+/// cluster without CEL) is not declared on either: its Ready condition names the Broker's
+/// field, and nothing is dialled (a dial of the unreachable URL would be `BrokerUnreachable`).
+#[tokio::test]
+async fn a_queue_on_a_broker_breaking_the_crd_rules_names_the_field() {
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), |_| {
+            let mut b = broker_obj("nats://127.0.0.1:1");
+            b["spec"]["managed"] = json!({});
+            (StatusCode::OK, b)
+        }),
+        expect(Method::POST, EVENTS, created),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    super::queue::reconcile(Arc::new(queue(json!({"broker": "nats"}), json!({}))), ctx)
+        .await
+        .unwrap();
+    let r = ready(&api_server.await.unwrap()[2].1).clone();
+    assert_eq!(r["reason"], "InvalidSpec", "{r}");
+    assert_eq!(
+        r["message"],
+        "Broker nats: spec: set exactly one of url or managed"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_schema_names_spec_schema() {
     let (ctx, handle) = context();
