@@ -183,7 +183,17 @@ if [ -e "$d" ]; then
   expect_args "$d" default present operator "--proxy-image=ghcr.io/weir-dev/weir-proxy:0.1.0" \
     "--proxy-image-pull-policy=IfNotPresent" "--lease-namespace=$NAMESPACE" \
     "--metrics-addr=0.0.0.0:8080" "--cluster-domain=cluster.local"
-  expect_args "$d" default absent --legacy-sidecar --leader-elect
+  # Leader election is on with the default single replica too: `kubectl scale` cannot make
+  # two leaders.
+  expect_args "$d" default present --leader-elect
+  expect_args "$d" default absent --legacy-sidecar
+  strategy=$("$PY" -c '
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d.get("kind") == "Deployment":
+        print(d["spec"]["strategy"]["type"])
+' "$d")
+  [ "$strategy" = RollingUpdate ] || fail "default: Deployment strategy $strategy, expected RollingUpdate"
   if grep -q -- '^--watch-namespace' <<<"$(operator_args "$d")"; then fail "default: --watch-namespace set"; fi
   # Every CRD in crds/ is rendered by --include-crds (a file may hold several documents).
   want=0

@@ -77,9 +77,3 @@ The weir-proxy image the operator injects, "<repository>:<tag>".
 {{- printf "%s:%s" .Values.proxy.image.repository (default .Chart.AppVersion .Values.proxy.image.tag) }}
 {{- end }}
 
-{{/*
-"true" when the operator runs with --leader-elect: more than one replica, or forced on.
-*/}}
-{{- define "weir.leaderElect" -}}
-{{- if or .Values.leaderElection.enabled (gt (int .Values.replicas) 1) }}true{{ end }}
-{{- end }}

@@ -12,14 +12,15 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use weir_crds::Broker;
 use weir_crds::broker::{BrokerKind, BrokerStatus};
+use weir_crds::{Broker, validate};
 
 /// Recheck of a connected Broker.
 pub const HEALTH_RECHECK: Duration = Duration::from_secs(60);
@@ -92,6 +93,14 @@ pub async fn endpoint(
     cluster_domain: &str,
 ) -> Result<Result<Endpoint, Unusable>, kube::Error> {
     let name = broker.name_any();
+    // A Queue on a Broker that breaks the CRD's rules (both url and managed, or neither)
+    // would otherwise dial a URL the Broker's owner did not mean.
+    if let Some(e) = validate::broker(&broker.spec).first() {
+        return Ok(Err(Unusable {
+            reason: "InvalidSpec",
+            message: format!("Broker {name}: {e}"),
+        }));
+    }
     if let Err((field, message)) = broker.spec.check() {
         return Ok(Err(Unusable {
             reason: "InvalidSpec",
@@ -191,11 +200,28 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
     let ns = b.namespace().ok_or(Error::Missing("metadata.namespace"))?;
     if b.metadata.deletion_timestamp.is_some() {
         ctx.connections.forget(&format!("{ns}/{name}"));
+        ctx.last_written.forget(&key(b));
         return Ok(Action::await_change());
     }
     let generation = b.metadata.generation;
     let current = b.status.clone().unwrap_or_default();
     let k = key(b);
+    // A spec the apiserver accepted may still break the CRD's CEL rules (clusters without CEL
+    // ignore them): with both url and managed the operator would run a broker nobody uses,
+    // with neither it would dial a Service nobody made. Report it and wait for an edit;
+    // nothing is applied or connected.
+    let invalid = validate::broker(&b.spec);
+    if !invalid.is_empty() {
+        ctx.connections.forget(&format!("{ns}/{name}"));
+        let message = invalid
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let cond = conditions::new("Connected", false, "InvalidSpec", message, generation);
+        write_status(ctx, b, &ns, &name, &current, cond, None).await?;
+        return Ok(Action::await_change());
+    }
     let managed = match run_managed(b, ctx, &ns).await? {
         Ok(m) => m,
         Err(u) => {
@@ -356,12 +382,15 @@ async fn write_status(
     version: Option<String>,
 ) -> Result<(), Error> {
     let generation = b.metadata.generation;
+    publish_on_change(ctx, b, current, &cond).await;
     let status = BrokerStatus {
         observed_generation: generation,
         conditions: conditions::merge(&current.conditions, vec![cond]),
         // Keep the last known version while disconnected: it is what ran there.
         server_version: version.or(current.server_version.clone()),
     };
+    ctx.last_written
+        .record(&key(b), b.metadata.uid.as_deref(), &status.conditions);
     let unchanged = conditions::same(&current.conditions, &status.conditions)
         && current.observed_generation == status.observed_generation
         && current.server_version == status.server_version;
@@ -380,4 +409,42 @@ async fn write_status(
             .await?;
     }
     Ok(())
+}
+
+/// Publishes an Event when the `Connected` condition changes its status, reason or observed
+/// generation, so `kubectl describe broker` shows connects and disconnects. Not on every
+/// reconcile: a Broker is rechecked every minute, and an Event each time would bury the
+/// changes.
+async fn publish_on_change(
+    ctx: &Context,
+    b: &Broker,
+    current: &BrokerStatus,
+    cond: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+) {
+    // The cached Broker may not carry the status this process last wrote yet.
+    let latest = ctx
+        .last_written
+        .latest(&key(b), b.metadata.uid.as_deref(), &current.conditions);
+    let unchanged = conditions::find(&latest, &cond.type_).is_some_and(|old| {
+        old.status == cond.status
+            && old.reason == cond.reason
+            && old.observed_generation == cond.observed_generation
+    });
+    if unchanged {
+        return;
+    }
+    let ev = Event {
+        type_: if cond.status == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: cond.reason.clone(),
+        note: Some(cond.message.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+        tracing::warn!(error = %e, broker = %b.name_any(), "could not publish event");
+    }
 }

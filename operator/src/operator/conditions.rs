@@ -3,6 +3,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 pub fn new(
     type_: &str,
@@ -50,4 +52,40 @@ pub fn same(a: &[Condition], b: &[Condition]) -> bool {
 
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// The conditions this process last wrote (or found already written) per object, keyed by
+/// `Kind/namespace/name` and guarded by the object's uid. Events are published when a
+/// condition changes, and the object a reconcile gets may predate the operator's own last
+/// status write (a child's watch event, caused by the reconcile's own apply, often arrives
+/// before the status write's): judged by that stale status alone, one cause would be recorded
+/// twice.
+#[derive(Default)]
+pub struct LastWritten(Mutex<HashMap<String, Written>>);
+
+/// The uid of the object written and its conditions.
+type Written = (Option<String>, Vec<Condition>);
+
+impl LastWritten {
+    /// Remembers `conditions` as the object's latest.
+    pub fn record(&self, key: &str, uid: Option<&str>, conditions: &[Condition]) {
+        self.0.lock().expect("conditions lock").insert(
+            key.to_string(),
+            (uid.map(str::to_string), conditions.to_vec()),
+        );
+    }
+
+    /// The object's latest conditions: the ones recorded for this uid, else `status` (after a
+    /// restart, or for an object recreated under the same name).
+    pub fn latest(&self, key: &str, uid: Option<&str>, status: &[Condition]) -> Vec<Condition> {
+        match self.0.lock().expect("conditions lock").get(key) {
+            Some((u, c)) if u.as_deref() == uid => c.clone(),
+            _ => status.to_vec(),
+        }
+    }
+
+    /// Drops a deleted object's entry.
+    pub fn forget(&self, key: &str) {
+        self.0.lock().expect("conditions lock").remove(key);
+    }
 }

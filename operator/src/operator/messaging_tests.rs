@@ -256,6 +256,33 @@ async fn a_missing_broker_is_named_and_rechecked() {
     assert!(r["message"].as_str().unwrap().contains("\"nats\""));
 }
 
+/// A Queue on a Broker that breaks the CRD's rules (here both url and managed, accepted by a
+/// cluster without CEL) is not declared on either: its Ready condition names the Broker's
+/// field, and nothing is dialled (a dial of the unreachable URL would be `BrokerUnreachable`).
+#[tokio::test]
+async fn a_queue_on_a_broker_breaking_the_crd_rules_names_the_field() {
+    let (ctx, handle) = context();
+    let script = vec![
+        expect(Method::GET, &api("brokers/nats"), |_| {
+            let mut b = broker_obj("nats://127.0.0.1:1");
+            b["spec"]["managed"] = json!({});
+            (StatusCode::OK, b)
+        }),
+        expect(Method::POST, EVENTS, created),
+        expect(Method::PATCH, &api("queues/orders/status"), queue_echo),
+    ];
+    let api_server = tokio::spawn(serve(handle, script));
+    super::queue::reconcile(Arc::new(queue(json!({"broker": "nats"}), json!({}))), ctx)
+        .await
+        .unwrap();
+    let r = ready(&api_server.await.unwrap()[2].1).clone();
+    assert_eq!(r["reason"], "InvalidSpec", "{r}");
+    assert_eq!(
+        r["message"],
+        "Broker nats: spec: set exactly one of url or managed"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_schema_names_spec_schema() {
     let (ctx, handle) = context();
@@ -381,16 +408,25 @@ async fn a_broker_reports_connected_with_the_server_version_or_the_error() {
     let (ctx, handle) = context();
     let api_server = tokio::spawn(serve(
         handle,
-        vec![expect(
-            Method::PATCH,
-            &api("brokers/nats/status"),
-            broker_status_echo,
-        )],
+        vec![
+            expect(Method::POST, EVENTS, created),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+        ],
     ));
     let b: Broker = serde_json::from_value(broker_obj(&server.url())).unwrap();
     let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
-    let status = &api_server.await.unwrap()[0].1["status"];
+    let seen = api_server.await.unwrap();
+    assert_eq!(
+        (seen[0].1["type"].as_str(), seen[0].1["reason"].as_str()),
+        (Some("Normal"), Some("Connected")),
+        "a first connect is an Event"
+    );
+    let status = &seen[1].1["status"];
     assert_eq!(
         status["serverVersion"],
         nats(&server).await.server_version()
@@ -404,17 +440,28 @@ async fn a_broker_reports_connected_with_the_server_version_or_the_error() {
     let (ctx, handle) = context();
     let api_server = tokio::spawn(serve(
         handle,
-        vec![expect(
-            Method::PATCH,
-            &api("brokers/nats/status"),
-            broker_status_echo,
-        )],
+        vec![
+            expect(Method::POST, EVENTS, created),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+        ],
     ));
-    let b: Broker =
-        serde_json::from_value(broker_obj(&format!("nats://127.0.0.1:{port}"))).unwrap();
+    // The Broker carries the status of the connect above: the disconnect is a change, so
+    // `kubectl describe broker` shows it as a Warning Event.
+    let mut obj = broker_obj(&format!("nats://127.0.0.1:{port}"));
+    obj["status"] = status.clone();
+    let b: Broker = serde_json::from_value(obj).unwrap();
     let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-    let c = &api_server.await.unwrap()[0].1["status"]["conditions"][0];
+    let seen = api_server.await.unwrap();
+    assert_eq!(
+        (seen[0].1["type"].as_str(), seen[0].1["reason"].as_str()),
+        (Some("Warning"), Some("BrokerUnreachable"))
+    );
+    let c = &seen[1].1["status"]["conditions"][0];
     assert_eq!(c["status"], "False");
     assert_eq!(c["reason"], "BrokerUnreachable");
     assert!(
@@ -434,6 +481,7 @@ async fn a_broker_with_a_missing_secret_names_it() {
                 "/api/v1/namespaces/demo/secrets/nats-creds",
                 not_found,
             ),
+            expect(Method::POST, EVENTS, created),
             expect(
                 Method::PATCH,
                 &api("brokers/nats/status"),
@@ -445,7 +493,7 @@ async fn a_broker_with_a_missing_secret_names_it() {
     obj["spec"]["credentialsSecret"] = json!({"name": "nats-creds"});
     let b: Broker = serde_json::from_value(obj).unwrap();
     super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
-    let c = &api_server.await.unwrap()[1].1["status"]["conditions"][0];
+    let c = &api_server.await.unwrap()[2].1["status"]["conditions"][0];
     assert_eq!(c["reason"], "CredentialsNotFound");
     assert!(c["message"].as_str().unwrap().contains("nats-creds"));
 }
@@ -936,6 +984,7 @@ async fn a_managed_broker_is_applied_and_reported_starting_then_unreachable() {
                     "/apis/apps/v1/namespaces/demo/statefulsets/bus",
                     sts_echo(ready),
                 ),
+                expect(Method::POST, EVENTS, created),
                 expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
             ],
         ));
@@ -957,7 +1006,7 @@ async fn a_managed_broker_is_applied_and_reported_starting_then_unreachable() {
         sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
         "1Gi"
     );
-    let c = &seen[2].1["status"]["conditions"][0];
+    let c = &seen[3].1["status"]["conditions"][0];
     assert_eq!(
         (c["status"].as_str(), c["reason"].as_str()),
         (Some("False"), Some("BrokerStarting"))
@@ -972,7 +1021,7 @@ async fn a_managed_broker_is_applied_and_reported_starting_then_unreachable() {
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 
     let (_, seen) = run(1).await;
-    let c = &seen[2].1["status"]["conditions"][0];
+    let c = &seen[3].1["status"]["conditions"][0];
     assert_eq!(c["reason"], "BrokerUnreachable", "{c}");
 }
 
@@ -1001,6 +1050,7 @@ async fn a_managed_rabbitmq_broker_gets_generated_credentials_once() {
                            "data": {"username": "d2Vpcg==", "password": "c2VjcmV0"}}),
                 )
             }),
+            expect(Method::POST, EVENTS, created),
             expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
         ],
     ));
@@ -1017,7 +1067,7 @@ async fn a_managed_rabbitmq_broker_gets_generated_credentials_once() {
         env[1]["valueFrom"]["secretKeyRef"],
         json!({"name": "bus-broker-credentials", "key": "password", "optional": false})
     );
-    let c = &seen[5].1["status"]["conditions"][0];
+    let c = &seen[6].1["status"]["conditions"][0];
     assert_eq!(c["reason"], "BrokerStarting", "{c}");
 }
 
@@ -1027,16 +1077,15 @@ async fn a_managed_broker_with_a_bad_storage_size_names_the_field() {
     let (ctx, handle) = context();
     let api_server = tokio::spawn(serve(
         handle,
-        vec![expect(
-            Method::PATCH,
-            &api("brokers/bus/status"),
-            bus_status_echo,
-        )],
+        vec![
+            expect(Method::POST, EVENTS, created),
+            expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
+        ],
     ));
     let b = managed_broker(json!({"managed": {"storage": "big"}}));
     let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
     assert_eq!(action, Action::await_change());
-    let c = &api_server.await.unwrap()[0].1["status"]["conditions"][0];
+    let c = &api_server.await.unwrap()[1].1["status"]["conditions"][0];
     assert_eq!(c["reason"], "InvalidSpec");
     assert!(
         c["message"]
@@ -1065,16 +1114,133 @@ async fn a_refused_apply_of_a_managed_broker_is_its_condition() {
                     )
                 },
             ),
+            expect(Method::POST, EVENTS, created),
             expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
         ],
     ));
     let b = managed_broker(json!({"managed": {}}));
     let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-    let c = &api_server.await.unwrap()[1].1["status"]["conditions"][0];
+    let c = &api_server.await.unwrap()[2].1["status"]["conditions"][0];
     assert_eq!(c["reason"], "ApplyFailed");
     assert_eq!(
         c["message"],
         "Broker bus: applying Service bus: failed to create typed patch object: .spec.ports"
     );
+}
+
+/// A Broker breaking the CRD's CEL rules (accepted by clusters without CEL) is refused by the
+/// operator: no StatefulSet, no Service, no connection; a Warning Event and an `InvalidSpec`
+/// condition name the field, and the reconcile waits for an edit.
+#[tokio::test]
+async fn a_broker_breaking_the_crd_rules_is_refused_naming_the_field() {
+    let cases = [
+        (
+            json!({"url": "nats://127.0.0.1:4222", "managed": {}}),
+            "spec: set exactly one of url or managed",
+        ),
+        (json!({}), "spec: set exactly one of url or managed"),
+        (
+            json!({"url": "nats://127.0.0.1:4222", "vhost": "/orders"}),
+            "spec.vhost: vhost applies to rabbitmq only",
+        ),
+    ];
+    for (spec, want) in cases {
+        // Only the Event and the status write are scripted: any apply (Service,
+        // StatefulSet) or Secret read would be an unexpected request and fail the test.
+        let (ctx, handle) = context();
+        let api_server = tokio::spawn(serve(
+            handle,
+            vec![
+                expect(Method::POST, EVENTS, created),
+                expect(Method::PATCH, &api("brokers/bus/status"), bus_status_echo),
+            ],
+        ));
+        let b = managed_broker(spec.clone());
+        let action = super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change(), "{spec}");
+        let seen = api_server.await.unwrap();
+        let event = &seen[0].1;
+        assert_eq!(event["type"], "Warning", "{spec}");
+        assert_eq!(event["reason"], "InvalidSpec", "{spec}");
+        assert_eq!(event["note"], want, "{spec}");
+        let c = &seen[1].1["status"]["conditions"][0];
+        assert_eq!(
+            (
+                c["type"].as_str(),
+                c["status"].as_str(),
+                c["reason"].as_str()
+            ),
+            (Some("Connected"), Some("False"), Some("InvalidSpec")),
+            "{spec}"
+        );
+        assert_eq!(c["message"], want, "{spec}");
+    }
+}
+
+/// The Event of a condition change is published once: a second reconcile seeing the same
+/// condition (the status the first one wrote) publishes nothing and writes nothing.
+#[tokio::test]
+async fn a_broker_condition_change_is_one_event_not_one_per_reconcile() {
+    let run = |status: Option<Value>, script: Vec<super::mock_api::Expect>| async move {
+        let (ctx, handle) = context();
+        let api_server = tokio::spawn(serve(handle, script));
+        let mut obj = broker_obj("nats://127.0.0.1:4222");
+        obj["spec"]["credentialsSecret"] = json!({"name": "nats-creds"});
+        if let Some(s) = status {
+            obj["status"] = s;
+        }
+        let b: Broker = serde_json::from_value(obj).unwrap();
+        super::broker::reconcile(Arc::new(b), ctx).await.unwrap();
+        api_server.await.unwrap()
+    };
+    let secret = "/api/v1/namespaces/demo/secrets/nats-creds";
+    let seen = run(
+        None,
+        vec![
+            expect(Method::GET, secret, not_found),
+            expect(Method::POST, EVENTS, created),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(seen[1].1["reason"], "CredentialsNotFound");
+    let written = seen[2].1["status"].clone();
+    // Same cause again: only the Secret is read.
+    run(Some(written), vec![expect(Method::GET, secret, not_found)]).await;
+
+    // Same cause on one operator whose cache still has the Broker without that status (the
+    // status write's watch event not in yet): the status is written again, no second Event.
+    let (ctx, handle) = context();
+    let api_server = tokio::spawn(serve(
+        handle,
+        vec![
+            expect(Method::GET, secret, not_found),
+            expect(Method::POST, EVENTS, created),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+            expect(Method::GET, secret, not_found),
+            expect(
+                Method::PATCH,
+                &api("brokers/nats/status"),
+                broker_status_echo,
+            ),
+        ],
+    ));
+    let mut obj = broker_obj("nats://127.0.0.1:4222");
+    obj["spec"]["credentialsSecret"] = json!({"name": "nats-creds"});
+    let stale: Arc<Broker> = Arc::new(serde_json::from_value(obj).unwrap());
+    for _ in 0..2 {
+        super::broker::reconcile(stale.clone(), ctx.clone())
+            .await
+            .unwrap();
+    }
+    api_server.await.unwrap();
 }

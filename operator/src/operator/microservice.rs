@@ -207,6 +207,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     let generation = ms.metadata.generation;
     if ms.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
+        ctx.last_written.forget(&backoff_key(ms));
         return Ok(Action::await_change());
     }
     let current = ms.status.clone().unwrap_or_default();
@@ -240,7 +241,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
             conditions: conds,
             ..current.clone()
         };
-        write_status(ctx, &ns, &name, &current, status).await?;
+        write_status(ctx, ms, &current, status).await?;
         return Ok(Action::await_change());
     }
 
@@ -280,7 +281,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
                 conditions: conds,
                 ..current.clone()
             };
-            write_status(ctx, &ns, &name, &current, status).await?;
+            write_status(ctx, ms, &current, status).await?;
             return Ok(Action::requeue(DEPENDENCY_RECHECK));
         }
     };
@@ -414,7 +415,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         dependency_summary: Some(format!("{}/{}", deps_total - missing.len(), deps_total)),
         config_hash: Some(rendered.config_hash),
     };
-    write_status(ctx, &ns, &name, &current, status).await?;
+    write_status(ctx, ms, &current, status).await?;
 
     Ok(if !missing.is_empty() {
         Action::requeue(DEPENDENCY_RECHECK)
@@ -452,7 +453,13 @@ async fn publish_on_change(
     type_: EventType,
     note: &str,
 ) {
-    let already = conditions::find(&current.conditions, condition)
+    // The cached object may not carry the status this process last wrote yet.
+    let latest = ctx.last_written.latest(
+        &backoff_key(ms),
+        ms.metadata.uid.as_deref(),
+        &current.conditions,
+    );
+    let already = conditions::find(&latest, condition)
         .is_some_and(|c| c.reason == reason && c.observed_generation == ms.metadata.generation);
     if already {
         return;
@@ -473,12 +480,20 @@ async fn publish_on_change(
 /// rewriting an unchanged status would loop.
 async fn write_status(
     ctx: &Context,
-    ns: &str,
-    name: &str,
+    ms: &Microservice,
     current: &MicroserviceStatus,
     mut status: MicroserviceStatus,
 ) -> Result<(), Error> {
+    let name = ms.name_any();
+    let ns = ms.namespace().unwrap_or_default();
     status.conditions = conditions::merge(&current.conditions, status.conditions);
+    // Recorded before the write: an Event already published for these conditions must not be
+    // published again when the write fails and the reconcile is retried.
+    ctx.last_written.record(
+        &backoff_key(ms),
+        ms.metadata.uid.as_deref(),
+        &status.conditions,
+    );
     let unchanged = conditions::same(&current.conditions, &status.conditions)
         && current.observed_generation == status.observed_generation
         && current.replicas == status.replicas
@@ -494,9 +509,9 @@ async fn write_status(
         "kind": Microservice::kind(&()),
         "status": status,
     });
-    let written = Api::<Microservice>::namespaced(ctx.client.clone(), ns)
+    let written = Api::<Microservice>::namespaced(ctx.client.clone(), &ns)
         .patch_status(
-            name,
+            &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&patch),
         )

@@ -8,6 +8,7 @@ pub mod leader;
 pub mod metrics;
 pub mod microservice;
 pub mod queue;
+pub mod rbac;
 pub mod saga;
 pub mod secrets;
 
@@ -65,6 +66,8 @@ pub struct Context {
     pub messaging_backoff: backoff::Backoff,
     /// Broker connections shared by the Queue reconciles.
     pub connections: broker::Connections,
+    /// The conditions last written per object, so an Event is published once per change.
+    pub last_written: conditions::LastWritten,
 }
 
 impl Context {
@@ -83,6 +86,7 @@ impl Context {
             backoff: Default::default(),
             messaging_backoff: Default::default(),
             connections: Default::default(),
+            last_written: Default::default(),
         }
     }
 }

@@ -224,6 +224,67 @@ async fn missing_dependency_is_a_condition_and_an_event() {
     assert_eq!(status["status"]["dependencySummary"], "0/1");
 }
 
+/// One cause, one Event. The second reconcile sees the object as the cache still has it,
+/// without the status the first one wrote (the apply's own Deployment event often triggers it
+/// before the status write's event arrives), and must not record `DependencyNotFound` again;
+/// nor must a third that sees the written status. A real change (the dependency appears, then
+/// goes) is an Event again.
+#[tokio::test]
+async fn a_missing_dependency_is_one_event_across_reconciles() {
+    let (ctx, handle) = context();
+    let events = "/apis/events.k8s.io/v1/namespaces/demo/events";
+    // A repeated Event (same reason and note within minutes) is recorded by kube's Recorder as
+    // the next occurrence of its series: a PATCH of the Event it created first.
+    let pass = |found: bool, event: Option<Method>| {
+        let mut s = vec![expect(
+            Method::GET,
+            &format!("{MS}/users"),
+            if found { users_found } else { not_found },
+        )];
+        s.extend(children(deployment_with(2, 2)));
+        if let Some(m) = event {
+            let path = if m == Method::POST {
+                events.to_string()
+            } else {
+                format!("{events}/*")
+            };
+            s.push(expect(m, &path, |b| (StatusCode::CREATED, b.clone())));
+        }
+        s.push(expect(
+            Method::PATCH,
+            &format!("{MS}/orders/status"),
+            status_echo,
+        ));
+        s
+    };
+    // Missing (Event), missing again on the stale object (no Event), found (no Event: only
+    // problems are), missing again (a new cause: an Event).
+    let mut script = pass(false, Some(Method::POST));
+    script.extend(pass(false, None));
+    script.extend(pass(true, None));
+    script.extend(pass(false, Some(Method::PATCH)));
+    let server = tokio::spawn(serve(handle, script));
+    let stale = Arc::new(microservice(orders_spec(), None));
+    for _ in 0..4 {
+        reconcile(stale.clone(), ctx.clone()).await.unwrap();
+    }
+    let seen = server.await.unwrap();
+    let events_seen: Vec<_> = seen.iter().filter(|(p, _)| p.starts_with(events)).collect();
+    assert_eq!(events_seen.len(), 2, "{events_seen:?}");
+    assert_eq!(events_seen[0].1["reason"], "DependencyNotFound");
+    let written = seen.last().unwrap().1["status"].clone();
+
+    // A later reconcile seeing the written status: no Event, and nothing to write.
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), not_found)];
+    script.extend(children(deployment_with(2, 2)));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(orders_spec(), Some(written))), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
 #[tokio::test]
 async fn unchanged_status_is_not_rewritten() {
     // First pass: learn the status the reconciler writes.
