@@ -15,7 +15,7 @@
 //!   twice (a replica paused longer than the TTL), the second writer's append fails and it stops.
 
 use super::call::{CallHeaders, Caller, Outcome};
-use super::config::{CallConfig, CoordinatorConfig, RetryConfig};
+use super::config::{CallConfig, CoordinatorConfig};
 use super::log::{Entry, Event, Instance, Log, LogError, Status, StepOutcome};
 use super::metrics::{SagaLabel, SagaMetrics, StepLabel};
 use super::template;
@@ -477,15 +477,7 @@ impl Coordinator {
                     )
                     .await?;
                     let (outcome, uncertain) = self
-                        .attempts(
-                            &inst,
-                            &step.action,
-                            &key,
-                            &RetryConfig::ONCE,
-                            step.timeout_ms,
-                            &name,
-                            "action",
-                        )
+                        .attempt(&inst, &step.action, &key, step.timeout_ms, &name, "action")
                         .await;
                     self.crash.maybe("after-step-call");
                     let uncertain = uncertain || inst.step_uncertain[i];
@@ -552,15 +544,14 @@ impl Coordinator {
         self.compensate(&mut inst).await
     }
 
-    /// Calls `call` up to `retry.attempts` times. The second value is true when any attempt may
-    /// have reached the target (so a failure leaves the outcome unknown).
-    #[allow(clippy::too_many_arguments)]
-    async fn attempts(
+    /// One attempt of `call`; its callers log each attempt and decide on retries, so that the
+    /// retry bounds hold across restarts. The second value is true when the attempt may have
+    /// reached the target (so a failure leaves the outcome unknown).
+    async fn attempt(
         &self,
         inst: &Instance,
         call: &CallConfig,
         key: &str,
-        retry: &RetryConfig,
         timeout_ms: u64,
         step: &str,
         kind: &str,
@@ -592,27 +583,11 @@ impl Coordinator {
             saga_id: inst.id.clone(),
             saga: self.saga_ref(),
         };
-        let mut uncertain = false;
-        let mut n = 1;
-        let outcome = loop {
-            let out = self
-                .caller
-                .call(
-                    call,
-                    body.clone(),
-                    &headers,
-                    Duration::from_millis(timeout_ms),
-                )
-                .await;
-            if matches!(out, Outcome::Unknown { .. }) {
-                uncertain = true;
-            }
-            if !out.retryable() || n >= retry.attempts {
-                break out;
-            }
-            n += 1;
-            tokio::time::sleep(retry.backoff(n)).await;
-        };
+        let outcome = self
+            .caller
+            .call(call, body, &headers, Duration::from_millis(timeout_ms))
+            .await;
+        let uncertain = matches!(outcome, Outcome::Unknown { .. });
         self.metrics
             .step_duration
             .get_or_create(&StepLabel {
@@ -668,11 +643,10 @@ impl Coordinator {
                 )
                 .await?;
                 let (out, _) = self
-                    .attempts(
+                    .attempt(
                         inst,
                         comp,
                         &key,
-                        &RetryConfig::ONCE,
                         step.timeout_ms,
                         &step.name,
                         "compensation",

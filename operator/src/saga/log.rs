@@ -196,8 +196,6 @@ pub struct Instance {
     /// Stream sequence of the last entry (0: no entry yet).
     pub last_seq: u64,
     pub steps: Vec<StepOutcome>,
-    /// Attempts of each step's action started so far (across restarts).
-    pub step_attempts: Vec<u32>,
     /// Attempts of each step's action that failed so far (across restarts): what
     /// `retry.attempts` bounds. An attempt cut short by the coordinator stopping has no outcome
     /// and is made again on resumption, not counted as failed.
@@ -219,7 +217,6 @@ impl Instance {
             entries: Vec::new(),
             last_seq: 0,
             steps: vec![StepOutcome::NotStarted; steps],
-            step_attempts: vec![0; steps],
             step_failures: vec![0; steps],
             step_uncertain: vec![false; steps],
             comps: vec![CompState::default(); steps],
@@ -239,7 +236,6 @@ impl Instance {
                     // An earlier attempt cut short (no outcome logged) is not marked uncertain:
                     // this one carries the same idempotency key, so its answer covers both.
                     self.steps[i] = StepOutcome::InFlight;
-                    self.step_attempts[i] += 1;
                 }
             }
             Event::StepAttemptFailed {
