@@ -275,6 +275,14 @@ fn base_objects() -> Result<Vec<Value>> {
         .collect())
 }
 
+/// Every Weir object in `examples/` and the base objects, with the file each comes from.
+fn weir_objects() -> Result<Vec<(PathBuf, Value)>> {
+    let mut all = documents(&root().join("examples"))?;
+    all.extend(documents(&root().join("tests/apiserver/objects.yaml"))?);
+    all.retain(|(_, v)| is_weir(v));
+    Ok(all)
+}
+
 // --- 1. upgrade -----------------------------------------------------------------------------
 
 async fn upgrade_from_previous_crds(api: &Api) -> Result<()> {
@@ -314,11 +322,7 @@ async fn upgrade_from_previous_crds(api: &Api) -> Result<()> {
     // Objects stored under the previous CRDs.
     let ns = "weir-upgrade";
     let mut stored = Vec::new();
-    for (_, obj) in documents(&root().join("examples"))?
-        .into_iter()
-        .chain(base_objects()?.into_iter().map(|v| (PathBuf::new(), v)))
-        .filter(|(_, v)| is_weir(v))
-    {
+    for (_, obj) in weir_objects()? {
         let kind = str_of(&obj, "/kind").to_string();
         let mut obj = obj;
         obj["metadata"]["namespace"] = json!(ns);
@@ -533,15 +537,7 @@ async fn examples_are_accepted(api: &Api) -> Result<()> {
         "== every Weir object in examples/ and the base objects: create and server-side apply"
     );
     let mut n = 0;
-    let objects = documents(&root().join("examples"))?
-        .into_iter()
-        .chain(
-            base_objects()?
-                .into_iter()
-                .map(|v| (root().join("tests/apiserver/objects.yaml"), v)),
-        )
-        .filter(|(_, v)| is_weir(v));
-    for (i, (file, obj)) in objects.enumerate() {
+    for (i, (file, obj)) in weir_objects()?.into_iter().enumerate() {
         let kind = str_of(&obj, "/kind").to_string();
         let name = str_of(&obj, "/metadata/name").to_string();
         // Each object in a namespace of its own: examples reuse names.
@@ -652,30 +648,16 @@ fn walk(kind: &str, s: &Value, path: &str, out: &mut Vec<Constraint>) {
     {
         push(What::Type(t.to_string()));
     }
-    for r in s
-        .get("required")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    let items = |k: &str| s.get(k).and_then(Value::as_array).into_iter().flatten();
+    for r in items("required") {
         push(What::Required(r.as_str().unwrap_or_default().to_string()));
     }
     if s.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map") {
-        for k in s
-            .get("x-kubernetes-list-map-keys")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for k in items("x-kubernetes-list-map-keys") {
             push(What::ListMapKey(k.as_str().unwrap_or_default().to_string()));
         }
     }
-    for r in s
-        .get("x-kubernetes-validations")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for r in items("x-kubernetes-validations") {
         push(What::Rule {
             rule: str_of(r, "/rule").to_string(),
             field_path: str_of(r, "/fieldPath").to_string(),
