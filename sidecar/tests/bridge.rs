@@ -463,22 +463,23 @@ fn repeated(app: &App) -> Vec<(String, usize)> {
     v
 }
 
+/// `n` events `evt-<i>` with an order body each, as the kill scenarios put them on the broker.
+fn orders(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("evt-{i}"),
+                format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
+            )
+        })
+        .collect()
+}
+
 async fn killing_the_consuming_sidecar_loses_nothing(kind: Kind) {
     let broker = broker_or_skip!(kind);
     broker.declare().await;
     const N: usize = 3000;
-    broker
-        .raw_publish_many(
-            (0..N)
-                .map(|i| {
-                    (
-                        format!("evt-{i}"),
-                        format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
-                    )
-                })
-                .collect(),
-        )
-        .await;
+    broker.raw_publish_many(orders(N)).await;
     let app = App::start(Duration::from_millis(2), Arc::new(|_, _| 200)).await;
     let c = consume_config("billing");
     let max_in_flight = c.max_in_flight as usize;
@@ -517,18 +518,7 @@ async fn killing_the_consuming_sidecar_twice_redelivers_once_more_per_crash(kind
     let broker = broker_or_skip!(kind);
     broker.declare().await;
     const N: usize = 400;
-    broker
-        .raw_publish_many(
-            (0..N)
-                .map(|i| {
-                    (
-                        format!("evt-{i}"),
-                        format!(r#"{{"orderId":"o{i}","amount":{i}}}"#),
-                    )
-                })
-                .collect(),
-        )
-        .await;
+    broker.raw_publish_many(orders(N)).await;
     // A slow app, so the first crash's redeliveries are still in it at the second kill.
     let app = App::start(Duration::from_millis(40), Arc::new(|_, _| 200)).await;
     let c = consume_config("billing");
