@@ -37,8 +37,17 @@ fi
 V=$("$APISERVER_DIR/build.sh" | tail -1)
 BIN="$V/bin/apiextensions-apiserver"
 [ -x "$BIN" ] || die "no server binary at $BIN"
-command -v openssl >/dev/null || die "openssl is missing (scripts/setup.sh installs it)"
-command -v curl >/dev/null || die "curl is missing"
+# What the scripts and the suite call; installed from Debian when missing (kubectl: any version
+# will do, as for tests/cluster/).
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
 "$APISERVER_DIR/down.sh" >/dev/null 2>&1 || true
 mkdir -p "$STATE/run" "$STATE/logs" "$PKI" "$STATE/etcd"
