@@ -5,11 +5,14 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Where a message broker is (`url`, credentials), or a broker the operator runs (`managed`).
+/// Queues and Sagas name a Broker; the operator and every sidecar connect with what it says.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weir.dev",
     version = "v1alpha1",
     kind = "Broker",
+    doc = "A message broker Weir's Queues and Sagas use: where it is (url, credentials Secret) or one the operator runs (managed). Status says whether the operator reaches it.",
     namespaced,
     status = "BrokerStatus",
     shortname = "wb",
@@ -37,6 +40,7 @@ use serde::{Deserialize, Serialize};
     {"rule": "!has(self.vhost) || self.kind == 'rabbitmq'", "message": "vhost applies to rabbitmq only", "fieldPath": ".vhost"}
 ]))]
 pub struct BrokerSpec {
+    /// `nats` (JetStream, the default), `rabbitmq` or `redis` (Streams).
     #[serde(default)]
     pub kind: BrokerKind,
     /// `nats://host:4222`, `amqp://host:5672`, `redis://host:6379`.
@@ -47,6 +51,7 @@ pub struct BrokerSpec {
     /// for a broker whose TLS certificate a private CA signed, that CA as `ca.crt` (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<SecretRef>,
+    /// The RabbitMQ virtual host (`rabbitmq` only); the URL's path when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost: Option<String>,
     /// A broker run by the operator in this namespace.
@@ -63,12 +68,15 @@ pub enum BrokerKind {
     Redis,
 }
 
+/// A Secret in the Broker's namespace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretRef {
+    /// Name of the Secret, in the Broker's namespace.
     pub name: String,
 }
 
+/// A one-replica broker of `kind` the operator runs as a StatefulSet with a Service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ManagedBroker {
@@ -80,14 +88,19 @@ pub struct ManagedBroker {
     pub storage: Option<String>,
 }
 
+/// What the operator last saw of the broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Connected`: whether the operator reaches the broker, and why not (`InvalidSpec`,
+    /// unreachable, refused credentials, a managed broker still starting).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Version the broker reported when the operator connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_version: Option<String>,
 }

@@ -28,6 +28,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
                 visit(s, &mut |s| {
                     bound_duration(s);
                     drop_unknown_format(s);
+                    not_nullable(s);
                 });
             }
         }
@@ -37,7 +38,8 @@ pub fn all() -> Vec<CustomResourceDefinition> {
 
 /// A Microservice's name names its Service, so it must be a DNS label. The schema says so on
 /// `metadata.name` itself (the one place besides `generateName` where a CRD may restrict
-/// metadata), rather than in a CEL rule on the root: the apiserver names the field in its
+/// metadata; `metadata` may carry nothing else, not even a description), rather than in a CEL
+/// rule on the root: the apiserver names the field in its
 /// answer (`metadata.name: Invalid value`), where a root rule is reported against no field.
 fn name_is_a_dns_label(root: &mut JSONSchemaProps) {
     let name = JSONSchemaProps {
@@ -72,6 +74,16 @@ fn visit(s: &mut JSONSchemaProps, f: &mut impl FnMut(&mut JSONSchemaProps)) {
     if let Some(JSONSchemaPropsOrBool::Schema(values)) = s.additional_properties.as_mut() {
         visit(values, f);
     }
+}
+
+/// Optional fields are left out when unset, never sent as `null`, so no field is `nullable`.
+/// It matters beyond tidiness: when the apiserver publishes a CRD's schema as OpenAPI v2 (what
+/// `kubectl explain` and kubectl's client-side validation read before OpenAPI v3), it strips
+/// the type and properties of every nullable field, so a typo inside an optional block such as
+/// `retry: {attemps: 5}` went unseen and was pruned. A `null` sent anyway is pruned by the
+/// apiserver like an absent field.
+fn not_nullable(s: &mut JSONSchemaProps) {
+    s.nullable = None;
 }
 
 /// Formats the apiserver knows (k8s.io/kube-openapi `strfmt` and the OpenAPI number formats).
@@ -281,6 +293,73 @@ mod tests {
                 file_name(&crd)
             );
         }
+    }
+
+    /// What `kubectl explain` shows and kubectl's client-side validation checks: every field
+    /// has a type (or is free-form JSON on purpose) and a description, no field is nullable
+    /// (the apiserver would publish it without type and properties), and each kind says what
+    /// it is.
+    #[test]
+    fn every_field_has_a_type_and_a_description() {
+        fn walk(s: &JSONSchemaProps, at: &str, bad: &mut Vec<String>) {
+            let free_form = s.x_kubernetes_preserve_unknown_fields == Some(true)
+                || s.x_kubernetes_int_or_string == Some(true);
+            if s.type_.is_none() && !free_form {
+                bad.push(format!("{at}: no type"));
+            }
+            if s.nullable.is_some() {
+                bad.push(format!("{at}: nullable"));
+            }
+            if s.type_.as_deref() == Some("object")
+                && s.properties.is_none()
+                && s.additional_properties.is_none()
+                && !free_form
+            {
+                bad.push(format!("{at}: an object without properties"));
+            }
+            for (k, p) in s.properties.iter().flatten() {
+                let path = format!("{at}.{k}");
+                // The apiserver refuses anything on `metadata` but its `name` and
+                // `generateName` (the type it allows): the standard description applies.
+                if path.ends_with("Microservice.metadata") {
+                    continue;
+                }
+                if p.description.as_deref().is_none_or(|d| d.trim().is_empty()) {
+                    bad.push(format!("{path}: no description"));
+                }
+                walk(p, &path, bad);
+            }
+            if let Some(JSONSchemaPropsOrArray::Schema(items)) = &s.items {
+                walk(items, &format!("{at}[]"), bad);
+            }
+            if let Some(JSONSchemaPropsOrBool::Schema(values)) = &s.additional_properties {
+                walk(values, &format!("{at}{{}}"), bad);
+            }
+        }
+        let mut bad = Vec::new();
+        for crd in all() {
+            let kind = &crd.spec.names.kind;
+            for v in &crd.spec.versions {
+                let root = v
+                    .schema
+                    .as_ref()
+                    .unwrap()
+                    .open_api_v3_schema
+                    .as_ref()
+                    .unwrap();
+                let d = root.description.as_deref().unwrap_or_default();
+                if d.is_empty() || d.contains("Auto-generated") || d.contains("derived type") {
+                    bad.push(format!("{kind}: kind description {d:?}"));
+                }
+                walk(root, kind, &mut bad);
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{} problems:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     group = "weir.dev",
     version = "v1alpha1",
     kind = "Microservice",
+    doc = "A service run with the weir-proxy sidecar: its app container, a Service, and a resilience policy (timeout, retries, circuit breaker, bulkhead, fallback) on each call it makes; what it publishes and consumes; optionally the edge.",
     namespaced,
     status = "MicroserviceStatus",
     shortname = "ms",
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
         name = "Dependencies",
         type_ = "string",
         json_path = ".status.dependencySummary",
-        description = "resolved/declared"
+        description = "ready/declared: dependencies that can answer now (a Microservice with a ready pod; an external URL counts as ready)"
     ),
     printcolumn(
         name = "Reason",
@@ -61,32 +62,43 @@ pub struct MicroserviceSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1))]
     pub image: String,
+    /// When the kubelet pulls the app's image: `Always`, `IfNotPresent` or `Never` (Kubernetes'
+    /// default when left out: `Always` for `:latest`, else `IfNotPresent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = ["Always", "IfNotPresent", "Never"]))]
     pub image_pull_policy: Option<String>,
+    /// Replaces the image's entrypoint (the container's `command`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// Arguments to the entrypoint (the container's `args`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
+    /// Environment variables of the app container, as in a Pod. Weir adds `<NAME>_URL` for each
+    /// dependency, `WEIR_SIDECAR_URL` and `PORT`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
     /// Port the app listens on (on loopback is enough: only the sidecar calls it).
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// Pods to run (0 stops the service but keeps its Service and config).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
+    /// CPU and memory requests and limits of the app container, as in a Pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// HTTP probes on the app, made through the sidecar: the pod is ready only when the app answers.
     #[serde(default)]
     pub probes: Probes,
     /// Calls this service makes. Each becomes `<NAME>_URL=http://127.0.0.1:<port>` in the app.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub dependencies: Vec<Dependency>,
+    /// Limits on requests arriving at this service: timeout, concurrency, queue, rate and body size.
     #[serde(default)]
     pub inbound: InboundPolicy,
+    /// OTLP traces of every call through the sidecar; off when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSpec>,
     /// Queues this service publishes to (through `POST /v1/publish/<queue>` on its sidecar).
@@ -118,26 +130,34 @@ fn default_grace() -> i64 {
     30
 }
 
+/// Liveness and readiness probes on the app.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probes {
+    /// Restarts the pod when the app stops answering.
     #[serde(default = "ProbeSpec::liveness")]
     pub liveness: ProbeSpec,
+    /// Takes the pod out of its Service while the app does not answer.
     #[serde(default = "ProbeSpec::readiness")]
     pub readiness: ProbeSpec,
 }
 
+/// An HTTP GET probe on the app, made through the sidecar.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProbeSpec {
+    /// Path on the app, called with GET; 2xx or 3xx is healthy.
     #[schemars(regex(pattern = r"^/"))]
     pub path: String,
+    /// Seconds between two probes.
     #[serde(default = "default_period")]
     #[schemars(range(min = 1, max = 300))]
     pub period_seconds: i32,
+    /// Failed probes in a row before the pod counts as failing.
     #[serde(default = "default_failure_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub failure_threshold: i32,
+    /// Seconds after the container starts before the first probe.
     #[serde(default)]
     #[schemars(range(min = 0, max = 3600))]
     pub initial_delay_seconds: i32,
@@ -198,12 +218,16 @@ pub struct Dependency {
     #[serde(default = "default_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: String,
+    /// Retries with exponential backoff and full jitter, bounded by a budget; none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// A circuit breaker on this dependency; none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    /// A cap on concurrent calls to this dependency; none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bulkhead: Option<BulkheadPolicy>,
+    /// The answer served when the breaker is open or the bulkhead is full, instead of a 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackPolicy>,
 }
@@ -215,15 +239,19 @@ pub struct Dependency {
     {"rule": "!has(self.maxQueue) || self.maxQueue == 0 || has(self.maxConcurrent)", "message": "maxQueue needs maxConcurrent", "fieldPath": ".maxQueue"}
 ]))]
 pub struct InboundPolicy {
+    /// Deadline of one inbound request, from arrival to the app's last byte (504 when exceeded).
     #[serde(default = "default_inbound_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: String,
+    /// Requests the app handles at once; more wait in a queue of `maxQueue`. Unlimited when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_concurrent: Option<u32>,
+    /// Requests waiting for a slot when `maxConcurrent` are in flight; beyond it, 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100000))]
     pub max_queue: Option<u32>,
+    /// A token bucket on all inbound requests (429 when empty); none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
     /// Largest request body accepted, in bytes.
@@ -251,9 +279,11 @@ fn default_max_body() -> u64 {
     1 << 20
 }
 
+/// A token bucket: `requestsPerSecond` sustained, bursts up to `burst`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitSpec {
+    /// Sustained rate admitted.
     #[schemars(range(min = 1, max = 1000000))]
     pub requests_per_second: u32,
     /// Largest burst; defaults to one second's worth.
@@ -262,6 +292,7 @@ pub struct RateLimitSpec {
     pub burst: Option<u32>,
 }
 
+/// Where the sidecar sends OTLP traces, and how many it records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TracingSpec {
@@ -269,6 +300,7 @@ pub struct TracingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://\S+$"))]
     pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces recorded (0 to 1); a caller's sampled flag is always followed.
     #[serde(default = "default_sampling")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub sampling_ratio: f64,
@@ -278,6 +310,7 @@ fn default_sampling() -> f64 {
     0.1
 }
 
+/// A Queue this service publishes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PublishSpec {
@@ -285,6 +318,7 @@ pub struct PublishSpec {
     pub queue: String,
 }
 
+/// A Queue whose messages the sidecar delivers to a path of the app.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsumeSpec {
@@ -293,6 +327,7 @@ pub struct ConsumeSpec {
     /// Path on the app that receives each event as a POST.
     #[schemars(regex(pattern = r"^/"))]
     pub path: String,
+    /// Events pushed to the app at once; the next waits for an answer.
     #[serde(default = "default_in_flight")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_in_flight: u32,
@@ -306,6 +341,7 @@ fn default_in_flight() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EdgeSpec {
+    /// How tokens are checked: where the signing keys are, and what the token must say.
     pub jwt: JwtSpec,
     /// Requests admitted without a token (a token sent anyway is still validated). Everything
     /// else needs one.
@@ -317,6 +353,7 @@ pub struct EdgeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pathPrefix"]))]
     pub routes: Vec<EdgeRoute>,
+    /// Cross-origin answers for browsers; no CORS headers when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsSpec>,
     /// A token bucket per client (user id, or client IP for anonymous requests).
@@ -358,6 +395,7 @@ pub struct JwtSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://\S+$"))]
     pub jwks_uri: Option<String>,
+    /// How often `jwksUri` or `jwksSecretRef` is read again.
     #[serde(default = "default_jwks_refresh")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub jwks_refresh_interval: String,
@@ -405,12 +443,15 @@ fn default_max_token_bytes() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
+    /// Name of the Secret, in the Microservice's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// Key in the Secret's data.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 
+/// Requests under a path prefix admitted without a token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnonymousRule {
@@ -449,6 +490,7 @@ impl HttpMethod {
     }
 }
 
+/// A path prefix the edge sends to a dependency instead of the app.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EdgeRoute {
@@ -463,6 +505,7 @@ pub struct EdgeRoute {
     pub strip_prefix: bool,
 }
 
+/// Cross-origin answers for browsers: preflights and the `Access-Control-*` headers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -475,6 +518,7 @@ pub struct CorsSpec {
         inner(length(max = 253), regex(pattern = r"^(\*|https?://[^/\s]+)$"))
     )]
     pub allow_origins: Vec<String>,
+    /// Methods a page may use cross-origin.
     #[serde(default = "default_cors_methods")]
     #[schemars(length(min = 1, max = 10))]
     pub allow_methods: Vec<HttpMethod>,
@@ -512,15 +556,18 @@ fn default_cors_max_age() -> String {
     "10m".into()
 }
 
+/// A token bucket per client, with a bound on the clients remembered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientRateLimitSpec {
+    /// Sustained rate admitted per client.
     #[schemars(range(min = 1, max = 1000000))]
     pub requests_per_second: u32,
     /// Largest burst per client; defaults to one second's worth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000))]
     pub burst: Option<u32>,
+    /// What a client is: `user` (the token's user id, the IP when anonymous) or `ip`.
     #[serde(default)]
     pub key: ClientKey,
     /// Clients remembered at once; beyond it idle ones are forgotten first.
@@ -544,22 +591,29 @@ pub enum ClientKey {
     Ip,
 }
 
+/// What the operator last saw: conditions, replicas and dependencies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct MicroserviceStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message naming what is
+    /// wrong and where.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Pods the Deployment wants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+    /// Pods whose app and sidecar are both ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
     /// `ready/desired`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_summary: Option<String>,
-    /// `resolved/declared` dependencies, for `kubectl get`.
+    /// `ready/declared` dependencies, for `kubectl get`: a Microservice dependency is ready when
+    /// one of its pods is; an external URL counts as ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dependency_summary: Option<String>,
     /// Hash of the sidecar config now rolled out.

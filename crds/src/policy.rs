@@ -1,9 +1,9 @@
 //! Resilience policies, shared by Microservice dependencies and Saga steps.
 //!
-//! Defaults follow circuit-breaker practice (opossum, Hystrix) and Linkerd's retry budget, and
-//! are written down in `docs/api.md`: timeout 3s; breaker at 50 % errors over a 10s window split
-//! into 10 buckets, 20 calls minimum before it may open (a handful of calls says nothing about an
-//! upstream), 10s open before one trial call; retry budget 20 % of recent requests plus 10/s over 10s.
+//! The defaults are written down in `docs/api.md`: timeout 3s; breaker at 50 % errors over a
+//! 10s window split into 10 buckets, 20 calls minimum before it may open (a handful of calls
+//! says nothing about an upstream), 10s open before one trial call; retry budget 20 % of recent
+//! requests plus 10/s over 10s.
 
 use crate::duration::DURATION_PATTERN;
 use schemars::JsonSchema;
@@ -21,8 +21,10 @@ pub struct RetryPolicy {
     #[serde(default = "default_attempts")]
     #[schemars(range(min = 1, max = 10))]
     pub attempts: u32,
+    /// Wait before each retry: exponential from `base`, capped at `max`, with full jitter.
     #[serde(default)]
     pub backoff: BackoffPolicy,
+    /// Caps retries at a share of recent requests, so retries never multiply load during an outage.
     #[serde(default)]
     pub budget: RetryBudget,
     /// Also retry non-idempotent methods (POST, PATCH). Only for upstreams that dedupe
@@ -35,6 +37,7 @@ fn default_attempts() -> u32 {
     3
 }
 
+/// Exponential backoff with full jitter between retries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackoffPolicy {
@@ -42,6 +45,7 @@ pub struct BackoffPolicy {
     #[serde(default = "default_backoff_base")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub base: String,
+    /// Longest wait before a retry.
     #[serde(default = "default_backoff_max")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub max: String,
@@ -63,7 +67,7 @@ fn default_backoff_max() -> String {
     "2s".into()
 }
 
-/// Retries may add at most `ratio` of the recent request rate, plus `minPerSecond`, so retries
+/// Retries may add at most `percent` of the recent request rate, plus `minPerSecond`, so retries
 /// never multiply load during an outage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -72,6 +76,7 @@ pub struct RetryBudget {
     #[serde(default = "default_budget_percent")]
     #[schemars(range(min = 0, max = 100))]
     pub percent: u32,
+    /// Retries allowed each second whatever the request rate (so a quiet service can retry).
     #[serde(default = "default_budget_min")]
     #[schemars(range(min = 0, max = 10000))]
     pub min_per_second: u32,
@@ -106,18 +111,23 @@ fn default_budget_ttl() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerPolicy {
+    /// Failure percentage in the rolling window above which the breaker opens.
     #[serde(default = "default_error_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub error_threshold_percentage: u32,
+    /// Calls in the rolling window before the breaker may open (a handful says nothing).
     #[serde(default = "default_volume_threshold")]
     #[schemars(range(min = 1, max = 100000))]
     pub volume_threshold: u32,
+    /// How far back the breaker counts calls and failures.
     #[serde(default = "default_rolling_window")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub rolling_window: String,
+    /// Slices of the rolling window; the oldest slice is dropped as time moves on.
     #[serde(default = "default_buckets")]
     #[schemars(range(min = 1, max = 100))]
     pub buckets: u32,
+    /// How long the breaker stays open before one trial call decides.
     #[serde(default = "default_reset_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub reset_timeout: String,
@@ -155,13 +165,17 @@ fn default_reset_timeout() -> String {
     "10s".into()
 }
 
+/// What the breaker counts as a failed call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailureOn {
+    /// A 5xx answer counts as a failure.
     #[serde(default = "yes")]
     pub status5xx: bool,
+    /// A refused, reset or failed connection counts as a failure.
     #[serde(default = "yes")]
     pub connect_errors: bool,
+    /// A call that times out counts as a failure.
     #[serde(default = "yes")]
     pub timeouts: bool,
 }
@@ -184,8 +198,10 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BulkheadPolicy {
+    /// Calls in flight at most.
     #[schemars(range(min = 1, max = 100000))]
     pub max_concurrent: u32,
+    /// Calls waiting for a slot at most; beyond it, fail fast (the fallback, or 503).
     #[serde(default)]
     #[schemars(range(min = 0, max = 100000))]
     pub max_queue: u32,
@@ -195,12 +211,15 @@ pub struct BulkheadPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FallbackPolicy {
+    /// Status code of the fallback answer.
     #[serde(default = "default_fallback_status")]
     #[schemars(range(min = 200, max = 599))]
     pub status: u16,
     // Not a schema default: Kubernetes 1.20 refuses an empty-string default in a CRD.
+    /// Body of the fallback answer.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub body: String,
+    /// `Content-Type` of the fallback answer.
     #[serde(default = "default_content_type")]
     pub content_type: String,
 }

@@ -9,11 +9,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// A durable queue on a Broker: what it captures and keeps, how its consumers get messages,
+/// where failed messages go, and the JSON Schema every message must satisfy.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weir.dev",
     version = "v1alpha1",
     kind = "Queue",
+    doc = "A durable queue on a Broker: subjects, retention, delivery policy, dead letters and the JSON Schema of its messages. Microservices publish to it and consume from it through their sidecars.",
     namespaced,
     status = "QueueStatus",
     shortname = "wq",
@@ -45,20 +48,27 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub subjects: Vec<String>,
+    /// When the broker removes messages: `Limits` (the default: by maxAge, maxMessages and maxBytes),
+    /// `WorkQueue` (once one consumer acknowledged) or `Interest` (once every consumer did).
+    /// Redis and RabbitMQ apply `Limits` only (condition `SettingsApplied` says so).
     #[serde(default)]
     pub retention: Retention,
     /// `File` survives broker restarts; `Memory` only when asked for.
     #[serde(default)]
     pub storage: Storage,
+    /// Copies of each message on a clustered broker (NATS stream replicas, RabbitMQ quorum size).
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 5))]
     pub replicas: i32,
+    /// Messages older than this are removed; no age limit when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub max_age: Option<String>,
+    /// Most messages kept; the oldest go first. No count limit when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_messages: Option<i64>,
+    /// Most bytes kept; the oldest messages go first. No size limit when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_bytes: Option<i64>,
@@ -66,8 +76,10 @@ pub struct QueueSpec {
     #[serde(default = "default_dup_window")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub duplicate_window: String,
+    /// How each consuming Microservice receives messages: deliveries, ack wait, backoff, in flight.
     #[serde(default)]
     pub consumer: ConsumerSettings,
+    /// Where messages that cannot be delivered go, with the reason, and for how long.
     #[serde(default)]
     pub dead_letter: DeadLetterSettings,
     /// JSON Schema (draft 2020-12) of the messages.
@@ -76,6 +88,8 @@ pub struct QueueSpec {
     /// CloudEvents `type` of the events; defaults to the queue's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_type: Option<String>,
+    /// `Retain` (the default) keeps the stream and its messages when the Queue is deleted;
+    /// `Delete` removes them.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
@@ -129,6 +143,7 @@ pub struct ConsumerSettings {
     #[serde(default = "default_backoff")]
     #[schemars(length(max = 100))]
     pub backoff: Vec<DurationString>,
+    /// Messages delivered and not yet answered, per consumer, before the broker waits.
     #[serde(default = "default_max_ack_pending")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_ack_pending: i32,
@@ -178,6 +193,7 @@ fn default_max_ack_pending() -> i32 {
     1000
 }
 
+/// The dead-letter queue: messages that cannot be delivered, each with its reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeadLetterSettings {
@@ -213,25 +229,34 @@ fn default_dlq_age() -> String {
     {"rule": "has(self.inline) != has(self.configMapRef)", "message": "set exactly one of inline or configMapRef"}
 ]))]
 pub struct MessageSchema {
+    /// The JSON Schema itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_object")]
     pub inline: Option<serde_json::Value>,
+    /// A key of a ConfigMap in the Queue's namespace holding the JSON Schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_ref: Option<ConfigMapKeyRef>,
 }
 
+/// One key of a ConfigMap in the Queue's namespace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap, in the Queue's namespace.
     pub name: String,
+    /// Key in the ConfigMap's data.
     pub key: String,
 }
 
+/// What the operator last saw of the queue on its broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready` (the stream and consumers exist on the broker, or why not) and `SettingsApplied`
+    /// (settings this broker kind does not apply, named).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -241,6 +266,7 @@ pub struct QueueStatus {
     /// Messages pending per consumer (Microservice).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pending: BTreeMap<String, i64>,
+    /// Messages in the dead-letter queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<i64>,
 }

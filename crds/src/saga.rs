@@ -8,11 +8,15 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// A business transaction across services: steps run in order, and on a failure the completed
+/// ones are undone in reverse. A coordinator Deployment runs it; each instance's log is on the
+/// broker, so a coordinator crash resumes where it stopped.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weir.dev",
     version = "v1alpha1",
     kind = "Saga",
+    doc = "Ordered steps, each an action with an optional compensation, run by a crash-safe coordinator whose state lives on the broker. Status counts instances by outcome.",
     namespaced,
     status = "SagaStatus",
     shortname = "sg",
@@ -46,16 +50,20 @@ pub struct SagaSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 10))]
     pub replicas: i32,
+    /// How instances start: over HTTP on the coordinator, and/or one per event on a Queue.
     #[serde(default)]
     pub trigger: SagaTrigger,
+    /// The steps in order; on a failure the completed ones are compensated in reverse order.
     #[schemars(length(min = 1, max = 50))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub steps: Vec<SagaStep>,
     /// Retries of a failing compensation before the instance ends `CompensationFailed`.
     #[serde(default = "default_comp_retry")]
     pub compensation_retry: RetryPolicy,
+    /// An event published when an instance completes; none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_completed: Option<OutcomeEvent>,
+    /// An event published when an instance fails (after its compensations); none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failed: Option<OutcomeEvent>,
 }
@@ -73,6 +81,7 @@ fn default_comp_retry() -> RetryPolicy {
     }
 }
 
+/// How instances of the saga start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SagaTrigger {
@@ -97,18 +106,23 @@ fn yes() -> bool {
     true
 }
 
+/// One step: an action, its compensation, its deadline and its retries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SagaStep {
+    /// Names the step in logs, metrics and templates (`{{steps.<name>.result}}`).
     #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"))]
     pub name: String,
+    /// What the step does.
     pub action: SagaAction,
     /// Undoes the action; steps without one are not compensated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<SagaAction>,
+    /// Deadline of one attempt of the action.
     #[serde(default = "default_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: String,
+    /// Retries of a failing action before the saga compensates; one attempt when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
 }
@@ -120,26 +134,33 @@ pub struct SagaStep {
     {"rule": "has(self.http) != has(self.request)", "message": "set exactly one of http or request"}
 ]))]
 pub struct SagaAction {
+    /// An HTTP call to a Microservice of the namespace or to a URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCall>,
+    /// A request on a broker subject; the reply is the step's result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<BrokerRequest>,
 }
 
+/// An HTTP call; its JSON answer is the step's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.microservice) != has(self.url)", "message": "set exactly one of microservice or url"}
 ]))]
 pub struct HttpCall {
+    /// Name of a Microservice in the same namespace (called through its Service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub microservice: Option<String>,
+    /// An external base URL (`http://` or `https://`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://\S+$"))]
     pub url: Option<String>,
+    /// HTTP method of the call.
     #[serde(default = "default_method")]
     #[schemars(extend("enum" = ["GET", "POST", "PUT", "PATCH", "DELETE"]))]
     pub method: String,
+    /// Path of the call, appended to the Microservice's or the URL's base.
     #[schemars(regex(pattern = r"^/"))]
     pub path: String,
     /// Request body; `{{input.x}}` and `{{steps.<name>.result.y}}` are replaced by values.
@@ -152,15 +173,19 @@ fn default_method() -> String {
     "POST".into()
 }
 
+/// A request/reply on the saga's broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BrokerRequest {
+    /// Subject the request is published on; the first reply answers it.
     pub subject: String,
+    /// Request body; `{{input.x}}` and `{{steps.<name>.result.y}}` are replaced by values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_fields")]
     pub body: Option<serde_json::Value>,
 }
 
+/// A CloudEvent published on a Queue when an instance ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutcomeEvent {
@@ -171,24 +196,33 @@ pub struct OutcomeEvent {
     pub event_type: String,
 }
 
+/// The coordinator's counts of instances, and the conditions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SagaStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready` (the coordinator runs and reaches its broker, or why not) and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Steps in the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<i32>,
+    /// Instances in progress.
     #[serde(default)]
     pub running: i64,
+    /// Instances that completed.
     #[serde(default)]
     pub completed: i64,
+    /// Instances that failed and were compensated.
     #[serde(default)]
     pub compensated: i64,
+    /// Instances that failed and could not be fully compensated.
     #[serde(default)]
     pub failed: i64,
+    /// The most recent failure: instance, step and reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
 }

@@ -1,5 +1,7 @@
 //! Shared helpers of the end-to-end suites in `tests/tests/` (see tests/README.md).
 
+pub mod typos;
+
 use anyhow::{Result, bail};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

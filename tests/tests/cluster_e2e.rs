@@ -105,6 +105,105 @@ async fn weir_in_a_real_cluster() -> Result<()> {
     result
 }
 
+/// `kubectl apply` refuses a typo inside any block of any kind (`retry: {attemps: 5}` once went
+/// through, was pruned and left the defaults in force): before server-side field validation
+/// (1.25) that is kubectl's own check against the schema the server publishes, which has to
+/// carry every block's type and properties. The cases come from tests/apiserver/objects.yaml;
+/// each is a server-side dry run, and the same object without the typo is accepted. The same
+/// published schema is what `kubectl explain` prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_refuses_a_typo_in_every_block_and_explains_every_field() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-typos").await?;
+    let result = typos(&ns);
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+fn typos(ns: &str) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crds: Vec<serde_json::Value> = std::fs::read_dir(root.join("charts/weir/crds"))?
+        .map(|e| Ok(weir_e2e::typos::documents(&e?.path())?.remove(0)))
+        .collect::<Result<_>>()?;
+    let bases = weir_e2e::typos::documents(&root.join("tests/apiserver/objects.yaml"))?;
+    let cases = weir_e2e::typos::cases(&crds, &bases);
+    assert!(cases.len() >= 40, "only {} typo cases", cases.len());
+    let dir = tempfile::tempdir()?;
+    let apply = |name: &str, obj: &serde_json::Value| -> Result<(bool, String)> {
+        let file = dir.path().join(format!("{name}.json"));
+        std::fs::write(&file, serde_json::to_vec(obj)?)?;
+        let out = std::process::Command::new("kubectl")
+            .args(["apply", "--dry-run=server", "-n", ns, "-f"])
+            .arg(&file)
+            .output()
+            .context("running kubectl")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    for (i, base) in bases.iter().enumerate() {
+        let (ok, err) = apply(&format!("base-{i}"), base)?;
+        assert!(ok, "control: base object {i} refused: {err}");
+    }
+    let mut example = String::new();
+    for (i, case) in cases.iter().enumerate() {
+        let (ok, err) = apply(&format!("case-{i}"), &case.object)?;
+        let want = format!("unknown field \"{}\"", case.key);
+        assert!(
+            !ok && err.contains(&want),
+            "{} with {}: kubectl apply ok={ok}, wanted {want}: {err}",
+            case.object_name,
+            case.field
+        );
+        if case.field.contains("].") && example.is_empty() {
+            example = format!("{}: {}", case.field, err.trim());
+        }
+    }
+    eprintln!(
+        "  ok: {} typos refused by kubectl apply, {} base objects accepted; e.g. {example}",
+        cases.len(),
+        bases.len()
+    );
+    // `kubectl explain` sees inside the optional blocks and describes each kind and field.
+    for (path, want) in [
+        ("microservice", "resilience policy"),
+        ("microservice.spec.dependencies.retry", "<Object>"),
+        (
+            "microservice.spec.dependencies.circuitBreaker.errorThresholdPercentage",
+            "Failure percentage in the rolling window",
+        ),
+        (
+            "microservice.spec.inbound.timeout",
+            "Deadline of one inbound request",
+        ),
+        ("microservice.status", "What the operator last saw"),
+        ("queue.spec", "A durable queue on a Broker"),
+        ("saga.spec.steps.action.http", "An HTTP call"),
+        (
+            "broker.spec.managed.storage",
+            "Size of the persistent volume",
+        ),
+    ] {
+        let out = std::process::Command::new("kubectl")
+            .args(["explain", path])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(want),
+            "kubectl explain {path}: wanted {want:?} in:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!("  ok: kubectl explain describes kinds and the fields inside optional blocks");
+    Ok(())
+}
+
 async fn run(client: &Client, ns: &str) -> Result<()> {
     let long = Duration::from_secs(240);
     let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
@@ -217,6 +316,15 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
                 .items
                 .len();
             Ok((n == 0).then_some(()))
+        }
+    })
+    .await?;
+    // The Dependencies column says calls to users cannot succeed now.
+    wait_for("orders shows dependencies 0/1", long, || {
+        let mss = mss.clone();
+        async move {
+            let st = mss.get("orders").await?.status.unwrap_or_default();
+            Ok((st.dependency_summary.as_deref() == Some("0/1")).then_some(()))
         }
     })
     .await?;

@@ -230,17 +230,24 @@ async fn run_suite(client: &Client, ns: &str, legacy: bool, pods: bool) -> Resul
         );
     }
 
-    // Status catches up with the spec: observedGeneration, and the dependency now resolved.
-    wait_for("orders status current with dependencies 1/1", long, || {
-        let mss = mss.clone();
-        async move {
-            let ms = mss.get("orders").await?;
-            let st = ms.status.clone().unwrap_or_default();
-            Ok((st.observed_generation == ms.metadata.generation
-                && st.dependency_summary.as_deref() == Some("1/1"))
-            .then_some(()))
-        }
-    })
+    // Status catches up with the spec: observedGeneration, and the dependency now resolved;
+    // it counts as ready (the Dependencies column) once a pod of users is ready, which only
+    // happens where the images run.
+    let want = if pods { "1/1" } else { "0/1" };
+    wait_for(
+        &format!("orders status current with dependencies {want}"),
+        long,
+        || {
+            let mss = mss.clone();
+            async move {
+                let ms = mss.get("orders").await?;
+                let st = ms.status.clone().unwrap_or_default();
+                Ok((st.observed_generation == ms.metadata.generation
+                    && st.dependency_summary.as_deref() == Some(want))
+                .then_some(()))
+            }
+        },
+    )
     .await?;
     if pods {
         for name in ["users", "orders"] {

@@ -63,6 +63,7 @@ async fn crds_on_a_modern_api_server() -> Result<()> {
         .await
         .context("kubectl")?;
     examples_are_accepted(&api).await.context("examples")?;
+    typos_are_refused(&api).await.context("typos")?;
     parity(&api).await.context("parity")?;
     printer_columns(&api).await.context("printer columns")?;
     Ok(())
@@ -571,6 +572,70 @@ async fn examples_are_accepted(api: &Api) -> Result<()> {
         bail!("only {n} Weir objects found in examples/ and the base objects");
     }
     eprintln!("  ok: {n} objects accepted by create and by server-side apply, no warnings");
+    Ok(())
+}
+
+/// A typo inside any block (`retry: {attemps: 5}`) is refused with the field's full path when
+/// the client asks for strict field validation, as kubectl does by default; the same object
+/// without the typo is accepted, so the refusal is the typo's. Dry runs: nothing is stored.
+async fn typos_are_refused(api: &Api) -> Result<()> {
+    eprintln!(
+        "== a typo inside each block of the base objects: refused by strict field validation"
+    );
+    let crds = current_crds();
+    let bases = base_objects()?;
+    let cases = weir_e2e::typos::cases(&crds, &bases);
+    if cases.len() < 40 {
+        bail!("only {} typo cases from the base objects", cases.len());
+    }
+    let ns = "typos";
+    let create = |obj: &Value| {
+        let mut obj = obj.clone();
+        obj["metadata"]["namespace"] = json!(ns);
+        let uri = format!(
+            "{}?dryRun=All&fieldValidation=Strict",
+            collection(ns, str_of(&obj, "/kind"))
+        );
+        async move { api.create(&uri, &obj).await }
+    };
+    for base in &bases {
+        let reply = create(base).await?;
+        if !reply.0.is_success() {
+            bail!("control: base object refused: {}", refusal(&reply).1);
+        }
+    }
+    for case in &cases {
+        let reply = create(&case.object).await?;
+        let message = refusal(&reply).1;
+        let want = format!("unknown field \"{}\"", case.field);
+        if reply.0.is_success() || !message.contains(&want) {
+            bail!(
+                "{} with {}: got {} {message:?}, wanted a refusal saying {want}",
+                case.object_name,
+                case.field,
+                reply.0
+            );
+        }
+        // `weir render` refuses it too, naming the same field.
+        let (ok, stderr) = render_fields(&bases, &case.object)?;
+        if ok || !stderr.contains(&case.field) {
+            bail!(
+                "{} with {}: weir render ok={ok}, wanted the field named: {stderr}",
+                case.object_name,
+                case.field
+            );
+        }
+    }
+    eprintln!(
+        "  ok: {} typos refused by the server and by weir render, each naming its full path \
+         (e.g. {}); the {} base objects accepted",
+        cases.len(),
+        cases
+            .iter()
+            .find(|c| c.field.contains("]."))
+            .map_or("", |c| c.field.as_str()),
+        bases.len()
+    );
     Ok(())
 }
 

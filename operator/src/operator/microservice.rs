@@ -245,14 +245,21 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         return Ok(Action::await_change());
     }
 
-    // Dependencies on other Microservices must exist in the namespace.
+    // Dependencies on other Microservices must exist in the namespace; those with a ready pod
+    // can answer a call now (the Dependencies column counts them). A target's status change
+    // reaches this reconcile through the dependents watch in `run`.
     let mss: Api<Microservice> = Api::namespaced(ctx.client.clone(), &ns);
     let mut missing = Vec::new();
+    let mut deps_ready = 0;
     for d in &ms.spec.dependencies {
-        if let Some(target) = &d.microservice
-            && mss.get_opt(target).await?.is_none()
-        {
-            missing.push(target.clone());
+        match &d.microservice {
+            Some(target) => match mss.get_opt(target).await? {
+                None => missing.push(target.clone()),
+                Some(t) if can_answer(&t) => deps_ready += 1,
+                Some(_) => {}
+            },
+            // An external URL: the operator does not probe it; the sidecar's breaker does.
+            None => deps_ready += 1,
         }
     }
 
@@ -412,7 +419,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         replicas: Some(desired),
         ready_replicas: Some(ready),
         replica_summary: Some(format!("{ready}/{desired}")),
-        dependency_summary: Some(format!("{}/{}", deps_total - missing.len(), deps_total)),
+        dependency_summary: Some(format!("{deps_ready}/{deps_total}")),
         config_hash: Some(rendered.config_hash),
     };
     write_status(ctx, ms, &current, status).await?;
@@ -425,7 +432,16 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     })
 }
 
-/// Publishes an Event when a condition newly takes `reason` (not on every reconcile).
+/// Whether a dependency can answer a call now: at least one of its pods is ready (a target
+/// that is rolling out or partly down still answers).
+fn can_answer(target: &Microservice) -> bool {
+    target
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .is_some_and(|r| r > 0)
+}
+
 /// The namespace's identity key (`x-user-*` headers are trusted only when signed with it, see
 /// docs/api.md): created with 32 random bytes when an edge first needs it. An existing Secret,
 /// made by hand or rotated, is left as it is; it is owned by no Microservice, since every
@@ -444,6 +460,7 @@ async fn ensure_identity_secret(ctx: &Context, ns: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Publishes an Event when a condition newly takes `reason` (not on every reconcile).
 async fn publish_on_change(
     ctx: &Context,
     ms: &Microservice,

@@ -53,11 +53,18 @@ fn deployment_with(ready: i32, updated: i32) -> impl Fn(&Value) -> (StatusCode, 
     }
 }
 
+/// The dependency `users`, with one ready pod.
 fn users_found(_: &Value) -> (StatusCode, Value) {
-    (
-        StatusCode::OK,
-        serde_json::to_value(microservice(json!({"image": "users:1"}), None)).unwrap(),
-    )
+    let mut users = serde_json::to_value(microservice(json!({"image": "users:1"}), None)).unwrap();
+    users["status"] = json!({"readyReplicas": 1, "replicas": 1});
+    (StatusCode::OK, users)
+}
+
+/// The dependency `users`, with no ready pod (scaled to zero, or still starting).
+fn users_not_ready(_: &Value) -> (StatusCode, Value) {
+    let mut users = serde_json::to_value(microservice(json!({"image": "users:1"}), None)).unwrap();
+    users["status"] = json!({"readyReplicas": 0, "replicas": 0});
+    (StatusCode::OK, users)
 }
 
 fn not_found(_: &Value) -> (StatusCode, Value) {
@@ -152,6 +159,30 @@ async fn create_applies_children_with_owner_references_and_reports_ready() {
         condition(status, "Progressing")["reason"],
         "RolloutComplete"
     );
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+}
+
+/// The Dependencies column counts dependencies that can answer now: `users` exists but has no
+/// ready pod, so orders shows 0/1, while orders itself is Ready (its own pods are) and nothing
+/// is reported missing.
+#[tokio::test]
+async fn a_dependency_without_a_ready_pod_is_not_counted_as_ready() {
+    let (ctx, handle) = context();
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_not_ready)];
+    script.extend(children(deployment_with(2, 2)));
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let server = tokio::spawn(serve(handle, script));
+    reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let status = &seen[4].1;
+    assert_eq!(status["status"]["dependencySummary"], "0/1");
+    assert_eq!(condition(status, "Ready")["status"], "True");
     assert_eq!(condition(status, "Degraded")["status"], "False");
 }
 
