@@ -10,4 +10,3 @@ pub mod saga;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod up;
-pub mod up_broker;

