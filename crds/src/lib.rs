@@ -1,12 +1,14 @@
 //! The `weir.dev/v1alpha1` API and the `weir-proxy` config contract.
 //!
 //! Shared by the operator (which writes both) and the sidecar (which reads the contract). The
-//! sidecar builds this crate without the `k8s` feature and gets only [`proxy`], [`duration`]
-//! and [`redact`].
+//! sidecar builds this crate without the `k8s` feature and gets only the config contracts
+//! ([`proxy`], [`coordinator`], their [`config_error`]), [`duration`] and [`redact`].
 
 // printcolumn(...) repeats `type_ = ...` by design; the lint reads them as duplicates.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod config_error;
+pub mod coordinator;
 pub mod duration;
 pub mod proxy;
 pub mod redact;

@@ -445,21 +445,12 @@ pub struct IdentityConfig {
     pub sign_for: Vec<String>,
 }
 
-/// A field of the config that fails validation, named by its JSON path.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
+pub use crate::config_error::ConfigError;
 
 impl ProxyConfig {
     /// Parses and validates a config file's contents; the error names the offending field.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let cfg: ProxyConfig = serde_json::from_str(text).map_err(|e| ConfigError {
-            field: format!("line {} column {}", e.line(), e.column()),
-            message: e.to_string(),
-        })?;
+        let cfg: ProxyConfig = crate::config_error::parse_json(text)?;
         cfg.validate()?;
         Ok(cfg)
     }

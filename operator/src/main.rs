@@ -140,6 +140,11 @@ struct RenderArgs {
     proxy_image: String,
     #[arg(long)]
     proxy_image_pull_policy: Option<String>,
+    /// Image of saga coordinators (`weir saga-coordinator`): the `weir` image.
+    #[arg(long, default_value_t = RenderOptions::default().coordinator_image)]
+    coordinator_image: String,
+    #[arg(long)]
+    coordinator_image_pull_policy: Option<String>,
     /// Namespace for objects that name none.
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
@@ -358,6 +363,8 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
     let opts = RenderOptions {
         proxy_image: args.proxy_image,
         proxy_image_pull_policy: args.proxy_image_pull_policy,
+        coordinator_image: args.coordinator_image,
+        coordinator_image_pull_policy: args.coordinator_image_pull_policy,
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain,
         default_namespace: args.namespace,

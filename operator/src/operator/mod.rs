@@ -30,6 +30,11 @@ pub struct OperatorArgs {
     pub proxy_image: String,
     #[arg(long, env = "WEIR_PROXY_IMAGE_PULL_POLICY")]
     pub proxy_image_pull_policy: Option<String>,
+    /// Image of saga coordinators (`weir saga-coordinator`): the operator's own.
+    #[arg(long, env = "WEIR_COORDINATOR_IMAGE", default_value_t = RenderOptions::default().coordinator_image)]
+    pub coordinator_image: String,
+    #[arg(long, env = "WEIR_COORDINATOR_IMAGE_PULL_POLICY")]
+    pub coordinator_image_pull_policy: Option<String>,
     /// Render the sidecar as a plain second container, for clusters older than 1.29.
     #[arg(long, env = "WEIR_LEGACY_SIDECAR")]
     pub legacy_sidecar: bool,
@@ -153,6 +158,8 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     let render = RenderOptions {
         proxy_image: args.proxy_image.clone(),
         proxy_image_pull_policy: args.proxy_image_pull_policy.clone(),
+        coordinator_image: args.coordinator_image.clone(),
+        coordinator_image_pull_policy: args.coordinator_image_pull_policy.clone(),
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain.clone(),
         default_namespace: "default".into(),

@@ -438,6 +438,7 @@ mod tests {
         let client = Client::new(svc, "default");
         let render = RenderOptions {
             proxy_image: "weir-proxy:test".into(),
+            coordinator_image: "weir:test".into(),
             ..Default::default()
         };
         (

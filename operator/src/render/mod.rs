@@ -50,6 +50,10 @@ pub enum RenderError {
 pub struct RenderOptions {
     pub proxy_image: String,
     pub proxy_image_pull_policy: Option<String>,
+    /// Image of saga coordinators: the operator's own (`weir saga-coordinator` is a command of
+    /// the `weir` binary), set by the chart from its `image` values.
+    pub coordinator_image: String,
+    pub coordinator_image_pull_policy: Option<String>,
     /// Sidecar as an init container with `restartPolicy: Always` (Kubernetes 1.29+); when false,
     /// a plain second container that waits for its readiness before the app starts.
     pub native_sidecar: bool,
@@ -63,6 +67,8 @@ impl Default for RenderOptions {
         Self {
             proxy_image: format!("ghcr.io/weir-dev/weir-proxy:{}", env!("CARGO_PKG_VERSION")),
             proxy_image_pull_policy: None,
+            coordinator_image: format!("ghcr.io/weir-dev/weir:{}", env!("CARGO_PKG_VERSION")),
+            coordinator_image_pull_policy: None,
             native_sidecar: true,
             cluster_domain: "cluster.local".into(),
             default_namespace: "default".into(),

@@ -10,8 +10,8 @@
 //!   step's retry policy is applied by the coordinator, not by the sidecar: the sidecar's timeout
 //!   spans all its retries (a hung attempt would never be retried), and retrying in both places
 //!   would multiply attempts.
-//! - The coordinator's image is the proxy image's repository with `weir-proxy` replaced by
-//!   `weir` (they are released together).
+//! - The coordinator's image is [`RenderOptions::coordinator_image`]: the operator's own image
+//!   (the chart passes it), since the coordinator is a command of the `weir` binary.
 
 use super::{ANNOTATION_CONFIG_HASH, APP_CONTAINER, RenderError, RenderOptions, Rendered};
 use crate::messaging;
@@ -41,14 +41,6 @@ const SAGA_CONFIG_VOLUME: &str = "weir-saga-config";
 /// Name of the coordinator's Deployment and Service.
 pub fn coordinator_name(saga: &str) -> String {
     format!("{saga}-saga")
-}
-
-/// `ghcr.io/weir-dev/weir-proxy:0.1.0` → `ghcr.io/weir-dev/weir:0.1.0`.
-pub fn coordinator_image(proxy_image: &str) -> String {
-    match proxy_image.rfind("weir-proxy") {
-        Some(i) => format!("{}weir{}", &proxy_image[..i], &proxy_image[i + 10..]),
-        None => format!("ghcr.io/weir-dev/weir:{}", env!("CARGO_PKG_VERSION")),
-    }
 }
 
 /// The coordinator of one Saga.
@@ -324,8 +316,8 @@ pub fn render(
         })
         .collect();
     let ms_spec: MicroserviceSpec = serde_json::from_value(json!({
-        "image": coordinator_image(&opts.proxy_image),
-        "imagePullPolicy": opts.proxy_image_pull_policy,
+        "image": opts.coordinator_image,
+        "imagePullPolicy": opts.coordinator_image_pull_policy,
         "args": ["saga-coordinator", "--saga", format!("{namespace}/{name}"), "--config", config_path],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -639,6 +631,7 @@ spec:
         let (q, b) = inputs();
         let opts = RenderOptions {
             proxy_image: "registry.local/weir-proxy:dev".into(),
+            coordinator_image: "registry.local/weir:dev".into(),
             ..Default::default()
         };
         let r = render(&saga(SAGA), &q, &b, &opts).unwrap();
@@ -700,12 +693,7 @@ spec:
     }
 
     #[test]
-    fn coordinator_image_follows_the_proxy_image() {
-        assert_eq!(
-            coordinator_image("ghcr.io/weir-dev/weir-proxy:0.1.0"),
-            "ghcr.io/weir-dev/weir:0.1.0"
-        );
-        assert_eq!(coordinator_image("weir-proxy:test"), "weir:test");
+    fn a_url_target_is_named_by_its_host() {
         assert_eq!(
             url_target_name("https://pay.example.com"),
             "pay-example-com"

@@ -15,7 +15,7 @@
 //!   twice (a replica paused longer than the TTL), the second writer's append fails and it stops.
 
 use super::call::{CallHeaders, Caller, Outcome};
-use super::config::{CallConfig, CoordinatorConfig};
+use super::config::{CallConfig, CoordinatorConfig, RetryConfig};
 use super::log::{Entry, Event, Instance, Log, LogError, Status, StepOutcome};
 use super::metrics::{SagaLabel, SagaMetrics, StepLabel};
 use super::template;
@@ -465,7 +465,7 @@ impl Coordinator {
                 let failed = loop {
                     let failures = inst.step_failures[i];
                     if matches!(inst.steps[i], StepOutcome::Retrying { .. }) {
-                        tokio::time::sleep(step.retry.backoff(failures + 1)).await;
+                        tokio::time::sleep(backoff(&step.retry, failures + 1)).await;
                     }
                     self.crash.maybe("before-step");
                     self.append(
@@ -631,7 +631,7 @@ impl Coordinator {
                     break;
                 }
                 if used > 0 {
-                    tokio::time::sleep(policy.backoff(used + 1)).await;
+                    tokio::time::sleep(backoff(&policy, used + 1)).await;
                 }
                 self.crash.maybe("before-compensation");
                 self.append(
@@ -934,4 +934,10 @@ impl CrashPoints {
             }
         }
     }
+}
+
+/// Wait before attempt `n` of `retry` (2 = first retry): full jitter, random in
+/// `[0, RetryConfig::backoff_cap_ms(n)]`, so replicas retrying together spread out.
+fn backoff(retry: &RetryConfig, n: u32) -> Duration {
+    Duration::from_millis(rand::random_range(0..=retry.backoff_cap_ms(n)))
 }

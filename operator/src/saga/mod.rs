@@ -4,7 +4,8 @@
 
 pub mod call;
 pub mod cli;
-pub mod config;
+/// The coordinator's config contract, defined beside the sidecar's in `weir-crds`.
+pub use weir_crds::coordinator as config;
 pub mod coordinator;
 pub mod log;
 pub mod metrics;
