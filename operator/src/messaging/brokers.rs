@@ -15,10 +15,11 @@
 
 use super::{Auth, Broker, Credentials, Error, Figures, Topology};
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use redis::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use weir_broker::rabbitmq;
 use weir_crds::broker::BrokerKind;
 
 /// A connected broker of any kind.
@@ -166,10 +167,7 @@ pub struct RedisBroker {
     con: redis::aio::ConnectionManager,
 }
 
-/// The set listing the consumer groups the operator created on a stream.
-pub fn managed_groups_key(stream: &str) -> String {
-    format!("{stream}:managed-groups")
-}
+pub use weir_broker::redis::managed_groups_key;
 
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -508,37 +506,18 @@ pub struct RabbitBroker {
     pub conn: std::sync::Arc<lapin::Connection>,
 }
 
-/// The consumer queue of Microservice `ms`: `weir_<ns>_<q>.<ms>`.
+/// The consumer queue of Microservice `ms` ([`rabbitmq::consumer_queue`]).
 pub fn r_queue(t: &Topology, ms: &str) -> String {
-    format!("{}.{ms}", t.stream_name())
+    rabbitmq::consumer_queue(t.stream_name(), ms)
 }
 
-/// The retry queue of consumer queue `queue` for a delay of `ms` milliseconds.
-pub fn r_retry_queue(queue: &str, ms: u64) -> String {
-    format!("{queue}.retry.{ms}")
-}
-
-fn long(s: impl Into<String>) -> AMQPValue {
-    AMQPValue::LongString(s.into().into())
-}
-
-/// The arguments of a consumer queue (the sidecar declares the same when it finds none).
+/// The arguments of a consumer queue, as the sidecar declares it too.
 pub fn r_consumer_args(t: &Topology) -> FieldTable {
-    let mut a = FieldTable::default();
-    a.insert("x-queue-type".into(), long("quorum"));
-    a.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(i32::try_from(t.consumer.max_deliver).unwrap_or(i32::MAX)),
-    );
-    if let Some(d) = &t.dead_letter {
-        a.insert("x-dead-letter-exchange".into(), long(d.name.clone()));
-        a.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-        a.insert("x-overflow".into(), long("reject-publish"));
-    }
-    for (k, v) in t.rabbitmq_limits().amqp_arguments() {
-        a.insert(k.into(), AMQPValue::LongLongInt(v));
-    }
-    a
+    rabbitmq::consumer_queue_args(
+        t.consumer.max_deliver,
+        t.dead_letter.as_ref().map(|d| d.name.as_str()),
+        &t.rabbitmq_limits(),
+    )
 }
 
 fn amqp_err(what: &str, e: &lapin::Error) -> Error {
@@ -692,22 +671,14 @@ impl RabbitBroker {
             .await?;
         if let Some(d) = &t.dead_letter {
             self.exchange(&d.name, lapin::ExchangeKind::Fanout).await?;
-            let mut a = FieldTable::default();
-            a.insert("x-queue-type".into(), long("quorum"));
-            self.declare(&d.name, a).await?;
+            self.declare(&d.name, rabbitmq::quorum_args()).await?;
             self.bind(&d.name, &d.name, "").await?;
         }
-        let mut a = FieldTable::default();
-        a.insert("x-queue-type".into(), long("stream"));
-        a.insert(
-            "x-max-age".into(),
-            long(format!("{}s", t.processed.max_age.as_secs().max(1))),
-        );
-        a.insert(
-            "x-stream-max-segment-size-bytes".into(),
-            AMQPValue::LongInt(4 << 20),
-        );
-        self.declare(&t.processed.bucket, a).await
+        self.declare(
+            &t.processed.bucket,
+            rabbitmq::processed_stream_args(t.processed.max_age),
+        )
+        .await
     }
 
     /// The consumer queue with its arguments, bound with `#`. An existing queue with other
@@ -739,7 +710,7 @@ impl RabbitBroker {
         let existed = self.queue_depth(&q).await?.is_some();
         let mut names = vec![q.clone()];
         for b in &t.consumer.backoff {
-            names.push(r_retry_queue(&q, b.as_millis().max(1) as u64));
+            names.push(rabbitmq::retry_queue(&q, b.as_millis().max(1) as u64));
         }
         for n in names {
             if self.queue_depth(&n).await?.is_some() {

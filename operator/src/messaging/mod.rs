@@ -1,7 +1,6 @@
-//! A Queue's topology on NATS JetStream ([`brokers`] adds Redis and RabbitMQ), as
-//! docs/messaging.md names it: the stream, the
+//! A Queue's topology on NATS JetStream ([`brokers`] adds Redis and RabbitMQ): the stream, the
 //! dead-letter stream, the processed-event KV bucket and one durable pull consumer per consuming
-//! Microservice.
+//! Microservice, named by [`weir_broker`] (the names the sidecar uses too).
 //!
 //! [`Topology`] is computed from a Queue's spec without I/O; [`Broker`] declares it (create or
 //! update in place, idempotently), reads its figures and deletes it. Used by the Queue and Broker
@@ -26,33 +25,13 @@ pub const MIN_PROCESSED_TTL: Duration = Duration::from_secs(600);
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Stream of Queue `<ns>/<q>`: `weir_<ns>_<q>`.
-pub fn stream_name(namespace: &str, queue: &str) -> String {
-    format!("weir_{namespace}_{queue}")
-}
+pub use weir_broker::queue::{
+    dead_letter_stream_name, dead_letter_subject, processed_bucket_name, stream_name,
+};
 
-/// `spec.subjects`, or `weir.<ns>.<q>` when empty; events are published on the first.
+/// The Queue's subjects ([`weir_broker::queue::subjects`]); events are published on the first.
 pub fn subjects(namespace: &str, queue: &str, spec: &QueueSpec) -> Vec<String> {
-    if spec.subjects.is_empty() {
-        vec![format!("weir.{namespace}.{queue}")]
-    } else {
-        spec.subjects.clone()
-    }
-}
-
-/// Dead-letter stream: `weir_<ns>_<q>_dlq`.
-pub fn dead_letter_stream_name(namespace: &str, queue: &str) -> String {
-    format!("weir_{namespace}_{queue}_dlq")
-}
-
-/// Dead-letter subject: `weir.dlq.<ns>.<q>`.
-pub fn dead_letter_subject(namespace: &str, queue: &str) -> String {
-    format!("weir.dlq.{namespace}.{queue}")
-}
-
-/// Processed-event KV bucket: `weir_processed_<ns>_<q>`.
-pub fn processed_bucket_name(namespace: &str, queue: &str) -> String {
-    format!("weir_processed_{namespace}_{queue}")
+    weir_broker::queue::subjects(namespace, queue, &spec.subjects)
 }
 
 /// Why the broker side of a Queue or Broker failed.

@@ -2,7 +2,6 @@
 //! the processed-event KV key, and what a consumed message's headers make of it ([`envelope`]).
 
 use super::backend::{Headers, header};
-use sha2::{Digest, Sha256};
 
 pub const CE_SPECVERSION: &str = "ce-specversion";
 pub const CE_ID: &str = "ce-id";
@@ -153,21 +152,7 @@ pub fn valid_event_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_EVENT_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// The processed-event KV key: `<consumer>.<sha256(event id) hex>`.
-pub fn processed_key(consumer: &str, event_id: &str) -> String {
-    format!(
-        "{consumer}.{}",
-        hex::encode(Sha256::digest(event_id.as_bytes()))
-    )
-}
-
-/// The processed-event bucket of a queue's stream: `weir_<ns>_<q>` → `weir_processed_<ns>_<q>`.
-pub fn processed_bucket(stream: &str) -> String {
-    match stream.strip_prefix("weir_") {
-        Some(rest) => format!("weir_processed_{rest}"),
-        None => format!("weir_processed_{stream}"),
-    }
-}
+pub use weir_broker::queue::{processed_bucket, processed_key};
 
 /// A header value safe for NATS and HTTP: printable ASCII, at most `max` bytes.
 pub fn header_safe(s: &str, max: usize) -> String {

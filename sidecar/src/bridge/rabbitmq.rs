@@ -1,12 +1,5 @@
-//! RabbitMQ (AMQP 0-9-1, no plugins). For a queue's stream name `<s>` (`weir_<ns>_<q>`):
-//!
-//! | thing | RabbitMQ |
-//! |---|---|
-//! | where events are published | durable topic exchange `<s>`, routing key = the subject |
-//! | consumer `<ms>` | durable quorum queue `<s>.<ms>` bound with `#`: `x-delivery-limit` = maxDeliveries, `x-dead-letter-exchange` = `<s>_dlq`, `x-dead-letter-strategy: at-least-once`, `x-overflow: reject-publish` |
-//! | delayed retry after `<n>` ms | quorum queue `<s>.<ms>.retry.<n>`: `x-message-ttl` = n, dead-lettered (at least once) to the default exchange with routing key `<s>.<ms>` |
-//! | dead letters | fanout exchange `<s>_dlq` → quorum queue `<s>_dlq` |
-//! | processed events | stream queue `weir_processed_<ns>_<q>` (`x-max-age`), one message per record |
+//! RabbitMQ (AMQP 0-9-1, no plugins), on the layout of [`weir_broker::rabbitmq`] (exchanges,
+//! consumer, retry and dead-letter queues, the processed-event stream, and their arguments).
 //!
 //! Publish: `mandatory`, persistent, `message_id` = event id, CloudEvents headers; the 202 comes
 //! after the publisher confirm. An event no queue is bound for (no consumer declared yet) comes
@@ -46,89 +39,27 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use weir_crds::proxy::{ConsumeConfig, PublishConfig, QueueLimits};
 
-/// The header counting deliveries made before a delayed retry's copy was published.
-pub const WEIR_DELIVERIES: &str = "Weir-Deliveries";
-/// The identity a sidecar gave a plain message (one without a CloudEvents envelope): RabbitMQ
-/// keeps none of its own, and the producer's `message_id`, when set at all, is not known to
-/// differ between messages.
-pub const WEIR_MESSAGE_ID: &str = "Weir-Message-Id";
-
-/// The consumer queue of Microservice `consumer` on the queue whose stream name is `stream`.
-pub fn consumer_queue(stream: &str, consumer: &str) -> String {
-    format!("{stream}.{consumer}")
-}
-
-/// The retry queue delaying redeliveries to `queue` by `ms`.
-pub fn retry_queue(queue: &str, ms: u64) -> String {
-    format!("{queue}.retry.{ms}")
-}
-
 fn long(s: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(s.into().into())
 }
 
-/// The arguments of a consumer queue (docs/messaging.md): quorum, delivery limit, at-least-once
-/// dead-lettering to the dead-letter exchange (none when dead letters are disabled), and the
-/// Queue's limits (the same the operator declares).
+pub use weir_broker::rabbitmq::{
+    WEIR_DELIVERIES, WEIR_MESSAGE_ID, consumer_queue, processed_stream_args, quorum_args,
+    retry_queue, retry_queue_args,
+};
+
+/// The arguments of a consumer queue ([`weir_broker::rabbitmq::consumer_queue_args`]); an
+/// empty `dead_letter_exchange` when dead letters are disabled.
 pub fn consumer_queue_args(
     max_deliveries: u32,
     dead_letter_exchange: &str,
     limits: &QueueLimits,
 ) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), long("quorum"));
-    t.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(max_deliveries.min(i32::MAX as u32) as i32),
-    );
-    if !dead_letter_exchange.is_empty() {
-        t.insert(
-            "x-dead-letter-exchange".into(),
-            long(dead_letter_exchange.to_string()),
-        );
-        t.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-        t.insert("x-overflow".into(), long("reject-publish"));
-    }
-    for (k, v) in limits.amqp_arguments() {
-        t.insert(k.into(), AMQPValue::LongLongInt(v));
-    }
-    t
-}
-
-/// The arguments of a retry queue: messages wait `ms`, then go back to `queue`.
-pub fn retry_queue_args(queue: &str, ms: u64) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), long("quorum"));
-    t.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(ms.min(i64::MAX as u64) as i64),
-    );
-    t.insert("x-dead-letter-exchange".into(), long(""));
-    t.insert("x-dead-letter-routing-key".into(), long(queue.to_string()));
-    t.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-    t.insert("x-overflow".into(), long("reject-publish"));
-    t
-}
-
-/// The arguments of the dead-letter queue and of the processed-event stream.
-pub fn quorum_args() -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), long("quorum"));
-    t
-}
-
-pub fn processed_stream_args(ttl: Duration) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), long("stream"));
-    t.insert(
-        "x-max-age".into(),
-        long(format!("{}s", ttl.as_secs().max(1))),
-    );
-    t.insert(
-        "x-stream-max-segment-size-bytes".into(),
-        AMQPValue::LongInt(4 << 20),
-    );
-    t
+    weir_broker::rabbitmq::consumer_queue_args(
+        i64::from(max_deliveries),
+        Some(dead_letter_exchange).filter(|d| !d.is_empty()),
+        limits,
+    )
 }
 
 /// Where and how the sidecar connects: the URL with the credentials in it, and the TLS roots.

@@ -51,15 +51,7 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {0, id}
 "#;
 
-/// The key remembering a published event id.
-pub fn published_key(stream: &str, id: &str) -> String {
-    format!("{stream}:published:{id}")
-}
-
-/// The processed-event record of `key` (`<consumer>.<sha256(id)>`) on queue `stream`.
-pub fn processed_record(stream: &str, key: &str) -> String {
-    format!("{}:{key}", processed_bucket(stream))
-}
+pub use weir_broker::redis::{processed_record, published_key};
 
 /// Opens a client for `url` with the credentials at `credentials` (a Secret directory holding
 /// `username` and `password`, or `password` alone, or `token`, used as the password; or only
