@@ -263,7 +263,9 @@ cleanup_node() {
   local i name ns
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     name=${COMPONENTS[$i]}
-    [[ $name == containerd ]] && kill_container_processes
+    # The pods go before the apiserver: their watches (the operator's, any in-cluster client)
+    # would hold its graceful shutdown until the KILL 10 s later (issue #22, 10).
+    [[ $name == kube-apiserver ]] && kill_container_processes
     stop_component "$name"
   done
   kill_container_processes

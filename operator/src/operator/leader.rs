@@ -113,7 +113,10 @@ impl Lease {
                     _ => true,
                 };
                 // A released Lease has no holder (or an empty one, as other clients write it).
-                let held = spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty());
+                let held = spec
+                    .holder_identity
+                    .as_deref()
+                    .is_some_and(|h| !h.is_empty());
                 if !mine && !expired && held {
                     return Ok(false);
                 }
@@ -236,7 +239,9 @@ mod tests {
         let api = tokio::spawn(serve(
             handle,
             vec![
-                expect(Method::GET, PATH, move |_| (StatusCode::OK, released.clone())),
+                expect(Method::GET, PATH, move |_| {
+                    (StatusCode::OK, released.clone())
+                }),
                 expect(Method::PUT, PATH, |b| (StatusCode::OK, b.clone())),
             ],
         ));

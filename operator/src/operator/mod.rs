@@ -178,8 +178,12 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         match tokio::time::timeout(std::time::Duration::from_secs(5), lease.release()).await {
             Ok(Ok(true)) => tracing::info!("released the lease"),
             Ok(Ok(false)) => tracing::info!("the lease is not ours any more; left as it is"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; a standby takes it when it expires"),
-            Err(_) => tracing::warn!("releasing the lease timed out; a standby takes it when it expires"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not release the lease; a standby takes it when it expires")
+            }
+            Err(_) => {
+                tracing::warn!("releasing the lease timed out; a standby takes it when it expires")
+            }
         }
     }
     admin.abort();
