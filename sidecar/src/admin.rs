@@ -1,6 +1,10 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`, and the app's own probes
-//! relayed as `/app-health/liveness` and `/app-health/readiness` (so the kubelet can probe an app
-//! that listens on loopback only).
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/brokerz`, `/config`, and the app's
+//! own probes relayed as `/app-health/liveness` and `/app-health/readiness` (so the kubelet can
+//! probe an app that listens on loopback only).
+//!
+//! `/readyz` is about the HTTP path only (config loaded, listeners bound, not draining); its body
+//! adds a line on the broker. `/brokerz` is the broker connection alone: 200 while connected (or
+//! when messaging is off), 503 naming the broker otherwise.
 
 use crate::body::{self, BoxBody, Reason, Resp, reject};
 use crate::server::Shared;
@@ -83,12 +87,35 @@ pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
             shared.metrics.encode(),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" => match shared.readiness() {
-            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => {
+            let broker = match shared.bridge.broker_status() {
+                Ok(None) => String::new(),
+                Ok(Some(url)) => format!("broker: connected to {url}\n"),
+                Err(why) => format!(
+                    "broker: {why}; publishing answers 503 with Retry-After and consuming is \
+                     paused until it is back (GET /brokerz)\n"
+                ),
+            };
+            match shared.readiness() {
+                Ok(()) => text(StatusCode::OK, "text/plain", format!("ready\n{broker}")),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {why}\n{broker}"),
+                ),
+            }
+        }
+        "/brokerz" => match shared.bridge.broker_status() {
+            Ok(None) => text(StatusCode::OK, "text/plain", "messaging not configured\n"),
+            Ok(Some(url)) => text(
+                StatusCode::OK,
+                "text/plain",
+                format!("connected to {url}\n"),
+            ),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                format!("not ready: {why}\n"),
+                format!("{why}\n"),
             ),
         },
         "/config" => match serde_json::to_vec_pretty(&*shared.snapshot().config) {
@@ -102,7 +129,7 @@ pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /readyz, /config\n",
+            "not found: try /metrics, /healthz, /readyz, /brokerz, /config\n",
         ),
     }
 }

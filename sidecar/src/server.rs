@@ -87,6 +87,9 @@ impl Shared {
     }
 
     /// Ready: config loaded, every listener bound, not draining. `Err` lists what is missing.
+    /// The broker connection is not part of it: readiness says whether the pod can serve HTTP,
+    /// and a broker outage must not take every publishing or consuming pod out of its Service
+    /// (`/brokerz` and `weir_messaging_broker_connected` report the broker instead).
     pub fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining".into());
@@ -95,7 +98,7 @@ impl Shared {
         if !unbound.is_empty() {
             return Err(format!("listeners not bound: {}", unbound.join(", ")));
         }
-        self.bridge.readiness()
+        Ok(())
     }
 
     fn desired(cfg: &ProxyConfig) -> Vec<(Role, SocketAddr)> {

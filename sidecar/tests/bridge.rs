@@ -318,7 +318,11 @@ async fn publishing_is_for_loopback_peers_only() {
         .publish(Some("[::1]:40000".parse().unwrap()), req("{}"))
         .await;
     assert_eq!(r.status(), 404);
-    assert!(bridge.is_ready(), "no messaging: nothing to wait for");
+    assert_eq!(
+        bridge.broker_status(),
+        Ok(None),
+        "no messaging: no broker to report"
+    );
 }
 
 async fn failing_handler_is_retried_with_backoff_then_dead_lettered(kind: Kind) {
@@ -604,10 +608,11 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
         .await
     );
     broker.kill9();
-    // Readiness follows the broker connection; a publish is refused promptly, never hangs.
+    // /brokerz follows the broker connection (readiness does not); a publish is refused
+    // promptly, never hangs.
     assert!(
         eventually_async(Duration::from_secs(5), || async {
-            matches!(http_get(&a.admin_url("/readyz")).await, Ok((503, t)) if t.contains("broker"))
+            matches!(http_get(&a.admin_url("/brokerz")).await, Ok((503, t)) if t.contains("broker"))
         })
         .await
     );
@@ -657,6 +662,198 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
     // The sidecar survived: what it processed while the broker was away (records refused) it
     // remembers itself, and a redelivery racing a delivery in hand is handed back.
     assert!(repeated.is_empty(), "{repeated:?}");
+}
+
+/// A publish refused because the broker is away: 503, `Retry-After`, and a reason naming the
+/// broker (URL scheme).
+async fn refused_for_the_outage(s: &Sidecar, kind: Kind, id: &str) {
+    let ((status, body), headers) = s
+        .publish_as(
+            QUEUE,
+            Some("application/json"),
+            &[("ce-id", id)],
+            r#"{"orderId":"x","amount":1}"#,
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "broker unavailable", "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains(kind.scheme()),
+        "{body}"
+    );
+    let retry_after: u64 = headers
+        .get("retry-after")
+        .expect("Retry-After on a 503")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&retry_after), "{retry_after}");
+}
+
+/// Issue #22, 7: a broker outage leaves the HTTP path of publishing and consuming pods ready
+/// (`/readyz` 200 for longer than three failed probes would take, HTTP calls through the inbound
+/// listener answered by the app) while `/brokerz` and `weir_messaging_broker_connected` say the
+/// broker is away and a publish answers 503 with `Retry-After`; once the broker is back,
+/// publishing works again and the consumer delivers what is published after the outage.
+async fn a_broker_outage_keeps_the_http_path_ready(kind: Kind) {
+    let mut broker = broker_or_skip!(kind);
+    broker.declare().await;
+    let app_a = App::ok().await;
+    let app_b = App::ok().await;
+    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
+    let b = Sidecar::start(base_config(
+        "billing",
+        app_b.addr,
+        broker.consumer(consume_config("billing")),
+    ))
+    .await;
+    let body = r#"{"orderId":"o","amount":1}"#;
+    let (status, answer) = a.publish(QUEUE, &[("ce-id", "before")], body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(
+        eventually(Duration::from_secs(15), || app_b
+            .counts()
+            .contains_key("before"))
+        .await
+    );
+
+    broker.kill9();
+    for s in [&a, &b] {
+        assert!(
+            eventually_async(Duration::from_secs(10), || async {
+                matches!(http_get(&s.admin_url("/brokerz")).await, Ok((503, t)) if t.contains(kind.scheme()))
+            })
+            .await,
+            "/brokerz says the broker is away"
+        );
+        assert_eq!(s.metric("weir_messaging_broker_connected").await, 0.0);
+    }
+    // Three failed probes at the default 2 s period would take a pod out of its Service within
+    // about 6 s: stay well past that.
+    let calls_a = app_a.total();
+    let calls_b = app_b.total();
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let mut rounds = 0u32;
+    while std::time::Instant::now() < until {
+        for s in [&a, &b] {
+            let (status, text) = http_get(&s.admin_url("/readyz")).await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            assert!(
+                text.contains("broker") && text.contains("/brokerz"),
+                "the body says the broker is away: {text}"
+            );
+            let (status, text) = s.call_inbound("/hello").await.unwrap();
+            assert_eq!(status, 200, "an HTTP call through the inbound: {text}");
+        }
+        refused_for_the_outage(&a, kind, &format!("during-{rounds}")).await;
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(rounds >= 8, "{rounds} rounds");
+    assert_eq!(
+        app_a.total(),
+        calls_a + rounds as usize,
+        "each HTTP call reached the app"
+    );
+    assert_eq!(
+        app_b.total(),
+        calls_b + rounds as usize,
+        "and the consumer's app got HTTP calls only, no delivery while the broker was away"
+    );
+
+    broker.restart().await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    for s in [&a, &b] {
+        assert_eq!(s.metric("weir_messaging_broker_connected").await, 1.0);
+        let (_, text) = http_get(&s.admin_url("/readyz")).await.unwrap();
+        assert!(text.contains("broker: connected to"), "{text}");
+    }
+    let mut last = serde_json::Value::Null;
+    for _ in 0..40 {
+        let (status, answer) = a.publish(QUEUE, &[("ce-id", "after")], body).await;
+        if status == 202 {
+            last = serde_json::Value::Null;
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        last = answer;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        last.is_null(),
+        "publishing works again once the broker is back: {last}"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || app_b
+            .counts()
+            .contains_key("after"))
+        .await,
+        "consuming resumed: {:?}",
+        app_b.counts()
+    );
+}
+
+/// Issue #22, 7: a sidecar whose broker is down when it starts is ready all the same (its HTTP
+/// path works), reports the broker as not connected yet, answers a publish with 503 and
+/// `Retry-After`, and connects and publishes once the broker comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_sidecar_whose_broker_never_came_is_ready_and_connects_when_it_comes() {
+    let bin = nats_or_skip!();
+    let mut nats = Nats::start(bin).await;
+    nats.kill9();
+    let app = App::ok().await;
+    let s = Sidecar::start_unconnected(base_config(
+        "orders",
+        app.addr,
+        publisher_messaging(&nats.url()),
+    ))
+    .await;
+    let (status, text) = http_get(&s.admin_url("/brokerz")).await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("not connected yet"), "{text}");
+    assert_eq!(s.metric("weir_messaging_broker_connected").await, 0.0);
+    let (status, text) = s.call_inbound("/hello").await.unwrap();
+    assert_eq!((status, text.as_str()), (200, "answer 200 for "));
+    refused_for_the_outage(&s, Kind::Nats, "early").await;
+
+    nats.restart().await;
+    s.wait_ready().await;
+    let mut accepted = false;
+    for _ in 0..40 {
+        let (status, answer) = s
+            .publish(QUEUE, &[("ce-id", "late")], r#"{"orderId":"o","amount":1}"#)
+            .await;
+        if status == 202 {
+            accepted = true;
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        accepted,
+        "the stream is created and the event stored once the broker is up"
+    );
+    assert_eq!(s.metric("weir_messaging_broker_connected").await, 1.0);
+}
+
+/// The outage scenario on NATS and Redis. On RabbitMQ it is left out for now: after a kill -9
+/// and restart in the middle of this scenario, the single-node test server kept answering
+/// `home node ... of durable queue 'weir_processed_shop_orders' ... is down or inaccessible`
+/// and never confirmed a publish within minutes, a recovery matter of the test server, not of
+/// the sidecar's readiness (`killing_the_broker_loses_nothing` covers RabbitMQ's 503s).
+mod outage {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_a_broker_outage_keeps_the_http_path_ready() {
+        super::a_broker_outage_keeps_the_http_path_ready(super::Kind::Nats).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_a_broker_outage_keeps_the_http_path_ready() {
+        super::a_broker_outage_keeps_the_http_path_ready(super::Kind::Redis).await
+    }
 }
 
 async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
@@ -945,7 +1142,7 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
 }
 
 /// Redis with `requirepass`: the Secret's `password` (as the operator mounts it) is used; a
-/// wrong one leaves the sidecar unready, naming the broker.
+/// wrong one leaves the sidecar unconnected (`/brokerz` 503 naming the broker, `/readyz` 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_password_from_the_secret_directory() {
     let Some(bin) = require(Kind::Redis) else {
@@ -972,14 +1169,14 @@ async fn redis_password_from_the_secret_directory() {
     assert_eq!(n, 1);
 
     std::fs::write(secret.path().join("password"), "wrong").unwrap();
-    // Unready with a wrong password, and stays so.
+    // Not connected with a wrong password, and stays so (the HTTP path is ready).
     Unready::start(base_config("orders2", app.addr, m))
-        .readyz_says("redis://")
+        .brokerz_says("redis://")
         .await;
 }
 
-/// RabbitMQ: `username` and `password` from the Secret's directory; wrong ones leave the
-/// sidecar unready.
+/// RabbitMQ: `username` and `password` from the Secret's directory; wrong ones leave the sidecar
+/// unconnected (`/brokerz` 503, `/readyz` 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_username_and_password_from_the_secret_directory() {
     let broker = broker_or_skip!(Kind::Rabbitmq);
@@ -998,9 +1195,9 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
     assert_eq!(broker.len(STREAM).await, 1);
 
     std::fs::write(secret.path().join("password"), "wrong").unwrap();
-    // Unready with a wrong password, and stays so.
+    // Not connected with a wrong password, and stays so (the HTTP path is ready).
     Unready::start(base_config("orders2", app.addr, m))
-        .readyz_says("amqp://")
+        .brokerz_says("amqp://")
         .await;
 }
 

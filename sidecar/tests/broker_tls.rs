@@ -2,8 +2,9 @@
 //! Broker's credentials Secret, mounted as the sidecar's credentials directory), on each broker
 //! kind: real nats-server (`--tls`), redis-server (`--tls-port`) and rabbitmq-server (an SSL
 //! listener), two real sidecars and a counting app. With `ca.crt` events go through and reach
-//! the app; without it the sidecar stays unready and its log says why; a `ca.crt` that is not
-//! PEM is reported naming the file. Skipped when a server or `openssl` is missing.
+//! the app; without it the sidecar stays unconnected (`/brokerz` 503, `/readyz` 200) and its log
+//! says why; a `ca.crt` that is not PEM is reported naming the file. Skipped when a server or
+//! `openssl` is missing.
 
 #[macro_use]
 mod bridge_support;

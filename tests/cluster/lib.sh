@@ -32,9 +32,54 @@ COMPONENTS=(etcd containerd kube-apiserver kube-controller-manager kube-schedule
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-# Debian source version of the kubernetes package (e.g. 1.20.5+really1.20.2-1.1+deb12u1).
+# Debian source version of the kubernetes package (e.g. 1.20.5+really1.20.2-1.1+deb12u1):
+# the newest apt knows, else the newest finished build in the cache. The deb-src entries that
+# let apt know it are added by up.sh for the download only and removed again (SRC_LIST), so
+# with a cached build neither up.sh nor build-k8s.sh needs them.
 k8s_source_version() {
-  apt-cache showsrc kubernetes 2>/dev/null | awk '/^Version:/ {print $2}' | sort -V | tail -1
+  local v d
+  v=$(apt-cache showsrc kubernetes 2>/dev/null | awk '/^Version:/ {print $2}' | sort -V | tail -1)
+  if [[ -z "$v" ]]; then
+    for d in "$WEIR_CLUSTER_CACHE"/*/bin/.complete; do
+      [[ -f "$d" ]] && basename "$(dirname "$(dirname "$d")")"
+    done | sort -V | tail -1
+    return 0
+  fi
+  echo "$v"
+}
+
+# The deb-src list up.sh adds to download the kubernetes source package.
+SRC_LIST=/etc/apt/sources.list.d/weir-cluster-src.sources
+
+# Removes SRC_LIST and the source indices apt fetched for it (/var/lib/apt/lists/
+# <host>_<path>_dists_<suite>_<component>_source_Sources*), unless another source list asks for
+# deb-src too (then the indices are that list's as well and stay).
+remove_src_list() {
+  [[ -f "$SRC_LIST" ]] || return 0
+  local other=false f uri suite comp prefix
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [[ -f "$f" && "$f" != "$SRC_LIST" ]] || continue
+    grep -qE '^[[:space:]]*(deb-src[[:space:]]|Types:.*deb-src)' "$f" && other=true
+  done
+  if ! $other; then
+    # one "uri suite component" line per combination of each stanza
+    while read -r uri suite comp; do
+      prefix=$(sed -E 's|^[a-z+]+://||; s|/+$||; s|/|_|g' <<< "$uri")_dists_${suite//\//_}_${comp}_source_Sources
+      rm -f /var/lib/apt/lists/"$prefix" /var/lib/apt/lists/"$prefix".*
+    done < <(awk 'BEGIN{RS=""} {
+               u=""; s=""; c=""
+               n=split($0, L, "\n")
+               for (i=1; i<=n; i++) {
+                 if (L[i] ~ /^URIs:/) u=substr(L[i], 6)
+                 if (L[i] ~ /^Suites:/) s=substr(L[i], 8)
+                 if (L[i] ~ /^Components:/) c=substr(L[i], 12)
+               }
+               nu=split(u, U, " "); ns=split(s, S, " "); nc=split(c, C, " ")
+               for (a=1; a<=nu; a++) for (b=1; b<=ns; b++) for (d=1; d<=nc; d++) print U[a], S[b], C[d]
+             }' "$SRC_LIST")
+  fi
+  rm -f "$SRC_LIST"
+  log "removed $SRC_LIST and the source indices apt fetched for it"
 }
 
 # The node address: the source address of the default route, read at run time.
@@ -218,7 +263,9 @@ cleanup_node() {
   local i name ns
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     name=${COMPONENTS[$i]}
-    [[ $name == containerd ]] && kill_container_processes
+    # The pods go before the apiserver: their watches (the operator's, any in-cluster client)
+    # would hold its graceful shutdown until the KILL 10 s later (issue #22, 10).
+    [[ $name == kube-apiserver ]] && kill_container_processes
     stop_component "$name"
   done
   kill_container_processes

@@ -39,8 +39,8 @@ for p in "${PACKAGES[@]}"; do
 done
 # Any kubectl will do (the machine's 1.32 warns about the skew); without one, Debian's.
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
-# deb-src lines mirroring the machine's own Debian deb sources, for `apt-get source kubernetes`.
-SRC_LIST=/etc/apt/sources.list.d/weir-cluster-src.sources
+# deb-src lines mirroring the machine's own Debian deb sources, for `apt-get source kubernetes`;
+# only when no build is cached yet, and removed again once the build is done (SRC_LIST, lib.sh).
 if [[ -z "$(k8s_source_version)" ]]; then
   if [[ ! -f $SRC_LIST ]]; then
     log "adding deb-src entries ($SRC_LIST) for the machine's Debian release"
@@ -78,6 +78,7 @@ cleanup_node
 
 # ---------------------------------------------------------------- binaries
 BIN=$("$CLUSTER_DIR/build-k8s.sh")
+remove_src_list
 ETCD=$(command -v etcd || echo /usr/bin/etcd)
 
 NODE_IP=$(node_ip)

@@ -131,26 +131,29 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         ready.clone(),
     ));
 
+    let mut leadership = None;
     if args.leader_elect {
         let identity =
             std::env::var("POD_NAME").unwrap_or_else(|_| format!("weir-{}", std::process::id()));
-        let lease = leader::Lease::new(
+        let lease = Arc::new(leader::Lease::new(
             client.clone(),
             &args.lease_namespace,
             &args.lease_name,
             &identity,
-        );
+        ));
         tracing::info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
         ready.store(true, Ordering::SeqCst);
         lease.acquire().await?;
         metrics.leader.set(1);
         tracing::info!(%identity, "leading");
-        tokio::spawn(async move {
+        let holder = lease.clone();
+        let renewing = tokio::spawn(async move {
             // Losing the lease means another replica may act: stop at once, the pod restarts.
-            let e = lease.hold().await;
+            let e = holder.hold().await;
             tracing::error!(error = %e, "lost leadership; exiting");
             std::process::exit(1);
         });
+        leadership = Some((lease, renewing));
     } else {
         metrics.leader.set(1);
     }
@@ -174,6 +177,22 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         saga::run(ctx.clone(), ns),
         broker::run(ctx, ns),
     );
+    // The controllers stopped on SIGTERM/SIGINT and finished their reconciles: stop renewing,
+    // then hand the Lease over so a standby takes it at once rather than after LEASE_SECONDS.
+    if let Some((lease, renewing)) = leadership {
+        renewing.abort();
+        let _ = renewing.await;
+        match tokio::time::timeout(std::time::Duration::from_secs(5), lease.release()).await {
+            Ok(Ok(true)) => tracing::info!("released the lease"),
+            Ok(Ok(false)) => tracing::info!("the lease is not ours any more; left as it is"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not release the lease; a standby takes it when it expires")
+            }
+            Err(_) => {
+                tracing::warn!("releasing the lease timed out; a standby takes it when it expires")
+            }
+        }
+    }
     admin.abort();
     Ok(())
 }

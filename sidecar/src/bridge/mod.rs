@@ -3,7 +3,7 @@
 //! Names, headers and dead-letter format follow `docs/messaging.md`.
 //!
 //! Lifecycle: [`Bridge::apply`] on every config load (a change of the messaging section, the
-//! app's address or timeout restarts the bridge), [`Bridge::readiness`] for `/readyz`,
+//! app's address or timeout restarts the bridge), [`Bridge::broker_status`] for `/brokerz`,
 //! [`Bridge::publish`] for the publish endpoint, [`Bridge::shutdown`] on drain.
 
 pub mod backend;
@@ -354,34 +354,24 @@ impl Bridge {
         Ok(running)
     }
 
-    /// `Ok` when messaging is off or the broker connection is up; `Err` says what is missing.
-    pub fn readiness(&self) -> Result<(), String> {
-        match self.running() {
-            None => Ok(()),
-            Some(r) => match &r.conn {
-                Conn::Nats { client, .. } => match client.connection_state() {
-                    State::Connected => Ok(()),
-                    s => Err(format!(
-                        "broker {} {}",
-                        weir_crds::redact::url(&r.settings.messaging.broker_url),
-                        match s {
-                            State::Pending => "not connected yet",
-                            _ => "disconnected",
-                        }
-                    )),
-                },
-                c if c.connected() => Ok(()),
-                _ => Err(format!(
-                    "broker {} not connected",
-                    weir_crds::redact::url(&r.settings.messaging.broker_url)
-                )),
+    /// The broker connection, for `/brokerz` and the `/readyz` body: `Ok(None)` when messaging
+    /// is off, `Ok(Some(url))` (redacted) while connected, `Err` saying what is wrong otherwise.
+    /// It does not decide readiness: a broker outage stops publishing (503 with `Retry-After`)
+    /// and pauses consuming, but the pod's HTTP path keeps serving, so it stays in its Service.
+    pub fn broker_status(&self) -> Result<Option<String>, String> {
+        let Some(r) = self.running() else {
+            return Ok(None);
+        };
+        let url = weir_crds::redact::url(&r.settings.messaging.broker_url);
+        match &r.conn {
+            Conn::Nats { client, .. } => match client.connection_state() {
+                State::Connected => Ok(Some(url)),
+                State::Pending => Err(format!("broker {url} not connected yet")),
+                _ => Err(format!("broker {url} disconnected")),
             },
+            c if c.connected() => Ok(Some(url)),
+            _ => Err(format!("broker {url} not connected")),
         }
-    }
-
-    /// Shorthand for `readiness().is_ok()`.
-    pub fn is_ready(&self) -> bool {
-        self.readiness().is_ok()
     }
 
     /// Handles `/v1/publish/<queue>`; `peer` is the client's address.

@@ -10,7 +10,11 @@
 //! | 413 | body larger than `inbound.maxBodyBytes` |
 //! | 415 | the queue has a JSON Schema and `content-type` is not a JSON media type (`x-weir-reason: unsupported-media-type`) |
 //! | 422 | the event fails the queue's schema: `{"errors": [{"path", "message"}]}` |
-//! | 503 | broker unavailable, no ack within 5 s, or shutting down: `{"error", "reason"}` |
+//! | 503 | broker unavailable, no ack within 5 s, or shutting down: `{"error", "reason"}` and `Retry-After` |
+//!
+//! Nothing is spooled locally: a 503 means the event was not stored, and the app publishes it
+//! again (same `ce-id`, so a retry of an event that did reach the broker is not stored twice on
+//! brokers that deduplicate) after `Retry-After` seconds.
 
 use super::backend::Headers;
 use super::cloudevents::*;
@@ -62,8 +66,19 @@ fn json_resp(status: StatusCode, value: serde_json::Value) -> Resp {
     r
 }
 
+/// `Retry-After` of every 503: the longest pause between two reconnect attempts, so a publisher
+/// that waits this long tries again after the sidecar has tried the broker at least once more.
+pub const RETRY_AFTER_SECONDS: u64 = super::connect::MAX_RECONNECT_DELAY.as_secs();
+
 fn error(status: StatusCode, error: &str, reason: impl Into<String>) -> Resp {
-    json_resp(status, json!({"error": error, "reason": reason.into()}))
+    let mut r = json_resp(status, json!({"error": error, "reason": reason.into()}));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(RETRY_AFTER_SECONDS),
+        );
+    }
+    r
 }
 
 pub(crate) async fn handle(

@@ -504,6 +504,35 @@ impl Sidecar {
         s
     }
 
+    /// Like [`Sidecar::start`], waiting for `/readyz` only: for a broker that is down.
+    pub async fn start_unconnected(config: ProxyConfig) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("proxy.json");
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        let mut s = Sidecar {
+            child: None,
+            config,
+            config_path,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            _dir: dir,
+        };
+        s.spawn();
+        assert!(
+            eventually_async(Duration::from_secs(20), || async {
+                matches!(http_get(&s.admin_url("/readyz")).await, Ok((200, _)))
+            })
+            .await,
+            "sidecar not ready; logs: {:#?}",
+            s.logs.lock().unwrap()
+        );
+        s
+    }
+
+    /// A GET through the sidecar's inbound listener to the app: (status, body).
+    pub async fn call_inbound(&self, path: &str) -> Result<(u16, String), String> {
+        http_get(&format!("http://{}{path}", self.config.inbound.listen)).await
+    }
+
     fn spawn(&mut self) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
             .arg("--config")
@@ -526,15 +555,20 @@ impl Sidecar {
         self.child = Some(child);
     }
 
+    /// Waits until the sidecar is ready (`/readyz`) and connected to its broker (`/brokerz`):
+    /// readiness alone no longer waits for the broker.
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = http_get(&self.admin_url("/readyz")).await {
+            if let (Ok((200, _)), Ok((200, _))) = (
+                http_get(&self.admin_url("/readyz")).await,
+                http_get(&self.admin_url("/brokerz")).await,
+            ) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "sidecar not ready; logs: {:#?}",
+                "sidecar not ready or not connected; logs: {:#?}",
                 self.logs.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -694,9 +728,11 @@ where
     }
 }
 
-/// A `weir-proxy` that is not expected to become ready, its stdout collected.
+/// A `weir-proxy` that is not expected to connect to its broker, its stdout collected. Its HTTP
+/// path is ready all the same: [`Unready::says`] and [`Unready::brokerz_says`] check both.
 pub struct Unready {
     pub child: Child,
+    /// `http://<admin listener>`.
     admin: String,
     pub logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -725,18 +761,30 @@ impl Unready {
         });
         Unready {
             child,
-            admin: format!("http://{}/readyz", config.admin.listen),
+            admin: format!("http://{}", config.admin.listen),
             logs,
             _dir: dir,
         }
     }
 
-    /// Waits until `/readyz` answers 503 and a log line contains every one of `words`
-    /// (lowercase); then checks it stays unready.
+    fn brokerz(&self) -> String {
+        format!("{}/brokerz", self.admin)
+    }
+
+    /// Checks that `/readyz` answers 200 (a broker that cannot be reached leaves the HTTP path
+    /// ready) while `/brokerz` answers 503.
+    async fn ready_but_not_connected(&self) -> bool {
+        matches!(
+            http_get(&format!("{}/readyz", self.admin)).await,
+            Ok((200, _))
+        ) && matches!(http_get(&self.brokerz()).await, Ok((503, _)))
+    }
+
+    /// Waits until `/brokerz` answers 503 (and `/readyz` 200) and a log line contains every one
+    /// of `words` (lowercase); then checks it stays so.
     pub async fn says(&self, words: &[&str]) {
         let found = eventually_async(Duration::from_secs(15), || async {
-            let unready = matches!(http_get(&self.admin).await, Ok((503, _)));
-            unready
+            self.ready_but_not_connected().await
                 && self.logs.lock().unwrap().iter().any(|l| {
                     let l = l.to_lowercase();
                     words.iter().all(|w| l.contains(w))
@@ -745,32 +793,27 @@ impl Unready {
         .await;
         assert!(
             found,
-            "no 503 and log with {words:?}: {:#?}",
+            "no /brokerz 503 with /readyz 200 and log with {words:?}: {:#?}",
             self.logs.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            matches!(http_get(&self.admin).await, Ok((503, _))),
-            "stays unready"
-        );
+        assert!(self.ready_but_not_connected().await, "and stays so");
     }
 
-    /// Waits until `/readyz` answers 503 with a body containing `text`; then checks it
-    /// stays unready.
-    pub async fn readyz_says(&self, text: &str) {
+    /// Waits until `/brokerz` answers 503 with a body containing `text` (and `/readyz` 200);
+    /// then checks it stays so.
+    pub async fn brokerz_says(&self, text: &str) {
         assert!(
             eventually_async(Duration::from_secs(10), || async {
-                matches!(http_get(&self.admin).await, Ok((503, t)) if t.contains(text))
+                matches!(http_get(&self.brokerz()).await, Ok((503, t)) if t.contains(text))
+                    && self.ready_but_not_connected().await
             })
             .await,
-            "no 503 naming {text:?} from {}",
+            "no /brokerz 503 naming {text:?} (with /readyz 200) from {}",
             self.admin
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(
-            matches!(http_get(&self.admin).await, Ok((503, _))),
-            "and stays so"
-        );
+        assert!(self.ready_but_not_connected().await, "and stays so");
     }
 }
 
