@@ -3,20 +3,22 @@
 //! the Queue is declared on that broker, and an event published through one Microservice's
 //! sidecar reaches another's app through it (an invalid one is refused with 422); deleting the
 //! Broker garbage-collects what it became. Once with a managed NATS, once with a managed Redis.
+//! And a broker outage of 30 s: the publishing and consuming pods stay Ready and keep serving
+//! HTTP, publishing answers 503 meanwhile, and events flow again once the broker is back.
 //! Run by tests/e2e/local-cluster.sh (`WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster`;
 //! `WEIR_E2E_NATS_IMAGE` and `WEIR_E2E_REDIS_IMAGE` name images the cluster can run, by
 //! default `nats:2.10-alpine` and `redis:7.2-alpine`).
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use weir_crds::{Broker, Microservice, Queue};
 use weir_e2e::{env_or, http_get, http_post, wait_for};
 
@@ -196,6 +198,191 @@ async fn run(client: &Client, ns: &str, kind: &str, image: &str) -> Result<()> {
             Ok(gone.then_some(()))
         }
     })
+    .await?;
+    Ok(())
+}
+
+/// A broker outage does not take publishing or consuming pods out of their Service. The Broker
+/// points at a NATS Deployment of the test's own (an unmanaged Broker: the operator would put a
+/// managed one's StatefulSet back at once); it is scaled to zero for 30 s, its JetStream store on
+/// a hostPath so that it comes back with its streams, as a broker with a volume does. Meanwhile
+/// accounts (publisher) and mailer (consumer) must stay Ready (three failed probes, 30 s, would
+/// have taken them out before) and answer HTTP through their Services every second, and a
+/// publish gets 503; after the broker is back an event published through accounts reaches
+/// mailer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_keeps_the_http_path_up() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = format!("weir-broker-outage-{}", std::process::id());
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await?;
+    let store = format!("/var/lib/weir-e2e/{ns}-nats");
+    let result = outage(&client, &ns, &store).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    let _ = std::fs::remove_dir_all(&store);
+    result
+}
+
+async fn outage(client: &Client, ns: &str, store: &str) -> Result<()> {
+    let long = Duration::from_secs(240);
+    let pp = PatchParams::apply(MANAGER).force();
+    let image = env_or("WEIR_E2E_NATS_IMAGE", "nats:2.10-alpine");
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let nats = |replicas: i32| -> Result<Deployment> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "nats"},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": "nats"}},
+                "template": {
+                    "metadata": {"labels": {"app": "nats"}},
+                    "spec": {
+                        "containers": [{
+                            "name": "nats", "image": image,
+                            "imagePullPolicy": env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"),
+                            "command": ["nats-server", "-js", "-sd", "/data"],
+                            "ports": [{"containerPort": 4222}],
+                            "readinessProbe": {"tcpSocket": {"port": 4222}, "periodSeconds": 1},
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+                        }],
+                        "volumes": [{"name": "data",
+                                     "hostPath": {"path": store, "type": "DirectoryOrCreate"}}]
+                    }
+                }
+            }
+        }))?)
+    };
+    deploys.patch("nats", &pp, &Patch::Apply(&nats(1)?)).await?;
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "nats"},
+        "spec": {"selector": {"app": "nats"}, "ports": [{"port": 4222}]}
+    }))?;
+    svcs.patch("nats", &pp, &Patch::Apply(&svc)).await?;
+    let broker: Broker = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "bus"},
+        "spec": {"kind": "nats", "url": format!("nats://nats.{ns}:4222")}
+    }))?;
+    Api::<Broker>::namespaced(client.clone(), ns)
+        .patch("bus", &pp, &Patch::Apply(&broker))
+        .await?;
+    let mut queue: Queue = serde_yaml::from_value(example_docs("events/signups.yaml")?[0].clone())?;
+    queue.spec.broker = "bus".into();
+    Api::<Queue>::namespaced(client.clone(), ns)
+        .patch("signups", &pp, &Patch::Apply(&queue))
+        .await?;
+    for doc in example_docs("events/services.yaml")? {
+        let mut ms: Microservice = serde_yaml::from_value(doc)?;
+        ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
+        let name = ms.metadata.name.clone().context("name")?;
+        mss.patch(&name, &pp, &Patch::Apply(&ms)).await?;
+    }
+    for name in ["accounts", "mailer"] {
+        wait_for(&format!("{name} Ready=True"), long, || {
+            let mss = mss.clone();
+            async move {
+                let ms = mss.get(name).await?;
+                let ok = ms.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == ms.metadata.generation
+                        && condition_true(&s.conditions, "Ready")
+                });
+                Ok(ok.then_some(()))
+            }
+        })
+        .await?;
+    }
+    let accounts = service_addr(&svcs, "accounts").await?;
+    let mailer = service_addr(&svcs, "mailer").await?;
+    let publish = |id: &'static str| async move {
+        let event = format!(r#"{{"userId":"{id}","email":"{id}@example.com"}}"#);
+        http_post(accounts, "/publish/signups", &event)
+    };
+    wait_for(
+        "a publish accepted",
+        Duration::from_secs(60),
+        || async move { Ok((publish("u-before").await?.0 == 202).then_some(())) },
+    )
+    .await?;
+
+    // The broker goes away for 30 s.
+    deploys.patch("nats", &pp, &Patch::Apply(&nats(0)?)).await?;
+    wait_for("the broker pod gone", long, || {
+        let pods = pods.clone();
+        async move {
+            let n = pods
+                .list(&ListParams::default().labels("app=nats"))
+                .await?
+                .items
+                .len();
+            Ok((n == 0).then_some(()))
+        }
+    })
+    .await?;
+    let start = Instant::now();
+    let (mut calls, mut refused) = (0, 0);
+    while start.elapsed() < Duration::from_secs(30) {
+        for (name, addr) in [("accounts", accounts), ("mailer", mailer)] {
+            let (status, body) = http_get(addr, "/")?;
+            assert_eq!(
+                status,
+                200,
+                "{name} through its Service {:.1}s into the outage: {body}",
+                start.elapsed().as_secs_f64()
+            );
+            calls += 1;
+        }
+        let (status, body) = publish("u-during").await?;
+        assert_eq!(status, 503, "a publish while the broker is down: {body}");
+        refused += 1;
+        for p in pods
+            .list(&ListParams::default().labels("weir.dev/microservice"))
+            .await?
+            .items
+        {
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            assert!(
+                ready,
+                "pod {:?} not Ready {:.1}s into the outage",
+                p.metadata.name,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "  ok: 30 s without the broker: {calls} HTTP calls answered 200, pods Ready, {refused} publishes answered 503"
+    );
+
+    // Back: publishing and consuming resume.
+    deploys.patch("nats", &pp, &Patch::Apply(&nats(1)?)).await?;
+    wait_for("a publish accepted again", long, || async move {
+        Ok((publish("u-after").await?.0 == 202).then_some(()))
+    })
+    .await?;
+    wait_for(
+        "mailer received u-after",
+        Duration::from_secs(60),
+        || async move {
+            let (status, body) = http_get(mailer, "/received")?;
+            Ok((status == 200 && body.contains("u-after")).then_some(()))
+        },
+    )
     .await?;
     Ok(())
 }
