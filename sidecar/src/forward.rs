@@ -2,7 +2,7 @@
 //! dependency, and the per-attempt timeout that bounds each call by the request's deadline.
 
 use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
-use crate::layers::{BoxFuture, always_ready, deadline_of};
+use crate::layers::{BoxFuture, always_ready};
 use http::header::{CONNECTION, HOST, HeaderName};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tower::{Layer, Service};
+use tower::Service;
 
 pub type HttpClient = Client<HttpConnector, BoxBody>;
 
@@ -238,48 +238,6 @@ impl Service<Req> for Forward {
                 }
             }
         })
-    }
-}
-
-/// Bounds each attempt by the request's deadline, so the breaker sees a timed-out attempt as a
-/// timeout (`504 timeout`).
-#[derive(Clone, Debug, Default)]
-pub struct AttemptTimeoutLayer;
-
-impl<S> Layer<S> for AttemptTimeoutLayer {
-    type Service = AttemptTimeout<S>;
-    fn layer(&self, inner: S) -> AttemptTimeout<S> {
-        AttemptTimeout { inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct AttemptTimeout<S> {
-    inner: S,
-}
-
-impl<S> Service<Req> for AttemptTimeout<S>
-where
-    S: Service<Req, Response = Resp, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Resp;
-    type Error = Infallible;
-    type Future = BoxFuture;
-    always_ready!();
-
-    fn call(&mut self, req: Req) -> BoxFuture {
-        match deadline_of(&req) {
-            None => Box::pin(self.inner.call(req)),
-            Some(d) => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    tokio::time::timeout_at(d, fut)
-                        .await
-                        .unwrap_or_else(|_| Ok(reject(Reason::Timeout)))
-                })
-            }
-        }
     }
 }
 

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 use weir_proxy::config::{self, CliAction};
-use weir_proxy::server::{Options, Proxy};
+use weir_proxy::listen::{Options, Proxy};
 
 fn init_logging() -> weir_proxy::logging::NonBlocking {
     let level = match std::env::var("WEIR_LOG")

@@ -2,27 +2,28 @@
 //! bulkheads, the inbound limiter and token bucket, the span exporter) are carried over from the
 //! previous build when their own config is unchanged, so a reload does not reset them.
 
-use crate::body::{Reason, Req, Resp};
-use crate::breaker::{Breaker, BreakerLayer};
+use crate::body::Reason;
 use crate::edge::client_limit::ClientLimiter;
 use crate::edge::identity::IdentityKey;
 use crate::edge::keys::KeySource;
-use crate::edge::{Edge, EdgeCounters, EdgeLayer, InboundIdentityLayer, SignIdentityLayer};
-use crate::forward::{AttemptTimeoutLayer, Forward, HttpClient, Target};
+use crate::edge::{Edge, EdgeCounters, EdgeLayer};
+use crate::forward::{Forward, HttpClient, Target};
+use crate::layers::attempt_timeout::AttemptTimeoutLayer;
 use crate::layers::body_limit::BodyLimitLayer;
+use crate::layers::breaker::{Breaker, BreakerLayer};
 use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
 use crate::layers::fallback::{FallbackLayer, FallbackResponse};
 use crate::layers::guard::GuardLayer;
 use crate::layers::header_names::HeaderNamesLayer;
+use crate::layers::identity::{InboundIdentityLayer, SignIdentityLayer};
 use crate::layers::observe::{ObserveLayer, Observer};
 use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
+use crate::layers::retry::{RetryBudget, RetryLayer, RetryPolicy};
 use crate::layers::timeout::TimeoutLayer;
 use crate::layers::trace::{TraceLayer, TraceSettings};
 use crate::metrics::Metrics;
 use crate::otlp::{self, SpanSink};
-use crate::retry::{RetryBudget, RetryLayer, RetryPolicy};
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceBuilder;
@@ -32,7 +33,7 @@ use weir_crds::proxy::{
     RetryBudgetConfig, TracingConfig,
 };
 
-pub type Stack = BoxCloneSyncService<Req, Resp, Infallible>;
+use crate::service::Stack;
 
 /// What stacks are built with.
 #[derive(Clone, Debug)]

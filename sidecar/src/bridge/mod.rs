@@ -36,10 +36,6 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of JetStream API calls (stream, consumer and KV look-ups).
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The peer address of an admin connection, set as a request extension by the listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
-
 /// What the bridge needs from the proxy config; a change of any of it restarts the bridge.
 #[derive(Clone, Debug, PartialEq)]
 struct Settings {

@@ -2,13 +2,17 @@
 //! `Ready` at once) and never fails: policies answer with an HTTP response instead of an error, so
 //! layers compose without error plumbing.
 
+pub mod attempt_timeout;
 pub mod body_limit;
+pub mod breaker;
 pub mod concurrency;
 pub mod fallback;
 pub mod guard;
 pub mod header_names;
+pub mod identity;
 pub mod observe;
 pub mod rate_limit;
+pub mod retry;
 pub mod timeout;
 pub mod trace;
 

@@ -1,12 +1,14 @@
 //! The running proxy: listeners (inbound, admin, one per dependency), config reload, readiness and
 //! graceful shutdown.
 
-use crate::admin;
+pub mod admin;
+pub mod framing;
+
 use crate::body::{BodyError, ClientBodyError, Reason, Resp, reject, reject_closing};
 use crate::forward::new_client;
-use crate::framing::{Tap, Tapped};
 use crate::metrics::Metrics;
 use crate::stack::{self, Env, Snapshot};
+use framing::{Tap, Tapped};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -243,7 +245,7 @@ async fn serve_connection(
     let mut drain = shared.drain_rx.clone();
     let s2 = shared.clone();
     let r2 = role.clone();
-    let peer = stream.peer_addr().ok().map(crate::bridge::PeerAddr);
+    let peer = stream.peer_addr().ok().map(crate::service::PeerAddr);
     let tap = Tap::default();
     let stream = Tapped::new(stream, tap.clone());
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {

@@ -1,4 +1,4 @@
-//! Circuit breaker (opossum / Hystrix semantics).
+//! Circuit breaker: a rolling window of calls and failures, open, half-open with one trial call.
 //!
 //! A rolling window of `rollingWindowMs` split into `buckets` buckets counts calls and failures.
 //! Closed: calls pass; after each result, if the window holds at least `volumeThreshold` calls and

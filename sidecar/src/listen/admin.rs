@@ -7,7 +7,7 @@
 //! when messaging is off), 503 naming the broker otherwise.
 
 use crate::body::{self, BoxBody, Reason, Resp, reject};
-use crate::server::Shared;
+use crate::listen::Shared;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use std::time::Duration;
@@ -74,7 +74,7 @@ pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
     {
         let peer = req
             .extensions()
-            .get::<crate::bridge::PeerAddr>()
+            .get::<crate::service::PeerAddr>()
             .map(|p| p.0);
         return shared.bridge.publish(peer, req).await;
     }

@@ -1,4 +1,4 @@
-//! Retries with exponential backoff and full jitter, bounded by a retry budget (Linkerd's model).
+//! Retries with exponential backoff and full jitter, bounded by a retry budget.
 //!
 //! - Only idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) are retried, unless
 //!   `retryNonIdempotent` is set.

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most undispatched bytes kept: the largest request head hyper accepts, so any head fits.
-pub const LIMIT: usize = crate::server::MAX_HEAD_BYTES;
+pub const LIMIT: usize = crate::listen::MAX_HEAD_BYTES;
 /// A copy that grew past this (large heads) is given back once empty.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
