@@ -34,4 +34,4 @@ cargo build --locked -p weir
 NATS_VERSION=$(nats-server --version | sed -n 's/.*v\([0-9.]*\).*/\1/p')
 WEIR_E2E_NATS_IMAGE="weir-e2e/nats:$NATS_VERSION" WEIR_E2E_REDIS_IMAGE=weir-e2e/redis:local \
 WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster WEIR_E2E_PODS=1 WEIR_E2E_PULL_POLICY=Never \
-  cargo test --locked -p weir-e2e -- --nocapture --test-threads 1
+  cargo test --locked --no-fail-fast -p weir-e2e -- --nocapture --test-threads 1

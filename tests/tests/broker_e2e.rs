@@ -254,7 +254,7 @@ async fn outage(client: &Client, ns: &str, store: &str) -> Result<()> {
                             "name": "nats", "image": image,
                             "imagePullPolicy": env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"),
                             "command": ["nats-server", "-js", "-sd", "/data"],
-                            "ports": [{"containerPort": 4222}],
+                            "ports": [{"containerPort": 4222, "protocol": "TCP"}],
                             "readinessProbe": {"tcpSocket": {"port": 4222}, "periodSeconds": 1},
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}]
                         }],
@@ -268,7 +268,7 @@ async fn outage(client: &Client, ns: &str, store: &str) -> Result<()> {
     deploys.patch("nats", &pp, &Patch::Apply(&nats(1)?)).await?;
     let svc: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "nats"},
-        "spec": {"selector": {"app": "nats"}, "ports": [{"port": 4222}]}
+        "spec": {"selector": {"app": "nats"}, "ports": [{"port": 4222, "protocol": "TCP"}]}
     }))?;
     svcs.patch("nats", &pp, &Patch::Apply(&svc)).await?;
     let broker: Broker = serde_json::from_value(json!({

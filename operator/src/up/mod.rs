@@ -4,13 +4,13 @@
 //! built by the same code, the same env vars, ports chosen free on loopback.
 //!
 //! By concern, in the order a run goes through them:
-//! - [`plan`]: what runs where (ports, sidecar configs, app commands and env); pure but for
+//! - [`plan`](mod@plan): what runs where (ports, sidecar configs, app commands and env); pure but for
 //!   port picks, and what the tests check.
 //! - [`brokers`]: the local broker (`--broker nats|redis|rabbitmq`) and its queues.
-//! - [`sagas`]: a coordinator per Saga, beside its own sidecar when the broker is not NATS.
+//! - `sagas`: a coordinator per Saga, beside its own sidecar when the broker is not NATS.
 //! - [`supervise`]: the running processes: started in order, restarted when they exit,
 //!   stopped apps first.
-//! - [`process`]: one process: its command line, process group, signals and ports (the only
+//! - `process`: one process: its command line, process group, signals and ports (the only
 //!   `unsafe` code of `weir up`).
 //! - this module: the run loop, from the manifests to Ctrl-C, and the state file.
 

@@ -204,7 +204,7 @@ pub struct PlanOptions<'a> {
     pub secrets_dir: Option<&'a Path>,
 }
 
-/// [`plan`] with options.
+/// [`plan()`] with options.
 pub fn plan_with(
     loaded: &[Loaded],
     namespace: &str,

@@ -1,14 +1,14 @@
 //! What the bridge needs from a broker, as two small traits with one implementation per broker
 //! kind (`nats`, `redis`, `rabbitmq`):
 //!
-//! - [`Inbound`]: a message in hand: its body and headers, how many times it was delivered, and
+//! - `Inbound`: a message in hand: its body and headers, how many times it was delivered, and
 //!   how to settle it (ack, nak with an optional delay, terminate) or say "still working";
-//! - [`Side`]: the consumer's surroundings: the processed-event (dedup) store and the dead-letter
+//! - `Side`: the consumer's surroundings: the processed-event (dedup) store and the dead-letter
 //!   destination, both acknowledged by the broker before the call returns.
 //!
-//! Publishing (with the broker's confirmation) is [`super::Broker::publish`], an enum over the
+//! Publishing (with the broker's confirmation) is `Conn::publish` (in the bridge module), an enum over the
 //! three connections. The consume loops (pulling, reclaiming) are per broker; everything that
-//! decides what happens to a message ([`super::consume::deliver`]) is shared.
+//! decides what happens to a message (`consume::deliver`) is shared.
 
 use bytes::Bytes;
 use std::future::Future;

@@ -52,7 +52,7 @@ pub fn queue_source(namespace: &str, queue: &str) -> String {
 }
 
 /// The event id of a plain message: the queue's stream name and the broker's own identity of
-/// the message ([`super::backend::Inbound::identity`]), so it is the same at every redelivery
+/// the message (`Inbound::identity`), so it is the same at every redelivery
 /// and differs between any two messages of the queue.
 pub fn plain_event_id(stream: &str, identity: &str) -> String {
     format!("{stream}:{identity}")

@@ -4,7 +4,7 @@
 //! never sees the message): size within the app's `inbound.maxBodyBytes` (`too-large`), the
 //! CloudEvents envelope ([`envelope`]: `unsupported-specversion`, `invalid-cloudevent`), the
 //! schema (`schema`). A plain message (no envelope: another producer wrote it) is an event whose
-//! id comes from the broker's identity of the message ([`Inbound::identity`]). Then: KV look-up
+//! id comes from the broker's identity of the message (`Inbound::identity`). Then: KV look-up
 //! of the event id (found → ack, counted as deduplicated), `POST` to the app with the
 //! CloudEvents HTTP binary headers, then: 2xx → record the event id in the KV bucket and ack;
 //! 4xx other than 408/429 → dead letter `rejected` and term; 5xx, 408, 429, timeout, connection
