@@ -11,9 +11,13 @@
 //!   RabbitMQ.
 //! - [`rabbitmq`]: consumer and retry queues and the arguments each is declared with.
 //! - [`redis`]: the keys beside a queue's stream.
+//! - [`credentials`]: what a Broker's credentials Secret holds, read one way everywhere.
+//! - [`nats`]: connecting to NATS once (operator, saga coordinator, commands).
 //!
 //! What Weir guarantees on top of this layout is in docs/messaging.md.
 
+pub mod credentials;
+pub mod nats;
 pub mod queue;
 pub mod rabbitmq;
 pub mod redis;

@@ -6,7 +6,6 @@ pub mod manifest;
 pub mod messaging;
 pub mod operator;
 pub mod render;
-pub mod saga;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod up;

@@ -32,9 +32,9 @@ enum Command {
     /// Inspect a Queue's dead letters and replay them onto the queue.
     Dlq(weir::messaging::dlq::DlqArgs),
     /// Run the coordinator of one Saga (what the operator deploys for each Saga).
-    SagaCoordinator(weir::saga::CoordinatorArgs),
+    SagaCoordinator(weir_saga::CoordinatorArgs),
     /// List a Saga's instances, or show one instance's timeline, from its log on the broker.
-    Saga(weir::saga::cli::SagaArgs),
+    Saga(weir_saga::cli::SagaArgs),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -162,14 +162,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::SagaCoordinator(args) => match weir::saga::run(args) {
+        Command::SagaCoordinator(args) => match weir_saga::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("weir saga-coordinator: {e:#}");
                 ExitCode::FAILURE
             }
         },
-        Command::Saga(args) => match weir::saga::cli::run(args) {
+        Command::Saga(args) => match weir_saga::cli::run(args) {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS

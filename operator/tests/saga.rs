@@ -8,8 +8,8 @@ use saga_support::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use weir::saga::config::{OutcomeConfig, RetryConfig};
-use weir::saga::log::{Event, Status};
+use weir_crds::coordinator::{OutcomeConfig, RetryConfig};
+use weir_saga::log::{Event, Status};
 
 async fn outcome_stream(nats: &str, name: &str, subject: &str) -> async_nats::jetstream::Context {
     let js = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());
@@ -443,7 +443,7 @@ async fn starts_are_idempotent_by_key_and_by_trigger_event() {
     let svc = StepService::start().await;
     let js = outcome_stream(&nats.url(), "weir_shop_orders", "weir.shop.orders").await;
     let mut cfg = config(&nats.url(), &svc.url(), "place-order");
-    cfg.trigger.queue = Some(weir::saga::config::QueueTriggerConfig {
+    cfg.trigger.queue = Some(weir_crds::coordinator::QueueTriggerConfig {
         queue: "orders".into(),
         stream: "weir_shop_orders".into(),
         subjects: vec!["weir.shop.orders".into()],
@@ -483,7 +483,7 @@ async fn starts_are_idempotent_by_key_and_by_trigger_event() {
         .await
         .unwrap();
     }
-    let id = weir::saga::coordinator::instance_id_for_event("evt-42");
+    let id = weir_saga::coordinator::instance_id_for_event("evt-42");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let all = instances(&nats.url(), "place-order").await;
@@ -502,7 +502,7 @@ async fn starts_are_idempotent_by_key_and_by_trigger_event() {
 
 /// Checks every invariant the log and the services must hold once all instances have ended.
 fn check_invariants(
-    all: &BTreeMap<String, weir::saga::log::Instance>,
+    all: &BTreeMap<String, weir_saga::log::Instance>,
     svc: &StepService,
     saga: &str,
     fails: &BTreeMap<String, bool>,
@@ -819,7 +819,7 @@ async fn when_one_replica_dies_the_other_finishes_its_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_request_steps_carry_the_same_headers_and_their_reply_is_the_result() {
     use futures::StreamExt;
-    use weir::saga::config::{CallConfig, RequestConfig};
+    use weir_crds::coordinator::{CallConfig, RequestConfig};
     let nats = NatsServer::start();
     let svc = StepService::start().await;
     let mut cfg = config(&nats.url(), &svc.url(), "place-order");

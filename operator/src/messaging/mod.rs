@@ -22,8 +22,7 @@ pub const MANAGED_BY_KEY: &str = "weir.dev/managed-by";
 pub const MANAGED_BY_VALUE: &str = "weir-operator";
 /// Shortest memory of processed event ids, whatever the duplicate window.
 pub const MIN_PROCESSED_TTL: Duration = Duration::from_secs(600);
-/// How long a connection attempt may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub use weir_broker::nats::CONNECT_TIMEOUT;
 
 pub use weir_broker::queue::{
     dead_letter_stream_name, dead_letter_subject, processed_bucket_name, stream_name,
@@ -166,141 +165,22 @@ fn map_err<E: std::error::Error + 'static>(what: impl Into<String>) -> impl FnOn
     }
 }
 
-/// How a client proves who it is to a broker, as a Broker's Secret holds it.
-#[derive(Clone, PartialEq, Default)]
-pub enum Auth {
-    #[default]
-    None,
-    UserPassword {
-        username: String,
-        password: String,
-    },
-    Token(String),
-    /// The contents of a NATS `.creds` file (JWT and NKey seed).
-    Creds(String),
-}
+pub use weir_broker::credentials::{Auth, CA_KEY, Credentials, CredentialsError, parse_ca};
 
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print secrets.
-        f.write_str(match self {
-            Auth::None => "Auth::None",
-            Auth::UserPassword { .. } => "Auth::UserPassword(..)",
-            Auth::Token(_) => "Auth::Token(..)",
-            Auth::Creds(_) => "Auth::Creds(..)",
-        })
+impl From<CredentialsError> for Error {
+    fn from(e: CredentialsError) -> Self {
+        Error::Credentials(e.0)
     }
 }
 
-/// The key of a Broker's Secret holding the CA (PEM) that signed the broker's certificate.
-pub const CA_KEY: &str = "ca.crt";
-
-/// What a Broker's credentials Secret holds: the credential, and the CA to trust for TLS.
-#[derive(Clone, PartialEq, Default, Debug)]
-pub struct Credentials {
-    pub auth: Auth,
-    /// `ca.crt` (PEM, checked): the trust root of a TLS connection to a broker whose
-    /// certificate a private CA signed. `None`: the system's roots.
-    pub ca: Option<String>,
-}
-
-impl From<Auth> for Credentials {
-    fn from(auth: Auth) -> Self {
-        Credentials { auth, ca: None }
-    }
-}
-
-/// The certificates of a PEM text; an error naming `from` when it holds none or a broken one,
-/// so that a wrong `ca.crt` is reported as such and not as a failed TLS handshake.
-pub fn parse_ca(
-    pem: &str,
-    from: &str,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let bad = |why: String| Error::Credentials(format!("{from} is not a PEM certificate: {why}"));
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no `-----BEGIN CERTIFICATE-----` block".into()));
-    }
-    Ok(certs)
-}
-
-impl Credentials {
-    /// From a Secret's data: key `creds` (a NATS creds file), else `token`, else
-    /// `username` and `password`; and `ca.crt`. A Secret holding only `ca.crt` is TLS without
-    /// credentials.
-    pub fn from_secret_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Self, Error> {
-        let text = |k: &str| -> Result<Option<String>, Error> {
-            data.get(k)
-                .map(|v| {
-                    String::from_utf8(v.clone())
-                        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                        .map_err(|_| Error::Credentials(format!("key {k:?} is not UTF-8")))
-                })
-                .transpose()
-        };
-        let ca = text(CA_KEY)?;
-        if let Some(pem) = &ca {
-            parse_ca(pem, &format!("key {CA_KEY:?}"))?;
-        }
-        let auth = if let Some(c) = text("creds")? {
-            Auth::Creds(c)
-        } else if let Some(t) = text("token")? {
-            Auth::Token(t)
-        } else {
-            match (text("username")?, text("password")?) {
-                (Some(username), Some(password)) => Auth::UserPassword { username, password },
-                (Some(_), None) => {
-                    return Err(Error::Credentials(
-                        "key \"username\" without \"password\"".into(),
-                    ));
-                }
-                _ if ca.is_some() => Auth::None,
-                _ => {
-                    return Err(Error::Credentials(
-                        "the Secret has none of the keys creds, token, or username and password \
-                         (nor ca.crt)"
-                            .into(),
-                    ));
-                }
-            }
-        };
-        Ok(Credentials { auth, ca })
-    }
-
-    /// Reads a directory holding a mounted credentials Secret (one file per key), as the
-    /// sidecar sees it at `credentialsFile`.
-    pub fn from_dir(dir: &std::path::Path) -> Result<Self, Error> {
-        let mut data = BTreeMap::new();
-        for k in ["creds", "token", "username", "password", CA_KEY] {
-            if let Ok(v) = std::fs::read(dir.join(k)) {
-                data.insert(k.to_string(), v);
+impl From<weir_broker::nats::ConnectError> for Error {
+    fn from(e: weir_broker::nats::ConnectError) -> Self {
+        match e {
+            weir_broker::nats::ConnectError::Credentials(c) => c.into(),
+            weir_broker::nats::ConnectError::Connect { url, message } => {
+                Error::Connect { url, message }
             }
         }
-        Self::from_secret_data(&data).map_err(|e| match e {
-            Error::Credentials(m) => Error::Credentials(format!("{}: {m}", dir.display())),
-            e => e,
-        })
-    }
-
-    /// A rustls client config trusting only `ca.crt` (for NATS, whose client takes a config).
-    fn tls_config(&self) -> Result<Option<rustls::ClientConfig>, Error> {
-        let Some(pem) = &self.ca else {
-            return Ok(None);
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in parse_ca(pem, &format!("key {CA_KEY:?}"))? {
-            roots
-                .add(cert)
-                .map_err(|e| Error::Credentials(format!("key {CA_KEY:?}: {e}")))?;
-        }
-        Ok(Some(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        ))
     }
 }
 
@@ -313,33 +193,7 @@ pub struct Broker {
 
 /// Connects once (no retry loop: the controllers requeue instead).
 pub async fn connect(url: &str, credentials: &Credentials) -> Result<Broker, Error> {
-    let mut opts = async_nats::ConnectOptions::new()
-        .connection_timeout(CONNECT_TIMEOUT)
-        .name("weir-operator");
-    opts = match &credentials.auth {
-        Auth::None => opts,
-        Auth::UserPassword { username, password } => {
-            opts.user_and_password(username.clone(), password.clone())
-        }
-        Auth::Token(t) => opts.token(t.clone()),
-        Auth::Creds(c) => opts
-            .credentials(c)
-            .map_err(|e| Error::Credentials(format!("not a NATS creds file: {e}")))?,
-    };
-    // A CA given means TLS is expected: a server offering none is refused, not used in plain.
-    if let Some(tls) = credentials.tls_config()? {
-        opts = opts.tls_client_config(tls).require_tls(true);
-    }
-    let client = tokio::time::timeout(CONNECT_TIMEOUT * 2, opts.connect(url))
-        .await
-        .map_err(|_| Error::Connect {
-            url: weir_crds::redact::url(url),
-            message: "timed out".into(),
-        })?
-        .map_err(|e| Error::Connect {
-            url: weir_crds::redact::url(url),
-            message: e.to_string(),
-        })?;
+    let client = weir_broker::nats::connect(url, credentials, "weir-operator").await?;
     let js = jetstream::new(client.clone());
     Ok(Broker { client, js })
 }
@@ -679,16 +533,9 @@ impl Broker {
 
     /// Whether a stream exists.
     pub async fn stream_exists(&self, name: &str) -> Result<bool, Error> {
-        match self
-            .js
-            .get_stream(name)
+        weir_broker::nats::stream_exists(&self.js, name)
             .await
             .map_err(map_err(format!("stream {name}")))
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 }
 

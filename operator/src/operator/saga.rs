@@ -6,7 +6,6 @@
 use super::{Context, FIELD_MANAGER, conditions};
 use crate::render::saga::{coordinator_name, render};
 use crate::render::{self, RenderError};
-use crate::saga::coordinator::Stats;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -22,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use weir_crds::saga::SagaStatus;
 use weir_crds::{Broker, Queue, Saga, validate};
+use weir_saga::coordinator::Stats;
 
 /// Refresh of the counts while all is well.
 pub const STATS_RESYNC: Duration = Duration::from_secs(30);

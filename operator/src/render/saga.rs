@@ -16,16 +16,16 @@
 use super::{ANNOTATION_CONFIG_HASH, APP_CONTAINER, RenderError, RenderOptions, Rendered};
 use crate::messaging;
 use crate::render::messaging::{CREDENTIALS_MOUNT_PATH, CREDENTIALS_VOLUME, broker_url};
-use crate::saga::config::{
-    CONFIG_KEY, CONFIG_MOUNT_PATH, COORDINATOR_PORT, CallConfig, CoordinatorConfig, HttpCallConfig,
-    OutcomeConfig, QueueTriggerConfig, RequestConfig, RetryConfig, StepConfig, TriggerConfig,
-};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
+use weir_crds::coordinator::{
+    CONFIG_KEY, CONFIG_MOUNT_PATH, COORDINATOR_PORT, CallConfig, CoordinatorConfig, HttpCallConfig,
+    OutcomeConfig, QueueTriggerConfig, RequestConfig, RetryConfig, StepConfig, TriggerConfig,
+};
 use weir_crds::microservice::MicroserviceSpec;
 use weir_crds::policy::RetryPolicy;
 use weir_crds::queue::QueueSpec;

@@ -26,7 +26,7 @@ pub(super) struct SagaPlan {
     /// `file: Saga/name`, for errors.
     pub(super) obj: String,
     pub(super) replicas: usize,
-    pub(super) config: crate::saga::config::CoordinatorConfig,
+    pub(super) config: weir_crds::coordinator::CoordinatorConfig,
 }
 
 /// The coordinator of each Saga in `loaded`. Steps call a Microservice at its replica 0's

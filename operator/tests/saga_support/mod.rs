@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir::saga::config::*;
+use weir_crds::coordinator::*;
 
 /// One call a step service received.
 #[derive(Debug, Clone)]
@@ -331,9 +331,9 @@ pub async fn request(
 }
 
 /// Every instance on the log, folded.
-pub async fn instances(nats: &str, saga: &str) -> BTreeMap<String, weir::saga::log::Instance> {
+pub async fn instances(nats: &str, saga: &str) -> BTreeMap<String, weir_saga::log::Instance> {
     let client = async_nats::connect(nats).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let log = weir::saga::log::Log::existing(js, "shop", saga);
+    let log = weir_saga::log::Log::existing(js, "shop", saga);
     log.load_all(3).await.unwrap()
 }

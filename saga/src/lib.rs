@@ -1,6 +1,9 @@
-//! Sagas: `weir saga-coordinator` drives each instance of one Saga through its steps, with
-//! compensations in reverse order on failure, its state an append-only log on JetStream.
-//! `weir saga list/show` read that log.
+//! The saga coordinator: `weir saga-coordinator` drives each instance of one Saga through its
+//! steps, with compensations in reverse order on failure, its state an append-only log on
+//! JetStream. `weir saga list/show` read that log ([`cli`]). Its config is the contract in
+//! `weir_crds::coordinator`, rendered by the operator; it connects to NATS the way every Weir
+//! component does (`weir_broker::nats`). The `weir` binary is its command line; the operator's
+//! image is its image.
 
 pub mod call;
 pub mod cli;
@@ -12,11 +15,11 @@ pub mod metrics;
 pub mod server;
 pub mod template;
 
-use crate::messaging::{self, Credentials};
 use config::CoordinatorConfig;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use weir_broker::credentials::Credentials;
 
 /// `weir saga-coordinator --saga <ns>/<name> --config <file>`.
 #[derive(clap::Args, Debug, Clone)]
@@ -91,7 +94,8 @@ async fn run_async(cfg: CoordinatorConfig) -> anyhow::Result<()> {
         Some(dir) => Credentials::from_dir(std::path::Path::new(dir))?,
         None => Credentials::default(),
     };
-    let broker = messaging::connect(&cfg.broker_url, &creds).await?;
+    let client =
+        weir_broker::nats::connect(&cfg.broker_url, &creds, "weir-saga-coordinator").await?;
     let replica = std::env::var("POD_NAME").unwrap_or_else(|_| {
         format!(
             "coordinator-{}-{:08x}",
@@ -101,7 +105,7 @@ async fn run_async(cfg: CoordinatorConfig) -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let c = coordinator::Coordinator::new(cfg, broker.client().clone(), replica.clone()).await?;
+    let c = coordinator::Coordinator::new(cfg, client, replica.clone()).await?;
     c.spawn_background();
     tokio::spawn(c.clone().consume_trigger());
     let server = tokio::spawn(server::serve(listener, c.clone()));

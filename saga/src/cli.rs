@@ -2,8 +2,8 @@
 //! broker and print them.
 
 use super::log::{Event, Instance, Log};
-use crate::messaging::{self, Credentials};
 use std::fmt::Write;
+use weir_broker::credentials::Credentials;
 
 #[derive(clap::Args, Debug)]
 pub struct SagaArgs {
@@ -73,9 +73,10 @@ pub fn run(args: SagaArgs) -> anyhow::Result<String> {
 }
 
 async fn open(url: &str, namespace: &str, saga: &str) -> anyhow::Result<Log> {
-    let broker = messaging::connect(url, &Credentials::default()).await?;
-    let log = Log::existing(broker.jetstream().clone(), namespace, saga);
-    if !broker.stream_exists(&log.stream).await? {
+    let client = weir_broker::nats::connect(url, &Credentials::default(), "weir-saga-cli").await?;
+    let js = async_nats::jetstream::new(client);
+    let log = Log::existing(js.clone(), namespace, saga);
+    if !weir_broker::nats::stream_exists(&js, &log.stream).await? {
         anyhow::bail!(
             "no log stream {} on {}: saga {namespace}/{saga} has never run there",
             log.stream,
