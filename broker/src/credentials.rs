@@ -28,6 +28,8 @@ pub enum Auth {
         password: String,
     },
     Token(String),
+    /// A password without a user name (Redis' default user).
+    Password(String),
     /// The contents of a NATS `.creds` file (JWT and NKey seed).
     Creds(String),
 }
@@ -39,6 +41,7 @@ impl std::fmt::Debug for Auth {
             Auth::None => "Auth::None",
             Auth::UserPassword { .. } => "Auth::UserPassword(..)",
             Auth::Token(_) => "Auth::Token(..)",
+            Auth::Password(_) => "Auth::Password(..)",
             Auth::Creds(_) => "Auth::Creds(..)",
         })
     }
@@ -79,23 +82,56 @@ pub fn parse_ca(
     Ok(certs)
 }
 
+/// The keys of a credentials Secret, in the order they are looked at.
+pub const KEYS: [&str; 5] = ["creds", "token", "username", "password", CA_KEY];
+
 impl Credentials {
-    /// From a Secret's data: key `creds` (a NATS creds file), else `token`, else
-    /// `username` and `password`; and `ca.crt`. A Secret holding only `ca.crt` is TLS without
-    /// credentials.
+    /// From a Secret's data: key `creds` (a NATS creds file), else `token`, else `username`
+    /// and `password` (or `password` alone); and `ca.crt`. A Secret holding only `ca.crt` is
+    /// TLS without credentials. Errors name the key.
     pub fn from_secret_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Self, CredentialsError> {
+        Self::read(
+            |k| data.get(k).cloned(),
+            |k| format!("key {k:?}"),
+            "the Secret has none of the keys creds, token, or username and password (nor ca.crt)",
+        )
+    }
+
+    /// Reads a directory holding a mounted credentials Secret (one file per key), as the
+    /// sidecar and the saga coordinator see it at `credentialsFile`. Errors name the file.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self, CredentialsError> {
+        Self::read(
+            |k| std::fs::read(dir.join(k)).ok(),
+            |k| dir.join(k).display().to_string(),
+            &format!(
+                "credentials directory {} holds none of `creds`, `token`, or `username` and \
+                 `password` (nor `ca.crt`)",
+                dir.display()
+            ),
+        )
+    }
+
+    /// The one reading of a Secret, whatever holds it: `get` gives a key's bytes, `name` names
+    /// a key in errors. Values lose their trailing newline (`echo` adds one); a blank value
+    /// counts as absent.
+    fn read(
+        get: impl Fn(&str) -> Option<Vec<u8>>,
+        name: impl Fn(&str) -> String,
+        none: &str,
+    ) -> Result<Self, CredentialsError> {
         let text = |k: &str| -> Result<Option<String>, CredentialsError> {
-            data.get(k)
+            get(k)
                 .map(|v| {
-                    String::from_utf8(v.clone())
+                    String::from_utf8(v)
                         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                        .map_err(|_| CredentialsError(format!("key {k:?} is not UTF-8")))
+                        .map_err(|_| CredentialsError(format!("{} is not UTF-8", name(k))))
                 })
                 .transpose()
+                .map(|v| v.filter(|s| !s.trim().is_empty()))
         };
         let ca = text(CA_KEY)?;
         if let Some(pem) = &ca {
-            parse_ca(pem, &format!("key {CA_KEY:?}"))?;
+            parse_ca(pem, &name(CA_KEY))?;
         }
         let auth = if let Some(c) = text("creds")? {
             Auth::Creds(c)
@@ -105,34 +141,46 @@ impl Credentials {
             match (text("username")?, text("password")?) {
                 (Some(username), Some(password)) => Auth::UserPassword { username, password },
                 (Some(_), None) => {
-                    return Err(CredentialsError(
-                        "key \"username\" without \"password\"".into(),
-                    ));
+                    return Err(CredentialsError(format!(
+                        "{} without {}",
+                        name("username"),
+                        name("password")
+                    )));
                 }
-                _ if ca.is_some() => Auth::None,
-                _ => {
-                    return Err(CredentialsError(
-                        "the Secret has none of the keys creds, token, or username and password \
-                         (nor ca.crt)"
-                            .into(),
-                    ));
-                }
+                (None, Some(password)) => Auth::Password(password),
+                (None, None) if ca.is_some() => Auth::None,
+                (None, None) => return Err(CredentialsError(none.into())),
             }
         };
         Ok(Credentials { auth, ca })
     }
 
-    /// Reads a directory holding a mounted credentials Secret (one file per key), as the
-    /// sidecar sees it at `credentialsFile`.
-    pub fn from_dir(dir: &std::path::Path) -> Result<Self, CredentialsError> {
-        let mut data = BTreeMap::new();
-        for k in ["creds", "token", "username", "password", CA_KEY] {
-            if let Ok(v) = std::fs::read(dir.join(k)) {
-                data.insert(k.to_string(), v);
+    /// What Redis takes: a password (`password`, or `token` used as one) and perhaps a user.
+    pub fn redis_auth(&self) -> Result<Option<(Option<String>, String)>, CredentialsError> {
+        match &self.auth {
+            Auth::None => Ok(None),
+            Auth::UserPassword { username, password } => {
+                Ok(Some((Some(username.clone()), password.clone())))
             }
+            Auth::Token(p) | Auth::Password(p) => Ok(Some((None, p.clone()))),
+            Auth::Creds(_) => Err(CredentialsError(
+                "a NATS creds file is no Redis credential (use username and password, or token)"
+                    .into(),
+            )),
         }
-        Self::from_secret_data(&data)
-            .map_err(|CredentialsError(m)| CredentialsError(format!("{}: {m}", dir.display())))
+    }
+
+    /// What RabbitMQ takes: a user and a password.
+    pub fn amqp_auth(&self) -> Result<Option<(String, String)>, CredentialsError> {
+        match &self.auth {
+            Auth::None => Ok(None),
+            Auth::UserPassword { username, password } => {
+                Ok(Some((username.clone(), password.clone())))
+            }
+            _ => Err(CredentialsError(
+                "RabbitMQ takes username and password".into(),
+            )),
+        }
     }
 
     /// A rustls client config trusting only `ca.crt` (for NATS, whose client takes a config).
@@ -151,5 +199,51 @@ impl Credentials {
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(kv: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn one_reading_for_a_secret_and_a_mounted_directory() {
+        let dir = std::env::temp_dir().join(format!("weir-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("username"), "u\n").unwrap();
+        std::fs::write(dir.join("password"), "p\n").unwrap();
+        let from_dir = Credentials::from_dir(&dir).unwrap();
+        let from_data =
+            Credentials::from_secret_data(&data(&[("username", "u\n"), ("password", "p\n")]))
+                .unwrap();
+        assert_eq!(from_dir, from_data);
+        std::fs::remove_file(dir.join("password")).unwrap();
+        let e = Credentials::from_dir(&dir).unwrap_err();
+        assert!(
+            e.0.contains("/username without ") && e.0.ends_with("/password"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_password_alone_is_redis_default_user_and_nothing_else() {
+        let c = Credentials::from_secret_data(&data(&[("password", "p")])).unwrap();
+        assert_eq!(c.redis_auth().unwrap(), Some((None, "p".into())));
+        assert!(c.amqp_auth().is_err());
+        let t = Credentials::from_secret_data(&data(&[("token", "t")])).unwrap();
+        assert_eq!(t.redis_auth().unwrap(), Some((None, "t".into())));
+        let blank = Credentials::from_secret_data(&data(&[("token", "\n"), ("password", "p")]));
+        assert_eq!(
+            blank.unwrap().auth,
+            Auth::Password("p".into()),
+            "a blank value is absent"
+        );
     }
 }

@@ -42,6 +42,14 @@ pub async fn connect(
         Auth::Creds(c) => opts
             .credentials(c)
             .map_err(|e| CredentialsError(format!("not a NATS creds file: {e}")))?,
+        Auth::Password(_) => {
+            return Err(CredentialsError(
+                "a password alone is no NATS credential (use username and password, token, or \
+                 creds)"
+                    .into(),
+            )
+            .into());
+        }
     };
     if let Some(tls) = credentials.tls_config()? {
         opts = opts.tls_client_config(tls).require_tls(true);

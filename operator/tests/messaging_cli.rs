@@ -533,7 +533,7 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
     .unwrap();
     b.declare_queue(&t).await.unwrap();
     b.declare_consumer(&t, "billing").await.unwrap();
-    let weir::messaging::brokers::AnyBroker::Rabbitmq(r) = &b else {
+    let weir::messaging::brokers::BrokerAdmin::Rabbitmq(r) = &b else {
         panic!()
     };
     let ch = r.channel().await.unwrap();

@@ -174,7 +174,7 @@ async fn bench() {
             "rabbitmq" => Kind::Rabbitmq,
             other => panic!("PUBSUB_BROKERS: unknown broker {other:?}"),
         };
-        let Some(broker) = Broker::start(kind).await else {
+        let Some(broker) = TestBroker::start(kind).await else {
             continue;
         };
         let r = bench_one(&broker).await;
@@ -213,9 +213,9 @@ fn headers(id: &str) -> Vec<(String, String)> {
 }
 
 /// The raw client's publish-and-confirm on `broker`, `n` times at `concurrency`.
-async fn raw_publish_load(broker: &Broker, n: usize, concurrency: usize) -> Row {
+async fn raw_publish_load(broker: &TestBroker, n: usize, concurrency: usize) -> Row {
     let (path, (elapsed, latencies)) = match broker {
-        Broker::Nats(nats) => {
+        TestBroker::Nats(nats) => {
             let js = nats.js().await;
             let r = run_load(n, concurrency, move |i| {
                 let js = js.clone();
@@ -237,7 +237,7 @@ async fn raw_publish_load(broker: &Broker, n: usize, concurrency: usize) -> Row 
             .await;
             ("raw async-nats publish + ack", r)
         }
-        Broker::Redis(server) => {
+        TestBroker::Redis(server) => {
             let con = server.con().await;
             let r = run_load(n, concurrency, move |i| {
                 let mut con = con.clone();
@@ -257,7 +257,7 @@ async fn raw_publish_load(broker: &Broker, n: usize, concurrency: usize) -> Row 
                 Box::leak(format!("raw redis XADD (AOF fsync {fsync})").into_boxed_str());
             (label, r)
         }
-        Broker::Rabbitmq(server) => {
+        TestBroker::Rabbitmq(server) => {
             let (conn, ch) = server.channel().await;
             ch.confirm_select(Default::default()).await.unwrap();
             let ch = Arc::new(ch);
@@ -304,7 +304,7 @@ async fn raw_publish_load(broker: &Broker, n: usize, concurrency: usize) -> Row 
     }
 }
 
-async fn bench_one(broker: &Broker) -> Vec<Row> {
+async fn bench_one(broker: &TestBroker) -> Vec<Row> {
     let n = env_usize("PUBSUB_N", 20_000);
     let concurrency = env_usize("PUBSUB_CONCURRENCY", 64);
     broker.declare().await;

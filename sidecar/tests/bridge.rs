@@ -22,7 +22,7 @@ macro_rules! nats_or_skip {
 
 macro_rules! broker_or_skip {
     ($kind:expr) => {
-        match Broker::start($kind).await {
+        match TestBroker::start($kind).await {
             Some(b) => b,
             None => return,
         }
@@ -972,7 +972,7 @@ async fn without_a_dead_letter_stream_a_failed_message_is_terminated(kind: Kind)
 async fn nats_a_consumer_declared_by_the_operator_is_used_as_it_is() {
     let broker = broker_or_skip!(Kind::Nats);
     broker.declare().await;
-    let Broker::Nats(nats) = &broker else {
+    let TestBroker::Nats(nats) = &broker else {
         unreachable!()
     };
     let js = nats.js().await;
@@ -1124,7 +1124,7 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
         assert_eq!(d.h("Weir-Delivery-Count"), "2");
         assert_eq!(d.h("Weir-Reason"), "max-deliveries");
     }
-    let Broker::Redis(r) = &broker else {
+    let TestBroker::Redis(r) = &broker else {
         unreachable!()
     };
     let mut con = r.con().await;

@@ -1,4 +1,4 @@
-//! A Queue's topology on each Broker kind, behind one type ([`AnyBroker`]) the Queue and Broker
+//! A Queue's topology on each Broker kind, behind one type ([`BrokerAdmin`]) the Queue and Broker
 //! controllers, `weir dlq` and `weir up` use. JetStream is [`super::Broker`]; this module adds
 //! Redis Streams and RabbitMQ with the names of docs/messaging.md:
 //!
@@ -13,7 +13,7 @@
 //!   (RabbitMQ refuses the redeclaration): the operator then reports [`Error::Immutable`] naming
 //!   the argument, and the queue must be deleted to be recreated.
 
-use super::{Auth, Broker, Credentials, Error, Figures, Topology};
+use super::{Credentials, Error, Figures, NatsAdmin, Topology};
 use lapin::options::*;
 use lapin::types::FieldTable;
 use redis::Value;
@@ -22,23 +22,29 @@ use std::time::Duration;
 use weir_broker::rabbitmq;
 use weir_crds::broker::BrokerKind;
 
-/// A connected broker of any kind.
+/// The operator's connection to a broker of any kind, for administering Queues on it.
 #[derive(Clone)]
 #[allow(clippy::large_enum_variant)] // a few per operator, cached
-pub enum AnyBroker {
-    Nats(Broker),
+pub enum BrokerAdmin {
+    Nats(NatsAdmin),
     Redis(RedisBroker),
     Rabbitmq(RabbitBroker),
 }
 
 /// Connects once to a broker of `kind` (no retry loop: callers requeue).
-pub async fn connect(kind: BrokerKind, url: &str, creds: &Credentials) -> Result<AnyBroker, Error> {
+pub async fn connect(
+    kind: BrokerKind,
+    url: &str,
+    creds: &Credentials,
+) -> Result<BrokerAdmin, Error> {
     match kind {
-        BrokerKind::Nats => super::connect(url, creds).await.map(AnyBroker::Nats),
-        BrokerKind::Redis => RedisBroker::connect(url, creds).await.map(AnyBroker::Redis),
+        BrokerKind::Nats => super::connect(url, creds).await.map(BrokerAdmin::Nats),
+        BrokerKind::Redis => RedisBroker::connect(url, creds)
+            .await
+            .map(BrokerAdmin::Redis),
         BrokerKind::Rabbitmq => RabbitBroker::connect(url, creds)
             .await
-            .map(AnyBroker::Rabbitmq),
+            .map(BrokerAdmin::Rabbitmq),
     }
 }
 
@@ -57,19 +63,19 @@ fn other(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
     }
 }
 
-impl AnyBroker {
+impl BrokerAdmin {
     pub fn kind(&self) -> BrokerKind {
         match self {
-            AnyBroker::Nats(_) => BrokerKind::Nats,
-            AnyBroker::Redis(_) => BrokerKind::Redis,
-            AnyBroker::Rabbitmq(_) => BrokerKind::Rabbitmq,
+            BrokerAdmin::Nats(_) => BrokerKind::Nats,
+            BrokerAdmin::Redis(_) => BrokerKind::Redis,
+            BrokerAdmin::Rabbitmq(_) => BrokerKind::Rabbitmq,
         }
     }
 
     /// The JetStream connection, for what only JetStream does (saga logs).
-    pub fn nats(&self) -> Option<&Broker> {
+    pub fn nats(&self) -> Option<&NatsAdmin> {
         match self {
-            AnyBroker::Nats(b) => Some(b),
+            BrokerAdmin::Nats(b) => Some(b),
             _ => None,
         }
     }
@@ -77,35 +83,35 @@ impl AnyBroker {
     /// Whether the cached connection can still be used.
     pub fn is_connected(&self) -> bool {
         match self {
-            AnyBroker::Nats(b) => {
+            BrokerAdmin::Nats(b) => {
                 b.client().connection_state() == async_nats::connection::State::Connected
             }
-            AnyBroker::Redis(_) => true, // the connection manager reconnects by itself
-            AnyBroker::Rabbitmq(r) => r.conn.status().connected(),
+            BrokerAdmin::Redis(_) => true, // the connection manager reconnects by itself
+            BrokerAdmin::Rabbitmq(r) => r.conn.status().connected(),
         }
     }
 
     pub async fn server_version(&self) -> String {
         match self {
-            AnyBroker::Nats(b) => b.server_version(),
-            AnyBroker::Redis(r) => r.server_version().await,
-            AnyBroker::Rabbitmq(r) => r.server_version(),
+            BrokerAdmin::Nats(b) => b.server_version(),
+            BrokerAdmin::Redis(r) => r.server_version().await,
+            BrokerAdmin::Rabbitmq(r) => r.server_version(),
         }
     }
 
     pub async fn declare_queue(&self, t: &Topology) -> Result<(), Error> {
         match self {
-            AnyBroker::Nats(b) => b.declare_queue(t).await,
-            AnyBroker::Redis(r) => r.declare_queue(t).await,
-            AnyBroker::Rabbitmq(r) => r.declare_queue(t).await,
+            BrokerAdmin::Nats(b) => b.declare_queue(t).await,
+            BrokerAdmin::Redis(r) => r.declare_queue(t).await,
+            BrokerAdmin::Rabbitmq(r) => r.declare_queue(t).await,
         }
     }
 
     pub async fn declare_consumer(&self, t: &Topology, microservice: &str) -> Result<(), Error> {
         match self {
-            AnyBroker::Nats(b) => b.declare_consumer(t, microservice).await,
-            AnyBroker::Redis(r) => r.declare_consumer(t, microservice).await,
-            AnyBroker::Rabbitmq(r) => r.declare_consumer(t, microservice).await,
+            BrokerAdmin::Nats(b) => b.declare_consumer(t, microservice).await,
+            BrokerAdmin::Redis(r) => r.declare_consumer(t, microservice).await,
+            BrokerAdmin::Rabbitmq(r) => r.declare_consumer(t, microservice).await,
         }
     }
 
@@ -118,9 +124,9 @@ impl AnyBroker {
         known: &[String],
     ) -> Result<Vec<String>, Error> {
         match self {
-            AnyBroker::Nats(b) => b.managed_consumers(t).await,
-            AnyBroker::Redis(r) => r.managed_consumers(t).await,
-            AnyBroker::Rabbitmq(r) => {
+            BrokerAdmin::Nats(b) => b.managed_consumers(t).await,
+            BrokerAdmin::Redis(r) => r.managed_consumers(t).await,
+            BrokerAdmin::Rabbitmq(r) => {
                 let mut out = Vec::new();
                 for k in known {
                     if r.queue_depth(&r_queue(t, k)).await?.is_some() {
@@ -134,26 +140,26 @@ impl AnyBroker {
 
     pub async fn delete_consumer(&self, t: &Topology, name: &str) -> Result<bool, Error> {
         match self {
-            AnyBroker::Nats(b) => b.delete_consumer(t, name).await,
-            AnyBroker::Redis(r) => r.delete_consumer(t, name).await,
-            AnyBroker::Rabbitmq(r) => r.delete_consumer(t, name).await,
+            BrokerAdmin::Nats(b) => b.delete_consumer(t, name).await,
+            BrokerAdmin::Redis(r) => r.delete_consumer(t, name).await,
+            BrokerAdmin::Rabbitmq(r) => r.delete_consumer(t, name).await,
         }
     }
 
     pub async fn figures(&self, t: &Topology, consumers: &[String]) -> Result<Figures, Error> {
         match self {
-            AnyBroker::Nats(b) => b.figures(t, consumers).await,
-            AnyBroker::Redis(r) => r.figures(t, consumers).await,
-            AnyBroker::Rabbitmq(r) => r.figures(t, consumers).await,
+            BrokerAdmin::Nats(b) => b.figures(t, consumers).await,
+            BrokerAdmin::Redis(r) => r.figures(t, consumers).await,
+            BrokerAdmin::Rabbitmq(r) => r.figures(t, consumers).await,
         }
     }
 
     /// Deletes everything of the Queue; `consumers` are those known (RabbitMQ cannot list them).
     pub async fn delete_queue(&self, t: &Topology, consumers: &[String]) -> Result<(), Error> {
         match self {
-            AnyBroker::Nats(b) => b.delete_queue(t).await,
-            AnyBroker::Redis(r) => r.delete_queue(t).await,
-            AnyBroker::Rabbitmq(r) => r.delete_queue(t, consumers).await,
+            BrokerAdmin::Nats(b) => b.delete_queue(t).await,
+            BrokerAdmin::Redis(r) => r.delete_queue(t).await,
+            BrokerAdmin::Rabbitmq(r) => r.delete_queue(t, consumers).await,
         }
     }
 }
@@ -227,19 +233,9 @@ impl RedisBroker {
         let mut info = url
             .into_connection_info()
             .map_err(|e| bad(format!("not a Redis URL: {e}")))?;
-        let (user, pass) = match &creds.auth {
-            Auth::None => (None, None),
-            Auth::UserPassword { username, password } => {
-                (Some(username.clone()), Some(password.clone()))
-            }
-            Auth::Token(t) => (None, Some(t.clone())),
-            Auth::Creds(_) => {
-                return Err(Error::Credentials(
-                    "a NATS creds file is no Redis credential (use username and password, or \
-                     token)"
-                        .into(),
-                ));
-            }
+        let (user, pass) = match creds.redis_auth()? {
+            Some((user, pass)) => (user, Some(pass)),
+            None => (None, None),
         };
         if let Some(p) = pass {
             let mut r = info.redis_settings().clone().set_password(p);
@@ -559,17 +555,9 @@ impl RabbitBroker {
         let mut u: lapin::uri::AMQPUri = url
             .parse()
             .map_err(|e| bad(format!("not an AMQP URL: {e}")))?;
-        match &creds.auth {
-            Auth::None => {}
-            Auth::UserPassword { username, password } => {
-                u.authority.userinfo.username = username.clone();
-                u.authority.userinfo.password = password.clone();
-            }
-            _ => {
-                return Err(Error::Credentials(
-                    "RabbitMQ takes username and password".into(),
-                ));
-            }
+        if let Some((username, password)) = creds.amqp_auth()? {
+            u.authority.userinfo.username = username;
+            u.authority.userinfo.password = password;
         }
         let tls = Self::tls(&u, creds)?;
         let props = lapin::ConnectionProperties::default()
@@ -805,7 +793,7 @@ mod tests {
         b.declare_queue(&t).await.unwrap();
         b.declare_consumer(&t, "billing").await.unwrap();
         b.declare_consumer(&t, "billing").await.unwrap(); // idempotent
-        let AnyBroker::Redis(r) = &b else { panic!() };
+        let BrokerAdmin::Redis(r) = &b else { panic!() };
         let mut con = r.connection();
         for i in 0..5 {
             let _: String = redis::cmd("XADD")
@@ -876,7 +864,9 @@ mod tests {
         b.declare_consumer(&t, "billing").await.unwrap();
         b.declare_queue(&t).await.unwrap();
         b.declare_consumer(&t, "billing").await.unwrap(); // idempotent
-        let AnyBroker::Rabbitmq(r) = &b else { panic!() };
+        let BrokerAdmin::Rabbitmq(r) = &b else {
+            panic!()
+        };
         let ch = r.channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await

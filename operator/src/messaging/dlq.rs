@@ -12,8 +12,8 @@
 //!   `Weir-Original-Subject`, then the dead letter is acknowledged (removed). Listing takes the
 //!   dead letters without acknowledging them and hands them back.
 
-use super::brokers::{AnyBroker, RabbitBroker, RedisBroker};
-use super::{Broker, Credentials, Error, dead_letter_stream_name, map_err};
+use super::brokers::{BrokerAdmin, RabbitBroker, RedisBroker};
+use super::{Credentials, Error, NatsAdmin, dead_letter_stream_name, map_err};
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
@@ -77,18 +77,18 @@ fn stored_time(t: &impl std::fmt::Display) -> String {
 
 /// Reads the dead letter at `seq`; `None` when there is none (deleted or never there).
 pub async fn get(
-    broker: &AnyBroker,
+    broker: &BrokerAdmin,
     namespace: &str,
     queue: &str,
     seq: &str,
 ) -> Result<Option<DeadLetter>, Error> {
     match broker {
-        AnyBroker::Nats(b) => match seq.parse::<u64>() {
+        BrokerAdmin::Nats(b) => match seq.parse::<u64>() {
             Ok(n) => nats_get(b, namespace, queue, n).await,
             Err(_) => Ok(None),
         },
-        AnyBroker::Redis(r) => redis_get(r, namespace, queue, seq).await,
-        AnyBroker::Rabbitmq(r) => {
+        BrokerAdmin::Redis(r) => redis_get(r, namespace, queue, seq).await,
+        BrokerAdmin::Rabbitmq(r) => {
             let all = rabbit_list(r, namespace, queue).await?;
             Ok(all.into_iter().find(|d| d.seq == seq))
         }
@@ -97,28 +97,28 @@ pub async fn get(
 
 /// Every dead letter of the Queue, oldest first.
 pub async fn list(
-    broker: &AnyBroker,
+    broker: &BrokerAdmin,
     namespace: &str,
     queue: &str,
 ) -> Result<Vec<DeadLetter>, Error> {
     match broker {
-        AnyBroker::Nats(b) => nats_list(b, namespace, queue).await,
-        AnyBroker::Redis(r) => redis_list(r, namespace, queue, "-", "+").await,
-        AnyBroker::Rabbitmq(r) => rabbit_list(r, namespace, queue).await,
+        BrokerAdmin::Nats(b) => nats_list(b, namespace, queue).await,
+        BrokerAdmin::Redis(r) => redis_list(r, namespace, queue, "-", "+").await,
+        BrokerAdmin::Rabbitmq(r) => rabbit_list(r, namespace, queue).await,
     }
 }
 
 /// Replays the chosen dead letters (all when `chosen` is `None`); per dead letter, its new
 /// position on the queue or the error.
 pub async fn replay(
-    broker: &AnyBroker,
+    broker: &BrokerAdmin,
     namespace: &str,
     queue: &str,
     chosen: &[DeadLetter],
 ) -> Vec<(DeadLetter, Result<String, Error>)> {
     let mut out = Vec::new();
     match broker {
-        AnyBroker::Nats(b) => {
+        BrokerAdmin::Nats(b) => {
             for d in chosen {
                 let r = nats_replay_one(b, namespace, queue, d)
                     .await
@@ -126,12 +126,12 @@ pub async fn replay(
                 out.push((d.clone(), r));
             }
         }
-        AnyBroker::Redis(r) => {
+        BrokerAdmin::Redis(r) => {
             for d in chosen {
                 out.push((d.clone(), redis_replay_one(r, namespace, queue, d).await));
             }
         }
-        AnyBroker::Rabbitmq(r) => {
+        BrokerAdmin::Rabbitmq(r) => {
             let seqs: Vec<String> = chosen.iter().map(|d| d.seq.clone()).collect();
             match rabbit_replay(r, namespace, queue, &seqs).await {
                 Ok(v) => out = v,
@@ -450,7 +450,7 @@ async fn rabbit_replay(
 
 /// Reads the JetStream dead letter at `seq`.
 async fn nats_get(
-    broker: &Broker,
+    broker: &NatsAdmin,
     namespace: &str,
     queue: &str,
     seq: u64,
@@ -482,7 +482,7 @@ async fn nats_get(
 }
 
 async fn nats_list(
-    broker: &Broker,
+    broker: &NatsAdmin,
     namespace: &str,
     queue: &str,
 ) -> Result<Vec<DeadLetter>, Error> {
@@ -518,7 +518,7 @@ async fn nats_list(
 /// `<dead-letter stream>:replay:<dlq seq>`: the Nats-Msg-Id only has to make a repeated replay
 /// of the same dead letter a duplicate.
 async fn nats_replay_one(
-    broker: &Broker,
+    broker: &NatsAdmin,
     namespace: &str,
     queue: &str,
     d: &DeadLetter,
@@ -625,7 +625,7 @@ pub fn run(args: DlqArgs) -> ExitCode {
     rt.block_on(run_async(args))
 }
 
-async fn connect_target(t: &Target) -> Result<AnyBroker, String> {
+async fn connect_target(t: &Target) -> Result<BrokerAdmin, String> {
     let (kind, url, creds) = match &t.broker_url {
         Some(u) => (
             super::brokers::kind_of_url(u).ok_or_else(|| {

@@ -2,7 +2,7 @@
 //! dead-letter stream, the processed-event KV bucket and one durable pull consumer per consuming
 //! Microservice, named by [`weir_broker`] (the names the sidecar uses too).
 //!
-//! [`Topology`] is computed from a Queue's spec without I/O; [`Broker`] declares it (create or
+//! [`Topology`] is computed from a Queue's spec without I/O; [`NatsAdmin`] declares it (create or
 //! update in place, idempotently), reads its figures and deletes it. Used by the Queue and Broker
 //! controllers, by `weir dlq`, and usable by `weir up` without a cluster.
 
@@ -184,18 +184,19 @@ impl From<weir_broker::nats::ConnectError> for Error {
     }
 }
 
-/// A connection to a NATS server with JetStream.
+/// The operator's connection to a NATS server with JetStream: declares, inspects and deletes a
+/// Queue's streams, bucket and consumers.
 #[derive(Clone)]
-pub struct Broker {
+pub struct NatsAdmin {
     client: async_nats::Client,
     js: jetstream::Context,
 }
 
 /// Connects once (no retry loop: the controllers requeue instead).
-pub async fn connect(url: &str, credentials: &Credentials) -> Result<Broker, Error> {
+pub async fn connect(url: &str, credentials: &Credentials) -> Result<NatsAdmin, Error> {
     let client = weir_broker::nats::connect(url, credentials, "weir-operator").await?;
     let js = jetstream::new(client.clone());
-    Ok(Broker { client, js })
+    Ok(NatsAdmin { client, js })
 }
 
 /// What a Queue's stream and consumers hold now.
@@ -379,7 +380,7 @@ impl Topology {
     }
 }
 
-impl Broker {
+impl NatsAdmin {
     /// The server's version, e.g. `2.15.1`.
     pub fn server_version(&self) -> String {
         self.client.server_info().version

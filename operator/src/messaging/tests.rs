@@ -9,7 +9,7 @@ fn spec(yaml: &str) -> QueueSpec {
     serde_yaml::from_str(yaml).unwrap()
 }
 
-async fn broker(server: &NatsServer) -> Broker {
+async fn broker(server: &NatsServer) -> NatsAdmin {
     connect(&server.url(), &Credentials::default())
         .await
         .unwrap()

@@ -3,7 +3,7 @@
 //! system's roots do not know the CA) it does not, and says why; a CA that is not PEM is
 //! refused naming the key. Skipped when a server or `openssl` is missing.
 
-use super::brokers::{AnyBroker, connect};
+use super::brokers::{BrokerAdmin, connect};
 use super::*;
 use crate::testing::{NatsServer, Pki, RabbitServer, RedisServer, brokers::free_port};
 use weir_crds::broker::BrokerKind;
@@ -18,7 +18,7 @@ fn with_ca(pki: &Pki) -> Credentials {
 
 /// Connects with and without the CA: the first must reach the broker, the second must fail
 /// on the certificate.
-async fn connects_only_with_the_ca(kind: BrokerKind, url: &str, pki: &Pki) -> AnyBroker {
+async fn connects_only_with_the_ca(kind: BrokerKind, url: &str, pki: &Pki) -> BrokerAdmin {
     let e = connect(kind, url, &Credentials::default())
         .await
         .err()

@@ -4,7 +4,7 @@
 //! per-object backoff.
 
 use super::{Context, FIELD_MANAGER, conditions};
-use crate::messaging::brokers::{self, AnyBroker};
+use crate::messaging::brokers::{self, BrokerAdmin};
 use crate::messaging::{self, Credentials};
 use crate::render::broker as render_broker;
 use futures::StreamExt;
@@ -44,7 +44,7 @@ impl Error {
 
 /// Open broker connections, by Broker (`ns/name`), reused while URL and credentials stay.
 #[derive(Default)]
-pub struct Connections(Mutex<HashMap<String, (Endpoint, AnyBroker)>>);
+pub struct Connections(Mutex<HashMap<String, (Endpoint, BrokerAdmin)>>);
 
 /// Where a Broker is: its kind, URL (with the vhost for RabbitMQ) and credentials.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +56,7 @@ pub struct Endpoint {
 
 impl Connections {
     /// A connection to `url` with `creds`, reusing the cached one when it matches.
-    pub async fn get(&self, key: &str, e: &Endpoint) -> Result<AnyBroker, messaging::Error> {
+    pub async fn get(&self, key: &str, e: &Endpoint) -> Result<BrokerAdmin, messaging::Error> {
         if let Some((cached, b)) = self.0.lock().expect("connections lock").get(key)
             && cached == e
             && b.is_connected()

@@ -74,7 +74,7 @@ fn ready(status_patch: &Value) -> &Value {
         .unwrap()
 }
 
-async fn nats(server: &NatsServer) -> messaging::Broker {
+async fn nats(server: &NatsServer) -> messaging::NatsAdmin {
     messaging::connect(&server.url(), &Credentials::default())
         .await
         .unwrap()

@@ -9,7 +9,7 @@
 
 use super::broker::{Unusable, endpoint};
 use super::{Context, FIELD_MANAGER, conditions};
-use crate::messaging::brokers::AnyBroker;
+use crate::messaging::brokers::BrokerAdmin;
 use crate::messaging::{self, Topology};
 use crate::render::messaging::{Messaging, ResolvedQueue, build, resolve_schema};
 use futures::StreamExt;
@@ -281,7 +281,7 @@ async fn connect(
     ctx: &Context,
     ns: &str,
     broker_name: &str,
-) -> Result<Result<AnyBroker, (Unusable, Retry)>, Error> {
+) -> Result<Result<BrokerAdmin, (Unusable, Retry)>, Error> {
     let Some(broker) = Api::<Broker>::namespaced(ctx.client.clone(), ns)
         .get_opt(broker_name)
         .await?

@@ -12,8 +12,6 @@
 //! apply. A directory holding only `ca.crt` means TLS without credentials.
 
 use async_nats::{Client, ConnectOptions, Event};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,42 +24,8 @@ pub fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(50u64 << exp).min(MAX_RECONNECT_DELAY)
 }
 
-/// A Secret file's value, trimmed; `None` when it is missing or blank.
-pub(crate) fn read_trimmed(p: &Path) -> Option<String> {
-    std::fs::read_to_string(p)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
-/// The key of a Broker's credentials Secret holding the CA that signed the broker's certificate.
-pub const CA_KEY: &str = "ca.crt";
-
-/// The keys of a credentials Secret that are a credential (anything but [`CA_KEY`]).
-const AUTH_KEYS: [&str; 4] = ["creds", "token", "username", "password"];
-
-/// Whether the credentials directory `dir` holds `ca.crt` and no credential at all: TLS to a
-/// broker that asks for none, which is not the mistake of an incomplete Secret.
-pub fn ca_only(dir: &Path) -> bool {
-    dir.join(CA_KEY).is_file()
-        && AUTH_KEYS
-            .iter()
-            .all(|k| read_trimmed(&dir.join(k)).is_none())
-}
-
-/// The certificates of a PEM text; an error (naming `from`) when it holds none or a broken one,
-/// so that a wrong `ca.crt` is reported where it is and not as a failed TLS handshake later.
-pub fn parse_ca(pem: &[u8], from: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{from} is not a PEM certificate: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{from} is not a PEM certificate: no `-----BEGIN CERTIFICATE-----` block"
-        ));
-    }
-    Ok(certs)
-}
+pub use weir_broker::credentials::CA_KEY;
+use weir_broker::credentials::{Auth, Credentials, parse_ca};
 
 /// `ca.crt` of the credentials at `credentials` when it is a directory holding one, checked
 /// to be PEM: its path and text. A NATS `.creds` file (the other form) has no CA beside it.
@@ -75,7 +39,7 @@ pub fn ca_file(credentials: Option<&str>) -> Result<Option<(PathBuf, String)>, S
     }
     let text =
         std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
-    parse_ca(text.as_bytes(), &f.display().to_string())?;
+    parse_ca(&text, &f.display().to_string()).map_err(|e| e.0)?;
     Ok(Some((f, text)))
 }
 
@@ -107,22 +71,15 @@ pub fn with_credentials(opts: ConnectOptions, path: &str) -> Result<ConnectOptio
              `creds`, `token`, or `username` and `password` is the other accepted form)"
         ));
     }
-    let f = p.join("creds");
-    if let Some(text) = read_trimmed(&f) {
-        return creds(&text, &f);
-    }
-    if let Some(token) = read_trimmed(&p.join("token")) {
-        return Ok(opts.token(token));
-    }
-    match (
-        read_trimmed(&p.join("username")),
-        read_trimmed(&p.join("password")),
-    ) {
-        (Some(u), Some(pw)) => Ok(opts.user_and_password(u, pw)),
-        _ if ca_only(p) => Ok(opts),
-        _ => Err(format!(
-            "credentials directory {path} holds none of `creds`, `token`, or `username` and \
-             `password`"
+    // A mounted Secret, read as everywhere else (`weir_broker::credentials`).
+    match Credentials::from_dir(p).map_err(|e| e.0)?.auth {
+        Auth::Creds(text) => creds(&text, &p.join("creds")),
+        Auth::Token(token) => Ok(opts.token(token)),
+        Auth::UserPassword { username, password } => Ok(opts.user_and_password(username, password)),
+        Auth::None => Ok(opts),
+        Auth::Password(_) => Err(format!(
+            "credentials directory {path} holds `password` without `username`: a password alone \
+             is no NATS credential"
         )),
     }
 }
@@ -226,16 +183,18 @@ mod tests {
             "no ca.crt: system roots"
         );
         std::fs::write(dir.path().join(CA_KEY), "not a certificate").unwrap();
-        assert!(!ca_only(&dir.path().join("nothing")));
-        assert!(ca_only(dir.path()), "ca.crt and no credential");
-        assert!(with_credentials(ConnectOptions::new(), path).is_ok());
+        // The Secret is read once, ca.crt included: a bad one is refused naming the file,
+        // whether the credentials or the CA are looked at first.
+        let e = with_credentials(ConnectOptions::new(), path).unwrap_err();
+        assert!(
+            e.contains(&format!("{path}/ca.crt")) && e.contains("not a PEM"),
+            "{e}"
+        );
         let e = ca_file(Some(path)).unwrap_err();
         assert!(
             e.contains(&format!("{path}/ca.crt")) && e.contains("not a PEM"),
             "{e}"
         );
         assert!(with_ca(ConnectOptions::new(), Some(path)).is_err());
-        std::fs::write(dir.path().join("token"), "t").unwrap();
-        assert!(!ca_only(dir.path()), "a credential is there too");
     }
 }

@@ -99,19 +99,14 @@ pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
         )
     })?;
     if let Some(dir) = credentials {
-        let p = std::path::Path::new(dir);
-        let read = |k: &str| super::connect::read_trimmed(&p.join(k));
-        match (read("username"), read("password")) {
-            (Some(user), Some(pass)) => {
-                u.authority.userinfo.username = user;
-                u.authority.userinfo.password = pass;
-            }
-            _ if super::connect::ca_only(p) => {}
-            _ => {
-                return Err(format!(
-                    "credentials directory {dir} holds no `username` and `password` (RabbitMQ)"
-                ));
-            }
+        let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))
+            .map_err(|e| e.0)?;
+        if let Some((user, pass)) = creds
+            .amqp_auth()
+            .map_err(|e| format!("credentials directory {dir}: {e}"))?
+        {
+            u.authority.userinfo.username = user;
+            u.authority.userinfo.password = pass;
         }
     }
     Ok(u)

@@ -89,16 +89,13 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
 /// Puts the credentials of the Secret directory `dir` into `info` (none when it holds only
 /// `ca.crt`).
 fn with_auth(info: redis::ConnectionInfo, dir: &str) -> Result<redis::ConnectionInfo, String> {
-    let p = std::path::Path::new(dir);
-    let read = |k: &str| super::connect::read_trimmed(&p.join(k));
-    let user = read("username");
-    let Some(pass) = read("password").or_else(|| read("token")) else {
-        if super::connect::ca_only(p) {
-            return Ok(info);
-        }
-        return Err(format!(
-            "credentials directory {dir} holds neither `password` nor `token` (Redis)"
-        ));
+    let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))
+        .map_err(|e| e.0)?;
+    let Some((user, pass)) = creds
+        .redis_auth()
+        .map_err(|e| format!("credentials directory {dir}: {e}"))?
+    else {
+        return Ok(info);
     };
     let mut r = info.redis_settings().clone().set_password(pass);
     if let Some(u) = user {

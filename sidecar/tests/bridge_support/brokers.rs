@@ -386,52 +386,52 @@ impl Stored {
 }
 
 /// One broker of the conformance suite.
-pub enum Broker {
+pub enum TestBroker {
     Nats(Nats),
     Redis(RedisServer),
     Rabbitmq(RabbitServer),
 }
 
-impl Broker {
+impl TestBroker {
     /// Starts the broker, or `None` when its binary is missing (outside CI).
-    pub async fn start(kind: Kind) -> Option<Broker> {
+    pub async fn start(kind: Kind) -> Option<TestBroker> {
         let bin = require(kind)?;
         Some(match kind {
-            Kind::Nats => Broker::Nats(Nats::start(bin).await),
-            Kind::Redis => Broker::Redis(RedisServer::start(bin).await),
-            Kind::Rabbitmq => Broker::Rabbitmq(RabbitServer::start(bin).await),
+            Kind::Nats => TestBroker::Nats(Nats::start(bin).await),
+            Kind::Redis => TestBroker::Redis(RedisServer::start(bin).await),
+            Kind::Rabbitmq => TestBroker::Rabbitmq(RabbitServer::start(bin).await),
         })
     }
 
     pub fn kind(&self) -> Kind {
         match self {
-            Broker::Nats(_) => Kind::Nats,
-            Broker::Redis(_) => Kind::Redis,
-            Broker::Rabbitmq(_) => Kind::Rabbitmq,
+            TestBroker::Nats(_) => Kind::Nats,
+            TestBroker::Redis(_) => Kind::Redis,
+            TestBroker::Rabbitmq(_) => Kind::Rabbitmq,
         }
     }
 
     pub fn url(&self) -> String {
         match self {
-            Broker::Nats(n) => n.url(),
-            Broker::Redis(r) => r.url(),
-            Broker::Rabbitmq(r) => r.url(),
+            TestBroker::Nats(n) => n.url(),
+            TestBroker::Redis(r) => r.url(),
+            TestBroker::Rabbitmq(r) => r.url(),
         }
     }
 
     pub fn kill9(&mut self) {
         match self {
-            Broker::Nats(n) => n.kill9(),
-            Broker::Redis(r) => r.kill9(),
-            Broker::Rabbitmq(r) => r.kill9(),
+            TestBroker::Nats(n) => n.kill9(),
+            TestBroker::Redis(r) => r.kill9(),
+            TestBroker::Rabbitmq(r) => r.kill9(),
         }
     }
 
     pub async fn restart(&mut self) {
         match self {
-            Broker::Nats(n) => n.restart().await,
-            Broker::Redis(r) => r.restart().await,
-            Broker::Rabbitmq(r) => r.restart().await,
+            TestBroker::Nats(n) => n.restart().await,
+            TestBroker::Redis(r) => r.restart().await,
+            TestBroker::Rabbitmq(r) => r.restart().await,
         }
     }
 
@@ -452,16 +452,16 @@ impl Broker {
     /// dead-letter exchange and queue, and the consumer queue of `billing`).
     pub async fn declare(&self) {
         match self {
-            Broker::Nats(n) => declare_stream(&n.js().await).await,
-            Broker::Redis(_) => {}
-            Broker::Rabbitmq(_) => self.declare_queue(STREAM, "billing").await,
+            TestBroker::Nats(n) => declare_stream(&n.js().await).await,
+            TestBroker::Redis(_) => {}
+            TestBroker::Rabbitmq(_) => self.declare_queue(STREAM, "billing").await,
         }
     }
 
     /// RabbitMQ: declares `consumer`'s queue on the queue whose stream is `stream` (an event no
     /// queue is bound for is refused at publish); nothing elsewhere.
     pub async fn declare_queue(&self, stream: &str, consumer: &str) {
-        if let Broker::Rabbitmq(r) = self {
+        if let TestBroker::Rabbitmq(r) = self {
             let conn = lapin::Connection::connect(&r.url(), Default::default())
                 .await
                 .unwrap();
@@ -478,8 +478,8 @@ impl Broker {
     /// Messages stored in the stream `name`.
     pub async fn len(&self, name: &str) -> u64 {
         match self {
-            Broker::Nats(n) => stream_len(&n.js().await, name).await,
-            Broker::Redis(r) => {
+            TestBroker::Nats(n) => stream_len(&n.js().await, name).await,
+            TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 redis::cmd("XLEN")
                     .arg(name)
@@ -487,7 +487,7 @@ impl Broker {
                     .await
                     .unwrap_or(0)
             }
-            Broker::Rabbitmq(r) => {
+            TestBroker::Rabbitmq(r) => {
                 // The queue itself (dead letters), else the consumer queues of the stream.
                 let names = [
                     name.to_string(),
@@ -520,7 +520,7 @@ impl Broker {
     /// Every message of the stream `name`, oldest first.
     pub async fn messages(&self, name: &str) -> Vec<Stored> {
         match self {
-            Broker::Nats(n) => stream_messages(&n.js().await, name)
+            TestBroker::Nats(n) => stream_messages(&n.js().await, name)
                 .await
                 .into_iter()
                 .map(|m| Stored {
@@ -536,7 +536,7 @@ impl Broker {
                     position: m.sequence.to_string(),
                 })
                 .collect(),
-            Broker::Redis(r) => {
+            TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 let v: redis::Value = redis::cmd("XRANGE")
                     .arg(name)
@@ -558,7 +558,7 @@ impl Broker {
                     })
                     .collect()
             }
-            Broker::Rabbitmq(r) => {
+            TestBroker::Rabbitmq(r) => {
                 // Gets every message without acknowledging it; closing the channel puts them back.
                 let (conn, ch) = r.channel().await;
                 let mut out = Vec::new();
@@ -606,10 +606,10 @@ impl Broker {
     /// any, as a sidecar sets it; none otherwise).
     pub async fn raw_publish_headers(&self, headers: &[(&str, &str)], body: &[u8]) {
         match self {
-            Broker::Nats(n) => {
+            TestBroker::Nats(n) => {
                 raw_publish_headers(&n.js().await, headers, body).await;
             }
-            Broker::Redis(r) => {
+            TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(STREAM).arg("*");
@@ -623,7 +623,7 @@ impl Broker {
                     .await
                     .unwrap();
             }
-            Broker::Rabbitmq(r) => {
+            TestBroker::Rabbitmq(r) => {
                 let (conn, ch) = r.channel().await;
                 ch.confirm_select(Default::default()).await.unwrap();
                 rabbit_publish(&ch, headers, body).await;
@@ -635,7 +635,7 @@ impl Broker {
     /// Publishes many `(event id, body)` straight to the queue, waiting for every confirmation.
     pub async fn raw_publish_many(&self, events: Vec<(String, String)>) {
         match self {
-            Broker::Nats(n) => {
+            TestBroker::Nats(n) => {
                 let js = n.js().await;
                 let mut acks = Vec::with_capacity(events.len());
                 for (id, body) in events {
@@ -654,7 +654,7 @@ impl Broker {
                     a.await.unwrap();
                 }
             }
-            Broker::Redis(r) => {
+            TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 for chunk in events.chunks(500) {
                     let mut p = redis::pipe();
@@ -668,7 +668,7 @@ impl Broker {
                     let _: Vec<String> = p.query_async(&mut con).await.unwrap();
                 }
             }
-            Broker::Rabbitmq(r) => {
+            TestBroker::Rabbitmq(r) => {
                 let (conn, ch) = r.channel().await;
                 ch.confirm_select(Default::default()).await.unwrap();
                 for chunk in events.chunks(500) {
@@ -706,7 +706,7 @@ impl Broker {
     /// (messages not yet delivered to `consumer`, deliveries not yet settled).
     pub async fn backlog(&self, consumer: &str) -> (u64, u64) {
         match self {
-            Broker::Nats(n) => {
+            TestBroker::Nats(n) => {
                 let js = n.js().await;
                 let stream = js.get_stream(STREAM).await.unwrap();
                 let mut c: async_nats::jetstream::consumer::PullConsumer =
@@ -714,7 +714,7 @@ impl Broker {
                 let i = c.info().await.unwrap();
                 (i.num_pending, i.num_ack_pending as u64)
             }
-            Broker::Redis(r) => {
+            TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 let groups: redis::Value = redis::cmd("XINFO")
                     .arg("GROUPS")
@@ -752,7 +752,7 @@ impl Broker {
                 }
                 (u64::from(last != "0-0"), 0)
             }
-            Broker::Rabbitmq(r) => {
+            TestBroker::Rabbitmq(r) => {
                 let q = format!("{STREAM}.{consumer}");
                 r.queue_counts(&q).unwrap_or((u64::MAX, u64::MAX))
             }
@@ -779,7 +779,7 @@ impl Broker {
     pub async fn processed(&self, consumer: &str, id: &str) -> bool {
         let key = weir_proxy::bridge::cloudevents::processed_key(consumer, id);
         match self {
-            Broker::Nats(n) => {
+            TestBroker::Nats(n) => {
                 let kv = n
                     .js()
                     .await
@@ -788,7 +788,7 @@ impl Broker {
                     .unwrap();
                 kv.get(key).await.unwrap().is_some()
             }
-            Broker::Redis(r) => {
+            TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 let n: i64 = redis::cmd("EXISTS")
                     .arg(weir_proxy::bridge::redis::processed_record(STREAM, &key))
@@ -797,7 +797,7 @@ impl Broker {
                     .unwrap();
                 n == 1
             }
-            Broker::Rabbitmq(r) => {
+            TestBroker::Rabbitmq(r) => {
                 // Reads the processed-event stream from its start until it is quiet.
                 let (conn, ch) = r.channel().await;
                 ch.basic_qos(1000, Default::default()).await.unwrap();
