@@ -59,12 +59,16 @@ pub struct BrokerSpec {
     pub managed: Option<ManagedBroker>,
 }
 
+/// The kind of broker; each keeps queues its own way (`weir-broker` says where).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
+    /// NATS with JetStream (the default).
     #[default]
     Nats,
+    /// RabbitMQ.
     Rabbitmq,
+    /// Redis Streams.
     Redis,
 }
 

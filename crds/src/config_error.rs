@@ -6,7 +6,9 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct ConfigError {
+    /// JSON path of the field (`outbound[0].timeoutMs`), or `line L column C`.
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 

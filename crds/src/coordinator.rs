@@ -11,31 +11,41 @@ use std::net::SocketAddr;
 
 /// Where the config is mounted in the coordinator container, and its file name.
 pub const CONFIG_MOUNT_PATH: &str = "/etc/weir-saga";
+/// The ConfigMap key holding the config, and its file name under [`CONFIG_MOUNT_PATH`].
 pub const CONFIG_KEY: &str = "saga.json";
 /// Port of the coordinator's HTTP listener (triggers, timelines, `/metrics`).
 pub const COORDINATOR_PORT: u16 = 8080;
 
+/// The whole of `saga.json`: one Saga, resolved for its coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CoordinatorConfig {
+    /// The Saga's namespace; with `name` it names the log stream, the leases and the events.
     pub namespace: String,
+    /// The Saga's name.
     pub name: String,
     /// `nats://host:4222`.
     pub broker_url: String,
     /// Directory holding the Broker's credentials Secret (one file per key), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<String>,
+    /// Where the coordinator's HTTP listener binds (triggers, timelines, `/metrics`).
     pub listen: SocketAddr,
     /// Lease of one instance: a replica that stops renewing it for this long loses the instance.
     pub lease_ttl_ms: u64,
     /// Base URL of each HTTP target (a dependency's local sidecar port, or the target itself).
     pub targets: BTreeMap<String, String>,
+    /// The steps in order; at least one.
     pub steps: Vec<StepConfig>,
+    /// Retries of a failing compensation before the instance ends `CompensationFailed`.
     pub compensation_retry: RetryConfig,
+    /// How instances start; left out: over HTTP only.
     #[serde(default)]
     pub trigger: TriggerConfig,
+    /// Event published when an instance completes; `None`: no event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_completed: Option<OutcomeConfig>,
+    /// Event published when an instance fails, after its compensations; `None`: no event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failed: Option<OutcomeConfig>,
     /// A sidecar's admin URL: outcome events are published through its publish endpoint rather
@@ -44,15 +54,20 @@ pub struct CoordinatorConfig {
     pub publish_url: Option<String>,
 }
 
+/// One step, resolved: its calls, its deadline and its retries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepConfig {
+    /// Names the step in the log, metrics and templates (`{{steps.<name>.result}}`).
     pub name: String,
+    /// What the step does.
     pub action: CallConfig,
+    /// Undoes the action; `None`: the step is not compensated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<CallConfig>,
     /// Deadline of one attempt.
     pub timeout_ms: u64,
+    /// Retries of a failing action before the saga compensates.
     pub retry: RetryConfig,
 }
 
@@ -62,11 +77,14 @@ pub struct StepConfig {
 pub struct RetryConfig {
     /// Total attempts including the first.
     pub attempts: u32,
+    /// Longest wait (ms) before the first retry; it doubles at each retry after.
     pub backoff_base_ms: u64,
+    /// Cap (ms) on the longest wait before any retry.
     pub backoff_max_ms: u64,
 }
 
 impl RetryConfig {
+    /// A single attempt: the policy of a step without `retry`.
     pub const ONCE: RetryConfig = RetryConfig {
         attempts: 1,
         backoff_base_ms: 100,
@@ -83,36 +101,51 @@ impl RetryConfig {
     }
 }
 
+/// What a step's action or compensation calls.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum CallConfig {
+    /// An HTTP call to one of the targets; its JSON answer is the step's result.
     Http(HttpCallConfig),
+    /// A request/reply on a broker subject; the reply is the step's result.
     Request(RequestConfig),
 }
 
+/// An HTTP call to one of the coordinator's targets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpCallConfig {
     /// Key of [`CoordinatorConfig::targets`].
     pub target: String,
+    /// HTTP method; one that does not parse is sent as POST.
     pub method: String,
+    /// Appended to the target's base URL; for a URL target it starts with the URL's own path.
     pub path: String,
+    /// JSON request body, a template: `{{input.x}}` and
+    /// `{{steps.<name>.result.y}}` are replaced by values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
 }
 
+/// A request/reply on the Saga's broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestConfig {
+    /// Subject the request is published on; the first reply answers it.
     pub subject: String,
+    /// JSON request body, a template: `{{input.x}}` and
+    /// `{{steps.<name>.result.y}}` are replaced by values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
 }
 
+/// How instances start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TriggerConfig {
+    /// Instances may start with `POST /v1/sagas/<name>` on the coordinator.
     pub http: bool,
+    /// One instance per event on this Queue; `None`: no queue trigger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueTriggerConfig>,
 }
@@ -126,21 +159,29 @@ impl Default for TriggerConfig {
     }
 }
 
+/// The Queue whose events each start an instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueueTriggerConfig {
+    /// The Queue resource name.
     pub queue: String,
+    /// The Queue's stream on the broker.
     pub stream: String,
+    /// The Queue's subjects: the durable consumer's filter.
     pub subjects: Vec<String>,
     /// Durable consumer: `saga-<name>`.
     pub consumer: String,
 }
 
+/// A CloudEvent published on a Queue when an instance ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutcomeConfig {
+    /// The Queue resource name (the publish path when the event goes through a sidecar).
     pub queue: String,
+    /// Subject the event is published on.
     pub subject: String,
+    /// CloudEvents `type`, e.g. `OrderConfirmed`.
     pub event_type: String,
 }
 

@@ -6,6 +6,7 @@
 
 // printcolumn(...) repeats `type_ = ...` by design; the lint reads them as duplicates.
 #![allow(clippy::duplicated_attributes)]
+#![warn(missing_docs)]
 
 pub mod config_error;
 pub mod coordinator;

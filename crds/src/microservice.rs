@@ -171,10 +171,12 @@ fn default_failure_threshold() -> i32 {
 }
 
 impl ProbeSpec {
-    pub fn liveness() -> Self {
+    /// The default liveness probe: `/healthz`.
+    pub(crate) fn liveness() -> Self {
         Self::at("/healthz")
     }
-    pub fn readiness() -> Self {
+    /// The default readiness probe: `/readyz`.
+    pub(crate) fn readiness() -> Self {
         Self::at("/readyz")
     }
     fn at(path: &str) -> Self {
@@ -423,10 +425,10 @@ pub struct JwtSpec {
     pub max_token_bytes: u32,
 }
 
-pub fn default_jwks_refresh() -> String {
+fn default_jwks_refresh() -> String {
     "5m".into()
 }
-pub fn default_leeway() -> String {
+fn default_leeway() -> String {
     "60s".into()
 }
 fn default_user_id_claim() -> String {
@@ -464,8 +466,10 @@ pub struct AnonymousRule {
     pub methods: Vec<HttpMethod>,
 }
 
+/// An HTTP method, in upper case as on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
+#[allow(missing_docs, reason = "each variant is the method it names")]
 pub enum HttpMethod {
     Get,
     Head,
@@ -477,6 +481,7 @@ pub enum HttpMethod {
 }
 
 impl HttpMethod {
+    /// The method as sent on the wire (`GET`), for the sidecar's config.
     pub fn as_str(self) -> &'static str {
         match self {
             HttpMethod::Get => "GET",

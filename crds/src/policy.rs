@@ -9,7 +9,8 @@ use crate::duration::DURATION_PATTERN;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub fn default_timeout() -> String {
+/// Default deadline of a dependency call and of a saga step's attempt.
+pub(crate) fn default_timeout() -> String {
     "3s".into()
 }
 

@@ -18,16 +18,23 @@ pub const ADMIN_PORT: u16 = 15090;
 /// First local port handed to dependencies; dependency `i` listens on `OUTBOUND_BASE_PORT + i`.
 pub const OUTBOUND_BASE_PORT: u16 = 15100;
 
+/// The whole of `proxy.json`: one sidecar's listeners, dependencies, messaging and edge, all
+/// resolved, so the sidecar has nothing to look up or default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyConfig {
     /// The Microservice this sidecar serves (used in metrics, traces and logs).
     pub service: String,
+    /// The Microservice's namespace (in metrics, traces, logs and the `source` of its events).
     pub namespace: String,
+    /// The listener in front of the app, and the limits that protect it.
     pub inbound: InboundConfig,
+    /// The listener for probes, metrics, the config in force and the publish endpoint.
     pub admin: AdminConfig,
+    /// One local listener per dependency, in the order of the spec's `dependencies`.
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// Span export; left out: nothing exported.
     #[serde(default)]
     pub tracing: TracingConfig,
     /// How long in-flight requests may take to finish after SIGTERM.
@@ -43,6 +50,7 @@ pub struct ProxyConfig {
     pub identity: Option<IdentityConfig>,
 }
 
+/// The inbound listener: every request for the app passes it, so its limits are the app's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InboundConfig {
@@ -50,6 +58,7 @@ pub struct InboundConfig {
     pub listen: SocketAddr,
     /// The app container's port on loopback.
     pub app: SocketAddr,
+    /// Deadline (ms) for the app to answer a request; past it the caller gets 504.
     pub timeout_ms: u64,
     /// Concurrent requests passed to the app; `None` means no limit.
     #[serde(default)]
@@ -57,6 +66,7 @@ pub struct InboundConfig {
     /// Requests waiting for a slot when `max_concurrent` is reached; beyond it: 503.
     #[serde(default)]
     pub max_queue: u32,
+    /// One token bucket for all inbound requests; beyond it: 429. `None` means no limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
     /// Largest request body accepted; beyond it: 413.
@@ -92,11 +102,13 @@ pub enum UnderscoreHeaders {
 }
 
 impl UnderscoreHeaders {
-    pub fn is_default(&self) -> bool {
+    /// Whether this is the default (`Drop`), which is then left out of `proxy.json`.
+    pub(crate) fn is_default(&self) -> bool {
         *self == UnderscoreHeaders::default()
     }
 }
 
+/// A token bucket shared by all inbound requests (`spec.inbound.rateLimit`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -106,9 +118,12 @@ pub struct RateLimitConfig {
     pub burst: u32,
 }
 
+/// The admin listener, apart from the inbound one so that probes and scrapes pass none of the
+/// app's limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdminConfig {
+    /// Where it listens; must differ from the inbound listener.
     pub listen: SocketAddr,
 }
 
@@ -116,32 +131,46 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundConfig {
+    /// The dependency's name: the app's `<NAME>_URL` and the `dependency` label of metrics;
+    /// unique in the config.
     pub name: String,
     /// Local address the app calls, e.g. `127.0.0.1:15100`.
     pub listen: SocketAddr,
     /// Where calls go, e.g. `http://users.shop.svc.cluster.local:80` or an external URL.
     pub upstream: String,
+    /// Deadline (ms) of a whole call, retries included; past it the app gets 504.
     pub timeout_ms: u64,
+    /// Retries of failed calls; `None`: each call is sent once.
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// Stops calling an upstream that keeps failing; `None`: no breaker.
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Caps concurrent calls, so one slow upstream cannot take all of the app's workers;
+    /// `None`: no cap.
     #[serde(default)]
     pub bulkhead: Option<BulkheadConfig>,
+    /// Served when the breaker or the bulkhead refuses a call; `None`: 503.
     #[serde(default)]
     pub fallback: Option<FallbackConfig>,
 }
 
+/// Retries of one dependency's failed calls: exponential backoff with full jitter, bounded by a
+/// budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryConfig {
     /// Total attempts including the first (so 3 = one call and up to two retries).
     pub attempts: u32,
+    /// Longest wait (ms) before the first retry; it doubles at each retry after.
     pub backoff_base_ms: u64,
+    /// Cap (ms) on the longest wait before any retry.
     pub backoff_max_ms: u64,
     /// Retry POST/PATCH too (only when the upstream is known to be idempotent).
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// Keeps retries in proportion to traffic, so they cannot multiply the load on a failing
+    /// upstream.
     pub budget: RetryBudgetConfig,
 }
 
@@ -149,18 +178,27 @@ pub struct RetryConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudgetConfig {
+    /// Retries allowed per request seen, 0.0 to 1.0 (the spec's `percent` / 100).
     pub ratio: f64,
+    /// Retries per second allowed whatever the traffic, so a quiet dependency is still retried.
     pub min_per_second: u32,
+    /// Length (ms) of the sliding window the budget counts over.
     pub ttl_ms: u64,
 }
 
+/// A circuit breaker over a rolling window: while open it refuses calls at once (503, or the
+/// fallback) rather than let them wait on a failing upstream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
     /// Opens when failures / calls × 100 exceeds this (strictly), with at least `volume_threshold` calls.
     pub error_threshold_percentage: u32,
+    /// Calls the window must hold before the breaker may open, so that a few failures in little
+    /// traffic do not open it.
     pub volume_threshold: u32,
+    /// Length (ms) of the window calls are counted over; a multiple of `buckets`.
     pub rolling_window_ms: u64,
+    /// Equal slices of the window; the oldest rolls out as time passes.
     pub buckets: u32,
     /// Time open before one trial call is let through (half-open).
     pub reset_timeout_ms: u64,
@@ -168,18 +206,26 @@ pub struct CircuitBreakerConfig {
     pub failure_on: FailureClassConfig,
 }
 
+/// Which outcomes of a call the breaker counts as failures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailureClassConfig {
+    /// A 5xx answer from the upstream.
     pub status_5xx: bool,
+    /// The upstream could not be reached, or broke the connection.
     pub connect_errors: bool,
+    /// An attempt that ran out of time.
     pub timeouts: bool,
 }
 
+/// A cap on concurrent calls to one dependency; a call finding it and the queue full is refused
+/// at once (503, or the fallback).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BulkheadConfig {
+    /// Calls in flight at once; at least 1.
     pub max_concurrent: u32,
+    /// Calls waiting for a slot, first come first served.
     pub max_queue: u32,
 }
 
@@ -187,11 +233,15 @@ pub struct BulkheadConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FallbackConfig {
+    /// HTTP status, 200 to 599.
     pub status: u16,
+    /// Response body, as given.
     pub body: String,
+    /// The `Content-Type` of `body`.
     pub content_type: String,
 }
 
+/// Span export; the default exports nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TracingConfig {
@@ -214,12 +264,15 @@ pub struct MessagingConfig {
     /// File holding broker credentials, if any (mounted from the Broker's Secret).
     #[serde(default)]
     pub credentials_file: Option<String>,
+    /// Queues the app may publish to (`POST /v1/publish/<queue>`).
     #[serde(default)]
     pub publishes: Vec<PublishConfig>,
+    /// Queues whose events the sidecar pushes to the app.
     #[serde(default)]
     pub consumes: Vec<ConsumeConfig>,
 }
 
+/// A Queue the app publishes to, with where its events go on the broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PublishConfig {
@@ -246,23 +299,35 @@ pub struct PublishConfig {
     pub max_age_ms: Option<u64>,
 }
 
+/// A Queue whose events the sidecar pushes to the app, one POST per event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsumeConfig {
+    /// The Queue resource name (in logs and metrics; the `type` and `source` of plain messages).
     pub queue: String,
+    /// Stream (or queue) name on the broker the events are read from.
     pub stream: String,
     /// Durable consumer name on the broker.
     pub consumer: String,
     /// Path on the app that receives each event (POST).
     pub path: String,
+    /// Events pushed to the app and not yet answered, at most.
     pub max_in_flight: u32,
+    /// Deliveries of one event before it is dead-lettered; at least 1.
     pub max_deliveries: u32,
+    /// Time (ms) the broker waits for the sidecar to settle an event before it delivers it again.
     pub ack_wait_ms: u64,
+    /// Delay (ms) before the redelivery after failed delivery `n` is the `n`-th entry (the last
+    /// repeats); empty: redelivered without delay.
     #[serde(default)]
     pub backoff_ms: Vec<u64>,
     /// Stream that receives dead letters.
     pub dead_letter_stream: String,
+    /// Subject dead letters are published on; empty with `deadLetterStream` when the Queue's
+    /// dead letters are disabled (a failed event is then dropped).
     pub dead_letter_subject: String,
+    /// JSON Schema (draft 2020-12) each event must satisfy, else it is dead-lettered; `None`
+    /// accepts any JSON.
     #[serde(default)]
     pub schema: Option<serde_json::Value>,
     /// How long a processed event id is remembered for deduplication.
@@ -284,10 +349,13 @@ pub struct ConsumeConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueueLimits {
+    /// Messages held at most (`x-max-length`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_messages: Option<u64>,
+    /// Bytes of message bodies held at most (`x-max-length-bytes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
+    /// Age (ms) past which a message is dropped (`x-message-ttl`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_ms: Option<u64>,
     /// Quorum queue's initial group size; `None` leaves RabbitMQ's default (the cluster's size
@@ -297,6 +365,7 @@ pub struct QueueLimits {
 }
 
 impl QueueLimits {
+    /// Whether no limit is set; the field is then left out of `proxy.json`.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
@@ -322,6 +391,7 @@ impl QueueLimits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EdgeConfig {
+    /// How tokens are validated and which claims become identity headers.
     pub jwt: JwtConfig,
     /// Requests that need no token (a token, if sent, is still validated).
     #[serde(default)]
@@ -329,8 +399,10 @@ pub struct EdgeConfig {
     /// Path prefixes sent to a dependency's outbound stack instead of the app.
     #[serde(default)]
     pub routes: Vec<EdgeRouteConfig>,
+    /// CORS for browser clients; `None`: no `Access-Control-*` headers are added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsConfig>,
+    /// A token bucket per client; `None`: no per-client limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<ClientRateLimitConfig>,
     /// False for a pure gateway: no app container, and a path no route matches gets 404.
@@ -363,6 +435,8 @@ pub struct JwtConfig {
     /// An `http(s)://` URL serving a JWKS document, fetched every `jwksRefreshMs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
+    /// How often (ms) `jwksFile` is re-read and `jwksUri` fetched: at least 1000, default
+    /// 300000 (5 minutes).
     #[serde(default = "default_jwks_refresh_ms")]
     pub jwks_refresh_ms: u64,
     /// A file holding the HS256 shared secret (mounted from a Secret).
@@ -385,6 +459,7 @@ fn default_jwks_refresh_ms() -> u64 {
     300_000
 }
 
+/// Requests admitted without a token: a path prefix, and the methods it applies to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnonymousRuleConfig {
@@ -395,9 +470,11 @@ pub struct AnonymousRuleConfig {
     pub methods: Vec<String>,
 }
 
+/// A path prefix the edge sends to a dependency rather than the app (a gateway's routes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EdgeRouteConfig {
+    /// Matches this path and everything below it; unique among the routes.
     pub path_prefix: String,
     /// Name of an entry of `outbound`.
     pub dependency: String,
@@ -406,17 +483,24 @@ pub struct EdgeRouteConfig {
     pub strip_prefix: bool,
 }
 
+/// CORS: the edge answers preflights itself and adds `Access-Control-*` headers for allowed
+/// origins.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CorsConfig {
     /// Exact origins (`https://shop.example.com`), or `*` when credentials are not allowed.
     pub allow_origins: Vec<String>,
+    /// Upper-case methods allowed cross-origin (`Access-Control-Allow-Methods`).
     pub allow_methods: Vec<String>,
+    /// Request headers allowed cross-origin (`Access-Control-Allow-Headers`).
     #[serde(default)]
     pub allow_headers: Vec<String>,
+    /// Response headers a page's script may read (`Access-Control-Expose-Headers`).
     #[serde(default)]
     pub expose_headers: Vec<String>,
+    /// How long (seconds) a browser may cache a preflight's answer (`Access-Control-Max-Age`).
     pub max_age_secs: u64,
+    /// Cookies and `Authorization` allowed cross-origin; `*` is then refused as an origin.
     #[serde(default)]
     pub allow_credentials: bool,
 }
@@ -425,10 +509,14 @@ pub struct CorsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientRateLimitConfig {
+    /// Tokens added per second to each client's bucket.
     pub requests_per_second: f64,
+    /// Size of each client's bucket: the largest burst one client is admitted at once.
     pub burst: u32,
     /// `user`: the user id when authenticated, else the client IP; `ip`: always the client IP.
     pub key: String,
+    /// Buckets kept at most, so that a flood of distinct clients cannot exhaust memory; when
+    /// full, refilled buckets go first, then the least recently used.
     pub max_clients: u32,
 }
 

@@ -101,21 +101,29 @@ fn default_dup_window() -> String {
     "2m".into()
 }
 
+/// When the broker removes a Queue's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 pub enum Retention {
+    /// By `maxAge`, `maxMessages` and `maxBytes` (the default, and all Redis and RabbitMQ apply).
     #[default]
     Limits,
+    /// Once one consumer acknowledged the message.
     WorkQueue,
+    /// Once every consumer acknowledged the message.
     Interest,
 }
 
+/// Where the broker keeps a Queue's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 pub enum Storage {
+    /// On disk: messages survive a broker restart (the default).
     #[default]
     File,
+    /// In memory: faster, lost when the broker restarts.
     Memory,
 }
 
+/// What deleting a Queue does to its stream on the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 pub enum DeletionPolicy {
     /// Deleting the Queue leaves the stream and its messages on the broker.
@@ -125,6 +133,7 @@ pub enum DeletionPolicy {
     Delete,
 }
 
+/// How each consuming Microservice receives a Queue's messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -12,7 +12,9 @@ use std::collections::BTreeSet;
 /// One invalid field, named by its path from the object root (`spec.dependencies[0].timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
+    /// Path of the field from the object root.
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 
@@ -44,10 +46,10 @@ fn check_duration(
 }
 
 /// The pattern of a DNS label, as the Microservice CRD states it for `metadata.name`.
-pub const DNS_LABEL_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+pub(crate) const DNS_LABEL_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
 
 /// A DNS label as Kubernetes names Services: the rule Microservice names must follow.
-pub fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase())
@@ -56,6 +58,7 @@ pub fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// Every invalid field of Microservice `name`; empty when it is valid.
 pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if !is_dns_label(name) {
@@ -241,7 +244,7 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
 }
 
 /// A path prefix as the schema's pattern allows it: `/` or `/a/b`, no empty segment, no query.
-pub fn is_path_prefix(p: &str) -> bool {
+pub(crate) fn is_path_prefix(p: &str) -> bool {
     p == "/"
         || (p.starts_with('/')
             && p[1..].split('/').all(|seg| {
@@ -379,6 +382,7 @@ fn edge(errs: &mut Vec<FieldError>, e: &EdgeSpec, spec: &MicroserviceSpec) {
     }
 }
 
+/// Every invalid field of a Queue; empty when it is valid.
 pub fn queue(spec: &QueueSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if let Some(a) = &spec.max_age {
@@ -437,6 +441,7 @@ pub fn broker(spec: &BrokerSpec) -> Vec<FieldError> {
     errs
 }
 
+/// Every invalid field of a Saga; empty when it is valid.
 pub fn saga(spec: &SagaSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if spec.steps.is_empty() {

@@ -260,10 +260,7 @@ impl Shop {
 
 impl Drop for Shop {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc_kill(self.child.id() as i32, 15);
-        }
+        signal(self.child.id(), 15);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -276,9 +273,19 @@ impl Drop for Shop {
     }
 }
 
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+/// Sends `sig` to `pid` with kill(2): std sends only SIGKILL, and only to a child it holds.
+#[allow(
+    unsafe_code,
+    reason = "kill(2) is a foreign function, declared and called here alone"
+)]
+fn signal(pid: impl TryInto<i32>, sig: i32) -> i32 {
+    unsafe extern "C" {
+        #[link_name = "kill"]
+        fn libc_kill(pid: i32, sig: i32) -> i32;
+    }
+    let Ok(pid) = pid.try_into() else { return -1 };
+    // SAFETY: kill(2) reads no memory of ours; callers pass a process this test started.
+    unsafe { libc_kill(pid, sig) }
 }
 
 // --- an OTLP/HTTP receiver that decodes the protobuf --------------------------------------
@@ -649,8 +656,8 @@ fn shop_end_to_end(broker: &str) {
     let pid = shop.state()["services"]["payments"]["pid"]
         .as_u64()
         .unwrap();
-    // SAFETY: kill(2) on a process weir up started for this test.
-    assert_eq!(unsafe { libc_kill(pid as i32, 9) }, 0);
+    // A process weir up started for this test.
+    assert_eq!(signal(pid, 9), 0);
     eprintln!("  killed payments (pid {pid})");
     wait_until(
         "payments restarted by weir up",
@@ -694,8 +701,7 @@ fn shop_end_to_end(broker: &str) {
 
     eprintln!("== Ctrl-C: apps and the coordinator stop first, then their sidecars, then nats");
     let mut shop = shop;
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc_kill(shop.child.id() as i32, 2) }, 0);
+    assert_eq!(signal(shop.child.id(), 2), 0);
     // weir up gives each of its three groups (apps, sidecars, the rest) up to the grace
     // period (30 s here) before SIGKILL: wait for all three, and say who was slow.
     let start = Instant::now();

@@ -43,6 +43,10 @@ pub fn free_port() -> Result<u16> {
 /// A command whose process gets SIGTERM when `weir up` dies, however it dies (even SIGKILL),
 /// so no app, sidecar or broker outlives it. Each runs in a process group of its own: Ctrl-C
 /// at the terminal reaches `weir up` alone, which then stops apps before their sidecars.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec: prctl(2) in the child, between fork and exec"
+)]
 pub(super) fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
     c.process_group(0);
@@ -166,6 +170,10 @@ pub(super) fn kill_group(pid: Option<u32>) {
 }
 
 /// Sends `sig` to `pid`, or to the process group `-pid`.
+#[allow(
+    unsafe_code,
+    reason = "kill(2) to a process group, which std cannot signal"
+)]
 fn signal(pid: i32, sig: libc::c_int) {
     // SAFETY: kill(2) reads no memory of ours; callers pass a pid (or group) they started.
     unsafe {

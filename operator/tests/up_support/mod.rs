@@ -93,6 +93,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 }
 
 /// SIGKILL to one process.
+#[allow(
+    unsafe_code,
+    reason = "kill(2) to a pid from a state file, not a Child of ours"
+)]
 pub fn kill9(pid: u64) {
     // SAFETY: kill(2) with a pid read from the state file of the run under test.
     assert_eq!(
@@ -208,6 +212,10 @@ impl Up {
     }
 
     /// SIGTERM, then waits for it to stop everything and exit.
+    #[allow(
+        unsafe_code,
+        reason = "kill(2) for SIGTERM: Child::kill sends only SIGKILL"
+    )]
     pub fn terminate(&mut self) -> ExitStatus {
         // SAFETY: kill(2) on the child this test started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

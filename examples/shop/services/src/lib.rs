@@ -75,6 +75,10 @@ impl Req {
     }
 
     /// The body as JSON, or a 400 naming what is wrong.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the error is the answer, built once and returned straight to the handler"
+    )]
     pub fn json(&self) -> Result<Value, Resp> {
         serde_json::from_slice(&self.body).map_err(|e| {
             error(
