@@ -1,5 +1,5 @@
 //! A Queue's topology on each Broker kind, behind one type ([`BrokerAdmin`]) the Queue and Broker
-//! controllers, `weir dlq` and `weir up` use. JetStream is [`super::Broker`]; this module adds
+//! controllers, `weir dlq` and `weir up` use. JetStream is [`super::NatsAdmin`]; this module adds
 //! Redis Streams and RabbitMQ with the names of docs/messaging.md:
 //!
 //! - **Redis**: the stream `weir_<ns>_<q>` (trimmed at each reconcile to `maxMessages`/`maxAge`;
