@@ -1141,6 +1141,58 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
     assert_eq!(list.len(), 2, "the dead consumer and the new one");
 }
 
+/// Redis: a consumer group removed under a running consumer (`XGROUP DESTROY`, or its Queue
+/// deleted and declared again) is created again and consuming goes on. The group comes back at
+/// the stream's start, so what was delivered before is offered again; the processed-event
+/// records keep the app from seeing it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_consumer_group_removed_under_the_consumer_is_created_again() {
+    let broker = broker_or_skip!(Kind::Redis);
+    let app = App::ok().await;
+    let _b = Sidecar::start(base_config(
+        "billing",
+        app.addr,
+        broker.consumer(consume_config("billing")),
+    ))
+    .await;
+    broker
+        .raw_publish("before", "before", r#"{"orderId":"o","amount":1}"#)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || app.calls_for("before").len()
+            == 1)
+        .await,
+        "delivered before the group is removed"
+    );
+    let TestBroker::Redis(r) = &broker else {
+        unreachable!()
+    };
+    let mut con = r.con().await;
+    let destroyed: i64 = ::redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(STREAM)
+        .arg("billing")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(destroyed, 1, "the group existed and is gone");
+    broker
+        .raw_publish("after", "after", r#"{"orderId":"o","amount":1}"#)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(15), || app.calls_for("after").len()
+            == 1)
+        .await,
+        "delivered after the group was created again"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        app.calls_for("before").len(),
+        1,
+        "offered again with the new group, delivered once"
+    );
+}
+
 /// Redis with `requirepass`: the Secret's `password` (as the operator mounts it) is used; a
 /// wrong one leaves the sidecar unconnected (`/brokerz` 503 naming the broker, `/readyz` 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,33 @@ return {0, id}
 
 pub use weir_broker::redis::{processed_record, published_key};
 
+/// Why a Redis call failed. The server's error code is kept, so the consumer tells a consumer
+/// group that vanished under it (`NOGROUP`: it creates the group again) from a dropped
+/// connection by the code, not by reading the message.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    #[error("the broker did not answer in time")]
+    Timeout,
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl CallError {
+    /// The server's error code (`NOGROUP`, `BUSYGROUP`, ...), when it answered with one.
+    fn code(&self) -> Option<&str> {
+        match self {
+            CallError::Redis(e) => e.code(),
+            CallError::Timeout => None,
+        }
+    }
+}
+
+impl From<CallError> for String {
+    fn from(e: CallError) -> String {
+        e.to_string()
+    }
+}
+
 /// Opens a client for `url` with the credentials at `credentials` (a Secret directory holding
 /// `username` and `password`, or `password` alone, or `token`, used as the password; or only
 /// `ca.crt`). A `ca.crt` there is the only root trusted for `rediss://`.
@@ -316,11 +343,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, CallError> {
         let mut con = self.con.clone();
         match tokio::time::timeout(API_TIMEOUT, cmd.query_async::<T>(&mut con)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("the broker did not answer in time".into()),
+            Ok(r) => Ok(r?),
+            Err(_) => Err(CallError::Timeout),
         }
     }
 
@@ -337,6 +364,7 @@ impl Shared {
         )
         .await
         .map(|_| ())
+        .map_err(String::from)
     }
 
     /// How many times `id` was delivered (from `XPENDING`); 1 when unknown.
@@ -402,7 +430,8 @@ impl Inbound for RedisMsg {
                         .arg(&self.entry.id),
                 )
                 .await
-                .map(|_| ()),
+                .map(|_| ())
+                .map_err(String::from),
             Settle::Nak(delay) => {
                 let (s, id) = (self.shared.clone(), self.entry.id.clone());
                 let delay = delay.unwrap_or_default();
@@ -446,6 +475,7 @@ impl Side for RedisSide {
         s.query::<i64>(redis::cmd("EXISTS").arg(format!("{}:{key}", s.processed_prefix)))
             .await
             .map(|n| n > 0)
+            .map_err(String::from)
     }
     async fn record_processed(&self, key: &str, value: &str) -> Result<(), String> {
         let s = &self.shared;
@@ -458,6 +488,7 @@ impl Side for RedisSide {
         )
         .await
         .map(|_| ())
+        .map_err(String::from)
     }
     async fn dead_letter(&self, msg: &RedisMsg, headers: Headers) -> Result<(), String> {
         let s = &self.shared;
@@ -467,7 +498,10 @@ impl Side for RedisSide {
             cmd.arg(k.to_ascii_lowercase()).arg(v);
         }
         cmd.arg(DATA_FIELD).arg(msg.entry.data.as_ref());
-        s.query::<String>(&cmd).await.map(|_| ())
+        s.query::<String>(&cmd)
+            .await
+            .map(|_| ())
+            .map_err(String::from)
     }
 }
 
@@ -582,7 +616,7 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
             Err(e) => {
                 tracing::warn!(queue = ctx.queue(), error = %e, "read failed");
                 drop(permits);
-                if e.contains("NOGROUP") {
+                if e.code() == Some("NOGROUP") {
                     ready = false;
                 }
                 tokio::select! {
@@ -621,7 +655,7 @@ async fn fetch(
     n: usize,
     last_reclaim: &mut tokio::time::Instant,
     own: &mut Option<std::collections::VecDeque<String>>,
-) -> Result<Vec<(Entry, u64)>, String> {
+) -> Result<Vec<(Entry, u64)>, CallError> {
     let own = match own {
         Some(o) => o,
         None => {
@@ -710,8 +744,7 @@ async fn fetch(
             .arg(&s.stream)
             .arg(">")
             .query_async(&mut con)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         for stream in arr(&v) {
             for e in parse_entries(arr(stream).get(1).unwrap_or(&Value::Nil)) {
                 with_counts.push((e, 1));
