@@ -53,6 +53,43 @@ fn condition_true(
     conds.iter().any(|c| c.type_ == t && c.status == "True")
 }
 
+/// The events example (Queue signups, Microservices accounts and mailer) on Broker `bus`.
+async fn apply_events_example(
+    queues: &Api<Queue>,
+    mss: &Api<Microservice>,
+    pp: &PatchParams,
+) -> Result<()> {
+    let mut queue: Queue = serde_yaml::from_value(example_docs("events/signups.yaml")?[0].clone())?;
+    queue.spec.broker = "bus".into();
+    queues.patch("signups", pp, &Patch::Apply(&queue)).await?;
+    for doc in example_docs("events/services.yaml")? {
+        let mut ms: Microservice = serde_yaml::from_value(doc)?;
+        ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
+        let name = ms.metadata.name.clone().context("name")?;
+        mss.patch(&name, pp, &Patch::Apply(&ms)).await?;
+    }
+    Ok(())
+}
+
+/// Waits until the events example's two Microservices are Ready for their current spec.
+async fn events_services_ready(mss: &Api<Microservice>, timeout: Duration) -> Result<()> {
+    for name in ["accounts", "mailer"] {
+        wait_for(&format!("{name} Ready=True"), timeout, || {
+            let mss = mss.clone();
+            async move {
+                let ms = mss.get(name).await?;
+                let ok = ms.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == ms.metadata.generation
+                        && condition_true(&s.conditions, "Ready")
+                });
+                Ok(ok.then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 async fn service_addr(svcs: &Api<Service>, name: &str) -> Result<SocketAddr> {
     let s = svcs.get(name).await?;
     let ip = s.spec.and_then(|s| s.cluster_ip).context("cluster IP")?;
@@ -102,15 +139,7 @@ async fn run(client: &Client, ns: &str, kind: &str, image: &str) -> Result<()> {
         "spec": {"kind": kind, "managed": {"image": image}},
     }))?;
     brokers.patch("bus", &pp, &Patch::Apply(&broker)).await?;
-    let mut queue: Queue = serde_yaml::from_value(example_docs("events/signups.yaml")?[0].clone())?;
-    queue.spec.broker = "bus".into();
-    queues.patch("signups", &pp, &Patch::Apply(&queue)).await?;
-    for doc in example_docs("events/services.yaml")? {
-        let mut ms: Microservice = serde_yaml::from_value(doc)?;
-        ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
-        let name = ms.metadata.name.clone().context("name")?;
-        mss.patch(&name, &pp, &Patch::Apply(&ms)).await?;
-    }
+    apply_events_example(&queues, &mss, &pp).await?;
 
     // The Broker becomes a StatefulSet and a Service it owns.
     let sts = wait_for("StatefulSet bus", long, || {
@@ -146,20 +175,7 @@ async fn run(client: &Client, ns: &str, kind: &str, image: &str) -> Result<()> {
         }
     })
     .await?;
-    for name in ["accounts", "mailer"] {
-        wait_for(&format!("{name} Ready=True"), long, || {
-            let mss = mss.clone();
-            async move {
-                let ms = mss.get(name).await?;
-                let ok = ms.status.as_ref().is_some_and(|s| {
-                    s.observed_generation == ms.metadata.generation
-                        && condition_true(&s.conditions, "Ready")
-                });
-                Ok(ok.then_some(()))
-            }
-        })
-        .await?;
-    }
+    events_services_ready(&mss, long).await?;
 
     // accounts publishes through its sidecar; mailer's app receives it through its own.
     let accounts = service_addr(&svcs, "accounts").await?;
@@ -278,31 +294,8 @@ async fn outage(client: &Client, ns: &str, store: &str) -> Result<()> {
     Api::<Broker>::namespaced(client.clone(), ns)
         .patch("bus", &pp, &Patch::Apply(&broker))
         .await?;
-    let mut queue: Queue = serde_yaml::from_value(example_docs("events/signups.yaml")?[0].clone())?;
-    queue.spec.broker = "bus".into();
-    Api::<Queue>::namespaced(client.clone(), ns)
-        .patch("signups", &pp, &Patch::Apply(&queue))
-        .await?;
-    for doc in example_docs("events/services.yaml")? {
-        let mut ms: Microservice = serde_yaml::from_value(doc)?;
-        ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
-        let name = ms.metadata.name.clone().context("name")?;
-        mss.patch(&name, &pp, &Patch::Apply(&ms)).await?;
-    }
-    for name in ["accounts", "mailer"] {
-        wait_for(&format!("{name} Ready=True"), long, || {
-            let mss = mss.clone();
-            async move {
-                let ms = mss.get(name).await?;
-                let ok = ms.status.as_ref().is_some_and(|s| {
-                    s.observed_generation == ms.metadata.generation
-                        && condition_true(&s.conditions, "Ready")
-                });
-                Ok(ok.then_some(()))
-            }
-        })
-        .await?;
-    }
+    apply_events_example(&Api::namespaced(client.clone(), ns), &mss, &pp).await?;
+    events_services_ready(&mss, long).await?;
     let accounts = service_addr(&svcs, "accounts").await?;
     let mailer = service_addr(&svcs, "mailer").await?;
     let publish = |id: &'static str| async move {

@@ -105,23 +105,32 @@ fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {status_patch}"))
 }
 
-#[tokio::test]
-async fn create_applies_children_with_owner_references_and_reports_ready() {
+/// One reconcile of a new orders (which calls users) against the mock API: users answered by
+/// `users`, the children applied with the Deployment answering `deployment`, then the status
+/// write. The reconcile's action, and what the API server saw in order (the status at `[4]`).
+async fn reconcile_orders(
+    users: fn(&Value) -> (StatusCode, Value),
+    deployment: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> (Action, Vec<(String, Value)>) {
     let (ctx, handle) = context();
-    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
-    script.extend(children(deployment_with(2, 2)));
+    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users)];
+    script.extend(children(deployment));
     script.push(expect(
         Method::PATCH,
         &format!("{MS}/orders/status"),
         status_echo,
     ));
     let server = tokio::spawn(serve(handle, script));
-
     let action = reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
         .await
         .unwrap();
+    (action, server.await.unwrap())
+}
+
+#[tokio::test]
+async fn create_applies_children_with_owner_references_and_reports_ready() {
+    let (action, seen) = reconcile_orders(users_found, deployment_with(2, 2)).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    let seen = server.await.unwrap();
 
     for (path, body) in &seen[1..4] {
         let owner = &body["metadata"]["ownerReferences"][0];
@@ -167,19 +176,7 @@ async fn create_applies_children_with_owner_references_and_reports_ready() {
 /// is reported missing.
 #[tokio::test]
 async fn a_dependency_without_a_ready_pod_is_not_counted_as_ready() {
-    let (ctx, handle) = context();
-    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_not_ready)];
-    script.extend(children(deployment_with(2, 2)));
-    script.push(expect(
-        Method::PATCH,
-        &format!("{MS}/orders/status"),
-        status_echo,
-    ));
-    let server = tokio::spawn(serve(handle, script));
-    reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
-        .await
-        .unwrap();
-    let seen = server.await.unwrap();
+    let (_, seen) = reconcile_orders(users_not_ready, deployment_with(2, 2)).await;
     let status = &seen[4].1;
     assert_eq!(status["status"]["dependencySummary"], "0/1");
     assert_eq!(condition(status, "Ready")["status"], "True");
@@ -188,19 +185,7 @@ async fn a_dependency_without_a_ready_pod_is_not_counted_as_ready() {
 
 #[tokio::test]
 async fn rollout_in_progress_is_reported() {
-    let (ctx, handle) = context();
-    let mut script = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
-    script.extend(children(deployment_with(1, 1)));
-    script.push(expect(
-        Method::PATCH,
-        &format!("{MS}/orders/status"),
-        status_echo,
-    ));
-    let server = tokio::spawn(serve(handle, script));
-    reconcile(Arc::new(microservice(orders_spec(), None)), ctx)
-        .await
-        .unwrap();
-    let seen = server.await.unwrap();
+    let (_, seen) = reconcile_orders(users_found, deployment_with(1, 1)).await;
     let status = &seen[4].1;
     assert_eq!(condition(status, "Ready")["status"], "False");
     assert_eq!(condition(status, "Ready")["reason"], "ReplicasNotReady");
