@@ -71,45 +71,42 @@ pub struct Endpoint {
     pub tls: OwnedTLSConfig,
 }
 
-/// The endpoint of `url` with the credentials and `ca.crt` of `credentials` (a Secret
-/// directory, module `connect`).
+/// The endpoint of `url` with the credentials of `credentials` (a Secret directory holding
+/// `username` and `password`, or only `ca.crt`), read once: the user in the URL, `ca.crt`
+/// trusted for `amqps://`.
 pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String> {
-    let uri = uri(url, credentials)?;
+    let mut uri: AMQPUri = url.parse().map_err(|e| {
+        format!(
+            "messaging.brokerUrl: {:?} is not an AMQP URL: {e}",
+            weir_crds::redact::url(url)
+        )
+    })?;
     let mut tls = OwnedTLSConfig::default();
-    if let Some((path, pem)) = super::connect::ca_file(credentials)? {
+    let Some(dir) = credentials else {
+        return Ok(Endpoint { uri, tls });
+    };
+    let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))
+        .map_err(|e| e.0)?;
+    if let Some((user, pass)) = creds
+        .amqp_auth()
+        .map_err(|e| format!("credentials directory {dir}: {e}"))?
+    {
+        uri.authority.userinfo.username = user;
+        uri.authority.userinfo.password = pass;
+    }
+    if let Some(pem) = creds.ca {
         if uri.scheme != AMQPScheme::AMQPS {
             return Err(format!(
                 "{} is given but messaging.brokerUrl {:?} is not TLS (use amqps://)",
-                path.display(),
+                std::path::Path::new(dir)
+                    .join(weir_broker::credentials::CA_KEY)
+                    .display(),
                 weir_crds::redact::url(url)
             ));
         }
         tls.cert_chain = Some(pem);
     }
     Ok(Endpoint { uri, tls })
-}
-
-/// Parses the URL and puts the credentials of `credentials` (a Secret directory holding
-/// `username` and `password`, or only `ca.crt`) in it.
-pub fn uri(url: &str, credentials: Option<&str>) -> Result<AMQPUri, String> {
-    let mut u: AMQPUri = url.parse().map_err(|e| {
-        format!(
-            "messaging.brokerUrl: {:?} is not an AMQP URL: {e}",
-            weir_crds::redact::url(url)
-        )
-    })?;
-    if let Some(dir) = credentials {
-        let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))
-            .map_err(|e| e.0)?;
-        if let Some((user, pass)) = creds
-            .amqp_auth()
-            .map_err(|e| format!("credentials directory {dir}: {e}"))?
-        {
-            u.authority.userinfo.username = user;
-            u.authority.userinfo.password = pass;
-        }
-    }
-    Ok(u)
 }
 
 /// Connects once (bounded by [`API_TIMEOUT`]).
@@ -936,7 +933,7 @@ mod tests {
         );
         let none = consumer_queue_args(5, "", &QueueLimits::default());
         assert!(none.inner().get("x-dead-letter-exchange").is_none());
-        let u = uri("amqp://127.0.0.1:5672/%2f", None).unwrap();
+        let u = endpoint("amqp://127.0.0.1:5672/%2f", None).unwrap().uri;
         assert_eq!(u.vhost, "/");
     }
 }

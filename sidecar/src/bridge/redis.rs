@@ -20,10 +20,12 @@ use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Value};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, watch};
+use weir_broker::credentials::{CA_KEY, Credentials};
 use weir_crds::proxy::PublishConfig;
 
 /// The stream entry field holding the event's body; every other field is a header.
@@ -90,16 +92,29 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
             weir_crds::redact::url(url)
         )
     })?;
-    if let Some(dir) = credentials {
-        info = with_auth(info, dir)?;
+    // The Secret directory is read once: the credential and `ca.crt` (checked) together.
+    let Some(dir) = credentials else {
+        return redis::Client::open(info)
+            .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)));
+    };
+    let creds = Credentials::from_dir(Path::new(dir)).map_err(|e| e.0)?;
+    if let Some((user, pass)) = creds
+        .redis_auth()
+        .map_err(|e| format!("credentials directory {dir}: {e}"))?
+    {
+        let mut r = info.redis_settings().clone().set_password(pass);
+        if let Some(u) = user {
+            r = r.set_username(u);
+        }
+        info = info.set_redis_settings(r);
     }
-    match super::connect::ca_file(credentials)? {
+    match creds.ca {
         None => redis::Client::open(info),
-        Some((path, pem)) => {
+        Some(pem) => {
             if !url.starts_with("rediss://") {
                 return Err(format!(
                     "{} is given but messaging.brokerUrl {:?} is not TLS (use rediss://)",
-                    path.display(),
+                    Path::new(dir).join(CA_KEY).display(),
                     weir_crds::redact::url(url)
                 ));
             }
@@ -111,24 +126,6 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
         }
     }
     .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)))
-}
-
-/// Puts the credentials of the Secret directory `dir` into `info` (none when it holds only
-/// `ca.crt`).
-fn with_auth(info: redis::ConnectionInfo, dir: &str) -> Result<redis::ConnectionInfo, String> {
-    let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))
-        .map_err(|e| e.0)?;
-    let Some((user, pass)) = creds
-        .redis_auth()
-        .map_err(|e| format!("credentials directory {dir}: {e}"))?
-    else {
-        return Ok(info);
-    };
-    let mut r = info.redis_settings().clone().set_password(pass);
-    if let Some(u) = user {
-        r = r.set_username(u);
-    }
-    Ok(info.set_redis_settings(r))
 }
 
 fn manager(
