@@ -2,6 +2,8 @@
 //! (`Kind/namespace/name`), each consecutive failure doubles the delay, 5s up to 5m; a success
 //! resets it.
 
+use super::metrics::Metrics;
+use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,4 +27,39 @@ impl Backoff {
 /// The backoff key of an object: `Kind/namespace/name`.
 pub fn key(kind: &str, namespace: Option<&str>, name: &str) -> String {
     format!("{kind}/{}/{name}", namespace.unwrap_or_default())
+}
+
+/// The backoff key of `obj` ([`key`]).
+pub fn key_of<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    key(&K::kind(&()), obj.namespace().as_deref(), &obj.name_any())
+}
+
+/// What every controller does with a failed reconcile of `obj`: logs it, counts it by the
+/// error's metric `label`, and gives the delay of the object's next try.
+pub fn after_failure<K: Resource<DynamicType = ()>>(
+    backoff: &Backoff,
+    metrics: &Metrics,
+    obj: &K,
+    error: &dyn std::fmt::Display,
+    label: &str,
+) -> Duration {
+    let delay = backoff.next_delay(&key_of(obj));
+    tracing::warn!(
+        kind = %K::kind(&()),
+        name = %obj.name_any(),
+        namespace = ?obj.namespace(),
+        %error,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    metrics.failed(&K::kind(&()), label);
+    delay
+}
+
+/// Logs what a controller's stream yields when it is an error (already handled by the error
+/// policy; kept at debug level so the failure is not logged twice at warn).
+pub async fn log_outcome<T, E: std::fmt::Display>(res: Result<T, E>) {
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "reconcile failed");
+    }
 }

@@ -3,7 +3,7 @@
 //! Queue reconciler's broker side: credentials from the Broker's Secret, cached connections and
 //! per-object backoff.
 
-use super::{Context, FIELD_MANAGER, conditions};
+use super::{Context, FIELD_MANAGER, conditions, events, status};
 use crate::messaging::brokers::{self, BrokerAdmin};
 use crate::messaging::{self, Credentials};
 use crate::render::broker as render_broker;
@@ -12,10 +12,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -166,22 +165,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "broker reconcile failed");
-            }
-        })
+        .for_each(super::backoff::log_outcome)
         .await;
 }
 
-fn key(b: &Broker) -> String {
-    super::backoff::key("Broker", b.namespace().as_deref(), &b.name_any())
-}
-
 pub fn error_policy(b: Arc<Broker>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.messaging_backoff.next_delay(&key(&b));
-    tracing::warn!(broker = %b.name_any(), namespace = ?b.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics.failed("Broker", error.metric_label());
+    let delay = super::backoff::after_failure(
+        &ctx.messaging_backoff,
+        &ctx.metrics,
+        &*b,
+        error,
+        error.metric_label(),
+    );
     Action::requeue(delay)
 }
 
@@ -200,12 +195,12 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
     let ns = b.namespace().ok_or(Error::Missing("metadata.namespace"))?;
     if b.metadata.deletion_timestamp.is_some() {
         ctx.connections.forget(&format!("{ns}/{name}"));
-        ctx.last_written.forget(&key(b));
+        ctx.last_written.forget(&super::backoff::key_of(b));
         return Ok(Action::await_change());
     }
     let generation = b.metadata.generation;
     let current = b.status.clone().unwrap_or_default();
-    let k = key(b);
+    let k = super::backoff::key_of(b);
     // A spec the apiserver accepted may still break the CRD's CEL rules (clusters without CEL
     // ignore them): with both url and managed the operator would run a broker nobody uses,
     // with neither it would dial a Service nobody made. Report it and wait for an edit;
@@ -390,24 +385,8 @@ async fn write_status(
         server_version: version.or(current.server_version.clone()),
     };
     ctx.last_written
-        .record(&key(b), b.metadata.uid.as_deref(), &status.conditions);
-    let unchanged = conditions::same(&current.conditions, &status.conditions)
-        && current.observed_generation == status.observed_generation
-        && current.server_version == status.server_version;
-    if !unchanged {
-        let patch = json!({
-            "apiVersion": Broker::api_version(&()),
-            "kind": Broker::kind(&()),
-            "status": status,
-        });
-        Api::<Broker>::namespaced(ctx.client.clone(), ns)
-            .patch_status(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-    }
+        .record(&super::backoff::key_of(b), b.metadata.uid.as_deref(), &status.conditions);
+    status::write::<Broker, _>(&ctx.client, ns, name, current, &status).await?;
     Ok(())
 }
 
@@ -424,7 +403,7 @@ async fn publish_on_change(
     // The cached Broker may not carry the status this process last wrote yet.
     let latest = ctx
         .last_written
-        .latest(&key(b), b.metadata.uid.as_deref(), &current.conditions);
+        .latest(&super::backoff::key_of(b), b.metadata.uid.as_deref(), &current.conditions);
     let unchanged = conditions::find(&latest, &cond.type_).is_some_and(|old| {
         old.status == cond.status
             && old.reason == cond.reason
@@ -433,18 +412,10 @@ async fn publish_on_change(
     if unchanged {
         return;
     }
-    let ev = Event {
-        type_: if cond.status == "True" {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        reason: cond.reason.clone(),
-        note: Some(cond.message.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
+    let type_ = if cond.status == "True" {
+        EventType::Normal
+    } else {
+        EventType::Warning
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
-        tracing::warn!(error = %e, broker = %b.name_any(), "could not publish event");
-    }
+    events::publish(ctx, b, type_, &cond.reason, &cond.message).await;
 }

@@ -1,19 +1,18 @@
 //! The Microservice reconciler: applies the rendered Deployment, Service and ConfigMap with
 //! server-side apply, and reports what it sees in status conditions and Events.
 
-use super::{Context, FIELD_MANAGER, conditions};
+use super::{Context, conditions, events, status, workload};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use weir_crds::microservice::MicroserviceStatus;
@@ -40,10 +39,6 @@ impl Error {
 }
 
 /// The backoff key of a Microservice.
-fn backoff_key(ms: &Microservice) -> String {
-    super::backoff::key("Microservice", ms.namespace().as_deref(), &ms.name_any())
-}
-
 /// Re-check interval while a dependency is missing (its creation is not watched).
 const DEPENDENCY_RECHECK: Duration = Duration::from_secs(30);
 /// Microservices reconciled at the same time.
@@ -139,11 +134,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile failed");
-            }
-        })
+        .for_each(super::backoff::log_outcome)
         .await;
 }
 
@@ -166,22 +157,17 @@ pub fn dependents(
 }
 
 pub fn error_policy(ms: Arc<Microservice>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.next_delay(&backoff_key(&ms));
-    tracing::warn!(microservice = %ms.name_any(), namespace = ?ms.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics.failed("Microservice", error.metric_label());
+    let delay = super::backoff::after_failure(
+        &ctx.backoff,
+        &ctx.metrics,
+        &*ms,
+        error,
+        error.metric_label(),
+    );
     // Tell the object's owner too (`kubectl describe`); repeats become one Event series.
     let note = format!("{error}; retrying in {}s", delay.as_secs());
     tokio::spawn(async move {
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "ReconcileFailed".into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &ms.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish event");
-        }
+        events::publish(&ctx, &*ms, EventType::Warning, "ReconcileFailed", &note).await;
     });
     Action::requeue(delay)
 }
@@ -192,7 +178,7 @@ pub async fn reconcile(ms: Arc<Microservice>, ctx: Arc<Context>) -> Result<Actio
         .reconcile("Microservice", reconcile_inner(&ms, &ctx))
         .await;
     if result.is_ok() {
-        ctx.backoff.reset(&backoff_key(&ms));
+        ctx.backoff.reset(&super::backoff::key_of(&*ms));
     }
     result
 }
@@ -207,7 +193,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     let generation = ms.metadata.generation;
     if ms.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
-        ctx.last_written.forget(&backoff_key(ms));
+        ctx.last_written.forget(&super::backoff::key_of(ms));
         return Ok(Action::await_change());
     }
     let current = ms.status.clone().unwrap_or_default();
@@ -297,20 +283,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         ensure_identity_secret(ctx, &ns).await?;
     }
     let rendered = render::render_with(ms, &ctx.render, bridge.as_ref())?;
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &render::config_map_name(&name),
-            &pp,
-            &Patch::Apply(&rendered.config_map),
-        )
-        .await?;
-    Api::<Service>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &pp, &Patch::Apply(&rendered.service))
-        .await?;
-    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
-        .await?;
+    let deployment = workload::apply(&ctx.client, &ns, &name, &rendered).await?;
 
     let desired = ms.spec.replicas;
     let dstatus = deployment.status.clone().unwrap_or_default();
@@ -472,7 +445,7 @@ async fn publish_on_change(
 ) {
     // The cached object may not carry the status this process last wrote yet.
     let latest = ctx.last_written.latest(
-        &backoff_key(ms),
+        &super::backoff::key_of(ms),
         ms.metadata.uid.as_deref(),
         &current.conditions,
     );
@@ -481,20 +454,11 @@ async fn publish_on_change(
     if already {
         return;
     }
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &ms.object_ref(&())).await {
-        tracing::warn!(error = %e, microservice = %ms.name_any(), "could not publish event");
-    }
+    events::publish(ctx, ms, type_, reason, note).await;
 }
 
-/// Writes status only when it says something new: a status write is itself a watch event, and
-/// rewriting an unchanged status would loop.
+/// Writes status only when it says something new ([`status`]), after noting its conditions for
+/// the Events.
 async fn write_status(
     ctx: &Context,
     ms: &Microservice,
@@ -507,35 +471,10 @@ async fn write_status(
     // Recorded before the write: an Event already published for these conditions must not be
     // published again when the write fails and the reconcile is retried.
     ctx.last_written.record(
-        &backoff_key(ms),
+        &super::backoff::key_of(ms),
         ms.metadata.uid.as_deref(),
         &status.conditions,
     );
-    let unchanged = conditions::same(&current.conditions, &status.conditions)
-        && current.observed_generation == status.observed_generation
-        && current.replicas == status.replicas
-        && current.ready_replicas == status.ready_replicas
-        && current.replica_summary == status.replica_summary
-        && current.dependency_summary == status.dependency_summary
-        && current.config_hash == status.config_hash;
-    if unchanged {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": Microservice::api_version(&()),
-        "kind": Microservice::kind(&()),
-        "status": status,
-    });
-    let written = Api::<Microservice>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await;
-    match written {
-        // Deleted while we reconciled: nothing left to report on.
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other.map(|_| ()).map_err(Error::from),
-    }
+    status::write::<Microservice, _>(&ctx.client, &ns, &name, current, &status).await?;
+    Ok(())
 }

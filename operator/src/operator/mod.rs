@@ -4,6 +4,7 @@ pub mod admin;
 pub mod backoff;
 pub mod broker;
 pub mod conditions;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod microservice;
@@ -11,6 +12,8 @@ pub mod queue;
 pub mod rbac;
 pub mod saga;
 pub mod secrets;
+pub mod status;
+pub mod workload;
 
 use crate::render::RenderOptions;
 use clap::Args;

@@ -8,7 +8,7 @@
 //! sidecar's bridge config.
 
 use super::broker::{Unusable, endpoint};
-use super::{Context, FIELD_MANAGER, conditions};
+use super::{Context, conditions, events, status};
 use crate::messaging::brokers::BrokerAdmin;
 use crate::messaging::{self, Topology};
 use crate::render::messaging::{Messaging, ResolvedQueue, build, resolve_schema};
@@ -17,10 +17,10 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -118,22 +118,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "queue reconcile failed");
-            }
-        })
+        .for_each(super::backoff::log_outcome)
         .await;
 }
 
-fn key(q: &Queue) -> String {
-    super::backoff::key("Queue", q.namespace().as_deref(), &q.name_any())
-}
-
 pub fn error_policy(q: Arc<Queue>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.messaging_backoff.next_delay(&key(&q));
-    tracing::warn!(queue = %q.name_any(), namespace = ?q.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics.failed("Queue", error.metric_label());
+    let delay = super::backoff::after_failure(
+        &ctx.messaging_backoff,
+        &ctx.metrics,
+        &*q,
+        error,
+        error.metric_label(),
+    );
     Action::requeue(delay)
 }
 
@@ -207,7 +203,7 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     }
 
     let current = q.status.clone().unwrap_or_default();
-    let k = key(q);
+    let k = super::backoff::key_of(q);
     let (outcome, action) = match declare(q, ctx, &ns, &name).await? {
         Ok(o) => {
             ctx.messaging_backoff.reset(&k);
@@ -491,16 +487,7 @@ async fn cleanup(q: &Queue, ctx: &Context, ns: &str, name: &str) -> Result<(), E
 }
 
 async fn publish(ctx: &Context, q: &Queue, reason: &str, note: &str) {
-    let ev = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &q.object_ref(&())).await {
-        tracing::warn!(error = %e, queue = %q.name_any(), "could not publish event");
-    }
+    events::publish(ctx, q, EventType::Warning, reason, note).await;
 }
 
 /// `SettingsApplied`: False naming each setting the Broker's kind does not apply, with a
@@ -560,29 +547,10 @@ async fn write_status(
     ns: &str,
     name: &str,
     current: &QueueStatus,
-    mut status: QueueStatus,
+    status: QueueStatus,
 ) -> Result<(), Error> {
-    status.conditions = conditions::merge(&current.conditions, status.conditions);
-    let unchanged = conditions::same(&current.conditions, &status.conditions)
-        && current.observed_generation == status.observed_generation
-        && current.messages == status.messages
-        && current.pending == status.pending
-        && current.dead_letters == status.dead_letters;
-    if unchanged {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": Queue::api_version(&()),
-        "kind": Queue::kind(&()),
-        "status": status,
-    });
-    Api::<Queue>::namespaced(ctx.client.clone(), ns)
-        .patch_status(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    let status = status::merged(current, status);
+    status::write::<Queue, _>(&ctx.client, ns, name, current, &status).await?;
     Ok(())
 }
 

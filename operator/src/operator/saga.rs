@@ -3,19 +3,18 @@
 //! serves on `/v1/stats` (running, completed, compensated, failed = ended `CompensationFailed`),
 //! the last failure and `Ready`.
 
-use super::{Context, FIELD_MANAGER, conditions};
+use super::{Context, conditions, status, workload};
 use crate::render::saga::{coordinator_name, render};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,19 +117,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .owns_stream(children::<ConfigMap>(&client, namespace))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "saga reconcile failed");
-            }
-        })
+        .for_each(super::backoff::log_outcome)
         .await;
 }
 
 pub fn error_policy(saga: Arc<Saga>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = super::backoff::key("Saga", saga.namespace().as_deref(), &saga.name_any());
-    let delay = ctx.messaging_backoff.next_delay(&key);
-    tracing::warn!(saga = %saga.name_any(), namespace = ?saga.namespace(), %error, retry_in = ?delay, "reconcile failed");
-    ctx.metrics.failed("Saga", error.metric_label());
+    let delay = super::backoff::after_failure(
+        &ctx.messaging_backoff,
+        &ctx.metrics,
+        &*saga,
+        error,
+        error.metric_label(),
+    );
     Action::requeue(delay)
 }
 
@@ -149,11 +147,7 @@ pub async fn reconcile_with(
         .reconcile("Saga", reconcile_inner(&saga, &ctx, stats))
         .await;
     if result.is_ok() {
-        ctx.messaging_backoff.reset(&super::backoff::key(
-            "Saga",
-            saga.namespace().as_deref(),
-            &saga.name_any(),
-        ));
+        ctx.messaging_backoff.reset(&super::backoff::key_of(&*saga));
     }
     result
 }
@@ -256,20 +250,7 @@ async fn reconcile_inner(saga: &Saga, ctx: &Context, stats: &StatsFn) -> Result<
         Err(RenderError::Metadata(m)) => return Err(Error::Missing(m)),
     };
     let coord = coordinator_name(&name);
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &render::config_map_name(&coord),
-            &pp,
-            &Patch::Apply(&rendered.config_map),
-        )
-        .await?;
-    Api::<Service>::namespaced(ctx.client.clone(), &ns)
-        .patch(&coord, &pp, &Patch::Apply(&rendered.service))
-        .await?;
-    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-        .patch(&coord, &pp, &Patch::Apply(&rendered.deployment))
-        .await?;
+    let deployment = workload::apply(&ctx.client, &ns, &coord, &rendered).await?;
 
     let desired = saga.spec.replicas;
     let ready = deployment
@@ -349,44 +330,23 @@ async fn reconcile_inner(saga: &Saga, ctx: &Context, stats: &StatsFn) -> Result<
     Ok(Action::requeue(STATS_RESYNC))
 }
 
-/// Writes status only when it says something new (a status write is itself a watch event).
+/// Writes status only when it says something new ([`status`]).
 async fn write_status(
     ctx: &Context,
     ns: &str,
     name: &str,
     current: &SagaStatus,
-    mut status: SagaStatus,
+    status: SagaStatus,
 ) -> Result<(), Error> {
-    status.conditions = conditions::merge(&current.conditions, status.conditions);
-    let unchanged = conditions::same(&current.conditions, &status.conditions)
-        && SagaStatus {
-            conditions: vec![],
-            ..current.clone()
-        } == SagaStatus {
-            conditions: vec![],
-            ..status.clone()
-        };
-    if unchanged {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": Saga::api_version(&()),
-        "kind": Saga::kind(&()),
-        "status": status,
-    });
-    Api::<Saga>::namespaced(ctx.client.clone(), ns)
-        .patch_status(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    let status = status::merged(current, status);
+    status::write::<Saga, _>(&ctx.client, ns, name, current, &status).await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use crate::operator::metrics::Metrics;
     use crate::render::RenderOptions;
     use http::{Method, Request, Response, StatusCode};

@@ -1,0 +1,34 @@
+//! Applying a rendered workload (its ConfigMap, Service and Deployment) by server-side apply
+//! under [`FIELD_MANAGER`]: the "make it so" half of a Microservice or a saga coordinator, whose
+//! "what should exist" is [`crate::render`].
+
+use super::FIELD_MANAGER;
+use crate::render::{self, Rendered};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+
+/// Applies `rendered` as workload `name` of `namespace`, ConfigMap first (a new Deployment's
+/// pods mount it), and returns the Deployment as the API server now has it (with its status).
+pub async fn apply(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    rendered: &Rendered,
+) -> Result<Deployment, kube::Error> {
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(
+            &render::config_map_name(name),
+            &pp,
+            &Patch::Apply(&rendered.config_map),
+        )
+        .await?;
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(name, &pp, &Patch::Apply(&rendered.service))
+        .await?;
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .patch(name, &pp, &Patch::Apply(&rendered.deployment))
+        .await
+}
