@@ -14,6 +14,79 @@ use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
 
+/// Why a broker operation failed, whatever the kind. The text is what the sidecar says: the
+/// `reason` of a publish's 503, the `error` of a log line; [`Error::label`] names the variant.
+///
+/// | variant | where it shows |
+/// |---|---|
+/// | `Config` | the bridge does not start (the sidecar exits at start; a reload keeps the running bridge) |
+/// | `Connect` | logged once per distinct error; the connection is tried again |
+/// | `NotConnected`, `Timeout`, `Unroutable`, `Broker` | a publish answers 503 (`broker unavailable`, `Retry-After`); a delivery is handed back (nak) |
+/// | `Unsupported` | never on a path the bridge takes (the kind keeps an identity of every message) |
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// `messaging.brokerUrl` or the credentials cannot be used: refused before any connection
+    /// is tried.
+    #[error("{0}")]
+    Config(String),
+    /// No connection could be made: refused, unreachable, TLS, authentication, timed out.
+    #[error("cannot connect to {to}: {message}")]
+    Connect {
+        /// The URL without its password, or `host:port`.
+        to: String,
+        message: String,
+    },
+    /// Not connected at the moment.
+    #[error("not connected to the broker")]
+    NotConnected,
+    /// The broker did not answer, acknowledge or confirm in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The broker stores the event nowhere: no stream takes the subject (NATS), no queue is
+    /// bound to the exchange (RabbitMQ).
+    #[error("{0}")]
+    Unroutable(String),
+    /// The broker answered with an error (`code`: the server's own, when it gave one, such as
+    /// Redis's `NOGROUP`), or the call failed on the way.
+    #[error("{message}")]
+    Broker {
+        code: Option<String>,
+        message: String,
+    },
+    /// The kind has no such operation.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl Error {
+    /// A short name of the variant (kebab-case), for a log field or a metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Connect { .. } => "connect",
+            Error::NotConnected => "not-connected",
+            Error::Timeout(_) => "timeout",
+            Error::Unroutable(_) => "unroutable",
+            Error::Broker { .. } => "broker",
+            Error::Unsupported(_) => "unsupported",
+        }
+    }
+
+    /// [`Error::Broker`] without a server code.
+    pub fn broker(message: impl Into<String>) -> Error {
+        Error::Broker {
+            code: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<weir_broker::credentials::CredentialsError> for Error {
+    fn from(e: weir_broker::credentials::CredentialsError) -> Error {
+        Error::Config(e.0)
+    }
+}
+
 /// Headers as name/value pairs, in the order they came (names compared ignoring case).
 pub type Headers = Vec<(String, String)>;
 
@@ -75,8 +148,8 @@ pub(crate) trait Inbound: Send + Sync + 'static {
     fn requeue_with_identity(
         &self,
         identity: &str,
-    ) -> impl Future<Output = Result<(), String>> + Send;
-    fn settle(&self, how: Settle) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    fn settle(&self, how: Settle) -> impl Future<Output = Result<(), Error>> + Send;
     /// Tells the broker the delivery is still being worked on (no redelivery yet).
     fn progress(&self) -> impl Future<Output = ()> + Send;
 }
@@ -85,20 +158,20 @@ pub(crate) trait Inbound: Send + Sync + 'static {
 pub(crate) trait Side: Send + Sync + 'static {
     type Msg: Inbound;
     /// Whether `key` (see [`super::cloudevents::processed_key`]) is recorded.
-    fn is_processed(&self, key: &str) -> impl Future<Output = Result<bool, String>> + Send;
+    fn is_processed(&self, key: &str) -> impl Future<Output = Result<bool, Error>> + Send;
     /// Records `key` for the dedup window.
     fn record_processed(
         &self,
         key: &str,
         value: &str,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Error>> + Send;
     /// Stores the dead letter (`headers` already carry the `Weir-*` ones) and waits for the
     /// broker's confirmation.
     fn dead_letter(
         &self,
         msg: &Self::Msg,
         headers: Headers,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! signed by a private CA, for every broker kind ([`ca_file`]); without it the system's roots
 //! apply. A directory holding only `ca.crt` means TLS without credentials.
 
+use super::backend::Error;
 use async_nats::{Client, ConnectOptions, Event};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +30,7 @@ use weir_broker::credentials::{Auth, Credentials, parse_ca};
 
 /// `ca.crt` of the credentials at `credentials` when it is a directory holding one, checked
 /// to be PEM: its path and text. A NATS `.creds` file (the other form) has no CA beside it.
-pub fn ca_file(credentials: Option<&str>) -> Result<Option<(PathBuf, String)>, String> {
+pub fn ca_file(credentials: Option<&str>) -> Result<Option<(PathBuf, String)>, Error> {
     let Some(dir) = credentials.map(Path::new).filter(|p| p.is_dir()) else {
         return Ok(None);
     };
@@ -37,15 +38,15 @@ pub fn ca_file(credentials: Option<&str>) -> Result<Option<(PathBuf, String)>, S
     if !f.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
-    parse_ca(&text, &f.display().to_string()).map_err(|e| e.0)?;
+    let text = std::fs::read_to_string(&f)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", f.display())))?;
+    parse_ca(&text, &f.display().to_string())?;
     Ok(Some((f, text)))
 }
 
 /// Trusts only `ca.crt` when the credentials hold one, and then requires TLS: a broker that
 /// offers none would otherwise be talked to in plain text although a CA was given.
-pub fn with_ca(opts: ConnectOptions, credentials: Option<&str>) -> Result<ConnectOptions, String> {
+pub fn with_ca(opts: ConnectOptions, credentials: Option<&str>) -> Result<ConnectOptions, Error> {
     Ok(match ca_file(credentials)? {
         Some((path, _)) => opts.add_root_certificates(path).require_tls(true),
         None => opts,
@@ -53,34 +54,39 @@ pub fn with_ca(opts: ConnectOptions, credentials: Option<&str>) -> Result<Connec
 }
 
 /// Applies the credentials found at `path` (see the module doc).
-pub fn with_credentials(opts: ConnectOptions, path: &str) -> Result<ConnectOptions, String> {
+pub fn with_credentials(opts: ConnectOptions, path: &str) -> Result<ConnectOptions, Error> {
     let p = Path::new(path);
     let creds = |text: &str, from: &Path| {
         opts.clone()
             .credentials(text)
-            .map_err(|e| format!("invalid NATS credentials file {}: {e}", from.display()))
+            .map_err(|e| {
+                Error::Config(format!(
+                    "invalid NATS credentials file {}: {e}",
+                    from.display()
+                ))
+            })
     };
     if !p.is_dir() {
         let text = std::fs::read_to_string(p)
-            .map_err(|e| format!("cannot read credentials file {path}: {e}"))?;
+            .map_err(|e| Error::Config(format!("cannot read credentials file {path}: {e}")))?;
         if text.contains("BEGIN NATS USER JWT") {
             return creds(&text, p);
         }
-        return Err(format!(
+        return Err(Error::Config(format!(
             "credentials file {path} is not a NATS .creds file (a Secret directory holding \
              `creds`, `token`, or `username` and `password` is the other accepted form)"
-        ));
+        )));
     }
     // A mounted Secret, read as everywhere else (`weir_broker::credentials`).
-    match Credentials::from_dir(p).map_err(|e| e.0)?.auth {
+    match Credentials::from_dir(p)?.auth {
         Auth::Creds(text) => creds(&text, &p.join("creds")),
         Auth::Token(token) => Ok(opts.token(token)),
         Auth::UserPassword { username, password } => Ok(opts.user_and_password(username, password)),
         Auth::None => Ok(opts),
-        Auth::Password(_) => Err(format!(
+        Auth::Password(_) => Err(Error::Config(format!(
             "credentials directory {path} holds `password` without `username`: a password alone \
              is no NATS credential"
-        )),
+        ))),
     }
 }
 
@@ -90,7 +96,7 @@ pub async fn connect(
     credentials: Option<&str>,
     name: &str,
     on_state: impl Fn(bool) + Send + Sync + 'static,
-) -> Result<Client, String> {
+) -> Result<Client, Error> {
     let on_state = std::sync::Arc::new(on_state);
     let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     let mut opts = ConnectOptions::new()
@@ -130,9 +136,10 @@ pub async fn connect(
         opts = with_credentials(opts, c)?;
     }
     opts = with_ca(opts, credentials)?;
-    opts.connect(url)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", weir_crds::redact::url(url)))
+    opts.connect(url).await.map_err(|e| Error::Connect {
+        to: weir_crds::redact::url(url),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -185,12 +192,14 @@ mod tests {
         std::fs::write(dir.path().join(CA_KEY), "not a certificate").unwrap();
         // The Secret is read once, ca.crt included: a bad one is refused naming the file,
         // whether the credentials or the CA are looked at first.
-        let e = with_credentials(ConnectOptions::new(), path).unwrap_err();
+        let e = with_credentials(ConnectOptions::new(), path)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("{path}/ca.crt")) && e.contains("not a PEM"),
             "{e}"
         );
-        let e = ca_file(Some(path)).unwrap_err();
+        let e = ca_file(Some(path)).unwrap_err().to_string();
         assert!(
             e.contains(&format!("{path}/ca.crt")) && e.contains("not a PEM"),
             "{e}"

@@ -107,7 +107,7 @@ impl Conn {
         id: &str,
         headers: backend::Headers,
         payload: bytes::Bytes,
-    ) -> Result<backend::Published, String> {
+    ) -> Result<backend::Published, backend::Error> {
         match self {
             Conn::Nats { js, .. } => {
                 let mut h = async_nats::HeaderMap::new();
@@ -155,42 +155,63 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
+/// Why the bridge cannot start with a config. [`Bridge::apply`] returns it: at start the
+/// sidecar exits with it; on a reload the running bridge is kept and the reload is reported
+/// failed with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `messaging.brokerKind` names no kind the bridge speaks.
+    #[error("messaging.brokerKind: {0:?} is not supported (nats, redis or rabbitmq)")]
+    UnsupportedKind(String),
+    /// An entry of `messaging` is not usable: `field` is its path below `messaging`
+    /// (`consumes[0].maxInFlight`).
+    #[error("messaging.{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The broker URL or its credentials are not usable ([`backend::Error::Config`]), or the
+    /// first connection could not be set up.
+    #[error(transparent)]
+    Broker(#[from] backend::Error),
+}
+
 /// Compiles every schema of `messaging`; the error names the entry.
-pub fn check_config(messaging: &MessagingConfig) -> Result<(), String> {
+pub fn check_config(messaging: &MessagingConfig) -> Result<(), ConfigError> {
     compile_all(messaging).map(|_| ())
 }
 
 type Compiled = (Vec<(PublishConfig, Schema)>, Vec<(ConsumeConfig, Schema)>);
 
-fn compile_all(m: &MessagingConfig) -> Result<Compiled, String> {
+fn compile_all(m: &MessagingConfig) -> Result<Compiled, ConfigError> {
     if !["nats", "redis", "rabbitmq"].contains(&m.broker_kind.as_str()) {
-        return Err(format!(
-            "messaging.brokerKind: {:?} is not supported (nats, redis or rabbitmq)",
-            m.broker_kind
-        ));
+        return Err(ConfigError::UnsupportedKind(m.broker_kind.clone()));
     }
+    let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
     let mut pubs = Vec::new();
     for (i, p) in m.publishes.iter().enumerate() {
         let s = Schema::compile(p.schema.as_ref())
-            .map_err(|e| format!("messaging.publishes[{i}].schema: {e}"))?;
+            .map_err(|e| invalid(format!("publishes[{i}].schema"), e.to_string()))?;
         pubs.push((p.clone(), s));
     }
     let mut cons = Vec::new();
     for (i, c) in m.consumes.iter().enumerate() {
         let s = Schema::compile(c.schema.as_ref())
-            .map_err(|e| format!("messaging.consumes[{i}].schema: {e}"))?;
+            .map_err(|e| invalid(format!("consumes[{i}].schema"), e.to_string()))?;
+        let at_least_one = |name: &str| {
+            invalid(
+                format!("consumes[{i}].{name}"),
+                "must be at least 1".to_string(),
+            )
+        };
         if c.max_in_flight == 0 {
-            return Err(format!(
-                "messaging.consumes[{i}].maxInFlight: must be at least 1"
-            ));
+            return Err(at_least_one("maxInFlight"));
         }
         if c.max_deliveries == 0 {
-            return Err(format!(
-                "messaging.consumes[{i}].maxDeliveries: must be at least 1"
-            ));
+            return Err(at_least_one("maxDeliveries"));
         }
         if !c.path.starts_with('/') {
-            return Err(format!("messaging.consumes[{i}].path: must start with /"));
+            return Err(invalid(
+                format!("consumes[{i}].path"),
+                "must start with /".to_string(),
+            ));
         }
         cons.push((c.clone(), s));
     }
@@ -218,7 +239,7 @@ impl Bridge {
 
     /// Starts, restarts or stops the bridge for `cfg`. On `Err` (a schema that does not compile,
     /// an unsupported broker) the running bridge is kept.
-    pub async fn apply(&self, cfg: &ProxyConfig) -> Result<(), String> {
+    pub async fn apply(&self, cfg: &ProxyConfig) -> Result<(), ConfigError> {
         let _guard = self.apply_lock.lock().await;
         let settings = Settings::from(cfg);
         let prev = self.running();
@@ -240,7 +261,7 @@ impl Bridge {
         Ok(())
     }
 
-    async fn start(&self, settings: Settings) -> Result<Arc<Running>, String> {
+    async fn start(&self, settings: Settings) -> Result<Arc<Running>, ConfigError> {
         let (pubs, cons) = compile_all(&settings.messaging)?;
         let m = &settings.messaging;
         let name = format!("weir-proxy {}/{}", settings.namespace, settings.service);
@@ -273,11 +294,7 @@ impl Bridge {
                 m.publishes.clone(),
                 on_state,
             )?)),
-            other => {
-                return Err(format!(
-                    "messaging.brokerKind: {other:?} is not supported (nats, redis or rabbitmq)"
-                ));
-            }
+            other => return Err(ConfigError::UnsupportedKind(other.to_string())),
         };
         let publishes = pubs
             .into_iter()

@@ -1,7 +1,7 @@
 //! JetStream: the durable pull consumer of each consumed queue, the processed-event KV bucket
 //! and the dead-letter stream (names in docs/messaging.md).
 
-use super::backend::{Headers, Inbound, Settle, Side};
+use super::backend::{Error, Headers, Inbound, Settle, Side};
 use super::cloudevents::*;
 use super::consume::{Consumer, MIN_DEDUP_TTL, PULL_EXPIRES, deliver, stopped};
 use super::publish::{ensure_stream, publish_with_ack};
@@ -97,16 +97,21 @@ impl Inbound for NatsMsg {
     fn identity(&self) -> Option<String> {
         self.identity.clone()
     }
-    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), String> {
-        Err("a JetStream message without its metadata (stream sequence) cannot be given one".into())
+    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), Error> {
+        Err(Error::Unsupported(
+            "a JetStream message without its metadata (stream sequence) cannot be given one",
+        ))
     }
-    async fn settle(&self, how: Settle) -> Result<(), String> {
+    async fn settle(&self, how: Settle) -> Result<(), Error> {
         let kind = match how {
             Settle::Ack => AckKind::Ack,
             Settle::Nak(d) => AckKind::Nak(d),
             Settle::Term => AckKind::Term,
         };
-        self.msg.ack_with(kind).await.map_err(|e| e.to_string())
+        self.msg
+            .ack_with(kind)
+            .await
+            .map_err(|e| Error::broker(e.to_string()))
     }
     async fn progress(&self) {
         let _ = self.msg.ack_with(AckKind::Progress).await;
@@ -115,21 +120,21 @@ impl Inbound for NatsMsg {
 
 impl Side for NatsSide {
     type Msg = NatsMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, String> {
+    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
         self.kv
             .get(key.to_string())
             .await
             .map(|v| v.is_some())
-            .map_err(|e| e.to_string())
+            .map_err(|e| Error::broker(e.to_string()))
     }
-    async fn record_processed(&self, key: &str, value: &str) -> Result<(), String> {
+    async fn record_processed(&self, key: &str, value: &str) -> Result<(), Error> {
         self.kv
             .put(key.to_string(), Bytes::from(value.to_string()))
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| Error::broker(e.to_string()))
     }
-    async fn dead_letter(&self, msg: &NatsMsg, headers: Headers) -> Result<(), String> {
+    async fn dead_letter(&self, msg: &NatsMsg, headers: Headers) -> Result<(), Error> {
         let mut h = async_nats::HeaderMap::new();
         for (k, v) in &headers {
             h.append(k.as_str(), v.as_str());
@@ -146,12 +151,12 @@ impl Side for NatsSide {
 }
 
 /// Looks up (or creates) the durable consumer, the KV bucket and the dead-letter stream.
-async fn setup(js: &jetstream::Context, c: &ConsumeConfig) -> Result<Ready, String> {
+async fn setup(js: &jetstream::Context, c: &ConsumeConfig) -> Result<Ready, Error> {
     {
         let stream = js
             .get_stream(&c.stream)
             .await
-            .map_err(|e| format!("stream {}: {e}", c.stream))?;
+            .map_err(|e| Error::broker(format!("stream {}: {e}", c.stream)))?;
         let consumer = stream
             .get_or_create_consumer(
                 &c.consumer,
@@ -166,7 +171,7 @@ async fn setup(js: &jetstream::Context, c: &ConsumeConfig) -> Result<Ready, Stri
                 },
             )
             .await
-            .map_err(|e| format!("consumer {}: {e}", c.consumer))?;
+            .map_err(|e| Error::broker(format!("consumer {}: {e}", c.consumer)))?;
         let bucket = processed_bucket(&c.stream);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -191,10 +196,10 @@ async fn setup(js: &jetstream::Context, c: &ConsumeConfig) -> Result<Ready, Stri
                     Err(_) => js
                         .get_key_value(&bucket)
                         .await
-                        .map_err(|e| format!("KV bucket {bucket}: {e}"))?,
+                        .map_err(|e| Error::broker(format!("KV bucket {bucket}: {e}")))?,
                 }
             }
-            Err(e) => return Err(format!("KV bucket {bucket}: {e}")),
+            Err(e) => return Err(Error::broker(format!("KV bucket {bucket}: {e}"))),
         };
         if !c.dead_letter_subject.is_empty() {
             ensure_stream(js, &c.dead_letter_stream, &c.dead_letter_subject).await?;

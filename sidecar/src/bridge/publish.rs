@@ -16,7 +16,7 @@
 //! again (same `ce-id`, so a retry of an event that did reach the broker is not stored twice on
 //! brokers that deduplicate) after `Retry-After` seconds.
 
-use super::backend::Headers;
+use super::backend::{Error, Headers};
 use super::cloudevents::*;
 use super::schema::SchemaError;
 use super::{PUBLISH_TIMEOUT, Running};
@@ -212,7 +212,7 @@ pub(crate) async fn handle(
     }
     let id = match event_id(&parts.headers) {
         Ok(id) => id,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why),
+        Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why.to_string()),
     };
     if !running.conn.connected() {
         return error(
@@ -244,12 +244,12 @@ pub(crate) async fn handle(
             }
             r
         }
-        Err(reason) => {
-            tracing::warn!(queue = %queue, id = %id, reason = %reason, "publish failed");
+        Err(e) => {
+            tracing::warn!(queue = %queue, id = %id, reason = %e, cause = e.label(), "publish failed");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "broker unavailable",
-                reason,
+                e.to_string(),
             )
         }
     }
@@ -265,15 +265,19 @@ fn schema_rejection(queue: &str, errors: Vec<SchemaError>) -> Resp {
     )
 }
 
+/// An event id given in header `0` (`ce-id` or `Idempotency-Key`) that cannot be one: the
+/// publish answers 400 (`bad request`) with this text as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}: must be 1 to {MAX_EVENT_ID_LEN} visible ASCII characters")]
+pub struct InvalidEventId(&'static str);
+
 /// `ce-id`, else `Idempotency-Key`, else a new UUID v4.
-fn event_id(h: &http::HeaderMap) -> Result<String, String> {
+fn event_id(h: &http::HeaderMap) -> Result<String, InvalidEventId> {
     for name in [CE_ID, IDEMPOTENCY_KEY] {
         if let Some(v) = h.get(name) {
             let s = v.to_str().unwrap_or_default();
             if !valid_event_id(s) {
-                return Err(format!(
-                    "{name}: must be 1 to {MAX_EVENT_ID_LEN} visible ASCII characters"
-                ));
+                return Err(InvalidEventId(name));
             }
             return Ok(s.to_string());
         }
@@ -315,26 +319,28 @@ pub async fn publish_with_ack(
     subject: &str,
     headers: async_nats::HeaderMap,
     payload: Bytes,
-) -> Result<jetstream::publish::PublishAck, String> {
+) -> Result<jetstream::publish::PublishAck, Error> {
     let fut = async {
         let ack = js
             .publish_with_headers(subject.to_string(), headers, payload)
             .await
-            .map_err(|e| format!("publish failed: {e}"))?;
+            .map_err(|e| Error::broker(format!("publish failed: {e}")))?;
         ack.await.map_err(|e| match e.kind() {
-            PublishErrorKind::StreamNotFound => {
-                format!("no stream accepts subject {subject:?} (is the queue declared?)")
+            PublishErrorKind::StreamNotFound => Error::Unroutable(format!(
+                "no stream accepts subject {subject:?} (is the queue declared?)"
+            )),
+            PublishErrorKind::TimedOut => {
+                Error::Timeout("the broker did not acknowledge in time".into())
             }
-            PublishErrorKind::TimedOut => "the broker did not acknowledge in time".to_string(),
-            _ => format!("publish failed: {e}"),
+            _ => Error::broker(format!("publish failed: {e}")),
         })
     };
     match tokio::time::timeout(PUBLISH_TIMEOUT, fut).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
+        Err(_) => Err(Error::Timeout(format!(
             "the broker did not acknowledge within {} ms",
             PUBLISH_TIMEOUT.as_millis()
-        )),
+        ))),
     }
 }
 
@@ -368,7 +374,7 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     stream: &str,
     subject: &str,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     match js.get_stream(stream).await {
         Ok(_) => Ok(()),
         Err(e)
@@ -383,9 +389,9 @@ pub async fn ensure_stream(
             })
             .await
             .map(|_| tracing::info!(stream, subject, "stream created (was absent)"))
-            .map_err(|e| format!("cannot create stream {stream}: {e}"))
+            .map_err(|e| Error::broker(format!("cannot create stream {stream}: {e}")))
         }
-        Err(e) => Err(format!("cannot look up stream {stream}: {e}")),
+        Err(e) => Err(Error::broker(format!("cannot look up stream {stream}: {e}"))),
     }
 }
 

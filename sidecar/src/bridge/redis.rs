@@ -13,7 +13,7 @@
 //!   counts one). "Still working" is the same touch.
 //! - Dead letters: `XADD` to the dead-letter stream; processed events: `SET <key> PX <ttl>`.
 
-use super::backend::{Headers, Inbound, Published, Settle, Side};
+use super::backend::{Error, Headers, Inbound, Published, Settle, Side};
 use super::cloudevents::processed_bucket;
 use super::consume::{Consumer, MIN_DEDUP_TTL, deliver, stopped};
 use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
@@ -76,31 +76,39 @@ impl CallError {
     }
 }
 
-impl From<CallError> for String {
-    fn from(e: CallError) -> String {
-        e.to_string()
+impl From<CallError> for Error {
+    fn from(e: CallError) -> Error {
+        match e {
+            CallError::Timeout => Error::Timeout(e.to_string()),
+            CallError::Redis(e) => Error::Broker {
+                code: e.code().map(str::to_string),
+                message: e.to_string(),
+            },
+        }
     }
 }
 
 /// Opens a client for `url` with the credentials at `credentials` (a Secret directory holding
 /// `username` and `password`, or `password` alone, or `token`, used as the password; or only
 /// `ca.crt`). A `ca.crt` there is the only root trusted for `rediss://`.
-pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, String> {
+pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Error> {
     let mut info = url.into_connection_info().map_err(|e| {
-        format!(
+        Error::Config(format!(
             "messaging.brokerUrl: {:?} is not a Redis URL: {e}",
             weir_crds::redact::url(url)
-        )
+        ))
     })?;
+    let unusable = |e: redis::RedisError| {
+        Error::Config(format!("cannot use {}: {e}", weir_crds::redact::url(url)))
+    };
     // The Secret directory is read once: the credential and `ca.crt` (checked) together.
     let Some(dir) = credentials else {
-        return redis::Client::open(info)
-            .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)));
+        return redis::Client::open(info).map_err(unusable);
     };
-    let creds = Credentials::from_dir(Path::new(dir)).map_err(|e| e.0)?;
+    let creds = Credentials::from_dir(Path::new(dir))?;
     if let Some((user, pass)) = creds
         .redis_auth()
-        .map_err(|e| format!("credentials directory {dir}: {e}"))?
+        .map_err(|e| Error::Config(format!("credentials directory {dir}: {e}")))?
     {
         let mut r = info.redis_settings().clone().set_password(pass);
         if let Some(u) = user {
@@ -112,11 +120,11 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
         None => redis::Client::open(info),
         Some(pem) => {
             if !url.starts_with("rediss://") {
-                return Err(format!(
+                return Err(Error::Config(format!(
                     "{} is given but messaging.brokerUrl {:?} is not TLS (use rediss://)",
                     Path::new(dir).join(CA_KEY).display(),
                     weir_crds::redact::url(url)
-                ));
+                )));
             }
             let certs = redis::TlsCertificates {
                 client_tls: None,
@@ -125,20 +133,21 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
             redis::Client::build_with_tls(info, certs)
         }
     }
-    .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)))
+    .map_err(unusable)
 }
 
 fn manager(
     client: &redis::Client,
     response_timeout: Duration,
-) -> Result<ConnectionManager, String> {
+) -> Result<ConnectionManager, Error> {
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(1)
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_lazy_with_config(client.clone(), cfg).map_err(|e| e.to_string())
+    ConnectionManager::new_lazy_with_config(client.clone(), cfg)
+        .map_err(|e| Error::broker(e.to_string()))
 }
 
 /// The sidecar's Redis connection (reconnecting on its own), with a health check that keeps
@@ -156,7 +165,7 @@ impl RedisConn {
         url: &str,
         credentials: Option<&str>,
         on_state: impl Fn(bool) + Send + Sync + 'static,
-    ) -> Result<RedisConn, String> {
+    ) -> Result<RedisConn, Error> {
         let client = client(url, credentials)?;
         let con = manager(&client, API_TIMEOUT)?;
         let connected = Arc::new(AtomicBool::new(false));
@@ -216,7 +225,7 @@ impl RedisConn {
         id: &str,
         headers: &Headers,
         payload: Bytes,
-    ) -> Result<Published, String> {
+    ) -> Result<Published, Error> {
         let window = target
             .duplicate_window_ms
             .map(Duration::from_millis)
@@ -243,12 +252,17 @@ impl RedisConn {
         let r = tokio::time::timeout(PUBLISH_TIMEOUT, inv.invoke_async::<Value>(&mut con)).await;
         let v = match r {
             Err(_) => {
-                return Err(format!(
+                return Err(Error::Timeout(format!(
                     "the broker did not acknowledge within {} ms",
                     PUBLISH_TIMEOUT.as_millis()
-                ));
+                )));
             }
-            Ok(Err(e)) => return Err(format!("publish to {} failed: {e}", target.stream)),
+            Ok(Err(e)) => {
+                return Err(Error::Broker {
+                    code: e.code().map(str::to_string),
+                    message: format!("publish to {} failed: {e}", target.stream),
+                });
+            }
             Ok(Ok(v)) => v,
         };
         let a = arr(&v);
@@ -257,7 +271,9 @@ impl RedisConn {
                 duplicate: dup == 1,
                 position: serde_json::Value::String(entry),
             }),
-            _ => Err(format!("unexpected answer to the publish: {v:?}")),
+            _ => Err(Error::broker(format!(
+                "unexpected answer to the publish: {v:?}"
+            ))),
         }
     }
 }
@@ -349,7 +365,7 @@ impl Shared {
     }
 
     /// Resets the entry's idle time without counting a delivery.
-    async fn touch(&self, id: &str) -> Result<(), String> {
+    async fn touch(&self, id: &str) -> Result<(), CallError> {
         self.query::<Value>(
             redis::cmd("XCLAIM")
                 .arg(&self.stream)
@@ -361,7 +377,6 @@ impl Shared {
         )
         .await
         .map(|_| ())
-        .map_err(String::from)
     }
 
     /// How many times `id` was delivered (from `XPENDING`); 1 when unknown.
@@ -413,10 +428,12 @@ impl Inbound for RedisMsg {
         // current time, so an id is not repeated while a processed-event record may hold it.
         Some(self.entry.id.clone())
     }
-    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), String> {
-        Err("a Redis stream entry always has an identity (its entry id)".into())
+    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), Error> {
+        Err(Error::Unsupported(
+            "a Redis stream entry always has an identity (its entry id)",
+        ))
     }
-    async fn settle(&self, how: Settle) -> Result<(), String> {
+    async fn settle(&self, how: Settle) -> Result<(), Error> {
         let s = &self.shared;
         match how {
             Settle::Ack | Settle::Term => s
@@ -428,7 +445,7 @@ impl Inbound for RedisMsg {
                 )
                 .await
                 .map(|_| ())
-                .map_err(String::from),
+                .map_err(Error::from),
             Settle::Nak(delay) => {
                 let (s, id) = (self.shared.clone(), self.entry.id.clone());
                 let delay = delay.unwrap_or_default();
@@ -467,14 +484,14 @@ pub(crate) struct RedisSide {
 
 impl Side for RedisSide {
     type Msg = RedisMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, String> {
+    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
         let s = &self.shared;
         s.query::<i64>(redis::cmd("EXISTS").arg(format!("{}:{key}", s.processed_prefix)))
             .await
             .map(|n| n > 0)
-            .map_err(String::from)
+            .map_err(Error::from)
     }
-    async fn record_processed(&self, key: &str, value: &str) -> Result<(), String> {
+    async fn record_processed(&self, key: &str, value: &str) -> Result<(), Error> {
         let s = &self.shared;
         s.query::<Value>(
             redis::cmd("SET")
@@ -485,9 +502,9 @@ impl Side for RedisSide {
         )
         .await
         .map(|_| ())
-        .map_err(String::from)
+        .map_err(Error::from)
     }
-    async fn dead_letter(&self, msg: &RedisMsg, headers: Headers) -> Result<(), String> {
+    async fn dead_letter(&self, msg: &RedisMsg, headers: Headers) -> Result<(), Error> {
         let s = &self.shared;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&s.dead_letter_stream).arg("*");
@@ -498,7 +515,7 @@ impl Side for RedisSide {
         s.query::<String>(&cmd)
             .await
             .map(|_| ())
-            .map_err(String::from)
+            .map_err(Error::from)
     }
 }
 
@@ -507,7 +524,7 @@ pub async fn ensure_group(
     con: &mut ConnectionManager,
     stream: &str,
     group: &str,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let r = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -522,7 +539,10 @@ pub async fn ensure_group(
             Ok(())
         }
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(format!("consumer group {group} on {stream}: {e}")),
+        Err(e) => Err(Error::Broker {
+            code: e.code().map(str::to_string),
+            message: format!("consumer group {group} on {stream}: {e}"),
+        }),
     }
 }
 
