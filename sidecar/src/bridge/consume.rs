@@ -1,4 +1,6 @@
-//! Pushes one consumer's messages to the app, whatever the broker (see [`super::backend`]).
+//! Pushes one consumer's messages to the app, whatever the broker: `Consumer` is the
+//! [`Handler`] the broker's consume loop ([`weir_broker::transport::Connection::consume`]) hands
+//! each message to, and settles it through [`Inbound`] and [`Side`].
 //!
 //! Per message, before the app is called (each failure → a dead letter with its reason, the app
 //! never sees the message): size within the app's `inbound.maxBodyBytes` (`too-large`), the
@@ -13,7 +15,6 @@
 //! broker before the original is termed; when that publish fails the original is nak'ed, never
 //! dropped.
 
-use super::backend::{Headers, Inbound, Settle, Side, header, set_header};
 use super::cloudevents::*;
 use super::metrics::QueueMetrics;
 use super::schema::{Schema, summarize};
@@ -25,16 +26,15 @@ use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::watch;
+use weir_broker::transport::{
+    Handler, Headers, Inbound, Settle, Side, header, set_header, stopped,
+};
 use weir_crds::proxy::ConsumeConfig;
 
-/// Shortest lifetime of a processed-event record (docs/messaging.md: max(window, 10m)).
-pub const MIN_DEDUP_TTL: Duration = Duration::from_secs(600);
-/// How long one pull request waits for messages.
-pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Longest part of the app's answer kept in `Weir-Last-Error`.
 pub const ERROR_EXCERPT_BYTES: usize = 256;
 /// Nak delay when the broker could not take a dead letter or a KV look-up failed.
-pub const RETRY_LATER: Duration = Duration::from_secs(1);
+pub use weir_broker::transport::RETRY_LATER;
 
 pub(crate) struct Consumer {
     pub cfg: ConsumeConfig,
@@ -43,8 +43,6 @@ pub(crate) struct Consumer {
     pub http: HttpClient,
     pub app: SocketAddr,
     pub app_timeout: Duration,
-    /// Stop pulling.
-    pub stop: watch::Receiver<bool>,
     /// Give in-flight deliveries back to the broker now.
     pub abort: watch::Receiver<bool>,
     /// Event ids in the app right now, and those processed lately by this sidecar.
@@ -174,15 +172,15 @@ pub fn classify(status: u16, excerpt: &str) -> Outcome {
     }
 }
 
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 impl Consumer {
     pub(crate) fn queue(&self) -> &str {
         &self.cfg.queue
+    }
+}
+
+impl Handler for Consumer {
+    async fn deliver<S: Side>(&self, side: &S, msg: S::Msg) {
+        deliver(self, side, msg).await
     }
 }
 

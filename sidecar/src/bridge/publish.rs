@@ -16,25 +16,18 @@
 //! again (same `ce-id`, so a retry of an event that did reach the broker is not stored twice on
 //! brokers that deduplicate) after `Retry-After` seconds.
 
-use super::backend::{Error, Headers};
+use super::Running;
 use super::cloudevents::*;
 use super::schema::SchemaError;
-use super::{PUBLISH_TIMEOUT, Running};
 use crate::body::{self, BoxBody, Resp};
 use crate::trace::TraceContext;
-use async_nats::jetstream::{
-    self,
-    context::{GetStreamErrorKind, PublishErrorKind},
-};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::watch;
-use weir_crds::proxy::PublishConfig;
+use weir_broker::transport::{Headers, MAX_RECONNECT_DELAY};
 
 pub const PATH_PREFIX: &str = "/v1/publish/";
 /// `x-weir-reason` of a 415.
@@ -68,7 +61,7 @@ fn json_resp(status: StatusCode, value: serde_json::Value) -> Resp {
 
 /// `Retry-After` of every 503: the longest pause between two reconnect attempts, so a publisher
 /// that waits this long tries again after the sidecar has tried the broker at least once more.
-pub const RETRY_AFTER_SECONDS: u64 = super::connect::MAX_RECONNECT_DELAY.as_secs();
+pub const RETRY_AFTER_SECONDS: u64 = MAX_RECONNECT_DELAY.as_secs();
 
 fn error(status: StatusCode, error: &str, reason: impl Into<String>) -> Resp {
     let mut r = json_resp(status, json!({"error": error, "reason": reason.into()}));
@@ -311,88 +304,6 @@ pub fn event_headers(
     }
     h.insert(NATS_MSG_ID, id);
     h
-}
-
-/// Publishes and waits for the JetStream ack, bounded by [`PUBLISH_TIMEOUT`].
-pub async fn publish_with_ack(
-    js: &jetstream::Context,
-    subject: &str,
-    headers: async_nats::HeaderMap,
-    payload: Bytes,
-) -> Result<jetstream::publish::PublishAck, Error> {
-    let fut = async {
-        let ack = js
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await
-            .map_err(|e| Error::broker(format!("publish failed: {e}")))?;
-        ack.await.map_err(|e| match e.kind() {
-            PublishErrorKind::StreamNotFound => Error::Unroutable(format!(
-                "no stream accepts subject {subject:?} (is the queue declared?)"
-            )),
-            PublishErrorKind::TimedOut => {
-                Error::Timeout("the broker did not acknowledge in time".into())
-            }
-            _ => Error::broker(format!("publish failed: {e}")),
-        })
-    };
-    match tokio::time::timeout(PUBLISH_TIMEOUT, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout(format!(
-            "the broker did not acknowledge within {} ms",
-            PUBLISH_TIMEOUT.as_millis()
-        ))),
-    }
-}
-
-/// Creates the stream of each published queue when it is absent (`weir up` and tests run
-/// without the operator); an existing stream is never changed. Retries until it succeeds.
-pub(crate) async fn ensure_streams(
-    js: jetstream::Context,
-    publishes: Vec<PublishConfig>,
-    mut stop: watch::Receiver<bool>,
-) {
-    for p in publishes {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match ensure_stream(&js, &p.stream, &p.subject).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::debug!(stream = %p.stream, error = %e, "cannot ensure stream yet");
-                }
-            }
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
-/// Creates `stream` on `subject` (file storage, defaults otherwise) unless it exists.
-pub async fn ensure_stream(
-    js: &jetstream::Context,
-    stream: &str,
-    subject: &str,
-) -> Result<(), Error> {
-    match js.get_stream(stream).await {
-        Ok(_) => Ok(()),
-        Err(e)
-            if matches!(e.kind(), GetStreamErrorKind::JetStream(je)
-                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            js.create_stream(jetstream::stream::Config {
-                name: stream.to_string(),
-                subjects: vec![subject.to_string()],
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map(|_| tracing::info!(stream, subject, "stream created (was absent)"))
-            .map_err(|e| Error::broker(format!("cannot create stream {stream}: {e}")))
-        }
-        Err(e) => Err(Error::broker(format!("cannot look up stream {stream}: {e}"))),
-    }
 }
 
 #[cfg(test)]

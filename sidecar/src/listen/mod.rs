@@ -373,11 +373,7 @@ impl Proxy {
         if !failures.is_empty() {
             return Err(failures.join("; "));
         }
-        shared
-            .bridge
-            .apply(&cfg)
-            .await
-            .map_err(|e| e.to_string())?;
+        shared.bridge.apply(&cfg).await.map_err(|e| e.to_string())?;
         let reload_task = tokio::spawn(watch_config(shared.clone(), opts, raw));
         Ok(Proxy {
             shared,

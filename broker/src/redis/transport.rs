@@ -1,4 +1,4 @@
-//! Redis Streams: a stream per queue, a consumer group per consuming Microservice, one consumer
+//! The sidecar's role on Redis Streams: a stream per queue, a consumer group per consuming Microservice, one consumer
 //! per sidecar (`<hostname>-<admin port>`, stable across restarts of the same sidecar).
 //!
 //! - Publish: one Lua script drops a repeated event id (`SET NX` of `<stream>:published:<id>`
@@ -13,10 +13,13 @@
 //!   counts one). "Still working" is the same touch.
 //! - Dead letters: `XADD` to the dead-letter stream; processed events: `SET <key> PX <ttl>`.
 
-use super::backend::{Error, Headers, Inbound, Published, Settle, Side};
-use super::cloudevents::processed_bucket;
-use super::consume::{Consumer, MIN_DEDUP_TTL, deliver, stopped};
-use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
+use super::published_key;
+use crate::credentials::{CA_KEY, Credentials};
+use crate::queue::processed_bucket;
+use crate::transport::{
+    API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, PUBLISH_TIMEOUT, Published,
+    Settle, Side, Slots, pause, stopped,
+};
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Value};
@@ -24,9 +27,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc, watch};
-use weir_broker::credentials::{CA_KEY, Credentials};
-use weir_crds::proxy::PublishConfig;
+use tokio::sync::{mpsc, watch};
+use weir_crds::proxy::{ConsumeConfig, PublishConfig};
 
 /// The stream entry field holding the event's body; every other field is a header.
 pub const DATA_FIELD: &str = "data";
@@ -53,13 +55,11 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {0, id}
 "#;
 
-pub use weir_broker::redis::{processed_record, published_key};
-
 /// Why a Redis call failed. The server's error code is kept, so the consumer tells a consumer
 /// group that vanished under it (`NOGROUP`: it creates the group again) from a dropped
 /// connection by the code, not by reading the message.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum CallError {
+pub enum CallError {
     #[error("the broker did not answer in time")]
     Timeout,
     #[error("{0}")]
@@ -68,7 +68,7 @@ pub(crate) enum CallError {
 
 impl CallError {
     /// The server's error code (`NOGROUP`, `BUSYGROUP`, ...), when it answered with one.
-    fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&str> {
         match self {
             CallError::Redis(e) => e.code(),
             CallError::Timeout => None,
@@ -136,10 +136,7 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Err
     .map_err(unusable)
 }
 
-fn manager(
-    client: &redis::Client,
-    response_timeout: Duration,
-) -> Result<ConnectionManager, Error> {
+fn manager(client: &redis::Client, response_timeout: Duration) -> Result<ConnectionManager, Error> {
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(response_timeout))
@@ -152,7 +149,7 @@ fn manager(
 
 /// The sidecar's Redis connection (reconnecting on its own), with a health check that keeps
 /// `connected` current.
-pub(crate) struct RedisConn {
+pub struct RedisConn {
     client: redis::Client,
     con: ConnectionManager,
     connected: Arc<AtomicBool>,
@@ -342,7 +339,7 @@ pub fn parse_entries(v: &Value) -> Vec<Entry> {
 }
 
 /// What one consumer shares with its messages.
-pub(crate) struct Shared {
+pub struct Shared {
     con: ConnectionManager,
     stream: String,
     group: String,
@@ -401,7 +398,7 @@ impl Shared {
     }
 }
 
-pub(crate) struct RedisMsg {
+pub struct RedisMsg {
     entry: Entry,
     delivered: u64,
     shared: Arc<Shared>,
@@ -478,7 +475,7 @@ impl Inbound for RedisMsg {
     }
 }
 
-pub(crate) struct RedisSide {
+pub struct RedisSide {
     shared: Arc<Shared>,
 }
 
@@ -546,12 +543,17 @@ pub async fn ensure_group(
     }
 }
 
-/// Runs until `stop`: at most `maxInFlight` entries in the app at a time.
-pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
-    let c = ctx.cfg.clone();
-    let mut stop = ctx.stop.clone();
-    let max = c.max_in_flight as usize;
-    let sem = Arc::new(Semaphore::new(max));
+/// Runs until `stop`, as consumer `me` of the group: at most `maxInFlight` entries handed to
+/// `handler` at a time.
+pub(crate) async fn run<H: Handler>(
+    conn: Arc<RedisConn>,
+    c: ConsumeConfig,
+    me: String,
+    mut stop: watch::Receiver<bool>,
+    handler: Arc<H>,
+) {
+    let queue = c.queue.as_str();
+    let slots = Slots::new(c.max_in_flight as usize);
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<String>();
     let ack_wait = Duration::from_millis(c.ack_wait_ms.max(100));
     let shared = Arc::new(Shared {
@@ -573,7 +575,7 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
     let reader = match manager(&conn.client, READ_BLOCK + API_TIMEOUT) {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(queue = ctx.queue(), error = %e, "cannot open the reading connection");
+            tracing::error!(queue, error = %e, "cannot open the reading connection");
             return;
         }
     };
@@ -590,32 +592,22 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
             let mut con = conn.con.clone();
             match ensure_group(&mut con, &c.stream, &c.consumer).await {
                 Ok(()) => {
-                    tracing::info!(queue = ctx.queue(), group = %c.consumer, consumer = %me, "consuming");
+                    tracing::info!(queue, group = %c.consumer, consumer = %me, "consuming");
                     ready = true;
                     delay = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
-                    tokio::select! {
-                        _ = stopped(&mut stop) => break,
-                        _ = tokio::time::sleep(delay) => {}
+                    tracing::warn!(queue, error = %e, "cannot consume yet; retrying");
+                    if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+                        break;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
                     continue;
                 }
             }
         }
-        let first = tokio::select! {
-            _ = stopped(&mut stop) => break,
-            p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+        let Some(mut permits) = slots.free(&mut stop).await else {
+            break;
         };
-        let mut permits = vec![first];
-        while permits.len() < max {
-            match sem.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
         let got = fetch(
             &shared,
             &reader,
@@ -631,36 +623,33 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
                 e
             }
             Err(e) => {
-                tracing::warn!(queue = ctx.queue(), error = %e, "read failed");
+                tracing::warn!(queue, error = %e, "read failed");
                 drop(permits);
                 if e.code() == Some("NOGROUP") {
                     ready = false;
                 }
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = tokio::time::sleep(delay) => {}
+                if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+                    break;
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
         for (entry, delivered) in entries {
             let Some(permit) = permits.pop() else { break };
-            let (ctx, side, shared) = (ctx.clone(), side.clone(), shared.clone());
+            let (handler, side, shared) = (handler.clone(), side.clone(), shared.clone());
             tokio::spawn(async move {
                 let msg = RedisMsg {
                     entry,
                     delivered,
                     shared,
                 };
-                deliver(&ctx, side.as_ref(), msg).await;
+                handler.deliver(side.as_ref(), msg).await;
                 drop(permit);
             });
         }
         drop(permits);
     }
-    let _ = sem.acquire_many(max as u32).await;
-    tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consumer stopped");
+    slots.drain(queue, &c.consumer).await;
 }
 
 /// Up to `n` entries with their delivery counts: retries that fell due, entries left pending
@@ -774,6 +763,7 @@ async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redis::processed_record;
 
     #[test]
     fn entries_parse() {

@@ -1,4 +1,4 @@
-//! RabbitMQ (AMQP 0-9-1, no plugins), on the layout of [`weir_broker::rabbitmq`] (exchanges,
+//! The sidecar's role on RabbitMQ (AMQP 0-9-1, no plugins), on the layout of [`super`] (exchanges,
 //! consumer, retry and dead-letter queues, the processed-event stream, and their arguments).
 //!
 //! Publish: `mandatory`, persistent, `message_id` = event id, CloudEvents headers; the 202 comes
@@ -21,10 +21,11 @@
 //! published itself, so it knows every record older than its start. A record is published
 //! (confirmed) to the stream and kept in memory at once.
 
-use super::backend::{Error, Headers, Inbound, Published, Settle, Side, header};
-use super::cloudevents::{CE_ID, processed_bucket};
-use super::consume::{Consumer, MIN_DEDUP_TTL, RETRY_LATER, deliver, stopped};
-use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
+use crate::queue::processed_bucket;
+use crate::transport::{
+    API_TIMEOUT, CE_ID, Error, Handler, Headers, Inbound, MAX_RECONNECT_DELAY, MIN_DEDUP_TTL,
+    PUBLISH_TIMEOUT, Published, RETRY_LATER, Settle, Side, Slots, header, pause, stopped,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::*;
@@ -36,26 +37,26 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::watch;
 use weir_crds::proxy::{ConsumeConfig, PublishConfig, QueueLimits};
 
 fn long(s: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(s.into().into())
 }
 
-pub use weir_broker::rabbitmq::{
+use super::{
     WEIR_DELIVERIES, WEIR_MESSAGE_ID, consumer_queue, processed_stream_args, quorum_args,
     retry_queue, retry_queue_args,
 };
 
-/// The arguments of a consumer queue ([`weir_broker::rabbitmq::consumer_queue_args`]); an
+/// The arguments of a consumer queue ([`super::consumer_queue_args`]); an
 /// empty `dead_letter_exchange` when dead letters are disabled.
 pub fn consumer_queue_args(
     max_deliveries: u32,
     dead_letter_exchange: &str,
     limits: &QueueLimits,
 ) -> FieldTable {
-    weir_broker::rabbitmq::consumer_queue_args(
+    super::consumer_queue_args(
         i64::from(max_deliveries),
         Some(dead_letter_exchange).filter(|d| !d.is_empty()),
         limits,
@@ -85,7 +86,7 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, Error>
     let Some(dir) = credentials else {
         return Ok(Endpoint { uri, tls });
     };
-    let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))?;
+    let creds = crate::credentials::Credentials::from_dir(std::path::Path::new(dir))?;
     if let Some((user, pass)) = creds
         .amqp_auth()
         .map_err(|e| Error::Config(format!("credentials directory {dir}: {e}")))?
@@ -98,7 +99,7 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, Error>
             return Err(Error::Config(format!(
                 "{} is given but messaging.brokerUrl {:?} is not TLS (use amqps://)",
                 std::path::Path::new(dir)
-                    .join(weir_broker::credentials::CA_KEY)
+                    .join(crate::credentials::CA_KEY)
                     .display(),
                 weir_crds::redact::url(url)
             )));
@@ -328,7 +329,7 @@ pub fn headers_of(p: &BasicProperties) -> Headers {
 }
 
 /// The sidecar's publishing connection: one confirm-mode channel, re-opened by a supervisor.
-pub(crate) struct RabbitConn {
+pub struct RabbitConn {
     channel: Arc<Mutex<Option<Channel>>>,
     connected: Arc<AtomicBool>,
     supervisor: tokio::task::JoinHandle<()>,
@@ -388,7 +389,7 @@ impl RabbitConn {
                                 last_error = Some(e);
                             }
                             tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(super::connect::MAX_RECONNECT_DELAY);
+                            delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                             continue;
                         }
                     }
@@ -476,7 +477,7 @@ struct Processed {
     markers: std::collections::HashSet<String>,
 }
 
-pub(crate) struct Shared {
+pub struct Shared {
     /// Confirm-mode channel for retries, dead letters and processed records.
     out: Channel,
     queue: String,
@@ -488,7 +489,7 @@ pub(crate) struct Shared {
     conn: Connection,
 }
 
-pub(crate) struct RabbitMsg {
+pub struct RabbitMsg {
     delivery: lapin::message::Delivery,
     headers: Headers,
     payload: Bytes,
@@ -644,7 +645,7 @@ impl RabbitMsg {
     }
 }
 
-pub(crate) struct RabbitSide {
+pub struct RabbitSide {
     shared: Arc<Shared>,
 }
 
@@ -752,11 +753,15 @@ async fn follow_processed(
 }
 
 /// Runs until `stop`: prefetch = maxInFlight, one task per delivery.
-pub(crate) async fn run(ctx: Arc<Consumer>, u: Endpoint, name: String) {
-    let c = ctx.cfg.clone();
-    let mut stop = ctx.stop.clone();
-    let max = c.max_in_flight as usize;
-    let sem = Arc::new(Semaphore::new(max));
+pub(crate) async fn run<H: Handler>(
+    u: Endpoint,
+    name: String,
+    c: ConsumeConfig,
+    mut stop: watch::Receiver<bool>,
+    handler: Arc<H>,
+) {
+    let queue = c.queue.as_str();
+    let slots = Slots::new(c.max_in_flight as usize);
     let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
     let processed: Arc<Mutex<Processed>> = Arc::default();
     let mut delay = Duration::from_millis(100);
@@ -845,65 +850,60 @@ pub(crate) async fn run(ctx: Arc<Consumer>, u: Endpoint, name: String) {
         };
         let (shared, ch, mut consumer) = match setup.await {
             Ok(v) => {
-                tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consuming");
+                tracing::info!(queue, consumer = %c.consumer, "consuming");
                 delay = Duration::from_millis(100);
                 v
             }
             Err(e) => {
-                tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = tokio::time::sleep(delay) => {}
+                tracing::warn!(queue, error = %e, "cannot consume yet; retrying");
+                if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+                    break;
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
         let side = Arc::new(RabbitSide {
             shared: shared.clone(),
         });
+        let cancel = || ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default());
         loop {
-            let permit = tokio::select! {
-                _ = stopped(&mut stop) => {
-                    let _ = ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default()).await;
-                    break 'connect;
-                }
-                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            let Some(permit) = slots.one(&mut stop).await else {
+                let _ = cancel().await;
+                break 'connect;
             };
             let next = tokio::select! {
                 _ = stopped(&mut stop) => {
-                    let _ = ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default()).await;
+                    let _ = cancel().await;
                     break 'connect;
                 }
                 n = consumer.next() => n,
             };
             match next {
                 Some(Ok(d)) => {
-                    let (ctx, side, shared) = (ctx.clone(), side.clone(), shared.clone());
+                    let (handler, side, shared) = (handler.clone(), side.clone(), shared.clone());
                     tokio::spawn(async move {
-                        deliver(&ctx, side.as_ref(), RabbitMsg::new(d, shared)).await;
+                        handler
+                            .deliver(side.as_ref(), RabbitMsg::new(d, shared))
+                            .await;
                         drop(permit);
                     });
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(queue = ctx.queue(), error = %e, "consumer interrupted; reconnecting");
+                    tracing::warn!(queue, error = %e, "consumer interrupted; reconnecting");
                     break;
                 }
                 None => {
-                    tracing::warn!(queue = ctx.queue(), "consumer cancelled; reconnecting");
+                    tracing::warn!(queue, "consumer cancelled; reconnecting");
                     break;
                 }
             }
         }
         let _ = shared.conn.close(200, "reconnecting".into()).await;
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            _ = tokio::time::sleep(delay) => {}
+        if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+            break;
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    let _ = sem.acquire_many(max as u32).await;
-    tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consumer stopped");
+    slots.drain(queue, &c.consumer).await;
 }
 
 #[cfg(test)]
