@@ -74,6 +74,19 @@ pub(crate) async fn pause(
     false
 }
 
+/// Says a consume loop could not set up (declare, look up, connect) and pauses as [`pause`]
+/// does; `true` when the loop ends.
+pub(crate) async fn setup_failed(
+    queue: &str,
+    error: &Error,
+    stop: &mut watch::Receiver<bool>,
+    delay: &mut Duration,
+    max: Duration,
+) -> bool {
+    tracing::warn!(queue, error = %error, "cannot consume yet; retrying");
+    pause(stop, delay, max).await
+}
+
 /// A consume loop's deliveries in flight: at most `maxInFlight`, each holding a slot until its
 /// [`Handler::deliver`] returns.
 pub(crate) struct Slots {
@@ -328,6 +341,17 @@ impl Kind {
     }
 }
 
+/// An event to publish, as each kind's `publish` takes it.
+pub struct Outgoing<'a> {
+    /// The queue published to (its stream and subject, its limits).
+    pub target: &'a PublishConfig,
+    /// The event id: a kind that deduplicates publishes does it by this.
+    pub id: &'a str,
+    /// The event's headers (CloudEvents binary mode).
+    pub headers: &'a Headers,
+    pub payload: Bytes,
+}
+
 /// What a connection says of itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -400,10 +424,16 @@ impl Connection {
         headers: Headers,
         payload: Bytes,
     ) -> Result<Published, Error> {
+        let event = Outgoing {
+            target,
+            id,
+            headers: &headers,
+            payload,
+        };
         match self {
-            Connection::Nats(n) => n.publish(target, id, &headers, payload).await,
-            Connection::Redis(r) => r.publish(target, id, &headers, payload).await,
-            Connection::Rabbitmq(r) => r.publish(target, id, &headers, payload).await,
+            Connection::Nats(n) => n.publish(event).await,
+            Connection::Redis(r) => r.publish(event).await,
+            Connection::Rabbitmq(r) => r.publish(event).await,
         }
     }
 

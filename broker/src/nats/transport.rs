@@ -19,8 +19,8 @@
 use crate::credentials::{Auth, CA_KEY, Credentials, parse_ca};
 use crate::queue::processed_bucket;
 use crate::transport::{
-    API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, PUBLISH_TIMEOUT, Published,
-    Settle, Side, Slots, State, pause, reconnect_delay, stopped,
+    API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, Outgoing, PUBLISH_TIMEOUT,
+    Published, Settle, Side, Slots, State, pause, reconnect_delay, setup_failed, stopped,
 };
 use async_nats::connection::State as ConnState;
 use async_nats::jetstream::{
@@ -85,19 +85,13 @@ impl NatsConn {
     }
 
     /// Publishes with `Nats-Msg-Id` = `id` and waits for the stream's ack.
-    pub async fn publish(
-        &self,
-        target: &PublishConfig,
-        id: &str,
-        headers: &Headers,
-        payload: Bytes,
-    ) -> Result<Published, Error> {
+    pub async fn publish(&self, e: Outgoing<'_>) -> Result<Published, Error> {
         let mut h = async_nats::HeaderMap::new();
-        for (k, v) in headers {
+        for (k, v) in e.headers {
             h.insert(k.as_str(), v.as_str());
         }
-        h.insert(NATS_MSG_ID, id);
-        publish_with_ack(&self.js, &target.subject, h, payload)
+        h.insert(NATS_MSG_ID, e.id);
+        publish_with_ack(&self.js, &e.target.subject, h, e.payload)
             .await
             .map(|ack| Published {
                 duplicate: ack.duplicate,
@@ -535,8 +529,7 @@ pub(crate) async fn run<H: Handler>(
                 Arc::new(r)
             }
             Err(e) => {
-                tracing::warn!(queue, error = %e, "cannot consume yet; retrying");
-                if pause(&mut stop, &mut delay, Duration::from_secs(5)).await {
+                if setup_failed(queue, &e, &mut stop, &mut delay, Duration::from_secs(5)).await {
                     break;
                 }
                 continue;

@@ -24,7 +24,8 @@
 use crate::queue::processed_bucket;
 use crate::transport::{
     API_TIMEOUT, CE_ID, Error, Handler, Headers, Inbound, MAX_RECONNECT_DELAY, MIN_DEDUP_TTL,
-    PUBLISH_TIMEOUT, Published, RETRY_LATER, Settle, Side, Slots, header, pause, stopped,
+    Outgoing, PUBLISH_TIMEOUT, Published, RETRY_LATER, Settle, Side, Slots, header, pause,
+    setup_failed, stopped,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -424,13 +425,7 @@ impl RabbitConn {
         }
     }
 
-    pub async fn publish(
-        &self,
-        target: &PublishConfig,
-        id: &str,
-        headers: &Headers,
-        payload: Bytes,
-    ) -> Result<Published, Error> {
+    pub async fn publish(&self, e: Outgoing<'_>) -> Result<Published, Error> {
         let ch = self
             .channel
             .lock()
@@ -439,10 +434,10 @@ impl RabbitConn {
             .ok_or(Error::NotConnected)?;
         publish_confirmed(
             &ch,
-            &target.stream,
-            &target.subject,
-            &payload,
-            props_with(headers, id),
+            &e.target.stream,
+            &e.target.subject,
+            &e.payload,
+            props_with(e.headers, e.id),
         )
         .await?;
         Ok(Published {
@@ -855,8 +850,7 @@ pub(crate) async fn run<H: Handler>(
                 v
             }
             Err(e) => {
-                tracing::warn!(queue, error = %e, "cannot consume yet; retrying");
-                if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+                if setup_failed(queue, &e, &mut stop, &mut delay, Duration::from_secs(2)).await {
                     break;
                 }
                 continue;

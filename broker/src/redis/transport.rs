@@ -17,8 +17,8 @@ use super::published_key;
 use crate::credentials::{CA_KEY, Credentials};
 use crate::queue::processed_bucket;
 use crate::transport::{
-    API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, PUBLISH_TIMEOUT, Published,
-    Settle, Side, Slots, pause, stopped,
+    API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, Outgoing, PUBLISH_TIMEOUT,
+    Published, Settle, Side, Slots, pause, setup_failed, stopped,
 };
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use weir_crds::proxy::{ConsumeConfig, PublishConfig};
+use weir_crds::proxy::ConsumeConfig;
 
 /// The stream entry field holding the event's body; every other field is a header.
 pub const DATA_FIELD: &str = "data";
@@ -216,13 +216,8 @@ impl RedisConn {
     }
 
     /// `XADD`s the event unless its id was published within the duplicate window.
-    pub async fn publish(
-        &self,
-        target: &PublishConfig,
-        id: &str,
-        headers: &Headers,
-        payload: Bytes,
-    ) -> Result<Published, Error> {
+    pub async fn publish(&self, event: Outgoing<'_>) -> Result<Published, Error> {
+        let target = event.target;
         let window = target
             .duplicate_window_ms
             .map(Duration::from_millis)
@@ -237,14 +232,14 @@ impl RedisConn {
             .unwrap_or_default();
         let mut inv = self.script.prepare_invoke();
         inv.key(&target.stream)
-            .key(published_key(&target.stream, id))
+            .key(published_key(&target.stream, event.id))
             .arg(window.as_millis() as u64)
             .arg(target.max_messages.unwrap_or(0))
             .arg(min_id);
-        for (k, v) in headers {
+        for (k, v) in event.headers {
             inv.arg(k.to_ascii_lowercase()).arg(v);
         }
-        inv.arg(DATA_FIELD).arg(payload.as_ref());
+        inv.arg(DATA_FIELD).arg(event.payload.as_ref());
         let mut con = self.con.clone();
         let r = tokio::time::timeout(PUBLISH_TIMEOUT, inv.invoke_async::<Value>(&mut con)).await;
         let v = match r {
@@ -597,8 +592,8 @@ pub(crate) async fn run<H: Handler>(
                     delay = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    tracing::warn!(queue, error = %e, "cannot consume yet; retrying");
-                    if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+                    if setup_failed(queue, &e, &mut stop, &mut delay, Duration::from_secs(2)).await
+                    {
                         break;
                     }
                     continue;
