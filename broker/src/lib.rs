@@ -13,6 +13,8 @@
 //! - [`redis`]: the keys beside a queue's stream.
 //! - [`credentials`]: what a Broker's credentials Secret holds, read one way everywhere.
 //! - [`nats`]: connecting to NATS once (operator, saga coordinator, commands).
+//! - [`transport`]: the sidecar's role (publish, consume, ack, dead-letter), one `transport`
+//!   module per kind.
 //!
 //! What Weir guarantees on top of this layout is in docs/messaging.md.
 
@@ -21,3 +23,4 @@ pub mod nats;
 pub mod queue;
 pub mod rabbitmq;
 pub mod redis;
+pub mod transport;

@@ -89,17 +89,21 @@ impl Target {
     }
 
     /// A dependency's URL, e.g. `http://users.shop.svc.cluster.local:80` or `http://api/v2`.
-    pub fn upstream(url: &str) -> Result<Target, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    pub fn upstream(url: &str) -> Result<Target, InvalidUpstream> {
+        let uri: Uri = url.parse().map_err(|e| InvalidUpstream::Unparsable {
+            url: url.to_string(),
+            message: format!("{e}"),
+        })?;
         let scheme = uri
             .scheme()
             .cloned()
-            .ok_or_else(|| format!("{url}: no scheme"))?;
+            .ok_or_else(|| InvalidUpstream::NoScheme(url.to_string()))?;
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("{url}: no host"))?;
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+            .ok_or_else(|| InvalidUpstream::NoHost(url.to_string()))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| InvalidUpstream::Host(e.to_string()))?;
         Ok(Target {
             scheme,
             authority,
@@ -125,6 +129,21 @@ impl Target {
         parts.path_and_query = Some(pq);
         Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     }
+}
+
+/// An `outbound[].upstream` that is no usable URL; the config naming it is refused (the text
+/// follows the field's name in the config error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidUpstream {
+    #[error("{url}: {message}")]
+    Unparsable { url: String, message: String },
+    #[error("{0}: no scheme")]
+    NoScheme(String),
+    #[error("{0}: no host")]
+    NoHost(String),
+    /// The host is not a valid `Host` header value.
+    #[error("{0}")]
+    Host(String),
 }
 
 const HOP_BY_HOP: [HeaderName; 6] = [

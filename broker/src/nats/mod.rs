@@ -2,6 +2,8 @@
 //! credentials and TLS from [`Credentials`], a bounded wait, no retry loop (a controller
 //! requeues, a command reports). The sidecar keeps a connection of its own that reconnects.
 
+pub mod transport;
+
 use crate::credentials::{Auth, Credentials, CredentialsError};
 use std::time::Duration;
 

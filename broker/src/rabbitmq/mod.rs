@@ -12,6 +12,8 @@
 //! declares the same consumer queue when it finds none, and its retry queues as it needs them.
 //! Both use [`consumer_queue_args`]: a queue redeclared with other arguments is refused.
 
+pub mod transport;
+
 use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
 use weir_crds::proxy::QueueLimits;

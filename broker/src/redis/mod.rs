@@ -2,6 +2,8 @@
 //! consumer group per consuming Microservice, the dead-letter stream `<s>_dlq`, and beside them
 //! the keys below.
 
+pub mod transport;
+
 use crate::queue::processed_bucket;
 
 /// The key remembering a published event id (its stream entry id), for the duplicate window.

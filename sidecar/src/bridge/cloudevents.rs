@@ -1,16 +1,16 @@
 //! Names and headers from `docs/messaging.md`: CloudEvents 1.0 binary mode, dead-letter headers,
 //! the processed-event KV key, and what a consumed message's headers make of it ([`envelope`]).
 
-use super::backend::{Headers, header};
+use weir_broker::transport::{Headers, header};
 
 pub const CE_SPECVERSION: &str = "ce-specversion";
-pub const CE_ID: &str = "ce-id";
+pub use weir_broker::transport::CE_ID;
 pub const CE_SOURCE: &str = "ce-source";
 pub const CE_TYPE: &str = "ce-type";
 pub const CE_TIME: &str = "ce-time";
 pub const TRACEPARENT: &str = "traceparent";
 pub const CONTENT_TYPE: &str = "content-type";
-pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+pub use weir_broker::nats::transport::NATS_MSG_ID;
 /// Alternative to `ce-id` on a publish request.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -174,8 +174,8 @@ pub fn header_safe(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::backend::set_header;
     use super::*;
+    use weir_broker::transport::set_header;
 
     #[test]
     fn names_follow_the_doc() {

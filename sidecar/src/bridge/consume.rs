@@ -1,4 +1,6 @@
-//! Pushes one consumer's messages to the app, whatever the broker (see [`super::backend`]).
+//! Pushes one consumer's messages to the app, whatever the broker: `Consumer` is the
+//! [`Handler`] the broker's consume loop ([`weir_broker::transport::Connection::consume`]) hands
+//! each message to, and settles it through [`Inbound`] and [`Side`].
 //!
 //! Per message, before the app is called (each failure → a dead letter with its reason, the app
 //! never sees the message): size within the app's `inbound.maxBodyBytes` (`too-large`), the
@@ -13,7 +15,6 @@
 //! broker before the original is termed; when that publish fails the original is nak'ed, never
 //! dropped.
 
-use super::backend::{Headers, Inbound, Settle, Side, header, set_header};
 use super::cloudevents::*;
 use super::metrics::QueueMetrics;
 use super::schema::{Schema, summarize};
@@ -25,16 +26,15 @@ use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::watch;
+use weir_broker::transport::{
+    Handler, Headers, Inbound, Settle, Side, header, set_header, stopped,
+};
 use weir_crds::proxy::ConsumeConfig;
 
-/// Shortest lifetime of a processed-event record (docs/messaging.md: max(window, 10m)).
-pub const MIN_DEDUP_TTL: Duration = Duration::from_secs(600);
-/// How long one pull request waits for messages.
-pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Longest part of the app's answer kept in `Weir-Last-Error`.
 pub const ERROR_EXCERPT_BYTES: usize = 256;
 /// Nak delay when the broker could not take a dead letter or a KV look-up failed.
-pub const RETRY_LATER: Duration = Duration::from_secs(1);
+pub use weir_broker::transport::RETRY_LATER;
 
 pub(crate) struct Consumer {
     pub cfg: ConsumeConfig,
@@ -43,8 +43,6 @@ pub(crate) struct Consumer {
     pub http: HttpClient,
     pub app: SocketAddr,
     pub app_timeout: Duration,
-    /// Stop pulling.
-    pub stop: watch::Receiver<bool>,
     /// Give in-flight deliveries back to the broker now.
     pub abort: watch::Receiver<bool>,
     /// Event ids in the app right now, and those processed lately by this sidecar.
@@ -112,6 +110,42 @@ pub fn backoff(backoff_ms: &[u64], delivered: u64) -> Option<Duration> {
     Some(Duration::from_millis(backoff_ms[i]))
 }
 
+/// Why a message is dead-lettered: [`DeadLetter::reason`] is its `Weir-Reason` header and the
+/// `reason` label of `weir_messaging_dead_lettered_total`; the text is its `Weir-Last-Error`
+/// (made header-safe) and the `error` of the log line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeadLetter {
+    /// Larger than the app's `inbound.maxBodyBytes`: `too-large`.
+    #[error("{size} bytes, more than the {max} the app accepts (inbound.maxBodyBytes)")]
+    TooLarge { size: u64, max: u64 },
+    /// A CloudEvents envelope that cannot be delivered: `unsupported-specversion` or
+    /// `invalid-cloudevent` ([`EnvelopeError::reason`]).
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The body fails the queue's schema (the summary of the errors): `schema`.
+    #[error("{0}")]
+    Schema(String),
+    /// The app answered a 4xx other than 408/429 (its status and excerpt): `rejected`.
+    #[error("{0}")]
+    Rejected(String),
+    /// The last of `maxDeliveries` failed (why it failed): `max-deliveries`.
+    #[error("{0}")]
+    MaxDeliveries(String),
+}
+
+impl DeadLetter {
+    /// The `Weir-Reason` value.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DeadLetter::TooLarge { .. } => REASON_TOO_LARGE,
+            DeadLetter::Envelope(e) => e.reason(),
+            DeadLetter::Schema(_) => REASON_SCHEMA,
+            DeadLetter::Rejected(_) => REASON_REJECTED,
+            DeadLetter::MaxDeliveries(_) => REASON_MAX_DELIVERIES,
+        }
+    }
+}
+
 /// What the app's answer means for the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -138,15 +172,15 @@ pub fn classify(status: u16, excerpt: &str) -> Outcome {
     }
 }
 
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 impl Consumer {
     pub(crate) fn queue(&self) -> &str {
         &self.cfg.queue
+    }
+}
+
+impl Handler for Consumer {
+    async fn deliver<S: Side>(&self, side: &S, msg: S::Msg) {
+        deliver(self, side, msg).await
     }
 }
 
@@ -162,31 +196,31 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
     let seq = msg.position();
     let size = msg.payload().len() as u64;
     if size > ctx.max_body_bytes {
-        let why = format!(
-            "{size} bytes, more than the {} the app accepts (inbound.maxBodyBytes)",
-            ctx.max_body_bytes
-        );
+        let why = DeadLetter::TooLarge {
+            size,
+            max: ctx.max_body_bytes,
+        };
         tracing::warn!(queue = ctx.queue(), seq, error = %why, "message too large for the app: dead-lettering");
-        dead_letter(ctx, side, &msg, delivered, &seq, REASON_TOO_LARGE, &why).await;
+        dead_letter(ctx, side, &msg, delivered, &seq, &why).await;
         return;
     }
     let envelope = match envelope(msg.headers()) {
         Ok(e) => e,
         Err(e) => {
-            let why = e.to_string();
+            let why = DeadLetter::Envelope(e);
             tracing::warn!(queue = ctx.queue(), seq, error = %why, "not a CloudEvents 1.0 event: dead-lettering");
-            dead_letter(ctx, side, &msg, delivered, &seq, e.reason(), &why).await;
+            dead_letter(ctx, side, &msg, delivered, &seq, &why).await;
             return;
         }
     };
     if let Err(errors) = ctx.schema.check(msg.payload()) {
-        let why = header_safe(&summarize(&errors), 1024);
+        let why = DeadLetter::Schema(header_safe(&summarize(&errors), 1024));
         let id = match &envelope {
             Envelope::CloudEvent { id } => id.as_str(),
             Envelope::Plain => "",
         };
         tracing::warn!(queue = ctx.queue(), id, seq, error = %why, "event fails the schema: dead-lettering");
-        dead_letter(ctx, side, &msg, delivered, &seq, REASON_SCHEMA, &why).await;
+        dead_letter(ctx, side, &msg, delivered, &seq, &why).await;
         return;
     }
     let (event_id, plain) = match envelope {
@@ -319,7 +353,7 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
         }
         Some(Outcome::Permanent(err)) => {
             tracing::warn!(queue = ctx.queue(), id = %event_id, error = %err, "app rejected the event: dead-lettering");
-            dead_letter(ctx, side, &msg, delivered, &seq, REASON_REJECTED, &err).await;
+            dead_letter(ctx, side, &msg, delivered, &seq, &DeadLetter::Rejected(err)).await;
         }
         Some(Outcome::Retry(err)) => {
             if delivered >= u64::from(ctx.cfg.max_deliveries) {
@@ -330,8 +364,7 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
                     &msg,
                     delivered,
                     &seq,
-                    REASON_MAX_DELIVERIES,
-                    &err,
+                    &DeadLetter::MaxDeliveries(err),
                 )
                 .await;
             } else {
@@ -432,9 +465,9 @@ async fn dead_letter<S: Side>(
     msg: &S::Msg,
     delivered: u64,
     seq: &str,
-    reason: &str,
-    last_error: &str,
+    why: &DeadLetter,
 ) {
+    let (reason, last_error) = (why.reason(), why.to_string());
     if ctx.cfg.dead_letter_subject.is_empty() && ctx.cfg.dead_letter_stream.is_empty() {
         // Dead letters disabled for this queue: the message is terminated and stays on the stream.
         tracing::warn!(queue = ctx.queue(), seq, reason, error = %last_error, "failed for good; dead letters are disabled: terminating");
@@ -453,7 +486,7 @@ async fn dead_letter<S: Side>(
     set_header(&mut h, WEIR_CONSUMER, ctx.cfg.consumer.as_str());
     set_header(&mut h, WEIR_DELIVERY_COUNT, delivered.to_string());
     set_header(&mut h, WEIR_REASON, reason);
-    set_header(&mut h, WEIR_LAST_ERROR, header_safe(last_error, 1024));
+    set_header(&mut h, WEIR_LAST_ERROR, header_safe(&last_error, 1024));
     set_header(&mut h, WEIR_DEAD_LETTERED_AT, now_rfc3339());
     match side.dead_letter(msg, h).await {
         Ok(()) => {

@@ -5,22 +5,21 @@
 //! Lifecycle: [`Bridge::apply`] on every config load (a change of the messaging section, the
 //! app's address or timeout restarts the bridge), [`Bridge::broker_status`] for `/brokerz`,
 //! [`Bridge::publish`] for the publish endpoint, [`Bridge::shutdown`] on drain.
+//!
+//! The bridge is the same for every broker kind: it decides what happens to a message
+//! ([`consume`], [`publish`]) and talks to the broker only through
+//! [`weir_broker::transport::Connection`], which owns connecting, publishing with the broker's
+//! confirmation and each kind's consume loop. A config the bridge cannot start with is a
+//! [`ConfigError`]; a broker call that fails is a [`weir_broker::transport::Error`].
 
-pub mod backend;
 pub mod cloudevents;
-pub mod connect;
 pub mod consume;
 pub mod metrics;
-pub mod nats;
 pub mod publish;
-pub mod rabbitmq;
-pub mod redis;
 pub mod schema;
 
 use crate::body::{BoxBody, Resp};
 use crate::forward::HttpClient;
-use async_nats::connection::State;
-use async_nats::jetstream;
 use metrics::{BridgeMetrics, QueueMetrics};
 use schema::Schema;
 use std::collections::HashMap;
@@ -29,12 +28,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use weir_broker::transport::{Connection, Kind, State};
 use weir_crds::proxy::{ConsumeConfig, MessagingConfig, ProxyConfig, PublishConfig};
 
-/// How long a publish waits for the broker's acknowledgement before answering 503.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Timeout of JetStream API calls (stream, consumer and KV look-ups).
-pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a publish waits for the broker's acknowledgement before answering 503, and the
+/// timeout of other broker calls.
+pub use weir_broker::transport::{API_TIMEOUT, PUBLISH_TIMEOUT};
 
 /// What the bridge needs from the proxy config; a change of any of it restarts the bridge.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,57 +79,9 @@ pub(crate) struct PublishTarget {
 }
 
 /// One running configuration: a broker connection, the publish targets and the consumer tasks.
-/// The broker connection of a running bridge.
-#[allow(clippy::large_enum_variant)] // one per running bridge
-pub(crate) enum Conn {
-    Nats {
-        client: async_nats::Client,
-        js: jetstream::Context,
-    },
-    Redis(Arc<redis::RedisConn>),
-    Rabbit(Arc<rabbitmq::RabbitConn>),
-}
-
-impl Conn {
-    fn connected(&self) -> bool {
-        match self {
-            Conn::Nats { client, .. } => matches!(client.connection_state(), State::Connected),
-            Conn::Redis(r) => r.connected(),
-            Conn::Rabbit(r) => r.connected(),
-        }
-    }
-
-    /// Publishes and waits for the broker's confirmation (bounded by [`PUBLISH_TIMEOUT`]).
-    pub(crate) async fn publish(
-        &self,
-        target: &PublishConfig,
-        id: &str,
-        headers: backend::Headers,
-        payload: bytes::Bytes,
-    ) -> Result<backend::Published, String> {
-        match self {
-            Conn::Nats { js, .. } => {
-                let mut h = async_nats::HeaderMap::new();
-                for (k, v) in &headers {
-                    h.insert(k.as_str(), v.as_str());
-                }
-                h.insert(cloudevents::NATS_MSG_ID, id);
-                publish::publish_with_ack(js, &target.subject, h, payload)
-                    .await
-                    .map(|ack| backend::Published {
-                        duplicate: ack.duplicate,
-                        position: ack.sequence.into(),
-                    })
-            }
-            Conn::Redis(r) => r.publish(target, id, &headers, payload).await,
-            Conn::Rabbit(r) => r.publish(target, id, &headers, payload).await,
-        }
-    }
-}
-
 pub(crate) struct Running {
     settings: Settings,
-    conn: Conn,
+    conn: Connection,
     publishes: HashMap<String, PublishTarget>,
     source: String,
     stop_tx: watch::Sender<bool>,
@@ -155,42 +106,63 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
+/// Why the bridge cannot start with a config. [`Bridge::apply`] returns it: at start the
+/// sidecar exits with it; on a reload the running bridge is kept and the reload is reported
+/// failed with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `messaging.brokerKind` names no kind the bridge speaks.
+    #[error("messaging.brokerKind: {0:?} is not supported ({names})", names = Kind::names())]
+    UnsupportedKind(String),
+    /// An entry of `messaging` is not usable: `field` is its path below `messaging`
+    /// (`consumes[0].maxInFlight`).
+    #[error("messaging.{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The broker URL or its credentials are not usable
+    /// ([`weir_broker::transport::Error::Config`]), or the first connection could not be set up.
+    #[error(transparent)]
+    Broker(#[from] weir_broker::transport::Error),
+}
+
 /// Compiles every schema of `messaging`; the error names the entry.
-pub fn check_config(messaging: &MessagingConfig) -> Result<(), String> {
+pub fn check_config(messaging: &MessagingConfig) -> Result<(), ConfigError> {
     compile_all(messaging).map(|_| ())
 }
 
 type Compiled = (Vec<(PublishConfig, Schema)>, Vec<(ConsumeConfig, Schema)>);
 
-fn compile_all(m: &MessagingConfig) -> Result<Compiled, String> {
-    if !["nats", "redis", "rabbitmq"].contains(&m.broker_kind.as_str()) {
-        return Err(format!(
-            "messaging.brokerKind: {:?} is not supported (nats, redis or rabbitmq)",
-            m.broker_kind
-        ));
+fn compile_all(m: &MessagingConfig) -> Result<Compiled, ConfigError> {
+    if Kind::from_name(&m.broker_kind).is_none() {
+        return Err(ConfigError::UnsupportedKind(m.broker_kind.clone()));
     }
+    let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
     let mut pubs = Vec::new();
     for (i, p) in m.publishes.iter().enumerate() {
         let s = Schema::compile(p.schema.as_ref())
-            .map_err(|e| format!("messaging.publishes[{i}].schema: {e}"))?;
+            .map_err(|e| invalid(format!("publishes[{i}].schema"), e.to_string()))?;
         pubs.push((p.clone(), s));
     }
     let mut cons = Vec::new();
     for (i, c) in m.consumes.iter().enumerate() {
         let s = Schema::compile(c.schema.as_ref())
-            .map_err(|e| format!("messaging.consumes[{i}].schema: {e}"))?;
+            .map_err(|e| invalid(format!("consumes[{i}].schema"), e.to_string()))?;
+        let at_least_one = |name: &str| {
+            invalid(
+                format!("consumes[{i}].{name}"),
+                "must be at least 1".to_string(),
+            )
+        };
         if c.max_in_flight == 0 {
-            return Err(format!(
-                "messaging.consumes[{i}].maxInFlight: must be at least 1"
-            ));
+            return Err(at_least_one("maxInFlight"));
         }
         if c.max_deliveries == 0 {
-            return Err(format!(
-                "messaging.consumes[{i}].maxDeliveries: must be at least 1"
-            ));
+            return Err(at_least_one("maxDeliveries"));
         }
         if !c.path.starts_with('/') {
-            return Err(format!("messaging.consumes[{i}].path: must start with /"));
+            return Err(invalid(
+                format!("consumes[{i}].path"),
+                "must start with /".to_string(),
+            ));
         }
         cons.push((c.clone(), s));
     }
@@ -218,7 +190,7 @@ impl Bridge {
 
     /// Starts, restarts or stops the bridge for `cfg`. On `Err` (a schema that does not compile,
     /// an unsupported broker) the running bridge is kept.
-    pub async fn apply(&self, cfg: &ProxyConfig) -> Result<(), String> {
+    pub async fn apply(&self, cfg: &ProxyConfig) -> Result<(), ConfigError> {
         let _guard = self.apply_lock.lock().await;
         let settings = Settings::from(cfg);
         let prev = self.running();
@@ -240,7 +212,7 @@ impl Bridge {
         Ok(())
     }
 
-    async fn start(&self, settings: Settings) -> Result<Arc<Running>, String> {
+    async fn start(&self, settings: Settings) -> Result<Arc<Running>, ConfigError> {
         let (pubs, cons) = compile_all(&settings.messaging)?;
         let m = &settings.messaging;
         let name = format!("weir-proxy {}/{}", settings.namespace, settings.service);
@@ -248,37 +220,17 @@ impl Bridge {
         let on_state = move |up: bool| {
             gauge.set(i64::from(up));
         };
-        let conn = match m.broker_kind.as_str() {
-            "nats" => {
-                let client = connect::connect(
-                    &m.broker_url,
-                    m.credentials_file.as_deref(),
-                    &name,
-                    on_state,
-                )
-                .await?;
-                let mut js = jetstream::new(client.clone());
-                js.set_timeout(API_TIMEOUT);
-                Conn::Nats { client, js }
-            }
-            "redis" => Conn::Redis(Arc::new(redis::RedisConn::open(
-                &m.broker_url,
-                m.credentials_file.as_deref(),
-                on_state,
-            )?)),
-            "rabbitmq" => Conn::Rabbit(Arc::new(rabbitmq::RabbitConn::open(
-                &m.broker_url,
-                m.credentials_file.as_deref(),
-                &name,
-                m.publishes.clone(),
-                on_state,
-            )?)),
-            other => {
-                return Err(format!(
-                    "messaging.brokerKind: {other:?} is not supported (nats, redis or rabbitmq)"
-                ));
-            }
-        };
+        let kind = Kind::from_name(&m.broker_kind)
+            .ok_or_else(|| ConfigError::UnsupportedKind(m.broker_kind.clone()))?;
+        let conn = Connection::open(
+            kind,
+            &m.broker_url,
+            m.credentials_file.as_deref(),
+            &name,
+            &m.publishes,
+            on_state,
+        )
+        .await?;
         let publishes = pubs
             .into_iter()
             .map(|(cfg, schema)| {
@@ -306,13 +258,6 @@ impl Bridge {
             connected_gauge: self.metrics.broker_connected.clone(),
         });
         let mut tasks = Vec::new();
-        if let Conn::Nats { js, .. } = &running.conn {
-            tasks.push(tokio::spawn(publish::ensure_streams(
-                js.clone(),
-                settings.messaging.publishes.clone(),
-                stop_rx.clone(),
-            )));
-        }
         for (cfg, schema) in cons {
             let ctx = Arc::new(consume::Consumer {
                 metrics: self.metrics.queue(&cfg.queue),
@@ -322,23 +267,18 @@ impl Bridge {
                 http: self.http.clone(),
                 app: settings.app,
                 app_timeout: settings.app_timeout,
-                stop: stop_rx.clone(),
                 abort: abort_rx.clone(),
                 local: Default::default(),
                 max_body_bytes: settings.max_body_bytes,
                 plain_seen: Default::default(),
             });
-            tasks.push(match &running.conn {
-                Conn::Nats { js, .. } => tokio::spawn(nats::run(ctx, js.clone())),
-                Conn::Redis(r) => {
-                    tokio::spawn(redis::run(ctx, r.clone(), settings.instance.clone()))
-                }
-                Conn::Rabbit(r) => tokio::spawn(rabbitmq::run(
-                    ctx,
-                    r.endpoint.clone(),
-                    format!("{} {}", r.name, settings.instance),
-                )),
-            });
+            let cfg = ctx.cfg.clone();
+            tasks.push(tokio::spawn(running.conn.consume(
+                cfg,
+                &settings.instance,
+                stop_rx.clone(),
+                ctx,
+            )));
         }
         *running.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         tracing::info!(
@@ -359,14 +299,11 @@ impl Bridge {
             return Ok(None);
         };
         let url = weir_crds::redact::url(&r.settings.messaging.broker_url);
-        match &r.conn {
-            Conn::Nats { client, .. } => match client.connection_state() {
-                State::Connected => Ok(Some(url)),
-                State::Pending => Err(format!("broker {url} not connected yet")),
-                _ => Err(format!("broker {url} disconnected")),
-            },
-            c if c.connected() => Ok(Some(url)),
-            _ => Err(format!("broker {url} not connected")),
+        match r.conn.state() {
+            State::Connected => Ok(Some(url)),
+            State::Connecting => Err(format!("broker {url} not connected yet")),
+            State::Disconnected => Err(format!("broker {url} disconnected")),
+            State::NotConnected => Err(format!("broker {url} not connected")),
         }
     }
 
@@ -403,16 +340,8 @@ impl Running {
             let _ = self.abort_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
         }
-        match &self.conn {
-            Conn::Nats { client, .. } => {
-                // Acks and naks are buffered: make sure they reach the broker before the process
-                // exits.
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.drain()).await;
-            }
-            Conn::Redis(r) => r.close(),
-            Conn::Rabbit(r) => r.close(),
-        }
+        // Acknowledgements still buffered reach the broker before the connection closes.
+        self.conn.close().await;
         self.connected_gauge.set(0);
         tracing::info!("messaging bridge stopped");
     }

@@ -16,25 +16,18 @@
 //! again (same `ce-id`, so a retry of an event that did reach the broker is not stored twice on
 //! brokers that deduplicate) after `Retry-After` seconds.
 
-use super::backend::Headers;
+use super::Running;
 use super::cloudevents::*;
 use super::schema::SchemaError;
-use super::{PUBLISH_TIMEOUT, Running};
 use crate::body::{self, BoxBody, Resp};
 use crate::trace::TraceContext;
-use async_nats::jetstream::{
-    self,
-    context::{GetStreamErrorKind, PublishErrorKind},
-};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::watch;
-use weir_crds::proxy::PublishConfig;
+use weir_broker::transport::{Headers, MAX_RECONNECT_DELAY};
 
 pub const PATH_PREFIX: &str = "/v1/publish/";
 /// `x-weir-reason` of a 415.
@@ -68,7 +61,7 @@ fn json_resp(status: StatusCode, value: serde_json::Value) -> Resp {
 
 /// `Retry-After` of every 503: the longest pause between two reconnect attempts, so a publisher
 /// that waits this long tries again after the sidecar has tried the broker at least once more.
-pub const RETRY_AFTER_SECONDS: u64 = super::connect::MAX_RECONNECT_DELAY.as_secs();
+pub const RETRY_AFTER_SECONDS: u64 = MAX_RECONNECT_DELAY.as_secs();
 
 fn error(status: StatusCode, error: &str, reason: impl Into<String>) -> Resp {
     let mut r = json_resp(status, json!({"error": error, "reason": reason.into()}));
@@ -212,7 +205,7 @@ pub(crate) async fn handle(
     }
     let id = match event_id(&parts.headers) {
         Ok(id) => id,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why),
+        Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why.to_string()),
     };
     if !running.conn.connected() {
         return error(
@@ -244,12 +237,12 @@ pub(crate) async fn handle(
             }
             r
         }
-        Err(reason) => {
-            tracing::warn!(queue = %queue, id = %id, reason = %reason, "publish failed");
+        Err(e) => {
+            tracing::warn!(queue = %queue, id = %id, reason = %e, cause = e.label(), "publish failed");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "broker unavailable",
-                reason,
+                e.to_string(),
             )
         }
     }
@@ -265,15 +258,19 @@ fn schema_rejection(queue: &str, errors: Vec<SchemaError>) -> Resp {
     )
 }
 
+/// An event id given in header `0` (`ce-id` or `Idempotency-Key`) that cannot be one: the
+/// publish answers 400 (`bad request`) with this text as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}: must be 1 to {MAX_EVENT_ID_LEN} visible ASCII characters")]
+pub struct InvalidEventId(&'static str);
+
 /// `ce-id`, else `Idempotency-Key`, else a new UUID v4.
-fn event_id(h: &http::HeaderMap) -> Result<String, String> {
+fn event_id(h: &http::HeaderMap) -> Result<String, InvalidEventId> {
     for name in [CE_ID, IDEMPOTENCY_KEY] {
         if let Some(v) = h.get(name) {
             let s = v.to_str().unwrap_or_default();
             if !valid_event_id(s) {
-                return Err(format!(
-                    "{name}: must be 1 to {MAX_EVENT_ID_LEN} visible ASCII characters"
-                ));
+                return Err(InvalidEventId(name));
             }
             return Ok(s.to_string());
         }
@@ -307,86 +304,6 @@ pub fn event_headers(
     }
     h.insert(NATS_MSG_ID, id);
     h
-}
-
-/// Publishes and waits for the JetStream ack, bounded by [`PUBLISH_TIMEOUT`].
-pub async fn publish_with_ack(
-    js: &jetstream::Context,
-    subject: &str,
-    headers: async_nats::HeaderMap,
-    payload: Bytes,
-) -> Result<jetstream::publish::PublishAck, String> {
-    let fut = async {
-        let ack = js
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await
-            .map_err(|e| format!("publish failed: {e}"))?;
-        ack.await.map_err(|e| match e.kind() {
-            PublishErrorKind::StreamNotFound => {
-                format!("no stream accepts subject {subject:?} (is the queue declared?)")
-            }
-            PublishErrorKind::TimedOut => "the broker did not acknowledge in time".to_string(),
-            _ => format!("publish failed: {e}"),
-        })
-    };
-    match tokio::time::timeout(PUBLISH_TIMEOUT, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(format!(
-            "the broker did not acknowledge within {} ms",
-            PUBLISH_TIMEOUT.as_millis()
-        )),
-    }
-}
-
-/// Creates the stream of each published queue when it is absent (`weir up` and tests run
-/// without the operator); an existing stream is never changed. Retries until it succeeds.
-pub(crate) async fn ensure_streams(
-    js: jetstream::Context,
-    publishes: Vec<PublishConfig>,
-    mut stop: watch::Receiver<bool>,
-) {
-    for p in publishes {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match ensure_stream(&js, &p.stream, &p.subject).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::debug!(stream = %p.stream, error = %e, "cannot ensure stream yet");
-                }
-            }
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
-/// Creates `stream` on `subject` (file storage, defaults otherwise) unless it exists.
-pub async fn ensure_stream(
-    js: &jetstream::Context,
-    stream: &str,
-    subject: &str,
-) -> Result<(), String> {
-    match js.get_stream(stream).await {
-        Ok(_) => Ok(()),
-        Err(e)
-            if matches!(e.kind(), GetStreamErrorKind::JetStream(je)
-                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            js.create_stream(jetstream::stream::Config {
-                name: stream.to_string(),
-                subjects: vec![subject.to_string()],
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map(|_| tracing::info!(stream, subject, "stream created (was absent)"))
-            .map_err(|e| format!("cannot create stream {stream}: {e}"))
-        }
-        Err(e) => Err(format!("cannot look up stream {stream}: {e}")),
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,11 @@ pub struct SchemaError {
     pub message: String,
 }
 
+/// A queue's schema that does not compile (the config naming it is refused).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid JSON Schema: {0}")]
+pub struct InvalidSchema(pub String);
+
 /// A compiled schema; `None` accepts any JSON.
 #[derive(Clone, Default)]
 pub struct Schema(Option<Arc<jsonschema::Validator>>);
@@ -29,12 +34,12 @@ impl std::fmt::Debug for Schema {
 }
 
 impl Schema {
-    pub fn compile(schema: Option<&Value>) -> Result<Self, String> {
+    pub fn compile(schema: Option<&Value>) -> Result<Self, InvalidSchema> {
         match schema {
             None => Ok(Schema(None)),
             Some(s) => jsonschema::draft202012::new(s)
                 .map(|v| Schema(Some(Arc::new(v))))
-                .map_err(|e| format!("invalid JSON Schema: {e}")),
+                .map_err(|e| InvalidSchema(e.to_string())),
         }
     }
 

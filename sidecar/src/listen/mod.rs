@@ -168,7 +168,7 @@ impl Shared {
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
         let mut failures = self.reconcile(&cfg).await;
         if let Err(e) = self.bridge.apply(&cfg).await {
-            failures.push(e);
+            failures.push(e.to_string());
         }
         if failures.is_empty() {
             Ok(())
@@ -373,7 +373,7 @@ impl Proxy {
         if !failures.is_empty() {
             return Err(failures.join("; "));
         }
-        shared.bridge.apply(&cfg).await?;
+        shared.bridge.apply(&cfg).await.map_err(|e| e.to_string())?;
         let reload_task = tokio::spawn(watch_config(shared.clone(), opts, raw));
         Ok(Proxy {
             shared,

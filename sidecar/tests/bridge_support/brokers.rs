@@ -468,7 +468,7 @@ impl TestBroker {
             let mut c = consume_config(consumer);
             c.stream = stream.into();
             c.dead_letter_stream = format!("{stream}_dlq");
-            weir_proxy::bridge::rabbitmq::declare_consumer(&conn, &c, Duration::from_secs(600))
+            weir_broker::rabbitmq::transport::declare_consumer(&conn, &c, Duration::from_secs(600))
                 .await
                 .unwrap();
             let _ = conn.close(200, "ok".into()).await;
@@ -545,7 +545,7 @@ impl TestBroker {
                     .query_async(&mut con)
                     .await
                     .unwrap();
-                weir_proxy::bridge::redis::parse_entries(&v)
+                weir_broker::redis::transport::parse_entries(&v)
                     .into_iter()
                     .map(|e| Stored {
                         payload: e.data,
@@ -566,7 +566,8 @@ impl TestBroker {
                     .basic_get(name.into(), lapin::options::BasicGetOptions::default())
                     .await
                 {
-                    let headers = weir_proxy::bridge::rabbitmq::headers_of(&m.delivery.properties);
+                    let headers =
+                        weir_broker::rabbitmq::transport::headers_of(&m.delivery.properties);
                     out.push(Stored {
                         payload: Bytes::from(m.delivery.data.clone()),
                         headers: headers
@@ -732,7 +733,7 @@ impl TestBroker {
                         .query_async(&mut con)
                         .await
                         .unwrap();
-                    weir_proxy::bridge::redis::parse_entries(&v)
+                    weir_broker::redis::transport::parse_entries(&v)
                         .first()
                         .map(|e| e.id.clone())
                         .unwrap_or_else(|| "0-0".into())
@@ -791,7 +792,7 @@ impl TestBroker {
             TestBroker::Redis(r) => {
                 let mut con = r.con().await;
                 let n: i64 = redis::cmd("EXISTS")
-                    .arg(weir_proxy::bridge::redis::processed_record(STREAM, &key))
+                    .arg(weir_broker::redis::processed_record(STREAM, &key))
                     .query_async(&mut con)
                     .await
                     .unwrap();

@@ -1,4 +1,4 @@
-//! Redis Streams: a stream per queue, a consumer group per consuming Microservice, one consumer
+//! The sidecar's role on Redis Streams: a stream per queue, a consumer group per consuming Microservice, one consumer
 //! per sidecar (`<hostname>-<admin port>`, stable across restarts of the same sidecar).
 //!
 //! - Publish: one Lua script drops a repeated event id (`SET NX` of `<stream>:published:<id>`
@@ -13,10 +13,13 @@
 //!   counts one). "Still working" is the same touch.
 //! - Dead letters: `XADD` to the dead-letter stream; processed events: `SET <key> PX <ttl>`.
 
-use super::backend::{Headers, Inbound, Published, Settle, Side};
-use super::cloudevents::processed_bucket;
-use super::consume::{Consumer, MIN_DEDUP_TTL, deliver, stopped};
-use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
+use super::published_key;
+use crate::credentials::{CA_KEY, Credentials};
+use crate::queue::processed_bucket;
+use crate::transport::{
+    API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, Outgoing, PUBLISH_TIMEOUT,
+    Published, Settle, Side, Slots, pause, setup_failed, stopped,
+};
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Value};
@@ -24,9 +27,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc, watch};
-use weir_broker::credentials::{CA_KEY, Credentials};
-use weir_crds::proxy::PublishConfig;
+use tokio::sync::{mpsc, watch};
+use weir_crds::proxy::ConsumeConfig;
 
 /// The stream entry field holding the event's body; every other field is a header.
 pub const DATA_FIELD: &str = "data";
@@ -53,13 +55,11 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {0, id}
 "#;
 
-pub use weir_broker::redis::{processed_record, published_key};
-
 /// Why a Redis call failed. The server's error code is kept, so the consumer tells a consumer
 /// group that vanished under it (`NOGROUP`: it creates the group again) from a dropped
 /// connection by the code, not by reading the message.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum CallError {
+pub enum CallError {
     #[error("the broker did not answer in time")]
     Timeout,
     #[error("{0}")]
@@ -68,7 +68,7 @@ pub(crate) enum CallError {
 
 impl CallError {
     /// The server's error code (`NOGROUP`, `BUSYGROUP`, ...), when it answered with one.
-    fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&str> {
         match self {
             CallError::Redis(e) => e.code(),
             CallError::Timeout => None,
@@ -76,31 +76,39 @@ impl CallError {
     }
 }
 
-impl From<CallError> for String {
-    fn from(e: CallError) -> String {
-        e.to_string()
+impl From<CallError> for Error {
+    fn from(e: CallError) -> Error {
+        match e {
+            CallError::Timeout => Error::Timeout(e.to_string()),
+            CallError::Redis(e) => Error::Broker {
+                code: e.code().map(str::to_string),
+                message: e.to_string(),
+            },
+        }
     }
 }
 
 /// Opens a client for `url` with the credentials at `credentials` (a Secret directory holding
 /// `username` and `password`, or `password` alone, or `token`, used as the password; or only
 /// `ca.crt`). A `ca.crt` there is the only root trusted for `rediss://`.
-pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, String> {
+pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Error> {
     let mut info = url.into_connection_info().map_err(|e| {
-        format!(
+        Error::Config(format!(
             "messaging.brokerUrl: {:?} is not a Redis URL: {e}",
             weir_crds::redact::url(url)
-        )
+        ))
     })?;
+    let unusable = |e: redis::RedisError| {
+        Error::Config(format!("cannot use {}: {e}", weir_crds::redact::url(url)))
+    };
     // The Secret directory is read once: the credential and `ca.crt` (checked) together.
     let Some(dir) = credentials else {
-        return redis::Client::open(info)
-            .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)));
+        return redis::Client::open(info).map_err(unusable);
     };
-    let creds = Credentials::from_dir(Path::new(dir)).map_err(|e| e.0)?;
+    let creds = Credentials::from_dir(Path::new(dir))?;
     if let Some((user, pass)) = creds
         .redis_auth()
-        .map_err(|e| format!("credentials directory {dir}: {e}"))?
+        .map_err(|e| Error::Config(format!("credentials directory {dir}: {e}")))?
     {
         let mut r = info.redis_settings().clone().set_password(pass);
         if let Some(u) = user {
@@ -112,11 +120,11 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
         None => redis::Client::open(info),
         Some(pem) => {
             if !url.starts_with("rediss://") {
-                return Err(format!(
+                return Err(Error::Config(format!(
                     "{} is given but messaging.brokerUrl {:?} is not TLS (use rediss://)",
                     Path::new(dir).join(CA_KEY).display(),
                     weir_crds::redact::url(url)
-                ));
+                )));
             }
             let certs = redis::TlsCertificates {
                 client_tls: None,
@@ -125,25 +133,23 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Str
             redis::Client::build_with_tls(info, certs)
         }
     }
-    .map_err(|e| format!("cannot use {}: {e}", weir_crds::redact::url(url)))
+    .map_err(unusable)
 }
 
-fn manager(
-    client: &redis::Client,
-    response_timeout: Duration,
-) -> Result<ConnectionManager, String> {
+fn manager(client: &redis::Client, response_timeout: Duration) -> Result<ConnectionManager, Error> {
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(1)
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_lazy_with_config(client.clone(), cfg).map_err(|e| e.to_string())
+    ConnectionManager::new_lazy_with_config(client.clone(), cfg)
+        .map_err(|e| Error::broker(e.to_string()))
 }
 
 /// The sidecar's Redis connection (reconnecting on its own), with a health check that keeps
 /// `connected` current.
-pub(crate) struct RedisConn {
+pub struct RedisConn {
     client: redis::Client,
     con: ConnectionManager,
     connected: Arc<AtomicBool>,
@@ -156,7 +162,7 @@ impl RedisConn {
         url: &str,
         credentials: Option<&str>,
         on_state: impl Fn(bool) + Send + Sync + 'static,
-    ) -> Result<RedisConn, String> {
+    ) -> Result<RedisConn, Error> {
         let client = client(url, credentials)?;
         let con = manager(&client, API_TIMEOUT)?;
         let connected = Arc::new(AtomicBool::new(false));
@@ -210,13 +216,8 @@ impl RedisConn {
     }
 
     /// `XADD`s the event unless its id was published within the duplicate window.
-    pub async fn publish(
-        &self,
-        target: &PublishConfig,
-        id: &str,
-        headers: &Headers,
-        payload: Bytes,
-    ) -> Result<Published, String> {
+    pub async fn publish(&self, event: Outgoing<'_>) -> Result<Published, Error> {
+        let target = event.target;
         let window = target
             .duplicate_window_ms
             .map(Duration::from_millis)
@@ -231,24 +232,29 @@ impl RedisConn {
             .unwrap_or_default();
         let mut inv = self.script.prepare_invoke();
         inv.key(&target.stream)
-            .key(published_key(&target.stream, id))
+            .key(published_key(&target.stream, event.id))
             .arg(window.as_millis() as u64)
             .arg(target.max_messages.unwrap_or(0))
             .arg(min_id);
-        for (k, v) in headers {
+        for (k, v) in event.headers {
             inv.arg(k.to_ascii_lowercase()).arg(v);
         }
-        inv.arg(DATA_FIELD).arg(payload.as_ref());
+        inv.arg(DATA_FIELD).arg(event.payload.as_ref());
         let mut con = self.con.clone();
         let r = tokio::time::timeout(PUBLISH_TIMEOUT, inv.invoke_async::<Value>(&mut con)).await;
         let v = match r {
             Err(_) => {
-                return Err(format!(
+                return Err(Error::Timeout(format!(
                     "the broker did not acknowledge within {} ms",
                     PUBLISH_TIMEOUT.as_millis()
-                ));
+                )));
             }
-            Ok(Err(e)) => return Err(format!("publish to {} failed: {e}", target.stream)),
+            Ok(Err(e)) => {
+                return Err(Error::Broker {
+                    code: e.code().map(str::to_string),
+                    message: format!("publish to {} failed: {e}", target.stream),
+                });
+            }
             Ok(Ok(v)) => v,
         };
         let a = arr(&v);
@@ -257,7 +263,9 @@ impl RedisConn {
                 duplicate: dup == 1,
                 position: serde_json::Value::String(entry),
             }),
-            _ => Err(format!("unexpected answer to the publish: {v:?}")),
+            _ => Err(Error::broker(format!(
+                "unexpected answer to the publish: {v:?}"
+            ))),
         }
     }
 }
@@ -326,7 +334,7 @@ pub fn parse_entries(v: &Value) -> Vec<Entry> {
 }
 
 /// What one consumer shares with its messages.
-pub(crate) struct Shared {
+pub struct Shared {
     con: ConnectionManager,
     stream: String,
     group: String,
@@ -349,7 +357,7 @@ impl Shared {
     }
 
     /// Resets the entry's idle time without counting a delivery.
-    async fn touch(&self, id: &str) -> Result<(), String> {
+    async fn touch(&self, id: &str) -> Result<(), CallError> {
         self.query::<Value>(
             redis::cmd("XCLAIM")
                 .arg(&self.stream)
@@ -361,7 +369,6 @@ impl Shared {
         )
         .await
         .map(|_| ())
-        .map_err(String::from)
     }
 
     /// How many times `id` was delivered (from `XPENDING`); 1 when unknown.
@@ -386,7 +393,7 @@ impl Shared {
     }
 }
 
-pub(crate) struct RedisMsg {
+pub struct RedisMsg {
     entry: Entry,
     delivered: u64,
     shared: Arc<Shared>,
@@ -413,10 +420,12 @@ impl Inbound for RedisMsg {
         // current time, so an id is not repeated while a processed-event record may hold it.
         Some(self.entry.id.clone())
     }
-    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), String> {
-        Err("a Redis stream entry always has an identity (its entry id)".into())
+    async fn requeue_with_identity(&self, _identity: &str) -> Result<(), Error> {
+        Err(Error::Unsupported(
+            "a Redis stream entry always has an identity (its entry id)",
+        ))
     }
-    async fn settle(&self, how: Settle) -> Result<(), String> {
+    async fn settle(&self, how: Settle) -> Result<(), Error> {
         let s = &self.shared;
         match how {
             Settle::Ack | Settle::Term => s
@@ -428,7 +437,7 @@ impl Inbound for RedisMsg {
                 )
                 .await
                 .map(|_| ())
-                .map_err(String::from),
+                .map_err(Error::from),
             Settle::Nak(delay) => {
                 let (s, id) = (self.shared.clone(), self.entry.id.clone());
                 let delay = delay.unwrap_or_default();
@@ -461,20 +470,20 @@ impl Inbound for RedisMsg {
     }
 }
 
-pub(crate) struct RedisSide {
+pub struct RedisSide {
     shared: Arc<Shared>,
 }
 
 impl Side for RedisSide {
     type Msg = RedisMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, String> {
+    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
         let s = &self.shared;
         s.query::<i64>(redis::cmd("EXISTS").arg(format!("{}:{key}", s.processed_prefix)))
             .await
             .map(|n| n > 0)
-            .map_err(String::from)
+            .map_err(Error::from)
     }
-    async fn record_processed(&self, key: &str, value: &str) -> Result<(), String> {
+    async fn record_processed(&self, key: &str, value: &str) -> Result<(), Error> {
         let s = &self.shared;
         s.query::<Value>(
             redis::cmd("SET")
@@ -485,9 +494,9 @@ impl Side for RedisSide {
         )
         .await
         .map(|_| ())
-        .map_err(String::from)
+        .map_err(Error::from)
     }
-    async fn dead_letter(&self, msg: &RedisMsg, headers: Headers) -> Result<(), String> {
+    async fn dead_letter(&self, msg: &RedisMsg, headers: Headers) -> Result<(), Error> {
         let s = &self.shared;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&s.dead_letter_stream).arg("*");
@@ -498,7 +507,7 @@ impl Side for RedisSide {
         s.query::<String>(&cmd)
             .await
             .map(|_| ())
-            .map_err(String::from)
+            .map_err(Error::from)
     }
 }
 
@@ -507,7 +516,7 @@ pub async fn ensure_group(
     con: &mut ConnectionManager,
     stream: &str,
     group: &str,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let r = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -522,16 +531,24 @@ pub async fn ensure_group(
             Ok(())
         }
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(format!("consumer group {group} on {stream}: {e}")),
+        Err(e) => Err(Error::Broker {
+            code: e.code().map(str::to_string),
+            message: format!("consumer group {group} on {stream}: {e}"),
+        }),
     }
 }
 
-/// Runs until `stop`: at most `maxInFlight` entries in the app at a time.
-pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
-    let c = ctx.cfg.clone();
-    let mut stop = ctx.stop.clone();
-    let max = c.max_in_flight as usize;
-    let sem = Arc::new(Semaphore::new(max));
+/// Runs until `stop`, as consumer `me` of the group: at most `maxInFlight` entries handed to
+/// `handler` at a time.
+pub(crate) async fn run<H: Handler>(
+    conn: Arc<RedisConn>,
+    c: ConsumeConfig,
+    me: String,
+    mut stop: watch::Receiver<bool>,
+    handler: Arc<H>,
+) {
+    let queue = c.queue.as_str();
+    let slots = Slots::new(c.max_in_flight as usize);
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<String>();
     let ack_wait = Duration::from_millis(c.ack_wait_ms.max(100));
     let shared = Arc::new(Shared {
@@ -553,7 +570,7 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
     let reader = match manager(&conn.client, READ_BLOCK + API_TIMEOUT) {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(queue = ctx.queue(), error = %e, "cannot open the reading connection");
+            tracing::error!(queue, error = %e, "cannot open the reading connection");
             return;
         }
     };
@@ -570,32 +587,22 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
             let mut con = conn.con.clone();
             match ensure_group(&mut con, &c.stream, &c.consumer).await {
                 Ok(()) => {
-                    tracing::info!(queue = ctx.queue(), group = %c.consumer, consumer = %me, "consuming");
+                    tracing::info!(queue, group = %c.consumer, consumer = %me, "consuming");
                     ready = true;
                     delay = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
-                    tokio::select! {
-                        _ = stopped(&mut stop) => break,
-                        _ = tokio::time::sleep(delay) => {}
+                    if setup_failed(queue, &e, &mut stop, &mut delay, Duration::from_secs(2)).await
+                    {
+                        break;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
                     continue;
                 }
             }
         }
-        let first = tokio::select! {
-            _ = stopped(&mut stop) => break,
-            p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+        let Some(mut permits) = slots.free(&mut stop).await else {
+            break;
         };
-        let mut permits = vec![first];
-        while permits.len() < max {
-            match sem.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
         let got = fetch(
             &shared,
             &reader,
@@ -611,36 +618,33 @@ pub(crate) async fn run(ctx: Arc<Consumer>, conn: Arc<RedisConn>, me: String) {
                 e
             }
             Err(e) => {
-                tracing::warn!(queue = ctx.queue(), error = %e, "read failed");
+                tracing::warn!(queue, error = %e, "read failed");
                 drop(permits);
                 if e.code() == Some("NOGROUP") {
                     ready = false;
                 }
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = tokio::time::sleep(delay) => {}
+                if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+                    break;
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
         for (entry, delivered) in entries {
             let Some(permit) = permits.pop() else { break };
-            let (ctx, side, shared) = (ctx.clone(), side.clone(), shared.clone());
+            let (handler, side, shared) = (handler.clone(), side.clone(), shared.clone());
             tokio::spawn(async move {
                 let msg = RedisMsg {
                     entry,
                     delivered,
                     shared,
                 };
-                deliver(&ctx, side.as_ref(), msg).await;
+                handler.deliver(side.as_ref(), msg).await;
                 drop(permit);
             });
         }
         drop(permits);
     }
-    let _ = sem.acquire_many(max as u32).await;
-    tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consumer stopped");
+    slots.drain(queue, &c.consumer).await;
 }
 
 /// Up to `n` entries with their delivery counts: retries that fell due, entries left pending
@@ -754,6 +758,7 @@ async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redis::processed_record;
 
     #[test]
     fn entries_parse() {

@@ -1,4 +1,4 @@
-//! RabbitMQ (AMQP 0-9-1, no plugins), on the layout of [`weir_broker::rabbitmq`] (exchanges,
+//! The sidecar's role on RabbitMQ (AMQP 0-9-1, no plugins), on the layout of [`super`] (exchanges,
 //! consumer, retry and dead-letter queues, the processed-event stream, and their arguments).
 //!
 //! Publish: `mandatory`, persistent, `message_id` = event id, CloudEvents headers; the 202 comes
@@ -21,10 +21,12 @@
 //! published itself, so it knows every record older than its start. A record is published
 //! (confirmed) to the stream and kept in memory at once.
 
-use super::backend::{Headers, Inbound, Published, Settle, Side, header};
-use super::cloudevents::{CE_ID, processed_bucket};
-use super::consume::{Consumer, MIN_DEDUP_TTL, RETRY_LATER, deliver, stopped};
-use super::{API_TIMEOUT, PUBLISH_TIMEOUT};
+use crate::queue::processed_bucket;
+use crate::transport::{
+    API_TIMEOUT, CE_ID, Error, Handler, Headers, Inbound, MAX_RECONNECT_DELAY, MIN_DEDUP_TTL,
+    Outgoing, PUBLISH_TIMEOUT, Published, RETRY_LATER, Settle, Side, Slots, header, pause,
+    setup_failed, stopped,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::*;
@@ -36,26 +38,26 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::watch;
 use weir_crds::proxy::{ConsumeConfig, PublishConfig, QueueLimits};
 
 fn long(s: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(s.into().into())
 }
 
-pub use weir_broker::rabbitmq::{
+use super::{
     WEIR_DELIVERIES, WEIR_MESSAGE_ID, consumer_queue, processed_stream_args, quorum_args,
     retry_queue, retry_queue_args,
 };
 
-/// The arguments of a consumer queue ([`weir_broker::rabbitmq::consumer_queue_args`]); an
+/// The arguments of a consumer queue ([`super::consumer_queue_args`]); an
 /// empty `dead_letter_exchange` when dead letters are disabled.
 pub fn consumer_queue_args(
     max_deliveries: u32,
     dead_letter_exchange: &str,
     limits: &QueueLimits,
 ) -> FieldTable {
-    weir_broker::rabbitmq::consumer_queue_args(
+    super::consumer_queue_args(
         i64::from(max_deliveries),
         Some(dead_letter_exchange).filter(|d| !d.is_empty()),
         limits,
@@ -74,35 +76,34 @@ pub struct Endpoint {
 /// The endpoint of `url` with the credentials of `credentials` (a Secret directory holding
 /// `username` and `password`, or only `ca.crt`), read once: the user in the URL, `ca.crt`
 /// trusted for `amqps://`.
-pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String> {
+pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, Error> {
     let mut uri: AMQPUri = url.parse().map_err(|e| {
-        format!(
+        Error::Config(format!(
             "messaging.brokerUrl: {:?} is not an AMQP URL: {e}",
             weir_crds::redact::url(url)
-        )
+        ))
     })?;
     let mut tls = OwnedTLSConfig::default();
     let Some(dir) = credentials else {
         return Ok(Endpoint { uri, tls });
     };
-    let creds = weir_broker::credentials::Credentials::from_dir(std::path::Path::new(dir))
-        .map_err(|e| e.0)?;
+    let creds = crate::credentials::Credentials::from_dir(std::path::Path::new(dir))?;
     if let Some((user, pass)) = creds
         .amqp_auth()
-        .map_err(|e| format!("credentials directory {dir}: {e}"))?
+        .map_err(|e| Error::Config(format!("credentials directory {dir}: {e}")))?
     {
         uri.authority.userinfo.username = user;
         uri.authority.userinfo.password = pass;
     }
     if let Some(pem) = creds.ca {
         if uri.scheme != AMQPScheme::AMQPS {
-            return Err(format!(
+            return Err(Error::Config(format!(
                 "{} is given but messaging.brokerUrl {:?} is not TLS (use amqps://)",
                 std::path::Path::new(dir)
-                    .join(weir_broker::credentials::CA_KEY)
+                    .join(crate::credentials::CA_KEY)
                     .display(),
                 weir_crds::redact::url(url)
-            ));
+            )));
         }
         tls.cert_chain = Some(pem);
     }
@@ -110,42 +111,40 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, String
 }
 
 /// Connects once (bounded by [`API_TIMEOUT`]).
-pub async fn connect(e: &Endpoint, name: &str) -> Result<Connection, String> {
+pub async fn connect(e: &Endpoint, name: &str) -> Result<Connection, Error> {
     let u = &e.uri;
     let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| Error::broker(e.to_string()))?;
     let open = Connection::connect_uri_with_config(u.clone(), props, e.tls.clone(), runtime);
+    let failed = |message: String| Error::Connect {
+        to: format!("{}:{}", u.authority.host, u.authority.port),
+        message,
+    };
     match tokio::time::timeout(API_TIMEOUT, open).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!(
-            "cannot connect to {}:{}: {e}",
-            u.authority.host, u.authority.port
-        )),
-        Err(_) => Err(format!(
-            "cannot connect to {}:{}: timed out",
-            u.authority.host, u.authority.port
-        )),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed("timed out".into())),
     }
 }
 
 async fn timed<T>(
     what: &str,
     f: impl std::future::Future<Output = lapin::Result<T>>,
-) -> Result<T, String> {
+) -> Result<T, Error> {
     match tokio::time::timeout(API_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!(
+        Ok(Err(e)) => Err(Error::broker(format!("{what}: {e}"))),
+        Err(_) => Err(Error::Timeout(format!(
             "{what}: no answer within {} ms",
             API_TIMEOUT.as_millis()
-        )),
+        ))),
     }
 }
 
 /// Declares the queue unless it exists (an existing queue is used as it is: RabbitMQ refuses a
 /// redeclaration with other arguments). The check runs on a channel of its own, which the
 /// broker closes when the queue is absent.
-pub async fn ensure_queue(conn: &Connection, name: &str, args: FieldTable) -> Result<(), String> {
+pub async fn ensure_queue(conn: &Connection, name: &str, args: FieldTable) -> Result<(), Error> {
     let probe = timed("channel", conn.create_channel()).await?;
     let passive = QueueDeclareOptions {
         passive: true,
@@ -175,7 +174,7 @@ pub async fn ensure_exchange(
     ch: &Channel,
     name: &str,
     kind: lapin::ExchangeKind,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     timed(
         &format!("declare exchange {name}"),
         ch.exchange_declare(
@@ -197,7 +196,7 @@ pub async fn declare_consumer(
     conn: &Connection,
     c: &ConsumeConfig,
     processed_ttl: Duration,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let ch = timed("channel", conn.create_channel()).await?;
     ensure_exchange(&ch, &c.stream, lapin::ExchangeKind::Topic).await?;
     if !c.dead_letter_stream.is_empty() {
@@ -250,7 +249,7 @@ pub async fn publish_confirmed(
     routing_key: &str,
     payload: &[u8],
     props: BasicProperties,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let fut = async {
         let confirm = ch
             .basic_publish(
@@ -264,24 +263,27 @@ pub async fn publish_confirmed(
                 props,
             )
             .await
-            .map_err(|e| format!("publish failed: {e}"))?;
-        match confirm.await.map_err(|e| format!("publish failed: {e}"))? {
+            .map_err(|e| Error::broker(format!("publish failed: {e}")))?;
+        match confirm
+            .await
+            .map_err(|e| Error::broker(format!("publish failed: {e}")))?
+        {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(format!(
+            Confirmation::Ack(Some(_)) => Err(Error::Unroutable(format!(
                 "no queue is bound to exchange {exchange:?} (no consumer of this queue is \
                  declared yet): the event was not stored"
-            )),
-            Confirmation::Nack(_) => Err(format!(
+            ))),
+            Confirmation::Nack(_) => Err(Error::broker(format!(
                 "the broker refused the event on exchange {exchange:?} (a queue is full)"
-            )),
+            ))),
         }
     };
     match tokio::time::timeout(PUBLISH_TIMEOUT, fut).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
+        Err(_) => Err(Error::Timeout(format!(
             "the broker did not confirm within {} ms",
             PUBLISH_TIMEOUT.as_millis()
-        )),
+        ))),
     }
 }
 
@@ -328,7 +330,7 @@ pub fn headers_of(p: &BasicProperties) -> Headers {
 }
 
 /// The sidecar's publishing connection: one confirm-mode channel, re-opened by a supervisor.
-pub(crate) struct RabbitConn {
+pub struct RabbitConn {
     channel: Arc<Mutex<Option<Channel>>>,
     connected: Arc<AtomicBool>,
     supervisor: tokio::task::JoinHandle<()>,
@@ -343,7 +345,7 @@ impl RabbitConn {
         name: &str,
         publishes: Vec<PublishConfig>,
         on_state: impl Fn(bool) + Send + Sync + 'static,
-    ) -> Result<RabbitConn, String> {
+    ) -> Result<RabbitConn, Error> {
         let u = endpoint(url, credentials)?;
         let channel: Arc<Mutex<Option<Channel>>> = Arc::default();
         let connected = Arc::new(AtomicBool::new(false));
@@ -356,7 +358,7 @@ impl RabbitConn {
         let supervisor = tokio::spawn(async move {
             let mut conn: Option<Connection> = None;
             let mut delay = Duration::from_millis(50);
-            let mut last_error: Option<String> = None;
+            let mut last_error: Option<Error> = None;
             loop {
                 let up = conn.as_ref().is_some_and(|c| c.status().connected())
                     && ch2
@@ -388,7 +390,7 @@ impl RabbitConn {
                                 last_error = Some(e);
                             }
                             tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(super::connect::MAX_RECONNECT_DELAY);
+                            delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                             continue;
                         }
                     }
@@ -423,25 +425,19 @@ impl RabbitConn {
         }
     }
 
-    pub async fn publish(
-        &self,
-        target: &PublishConfig,
-        id: &str,
-        headers: &Headers,
-        payload: Bytes,
-    ) -> Result<Published, String> {
+    pub async fn publish(&self, e: Outgoing<'_>) -> Result<Published, Error> {
         let ch = self
             .channel
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| "not connected to the broker".to_string())?;
+            .ok_or(Error::NotConnected)?;
         publish_confirmed(
             &ch,
-            &target.stream,
-            &target.subject,
-            &payload,
-            props_with(headers, id),
+            &e.target.stream,
+            &e.target.subject,
+            &e.payload,
+            props_with(e.headers, e.id),
         )
         .await?;
         Ok(Published {
@@ -455,7 +451,7 @@ async fn open_publisher(
     u: &Endpoint,
     name: &str,
     publishes: &[PublishConfig],
-) -> Result<(Connection, Channel), String> {
+) -> Result<(Connection, Channel), Error> {
     let conn = connect(u, name).await?;
     let ch = timed("channel", conn.create_channel()).await?;
     timed(
@@ -476,7 +472,7 @@ struct Processed {
     markers: std::collections::HashSet<String>,
 }
 
-pub(crate) struct Shared {
+pub struct Shared {
     /// Confirm-mode channel for retries, dead letters and processed records.
     out: Channel,
     queue: String,
@@ -488,7 +484,7 @@ pub(crate) struct Shared {
     conn: Connection,
 }
 
-pub(crate) struct RabbitMsg {
+pub struct RabbitMsg {
     delivery: lapin::message::Delivery,
     headers: Headers,
     payload: Bytes,
@@ -541,7 +537,7 @@ impl Inbound for RabbitMsg {
     fn identity(&self) -> Option<String> {
         header(&self.headers, WEIR_MESSAGE_ID).map(str::to_string)
     }
-    async fn requeue_with_identity(&self, identity: &str) -> Result<(), String> {
+    async fn requeue_with_identity(&self, identity: &str) -> Result<(), Error> {
         let s = &self.shared;
         // The deliveries so far count on: the copy is not a new message to the app.
         let mut h = self.copy_headers(self.delivered.saturating_sub(1));
@@ -559,16 +555,20 @@ impl Inbound for RabbitMsg {
             .ack(BasicAckOptions::default())
             .await
             .map(|_| ())
-            .map_err(|e| format!("the copy is stored but the original was not acknowledged: {e}"))
+            .map_err(|e| {
+                Error::broker(format!(
+                    "the copy is stored but the original was not acknowledged: {e}"
+                ))
+            })
     }
-    async fn settle(&self, how: Settle) -> Result<(), String> {
+    async fn settle(&self, how: Settle) -> Result<(), Error> {
         let acker = &self.delivery.acker;
         match how {
             Settle::Ack | Settle::Term => acker
                 .ack(BasicAckOptions::default())
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Error::broker(e.to_string())),
             Settle::Nak(None) => acker
                 .nack(BasicNackOptions {
                     requeue: true,
@@ -576,13 +576,13 @@ impl Inbound for RabbitMsg {
                 })
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Error::broker(e.to_string())),
             Settle::Nak(Some(d)) => match self.retry_later(d).await {
                 Ok(()) => acker
                     .ack(BasicAckOptions::default())
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| Error::broker(e.to_string())),
                 Err(e) => {
                     tracing::warn!(queue = %self.shared.queue, error = %e, "cannot park the retry; handing the message back");
                     tokio::time::sleep(RETRY_LATER).await;
@@ -593,7 +593,7 @@ impl Inbound for RabbitMsg {
                         })
                         .await
                         .map(|_| ())
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| Error::broker(e.to_string()))
                 }
             },
         }
@@ -605,7 +605,7 @@ impl Inbound for RabbitMsg {
 
 impl RabbitMsg {
     /// Publishes a copy to the retry queue of `d` (declared when first used), confirmed.
-    async fn retry_later(&self, d: Duration) -> Result<(), String> {
+    async fn retry_later(&self, d: Duration) -> Result<(), Error> {
         let s = &self.shared;
         let ms = d.as_millis().max(1) as u64;
         let rq = retry_queue(&s.queue, ms);
@@ -640,7 +640,7 @@ impl RabbitMsg {
     }
 }
 
-pub(crate) struct RabbitSide {
+pub struct RabbitSide {
     shared: Arc<Shared>,
 }
 
@@ -650,7 +650,7 @@ fn now_ms() -> i64 {
 
 impl Side for RabbitSide {
     type Msg = RabbitMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, String> {
+    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
         let p = self
             .shared
             .processed
@@ -658,7 +658,7 @@ impl Side for RabbitSide {
             .unwrap_or_else(|e| e.into_inner());
         Ok(p.keys.get(key).is_some_and(|&exp| exp > now_ms()))
     }
-    async fn record_processed(&self, key: &str, _value: &str) -> Result<(), String> {
+    async fn record_processed(&self, key: &str, _value: &str) -> Result<(), Error> {
         let s = &self.shared;
         s.processed
             .lock()
@@ -679,7 +679,7 @@ impl Side for RabbitSide {
         )
         .await
     }
-    async fn dead_letter(&self, msg: &RabbitMsg, headers: Headers) -> Result<(), String> {
+    async fn dead_letter(&self, msg: &RabbitMsg, headers: Headers) -> Result<(), Error> {
         let s = &self.shared;
         publish_confirmed(
             &s.out,
@@ -700,7 +700,7 @@ async fn follow_processed(
     processed: Arc<Mutex<Processed>>,
     tag: String,
     owner: String,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     // Only this consumer's records (`<consumer>.<sha256>`): other Microservices' are theirs.
     let prefix = format!("{owner}.");
     timed("basic.qos", ch.basic_qos(1000, BasicQosOptions::default())).await?;
@@ -748,11 +748,15 @@ async fn follow_processed(
 }
 
 /// Runs until `stop`: prefetch = maxInFlight, one task per delivery.
-pub(crate) async fn run(ctx: Arc<Consumer>, u: Endpoint, name: String) {
-    let c = ctx.cfg.clone();
-    let mut stop = ctx.stop.clone();
-    let max = c.max_in_flight as usize;
-    let sem = Arc::new(Semaphore::new(max));
+pub(crate) async fn run<H: Handler>(
+    u: Endpoint,
+    name: String,
+    c: ConsumeConfig,
+    mut stop: watch::Receiver<bool>,
+    handler: Arc<H>,
+) {
+    let queue = c.queue.as_str();
+    let slots = Slots::new(c.max_in_flight as usize);
     let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
     let processed: Arc<Mutex<Processed>> = Arc::default();
     let mut delay = Duration::from_millis(100);
@@ -801,9 +805,9 @@ pub(crate) async fn run(ctx: Arc<Consumer>, u: Endpoint, name: String) {
                     break;
                 }
                 if tokio::time::Instant::now() > deadline {
-                    return Err(format!(
+                    return Err(Error::Timeout(format!(
                         "the processed-event stream {stream} was not read back in 30 s"
-                    ));
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -837,69 +841,63 @@ pub(crate) async fn run(ctx: Arc<Consumer>, u: Endpoint, name: String) {
                 declared_retry: Default::default(),
                 conn,
             });
-            Ok::<_, String>((shared, ch, consumer))
+            Ok::<_, Error>((shared, ch, consumer))
         };
         let (shared, ch, mut consumer) = match setup.await {
             Ok(v) => {
-                tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consuming");
+                tracing::info!(queue, consumer = %c.consumer, "consuming");
                 delay = Duration::from_millis(100);
                 v
             }
             Err(e) => {
-                tracing::warn!(queue = ctx.queue(), error = %e, "cannot consume yet; retrying");
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = tokio::time::sleep(delay) => {}
+                if setup_failed(queue, &e, &mut stop, &mut delay, Duration::from_secs(2)).await {
+                    break;
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
         let side = Arc::new(RabbitSide {
             shared: shared.clone(),
         });
+        let cancel = || ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default());
         loop {
-            let permit = tokio::select! {
-                _ = stopped(&mut stop) => {
-                    let _ = ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default()).await;
-                    break 'connect;
-                }
-                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            let Some(permit) = slots.one(&mut stop).await else {
+                let _ = cancel().await;
+                break 'connect;
             };
             let next = tokio::select! {
                 _ = stopped(&mut stop) => {
-                    let _ = ch.basic_cancel(name.as_str().into(), BasicCancelOptions::default()).await;
+                    let _ = cancel().await;
                     break 'connect;
                 }
                 n = consumer.next() => n,
             };
             match next {
                 Some(Ok(d)) => {
-                    let (ctx, side, shared) = (ctx.clone(), side.clone(), shared.clone());
+                    let (handler, side, shared) = (handler.clone(), side.clone(), shared.clone());
                     tokio::spawn(async move {
-                        deliver(&ctx, side.as_ref(), RabbitMsg::new(d, shared)).await;
+                        handler
+                            .deliver(side.as_ref(), RabbitMsg::new(d, shared))
+                            .await;
                         drop(permit);
                     });
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(queue = ctx.queue(), error = %e, "consumer interrupted; reconnecting");
+                    tracing::warn!(queue, error = %e, "consumer interrupted; reconnecting");
                     break;
                 }
                 None => {
-                    tracing::warn!(queue = ctx.queue(), "consumer cancelled; reconnecting");
+                    tracing::warn!(queue, "consumer cancelled; reconnecting");
                     break;
                 }
             }
         }
         let _ = shared.conn.close(200, "reconnecting".into()).await;
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            _ = tokio::time::sleep(delay) => {}
+        if pause(&mut stop, &mut delay, Duration::from_secs(2)).await {
+            break;
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    let _ = sem.acquire_many(max as u32).await;
-    tracing::info!(queue = ctx.queue(), consumer = %c.consumer, "consumer stopped");
+    slots.drain(queue, &c.consumer).await;
 }
 
 #[cfg(test)]
