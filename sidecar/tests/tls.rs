@@ -148,7 +148,7 @@ async fn https_upstream_is_verified_and_called() {
     cfg.outbound
         .push(dependency("mismatch", format!("https://127.0.0.1:{port}")));
     let ca = dir.path().join("ca.pem");
-    let proxy = Proxy::start_env(cfg, &[], &[("SSL_CERT_FILE", &ca)]).await;
+    let proxy = proxy_env(cfg, &[], &[("SSL_CERT_FILE", &ca)]).await;
     let c = client();
     let a = get(&c, proxy.outbound_url("secure", "/x")).await;
     assert_eq!(a.status, 200, "{}", a.body);

@@ -1,10 +1,17 @@
-//! Helpers for the bridge tests: a real nats-server (start, kill -9, restart on the same port and
-//! store), a counting HTTP app, the real `weir-proxy` binary with a messaging config.
-#![allow(dead_code)]
+//! The sidecar's broker conformance helpers (feature `bridge`): one scenario run on each broker
+//! kind ([`per_broker!`](crate::per_broker)), a real broker of each kind ([`TestBroker`]), a
+//! small HTTP app that counts deliveries per event id ([`App`]), the sidecar configs of the
+//! suite (queue `orders` of namespace `shop`), the real `weir-proxy` as a publishing or consuming
+//! sidecar ([`sidecar`]) or as one that cannot connect ([`Unready`]), and what the suite reads
+//! from JetStream directly. Used by weir-proxy's `bridge` and `broker_tls` tests and its
+//! `pubsub` benchmark, which give the binary (`env!("CARGO_BIN_EXE_weir-proxy")`).
 
 mod brokers;
-#[allow(unused_imports)]
 pub use brokers::*;
+
+pub use crate::brokers::{Kind, NatsServer, RabbitServer, RedisServer, require};
+pub use crate::net::{eventually, eventually_async, free_addr};
+pub use crate::proxy::{Proxy, http_get, http_send, http_send_full};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -12,145 +19,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_crds::proxy::*;
-
-pub fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Finds `nats-server`: `$NATS_SERVER`, `<repo>/.tools/bin`, then `PATH`.
-pub fn nats_server_bin() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let local = repo.join(".tools/bin/nats-server");
-    if local.exists() {
-        return Some(local);
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.exists())
-    })
-}
-
-/// Skips the test plainly (returns `None`) when nats-server is missing, unless `CI` is set.
-pub fn require_nats() -> Option<PathBuf> {
-    match nats_server_bin() {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("nats-server not found: run scripts/setup.sh")
-        }
-        None => {
-            eprintln!("SKIP: nats-server not found (run scripts/setup.sh)");
-            None
-        }
-    }
-}
-
-/// A real nats-server with JetStream and file storage on a free loopback port.
-pub struct Nats {
-    bin: PathBuf,
-    extra: Vec<String>,
-    child: Option<Child>,
-    pub port: u16,
-    pub store: tempfile::TempDir,
-}
-
-impl Nats {
-    pub async fn start(bin: PathBuf) -> Nats {
-        Self::start_with(bin, &[]).await
-    }
-
-    /// With extra command-line arguments, e.g. `["--auth", "token"]`.
-    pub async fn start_with(bin: PathBuf, extra: &[&str]) -> Nats {
-        let port = free_addr().port();
-        let mut n = Nats {
-            bin,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            port,
-            store: tempfile::tempdir().unwrap(),
-        };
-        n.spawn().await;
-        n
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new(&self.bin)
-            .args(["-js", "-sd"])
-            .arg(self.store.path())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// `kill -9`: no shutdown, no flush.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts again on the same port and store directory.
-    pub async fn restart(&mut self) {
-        self.kill9();
-        self.spawn().await;
-    }
-
-    pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect")
-    }
-
-    pub async fn js(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::new(self.client().await)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// How the app answers a delivery: status for the `n`-th call (0-based) of an event id.
 pub type Behavior = Arc<dyn Fn(&str, usize) -> u16 + Send + Sync>;
@@ -478,292 +352,54 @@ pub async fn raw_publish(
     raw_publish_headers(js, &h, body.as_bytes()).await
 }
 
-/// The real `weir-proxy` binary; `kill9` and `restart` keep the config and ports.
-pub struct Sidecar {
-    child: Option<Child>,
-    pub config: ProxyConfig,
-    pub config_path: PathBuf,
-    pub logs: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+/// A sidecar of the suite: the real `weir-proxy` with a messaging config; `kill9` and `restart`
+/// keep the config and ports.
+pub type Sidecar = Proxy;
+
+/// The sidecar's command line in this suite: no access log, config reloaded every 200 ms, info
+/// logs (which the tests read).
+fn spawn_sidecar(bin: &Path, config: ProxyConfig) -> Sidecar {
+    Proxy::spawn(
+        bin,
+        config,
+        &["--no-access-log", "--reload-interval-ms", "200"],
+        &[("WEIR_LOG", OsStr::new("info"))],
+    )
 }
 
-impl Sidecar {
-    pub async fn start(config: ProxyConfig) -> Sidecar {
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("proxy.json");
-        std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        let mut s = Sidecar {
-            child: None,
-            config,
-            config_path,
-            logs: Arc::new(Mutex::new(Vec::new())),
-            _dir: dir,
-        };
-        s.spawn();
-        s.wait_ready().await;
-        s
-    }
-
-    /// Like [`Sidecar::start`], waiting for `/readyz` only: for a broker that is down.
-    pub async fn start_unconnected(config: ProxyConfig) -> Sidecar {
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("proxy.json");
-        std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        let mut s = Sidecar {
-            child: None,
-            config,
-            config_path,
-            logs: Arc::new(Mutex::new(Vec::new())),
-            _dir: dir,
-        };
-        s.spawn();
-        assert!(
-            eventually_async(Duration::from_secs(20), || async {
-                matches!(http_get(&s.admin_url("/readyz")).await, Ok((200, _)))
-            })
-            .await,
-            "sidecar not ready; logs: {:#?}",
-            s.logs.lock().unwrap()
-        );
-        s
-    }
-
-    /// A GET through the sidecar's inbound listener to the app: (status, body).
-    pub async fn call_inbound(&self, path: &str) -> Result<(u16, String), String> {
-        http_get(&format!("http://{}{path}", self.config.inbound.listen)).await
-    }
-
-    fn spawn(&mut self) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--no-access-log")
-            .args(["--reload-interval-ms", "200"])
-            .env("WEIR_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn weir-proxy");
-        let stdout = child.stdout.take().unwrap();
-        let logs = self.logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                logs.lock().unwrap().push(line);
-            }
-        });
-        self.child = Some(child);
-    }
-
-    /// Waits until the sidecar is ready (`/readyz`) and connected to its broker (`/brokerz`):
-    /// readiness alone no longer waits for the broker.
-    pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let (Ok((200, _)), Ok((200, _))) = (
-                http_get(&self.admin_url("/readyz")).await,
-                http_get(&self.admin_url("/brokerz")).await,
-            ) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sidecar not ready or not connected; logs: {:#?}",
-                self.logs.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.config.admin.listen)
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub async fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-        self.wait_ready().await;
-    }
-
-    pub fn sigterm(&self) {
-        let pid = self.child.as_ref().unwrap().id();
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "sidecar did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Publishes through the sidecar as JSON: (status, parsed JSON body).
-    pub async fn publish(
-        &self,
-        queue: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> (u16, serde_json::Value) {
-        self.publish_as(queue, Some("application/json"), headers, body)
-            .await
-            .0
-    }
-
-    /// Publishes through the sidecar with that `content-type` (none when `None`): (status,
-    /// parsed JSON body), and the answer's headers.
-    pub async fn publish_as(
-        &self,
-        queue: &str,
-        content_type: Option<&str>,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> ((u16, serde_json::Value), http::HeaderMap) {
-        let mut req = Request::post(self.admin_url(&format!("/v1/publish/{queue}")));
-        if let Some(ct) = content_type {
-            req = req.header("content-type", ct);
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let (status, answer, text) =
-            http_send_full(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
-                .await
-                .expect("publish request");
-        (
-            (
-                status,
-                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-            ),
-            answer,
-        )
-    }
-
-    /// The value of one sample line of `/metrics`, e.g. `weir_messaging_acked_total{queue="orders"}`.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let (_, text) = http_get(&self.admin_url("/metrics")).await.unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
-    }
+/// Starts `bin` as a sidecar with `config` and waits until it is ready and connected to its
+/// broker.
+pub async fn sidecar(bin: impl AsRef<Path>, config: ProxyConfig) -> Sidecar {
+    let s = spawn_sidecar(bin.as_ref(), config);
+    s.wait_connected().await;
+    s
 }
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
-fn client() -> Client {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
-}
-
-pub async fn http_send(req: Request<Full<Bytes>>) -> Result<(u16, String), String> {
-    http_send_full(req)
-        .await
-        .map(|(status, _, body)| (status, body))
-}
-
-/// Like [`http_send`], with the answer's headers.
-pub async fn http_send_full(
-    req: Request<Full<Bytes>>,
-) -> Result<(u16, http::HeaderMap, String), String> {
-    let fut = async {
-        let resp = client().request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .map_err(|_| "timeout".to_string())?
-}
-
-pub async fn http_get(url: &str) -> Result<(u16, String), String> {
-    http_send(Request::get(url).body(Full::default()).unwrap()).await
-}
-
-/// Like [`eventually`] with an async condition.
-pub async fn eventually_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Like [`sidecar`], waiting for `/readyz` only: for a broker that is down.
+pub async fn sidecar_unconnected(bin: impl AsRef<Path>, config: ProxyConfig) -> Sidecar {
+    let s = spawn_sidecar(bin.as_ref(), config);
+    s.wait_ready().await;
+    s
 }
 
 /// A `weir-proxy` that is not expected to connect to its broker, its stdout collected. Its HTTP
 /// path is ready all the same: [`Unready::says`] and [`Unready::brokerz_says`] check both.
 pub struct Unready {
-    pub child: Child,
+    pub proxy: Proxy,
     /// `http://<admin listener>`.
     admin: String,
     pub logs: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
 }
 
 impl Unready {
-    pub fn start(config: ProxyConfig) -> Unready {
-        let dir = tempfile::tempdir().unwrap();
-        let path: PathBuf = dir.path().join("proxy.json");
-        std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-proxy"))
-            .arg("--config")
-            .arg(&path)
-            .env("WEIR_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        let l2 = logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push(line);
-            }
-        });
+    /// Starts `bin` with `config` (info logs), without waiting.
+    pub fn start(bin: impl AsRef<Path>, config: ProxyConfig) -> Unready {
+        let admin = format!("http://{}", config.admin.listen);
+        let proxy = Proxy::spawn(bin, config, &[], &[("WEIR_LOG", OsStr::new("info"))]);
         Unready {
-            child,
-            admin: format!("http://{}", config.admin.listen),
-            logs,
-            _dir: dir,
+            admin,
+            logs: proxy.logs.clone(),
+            proxy,
         }
     }
 
@@ -817,16 +453,9 @@ impl Unready {
     }
 }
 
-impl Drop for Unready {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One test per broker (modules `nats`, `redis`, `rabbitmq`) for each scenario function
 /// `async fn name(kind: Kind)` named.
-#[allow(unused_macros)]
+#[macro_export]
 macro_rules! per_broker {
     ($($name:ident),* $(,)?) => {
         mod nats {
