@@ -12,6 +12,7 @@
 //! - [`proxy`]: a running `weir-proxy` (its binary given by the caller, e.g.
 //!   `env!("CARGO_BIN_EXE_weir-proxy")` in the sidecar's own tests), and the small HTTP client
 //!   the suites talk to it with.
+//! - [`serve`]: loopback HTTP/1.1 servers (the apps and upstreams behind a proxy).
 //! - `bridge` (feature `bridge`): the sidecar's broker conformance helpers: one scenario run on
 //!   each broker kind, a counting app, the sidecar configs, and what the suite reads from each
 //!   broker directly.
@@ -24,6 +25,7 @@ pub mod brokers;
 pub mod net;
 pub mod pki;
 pub mod proxy;
+pub mod serve;
 
 #[cfg(feature = "bridge")]
 pub mod bridge;
@@ -32,3 +34,4 @@ pub use brokers::{NatsServer, RabbitServer, RedisServer};
 pub use net::{eventually, eventually_async, free_addr, free_port};
 pub use pki::Pki;
 pub use proxy::Proxy;
+pub use serve::serve;

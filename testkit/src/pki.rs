@@ -1,5 +1,6 @@
-//! A private CA and a server certificate it signed for `127.0.0.1` and `localhost`, made with the
-//! `openssl` command-line tool, for tests of brokers behind TLS (`ca.crt` in a Broker's Secret).
+//! A private CA and a server certificate it signed (for `127.0.0.1` and `localhost` unless told
+//! otherwise), made with the `openssl` command-line tool, for tests of brokers behind TLS
+//! (`ca.crt` in a Broker's Secret) and of `https://` upstreams.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,8 +12,15 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// `None` (the test skips, saying so) when `openssl` is not installed.
+    /// For `127.0.0.1` and `localhost`; `None` (the test skips, saying so) when `openssl` is not
+    /// installed.
     pub fn new() -> Option<Pki> {
+        Self::for_names("IP:127.0.0.1,DNS:localhost")
+    }
+
+    /// With the server certificate's `subjectAltName` set to `names` (e.g. `DNS:localhost` alone,
+    /// for a test that an address the certificate does not name is refused).
+    pub fn for_names(names: &str) -> Option<Pki> {
         if Command::new("openssl").arg("version").output().is_err() {
             eprintln!("SKIP: openssl not found");
             return None;
@@ -23,8 +31,10 @@ impl Pki {
             .expect("create the PKI directory");
         std::fs::write(
             dir.path().join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName={names}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            ),
         )
         .expect("write server.ext");
         let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";

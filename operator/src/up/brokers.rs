@@ -7,6 +7,9 @@
 //!   epmd, node name, Erlang cookie (a HOME under the work directory), database and logs; it
 //!   takes a few seconds to boot.
 //!
+//! The command lines (and where each binary is found) come from [`weir_broker::local`], which
+//! the test kit runs too: the brokers of the tests are the brokers of `weir up`.
+//!
 //! Each broker process is supervised as an app is: when it exits, `weir up` starts it again
 //! after the same backoff, with the same arguments (same port, same data directory), so the
 //! sidecars reconnect and find their queues; one that cannot listen again ends the run.

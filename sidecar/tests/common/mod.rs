@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_crds::proxy::*;
 
-pub use weir_testkit::{Proxy, free_addr};
+pub use weir_testkit::{Proxy, free_addr, serve};
 
 /// A loopback HTTP/1.1 server; `handler` gets each request and its 0-based index.
 pub struct Upstream {
@@ -48,30 +48,15 @@ where
     F: Fn(Request<Incoming>, usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (h2, s2) = (hits.clone(), seen.clone());
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (handler, hits, seen) = (handler.clone(), h2.clone(), s2.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let n = hits.fetch_add(1, Ordering::SeqCst);
-                    seen.lock().unwrap().push(req.headers().clone());
-                    let fut = handler(req, n);
-                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let (addr, task) = serve(move |req: Request<Incoming>| {
+        let n = h2.fetch_add(1, Ordering::SeqCst);
+        s2.lock().unwrap().push(req.headers().clone());
+        handler(req, n)
+    })
+    .await;
     Upstream {
         addr,
         hits,

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -67,8 +66,6 @@ impl App {
     }
 
     async fn start_inner(delay: Duration, behavior: Behavior, details: bool) -> App {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let calls = Arc::new(Mutex::new(Vec::<Call>::new()));
         let per_id = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
         let total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -79,62 +76,43 @@ impl App {
             per_id.clone(),
             total.clone(),
         );
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+        let (addr, task) = crate::serve(move |req: Request<Incoming>| {
+            let (calls, behavior, per_id, total) = (c2.clone(), b2.clone(), p2.clone(), t2.clone());
+            async move {
+                let headers = req.headers().clone();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let id = headers
+                    .get("ce-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let n = {
+                    let mut p = per_id.lock().unwrap();
+                    let e = p.entry(id.clone()).or_insert(0);
+                    *e += 1;
+                    *e - 1
                 };
-                let (calls, behavior, per_id, total) =
-                    (c2.clone(), b2.clone(), p2.clone(), t2.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (calls, behavior, per_id, total) = (
-                            calls.clone(),
-                            behavior.clone(),
-                            per_id.clone(),
-                            total.clone(),
-                        );
-                        async move {
-                            let headers = req.headers().clone();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let id = headers
-                                .get("ce-id")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string();
-                            let n = {
-                                let mut p = per_id.lock().unwrap();
-                                let e = p.entry(id.clone()).or_insert(0);
-                                *e += 1;
-                                *e - 1
-                            };
-                            if details {
-                                calls.lock().unwrap().push(Call {
-                                    id: id.clone(),
-                                    at: Instant::now(),
-                                    headers,
-                                    body,
-                                });
-                            }
-                            total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            let f = behavior.lock().unwrap().clone();
-                            let status = f(&id, n);
-                            let mut r = Response::new(Full::new(Bytes::from(format!(
-                                "answer {status} for {id}"
-                            ))));
-                            *r.status_mut() = StatusCode::from_u16(status).unwrap();
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
+                if details {
+                    calls.lock().unwrap().push(Call {
+                        id: id.clone(),
+                        at: Instant::now(),
+                        headers,
+                        body,
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                }
+                total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let f = behavior.lock().unwrap().clone();
+                let status = f(&id, n);
+                let mut r =
+                    Response::new(Full::new(Bytes::from(format!("answer {status} for {id}"))));
+                *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                r
             }
-        });
+        })
+        .await;
         App {
             addr,
             calls,
