@@ -226,3 +226,85 @@ impl RabbitmqNode {
         c
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn nats_and_redis_listen_on_loopback_with_their_data_in_the_directory() {
+        let nats = nats_command(Path::new("/bin/nats-server"), 4999, Path::new("/d/nats"));
+        assert_eq!(
+            args(&nats),
+            ["-js", "-a", "127.0.0.1", "-p", "4999", "-sd", "/d/nats"]
+        );
+        let redis = args(&redis_command(
+            Path::new("/bin/redis-server"),
+            6999,
+            Path::new("/d/redis"),
+        ));
+        for pair in [
+            ["--port", "6999"],
+            ["--bind", "127.0.0.1"],
+            ["--dir", "/d/redis"],
+            ["--appendfsync", "always"],
+        ] {
+            assert!(redis.windows(2).any(|w| w == pair), "{pair:?} in {redis:?}");
+        }
+    }
+
+    #[test]
+    fn a_rabbitmq_node_keeps_its_cookie_and_addresses_itself_by_its_ports() {
+        let dir = std::env::temp_dir().join(format!("weir-local-{}", std::process::id()));
+        let node = RabbitmqNode {
+            name: "weirtest".into(),
+            port: 5999,
+            dist_port: 25999,
+            epmd_port: 4399,
+            dir: dir.clone(),
+            log: RabbitmqLog::File,
+            extra_conf: "# extra\n".into(),
+        };
+        node.prepare().unwrap();
+        let cookie = std::fs::read_to_string(dir.join("home/.erlang.cookie")).unwrap();
+        node.prepare().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("home/.erlang.cookie")).unwrap(),
+            cookie,
+            "a restarted node keeps its cookie"
+        );
+        let conf = std::fs::read_to_string(dir.join("rabbitmq.conf")).unwrap();
+        assert!(
+            conf.starts_with("listeners.tcp.default = 127.0.0.1:5999\n"),
+            "{conf}"
+        );
+        assert!(conf.ends_with("# extra\n"), "{conf}");
+        let env = node.env();
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            get("RABBITMQ_NODENAME").as_deref(),
+            Some("weirtest5999@localhost")
+        );
+        assert_eq!(get("ERL_EPMD_PORT").as_deref(), Some("4399"));
+        assert_eq!(get("RABBITMQ_DIST_PORT").as_deref(), Some("25999"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_binary_found_nowhere_is_none() {
+        assert_eq!(
+            find("WEIR_LOCAL_TEST_UNSET", &["/nonexistent/binary"]),
+            None
+        );
+    }
+}

@@ -8,16 +8,49 @@
 //! and publishes through `/v1/publish/<queue>`. A suite keeps its own command line (flags, env)
 //! in a small constructor of its own.
 
+use crate::net::free_addr;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use std::ffi::{OsStr, OsString};
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_crds::proxy::ProxyConfig;
+use weir_crds::proxy::{AdminConfig, InboundConfig, ProxyConfig, TracingConfig, UnderscoreHeaders};
+
+/// The config of a proxy for `service` of `namespace` in front of the app at `app`: inbound and
+/// admin listeners on free loopback ports, a 5 s inbound timeout, bodies up to 1 MiB, no
+/// dependencies, messaging, edge or identity. A test changes what it is about.
+pub fn config(namespace: &str, service: &str, app: SocketAddr) -> ProxyConfig {
+    ProxyConfig {
+        service: service.into(),
+        namespace: namespace.into(),
+        inbound: InboundConfig {
+            listen: free_addr(),
+            app,
+            timeout_ms: 5_000,
+            max_concurrent: None,
+            max_queue: 0,
+            rate_limit: None,
+            max_body_bytes: 1 << 20,
+            liveness_path: None,
+            readiness_path: None,
+            underscore_headers: UnderscoreHeaders::default(),
+        },
+        admin: AdminConfig {
+            listen: free_addr(),
+        },
+        outbound: vec![],
+        tracing: TracingConfig::default(),
+        shutdown_grace_ms: 5_000,
+        messaging: None,
+        edge: None,
+        identity: None,
+    }
+}
 
 /// A `weir-proxy` process; SIGKILLed on drop.
 pub struct Proxy {

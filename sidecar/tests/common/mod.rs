@@ -102,32 +102,9 @@ pub async fn get(c: &TestClient, url: String) -> Answer {
     send(c, Request::get(url).body(Full::default()).unwrap()).await
 }
 
+/// The proxy of service `orders` of namespace `shop` in front of `app`.
 pub fn base_config(app: SocketAddr) -> ProxyConfig {
-    ProxyConfig {
-        service: "orders".into(),
-        namespace: "shop".into(),
-        inbound: InboundConfig {
-            listen: free_addr(),
-            app,
-            timeout_ms: 5_000,
-            max_concurrent: None,
-            max_queue: 0,
-            rate_limit: None,
-            max_body_bytes: 1 << 20,
-            liveness_path: None,
-            readiness_path: None,
-            underscore_headers: UnderscoreHeaders::default(),
-        },
-        admin: AdminConfig {
-            listen: free_addr(),
-        },
-        outbound: vec![],
-        tracing: TracingConfig::default(),
-        shutdown_grace_ms: 5_000,
-        messaging: None,
-        edge: None,
-        identity: None,
-    }
+    weir_testkit::proxy::config("shop", "orders", app)
 }
 
 pub fn dependency(name: &str, upstream: String) -> OutboundConfig {

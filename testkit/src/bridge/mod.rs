@@ -169,32 +169,14 @@ pub fn order_schema() -> serde_json::Value {
     })
 }
 
+/// The sidecar of `service` of namespace `shop` in front of `app` with `messaging`: a 2 s
+/// inbound timeout, bodies up to 64 KiB.
 pub fn base_config(service: &str, app: SocketAddr, messaging: MessagingConfig) -> ProxyConfig {
-    ProxyConfig {
-        service: service.into(),
-        namespace: NS.into(),
-        inbound: InboundConfig {
-            listen: free_addr(),
-            app,
-            timeout_ms: 2_000,
-            max_concurrent: None,
-            max_queue: 0,
-            rate_limit: None,
-            max_body_bytes: 64 * 1024,
-            liveness_path: None,
-            readiness_path: None,
-            underscore_headers: UnderscoreHeaders::default(),
-        },
-        admin: AdminConfig {
-            listen: free_addr(),
-        },
-        outbound: vec![],
-        tracing: TracingConfig::default(),
-        shutdown_grace_ms: 5_000,
-        messaging: Some(messaging),
-        edge: None,
-        identity: None,
-    }
+    let mut c = crate::proxy::config(NS, service, app);
+    c.inbound.timeout_ms = 2_000;
+    c.inbound.max_body_bytes = 64 * 1024;
+    c.messaging = Some(messaging);
+    c
 }
 
 pub fn publisher_messaging(url: &str) -> MessagingConfig {
