@@ -12,7 +12,7 @@
 //! - [`proxy`]: a running `weir-proxy` (its binary given by the caller, e.g.
 //!   `env!("CARGO_BIN_EXE_weir-proxy")` in the sidecar's own tests), and the small HTTP client
 //!   the suites talk to it with.
-//! - [`serve`]: loopback HTTP/1.1 servers (the apps and upstreams behind a proxy).
+//! - [`serve`](mod@serve): loopback HTTP/1.1 servers (the apps and upstreams behind a proxy).
 //! - `bridge` (feature `bridge`): the sidecar's broker conformance helpers: one scenario run on
 //!   each broker kind, a counting app, the sidecar configs, and what the suite reads from each
 //!   broker directly.
