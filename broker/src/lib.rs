@@ -19,6 +19,7 @@
 //! What Weir guarantees on top of this layout is in docs/messaging.md.
 
 pub mod credentials;
+pub mod local;
 pub mod nats;
 pub mod queue;
 pub mod rabbitmq;

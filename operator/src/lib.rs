@@ -6,6 +6,4 @@ pub mod manifest;
 pub mod messaging;
 pub mod operator;
 pub mod render;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 pub mod up;

@@ -2,18 +2,12 @@
 //! `weir dlq` against a real `nats-server` holding dead letters put there by hand as
 //! docs/messaging.md describes them.
 
-#[path = "../src/testing/nats_server.rs"]
-mod nats_server;
-
-#[path = "../src/testing/brokers.rs"]
-mod brokers;
-
 use async_nats::HeaderMap;
-use nats_server::NatsServer;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 use weir::messaging::{self, Auth, Credentials, Topology};
+use weir_testkit::{NatsServer, RabbitServer, RedisServer};
 
 fn weir(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -441,7 +435,7 @@ fn letter_headers(id: &str, origin: &str, reason: &str) -> Vec<(String, String)>
 
 #[tokio::test]
 async fn dlq_list_show_and_replay_on_redis() {
-    let server = brokers::RedisServer::start();
+    let server = RedisServer::start();
     let url = server.url();
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
@@ -516,7 +510,7 @@ async fn dlq_list_show_and_replay_on_redis() {
 #[tokio::test]
 async fn dlq_list_show_and_replay_on_rabbitmq() {
     use lapin::options::*;
-    let server = brokers::RabbitServer::start();
+    let server = RabbitServer::start();
     let url = server.url();
     let b = weir::messaging::brokers::connect(
         weir_crds::broker::BrokerKind::Rabbitmq,

@@ -3,13 +3,13 @@
 
 mod saga_support;
 
-use saga_support::nats_server::NatsServer;
 use saga_support::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use weir_crds::coordinator::{OutcomeConfig, RetryConfig};
 use weir_saga::log::{Event, Status};
+use weir_testkit::NatsServer;
 
 async fn outcome_stream(nats: &str, name: &str, subject: &str) -> async_nats::jetstream::Context {
     let js = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());

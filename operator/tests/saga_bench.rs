@@ -4,11 +4,11 @@
 
 mod saga_support;
 
-use saga_support::nats_server::NatsServer;
 use saga_support::*;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use weir_testkit::NatsServer;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -6,12 +6,11 @@
 //! stops everything (the broker last). A broker URL given with its password (`--broker-url`)
 //! is printed masked. Needs `cargo build --workspace --bins` and scripts/setup.sh.
 
-#[path = "../src/testing/brokers.rs"]
-mod brokers;
 mod up_support;
 
 use std::time::{Duration, Instant};
 use up_support::*;
+use weir_testkit::{RabbitServer, RedisServer};
 
 #[test]
 fn events_example_on_redis() {
@@ -152,7 +151,7 @@ fn masked(url: &str, shown: &str, secret: &str) {
 
 #[test]
 fn a_rabbitmq_url_is_printed_without_its_password() {
-    let rabbit = brokers::RabbitServer::start();
+    let rabbit = RabbitServer::start();
     let port = rabbit.port;
     masked(
         &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
@@ -163,7 +162,7 @@ fn a_rabbitmq_url_is_printed_without_its_password() {
 
 #[test]
 fn a_redis_url_is_printed_without_its_password() {
-    let redis = brokers::RedisServer::start_with(&["--requirepass".into(), "s3cret-pw".into()]);
+    let redis = RedisServer::start_with_password("s3cret-pw");
     let port = redis.port;
     masked(
         &format!("redis://:s3cret-pw@127.0.0.1:{port}"),

@@ -7,14 +7,11 @@
 //! `PUBSUB_BROKERS` (default `nats,redis,rabbitmq`) adjust it; `PUBSUB_REDIS_FSYNC=everysec`
 //! runs Redis with `appendfsync everysec` instead of `always`.
 
-#[path = "../tests/bridge_support/mod.rs"]
-mod bridge_support;
-
-use bridge_support::*;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use weir_testkit::bridge::*;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -264,29 +261,10 @@ async fn raw_publish_load(broker: &TestBroker, n: usize, concurrency: usize) -> 
             let r = run_load(n, concurrency, move |i| {
                 let ch = ch.clone();
                 async move {
-                    let mut t = lapin::types::FieldTable::default();
-                    for (k, v) in headers(&format!("raw-{i}")) {
-                        t.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
-                    }
-                    let c = ch
-                        .basic_publish(
-                            STREAM.into(),
-                            SUBJECT.into(),
-                            lapin::options::BasicPublishOptions {
-                                mandatory: true,
-                                ..Default::default()
-                            },
-                            body(i).as_bytes(),
-                            lapin::BasicProperties::default()
-                                .with_headers(t)
-                                .with_delivery_mode(2)
-                                .with_message_id(format!("raw-{i}").into()),
-                        )
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                    assert_eq!(c, lapin::Confirmation::Ack(None));
+                    let h = headers(&format!("raw-{i}"));
+                    let h: Vec<(&str, &str)> =
+                        h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    rabbit_publish(&ch, &h, body(i).as_bytes()).await;
                 }
             })
             .await;
@@ -332,7 +310,7 @@ async fn bench_one(broker: &TestBroker) -> Vec<Row> {
     }));
     let mut cfg = base_config("orders", app_a.addr, messaging);
     cfg.inbound.max_body_bytes = 1 << 20;
-    let a = Sidecar::start(cfg).await;
+    let a = sidecar(env!("CARGO_BIN_EXE_weir-proxy"), cfg).await;
     // The load generator writes HTTP/1.1 on kept-alive connections by hand, so that its own cost
     // (which shares the machine's cores with the sidecar) stays close to the raw client's.
     let (elapsed, latencies) = http_load(a.config.admin.listen, n, concurrency).await;
@@ -354,7 +332,11 @@ async fn bench_one(broker: &TestBroker) -> Vec<Row> {
     c.ack_wait_ms = 30_000;
     c.schema = None;
     let start = Instant::now();
-    let _b = Sidecar::start(base_config("billing", app_b.addr, broker.consumer(c))).await;
+    let _b = sidecar(
+        env!("CARGO_BIN_EXE_weir-proxy"),
+        base_config("billing", app_b.addr, broker.consumer(c)),
+    )
+    .await;
     assert!(
         eventually(Duration::from_secs(600), || app_b.total() >= total).await,
         "consumed {} of {total}",

@@ -168,7 +168,7 @@ async fn content_length_with_transfer_encoding_is_refused_in_any_order_and_case(
     let users = counting_upstream().await;
     let mut cfg = base_config(app.addr);
     cfg.outbound.push(dependency("users", users.url()));
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let inbound = proxy.config.inbound.listen;
     let outbound = proxy.config.outbound[0].listen;
     for addr in [inbound, outbound] {
@@ -202,7 +202,7 @@ async fn content_length_with_transfer_encoding_is_refused_in_any_order_and_case(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_requests_still_pass_on_a_kept_alive_connection() {
     let app = counting_upstream().await;
-    let proxy = Proxy::start(base_config(app.addr)).await;
+    let proxy = proxy(base_config(app.addr)).await;
     let mut c = connect(proxy.config.inbound.listen).await;
     // Lower and mixed case, a chunk extension, a trailer, and a body larger than the proxy's
     // window for request heads (so the next head is found after it).
@@ -240,7 +240,7 @@ async fn chunked_requests_still_pass_on_a_kept_alive_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_request_on_the_connection_with_both_headers_is_refused() {
     let app = counting_upstream().await;
-    let proxy = Proxy::start(base_config(app.addr)).await;
+    let proxy = proxy(base_config(app.addr)).await;
     let addr = proxy.config.inbound.listen;
     let smuggle = BOTH[1];
 
@@ -341,7 +341,7 @@ async fn broken_request_bodies_are_the_clients_fault_not_the_dependencys() {
         },
     });
     cfg.outbound.push(dep);
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let outbound = proxy.config.outbound[0].listen;
 
     // 30 broken uploads that can be answered, and 5 whose client is gone before the answer.
@@ -470,7 +470,7 @@ async fn header_names_with_underscores_never_pass_for_identity() {
     let orders_app = counting_upstream().await;
     let mut orders_cfg = base_config(orders_app.addr);
     orders_cfg.identity = Some(identity(&[]));
-    let orders = Proxy::start(orders_cfg).await;
+    let orders = proxy(orders_cfg).await;
     let caller_app = counting_upstream().await;
     let mut caller_cfg = base_config(caller_app.addr);
     caller_cfg.service = "caller".into();
@@ -479,7 +479,7 @@ async fn header_names_with_underscores_never_pass_for_identity() {
         "orders",
         format!("http://{}", orders.config.inbound.listen),
     ));
-    let caller = Proxy::start(caller_cfg).await;
+    let caller = proxy(caller_cfg).await;
 
     let mut c = connect(caller.config.outbound[0].listen).await;
     c.send(
@@ -509,7 +509,7 @@ async fn header_names_with_underscores_never_pass_for_identity() {
     let app = counting_upstream().await;
     let mut cfg = base_config(app.addr);
     cfg.inbound.underscore_headers = UnderscoreHeaders::Reject;
-    let strict = Proxy::start(cfg).await;
+    let strict = proxy(cfg).await;
     refused(
         strict.config.inbound.listen,
         "GET / HTTP/1.1\r\nhost: x\r\nx-request_tag: 7\r\n\r\n",
@@ -528,7 +528,7 @@ async fn header_names_with_underscores_never_pass_for_identity() {
     // `allow`: other names with `_` pass, look-alikes of reserved names still do not.
     let mut cfg = base_config(app.addr);
     cfg.inbound.underscore_headers = UnderscoreHeaders::Allow;
-    let lenient = Proxy::start(cfg).await;
+    let lenient = proxy(cfg).await;
     let mut c = connect(lenient.config.inbound.listen).await;
     c.send(format!("GET / HTTP/1.1\r\nhost: x\r\n{LOOK_ALIKES}\r\n").as_bytes())
         .await;
@@ -546,7 +546,7 @@ async fn http11_requests_without_host_or_with_two_are_refused() {
     let users = counting_upstream().await;
     let mut cfg = base_config(app.addr);
     cfg.outbound.push(dependency("users", users.url()));
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let listeners = [
         (proxy.config.inbound.listen, "inbound", ""),
         (proxy.config.outbound[0].listen, "outbound", "users"),
@@ -603,7 +603,7 @@ async fn connect_and_transfer_codings_the_proxy_does_not_apply_are_refused() {
     let users = counting_upstream().await;
     let mut cfg = base_config(app.addr);
     cfg.outbound.push(dependency("users", users.url()));
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     for addr in [proxy.config.inbound.listen, proxy.config.outbound[0].listen] {
         let mut c = connect(addr).await;
         c.send(b"CONNECT users:443 HTTP/1.1\r\nhost: users:443\r\n\r\n")
@@ -659,7 +659,7 @@ async fn two_traceparent_headers_start_a_new_trace() {
     let users = counting_upstream().await;
     let mut cfg = base_config(app.addr);
     cfg.outbound.push(dependency("users", users.url()));
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let req = format!(
         "GET /t HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{FIRST}-00f067aa0ba902b7-01\r\ntracestate: a=b\r\ntraceparent: 00-{SECOND}-b7ad6b7169203331-01\r\n\r\n"
     );

@@ -4,18 +4,18 @@
 //! broker. Each scenario is an `async fn(Kind)`; `conformance!` makes one test per broker
 //! (`nats::…`, `redis::…`, `rabbitmq::…`). Tests that only make sense on one broker say so in their name.
 
-#[macro_use]
-mod bridge_support;
+use weir_testkit::bridge::*;
+use weir_testkit::per_broker;
 
-use bridge_support::*;
+/// The binary under test.
+const PROXY: &str = env!("CARGO_BIN_EXE_weir-proxy");
 use std::sync::Arc;
 use std::time::Duration;
 
 macro_rules! nats_or_skip {
     () => {
-        match require_nats() {
-            Some(b) => b,
-            None => return,
+        if require(Kind::Nats).is_none() {
+            return;
         }
     };
 }
@@ -72,12 +72,15 @@ async fn publish_then_consume_through_two_sidecars(kind: Kind) {
     broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
-    let b = Sidecar::start(base_config(
-        "billing",
-        app_b.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let a = sidecar(PROXY, base_config("orders", app_a.addr, broker.publisher())).await;
+    let b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app_b.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
 
     for i in 0..20 {
@@ -171,12 +174,15 @@ async fn invalid_events_are_refused_at_publish_and_dead_lettered_at_consume(kind
     broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
-    let b = Sidecar::start(base_config(
-        "billing",
-        app_b.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let a = sidecar(PROXY, base_config("orders", app_a.addr, broker.publisher())).await;
+    let b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app_b.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
 
     let (status, body) = a.publish(QUEUE, &[], r#"{"orderId": 5}"#).await;
@@ -340,7 +346,7 @@ async fn failing_handler_is_retried_with_backoff_then_dead_lettered(kind: Kind) 
     let mut c = consume_config("billing");
     c.max_deliveries = 3;
     c.backoff_ms = vec![300, 600];
-    let b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     let body = r#"{"orderId":"o1","amount":1}"#;
     broker.raw_publish("fail-1", "fail-1", body).await;
     broker.raw_publish("reject-1", "reject-1", body).await;
@@ -415,12 +421,15 @@ async fn an_event_is_processed_once(kind: Kind) {
     broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
-    let b = Sidecar::start(base_config(
-        "billing",
-        app_b.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let a = sidecar(PROXY, base_config("orders", app_a.addr, broker.publisher())).await;
+    let b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app_b.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
     let body = r#"{"orderId":"o1","amount":1}"#;
     let (s1, r1) = a.publish(QUEUE, &[("ce-id", "dup-1")], body).await;
@@ -487,7 +496,7 @@ async fn killing_the_consuming_sidecar_loses_nothing(kind: Kind) {
     let app = App::start(Duration::from_millis(2), Arc::new(|_, _| 200)).await;
     let c = consume_config("billing");
     let max_in_flight = c.max_in_flight as usize;
-    let mut b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let mut b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     assert!(eventually(Duration::from_secs(30), || app.total() >= N / 3).await);
     b.kill9();
     let at_kill = app.counts().len();
@@ -527,7 +536,7 @@ async fn killing_the_consuming_sidecar_twice_redelivers_once_more_per_crash(kind
     let app = App::start(Duration::from_millis(40), Arc::new(|_, _| 200)).await;
     let c = consume_config("billing");
     let max_in_flight = c.max_in_flight as usize;
-    let mut b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let mut b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     assert!(eventually(Duration::from_secs(60), || app.total() >= N / 4).await);
     b.kill9();
     let first = app.total();
@@ -567,9 +576,9 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
     broker.declare().await;
     let app_a = App::ok().await;
     let app = App::start(Duration::from_millis(1), Arc::new(|_, _| 200)).await;
-    let a = Arc::new(Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await);
+    let a = Arc::new(sidecar(PROXY, base_config("orders", app_a.addr, broker.publisher())).await);
     let c = consume_config("billing");
-    let _b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let _b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     const N: usize = 1500;
     let a2 = a.clone();
     let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -632,7 +641,7 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     broker.restart().await;
-    a.wait_ready().await;
+    a.wait_connected().await;
     let (refused, duplicates) = tokio::time::timeout(Duration::from_secs(60), publisher)
         .await
         .expect("publisher finished")
@@ -701,12 +710,15 @@ async fn a_broker_outage_keeps_the_http_path_ready(kind: Kind) {
     broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
-    let a = Sidecar::start(base_config("orders", app_a.addr, broker.publisher())).await;
-    let b = Sidecar::start(base_config(
-        "billing",
-        app_b.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let a = sidecar(PROXY, base_config("orders", app_a.addr, broker.publisher())).await;
+    let b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app_b.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
     let body = r#"{"orderId":"o","amount":1}"#;
     let (status, answer) = a.publish(QUEUE, &[("ce-id", "before")], body).await;
@@ -763,8 +775,8 @@ async fn a_broker_outage_keeps_the_http_path_ready(kind: Kind) {
     );
 
     broker.restart().await;
-    a.wait_ready().await;
-    b.wait_ready().await;
+    a.wait_connected().await;
+    b.wait_connected().await;
     for s in [&a, &b] {
         assert_eq!(s.metric("weir_messaging_broker_connected").await, 1.0);
         let (_, text) = http_get(&s.admin_url("/readyz")).await.unwrap();
@@ -800,15 +812,14 @@ async fn a_broker_outage_keeps_the_http_path_ready(kind: Kind) {
 /// `Retry-After`, and connects and publishes once the broker comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_a_sidecar_whose_broker_never_came_is_ready_and_connects_when_it_comes() {
-    let bin = nats_or_skip!();
-    let mut nats = Nats::start(bin).await;
+    nats_or_skip!();
+    let mut nats = NatsServer::start();
     nats.kill9();
     let app = App::ok().await;
-    let s = Sidecar::start_unconnected(base_config(
-        "orders",
-        app.addr,
-        publisher_messaging(&nats.url()),
-    ))
+    let s = sidecar_unconnected(
+        PROXY,
+        base_config("orders", app.addr, publisher_messaging(&nats.url())),
+    )
     .await;
     let (status, text) = http_get(&s.admin_url("/brokerz")).await.unwrap();
     assert_eq!(status, 503, "{text}");
@@ -818,8 +829,8 @@ async fn nats_a_sidecar_whose_broker_never_came_is_ready_and_connects_when_it_co
     assert_eq!((status, text.as_str()), (200, "answer 200 for "));
     refused_for_the_outage(&s, Kind::Nats, "early").await;
 
-    nats.restart().await;
-    s.wait_ready().await;
+    nats.restart();
+    s.wait_connected().await;
     let mut accepted = false;
     for _ in 0..40 {
         let (status, answer) = s
@@ -860,11 +871,14 @@ async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
     let broker = broker_or_skip!(kind);
     broker.declare().await;
     let app = App::start(Duration::from_millis(700), Arc::new(|_, _| 200)).await;
-    let mut b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let mut b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
     for i in 0..4 {
         let id = format!("slow-{i}");
@@ -885,8 +899,8 @@ async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_token_credentials_from_the_secret_directory() {
-    let bin = nats_or_skip!();
-    let nats = Nats::start_with(bin, &["--auth", "s3cret-token"]).await;
+    nats_or_skip!();
+    let nats = NatsServer::start_with(&["--auth", "s3cret-token"]);
     let secret = tempfile::tempdir().unwrap();
     std::fs::write(secret.path().join("token"), "s3cret-token\n").unwrap();
     let app = App::ok().await;
@@ -894,7 +908,7 @@ async fn nats_token_credentials_from_the_secret_directory() {
     // The Secret's directory, as the operator mounts it (docs/messaging.md).
     m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
     // Ready means connected: the token was accepted.
-    let a = Sidecar::start(base_config("orders", app.addr, m)).await;
+    let a = sidecar(PROXY, base_config("orders", app.addr, m)).await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
             a.publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
@@ -912,7 +926,7 @@ async fn a_config_reload_restarts_the_bridge(kind: Kind) {
     broker.declare().await;
     let app = App::ok().await;
     let mut cfg = base_config("orders", app.addr, broker.publisher());
-    let a = Sidecar::start(cfg.clone()).await;
+    let a = sidecar(PROXY, cfg.clone()).await;
     let (status, _) = a.publish("payments", &[], r#"{"x":1}"#).await;
     assert_eq!(status, 404);
     broker.declare_queue("weir_shop_payments", "audit").await;
@@ -953,7 +967,7 @@ async fn without_a_dead_letter_stream_a_failed_message_is_terminated(kind: Kind)
     let mut c = consume_config("billing");
     c.dead_letter_stream = String::new();
     c.dead_letter_subject = String::new();
-    let b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     broker
         .raw_publish("gone-1", "gone-1", r#"{"orderId":"o","amount":1}"#)
         .await;
@@ -996,7 +1010,7 @@ async fn nats_a_consumer_declared_by_the_operator_is_used_as_it_is() {
     let mut c = consume_config("billing");
     c.max_deliveries = 3;
     c.backoff_ms = vec![100, 200];
-    let _b = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let _b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     broker
         .raw_publish("fail-2", "fail-2", r#"{"orderId":"o","amount":1}"#)
         .await;
@@ -1028,7 +1042,11 @@ async fn an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered(kind: Kin
     c.backoff_ms = vec![100];
     // Nothing listens on the app's port: connection refused.
     let down = free_addr();
-    let b = Sidecar::start(base_config("billing", down, broker.consumer(c.clone()))).await;
+    let b = sidecar(
+        PROXY,
+        base_config("billing", down, broker.consumer(c.clone())),
+    )
+    .await;
     broker
         .raw_publish("down-1", "down-1", r#"{"orderId":"o","amount":1}"#)
         .await;
@@ -1056,7 +1074,7 @@ async fn an_app_that_is_down_or_too_slow_is_retried_then_dead_lettered(kind: Kin
     let slow = App::start(Duration::from_millis(1500), Arc::new(|_, _| 200)).await;
     let mut cfg = base_config("billing", slow.addr, broker.consumer(c));
     cfg.inbound.timeout_ms = 300;
-    let _b = Sidecar::start(cfg).await;
+    let _b = sidecar(PROXY, cfg).await;
     broker
         .raw_publish("slow-1", "slow-1", r#"{"orderId":"o","amount":1}"#)
         .await;
@@ -1087,7 +1105,7 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
     c.max_deliveries = 2;
     let mut cfg = base_config("billing", stuck.addr, broker.consumer(c.clone()));
     cfg.inbound.timeout_ms = 60_000;
-    let mut b1 = Sidecar::start(cfg).await;
+    let mut b1 = sidecar(PROXY, cfg).await;
     for i in 0..3 {
         let id = format!("claim-{i}");
         broker
@@ -1105,7 +1123,7 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
     // fails: this is each entry's second and last delivery, so each is dead-lettered at once.
     let app = App::start(Duration::ZERO, Arc::new(|_, _| 503)).await;
     let started = std::time::Instant::now();
-    let _b2 = Sidecar::start(base_config("billing", app.addr, broker.consumer(c))).await;
+    let _b2 = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     assert!(
         eventually(Duration::from_secs(10), || app.counts().len() == 3).await,
         "reclaimed: {:?}",
@@ -1149,11 +1167,14 @@ async fn redis_a_dead_consumers_entries_are_reclaimed_by_another() {
 async fn redis_a_consumer_group_removed_under_the_consumer_is_created_again() {
     let broker = broker_or_skip!(Kind::Redis);
     let app = App::ok().await;
-    let _b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let _b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
     broker
         .raw_publish("before", "before", r#"{"orderId":"o","amount":1}"#)
@@ -1197,17 +1218,17 @@ async fn redis_a_consumer_group_removed_under_the_consumer_is_created_again() {
 /// wrong one leaves the sidecar unconnected (`/brokerz` 503 naming the broker, `/readyz` 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_password_from_the_secret_directory() {
-    let Some(bin) = require(Kind::Redis) else {
+    let Some(_) = require(Kind::Redis) else {
         return;
     };
-    let server = RedisServer::start_with_password(bin, Some("s3cret")).await;
+    let server = RedisServer::start_with_password("s3cret");
     let secret = tempfile::tempdir().unwrap();
     std::fs::write(secret.path().join("password"), "s3cret\n").unwrap();
     let app = App::ok().await;
     let mut m = publisher_messaging(&server.url());
     m.broker_kind = "redis".into();
     m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
-    let a = Sidecar::start(base_config("orders", app.addr, m.clone())).await;
+    let a = sidecar(PROXY, base_config("orders", app.addr, m.clone())).await;
     let (status, body) = a
         .publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
         .await;
@@ -1222,7 +1243,7 @@ async fn redis_password_from_the_secret_directory() {
 
     std::fs::write(secret.path().join("password"), "wrong").unwrap();
     // Not connected with a wrong password, and stays so (the HTTP path is ready).
-    Unready::start(base_config("orders2", app.addr, m))
+    Unready::start(PROXY, base_config("orders2", app.addr, m))
         .brokerz_says("redis://")
         .await;
 }
@@ -1239,7 +1260,7 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
     let app = App::ok().await;
     let mut m = broker.publisher();
     m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
-    let a = Sidecar::start(base_config("orders", app.addr, m.clone())).await;
+    let a = sidecar(PROXY, base_config("orders", app.addr, m.clone())).await;
     let (status, body) = a
         .publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
         .await;
@@ -1248,7 +1269,7 @@ async fn rabbitmq_username_and_password_from_the_secret_directory() {
 
     std::fs::write(secret.path().join("password"), "wrong").unwrap();
     // Not connected with a wrong password, and stays so (the HTTP path is ready).
-    Unready::start(base_config("orders2", app.addr, m))
+    Unready::start(PROXY, base_config("orders2", app.addr, m))
         .brokerz_says("amqp://")
         .await;
 }
@@ -1266,11 +1287,14 @@ async fn messages_without_a_cloudevents_envelope_reach_the_app_with_ids_of_their
         Arc::new(|_, n| if n == 0 { 503 } else { 200 }),
     )
     .await;
-    let b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
     let bodies: Vec<String> = (0..5)
         .map(|i| format!(r#"{{"orderId":"legacy-{i}","amount":{i}}}"#))
@@ -1350,11 +1374,14 @@ async fn events_that_are_not_cloudevents_1_0_are_dead_lettered(kind: Kind) {
     let broker = broker_or_skip!(kind);
     broker.declare().await;
     let app = App::ok().await;
-    let b = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        broker.consumer(consume_config("billing")),
-    ))
+    let b = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app.addr,
+            broker.consumer(consume_config("billing")),
+        ),
+    )
     .await;
     let body = r#"{"orderId":"o1","amount":1}"#;
     let mut v03 = ce_headers("v03-1");
@@ -1435,7 +1462,7 @@ async fn a_message_larger_than_the_app_accepts_is_dead_lettered(kind: Kind) {
         broker.consumer(consume_config("billing")),
     );
     let limit = cfg.inbound.max_body_bytes as usize;
-    let b = Sidecar::start(cfg).await;
+    let b = sidecar(PROXY, cfg).await;
     // Valid events but for their size: exactly the limit, and one byte more.
     let sized = |n: usize| {
         let frame = r#"{"orderId":"","amount":1}"#.len();

@@ -6,62 +6,14 @@
 //! says why; a `ca.crt` that is not PEM is reported naming the file. Skipped when a server or
 //! `openssl` is missing.
 
-#[macro_use]
-mod bridge_support;
-
-use bridge_support::*;
-use std::process::Command;
 use std::time::Duration;
 use weir_crds::proxy::MessagingConfig;
+use weir_testkit::Pki;
+use weir_testkit::bridge::*;
+use weir_testkit::per_broker;
 
-/// A private CA and a server certificate it signed for 127.0.0.1/localhost (openssl, P-256).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Option<Pki> {
-        if Command::new("openssl").arg("version").output().is_err() {
-            eprintln!("SKIP: openssl not found");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-        let ca = format!(
-            "req -x509 -days 1 {key} -keyout ca.key -out ca.crt -subj /CN=weir-test-ca \
-             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
-        );
-        let csr = format!("req {key} -keyout server.key -out server.csr -subj /CN=localhost");
-        let sign = "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
-                    -out server.crt -extfile server.ext";
-        for args in [ca.as_str(), csr.as_str(), sign] {
-            let out = Command::new("openssl")
-                .args(args.split_whitespace())
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "openssl {args}: {out:?}");
-        }
-        Some(Pki { dir })
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.path().join(file).to_str().unwrap().to_string()
-    }
-
-    /// A credentials directory holding only `ca.crt` (TLS, no credentials).
-    fn secret_with_ca(&self) -> tempfile::TempDir {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::copy(self.path("ca.crt"), d.path().join("ca.crt")).unwrap();
-        d
-    }
-}
+/// The binary under test.
+const PROXY: &str = env!("CARGO_BIN_EXE_weir-proxy");
 
 /// A broker listening with TLS; `url` is its TLS URL.
 struct TlsBroker {
@@ -71,7 +23,7 @@ struct TlsBroker {
 }
 
 async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
-    let bin = require(kind)?;
+    require(kind)?;
     let (cert, key, ca) = (
         pki.path("server.crt"),
         pki.path("server.key"),
@@ -80,7 +32,7 @@ async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
     let tls_port = free_addr().port();
     Some(match kind {
         Kind::Nats => {
-            let n = Nats::start_with(bin, &["--tls", "--tlscert", &cert, "--tlskey", &key]).await;
+            let n = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]);
             TlsBroker {
                 kind,
                 url: format!("tls://127.0.0.1:{}", n.port),
@@ -96,7 +48,7 @@ async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
             TlsBroker {
                 kind,
                 url: format!("rediss://127.0.0.1:{tls_port}"),
-                _server: Box::new(RedisServer::start_with_args(bin, None, &args).await),
+                _server: Box::new(RedisServer::start_with(&args)),
             }
         }
         Kind::Rabbitmq => {
@@ -108,7 +60,7 @@ async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
             TlsBroker {
                 kind,
                 url: format!("amqps://127.0.0.1:{tls_port}/%2f"),
-                _server: Box::new(RabbitServer::start_with_conf(bin, &conf).await),
+                _server: Box::new(RabbitServer::start_with_conf(&conf)),
             }
         }
     })
@@ -151,21 +103,27 @@ async fn publish_and_consume_over_tls_with_the_secrets_ca(kind: Kind) {
     };
     let secret = pki.secret_with_ca();
     let app = App::ok().await;
-    let publisher = Sidecar::start(base_config(
-        "orders",
-        app.addr,
-        messaging(&broker, publisher_messaging(&broker.url), Some(&secret)),
-    ))
-    .await;
-    let consumer = Sidecar::start(base_config(
-        "billing",
-        app.addr,
-        messaging(
-            &broker,
-            consumer_messaging(&broker.url, consume_config("billing")),
-            Some(&secret),
+    let publisher = sidecar(
+        PROXY,
+        base_config(
+            "orders",
+            app.addr,
+            messaging(&broker, publisher_messaging(&broker.url), Some(&secret)),
         ),
-    ))
+    )
+    .await;
+    let consumer = sidecar(
+        PROXY,
+        base_config(
+            "billing",
+            app.addr,
+            messaging(
+                &broker,
+                consumer_messaging(&broker.url, consume_config("billing")),
+                Some(&secret),
+            ),
+        ),
+    )
     .await;
     publish_all(&publisher, 20).await;
     let delivered = eventually(Duration::from_secs(20), || app.total() >= 20).await;
@@ -189,7 +147,7 @@ async fn without_the_ca_the_sidecar_does_not_connect_and_says_why(kind: Kind) {
     };
     let app = App::ok().await;
     let m = messaging(&broker, publisher_messaging(&broker.url), None);
-    let s = Unready::start(base_config("orders", app.addr, m));
+    let s = Unready::start(PROXY, base_config("orders", app.addr, m));
     // rustls says "invalid peer certificate: UnknownIssuer"; async-nats reports only the kind
     // of a failed connection attempt ("IO error" for a refused certificate).
     let why: &[&str] = match kind {
@@ -209,10 +167,10 @@ async fn a_ca_that_is_not_pem_stops_the_sidecar_naming_the_file(kind: Kind) {
     let secret = tempfile::tempdir().unwrap();
     std::fs::write(secret.path().join("ca.crt"), "not a certificate").unwrap();
     let m = messaging(&broker, publisher_messaging(&broker.url), Some(&secret));
-    let mut s = Unready::start(base_config("orders", app.addr, m));
+    let mut s = Unready::start(PROXY, base_config("orders", app.addr, m));
     let exited = eventually(
         Duration::from_secs(10),
-        || matches!(s.child.try_wait(), Ok(Some(st)) if !st.success()),
+        || matches!(s.proxy.child().try_wait(), Ok(Some(st)) if !st.success()),
     )
     .await;
     assert!(exited, "exits with an error");

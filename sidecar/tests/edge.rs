@@ -42,7 +42,7 @@ async fn with_token(p: &Proxy, path: &str, token: &str) -> Answer {
 /// never called.
 async fn assert_refused(token: String, description: &str, reason: &str) {
     let app = echo_app().await;
-    let p = Proxy::start(inline_edge(app.addr)).await;
+    let p = proxy(inline_edge(app.addr)).await;
     let a = with_token(&p, "/orders", &token).await;
     assert_eq!(a.status, 401, "{}", a.body);
     assert_eq!(a.headers["x-weir-reason"], "unauthorized");
@@ -179,7 +179,7 @@ async fn oversized_token_is_401() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_token_is_401_without_an_error_code() {
     let app = echo_app().await;
-    let p = Proxy::start(inline_edge(app.addr)).await;
+    let p = proxy(inline_edge(app.addr)).await;
     let a = call(&p, "GET", "/orders", &[]).await;
     assert_eq!(a.status, 401);
     assert_eq!(a.headers["www-authenticate"], r#"Bearer realm="gateway""#);
@@ -196,7 +196,7 @@ async fn missing_token_is_401_without_an_error_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_token_sets_identity_and_spoofed_headers_are_removed_at_the_edge() {
     let app = echo_app().await;
-    let p = Proxy::start(inline_edge(app.addr)).await;
+    let p = proxy(inline_edge(app.addr)).await;
     let t = rsa("a").token(Some("a"), &claims("u1", "buyer"));
     let a = call(
         &p,
@@ -248,7 +248,7 @@ async fn es256_keys_from_a_jwks_file_and_forwarded_token() {
     jwt.jwks_file = Some(file.display().to_string());
     jwt.forward_token = true;
     cfg.edge = Some(edge_config(jwt));
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let t = key.token(Some("e1"), &claims("u2", "ops"));
     assert_eq!(with_token(&p, "/", &t).await.status, 200);
     let seen = app.seen.lock().unwrap()[0].clone();
@@ -280,7 +280,7 @@ async fn hs256_secret_from_a_file() {
     let mut jwt = jwt_config();
     jwt.hmac_secret_file = Some(file.display().to_string());
     cfg.edge = Some(edge_config(jwt));
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let good = Signer::Hmac(HMAC_SECRET.to_vec()).token(None, &claims("u3", "buyer"));
     assert_eq!(with_token(&p, "/", &good).await.status, 200);
     let bad = Signer::Hmac(b"another-secret-another-secret-!!".to_vec())
@@ -313,7 +313,7 @@ async fn jwks_uri_is_cached_and_refetched_once_for_an_unknown_kid() {
     let mut jwt = jwt_config();
     jwt.jwks_uri = Some(format!("{}/.well-known/jwks.json", idp.url()));
     cfg.edge = Some(edge_config(jwt));
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let ta = rsa("a").token(Some("a"), &claims("u1", "buyer"));
     for _ in 0..3 {
         assert_eq!(with_token(&p, "/", &ta).await.status, 200);
@@ -354,7 +354,7 @@ async fn anonymous_rules_are_explicit_and_a_bad_token_is_still_refused() {
             methods: vec![],
         },
     ];
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     assert_eq!(call(&p, "GET", "/catalog", &[]).await.status, 200);
     assert_eq!(call(&p, "GET", "/catalog/items/3", &[]).await.status, 200);
     assert_eq!(call(&p, "POST", "/healthz", &[]).await.status, 200);
@@ -396,11 +396,11 @@ async fn pure_gateway_routes_by_prefix_and_identity_travels_signed() {
     let catalog_app = echo_app().await;
     let mut orders_cfg = common::base_config(orders_app.addr);
     orders_cfg.identity = Some(identity(&[]));
-    let orders = Proxy::start(orders_cfg).await;
+    let orders = proxy(orders_cfg).await;
     let mut catalog_cfg = common::base_config(catalog_app.addr);
     catalog_cfg.service = "catalog".into();
     catalog_cfg.identity = Some(identity(&[]));
-    let catalog = Proxy::start(catalog_cfg).await;
+    let catalog = proxy(catalog_cfg).await;
 
     // The gateway's app address points nowhere: with `app: false` it is never called.
     let mut cfg = inline_edge(free_addr());
@@ -430,7 +430,7 @@ async fn pure_gateway_routes_by_prefix_and_identity_travels_signed() {
         path_prefix: "/catalog".into(),
         methods: vec!["GET".into()],
     }];
-    let gw = Proxy::start(cfg).await;
+    let gw = proxy(cfg).await;
 
     let t = rsa("a").token(Some("a"), &claims("u1", "buyer"));
     let a = call(
@@ -533,7 +533,7 @@ async fn pure_gateway_routes_by_prefix_and_identity_travels_signed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_without_the_identity_key_removes_every_user_header() {
     let app = echo_app().await;
-    let p = Proxy::start(common::base_config(app.addr)).await;
+    let p = proxy(common::base_config(app.addr)).await;
     let a = call(
         &p,
         "GET",
@@ -563,7 +563,7 @@ async fn cors_preflight_is_answered_by_the_proxy() {
         max_age_secs: 600,
         allow_credentials: true,
     });
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let origin = ("origin", "https://shop.example.com");
     let a = call(
         &p,
@@ -664,7 +664,7 @@ async fn each_client_has_its_own_rate_limit() {
         path_prefix: "/public".into(),
         methods: vec![],
     }];
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let u1 = rsa("a").token(Some("a"), &claims("u1", "buyer"));
     let u2 = rsa("a").token(Some("a"), &claims("u2", "buyer"));
     assert_eq!(with_token(&p, "/", &u1).await.status, 200);
@@ -720,7 +720,7 @@ async fn a_reload_keeps_the_fetched_keys_and_applies_new_rules() {
     let mut jwt = jwt_config();
     jwt.jwks_uri = Some(format!("{}/jwks", idp.url()));
     cfg.edge = Some(edge_config(jwt));
-    let p = Proxy::start(cfg.clone()).await;
+    let p = proxy(cfg.clone()).await;
     let t = rsa("a").token(Some("a"), &claims("u1", "buyer"));
     assert_eq!(with_token(&p, "/", &t).await.status, 200);
     assert_eq!(call(&p, "GET", "/status", &[]).await.status, 401);
@@ -762,7 +762,7 @@ async fn behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for() {
         key: "ip".into(),
         max_clients: 100,
     });
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let from = |xff: &'static str| [("x-forwarded-for", xff)];
     assert_eq!(call(&p, "GET", "/", &from("203.0.113.7")).await.status, 200);
     assert_eq!(
@@ -787,7 +787,7 @@ async fn guessing_tokens_spends_the_client_ip_bucket() {
         key: "user".into(),
         max_clients: 100,
     });
-    let p = Proxy::start(cfg).await;
+    let p = proxy(cfg).await;
     let forged = rsa("b").token(Some("a"), &claims("admin", "admin"));
     assert_eq!(with_token(&p, "/", &forged).await.status, 401);
     assert_eq!(call(&p, "GET", "/", &[]).await.status, 401);

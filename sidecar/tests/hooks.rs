@@ -4,14 +4,7 @@
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use weir_testkit::free_port;
 
 fn config(dir: &std::path::Path, app: u16, admin: u16) -> std::path::PathBuf {
     let cfg = serde_json::json!({

@@ -70,7 +70,7 @@ async fn listener_already_in_use_exits_1() {
 async fn reload_applies_valid_changes_refuses_invalid_ones_and_keeps_connections() {
     let app = upstream(|_, _| async { respond(200, "app") }).await;
     let users = upstream(|_, _| async { respond(200, "users") }).await;
-    let proxy = Proxy::start(base_config(app.addr)).await;
+    let proxy = proxy(base_config(app.addr)).await;
 
     // A keep-alive connection opened before the reload.
     let stream = tokio::net::TcpStream::connect(proxy.config.inbound.listen)
@@ -165,7 +165,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     .await;
     let mut cfg = base_config(app.addr);
     cfg.shutdown_grace_ms = 5_000;
-    let mut proxy = Proxy::start(cfg).await;
+    let mut proxy = proxy(cfg).await;
     let c = client();
     let inflight = tokio::spawn({
         let (c, u) = (c.clone(), proxy.inbound_url("/"));
@@ -203,7 +203,7 @@ async fn admin_listener_answers_until_the_drain_ends() {
     let mut cfg = base_config(app.addr);
     cfg.inbound.readiness_path = Some("/ready".into());
     cfg.shutdown_grace_ms = 5_000;
-    let mut proxy = Proxy::start(cfg).await;
+    let mut proxy = proxy(cfg).await;
     let c = client();
     let inflight = tokio::spawn({
         let (c, u) = (c.clone(), proxy.inbound_url("/slow"));
@@ -264,7 +264,7 @@ async fn sigterm_gives_up_after_the_grace_period() {
     let mut cfg = base_config(app.addr);
     cfg.inbound.timeout_ms = 60_000;
     cfg.shutdown_grace_ms = 300;
-    let mut proxy = Proxy::start(cfg).await;
+    let mut proxy = proxy(cfg).await;
     let c = client();
     let u = proxy.inbound_url("/");
     let _hanging = tokio::spawn(async move {
@@ -445,7 +445,7 @@ async fn spans_are_exported_over_otlp_http_in_batches() {
     cfg.tracing.otlp_endpoint = Some(collector.url());
     cfg.tracing.sampling_ratio = 1.0;
     cfg.outbound.push(dependency("users", users.url()));
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     for _ in 0..5 {
         assert_eq!(get(&c, proxy.inbound_url("/orders/1")).await.status, 200);
@@ -540,7 +540,7 @@ async fn sampling_ratio_zero_exports_only_sampled_parents() {
     let mut cfg = base_config(app.addr);
     cfg.tracing.otlp_endpoint = Some(collector.url());
     cfg.tracing.sampling_ratio = 0.0;
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     for _ in 0..10 {
         get(&c, proxy.inbound_url("/")).await;
@@ -577,7 +577,7 @@ async fn queued_spans_are_flushed_at_sigterm() {
     cfg.tracing.otlp_endpoint = Some(collector.url());
     cfg.tracing.sampling_ratio = 1.0;
     // Spans would wait a minute for the next batch.
-    let mut proxy = Proxy::start_with(cfg, &["--otlp-flush-ms", "60000"]).await;
+    let mut proxy = proxy_with(cfg, &["--otlp-flush-ms", "60000"]).await;
     for _ in 0..3 {
         get(&client(), proxy.inbound_url("/")).await;
     }

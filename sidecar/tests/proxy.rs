@@ -31,7 +31,7 @@ async fn inbound_forwards_keeps_host_and_logs_the_trace_id() {
         r
     })
     .await;
-    let proxy = Proxy::start(base_config(app.addr)).await;
+    let proxy = proxy(base_config(app.addr)).await;
     let c = client();
     let req = Request::get(proxy.inbound_url("/greet?x=1"))
         .header("host", "orders.shop")
@@ -89,7 +89,7 @@ async fn trace_id_continues_inbound_to_outbound() {
     .await;
     let mut cfg = base_config(app.addr);
     cfg.outbound.push(dependency("users", users.url()));
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     *outbound_url.lock().unwrap() = proxy.outbound_url("users", "/users");
     let a = get(&client(), proxy.inbound_url("/order")).await;
     assert_eq!(a.status, 200, "{}", a.body);
@@ -133,7 +133,7 @@ async fn inbound_rate_limit_body_limit_and_timeout() {
         requests_per_second: 0.1, // one token per 10 s: no refill during the test
         burst: 6,
     });
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
 
     let a = get(&c, proxy.inbound_url("/slow")).await;
@@ -210,7 +210,7 @@ async fn inbound_concurrency_limit_queues_then_refuses() {
     let mut cfg = base_config(app.addr);
     cfg.inbound.max_concurrent = Some(1);
     cfg.inbound.max_queue = 1;
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     let first = tokio::spawn({
         let (c, u) = (c.clone(), proxy.inbound_url("/"));
@@ -243,7 +243,7 @@ async fn inbound_concurrency_limit_queues_then_refuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_4xx_and_the_proxy_keeps_serving() {
     let app = upstream(|_, _| async { respond(200, "ok") }).await;
-    let proxy = Proxy::start(base_config(app.addr)).await;
+    let proxy = proxy(base_config(app.addr)).await;
     let addr = proxy.config.inbound.listen;
     let t = Duration::from_secs(3);
 
@@ -334,7 +334,7 @@ async fn breaker_full_cycle_with_fallback_over_a_flapping_upstream() {
         content_type: "application/json".into(),
     });
     cfg.outbound.push(dep);
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     let url = proxy.outbound_url("users", "/u");
 
@@ -416,7 +416,7 @@ async fn open_breaker_without_fallback_is_503_circuit_open() {
         },
     });
     cfg.outbound.push(dep);
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     for _ in 0..2 {
         let a = get(&c, proxy.outbound_url("gone", "/")).await;
@@ -443,7 +443,7 @@ async fn bulkhead_rejects_the_n_plus_first_concurrent_call() {
         max_queue: 0,
     });
     cfg.outbound.push(dep);
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     let url = proxy.outbound_url("slow", "/");
     let inflight: Vec<_> = (0..3)
@@ -502,7 +502,7 @@ async fn retries_recover_a_flapping_upstream_and_the_budget_caps_an_outage() {
     d2.retry = Some(retry);
     cfg.outbound.push(d1);
     cfg.outbound.push(d2);
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     for _ in 0..5 {
         assert_eq!(
@@ -581,7 +581,7 @@ async fn retry_budget_holds_over_a_window_that_straddles_its_slots() {
     });
     cfg.outbound.push(dep);
     let spawned = Instant::now();
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let ready = spawned.elapsed() + Duration::from_millis(50);
     let seconds = ready.saturating_sub(Duration::from_millis(500)).as_secs() + 1;
     let start = spawned + Duration::from_millis(500) + Duration::from_secs(seconds);
@@ -659,7 +659,7 @@ async fn hanging_upstream_times_out_and_counts_against_the_breaker() {
         },
     });
     cfg.outbound.push(dep);
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     for _ in 0..2 {
         let a = get(&c, proxy.outbound_url("hang", "/")).await;
@@ -687,7 +687,7 @@ async fn admin_endpoints() {
     let mut cfg = base_config(app.addr);
     cfg.inbound.liveness_path = Some("/live".into());
     cfg.inbound.readiness_path = Some("/ready".into());
-    let proxy = Proxy::start(cfg).await;
+    let proxy = proxy(cfg).await;
     let c = client();
     assert_eq!(
         get(&c, proxy.admin_url("/app-health/liveness"))

@@ -7,101 +7,21 @@ use common::*;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a server certificate for `localhost` signed by it.
-fn certificates(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=weir-test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca);
-    let mut csr = vec!["req", "-new"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(dir, &csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-}
+use weir_testkit::Pki;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_is_verified_and_called() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("skipped: no openssl binary to make test certificates");
+    // A CA and a server certificate for `localhost` signed by it.
+    let Some(pki) = Pki::for_names("DNS:localhost") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    certificates(dir.path());
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(dir.path().join("srv.pem"))
-            .unwrap()
-            .map(|c| c.unwrap())
-            .collect();
-    let key = PrivateKeyDer::from_pem_file(dir.path().join("srv.key")).unwrap();
+    };
+    let dir = pki.dir();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
     let server = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -147,8 +67,8 @@ async fn https_upstream_is_verified_and_called() {
     // Same server, but the certificate does not name 127.0.0.1: verification must fail.
     cfg.outbound
         .push(dependency("mismatch", format!("https://127.0.0.1:{port}")));
-    let ca = dir.path().join("ca.pem");
-    let proxy = Proxy::start_env(cfg, &[], &[("SSL_CERT_FILE", &ca)]).await;
+    let ca = dir.join("ca.crt");
+    let proxy = proxy_env(cfg, &[], &[("SSL_CERT_FILE", &ca)]).await;
     let c = client();
     let a = get(&c, proxy.outbound_url("secure", "/x")).await;
     assert_eq!(a.status, 200, "{}", a.body);

@@ -767,7 +767,7 @@ pub const AMQP_GET_TIMEOUT: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{RabbitServer, RedisServer};
+    use weir_testkit::{RabbitServer, RedisServer};
 
     fn spec(yaml: &str) -> weir_crds::queue::QueueSpec {
         serde_yaml::from_str(yaml).unwrap()

@@ -1,9 +1,9 @@
 //! The topology against a real `nats-server -js` on a free loopback port.
 
 use super::*;
-use crate::testing::NatsServer;
 use async_nats::jetstream::consumer::AckPolicy;
 use weir_crds::queue::QueueSpec;
+use weir_testkit::NatsServer;
 
 fn spec(yaml: &str) -> QueueSpec {
     serde_yaml::from_str(yaml).unwrap()
@@ -305,7 +305,7 @@ async fn a_killed_server_restarts_on_its_port_with_its_file_streams() {
             .unwrap();
     }
     let port = server.port;
-    server.kill();
+    server.kill9();
     server.restart();
     assert_eq!(server.port, port);
     let b = broker(&server).await;

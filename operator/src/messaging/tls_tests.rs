@@ -5,8 +5,9 @@
 
 use super::brokers::{BrokerAdmin, connect};
 use super::*;
-use crate::testing::{NatsServer, Pki, RabbitServer, RedisServer, brokers::free_port};
 use weir_crds::broker::BrokerKind;
+use weir_testkit::brokers::Kind;
+use weir_testkit::{NatsServer, Pki, RabbitServer, RedisServer, free_port};
 
 fn with_ca(pki: &Pki) -> Credentials {
     let mut data = BTreeMap::new();
@@ -35,7 +36,7 @@ async fn connects_only_with_the_ca(kind: BrokerKind, url: &str, pki: &Pki) -> Br
 
 #[tokio::test]
 async fn nats_over_tls_with_the_secrets_ca() {
-    if crate::testing::nats_server::binary().is_none() {
+    if Kind::Nats.binary().is_none() {
         eprintln!("SKIP: nats-server not found");
         return;
     }
@@ -53,7 +54,7 @@ async fn nats_over_tls_with_the_secrets_ca() {
 
 #[tokio::test]
 async fn redis_over_tls_with_the_secrets_ca() {
-    if crate::testing::brokers::redis_binary().is_none() {
+    if Kind::Redis.binary().is_none() {
         eprintln!("SKIP: redis-server not found");
         return;
     }
@@ -83,7 +84,7 @@ async fn redis_over_tls_with_the_secrets_ca() {
 
 #[tokio::test]
 async fn rabbitmq_over_tls_with_the_secrets_ca() {
-    if crate::testing::brokers::rabbitmq_binary().is_none() {
+    if Kind::Rabbitmq.binary().is_none() {
         eprintln!("SKIP: rabbitmq-server not found");
         return;
     }

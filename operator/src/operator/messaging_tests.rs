@@ -2,13 +2,13 @@
 //! mock (scripted requests, as in `tests.rs`), the broker is a real `nats-server -js`.
 
 use crate::messaging::{self, Credentials, Topology};
-use crate::testing::NatsServer;
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use weir_crds::{Broker, Microservice, Queue};
+use weir_testkit::NatsServer;
 
 use super::mock_api::{context, expect, serve};
 
@@ -754,7 +754,7 @@ fn billing_consumes() -> Value {
 
 #[tokio::test]
 async fn a_queue_on_redis_gets_a_consumer_group_and_reports_the_figures() {
-    let server = crate::testing::RedisServer::start();
+    let server = weir_testkit::RedisServer::start();
     let url = server.url();
     let (ctx, handle) = context();
     let script = vec![
@@ -818,7 +818,7 @@ async fn a_queue_on_redis_gets_a_consumer_group_and_reports_the_figures() {
 
 #[tokio::test]
 async fn a_rabbitmq_queue_whose_delivery_limit_changed_must_be_recreated() {
-    let server = crate::testing::RabbitServer::start();
+    let server = weir_testkit::RabbitServer::start();
     let url = server.url();
     let run = |max: u32| {
         let url = url.clone();
@@ -872,7 +872,7 @@ async fn a_rabbitmq_queue_whose_delivery_limit_changed_must_be_recreated() {
 #[tokio::test]
 async fn rabbitmq_applies_max_messages_and_max_age_to_each_consumer_queue() {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let server = crate::testing::RabbitServer::start();
+    let server = weir_testkit::RabbitServer::start();
     let url = server.url();
     let (ctx, handle) = context();
     let u = url.clone();

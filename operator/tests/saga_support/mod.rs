@@ -1,9 +1,6 @@
 //! Helpers of the saga tests: a recording HTTP step service, the coordinator binary, a config.
 #![allow(dead_code)]
 
-#[path = "../../src/testing/nats_server.rs"]
-pub mod nats_server;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;

@@ -1,371 +1,13 @@
-//! The three brokers as real processes on free loopback ports (start, `kill -9`, restart on the
-//! same port and data directory, persistence on), and what the conformance suite reads from each
-//! of them directly: stream lengths, dead letters, consumer backlogs, raw publishes.
+//! One broker of the conformance suite ([`TestBroker`]: a server of [`crate::brokers`] of each
+//! kind), and what the suite reads from each of them directly: stream lengths, dead letters,
+//! consumer backlogs, raw publishes, processed-event records. It reads them with weir-proxy's own
+//! parsers, so that what is checked is what the sidecar wrote.
 
 use super::*;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::BTreeMap;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Nats,
-    Redis,
-    Rabbitmq,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Nats => "nats",
-            Kind::Redis => "redis",
-            Kind::Rabbitmq => "rabbitmq",
-        }
-    }
-
-    pub fn scheme(self) -> &'static str {
-        match self {
-            Kind::Nats => "nats://",
-            Kind::Redis => "redis://",
-            Kind::Rabbitmq => "amqp://",
-        }
-    }
-
-    /// Whether the broker itself drops a repeated event id at publish (`duplicate: true`).
-    pub fn drops_duplicate_publishes(self) -> bool {
-        matches!(self, Kind::Nats | Kind::Redis)
-    }
-
-    /// Whether the queue keeps messages after they are acknowledged (a stream), so the suite
-    /// can read them back (RabbitMQ's queues do not).
-    pub fn keeps_messages(self) -> bool {
-        matches!(self, Kind::Nats | Kind::Redis)
-    }
-}
-
-fn find_bin(env: &str, names: &[&str]) -> Option<PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Some(PathBuf::from(p));
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    for n in names {
-        let local = repo.join(".tools/bin").join(n);
-        if local.exists() {
-            return Some(local);
-        }
-        let p = PathBuf::from(n);
-        if p.is_absolute() && p.exists() {
-            return Some(p);
-        }
-        if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(n))
-                .find(|p| p.exists())
-        }) {
-            return Some(found);
-        }
-    }
-    None
-}
-
-/// The broker's server binary, or `None` (the test skips) unless `CI` is set (then it fails).
-pub fn require(kind: Kind) -> Option<PathBuf> {
-    let found = match kind {
-        Kind::Nats => nats_server_bin(),
-        Kind::Redis => find_bin("REDIS_SERVER", &["redis-server"]),
-        Kind::Rabbitmq => find_bin(
-            "RABBITMQ_SERVER",
-            &["/usr/lib/rabbitmq/bin/rabbitmq-server"],
-        ),
-    };
-    match found {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("{} server not found: run scripts/setup.sh", kind.name())
-        }
-        None => {
-            eprintln!(
-                "SKIP: {} server not found (run scripts/setup.sh)",
-                kind.name()
-            );
-            None
-        }
-    }
-}
-
-/// A real redis-server on a free loopback port, append-only file fsynced at every write.
-pub struct RedisServer {
-    bin: PathBuf,
-    child: Option<Child>,
-    pub port: u16,
-    pub dir: tempfile::TempDir,
-    password: Option<String>,
-    extra: Vec<String>,
-}
-
-impl RedisServer {
-    pub async fn start(bin: PathBuf) -> RedisServer {
-        Self::start_with_password(bin, None).await
-    }
-
-    /// With `requirepass` when `password` is given.
-    pub async fn start_with_password(bin: PathBuf, password: Option<&str>) -> RedisServer {
-        Self::start_with_args(bin, password, &[]).await
-    }
-
-    /// With extra command-line arguments (e.g. a TLS port beside the plain one, which the
-    /// start-up check uses).
-    pub async fn start_with_args(
-        bin: PathBuf,
-        password: Option<&str>,
-        extra: &[String],
-    ) -> RedisServer {
-        let mut r = RedisServer {
-            bin,
-            child: None,
-            port: free_addr().port(),
-            dir: tempfile::tempdir().unwrap(),
-            password: password.map(str::to_string),
-            extra: extra.to_vec(),
-        };
-        r.spawn().await;
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn authed_url(&self) -> String {
-        match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => self.url(),
-        }
-    }
-
-    async fn spawn(&mut self) {
-        let mut cmd = Command::new(&self.bin);
-        if let Some(p) = &self.password {
-            cmd.args(["--requirepass", p]);
-        }
-        let child = cmd
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(["--appendonly", "yes", "--save", "", "--appendfsync"])
-            // `always` unless the benchmark asks otherwise (PUBSUB_REDIS_FSYNC=everysec).
-            .arg(std::env::var("PUBSUB_REDIS_FSYNC").unwrap_or_else(|_| "always".into()))
-            .args(["--daemonize", "no", "--protected-mode", "no"])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(c) = redis::Client::open(self.authed_url())
-                && let Ok(mut con) = c.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut con)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub async fn restart(&mut self) {
-        self.kill9();
-        self.spawn().await;
-    }
-
-    pub async fn con(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.authed_url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// A real rabbitmq-server on free loopback ports (AMQP and Erlang distribution), its own epmd,
-/// node name, cookie (in a temporary HOME), database and log directories.
-pub struct RabbitServer {
-    bin: PathBuf,
-    child: Option<Child>,
-    epmd: Option<Child>,
-    pub port: u16,
-    dist_port: u16,
-    epmd_port: u16,
-    pub dir: tempfile::TempDir,
-}
-
-impl RabbitServer {
-    pub async fn start(bin: PathBuf) -> RabbitServer {
-        Self::start_with_conf(bin, "").await
-    }
-
-    /// With `extra` appended to rabbitmq.conf (e.g. a TLS listener beside the plain one, which
-    /// the start-up check uses).
-    pub async fn start_with_conf(bin: PathBuf, extra: &str) -> RabbitServer {
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir_all(&home).unwrap();
-        let cookie = home.join(".erlang.cookie");
-        std::fs::write(&cookie, format!("weirtest{}", std::process::id())).unwrap();
-        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
-            .unwrap();
-        let port = free_addr().port();
-        std::fs::write(
-            dir.path().join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n\
-                 log.console = false\nlog.file.level = warning\n{extra}"
-            ),
-        )
-        .unwrap();
-        let mut r = RabbitServer {
-            bin,
-            child: None,
-            epmd: None,
-            port,
-            dist_port: free_addr().port(),
-            epmd_port: free_addr().port(),
-            dir,
-        };
-        let epmd =
-            Command::new(find_bin("EPMD", &["epmd"]).unwrap_or_else(|| PathBuf::from("epmd")))
-                .args(["-port", &r.epmd_port.to_string(), "-address", "127.0.0.1"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn epmd");
-        r.epmd = Some(epmd);
-        r.spawn().await;
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("amqp://127.0.0.1:{}/%2f", self.port)
-    }
-
-    fn env(&self, c: &mut Command) {
-        let d = self.dir.path();
-        c.env("HOME", d.join("home"))
-            .env("RABBITMQ_NODENAME", format!("weir{}@localhost", self.port))
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d.join("log"))
-            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
-            .env("RABBITMQ_PID_FILE", d.join("pid"));
-    }
-
-    async fn spawn(&mut self) {
-        let mut c = Command::new(&self.bin);
-        self.env(&mut c);
-        std::os::unix::process::CommandExt::process_group(&mut c, 0);
-        let child = c
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn rabbitmq-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Ok(conn)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                lapin::Connection::connect(&self.url(), Default::default()),
-            )
-            .await
-            {
-                let _ = conn.close(200, "ok".into()).await;
-                return;
-            }
-            assert!(Instant::now() < deadline, "rabbitmq-server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// `kill -9` of the server's whole process group (the start script, the Erlang VM and its
-    /// helpers).
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-9", "--", &format!("-{}", c.id())])
-                .status();
-            let _ = c.wait();
-        }
-    }
-
-    pub async fn restart(&mut self) {
-        self.kill9();
-        self.spawn().await;
-    }
-
-    pub async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = lapin::Connection::connect(&self.url(), Default::default())
-            .await
-            .unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        (conn, ch)
-    }
-
-    /// `rabbitmqctl list_queues` for `queue`: (ready, unacknowledged).
-    pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
-        let mut c = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
-        self.env(&mut c);
-        let out = c
-            .args([
-                "-q",
-                "list_queues",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-            ])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-            let f: Vec<_> = l.split_whitespace().collect();
-            if f.len() == 3 && f[0] == queue {
-                Some((f[1].parse().ok()?, f[2].parse().ok()?))
-            } else {
-                None
-            }
-        })
-    }
-}
-
-impl Drop for RabbitServer {
-    fn drop(&mut self) {
-        self.kill9();
-        if let Some(mut e) = self.epmd.take() {
-            let _ = e.kill();
-            let _ = e.wait();
-        }
-    }
-}
+use std::time::Instant;
 
 /// A dead letter or stream message, whatever the broker: body, headers (names lowercased) and
 /// its position (stream sequence or entry id).
@@ -387,19 +29,24 @@ impl Stored {
 
 /// One broker of the conformance suite.
 pub enum TestBroker {
-    Nats(Nats),
+    Nats(NatsServer),
     Redis(RedisServer),
     Rabbitmq(RabbitServer),
 }
 
 impl TestBroker {
     /// Starts the broker, or `None` when its binary is missing (outside CI).
+    /// Redis appends with `fsync always` unless the benchmark asks otherwise
+    /// (`PUBSUB_REDIS_FSYNC=everysec`).
     pub async fn start(kind: Kind) -> Option<TestBroker> {
-        let bin = require(kind)?;
+        require(kind)?;
         Some(match kind {
-            Kind::Nats => TestBroker::Nats(Nats::start(bin).await),
-            Kind::Redis => TestBroker::Redis(RedisServer::start(bin).await),
-            Kind::Rabbitmq => TestBroker::Rabbitmq(RabbitServer::start(bin).await),
+            Kind::Nats => TestBroker::Nats(NatsServer::start()),
+            Kind::Redis => TestBroker::Redis(match std::env::var("PUBSUB_REDIS_FSYNC") {
+                Ok(fsync) => RedisServer::start_with(&["--appendfsync", &fsync]),
+                Err(_) => RedisServer::start(),
+            }),
+            Kind::Rabbitmq => TestBroker::Rabbitmq(RabbitServer::start()),
         })
     }
 
@@ -429,9 +76,9 @@ impl TestBroker {
 
     pub async fn restart(&mut self) {
         match self {
-            TestBroker::Nats(n) => n.restart().await,
-            TestBroker::Redis(r) => r.restart().await,
-            TestBroker::Rabbitmq(r) => r.restart().await,
+            TestBroker::Nats(n) => n.restart(),
+            TestBroker::Redis(r) => r.restart(),
+            TestBroker::Rabbitmq(r) => r.restart(),
         }
     }
 
@@ -866,7 +513,10 @@ fn rabbit_props(headers: &[(&str, &str)]) -> lapin::BasicProperties {
     }
 }
 
-async fn rabbit_publish(ch: &lapin::Channel, headers: &[(&str, &str)], body: &[u8]) {
+/// Publishes to the queue's exchange as a sidecar does (persistent, `message_id` the `ce-id`) and
+/// waits for the
+/// broker's confirmation, which must be an ack (the event reached a bound queue).
+pub async fn rabbit_publish(ch: &lapin::Channel, headers: &[(&str, &str)], body: &[u8]) {
     let c = ch
         .basic_publish(
             STREAM.into(),
