@@ -12,13 +12,17 @@
 //!   `Weir-Original-Subject`, then the dead letter is acknowledged (removed). Listing takes the
 //!   dead letters without acknowledging them and hands them back.
 
-use super::brokers::{BrokerAdmin, RabbitBroker, RedisBroker};
-use super::{Credentials, Error, NatsAdmin, dead_letter_stream_name, map_err};
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use std::process::ExitCode;
+use weir_broker::admin::{self, BrokerAdmin, Error};
+use weir_broker::credentials::Credentials;
+use weir_broker::nats::admin::{NatsAdmin, map_err};
+use weir_broker::queue::dead_letter_stream_name;
+use weir_broker::rabbitmq::admin::{AMQP_GET_TIMEOUT, RabbitAdmin};
+use weir_broker::redis::admin::RedisAdmin;
 
 pub const H_ORIGINAL_SUBJECT: &str = "Weir-Original-Subject";
 pub const H_ORIGINAL_SEQ: &str = "Weir-Original-Seq";
@@ -156,7 +160,7 @@ fn replayed_header(name: &str) -> bool {
 }
 
 async fn redis_list(
-    r: &RedisBroker,
+    r: &RedisAdmin,
     namespace: &str,
     queue: &str,
     from: &str,
@@ -223,7 +227,7 @@ async fn redis_list(
 }
 
 async fn redis_get(
-    r: &RedisBroker,
+    r: &RedisAdmin,
     namespace: &str,
     queue: &str,
     seq: &str,
@@ -240,7 +244,7 @@ async fn redis_get(
 /// `XADD`s the event (its own headers and body) to its original stream, then `XDEL`s the dead
 /// letter. Returns the new entry id.
 async fn redis_replay_one(
-    r: &RedisBroker,
+    r: &RedisAdmin,
     namespace: &str,
     queue: &str,
     d: &DeadLetter,
@@ -284,7 +288,7 @@ fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
 /// Takes every dead letter without acknowledging it (in queue order); the channel returned
 /// holds them until it is closed (they go back) or they are acknowledged.
 async fn rabbit_take(
-    r: &RabbitBroker,
+    r: &RabbitAdmin,
     namespace: &str,
     queue: &str,
 ) -> Result<(lapin::Channel, Vec<(DeadLetter, lapin::message::Delivery)>), Error> {
@@ -293,7 +297,7 @@ async fn rabbit_take(
     let mut out = Vec::new();
     loop {
         let got = tokio::time::timeout(
-            super::brokers::AMQP_GET_TIMEOUT,
+            AMQP_GET_TIMEOUT,
             ch.basic_get(
                 name.as_str().into(),
                 lapin::options::BasicGetOptions::default(),
@@ -370,7 +374,7 @@ async fn rabbit_take(
 }
 
 async fn rabbit_list(
-    r: &RabbitBroker,
+    r: &RabbitAdmin,
     namespace: &str,
     queue: &str,
 ) -> Result<Vec<DeadLetter>, Error> {
@@ -382,7 +386,7 @@ async fn rabbit_list(
 
 /// Publishes each chosen dead letter to its consumer queue (confirmed), then acknowledges it.
 async fn rabbit_replay(
-    r: &RabbitBroker,
+    r: &RabbitAdmin,
     namespace: &str,
     queue: &str,
     seqs: &[String],
@@ -471,8 +475,7 @@ async fn nats_get(
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => {
             let mapped = map_err(format!("message {seq} of stream {name}"))(e);
-            // 10037: no message found.
-            if mapped.code() == Some(10037) {
+            if mapped.code() == Some(admin::codes::NO_MESSAGE_FOUND) {
                 Ok(None)
             } else {
                 Err(mapped)
@@ -628,7 +631,7 @@ pub fn run(args: DlqArgs) -> ExitCode {
 async fn connect_target(t: &Target) -> Result<BrokerAdmin, String> {
     let (kind, url, creds) = match &t.broker_url {
         Some(u) => (
-            super::brokers::kind_of_url(u).ok_or_else(|| {
+            admin::kind_of_url(u).ok_or_else(|| {
                 format!("--broker-url {u:?}: not a nats://, redis:// or amqp:// URL")
             })?,
             u.clone(),
@@ -638,7 +641,7 @@ async fn connect_target(t: &Target) -> Result<BrokerAdmin, String> {
             .await
             .map_err(|e| format!("{e:#}"))?,
     };
-    super::brokers::connect(kind, &url, &creds)
+    admin::connect(kind, &url, &creds)
         .await
         .map_err(|e| e.to_string())
 }
