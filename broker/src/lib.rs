@@ -26,13 +26,17 @@
 //! - `admin`: the operator's role as one trait (`Admin`: declare, inspect, delete), the typed
 //!   error with its condition reason and metric label, and the registration of the kinds
 //!   (`BrokerAdmin`, `connect`, `kind_of_url`, `not_applied`). A new broker kind is one module
-//!   here and one line of that registration.
+//!   here and one line of that registration (and its branch in `dead_letters`).
+//! - `dead_letters`: a Queue's dead letters on each kind, listed, read and replayed
+//!   (`weir dlq`).
 //!
 //! What Weir guarantees on top of this layout is in docs/messaging.md.
 
 #[cfg(feature = "admin")]
 pub mod admin;
 pub mod credentials;
+#[cfg(feature = "admin")]
+pub mod dead_letters;
 pub mod nats;
 pub mod queue;
 pub mod rabbitmq;
