@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use weir_crds::broker::BrokerKind;
 use weir_crds::queue::{QueueSpec, Retention, Storage};
 
-pub use super::managed_groups_key;
+use super::managed_groups_key;
 
 fn other(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
     Error::broker(what, e)
