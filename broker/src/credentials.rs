@@ -183,6 +183,30 @@ impl Credentials {
         }
     }
 
+    /// Refuses a `ca.crt` beside a URL that is not TLS: a CA means TLS is required, and a
+    /// client would otherwise talk in plain text although one was given. `tls_scheme` is the
+    /// scheme the URL should have (`rediss`, `amqps`; compared without case, as the clients
+    /// read it); `ca` names the CA in the message (`key "ca.crt"`, a file's path), `url_name`
+    /// the URL (`the URL`, `messaging.brokerUrl "…"`): `<ca> is given but <url_name> is not
+    /// TLS (use <tls_scheme>://)`.
+    pub fn require_tls_with_ca(
+        &self,
+        url: &str,
+        tls_scheme: &str,
+        ca: &str,
+        url_name: &str,
+    ) -> Result<(), CredentialsError> {
+        let tls = url
+            .split_once("://")
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case(tls_scheme));
+        if self.ca.is_none() || tls {
+            return Ok(());
+        }
+        Err(CredentialsError(format!(
+            "{ca} is given but {url_name} is not TLS (use {tls_scheme}://)"
+        )))
+    }
+
     /// A rustls client config trusting only `ca.crt` (for NATS, whose client takes a config).
     pub fn tls_config(&self) -> Result<Option<rustls::ClientConfig>, CredentialsError> {
         let Some(pem) = &self.ca else {
@@ -230,6 +254,91 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn credentials_from_a_secret() {
+        assert_eq!(
+            Credentials::from_secret_data(&data(&[("username", "u"), ("password", "p\n")]))
+                .unwrap(),
+            Auth::UserPassword {
+                username: "u".into(),
+                password: "p".into()
+            }
+            .into()
+        );
+        assert_eq!(
+            Credentials::from_secret_data(&data(&[("token", "t")])).unwrap(),
+            Auth::Token("t".into()).into()
+        );
+        assert!(matches!(
+            Credentials::from_secret_data(&data(&[("creds", "x"), ("token", "t")]))
+                .unwrap()
+                .auth,
+            Auth::Creds(_)
+        ));
+        let e = Credentials::from_secret_data(&data(&[("user", "u")])).unwrap_err();
+        assert_eq!(e.reason(), "InvalidCredentials");
+        assert!(
+            !format!("{:?}", Credentials::from(Auth::Token("secret".into()))).contains("secret")
+        );
+    }
+
+    #[test]
+    fn a_ca_that_is_not_pem_is_refused_naming_the_key() {
+        let mut data = BTreeMap::new();
+        data.insert(CA_KEY.to_string(), b"not a certificate".to_vec());
+        let e = Credentials::from_secret_data(&data).unwrap_err();
+        assert_eq!(e.reason(), "InvalidCredentials");
+        assert!(
+            e.to_string()
+                .contains("\"ca.crt\" is not a PEM certificate"),
+            "{e}"
+        );
+        data.insert("token".into(), b"t".to_vec());
+        assert!(
+            Credentials::from_secret_data(&data).is_err(),
+            "with a token too"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CA_KEY), "garbage").unwrap();
+        let e = Credentials::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&dir.path().display().to_string()) && e.contains("ca.crt"),
+            "{e}"
+        );
+        assert!(
+            Credentials::from_secret_data(&BTreeMap::new()).is_err(),
+            "an empty Secret is still an error"
+        );
+    }
+
+    #[test]
+    fn a_ca_requires_a_tls_url() {
+        let none = Credentials::default();
+        assert!(
+            none.require_tls_with_ca("redis://h", "rediss", "ca", "the URL")
+                .is_ok()
+        );
+        let ca = Credentials {
+            ca: Some("pem".into()),
+            ..Default::default()
+        };
+        assert!(
+            ca.require_tls_with_ca("rediss://h", "rediss", "ca", "the URL")
+                .is_ok()
+        );
+        assert!(
+            ca.require_tls_with_ca("AMQPS://h", "amqps", "ca", "the URL")
+                .is_ok()
+        );
+        let e = ca
+            .require_tls_with_ca("amqp://h", "amqps", &format!("key {CA_KEY:?}"), "the URL")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "key \"ca.crt\" is given but the URL is not TLS (use amqps://)"
+        );
     }
 
     #[test]

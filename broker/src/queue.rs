@@ -51,6 +51,19 @@ pub fn processed_key(consumer: &str, event_id: &str) -> String {
     )
 }
 
+/// The headers of a dead letter (docs/messaging.md, "Dead letters"): the sidecar writes them when
+/// it dead-letters an event, `weir dlq` reads them (and replays on `ORIGINAL_SUBJECT`).
+pub mod dead_letter_headers {
+    /// Where the event was read from: subject (NATS), stream (Redis), consumer queue (RabbitMQ).
+    pub const ORIGINAL_SUBJECT: &str = "Weir-Original-Subject";
+    pub const ORIGINAL_SEQ: &str = "Weir-Original-Seq";
+    pub const CONSUMER: &str = "Weir-Consumer";
+    pub const DELIVERY_COUNT: &str = "Weir-Delivery-Count";
+    pub const REASON: &str = "Weir-Reason";
+    pub const LAST_ERROR: &str = "Weir-Last-Error";
+    pub const DEAD_LETTERED_AT: &str = "Weir-Dead-Lettered-At";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

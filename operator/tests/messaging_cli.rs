@@ -6,7 +6,10 @@ use async_nats::HeaderMap;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
-use weir::messaging::{self, Auth, Credentials, Topology};
+use weir_broker::admin::Admin;
+use weir_broker::credentials::{Auth, Credentials};
+use weir_broker::nats::admin as nats_admin;
+use weir_broker::topology::Topology;
 use weir_testkit::{NatsServer, RabbitServer, RedisServer};
 
 fn weir(args: &[&str]) -> Output {
@@ -111,7 +114,7 @@ async fn dead_letter(js: &async_nats::jetstream::Context, id: &str, seq: u64, re
 async fn dlq_list_show_and_replay_through_the_binary() {
     let server = NatsServer::start();
     let url = server.url();
-    let b = messaging::connect(&url, &Credentials::default())
+    let b = nats_admin::connect(&url, &Credentials::default())
         .await
         .unwrap();
     let t = Topology::new(
@@ -211,7 +214,7 @@ async fn dlq_list_show_and_replay_through_the_binary() {
 async fn dlq_replays_a_dead_letter_without_an_event_id() {
     let server = NatsServer::start();
     let url = server.url();
-    let b = messaging::connect(&url, &Credentials::default())
+    let b = nats_admin::connect(&url, &Credentials::default())
         .await
         .unwrap();
     let t = Topology::new(
@@ -339,7 +342,7 @@ fn fake_apiserver(objects: Vec<(String, Value)>) -> std::net::SocketAddr {
 #[tokio::test]
 async fn dlq_finds_the_broker_and_its_credentials_through_the_cluster() {
     let server = NatsServer::start_with(&["--user", "weir", "--pass", "s3cret"]);
-    let b = messaging::connect(
+    let b = nats_admin::connect(
         &server.url(),
         &Auth::UserPassword {
             username: "weir".into(),
@@ -512,7 +515,7 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
     use lapin::options::*;
     let server = RabbitServer::start();
     let url = server.url();
-    let b = weir::messaging::brokers::connect(
+    let b = weir_broker::admin::connect(
         weir_crds::broker::BrokerKind::Rabbitmq,
         &url,
         &Credentials::default(),
@@ -527,7 +530,7 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
     .unwrap();
     b.declare_queue(&t).await.unwrap();
     b.declare_consumer(&t, "billing").await.unwrap();
-    let weir::messaging::brokers::BrokerAdmin::Rabbitmq(r) = &b else {
+    let weir_broker::admin::BrokerAdmin::Rabbitmq(r) = &b else {
         panic!()
     };
     let ch = r.channel().await.unwrap();

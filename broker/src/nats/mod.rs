@@ -1,6 +1,10 @@
 //! Connecting to NATS once, as the operator, the saga coordinator and `weir` commands do:
 //! credentials and TLS from [`Credentials`], a bounded wait, no retry loop (a controller
 //! requeues, a command reports). The sidecar keeps a connection of its own that reconnects.
+//! With feature `admin`, `admin` is the operator's role on JetStream.
+
+#[cfg(feature = "admin")]
+pub mod admin;
 
 pub mod transport;
 

@@ -10,7 +10,12 @@
 //!
 //! The operator declares the exchange, the consumer queues and the dead-letter queue; a sidecar
 //! declares the same consumer queue when it finds none, and its retry queues as it needs them.
-//! Both use [`consumer_queue_args`]: a queue redeclared with other arguments is refused.
+//! Both use [`consumer_queue_args`] and [`declare`]: a queue redeclared with other arguments
+//! is refused. With feature `admin`, `admin` is the operator's role here.
+
+#[cfg(feature = "admin")]
+pub mod admin;
+pub mod declare;
 
 pub mod transport;
 

@@ -1,6 +1,10 @@
 //! Redis Streams. For a queue's stream name `<s>` (`weir_<ns>_<q>`): the stream `<s>` with one
 //! consumer group per consuming Microservice, the dead-letter stream `<s>_dlq`, and beside them
-//! the keys below.
+//! the keys below. With feature `admin`, `admin`: what the operator declares, inspects and
+//! deletes there.
+
+#[cfg(feature = "admin")]
+pub mod admin;
 
 pub mod transport;
 

@@ -1,9 +1,16 @@
-//! The topology against a real `nats-server -js` on a free loopback port.
+//! The JetStream admin ([`weir_broker::nats::admin`]) against a real `nats-server -js` on a
+//! free loopback port.
 
-use super::*;
-use async_nats::jetstream::consumer::AckPolicy;
-use weir_crds::queue::QueueSpec;
 use weir_testkit::NatsServer;
+use async_nats::jetstream::consumer::{self, AckPolicy};
+use async_nats::jetstream::stream;
+use futures::TryStreamExt;
+use std::time::Duration;
+use weir_broker::admin::{Admin, codes};
+use weir_broker::credentials::{Auth, Credentials};
+use weir_broker::nats::admin::{NatsAdmin, connect};
+use weir_broker::topology::Topology;
+use weir_crds::queue::QueueSpec;
 
 fn spec(yaml: &str) -> QueueSpec {
     serde_yaml::from_str(yaml).unwrap()
@@ -13,79 +20,6 @@ async fn broker(server: &NatsServer) -> NatsAdmin {
     connect(&server.url(), &Credentials::default())
         .await
         .unwrap()
-}
-
-#[test]
-fn names_follow_docs_messaging_md() {
-    let s = spec("broker: nats");
-    assert_eq!(stream_name("shop", "orders"), "weir_shop_orders");
-    assert_eq!(subjects("shop", "orders", &s), ["weir.shop.orders"]);
-    assert_eq!(
-        dead_letter_stream_name("shop", "orders"),
-        "weir_shop_orders_dlq"
-    );
-    assert_eq!(
-        dead_letter_subject("shop", "orders"),
-        "weir.dlq.shop.orders"
-    );
-    assert_eq!(
-        processed_bucket_name("shop", "orders"),
-        "weir_processed_shop_orders"
-    );
-    let t = Topology::new("shop", "orders", &s).unwrap();
-    assert_eq!(t.processed.max_age, MIN_PROCESSED_TTL, "at least 10m");
-    let long = Topology::new("shop", "orders", &spec("broker: nats\nduplicateWindow: 1h")).unwrap();
-    assert_eq!(long.processed.max_age, Duration::from_secs(3600));
-}
-
-#[test]
-fn consumer_backoff_never_undercuts_ack_wait_and_fits_max_deliveries() {
-    let t = Topology::new(
-        "shop",
-        "orders",
-        &spec("broker: nats\nconsumer: {maxDeliveries: 3, ackWait: 10s, backoff: [1s, 20s, 60s]}"),
-    )
-    .unwrap();
-    let c = t.consumer_config("billing");
-    assert_eq!(
-        c.backoff,
-        [Duration::from_secs(10), Duration::from_secs(20)]
-    );
-    assert_eq!(
-        t.consumer.backoff.len(),
-        3,
-        "the sidecar gets the spec's list"
-    );
-}
-
-#[test]
-fn credentials_from_a_secret() {
-    let data = |kv: &[(&str, &str)]| -> BTreeMap<String, Vec<u8>> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect()
-    };
-    assert_eq!(
-        Credentials::from_secret_data(&data(&[("username", "u"), ("password", "p\n")])).unwrap(),
-        Auth::UserPassword {
-            username: "u".into(),
-            password: "p".into()
-        }
-        .into()
-    );
-    assert_eq!(
-        Credentials::from_secret_data(&data(&[("token", "t")])).unwrap(),
-        Auth::Token("t".into()).into()
-    );
-    assert!(matches!(
-        Credentials::from_secret_data(&data(&[("creds", "x"), ("token", "t")]))
-            .unwrap()
-            .auth,
-        Auth::Creds(_)
-    ));
-    let e = Credentials::from_secret_data(&data(&[("user", "u")])).unwrap_err();
-    assert_eq!(e.reason(), "InvalidCredentials");
-    assert!(!format!("{:?}", Credentials::from(Auth::Token("secret".into()))).contains("secret"));
 }
 
 #[tokio::test]

@@ -1,13 +1,15 @@
 //! The operator's connections to brokers behind TLS, against real servers whose certificate a
 //! private CA signed: with the CA in [`Credentials`] each kind connects; without it (the
 //! system's roots do not know the CA) it does not, and says why; a CA that is not PEM is
-//! refused naming the key. Skipped when a server or `openssl` is missing.
+//! refused naming the key (tested in `weir_broker::credentials`). Skipped when a server or
+//! `openssl` is missing.
 
-use super::brokers::{BrokerAdmin, connect};
-use super::*;
-use weir_crds::broker::BrokerKind;
 use weir_testkit::brokers::Kind;
 use weir_testkit::{NatsServer, Pki, RabbitServer, RedisServer, free_port};
+use std::collections::BTreeMap;
+use weir_broker::admin::{Admin, BrokerAdmin, connect};
+use weir_broker::credentials::{Auth, CA_KEY, Credentials};
+use weir_crds::broker::BrokerKind;
 
 fn with_ca(pki: &Pki) -> Credentials {
     let mut data = BTreeMap::new();
@@ -106,33 +108,4 @@ async fn rabbitmq_over_tls_with_the_secrets_ca() {
         .err()
         .expect("a CA with amqp:// is refused");
     assert!(e.to_string().contains("amqps://"), "{e}");
-}
-
-#[test]
-fn a_ca_that_is_not_pem_is_refused_naming_the_key() {
-    let mut data = BTreeMap::new();
-    data.insert(CA_KEY.to_string(), b"not a certificate".to_vec());
-    let e = Credentials::from_secret_data(&data).unwrap_err();
-    assert_eq!(e.reason(), "InvalidCredentials");
-    assert!(
-        e.to_string()
-            .contains("\"ca.crt\" is not a PEM certificate"),
-        "{e}"
-    );
-    data.insert("token".into(), b"t".to_vec());
-    assert!(
-        Credentials::from_secret_data(&data).is_err(),
-        "with a token too"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(CA_KEY), "garbage").unwrap();
-    let e = Credentials::from_dir(dir.path()).unwrap_err().to_string();
-    assert!(
-        e.contains(&dir.path().display().to_string()) && e.contains("ca.crt"),
-        "{e}"
-    );
-    assert!(
-        Credentials::from_secret_data(&BTreeMap::new()).is_err(),
-        "an empty Secret is still an error"
-    );
 }

@@ -4,8 +4,6 @@
 //! per-object backoff.
 
 use super::{Context, FIELD_MANAGER, conditions, events, status};
-use crate::messaging::brokers::{self, BrokerAdmin};
-use crate::messaging::{self, Credentials};
 use crate::render::broker as render_broker;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -18,6 +16,8 @@ use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use weir_broker::admin::{self, Admin, BrokerAdmin};
+use weir_broker::credentials::Credentials;
 use weir_crds::broker::{BrokerKind, BrokerStatus};
 use weir_crds::{Broker, validate};
 
@@ -55,14 +55,14 @@ pub struct Endpoint {
 
 impl Connections {
     /// A connection to `url` with `creds`, reusing the cached one when it matches.
-    pub async fn get(&self, key: &str, e: &Endpoint) -> Result<BrokerAdmin, messaging::Error> {
+    pub async fn get(&self, key: &str, e: &Endpoint) -> Result<BrokerAdmin, admin::Error> {
         if let Some((cached, b)) = self.0.lock().expect("connections lock").get(key)
             && cached == e
             && b.is_connected()
         {
             return Ok(b.clone());
         }
-        let b = brokers::connect(e.kind, &e.url, &e.creds).await?;
+        let b = admin::connect(e.kind, &e.url, &e.creds).await?;
         self.0
             .lock()
             .expect("connections lock")
@@ -239,7 +239,7 @@ async fn reconcile_inner(b: &Broker, ctx: &Context) -> Result<Action, Error> {
             None,
             Action::await_change(),
         ),
-        Ok(e) => match brokers::connect(e.kind, &e.url, &e.creds).await {
+        Ok(e) => match admin::connect(e.kind, &e.url, &e.creds).await {
             Ok(conn) => {
                 let url = &e.url;
                 ctx.messaging_backoff.reset(&k);

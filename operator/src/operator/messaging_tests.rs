@@ -1,14 +1,17 @@
 //! Queue, Broker and Microservice-bridge reconciles: the Kubernetes API is kube's `tower-test`
 //! mock (scripted requests, as in `tests.rs`), the broker is a real `nats-server -js`.
 
-use crate::messaging::{self, Credentials, Topology};
+use weir_testkit::NatsServer;
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
+use weir_broker::admin::Admin;
+use weir_broker::credentials::Credentials;
+use weir_broker::nats::admin as nats_admin;
+use weir_broker::topology::Topology;
 use weir_crds::{Broker, Microservice, Queue};
-use weir_testkit::NatsServer;
 
 use super::mock_api::{context, expect, serve};
 
@@ -74,8 +77,8 @@ fn ready(status_patch: &Value) -> &Value {
         .unwrap()
 }
 
-async fn nats(server: &NatsServer) -> messaging::NatsAdmin {
-    messaging::connect(&server.url(), &Credentials::default())
+async fn nats(server: &NatsServer) -> nats_admin::NatsAdmin {
+    nats_admin::connect(&server.url(), &Credentials::default())
         .await
         .unwrap()
 }
@@ -923,7 +926,7 @@ async fn rabbitmq_applies_max_messages_and_max_age_to_each_consumer_queue() {
         (2..=3).contains(&acked),
         "publishes past maxMessages are refused ({acked} of 6 confirmed)"
     );
-    let broker = crate::messaging::brokers::RabbitBroker::connect(&url, &Credentials::default())
+    let broker = weir_broker::rabbitmq::admin::RabbitAdmin::connect(&url, &Credentials::default())
         .await
         .unwrap();
     let depth = |q: &'static str| {

@@ -9,8 +9,6 @@
 
 use super::broker::{Unusable, endpoint};
 use super::{Context, conditions, events, status};
-use crate::messaging::brokers::BrokerAdmin;
-use crate::messaging::{self, Topology};
 use crate::render::messaging::{Messaging, ResolvedQueue, build, resolve_schema};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -25,6 +23,8 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
+use weir_broker::admin::{self, Admin, BrokerAdmin};
+use weir_broker::topology::Topology;
 use weir_crds::queue::{DeletionPolicy, QueueStatus};
 use weir_crds::{Broker, Microservice, Queue, validate};
 
@@ -43,7 +43,7 @@ pub enum Error {
     Missing(&'static str),
     /// Only while deleting: the streams must go before the finalizer does.
     #[error("deleting the Queue's streams: {0}")]
-    Cleanup(messaging::Error),
+    Cleanup(admin::Error),
 }
 
 impl Error {
@@ -171,9 +171,9 @@ async fn set_finalizer(ctx: &Context, ns: &str, q: &Queue, present: bool) -> Res
 /// What the broker side came to: the figures, or why there are none.
 enum Outcome {
     Declared {
-        figures: messaging::Figures,
+        figures: admin::Figures,
         consumers: usize,
-        /// Settings this broker kind does not apply (see `messaging::not_applied`).
+        /// Settings this broker kind does not apply (see `weir_broker::admin::not_applied`).
         not_applied: Vec<String>,
     },
     NotReady(Unusable),
@@ -232,7 +232,7 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
                     "Declared",
                     format!(
                         "stream {} on the broker with {consumers} consumer(s)",
-                        messaging::stream_name(&ns, &name)
+                        weir_broker::queue::stream_name(&ns, &name)
                     ),
                     generation,
                 ),
@@ -307,13 +307,13 @@ async fn connect(
     }
 }
 
-fn broker_failure(ctx: &Context, ns: &str, broker: &str, e: messaging::Error) -> (Unusable, Retry) {
-    if !matches!(e, messaging::Error::Refused { .. }) {
+fn broker_failure(ctx: &Context, ns: &str, broker: &str, e: admin::Error) -> (Unusable, Retry) {
+    if !matches!(e, admin::Error::Refused { .. }) {
         // A timeout may be a dead connection: dial afresh next time.
         ctx.connections.forget(&format!("{ns}/{broker}"));
     }
     let retry = match e {
-        messaging::Error::Invalid { .. } => Retry::OnChange,
+        admin::Error::Invalid { .. } => Retry::OnChange,
         _ => Retry::Backoff,
     };
     (
@@ -396,7 +396,7 @@ async fn declare(
         Ok(figures) => Ok(Ok(Outcome::Declared {
             figures,
             consumers: wanted.len(),
-            not_applied: messaging::not_applied::not_applied(broker.kind(), &q.spec),
+            not_applied: admin::not_applied(broker.kind(), &q.spec),
         })),
         Err(e) => fail(e),
     }
@@ -479,7 +479,7 @@ async fn cleanup(q: &Queue, ctx: &Context, ns: &str, name: &str) -> Result<(), E
             publish(ctx, q, "CleanupSkipped", &note).await;
             Ok(())
         }
-        Err((u, _)) => Err(Error::Cleanup(messaging::Error::Broker {
+        Err((u, _)) => Err(Error::Cleanup(admin::Error::Broker {
             what: format!("Broker {}", q.spec.broker),
             message: u.message,
         })),

@@ -3,9 +3,10 @@
 //! operator fetches the objects, `weir render` takes them from its input.
 
 use super::RenderError;
-use crate::messaging::{self, MIN_PROCESSED_TTL};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use weir_broker::queue::{dead_letter_stream_name, dead_letter_subject, stream_name};
+use weir_broker::topology::{MIN_PROCESSED_TTL, Topology, subjects};
 use weir_crds::broker::BrokerKind;
 use weir_crds::microservice::MicroserviceSpec;
 use weir_crds::proxy::{ConsumeConfig, MessagingConfig, PublishConfig, QueueLimits};
@@ -14,7 +15,7 @@ use weir_crds::{Broker, duration};
 
 /// Where the Broker's credentials Secret is mounted in the sidecar container. The sidecar's
 /// `credentialsFile` is this directory: one file per Secret key (`creds`, `token`, or
-/// `username` and `password`), read as [`crate::messaging::Credentials::from_dir`] does.
+/// `username` and `password`), read as [`weir_broker::credentials::Credentials::from_dir`] does.
 pub const CREDENTIALS_MOUNT_PATH: &str = "/etc/weir/broker";
 /// Name of the pod volume holding the Broker's credentials.
 pub const CREDENTIALS_VOLUME: &str = "weir-broker-credentials";
@@ -196,8 +197,8 @@ pub fn build(
             let q = &queues[&p.queue];
             PublishConfig {
                 queue: p.queue.clone(),
-                stream: messaging::stream_name(namespace, &p.queue),
-                subject: messaging::subjects(namespace, &p.queue, &q.spec)[0].clone(),
+                stream: stream_name(namespace, &p.queue),
+                subject: subjects(namespace, &p.queue, &q.spec)[0].clone(),
                 schema: q.schema.clone(),
                 event_type: q.spec.event_type.clone().unwrap_or_else(|| p.queue.clone()),
                 // Redis drops repeated ids and trims at publish; the others keep it broker-side.
@@ -236,15 +237,15 @@ pub fn build(
             let window = ms_of(at("duplicateWindow"), &q.spec.duplicate_window)?;
             let (dl_stream, dl_subject) = if q.spec.dead_letter.enabled {
                 (
-                    messaging::dead_letter_stream_name(namespace, &c.queue),
-                    messaging::dead_letter_subject(namespace, &c.queue),
+                    dead_letter_stream_name(namespace, &c.queue),
+                    dead_letter_subject(namespace, &c.queue),
                 )
             } else {
                 (String::new(), String::new())
             };
             Ok(ConsumeConfig {
                 queue: c.queue.clone(),
-                stream: messaging::stream_name(namespace, &c.queue),
+                stream: stream_name(namespace, &c.queue),
                 consumer: name.to_string(),
                 path: c.path.clone(),
                 max_in_flight: c.max_in_flight,
@@ -262,7 +263,7 @@ pub fn build(
                 dedup_window_ms: window.max(MIN_PROCESSED_TTL.as_millis() as u64),
                 event_type: Some(q.spec.event_type.clone().unwrap_or_else(|| c.queue.clone())),
                 limits: if rabbitmq {
-                    messaging::Topology::new(namespace, &c.queue, &q.spec)
+                    Topology::new(namespace, &c.queue, &q.spec)
                         .map_err(|e| RenderError::Field {
                             field: format!("Queue {}", c.queue),
                             message: e.to_string(),

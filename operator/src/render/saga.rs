@@ -14,7 +14,6 @@
 //!   (the chart passes it), since the coordinator is a command of the `weir` binary.
 
 use super::{ANNOTATION_CONFIG_HASH, APP_CONTAINER, RenderError, RenderOptions, Rendered};
-use crate::messaging;
 use crate::render::messaging::{CREDENTIALS_MOUNT_PATH, CREDENTIALS_VOLUME, broker_url};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
@@ -188,19 +187,20 @@ pub fn render(
         }
         Ok(qs)
     };
-    let outcome =
-        |at: &str, o: &Option<OutcomeEvent>| -> Result<Option<OutcomeConfig>, RenderError> {
-            o.as_ref()
-                .map(|o| {
-                    let qs = queue(&format!("{at}.queue"), &o.queue)?;
-                    Ok(OutcomeConfig {
-                        queue: o.queue.clone(),
-                        subject: messaging::subjects(&namespace, &o.queue, qs)[0].clone(),
-                        event_type: o.event_type.clone(),
-                    })
+    let outcome = |at: &str,
+                   o: &Option<OutcomeEvent>|
+     -> Result<Option<OutcomeConfig>, RenderError> {
+        o.as_ref()
+            .map(|o| {
+                let qs = queue(&format!("{at}.queue"), &o.queue)?;
+                Ok(OutcomeConfig {
+                    queue: o.queue.clone(),
+                    subject: weir_broker::topology::subjects(&namespace, &o.queue, qs)[0].clone(),
+                    event_type: o.event_type.clone(),
                 })
-                .transpose()
-        };
+            })
+            .transpose()
+    };
     let trigger = TriggerConfig {
         http: spec.trigger.http,
         queue: spec
@@ -211,8 +211,8 @@ pub fn render(
                 let qs = queue("spec.trigger.queue", q)?;
                 Ok(QueueTriggerConfig {
                     queue: q.clone(),
-                    stream: messaging::stream_name(&namespace, q),
-                    subjects: messaging::subjects(&namespace, q, qs),
+                    stream: weir_broker::queue::stream_name(&namespace, q),
+                    subjects: weir_broker::topology::subjects(&namespace, q, qs),
                     consumer: format!("saga-{name}"),
                 })
             })

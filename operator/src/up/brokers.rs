@@ -19,14 +19,16 @@
 
 use super::process::{ProcKind, ProcSpec, find_binary, free_port};
 use crate::manifest::{Loaded, Object};
-use crate::messaging;
 use anyhow::{Result, anyhow};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::process::Child;
+use weir_broker::admin::{self, Admin};
+use weir_broker::credentials::Credentials;
 use weir_broker::local;
+use weir_broker::topology::Topology;
 use weir_crds::broker::BrokerKind;
 
 /// Parses `--broker`.
@@ -214,9 +216,9 @@ pub async fn start_nats(work_dir: &Path) -> Result<(BrokerProcess, String)> {
 /// Microservice that consumes it: the same code the operator runs.
 pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Result<()> {
     let shown = weir_crds::redact::url(url);
-    let kind = messaging::brokers::kind_of_url(url)
+    let kind = admin::kind_of_url(url)
         .ok_or_else(|| anyhow!("broker {shown}: not a nats://, redis:// or amqp:// URL"))?;
-    let broker = messaging::brokers::connect(kind, url, &messaging::Credentials::default())
+    let broker = admin::connect(kind, url, &Credentials::default())
         .await
         .map_err(|e| anyhow!("broker {shown}: {e}"))?;
     for l in loaded {
@@ -224,8 +226,8 @@ pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Re
             continue;
         };
         let name = q.metadata.name.clone().unwrap_or_default();
-        let t = messaging::Topology::new(namespace, &name, &q.spec)
-            .map_err(|e| anyhow!("Queue/{name}: {e}"))?;
+        let t =
+            Topology::new(namespace, &name, &q.spec).map_err(|e| anyhow!("Queue/{name}: {e}"))?;
         broker
             .declare_queue(&t)
             .await

@@ -134,7 +134,7 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     let mut saga_log_nats = None;
     let sidecar_sagas = match &broker_url {
         Some(url)
-            if crate::messaging::brokers::kind_of_url(url)
+            if weir_broker::admin::kind_of_url(url)
                 != Some(weir_crds::broker::BrokerKind::Nats)
                 && loaded.iter().any(|l| matches!(l.object, Object::Saga(_))) =>
         {

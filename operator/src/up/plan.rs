@@ -162,7 +162,7 @@ pub fn local_messaging(
                         l.file.display()
                     )
                 })?;
-            let kind = crate::messaging::brokers::kind_of_url(broker_url)
+            let kind = weir_broker::admin::kind_of_url(broker_url)
                 .unwrap_or_default()
                 .name();
             let broker: weir_crds::Broker = serde_json::from_value(serde_json::json!({
