@@ -13,6 +13,7 @@
 //! reports, its [`Error::metric_label`] the label of the failure metric.
 
 use crate::credentials::{Credentials, CredentialsError};
+use crate::dead_letters::{DeadLetter, DeadLetters};
 use crate::topology::Topology;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -205,7 +206,7 @@ pub trait Admin {
 /// A broker kind the operator administers: how it connects, and which Queue settings it does
 /// not apply (so that the Queue's status says so instead of the setting being ignored in
 /// silence).
-pub trait Kind: Admin + Clone + Sized {
+pub trait Kind: Admin + DeadLetters + Clone + Sized {
     const KIND: BrokerKind;
 
     /// Connects once (no retry loop: the controllers requeue instead).
@@ -263,6 +264,36 @@ macro_rules! register {
             pub fn kind(&self) -> BrokerKind {
                 match self {
                     $(BrokerAdmin::$kind(_) => <$admin as Kind>::KIND,)+
+                }
+            }
+        }
+
+        impl DeadLetters for BrokerAdmin {
+            async fn get(
+                &self,
+                namespace: &str,
+                queue: &str,
+                seq: &str,
+            ) -> Result<Option<DeadLetter>, Error> {
+                match self {
+                    $(BrokerAdmin::$kind(b) => DeadLetters::get(b, namespace, queue, seq).await,)+
+                }
+            }
+
+            async fn list(&self, namespace: &str, queue: &str) -> Result<Vec<DeadLetter>, Error> {
+                match self {
+                    $(BrokerAdmin::$kind(b) => DeadLetters::list(b, namespace, queue).await,)+
+                }
+            }
+
+            async fn replay(
+                &self,
+                namespace: &str,
+                queue: &str,
+                chosen: &[DeadLetter],
+            ) -> Vec<(DeadLetter, Result<String, Error>)> {
+                match self {
+                    $(BrokerAdmin::$kind(b) => DeadLetters::replay(b, namespace, queue, chosen).await,)+
                 }
             }
         }

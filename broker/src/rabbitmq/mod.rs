@@ -15,6 +15,8 @@
 
 #[cfg(feature = "admin")]
 pub mod admin;
+#[cfg(feature = "admin")]
+pub mod dead_letters;
 pub mod declare;
 
 pub mod transport;

@@ -32,7 +32,7 @@ use futures::StreamExt;
 use lapin::options::*;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +46,7 @@ fn long(s: impl Into<String>) -> AMQPValue {
 }
 
 use super::{
-    WEIR_DELIVERIES, WEIR_MESSAGE_ID, consumer_queue, processed_stream_args, quorum_args,
+    WEIR_DELIVERIES, WEIR_MESSAGE_ID, consumer_queue, declare, processed_stream_args, quorum_args,
     retry_queue, retry_queue_args,
 };
 
@@ -95,16 +95,18 @@ pub fn endpoint(url: &str, credentials: Option<&str>) -> Result<Endpoint, Error>
         uri.authority.userinfo.username = user;
         uri.authority.userinfo.password = pass;
     }
+    creds
+        .require_tls_with_ca(
+            url,
+            "amqps",
+            &std::path::Path::new(dir)
+                .join(crate::credentials::CA_KEY)
+                .display()
+                .to_string(),
+            &format!("messaging.brokerUrl {:?}", weir_crds::redact::url(url)),
+        )
+        .map_err(|e| Error::Config(e.0))?;
     if let Some(pem) = creds.ca {
-        if uri.scheme != AMQPScheme::AMQPS {
-            return Err(Error::Config(format!(
-                "{} is given but messaging.brokerUrl {:?} is not TLS (use amqps://)",
-                std::path::Path::new(dir)
-                    .join(crate::credentials::CA_KEY)
-                    .display(),
-                weir_crds::redact::url(url)
-            )));
-        }
         tls.cert_chain = Some(pem);
     }
     Ok(Endpoint { uri, tls })
@@ -160,9 +162,9 @@ pub async fn ensure_queue(conn: &Connection, name: &str, args: FieldTable) -> Re
         return Ok(());
     }
     let ch = timed("channel", conn.create_channel()).await?;
-    timed(
-        &format!("declare queue {name}"),
-        ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args),
+    declared(
+        &format!("queue {name}"),
+        declare::declare_queue(&ch, name, args),
     )
     .await?;
     tracing::info!(queue = name, "queue declared (was absent)");
@@ -175,19 +177,26 @@ pub async fn ensure_exchange(
     name: &str,
     kind: lapin::ExchangeKind,
 ) -> Result<(), Error> {
-    timed(
-        &format!("declare exchange {name}"),
-        ch.exchange_declare(
-            name.into(),
-            kind,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
+    declared(
+        &format!("exchange {name}"),
+        declare::declare_exchange(ch, name, kind),
     )
     .await
+}
+
+/// A [`declare`] call bounded by [`API_TIMEOUT`], its error as the bridge's.
+async fn declared(
+    what: &str,
+    f: impl std::future::Future<Output = Result<(), declare::DeclareError>>,
+) -> Result<(), Error> {
+    match tokio::time::timeout(API_TIMEOUT, f).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::broker(format!("declare {e}"))),
+        Err(_) => Err(Error::Timeout(format!(
+            "declare {what}: no answer within {} ms",
+            API_TIMEOUT.as_millis()
+        ))),
+    }
 }
 
 /// Declares what one consumer needs, leaving alone what exists: the queue's exchange, the
@@ -202,15 +211,10 @@ pub async fn declare_consumer(
     if !c.dead_letter_stream.is_empty() {
         ensure_exchange(&ch, &c.dead_letter_stream, lapin::ExchangeKind::Fanout).await?;
         ensure_queue(conn, &c.dead_letter_stream, quorum_args()).await?;
-        timed(
-            "bind the dead-letter queue",
-            ch.queue_bind(
-                c.dead_letter_stream.as_str().into(),
-                c.dead_letter_stream.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
+        let dl = c.dead_letter_stream.as_str();
+        declared(
+            "the dead-letter binding",
+            declare::bind_queue(&ch, dl, dl, ""),
         )
         .await?;
     }
@@ -221,15 +225,9 @@ pub async fn declare_consumer(
         consumer_queue_args(c.max_deliveries, &c.dead_letter_stream, &c.limits),
     )
     .await?;
-    timed(
-        &format!("bind {q}"),
-        ch.queue_bind(
-            q.as_str().into(),
-            c.stream.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
+    declared(
+        &format!("binding of {q}"),
+        declare::bind_queue(&ch, &q, &c.stream, "#"),
     )
     .await?;
     ensure_queue(

@@ -5,6 +5,8 @@
 
 #[cfg(feature = "admin")]
 pub mod admin;
+#[cfg(feature = "admin")]
+pub mod dead_letters;
 
 pub mod transport;
 

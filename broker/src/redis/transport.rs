@@ -116,16 +116,17 @@ pub fn client(url: &str, credentials: Option<&str>) -> Result<redis::Client, Err
         }
         info = info.set_redis_settings(r);
     }
+    creds
+        .require_tls_with_ca(
+            url,
+            "rediss",
+            &Path::new(dir).join(CA_KEY).display().to_string(),
+            &format!("messaging.brokerUrl {:?}", weir_crds::redact::url(url)),
+        )
+        .map_err(|e| Error::Config(e.0))?;
     match creds.ca {
         None => redis::Client::open(info),
         Some(pem) => {
-            if !url.starts_with("rediss://") {
-                return Err(Error::Config(format!(
-                    "{} is given but messaging.brokerUrl {:?} is not TLS (use rediss://)",
-                    Path::new(dir).join(CA_KEY).display(),
-                    weir_crds::redact::url(url)
-                )));
-            }
             let certs = redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem.into_bytes()),

@@ -1,12 +1,12 @@
 //! Each kind's admin ([`weir_broker::admin`]) against a real `redis-server` and
 //! `rabbitmq-server` on free loopback ports: declared, redeclared, figures, deleted.
 
-use weir_testkit::{RabbitServer, RedisServer};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use weir_broker::admin::{Admin, BrokerAdmin, connect};
 use weir_broker::credentials::Credentials;
 use weir_broker::topology::Topology;
 use weir_crds::broker::BrokerKind;
+use weir_testkit::{RabbitServer, RedisServer};
 
 fn spec(yaml: &str) -> weir_crds::queue::QueueSpec {
     serde_yaml::from_str(yaml).unwrap()

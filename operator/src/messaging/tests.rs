@@ -1,7 +1,6 @@
 //! The JetStream admin ([`weir_broker::nats::admin`]) against a real `nats-server -js` on a
 //! free loopback port.
 
-use weir_testkit::NatsServer;
 use async_nats::jetstream::consumer::{self, AckPolicy};
 use async_nats::jetstream::stream;
 use futures::TryStreamExt;
@@ -11,6 +10,7 @@ use weir_broker::credentials::{Auth, Credentials};
 use weir_broker::nats::admin::{NatsAdmin, connect};
 use weir_broker::topology::Topology;
 use weir_crds::queue::QueueSpec;
+use weir_testkit::NatsServer;
 
 fn spec(yaml: &str) -> QueueSpec {
     serde_yaml::from_str(yaml).unwrap()

@@ -4,12 +4,12 @@
 //! refused naming the key (tested in `weir_broker::credentials`). Skipped when a server or
 //! `openssl` is missing.
 
-use weir_testkit::brokers::Kind;
-use weir_testkit::{NatsServer, Pki, RabbitServer, RedisServer, free_port};
 use std::collections::BTreeMap;
 use weir_broker::admin::{Admin, BrokerAdmin, connect};
 use weir_broker::credentials::{Auth, CA_KEY, Credentials};
 use weir_crds::broker::BrokerKind;
+use weir_testkit::brokers::Kind;
+use weir_testkit::{NatsServer, Pki, RabbitServer, RedisServer, free_port};
 
 fn with_ca(pki: &Pki) -> Credentials {
     let mut data = BTreeMap::new();

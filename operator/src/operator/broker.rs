@@ -384,8 +384,11 @@ async fn write_status(
         // Keep the last known version while disconnected: it is what ran there.
         server_version: version.or(current.server_version.clone()),
     };
-    ctx.last_written
-        .record(&super::backoff::key_of(b), b.metadata.uid.as_deref(), &status.conditions);
+    ctx.last_written.record(
+        &super::backoff::key_of(b),
+        b.metadata.uid.as_deref(),
+        &status.conditions,
+    );
     status::write::<Broker, _>(&ctx.client, ns, name, current, &status).await?;
     Ok(())
 }
@@ -401,9 +404,11 @@ async fn publish_on_change(
     cond: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
 ) {
     // The cached Broker may not carry the status this process last wrote yet.
-    let latest = ctx
-        .last_written
-        .latest(&super::backoff::key_of(b), b.metadata.uid.as_deref(), &current.conditions);
+    let latest = ctx.last_written.latest(
+        &super::backoff::key_of(b),
+        b.metadata.uid.as_deref(),
+        &current.conditions,
+    );
     let unchanged = conditions::find(&latest, &cond.type_).is_some_and(|old| {
         old.status == cond.status
             && old.reason == cond.reason

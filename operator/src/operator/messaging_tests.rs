@@ -1,7 +1,6 @@
 //! Queue, Broker and Microservice-bridge reconciles: the Kubernetes API is kube's `tower-test`
 //! mock (scripted requests, as in `tests.rs`), the broker is a real `nats-server -js`.
 
-use weir_testkit::NatsServer;
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
@@ -12,6 +11,7 @@ use weir_broker::credentials::Credentials;
 use weir_broker::nats::admin as nats_admin;
 use weir_broker::topology::Topology;
 use weir_crds::{Broker, Microservice, Queue};
+use weir_testkit::NatsServer;
 
 use super::mock_api::{context, expect, serve};
 

@@ -346,13 +346,13 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use crate::operator::metrics::Metrics;
     use crate::render::RenderOptions;
     use http::{Method, Request, Response, StatusCode};
     use kube::Client;
     use kube::client::Body;
     use serde_json::Value;
+    use serde_json::json;
 
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
     type Respond = Box<dyn Fn(&Value) -> (StatusCode, Value) + Send>;
