@@ -52,6 +52,14 @@ impl DeadLetter {
     pub fn reason(&self) -> &str {
         self.header(REASON).unwrap_or("-")
     }
+    /// Where a replay goes (`Weir-Original-Subject`): the subject, stream or consumer queue the
+    /// message was read from.
+    pub fn original_subject(&self) -> Result<&str, Error> {
+        self.header(ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
+            field: format!("dead letter {}", self.seq),
+            message: format!("has no {ORIGINAL_SUBJECT} header"),
+        })
+    }
     pub fn time(&self) -> &str {
         self.header(DEAD_LETTERED_AT).unwrap_or(&self.stored_at)
     }

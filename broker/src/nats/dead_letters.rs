@@ -5,7 +5,6 @@
 use super::admin::{NatsAdmin, map_err};
 use crate::admin::{Error, codes};
 use crate::dead_letters::{DeadLetter, DeadLetters, NATS_MSG_ID, replayed_header};
-use crate::queue::dead_letter_headers::*;
 use crate::queue::dead_letter_stream_name;
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
@@ -132,10 +131,7 @@ async fn nats_replay_one(
     queue: &str,
     d: &DeadLetter,
 ) -> Result<u64, Error> {
-    let subject = d.header(ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
-        field: format!("dead letter {}", d.seq),
-        message: format!("has no {ORIGINAL_SUBJECT} header"),
-    })?;
+    let subject = d.original_subject()?;
     let name = dead_letter_stream_name(namespace, queue);
     let replayed_as = d.event_id().unwrap_or(&name);
     let mut headers = HeaderMap::new();

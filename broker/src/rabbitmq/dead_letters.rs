@@ -163,10 +163,7 @@ async fn rabbit_replay(
     let mut out = Vec::new();
     for (d, delivery) in all.into_iter().filter(|(d, _)| seqs.contains(&d.seq)) {
         let r = async {
-            let target = d.header(ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
-                field: format!("dead letter {}", d.seq),
-                message: format!("has no {ORIGINAL_SUBJECT} header"),
-            })?;
+            let target = d.original_subject()?;
             let mut t = lapin::types::FieldTable::default();
             for (k, v) in d.headers.iter().filter(|(k, _)| replayed_header(k)) {
                 t.insert(

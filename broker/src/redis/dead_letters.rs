@@ -5,7 +5,6 @@
 use super::admin::RedisAdmin;
 use crate::admin::Error;
 use crate::dead_letters::{DeadLetter, DeadLetters, replayed_header};
-use crate::queue::dead_letter_headers::*;
 use crate::queue::dead_letter_stream_name;
 use bytes::Bytes;
 
@@ -127,10 +126,7 @@ async fn redis_replay_one(
     queue: &str,
     d: &DeadLetter,
 ) -> Result<String, Error> {
-    let stream = d.header(ORIGINAL_SUBJECT).ok_or_else(|| Error::Invalid {
-        field: format!("dead letter {}", d.seq),
-        message: format!("has no {ORIGINAL_SUBJECT} header"),
-    })?;
+    let stream = d.original_subject()?;
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (k, v) in d.headers.iter().filter(|(k, _)| replayed_header(k)) {
