@@ -714,7 +714,10 @@ impl Coordinator {
             h.insert("Nats-Msg-Id", format!("{}:dead-letter", inst.id).as_str());
             h.insert("Weir-Saga", self.saga_ref().as_str());
             h.insert("Weir-Saga-Id", inst.id.as_str());
-            h.insert("Weir-Reason", "compensation-failed");
+            h.insert(
+                weir_broker::queue::dead_letter_headers::REASON,
+                "compensation-failed",
+            );
             h.insert("content-type", "application/json");
             let subject = super::log::dead_letter_subject(&self.cfg.namespace, &self.cfg.name);
             self.publish_until_acked(&subject, h, &body).await;

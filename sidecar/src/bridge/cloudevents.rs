@@ -14,13 +14,14 @@ pub use weir_broker::nats::transport::NATS_MSG_ID;
 /// Alternative to `ce-id` on a publish request.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-pub const WEIR_ORIGINAL_SUBJECT: &str = "Weir-Original-Subject";
-pub const WEIR_ORIGINAL_SEQ: &str = "Weir-Original-Seq";
-pub const WEIR_CONSUMER: &str = "Weir-Consumer";
-pub const WEIR_DELIVERY_COUNT: &str = "Weir-Delivery-Count";
-pub const WEIR_REASON: &str = "Weir-Reason";
-pub const WEIR_LAST_ERROR: &str = "Weir-Last-Error";
-pub const WEIR_DEAD_LETTERED_AT: &str = "Weir-Dead-Lettered-At";
+// The dead-letter headers, named once for the sidecar that writes them and `weir dlq` that
+// reads them.
+pub use weir_broker::queue::dead_letter_headers::{
+    CONSUMER as WEIR_CONSUMER, DEAD_LETTERED_AT as WEIR_DEAD_LETTERED_AT,
+    DELIVERY_COUNT as WEIR_DELIVERY_COUNT, LAST_ERROR as WEIR_LAST_ERROR,
+    ORIGINAL_SEQ as WEIR_ORIGINAL_SEQ, ORIGINAL_SUBJECT as WEIR_ORIGINAL_SUBJECT,
+    REASON as WEIR_REASON,
+};
 
 /// `Weir-Reason` values.
 pub const REASON_MAX_DELIVERIES: &str = "max-deliveries";
