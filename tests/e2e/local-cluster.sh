@@ -24,10 +24,30 @@ tests/e2e/images.sh
 minor=$(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["minor"].rstrip("+"))')
 native=true
 [ "$minor" -lt 29 ] && native=false
-helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \
-  --set image.pullPolicy=Never --set proxy.image.pullPolicy=Never \
-  --set image.tag="$VERSION" --set proxy.image.tag="$VERSION" \
-  --set sidecar.native=$native --set logLevel=info
+# When the operator does not become ready, say why: the pods, their events and the
+# operator's log are what a reader of CI needs, not only helm's "context deadline exceeded".
+diagnose() {
+  echo "== helm install failed; the operator's namespace as the cluster sees it" >&2
+  kubectl get pods -n weir-system -o wide >&2 || true
+  kubectl describe pods -n weir-system >&2 || true
+  kubectl get events -n weir-system --sort-by=.lastTimestamp >&2 || true
+  kubectl logs -n weir-system -l app.kubernetes.io/name=weir --all-containers --tail 200 >&2 || true
+  kubectl logs -n weir-system -l app.kubernetes.io/name=weir --all-containers --previous --tail 100 >&2 || true
+}
+install() {
+  helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \
+    --set image.pullPolicy=Never --set proxy.image.pullPolicy=Never \
+    --set image.tag="$VERSION" --set proxy.image.tag="$VERSION" \
+    --set sidecar.native=$native --set logLevel=info
+}
+# One more try after the diagnosis: a node that was slow to take the first pod (image
+# unpacking, a kubelet still settling) should not fail the whole suite; an operator that
+# cannot start fails twice, with the reason printed above.
+if ! install; then
+  diagnose
+  echo "== helm install: second and last try" >&2
+  install || { diagnose; exit 1; }
+fi
 
 kubectl get pods -n weir-system -o wide
 cargo build --locked -p weir
