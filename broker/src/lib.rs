@@ -17,7 +17,9 @@
 //!   - [`nats`]: connecting to NATS once (operator, saga coordinator, commands);
 //!   - [`redis`]: the keys beside a queue's stream;
 //!   - [`rabbitmq`]: consumer and retry queues, the arguments each is declared with, and
-//!     [`rabbitmq::declare`] (declaring queues, exchanges and bindings, for both roles).
+//!     [`rabbitmq::declare`] (declaring queues, exchanges and bindings, for both roles);
+//!   - [`kafka`]: topics and consumer groups, and how a `kafka://` URL and a Secret become a
+//!     librdkafka client configuration (its roles are being added: issue "Kafka").
 //! - [`transport`]: the sidecar's role as traits (publish, consume, ack, dead-letter) and the
 //!   registration of the kinds it can connect to (`Kind`, `Connection`).
 //! - [`local`]: how each broker runs on this machine (binary finders, command lines), shared by
@@ -41,6 +43,7 @@ pub mod admin;
 pub mod credentials;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
+pub mod kafka;
 pub mod local;
 pub mod nats;
 pub mod queue;

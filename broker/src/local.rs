@@ -1,6 +1,6 @@
 //! Running a broker on this machine: the command lines `weir up` and the test kit share.
 //!
-//! `weir up --broker nats|redis|rabbitmq` supervises these processes for a local run; the test
+//! `weir up --broker nats|redis|rabbitmq|kafka` supervises these processes for a local run; the test
 //! kit (`weir-testkit`) starts the same ones for the suites that need a real broker. Both take
 //! from here where each binary is found and how it is run, so that what the tests exercise is
 //! what a developer gets:
@@ -9,9 +9,11 @@
 //!   with the same command finds its streams, queues and messages again: [`nats_command`]
 //!   (JetStream, file store), [`redis_command`] (append-only file with `fsync always`),
 //!   [`RabbitmqNode`] (Debian's start script run as the current user, with its own epmd, node
-//!   name, Erlang cookie in a HOME of its own, database and logs);
+//!   name, Erlang cookie in a HOME of its own, database and logs); and [`kafka_command`], the
+//!   Kafka-protocol broker Tansu, whose build here keeps its log in memory only (a restart starts
+//!   empty: say so where a test or `weir up` restarts it);
 //! - the binaries: [`nats_server`], [`redis_server`], [`rabbitmq_server`], [`rabbitmqctl`],
-//!   [`epmd`] (see [`find`] for the order they are looked for in).
+//!   [`epmd`], [`tansu`] (see [`find`] for the order they are looked for in).
 //!
 //! The caller spawns the command its own way (`weir up` in a process group that dies with it,
 //! its output prefixed; the tests with their output dropped) and waits for [`listening`].
@@ -93,6 +95,12 @@ pub fn epmd() -> PathBuf {
     find("EPMD", &["epmd"]).unwrap_or_else(|| "epmd".into())
 }
 
+/// `tansu` (`$TANSU`, `PATH`, `.tools/bin`): the Kafka-protocol broker `scripts/setup.sh`
+/// installs.
+pub fn tansu() -> Option<PathBuf> {
+    find("TANSU", &["tansu"])
+}
+
 /// Whether `127.0.0.1:port` accepts a connection within `timeout`.
 pub fn listening(port: u16, timeout: Duration) -> bool {
     TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), timeout).is_ok()
@@ -103,6 +111,19 @@ pub fn nats_command(bin: &Path, port: u16, store: &Path) -> Command {
     let mut c = Command::new(bin);
     c.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(store);
+    c
+}
+
+/// `tansu broker` on `127.0.0.1:port`, advertising that address to clients (so a Kafka client
+/// bootstrapping there reconnects to the same place), its log in memory (`memory://`): the
+/// storage engines of this build are memory and S3, and a restart starts empty. Ready when the
+/// port accepts connections (well under a second).
+pub fn kafka_command(bin: &Path, port: u16) -> Command {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut c = Command::new(bin);
+    c.arg("broker")
+        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .args(["--storage-engine", "memory://tansu/"]);
     c
 }
 

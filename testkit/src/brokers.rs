@@ -1,5 +1,5 @@
-//! Real brokers for tests: `nats-server`, `redis-server` and `rabbitmq-server` processes on free
-//! loopback ports, started and killed by a test.
+//! Real brokers for tests: `nats-server`, `redis-server`, `rabbitmq-server` and `tansu` (Kafka)
+//! processes on free loopback ports, started and killed by a test.
 //!
 //! Each runs the command line of [`weir_broker::local`] (the one `weir up` runs), with its data
 //! in a temporary directory of its own that outlives restarts and is removed on drop.
@@ -502,5 +502,102 @@ impl RabbitServer {
                 None
             }
         })
+    }
+}
+
+/// A Kafka-protocol broker for a test: `tansu` ([`local::kafka_command`]) on a free loopback
+/// port, or, when `WEIR_KAFKA_BOOTSTRAP` is set (`host:port[,host:port…]`), a Kafka the user
+/// runs (Apache Kafka, Redpanda …), which the test neither starts nor kills.
+///
+/// Tansu's build here keeps its log in memory: [`restart`](Self::restart) brings the broker
+/// back on the same port *empty*, as a broker that lost its disk would. A test that needs the
+/// log to survive a broker crash asks [`keeps_log_across_restart`](Self::keeps_log_across_restart).
+pub struct KafkaServer {
+    process: Process,
+    bin: Option<PathBuf>,
+    bootstrap: String,
+    port: Option<u16>,
+}
+
+impl KafkaServer {
+    /// Starts tansu (or takes `WEIR_KAFKA_BOOTSTRAP`); panics with a hint when neither exists.
+    pub fn start() -> Self {
+        if let Some(b) = std::env::var_os("WEIR_KAFKA_BOOTSTRAP") {
+            return Self {
+                process: Process::new("kafka"),
+                bin: None,
+                bootstrap: b.to_string_lossy().into_owned(),
+                port: None,
+            };
+        }
+        let bin = local::tansu().unwrap_or_else(|| {
+            panic!("tansu not found (or set $TANSU, or WEIR_KAFKA_BOOTSTRAP): run scripts/setup.sh")
+        });
+        let port = free_port();
+        let mut s = Self {
+            process: Process::new("tansu"),
+            bin: Some(bin),
+            bootstrap: format!("127.0.0.1:{port}"),
+            port: Some(port),
+        };
+        s.spawn();
+        s
+    }
+
+    /// The binary a test needs, or `None` (the test skips, saying so; under `CI` it fails).
+    pub fn require() -> Option<()> {
+        if std::env::var_os("WEIR_KAFKA_BOOTSTRAP").is_some() || local::tansu().is_some() {
+            return Some(());
+        }
+        let why = "tansu not found (or set $TANSU, or WEIR_KAFKA_BOOTSTRAP): run scripts/setup.sh";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}");
+        }
+        eprintln!("SKIP: {why}");
+        None
+    }
+
+    fn spawn(&mut self) {
+        let (Some(bin), Some(port)) = (self.bin.clone(), self.port) else {
+            return;
+        };
+        self.process
+            .spawn(local::kafka_command(&bin, port), Stdio::null());
+        self.process.wait(
+            Duration::from_secs(20),
+            || local::listening(port, Duration::from_millis(200)),
+            String::new,
+        );
+    }
+
+    /// `host:port` list for a Kafka client's `bootstrap.servers`.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// `kafka://<bootstrap>`, as a Broker's `url`.
+    pub fn url(&self) -> String {
+        format!("kafka://{}", self.bootstrap)
+    }
+
+    /// Whether this is a broker the test started (and may kill).
+    pub fn is_local(&self) -> bool {
+        self.bin.is_some()
+    }
+
+    /// Whether the log survives [`restart`](Self::restart): not on tansu's memory storage.
+    pub fn keeps_log_across_restart(&self) -> bool {
+        false
+    }
+
+    /// SIGKILL, as a crash would (no-op on an external broker).
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// Starts the broker again on the same port (empty: see the type's docs).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
     }
 }

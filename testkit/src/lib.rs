@@ -30,7 +30,7 @@ pub mod serve;
 #[cfg(feature = "bridge")]
 pub mod bridge;
 
-pub use brokers::{NatsServer, RabbitServer, RedisServer};
+pub use brokers::{KafkaServer, NatsServer, RabbitServer, RedisServer};
 pub use net::{eventually, eventually_async, free_addr, free_port};
 pub use pki::Pki;
 pub use proxy::Proxy;
