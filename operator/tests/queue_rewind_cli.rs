@@ -2,7 +2,8 @@
 //! consuming into a real HTTP app that keeps running through the rewind: on NATS JetStream and
 //! Redis Streams 100 events are published through the sidecar and processed once each, the
 //! consumer is rewound to the 50th event's time, and events 50–100 reach the app once more
-//! (past the sidecar's dedup), 1–49 not. On JetStream the same again with the durable deleted
+//! (past the sidecar's dedup), 1–49 not; a second rewind, to the start, delivers all 100 once
+//! more. On JetStream the same again with the durable deleted
 //! and created again underneath the sidecar (how servers before 2.14 rewind). RabbitMQ refuses
 //! with exit 2 and says why.
 //!
@@ -214,27 +215,7 @@ async fn publish_consume_rewind_see_again(kind: BrokerKind, url: &str, how: How)
     let from = position_of_from.unwrap();
     match how {
         How::Command => {
-            let args = [
-                "queue",
-                "rewind",
-                QUEUE,
-                "-n",
-                NS,
-                "--broker-url",
-                url,
-                "--consumer",
-                CONSUMER,
-                "--to",
-                &to,
-            ]
-            .map(String::from);
-            let out = tokio::task::spawn_blocking(move || {
-                weir(&args.iter().map(String::as_str).collect::<Vec<_>>())
-            })
-            .await
-            .unwrap();
-            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-            assert!(out.status.success(), "{stdout}{stderr}");
+            let stdout = rewind_command(url, &to).await;
             assert!(
                 stdout.contains(&format!("delivering again from position {from}")),
                 "{stdout}"
@@ -269,10 +250,53 @@ async fn publish_consume_rewind_see_again(kind: BrokerKind, url: &str, how: How)
         let want = if i >= FROM { 2 } else { 1 };
         assert_eq!(app.count(&format!("ev-{i}")), want, "ev-{i}");
     }
+    if let How::Command = how {
+        // Once more, from the start: the second marker beats the records the first rewind's
+        // deliveries wrote.
+        let stdout = rewind_command(url, "start").await;
+        assert!(stdout.contains("rewound to the start"), "{stdout}");
+        wait("every event delivered once more", || {
+            app.total() == 2 * EVENTS + again
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(app.total(), 2 * EVENTS + again);
+        for i in 1..=EVENTS {
+            let want = if i >= FROM { 3 } else { 2 };
+            assert_eq!(app.count(&format!("ev-{i}")), want, "ev-{i}");
+        }
+    }
     assert!(
         sidecar.child().try_wait().unwrap().is_none(),
         "the sidecar ran on"
     );
+}
+
+/// `weir queue rewind orders -n shop --broker-url <url> --consumer billing --to <to>`, which
+/// must succeed: its stdout.
+async fn rewind_command(url: &str, to: &str) -> String {
+    let args = [
+        "queue",
+        "rewind",
+        QUEUE,
+        "-n",
+        NS,
+        "--broker-url",
+        url,
+        "--consumer",
+        CONSUMER,
+        "--to",
+        to,
+    ]
+    .map(String::from);
+    let out = tokio::task::spawn_blocking(move || {
+        weir(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
