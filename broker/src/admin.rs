@@ -1,11 +1,12 @@
 //! The operator's role on a broker: declare a Queue's [`Topology`] (create or update in place,
 //! idempotently), inspect it (its managed consumers and its [`Figures`]) and delete it. Used by
-//! the Queue and Broker controllers, by `weir dlq` (to connect) and by `weir up` without a
-//! cluster.
+//! the Queue and Broker controllers, by `weir dlq` and `weir queue rewind` (to connect) and by
+//! `weir up` without a cluster.
 //!
 //! One trait, [`Admin`], says what the operator does on a broker; [`Kind`] adds what a broker
-//! kind brings besides (connecting, the Queue settings it does not apply). Each kind is one
-//! module ([`crate::nats::admin`], [`crate::redis::admin`], [`crate::rabbitmq::admin`]) and one
+//! kind brings besides (connecting, the Queue settings it does not apply) and requires the
+//! commands' traits ([`DeadLetters`] for `weir dlq`, [`Rewind`] for `weir queue rewind`). Each
+//! kind is one module ([`crate::nats::admin`], [`crate::redis::admin`], [`crate::rabbitmq::admin`]) and one
 //! line of the registration below, which makes [`BrokerAdmin`] (a connection of any kind),
 //! [`connect`], [`kind_of_url`] and [`not_applied`].
 //!
@@ -14,6 +15,7 @@
 
 use crate::credentials::{Credentials, CredentialsError};
 use crate::dead_letters::{DeadLetter, DeadLetters};
+use crate::rewind::{Point, Rewind, Rewound};
 use crate::topology::Topology;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -46,6 +48,12 @@ pub enum Error {
     /// The broker has the object with settings it cannot change (RabbitMQ queue arguments).
     #[error("{what} must be recreated: {message}")]
     Immutable { what: String, message: String },
+    /// The object is not on the broker (said by a kind without JetStream's error codes).
+    #[error("{what} does not exist")]
+    NotFound { what: String },
+    /// The broker kind cannot do what was asked (a rewind on RabbitMQ).
+    #[error("{what}: {why}")]
+    Unsupported { what: String, why: String },
 }
 
 /// JetStream error codes the operator names in conditions.
@@ -77,6 +85,8 @@ impl Error {
             Error::Credentials(_) => "InvalidCredentials",
             Error::Broker { .. } => "BrokerError",
             Error::Immutable { .. } => "QueueMustBeRecreated",
+            Error::NotFound { .. } => "NotFound",
+            Error::Unsupported { .. } => "NotSupportedByBroker",
         }
     }
 
@@ -89,6 +99,8 @@ impl Error {
             Error::Credentials(_) => "credentials",
             Error::Broker { .. } => "broker",
             Error::Immutable { .. } => "immutable",
+            Error::NotFound { .. } => "not_found",
+            Error::Unsupported { .. } => "unsupported",
         }
     }
 
@@ -110,10 +122,11 @@ impl Error {
 
     /// Whether the broker said the stream or consumer is not there.
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self.code(),
-            Some(codes::STREAM_NOT_FOUND | codes::CONSUMER_NOT_FOUND)
-        )
+        matches!(self, Error::NotFound { .. })
+            || matches!(
+                self.code(),
+                Some(codes::STREAM_NOT_FOUND | codes::CONSUMER_NOT_FOUND)
+            )
     }
 }
 
@@ -206,7 +219,7 @@ pub trait Admin {
 /// A broker kind the operator administers: how it connects, and which Queue settings it does
 /// not apply (so that the Queue's status says so instead of the setting being ignored in
 /// silence).
-pub trait Kind: Admin + DeadLetters + Clone + Sized {
+pub trait Kind: Admin + DeadLetters + Rewind + Clone + Sized {
     const KIND: BrokerKind;
 
     /// Connects once (no retry loop: the controllers requeue instead).
@@ -294,6 +307,20 @@ macro_rules! register {
             ) -> Vec<(DeadLetter, Result<String, Error>)> {
                 match self {
                     $(BrokerAdmin::$kind(b) => DeadLetters::replay(b, namespace, queue, chosen).await,)+
+                }
+            }
+        }
+
+        impl Rewind for BrokerAdmin {
+            async fn rewind(
+                &self,
+                namespace: &str,
+                queue: &str,
+                consumer: &str,
+                to: Point,
+            ) -> Result<Rewound, Error> {
+                match self {
+                    $(BrokerAdmin::$kind(b) => Rewind::rewind(b, namespace, queue, consumer, to).await,)+
                 }
             }
         }

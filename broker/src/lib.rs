@@ -35,6 +35,9 @@
 //!   here, one line of that registration and one variant of `transport::Connection`.
 //! - `dead_letters`: a Queue's dead letters on each kind, listed, read and replayed
 //!   (`weir dlq`).
+//! - `rewind`: a consumer moved back to a point in time on a kind that keeps a log
+//!   (`weir queue rewind`), and the marker by which the sidecar delivers those events again
+//!   despite its dedup (that part without feature `admin`).
 //!
 //! What Weir guarantees on top of this layout is in docs/messaging.md.
 
@@ -49,6 +52,7 @@ pub mod nats;
 pub mod queue;
 pub mod rabbitmq;
 pub mod redis;
+pub mod rewind;
 #[cfg(feature = "admin")]
 pub mod topology;
 pub mod transport;

@@ -51,6 +51,13 @@ pub fn processed_key(consumer: &str, event_id: &str) -> String {
     )
 }
 
+/// The rewind marker of consumer `consumer` among the processed-event records
+/// ([`crate::rewind::Marker`]): `<consumer>.rewind`, which no record key is (theirs end in 64 hex
+/// digits).
+pub fn rewind_marker_key(consumer: &str) -> String {
+    format!("{consumer}.rewind")
+}
+
 /// The headers of a dead letter (docs/messaging.md, "Dead letters"): the sidecar writes them when
 /// it dead-letters an event, `weir dlq` reads them (and replays on `ORIGINAL_SUBJECT`).
 pub mod dead_letter_headers {

@@ -280,8 +280,15 @@ pub trait Inbound: Send + Sync + 'static {
 /// The processed-event store and the dead-letter destination of one consumer.
 pub trait Side: Send + Sync + 'static {
     type Msg: Inbound;
-    /// Whether `key` ([`crate::queue::processed_key`]) is recorded.
-    fn is_processed(&self, key: &str) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// Whether `key` ([`crate::queue::processed_key`]) is recorded for the message at
+    /// `position` ([`Inbound::position`]). A record older than the consumer's rewind marker does
+    /// not count for a message the rewind delivers again ([`crate::rewind`]); a kind without
+    /// rewind ignores `position`.
+    fn is_processed(
+        &self,
+        key: &str,
+        position: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
     /// Records `key` for the dedup window.
     fn record_processed(
         &self,

@@ -31,6 +31,8 @@ enum Command {
     Graph(GraphArgs),
     /// Inspect a Queue's dead letters and replay them onto the queue.
     Dlq(weir::messaging::dlq::DlqArgs),
+    /// Work on a Queue's consumers: `rewind` moves one back to a point in time.
+    Queue(weir::messaging::rewind::QueueArgs),
     /// Run the coordinator of one Saga (what the operator deploys for each Saga).
     SagaCoordinator(weir_saga::CoordinatorArgs),
     /// List a Saga's instances, or show one instance's timeline, from its log on the broker.
@@ -184,6 +186,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up_cmd(args),
         Command::Graph(args) => graph_cmd(args),
         Command::Dlq(args) => weir::messaging::dlq::run(args),
+        Command::Queue(args) => weir::messaging::rewind::run(args),
         Command::Crd {
             out_dir,
             kube_version,

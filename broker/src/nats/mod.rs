@@ -7,6 +7,8 @@
 pub mod admin;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
+#[cfg(feature = "admin")]
+pub mod rewind;
 
 pub mod transport;
 

@@ -17,7 +17,8 @@
 //! holding only `ca.crt` means TLS without credentials.
 
 use crate::credentials::{Auth, CA_KEY, Credentials, parse_ca};
-use crate::queue::processed_bucket;
+use crate::queue::{processed_bucket, rewind_marker_key};
+use crate::rewind::Marker;
 use crate::transport::{
     API_TIMEOUT, Error, Handler, Headers, Inbound, MIN_DEDUP_TTL, Outgoing, PUBLISH_TIMEOUT,
     Published, Settle, Side, Slots, State, pause, reconnect_delay, setup_failed, stopped,
@@ -311,10 +312,12 @@ struct Ready {
     side: NatsSide,
 }
 
-/// The processed-event bucket and the dead-letter subject of one consumer.
+/// The processed-event bucket, the consumer's rewind marker in it, and the dead-letter subject
+/// of one consumer.
 pub struct NatsSide {
     js: jetstream::Context,
     kv: kv::Store,
+    marker_key: String,
     dead_letter_subject: String,
 }
 
@@ -411,12 +414,27 @@ impl Inbound for NatsMsg {
 
 impl Side for NatsSide {
     type Msg = NatsMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
-        self.kv
-            .get(key.to_string())
-            .await
-            .map(|v| v.is_some())
-            .map_err(|e| Error::broker(e.to_string()))
+    async fn is_processed(&self, key: &str, position: &str) -> Result<bool, Error> {
+        let entry = |key: &str| {
+            let key = key.to_string();
+            async move {
+                self.kv
+                    .entry(key)
+                    .await
+                    .map(|e| e.filter(|e| e.operation == kv::Operation::Put))
+                    .map_err(|e| Error::broker(e.to_string()))
+            }
+        };
+        let Some(record) = entry(key).await? else {
+            return Ok(false);
+        };
+        // Only when a record is found (a duplicate, or an event delivered again by a rewind):
+        // does the consumer's rewind marker, newer than the record, cover the message?
+        let rewound = entry(&self.marker_key).await?.is_some_and(|m| {
+            m.revision > record.revision
+                && Marker::parse(&m.value).is_some_and(|m| m.covers(position))
+        });
+        Ok(!rewound)
     }
     async fn record_processed(&self, key: &str, value: &str) -> Result<(), Error> {
         self.kv
@@ -500,6 +518,7 @@ async fn setup(js: &jetstream::Context, c: &ConsumeConfig) -> Result<Ready, Erro
             side: NatsSide {
                 js: js.clone(),
                 kv,
+                marker_key: rewind_marker_key(&c.consumer),
                 dead_letter_subject: c.dead_letter_subject.clone(),
             },
         })

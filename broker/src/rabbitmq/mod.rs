@@ -18,6 +18,8 @@ pub mod admin;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
 pub mod declare;
+#[cfg(feature = "admin")]
+pub mod rewind;
 
 pub mod transport;
 

@@ -648,7 +648,7 @@ fn now_ms() -> i64 {
 
 impl Side for RabbitSide {
     type Msg = RabbitMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
+    async fn is_processed(&self, key: &str, _position: &str) -> Result<bool, Error> {
         let p = self
             .shared
             .processed

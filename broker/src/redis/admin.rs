@@ -42,7 +42,7 @@ pub struct RedisAdmin {
     con: redis::aio::ConnectionManager,
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(super) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         Value::SimpleString(s) => Some(s.clone()),
@@ -52,7 +52,7 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// A flat `[name, value, ...]` reply (or a RESP3 map) as a map of strings.
-fn flat_map(v: &Value) -> BTreeMap<String, String> {
+pub(super) fn flat_map(v: &Value) -> BTreeMap<String, String> {
     match v {
         Value::Array(a) => a
             .chunks(2)
@@ -122,7 +122,7 @@ impl RedisAdmin {
         Ok(RedisAdmin { con })
     }
 
-    async fn q<T: redis::FromRedisValue>(
+    pub(super) async fn q<T: redis::FromRedisValue>(
         &self,
         what: impl Into<String>,
         cmd: &redis::Cmd,

@@ -11,9 +11,11 @@
 //!   pending: a timer touches it (`XCLAIM … JUSTID`, which resets its idle time without counting
 //!   a delivery) every half ack wait so no one reclaims it, then claims it again (`XCLAIM`, which
 //!   counts one). "Still working" is the same touch.
-//! - Dead letters: `XADD` to the dead-letter stream; processed events: `SET <key> PX <ttl>`.
+//! - Dead letters: `XADD` to the dead-letter stream; processed events: `SET <key> PX <ttl>` with
+//!   the generation of the group's rewind marker beside the position, and a look-up reads the
+//!   marker with the record (one Lua script each; [`crate::rewind`]).
 
-use super::published_key;
+use super::{CHECK_SCRIPT, RECORD_SCRIPT, published_key, record_counts, rewind_marker_record};
 use crate::credentials::{CA_KEY, Credentials};
 use crate::queue::processed_bucket;
 use crate::transport::{
@@ -346,12 +348,27 @@ pub struct Shared {
     dead_letter_stream: String,
     processed_prefix: String,
     processed_ttl: Duration,
+    /// The group's rewind marker ([`crate::rewind`]).
+    marker_key: String,
+    record_script: redis::Script,
+    check_script: redis::Script,
 }
 
 impl Shared {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, CallError> {
         let mut con = self.con.clone();
         match tokio::time::timeout(API_TIMEOUT, cmd.query_async::<T>(&mut con)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, CallError> {
+        let mut con = self.con.clone();
+        match tokio::time::timeout(API_TIMEOUT, inv.invoke_async::<T>(&mut con)).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(CallError::Timeout),
         }
@@ -477,25 +494,32 @@ pub struct RedisSide {
 
 impl Side for RedisSide {
     type Msg = RedisMsg;
-    async fn is_processed(&self, key: &str) -> Result<bool, Error> {
+    /// The record and the group's rewind marker in one call ([`CHECK_SCRIPT`]).
+    async fn is_processed(&self, key: &str, position: &str) -> Result<bool, Error> {
         let s = &self.shared;
-        s.query::<i64>(redis::cmd("EXISTS").arg(format!("{}:{key}", s.processed_prefix)))
-            .await
-            .map(|n| n > 0)
-            .map_err(Error::from)
+        let mut inv = s.check_script.prepare_invoke();
+        inv.key(format!("{}:{key}", s.processed_prefix))
+            .key(&s.marker_key);
+        let found: Vec<String> = s.invoke(&inv).await?;
+        Ok(match found.as_slice() {
+            [] => false,
+            [record, rest @ ..] => {
+                record_counts(record, rest.first().map(String::as_str), position)
+            }
+        })
     }
+    /// `<value> <generation of the rewind marker>` ([`RECORD_SCRIPT`]).
     async fn record_processed(&self, key: &str, value: &str) -> Result<(), Error> {
         let s = &self.shared;
-        s.query::<Value>(
-            redis::cmd("SET")
-                .arg(format!("{}:{key}", s.processed_prefix))
-                .arg(value)
-                .arg("PX")
-                .arg(s.processed_ttl.as_millis() as u64),
-        )
-        .await
-        .map(|_| ())
-        .map_err(Error::from)
+        let mut inv = s.record_script.prepare_invoke();
+        inv.key(format!("{}:{key}", s.processed_prefix))
+            .key(&s.marker_key)
+            .arg(value)
+            .arg(s.processed_ttl.as_millis() as u64);
+        s.invoke::<Value>(&inv)
+            .await
+            .map(|_| ())
+            .map_err(Error::from)
     }
     async fn dead_letter(&self, msg: &RedisMsg, headers: Headers) -> Result<(), Error> {
         let s = &self.shared;
@@ -563,6 +587,9 @@ pub(crate) async fn run<H: Handler>(
         dead_letter_stream: c.dead_letter_stream.clone(),
         processed_prefix: processed_bucket(&c.stream),
         processed_ttl: Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL),
+        marker_key: rewind_marker_record(&c.stream, &c.consumer),
+        record_script: redis::Script::new(RECORD_SCRIPT),
+        check_script: redis::Script::new(CHECK_SCRIPT),
     });
     let side = Arc::new(RedisSide {
         shared: shared.clone(),

@@ -62,8 +62,10 @@ pub const LOCAL_DONE_MAX: usize = 10_000;
 
 /// What this sidecar knows without asking the broker: it never passes an event to the app while
 /// the same event is there already (a redelivery racing a slow delivery), and it remembers the
-/// events it processed lately, so that a record the broker could not take (it was restarting)
-/// does not make a redelivery reach the app again.
+/// events it processed lately whose record the broker could not take (it was restarting), so
+/// that a redelivery of one does not reach the app again; once the record is written the broker
+/// is asked instead. Only the broker's record knows of a rewind (`weir queue rewind`), so an
+/// event is remembered here only while the broker has no record of it.
 #[derive(Debug, Default)]
 pub struct Local {
     in_flight: std::collections::HashSet<String>,
@@ -72,6 +74,13 @@ pub struct Local {
 }
 
 impl Local {
+    /// The broker has the record now: it decides.
+    fn forget(&mut self, id: &str) {
+        if self.done.remove(id) {
+            self.order.retain(|o| o != id);
+        }
+    }
+
     fn remember(&mut self, id: &str) {
         if self.done.insert(id.to_string()) {
             self.order.push_back(id.to_string());
@@ -281,11 +290,16 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
     if done {
         ctx.metrics.deduplicated.inc();
         // Best effort: the record the broker could not take before.
-        let _ = side.record_processed(&key, &seq).await;
+        if side.record_processed(&key, &seq).await.is_ok() {
+            ctx.local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget(&event_id);
+        }
         settle(ctx, &msg, Settle::Ack).await;
         return;
     }
-    match side.is_processed(&key).await {
+    match side.is_processed(&key, &seq).await {
         Ok(true) => {
             ctx.metrics.deduplicated.inc();
             tracing::debug!(queue = ctx.queue(), id = %event_id, "already processed: acking");
@@ -341,11 +355,11 @@ pub(crate) async fn deliver<S: Side>(ctx: &Consumer, side: &S, msg: S::Msg) {
                 }
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
-            ctx.local
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remember(&event_id);
             if !recorded {
+                ctx.local
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remember(&event_id);
                 tracing::error!(queue = ctx.queue(), id = %event_id, "processed event not recorded in the bucket: only this sidecar will know it");
             }
             ctx.metrics.acked.inc();
@@ -524,6 +538,9 @@ mod tests {
         assert_eq!(l.done.len(), LOCAL_DONE_MAX);
         assert!(!l.done.contains("e-0") && l.done.contains("e-9"));
         assert!(l.done.contains(&format!("e-{}", LOCAL_DONE_MAX + 4)));
+        l.forget("e-9");
+        assert!(!l.done.contains("e-9") && !l.order.iter().any(|o| o == "e-9"));
+        assert_eq!(l.done.len(), l.order.len());
     }
 
     #[test]
