@@ -912,6 +912,22 @@ static RULE_CASES: &[RuleCase] = &[
         remove: &[],
     },
     RuleCase {
+        kind: "Broker",
+        object: "managed",
+        node: "spec",
+        rule_starts: "!has(self.managed) || self.kind != 'kafka'",
+        set: &[("kind", r#""kafka""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Broker",
+        object: "kafka",
+        node: "spec",
+        rule_starts: "!has(self.url) || self.kind != 'kafka'",
+        set: &[("url", r#""kafka://k1.example""#)],
+        remove: &[],
+    },
+    RuleCase {
         kind: "Microservice",
         object: "orders",
         node: "spec",

@@ -8,6 +8,8 @@ pub mod dlq;
 #[cfg(test)]
 mod brokers_tests;
 #[cfg(test)]
+mod kafka_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tls_tests;

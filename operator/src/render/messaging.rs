@@ -107,14 +107,6 @@ pub fn broker_url(broker: &Broker, namespace: &str, cluster_domain: &str) -> Str
     }
 }
 
-fn kind_name(kind: BrokerKind) -> &'static str {
-    match kind {
-        BrokerKind::Nats => "nats",
-        BrokerKind::Rabbitmq => "rabbitmq",
-        BrokerKind::Redis => "redis",
-    }
-}
-
 fn ms_of(field: String, value: &str) -> Result<u64, RenderError> {
     duration::parse(value)
         .map(|d| d.as_millis() as u64)
@@ -279,7 +271,7 @@ pub fn build(
     Ok(Some(Messaging {
         config: MessagingConfig {
             broker_url: broker_url(broker, namespace, cluster_domain),
-            broker_kind: kind_name(broker.spec.kind).into(),
+            broker_kind: broker.spec.kind.name().into(),
             credentials_file: credentials_secret
                 .as_ref()
                 .map(|_| CREDENTIALS_MOUNT_PATH.to_string()),
