@@ -174,8 +174,8 @@ fn a_redis_url_is_printed_without_its_password() {
 /// `weir up --broker kafka` supervises Tansu as it does the other brokers: started on a free
 /// loopback port, the Queue's topics declared with the operator's code (partitions included),
 /// restarted on the same port after a `kill -9`, stopped by SIGTERM. (Tansu keeps its log in
-/// memory: what comes back is an empty broker.) Runs a Queue without Microservices, so no
-/// sidecar is involved.
+/// memory: what comes back is an empty broker.) Its one Microservice neither publishes nor
+/// consumes, so no sidecar talks to Kafka.
 #[test]
 fn kafka_broker_is_started_declared_and_restarted() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -186,7 +186,10 @@ fn kafka_broker_is_started_declared_and_restarted() {
     std::fs::write(
         dir.path().join("queue.yaml"),
         "apiVersion: weir.dev/v1alpha1\nkind: Queue\nmetadata: {name: orders}\n\
-         spec: {broker: bus, partitions: 3}\n",
+         spec: {broker: bus, partitions: 3}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: Microservice\n\
+         metadata: {name: echo, annotations: {weir.dev/local-command: weir-echo}}\n\
+         spec: {image: weir-echo:1}\n",
     )
     .unwrap();
     let mut up = Up::start(

@@ -12,8 +12,9 @@
 //!   creates nothing; the groups of the Queue are those whose id starts with `<s>.`, and
 //!   deleting one is `DeleteGroups`.
 //!
-//! Redeclaring grows partitions (`CreatePartitions`) but never shrinks them, and never changes
-//! the replication factor (a partition reassignment, Kafka's operators' job): both are an
+//! Redeclaring grows partitions (`CreatePartitions`; a broker without it, such as Tansu, makes
+//! that an error naming `spec.partitions`) but never shrinks them, and never changes the
+//! replication factor (a partition reassignment, Kafka's operators' job): both are an
 //! [`Error::Invalid`] naming `spec.partitions` or `spec.replicas`. A config the broker refuses to
 //! alter (Tansu does not implement `AlterConfigs`) leaves the topic as it is and is reported by
 //! [`Admin::refused_settings`], so the Queue's `SettingsApplied` condition says so while it
