@@ -380,6 +380,45 @@ mod tests {
         assert_eq!(k.event_type.as_deref(), Some("order.created"));
     }
 
+    /// A Queue on a kafka Broker: the sidecar gets the kind and the bootstrap URL as written,
+    /// and the stream and dead-letter names the topics are named after.
+    #[test]
+    fn a_kafka_broker_passes_its_kind_and_bootstrap_url() {
+        let q = BTreeMap::from([(
+            "orders".to_string(),
+            queue(
+                "broker: bus
+partitions: 6",
+                None,
+            ),
+        )]);
+        let b = BTreeMap::from([(
+            "bus".to_string(),
+            broker(
+                "apiVersion: weir.dev/v1alpha1\nkind: Broker\nmetadata: {name: bus}\n\
+                 spec: {kind: kafka, url: 'kafka+ssl://k1:9093,k2:9093?sasl=scram-sha-512'}",
+            ),
+        )]);
+        let s = spec("image: a\nconsumes: [{queue: orders, path: /o}]");
+        let m = build("billing", "shop", &s, &q, &b, "cluster.local")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.config.broker_kind, "kafka");
+        assert_eq!(
+            m.config.broker_url,
+            "kafka+ssl://k1:9093,k2:9093?sasl=scram-sha-512"
+        );
+        let c = &m.config.consumes[0];
+        assert_eq!(c.stream, "weir_shop_orders");
+        assert_eq!(c.dead_letter_stream, "weir_shop_orders_dlq");
+        assert_eq!(c.limits, QueueLimits::default());
+        // A scheme of another kind is refused naming the Broker's field.
+        let mut wrong = b.clone();
+        wrong.get_mut("bus").unwrap().spec.url = Some("nats://k1:4222".into());
+        let e = build("billing", "shop", &s, &q, &wrong, "cluster.local").unwrap_err();
+        assert!(e.to_string().contains("Broker bus: spec.url"), "{e}");
+    }
+
     #[test]
     fn dedup_window_is_at_least_ten_minutes_and_disabled_dead_letters_are_empty() {
         let (q, b) = inputs();
