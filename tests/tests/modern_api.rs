@@ -919,12 +919,22 @@ static RULE_CASES: &[RuleCase] = &[
         set: &[("kind", r#""kafka""#)],
         remove: &[],
     },
+    // (The base objects are stored under the previous CRDs too, which know no kafka kind: the
+    // kafka cases turn a NATS base into one.)
     RuleCase {
         kind: "Broker",
-        object: "kafka",
+        object: "nats",
         node: "spec",
         rule_starts: "!has(self.url) || self.kind != 'kafka'",
-        set: &[("url", r#""kafka://k1.example""#)],
+        set: &[("kind", r#""kafka""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Broker",
+        object: "nats",
+        node: "spec",
+        rule_starts: "!has(self.url) || self.kind != 'kafka'",
+        set: &[("kind", r#""kafka""#), ("url", r#""kafka://k1.example""#)],
         remove: &[],
     },
     RuleCase {
