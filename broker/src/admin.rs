@@ -6,7 +6,8 @@
 //! One trait, [`Admin`], says what the operator does on a broker; [`Kind`] adds what a broker
 //! kind brings besides (connecting, the Queue settings it does not apply) and requires the
 //! commands' traits ([`DeadLetters`] for `weir dlq`, [`Rewind`] for `weir queue rewind`). Each
-//! kind is one module ([`crate::nats::admin`], [`crate::redis::admin`], [`crate::rabbitmq::admin`]) and one
+//! kind is one module ([`crate::nats::admin`], [`crate::redis::admin`],
+//! [`crate::rabbitmq::admin`], [`crate::kafka::admin`]) and one
 //! line of the registration below, which makes [`BrokerAdmin`] (a connection of any kind),
 //! [`connect`], [`kind_of_url`] and [`not_applied`].
 //!
@@ -214,6 +215,15 @@ pub trait Admin {
         t: &Topology,
         consumers: &[String],
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Settings the broker refused to change at the last [`declare_queue`](Self::declare_queue)
+    /// of `t`, each `spec.<field> (<why>)`: the Queue works with the settings it has, and its
+    /// `SettingsApplied` condition says which of the spec's did not reach the broker (Kafka
+    /// brokers that do not alter topic configs). Kinds that change every setting they apply, or
+    /// refuse the declaration, have none.
+    fn refused_settings(&self, _t: &Topology) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A broker kind the operator administers: how it connects, and which Queue settings it does
@@ -377,6 +387,12 @@ macro_rules! register {
                     $(BrokerAdmin::$kind(b) => Admin::delete_queue(b, t, consumers).await,)+
                 }
             }
+
+            fn refused_settings(&self, t: &Topology) -> Vec<String> {
+                match self {
+                    $(BrokerAdmin::$kind(b) => Admin::refused_settings(b, t),)+
+                }
+            }
         }
     };
 }
@@ -385,6 +401,7 @@ register! {
     Nats => crate::nats::admin::NatsAdmin,
     Redis => crate::redis::admin::RedisAdmin,
     Rabbitmq => crate::rabbitmq::admin::RabbitAdmin,
+    Kafka => crate::kafka::admin::KafkaAdmin,
 }
 
 impl BrokerAdmin {
@@ -397,7 +414,8 @@ impl BrokerAdmin {
     }
 }
 
-/// The kind a URL's scheme names (`nats://`, `amqp://`, `redis://` and their TLS forms).
+/// The kind a URL's scheme names (`nats://`, `amqp://`, `redis://`, `kafka://` and their TLS
+/// forms).
 pub fn kind_of_url(url: &str) -> Option<BrokerKind> {
     let scheme = url.split("://").next()?;
     KINDS
@@ -432,11 +450,32 @@ mod tests {
         for kind in [BrokerKind::Nats, BrokerKind::Redis, BrokerKind::Rabbitmq] {
             assert!(not_applied(kind, &plain).is_empty(), "{kind:?}");
         }
+        // Kafka has no count limit.
+        let kafka = not_applied(BrokerKind::Kafka, &plain);
+        assert!(
+            kafka.len() == 1 && kafka[0].starts_with("spec.maxMessages ("),
+            "{kafka:?}"
+        );
+        // Partitions are Kafka's alone.
+        let partitioned = spec("{broker: b, partitions: 3}");
+        for kind in [BrokerKind::Nats, BrokerKind::Redis, BrokerKind::Rabbitmq] {
+            let out = not_applied(kind, &partitioned);
+            assert!(
+                out.len() == 1 && out[0].starts_with("spec.partitions ("),
+                "{kind:?}: {out:?}"
+            );
+        }
+        assert!(not_applied(BrokerKind::Kafka, &partitioned).is_empty());
     }
 
     #[test]
     fn every_kind_is_registered_and_found_by_its_schemes() {
-        for kind in [BrokerKind::Nats, BrokerKind::Redis, BrokerKind::Rabbitmq] {
+        for kind in [
+            BrokerKind::Nats,
+            BrokerKind::Redis,
+            BrokerKind::Rabbitmq,
+            BrokerKind::Kafka,
+        ] {
             assert!(KINDS.contains(&kind), "{kind:?}");
             for scheme in kind.schemes() {
                 assert_eq!(

@@ -45,6 +45,8 @@ pub struct Stream {
     pub storage: Storage,
     /// At least 1.
     pub replicas: usize,
+    /// Kafka topic partitions, at least 1 (the other kinds have one log per queue).
+    pub partitions: usize,
     /// Zero: no limit.
     pub max_age: Duration,
     /// As the spec gives them (`None`: no limit).
@@ -110,6 +112,7 @@ impl Topology {
             retention: spec.retention,
             storage: spec.storage,
             replicas: usize::try_from(spec.replicas.max(1)).unwrap_or(1),
+            partitions: usize::try_from(spec.partitions.max(1)).unwrap_or(1),
             max_age,
             max_messages: spec.max_messages,
             max_bytes: spec.max_bytes,

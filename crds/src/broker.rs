@@ -37,15 +37,23 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.url) != has(self.managed)", "message": "set exactly one of url or managed"},
-    {"rule": "!has(self.vhost) || self.kind == 'rabbitmq'", "message": "vhost applies to rabbitmq only", "fieldPath": ".vhost"}
+    {"rule": "!has(self.vhost) || self.kind == 'rabbitmq'", "message": "vhost applies to rabbitmq only", "fieldPath": ".vhost"},
+    {"rule": "!has(self.managed) || self.kind != 'kafka'", "message": "Weir does not run Kafka: run it with Strimzi (strimzi.io) and set url to its bootstrap servers", "fieldPath": ".managed"},
+    {"rule": "!has(self.url) || self.kind != 'kafka' || self.url.matches('^kafka(\\\\+ssl)?://[^,/?@:]+:[0-9]{1,5}(,[^,/?@:]+:[0-9]{1,5})*/?(\\\\?sasl=(plain|scram-sha-256|scram-sha-512))?$')", "message": "a kafka url is kafka://host:port[,host:port…] or kafka+ssl://…, with ?sasl=plain|scram-sha-256|scram-sha-512 at most", "fieldPath": ".url"}
 ]))]
 pub struct BrokerSpec {
-    /// `nats` (JetStream, the default), `rabbitmq` or `redis` (Streams).
+    /// `nats` (JetStream, the default), `rabbitmq`, `redis` (Streams) or `kafka`.
     #[serde(default)]
     pub kind: BrokerKind,
-    /// `nats://host:4222`, `amqp://host:5672`, `redis://host:6379`.
+    /// `nats://host:4222`, `amqp://host:5672`, `redis://host:6379`,
+    /// `kafka://host:9092[,host:9092…]` (`kafka+ssl://` for TLS, `?sasl=scram-sha-512` to pick
+    /// the SASL mechanism; PLAIN by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(nats|tls|amqps?|rediss?)://\S+$"))]
+    // The bound keeps the kafka rule's regex within the API server's CEL cost budget.
+    #[schemars(
+        regex(pattern = r"^(nats|tls|amqps?|rediss?|kafka(\+ssl)?)://\S+$"),
+        length(max = 2048)
+    )]
     pub url: Option<String>,
     /// Secret with the credentials (`username`/`password`, `token`, or a NATS `creds` file) and,
     /// for a broker whose TLS certificate a private CA signed, that CA as `ca.crt` (PEM).
@@ -70,6 +78,9 @@ pub enum BrokerKind {
     Rabbitmq,
     /// Redis Streams.
     Redis,
+    /// Kafka (or a Kafka-protocol broker): a Queue is a topic. Never managed: Strimzi runs
+    /// Kafka on Kubernetes far better than a one-replica StatefulSet would.
+    Kafka,
 }
 
 /// A Secret in the Broker's namespace.
@@ -116,6 +127,7 @@ impl BrokerKind {
             BrokerKind::Nats => "nats",
             BrokerKind::Rabbitmq => "rabbitmq",
             BrokerKind::Redis => "redis",
+            BrokerKind::Kafka => "kafka",
         }
     }
 
@@ -125,6 +137,7 @@ impl BrokerKind {
             BrokerKind::Nats => &["nats", "tls"],
             BrokerKind::Rabbitmq => &["amqp", "amqps"],
             BrokerKind::Redis => &["redis", "rediss"],
+            BrokerKind::Kafka => &["kafka", "kafka+ssl"],
         }
     }
 }

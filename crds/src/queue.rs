@@ -56,10 +56,16 @@ pub struct QueueSpec {
     /// `File` survives broker restarts; `Memory` only when asked for.
     #[serde(default)]
     pub storage: Storage,
-    /// Copies of each message on a clustered broker (NATS stream replicas, RabbitMQ quorum size).
+    /// Copies of each message on a clustered broker (NATS stream replicas, RabbitMQ quorum size,
+    /// Kafka replication factor).
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 5))]
     pub replicas: i32,
+    /// Partitions of the Kafka topic (Kafka only): events of one partition key stay in order,
+    /// partitions are consumed in parallel. Kafka can add partitions, never remove them.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub partitions: i32,
     /// Messages older than this are removed; no age limit when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION_PATTERN))]

@@ -438,7 +438,56 @@ pub fn broker(spec: &BrokerSpec) -> Vec<FieldError> {
             "vhost applies to rabbitmq only",
         );
     }
+    if spec.kind == BrokerKind::Kafka {
+        if spec.managed.is_some() {
+            push(&mut errs, "spec.managed".into(), KAFKA_NOT_MANAGED);
+        }
+        if let Some(url) = &spec.url
+            && !is_kafka_url(url)
+        {
+            push(&mut errs, "spec.url".into(), KAFKA_URL);
+        }
+    }
     errs
+}
+
+/// Why a kafka Broker cannot be `managed` (the CRD's rule says the same).
+pub const KAFKA_NOT_MANAGED: &str = "Weir does not run Kafka: run it with Strimzi (strimzi.io) and set url to its bootstrap servers";
+
+/// What a kafka Broker's `url` looks like (the CRD's rule says the same).
+const KAFKA_URL: &str = "a kafka url is kafka://host:port[,host:port…] or kafka+ssl://…, with ?sasl=plain|scram-sha-256|scram-sha-512 at most";
+
+/// The CRD's kafka URL rule, `^kafka(\+ssl)?://[^,/?@:]+:[0-9]{1,5}(,[^,/?@:]+:[0-9]{1,5})*/?
+/// (\?sasl=(plain|scram-sha-256|scram-sha-512))?$`, without a regex engine. The operator then
+/// reads the URL with `weir_broker::kafka::Bootstrap`, which checks the port's range too.
+fn is_kafka_url(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("kafka://")
+        .or_else(|| url.strip_prefix("kafka+ssl://"))
+    else {
+        return false;
+    };
+    let (hosts, query) = match rest.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (rest, None),
+    };
+    if let Some(q) = query
+        && !matches!(
+            q,
+            "sasl=plain" | "sasl=scram-sha-256" | "sasl=scram-sha-512"
+        )
+    {
+        return false;
+    }
+    let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+    hosts.split(',').all(|server| {
+        server.split_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(['/', '@'])
+                && (1..=5).contains(&port.len())
+                && port.bytes().all(|b| b.is_ascii_digit())
+        })
+    })
 }
 
 /// Every invalid field of a Saga; empty when it is valid.
@@ -579,5 +628,74 @@ edge:
         let errs = microservice("gateway", &no_routes);
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "spec.image");
+    }
+
+    fn kafka(yaml: &str) -> BrokerSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn kafka_urls_follow_the_crd_rule() {
+        for ok in [
+            "kafka://k:9092",
+            "kafka://k1:9092,k2.example:19092/",
+            "kafka+ssl://k:9093?sasl=scram-sha-512",
+            "kafka://10.0.0.1:9092/?sasl=plain",
+        ] {
+            assert!(is_kafka_url(ok), "{ok}");
+        }
+        for bad in [
+            "kafka://",
+            "kafka://k",
+            "kafka://k:",
+            "kafka://k:123456",
+            "kafka://k:90a2",
+            "kafka://u:p@k:9092",
+            "kafka://k:9092,",
+            "kafka://k:9092//",
+            "kafka://k:9092/topic",
+            "kafka://k:9092?acks=all",
+            "kafka://k:9092?sasl=gssapi",
+            "KAFKA://k:9092",
+            "kafka+tls://k:9092",
+            "nats://k:4222",
+        ] {
+            assert!(!is_kafka_url(bad), "{bad}");
+        }
+        let errs = broker(&kafka("{kind: kafka, url: \"kafka://k\"}"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.url");
+        assert!(broker(&kafka("{kind: kafka, url: \"kafka://k:9092\"}")).is_empty());
+        // The rule is Kafka's: another kind's URL is the scheme check's (BrokerSpec::check).
+        assert!(broker(&kafka("{kind: nats, url: \"nats://k\"}")).is_empty());
+    }
+
+    #[test]
+    fn a_managed_kafka_points_at_strimzi() {
+        let errs = broker(&kafka("{kind: kafka, managed: {}}"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.managed");
+        assert!(errs[0].message.contains("Strimzi"), "{}", errs[0].message);
+    }
+
+    /// `weir render` and clusters without CEL say what the API server says.
+    #[test]
+    fn the_crd_rules_carry_the_same_messages() {
+        let crd = serde_json::to_value(<crate::Broker as kube::CustomResourceExt>::crd()).unwrap();
+        let rules = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let message_of = |field: &str| {
+            rules
+                .iter()
+                .find(|r| r["fieldPath"] == field)
+                .and_then(|r| r["message"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(message_of(".managed"), KAFKA_NOT_MANAGED);
+        assert_eq!(message_of(".url"), KAFKA_URL);
     }
 }

@@ -57,7 +57,7 @@ struct UpArgs {
     /// Use this running broker instead of starting one (nats://, redis:// or amqp://).
     #[arg(long)]
     broker_url: Option<String>,
-    /// The broker to start when there is no --broker-url: nats, redis or rabbitmq.
+    /// The broker to start when there is no --broker-url: nats, redis, rabbitmq or kafka.
     #[arg(long, default_value = "nats", value_parser = weir::up::brokers::parse_kind)]
     broker: weir_crds::broker::BrokerKind,
     /// The weir-proxy binary (default: next to weir, then PATH).

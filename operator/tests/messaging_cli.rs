@@ -664,3 +664,150 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
     assert_eq!(rows[0]["reason"], "broker: delivery_limit");
     assert_eq!(rows[0]["originalSubject"], "weir_shop_payments.billing");
 }
+
+/// `weir dlq` on Kafka: dead letters written to the dead-letter topic as the sidecar writes
+/// them (the headers of `letter_headers`, the event's key), listed as `partition/offset`,
+/// shown, replayed onto the topic with the event's own headers and key; a replayed one is
+/// listed no more.
+#[tokio::test]
+async fn dlq_list_show_and_replay_on_kafka() {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::time::Duration;
+    use weir_testkit::KafkaServer;
+
+    if KafkaServer::require().is_none() {
+        return;
+    }
+    let server = KafkaServer::start();
+    let url = server.url();
+    let b = weir_broker::admin::connect(
+        weir_crds::broker::BrokerKind::Kafka,
+        &url,
+        &Credentials::default(),
+    )
+    .await
+    .unwrap();
+    let spec = serde_yaml::from_str("broker: k").unwrap();
+    b.declare_queue(&Topology::new("shop", "orders", &spec).unwrap())
+        .await
+        .unwrap();
+    let weir_broker::admin::BrokerAdmin::Kafka(k) = &b else {
+        panic!("a Kafka connection")
+    };
+    let p: FutureProducer = k.client_config().set("acks", "all").create().unwrap();
+    for (id, reason) in [("ev-1", "max-deliveries"), ("ev-2", "rejected")] {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in letter_headers(id, "weir_shop_orders", reason) {
+            headers = headers.insert(Header {
+                key: &k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        p.send(
+            FutureRecord::to("weir_shop_orders_dlq")
+                .payload(&format!("{{\"id\":\"{id}\"}}"))
+                .key(&format!("key-{id}"))
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("dead letter {id}: {e}"));
+    }
+    let dlq = |args: &[&str]| {
+        let mut a = vec!["dlq"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-n", "shop", "--broker-url", url.as_str()]);
+        weir(&a)
+    };
+    let out = dlq(&["list", "orders", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["seq"], "0/0", "partition/offset");
+    assert_eq!(rows[0]["reason"], "max-deliveries");
+    assert_eq!(rows[1]["eventId"], "ev-2");
+    let out = dlq(&["show", "orders", "--seq", "0/1"]);
+    assert!(
+        text(&out.stdout).contains("weir-reason: rejected"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("\"id\": \"ev-2\""));
+    assert_eq!(
+        dlq(&["show", "orders", "--seq", "0/99"]).status.code(),
+        Some(2)
+    );
+
+    let out = dlq(&["replay", "orders", "--seq", "0/1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 replayed, 0 failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let c: StreamConsumer = k
+        .client_config()
+        .set("group.id", "weir_shop_orders.check")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "300")
+        .create()
+        .unwrap();
+    c.subscribe(&["weir_shop_orders"]).unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
+        .await
+        .expect("the replayed event on the topic within 30 s")
+        .unwrap();
+    let headers: Vec<(String, String)> = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        headers.contains(&("ce-id".into(), "ev-2".into())),
+        "{headers:?}"
+    );
+    assert!(
+        !headers.iter().any(|(k, _)| k.starts_with("weir-")),
+        "no dead-letter header replayed: {headers:?}"
+    );
+    assert_eq!(m.key(), Some(&b"key-ev-2"[..]), "the event's key kept");
+    assert_eq!(m.payload(), Some(&br#"{"id":"ev-2"}"#[..]));
+
+    // Replayed once: listed no more, and not replayed again by --all.
+    let out = dlq(&["list", "orders", "--json"]);
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
+    let out = dlq(&["replay", "orders", "--all"]);
+    assert!(
+        text(&out.stdout).contains("1 replayed, 0 failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = dlq(&["list", "orders", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        0,
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -170,3 +170,76 @@ fn a_redis_url_is_printed_without_its_password() {
         "s3cret-pw",
     );
 }
+
+/// `weir up --broker kafka` supervises Tansu as it does the other brokers: started on a free
+/// loopback port, the Queue's topics declared with the operator's code (partitions included),
+/// restarted on the same port after a `kill -9`, stopped by SIGTERM. (Tansu keeps its log in
+/// memory: what comes back is an empty broker.) Its one Microservice neither publishes nor
+/// consumes, so no sidecar talks to Kafka.
+#[test]
+fn kafka_broker_is_started_declared_and_restarted() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    if weir_testkit::KafkaServer::require().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("queue.yaml"),
+        "apiVersion: weir.dev/v1alpha1\nkind: Queue\nmetadata: {name: orders}\n\
+         spec: {broker: bus, partitions: 3}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: Microservice\n\
+         metadata: {name: echo, annotations: {weir.dev/local-command: weir-echo}}\n\
+         spec: {image: weir-echo:1}\n",
+    )
+    .unwrap();
+    let mut up = Up::start(
+        &[
+            "-f",
+            dir.path().to_str().unwrap(),
+            "-n",
+            "upk",
+            "--broker",
+            "kafka",
+        ],
+        Duration::from_secs(60),
+    );
+    let s = up.state();
+    let url = s["brokerUrl"].as_str().unwrap().to_string();
+    assert!(url.starts_with("kafka://127.0.0.1:"), "{url}");
+    let bootstrap = url.trim_start_matches("kafka://").to_string();
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let m = c
+        .fetch_metadata(Some("weir_upk_orders"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        m.topics().first().map(|t| t.partitions().len()),
+        Some(3),
+        "the Queue's topic, with its partitions"
+    );
+
+    let b = &s["brokers"]["kafka"];
+    let (pid, port) = (b["pid"].as_u64().unwrap(), b["port"].as_u64().unwrap());
+    assert_eq!(url, format!("kafka://127.0.0.1:{port}"));
+    kill9(pid);
+    let restarted = up.until(
+        &format!("kafka back on port {port}"),
+        Duration::from_secs(60),
+        || {
+            let b = &up.state()["brokers"]["kafka"];
+            let back = up
+                .log()
+                .contains(&format!("weir up: kafka is back on 127.0.0.1:{port}"));
+            (back && b["pid"].as_u64() != Some(pid)).then(|| b.clone())
+        },
+    );
+    assert_eq!(restarted["port"].as_u64(), Some(port), "the same port");
+    assert!(
+        c.fetch_metadata(None, Duration::from_secs(5)).is_ok(),
+        "the restarted broker answers on the same address"
+    );
+    let st = up.terminate();
+    assert!(st.success(), "{st}\n{}", up.log());
+}

@@ -912,6 +912,32 @@ static RULE_CASES: &[RuleCase] = &[
         remove: &[],
     },
     RuleCase {
+        kind: "Broker",
+        object: "managed",
+        node: "spec",
+        rule_starts: "!has(self.managed) || self.kind != 'kafka'",
+        set: &[("kind", r#""kafka""#)],
+        remove: &[],
+    },
+    // (The base objects are stored under the previous CRDs too, which know no kafka kind: the
+    // kafka cases turn a NATS base into one.)
+    RuleCase {
+        kind: "Broker",
+        object: "nats",
+        node: "spec",
+        rule_starts: "!has(self.url) || self.kind != 'kafka'",
+        set: &[("kind", r#""kafka""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Broker",
+        object: "nats",
+        node: "spec",
+        rule_starts: "!has(self.url) || self.kind != 'kafka'",
+        set: &[("kind", r#""kafka""#), ("url", r#""kafka://k1.example""#)],
+        remove: &[],
+    },
+    RuleCase {
         kind: "Microservice",
         object: "orders",
         node: "spec",

@@ -7,6 +7,11 @@
 //! and how its Secret's credentials become a librdkafka client configuration are here too, so
 //! the operator, the sidecar and `weir` commands connect the same way.
 
+#[cfg(feature = "admin")]
+pub mod admin;
+#[cfg(feature = "admin")]
+pub mod dead_letters;
+
 use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;

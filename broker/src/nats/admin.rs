@@ -392,8 +392,15 @@ impl Kind for NatsAdmin {
     }
 
     /// JetStream applies every setting.
-    fn not_applied(_spec: &QueueSpec) -> Vec<String> {
-        Vec::new()
+    fn not_applied(spec: &QueueSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        crate::admin::note(
+            &mut out,
+            spec.partitions > 1,
+            "partitions",
+            "a JetStream stream is one ordered log; only Kafka partitions a queue",
+        );
+        out
     }
 }
 

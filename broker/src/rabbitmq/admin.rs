@@ -299,6 +299,12 @@ impl Kind for RabbitAdmin {
             "storage",
             "quorum queues always keep messages on disk",
         );
+        note(
+            &mut out,
+            spec.partitions > 1,
+            "partitions",
+            "each consumer has one queue; only Kafka partitions a queue",
+        );
         out
     }
 }

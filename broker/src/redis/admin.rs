@@ -397,6 +397,12 @@ impl Kind for RedisAdmin {
             "replicas",
             "replication is the Redis server's",
         );
+        note(
+            &mut out,
+            spec.partitions > 1,
+            "partitions",
+            "a Redis stream is one ordered log; only Kafka partitions a queue",
+        );
         out
     }
 }

@@ -11,6 +11,8 @@ pub mod target;
 #[cfg(test)]
 mod brokers_tests;
 #[cfg(test)]
+mod kafka_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tls_tests;

@@ -1147,6 +1147,16 @@ async fn a_broker_breaking_the_crd_rules_is_refused_naming_the_field() {
             json!({"url": "nats://127.0.0.1:4222", "vhost": "/orders"}),
             "spec.vhost: vhost applies to rabbitmq only",
         ),
+        (
+            json!({"kind": "kafka", "managed": {}}),
+            "spec.managed: Weir does not run Kafka: run it with Strimzi (strimzi.io) and set url \
+             to its bootstrap servers",
+        ),
+        (
+            json!({"kind": "kafka", "url": "kafka://k"}),
+            "spec.url: a kafka url is kafka://host:port[,host:port…] or kafka+ssl://…, with \
+             ?sasl=plain|scram-sha-256|scram-sha-512 at most",
+        ),
     ];
     for (spec, want) in cases {
         // Only the Event and the status write are scripted: any apply (Service,

@@ -396,7 +396,11 @@ async fn declare(
         Ok(figures) => Ok(Ok(Outcome::Declared {
             figures,
             consumers: wanted.len(),
-            not_applied: admin::not_applied(broker.kind(), &q.spec),
+            not_applied: [
+                admin::not_applied(broker.kind(), &q.spec),
+                broker.refused_settings(&topology),
+            ]
+            .concat(),
         })),
         Err(e) => fail(e),
     }

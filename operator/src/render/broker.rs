@@ -41,12 +41,14 @@ pub struct RenderedBroker {
     pub stateful_set: StatefulSet,
 }
 
-/// The image run for `kind` when `spec.managed.image` is absent.
-pub fn default_image(kind: BrokerKind) -> &'static str {
+/// The image run for `kind` when `spec.managed.image` is absent; `None` for a kind the
+/// operator does not run (Kafka: Strimzi's).
+pub fn default_image(kind: BrokerKind) -> Option<&'static str> {
     match kind {
-        BrokerKind::Nats => "nats:2.10-alpine",
-        BrokerKind::Redis => "redis:7.2-alpine",
-        BrokerKind::Rabbitmq => "rabbitmq:3.13-alpine",
+        BrokerKind::Nats => Some("nats:2.10-alpine"),
+        BrokerKind::Redis => Some("redis:7.2-alpine"),
+        BrokerKind::Rabbitmq => Some("rabbitmq:3.13-alpine"),
+        BrokerKind::Kafka => None,
     }
 }
 
@@ -56,6 +58,7 @@ pub fn port(kind: BrokerKind) -> u16 {
         BrokerKind::Nats => 4222,
         BrokerKind::Redis => 6379,
         BrokerKind::Rabbitmq => 5672,
+        BrokerKind::Kafka => 9092,
     }
 }
 
@@ -65,6 +68,7 @@ pub fn managed_url(kind: BrokerKind, name: &str, namespace: &str, cluster_domain
         BrokerKind::Nats => "nats",
         BrokerKind::Redis => "redis",
         BrokerKind::Rabbitmq => "amqp",
+        BrokerKind::Kafka => "kafka",
     };
     format!(
         "{scheme}://{name}.{namespace}.svc.{cluster_domain}:{}",
@@ -124,8 +128,9 @@ fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// The broker container of `kind`: command, environment, data path and readiness probe.
-fn container(b: &Broker, image: String) -> Container {
+/// The broker container of `kind`: command, environment, data path and readiness probe;
+/// `None` for a kind the operator does not run.
+fn container(b: &Broker, image: String) -> Option<Container> {
     let kind = b.spec.kind;
     let tcp = |port: u16| Probe {
         tcp_socket: Some(TCPSocketAction {
@@ -181,6 +186,7 @@ fn container(b: &Broker, image: String) -> Container {
             }
             (vec![], env, "/var/lib/rabbitmq", tcp(port(kind)))
         }
+        BrokerKind::Kafka => return None,
     };
     // The protocol is spelled out: server-side apply on older API servers (1.20) needs every
     // key of the ports list.
@@ -198,7 +204,7 @@ fn container(b: &Broker, image: String) -> Container {
             ..Default::default()
         });
     }
-    Container {
+    Some(Container {
         name: "broker".into(),
         image: Some(image),
         // The image's own entrypoint runs RabbitMQ; NATS and Redis are started explicitly.
@@ -216,7 +222,7 @@ fn container(b: &Broker, image: String) -> Container {
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
 /// The objects of managed Broker `b` in `namespace`; `None` for a Broker with a URL.
@@ -225,6 +231,10 @@ pub fn render(b: &Broker, namespace: &str) -> Result<Option<RenderedBroker>, Ren
         return Ok(None);
     };
     let name = b.name_any();
+    let not_run = || RenderError::Field {
+        field: format!("Broker {name}: spec.managed"),
+        message: weir_crds::validate::KAFKA_NOT_MANAGED.into(),
+    };
     let storage = match managed.storage.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(parse_quantity(s).map_err(|message| RenderError::Field {
             field: format!("Broker {name}: spec.managed.storage"),
@@ -232,11 +242,11 @@ pub fn render(b: &Broker, namespace: &str) -> Result<Option<RenderedBroker>, Ren
         })?),
         None => None,
     };
-    let image = managed
-        .image
-        .clone()
-        .unwrap_or_else(|| default_image(b.spec.kind).to_string());
-    let container = container(b, image);
+    let image = match &managed.image {
+        Some(i) => i.clone(),
+        None => default_image(b.spec.kind).ok_or_else(not_run)?.to_string(),
+    };
+    let container = container(b, image).ok_or_else(not_run)?;
     let selector = BTreeMap::from([(LABEL_BROKER.to_string(), name.clone())]);
     let meta = metadata(b, namespace);
     let (volumes, claims) = match storage {

@@ -107,14 +107,6 @@ pub fn broker_url(broker: &Broker, namespace: &str, cluster_domain: &str) -> Str
     }
 }
 
-fn kind_name(kind: BrokerKind) -> &'static str {
-    match kind {
-        BrokerKind::Nats => "nats",
-        BrokerKind::Rabbitmq => "rabbitmq",
-        BrokerKind::Redis => "redis",
-    }
-}
-
 fn ms_of(field: String, value: &str) -> Result<u64, RenderError> {
     duration::parse(value)
         .map(|d| d.as_millis() as u64)
@@ -279,7 +271,7 @@ pub fn build(
     Ok(Some(Messaging {
         config: MessagingConfig {
             broker_url: broker_url(broker, namespace, cluster_domain),
-            broker_kind: kind_name(broker.spec.kind).into(),
+            broker_kind: broker.spec.kind.name().into(),
             credentials_file: credentials_secret
                 .as_ref()
                 .map(|_| CREDENTIALS_MOUNT_PATH.to_string()),
@@ -386,6 +378,45 @@ mod tests {
         assert_eq!(k.schema.as_ref().unwrap()["required"][0], "id");
         // The ce-type the sidecar gives a message written without a CloudEvents envelope.
         assert_eq!(k.event_type.as_deref(), Some("order.created"));
+    }
+
+    /// A Queue on a kafka Broker: the sidecar gets the kind and the bootstrap URL as written,
+    /// and the stream and dead-letter names the topics are named after.
+    #[test]
+    fn a_kafka_broker_passes_its_kind_and_bootstrap_url() {
+        let q = BTreeMap::from([(
+            "orders".to_string(),
+            queue(
+                "broker: bus
+partitions: 6",
+                None,
+            ),
+        )]);
+        let b = BTreeMap::from([(
+            "bus".to_string(),
+            broker(
+                "apiVersion: weir.dev/v1alpha1\nkind: Broker\nmetadata: {name: bus}\n\
+                 spec: {kind: kafka, url: 'kafka+ssl://k1:9093,k2:9093?sasl=scram-sha-512'}",
+            ),
+        )]);
+        let s = spec("image: a\nconsumes: [{queue: orders, path: /o}]");
+        let m = build("billing", "shop", &s, &q, &b, "cluster.local")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.config.broker_kind, "kafka");
+        assert_eq!(
+            m.config.broker_url,
+            "kafka+ssl://k1:9093,k2:9093?sasl=scram-sha-512"
+        );
+        let c = &m.config.consumes[0];
+        assert_eq!(c.stream, "weir_shop_orders");
+        assert_eq!(c.dead_letter_stream, "weir_shop_orders_dlq");
+        assert_eq!(c.limits, QueueLimits::default());
+        // A scheme of another kind is refused naming the Broker's field.
+        let mut wrong = b.clone();
+        wrong.get_mut("bus").unwrap().spec.url = Some("nats://k1:4222".into());
+        let e = build("billing", "shop", &s, &q, &wrong, "cluster.local").unwrap_err();
+        assert!(e.to_string().contains("Broker bus: spec.url"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `weir up --broker nats|redis|rabbitmq`: the local broker, started like nats-server always
+//! `weir up --broker nats|redis|rabbitmq|kafka`: the local broker, started like nats-server always
 //! was: on a free loopback port, its data under the work directory, in a process group of its
 //! own that gets SIGTERM should `weir up` die.
 //!
@@ -6,6 +6,10 @@
 //! - `rabbitmq`: Debian's `rabbitmq-server` start script run as the current user, with its own
 //!   epmd, node name, Erlang cookie (a HOME under the work directory), database and logs; it
 //!   takes a few seconds to boot.
+//! - `kafka`: Tansu, a Kafka-protocol broker (`scripts/setup.sh` installs it in `.tools/bin`),
+//!   keeping its log in memory: a restarted Tansu listens on the same port but starts empty
+//!   (its topics are declared again by the next `weir up`; a run that needs its events to
+//!   outlive a broker crash points `--broker-url` at a Kafka of its own).
 //!
 //! The command lines (and where each binary is found) come from [`weir_broker::local`], which
 //! the test kit runs too: the brokers of the tests are the brokers of `weir up`.
@@ -37,7 +41,10 @@ pub fn parse_kind(s: &str) -> Result<BrokerKind, String> {
         "nats" => Ok(BrokerKind::Nats),
         "redis" => Ok(BrokerKind::Redis),
         "rabbitmq" => Ok(BrokerKind::Rabbitmq),
-        other => Err(format!("{other:?}: expected nats, redis or rabbitmq")),
+        "kafka" => Ok(BrokerKind::Kafka),
+        other => Err(format!(
+            "{other:?}: expected nats, redis, rabbitmq or kafka"
+        )),
     }
 }
 
@@ -117,7 +124,28 @@ pub async fn start(kind: BrokerKind, work_dir: &Path) -> Result<Started> {
         }
         BrokerKind::Redis => start_redis(work_dir).await,
         BrokerKind::Rabbitmq => start_rabbitmq(work_dir).await,
+        BrokerKind::Kafka => start_kafka().await,
     }
+}
+
+async fn start_kafka() -> Result<Started> {
+    let bin = local::tansu().ok_or_else(|| {
+        anyhow!(
+            "tansu not found (on PATH, $TANSU, or in .tools/bin): run scripts/setup.sh, or pass \
+             --broker-url kafka://HOST:9092"
+        )
+    })?;
+    let port = free_port()?;
+    let tansu = spec(
+        "kafka",
+        &local::kafka_command(&bin, port),
+        port,
+        Duration::from_secs(20),
+    );
+    Ok(Started {
+        processes: vec![launch("tansu", tansu).await?],
+        url: format!("kafka://127.0.0.1:{port}"),
+    })
 }
 
 async fn start_redis(work_dir: &Path) -> Result<Started> {
@@ -216,8 +244,9 @@ pub async fn start_nats(work_dir: &Path) -> Result<(BrokerProcess, String)> {
 /// Microservice that consumes it: the same code the operator runs.
 pub async fn declare_queues(loaded: &[Loaded], namespace: &str, url: &str) -> Result<()> {
     let shown = weir_crds::redact::url(url);
-    let kind = admin::kind_of_url(url)
-        .ok_or_else(|| anyhow!("broker {shown}: not a nats://, redis:// or amqp:// URL"))?;
+    let kind = admin::kind_of_url(url).ok_or_else(|| {
+        anyhow!("broker {shown}: not a nats://, redis://, amqp:// or kafka:// URL")
+    })?;
     let broker = admin::connect(kind, url, &Credentials::default())
         .await
         .map_err(|e| anyhow!("broker {shown}: {e}"))?;

@@ -6,7 +6,7 @@
 //! By concern, in the order a run goes through them:
 //! - [`plan`](mod@plan): what runs where (ports, sidecar configs, app commands and env); pure but for
 //!   port picks, and what the tests check.
-//! - [`brokers`]: the local broker (`--broker nats|redis|rabbitmq`) and its queues.
+//! - [`brokers`]: the local broker (`--broker nats|redis|rabbitmq|kafka`) and its queues.
 //! - `sagas`: a coordinator per Saga, beside its own sidecar when the broker is not NATS.
 //! - [`supervise`]: the running processes: started in order, restarted when they exit,
 //!   stopped apps first.
