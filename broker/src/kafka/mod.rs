@@ -11,6 +11,8 @@
 pub mod admin;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
+#[cfg(feature = "admin")]
+pub mod rewind;
 
 use std::collections::BTreeMap;
 
