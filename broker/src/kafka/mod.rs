@@ -7,6 +7,9 @@
 //! and how its Secret's credentials become a librdkafka client configuration are here too, so
 //! the operator, the sidecar and `weir` commands connect the same way.
 
+pub mod processed;
+pub mod transport;
+
 use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;
