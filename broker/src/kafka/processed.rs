@@ -144,8 +144,11 @@ impl ProcessedStore {
         ttl: Duration,
     ) -> Result<ProcessedStore, Error> {
         ensure_topic(base, topic, 1, &topic_config(ttl)).await?;
+        // librdkafka assigns partitions only with a group id; this reader never joins the group
+        // (no subscribe) and never commits.
         let follower: BaseConsumer = base
             .clone()
+            .set("group.id", format!("{topic}.{consumer}.reader"))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .create()

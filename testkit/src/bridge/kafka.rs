@@ -25,6 +25,8 @@ use weir_broker::kafka::Bootstrap;
 pub const QUEUE_PARTITIONS: i32 = 4;
 /// How long [`read_all`] waits for more before it takes a topic as read.
 pub const QUIET: Duration = Duration::from_millis(300);
+/// How long [`read_all`] waits for a topic's first record (joining, finding the start).
+pub const FIRST: Duration = Duration::from_millis(1500);
 
 /// The librdkafka settings of the server's `kafka://` URL.
 pub fn config(k: &KafkaServer) -> ClientConfig {
@@ -119,7 +121,9 @@ pub async fn keys(k: &KafkaServer, topic: &str) -> Vec<String> {
 }
 
 async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
+    // (librdkafka assigns only with a group id; this reader never joins nor commits.)
     let c: BaseConsumer = config(k)
+        .set("group.id", "weir-testkit-reader")
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
@@ -137,10 +141,12 @@ async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
         c.assign(&tpl).expect("assign");
         let mut out = Vec::new();
         let mut quiet_since = std::time::Instant::now();
-        while quiet_since.elapsed() < QUIET {
+        let mut wait = FIRST;
+        while quiet_since.elapsed() < wait {
             match c.poll(Duration::from_millis(50)) {
                 Some(Ok(m)) => {
                     quiet_since = std::time::Instant::now();
+                    wait = QUIET;
                     let headers = m
                         .headers()
                         .map(|h| {
