@@ -161,7 +161,8 @@ fn main() {
 }
 
 async fn bench() {
-    let brokers = std::env::var("PUBSUB_BROKERS").unwrap_or_else(|_| "nats,redis,rabbitmq,kafka".into());
+    let brokers =
+        std::env::var("PUBSUB_BROKERS").unwrap_or_else(|_| "nats,redis,rabbitmq,kafka".into());
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
     for name in brokers.split(',').map(str::trim) {

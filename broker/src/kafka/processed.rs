@@ -101,7 +101,9 @@ pub fn partitions_of<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     }
     let parts: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
     if parts.is_empty() {
-        return Err(Error::Unroutable(format!("topic {topic} has no partitions")));
+        return Err(Error::Unroutable(format!(
+            "topic {topic} has no partitions"
+        )));
     }
     Ok(parts)
 }

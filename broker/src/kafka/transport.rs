@@ -95,7 +95,8 @@ pub(crate) fn admin_error(topic: &str, e: KafkaError) -> Error {
 /// The librdkafka settings of `url` with the credentials at `credentials` (a Secret directory:
 /// `username` and `password` for SASL, `ca.crt` for `kafka+ssl://`).
 pub fn base_config(url: &str, credentials: Option<&str>) -> Result<ClientConfig, Error> {
-    let b = Bootstrap::parse(url).map_err(|e| Error::Config(format!("messaging.brokerUrl: {e}")))?;
+    let b =
+        Bootstrap::parse(url).map_err(|e| Error::Config(format!("messaging.brokerUrl: {e}")))?;
     let creds = match credentials {
         Some(dir) => Credentials::from_dir(Path::new(dir))?,
         None => Credentials::default(),
@@ -129,7 +130,10 @@ impl KafkaConn {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
-            .set("message.timeout.ms", PUBLISH_TIMEOUT.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                PUBLISH_TIMEOUT.as_millis().to_string(),
+            )
             // A topic is the operator's to declare: never created by a publish, and known to be
             // missing within a second.
             .set("allow.auto.create.topics", "false")
@@ -204,9 +208,7 @@ impl KafkaConn {
         if let Some(key) = header(event.headers, CE_PARTITIONKEY) {
             record = record.key(key);
         }
-        let send = self
-            .producer
-            .send(record, Timeout::After(PUBLISH_TIMEOUT));
+        let send = self.producer.send(record, Timeout::After(PUBLISH_TIMEOUT));
         match tokio::time::timeout(PUBLISH_TIMEOUT + Duration::from_secs(1), send).await {
             Err(_) => Err(Error::Timeout(format!(
                 "the broker did not acknowledge within {} ms",
@@ -316,7 +318,9 @@ impl ConsumerContext for GroupContext {
                 let _ = c.resume(tpl);
                 tracing::info!(topic = %self.topic, partitions = tpl.count(), "partitions assigned");
             }
-            Rebalance::Error(e) => tracing::warn!(topic = %self.topic, error = %e, "rebalance failed"),
+            Rebalance::Error(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "rebalance failed")
+            }
             Rebalance::Revoke(_) => {}
         }
     }
@@ -545,10 +549,16 @@ async fn setup(
         .set("group.id", group)
         .set("client.id", format!("weir-proxy {instance}"))
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", COMMIT_INTERVAL.as_millis().to_string())
+        .set(
+            "auto.commit.interval.ms",
+            COMMIT_INTERVAL.as_millis().to_string(),
+        )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", SESSION_TIMEOUT.as_millis().to_string())
+        .set(
+            "session.timeout.ms",
+            SESSION_TIMEOUT.as_millis().to_string(),
+        )
         .set("heartbeat.interval.ms", "300")
         .set("topic.metadata.refresh.interval.ms", "5000")
         .create_with_context(GroupContext {
@@ -687,13 +697,18 @@ mod tests {
         let c = base_config("kafka://127.0.0.1:9092", None).unwrap();
         assert_eq!(c.get("bootstrap.servers"), Some("127.0.0.1:9092"));
         let e = base_config("nats://a:4222", None).unwrap_err().to_string();
-        assert!(e.starts_with("messaging.brokerUrl: ") && e.contains("not a Kafka URL"), "{e}");
+        assert!(
+            e.starts_with("messaging.brokerUrl: ") && e.contains("not a Kafka URL"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_topics_are_unroutable_and_timeouts_are_timeouts() {
         let missing = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
-        assert!(matches!(produce_error("t", missing), Error::Unroutable(m) if m.contains("no topic t")));
+        assert!(
+            matches!(produce_error("t", missing), Error::Unroutable(m) if m.contains("no topic t"))
+        );
         let late = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         assert!(matches!(produce_error("t", late), Error::Timeout(_)));
         let other = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);

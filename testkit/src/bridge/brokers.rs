@@ -135,8 +135,8 @@ impl TestBroker {
             TestBroker::Kafka(k) => {
                 if !k.is_local() {
                     let processed = weir_broker::queue::processed_bucket(STREAM);
-                    let groups = ["billing", "audit"]
-                        .map(|c| weir_broker::kafka::group_id(STREAM, c));
+                    let groups =
+                        ["billing", "audit"].map(|c| weir_broker::kafka::group_id(STREAM, c));
                     kafka::delete(
                         k,
                         &[STREAM, DLQ_STREAM, &processed, "weir_shop_payments"],
@@ -144,11 +144,8 @@ impl TestBroker {
                     )
                     .await;
                 }
-                kafka::create_topics(
-                    k,
-                    &[(STREAM, kafka::QUEUE_PARTITIONS), (DLQ_STREAM, 1)],
-                )
-                .await;
+                kafka::create_topics(k, &[(STREAM, kafka::QUEUE_PARTITIONS), (DLQ_STREAM, 1)])
+                    .await;
             }
         }
     }

@@ -112,12 +112,20 @@ fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
 /// Every record of `topic` (none when it does not exist), by partition and offset; `position`
 /// is `<partition>:<offset>`, as a sidecar names it.
 pub async fn read_all(k: &KafkaServer, topic: &str) -> Vec<Stored> {
-    read_keyed(k, topic).await.into_iter().map(|(_, s)| s).collect()
+    read_keyed(k, topic)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect()
 }
 
 /// The keys of the records of `topic` (`""` for a record without one).
 pub async fn keys(k: &KafkaServer, topic: &str) -> Vec<String> {
-    read_keyed(k, topic).await.into_iter().map(|(k, _)| k).collect()
+    read_keyed(k, topic)
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
 }
 
 async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {

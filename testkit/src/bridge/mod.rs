@@ -10,7 +10,7 @@ mod brokers;
 pub mod kafka;
 pub use brokers::*;
 
-pub use crate::brokers::{Kind, KafkaServer, NatsServer, RabbitServer, RedisServer, require};
+pub use crate::brokers::{KafkaServer, Kind, NatsServer, RabbitServer, RedisServer, require};
 pub use crate::net::{eventually, eventually_async, free_addr};
 pub use crate::proxy::{Proxy, http_get, http_send, http_send_full};
 
