@@ -151,8 +151,8 @@ async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
         let mut quiet_since = std::time::Instant::now();
         let mut wait = FIRST;
         while quiet_since.elapsed() < wait {
-            match c.poll(Duration::from_millis(50)) {
-                Some(Ok(m)) => {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+                {
                     quiet_since = std::time::Instant::now();
                     wait = QUIET;
                     let headers = m
@@ -180,7 +180,6 @@ async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
                         },
                     ));
                 }
-                Some(Err(_)) | None => {}
             }
         }
         out.sort_by_key(|(at, _, _)| *at);
