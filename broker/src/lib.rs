@@ -19,8 +19,9 @@
 //!   - [`rabbitmq`]: consumer and retry queues, the arguments each is declared with, and
 //!     [`rabbitmq::declare`] (declaring queues, exchanges and bindings, for both roles);
 //!   - [`kafka`]: topics and consumer groups, and how a `kafka://` URL and a Secret become a
-//!     librdkafka client configuration; with feature `admin`, the operator's role (topics,
-//!     partitions, groups, figures) and its dead letters (the sidecar's role is being added).
+//!     librdkafka client configuration; the sidecar's role in [`kafka::transport`] and its
+//!     processed-event topic in [`kafka::processed`]; with feature `admin`, the operator's
+//!     role (topics, partitions, groups, figures) and its dead letters.
 //! - [`transport`]: the sidecar's role as traits (publish, consume, ack, dead-letter) and the
 //!   registration of the kinds it can connect to (`Kind`, `Connection`).
 //! - [`local`]: how each broker runs on this machine (binary finders, command lines), shared by

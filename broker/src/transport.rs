@@ -2,7 +2,8 @@
 //! (fetching, settling, remembering processed events, dead-lettering), behind one small set of
 //! types whatever the kind. The sidecar's bridge decides what happens to a message; this module
 //! and one `transport` module per kind ([`crate::nats::transport`],
-//! [`crate::redis::transport`], [`crate::rabbitmq::transport`]) carry it out.
+//! [`crate::redis::transport`], [`crate::rabbitmq::transport`], [`crate::kafka::transport`])
+//! carry it out.
 //!
 //! - [`Connection`]: the one place the kinds are registered. [`Connection::open`] connects
 //!   (URL, credentials, TLS; reconnecting on its own), [`Connection::publish`] returns once the
@@ -26,6 +27,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use weir_crds::proxy::{ConsumeConfig, PublishConfig};
 
+use crate::kafka::transport::KafkaConn;
 use crate::nats::transport::NatsConn;
 use crate::rabbitmq::transport::RabbitConn;
 use crate::redis::transport::RedisConn;
@@ -318,11 +320,12 @@ pub enum Kind {
     Nats,
     Redis,
     Rabbitmq,
+    Kafka,
 }
 
 impl Kind {
     /// Every kind, in the order they are listed to a user.
-    pub const ALL: [Kind; 3] = [Kind::Nats, Kind::Redis, Kind::Rabbitmq];
+    pub const ALL: [Kind; 4] = [Kind::Nats, Kind::Redis, Kind::Rabbitmq, Kind::Kafka];
 
     /// The kind named `name` (`messaging.brokerKind`).
     pub fn from_name(name: &str) -> Option<Kind> {
@@ -334,10 +337,11 @@ impl Kind {
             Kind::Nats => "nats",
             Kind::Redis => "redis",
             Kind::Rabbitmq => "rabbitmq",
+            Kind::Kafka => "kafka",
         }
     }
 
-    /// The names as a user reads them: `nats, redis or rabbitmq`.
+    /// The names as a user reads them: `nats, redis, rabbitmq or kafka`.
     pub fn names() -> String {
         let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
         match names.split_last() {
@@ -376,6 +380,7 @@ pub enum Connection {
     Nats(Arc<NatsConn>),
     Redis(Arc<RedisConn>),
     Rabbitmq(Arc<RabbitConn>),
+    Kafka(Arc<KafkaConn>),
 }
 
 impl Connection {
@@ -406,6 +411,9 @@ impl Connection {
                 publishes.to_vec(),
                 on_state,
             )?)),
+            Kind::Kafka => {
+                Connection::Kafka(Arc::new(KafkaConn::open(url, credentials, name, on_state)?))
+            }
         })
     }
 
@@ -414,6 +422,7 @@ impl Connection {
             Connection::Nats(n) => n.state(),
             Connection::Redis(r) if r.connected() => State::Connected,
             Connection::Rabbitmq(r) if r.connected() => State::Connected,
+            Connection::Kafka(k) if k.connected() => State::Connected,
             _ => State::NotConnected,
         }
     }
@@ -441,6 +450,7 @@ impl Connection {
             Connection::Nats(n) => n.publish(event).await,
             Connection::Redis(r) => r.publish(event).await,
             Connection::Rabbitmq(r) => r.publish(event).await,
+            Connection::Kafka(k) => k.publish(event).await,
         }
     }
 
@@ -473,6 +483,13 @@ impl Connection {
                 stop,
                 handler,
             )),
+            Connection::Kafka(k) => Box::pin(crate::kafka::transport::run(
+                k.clone(),
+                cfg,
+                instance.to_string(),
+                stop,
+                handler,
+            )),
         };
         run
     }
@@ -483,6 +500,7 @@ impl Connection {
             Connection::Nats(n) => n.close().await,
             Connection::Redis(r) => r.close(),
             Connection::Rabbitmq(r) => r.close(),
+            Connection::Kafka(k) => k.close().await,
         }
     }
 }
@@ -500,11 +518,12 @@ mod tests {
 
     #[test]
     fn kinds_by_name() {
-        assert_eq!(Kind::names(), "nats, redis or rabbitmq");
+        assert_eq!(Kind::names(), "nats, redis, rabbitmq or kafka");
         for k in Kind::ALL {
             assert_eq!(Kind::from_name(k.name()), Some(k));
         }
-        assert_eq!(Kind::from_name("kafka"), None);
+        assert_eq!(Kind::from_name("kafka"), Some(Kind::Kafka));
+        assert_eq!(Kind::from_name("pulsar"), None);
     }
 
     #[test]

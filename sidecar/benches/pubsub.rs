@@ -161,7 +161,8 @@ fn main() {
 }
 
 async fn bench() {
-    let brokers = std::env::var("PUBSUB_BROKERS").unwrap_or_else(|_| "nats,redis,rabbitmq".into());
+    let brokers =
+        std::env::var("PUBSUB_BROKERS").unwrap_or_else(|_| "nats,redis,rabbitmq,kafka".into());
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
     for name in brokers.split(',').map(str::trim) {
@@ -169,6 +170,7 @@ async fn bench() {
             "nats" => Kind::Nats,
             "redis" => Kind::Redis,
             "rabbitmq" => Kind::Rabbitmq,
+            "kafka" => Kind::Kafka,
             other => panic!("PUBSUB_BROKERS: unknown broker {other:?}"),
         };
         let Some(broker) = TestBroker::start(kind).await else {
@@ -270,6 +272,20 @@ async fn raw_publish_load(broker: &TestBroker, n: usize, concurrency: usize) -> 
             .await;
             let _ = conn.close(200, "done".into()).await;
             ("raw lapin publish + confirm", r)
+        }
+        TestBroker::Kafka(server) => {
+            let p = weir_testkit::bridge::kafka::producer(server);
+            let r = run_load(n, concurrency, move |i| {
+                let p = p.clone();
+                async move {
+                    let h = headers(&format!("raw-{i}"));
+                    let h: Vec<(&str, &str)> =
+                        h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    weir_testkit::bridge::kafka::produce(&p, STREAM, &h, body(i).as_bytes()).await;
+                }
+            })
+            .await;
+            ("raw rdkafka produce (idempotent, acks=all)", r)
         }
     };
     Row {

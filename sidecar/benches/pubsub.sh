@@ -3,7 +3,7 @@
 # publish-with-confirmation vs publish through weir-proxy (schema validation on), and end-to-end
 # consume throughput into a trivial app. Prints one Markdown table.
 #   sidecar/benches/pubsub.sh      (PUBSUB_N=20000 PUBSUB_CONCURRENCY=64
-#                                   PUBSUB_BROKERS=nats,redis,rabbitmq by default)
+#                                   PUBSUB_BROKERS=nats,redis,rabbitmq,kafka by default)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if { [ ! -x .tools/bin/nats-server ] && ! command -v nats-server >/dev/null; } \

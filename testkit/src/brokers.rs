@@ -32,15 +32,18 @@ pub enum Kind {
     Nats,
     Redis,
     Rabbitmq,
+    /// A Kafka-protocol broker: [`KafkaServer`] (tansu, or `WEIR_KAFKA_BOOTSTRAP`).
+    Kafka,
 }
 
 impl Kind {
-    /// `nats`, `redis` or `rabbitmq`, as a Broker's `kind`.
+    /// `nats`, `redis`, `rabbitmq` or `kafka`, as a Broker's `kind`.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Nats => "nats",
             Kind::Redis => "redis",
             Kind::Rabbitmq => "rabbitmq",
+            Kind::Kafka => "kafka",
         }
     }
 
@@ -50,18 +53,20 @@ impl Kind {
             Kind::Nats => "nats://",
             Kind::Redis => "redis://",
             Kind::Rabbitmq => "amqp://",
+            Kind::Kafka => "kafka://",
         }
     }
 
-    /// Whether the broker itself drops a repeated event id at publish (`duplicate: true`).
+    /// Whether the broker itself drops a repeated event id at publish (`duplicate: true`);
+    /// RabbitMQ and Kafka store it again, and the consumer's processed-event check drops it.
     pub fn drops_duplicate_publishes(self) -> bool {
         matches!(self, Kind::Nats | Kind::Redis)
     }
 
     /// Whether the queue keeps messages after they are acknowledged (a stream), so a test can
-    /// read them back (RabbitMQ's queues do not).
+    /// read them back (RabbitMQ's queues do not; a Kafka topic does).
     pub fn keeps_messages(self) -> bool {
-        matches!(self, Kind::Nats | Kind::Redis)
+        matches!(self, Kind::Nats | Kind::Redis | Kind::Kafka)
     }
 
     /// The server binary, or `None` when it is not installed.
@@ -70,6 +75,7 @@ impl Kind {
             Kind::Nats => local::nats_server(),
             Kind::Redis => local::redis_server(),
             Kind::Rabbitmq => local::rabbitmq_server(),
+            Kind::Kafka => local::tansu(),
         }
     }
 
@@ -81,6 +87,7 @@ impl Kind {
                 Kind::Nats => "NATS_SERVER",
                 Kind::Redis => "REDIS_SERVER",
                 Kind::Rabbitmq => "RABBITMQ_SERVER",
+                Kind::Kafka => "TANSU, or WEIR_KAFKA_BOOTSTRAP",
             }
         )
     }
@@ -89,6 +96,10 @@ impl Kind {
 /// The broker's server binary; `None` (the test skips, saying so) when it is missing, unless
 /// `CI` is set: there it fails.
 pub fn require(kind: Kind) -> Option<PathBuf> {
+    if kind == Kind::Kafka && std::env::var_os("WEIR_KAFKA_BOOTSTRAP").is_some() {
+        // A Kafka the user runs: no binary needed.
+        return Some(PathBuf::new());
+    }
     match kind.binary() {
         Some(p) => Some(p),
         None if std::env::var_os("CI").is_some() => panic!("{}", kind.missing()),

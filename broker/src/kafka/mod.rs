@@ -11,8 +11,10 @@
 pub mod admin;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
+pub mod processed;
 #[cfg(feature = "admin")]
 pub mod rewind;
+pub mod transport;
 
 use std::collections::BTreeMap;
 

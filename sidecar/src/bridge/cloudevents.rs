@@ -10,7 +10,11 @@ pub const CE_TYPE: &str = "ce-type";
 pub const CE_TIME: &str = "ce-time";
 pub const TRACEPARENT: &str = "traceparent";
 pub const CONTENT_TYPE: &str = "content-type";
+/// The CloudEvents partitioning extension: events of one key stay in order (Kafka's record key).
+pub use weir_broker::kafka::transport::CE_PARTITIONKEY;
 pub use weir_broker::nats::transport::NATS_MSG_ID;
+/// Alternative to `ce-partitionkey` on a publish request.
+pub const WEIR_PARTITION_KEY: &str = "weir-partition-key";
 /// Alternative to `ce-id` on a publish request.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 

@@ -415,6 +415,7 @@ async fn call_app<M: Inbound>(ctx: &Consumer, msg: &M, event_id: &str, plain: bo
         set(CE_TYPE, header(hs, CE_TYPE));
         set(CE_SOURCE, header(hs, CE_SOURCE));
         set(CE_TIME, header(hs, CE_TIME));
+        set(CE_PARTITIONKEY, header(hs, CE_PARTITIONKEY));
     }
     set(
         CONTENT_TYPE,

@@ -3,7 +3,7 @@
 //! | status | when |
 //! |---|---|
 //! | 202 | acknowledged by the broker: `{"id", "duplicate", "stream_seq"}` |
-//! | 400 | body not JSON, or an invalid `ce-id` / `Idempotency-Key` |
+//! | 400 | body not JSON, or an invalid `ce-id` / `Idempotency-Key` / `ce-partitionkey` / `Weir-Partition-Key` |
 //! | 403 | the caller is not on loopback (only the app in the pod may publish) |
 //! | 404 | unknown queue (not in `messaging.publishes`), or messaging not configured |
 //! | 405 | not a POST |
@@ -15,6 +15,10 @@
 //! Nothing is spooled locally: a 503 means the event was not stored, and the app publishes it
 //! again (same `ce-id`, so a retry of an event that did reach the broker is not stored twice on
 //! brokers that deduplicate) after `Retry-After` seconds.
+//!
+//! A partition key (request header `ce-partitionkey`, the CloudEvents partitioning extension, or
+//! `Weir-Partition-Key`) travels as the event's `ce-partitionkey` on every broker; Kafka makes it
+//! the record's key, so the events of one key keep their order.
 
 use super::Running;
 use super::cloudevents::*;
@@ -217,14 +221,21 @@ pub(crate) async fn handle(
             ),
         );
     }
+    let partition_key = match partition_key(&parts.headers) {
+        Ok(k) => k,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "bad request", why.to_string()),
+    };
     let (trace, _) = TraceContext::from_headers(&parts.headers, 1.0);
     let traceparent = trace.traceparent();
-    let headers = cloud_event_headers(
+    let mut headers = cloud_event_headers(
         &id,
         &running.source,
         &target.cfg.event_type,
         traceparent.to_str().unwrap_or_default(),
     );
+    if let Some(key) = partition_key {
+        headers.push((CE_PARTITIONKEY.into(), key));
+    }
     match running.conn.publish(&target.cfg, &id, headers, bytes).await {
         Ok(ack) => {
             target.metrics.published.inc();
@@ -278,6 +289,21 @@ fn event_id(h: &http::HeaderMap) -> Result<String, InvalidEventId> {
     Ok(uuid::Uuid::new_v4().to_string())
 }
 
+/// The event's partition key: `ce-partitionkey`, else `Weir-Partition-Key`, else none. The same
+/// rule as an event id (1 to 256 visible ASCII characters), for it travels as a header too.
+fn partition_key(h: &http::HeaderMap) -> Result<Option<String>, InvalidEventId> {
+    for name in [CE_PARTITIONKEY, WEIR_PARTITION_KEY] {
+        if let Some(v) = h.get(name) {
+            let s = v.to_str().unwrap_or_default();
+            if !valid_event_id(s) {
+                return Err(InvalidEventId(name));
+            }
+            return Ok(Some(s.to_string()));
+        }
+    }
+    Ok(None)
+}
+
 /// The CloudEvents binary-mode headers of a new event (every broker).
 pub fn cloud_event_headers(id: &str, source: &str, event_type: &str, traceparent: &str) -> Headers {
     vec![
@@ -321,6 +347,19 @@ mod tests {
         assert_eq!(event_id(&h).unwrap(), "e-1");
         h.insert("ce-id", HeaderValue::from_static("has space"));
         assert!(event_id(&h).is_err());
+    }
+
+    #[test]
+    fn partition_key_sources() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(partition_key(&h).unwrap(), None);
+        h.insert("weir-partition-key", HeaderValue::from_static("order-7"));
+        assert_eq!(partition_key(&h).unwrap().as_deref(), Some("order-7"));
+        h.insert("ce-partitionkey", HeaderValue::from_static("order-8"));
+        assert_eq!(partition_key(&h).unwrap().as_deref(), Some("order-8"));
+        h.insert("ce-partitionkey", HeaderValue::from_static(""));
+        let e = partition_key(&h).unwrap_err().to_string();
+        assert!(e.starts_with("ce-partitionkey: must be"), "{e}");
     }
 
     #[test]

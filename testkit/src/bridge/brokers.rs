@@ -32,6 +32,7 @@ pub enum TestBroker {
     Nats(NatsServer),
     Redis(RedisServer),
     Rabbitmq(RabbitServer),
+    Kafka(KafkaServer),
 }
 
 impl TestBroker {
@@ -47,6 +48,7 @@ impl TestBroker {
                 Err(_) => RedisServer::start(),
             }),
             Kind::Rabbitmq => TestBroker::Rabbitmq(RabbitServer::start()),
+            Kind::Kafka => TestBroker::Kafka(KafkaServer::start()),
         })
     }
 
@@ -55,6 +57,7 @@ impl TestBroker {
             TestBroker::Nats(_) => Kind::Nats,
             TestBroker::Redis(_) => Kind::Redis,
             TestBroker::Rabbitmq(_) => Kind::Rabbitmq,
+            TestBroker::Kafka(_) => Kind::Kafka,
         }
     }
 
@@ -63,6 +66,7 @@ impl TestBroker {
             TestBroker::Nats(n) => n.url(),
             TestBroker::Redis(r) => r.url(),
             TestBroker::Rabbitmq(r) => r.url(),
+            TestBroker::Kafka(k) => k.url(),
         }
     }
 
@@ -71,6 +75,7 @@ impl TestBroker {
             TestBroker::Nats(n) => n.kill9(),
             TestBroker::Redis(r) => r.kill9(),
             TestBroker::Rabbitmq(r) => r.kill9(),
+            TestBroker::Kafka(k) => k.kill9(),
         }
     }
 
@@ -79,6 +84,29 @@ impl TestBroker {
             TestBroker::Nats(n) => n.restart(),
             TestBroker::Redis(r) => r.restart(),
             TestBroker::Rabbitmq(r) => r.restart(),
+            TestBroker::Kafka(k) => {
+                k.restart();
+                if !k.keeps_log_across_restart() {
+                    // It came back empty (memory storage), as a broker that lost its disk: the
+                    // operator declares the Queue's topics again.
+                    self.declare().await;
+                }
+            }
+        }
+    }
+
+    /// Whether the broker's log survives [`kill9`](Self::kill9) and [`restart`](Self::restart)
+    /// (not on the test kit's Tansu, whose storage is memory), and the test may kill it at all
+    /// (not a Kafka named by `WEIR_KAFKA_BOOTSTRAP`): `Err` says why not.
+    pub fn survives_a_kill(&self) -> Result<(), &'static str> {
+        match self {
+            TestBroker::Kafka(k) if !k.is_local() => {
+                Err("WEIR_KAFKA_BOOTSTRAP names a broker the suite may not kill")
+            }
+            TestBroker::Kafka(k) if !k.keeps_log_across_restart() => Err(
+                "the test kit's Tansu keeps its log in memory: a kill -9 loses every stored event",
+            ),
+            _ => Ok(()),
         }
     }
 
@@ -96,18 +124,40 @@ impl TestBroker {
 
     /// Declares the queue as the operator would (JetStream: the stream; Redis: nothing, the
     /// stream appears with its first entry or consumer group; RabbitMQ: the exchange, the
-    /// dead-letter exchange and queue, and the consumer queue of `billing`).
+    /// dead-letter exchange and queue, and the consumer queue of `billing`; Kafka: the topic,
+    /// with [`kafka::QUEUE_PARTITIONS`], and the dead-letter topic, after deleting what an
+    /// earlier test left on a broker the suite did not start).
     pub async fn declare(&self) {
         match self {
             TestBroker::Nats(n) => declare_stream(&n.js().await).await,
             TestBroker::Redis(_) => {}
             TestBroker::Rabbitmq(_) => self.declare_queue(STREAM, "billing").await,
+            TestBroker::Kafka(k) => {
+                if !k.is_local() {
+                    let processed = weir_broker::queue::processed_bucket(STREAM);
+                    let groups =
+                        ["billing", "audit"].map(|c| weir_broker::kafka::group_id(STREAM, c));
+                    kafka::delete(
+                        k,
+                        &[STREAM, DLQ_STREAM, &processed, "weir_shop_payments"],
+                        &[&groups[0], &groups[1]],
+                    )
+                    .await;
+                }
+                kafka::create_topics(k, &[(STREAM, kafka::QUEUE_PARTITIONS), (DLQ_STREAM, 1)])
+                    .await;
+            }
         }
     }
 
     /// RabbitMQ: declares `consumer`'s queue on the queue whose stream is `stream` (an event no
-    /// queue is bound for is refused at publish); nothing elsewhere.
+    /// queue is bound for is refused at publish); Kafka: the topic `stream` and its dead-letter
+    /// topic; nothing elsewhere.
     pub async fn declare_queue(&self, stream: &str, consumer: &str) {
+        if let TestBroker::Kafka(k) = self {
+            let dlq = weir_broker::kafka::dead_letter_topic(stream);
+            kafka::create_topics(k, &[(stream, 1), (&dlq, 1)]).await;
+        }
         if let TestBroker::Rabbitmq(r) = self {
             let conn = lapin::Connection::connect(&r.url(), Default::default())
                 .await
@@ -161,6 +211,7 @@ impl TestBroker {
                 }
                 n
             }
+            TestBroker::Kafka(k) => kafka::read_all(k, name).await.len() as u64,
         }
     }
 
@@ -233,6 +284,7 @@ impl TestBroker {
                 let _ = conn.close(200, "ok".into()).await;
                 out
             }
+            TestBroker::Kafka(k) => kafka::read_all(k, name).await,
         }
     }
 
@@ -276,6 +328,9 @@ impl TestBroker {
                 ch.confirm_select(Default::default()).await.unwrap();
                 rabbit_publish(&ch, headers, body).await;
                 let _ = conn.close(200, "ok".into()).await;
+            }
+            TestBroker::Kafka(k) => {
+                kafka::produce(&kafka::producer(k), STREAM, headers, body).await;
             }
         }
     }
@@ -348,6 +403,21 @@ impl TestBroker {
                 }
                 let _ = conn.close(200, "ok".into()).await;
             }
+            TestBroker::Kafka(k) => {
+                let p = kafka::producer(k);
+                for chunk in events.chunks(500) {
+                    let sends = chunk.iter().map(|(id, body)| {
+                        let h = ce_headers(id);
+                        let p = &p;
+                        async move {
+                            let h: Vec<(&str, &str)> =
+                                h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                            kafka::produce(p, STREAM, &h, body.as_bytes()).await
+                        }
+                    });
+                    futures::future::join_all(sends).await;
+                }
+            }
         }
     }
 
@@ -403,6 +473,12 @@ impl TestBroker {
             TestBroker::Rabbitmq(r) => {
                 let q = format!("{STREAM}.{consumer}");
                 r.queue_counts(&q).unwrap_or((u64::MAX, u64::MAX))
+            }
+            // A group's offsets tell delivered-and-unsettled from undelivered apart only for the
+            // member that holds the records: both are "not committed".
+            TestBroker::Kafka(k) => {
+                let group = weir_broker::kafka::group_id(STREAM, consumer);
+                (kafka::uncommitted(k, STREAM, &group).await, 0)
             }
         }
     }
@@ -472,6 +548,10 @@ impl TestBroker {
                 }
                 let _ = conn.close(200, "ok".into()).await;
                 found
+            }
+            TestBroker::Kafka(k) => {
+                let topic = weir_broker::queue::processed_bucket(STREAM);
+                kafka::keys(k, &topic).await.contains(&key)
             }
         }
     }

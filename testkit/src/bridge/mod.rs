@@ -7,9 +7,10 @@
 //! `pubsub` benchmark, which give the binary (`env!("CARGO_BIN_EXE_weir-proxy")`).
 
 mod brokers;
+pub mod kafka;
 pub use brokers::*;
 
-pub use crate::brokers::{Kind, NatsServer, RabbitServer, RedisServer, require};
+pub use crate::brokers::{KafkaServer, Kind, NatsServer, RabbitServer, RedisServer, require};
 pub use crate::net::{eventually, eventually_async, free_addr};
 pub use crate::proxy::{Proxy, http_get, http_send, http_send_full};
 
@@ -413,7 +414,7 @@ impl Unready {
     }
 }
 
-/// One test per broker (modules `nats`, `redis`, `rabbitmq`) for each scenario function
+/// One test per broker (modules `nats`, `redis`, `rabbitmq`, `kafka`) for each scenario function
 /// `async fn name(kind: Kind)` named.
 #[macro_export]
 macro_rules! per_broker {
@@ -439,6 +440,14 @@ macro_rules! per_broker {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Kind::Rabbitmq).await
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Kafka).await
                 }
             )*
         }
