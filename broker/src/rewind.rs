@@ -11,6 +11,8 @@
 //!   later; before that it is deleted and created again under its name with the same config
 //!   and `DeliverPolicy::ByStartSequence`). Redis: `XGROUP SETID` to just before the first entry
 //!   at or after the point; entries other consumers hold pending stay pending.
+//!   Kafka: the consuming sidecars seek their own partitions when they read the marker (only
+//!   a member of a live group may move its offsets), see `kafka::rewind`.
 //! - A consumer that was delivered nothing at or after the point is left as it is
 //!   ([`Rewound::NothingDelivered`]): moving it would skip what it has not read yet.
 //! - Events delivered again keep their `ce-id`, and the sidecar remembers processed event ids
@@ -20,11 +22,12 @@
 //!   position. Records written after the marker (the events delivered again, new events) count
 //!   as before, so a redelivery after a crash is still deduplicated. JetStream orders the
 //!   record and the marker by their KV revisions; Redis by the marker's `generation`, which
-//!   each record carries from the moment it was written (one Lua script, no clock).
+//!   each record carries from the moment it was written (one Lua script, no clock). Kafka by
+//!   the order of the processed-event topic (one partition), which each sidecar reads.
 //! - A kind whose queues keep no log (RabbitMQ) refuses with [`Error::Unsupported`].
 //!
 //! Each kind implements [`Rewind`] in its folder (`nats/rewind.rs`, `redis/rewind.rs`,
-//! `rabbitmq/rewind.rs`); `BrokerAdmin` dispatches to them through the registration in
+//! `kafka/rewind.rs`, `rabbitmq/rewind.rs`); `BrokerAdmin` dispatches to them through the registration in
 //! `crate::admin`. The marker and the position order are here without feature `admin`: the
 //! sidecar reads them.
 //!

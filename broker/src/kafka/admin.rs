@@ -378,7 +378,7 @@ impl KafkaAdmin {
     }
 
     /// The committed offsets of `group` on `partitions` of `topic` (`None`: nothing committed).
-    async fn committed(
+    pub(crate) async fn committed(
         &self,
         group: &str,
         topic: &str,

@@ -12,7 +12,6 @@ pub mod admin;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
 pub mod processed;
-#[cfg(feature = "admin")]
 pub mod rewind;
 pub mod transport;
 

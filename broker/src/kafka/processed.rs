@@ -11,10 +11,17 @@
 //! acknowledged. Records of another replica of the same Microservice arrive within the topic's
 //! delivery latency (milliseconds), the same window as on the other brokers.
 //!
+//! The rewind marker of the consumer and the records saying which partitions moved for it are
+//! in the topic too ([`super::rewind`]): a record read before the newest marker does not count
+//! for an event at or after the marker's offset of its partition.
+//!
 //! The operator declares the topic with the Queue; without it (`weir up`, tests) the sidecar
 //! creates it when absent, with one partition.
 
+use crate::kafka::rewind::{KafkaMarker, applied_key, parse_applied_key};
 use crate::kafka::transport::{admin_error, produce_error};
+use crate::queue::rewind_marker_key;
+use crate::rewind::Marker;
 use crate::transport::{API_TIMEOUT, Error};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -108,17 +115,79 @@ pub fn partitions_of<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     Ok(parts)
 }
 
-/// What the follower has read: this consumer's keys with their expiry (Unix ms), and the
-/// markers seen.
+/// A processed event: until when it counts (Unix ms), and the number of rewind markers read
+/// when its record was (a record read before the newest marker has a smaller one).
+struct Kept {
+    until: i64,
+    epoch: u64,
+}
+
+/// What the follower has read: this consumer's keys, the start markers seen, and the newest
+/// rewind marker with the partitions moved for it.
 #[derive(Default)]
 struct Seen {
-    keys: HashMap<String, i64>,
+    keys: HashMap<String, Kept>,
     markers: HashSet<String>,
+    rewind: Option<KafkaMarker>,
+    /// Rewind markers read so far.
+    epoch: u64,
+    /// (generation, partition) of every applied record read or written.
+    applied: HashSet<(u64, i32)>,
+    /// A new rewind marker was read since [`ProcessedStore::take_rewind_signal`].
+    signal: bool,
+}
+
+impl Seen {
+    /// Takes a record read from the topic, in the topic's order.
+    fn read(&mut self, consumer: &str, key: &str, value: &[u8], until: impl FnOnce() -> i64) {
+        if key.starts_with(MARKER_PREFIX) {
+            self.markers.insert(key.to_string());
+        } else if key == rewind_marker_key(consumer) {
+            let Some(m) = Marker::parse(value).as_ref().and_then(KafkaMarker::of) else {
+                tracing::warn!(key, "not a Kafka rewind marker; ignored");
+                return;
+            };
+            if self
+                .rewind
+                .as_ref()
+                .is_none_or(|old| m.generation > old.generation)
+            {
+                tracing::info!(generation = m.generation, offsets = ?m.offsets, "rewind marker read");
+                self.rewind = Some(m);
+                self.epoch += 1;
+                self.signal = true;
+            }
+        } else if let Some(applied) = parse_applied_key(consumer, key) {
+            self.applied.insert(applied);
+        } else if key
+            .strip_prefix(consumer)
+            .is_some_and(|rest| rest.starts_with('.'))
+        {
+            let until = until();
+            let epoch = self.epoch;
+            let k = self
+                .keys
+                .entry(key.to_string())
+                .or_insert(Kept { until, epoch });
+            k.until = k.until.max(until);
+            k.epoch = epoch;
+        }
+    }
+
+    /// Whether `key` counts for the event at `position`.
+    fn counts(&self, key: &str, position: &str, now: i64) -> bool {
+        self.keys.get(key).is_some_and(|k| {
+            k.until > now
+                && (k.epoch == self.epoch
+                    || !self.rewind.as_ref().is_some_and(|m| m.covers(position)))
+        })
+    }
 }
 
 /// One consumer's view of the processed-event topic.
 pub struct ProcessedStore {
     topic: String,
+    consumer: String,
     ttl: Duration,
     seen: Arc<Mutex<Seen>>,
     producer: FutureProducer,
@@ -172,20 +241,21 @@ impl ProcessedStore {
         .map_err(|e| Error::broker(e.to_string()))??;
         let store = ProcessedStore {
             topic: topic.to_string(),
+            consumer: consumer.to_string(),
             ttl,
             seen: Arc::default(),
             producer,
             quit: Arc::default(),
         };
-        let (seen, quit, prefix, ttl_ms) = (
+        let (seen, quit, name, ttl_ms) = (
             store.seen.clone(),
             store.quit.clone(),
-            format!("{consumer}."),
+            consumer.to_string(),
             ttl.as_millis() as i64,
         );
         std::thread::Builder::new()
             .name(format!("weir-processed-{consumer}"))
-            .spawn(move || follow(follower, seen, quit, prefix, ttl_ms))
+            .spawn(move || follow(follower, seen, quit, name, ttl_ms))
             .map_err(|e| Error::broker(format!("cannot start the processed-event reader: {e}")))?;
         // Markers, one per partition, read back: everything before them is known.
         let marker = format!("{MARKER_PREFIX}{}", uuid::Uuid::new_v4());
@@ -231,22 +301,73 @@ impl ProcessedStore {
         Ok(store)
     }
 
-    /// Whether `key` was recorded within the TTL.
-    pub fn contains(&self, key: &str) -> bool {
+    /// Whether `key` was recorded within the TTL and counts for the event at `position`
+    /// (`<partition>:<offset>`): not when the record was read before a rewind marker that
+    /// delivers `position` again.
+    pub fn contains(&self, key: &str, position: &str) -> bool {
         let s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        s.keys.get(key).is_some_and(|&until| until > now_ms())
+        s.counts(key, position, now_ms())
     }
 
     /// Keeps `key` in memory and writes its record (`acks=all`).
     pub async fn record(&self, key: &str, value: &str) -> Result<(), Error> {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .insert(key.to_string(), now_ms() + self.ttl.as_millis() as i64);
+        {
+            let mut s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let epoch = s.epoch;
+            s.keys.insert(
+                key.to_string(),
+                Kept {
+                    until: now_ms() + self.ttl.as_millis() as i64,
+                    epoch,
+                },
+            );
+        }
         self.producer
             .send(
                 FutureRecord::to(&self.topic).key(key).payload(value),
+                Timeout::After(API_TIMEOUT),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| produce_error(&self.topic, e))
+    }
+}
+
+impl ProcessedStore {
+    /// Whether a new rewind marker was read since the last call (and clears it).
+    pub fn take_rewind_signal(&self) -> bool {
+        std::mem::take(&mut self.seen.lock().unwrap_or_else(|e| e.into_inner()).signal)
+    }
+
+    /// The partitions among `assigned` that the newest rewind marker moves and that no applied
+    /// record says were moved: (generation, partition, offset) each.
+    pub fn rewinds_due(&self, assigned: &[i32]) -> Vec<(u64, i32, i64)> {
+        let s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(m) = &s.rewind else {
+            return Vec::new();
+        };
+        assigned
+            .iter()
+            .filter_map(|p| {
+                let o = m.offsets.get(p)?;
+                (!s.applied.contains(&(m.generation, *p))).then_some((m.generation, *p, *o))
+            })
+            .collect()
+    }
+
+    /// Notes that `partition` was moved for the marker of `generation`, here and in the topic.
+    pub async fn mark_applied(&self, generation: u64, partition: i32) -> Result<(), Error> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied
+            .insert((generation, partition));
+        let key = applied_key(&self.consumer, generation, partition);
+        self.producer
+            .send(
+                FutureRecord::<str, [u8]>::to(&self.topic)
+                    .key(&key)
+                    .payload(&[][..]),
                 Timeout::After(API_TIMEOUT),
             )
             .await
@@ -261,7 +382,7 @@ fn follow(
     c: BaseConsumer,
     seen: Arc<Mutex<Seen>>,
     quit: Arc<AtomicBool>,
-    prefix: String,
+    consumer: String,
     ttl_ms: i64,
 ) {
     let mut last_purge = std::time::Instant::now();
@@ -280,15 +401,13 @@ fn follow(
                 let Some(key) = m.key().map(String::from_utf8_lossy) else {
                     continue;
                 };
-                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                if key.starts_with(MARKER_PREFIX) {
-                    s.markers.insert(key.into_owned());
-                } else if key.starts_with(&prefix) {
-                    let at = m.timestamp().to_millis().unwrap_or_else(now_ms);
-                    let until = at + ttl_ms;
-                    let e = s.keys.entry(key.into_owned()).or_insert(until);
-                    *e = (*e).max(until);
-                }
+                let until = || m.timestamp().to_millis().unwrap_or_else(now_ms) + ttl_ms;
+                seen.lock().unwrap_or_else(|e| e.into_inner()).read(
+                    &consumer,
+                    &key,
+                    m.payload().unwrap_or_default(),
+                    until,
+                );
             }
         }
         if last_purge.elapsed() > Duration::from_secs(60) {
@@ -297,7 +416,7 @@ fn follow(
             seen.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .keys
-                .retain(|_, until| *until > now);
+                .retain(|_, k| k.until > now);
         }
     }
 }
@@ -312,5 +431,71 @@ mod tests {
         assert!(c.contains(&("cleanup.policy", "compact,delete".into())));
         assert!(c.contains(&("retention.ms", "600000".into())));
         assert!(!crate::queue::processed_key("billing", "e").starts_with(MARKER_PREFIX));
+    }
+
+    /// The topic's records in order: two processed events, a rewind marker from offset 49 of
+    /// partition 0, one more record of the first event, then the applied record.
+    #[test]
+    fn a_record_read_before_the_rewind_marker_does_not_count_for_what_it_delivers_again() {
+        let mut s = Seen::default();
+        let (a, b) = (
+            crate::queue::processed_key("billing", "ev-10"),
+            crate::queue::processed_key("billing", "ev-60"),
+        );
+        let far = || i64::MAX / 2;
+        s.read("billing", &a, b"0:10", far);
+        s.read("billing", &b, b"0:60", far);
+        let theirs = crate::queue::processed_key("shipping", "x");
+        s.read("billing", &theirs, b"0:1", far);
+        assert!(s.counts(&a, "0:10", 0) && s.counts(&b, "0:60", 0));
+        let marker = Marker {
+            generation: 5,
+            from: "0:49".into(),
+            to: "start".into(),
+        };
+        s.read(
+            "billing",
+            "billing.rewind",
+            marker.to_json().as_bytes(),
+            far,
+        );
+        assert!(s.signal && s.rewind.is_some());
+        assert!(s.counts(&a, "0:10", 0), "before the point: still processed");
+        assert!(!s.counts(&b, "0:60", 0), "delivered again past the dedup");
+        assert!(
+            s.counts(&b, "1:60", 0),
+            "a partition the rewind did not move"
+        );
+        // The event processed again: its new record counts once more.
+        s.read("billing", &b, b"0:60", far);
+        assert!(s.counts(&b, "0:60", 0));
+        // An older marker read later changes nothing.
+        let old = Marker {
+            generation: 4,
+            ..marker.clone()
+        };
+        s.signal = false;
+        s.read("billing", "billing.rewind", old.to_json().as_bytes(), far);
+        assert!(!s.signal && s.counts(&b, "0:60", 0));
+        // Applied records: of this consumer only; expired keys never count.
+        s.read(
+            "billing",
+            &crate::kafka::rewind::applied_key("billing", 5, 0),
+            b"",
+            far,
+        );
+        s.read(
+            "billing",
+            &crate::kafka::rewind::applied_key("shipping", 5, 1),
+            b"",
+            far,
+        );
+        assert_eq!(s.applied, HashSet::from([(5, 0)]));
+        s.read("billing", "billing.x", b"", || 100);
+        assert!(!s.counts("billing.x", "0:1", 100));
+        assert!(
+            !s.keys.contains_key(&theirs),
+            "another Microservice's record"
+        );
     }
 }

@@ -24,6 +24,12 @@
 //!   and headers plus the `Weir-*` ones; the offset is stored after the broker's
 //!   acknowledgement. Processed events: [`super::processed`].
 //!
+//! - Rewind ([`super::rewind`]): when the processed-event store reads a new rewind marker, or
+//!   partitions are assigned, the fetcher moves each partition it owns that the newest marker
+//!   moves and no applied record says was moved: its lane is stopped (a delivery in hand ends,
+//!   its offset not stored), the partition is sought to the marker's offset, that offset is
+//!   committed, and the applied record written. Records fetched before the seek are dropped.
+//!
 //! Until the queue's topic exists, consuming waits and tries again (the operator declares it);
 //! a group joins at the topic's start (`auto.offset.reset=earliest`).
 
@@ -44,7 +50,7 @@ use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -267,10 +273,32 @@ impl Record {
     }
 }
 
-/// What fetching and the lanes share: the lanes by partition.
+/// What fetching and the lanes share: the lanes by partition, and whether the assignment
+/// changed since the fetcher last looked (it then looks for rewinds due).
 #[derive(Default)]
 struct Lanes {
     by_partition: Mutex<HashMap<i32, Lane>>,
+    assignment_changed: AtomicBool,
+}
+
+impl Lanes {
+    /// Stops the lane of `partition`, if any: it delivers nothing more, and a delivery it has
+    /// in hand stores no offset when it ends.
+    fn stop(&self, partition: i32) {
+        let lane = self
+            .by_partition
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&partition);
+        if let Some(lane) = lane {
+            let _settling = lane
+                .state
+                .settling
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            lane.state.revoked.store(true, Ordering::Release);
+        }
+    }
 }
 
 struct Lane {
@@ -279,11 +307,14 @@ struct Lane {
 }
 
 /// A lane's waiting records and whether its partition's fetching is paused; `revoked` once the
-/// partition went to another member (the lane stops before its next delivery).
+/// partition went to another member or was moved back (the lane stops before its next
+/// delivery). `settling` is held while a delivery stores its offset and while the lane is
+/// revoked, so no offset is stored once a rewind moved the partition.
 #[derive(Default)]
 struct LaneState {
     waiting: Mutex<(usize, bool)>,
     revoked: AtomicBool,
+    settling: Mutex<()>,
 }
 
 /// The consumer's context: partitions revoked in a rebalance stop their lanes.
@@ -297,16 +328,10 @@ impl ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let mut lanes = self
-                .lanes
-                .by_partition
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
             for e in tpl.elements_for_topic(&self.topic) {
-                if let Some(lane) = lanes.remove(&e.partition()) {
-                    lane.state.revoked.store(true, Ordering::Release);
-                }
+                self.lanes.stop(e.partition());
             }
+            self.lanes.assignment_changed.store(true, Ordering::Release);
             tracing::info!(topic = %self.topic, partitions = tpl.count(), "partitions revoked");
         }
     }
@@ -316,6 +341,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(tpl) => {
                 // A partition paused by an earlier lane of this member fetches again.
                 let _ = c.resume(tpl);
+                self.lanes.assignment_changed.store(true, Ordering::Release);
                 tracing::info!(topic = %self.topic, partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Error(e) => {
@@ -345,6 +371,7 @@ pub struct Shared {
 
 pub struct KafkaMsg {
     record: Arc<Record>,
+    lane: Arc<LaneState>,
     delivered: u64,
     shared: Arc<Shared>,
     /// How the delivery ended, read by the lane once the handler returns.
@@ -384,16 +411,22 @@ impl Inbound for KafkaMsg {
     async fn settle(&self, how: Settle) -> Result<(), Error> {
         *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(how);
         match how {
-            // The offset after this record is committed with the next commit.
-            Settle::Ack | Settle::Term => self
-                .shared
-                .consumer
-                .store_offset(
-                    &self.shared.topic,
-                    self.record.partition,
-                    self.record.offset,
-                )
-                .map_err(|e| Error::broker(format!("cannot store the offset: {e}"))),
+            // The offset after this record is committed with the next commit; none once the
+            // lane was revoked (the partition is another member's, or was moved back).
+            Settle::Ack | Settle::Term => {
+                let _settling = self.lane.settling.lock().unwrap_or_else(|e| e.into_inner());
+                if self.lane.revoked.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                self.shared
+                    .consumer
+                    .store_offset(
+                        &self.shared.topic,
+                        self.record.partition,
+                        self.record.offset,
+                    )
+                    .map_err(|e| Error::broker(format!("cannot store the offset: {e}")))
+            }
             // The lane delivers the record again after the delay.
             Settle::Nak(_) => Ok(()),
         }
@@ -409,9 +442,8 @@ pub struct KafkaSide {
 
 impl Side for KafkaSide {
     type Msg = KafkaMsg;
-    /// No rewind on Kafka yet ([`super::rewind`]): `position` plays no part.
-    async fn is_processed(&self, key: &str, _position: &str) -> Result<bool, Error> {
-        Ok(self.shared.processed.contains(key))
+    async fn is_processed(&self, key: &str, position: &str) -> Result<bool, Error> {
+        Ok(self.shared.processed.contains(key, position))
     }
     async fn record_processed(&self, key: &str, value: &str) -> Result<(), Error> {
         self.shared.processed.record(key, value).await
@@ -481,7 +513,8 @@ pub(crate) async fn run<H: Handler>(
     let slots = Arc::new(Slots::new(c.max_in_flight as usize));
     let quit = Arc::new(AtomicBool::new(false));
     let fetcher = {
-        let (consumer, lanes, quit) = (consumer.clone(), lanes.clone(), quit.clone());
+        let (fetching, lanes, quit) = (shared.clone(), lanes.clone(), quit.clone());
+        let rt = tokio::runtime::Handle::current();
         let spawn_lane = {
             let (shared, side, slots, handler, stop) = (
                 shared.clone(),
@@ -503,10 +536,9 @@ pub(crate) async fn run<H: Handler>(
                 ));
             }
         };
-        let topic = t.clone();
         std::thread::Builder::new()
             .name(format!("weir-kafka-{}", c.consumer))
-            .spawn(move || fetch(consumer, lanes, quit, topic, spawn_lane))
+            .spawn(move || fetch(fetching, lanes, quit, rt, spawn_lane))
     };
     let fetcher = match fetcher {
         Ok(f) => f,
@@ -587,18 +619,47 @@ async fn setup(
     Ok((consumer, processed))
 }
 
-/// The fetching thread: polls the consumer (which also runs rebalances), hands each record to
-/// its partition's lane, pauses a partition whose lane has [`LANE_BUFFER`] records waiting.
+/// The fetching thread: polls the consumer (which also runs rebalances), moves partitions back
+/// for a rewind, hands each record to its partition's lane, pauses a partition whose lane has
+/// [`LANE_BUFFER`] records waiting.
 fn fetch(
-    consumer: Arc<GroupConsumer>,
+    shared: Arc<Shared>,
     lanes: Arc<Lanes>,
     quit: Arc<AtomicBool>,
-    topic: String,
+    rt: tokio::runtime::Handle,
     spawn_lane: impl Fn(mpsc::UnboundedReceiver<Arc<Record>>, Arc<LaneState>),
 ) {
+    let (consumer, topic) = (&shared.consumer, &shared.topic);
     let mut last_error = String::new();
+    // Partitions to move back: generation and offset of the marker.
+    let mut rewinding: HashMap<i32, (u64, i64)> = HashMap::new();
     while !quit.load(Ordering::Acquire) {
-        let m = match consumer.poll(Duration::from_millis(100)) {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if lanes.assignment_changed.swap(false, Ordering::AcqRel)
+            | shared.processed.take_rewind_signal()
+        {
+            let assigned: Vec<i32> = consumer
+                .assignment()
+                .map(|tpl| {
+                    tpl.elements_for_topic(topic)
+                        .iter()
+                        .map(|e| e.partition())
+                        .collect()
+                })
+                .unwrap_or_default();
+            rewinding.retain(|p, _| assigned.contains(p));
+            for (generation, p, offset) in shared.processed.rewinds_due(&assigned) {
+                if rewinding.insert(p, (generation, offset)).is_none() {
+                    lanes.stop(p);
+                }
+            }
+        }
+        let moved = if rewinding.is_empty() {
+            Vec::new()
+        } else {
+            move_back(&shared, &mut rewinding, &rt)
+        };
+        let m = match polled {
             None => continue,
             Some(Err(e)) => {
                 let e = e.to_string();
@@ -610,6 +671,10 @@ fn fetch(
             }
             Some(Ok(m)) => m,
         };
+        if rewinding.contains_key(&m.partition()) || moved.contains(&m.partition()) {
+            // Fetched before the seek: read again from the marker's offset.
+            continue;
+        }
         let record = Arc::new(Record::of(&m));
         let partition = record.partition;
         let mut by_partition = lanes.by_partition.lock().unwrap_or_else(|e| e.into_inner());
@@ -622,11 +687,53 @@ fn fetch(
         let mut waiting = lane.state.waiting.lock().unwrap_or_else(|e| e.into_inner());
         waiting.0 += 1;
         if waiting.0 >= LANE_BUFFER && !waiting.1 {
-            waiting.1 = consumer.pause(&one_partition(&topic, partition)).is_ok();
+            waiting.1 = consumer.pause(&one_partition(topic, partition)).is_ok();
         }
         drop(waiting);
         let _ = lane.tx.send(record);
     }
+}
+
+/// Seeks each partition of `rewinding` to its offset and commits it; those moved leave
+/// `rewinding`, get their applied record and are returned. One that cannot be sought yet (just
+/// assigned, not fetching) stays for the next round.
+fn move_back(
+    shared: &Arc<Shared>,
+    rewinding: &mut HashMap<i32, (u64, i64)>,
+    rt: &tokio::runtime::Handle,
+) -> Vec<i32> {
+    let (consumer, topic) = (&shared.consumer, &shared.topic);
+    let mut moved = Vec::new();
+    rewinding.retain(|&p, &mut (generation, offset)| {
+        let to = Offset::Offset(offset);
+        let r = consumer
+            .seek(topic, p, to, Duration::from_millis(500))
+            .and_then(|()| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(topic, p, to)?;
+                consumer.store_offsets(&tpl)?;
+                consumer.commit(&tpl, CommitMode::Sync)
+            });
+        match r {
+            Ok(()) => {
+                let _ = consumer.resume(&one_partition(topic, p));
+                tracing::info!(topic = %topic, partition = p, offset, generation, "partition moved back (rewind)");
+                let shared = shared.clone();
+                rt.spawn(async move {
+                    if let Err(e) = shared.processed.mark_applied(generation, p).await {
+                        tracing::warn!(partition = p, error = %e, "cannot record the rewind as applied");
+                    }
+                });
+                moved.push(p);
+                false
+            }
+            Err(e) => {
+                tracing::debug!(partition = p, error = %e, "cannot move the partition back yet");
+                true
+            }
+        }
+    });
+    moved
 }
 
 /// One partition's lane: its records one at a time, in offset order; a nak waits its delay and
@@ -664,6 +771,7 @@ async fn lane<H: Handler>(
             let outcome = Arc::new(Mutex::new(None));
             let msg = KafkaMsg {
                 record: record.clone(),
+                lane: state.clone(),
                 delivered,
                 shared: shared.clone(),
                 outcome: outcome.clone(),

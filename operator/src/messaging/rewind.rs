@@ -28,8 +28,8 @@ pub struct QueueArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum QueueCommand {
     /// Move a consuming Microservice back to a point in time: every event from there is
-    /// delivered to it again, past the sidecar's dedup (NATS JetStream and Redis Streams;
-    /// RabbitMQ keeps no log).
+    /// delivered to it again, past the sidecar's dedup (NATS JetStream, Redis Streams and
+    /// Kafka; RabbitMQ keeps no log).
     Rewind {
         #[command(flatten)]
         target: Target,
