@@ -673,7 +673,7 @@ async fn dlq_list_show_and_replay_on_rabbitmq() {
 async fn dlq_list_show_and_replay_on_kafka() {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use std::time::Duration;
     use weir_testkit::KafkaServer;
@@ -764,19 +764,7 @@ async fn dlq_list_show_and_replay_on_kafka() {
         .await
         .expect("the replayed event on the topic within 30 s")
         .unwrap();
-    let headers: Vec<(String, String)> = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_string(),
-                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = weir_broker::kafka::headers_of(&m);
     assert!(
         headers.contains(&("ce-id".into(), "ev-2".into())),
         "{headers:?}"

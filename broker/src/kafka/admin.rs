@@ -7,6 +7,9 @@
 //!   split evenly);
 //! - the dead-letter topic `<s>_dlq` (one partition, same replication factor, `retention.ms`
 //!   from `deadLetter.maxAge`) when dead letters are enabled;
+//! - the processed-event topic `weir_processed_<ns>_<q>` (one partition, compacted, kept for
+//!   the duplicate window and at least 10 minutes: [`super::processed`]), which also carries
+//!   rewind markers ([`super::rewind`]);
 //! - one consumer group `<s>.<microservice>` per consuming Microservice. Groups come into being
 //!   when the consuming sidecar joins (from the earliest offset kept), so declaring a consumer
 //!   creates nothing; the groups of the Queue are those whose id starts with `<s>.`, and
@@ -505,6 +508,14 @@ impl Admin for KafkaAdmin {
                     .await?,
             );
         }
+        let processed: Vec<_> = super::processed::topic_config(t.processed.max_age)
+            .into_iter()
+            .map(|(k, v)| (k, v, "spec.duplicateWindow"))
+            .collect();
+        refused.extend(
+            self.declare_topic(&t.processed.bucket, 1, s.replicas, &processed)
+                .await?,
+        );
         self.refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -577,11 +588,16 @@ impl Admin for KafkaAdmin {
         })
     }
 
-    /// Deletes the topic, the dead-letter topic and the Queue's consumer groups.
+    /// Deletes the topic, the dead-letter topic, the processed-event topic and the Queue's
+    /// consumer groups.
     async fn delete_queue(&self, t: &Topology, _consumers: &[String]) -> Result<(), Error> {
         let groups = self.groups_with_prefix(&group_prefix(t)).await?;
         self.delete_groups(&groups).await?;
-        let names = [topic(t.stream_name()), dead_letter_topic(t.stream_name())];
+        let names = [
+            topic(t.stream_name()),
+            dead_letter_topic(t.stream_name()),
+            t.processed.bucket.clone(),
+        ];
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let r = self
             .admin

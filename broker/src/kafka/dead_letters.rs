@@ -17,7 +17,7 @@ use crate::dead_letters::{DeadLetter, DeadLetters, replayed_header};
 use crate::queue::stream_name;
 use bytes::Bytes;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeSet;
@@ -94,15 +94,11 @@ impl KafkaAdmin {
                         last = Instant::now();
                         let mut headers = Vec::new();
                         let mut marker = None;
-                        if let Some(h) = m.headers() {
-                            for h in h.iter() {
-                                let v = String::from_utf8_lossy(h.value.unwrap_or_default())
-                                    .into_owned();
-                                if h.key.eq_ignore_ascii_case(REPLAYED) {
-                                    marker = Some(v);
-                                } else {
-                                    headers.push((h.key.to_string(), v));
-                                }
+                        for (k, v) in super::headers_of(&m) {
+                            if k.eq_ignore_ascii_case(REPLAYED) {
+                                marker = Some(v);
+                            } else {
+                                headers.push((k, v));
                             }
                         }
                         headers.sort();

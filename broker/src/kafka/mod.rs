@@ -21,6 +21,24 @@ use rdkafka::ClientConfig;
 
 use crate::credentials::{Auth, Credentials};
 
+/// A record's headers as the bridge and `weir dlq` read them: name and value (as UTF-8, lossily),
+/// in the record's order; a header without a value is an empty one.
+pub fn headers_of<M: rdkafka::Message>(m: &M) -> Vec<(String, String)> {
+    use rdkafka::message::Headers as _;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The topic of a queue: its stream name.
 pub fn topic(stream: &str) -> String {
     stream.to_string()

@@ -90,6 +90,11 @@ async fn kafka_topics_partitions_groups_figures_and_delete() {
     b.declare_queue(&t).await.unwrap(); // idempotent
     assert_eq!(partitions(&b, "weir_shop_orders"), 2);
     assert_eq!(partitions(&b, "weir_shop_orders_dlq"), 1);
+    assert_eq!(
+        partitions(&b, "weir_processed_shop_orders"),
+        1,
+        "the processed-event topic, declared with the Queue"
+    );
 
     // Partitions grow in place (CreatePartitions), where the broker can: Tansu cannot, and the
     // failure names the field.
@@ -185,6 +190,11 @@ async fn kafka_topics_partitions_groups_figures_and_delete() {
         partitions(&b, "weir_shop_orders_dlq"),
         0,
         "dead-letter topic deleted"
+    );
+    assert_eq!(
+        partitions(&b, "weir_processed_shop_orders"),
+        0,
+        "processed-event topic deleted"
     );
     let f = b.figures(&t, &[]).await.unwrap();
     assert_eq!((f.messages, f.dead_letters), (0, Some(0)));

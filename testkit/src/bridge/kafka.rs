@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -155,20 +155,10 @@ async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
                 {
                     quiet_since = std::time::Instant::now();
                     wait = QUIET;
-                    let headers = m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_ascii_lowercase(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default())
-                                            .into_owned(),
-                                    )
-                                })
-                                .collect::<BTreeMap<_, _>>()
-                        })
-                        .unwrap_or_default();
+                    let headers: BTreeMap<_, _> = weir_broker::kafka::headers_of(&m)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                        .collect();
                     let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
                     out.push((
                         (m.partition(), m.offset()),
