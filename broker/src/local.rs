@@ -119,10 +119,22 @@ pub fn nats_command(bin: &Path, port: u16, store: &Path) -> Command {
 /// storage engines of this build are memory and S3, and a restart starts empty. Ready when the
 /// port accepts connections (well under a second).
 pub fn kafka_command(bin: &Path, port: u16) -> Command {
+    kafka_command_advertising(bin, port, port)
+}
+
+/// [`kafka_command`] telling clients (in its metadata) to connect to `127.0.0.1:advertised`:
+/// a TLS front on that port, for one.
+pub fn kafka_command_advertising(bin: &Path, port: u16, advertised: u16) -> Command {
     let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = format!("tcp://127.0.0.1:{advertised}");
     let mut c = Command::new(bin);
     c.arg("broker")
-        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .args([
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+        ])
         .args(["--storage-engine", "memory://tansu/"]);
     c
 }

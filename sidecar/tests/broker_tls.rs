@@ -1,7 +1,7 @@
 //! `weir-proxy` to brokers behind TLS whose certificate a private CA signed (`ca.crt` in the
 //! Broker's credentials Secret, mounted as the sidecar's credentials directory), on each broker
-//! kind: real nats-server (`--tls`), redis-server (`--tls-port`) and rabbitmq-server (an SSL
-//! listener), two real sidecars and a counting app. With `ca.crt` events go through and reach
+//! kind: real nats-server (`--tls`), redis-server (`--tls-port`), rabbitmq-server (an SSL
+//! listener) and tansu behind a TLS front (it serves no TLS itself), two real sidecars and a counting app. With `ca.crt` events go through and reach
 //! the app; without it the sidecar stays unconnected (`/brokerz` 503, `/readyz` 200) and its log
 //! says why; a `ca.crt` that is not PEM is reported naming the file. Skipped when a server or
 //! `openssl` is missing.
@@ -32,8 +32,25 @@ async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
     let tls_port = free_addr().port();
     Some(match kind {
         Kind::Kafka => {
-            eprintln!("SKIP: the test kit's Kafka (tansu) serves no TLS listener");
-            return None;
+            // Tansu serves no usable TLS listener: a TLS front on `tls_port`, which the broker
+            // advertises, forwards to it.
+            let Some(k) = KafkaServer::start_advertising(tls_port) else {
+                eprintln!("SKIP: kafka over TLS needs the test kit's tansu");
+                return None;
+            };
+            let upstream = format!("127.0.0.1:{}", k.port().expect("a local tansu"));
+            let front = weir_testkit::TlsFront::start(
+                tls_port,
+                cert.as_ref(),
+                key.as_ref(),
+                upstream.parse().unwrap(),
+            )
+            .await;
+            TlsBroker {
+                kind,
+                url: format!("kafka+ssl://127.0.0.1:{tls_port}"),
+                _server: Box::new((k, front)),
+            }
         }
         Kind::Nats => {
             let n = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]);
@@ -106,6 +123,18 @@ async fn publish_and_consume_over_tls_with_the_secrets_ca(kind: Kind) {
         return;
     };
     let secret = pki.secret_with_ca();
+    if kind == Kind::Kafka {
+        // The operator's part: the Queue's topics (a Kafka sidecar never creates them).
+        weir_testkit::bridge::kafka::create_topics_at(
+            &broker.url,
+            secret.path(),
+            &[
+                (STREAM, weir_testkit::bridge::kafka::QUEUE_PARTITIONS),
+                (DLQ_STREAM, 1),
+            ],
+        )
+        .await;
+    }
     let app = App::ok().await;
     let publisher = sidecar(
         PROXY,
@@ -156,9 +185,19 @@ async fn without_the_ca_the_sidecar_does_not_connect_and_says_why(kind: Kind) {
     // of a failed connection attempt ("IO error" for a refused certificate).
     let why: &[&str] = match kind {
         Kind::Nats => &["cannot connect to the broker", "error"],
+        // librdkafka (OpenSSL): "certificate verify failed", told once, not per reconnect.
+        Kind::Kafka => &["broker not usable", "certificate verify failed"],
         _ => &["certificate", "unknownissuer"],
     };
     s.says(why).await;
+    if kind == Kind::Kafka {
+        // librdkafka retries about ten times a second, each attempt reporting the failure
+        // again: told once per failure, not per attempt.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let lines = s.logs.lock().unwrap().clone();
+        let told = lines.iter().filter(|l| l.contains("librdkafka")).count();
+        assert!(told <= 8, "{told} librdkafka lines: {lines:#?}");
+    }
 }
 
 /// A `ca.crt` that is not PEM: the sidecar does not start, and says which file is wrong.

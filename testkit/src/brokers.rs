@@ -528,6 +528,8 @@ pub struct KafkaServer {
     bin: Option<PathBuf>,
     bootstrap: String,
     port: Option<u16>,
+    /// The port named in the broker's metadata, when not its own ([`Self::start_advertising`]).
+    advertised: Option<u16>,
 }
 
 impl KafkaServer {
@@ -539,6 +541,7 @@ impl KafkaServer {
                 bin: None,
                 bootstrap: b.to_string_lossy().into_owned(),
                 port: None,
+                advertised: None,
             };
         }
         let bin = local::tansu().unwrap_or_else(|| {
@@ -550,9 +553,31 @@ impl KafkaServer {
             bin: Some(bin),
             bootstrap: format!("127.0.0.1:{port}"),
             port: Some(port),
+            advertised: None,
         };
         s.spawn();
         s
+    }
+
+    /// Starts tansu on a free port, telling clients to connect to `127.0.0.1:advertised` (where
+    /// a [`crate::TlsFront`] forwards to [`Self::port`]); `None` when tansu is not installed.
+    pub fn start_advertising(advertised: u16) -> Option<Self> {
+        let bin = local::tansu()?;
+        let port = free_port();
+        let mut s = Self {
+            process: Process::new("tansu"),
+            bin: Some(bin),
+            bootstrap: format!("127.0.0.1:{port}"),
+            port: Some(port),
+            advertised: Some(advertised),
+        };
+        s.spawn();
+        Some(s)
+    }
+
+    /// The port tansu listens on (`None` for `WEIR_KAFKA_BOOTSTRAP`).
+    pub fn port(&self) -> Option<u16> {
+        self.port
     }
 
     /// The binary a test needs, or `None` (the test skips, saying so; under `CI` it fails).
@@ -572,8 +597,11 @@ impl KafkaServer {
         let (Some(bin), Some(port)) = (self.bin.clone(), self.port) else {
             return;
         };
-        self.process
-            .spawn(local::kafka_command(&bin, port), Stdio::null());
+        let advertised = self.advertised.unwrap_or(port);
+        self.process.spawn(
+            local::kafka_command_advertising(&bin, port, advertised),
+            Stdio::null(),
+        );
         self.process.wait(
             Duration::from_secs(20),
             || local::listening(port, Duration::from_millis(200)),

@@ -13,6 +13,8 @@
 //!   `env!("CARGO_BIN_EXE_weir-proxy")` in the sidecar's own tests), and the small HTTP client
 //!   the suites talk to it with.
 //! - [`serve`](mod@serve): loopback HTTP/1.1 servers (the apps and upstreams behind a proxy).
+//! - [`tls_front`]: a TLS listener forwarding to a plain TCP server, for a broker that serves
+//!   no TLS itself (the test kit's Kafka).
 //! - `bridge` (feature `bridge`): the sidecar's broker conformance helpers: one scenario run on
 //!   each broker kind, a counting app, the sidecar configs, and what the suite reads from each
 //!   broker directly.
@@ -26,6 +28,7 @@ pub mod net;
 pub mod pki;
 pub mod proxy;
 pub mod serve;
+pub mod tls_front;
 
 #[cfg(feature = "bridge")]
 pub mod bridge;
@@ -35,3 +38,4 @@ pub use net::{eventually, eventually_async, free_addr, free_port};
 pub use pki::Pki;
 pub use proxy::Proxy;
 pub use serve::serve;
+pub use tls_front::TlsFront;

@@ -12,6 +12,7 @@ pub mod admin;
 #[cfg(feature = "admin")]
 pub mod dead_letters;
 pub mod processed;
+pub mod quiet;
 pub mod rewind;
 pub mod transport;
 

@@ -18,6 +18,7 @@
 //! The operator declares the topic with the Queue; without it (`weir up`, tests) the sidecar
 //! creates it when absent, with one partition.
 
+use crate::kafka::quiet::Quiet;
 use crate::kafka::rewind::{KafkaMarker, applied_key, parse_applied_key};
 use crate::kafka::transport::{admin_error, produce_error};
 use crate::queue::rewind_marker_key;
@@ -190,7 +191,7 @@ pub struct ProcessedStore {
     consumer: String,
     ttl: Duration,
     seen: Arc<Mutex<Seen>>,
-    producer: FutureProducer,
+    producer: FutureProducer<Quiet>,
     quit: Arc<AtomicBool>,
 }
 
@@ -209,7 +210,8 @@ impl ProcessedStore {
     /// older than this call is known.
     pub async fn open(
         base: &ClientConfig,
-        producer: FutureProducer,
+        quiet: Quiet,
+        producer: FutureProducer<Quiet>,
         topic: &str,
         consumer: &str,
         ttl: Duration,
@@ -217,12 +219,12 @@ impl ProcessedStore {
         ensure_topic(base, topic, 1, &topic_config(ttl)).await?;
         // librdkafka assigns partitions only with a group id; this reader never joins the group
         // (no subscribe) and never commits.
-        let follower: BaseConsumer = base
+        let follower: BaseConsumer<Quiet> = base
             .clone()
             .set("group.id", format!("{topic}.{consumer}.reader"))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .create()
+            .create_with_context(quiet)
             .map_err(|e| Error::Config(format!("cannot create a Kafka consumer: {e}")))?;
         let t = topic.to_string();
         let (follower, parts) = tokio::task::spawn_blocking(move || {
@@ -379,7 +381,7 @@ impl ProcessedStore {
 /// Reads the topic until `quit`: this consumer's keys, until their record's time + TTL, and
 /// markers; forgets expired keys every minute.
 fn follow(
-    c: BaseConsumer,
+    c: BaseConsumer<Quiet>,
     seen: Arc<Mutex<Seen>>,
     quit: Arc<AtomicBool>,
     consumer: String,

@@ -34,6 +34,7 @@
 //! a group joins at the topic's start (`auto.offset.reset=earliest`).
 
 use super::processed::{ProcessedStore, partitions_of};
+use super::quiet::Quiet;
 use super::{Bootstrap, group_id, topic};
 use crate::credentials::Credentials;
 use crate::queue::processed_bucket;
@@ -113,11 +114,15 @@ pub fn base_config(url: &str, credentials: Option<&str>) -> Result<ClientConfig,
     Ok(c)
 }
 
+/// The sidecar's producer: librdkafka's reports quieted ([`Quiet`]).
+pub type SidecarProducer = FutureProducer<Quiet>;
+
 /// The sidecar's Kafka clients: an idempotent producer (reconnecting on its own), and a
 /// health check that keeps `connected` current by asking the cluster's metadata.
 pub struct KafkaConn {
     base: ClientConfig,
-    producer: FutureProducer,
+    quiet: Quiet,
+    producer: SidecarProducer,
     connected: Arc<AtomicBool>,
     health: tokio::task::JoinHandle<()>,
 }
@@ -130,7 +135,8 @@ impl KafkaConn {
         on_state: impl Fn(bool) + Send + Sync + 'static,
     ) -> Result<KafkaConn, Error> {
         let base = base_config(url, credentials)?;
-        let producer: FutureProducer = base
+        let quiet = Quiet::default();
+        let producer: SidecarProducer = base
             .clone()
             .set("client.id", name)
             .set("enable.idempotence", "true")
@@ -144,10 +150,10 @@ impl KafkaConn {
             // missing within a second.
             .set("allow.auto.create.topics", "false")
             .set("topic.metadata.propagation.max.ms", "1000")
-            .create()
+            .create_with_context(quiet.clone())
             .map_err(|e| Error::Config(format!("cannot create a Kafka producer: {e}")))?;
         let connected = Arc::new(AtomicBool::new(false));
-        let (p, flag) = (producer.clone(), connected.clone());
+        let (p, flag, q) = (producer.clone(), connected.clone(), quiet.clone());
         let health = tokio::spawn(async move {
             let mut last_error: Option<String> = None;
             loop {
@@ -158,16 +164,26 @@ impl KafkaConn {
                         .map(|_| ())
                 })
                 .await;
+                // librdkafka's own report says why (a refused certificate, a refused
+                // connection) where the metadata request only says that it failed.
                 let error = match r {
                     Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
+                    Ok(Err(e)) => Some(match q.last_error() {
+                        Some(why) => format!("{e} ({why})"),
+                        None => e.to_string(),
+                    }),
                     Err(e) => Some(e.to_string()),
                 };
-                if let Some(e) = error.as_ref().filter(|e| last_error.as_ref() != Some(*e)) {
+                if error.is_none() {
+                    q.connected();
+                }
+                // Told once per failure (figures such as "1/1 brokers" aside).
+                let shape = error.as_deref().map(super::quiet::shape);
+                if let Some(e) = error.as_ref().filter(|_| last_error != shape) {
                     tracing::warn!(error = %e, "broker not usable");
                 }
                 let ok = error.is_none();
-                last_error = error;
+                last_error = shape;
                 if flag.swap(ok, Ordering::AcqRel) != ok {
                     on_state(ok);
                     if ok {
@@ -181,6 +197,7 @@ impl KafkaConn {
         });
         Ok(KafkaConn {
             base,
+            quiet,
             producer,
             connected,
             health,
@@ -305,13 +322,22 @@ struct LaneState {
     settling: Mutex<()>,
 }
 
-/// The consumer's context: partitions revoked in a rebalance stop their lanes.
+/// The consumer's context: partitions revoked in a rebalance stop their lanes; librdkafka's
+/// reports go through the connection's [`Quiet`].
 struct GroupContext {
     lanes: Arc<Lanes>,
     topic: String,
+    quiet: Quiet,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.quiet.log(level, fac, message)
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.quiet.error(error, reason)
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -352,7 +378,7 @@ fn one_partition(topic: &str, partition: i32) -> TopicPartitionList {
 pub struct Shared {
     consumer: Arc<GroupConsumer>,
     topic: String,
-    producer: FutureProducer,
+    producer: SidecarProducer,
     dead_letter_topic: String,
     processed: ProcessedStore,
 }
@@ -585,6 +611,7 @@ async fn setup(
         .create_with_context(GroupContext {
             lanes,
             topic: t.to_string(),
+            quiet: conn.quiet.clone(),
         })
         .map_err(|e| Error::Config(format!("cannot create a Kafka consumer: {e}")))?;
     let consumer = Arc::new(consumer);
@@ -595,6 +622,7 @@ async fn setup(
     let ttl = Duration::from_millis(c.dedup_window_ms).max(MIN_DEDUP_TTL);
     let processed = ProcessedStore::open(
         &conn.base,
+        conn.quiet.clone(),
         conn.producer.clone(),
         &processed_bucket(&c.stream),
         &c.consumer,

@@ -40,7 +40,26 @@ pub fn config(k: &KafkaServer) -> ClientConfig {
 
 /// Creates each `(topic, partitions)` that is absent.
 pub async fn create_topics(k: &KafkaServer, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = config(k).create().expect("admin client");
+    create_topics_with(config(k), topics).await
+}
+
+/// [`create_topics`] on the broker at `url` (`kafka+ssl://…` too), trusting the CA in
+/// `credentials_dir` (a Broker Secret's directory: `ca.crt`).
+pub async fn create_topics_at(
+    url: &str,
+    credentials_dir: &std::path::Path,
+    topics: &[(&str, i32)],
+) {
+    let creds = Credentials::from_dir(credentials_dir).expect("credentials");
+    let c = Bootstrap::parse(url)
+        .expect("a Kafka URL")
+        .client_config(&creds)
+        .expect("credentials");
+    create_topics_with(c, topics).await
+}
+
+async fn create_topics_with(c: ClientConfig, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = c.create().expect("admin client");
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
