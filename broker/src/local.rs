@@ -125,6 +125,28 @@ pub fn kafka_command(bin: &Path, port: u16) -> Command {
 /// [`kafka_command`] telling clients (in its metadata) to connect to `127.0.0.1:advertised`:
 /// a TLS front on that port, for one.
 pub fn kafka_command_advertising(bin: &Path, port: u16, advertised: u16) -> Command {
+    kafka_command_stored(bin, port, advertised, "memory://tansu/")
+}
+
+/// `moto_server` (an S3 endpoint) on `127.0.0.1:port`: what keeps Tansu's log across a crash of
+/// the broker in the test kit (Tansu's `s3://` storage).
+pub fn moto_server() -> Option<PathBuf> {
+    find("MOTO_SERVER", &["moto_server"])
+}
+
+/// The settings Tansu's `s3://` storage reads for an S3 endpoint at `127.0.0.1:port`.
+pub fn s3_env(port: u16) -> [(&'static str, String); 5] {
+    [
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "weir".into()),
+        ("AWS_SECRET_ACCESS_KEY", "weir-test-kit".into()),
+        ("AWS_DEFAULT_REGION", "us-east-1".into()),
+    ]
+}
+
+/// [`kafka_command_advertising`] with `storage` (`memory://tansu/`, `s3://<bucket>/`).
+pub fn kafka_command_stored(bin: &Path, port: u16, advertised: u16, storage: &str) -> Command {
     let url = format!("tcp://127.0.0.1:{port}");
     let advertised = format!("tcp://127.0.0.1:{advertised}");
     let mut c = Command::new(bin);
@@ -135,7 +157,7 @@ pub fn kafka_command_advertising(bin: &Path, port: u16, advertised: u16) -> Comm
             "--advertised-listener-url",
             &advertised,
         ])
-        .args(["--storage-engine", "memory://tansu/"]);
+        .args(["--storage-engine", storage]);
     c
 }
 

@@ -520,14 +520,19 @@ impl RabbitServer {
 /// port, or, when `WEIR_KAFKA_BOOTSTRAP` is set (`host:port[,host:port…]`), a Kafka the user
 /// runs (Apache Kafka, Redpanda …), which the test neither starts nor kills.
 ///
-/// Tansu's build here keeps its log in memory: [`restart`](Self::restart) brings the broker
-/// back on the same port *empty*, as a broker that lost its disk would. A test that needs the
-/// log to survive a broker crash asks [`keeps_log_across_restart`](Self::keeps_log_across_restart).
+/// [`start`](Self::start) keeps the log in memory: [`restart`](Self::restart) brings the broker
+/// back on the same port *empty*, as a broker that lost its disk would.
+/// [`start_durable`](Self::start_durable) keeps it in Tansu's `s3://` storage on an S3 endpoint
+/// of its own (`moto_server`), which outlives the broker: a SIGKILL and a restart lose nothing,
+/// the producer's and groups' state included. A test that needs the log to survive a broker
+/// crash asks [`keeps_log_across_restart`](Self::keeps_log_across_restart).
 pub struct KafkaServer {
     process: Process,
     bin: Option<PathBuf>,
     bootstrap: String,
     port: Option<u16>,
+    /// The S3 endpoint of the durable storage, and its port.
+    s3: Option<(Process, u16)>,
     /// The port named in the broker's metadata, when not its own ([`Self::start_advertising`]).
     advertised: Option<u16>,
 }
@@ -542,6 +547,7 @@ impl KafkaServer {
                 bootstrap: b.to_string_lossy().into_owned(),
                 port: None,
                 advertised: None,
+                s3: None,
             };
         }
         let bin = local::tansu().unwrap_or_else(|| {
@@ -554,9 +560,56 @@ impl KafkaServer {
             bootstrap: format!("127.0.0.1:{port}"),
             port: Some(port),
             advertised: None,
+            s3: None,
         };
         s.spawn();
         s
+    }
+
+    /// Tansu with its log on an S3 endpoint of its own (see the type's docs); `None`, saying
+    /// why, when tansu or `moto_server` is missing (under `CI` a missing one fails), or when
+    /// `WEIR_KAFKA_BOOTSTRAP` names a broker the test may not kill.
+    pub fn start_durable() -> Option<Self> {
+        if std::env::var_os("WEIR_KAFKA_BOOTSTRAP").is_some() {
+            eprintln!("SKIP: WEIR_KAFKA_BOOTSTRAP names a broker the test may not kill");
+            return None;
+        }
+        let (Some(bin), Some(moto)) = (local::tansu(), local::moto_server()) else {
+            let why = "a durable tansu needs tansu and moto_server (or set $TANSU and \
+                       $MOTO_SERVER): run scripts/setup.sh";
+            if std::env::var_os("CI").is_some() {
+                panic!("{why}");
+            }
+            eprintln!("SKIP: {why}");
+            return None;
+        };
+        let s3_port = free_port();
+        let mut s3 = Process::new("moto_server");
+        s3.spawn(
+            {
+                let mut c = Command::new(moto);
+                c.args(["-H", "127.0.0.1", "-p", &s3_port.to_string()]);
+                c
+            },
+            Stdio::null(),
+        );
+        s3.wait(
+            Duration::from_secs(30),
+            || local::listening(s3_port, Duration::from_millis(200)),
+            String::new,
+        );
+        create_bucket(s3_port, "tansu");
+        let port = free_port();
+        let mut s = Self {
+            process: Process::new("tansu"),
+            bin: Some(bin),
+            bootstrap: format!("127.0.0.1:{port}"),
+            port: Some(port),
+            advertised: None,
+            s3: Some((s3, s3_port)),
+        };
+        s.spawn();
+        Some(s)
     }
 
     /// Starts tansu on a free port, telling clients to connect to `127.0.0.1:advertised` (where
@@ -570,6 +623,7 @@ impl KafkaServer {
             bootstrap: format!("127.0.0.1:{port}"),
             port: Some(port),
             advertised: Some(advertised),
+            s3: None,
         };
         s.spawn();
         Some(s)
@@ -598,10 +652,15 @@ impl KafkaServer {
             return;
         };
         let advertised = self.advertised.unwrap_or(port);
-        self.process.spawn(
-            local::kafka_command_advertising(&bin, port, advertised),
-            Stdio::null(),
-        );
+        let command = match &self.s3 {
+            None => local::kafka_command_advertising(&bin, port, advertised),
+            Some((_, s3_port)) => {
+                let mut c = local::kafka_command_stored(&bin, port, advertised, "s3://tansu/");
+                c.envs(local::s3_env(*s3_port));
+                c
+            }
+        };
+        self.process.spawn(command, Stdio::null());
         self.process.wait(
             Duration::from_secs(20),
             || local::listening(port, Duration::from_millis(200)),
@@ -624,9 +683,10 @@ impl KafkaServer {
         self.bin.is_some()
     }
 
-    /// Whether the log survives [`restart`](Self::restart): not on tansu's memory storage.
+    /// Whether the log survives [`restart`](Self::restart): on [`start_durable`](Self::start_durable)'s
+    /// storage, not on the memory storage of [`start`](Self::start).
     pub fn keeps_log_across_restart(&self) -> bool {
-        false
+        self.s3.is_some()
     }
 
     /// SIGKILL, as a crash would (no-op on an external broker).
@@ -639,4 +699,20 @@ impl KafkaServer {
         self.kill9();
         self.spawn();
     }
+}
+
+/// Creates `bucket` on the S3 endpoint at `127.0.0.1:port` (moto takes an unsigned request).
+fn create_bucket(port: u16, bucket: &str) {
+    let mut c = TcpStream::connect(loopback(port)).expect("connect to the S3 endpoint");
+    write!(
+        c,
+        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("create the bucket");
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the S3 endpoint did not create bucket {bucket}: {answer}"
+    );
 }

@@ -2,7 +2,8 @@
 //! `acks=all`, as the sidecar publishes) and a consumer group (as a consuming sidecar reads),
 //! configured by `weir_broker::kafka::Bootstrap` from the broker's `kafka://` URL, move messages
 //! with their headers and keys through it; a SIGKILL ends it and a restart serves again on the
-//! same port.
+//! same port, and on the durable storage (`KafkaServer::start_durable`) nothing stored or
+//! committed before the SIGKILL is lost.
 
 use std::time::Duration;
 
@@ -144,4 +145,145 @@ async fn a_killed_broker_restarts_on_its_port_and_serves_again() {
         )
         .await
         .unwrap_or_else(|(e, _)| panic!("send after restart: {e}"));
+}
+
+/// Tansu on its `s3://` storage: 200 records acknowledged (`acks=all`) and a group's commit of
+/// the first 100 outlive a SIGKILL of the broker; after the restart the group reads on from 100,
+/// each record once, and the producer goes on (a new idempotent producer, as a restarted sidecar
+/// would have, and the one from before the crash).
+#[tokio::test]
+async fn a_durable_broker_loses_nothing_acknowledged_to_a_kill9() {
+    let Some(mut k) = KafkaServer::start_durable() else {
+        return;
+    };
+    create_topic(&k, "weir_kit_durable", 1).await;
+    let p = producer(&k);
+    for i in 0..200 {
+        p.send(
+            FutureRecord::to("weir_kit_durable")
+                .payload(&format!("{i}"))
+                .key("k"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
+    }
+    let group = "weir_kit_durable.billing";
+    {
+        let c = consumer(&k, group);
+        c.subscribe(&["weir_kit_durable"]).unwrap();
+        for i in 0..100 {
+            let m = tokio::time::timeout(Duration::from_secs(20), c.recv())
+                .await
+                .expect("a record within 20 s")
+                .unwrap();
+            assert_eq!(m.payload(), Some(format!("{i}").as_bytes()));
+            if i == 99 {
+                c.commit_message(&m, CommitMode::Sync).unwrap();
+            }
+        }
+    }
+    k.kill9();
+    k.restart();
+    let c = consumer(&k, group);
+    c.subscribe(&["weir_kit_durable"]).unwrap();
+    for i in 100..200 {
+        let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
+            .await
+            .unwrap_or_else(|_| panic!("record {i} after the restart within 30 s"))
+            .unwrap();
+        assert_eq!(
+            m.payload(),
+            Some(format!("{i}").as_bytes()),
+            "in order, from the commit"
+        );
+    }
+    for (name, p) in [
+        ("a new producer", producer(&k)),
+        ("the producer from before", p),
+    ] {
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            p.send(
+                FutureRecord::to("weir_kit_durable")
+                    .payload("after")
+                    .key("k"),
+                Duration::from_secs(10),
+            ),
+        )
+        .await
+        .expect("acknowledged within 15 s")
+        .unwrap_or_else(|(e, _)| panic!("{name}: {e}"));
+    }
+    let p = producer(&k);
+    for i in 200..300 {
+        p.send(
+            FutureRecord::to("weir_kit_durable")
+                .payload(&format!("{i}"))
+                .key("k"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
+    }
+    // The two "after" records, then 200..300, each at an offset of its own.
+    let mut got = Vec::new();
+    while got.len() < 102 {
+        let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} records after the restart: {got:?}", got.len()))
+            .unwrap();
+        got.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+    }
+    let want: Vec<String> = ["after".to_string(), "after".to_string()]
+        .into_iter()
+        .chain((200..300).map(|i| i.to_string()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// The same across four partitions, records spread by the partitioner (no key), as a sidecar
+/// publishes events without a partition key: every acknowledged record is there after the
+/// broker's SIGKILL and restart.
+#[tokio::test]
+async fn a_durable_broker_keeps_every_partition_across_a_kill9() {
+    let Some(mut k) = KafkaServer::start_durable() else {
+        return;
+    };
+    create_topic(&k, "weir_kit_spread", 4).await;
+    let send = |p: FutureProducer, from: usize, to: usize| async move {
+        for i in from..to {
+            p.send(
+                FutureRecord::<(), _>::to("weir_kit_spread").payload(&format!("{i}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
+        }
+    };
+    // One producer throughout, as a sidecar's: its idempotent state outlives the broker's crash.
+    let p = producer(&k);
+    send(p.clone(), 0, 150).await;
+    k.kill9();
+    k.restart();
+    send(p, 150, 300).await;
+    let c = consumer(&k, "weir_kit_spread.reader");
+    c.subscribe(&["weir_kit_spread"]).unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 300 {
+        match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
+            Ok(m) => {
+                let m = m.unwrap();
+                got.insert(
+                    String::from_utf8_lossy(m.payload().unwrap_or_default())
+                        .parse::<usize>()
+                        .unwrap(),
+                );
+            }
+            Err(_) => {
+                let missing: Vec<usize> = (0..300).filter(|i| !got.contains(i)).collect();
+                panic!("{} of 300 read; missing {missing:?}", got.len());
+            }
+        }
+    }
 }

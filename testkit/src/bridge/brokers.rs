@@ -52,6 +52,18 @@ impl TestBroker {
         })
     }
 
+    /// [`start`](Self::start), but a broker whose log survives its SIGKILL: on Kafka, tansu on
+    /// its durable storage ([`KafkaServer::start_durable`]); the others keep their log anyway.
+    pub async fn start_durable(kind: Kind) -> Option<TestBroker> {
+        match kind {
+            Kind::Kafka => {
+                require(kind)?;
+                KafkaServer::start_durable().map(TestBroker::Kafka)
+            }
+            _ => TestBroker::start(kind).await,
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             TestBroker::Nats(_) => Kind::Nats,
@@ -96,7 +108,7 @@ impl TestBroker {
     }
 
     /// Whether the broker's log survives [`kill9`](Self::kill9) and [`restart`](Self::restart)
-    /// (not on the test kit's Tansu, whose storage is memory), and the test may kill it at all
+    /// (not on the memory storage of the test kit's Tansu: see [`Self::start_durable`]), and the test may kill it at all
     /// (not a Kafka named by `WEIR_KAFKA_BOOTSTRAP`): `Err` says why not.
     pub fn survives_a_kill(&self) -> Result<(), &'static str> {
         match self {

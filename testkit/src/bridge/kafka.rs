@@ -131,7 +131,12 @@ fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
 /// Every record of `topic` (none when it does not exist), by partition and offset; `position`
 /// is `<partition>:<offset>`, as a sidecar names it.
 pub async fn read_all(k: &KafkaServer, topic: &str) -> Vec<Stored> {
-    read_keyed(k, topic)
+    read_all_quiet_for(k, topic, QUIET).await
+}
+
+/// [`read_all`], done once no record came for `quiet` (a slow storage fetches in long gaps).
+pub async fn read_all_quiet_for(k: &KafkaServer, topic: &str, quiet: Duration) -> Vec<Stored> {
+    read_keyed(k, topic, quiet)
         .await
         .into_iter()
         .map(|(_, s)| s)
@@ -140,14 +145,14 @@ pub async fn read_all(k: &KafkaServer, topic: &str) -> Vec<Stored> {
 
 /// The keys of the records of `topic` (`""` for a record without one).
 pub async fn keys(k: &KafkaServer, topic: &str) -> Vec<String> {
-    read_keyed(k, topic)
+    read_keyed(k, topic, QUIET)
         .await
         .into_iter()
         .map(|(k, _)| k)
         .collect()
 }
 
-async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
+async fn read_keyed(k: &KafkaServer, topic: &str, quiet: Duration) -> Vec<(String, Stored)> {
     // (librdkafka assigns only with a group id; this reader never joins nor commits.)
     let c: BaseConsumer = config(k)
         .set("group.id", "weir-testkit-reader")
@@ -173,7 +178,7 @@ async fn read_keyed(k: &KafkaServer, topic: &str) -> Vec<(String, Stored)> {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
                 {
                     quiet_since = std::time::Instant::now();
-                    wait = QUIET;
+                    wait = quiet;
                     let headers: BTreeMap<_, _> = weir_broker::kafka::headers_of(&m)
                         .into_iter()
                         .map(|(k, v)| (k.to_ascii_lowercase(), v))
