@@ -1,5 +1,6 @@
 //! The shop (examples/shop) under `weir up`, driven from outside like a user would: no cluster,
-//! a real nats-server, real sidecars, the six services and the place-order saga coordinator.
+//! a real broker (nats-server, redis-server, rabbitmq-server, or Tansu for Kafka), real
+//! sidecars, the six services and the place-order saga coordinator.
 //!
 //! One run, in phases that build on each other: an order placed through the gateway completes
 //! (saga, one capture, notifications); a trace crosses gateway → orders → users (OTLP receiver
@@ -7,8 +8,9 @@
 //! a slow users service trips the breaker and the fallback answers; `kill -9` of payments while
 //! orders flow still charges each order exactly once.
 //!
-//! Needs `cargo build --workspace --bins` (scripts/test.sh does it) and nats-server
-//! (scripts/setup.sh puts it in .tools/bin).
+//! Needs `cargo build --workspace --bins` (scripts/test.sh does it) and the brokers
+//! (scripts/setup.sh installs them; Tansu and nats-server in .tools/bin). The Kafka run skips,
+//! saying so, when Tansu is missing (outside CI).
 
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -440,11 +442,49 @@ fn the_shop_runs_end_to_end_on_rabbitmq() {
     shop_end_to_end("rabbitmq");
 }
 
+#[test]
+fn the_shop_runs_end_to_end_on_kafka() {
+    if tansu().is_none() {
+        let why = "tansu not found (on PATH, $TANSU or .tools/bin): run scripts/setup.sh";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIP: the shop on kafka: {why}");
+        return;
+    }
+    shop_end_to_end("kafka");
+}
+
+/// Tansu, the Kafka-protocol broker `weir up --broker kafka` starts, where `weir up` looks for
+/// it: `$TANSU`, `PATH` (as the run gets it), `.tools/bin`.
+fn tansu() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_else(Vec::new);
+    std::env::var_os("TANSU")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(on_path)
+        .chain([root().join(".tools/bin/tansu")])
+        .find(|p| p.is_file())
+}
+
 fn shop_end_to_end(broker: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     eprintln!("=== the shop on {broker}");
     let (otlp_url, spans) = otlp_receiver();
     let shop = Shop::start(&otlp_url, broker);
+    // The queues are on the broker asked for, which weir up started and supervises.
+    let state = shop.state();
+    let scheme = match broker {
+        "rabbitmq" => "amqp",
+        other => other,
+    };
+    let url = state["brokerUrl"].as_str().unwrap_or_default();
+    assert!(url.starts_with(&format!("{scheme}://")), "brokerUrl {url}");
+    assert!(
+        state["brokers"][broker]["pid"].is_u64(),
+        "{}",
+        state["brokers"]
+    );
     let gw = shop.port("gateway");
 
     eprintln!("== catalog through the gateway");
