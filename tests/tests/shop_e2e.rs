@@ -456,9 +456,9 @@ fn the_shop_runs_end_to_end_on_kafka() {
 /// Tansu, the Kafka-protocol broker `weir up --broker kafka` starts, where `weir up` looks for
 /// it: `$TANSU`, `PATH` (as the run gets it), `.tools/bin`.
 fn tansu() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     std::env::var_os("TANSU")
         .map(PathBuf::from)
         .into_iter()
