@@ -1,11 +1,12 @@
-//! Pub/sub benchmark against each broker (a real nats-server, redis-server and rabbitmq-server),
-//! in one run per broker: the raw client's publish-with-confirmation (async-nats publish + ack,
-//! redis `XADD`, lapin publish + publisher confirm) vs `POST /v1/publish/<queue>` through
-//! `weir-proxy` (schema validation on), then end-to-end consume throughput through the sidecar
-//! into a trivial app. Prints a Markdown table. Run with `sidecar/benches/pubsub.sh` (or
-//! `cargo bench -p weir-proxy --bench pubsub`); `PUBSUB_N`, `PUBSUB_CONCURRENCY` and
-//! `PUBSUB_BROKERS` (default `nats,redis,rabbitmq`) adjust it; `PUBSUB_REDIS_FSYNC=everysec`
-//! runs Redis with `appendfsync everysec` instead of `always`.
+//! Pub/sub benchmark against each broker (a real nats-server, redis-server, rabbitmq-server and
+//! Tansu, a Kafka-protocol broker keeping its log in memory), in one run per broker: the raw
+//! client's publish-with-confirmation (async-nats publish + ack, redis `XADD`, lapin publish +
+//! publisher confirm, rdkafka's idempotent producer with `acks=all`) vs
+//! `POST /v1/publish/<queue>` through `weir-proxy` (schema validation on), then end-to-end
+//! consume throughput through the sidecar into a trivial app. Prints a Markdown table. Run with
+//! `sidecar/benches/pubsub.sh` (or `cargo bench -p weir-proxy --bench pubsub`); `PUBSUB_N`,
+//! `PUBSUB_CONCURRENCY` and `PUBSUB_BROKERS` (default `nats,redis,rabbitmq,kafka`) adjust it;
+//! `PUBSUB_REDIS_FSYNC=everysec` runs Redis with `appendfsync everysec` instead of `always`.
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -275,6 +276,8 @@ async fn raw_publish_load(broker: &TestBroker, n: usize, concurrency: usize) -> 
         }
         TestBroker::Kafka(server) => {
             let p = weir_testkit::bridge::kafka::producer(server);
+            // Connected before the clock starts, as the other raw clients are.
+            weir_testkit::bridge::kafka::connect(&p, STREAM).await;
             let r = run_load(n, concurrency, move |i| {
                 let p = p.clone();
                 async move {

@@ -1,14 +1,17 @@
 //! The shop (examples/shop) under `weir up`, driven from outside like a user would: no cluster,
-//! a real nats-server, real sidecars, the six services and the place-order saga coordinator.
+//! a real broker (nats-server, redis-server, rabbitmq-server, or Tansu for Kafka), real
+//! sidecars, the six services and the place-order saga coordinator.
 //!
 //! One run, in phases that build on each other: an order placed through the gateway completes
 //! (saga, one capture, notifications); a trace crosses gateway → orders → users (OTLP receiver
-//! and log lines); invalid input is refused or dead-lettered; a declined payment is compensated;
-//! a slow users service trips the breaker and the fallback answers; `kill -9` of payments while
-//! orders flow still charges each order exactly once.
+//! and log lines); invalid input is refused or dead-lettered (an event injected on NATS or
+//! Kafka); a declined payment is compensated; a slow users service trips the breaker and the
+//! fallback answers; `kill -9` of payments while orders flow still charges each order exactly
+//! once.
 //!
-//! Needs `cargo build --workspace --bins` (scripts/test.sh does it) and nats-server
-//! (scripts/setup.sh puts it in .tools/bin).
+//! Needs `cargo build --workspace --bins` (scripts/test.sh does it) and the brokers
+//! (scripts/setup.sh installs them; Tansu and nats-server in .tools/bin). The Kafka run skips,
+//! saying so, when Tansu is missing (outside CI).
 
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -440,11 +443,49 @@ fn the_shop_runs_end_to_end_on_rabbitmq() {
     shop_end_to_end("rabbitmq");
 }
 
+#[test]
+fn the_shop_runs_end_to_end_on_kafka() {
+    if tansu().is_none() {
+        let why = "tansu not found (on PATH, $TANSU or .tools/bin): run scripts/setup.sh";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIP: the shop on kafka: {why}");
+        return;
+    }
+    shop_end_to_end("kafka");
+}
+
+/// Tansu, the Kafka-protocol broker `weir up --broker kafka` starts, where `weir up` looks for
+/// it: `$TANSU`, `PATH` (as the run gets it), `.tools/bin`.
+fn tansu() -> Option<PathBuf> {
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_default();
+    std::env::var_os("TANSU")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(on_path)
+        .chain([root().join(".tools/bin/tansu")])
+        .find(|p| p.is_file())
+}
+
 fn shop_end_to_end(broker: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     eprintln!("=== the shop on {broker}");
     let (otlp_url, spans) = otlp_receiver();
     let shop = Shop::start(&otlp_url, broker);
+    // The queues are on the broker asked for, which weir up started and supervises.
+    let state = shop.state();
+    let scheme = match broker {
+        "rabbitmq" => "amqp",
+        other => other,
+    };
+    let url = state["brokerUrl"].as_str().unwrap_or_default();
+    assert!(url.starts_with(&format!("{scheme}://")), "brokerUrl {url}");
+    assert!(
+        state["brokers"][broker]["pid"].is_u64(),
+        "{}",
+        state["brokers"]
+    );
     let gw = shop.port("gateway");
 
     eprintln!("== catalog through the gateway");
@@ -549,11 +590,11 @@ fn shop_end_to_end(broker: &str) {
     assert!(body.to_string().contains("/items/0/qty"), "{body}");
 
     eprintln!("== a malformed event injected on the broker is dead-lettered; weir dlq shows it");
-    if broker == "nats" {
-        malformed_event_is_dead_lettered(&shop);
+    if broker == "nats" || broker == "kafka" {
+        malformed_event_is_dead_lettered(&shop, broker);
     } else {
         // The bridge's conformance suite (sidecar/tests/bridge.rs) injects on every broker.
-        eprintln!("  (injected on NATS only)");
+        eprintln!("  (injected on NATS and Kafka only)");
     }
 
     eprintln!("== payments failing: the saga compensates, stock released, order failed");
@@ -757,27 +798,15 @@ fn shop_end_to_end(broker: &str) {
 
 /// Injects an event that fails the Queue's schema straight onto the stream: the consuming
 /// sidecar dead-letters it without calling the app, and `weir dlq list` shows it.
-fn malformed_event_is_dead_lettered(shop: &Shop) {
+fn malformed_event_is_dead_lettered(shop: &Shop, kind: &str) {
     let broker = shop.state()["brokerUrl"].as_str().unwrap().to_string();
     let seen_before = shop.notifications().len();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let nc = async_nats::connect(&broker).await.unwrap();
-        let js = async_nats::jetstream::new(nc);
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("ce-id", "bad-capture-1");
-        h.insert("ce-type", "payments.captured");
-        h.insert("Nats-Msg-Id", "bad-capture-1");
-        js.publish_with_headers(
-            "weir.default.payments-captured",
-            h,
-            br#"{"chargeId": "ch-x", "amount": "lots"}"#.as_slice().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    });
+    if kind == "kafka" {
+        rt.block_on(inject_on_kafka(&broker));
+    } else {
+        rt.block_on(inject_on_nats(&broker));
+    }
     let weir = root().join("target/debug/weir");
     let listing = wait_until(
         "the dead letter listed by weir dlq",
@@ -797,4 +826,57 @@ fn malformed_event_is_dead_lettered(shop: &Shop) {
         seen_before,
         "the app was called"
     );
+}
+
+/// The malformed capture, as another JetStream producer would publish it.
+async fn inject_on_nats(broker: &str) {
+    let nc = async_nats::connect(broker).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("ce-id", "bad-capture-1");
+    h.insert("ce-type", "payments.captured");
+    h.insert("Nats-Msg-Id", "bad-capture-1");
+    js.publish_with_headers(
+        "weir.default.payments-captured",
+        h,
+        br#"{"chargeId": "ch-x", "amount": "lots"}"#.as_slice().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// The malformed capture, as another Kafka producer would produce it (a CloudEvent in binary
+/// mode: its attributes are the record's `ce-*` headers), acknowledged by the broker.
+async fn inject_on_kafka(broker: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.trim_start_matches("kafka://"))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let mut h = OwnedHeaders::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "bad-capture-1"),
+        ("ce-type", "payments.captured"),
+        ("ce-source", "weir://default/elsewhere"),
+        ("content-type", "application/json"),
+    ] {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    p.send(
+        FutureRecord::<(), [u8]>::to("weir_default_payments-captured")
+            .payload(br#"{"chargeId": "ch-x", "amount": "lots"}"#.as_slice())
+            .headers(h),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|(e, _)| panic!("produce the malformed capture: {e}"));
 }

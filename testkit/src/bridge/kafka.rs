@@ -13,7 +13,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -97,6 +97,21 @@ pub fn producer(k: &KafkaServer) -> FutureProducer {
         .set("linger.ms", "1")
         .create()
         .expect("producer")
+}
+
+/// Fetches `topic`'s metadata through `p`: its broker connection open (on which an idempotent
+/// producer gets its producer id) before the first record, as a ready sidecar's producer is.
+pub async fn connect(p: &FutureProducer, topic: &str) {
+    let p = p.clone();
+    let t = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        p.client()
+            .fetch_metadata(Some(&t), Duration::from_secs(10))
+            .map(drop)
+    })
+    .await
+    .expect("metadata task")
+    .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
 }
 
 /// A record carrying exactly `headers` (no key) to `topic`, acknowledged.
