@@ -238,6 +238,19 @@ impl KafkaConn {
                 PUBLISH_TIMEOUT.as_millis()
             ))),
             Ok(Err((e, _))) => Err(produce_error(&t, e)),
+            // librdkafka reports a batch the broker called a duplicate of one it already holds
+            // (`DUPLICATE_SEQUENCE_NUMBER`) as delivered, without an offset. A broker that lost
+            // its producer state may say so of a record it never stored (the test kit's Tansu
+            // did, after a crash): no 202 without a position, the client publishes again (a
+            // second copy, if there is one, is dropped by the consumers' dedup on `ce-id`).
+            Ok(Ok(d)) if d.offset < 0 => Err(Error::Broker {
+                code: Some("NoOffset".into()),
+                message: format!(
+                    "the broker acknowledged the event on {t} partition {} without an offset \
+                     (as a duplicate of a record it may not hold): publish again",
+                    d.partition
+                ),
+            }),
             Ok(Ok(d)) => Ok(Published {
                 duplicate: false,
                 position: serde_json::Value::String(format!("{}:{}", d.partition, d.offset)),

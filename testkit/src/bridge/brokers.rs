@@ -223,7 +223,9 @@ impl TestBroker {
                 }
                 n
             }
-            TestBroker::Kafka(k) => kafka::read_all(k, name).await.len() as u64,
+            TestBroker::Kafka(k) => kafka::read_all_quiet_for(k, name, kafka::quiet(k))
+                .await
+                .len() as u64,
         }
     }
 
@@ -296,7 +298,7 @@ impl TestBroker {
                 let _ = conn.close(200, "ok".into()).await;
                 out
             }
-            TestBroker::Kafka(k) => kafka::read_all(k, name).await,
+            TestBroker::Kafka(k) => kafka::read_all_quiet_for(k, name, kafka::quiet(k)).await,
         }
     }
 

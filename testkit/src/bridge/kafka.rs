@@ -149,6 +149,16 @@ pub async fn read_all(k: &KafkaServer, topic: &str) -> Vec<Stored> {
     read_all_quiet_for(k, topic, QUIET).await
 }
 
+/// How long a reader of `k` waits for the next record before it takes a partition as read:
+/// longer on the durable storage, which fetches from its S3 endpoint in long gaps.
+pub fn quiet(k: &KafkaServer) -> Duration {
+    if k.keeps_log_across_restart() {
+        Duration::from_secs(3)
+    } else {
+        QUIET
+    }
+}
+
 /// [`read_all`], done once no record came for `quiet` (a slow storage fetches in long gaps).
 pub async fn read_all_quiet_for(k: &KafkaServer, topic: &str, quiet: Duration) -> Vec<Stored> {
     read_keyed(k, topic, quiet)
