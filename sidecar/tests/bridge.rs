@@ -1322,6 +1322,36 @@ async fn redis_password_from_the_secret_directory() {
         .await;
 }
 
+/// Kafka with SASL SCRAM (`?sasl=scram-sha-512`): the sidecar authenticates with the Secret's
+/// `username` and `password`; a broker that refuses them leaves it unconnected (`/brokerz` 503
+/// naming the broker, `/readyz` 200) and its log says why, once per failure. (The test kit's
+/// Tansu cannot be given a user: the accepting path is not shown here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_scram_credentials_from_the_secret_directory_refused_are_told() {
+    let Some(_) = require(Kind::Kafka) else {
+        return;
+    };
+    let Some(server) = KafkaServer::start_requiring_sasl(&[(STREAM, 1)]) else {
+        return;
+    };
+    let url = format!("{}?sasl=scram-sha-512", server.url());
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("username"), "weir").unwrap();
+    std::fs::write(secret.path().join("password"), "s3cret\n").unwrap();
+    let app = App::ok().await;
+    let mut m = publisher_messaging(&url);
+    m.broker_kind = "kafka".into();
+    m.credentials_file = Some(secret.path().to_str().unwrap().to_string());
+    let s = Unready::start(PROXY, base_config("orders", app.addr, m));
+    s.says(&["broker not usable", "sasl scram authentication failed"])
+        .await;
+    let (status, body) = s
+        .proxy
+        .publish(QUEUE, &[("ce-id", "c-1")], r#"{"orderId":"x","amount":1}"#)
+        .await;
+    assert_eq!(status, 503, "{body}");
+}
+
 /// RabbitMQ: `username` and `password` from the Secret's directory; wrong ones leave the sidecar
 /// unconnected (`/brokerz` 503, `/readyz` 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -533,6 +533,8 @@ pub struct KafkaServer {
     port: Option<u16>,
     /// The S3 endpoint of the durable storage, and its port.
     s3: Option<(Process, u16)>,
+    /// Clients must authenticate (SASL): [`Self::start_requiring_sasl`].
+    authentication: bool,
     /// The port named in the broker's metadata, when not its own ([`Self::start_advertising`]).
     advertised: Option<u16>,
 }
@@ -548,6 +550,7 @@ impl KafkaServer {
                 port: None,
                 advertised: None,
                 s3: None,
+                authentication: false,
             };
         }
         let bin = local::tansu().unwrap_or_else(|| {
@@ -561,9 +564,46 @@ impl KafkaServer {
             port: Some(port),
             advertised: None,
             s3: None,
+            authentication: false,
         };
         s.spawn();
         s
+    }
+
+    /// A durable tansu ([`Self::start_durable`]) with `topics` (name, partitions), created with
+    /// `tansu topic create`, then restarted on the same storage requiring SASL authentication
+    /// (`--authentication`). Its `tansu user create` answers success but the broker then knows
+    /// no such user ("unknown-user"), so it serves the refusal path only. `None` as
+    /// [`Self::start_durable`].
+    pub fn start_requiring_sasl(topics: &[(&str, i32)]) -> Option<Self> {
+        let mut s = Self::start_durable()?;
+        let (Some(bin), Some(port)) = (s.bin.clone(), s.port) else {
+            return None;
+        };
+        let broker = format!("tcp://127.0.0.1:{port}");
+        for (name, partitions) in topics {
+            let p = partitions.to_string();
+            let out = Command::new(&bin)
+                .args([
+                    "topic",
+                    "create",
+                    "--broker",
+                    &broker,
+                    "--partitions",
+                    &p,
+                    name,
+                ])
+                .output()
+                .expect("run tansu topic create");
+            assert!(
+                out.status.success(),
+                "tansu topic create {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        s.authentication = true;
+        s.restart();
+        Some(s)
     }
 
     /// Tansu with its log on an S3 endpoint of its own (see the type's docs); `None`, saying
@@ -607,6 +647,7 @@ impl KafkaServer {
             port: Some(port),
             advertised: None,
             s3: Some((s3, s3_port)),
+            authentication: false,
         };
         s.spawn();
         Some(s)
@@ -624,6 +665,7 @@ impl KafkaServer {
             port: Some(port),
             advertised: Some(advertised),
             s3: None,
+            authentication: false,
         };
         s.spawn();
         Some(s)
@@ -652,7 +694,7 @@ impl KafkaServer {
             return;
         };
         let advertised = self.advertised.unwrap_or(port);
-        let command = match &self.s3 {
+        let mut command = match &self.s3 {
             None => local::kafka_command_advertising(&bin, port, advertised),
             Some((_, s3_port)) => {
                 let mut c = local::kafka_command_stored(&bin, port, advertised, "s3://tansu/");
@@ -660,6 +702,9 @@ impl KafkaServer {
                 c
             }
         };
+        if self.authentication {
+            command.arg("--authentication");
+        }
         self.process.spawn(command, Stdio::null());
         self.process.wait(
             Duration::from_secs(20),

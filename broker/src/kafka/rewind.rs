@@ -6,9 +6,9 @@
 //! processed-event topic every consuming sidecar follows ([`super::processed`]):
 //!
 //! 1. The point becomes an offset per partition: the first record at or after the time
-//!    (`ListOffsets` by timestamp), or the first offset kept for [`Point::Start`]. Only the
+//!    (`ListOffsets` by timestamp), or the first offset kept for [`crate::rewind::Point::Start`]. Only the
 //!    partitions where the group has committed past that offset move; none: the group is left
-//!    as it was ([`Rewound::NothingDelivered`]).
+//!    as it was (`Rewound::NothingDelivered`).
 //! 2. The rewind marker ([`Marker`], key [`crate::queue::rewind_marker_key`]) is written to the
 //!    processed-event topic; its `from` names the offset of each partition that moves
 //!    (`0:49,2:310`, [`format_offsets`]).
