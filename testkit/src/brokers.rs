@@ -556,14 +556,20 @@ impl KafkaServer {
         let bin = local::tansu().unwrap_or_else(|| {
             panic!("tansu not found (or set $TANSU, or WEIR_KAFKA_BOOTSTRAP): run scripts/setup.sh")
         });
+        Self::tansu(bin, None, None)
+    }
+
+    /// `bin` started on a free port, advertising `advertised` (else its own port), its log on
+    /// the S3 endpoint `s3` (else in memory).
+    fn tansu(bin: PathBuf, advertised: Option<u16>, s3: Option<(Process, u16)>) -> Self {
         let port = free_port();
         let mut s = Self {
             process: Process::new("tansu"),
             bin: Some(bin),
             bootstrap: format!("127.0.0.1:{port}"),
             port: Some(port),
-            advertised: None,
-            s3: None,
+            advertised,
+            s3,
             authentication: false,
         };
         s.spawn();
@@ -572,8 +578,8 @@ impl KafkaServer {
 
     /// A durable tansu ([`Self::start_durable`]) with `topics` (name, partitions), created with
     /// `tansu topic create`, then restarted on the same storage requiring SASL authentication
-    /// (`--authentication`). Its `tansu user create` answers success but the broker then knows
-    /// no such user ("unknown-user"), so it serves the refusal path only. `None` as
+    /// (`--authentication`). Tansu's `user create` answers success but the broker then knows no
+    /// such user ("unknown-user"), so this serves the refusal path only. `None` as
     /// [`Self::start_durable`].
     pub fn start_requiring_sasl(topics: &[(&str, i32)]) -> Option<Self> {
         let mut s = Self::start_durable()?;
@@ -639,36 +645,13 @@ impl KafkaServer {
             String::new,
         );
         create_bucket(s3_port, "tansu");
-        let port = free_port();
-        let mut s = Self {
-            process: Process::new("tansu"),
-            bin: Some(bin),
-            bootstrap: format!("127.0.0.1:{port}"),
-            port: Some(port),
-            advertised: None,
-            s3: Some((s3, s3_port)),
-            authentication: false,
-        };
-        s.spawn();
-        Some(s)
+        Some(Self::tansu(bin, None, Some((s3, s3_port))))
     }
 
     /// Starts tansu on a free port, telling clients to connect to `127.0.0.1:advertised` (where
     /// a [`crate::TlsFront`] forwards to [`Self::port`]); `None` when tansu is not installed.
     pub fn start_advertising(advertised: u16) -> Option<Self> {
-        let bin = local::tansu()?;
-        let port = free_port();
-        let mut s = Self {
-            process: Process::new("tansu"),
-            bin: Some(bin),
-            bootstrap: format!("127.0.0.1:{port}"),
-            port: Some(port),
-            advertised: Some(advertised),
-            s3: None,
-            authentication: false,
-        };
-        s.spawn();
-        Some(s)
+        Some(Self::tansu(local::tansu()?, Some(advertised), None))
     }
 
     /// The port tansu listens on (`None` for `WEIR_KAFKA_BOOTSTRAP`).

@@ -147,6 +147,26 @@ async fn a_killed_broker_restarts_on_its_port_and_serves_again() {
         .unwrap_or_else(|(e, _)| panic!("send after restart: {e}"));
 }
 
+/// Sends the numbers of `range` to `topic`, each acknowledged, keyed `key` (else spread by the
+/// partitioner).
+async fn send_numbers(
+    p: &FutureProducer,
+    topic: &str,
+    range: std::ops::Range<usize>,
+    key: Option<&str>,
+) {
+    for i in range {
+        let payload = i.to_string();
+        let mut record = FutureRecord::<str, str>::to(topic).payload(&payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        p.send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
+    }
+}
+
 /// Tansu on its `s3://` storage: 200 records acknowledged (`acks=all`) and a group's commit of
 /// the first 100 outlive a SIGKILL of the broker; after the restart the group reads on from 100,
 /// each record once, and the producer goes on (a new idempotent producer, as a restarted sidecar
@@ -158,16 +178,7 @@ async fn a_durable_broker_loses_nothing_acknowledged_to_a_kill9() {
     };
     create_topic(&k, "weir_kit_durable", 1).await;
     let p = producer(&k);
-    for i in 0..200 {
-        p.send(
-            FutureRecord::to("weir_kit_durable")
-                .payload(&format!("{i}"))
-                .key("k"),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
-    }
+    send_numbers(&p, "weir_kit_durable", 0..200, Some("k")).await;
     let group = "weir_kit_durable.billing";
     {
         let c = consumer(&k, group);
@@ -215,17 +226,7 @@ async fn a_durable_broker_loses_nothing_acknowledged_to_a_kill9() {
         .expect("acknowledged within 15 s")
         .unwrap_or_else(|(e, _)| panic!("{name}: {e}"));
     }
-    let p = producer(&k);
-    for i in 200..300 {
-        p.send(
-            FutureRecord::to("weir_kit_durable")
-                .payload(&format!("{i}"))
-                .key("k"),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
-    }
+    send_numbers(&producer(&k), "weir_kit_durable", 200..300, Some("k")).await;
     // The two "after" records, then 200..300, each at an offset of its own.
     let mut got = Vec::new();
     while got.len() < 102 {
@@ -251,22 +252,12 @@ async fn a_durable_broker_keeps_every_partition_across_a_kill9() {
         return;
     };
     create_topic(&k, "weir_kit_spread", 4).await;
-    let send = |p: FutureProducer, from: usize, to: usize| async move {
-        for i in from..to {
-            p.send(
-                FutureRecord::<(), _>::to("weir_kit_spread").payload(&format!("{i}")),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_or_else(|(e, _)| panic!("send {i}: {e}"));
-        }
-    };
     // One producer throughout, as a sidecar's: its idempotent state outlives the broker's crash.
     let p = producer(&k);
-    send(p.clone(), 0, 150).await;
+    send_numbers(&p, "weir_kit_spread", 0..150, None).await;
     k.kill9();
     k.restart();
-    send(p, 150, 300).await;
+    send_numbers(&p, "weir_kit_spread", 150..300, None).await;
     let c = consumer(&k, "weir_kit_spread.reader");
     c.subscribe(&["weir_kit_spread"]).unwrap();
     let mut got = std::collections::BTreeSet::new();

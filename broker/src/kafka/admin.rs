@@ -49,7 +49,7 @@ use weir_crds::broker::BrokerKind;
 use weir_crds::queue::{QueueSpec, Retention, Storage};
 
 /// How long one admin request may take before it is a [`Error::Broker`].
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection to a Kafka cluster: an admin client (whose metadata, watermark and group list
 /// calls block, so they run on the blocking pool), a producer for replays, and the client
@@ -121,7 +121,7 @@ pub fn messages_of(watermarks: &[(i64, i64)]) -> u64 {
 
 /// What a topic has now.
 #[derive(Debug, Clone, PartialEq)]
-struct Existing {
+pub(crate) struct Existing {
     partitions: usize,
     replication_factor: usize,
 }
@@ -201,7 +201,7 @@ impl KafkaAdmin {
     }
 
     /// The topic's partition count and replication factor; `None` when there is no such topic.
-    async fn existing(&self, name: &str) -> Result<Option<Existing>, Error> {
+    pub(crate) async fn existing(&self, name: &str) -> Result<Option<Existing>, Error> {
         let owned = name.to_string();
         let found = self
             .blocking(&format!("metadata of topic {name}"), move |a| {

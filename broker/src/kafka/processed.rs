@@ -134,19 +134,24 @@ struct Seen {
     epoch: u64,
     /// (generation, partition) of every applied record read or written.
     applied: HashSet<(u64, i32)>,
-    /// A new rewind marker was read since [`ProcessedStore::take_rewind_signal`].
-    signal: bool,
 }
 
 impl Seen {
-    /// Takes a record read from the topic, in the topic's order.
-    fn read(&mut self, consumer: &str, key: &str, value: &[u8], until: impl FnOnce() -> i64) {
+    /// Takes a record read from the topic, in the topic's order; `true` when it is a rewind
+    /// marker newer than the one held (the fetcher then looks for partitions to move).
+    fn read(
+        &mut self,
+        consumer: &str,
+        key: &str,
+        value: &[u8],
+        until: impl FnOnce() -> i64,
+    ) -> bool {
         if key.starts_with(MARKER_PREFIX) {
             self.markers.insert(key.to_string());
         } else if key == rewind_marker_key(consumer) {
             let Some(m) = Marker::parse(value).as_ref().and_then(KafkaMarker::of) else {
                 tracing::warn!(key, "not a Kafka rewind marker; ignored");
-                return;
+                return false;
             };
             if self
                 .rewind
@@ -156,7 +161,7 @@ impl Seen {
                 tracing::info!(generation = m.generation, offsets = ?m.offsets, "rewind marker read");
                 self.rewind = Some(m);
                 self.epoch += 1;
-                self.signal = true;
+                return true;
             }
         } else if let Some(applied) = parse_applied_key(consumer, key) {
             self.applied.insert(applied);
@@ -173,6 +178,7 @@ impl Seen {
             k.until = k.until.max(until);
             k.epoch = epoch;
         }
+        false
     }
 
     /// Whether `key` counts for the event at `position`.
@@ -193,6 +199,9 @@ pub struct ProcessedStore {
     seen: Arc<Mutex<Seen>>,
     producer: FutureProducer<Quiet>,
     quit: Arc<AtomicBool>,
+    /// A new rewind marker was read since [`ProcessedStore::take_rewind_signal`] (an atomic: the
+    /// fetcher looks at it after every poll).
+    rewind_signal: Arc<AtomicBool>,
 }
 
 impl Drop for ProcessedStore {
@@ -248,16 +257,18 @@ impl ProcessedStore {
             seen: Arc::default(),
             producer,
             quit: Arc::default(),
+            rewind_signal: Arc::default(),
         };
-        let (seen, quit, name, ttl_ms) = (
+        let (seen, quit, signal, name, ttl_ms) = (
             store.seen.clone(),
             store.quit.clone(),
+            store.rewind_signal.clone(),
             consumer.to_string(),
             ttl.as_millis() as i64,
         );
         std::thread::Builder::new()
             .name(format!("weir-processed-{consumer}"))
-            .spawn(move || follow(follower, seen, quit, name, ttl_ms))
+            .spawn(move || follow(follower, seen, quit, signal, name, ttl_ms))
             .map_err(|e| Error::broker(format!("cannot start the processed-event reader: {e}")))?;
         // Markers, one per partition, read back: everything before them is known.
         let marker = format!("{MARKER_PREFIX}{}", uuid::Uuid::new_v4());
@@ -338,7 +349,7 @@ impl ProcessedStore {
 impl ProcessedStore {
     /// Whether a new rewind marker was read since the last call (and clears it).
     pub fn take_rewind_signal(&self) -> bool {
-        std::mem::take(&mut self.seen.lock().unwrap_or_else(|e| e.into_inner()).signal)
+        self.rewind_signal.swap(false, Ordering::AcqRel)
     }
 
     /// The partitions among `assigned` that the newest rewind marker moves and that no applied
@@ -384,6 +395,7 @@ fn follow(
     c: BaseConsumer<Quiet>,
     seen: Arc<Mutex<Seen>>,
     quit: Arc<AtomicBool>,
+    rewind_signal: Arc<AtomicBool>,
     consumer: String,
     ttl_ms: i64,
 ) {
@@ -404,12 +416,15 @@ fn follow(
                     continue;
                 };
                 let until = || m.timestamp().to_millis().unwrap_or_else(now_ms) + ttl_ms;
-                seen.lock().unwrap_or_else(|e| e.into_inner()).read(
+                let newer_marker = seen.lock().unwrap_or_else(|e| e.into_inner()).read(
                     &consumer,
                     &key,
                     m.payload().unwrap_or_default(),
                     until,
                 );
+                if newer_marker {
+                    rewind_signal.store(true, Ordering::Release);
+                }
             }
         }
         if last_purge.elapsed() > Duration::from_secs(60) {
@@ -455,13 +470,13 @@ mod tests {
             from: "0:49".into(),
             to: "start".into(),
         };
-        s.read(
+        let newer = s.read(
             "billing",
             "billing.rewind",
             marker.to_json().as_bytes(),
             far,
         );
-        assert!(s.signal && s.rewind.is_some());
+        assert!(newer && s.rewind.is_some());
         assert!(s.counts(&a, "0:10", 0), "before the point: still processed");
         assert!(!s.counts(&b, "0:60", 0), "delivered again past the dedup");
         assert!(
@@ -476,9 +491,8 @@ mod tests {
             generation: 4,
             ..marker.clone()
         };
-        s.signal = false;
-        s.read("billing", "billing.rewind", old.to_json().as_bytes(), far);
-        assert!(!s.signal && s.counts(&b, "0:60", 0));
+        let newer = s.read("billing", "billing.rewind", old.to_json().as_bytes(), far);
+        assert!(!newer && s.counts(&b, "0:60", 0));
         // Applied records: of this consumer only; expired keys never count.
         s.read(
             "billing",

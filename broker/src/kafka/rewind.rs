@@ -98,7 +98,7 @@ pub use admin::WAIT_FOR_SIDECARS;
 mod admin {
     use super::{KafkaMarker, applied_key, format_offsets, parse_applied_key};
     use crate::admin::Error;
-    use crate::kafka::admin::KafkaAdmin;
+    use crate::kafka::admin::{KafkaAdmin, REQUEST_TIMEOUT};
     use crate::kafka::{group_id, topic};
     use crate::queue::{processed_bucket_name, rewind_marker_key, stream_name};
     use crate::rewind::{Marker, Point, Rewind, Rewound};
@@ -111,14 +111,6 @@ mod admin {
 
     /// How long `weir queue rewind` waits for the running sidecars to move their partitions.
     pub const WAIT_FOR_SIDECARS: Duration = Duration::from_secs(30);
-    const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-    fn broker(what: &str, e: impl std::fmt::Display) -> Error {
-        Error::Broker {
-            what: what.to_string(),
-            message: e.to_string(),
-        }
-    }
 
     impl Rewind for KafkaAdmin {
         async fn rewind(
@@ -168,7 +160,7 @@ mod admin {
                 to: to.to_string(),
             };
             let store = processed_bucket_name(namespace, queue);
-            let has_store = !self.watermarks(&store).await?.is_empty();
+            let has_store = self.existing(&store).await?.is_some();
             let written = if has_store {
                 Some(
                     self.put(&store, &rewind_marker_key(consumer), &marker.to_json())
@@ -227,7 +219,7 @@ mod admin {
                 .set("enable.auto.commit", "false")
                 .set("auto.offset.reset", "earliest");
             c.create()
-                .map_err(|e| broker("creating a Kafka consumer", e))
+                .map_err(|e| Error::broker("creating a Kafka consumer", e))
         }
 
         /// The number of members of `group`; `None` when the broker does not know the group.
@@ -245,8 +237,8 @@ mod admin {
                 )
             })
             .await
-            .map_err(|e| broker(&what, e))?
-            .map_err(|e| broker(&what, e))
+            .map_err(|e| Error::broker(&what, e))?
+            .map_err(|e| Error::broker(&what, e))
         }
 
         /// The offset of the first record at or after `at_ms` in each partition (`None`: no
@@ -261,7 +253,7 @@ mod admin {
             let mut tpl = TopicPartitionList::new();
             for p in parts {
                 tpl.add_partition_offset(t, *p, Offset::Offset(at_ms))
-                    .map_err(|e| broker("offsets by time", e))?;
+                    .map_err(|e| Error::broker("offsets by time", e))?;
             }
             let what = format!("offsets by time of topic {t}");
             tokio::task::spawn_blocking(move || {
@@ -280,8 +272,8 @@ mod admin {
                 )
             })
             .await
-            .map_err(|e| broker(&what, e))?
-            .map_err(|e| broker(&what, e))
+            .map_err(|e| Error::broker(&what, e))?
+            .map_err(|e| Error::broker(&what, e))
         }
 
         /// Commits `offsets` for `group` from outside (the group must be empty).
@@ -295,13 +287,13 @@ mod admin {
             let mut tpl = TopicPartitionList::new();
             for (p, o) in offsets {
                 tpl.add_partition_offset(t, *p, Offset::Offset(*o))
-                    .map_err(|e| broker("committing offsets", e))?;
+                    .map_err(|e| Error::broker("committing offsets", e))?;
             }
             let what = format!("committing offsets of consumer group {group}");
             tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
                 .await
-                .map_err(|e| broker(&what, e))?
-                .map_err(|e| broker(&what, e))
+                .map_err(|e| Error::broker(&what, e))?
+                .map_err(|e| Error::broker(&what, e))
         }
 
         /// Writes one record (`acks=all`) to `t`; its partition and offset.
@@ -313,7 +305,7 @@ mod admin {
                 )
                 .await
                 .map(|d| (d.partition, d.offset))
-                .map_err(|(e, _)| broker(&format!("writing {key} to topic {t}"), e))
+                .map_err(|(e, _)| Error::broker(format!("writing {key} to topic {t}"), e))
         }
 
         /// Reads the processed-event topic from the marker on until an applied record of every
