@@ -324,9 +324,12 @@ clusterDNS: [$DNS_IP]
 resolvConf: $STATE/dns/resolv.conf
 failSwapOn: false
 serializeImagePulls: false
-imageGCHighThresholdPercent: 95
-imageGCLowThresholdPercent: 90
-evictionHard: {memory.available: "100Mi", nodefs.available: "2%", imagefs.available: "2%"}
+# Image GC off: the images are imported (imagePullPolicy: Never); collected, they cannot come back.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+# Absolute floors, not percentages: on a large, busy CI disk 2% is gigabytes, and a node
+# tainted disk-pressure schedules nothing. Below 1 GiB the cluster would fail anyway.
+evictionHard: {memory.available: "100Mi", nodefs.available: "1Gi", imagefs.available: "1Gi"}
 YAML
 start_component kubelet "$BIN/kubelet" \
   --config "$STATE/kubelet-config.yaml" --kubeconfig "$STATE/kubelet-client.kubeconfig" \
