@@ -772,7 +772,21 @@ fn shop_end_to_end(broker: &str) {
     let line_of = |prefix: &str, needle: &str| {
         log.lines()
             .position(|l| l.starts_with(prefix) && l.contains(needle))
-            .unwrap_or_else(|| panic!("no line {prefix}…{needle}"))
+            .unwrap_or_else(|| {
+                // Say what that process did print last, and what weir up said of it.
+                let name = prefix.trim().trim_start_matches('[').trim_end_matches(']');
+                let of_it: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with(prefix) || (l.starts_with("weir up: ") && l.contains(name))
+                    })
+                    .collect();
+                let tail = &of_it[of_it.len().saturating_sub(20)..];
+                panic!(
+                    "no line {prefix}…{needle}; its last lines:\n{}",
+                    tail.join("\n")
+                )
+            })
     };
     let nats_down = line_of("[nats] ", "Server Exiting");
     for svc in [
