@@ -74,25 +74,41 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// The tasks forwarding children's output: `weir up` waits for them before it exits, so a
+/// child's last lines (its "stopped") are printed, not lost with the process.
+static FORWARDERS: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
 /// Forwards a child's output line by line, each prefixed with `[label]`.
 pub(super) fn prefix_output(child: &mut Child, label: String) {
+    let mut tasks = Vec::new();
     if let Some(out) = child.stdout.take() {
         let l = label.clone();
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 println!("[{l}] {line}");
             }
-        });
+        }));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut lines = BufReader::new(err).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("[{label}] {line}");
             }
-        });
+        }));
     }
+    let mut all = FORWARDERS.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|t| !t.is_finished());
+    all.extend(tasks);
+}
+
+/// Waits, up to `limit`, until every child's output has been forwarded to its end (the children
+/// have exited; their pipes close).
+pub(super) async fn flush_output(limit: Duration) {
+    let tasks = std::mem::take(&mut *FORWARDERS.lock().unwrap_or_else(|e| e.into_inner()));
+    let _ = tokio::time::timeout(limit, futures::future::join_all(tasks)).await;
 }
 
 /// `GET http://addr/path` answering 200, with a short timeout.

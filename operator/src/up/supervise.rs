@@ -275,6 +275,7 @@ impl Running {
                 .collect();
             stop_all(&mut group, grace).await;
         }
+        super::process::flush_output(Duration::from_secs(2)).await;
     }
 
     /// Whether any process exited on its own (name and status).
