@@ -665,13 +665,12 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
         .await
         .expect("publisher finished")
         .unwrap();
-    // On Kafka the producer holds a publish that was in flight when the broker died and has
-    // it acknowledged once the broker is back (within the publish timeout): the publisher may
-    // see no 503 at all, while a publish that arrives during the outage gets one (above).
-    assert!(
-        refused > 0 || kind == Kind::Kafka,
-        "publishes were refused (503) while the broker was down"
-    );
+    // A publish made during the outage is refused with 503 (shown above). The background
+    // publisher may see none: its one publish in flight when the broker died is held by the
+    // client (Kafka's producer; the NATS client while it reconnects) and acknowledged once the
+    // broker is back, when the outage is shorter than the publish timeout (a loaded machine
+    // stretches the detection above, not the outage). What matters is below: nothing lost.
+    eprintln!("{}: the publisher was refused {refused} times", kind.name());
     if !eventually(Duration::from_secs(90), || app.counts().len() == n).await {
         let counts = app.counts();
         let missing: Vec<String> = (0..n)
