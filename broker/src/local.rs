@@ -15,6 +15,10 @@
 //! - the binaries: [`nats_server`], [`redis_server`], [`rabbitmq_server`], [`rabbitmqctl`],
 //!   [`epmd`], [`tansu`] (see [`find`] for the order they are looked for in).
 //!
+//! Ports: [`free_port`] hands out loopback ports below the kernel's ephemeral range, each once
+//! per process, from a span of their own for `weir up` and for the test kit
+//! ([`PortSpan`]).
+//!
 //! The caller spawns the command its own way (`weir up` in a process group that dies with it,
 //! its output prefixed; the tests with their output dropped) and waits for [`listening`].
 //! Std only: nothing here needs a runtime.
@@ -24,6 +28,56 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+/// Where [`free_port`] takes ports from. Both spans lie below the kernel's ephemeral range
+/// (32768 and up on Linux), so an outgoing connection made meanwhile (a sidecar dialling a
+/// broker, a client retrying hundreds of times) cannot take a port that was handed out but is
+/// not bound yet; and apart from each other, so a test and the `weir up` it starts do not race
+/// for one port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSpan {
+    /// 20000–31999: the brokers, sidecars and apps of a `weir up` run.
+    LocalRun,
+    /// 12000–19999: what the test kit starts (brokers, proxies, peers).
+    Tests,
+}
+
+impl PortSpan {
+    fn range(self) -> (u16, u16) {
+        match self {
+            PortSpan::LocalRun => (20000, 12000),
+            PortSpan::Tests => (12000, 8000),
+        }
+    }
+}
+
+/// A free TCP port on `127.0.0.1` from `span`, never handed out before by this process: a port
+/// the kernel offers twice (a listener bound to port 0 and closed, then the same again) would
+/// give two listeners of one test the same address. A restarted broker binds the same port
+/// again, which a port from the ephemeral range would not guarantee. Concurrent processes start
+/// at different points of the span (seeded by their pid); a port in use is skipped. `None` when
+/// the whole span is taken.
+pub fn free_port(span: PortSpan) -> Option<u16> {
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+    // Per span: the next port to try (0 = not seeded yet) and the ports handed out.
+    static STATE: Mutex<[(u16, Vec<u16>); 2]> = Mutex::new([(0, Vec::new()), (0, Vec::new())]);
+    let (low, len) = span.range();
+    let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let (next, given) = &mut state[span as usize];
+    if *next == 0 {
+        *next = low + (std::process::id() as u16).wrapping_mul(7919) % len;
+    }
+    for _ in 0..len {
+        let p = *next;
+        *next = low + (p - low + 1) % len;
+        if !given.contains(&p) && TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok() {
+            given.push(p);
+            return Some(p);
+        }
+    }
+    None
+}
 
 /// Finds a binary: `$env` when it is set; else the first of `names` that exists (an absolute
 /// path as it is, a bare name on `PATH`); else a bare name in a `.tools/bin` directory of the
@@ -361,5 +415,24 @@ mod tests {
             find("WEIR_LOCAL_TEST_UNSET", &["/nonexistent/binary"]),
             None
         );
+    }
+
+    #[test]
+    fn ports_are_never_handed_out_twice_and_stay_in_their_span() {
+        // No port comes back twice, even when each is closed at once (what port 0 does not
+        // promise), and each is free when handed out.
+        let mut seen = std::collections::HashSet::new();
+        for span in [PortSpan::Tests, PortSpan::LocalRun] {
+            let (low, len) = span.range();
+            for _ in 0..300 {
+                let p = free_port(span).expect("a port");
+                assert!(p >= low && p < low + len, "{p} outside {span:?}");
+                assert!(seen.insert(p), "{p} handed out twice");
+                assert!(
+                    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok(),
+                    "{p} not free"
+                );
+            }
+        }
     }
 }

@@ -1,24 +1,23 @@
 //! Free loopback ports and addresses, and waiting for a condition.
 //!
-//! A free port is one the kernel handed out for a listener that is closed at once: another
-//! process may take it before the test binds it, which on loopback in a test run does not
-//! happen in practice. `weir up` has its own allocator (below the ephemeral range, each port
-//! once per run) because its brokers must bind the same port again after a restart.
+//! Ports come from [`weir_broker::local::free_port`] (the span kept for tests, below the
+//! ephemeral range, each port once per test process): the kernel's port 0 may hand out the same
+//! port twice in one test (seen: a proxy's admin and inbound listeners given one port while a
+//! Kafka client was reconnecting hundreds of times).
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// A free TCP port on `127.0.0.1`.
 pub fn free_port() -> u16 {
-    free_addr().port()
+    weir_broker::local::free_port(weir_broker::local::PortSpan::Tests)
+        .expect("a free loopback port for tests")
 }
 
 /// `127.0.0.1:<a free port>`.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.

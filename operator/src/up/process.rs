@@ -3,41 +3,20 @@
 //! listens on. The `unsafe` code of `weir up` is here, each block with its reason.
 
 use anyhow::{Context as _, Result, bail};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// A free TCP port on loopback, below the kernel's ephemeral range (32768 and up), so that
-/// outgoing connections made meanwhile (a sidecar dialling the broker) cannot take a port that
-/// was handed out but is not bound yet. Each port is handed out once per process.
+/// A free TCP port on loopback for a local run: see [`weir_broker::local::free_port`].
 pub fn free_port() -> Result<u16> {
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    const LOW: u16 = 20000;
-    const SPAN: u16 = 12000;
-    if NEXT.load(Ordering::Relaxed) == 0 {
-        // Spread concurrent `weir up` runs apart.
-        let seed = (std::process::id() as u16).wrapping_mul(7919) % SPAN;
-        let _ = NEXT.compare_exchange(0, LOW + seed, Ordering::Relaxed, Ordering::Relaxed);
+    use weir_broker::local::PortSpan;
+    match weir_broker::local::free_port(PortSpan::LocalRun) {
+        Some(p) => Ok(p),
+        None => bail!("no free port on 127.0.0.1 in {:?}", PortSpan::LocalRun),
     }
-    for _ in 0..SPAN {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = LOW + (p.wrapping_sub(LOW)) % SPAN;
-        let mut given = GIVEN.lock().expect("port list");
-        if given.contains(&p) {
-            continue;
-        }
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok() {
-            given.push(p);
-            return Ok(p);
-        }
-    }
-    bail!("no free port on 127.0.0.1 between {LOW} and {}", LOW + SPAN)
 }
 
 /// A command whose process gets SIGTERM when `weir up` dies, however it dies (even SIGKILL),
