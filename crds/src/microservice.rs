@@ -81,6 +81,11 @@ pub struct MicroserviceSpec {
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// What the app speaks on `port`: `http` (HTTP/1.1, the default), `http2` (HTTP/2 with prior
+    /// knowledge, h2c) or `grpc` (gRPC over h2c). Callers may use HTTP/1.1 or HTTP/2 either way:
+    /// the sidecar's listeners accept both, and sidecars talk HTTP/2 to each other.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_default")]
+    pub protocol: AppProtocol,
     /// Pods to run (0 stops the service but keeps its Service and config).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
@@ -203,6 +208,7 @@ impl Default for Probes {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.microservice) != has(self.url)", "message": "set exactly one of microservice or url"},
+    {"rule": "!has(self.protocol) || has(self.url)", "message": "protocol is for url dependencies; a Microservice dependency speaks what its own spec.protocol says", "fieldPath": ".protocol"},
     {"rule": "!has(self.retry) || !has(self.retry.backoff) || duration(self.retry.backoff.max) >= duration(self.retry.backoff.base)", "message": "retry.backoff.max must be at least retry.backoff.base", "fieldPath": ".retry.backoff.max"}
 ]))]
 pub struct Dependency {
@@ -216,6 +222,10 @@ pub struct Dependency {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://[^\s/]+(/\S*)?$"))]
     pub url: Option<String>,
+    /// What the `url` speaks: `http` (HTTP/1.1, the default), `http2` or `grpc` (HTTP/2: h2c
+    /// for `http://`, ALPN `h2` for `https://`). Only with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AppProtocol>,
     /// Deadline of one call, retries included.
     #[serde(default = "default_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
@@ -464,6 +474,42 @@ pub struct AnonymousRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub methods: Vec<HttpMethod>,
+}
+
+/// What an app or an external dependency speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 with prior knowledge (h2c), or ALPN `h2` over TLS.
+    Http2,
+    /// gRPC: HTTP/2 as for `http2`; the policies read gRPC's own status and deadline.
+    Grpc,
+}
+
+impl AppProtocol {
+    fn is_default(&self) -> bool {
+        *self == AppProtocol::Http
+    }
+
+    /// The HTTP version the sidecar speaks to a peer declared with this protocol.
+    pub fn wire(&self) -> crate::proxy::WireProtocol {
+        match self {
+            AppProtocol::Http => crate::proxy::WireProtocol::Http1,
+            AppProtocol::Http2 | AppProtocol::Grpc => crate::proxy::WireProtocol::Http2,
+        }
+    }
+
+    /// The `appProtocol` of the Service port in front of an app speaking this
+    /// (`kubernetes.io/h2c` is the registered name for HTTP/2 over cleartext).
+    pub fn service_app_protocol(&self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 | AppProtocol::Grpc => "kubernetes.io/h2c",
+        }
+    }
 }
 
 /// An HTTP method, in upper case as on the wire.

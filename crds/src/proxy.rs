@@ -81,6 +81,38 @@ pub struct InboundConfig {
     /// What the inbound listener does with request header names containing `_`.
     #[serde(default, skip_serializing_if = "UnderscoreHeaders::is_default")]
     pub underscore_headers: UnderscoreHeaders,
+    /// How the sidecar speaks to the app (`spec.protocol`): HTTP/1.1, or HTTP/2 with prior
+    /// knowledge for `http2` and `grpc` apps. Callers may use either on the listener.
+    #[serde(default, skip_serializing_if = "WireProtocol::is_default")]
+    pub app_protocol: WireProtocol,
+}
+
+/// The HTTP version spoken on one hop the sidecar opens. Listeners always accept both (the
+/// version is read off the connection's first bytes); this says what the sidecar itself sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WireProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2: cleartext with prior knowledge (h2c) for `http://`, ALPN `h2` for `https://`.
+    /// Calls from many app connections share a few multiplexed connections.
+    Http2,
+}
+
+impl WireProtocol {
+    /// Whether this is the default (`Http1`), which is then left out of `proxy.json`.
+    pub(crate) fn is_default(&self) -> bool {
+        *self == WireProtocol::default()
+    }
+
+    /// The name used in `proxy.json` and in messages.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WireProtocol::Http1 => "http1",
+            WireProtocol::Http2 => "http2",
+        }
+    }
 }
 
 /// Request header names containing `_`, as they reach the app.
@@ -138,6 +170,10 @@ pub struct OutboundConfig {
     pub listen: SocketAddr,
     /// Where calls go, e.g. `http://users.shop.svc.cluster.local:80` or an external URL.
     pub upstream: String,
+    /// What the sidecar speaks to `upstream`: HTTP/2 to another Weir sidecar (whatever the
+    /// app speaks), the dependency's declared `protocol` to an external URL.
+    #[serde(default, skip_serializing_if = "WireProtocol::is_default")]
+    pub protocol: WireProtocol,
     /// Deadline (ms) of a whole call, retries included; past it the app gets 504.
     pub timeout_ms: u64,
     /// Retries of failed calls; `None`: each call is sent once.
@@ -905,6 +941,7 @@ mod tests {
                 liveness_path: Some("/healthz".into()),
                 readiness_path: Some("/readyz".into()),
                 underscore_headers: UnderscoreHeaders::Drop,
+                app_protocol: WireProtocol::Http1,
             },
             admin: AdminConfig {
                 listen: "0.0.0.0:15090".parse().unwrap(),
@@ -913,6 +950,7 @@ mod tests {
                 name: "users".into(),
                 listen: "127.0.0.1:15100".parse().unwrap(),
                 upstream: "http://users.shop.svc.cluster.local:80".into(),
+                protocol: WireProtocol::Http2,
                 timeout_ms: 3000,
                 retry: None,
                 circuit_breaker: Some(CircuitBreakerConfig {

@@ -128,6 +128,13 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
             }
             _ => {}
         }
+        if d.protocol.is_some() && d.url.is_none() {
+            push(
+                &mut errs,
+                at("protocol"),
+                "protocol is for url dependencies; a Microservice dependency speaks what its own spec.protocol says",
+            );
+        }
         check_duration(&mut errs, at("timeout"), &d.timeout);
         if let Some(r) = &d.retry {
             let base = check_duration(&mut errs, at("retry.backoff.base"), &r.backoff.base);
@@ -572,6 +579,26 @@ inbound: {maxQueue: 5}
             ]
         );
         assert!(!microservice("Bad_Name", &ms("image: x")).is_empty());
+    }
+
+    #[test]
+    fn protocol_is_for_url_dependencies_only() {
+        let spec = ms(r#"
+image: orders:1
+protocol: grpc
+dependencies:
+  - {name: users, microservice: users, protocol: grpc}
+  - {name: geo, url: "https://geo.example.com", protocol: http2}
+"#);
+        let errs = microservice("orders", &spec);
+        assert_eq!(
+            errs.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(),
+            ["spec.dependencies[0].protocol"]
+        );
+        assert!(errs[0].message.contains("url dependencies"), "{errs:?}");
+        // An unknown protocol is refused by the type, naming the value.
+        let bad: Result<MicroserviceSpec, _> = serde_yaml::from_str("image: x\nprotocol: thrift\n");
+        assert!(bad.unwrap_err().to_string().contains("thrift"));
     }
 
     #[test]

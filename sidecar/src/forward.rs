@@ -1,9 +1,15 @@
-//! The innermost services: the pooled keep-alive HTTP/1.1 client that forwards to the app or to a
-//! dependency, and the per-attempt timeout that bounds each call by the request's deadline.
+//! The innermost services: the pooled clients that forward to the app or to a dependency, and the
+//! per-attempt timeout that bounds each call by the request's deadline.
+//!
+//! Each target is spoken to in one HTTP version, whatever the caller used ([`WireProtocol`]):
+//! HTTP/1.1 over a keep-alive pool, or HTTP/2 (h2c with prior knowledge; ALPN `h2` over TLS) over
+//! a few multiplexed connections. Bodies and trailers are streamed frame by frame either way, so
+//! gRPC's `grpc-status` trailers cross an HTTP/2 hop intact (an HTTP/1.1 hop carries trailers
+//! only in chunked bodies, which gRPC never uses).
 
 use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
 use crate::layers::{BoxFuture, always_ready};
-use http::header::{CONNECTION, HOST, HeaderName};
+use http::header::{CONNECTION, HOST, HeaderName, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 use http_body_util::BodyExt;
@@ -14,6 +20,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tower::Service;
+use weir_crds::proxy::WireProtocol;
 
 pub type HttpClient = Client<HttpConnector, BoxBody>;
 
@@ -40,27 +47,60 @@ pub fn new_client() -> HttpClient {
     builder().build(connector())
 }
 
+/// The HTTP/2 client (h2c with prior knowledge). Streams on one connection are bounded by the
+/// peer's `SETTINGS_MAX_CONCURRENT_STREAMS`; hyper opens no second connection to the same peer, so
+/// a sidecar's calls to one upstream share one connection per target address.
+pub fn new_h2_client() -> HttpClient {
+    let mut b = builder();
+    h2_settings(&mut b);
+    b.build(connector())
+}
+
+fn h2_settings(b: &mut hyper_util::client::legacy::Builder) {
+    b.http2_only(true)
+        .timer(TokioTimer::new())
+        // A dead peer (no RST, no FIN) is found by PINGs rather than by the next call hanging.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(false)
+        .http2_adaptive_window(true)
+        .http2_max_header_list_size(crate::listen::MAX_HEAD_BYTES as u32);
+}
+
 /// The client for `https://` upstreams (rustls, system roots; `SSL_CERT_FILE`/`SSL_CERT_DIR`
 /// are honoured). Built on first use so a proxy without TLS upstreams never loads the roots.
 pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>;
 
 static HTTPS: OnceLock<Result<HttpsClient, String>> = OnceLock::new();
+static HTTPS_H2: OnceLock<Result<HttpsClient, String>> = OnceLock::new();
 
-pub fn https_client() -> Result<&'static HttpsClient, &'static str> {
-    HTTPS
-        .get_or_init(|| {
-            let mut conn = connector();
-            conn.enforce_http(false);
-            let tls = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
-                .map_err(|e| format!("no usable TLS root certificates: {e}"))?
-                .https_only()
-                .enable_http1()
-                .wrap_connector(conn);
-            Ok(builder().build(tls))
-        })
-        .as_ref()
-        .map_err(String::as_str)
+/// The `https://` client for `protocol`: ALPN `http/1.1`, or ALPN `h2` only (an upstream
+/// declared HTTP/2 that cannot speak it fails the handshake rather than being spoken to in
+/// HTTP/1.1, which would strip gRPC's trailers).
+pub fn https_client(protocol: WireProtocol) -> Result<&'static HttpsClient, &'static str> {
+    let cell = match protocol {
+        WireProtocol::Http1 => &HTTPS,
+        WireProtocol::Http2 => &HTTPS_H2,
+    };
+    cell.get_or_init(|| {
+        let mut conn = connector();
+        conn.enforce_http(false);
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .map_err(|e| format!("no usable TLS root certificates: {e}"))?
+            .https_only();
+        let mut b = builder();
+        let tls = match protocol {
+            WireProtocol::Http1 => tls.enable_http1().wrap_connector(conn),
+            WireProtocol::Http2 => {
+                h2_settings(&mut b);
+                tls.enable_http2().wrap_connector(conn)
+            }
+        };
+        Ok(b.build(tls))
+    })
+    .as_ref()
+    .map_err(String::as_str)
 }
 
 /// Where a listener forwards to.
@@ -72,11 +112,13 @@ pub struct Target {
     prefix: String,
     /// Host header to send (outbound: the upstream's authority); `None` keeps the caller's.
     host: Option<HeaderValue>,
+    /// The HTTP version spoken to it.
+    protocol: WireProtocol,
 }
 
 impl Target {
     /// The app on loopback: the caller's Host header is kept.
-    pub fn app(addr: std::net::SocketAddr) -> Target {
+    pub fn app(addr: std::net::SocketAddr, protocol: WireProtocol) -> Target {
         Target {
             scheme: Scheme::HTTP,
             authority: addr
@@ -85,11 +127,12 @@ impl Target {
                 .expect("a socket address is an authority"),
             prefix: String::new(),
             host: None,
+            protocol,
         }
     }
 
     /// A dependency's URL, e.g. `http://users.shop.svc.cluster.local:80` or `http://api/v2`.
-    pub fn upstream(url: &str) -> Result<Target, InvalidUpstream> {
+    pub fn upstream(url: &str, protocol: WireProtocol) -> Result<Target, InvalidUpstream> {
         let uri: Uri = url.parse().map_err(|e| InvalidUpstream::Unparsable {
             url: url.to_string(),
             message: format!("{e}"),
@@ -109,6 +152,7 @@ impl Target {
             authority,
             prefix: uri.path().trim_end_matches('/').to_string(),
             host: Some(host),
+            protocol,
         })
     }
 
@@ -146,6 +190,16 @@ pub enum InvalidUpstream {
     Host(String),
 }
 
+/// Whether the request's `TE` header lists `trailers`.
+fn accepts_trailers(h: &HeaderMap) -> bool {
+    h.get_all(TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
+}
+
 const HOP_BY_HOP: [HeaderName; 6] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -177,6 +231,35 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// The cleartext clients, one per [`WireProtocol`], shared by every stack of a sidecar.
+#[derive(Clone, Debug)]
+pub struct Clients {
+    pub http1: HttpClient,
+    pub http2: HttpClient,
+}
+
+impl Clients {
+    pub fn new() -> Clients {
+        Clients {
+            http1: new_client(),
+            http2: new_h2_client(),
+        }
+    }
+
+    pub fn get(&self, protocol: WireProtocol) -> &HttpClient {
+        match protocol {
+            WireProtocol::Http1 => &self.http1,
+            WireProtocol::Http2 => &self.http2,
+        }
+    }
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::new()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Forward {
     client: HttpClient,
@@ -186,9 +269,9 @@ pub struct Forward {
 }
 
 impl Forward {
-    pub fn new(client: HttpClient, target: Target, connect_reason: Reason) -> Self {
+    pub fn new(clients: &Clients, target: Target, connect_reason: Reason) -> Self {
         Forward {
-            client,
+            client: clients.get(target.protocol).clone(),
             target: Arc::new(target),
             connect_reason,
         }
@@ -206,16 +289,39 @@ impl Service<Req> for Forward {
         if !https && self.target.scheme != Scheme::HTTP {
             return Box::pin(std::future::ready(Ok(reject(Reason::UnsupportedScheme))));
         }
+        // A caller that spoke HTTP/2 named the authority in `:authority`, not in Host: it is
+        // kept as Host, which an HTTP/1.1 app reads (and an HTTP/2 app receives alongside).
+        if !req.headers().contains_key(HOST)
+            && let Some(a) = req.uri().authority()
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(HOST, v);
+        }
         *req.uri_mut() = self.target.uri(req.uri().path_and_query());
-        *req.version_mut() = http::Version::HTTP_11;
+        let h2 = self.target.protocol == WireProtocol::Http2;
+        *req.version_mut() = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         let h = req.headers_mut();
+        // `TE: trailers` is the one hop-by-hop value HTTP/2 keeps (RFC 9113 §8.2.2): gRPC
+        // servers expect it to know the client reads trailers.
+        let te_trailers = h2 && accepts_trailers(h);
         strip_hop_by_hop(h);
-        if let Some(host) = &self.target.host {
-            h.insert(HOST, host.clone());
+        if te_trailers {
+            h.insert(TE, HeaderValue::from_static("trailers"));
+        }
+        match &self.target.host {
+            // HTTP/2 carries the authority in `:authority` (from the URI); a Host header as well
+            // would be a second, possibly different, authority.
+            Some(_) if h2 => drop(h.remove(HOST)),
+            Some(host) => drop(h.insert(HOST, host.clone())),
+            None => {}
         }
         let connect_reason = self.connect_reason;
         let fut = if https {
-            match https_client() {
+            match https_client(self.target.protocol) {
                 Ok(c) => c.request(req),
                 Err(e) => {
                     tracing::warn!(error = e, "cannot call an https:// upstream");
@@ -266,14 +372,18 @@ mod tests {
 
     #[test]
     fn upstream_urls_keep_their_path_prefix() {
-        let t = Target::upstream("http://users.shop.svc.cluster.local:80").unwrap();
+        let t = Target::upstream(
+            "http://users.shop.svc.cluster.local:80",
+            WireProtocol::Http1,
+        )
+        .unwrap();
         let pq: PathAndQuery = "/v1/users?id=3".parse().unwrap();
         assert_eq!(
             t.uri(Some(&pq)).to_string(),
             "http://users.shop.svc.cluster.local:80/v1/users?id=3"
         );
         assert_eq!(t.host.as_ref().unwrap(), "users.shop.svc.cluster.local:80");
-        let t = Target::upstream("http://api.example.com/v2/").unwrap();
+        let t = Target::upstream("http://api.example.com/v2/", WireProtocol::Http1).unwrap();
         assert_eq!(
             t.uri(Some(&pq)).to_string(),
             "http://api.example.com/v2/v1/users?id=3"

@@ -41,6 +41,14 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `inbound`, `admin` or the dependency's name.
+    pub listener: String,
+    /// `http1` or `http2`.
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -64,6 +72,7 @@ pub struct Metrics {
     retries_refused: Family<DependencyLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
     underscore_removed: Family<KindLabels, Counter>,
+    connections: Family<ConnectionLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
     /// The pub/sub bridge's counters (`weir_messaging_*`).
@@ -116,6 +125,12 @@ impl Metrics {
         let underscore_removed = Family::<KindLabels, Counter>::default();
         let spans_exported = Counter::default();
         let spans_dropped = Counter::default();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Connections accepted, by listener and the HTTP version the client spoke",
+            connections.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by direction, dependency and status class",
@@ -180,6 +195,7 @@ impl Metrics {
             retries_refused,
             config_reloads,
             underscore_removed,
+            connections,
             spans_exported,
             spans_dropped,
             bridge,
@@ -246,6 +262,17 @@ impl Metrics {
             underscore_removed: kind("other"),
             rejected: self.rejections("inbound", "", Reason::UnderscoreHeader),
         }
+    }
+
+    /// Counts a connection accepted on `listener` speaking `version` (the label set of a
+    /// listener exists once it has had a connection: listeners are few, versions two).
+    pub fn connection(&self, listener: &str, version: &str) {
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                listener: listener.to_string(),
+                version: version.to_string(),
+            })
+            .inc();
     }
 
     pub fn config_reload(&self, ok: bool) {

@@ -7,7 +7,7 @@ use crate::edge::client_limit::ClientLimiter;
 use crate::edge::identity::IdentityKey;
 use crate::edge::keys::KeySource;
 use crate::edge::{Edge, EdgeCounters, EdgeLayer};
-use crate::forward::{Forward, HttpClient, Target};
+use crate::forward::{Clients, Forward, Target};
 use crate::layers::attempt_timeout::AttemptTimeoutLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::{Breaker, BreakerLayer};
@@ -39,7 +39,8 @@ use crate::service::Stack;
 #[derive(Clone, Debug)]
 pub struct Env {
     pub metrics: Arc<Metrics>,
-    pub client: HttpClient,
+    /// One cleartext client per HTTP version, shared by every stack.
+    pub clients: Clients,
     pub access_log: bool,
     pub otlp_flush_interval: Duration,
 }
@@ -117,7 +118,7 @@ pub fn build(
                         ep,
                         &config.service,
                         &config.namespace,
-                        env.client.clone(),
+                        env.clients.http1.clone(),
                         env.otlp_flush_interval,
                         m.spans_exported.clone(),
                         m.spans_dropped.clone(),
@@ -190,8 +191,8 @@ pub fn build(
             budget,
             bulkhead,
         };
-        let target =
-            Target::upstream(&o.upstream).map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
+        let target = Target::upstream(&o.upstream, o.protocol)
+            .map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
         let svc = ServiceBuilder::new()
             .layer(SignIdentityLayer {
                 key: identity_key.clone(),
@@ -232,11 +233,7 @@ pub fn build(
             // Only the breaker needs to see a timed-out attempt; without one the outer timeout
             // alone answers 504 (one timer per request instead of two).
             .option_layer(st.breaker.as_ref().map(|_| AttemptTimeoutLayer))
-            .service(Forward::new(
-                env.client.clone(),
-                target,
-                Reason::UpstreamConnect,
-            ));
+            .service(Forward::new(&env.clients, target, Reason::UpstreamConnect));
         outbound.insert(Arc::<str>::from(name), BoxCloneSyncService::new(svc));
         comps.deps.insert(name.to_string(), st);
     }
@@ -246,7 +243,10 @@ pub fn build(
         Some(e) => {
             let keys = match &prev.jwt_keys {
                 Some((c, k)) if *c == e.jwt => (c.clone(), k.clone()),
-                _ => (e.jwt.clone(), KeySource::start(&e.jwt, env.client.clone())?),
+                _ => (
+                    e.jwt.clone(),
+                    KeySource::start(&e.jwt, env.clients.http1.clone())?,
+                ),
             };
             comps.jwt_keys = Some(keys.clone());
             comps.client_limiter = e.rate_limit.as_ref().map(|rl| {
@@ -340,8 +340,8 @@ pub fn build(
                 .map(|(_, l)| ConcurrencyLimitLayer::new(l.clone())),
         )
         .service(Forward::new(
-            env.client.clone(),
-            Target::app(ib.app),
+            &env.clients,
+            Target::app(ib.app, ib.app_protocol),
             Reason::AppConnect,
         ));
     let inbound = BoxCloneSyncService::new(inbound);

@@ -37,5 +37,5 @@ pub use brokers::{KafkaServer, NatsServer, RabbitServer, RedisServer};
 pub use net::{eventually, eventually_async, free_addr, free_port};
 pub use pki::Pki;
 pub use proxy::Proxy;
-pub use serve::serve;
+pub use serve::{serve, serve_h2};
 pub use tls_front::TlsFront;

@@ -39,6 +39,7 @@ pub fn config(namespace: &str, service: &str, app: SocketAddr) -> ProxyConfig {
             liveness_path: None,
             readiness_path: None,
             underscore_headers: UnderscoreHeaders::default(),
+            app_protocol: Default::default(),
         },
         admin: AdminConfig {
             listen: free_addr(),

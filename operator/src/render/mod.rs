@@ -157,10 +157,13 @@ pub fn render_with(
                 name.clone(),
             )])),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
+                // The port fronts the inbound sidecar, which accepts HTTP/1.1 and HTTP/2 alike;
+                // `appProtocol` says what the app behind it speaks, for tools that read it.
+                name: Some(service_port_name(ms.spec.protocol).into()),
                 port: SERVICE_PORT,
                 target_port: Some(IntOrString::String("weir-inbound".into())),
                 protocol: Some("TCP".into()),
+                app_protocol: Some(ms.spec.protocol.service_app_protocol().into()),
                 ..Default::default()
             }]),
             ..Default::default()
@@ -661,4 +664,68 @@ fn bridge_from_input(
 
 fn to_yaml<T: serde::Serialize>(obj: &T) -> String {
     serde_yaml::to_string(obj).expect("Kubernetes objects serialize")
+}
+
+/// The Service port's name: the protocol, as meshes and dashboards read port names.
+fn service_port_name(p: weir_crds::microservice::AppProtocol) -> &'static str {
+    use weir_crds::microservice::AppProtocol;
+    match p {
+        AppProtocol::Http => "http",
+        AppProtocol::Http2 => "http2",
+        AppProtocol::Grpc => "grpc",
+    }
+}
+
+#[cfg(test)]
+mod protocol_tests {
+    use super::*;
+    use weir_crds::proxy::WireProtocol;
+
+    fn rendered(yaml: &str) -> Rendered {
+        let mut ms: Microservice = serde_yaml::from_str(yaml).unwrap();
+        ms.metadata.namespace = Some("shop".into());
+        render(&ms, &RenderOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn the_protocol_reaches_the_service_port_and_each_hop_of_the_sidecar() {
+        let r = rendered(
+            r#"
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: orders}
+spec:
+  image: orders:1
+  protocol: grpc
+  dependencies:
+    - {name: users, microservice: users}
+    - {name: geo, url: "https://geo.example.com", protocol: grpc}
+    - {name: legacy, url: "http://legacy.example.com"}
+"#,
+        );
+        let port = &r.service.spec.unwrap().ports.unwrap()[0];
+        assert_eq!(port.name.as_deref(), Some("grpc"));
+        assert_eq!(port.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+        assert_eq!(r.config.inbound.app_protocol, WireProtocol::Http2);
+        let protocols: Vec<_> = r.config.outbound.iter().map(|o| o.protocol).collect();
+        // Sidecar to sidecar: HTTP/2 whatever users speaks; external URLs as declared.
+        assert_eq!(
+            protocols,
+            [
+                WireProtocol::Http2,
+                WireProtocol::Http2,
+                WireProtocol::Http1
+            ]
+        );
+
+        let r = rendered(
+            "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users}\nspec: {image: users:1}\n",
+        );
+        let port = &r.service.spec.unwrap().ports.unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.app_protocol.as_deref()),
+            (Some("http"), Some("http"))
+        );
+        assert_eq!(r.config.inbound.app_protocol, WireProtocol::Http1);
+    }
 }

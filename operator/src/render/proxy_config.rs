@@ -11,7 +11,7 @@ use weir_crds::proxy::{
     AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
     CorsConfig, EdgeConfig, EdgeRouteConfig, FailureClassConfig, FallbackConfig, IdentityConfig,
     InboundConfig, JwtConfig, OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig,
-    RetryConfig, TracingConfig, UnderscoreHeaders,
+    RetryConfig, TracingConfig, UnderscoreHeaders, WireProtocol,
 };
 
 /// Where the edge's JWKS Secret key is mounted in the sidecar (`spec.edge.jwt.jwksSecretRef`).
@@ -138,6 +138,7 @@ pub fn build(
             liveness_path: has_app.then(|| spec.probes.liveness.path.clone()),
             readiness_path: has_app.then(|| spec.probes.readiness.path.clone()),
             underscore_headers: UnderscoreHeaders::default(),
+            app_protocol: spec.protocol.wire(),
         },
         admin: AdminConfig {
             listen: placement.admin(),
@@ -226,9 +227,17 @@ fn outbound(
     placement: &dyn Placement,
 ) -> Result<OutboundConfig, RenderError> {
     let at = |f: &str| format!("spec.dependencies[{i}].{f}");
-    let upstream = match (&d.microservice, &d.url) {
-        (Some(target), None) => placement.microservice_url(namespace, target),
-        (None, Some(url)) => url.trim_end_matches('/').to_string(),
+    // Another Microservice is reached through its inbound sidecar, which speaks HTTP/2 whatever
+    // the app behind it speaks; an external URL is spoken to as declared.
+    let (upstream, protocol) = match (&d.microservice, &d.url) {
+        (Some(target), None) => (
+            placement.microservice_url(namespace, target),
+            WireProtocol::Http2,
+        ),
+        (None, Some(url)) => (
+            url.trim_end_matches('/').to_string(),
+            d.protocol.unwrap_or_default().wire(),
+        ),
         _ => {
             return Err(RenderError::Field {
                 field: format!("spec.dependencies[{i}]"),
@@ -240,6 +249,7 @@ fn outbound(
         name: d.name.clone(),
         listen: placement.outbound(i),
         upstream,
+        protocol,
         timeout_ms: ms(&at("timeout"), &d.timeout)?,
         retry: d.retry.as_ref().map(|r| retry(r, &at)).transpose()?,
         circuit_breaker: d

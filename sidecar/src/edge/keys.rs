@@ -149,7 +149,8 @@ impl KeySource {
             .body(crate::body::empty())
             .map_err(|e| format!("edge.jwt.jwksUri {uri}: {e}"))?;
         let resp = if uri.starts_with("https://") {
-            let c = crate::forward::https_client().map_err(|e| e.to_string())?;
+            let c = crate::forward::https_client(weir_crds::proxy::WireProtocol::Http1)
+                .map_err(|e| e.to_string())?;
             tokio::time::timeout(FETCH_TIMEOUT, c.request(req)).await
         } else {
             tokio::time::timeout(FETCH_TIMEOUT, self.client.request(req)).await

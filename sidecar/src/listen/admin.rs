@@ -47,7 +47,9 @@ async fn app_probe(shared: &Shared, which: &str) -> Resp {
             "invalid probe path\n",
         );
     };
-    match tokio::time::timeout(APP_PROBE_TIMEOUT, shared.client().request(req)).await {
+    // In the version the app speaks: an h2c-only app (most gRPC servers) refuses HTTP/1.1.
+    let client = shared.clients().get(cfg.inbound.app_protocol);
+    match tokio::time::timeout(APP_PROBE_TIMEOUT, client.request(req)).await {
         Ok(Ok(resp)) => {
             let status = resp.status();
             // Read the (small) body so the pooled connection can be reused.

@@ -2,17 +2,18 @@
 //! graceful shutdown.
 
 pub mod admin;
+pub mod detect;
 pub mod framing;
 
 use crate::body::{BodyError, ClientBodyError, Reason, Resp, reject, reject_closing};
-use crate::forward::new_client;
+use crate::forward::Clients;
 use crate::metrics::Metrics;
 use crate::stack::{self, Env, Snapshot};
 use framing::{Tap, Tapped};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -77,8 +78,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn client(&self) -> &crate::forward::HttpClient {
-        &self.env.client
+    pub fn clients(&self) -> &Clients {
+        &self.env.clients
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -236,43 +237,133 @@ async fn accept_loop(
     }
 }
 
+/// Most concurrent streams a client may open on one HTTP/2 connection (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`); more are refused with `REFUSED_STREAM`, which clients
+/// retry. gRPC clients open one connection and multiplex everything on it.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a client may reset before the server accepted them, at once, before the connection is
+/// closed with `GOAWAY ENHANCE_YOUR_CALM` (the rapid-reset attack, CVE-2023-44487).
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// An HTTP/2 connection is PINGed after this long without a frame, and closed when the PING is
+/// not answered within [`H2_KEEPALIVE_TIMEOUT`]: a vanished client does not hold its streams.
+pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A served connection of either version: polled to completion, or asked to finish.
+trait Served: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> Served for http1::Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = crate::body::BoxBody>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self)
+    }
+}
+
+impl<I, S> Served for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = crate::body::BoxBody>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self)
+    }
+}
+
 async fn serve_connection(
     shared: Arc<Shared>,
     role: Role,
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     _tracker: Option<mpsc::Sender<()>>,
 ) {
     let mut drain = shared.drain_rx.clone();
+    let peer = stream.peer_addr().ok().map(crate::service::PeerAddr);
+    // The version, from the first bytes; a client that sends none within the head timeout is
+    // closed, as one that sends half a head would be.
+    let sniffed = tokio::select! {
+        r = tokio::time::timeout(HEADER_READ_TIMEOUT, detect::sniff(&mut stream)) => r,
+        _ = drained(&mut drain), if role != Role::Admin => return,
+    };
+    let (version, prefix) = match sniffed {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = role.name(), error = %e, "connection closed before its first byte");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                listener = role.name(),
+                "no byte received in time; connection closed"
+            );
+            return;
+        }
+    };
+    shared.metrics.connection(role.name(), version.as_str());
+    let stream = detect::Rewind::new(prefix, stream);
     let s2 = shared.clone();
     let r2 = role.clone();
-    let peer = stream.peer_addr().ok().map(crate::service::PeerAddr);
-    let tap = Tap::default();
-    let stream = Tapped::new(stream, tap.clone());
-    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        if let Some(p) = peer {
-            req.extensions_mut().insert(p);
+    match version {
+        detect::Version::Http1 => {
+            let tap = Tap::default();
+            let stream = Tapped::new(stream, tap.clone());
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                if let Some(p) = peer {
+                    req.extensions_mut().insert(p);
+                }
+                let refused = tap.dispatched(&req).err();
+                dispatch(s2.clone(), r2.clone(), req, refused)
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_header_size(MAX_HEAD_BYTES)
+                .max_headers(128)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc);
+            drive(conn, &role, drain).await;
         }
-        let refused = tap.dispatched(&req).err();
-        dispatch(s2.clone(), r2.clone(), req, refused)
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_header_size(MAX_HEAD_BYTES)
-        .max_headers(128)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
+        detect::Version::Http2 => {
+            // No request smuggling to look for: HTTP/2 frames every body itself, and the h2
+            // codec refuses `Transfer-Encoding` and other connection-specific headers.
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                if let Some(p) = peer {
+                    req.extensions_mut().insert(p);
+                }
+                dispatch(s2.clone(), r2.clone(), req, None)
+            });
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(MAX_HEAD_BYTES as u32)
+                .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+                .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            drive(conn, &role, drain).await;
+        }
+    }
+}
+
+/// Serves `conn` to its end; when the drain begins, asks it to finish (HTTP/1.1: after the
+/// request in flight, with `Connection: close`; HTTP/2: `GOAWAY`, streams in flight finish).
+async fn drive<C: Served>(conn: C, role: &Role, mut drain: watch::Receiver<bool>) {
     tokio::pin!(conn);
     // Admin connections are left alone by the drain (see `accept_loop`).
-    let mut draining = *drain.borrow() || role == Role::Admin;
-    if draining && role != Role::Admin {
+    let mut draining = *drain.borrow() || *role == Role::Admin;
+    if draining && *role != Role::Admin {
         conn.as_mut().graceful_shutdown();
     }
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    log_conn_error(&role, &e);
+                    log_conn_error(role, &e);
                 }
                 break;
             }
@@ -349,13 +440,13 @@ impl Proxy {
         let metrics = Metrics::new();
         let env = Env {
             metrics: metrics.clone(),
-            client: new_client(),
+            clients: Clients::new(),
             access_log: opts.access_log,
             otlp_flush_interval: opts.otlp_flush_interval,
         };
         let snap = stack::build(Arc::new(config), None, &env)?;
         let cfg = snap.config.clone();
-        let bridge = crate::bridge::Bridge::new(metrics.bridge.clone(), env.client.clone());
+        let bridge = crate::bridge::Bridge::new(metrics.bridge.clone(), env.clients.http1.clone());
         let (drain_tx, drain_rx) = watch::channel(false);
         let (conn_tx, conn_rx) = mpsc::channel(1);
         let shared = Arc::new(Shared {

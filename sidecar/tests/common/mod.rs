@@ -112,6 +112,7 @@ pub fn dependency(name: &str, upstream: String) -> OutboundConfig {
         name: name.into(),
         listen: free_addr(),
         upstream,
+        protocol: Default::default(),
         timeout_ms: 2_000,
         retry: None,
         circuit_breaker: None,
