@@ -312,6 +312,18 @@ impl Service<Req> for Forward {
         if te_trailers {
             h.insert(TE, HeaderValue::from_static("trailers"));
         }
+        // A gRPC call carries its deadline to the next hop as the time left now (the caller's
+        // `grpc-timeout` was read into the deadline and removed).
+        if crate::layers::grpc::is_marked(&req)
+            && let Some(at) = crate::layers::deadline_of(&req)
+        {
+            let left = at.saturating_duration_since(tokio::time::Instant::now());
+            req.headers_mut().insert(
+                crate::layers::grpc::GRPC_TIMEOUT,
+                crate::layers::grpc::encode_timeout(left),
+            );
+        }
+        let h = req.headers_mut();
         match &self.target.host {
             // HTTP/2 carries the authority in `:authority` (from the URI); a Host header as well
             // would be a second, possibly different, authority.

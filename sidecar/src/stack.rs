@@ -13,6 +13,7 @@ use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::{Breaker, BreakerLayer};
 use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
 use crate::layers::fallback::{FallbackLayer, FallbackResponse};
+use crate::layers::grpc::GrpcLayer;
 use crate::layers::guard::GuardLayer;
 use crate::layers::header_names::HeaderNamesLayer;
 use crate::layers::identity::{InboundIdentityLayer, SignIdentityLayer};
@@ -194,6 +195,8 @@ pub fn build(
         let target = Target::upstream(&o.upstream, o.protocol)
             .map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
         let svc = ServiceBuilder::new()
+            // Outermost: gRPC callers get every answer below as a gRPC status.
+            .layer(GrpcLayer)
             .layer(SignIdentityLayer {
                 key: identity_key.clone(),
                 sign: sign_for(name),
@@ -300,6 +303,7 @@ pub fn build(
         })
     });
     let inbound = ServiceBuilder::new()
+        .layer(GrpcLayer)
         .layer(TraceLayer::new(TraceSettings {
             sampling_ratio: ratio,
             sink: sink.clone(),

@@ -24,6 +24,8 @@
 //! [`brokers::require`]).
 
 pub mod brokers;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod net;
 pub mod pki;
 pub mod proxy;

@@ -12,7 +12,7 @@
 //! is logged and counted.
 
 use crate::body::{Reason, Req, Resp, reject, rejection};
-use crate::layers::{BoxFuture, always_ready};
+use crate::layers::{BoxFuture, always_ready, grpc};
 use crate::metrics::BreakerMetrics;
 use prometheus_client::metrics::counter::Counter;
 use std::convert::Infallible;
@@ -280,6 +280,15 @@ impl Breaker {
         }
     }
 
+    /// Whether a gRPC status counts as a failure: the server or the path to it is unwell
+    /// ([`grpc::DEFAULT_FAILURE_CODES`]); `DEADLINE_EXCEEDED` only when timeouts count.
+    pub fn is_grpc_failure(&self, code: u16) -> bool {
+        if code == grpc::code::DEADLINE_EXCEEDED {
+            return self.failure_on.timeouts;
+        }
+        grpc::DEFAULT_FAILURE_CODES.contains(&code)
+    }
+
     /// Whether a response counts as a failure under `failureOn`.
     pub fn is_failure(&self, resp: &Resp) -> bool {
         match rejection(resp) {
@@ -334,14 +343,36 @@ where
             return Box::pin(std::future::ready(Ok(reject(Reason::CircuitOpen))));
         };
         let breaker = self.breaker.clone();
+        let is_grpc = grpc::is_marked(&req);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
             // A request whose body broke on the client's side tells nothing about the
             // dependency: not a call of the window at all (dropping the permit frees a trial).
-            if rejection(&resp) != Some(Reason::ClientBodyError) {
-                permit.record(breaker.is_failure(&resp));
+            if rejection(&resp) == Some(Reason::ClientBodyError) {
+                return Ok(resp);
             }
+            if is_grpc && rejection(&resp).is_none() {
+                // A gRPC call is judged by its status: in the headers of a Trailers-Only
+                // answer, else in the trailers once the stream ends (the permit goes with it).
+                if let Some(code) = grpc::status_in_headers(&resp) {
+                    permit.record(breaker.is_grpc_failure(code));
+                    return Ok(resp);
+                }
+                if resp.status() == http::StatusCode::OK {
+                    let (parts, body) = resp.into_parts();
+                    let failure_on_broken = breaker.failure_on.connect_errors;
+                    let body = grpc::OnStatus::wrap(body, move |ended| {
+                        let failure = match ended {
+                            grpc::Ended::Status(code) => breaker.is_grpc_failure(code),
+                            grpc::Ended::Broken => failure_on_broken,
+                        };
+                        permit.record(failure);
+                    });
+                    return Ok(Resp::from_parts(parts, body));
+                }
+            }
+            permit.record(breaker.is_failure(&resp));
             Ok(resp)
         })
     }

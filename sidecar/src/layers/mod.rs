@@ -7,6 +7,7 @@ pub mod body_limit;
 pub mod breaker;
 pub mod concurrency;
 pub mod fallback;
+pub mod grpc;
 pub mod guard;
 pub mod header_names;
 pub mod identity;

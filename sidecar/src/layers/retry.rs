@@ -4,8 +4,12 @@
 //!   `retryNonIdempotent` is set.
 //! - A response is retried when it is a 5xx from the upstream, or the proxy could not reach the
 //!   upstream (`upstream-connect`, `upstream-error`). A breaker rejection is never retried.
+//! - gRPC calls (any method) are retried only on a Trailers-Only `UNAVAILABLE`, never once a
+//!   message of the answer has been passed on.
 //! - Request bodies up to 64 KiB (declared by `Content-Length`) are buffered so they can be sent
-//!   again; larger or streamed bodies are sent once.
+//!   again; larger or streamed bodies are sent once. A gRPC body (streamed, no length) is sent
+//!   as it comes while a copy of up to 64 KiB is kept: a call is sent again only if its body
+//!   ended within that (a unary call; a client stream that outgrew it is not retried).
 //! - The n-th retry waits a random time in `[0, min(backoffMaxMs, backoffBaseMs * 2^(n-1))]`,
 //!   and never past the request's deadline.
 //! - Budget: every request deposits `ratio`, every retry withdraws one; a retry is allowed only
@@ -18,7 +22,7 @@ use crate::body::{
     self, ClientBodyError, REASON_HEADER, Reason, Req, Resp, reject, reject_closing, rejection,
 };
 use crate::layers::body_limit::content_length;
-use crate::layers::{BoxFuture, always_ready, deadline_of};
+use crate::layers::{BoxFuture, always_ready, deadline_of, grpc};
 use crate::metrics::RetryMetrics;
 use bytes::Bytes;
 use http::{Method, Request};
@@ -217,10 +221,17 @@ pub fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn is_retryable(resp: &Resp) -> bool {
+fn is_retryable(resp: &Resp, grpc: bool) -> bool {
     match rejection(resp) {
         Some(Reason::UpstreamConnect | Reason::UpstreamError) => true,
         Some(_) => false,
+        // A gRPC answer is retried on its status, when it came before any message
+        // (Trailers-Only); once a message has come, the caller has it. An HTTP status from a
+        // hop that does not speak gRPC counts as gRPC maps it (429, 502, 503, 504: UNAVAILABLE).
+        None if grpc => match grpc::status_in_headers(resp) {
+            Some(code) => grpc::DEFAULT_RETRY_CODES.contains(&code),
+            None => matches!(resp.status().as_u16(), 429 | 502 | 503 | 504),
+        },
         None => resp.status().is_server_error(),
     }
 }
@@ -254,12 +265,7 @@ pub struct Retry<S> {
     policy: Arc<RetryPolicy>,
 }
 
-fn rebuild(parts: &http::request::Parts, bytes: &Bytes) -> Req {
-    let body = if bytes.is_empty() {
-        body::empty()
-    } else {
-        body::full(bytes.clone())
-    };
+fn rebuild(parts: &http::request::Parts, body: body::BoxBody) -> Req {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
@@ -282,13 +288,20 @@ where
     fn call(&mut self, req: Req) -> BoxFuture {
         let policy = self.policy.clone();
         let deposit = Deposit(Some(policy.budget.clone()));
-        let method_ok = policy.retry_non_idempotent || is_idempotent(req.method());
-        let replayable = match content_length(req.headers()) {
+        let grpc = grpc::is_marked(&req);
+        // A gRPC call may be retried whatever its method (POST, always): the status says
+        // whether it was processed (`UNAVAILABLE`: not).
+        let method_ok = grpc || policy.retry_non_idempotent || is_idempotent(req.method());
+        let length = content_length(req.headers());
+        let replayable = match length {
             Ok(Some(n)) => n <= MAX_RETRY_BODY,
             Ok(None) => req.body().is_end_stream(),
             Err(_) => false,
         };
-        if policy.attempts <= 1 || !method_ok || !replayable {
+        // A gRPC body of unknown length is sent as it comes and copied on the way: held back,
+        // a stream whose client waits for an answer before ending would never start.
+        let teed = grpc && !replayable && matches!(length, Ok(None));
+        if policy.attempts <= 1 || !method_ok || !(replayable || teed) {
             let fut = self.inner.call(req);
             return Box::pin(async move {
                 let resp = fut.await?;
@@ -300,46 +313,278 @@ where
         Box::pin(async move {
             let deadline = deadline_of(&req);
             let (parts, body) = req.into_parts();
-            let bytes = match body.collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(e) => {
-                    deposit.cancel();
-                    tracing::warn!(error = %e, "request body failed while buffering for retries");
-                    return Ok(if ClientBodyError::in_chain(&e).is_some() {
-                        reject_closing(Reason::ClientBodyError)
-                    } else {
-                        reject(Reason::BadRequest)
-                    });
-                }
-            };
             let mut deposit = Some(deposit);
             let mut attempt = 1;
-            loop {
-                let mut resp = inner.call(rebuild(&parts, &bytes)).await?;
+            let bytes = if teed {
+                let (tee, copy) = tee::Tee::split(body, MAX_RETRY_BODY);
+                let mut resp = inner.call(rebuild(&parts, tee)).await?;
                 if let Some(d) = deposit.take() {
                     d.settle(&resp);
                 }
-                if attempt >= policy.attempts || !is_retryable(&resp) {
+                if attempt >= policy.attempts || !is_retryable(&resp, grpc) {
                     return Ok(resp);
                 }
-                let backoff = policy.backoff(attempt);
-                if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                let Some(backoff) = backoff_within(&policy, attempt, deadline) else {
                     return Ok(resp);
-                }
-                if !policy.budget.try_withdraw() {
-                    policy.metrics.refused_by_budget.inc();
-                    if !resp.headers().contains_key(REASON_HEADER) {
-                        resp.headers_mut()
-                            .insert(REASON_HEADER, Reason::RetryBudget.header_value());
-                    }
+                };
+                // The whole request must be in hand to be sent again; it usually is (a unary
+                // call is sent before it is answered). Waited for no longer than the backoff.
+                let until = Instant::now() + backoff.max(tee::MIN_WAIT);
+                let until = deadline.map_or(until, |d| until.min(d));
+                let Some(bytes) = copy.complete(until).await else {
+                    return Ok(resp);
+                };
+                if !withdraw(&policy, &mut resp) {
                     return Ok(resp);
                 }
                 drop(resp);
-                policy.metrics.attempted.inc();
+                tokio::time::sleep_until(until.max(Instant::now())).await;
+                attempt += 1;
+                bytes
+            } else {
+                match body.collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(e) => {
+                        if let Some(d) = deposit.take() {
+                            d.cancel();
+                        }
+                        tracing::warn!(error = %e, "request body failed while buffering for retries");
+                        return Ok(if ClientBodyError::in_chain(&e).is_some() {
+                            reject_closing(Reason::ClientBodyError)
+                        } else {
+                            reject(Reason::BadRequest)
+                        });
+                    }
+                }
+            };
+            loop {
+                let mut resp = inner.call(rebuild(&parts, replay(&bytes))).await?;
+                if let Some(d) = deposit.take() {
+                    d.settle(&resp);
+                }
+                if attempt >= policy.attempts || !is_retryable(&resp, grpc) {
+                    return Ok(resp);
+                }
+                let Some(backoff) = backoff_within(&policy, attempt, deadline) else {
+                    return Ok(resp);
+                };
+                if !withdraw(&policy, &mut resp) {
+                    return Ok(resp);
+                }
+                drop(resp);
                 tokio::time::sleep(backoff).await;
                 attempt += 1;
             }
         })
+    }
+}
+
+/// The wait before retry `attempt + 1`, unless it would end past the deadline.
+fn backoff_within(
+    policy: &RetryPolicy,
+    attempt: u32,
+    deadline: Option<Instant>,
+) -> Option<Duration> {
+    let backoff = policy.backoff(attempt);
+    if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+        return None;
+    }
+    Some(backoff)
+}
+
+/// Takes a retry from the budget; when it is spent, says so on the failed answer.
+fn withdraw(policy: &RetryPolicy, resp: &mut Resp) -> bool {
+    if !policy.budget.try_withdraw() {
+        policy.metrics.refused_by_budget.inc();
+        if !resp.headers().contains_key(REASON_HEADER) {
+            resp.headers_mut()
+                .insert(REASON_HEADER, Reason::RetryBudget.header_value());
+        }
+        return false;
+    }
+    policy.metrics.attempted.inc();
+    true
+}
+
+fn replay(bytes: &Bytes) -> body::BoxBody {
+    if bytes.is_empty() {
+        body::empty()
+    } else {
+        body::full(bytes.clone())
+    }
+}
+
+mod tee {
+    //! A request body passed on as it arrives while a copy of it is kept, up to a limit, so the
+    //! request can be sent again once it has ended.
+
+    use crate::body::{BodyError, BoxBody};
+    use bytes::{Bytes, BytesMut};
+    use http_body_util::BodyExt;
+    use hyper::body::{Body, Frame};
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::sync::Notify;
+    use tokio::time::Instant;
+
+    /// Waited at least this long for the rest of a copy (a backoff may be zero).
+    pub const MIN_WAIT: Duration = Duration::from_millis(20);
+
+    #[derive(Default)]
+    struct State {
+        chunks: Vec<Bytes>,
+        size: u64,
+        /// The body ended, every byte copied.
+        done: bool,
+        /// Over the limit, trailers, or an error: the copy cannot be replayed.
+        spoiled: bool,
+        /// What the forwarding left unread when it dropped the body (an upstream that answered
+        /// before reading it all): read here to complete the copy.
+        rest: Option<BoxBody>,
+    }
+
+    struct Shared {
+        state: Mutex<State>,
+        changed: Notify,
+        limit: u64,
+    }
+
+    impl Shared {
+        fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        fn on_frame(&self, frame: &Poll<Option<Result<Frame<Bytes>, BodyError>>>) {
+            let mut s = self.lock();
+            match frame {
+                Poll::Ready(Some(Ok(f))) => match f.data_ref() {
+                    Some(d) if !s.spoiled => {
+                        s.size += d.len() as u64;
+                        if s.size > self.limit {
+                            s.spoiled = true;
+                            s.chunks = Vec::new();
+                        } else {
+                            s.chunks.push(d.clone());
+                        }
+                    }
+                    Some(_) => {}
+                    None => s.spoiled = true,
+                },
+                Poll::Ready(Some(Err(_))) => s.spoiled = true,
+                Poll::Ready(None) => s.done = true,
+                Poll::Pending => return,
+            }
+            drop(s);
+            self.changed.notify_one();
+        }
+    }
+
+    pub struct Tee {
+        inner: Option<BoxBody>,
+        shared: Arc<Shared>,
+    }
+
+    /// The copy's side.
+    pub struct Kept(Arc<Shared>);
+
+    impl Tee {
+        pub fn split(inner: BoxBody, limit: u64) -> (BoxBody, Kept) {
+            let shared = Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+                limit,
+            });
+            let tee = Tee {
+                inner: Some(inner),
+                shared: shared.clone(),
+            };
+            (tee.boxed_unsync(), Kept(shared))
+        }
+    }
+
+    impl Body for Tee {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let polled = Pin::new(inner).poll_frame(cx);
+            self.shared.on_frame(&polled);
+            polled
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        }
+    }
+
+    impl Drop for Tee {
+        fn drop(&mut self) {
+            let mut s = self.shared.lock();
+            if !s.done && !s.spoiled {
+                s.rest = self.inner.take();
+            }
+            drop(s);
+            self.shared.changed.notify_one();
+        }
+    }
+
+    impl Kept {
+        /// The whole body, once it has ended within the limit, by `until`; `None` otherwise.
+        pub async fn complete(self, until: Instant) -> Option<Bytes> {
+            loop {
+                let rest = {
+                    let mut s = self.0.lock();
+                    if s.spoiled {
+                        return None;
+                    }
+                    if s.done {
+                        let mut all = BytesMut::with_capacity(s.size as usize);
+                        for c in &s.chunks {
+                            all.extend_from_slice(c);
+                        }
+                        return Some(all.freeze());
+                    }
+                    s.rest.take()
+                };
+                match rest {
+                    // Read what the forwarding left, through a Tee of the same copy.
+                    Some(rest) => {
+                        let mut tee = Tee {
+                            inner: Some(rest),
+                            shared: self.0.clone(),
+                        };
+                        loop {
+                            let next = std::future::poll_fn(|cx| Pin::new(&mut tee).poll_frame(cx));
+                            match tokio::time::timeout_at(until, next).await {
+                                Ok(Some(Ok(_))) => {
+                                    if self.0.lock().spoiled {
+                                        return None;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Ok(Some(Err(_))) | Err(_) => return None,
+                            }
+                        }
+                    }
+                    None => {
+                        if tokio::time::timeout_at(until, self.0.changed.notified())
+                            .await
+                            .is_err()
+                        {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
