@@ -49,6 +49,13 @@ pub struct ConnectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GoawayLabels {
+    pub listener: String,
+    /// The HTTP/2 error code, as RFC 9113 names it (`ENHANCE_YOUR_CALM`, …).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -73,6 +80,7 @@ pub struct Metrics {
     config_reloads: Family<ResultLabels, Counter>,
     underscore_removed: Family<KindLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
+    h2_goaways: Family<GoawayLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
     /// The pub/sub bridge's counters (`weir_messaging_*`).
@@ -130,6 +138,12 @@ impl Metrics {
             "connections",
             "Connections accepted, by listener and the HTTP version the client spoke",
             connections.clone(),
+        );
+        let h2_goaways = Family::<GoawayLabels, Counter>::default();
+        registry.register(
+            "http2_goaways_sent",
+            "HTTP/2 connections the proxy closed for the client's misbehaviour (floods, rapid resets, protocol errors), by listener and error code",
+            h2_goaways.clone(),
         );
         registry.register(
             "requests",
@@ -196,6 +210,7 @@ impl Metrics {
             config_reloads,
             underscore_removed,
             connections,
+            h2_goaways,
             spans_exported,
             spans_dropped,
             bridge,
@@ -271,6 +286,15 @@ impl Metrics {
             .get_or_create(&ConnectionLabels {
                 listener: listener.to_string(),
                 version: version.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn h2_goaway(&self, listener: &str, reason: h2::Reason) {
+        self.h2_goaways
+            .get_or_create(&GoawayLabels {
+                listener: listener.to_string(),
+                reason: format!("{reason:?}"),
             })
             .inc();
     }

@@ -326,7 +326,7 @@ async fn serve_connection(
                 .max_headers(128)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc);
-            drive(conn, &role, drain).await;
+            drive(conn, &shared, &role, drain).await;
         }
         detect::Version::Http2 => {
             // No request smuggling to look for: HTTP/2 frames every body itself, and the h2
@@ -345,14 +345,14 @@ async fn serve_connection(
                 .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
-            drive(conn, &role, drain).await;
+            drive(conn, &shared, &role, drain).await;
         }
     }
 }
 
 /// Serves `conn` to its end; when the drain begins, asks it to finish (HTTP/1.1: after the
 /// request in flight, with `Connection: close`; HTTP/2: `GOAWAY`, streams in flight finish).
-async fn drive<C: Served>(conn: C, role: &Role, mut drain: watch::Receiver<bool>) {
+async fn drive<C: Served>(conn: C, shared: &Shared, role: &Role, mut drain: watch::Receiver<bool>) {
     tokio::pin!(conn);
     // Admin connections are left alone by the drain (see `accept_loop`).
     let mut draining = *drain.borrow() || *role == Role::Admin;
@@ -363,7 +363,7 @@ async fn drive<C: Served>(conn: C, role: &Role, mut drain: watch::Receiver<bool>
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    log_conn_error(role, &e);
+                    log_conn_error(shared, role, &e);
                 }
                 break;
             }
@@ -375,7 +375,28 @@ async fn drive<C: Served>(conn: C, role: &Role, mut drain: watch::Receiver<bool>
     }
 }
 
-fn log_conn_error(role: &Role, e: &hyper::Error) {
+/// The HTTP/2 error that ended a connection, when the proxy ended it for the client's
+/// misbehaviour (a `GOAWAY` it sent: `ENHANCE_YOUR_CALM` for floods and rapid resets,
+/// `PROTOCOL_ERROR`, `FLOW_CONTROL_ERROR`, `FRAME_SIZE_ERROR`, `COMPRESSION_ERROR`, …).
+fn h2_goaway_sent(e: &hyper::Error) -> Option<h2::Reason> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<h2::Error>() {
+            return (h.is_go_away() && !h.is_remote())
+                .then(|| h.reason())
+                .flatten();
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn log_conn_error(shared: &Shared, role: &Role, e: &hyper::Error) {
+    if let Some(reason) = h2_goaway_sent(e) {
+        shared.metrics.h2_goaway(role.name(), reason);
+        tracing::warn!(listener = role.name(), reason = %reason, error = %e, "HTTP/2 connection closed for the client's misbehaviour");
+        return;
+    }
     let reason = if e.is_parse_too_large() {
         "request head too large"
     } else if e.is_parse() {
