@@ -32,6 +32,43 @@ pub struct RetryPolicy {
     /// (e.g. by `Idempotency-Key`).
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// gRPC calls (any method) are retried when answered, before any message, with one of
+    /// these statuses. Left out: `[UNAVAILABLE]`, the one status that says the call was not
+    /// processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 17))]
+    pub grpc_statuses: Option<Vec<GrpcCode>>,
+}
+
+/// A gRPC status code, by its name in the gRPC specification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(missing_docs, reason = "each variant is the status it names")]
+pub enum GrpcCode {
+    Ok,
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+    Unauthenticated,
+}
+
+impl GrpcCode {
+    /// The number on the wire (`grpc-status`).
+    pub fn code(self) -> u16 {
+        self as u16
+    }
 }
 
 fn default_attempts() -> u32 {
@@ -179,6 +216,12 @@ pub struct FailureOn {
     /// A call that times out counts as a failure.
     #[serde(default = "yes")]
     pub timeouts: bool,
+    /// gRPC calls count as failures when they end with one of these statuses (whatever the
+    /// HTTP status, 200 for nearly every gRPC error). Left out: `UNKNOWN`,
+    /// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 17))]
+    pub grpc_statuses: Option<Vec<GrpcCode>>,
 }
 
 impl Default for FailureOn {
@@ -187,6 +230,7 @@ impl Default for FailureOn {
             status5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: None,
         }
     }
 }
@@ -223,6 +267,16 @@ pub struct FallbackPolicy {
     /// `Content-Type` of the fallback answer.
     #[serde(default = "default_content_type")]
     pub content_type: String,
+    /// For gRPC calls: answer with this status instead (Trailers-Only, no message; `OK` ends
+    /// a server stream empty, and is an error to a unary caller, who expects a message). Left
+    /// out, gRPC calls get the refusal itself as a status (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`):
+    /// an HTTP body is nothing a gRPC client can read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<GrpcCode>,
+    /// The `grpc-message` sent with `grpcStatus`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub grpc_message: String,
 }
 
 fn default_fallback_status() -> u16 {

@@ -208,6 +208,9 @@ pub struct RetryConfig {
     /// Keeps retries in proportion to traffic, so they cannot multiply the load on a failing
     /// upstream.
     pub budget: RetryBudgetConfig,
+    /// gRPC statuses retried (any method), when answered before any message.
+    #[serde(default = "default_grpc_retries")]
+    pub grpc_statuses: Vec<u16>,
 }
 
 /// Retries allowed = `ratio` × requests seen in the last `ttl`, plus `min_per_second` × ttl.
@@ -252,6 +255,26 @@ pub struct FailureClassConfig {
     pub connect_errors: bool,
     /// An attempt that ran out of time.
     pub timeouts: bool,
+    /// gRPC statuses (`grpc-status`, in the headers or the trailers) that count as failures.
+    #[serde(default = "default_grpc_failures")]
+    pub grpc_statuses: Vec<u16>,
+}
+
+/// The gRPC statuses a breaker counts as failures unless told otherwise: `UNKNOWN`,
+/// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS` (the server or the path to it is
+/// unwell). What a healthy server answers a bad call with (`NOT_FOUND`, `INVALID_ARGUMENT`, …)
+/// is not its failure.
+pub const DEFAULT_GRPC_FAILURE_STATUSES: [u16; 5] = [2, 4, 13, 14, 15];
+/// The gRPC statuses retried unless told otherwise: `UNAVAILABLE`, the one status that says
+/// the call was not processed.
+pub const DEFAULT_GRPC_RETRY_STATUSES: [u16; 1] = [14];
+
+fn default_grpc_failures() -> Vec<u16> {
+    DEFAULT_GRPC_FAILURE_STATUSES.to_vec()
+}
+
+fn default_grpc_retries() -> Vec<u16> {
+    DEFAULT_GRPC_RETRY_STATUSES.to_vec()
 }
 
 /// A cap on concurrent calls to one dependency; a call finding it and the queue full is refused
@@ -275,6 +298,13 @@ pub struct FallbackConfig {
     pub body: String,
     /// The `Content-Type` of `body`.
     pub content_type: String,
+    /// For gRPC calls: this `grpc-status` (Trailers-Only) instead of the HTTP answer; `None`:
+    /// gRPC calls get the refusal as a status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
+    /// The `grpc-message` sent with `grpc_status`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub grpc_message: String,
 }
 
 /// Span export; the default exports nothing.
@@ -963,6 +993,7 @@ mod tests {
                         status_5xx: true,
                         connect_errors: true,
                         timeouts: true,
+                        grpc_statuses: vec![2, 4, 13, 14, 15],
                     },
                 }),
                 bulkhead: None,

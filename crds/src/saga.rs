@@ -78,6 +78,7 @@ fn default_comp_retry() -> RetryPolicy {
         backoff: Default::default(),
         budget: Default::default(),
         retry_non_idempotent: true,
+        grpc_statuses: None,
     }
 }
 

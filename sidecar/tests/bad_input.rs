@@ -327,6 +327,7 @@ async fn broken_request_bodies_are_the_clients_fault_not_the_dependencys() {
             status_5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: vec![2, 4, 13, 14, 15],
         },
     });
     dep.retry = Some(RetryConfig {
@@ -339,6 +340,7 @@ async fn broken_request_bodies_are_the_clients_fault_not_the_dependencys() {
             min_per_second: 10,
             ttl_ms: 10_000,
         },
+        grpc_statuses: vec![14],
     });
     cfg.outbound.push(dep);
     let proxy = proxy(cfg).await;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use weir_crds::proxy::*;
 use weir_testkit::grpc::{Ask, EchoServer, client};
+// (`common::client` is the HTTP/1.1 test client; `client` here is the gRPC one.)
 
 /// A config whose one dependency, `echo`, is `upstream` spoken to in HTTP/2.
 fn with_grpc_dependency(upstream: String) -> ProxyConfig {
@@ -190,6 +191,7 @@ async fn the_breaker_opens_on_grpc_failures_answered_with_http_200() {
             status_5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: vec![2, 4, 13, 14, 15],
         },
     });
     let _p = proxy(cfg.clone()).await;
@@ -233,6 +235,7 @@ async fn a_status_in_the_trailers_after_messages_counts_for_the_breaker() {
             status_5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: vec![2, 4, 13, 14, 15],
         },
     });
     let _p = proxy(cfg.clone()).await;
@@ -269,6 +272,7 @@ async fn only_unavailable_is_retried_and_every_method_may_be() {
             min_per_second: 100,
             ttl_ms: 10_000,
         },
+        grpc_statuses: vec![14],
     });
     let _p = proxy(cfg.clone()).await;
     let mut c = client(cfg.outbound[0].listen);
@@ -363,4 +367,96 @@ async fn refusals_are_grpc_statuses_naming_the_reason() {
     assert_eq!(s.code(), Code::ResourceExhausted);
     assert_eq!(s.message(), "weir-proxy: rate-limited");
     assert_eq!(s.metadata().get("x-weir-reason").unwrap(), "rate-limited");
+}
+
+#[tokio::test]
+async fn statuses_are_configurable_and_the_fallback_answers_grpc_in_grpc() {
+    let echo = EchoServer::start().await;
+    let mut cfg = with_grpc_dependency(format!("http://{}", echo.addr));
+    // Retried: RESOURCE_EXHAUSTED only. Failures: NOT_FOUND only.
+    cfg.outbound[0].retry = Some(RetryConfig {
+        attempts: 2,
+        backoff_base_ms: 5,
+        backoff_max_ms: 10,
+        retry_non_idempotent: false,
+        budget: RetryBudgetConfig {
+            ratio: 0.2,
+            min_per_second: 100,
+            ttl_ms: 10_000,
+        },
+        grpc_statuses: vec![Code::ResourceExhausted as u16],
+    });
+    cfg.outbound[0].circuit_breaker = Some(CircuitBreakerConfig {
+        error_threshold_percentage: 50,
+        volume_threshold: 3,
+        rolling_window_ms: 10_000,
+        buckets: 10,
+        reset_timeout_ms: 60_000,
+        failure_on: FailureClassConfig {
+            status_5xx: true,
+            connect_errors: true,
+            timeouts: true,
+            grpc_statuses: vec![Code::NotFound as u16],
+        },
+    });
+    // gRPC callers get an empty, successful answer; HTTP callers the JSON body.
+    cfg.outbound[0].fallback = Some(FallbackConfig {
+        status: 200,
+        body: r#"{"items":[]}"#.into(),
+        content_type: "application/json".into(),
+        grpc_status: Some(0),
+        grpc_message: String::new(),
+    });
+    let _p = proxy(cfg.clone()).await;
+    let mut c = client(cfg.outbound[0].listen);
+
+    assert_eq!(
+        c.say(failing(Code::ResourceExhausted))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::ResourceExhausted
+    );
+    assert_eq!(echo.calls(), 2, "RESOURCE_EXHAUSTED was retried once");
+    // UNAVAILABLE is neither retried nor (here) a failure.
+    for _ in 0..3 {
+        assert_eq!(
+            c.say(failing(Code::Unavailable)).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+    }
+    assert_eq!(echo.calls(), 5);
+    // NOT_FOUND is. The breaker saw 5 calls so far (each attempt is one): 5 of 10 is not past
+    // 50%, 6 of 11 is.
+    for _ in 0..6 {
+        assert_eq!(
+            c.say(failing(Code::NotFound)).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    assert_eq!(echo.calls(), 11);
+
+    // Open: a server stream ends at once, empty and OK, from the fallback.
+    let mut s = c
+        .count(Ask {
+            count: 3,
+            ..Ask::text("n")
+        })
+        .await
+        .expect("the fallback's OK")
+        .into_inner();
+    assert!(s.message().await.unwrap().is_none());
+    assert_eq!(
+        echo.calls(),
+        11,
+        "the open breaker kept the call from the server"
+    );
+    // An HTTP caller of the same dependency gets the HTTP fallback.
+    let r = get(
+        &common::client(),
+        format!("http://{}/items", cfg.outbound[0].listen),
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"items":[]}"#));
+    assert_eq!(r.headers["x-weir-fallback"], "circuit-open");
 }

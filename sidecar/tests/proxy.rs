@@ -326,12 +326,15 @@ async fn breaker_full_cycle_with_fallback_over_a_flapping_upstream() {
             status_5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: vec![2, 4, 13, 14, 15],
         },
     });
     dep.fallback = Some(FallbackConfig {
         status: 200,
         body: "{\"cached\":true}".into(),
         content_type: "application/json".into(),
+        grpc_status: None,
+        grpc_message: String::new(),
     });
     cfg.outbound.push(dep);
     let proxy = proxy(cfg).await;
@@ -413,6 +416,7 @@ async fn open_breaker_without_fallback_is_503_circuit_open() {
             status_5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: vec![2, 4, 13, 14, 15],
         },
     });
     cfg.outbound.push(dep);
@@ -495,6 +499,7 @@ async fn retries_recover_a_flapping_upstream_and_the_budget_caps_an_outage() {
             min_per_second: 1,
             ttl_ms: 10_000,
         },
+        grpc_statuses: vec![14],
     };
     let mut d1 = dependency("flapping", flapping.url());
     d1.retry = Some(retry.clone());
@@ -578,6 +583,7 @@ async fn retry_budget_holds_over_a_window_that_straddles_its_slots() {
             min_per_second,
             ttl_ms: ttl.as_millis() as u64,
         },
+        grpc_statuses: vec![14],
     });
     cfg.outbound.push(dep);
     let spawned = Instant::now();
@@ -656,6 +662,7 @@ async fn hanging_upstream_times_out_and_counts_against_the_breaker() {
             status_5xx: true,
             connect_errors: true,
             timeouts: true,
+            grpc_statuses: vec![2, 4, 13, 14, 15],
         },
     });
     cfg.outbound.push(dep);

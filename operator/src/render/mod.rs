@@ -718,6 +718,54 @@ spec:
             ]
         );
 
+        // gRPC statuses: the defaults, resolved to numbers, unless given.
+        let users = &r.config.outbound[0];
+        assert!(users.retry.is_none());
+        let r2 = rendered(
+            r#"
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: orders}
+spec:
+  image: orders:1
+  dependencies:
+    - name: users
+      microservice: users
+      retry: {grpcStatuses: [UNAVAILABLE, RESOURCE_EXHAUSTED]}
+      circuitBreaker: {failureOn: {grpcStatuses: [NOT_FOUND]}}
+      fallback: {grpcStatus: FAILED_PRECONDITION, grpcMessage: "no stock data"}
+    - name: geo
+      microservice: geo
+      retry: {}
+      circuitBreaker: {}
+"#,
+        );
+        let (users, geo) = (&r2.config.outbound[0], &r2.config.outbound[1]);
+        assert_eq!(users.retry.as_ref().unwrap().grpc_statuses, [14, 8]);
+        assert_eq!(
+            users
+                .circuit_breaker
+                .as_ref()
+                .unwrap()
+                .failure_on
+                .grpc_statuses,
+            [5]
+        );
+        let fb = users.fallback.as_ref().unwrap();
+        assert_eq!(
+            (fb.grpc_status, fb.grpc_message.as_str()),
+            (Some(9), "no stock data")
+        );
+        assert_eq!(geo.retry.as_ref().unwrap().grpc_statuses, [14]);
+        assert_eq!(
+            geo.circuit_breaker
+                .as_ref()
+                .unwrap()
+                .failure_on
+                .grpc_statuses,
+            [2, 4, 13, 14, 15]
+        );
+
         let r = rendered(
             "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users}\nspec: {image: users:1}\n",
         );

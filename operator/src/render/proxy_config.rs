@@ -6,7 +6,7 @@ use super::RenderError;
 use std::net::SocketAddr;
 use weir_crds::duration;
 use weir_crds::microservice::{ClientKey, Dependency, EdgeSpec, MicroserviceSpec};
-use weir_crds::policy::{CircuitBreakerPolicy, RetryPolicy};
+use weir_crds::policy::{CircuitBreakerPolicy, GrpcCode, RetryPolicy};
 use weir_crds::proxy::{
     AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
     CorsConfig, EdgeConfig, EdgeRouteConfig, FailureClassConfig, FallbackConfig, IdentityConfig,
@@ -265,8 +265,18 @@ fn outbound(
             status: f.status,
             body: f.body.clone(),
             content_type: f.content_type.clone(),
+            grpc_status: f.grpc_status.map(GrpcCode::code),
+            grpc_message: f.grpc_message.clone(),
         }),
     })
+}
+
+/// The codes of `given`, or `default` when left out.
+fn codes(given: Option<&[GrpcCode]>, default: &[u16]) -> Vec<u16> {
+    given.map_or_else(
+        || default.to_vec(),
+        |g| g.iter().map(|c| c.code()).collect(),
+    )
 }
 
 fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, RenderError> {
@@ -280,6 +290,10 @@ fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, Re
             min_per_second: r.budget.min_per_second,
             ttl_ms: ms(&at("retry.budget.ttl"), &r.budget.ttl)?,
         },
+        grpc_statuses: codes(
+            r.grpc_statuses.as_deref(),
+            &weir_crds::proxy::DEFAULT_GRPC_RETRY_STATUSES,
+        ),
     })
 }
 
@@ -301,6 +315,10 @@ fn breaker(
             status_5xx: b.failure_on.status5xx,
             connect_errors: b.failure_on.connect_errors,
             timeouts: b.failure_on.timeouts,
+            grpc_statuses: codes(
+                b.failure_on.grpc_statuses.as_deref(),
+                &weir_crds::proxy::DEFAULT_GRPC_FAILURE_STATUSES,
+            ),
         },
     })
 }

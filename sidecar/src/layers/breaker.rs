@@ -280,13 +280,9 @@ impl Breaker {
         }
     }
 
-    /// Whether a gRPC status counts as a failure: the server or the path to it is unwell
-    /// ([`grpc::DEFAULT_FAILURE_CODES`]); `DEADLINE_EXCEEDED` only when timeouts count.
+    /// Whether a gRPC status counts as a failure (`failureOn.grpcStatuses`).
     pub fn is_grpc_failure(&self, code: u16) -> bool {
-        if code == grpc::code::DEADLINE_EXCEEDED {
-            return self.failure_on.timeouts;
-        }
-        grpc::DEFAULT_FAILURE_CODES.contains(&code)
+        self.failure_on.grpc_statuses.contains(&code)
     }
 
     /// Whether a response counts as a failure under `failureOn`.
@@ -397,6 +393,7 @@ mod tests {
                 status_5xx: true,
                 connect_errors: true,
                 timeouts: true,
+                grpc_statuses: vec![2, 4, 13, 14, 15],
             },
         }
     }

@@ -1,5 +1,7 @@
 //! Fallback: when the breaker is open or the bulkhead is full, serves the configured response
-//! instead of the 503 (marked `x-weir-fallback: circuit-open|bulkhead-full`).
+//! instead of the 503 (marked `x-weir-fallback: circuit-open|bulkhead-full`). A gRPC call gets
+//! the configured `grpcStatus` as a Trailers-Only answer; without one, the refusal itself as a
+//! status (the gRPC layer turns it into `UNAVAILABLE` or `RESOURCE_EXHAUSTED`).
 
 use super::{BoxFuture, always_ready};
 use crate::body::{self, FALLBACK_HEADER, Reason, Rejected, Req, Resp, rejection};
@@ -14,6 +16,8 @@ pub struct FallbackResponse {
     pub status: StatusCode,
     pub body: Bytes,
     pub content_type: HeaderValue,
+    /// For gRPC calls: the status and message answered instead.
+    pub grpc: Option<(u16, String)>,
 }
 
 impl FallbackResponse {
@@ -23,14 +27,21 @@ impl FallbackResponse {
             body: Bytes::from(c.body.clone()),
             content_type: HeaderValue::from_str(&c.content_type)
                 .unwrap_or_else(|_| HeaderValue::from_static("text/plain")),
+            grpc: c.grpc_status.map(|code| (code, c.grpc_message.clone())),
         }
     }
 
-    fn response(&self, reason: Reason) -> Resp {
-        let mut resp = Response::new(body::full(self.body.clone()));
-        *resp.status_mut() = self.status;
-        resp.headers_mut()
-            .insert(http::header::CONTENT_TYPE, self.content_type.clone());
+    fn response(&self, reason: Reason, grpc: bool) -> Resp {
+        let mut resp = match &self.grpc {
+            Some((code, message)) if grpc => super::grpc::status_response(*code, message),
+            _ => {
+                let mut r = Response::new(body::full(self.body.clone()));
+                *r.status_mut() = self.status;
+                r.headers_mut()
+                    .insert(http::header::CONTENT_TYPE, self.content_type.clone());
+                r
+            }
+        };
         resp.headers_mut()
             .insert(FALLBACK_HEADER, reason.header_value());
         resp.extensions_mut().insert(Rejected(reason));
@@ -79,11 +90,12 @@ where
 
     fn call(&mut self, req: Req) -> BoxFuture {
         let fb = self.fallback.clone();
+        let grpc = super::grpc::is_marked(&req);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
             Ok(match rejection(&resp) {
-                Some(r @ (Reason::CircuitOpen | Reason::BulkheadFull)) => fb.response(r),
+                Some(r @ (Reason::CircuitOpen | Reason::BulkheadFull)) => fb.response(r, grpc),
                 _ => resp,
             })
         })
@@ -103,6 +115,7 @@ mod tests {
             status: StatusCode::OK,
             body: Bytes::from_static(b"{\"users\":[]}"),
             content_type: HeaderValue::from_static("application/json"),
+            grpc: None,
         });
         for (reason, replaced) in [
             (Reason::CircuitOpen, true),

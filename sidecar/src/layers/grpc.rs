@@ -31,31 +31,14 @@ pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// gRPC status codes (grpc/doc/statuscodes.md).
 pub mod code {
     pub const OK: u16 = 0;
-    pub const UNKNOWN: u16 = 2;
     pub const DEADLINE_EXCEEDED: u16 = 4;
     pub const PERMISSION_DENIED: u16 = 7;
     pub const RESOURCE_EXHAUSTED: u16 = 8;
     pub const UNIMPLEMENTED: u16 = 12;
     pub const INTERNAL: u16 = 13;
     pub const UNAVAILABLE: u16 = 14;
-    pub const DATA_LOSS: u16 = 15;
     pub const UNAUTHENTICATED: u16 = 16;
 }
-
-/// The codes that count as a dependency's failure for the breaker: the server or the path to
-/// it is unwell. Codes a healthy server answers for a bad request (`NOT_FOUND`,
-/// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, …) are not its failures.
-pub const DEFAULT_FAILURE_CODES: [u16; 5] = [
-    code::UNKNOWN,
-    code::DEADLINE_EXCEEDED,
-    code::INTERNAL,
-    code::UNAVAILABLE,
-    code::DATA_LOSS,
-];
-
-/// The codes retried: `UNAVAILABLE` says the call was not processed and may be tried again
-/// (the gRPC status code guide); the others may have had effects.
-pub const DEFAULT_RETRY_CODES: [u16; 1] = [code::UNAVAILABLE];
 
 /// Request extension: this is a gRPC call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

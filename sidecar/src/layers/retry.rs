@@ -185,6 +185,8 @@ pub struct RetryPolicy {
     pub base: Duration,
     pub max: Duration,
     pub retry_non_idempotent: bool,
+    /// gRPC statuses retried.
+    pub grpc_statuses: Vec<u16>,
     pub budget: Arc<RetryBudget>,
     pub metrics: RetryMetrics,
 }
@@ -196,6 +198,7 @@ impl RetryPolicy {
             base: Duration::from_millis(cfg.backoff_base_ms),
             max: Duration::from_millis(cfg.backoff_max_ms),
             retry_non_idempotent: cfg.retry_non_idempotent,
+            grpc_statuses: cfg.grpc_statuses.clone(),
             budget,
             metrics,
         }
@@ -221,15 +224,15 @@ pub fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn is_retryable(resp: &Resp, grpc: bool) -> bool {
+fn is_retryable(resp: &Resp, grpc: Option<&[u16]>) -> bool {
     match rejection(resp) {
         Some(Reason::UpstreamConnect | Reason::UpstreamError) => true,
         Some(_) => false,
         // A gRPC answer is retried on its status, when it came before any message
         // (Trailers-Only); once a message has come, the caller has it. An HTTP status from a
         // hop that does not speak gRPC counts as gRPC maps it (429, 502, 503, 504: UNAVAILABLE).
-        None if grpc => match grpc::status_in_headers(resp) {
-            Some(code) => grpc::DEFAULT_RETRY_CODES.contains(&code),
+        None if grpc.is_some() => match grpc::status_in_headers(resp) {
+            Some(code) => grpc.is_some_and(|codes| codes.contains(&code)),
             None => matches!(resp.status().as_u16(), 429 | 502 | 503 | 504),
         },
         None => resp.status().is_server_error(),
@@ -321,7 +324,9 @@ where
                 if let Some(d) = deposit.take() {
                     d.settle(&resp);
                 }
-                if attempt >= policy.attempts || !is_retryable(&resp, grpc) {
+                if attempt >= policy.attempts
+                    || !is_retryable(&resp, grpc.then_some(policy.grpc_statuses.as_slice()))
+                {
                     return Ok(resp);
                 }
                 let Some(backoff) = backoff_within(&policy, attempt, deadline) else {
@@ -362,7 +367,9 @@ where
                 if let Some(d) = deposit.take() {
                     d.settle(&resp);
                 }
-                if attempt >= policy.attempts || !is_retryable(&resp, grpc) {
+                if attempt >= policy.attempts
+                    || !is_retryable(&resp, grpc.then_some(policy.grpc_statuses.as_slice()))
+                {
                     return Ok(resp);
                 }
                 let Some(backoff) = backoff_within(&policy, attempt, deadline) else {
@@ -610,6 +617,7 @@ mod tests {
             base: Duration::from_millis(10),
             max: Duration::from_millis(100),
             retry_non_idempotent: false,
+            grpc_statuses: vec![14],
             budget: b,
             metrics: m.clone(),
         };
