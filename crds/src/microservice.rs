@@ -226,10 +226,16 @@ pub struct Dependency {
     /// for `http://`, ALPN `h2` for `https://`). Only with `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<AppProtocol>,
-    /// Deadline of one call, retries included.
+    /// Deadline of one call, retries included, to the response headers; the body that follows
+    /// is bounded by `streamIdleTimeout`.
     #[serde(default = "default_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: String,
+    /// A call whose bodies (either way) carry nothing for this long is ended (gRPC:
+    /// `DEADLINE_EXCEEDED`), so a stalled stream does not hold the app's connection forever.
+    #[serde(default = "default_stream_idle_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub stream_idle_timeout: String,
     /// Retries with exponential backoff and full jitter, bounded by a budget; none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
@@ -251,10 +257,18 @@ pub struct Dependency {
     {"rule": "!has(self.maxQueue) || self.maxQueue == 0 || has(self.maxConcurrent)", "message": "maxQueue needs maxConcurrent", "fieldPath": ".maxQueue"}
 ]))]
 pub struct InboundPolicy {
-    /// Deadline of one inbound request, from arrival to the app's last byte (504 when exceeded).
+    /// Deadline of one inbound request, from arrival to the app's response headers (504, or
+    /// `DEADLINE_EXCEEDED` for gRPC, when exceeded). The body that follows is bounded by
+    /// `streamIdleTimeout` instead, so a long healthy stream is not cut.
     #[serde(default = "default_inbound_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: String,
+    /// A request whose bodies (either way) carry nothing for this long is ended: an HTTP/2
+    /// stream is reset, an HTTP/1.1 connection closed, a gRPC call ended with
+    /// `DEADLINE_EXCEEDED`.
+    #[serde(default = "default_stream_idle_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub stream_idle_timeout: String,
     /// Requests the app handles at once; more wait in a queue of `maxQueue`. Unlimited when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
@@ -276,6 +290,7 @@ impl Default for InboundPolicy {
     fn default() -> Self {
         Self {
             timeout: default_inbound_timeout(),
+            stream_idle_timeout: default_stream_idle_timeout(),
             max_concurrent: None,
             max_queue: None,
             rate_limit: None,
@@ -286,6 +301,9 @@ impl Default for InboundPolicy {
 
 fn default_inbound_timeout() -> String {
     "30s".into()
+}
+fn default_stream_idle_timeout() -> String {
+    "5m".into()
 }
 fn default_max_body() -> u64 {
     1 << 20

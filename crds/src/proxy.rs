@@ -60,6 +60,9 @@ pub struct InboundConfig {
     pub app: SocketAddr,
     /// Deadline (ms) for the app to answer a request; past it the caller gets 504.
     pub timeout_ms: u64,
+    /// A request whose bodies carry nothing for this long (ms) is ended.
+    #[serde(default = "default_stream_idle_ms")]
+    pub stream_idle_timeout_ms: u64,
     /// Concurrent requests passed to the app; `None` means no limit.
     #[serde(default)]
     pub max_concurrent: Option<u32>,
@@ -176,6 +179,9 @@ pub struct OutboundConfig {
     pub protocol: WireProtocol,
     /// Deadline (ms) of a whole call, retries included; past it the app gets 504.
     pub timeout_ms: u64,
+    /// A call whose bodies carry nothing for this long (ms) is ended.
+    #[serde(default = "default_stream_idle_ms")]
+    pub stream_idle_timeout_ms: u64,
     /// Retries of failed calls; `None`: each call is sent once.
     #[serde(default)]
     pub retry: Option<RetryConfig>,
@@ -268,6 +274,11 @@ pub const DEFAULT_GRPC_FAILURE_STATUSES: [u16; 5] = [2, 4, 13, 14, 15];
 /// The gRPC statuses retried unless told otherwise: `UNAVAILABLE`, the one status that says
 /// the call was not processed.
 pub const DEFAULT_GRPC_RETRY_STATUSES: [u16; 1] = [14];
+
+/// Five minutes: what a config written before the field existed gets.
+fn default_stream_idle_ms() -> u64 {
+    300_000
+}
 
 fn default_grpc_failures() -> Vec<u16> {
     DEFAULT_GRPC_FAILURE_STATUSES.to_vec()
@@ -621,6 +632,12 @@ impl ProxyConfig {
         if self.inbound.timeout_ms == 0 {
             return Err(err("inbound.timeoutMs".into(), "must be greater than 0"));
         }
+        if self.inbound.stream_idle_timeout_ms == 0 {
+            return Err(err(
+                "inbound.streamIdleTimeoutMs".into(),
+                "must be greater than 0",
+            ));
+        }
         if self.inbound.max_concurrent == Some(0) {
             return Err(err(
                 "inbound.maxConcurrent".into(),
@@ -683,6 +700,9 @@ impl ProxyConfig {
             }
             if o.timeout_ms == 0 {
                 return Err(err(at("timeoutMs"), "must be greater than 0"));
+            }
+            if o.stream_idle_timeout_ms == 0 {
+                return Err(err(at("streamIdleTimeoutMs"), "must be greater than 0"));
             }
             if let Some(r) = &o.retry {
                 if r.attempts == 0 {
@@ -964,6 +984,7 @@ mod tests {
                 listen: "0.0.0.0:15001".parse().unwrap(),
                 app: "127.0.0.1:8080".parse().unwrap(),
                 timeout_ms: 3000,
+                stream_idle_timeout_ms: 300_000,
                 max_concurrent: Some(100),
                 max_queue: 50,
                 rate_limit: None,
@@ -982,6 +1003,7 @@ mod tests {
                 upstream: "http://users.shop.svc.cluster.local:80".into(),
                 protocol: WireProtocol::Http2,
                 timeout_ms: 3000,
+                stream_idle_timeout_ms: 300_000,
                 retry: None,
                 circuit_breaker: Some(CircuitBreakerConfig {
                     error_threshold_percentage: 50,

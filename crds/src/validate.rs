@@ -136,6 +136,7 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
             );
         }
         check_duration(&mut errs, at("timeout"), &d.timeout);
+        check_duration(&mut errs, at("streamIdleTimeout"), &d.stream_idle_timeout);
         if let Some(r) = &d.retry {
             let base = check_duration(&mut errs, at("retry.backoff.base"), &r.backoff.base);
             let max = check_duration(&mut errs, at("retry.backoff.max"), &r.backoff.max);
@@ -200,6 +201,11 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         &mut errs,
         "spec.inbound.timeout".into(),
         &spec.inbound.timeout,
+    );
+    check_duration(
+        &mut errs,
+        "spec.inbound.streamIdleTimeout".into(),
+        &spec.inbound.stream_idle_timeout,
     );
     if spec.inbound.max_queue.unwrap_or(0) > 0 && spec.inbound.max_concurrent.is_none() {
         push(

@@ -9,6 +9,10 @@ use weir_crds::{Broker, Microservice, Queue, Saga, validate};
 
 /// One Weir object read from a file.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a handful per manifest, moved once: boxing buys nothing"
+)]
 pub enum Object {
     Microservice(Microservice),
     Queue(Queue),

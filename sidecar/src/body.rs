@@ -131,6 +131,10 @@ pub enum Reason {
     UnsupportedTransferCoding,
     /// A header name with `_` while `inbound.underscoreHeaders` is `reject`: 400.
     UnderscoreHeader,
+    /// Nothing crossed either body for `streamIdleTimeout`: the stream is ended (gRPC:
+    /// `DEADLINE_EXCEEDED` in the trailers; else reset). Never a response of its own, as
+    /// the headers have been sent by then; counted in `weir_rejections_total`.
+    StreamIdleTimeout,
 }
 
 impl Reason {
@@ -158,6 +162,7 @@ impl Reason {
             Reason::MethodNotAllowed => "method-not-allowed",
             Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
             Reason::UnderscoreHeader => "underscore-header",
+            Reason::StreamIdleTimeout => "stream-idle-timeout",
         }
     }
 
@@ -179,6 +184,7 @@ impl Reason {
             | Reason::BadHost
             | Reason::UnderscoreHeader => StatusCode::BAD_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::StreamIdleTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Reason::AppConnect
             | Reason::UpstreamConnect
@@ -255,6 +261,7 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::MethodNotAllowed => b"method-not-allowed\n",
         Reason::UnsupportedTransferCoding => b"unsupported-transfer-coding\n",
         Reason::UnderscoreHeader => b"underscore-header\n",
+        Reason::StreamIdleTimeout => b"stream-idle-timeout\n",
     }
 }
 

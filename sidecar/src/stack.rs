@@ -20,6 +20,7 @@ use crate::layers::identity::{InboundIdentityLayer, SignIdentityLayer};
 use crate::layers::observe::{ObserveLayer, Observer};
 use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
 use crate::layers::retry::{RetryBudget, RetryLayer, RetryPolicy};
+use crate::layers::stream_idle::StreamIdleLayer;
 use crate::layers::timeout::TimeoutLayer;
 use crate::layers::trace::{TraceLayer, TraceSettings};
 use crate::metrics::Metrics;
@@ -197,6 +198,10 @@ pub fn build(
         let svc = ServiceBuilder::new()
             // Outermost: gRPC callers get every answer below as a gRPC status.
             .layer(GrpcLayer)
+            .layer(StreamIdleLayer::new(
+                Duration::from_millis(o.stream_idle_timeout_ms),
+                m.rejections("outbound", name, Reason::StreamIdleTimeout),
+            ))
             .layer(SignIdentityLayer {
                 key: identity_key.clone(),
                 sign: sign_for(name),
@@ -304,6 +309,10 @@ pub fn build(
     });
     let inbound = ServiceBuilder::new()
         .layer(GrpcLayer)
+        .layer(StreamIdleLayer::new(
+            Duration::from_millis(ib.stream_idle_timeout_ms),
+            m.rejections("inbound", "", Reason::StreamIdleTimeout),
+        ))
         .layer(TraceLayer::new(TraceSettings {
             sampling_ratio: ratio,
             sink: sink.clone(),

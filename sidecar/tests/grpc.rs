@@ -460,3 +460,60 @@ async fn statuses_are_configurable_and_the_fallback_answers_grpc_in_grpc() {
     assert_eq!((r.status, r.body.as_str()), (200, r#"{"items":[]}"#));
     assert_eq!(r.headers["x-weir-fallback"], "circuit-open");
 }
+
+#[tokio::test]
+async fn a_long_stream_outlives_the_timeout_and_a_stalled_one_ends_idle() {
+    // The call's timeout (300 ms) bounds the wait for the answer's headers, not the stream:
+    // eight messages 100 ms apart arrive in full. A gap of a second is past the idle time.
+    let (_echo, _a, _b, cfg) = two_sidecars(|c| {
+        c.outbound[0].timeout_ms = 300;
+        c.outbound[0].stream_idle_timeout_ms = 250;
+    })
+    .await;
+    let mut c = client(cfg.outbound[0].listen);
+    let mut s = c
+        .count(Ask {
+            count: 8,
+            delay_ms: 100,
+            ..Ask::text("long")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(a) = s.message().await.expect("a healthy stream is not cut") {
+        assert_eq!(a.text, format!("long#{n}"));
+        n += 1;
+    }
+    assert_eq!(n, 8);
+
+    let mut s = c
+        .count(Ask {
+            count: 2,
+            delay_ms: 1_000,
+            ..Ask::text("stall")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.message().await.unwrap().unwrap().text, "stall#0");
+    let start = Instant::now();
+    let status = s.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(status.message(), "weir-proxy: stream-idle-timeout");
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "ended {:?} after the last message",
+        start.elapsed()
+    );
+    let m = get(
+        &common::client(),
+        format!("http://{}/metrics", cfg.admin.listen),
+    )
+    .await
+    .body;
+    assert!(
+        m.contains(r#"weir_rejections_total{direction="outbound",dependency="echo",reason="stream-idle-timeout"} 1"#),
+        "{m}"
+    );
+}

@@ -32,6 +32,7 @@ pub fn config(namespace: &str, service: &str, app: SocketAddr) -> ProxyConfig {
             listen: free_addr(),
             app,
             timeout_ms: 5_000,
+            stream_idle_timeout_ms: 300_000,
             max_concurrent: None,
             max_queue: 0,
             rate_limit: None,

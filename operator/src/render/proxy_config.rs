@@ -128,6 +128,10 @@ pub fn build(
             listen: placement.inbound(),
             app: placement.app(port),
             timeout_ms: ms("spec.inbound.timeout", &inbound.timeout)?,
+            stream_idle_timeout_ms: ms(
+                "spec.inbound.streamIdleTimeout",
+                &inbound.stream_idle_timeout,
+            )?,
             max_concurrent: inbound.max_concurrent,
             max_queue: inbound.max_queue.unwrap_or(0),
             rate_limit: inbound.rate_limit.as_ref().map(|r| RateLimitConfig {
@@ -251,6 +255,7 @@ fn outbound(
         upstream,
         protocol,
         timeout_ms: ms(&at("timeout"), &d.timeout)?,
+        stream_idle_timeout_ms: ms(&at("streamIdleTimeout"), &d.stream_idle_timeout)?,
         retry: d.retry.as_ref().map(|r| retry(r, &at)).transpose()?,
         circuit_breaker: d
             .circuit_breaker

@@ -109,7 +109,7 @@ pub fn encode_timeout(d: Duration) -> HeaderValue {
 /// The gRPC status a proxy refusal becomes.
 pub fn code_for(reason: Reason) -> u16 {
     match reason {
-        Reason::Timeout => code::DEADLINE_EXCEEDED,
+        Reason::Timeout | Reason::StreamIdleTimeout => code::DEADLINE_EXCEEDED,
         Reason::RateLimited
         | Reason::ClientRateLimited
         | Reason::BulkheadFull

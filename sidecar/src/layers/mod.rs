@@ -14,6 +14,7 @@ pub mod identity;
 pub mod observe;
 pub mod rate_limit;
 pub mod retry;
+pub mod stream_idle;
 pub mod timeout;
 pub mod trace;
 

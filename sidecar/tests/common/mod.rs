@@ -114,6 +114,7 @@ pub fn dependency(name: &str, upstream: String) -> OutboundConfig {
         upstream,
         protocol: Default::default(),
         timeout_ms: 2_000,
+        stream_idle_timeout_ms: 300_000,
         retry: None,
         circuit_breaker: None,
         bulkhead: None,
