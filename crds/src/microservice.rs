@@ -2,7 +2,7 @@
 
 use crate::duration::DURATION_PATTERN;
 use crate::policy::{
-    BulkheadPolicy, CircuitBreakerPolicy, FallbackPolicy, RetryPolicy, default_timeout,
+    BulkheadPolicy, CircuitBreakerPolicy, FallbackPolicy, GrpcPolicy, RetryPolicy, default_timeout,
 };
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -248,6 +248,9 @@ pub struct Dependency {
     /// The answer served when the breaker is open or the bulkhead is full, instead of a 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackPolicy>,
+    /// Which gRPC statuses are retried and which count as the breaker's failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcPolicy>,
 }
 
 /// Limits on traffic arriving at this service.

@@ -32,12 +32,24 @@ pub struct RetryPolicy {
     /// (e.g. by `Idempotency-Key`).
     #[serde(default)]
     pub retry_non_idempotent: bool,
-    /// gRPC calls (any method) are retried when answered, before any message, with one of
-    /// these statuses. Left out: `[UNAVAILABLE]`, the one status that says the call was not
-    /// processed.
+}
+
+/// How a dependency's gRPC calls are judged: by their `grpc-status`, not their HTTP status (200
+/// for nearly every gRPC error).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcPolicy {
+    /// Statuses retried (under `retry`, for any method), when they come before any message.
+    /// Left out: `[UNAVAILABLE]`, the one status that says the call was not processed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 17))]
-    pub grpc_statuses: Option<Vec<GrpcCode>>,
+    pub retry_on: Option<Vec<GrpcCode>>,
+    /// Statuses the circuit breaker counts as failures. Left out: `UNKNOWN`,
+    /// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS` (the server or the way to it
+    /// is unwell; `NOT_FOUND` or `INVALID_ARGUMENT` are a healthy server's answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 17))]
+    pub failure_on: Option<Vec<GrpcCode>>,
 }
 
 /// A gRPC status code, by its name in the gRPC specification.
@@ -216,12 +228,6 @@ pub struct FailureOn {
     /// A call that times out counts as a failure.
     #[serde(default = "yes")]
     pub timeouts: bool,
-    /// gRPC calls count as failures when they end with one of these statuses (whatever the
-    /// HTTP status, 200 for nearly every gRPC error). Left out: `UNKNOWN`,
-    /// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 17))]
-    pub grpc_statuses: Option<Vec<GrpcCode>>,
 }
 
 impl Default for FailureOn {
@@ -230,7 +236,6 @@ impl Default for FailureOn {
             status5xx: true,
             connect_errors: true,
             timeouts: true,
-            grpc_statuses: None,
         }
     }
 }

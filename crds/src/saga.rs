@@ -78,7 +78,6 @@ fn default_comp_retry() -> RetryPolicy {
         backoff: Default::default(),
         budget: Default::default(),
         retry_non_idempotent: true,
-        grpc_statuses: None,
     }
 }
 

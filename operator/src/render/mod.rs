@@ -731,8 +731,9 @@ spec:
   dependencies:
     - name: users
       microservice: users
-      retry: {grpcStatuses: [UNAVAILABLE, RESOURCE_EXHAUSTED]}
-      circuitBreaker: {failureOn: {grpcStatuses: [NOT_FOUND]}}
+      retry: {}
+      circuitBreaker: {}
+      grpc: {retryOn: [UNAVAILABLE, RESOURCE_EXHAUSTED], failureOn: [NOT_FOUND]}
       fallback: {grpcStatus: FAILED_PRECONDITION, grpcMessage: "no stock data"}
     - name: geo
       microservice: geo

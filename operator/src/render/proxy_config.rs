@@ -6,7 +6,7 @@ use super::RenderError;
 use std::net::SocketAddr;
 use weir_crds::duration;
 use weir_crds::microservice::{ClientKey, Dependency, EdgeSpec, MicroserviceSpec};
-use weir_crds::policy::{CircuitBreakerPolicy, GrpcCode, RetryPolicy};
+use weir_crds::policy::{CircuitBreakerPolicy, GrpcCode, GrpcPolicy, RetryPolicy};
 use weir_crds::proxy::{
     AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
     CorsConfig, EdgeConfig, EdgeRouteConfig, FailureClassConfig, FallbackConfig, IdentityConfig,
@@ -256,11 +256,15 @@ fn outbound(
         protocol,
         timeout_ms: ms(&at("timeout"), &d.timeout)?,
         stream_idle_timeout_ms: ms(&at("streamIdleTimeout"), &d.stream_idle_timeout)?,
-        retry: d.retry.as_ref().map(|r| retry(r, &at)).transpose()?,
+        retry: d
+            .retry
+            .as_ref()
+            .map(|r| retry(r, d.grpc.as_ref(), &at))
+            .transpose()?,
         circuit_breaker: d
             .circuit_breaker
             .as_ref()
-            .map(|b| breaker(b, &at))
+            .map(|b| breaker(b, d.grpc.as_ref(), &at))
             .transpose()?,
         bulkhead: d.bulkhead.as_ref().map(|b| BulkheadConfig {
             max_concurrent: b.max_concurrent,
@@ -284,7 +288,11 @@ fn codes(given: Option<&[GrpcCode]>, default: &[u16]) -> Vec<u16> {
     )
 }
 
-fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, RenderError> {
+fn retry(
+    r: &RetryPolicy,
+    grpc: Option<&GrpcPolicy>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<RetryConfig, RenderError> {
     Ok(RetryConfig {
         attempts: r.attempts,
         backoff_base_ms: ms(&at("retry.backoff.base"), &r.backoff.base)?,
@@ -296,7 +304,7 @@ fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, Re
             ttl_ms: ms(&at("retry.budget.ttl"), &r.budget.ttl)?,
         },
         grpc_statuses: codes(
-            r.grpc_statuses.as_deref(),
+            grpc.and_then(|g| g.retry_on.as_deref()),
             &weir_crds::proxy::DEFAULT_GRPC_RETRY_STATUSES,
         ),
     })
@@ -304,6 +312,7 @@ fn retry(r: &RetryPolicy, at: &dyn Fn(&str) -> String) -> Result<RetryConfig, Re
 
 fn breaker(
     b: &CircuitBreakerPolicy,
+    grpc: Option<&GrpcPolicy>,
     at: &dyn Fn(&str) -> String,
 ) -> Result<CircuitBreakerConfig, RenderError> {
     let window = ms(&at("circuitBreaker.rollingWindow"), &b.rolling_window)?;
@@ -321,7 +330,7 @@ fn breaker(
             connect_errors: b.failure_on.connect_errors,
             timeouts: b.failure_on.timeouts,
             grpc_statuses: codes(
-                b.failure_on.grpc_statuses.as_deref(),
+                grpc.and_then(|g| g.failure_on.as_deref()),
                 &weir_crds::proxy::DEFAULT_GRPC_FAILURE_STATUSES,
             ),
         },
