@@ -81,9 +81,15 @@ fn visit(s: &mut JSONSchemaProps, f: &mut impl FnMut(&mut JSONSchemaProps)) {
 /// `kubectl explain` and kubectl's client-side validation read before OpenAPI v3), it strips
 /// the type and properties of every nullable field, so a typo inside an optional block such as
 /// `retry: {attemps: 5}` went unseen and was pruned. A `null` sent anyway is pruned by the
-/// apiserver like an absent field.
+/// apiserver like an absent field. For the same reason an optional enum (schemars writes
+/// `enum: [..., null]` for `Option<SomeEnum>`) loses its `null`: an API server of 1.20 refuses
+/// the whole CRD for it (with a misleading `per-version schemas may not all be set to
+/// identical values`), and on any server it would let nothing through that absence does not.
 fn not_nullable(s: &mut JSONSchemaProps) {
     s.nullable = None;
+    if let Some(values) = s.enum_.as_mut() {
+        values.retain(|v| !v.0.is_null());
+    }
 }
 
 /// Formats the apiserver knows (k8s.io/kube-openapi `strfmt` and the OpenAPI number formats).
@@ -360,6 +366,27 @@ mod tests {
             bad.len(),
             bad.join("\n")
         );
+    }
+
+    #[test]
+    fn no_field_is_nullable_and_no_enum_holds_null() {
+        // 1.20 refuses a CRD with `null` in an enum; kubectl explain loses nullable fields.
+        let mut bad = Vec::new();
+        for mut crd in all() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            for v in &mut crd.spec.versions {
+                let root = v
+                    .schema
+                    .as_mut()
+                    .and_then(|s| s.open_api_v3_schema.as_mut());
+                visit(root.expect("a schema"), &mut |s| {
+                    if s.nullable.is_some() || s.enum_.iter().flatten().any(|v| v.0.is_null()) {
+                        bad.push(format!("{name}: {:?}", s.description));
+                    }
+                });
+            }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
     }
 
     #[test]
