@@ -54,7 +54,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.port != 15001 && self.port != 15090 && (self.port < 15100 || self.port > 15199)", "message": "port collides with a weir-proxy port (15001, 15090, 15100-15199)", "fieldPath": ".port"},
-    {"rule": "has(self.image) || (has(self.edge) && has(self.edge.routes) && size(self.edge.routes) > 0)", "message": "image is required unless the Microservice is an edge with routes (a gateway without an app)", "fieldPath": ".image"}
+    {"rule": "has(self.image) || (has(self.edge) && has(self.edge.routes) && size(self.edge.routes) > 0)", "message": "image is required unless the Microservice is an edge with routes (a gateway without an app)", "fieldPath": ".image"},
+    {"rule": "!has(self.probes) || ((!has(self.probes.liveness) || !has(self.probes.liveness.grpc)) && (!has(self.probes.readiness) || !has(self.probes.readiness.grpc))) || (has(self.protocol) && self.protocol != 'http')", "message": "a gRPC probe needs an app that speaks HTTP/2: set spec.protocol to grpc", "fieldPath": ".probes"}
 ]))]
 pub struct MicroserviceSpec {
     /// The app's container image. Left out for an edge that only routes: the pod then runs
@@ -93,7 +94,8 @@ pub struct MicroserviceSpec {
     /// CPU and memory requests and limits of the app container, as in a Pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// HTTP probes on the app, made through the sidecar: the pod is ready only when the app answers.
+    /// Probes on the app (HTTP GET, or the gRPC health protocol), made through the sidecar: the
+    /// pod is ready only when the app answers.
     #[serde(default)]
     pub probes: Probes,
     /// Calls this service makes. Each becomes `<NAME>_URL=http://127.0.0.1:<port>` in the app.
@@ -147,13 +149,24 @@ pub struct Probes {
     pub readiness: ProbeSpec,
 }
 
-/// An HTTP GET probe on the app, made through the sidecar.
+/// A probe on the app, made through the sidecar: an HTTP GET of `path` (the default, with
+/// `/healthz` for liveness and `/readyz` for readiness), or with `grpc`, a call of the gRPC
+/// health protocol (`grpc.health.v1.Health/Check`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.path) && has(self.grpc))", "message": "set path (an HTTP probe) or grpc (a gRPC health check), not both"}
+]))]
 pub struct ProbeSpec {
-    /// Path on the app, called with GET; 2xx or 3xx is healthy.
+    /// Path on the app, called with GET; 2xx or 3xx is healthy. Left out (and no `grpc`):
+    /// `/healthz` for liveness, `/readyz` for readiness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^/"))]
-    pub path: String,
+    pub path: Option<String>,
+    /// Probe with the gRPC health protocol instead: healthy when the app answers `SERVING`.
+    /// Needs `spec.protocol: grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcProbe>,
     /// Seconds between two probes.
     #[serde(default = "default_period")]
     #[schemars(range(min = 1, max = 300))]
@@ -168,6 +181,30 @@ pub struct ProbeSpec {
     pub initial_delay_seconds: i32,
 }
 
+/// The liveness probe's path when a probe names none.
+pub const LIVENESS_PATH: &str = "/healthz";
+/// The readiness probe's path when a probe names none.
+pub const READINESS_PATH: &str = "/readyz";
+
+/// A gRPC health check (grpc/doc/health-checking.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcProbe {
+    /// The service to ask about (`HealthCheckRequest.service`); empty: the server as a whole.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 256))]
+    pub service: String,
+}
+
+/// What a probe does, resolved: see [`ProbeSpec::kind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind<'a> {
+    /// GET this path.
+    Http(&'a str),
+    /// `grpc.health.v1.Health/Check` for this service.
+    Grpc(&'a str),
+}
+
 fn default_period() -> i32 {
     10
 }
@@ -176,17 +213,28 @@ fn default_failure_threshold() -> i32 {
 }
 
 impl ProbeSpec {
-    /// The default liveness probe: `/healthz`.
-    pub(crate) fn liveness() -> Self {
-        Self::at("/healthz")
+    /// What this probe does; `default_path` when it names neither a path nor gRPC (a gRPC
+    /// probe wins over a path: validation refuses both).
+    pub fn kind<'a>(&'a self, default_path: &'a str) -> ProbeKind<'a> {
+        match (&self.grpc, &self.path) {
+            (Some(g), _) => ProbeKind::Grpc(&g.service),
+            (None, Some(p)) => ProbeKind::Http(p),
+            (None, None) => ProbeKind::Http(default_path),
+        }
     }
-    /// The default readiness probe: `/readyz`.
+
+    /// The default liveness probe: [`LIVENESS_PATH`].
+    pub(crate) fn liveness() -> Self {
+        Self::at(LIVENESS_PATH)
+    }
+    /// The default readiness probe: [`READINESS_PATH`].
     pub(crate) fn readiness() -> Self {
-        Self::at("/readyz")
+        Self::at(READINESS_PATH)
     }
     fn at(path: &str) -> Self {
         Self {
-            path: path.into(),
+            path: Some(path.into()),
+            grpc: None,
             period_seconds: default_period(),
             failure_threshold: default_failure_threshold(),
             initial_delay_seconds: 0,
@@ -513,6 +561,15 @@ pub enum AppProtocol {
 impl AppProtocol {
     fn is_default(&self) -> bool {
         *self == AppProtocol::Http
+    }
+
+    /// The name resources spell (`http`, `http2`, `grpc`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+        }
     }
 
     /// The HTTP version the sidecar speaks to a peer declared with this protocol.

@@ -81,6 +81,11 @@ impl GrpcCode {
     pub fn code(self) -> u16 {
         self as u16
     }
+
+    /// The specification's name of status `code`: [`crate::proxy::grpc_code_name`].
+    pub fn name_of(code: u16) -> &'static str {
+        crate::proxy::grpc_code_name(code)
+    }
 }
 
 fn default_attempts() -> u32 {
@@ -289,4 +294,19 @@ fn default_fallback_status() -> u16 {
 }
 fn default_content_type() -> String {
     "application/json".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_code_names_are_what_the_resources_spell() {
+        for (n, name) in crate::proxy::GRPC_CODE_NAMES.iter().enumerate() {
+            let code: GrpcCode = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(usize::from(code.code()), n, "{name}");
+            assert_eq!(GrpcCode::name_of(code.code()), *name);
+        }
+        assert_eq!(GrpcCode::name_of(17), "UNKNOWN");
+    }
 }

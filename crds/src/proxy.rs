@@ -81,6 +81,14 @@ pub struct InboundConfig {
     /// The app's readiness path, served as `/app-health/readiness` on the admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_path: Option<String>,
+    /// Probe liveness with the gRPC health protocol instead of a path: `/app-health/liveness`
+    /// calls `grpc.health.v1.Health/Check` for this service (empty: the whole server) over
+    /// HTTP/2 and is healthy when the app answers `SERVING`. Not with `liveness_path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_grpc_service: Option<String>,
+    /// As `liveness_grpc_service`, for `/app-health/readiness`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_grpc_service: Option<String>,
     /// What the inbound listener does with request header names containing `_`.
     #[serde(default, skip_serializing_if = "UnderscoreHeaders::is_default")]
     pub underscore_headers: UnderscoreHeaders,
@@ -278,6 +286,36 @@ pub const DEFAULT_GRPC_RETRY_STATUSES: [u16; 1] = [14];
 /// Five minutes: what a config written before the field existed gets.
 fn default_stream_idle_ms() -> u64 {
     300_000
+}
+
+/// The names of the gRPC statuses, by number (`UNAVAILABLE` is 14), as resources spell them.
+pub const GRPC_CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The name of gRPC status `code`, as metrics label it; a number beyond the specification is
+/// `UNKNOWN`, as gRPC clients read it.
+pub fn grpc_code_name(code: u16) -> &'static str {
+    GRPC_CODE_NAMES
+        .get(usize::from(code))
+        .copied()
+        .unwrap_or("UNKNOWN")
 }
 
 fn default_grpc_failures() -> Vec<u16> {
@@ -638,6 +676,25 @@ impl ProxyConfig {
                 "must be greater than 0",
             ));
         }
+        for (which, path, grpc) in [
+            (
+                "liveness",
+                &self.inbound.liveness_path,
+                &self.inbound.liveness_grpc_service,
+            ),
+            (
+                "readiness",
+                &self.inbound.readiness_path,
+                &self.inbound.readiness_grpc_service,
+            ),
+        ] {
+            if path.is_some() && grpc.is_some() {
+                return Err(err(
+                    format!("inbound.{which}GrpcService"),
+                    &format!("not with inbound.{which}Path: a probe is one or the other"),
+                ));
+            }
+        }
         if self.inbound.max_concurrent == Some(0) {
             return Err(err(
                 "inbound.maxConcurrent".into(),
@@ -991,6 +1048,8 @@ mod tests {
                 max_body_bytes: 1 << 20,
                 liveness_path: Some("/healthz".into()),
                 readiness_path: Some("/readyz".into()),
+                liveness_grpc_service: None,
+                readiness_grpc_service: None,
                 underscore_headers: UnderscoreHeaders::Drop,
                 app_protocol: WireProtocol::Http1,
             },

@@ -84,13 +84,28 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         ("liveness", &spec.probes.liveness),
         ("readiness", &spec.probes.readiness),
     ] {
-        if !p.path.starts_with('/') {
+        if p.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
             push(
                 &mut errs,
                 format!("spec.probes.{which}.path"),
                 "must start with /",
             );
         }
+        if p.path.is_some() && p.grpc.is_some() {
+            push(
+                &mut errs,
+                format!("spec.probes.{which}"),
+                "set path (an HTTP probe) or grpc (a gRPC health check), not both",
+            );
+        }
+    }
+    let grpc_probe = spec.probes.liveness.grpc.is_some() || spec.probes.readiness.grpc.is_some();
+    if grpc_probe && spec.protocol == crate::microservice::AppProtocol::Http {
+        push(
+            &mut errs,
+            "spec.probes".into(),
+            "a gRPC probe needs an app that speaks HTTP/2: set spec.protocol to grpc",
+        );
     }
     let mut names = BTreeSet::new();
     if spec.dependencies.len() > 100 {
@@ -605,6 +620,29 @@ dependencies:
         // An unknown protocol is refused by the type, naming the value.
         let bad: Result<MicroserviceSpec, _> = serde_yaml::from_str("image: x\nprotocol: thrift\n");
         assert!(bad.unwrap_err().to_string().contains("thrift"));
+    }
+
+    #[test]
+    fn a_grpc_probe_is_one_kind_and_needs_an_http2_app() {
+        let fields = |yaml: &str| {
+            microservice("orders", &ms(yaml))
+                .into_iter()
+                .map(|e| e.field)
+                .collect::<Vec<_>>()
+        };
+        assert!(fields("image: x\nprotocol: grpc\nprobes: {readiness: {grpc: {}}, liveness: {grpc: {service: shop.Orders}}}\n").is_empty());
+        assert!(
+            fields("image: x\nprobes: {readiness: {periodSeconds: 5}}\n").is_empty(),
+            "a probe with neither is the default path"
+        );
+        assert_eq!(
+            fields("image: x\nprotocol: grpc\nprobes: {readiness: {path: /ready, grpc: {}}}\n"),
+            ["spec.probes.readiness"]
+        );
+        assert_eq!(
+            fields("image: x\nprobes: {liveness: {grpc: {}}}\n"),
+            ["spec.probes"]
+        );
     }
 
     #[test]

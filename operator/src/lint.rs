@@ -4,6 +4,7 @@
 use crate::manifest::{Loaded, Object};
 use std::collections::{BTreeMap, BTreeSet};
 use weir_crds::Microservice;
+use weir_crds::microservice::AppProtocol;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -85,6 +86,7 @@ pub fn lint(objects: &[Loaded], cfg: &LintConfig) -> Vec<Finding> {
     cycles(&graph, &mut out);
     deep_chains(&graph, cfg.max_chain_depth, &mut out);
     unprotected(&services, &mut out);
+    grpc(&services, &mut out);
     events(objects, &services, cfg, &mut out);
     out.sort_by(|a, b| (a.severity, a.rule, &a.objects).cmp(&(b.severity, b.rule, &b.objects)));
     out
@@ -288,6 +290,63 @@ fn unprotected(services: &BTreeMap<Key, &Microservice>, out: &mut Vec<Finding>) 
                     objects: vec![ms_ref(k)],
                     message: format!("dependency {:?} has no circuit breaker (only the {} timeout)", d.name, d.timeout),
                     hint: "add `circuitBreaker: {}` (defaults: 50 % over 10s, 20 calls) and a fallback where a degraded answer beats an error",
+                });
+            }
+        }
+    }
+}
+
+/// What a dependency speaks: its `protocol` for a URL, the target's `spec.protocol` for a
+/// Microservice of the set (`None`: a Microservice not in the set, unknown).
+fn dependency_protocol(
+    ns: &str,
+    d: &weir_crds::microservice::Dependency,
+    services: &BTreeMap<Key, &Microservice>,
+) -> Option<AppProtocol> {
+    match (&d.microservice, &d.url) {
+        (Some(target), _) => services
+            .get(&(ns.to_string(), target.clone()))
+            .map(|m| m.spec.protocol),
+        (None, Some(_)) => Some(d.protocol.unwrap_or_default()),
+        (None, None) => None,
+    }
+}
+
+/// gRPC dependencies: a fallback that gRPC callers cannot read (WEIR009), and gRPC settings on
+/// a dependency that does not speak gRPC, which never apply (WEIR010).
+fn grpc(services: &BTreeMap<Key, &Microservice>, out: &mut Vec<Finding>) {
+    for (k, ms) in services {
+        for d in &ms.spec.dependencies {
+            let Some(protocol) = dependency_protocol(&k.0, d, services) else {
+                continue;
+            };
+            let fallback_grpc = d.fallback.as_ref().map(|f| f.grpc_status.is_some());
+            if protocol == AppProtocol::Grpc && fallback_grpc == Some(false) {
+                out.push(Finding {
+                    rule: "WEIR009",
+                    name: "grpc-fallback-without-status",
+                    severity: Severity::Warning,
+                    objects: vec![ms_ref(k)],
+                    message: format!(
+                        "dependency {:?} speaks gRPC but its fallback has no grpcStatus: gRPC callers get the refusal (UNAVAILABLE) and the fallback's body is never used",
+                        d.name
+                    ),
+                    hint: "add `fallback.grpcStatus` (and `grpcMessage`): the status gRPC callers get while the breaker is open or the bulkhead full",
+                });
+            }
+            let grpc_settings = d.grpc.is_some() || fallback_grpc == Some(true);
+            if protocol != AppProtocol::Grpc && grpc_settings {
+                out.push(Finding {
+                    rule: "WEIR010",
+                    name: "grpc-settings-on-a-non-grpc-dependency",
+                    severity: Severity::Warning,
+                    objects: vec![ms_ref(k)],
+                    message: format!(
+                        "dependency {:?} has gRPC settings (grpc, fallback.grpcStatus) but speaks {}: they apply to gRPC calls only",
+                        d.name,
+                        protocol.as_str()
+                    ),
+                    hint: "set `protocol: grpc` on the target Microservice (or on the url dependency), or drop the gRPC settings",
                 });
             }
         }
@@ -513,6 +572,39 @@ mod tests {
             "{}",
             f[0].message
         );
+    }
+
+    #[test]
+    fn grpc_dependencies_get_a_readable_fallback_and_grpc_settings_need_grpc() {
+        let yaml = [
+            ms("inventory", "  protocol: grpc\n"),
+            ms("users", ""),
+            ms(
+                "storefront",
+                "  dependencies:\n  - name: inventory\n    microservice: inventory\n    circuitBreaker: {}\n    fallback: {status: 200, body: '{}'}\n  - name: users\n    microservice: users\n    circuitBreaker: {}\n    grpc: {retryOn: [UNAVAILABLE]}\n  - name: geo\n    url: https://geo.example.com\n    protocol: grpc\n    circuitBreaker: {}\n    fallback: {grpcStatus: UNAVAILABLE, grpcMessage: resting}\n",
+            ),
+        ]
+        .concat();
+        let f = lint_yaml(&yaml);
+        let grpc: Vec<_> = f.iter().filter(|f| f.rule >= "WEIR009").collect();
+        assert_eq!(grpc.len(), 2, "{f:#?}");
+        assert_eq!(grpc[0].rule, "WEIR009");
+        assert!(
+            grpc[0].message.contains("\"inventory\""),
+            "{}",
+            grpc[0].message
+        );
+        assert_eq!(grpc[1].rule, "WEIR010");
+        assert!(grpc[1].message.contains("\"users\"") && grpc[1].message.contains("speaks http"));
+        // geo (a gRPC url with a gRPC fallback) is fine, and so is the gRPC example.
+        let files = crate::manifest::expand_paths(&[std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/grpc"
+        ))])
+        .unwrap();
+        let (loaded, _) = load(&files, &Schemas::new()).unwrap();
+        let example = lint(&loaded, &LintConfig::default());
+        assert!(example.is_empty(), "{example:#?}");
     }
 
     #[test]

@@ -53,6 +53,19 @@ fn renders_examples_edge_like_the_golden_file() {
     check_golden("edge.yaml", &String::from_utf8(out.stdout).unwrap());
 }
 
+/// The gRPC example: an h2c Service port, the sidecar speaking HTTP/2 to its app, a gRPC
+/// health probe, and a dependency policy with gRPC statuses and a gRPC fallback.
+#[test]
+fn renders_examples_grpc_like_the_golden_file() {
+    let out = weir(&["render", "-f", "examples/grpc"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_golden("grpc.yaml", &String::from_utf8(out.stdout).unwrap());
+}
+
 #[test]
 fn renders_the_legacy_sidecar_like_the_golden_file() {
     let out = weir(&[

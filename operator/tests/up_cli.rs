@@ -468,3 +468,58 @@ fn two_saga_coordinators_complete_every_instance_once_across_a_kill() {
     let st = up.terminate();
     assert!(st.success(), "{st}");
 }
+
+/// examples/grpc: a gRPC service (tonic) probed with the gRPC health protocol, called by an HTTP
+/// app through both sidecars under a dependency policy that speaks gRPC.
+#[test]
+fn grpc_example_runs_under_weir_up() {
+    let target = target();
+    for bin in ["weir-grpc-inventory", "weir-grpc-storefront"] {
+        assert!(target.join(bin).is_file(), "{bin} not built");
+    }
+    // `weir up` is ready only once inventory's gRPC health check says SERVING.
+    let mut up = Up::start(&["-f", "examples/grpc"], Duration::from_secs(60));
+    let admin = up.state()["services"]["inventory"]["admin"]
+        .as_u64()
+        .unwrap() as u16;
+    assert_eq!(
+        request(admin, "GET", "/app-health/readiness", ""),
+        (200, "app readiness: SERVING\n".into())
+    );
+    let port = up.port("storefront");
+    let get = |path: &str| {
+        let (st, body) = request(port, "GET", path, "");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{st} {body}"));
+        (st, v)
+    };
+    assert_eq!(
+        get("/stock/apple"),
+        (200, serde_json::json!({"sku": "apple", "count": 12}))
+    );
+    // UNAVAILABLE every other call, retried by the storefront's sidecar: never seen.
+    for _ in 0..6 {
+        assert_eq!(get("/stock/flaky").0, 200);
+    }
+    // NOT_FOUND is not retried and passes as it is.
+    let (st, v) = get("/stock/plum");
+    assert_eq!((st, v["error"].as_str()), (404, Some("NotFound")), "{v}");
+    // A server stream, through both sidecars.
+    assert_eq!(
+        get("/watch/pear?updates=3"),
+        (200, serde_json::json!({"sku": "pear", "counts": [3, 2, 1]}))
+    );
+    // Always UNAVAILABLE: retried, then the breaker opens on gRPC statuses (HTTP 200 each) and
+    // the fallback answers with its gRPC status.
+    let fallback = up.until("the fallback's answer", Duration::from_secs(10), || {
+        let (st, v) = get("/stock/down");
+        assert_eq!(st, 503, "{v}");
+        (v["fallback"] == "circuit-open").then_some(v)
+    });
+    assert_eq!(fallback["message"], "inventory is resting", "{fallback}");
+    assert_eq!(fallback["error"], "Unavailable");
+    // The breaker is per dependency: apple now gets the fallback too, until it closes.
+    assert_eq!(get("/stock/apple").1["fallback"], "circuit-open");
+
+    let st = up.terminate();
+    assert!(st.success(), "{st}");
+}

@@ -56,6 +56,25 @@ pub struct GoawayLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub direction: String,
+    pub dependency: String,
+    /// `package.Service`, or `other` (see [`GrpcMetrics`]).
+    pub grpc_service: String,
+    pub grpc_method: String,
+    /// The status name (`OK`, `UNAVAILABLE`, …).
+    pub grpc_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcMethodLabels {
+    pub direction: String,
+    pub dependency: String,
+    pub grpc_service: String,
+    pub grpc_method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -81,6 +100,8 @@ pub struct Metrics {
     underscore_removed: Family<KindLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
     h2_goaways: Family<GoawayLabels, Counter>,
+    grpc_calls: Family<GrpcLabels, Counter>,
+    grpc_latency: Family<GrpcMethodLabels, Histogram, fn() -> Histogram>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
     /// The pub/sub bridge's counters (`weir_messaging_*`).
@@ -103,6 +124,98 @@ pub struct RequestMetrics {
     /// `weir_rejections_total{reason="client-body-error"}`: requests whose body broke on the
     /// client's side, found by the innermost forwarding, so counted where every answer passes.
     pub client_body_errors: Counter,
+}
+
+/// How many methods of one direction and dependency get label sets of their own; calls to
+/// further methods are counted as `grpc_service="other", grpc_method="other"`.
+pub const GRPC_METHODS_MAX: usize = 100;
+
+/// gRPC calls by service, method and status (`weir_grpc_requests_total`,
+/// `weir_grpc_request_duration_seconds`). The method set comes from traffic, so it is bounded:
+/// a method gets its own label set when its first call ends, unless [`GRPC_METHODS_MAX`] are
+/// taken, its path is not `/package.Service/Method` (plain letters, digits, `_` and `.`), or
+/// the call was answered `UNIMPLEMENTED` (a client probing for methods would otherwise take
+/// every slot): those are counted as `other`. A method's status series appear as statuses occur.
+#[derive(Debug)]
+pub struct GrpcMetrics {
+    calls: Family<GrpcLabels, Counter>,
+    latency: Family<GrpcMethodLabels, Histogram, fn() -> Histogram>,
+    direction: String,
+    dependency: String,
+    methods: std::sync::RwLock<std::collections::HashMap<Box<str>, Arc<GrpcMethod>>>,
+    other: std::sync::OnceLock<Arc<GrpcMethod>>,
+}
+
+/// One method's series, created as they are first needed.
+#[derive(Debug)]
+struct GrpcMethod {
+    service: String,
+    method: String,
+    latency: Histogram,
+    statuses: [std::sync::OnceLock<Counter>; 17],
+}
+
+impl GrpcMetrics {
+    /// Counts a call to `path` that ended with status `code` after `seconds`.
+    pub fn record(&self, path: &str, code: u16, seconds: f64) {
+        let m = self.method(path, code);
+        let i = if code < 17 { usize::from(code) } else { 2 };
+        m.statuses[i]
+            .get_or_init(|| {
+                self.calls.get_or_create_owned(&GrpcLabels {
+                    direction: self.direction.clone(),
+                    dependency: self.dependency.clone(),
+                    grpc_service: m.service.clone(),
+                    grpc_method: m.method.clone(),
+                    grpc_status: weir_crds::proxy::grpc_code_name(code).to_string(),
+                })
+            })
+            .inc();
+        m.latency.observe(seconds);
+    }
+
+    fn method(&self, path: &str, code: u16) -> Arc<GrpcMethod> {
+        let known = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .cloned();
+        if let Some(m) = known {
+            return m;
+        }
+        let name = crate::layers::grpc::service_and_method(path);
+        if let Some((service, method)) =
+            name.filter(|_| code != crate::layers::grpc::code::UNIMPLEMENTED)
+        {
+            let mut methods = self.methods.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = methods.get(path) {
+                return m.clone();
+            }
+            if methods.len() < GRPC_METHODS_MAX {
+                let m = Arc::new(self.new_method(service, method));
+                methods.insert(path.into(), m.clone());
+                return m;
+            }
+        }
+        self.other
+            .get_or_init(|| Arc::new(self.new_method("other", "other")))
+            .clone()
+    }
+
+    fn new_method(&self, service: &str, method: &str) -> GrpcMethod {
+        GrpcMethod {
+            service: service.to_string(),
+            method: method.to_string(),
+            latency: self.latency.get_or_create_owned(&GrpcMethodLabels {
+                direction: self.direction.clone(),
+                dependency: self.dependency.clone(),
+                grpc_service: service.to_string(),
+                grpc_method: method.to_string(),
+            }),
+            statuses: Default::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -149,6 +262,19 @@ impl Metrics {
             "requests",
             "Requests answered, by direction, dependency and status class",
             requests.clone(),
+        );
+        let grpc_calls = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC calls ended, by direction, dependency, service, method and the gRPC status the caller read",
+            grpc_calls.clone(),
+        );
+        let grpc_latency: Family<GrpcMethodLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "grpc_request_duration_seconds",
+            "gRPC calls: time to the call's status (the end of a stream), by direction, dependency, service and method",
+            grpc_latency.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -211,6 +337,8 @@ impl Metrics {
             underscore_removed,
             connections,
             h2_goaways,
+            grpc_calls,
+            grpc_latency,
             spans_exported,
             spans_dropped,
             bridge,
@@ -262,6 +390,18 @@ impl Metrics {
         RetryMetrics {
             attempted: self.retries.get_or_create_owned(&l),
             refused_by_budget: self.retries_refused.get_or_create_owned(&l),
+        }
+    }
+
+    /// The gRPC call metrics of one direction and dependency.
+    pub fn grpc_metrics(&self, direction: &str, dependency: &str) -> GrpcMetrics {
+        GrpcMetrics {
+            calls: self.grpc_calls.clone(),
+            latency: self.grpc_latency.clone(),
+            direction: direction.to_string(),
+            dependency: dependency.to_string(),
+            methods: Default::default(),
+            other: Default::default(),
         }
     }
 
@@ -338,5 +478,48 @@ mod tests {
             r#"weir_rejections_total{direction="inbound",dependency="",reason="rate-limited"} 1"#
         ));
         assert!(text.contains("weir_request_duration_seconds_bucket{"));
+    }
+
+    #[test]
+    fn grpc_methods_are_bounded_and_unimplemented_or_odd_paths_are_other() {
+        let m = Metrics::new();
+        let g = m.grpc_metrics("inbound", "");
+        g.record("/shop.Orders/Place", 0, 0.01);
+        g.record("/shop.Orders/Place", 0, 0.01);
+        g.record("/shop.Orders/Place", 14, 0.01);
+        g.record("/shop.Orders/Probe", 12, 0.01); // UNIMPLEMENTED: not admitted
+        g.record("/not a method", 2, 0.01);
+        g.record("/shop.Orders/Place", 99, 0.01); // beyond the specification: UNKNOWN
+        for i in 0..GRPC_METHODS_MAX + 20 {
+            g.record(&format!("/junk.S/M{i}"), 0, 0.0);
+        }
+        let text = m.encode();
+        let line = |svc: &str, method: &str, status: &str| {
+            format!(
+                r#"weir_grpc_requests_total{{direction="inbound",dependency="",grpc_service="{svc}",grpc_method="{method}",grpc_status="{status}"}}"#
+            )
+        };
+        assert!(
+            text.contains(&format!("{} 2\n", line("shop.Orders", "Place", "OK"))),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "{} 1\n",
+            line("shop.Orders", "Place", "UNAVAILABLE")
+        )));
+        assert!(text.contains(&format!("{} 1\n", line("shop.Orders", "Place", "UNKNOWN"))));
+        assert!(text.contains(&format!("{} 1\n", line("other", "other", "UNIMPLEMENTED"))));
+        assert!(text.contains(&format!("{} 1\n", line("other", "other", "UNKNOWN"))));
+        // 99 junk methods got a slot (one went to Place); the other 21 are `other`.
+        assert!(
+            text.contains(&format!("{} 21\n", line("other", "other", "OK"))),
+            "{text}"
+        );
+        let methods = text
+            .lines()
+            .filter(|l| l.starts_with("weir_grpc_requests_total{"))
+            .count();
+        assert_eq!(methods, GRPC_METHODS_MAX + 5, "{text}");
+        assert!(text.contains(r#"weir_grpc_request_duration_seconds_count{direction="inbound",dependency="",grpc_service="shop.Orders",grpc_method="Place"} 4"#));
     }
 }

@@ -32,6 +32,38 @@ pub struct SpanRecord {
     pub end_unix_nanos: u64,
     pub status: u16,
     pub reason: Option<&'static str>,
+    /// For a gRPC call: its service, method and status.
+    pub grpc: Option<GrpcSpan>,
+}
+
+/// What a gRPC call's span adds: `rpc.system`, `rpc.service`, `rpc.method`,
+/// `rpc.grpc.status_code`, and the span's name `package.Service/Method`.
+#[derive(Clone, Debug)]
+pub struct GrpcSpan {
+    /// `None` when the path is not `/package.Service/Method`.
+    pub service_method: Option<(String, String)>,
+    pub code: u16,
+}
+
+impl GrpcSpan {
+    pub fn new(path: &str, code: u16) -> Self {
+        GrpcSpan {
+            service_method: crate::layers::grpc::service_and_method(path)
+                .map(|(s, m)| (s.to_string(), m.to_string())),
+            code,
+        }
+    }
+
+    /// Whether the status makes the span an error, per OpenTelemetry's gRPC conventions: any
+    /// status but OK for a client span; for a server span only those that say the server
+    /// failed (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
+    fn is_error(&self, kind: u64) -> bool {
+        if kind == SPAN_KIND_CLIENT {
+            self.code != 0
+        } else {
+            matches!(self.code, 2 | 4 | 12 | 13 | 14 | 15)
+        }
+    }
 }
 
 pub fn unix_nanos(t: SystemTime) -> u64 {
@@ -246,9 +278,16 @@ pub fn encode_span(s: &SpanRecord) -> Vec<u8> {
     if let Some(p) = &s.ctx.parent_span_id {
         put_bytes(&mut out, 4, p);
     }
-    let name = match &s.dependency {
-        Some(d) => format!("{} {}", s.method, d),
-        None => s.method.to_string(),
+    let name = match (&s.grpc, &s.dependency) {
+        (
+            Some(GrpcSpan {
+                service_method: Some((svc, m)),
+                ..
+            }),
+            _,
+        ) => format!("{svc}/{m}"),
+        (_, Some(d)) => format!("{} {}", s.method, d),
+        (_, None) => s.method.to_string(),
     };
     put_bytes(&mut out, 5, name.as_bytes());
     put_uint(&mut out, 6, s.kind);
@@ -268,10 +307,26 @@ pub fn encode_span(s: &SpanRecord) -> Vec<u8> {
     if let Some(r) = s.reason {
         put_attr_str(&mut out, 9, "weir.reason", r);
     }
+    if let Some(g) = &s.grpc {
+        put_attr_str(&mut out, 9, "rpc.system", "grpc");
+        if let Some((svc, m)) = &g.service_method {
+            put_attr_str(&mut out, 9, "rpc.service", svc);
+            put_attr_str(&mut out, 9, "rpc.method", m);
+        }
+        put_attr_int(&mut out, 9, "rpc.grpc.status_code", i64::from(g.code));
+    }
     // Status { message = 2; code = 3 (1 ok, 2 error) }
     let mut status = Vec::new();
-    if s.status >= 500 {
-        if let Some(r) = s.reason {
+    let failed = match &s.grpc {
+        Some(g) => g.is_error(s.kind),
+        None => s.status >= 500,
+    };
+    if failed {
+        let grpc_name = s
+            .grpc
+            .as_ref()
+            .map(|g| weir_crds::proxy::grpc_code_name(g.code));
+        if let Some(r) = s.reason.or(grpc_name) {
             put_bytes(&mut status, 2, r.as_bytes());
         }
         put_uint(&mut status, 3, 2);

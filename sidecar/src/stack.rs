@@ -216,6 +216,7 @@ pub fn build(
                 direction: "outbound",
                 dependency: name.into(),
                 metrics: m.request_metrics("outbound", name),
+                grpc: m.grpc_metrics("outbound", name),
                 access_log: env.access_log,
             }))
             .layer(GuardLayer::new(name, |r| m.rejections("outbound", name, r)))
@@ -323,6 +324,7 @@ pub fn build(
             direction: "inbound",
             dependency: "".into(),
             metrics: m.request_metrics("inbound", ""),
+            grpc: m.grpc_metrics("inbound", ""),
             access_log: env.access_log,
         }))
         .layer(GuardLayer::new("inbound", |r| {

@@ -1,9 +1,12 @@
 //! gRPC through the real `weir-proxy` binary, with tonic on both ends (the test kit's
 //! `weir.test.Echo`): every call kind through two sidecars, and each policy in gRPC terms:
 //! deadlines from `grpc-timeout`, the breaker and the retries judging `grpc-status` rather than
-//! the HTTP status, and the proxy's refusals answered as gRPC statuses.
+//! the HTTP status, and the proxy's refusals answered as gRPC statuses; calls counted and traced
+//! by service, method and status; the app probed with the gRPC health protocol; an edge routing
+//! gRPC by service and answering a missing token UNAUTHENTICATED.
 
 mod common;
+mod edge_support;
 
 use common::*;
 use std::time::{Duration, Instant};
@@ -516,4 +519,284 @@ async fn a_long_stream_outlives_the_timeout_and_a_stalled_one_ends_idle() {
         m.contains(r#"weir_rejections_total{direction="outbound",dependency="echo",reason="stream-idle-timeout"} 1"#),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn grpc_calls_are_counted_and_traced_by_service_method_and_status() {
+    let collector = common::otlp::Collector::start().await;
+    let otlp = collector.server.url();
+    let (_echo, a, b, cfg) = two_sidecars(|c| {
+        c.tracing.otlp_endpoint = Some(otlp);
+        c.tracing.sampling_ratio = 1.0;
+    })
+    .await;
+    let mut c = client(cfg.outbound[0].listen);
+    c.say(Ask::text("one")).await.unwrap();
+    c.say(Ask::text("two")).await.unwrap();
+    let e = c.say(failing(Code::Unavailable)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    // A stream whose status comes in the trailers, after its messages.
+    let mut s = c
+        .count(Ask {
+            count: 2,
+            fail_code: Code::DataLoss as u32,
+            ..Ask::text("n")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Ok(Some(_)) = s.message().await {}
+    // A stream the caller walks away from after one message.
+    let mut s = c
+        .count(Ask {
+            count: 1000,
+            delay_ms: 50,
+            ..Ask::text("long")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap();
+    drop(s);
+    // A method the server does not have: UNIMPLEMENTED, counted as `other`.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!(
+        "http://{}/weir.test.Echo/Nope",
+        cfg.outbound[0].listen
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(http_body_util::Full::new(weir_testkit::grpc::framed(
+        &Ask::text("?"),
+    )))
+    .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "12");
+
+    let series = |dir: &str, dep: &str, svc: &str, m: &str, st: &str| {
+        format!(
+            r#"weir_grpc_requests_total{{direction="{dir}",dependency="{dep}",grpc_service="{svc}",grpc_method="{m}",grpc_status="{st}"}}"#
+        )
+    };
+    let echo = "weir.test.Echo";
+    for (proxy, dir, dep) in [(&a, "outbound", "echo"), (&b, "inbound", "")] {
+        proxy
+            .wait_metric(&series(dir, dep, echo, "Say", "OK"), 2.0)
+            .await;
+        proxy
+            .wait_metric(&series(dir, dep, echo, "Say", "UNAVAILABLE"), 1.0)
+            .await;
+        proxy
+            .wait_metric(&series(dir, dep, echo, "Count", "DATA_LOSS"), 1.0)
+            .await;
+        proxy
+            .wait_metric(&series(dir, dep, "other", "other", "UNIMPLEMENTED"), 1.0)
+            .await;
+    }
+    // The caller's going away ends the call on the caller's side as CANCELLED.
+    a.wait_metric(&series("outbound", "echo", echo, "Count", "CANCELLED"), 1.0)
+        .await;
+    let text = a.metrics().await;
+    assert!(
+        text.contains(&format!(
+            r#"weir_grpc_request_duration_seconds_count{{direction="outbound",dependency="echo",grpc_service="{echo}",grpc_method="Say"}} 3"#
+        )),
+        "{text}"
+    );
+
+    // Client spans: named service/method, with the rpc.* attributes; an error unless OK.
+    let spans = collector.wait_for(6).await;
+    let client_spans: Vec<_> = spans.iter().filter(|s| s.kind == 3).collect();
+    let say: Vec<_> = client_spans
+        .iter()
+        .filter(|s| s.name == "weir.test.Echo/Say")
+        .collect();
+    assert_eq!(say.len(), 3, "{spans:#?}");
+    for s in &say {
+        assert_eq!(s.attr("rpc.system"), Some("grpc"));
+        assert_eq!(s.attr("rpc.service"), Some(echo));
+        assert_eq!(s.attr("rpc.method"), Some("Say"));
+    }
+    let by_status = |code: &str| {
+        say.iter()
+            .filter(|s| s.attr("rpc.grpc.status_code") == Some(code))
+            .count()
+    };
+    assert_eq!((by_status("0"), by_status("14")), (2, 1), "{say:#?}");
+    let failed = say
+        .iter()
+        .find(|s| s.attr("rpc.grpc.status_code") == Some("14"))
+        .unwrap();
+    assert_eq!(
+        (failed.status_code, failed.status_message.as_str()),
+        (2, "UNAVAILABLE")
+    );
+    let ok = say
+        .iter()
+        .find(|s| s.attr("rpc.grpc.status_code") == Some("0"))
+        .unwrap();
+    assert_eq!(ok.status_code, 0, "an OK call is no error");
+    let count = client_spans
+        .iter()
+        .find(|s| s.name == "weir.test.Echo/Count" && s.attr("rpc.grpc.status_code") == Some("15"))
+        .expect("the stream's span carries the status of its trailers");
+    assert_eq!(count.status_code, 2);
+}
+
+#[tokio::test]
+async fn a_grpc_app_is_probed_with_the_grpc_health_protocol() {
+    let echo = EchoServer::start().await;
+    let mut cfg = base_config(echo.addr);
+    cfg.inbound.app_protocol = WireProtocol::Http2;
+    cfg.inbound.readiness_grpc_service = Some(String::new());
+    cfg.inbound.liveness_grpc_service = Some("weir.test.Echo".into());
+    let p = proxy(cfg.clone()).await;
+    let probe = |which: &'static str| {
+        let url = p.admin_url(&format!("/app-health/{which}"));
+        async move { weir_testkit::proxy::http_get(&url).await.unwrap() }
+    };
+    assert_eq!(
+        probe("readiness").await,
+        (200, "app readiness: SERVING\n".into())
+    );
+    assert_eq!(
+        probe("liveness").await,
+        (200, "app liveness: SERVING\n".into())
+    );
+
+    echo.set_serving("", false).await;
+    assert_eq!(
+        probe("readiness").await,
+        (503, "app readiness: NOT_SERVING\n".into())
+    );
+    assert_eq!(
+        probe("liveness").await.0,
+        200,
+        "the service asked about still serves"
+    );
+    echo.set_serving("", true).await;
+    assert_eq!(probe("readiness").await.0, 200);
+
+    // A service the app does not know: its health service says NOT_FOUND.
+    cfg.inbound.liveness_grpc_service = Some("shop.Nope".into());
+    p.write_config(&serde_json::to_string(&cfg).unwrap());
+    assert!(
+        weir_testkit::eventually_async(Duration::from_secs(5), || async {
+            probe("liveness").await
+                == (
+                    503,
+                    "app liveness: the app knows no service \"shop.Nope\" (NOT_FOUND)\n".into(),
+                )
+        })
+        .await,
+        "{:?}",
+        probe("liveness").await
+    );
+    // No app listening: the probe fails naming why, never hangs.
+    cfg.inbound.app = free_addr();
+    p.write_config(&serde_json::to_string(&cfg).unwrap());
+    assert!(
+        weir_testkit::eventually_async(Duration::from_secs(5), || async {
+            probe("readiness").await.0 == 502
+        })
+        .await,
+        "{:?}",
+        probe("readiness").await
+    );
+}
+
+/// An edge in front of a gRPC service: routed by the `/package.Service/` prefix like any route,
+/// the JWT read from the `authorization` metadata, a missing or bad token UNAUTHENTICATED.
+#[tokio::test]
+async fn the_edge_routes_grpc_by_service_and_checks_its_token() {
+    use edge_support::*;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("identity-key");
+    std::fs::write(&key_file, IDENTITY_KEY).unwrap();
+    let identity = |sign_for: &[&str]| IdentityConfig {
+        key_file: key_file.display().to_string(),
+        sign_for: sign_for.iter().map(|s| s.to_string()).collect(),
+    };
+    let echo = EchoServer::start().await;
+    let mut cfg_b = base_config(echo.addr);
+    cfg_b.service = "echo".into();
+    cfg_b.inbound.app_protocol = WireProtocol::Http2;
+    cfg_b.identity = Some(identity(&[]));
+    let b = proxy(cfg_b.clone()).await;
+
+    let mut cfg = inline_edge(free_addr());
+    let mut dep = dependency("echo", format!("http://{}", b.config.inbound.listen));
+    dep.protocol = WireProtocol::Http2;
+    cfg.outbound = vec![dep];
+    cfg.identity = Some(identity(&["echo"]));
+    let edge = cfg.edge.as_mut().unwrap();
+    edge.app = false;
+    edge.routes = vec![EdgeRouteConfig {
+        path_prefix: "/weir.test.Echo".into(),
+        dependency: "echo".into(),
+        strip_prefix: false,
+    }];
+    let gw = proxy(cfg.clone()).await;
+    let mut c = client(cfg.inbound.listen);
+
+    // No token, a bad one: UNAUTHENTICATED, the app never called.
+    let e = c.say(Ask::text("hi")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(e.message(), "weir-proxy: unauthorized");
+    assert_eq!(e.metadata().get("x-weir-reason").unwrap(), "unauthorized");
+    let with = |token: &str, ask: Ask| {
+        let mut r = tonic::Request::new(ask);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let bad = rsa("b").token(Some("a"), &claims("u1", "buyer"));
+    let e = c.say(with(&bad, Ask::text("hi"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(echo.calls(), 0);
+
+    // A valid token: routed by the service's prefix, unary and streaming.
+    let t = rsa("a").token(Some("a"), &claims("u1", "buyer"));
+    let r = c.say(with(&t, Ask::text("hi"))).await.expect("routed");
+    assert_eq!(r.into_inner().text, "hi");
+    let mut s = c
+        .count(with(
+            &t,
+            Ask {
+                count: 3,
+                ..Ask::text("n")
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(a) = s.message().await.unwrap() {
+        got.push(a.text);
+    }
+    assert_eq!(got, ["n#0", "n#1", "n#2"]);
+    assert_eq!(echo.calls(), 2);
+
+    // A service no route names: UNIMPLEMENTED, as a gRPC server answers an unknown method.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("http://{}/shop.Other/Call", cfg.inbound.listen))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {t}"))
+        .body(http_body_util::Full::new(weir_testkit::grpc::framed(
+            &Ask::text("?"),
+        )))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), &resp.headers()["grpc-status"]),
+        (200, &http::HeaderValue::from(12u16)),
+        "{:?}",
+        resp.headers()
+    );
+    drop(gw);
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::otlp::{self, Span, decode_export};
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -285,164 +286,14 @@ async fn sigterm_gives_up_after_the_grace_period() {
     );
 }
 
-// --- OTLP -----------------------------------------------------------------------------------
-
-/// A protobuf field: number and value (varint, fixed64 or bytes).
-#[derive(Debug, Clone)]
-enum Val {
-    Int(u64),
-    Bytes(Vec<u8>),
-}
-
-/// Decodes one protobuf message level (wire types 0, 1, 2, 5).
-fn fields(mut b: &[u8]) -> Vec<(u32, Val)> {
-    fn varint(b: &mut &[u8]) -> u64 {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = b[0];
-            *b = &b[1..];
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                break;
-            }
-        }
-        v
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let key = varint(&mut b);
-        let (field, wire) = ((key >> 3) as u32, key & 7);
-        let v = match wire {
-            0 => Val::Int(varint(&mut b)),
-            1 => {
-                let v = u64::from_le_bytes(b[..8].try_into().unwrap());
-                b = &b[8..];
-                Val::Int(v)
-            }
-            2 => {
-                let n = varint(&mut b) as usize;
-                let v = b[..n].to_vec();
-                b = &b[n..];
-                Val::Bytes(v)
-            }
-            5 => {
-                let v = u32::from_le_bytes(b[..4].try_into().unwrap());
-                b = &b[4..];
-                Val::Int(u64::from(v))
-            }
-            w => panic!("unexpected wire type {w}"),
-        };
-        out.push((field, v));
-    }
-    out
-}
-
-fn bytes_of(fs: &[(u32, Val)], n: u32) -> Vec<Vec<u8>> {
-    fs.iter()
-        .filter_map(|(f, v)| match v {
-            Val::Bytes(b) if *f == n => Some(b.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn int_of(fs: &[(u32, Val)], n: u32) -> Option<u64> {
-    fs.iter().find_map(|(f, v)| match v {
-        Val::Int(i) if *f == n => Some(*i),
-        _ => None,
-    })
-}
-
-/// `KeyValue` list to (key, string or int value).
-fn attrs(fs: &[(u32, Val)], n: u32) -> Vec<(String, String)> {
-    bytes_of(fs, n)
-        .iter()
-        .map(|kv| {
-            let kv = fields(kv);
-            let key = String::from_utf8(bytes_of(&kv, 1)[0].clone()).unwrap();
-            let any = fields(&bytes_of(&kv, 2)[0]);
-            let val = match (bytes_of(&any, 1).first(), int_of(&any, 3)) {
-                (Some(s), _) => String::from_utf8(s.clone()).unwrap(),
-                (None, Some(i)) => i.to_string(),
-                _ => String::new(),
-            };
-            (key, val)
-        })
-        .collect()
-}
-
-#[derive(Debug)]
-struct Span {
-    trace_id: String,
-    parent: String,
-    kind: u64,
-    name: String,
-    attrs: Vec<(String, String)>,
-    service: String,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn decode_export(body: &[u8]) -> Vec<Span> {
-    let mut spans = Vec::new();
-    for rs in bytes_of(&fields(body), 1) {
-        let rs = fields(&rs);
-        let resource = fields(&bytes_of(&rs, 1)[0]);
-        let service = attrs(&resource, 1)
-            .into_iter()
-            .find(|(k, _)| k == "service.name")
-            .unwrap()
-            .1;
-        for ss in bytes_of(&rs, 2) {
-            let ss = fields(&ss);
-            for sp in bytes_of(&ss, 2) {
-                let sp = fields(&sp);
-                let start = int_of(&sp, 7).unwrap();
-                let end = int_of(&sp, 8).unwrap();
-                assert!(
-                    end >= start && start > 1_600_000_000_000_000_000,
-                    "unix nanos"
-                );
-                spans.push(Span {
-                    trace_id: hex(&bytes_of(&sp, 1)[0]),
-                    parent: bytes_of(&sp, 4).first().map(|p| hex(p)).unwrap_or_default(),
-                    kind: int_of(&sp, 6).unwrap(),
-                    name: String::from_utf8(bytes_of(&sp, 5)[0].clone()).unwrap(),
-                    attrs: attrs(&sp, 9),
-                    service: service.clone(),
-                });
-            }
-        }
-    }
-    spans
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_otlp_http_in_batches() {
-    type Exports = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
-    let received: Exports = Arc::new(Mutex::new(Vec::new()));
-    let r2 = received.clone();
-    let collector = upstream(move |req, _| {
-        let r2 = r2.clone();
-        async move {
-            let path = req.uri().path().to_string();
-            let ct = req
-                .headers()
-                .get("content-type")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_default();
-            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-            r2.lock().unwrap().push((path, ct, body));
-            respond(200, "")
-        }
-    })
-    .await;
+    let collector = otlp::Collector::start().await;
+    let received = collector.received.clone();
     let users = upstream(|_, _| async { respond(503, "down") }).await;
     let app = upstream(|_, _| async { respond(200, "app") }).await;
     let mut cfg = base_config(app.addr);
-    cfg.tracing.otlp_endpoint = Some(collector.url());
+    cfg.tracing.otlp_endpoint = Some(collector.server.url());
     cfg.tracing.sampling_ratio = 1.0;
     cfg.outbound.push(dependency("users", users.url()));
     let proxy = proxy(cfg).await;
@@ -461,20 +312,7 @@ async fn spans_are_exported_over_otlp_http_in_batches() {
     .await;
     assert_eq!(a.status, 503);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let spans = loop {
-        let got: Vec<Span> = received
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|(_, _, b)| decode_export(b))
-            .collect();
-        if got.len() >= 6 {
-            break got;
-        }
-        assert!(Instant::now() < deadline, "spans received: {got:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let spans = collector.wait_for(6).await;
     {
         let r = received.lock().unwrap();
         assert!(

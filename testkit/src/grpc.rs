@@ -8,6 +8,9 @@
 //!   `fail_code` in the trailers, after the messages).
 //! - `Sum` (client streaming): the texts received, joined with `+`.
 //! - `Chat` (bidi): `"echo <text>"` for each message, as it arrives.
+//!
+//! The server also serves the gRPC health protocol (tonic-health): `""` and `weir.test.Echo`
+//! are `SERVING` until a test says otherwise ([`EchoServer::set_serving`]).
 
 #![allow(missing_docs, reason = "generated stubs")]
 
@@ -161,6 +164,7 @@ impl echo_server::Echo for Echo {
 pub struct EchoServer {
     pub addr: SocketAddr,
     echo: Echo,
+    health: tonic_health::server::HealthReporter,
     task: JoinHandle<()>,
 }
 
@@ -172,15 +176,29 @@ impl EchoServer {
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("the listener's address");
         let echo = Echo::default();
-        let svc = echo_server::EchoServer::new(echo.clone());
-        // The generated service is a tower service: served here by hyper's HTTP/2 server, as
-        // tonic's own transport would.
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health.set_serving::<echo_server::EchoServer<Echo>>().await;
+        let echo_svc = echo_server::EchoServer::new(echo.clone());
+        // The generated services are tower services: picked by path and served here by
+        // hyper's HTTP/2 server, as tonic's own transport would.
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+                let (echo_svc, health_svc) = (echo_svc.clone(), health_svc.clone());
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        use tonic::codegen::Service;
+                        let (mut echo_svc, mut health_svc) = (echo_svc.clone(), health_svc.clone());
+                        async move {
+                            if req.uri().path().starts_with("/grpc.health.v1.Health/") {
+                                health_svc.call(req).await
+                            } else {
+                                echo_svc.call(req).await
+                            }
+                        }
+                    });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -190,7 +208,23 @@ impl EchoServer {
                 });
             }
         });
-        EchoServer { addr, echo, task }
+        EchoServer {
+            addr,
+            echo,
+            health,
+            task,
+        }
+    }
+
+    /// Sets what the health service says of `service` (`""`: the whole server).
+    pub async fn set_serving(&self, service: &str, serving: bool) {
+        use tonic_health::ServingStatus;
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status(service, status).await;
     }
 
     /// Calls received, of every method.

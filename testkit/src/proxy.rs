@@ -39,6 +39,8 @@ pub fn config(namespace: &str, service: &str, app: SocketAddr) -> ProxyConfig {
             max_body_bytes: 1 << 20,
             liveness_path: None,
             readiness_path: None,
+            liveness_grpc_service: None,
+            readiness_grpc_service: None,
             underscore_headers: UnderscoreHeaders::default(),
             app_protocol: Default::default(),
         },

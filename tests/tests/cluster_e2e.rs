@@ -105,6 +105,81 @@ async fn weir_in_a_real_cluster() -> Result<()> {
     result
 }
 
+/// examples/grpc in pods: inventory (tonic, h2c) ready by its gRPC health check relayed by its
+/// sidecar, storefront calling it through both sidecars, unary and a server stream, with the
+/// calls counted by gRPC method and status on each side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_in_a_real_cluster() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-grpc-e2e").await?;
+    let result = grpc_run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+async fn grpc_run(client: &Client, ns: &str) -> Result<()> {
+    use serde::Deserialize as _;
+    let long = Duration::from_secs(240);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/grpc/services.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut ms = Microservice::deserialize(doc)?;
+        ms.spec.image_pull_policy = Some(env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent"));
+        let name = ms.name_any();
+        mss.patch(&name, &PatchParams::apply(MANAGER), &Patch::Apply(&ms))
+            .await?;
+    }
+    // Ready only once the kubelet's probe of the sidecar's relay got SERVING from the app.
+    ready(&mss, "inventory", long).await?;
+    ready(&mss, "storefront", long).await?;
+    let inventory_admin = pod_admin(&pods, "inventory").await?;
+    let (status, body) = http_get(inventory_admin, "/app-health/readiness")?;
+    assert_eq!((status, body.as_str()), (200, "app readiness: SERVING\n"));
+
+    let storefront = service_addr(&svcs, "storefront").await?;
+    let (status, body) = http_get(storefront, "/stock/apple")?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body)?,
+        json!({"sku": "apple", "count": 12})
+    );
+    for _ in 0..4 {
+        let (status, body) = http_get(storefront, "/stock/flaky")?;
+        assert_eq!(status, 200, "UNAVAILABLE is retried: {body}");
+    }
+    let (status, body) = http_get(storefront, "/watch/pear?updates=3")?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body)?["counts"],
+        json!([3, 2, 1])
+    );
+
+    let check = |dir: &str, dep: &str, status: &str| {
+        format!(
+            r#"weir_grpc_requests_total{{direction="{dir}",dependency="{dep}",grpc_service="shop.Inventory",grpc_method="Check",grpc_status="{status}"}}"#
+        )
+    };
+    let (_, sm) = http_get(pod_admin(&pods, "storefront").await?, "/metrics")?;
+    assert!(
+        metric(&sm, &check("outbound", "inventory", "OK")).unwrap_or(0.0) >= 5.0,
+        "storefront's sidecar counted the calls by method and status:\n{sm}"
+    );
+    let (_, im) = http_get(inventory_admin, "/metrics")?;
+    assert!(
+        metric(&im, &check("inbound", "", "UNAVAILABLE")).unwrap_or(0.0) >= 1.0,
+        "inventory's sidecar saw the failed attempts that were retried:\n{im}"
+    );
+    Ok(())
+}
+
 /// `kubectl apply` refuses a typo inside any block of any kind (`retry: {attemps: 5}` once went
 /// through, was pruned and left the defaults in force): before server-side field validation
 /// (1.25) that is kubectl's own check against the schema the server publishes, which has to

@@ -323,7 +323,7 @@ async fn upgrade_from_previous_crds(api: &Api) -> Result<()> {
     // Objects stored under the previous CRDs.
     let ns = "weir-upgrade";
     let mut stored = Vec::new();
-    for (_, obj) in weir_objects()? {
+    for (file, obj) in weir_objects()? {
         let kind = str_of(&obj, "/kind").to_string();
         let mut obj = obj;
         obj["metadata"]["namespace"] = json!(ns);
@@ -333,6 +333,20 @@ async fn upgrade_from_previous_crds(api: &Api) -> Result<()> {
             continue; // the same name in two examples
         }
         if !reply.0.is_success() {
+            // An object written for what the previous CRDs did not have (a gRPC probe, which
+            // makes `path` optional) could never have been stored under them: nothing to
+            // upgrade. Base objects are stored under both unless marked `test.weir.dev/since`.
+            let marked = obj
+                .pointer("/metadata/annotations/test.weir.dev~1since")
+                .is_some();
+            if marked || !file.ends_with("tests/apiserver/objects.yaml") {
+                eprintln!(
+                    "  note: {kind}/{name} ({}) uses what the previous CRDs did not have: not stored under them ({})",
+                    file.display(),
+                    refusal(&reply).1
+                );
+                continue;
+            }
             bail!(
                 "{kind}/{name} refused under the previous CRDs: {}",
                 refusal(&reply).1
@@ -976,6 +990,30 @@ static RULE_CASES: &[RuleCase] = &[
         rule_starts: "has(self.microservice) != has(self.url)",
         set: &[],
         remove: &["url"],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.probes.liveness",
+        rule_starts: "!(has(self.path) && has(self.grpc))",
+        set: &[("grpc", r#"{"service": "shop.Orders"}"#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.probes.readiness",
+        rule_starts: "!(has(self.path) && has(self.grpc))",
+        set: &[("grpc", r#"{}"#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec",
+        rule_starts: "!has(self.probes) || ((!has(self.probes.liveness)",
+        set: &[("probes.readiness", r#"{"grpc": {}}"#)],
+        remove: &[],
     },
     RuleCase {
         kind: "Microservice",

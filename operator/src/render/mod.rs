@@ -777,4 +777,51 @@ spec:
         );
         assert_eq!(r.config.inbound.app_protocol, WireProtocol::Http1);
     }
+
+    #[test]
+    fn a_grpc_probe_becomes_a_health_check_in_the_sidecar_config() {
+        let r = rendered(
+            r#"
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: orders}
+spec:
+  image: orders:1
+  protocol: grpc
+  probes:
+    readiness: {grpc: {}, periodSeconds: 5}
+    liveness: {grpc: {service: shop.Orders}}
+"#,
+        );
+        let ib = &r.config.inbound;
+        assert_eq!(
+            (
+                ib.readiness_path.as_deref(),
+                ib.readiness_grpc_service.as_deref()
+            ),
+            (None, Some(""))
+        );
+        assert_eq!(
+            (
+                ib.liveness_path.as_deref(),
+                ib.liveness_grpc_service.as_deref()
+            ),
+            (None, Some("shop.Orders"))
+        );
+        // The kubelet still probes the sidecar's relay, at the probe's period.
+        let pod = r.deployment.spec.unwrap().template.spec.unwrap();
+        let app = pod.containers.iter().find(|c| c.name == "app").unwrap();
+        let readiness = app.readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            readiness.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/app-health/readiness")
+        );
+        assert_eq!(readiness.period_seconds, Some(5));
+        // A probe naming neither kind is an HTTP probe of the default path.
+        let r = rendered(
+            "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users}\nspec: {image: users:1, probes: {readiness: {periodSeconds: 3}}}\n",
+        );
+        assert_eq!(r.config.inbound.readiness_path.as_deref(), Some("/readyz"));
+        assert_eq!(r.config.inbound.readiness_grpc_service, None);
+    }
 }

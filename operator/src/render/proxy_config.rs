@@ -5,7 +5,9 @@
 use super::RenderError;
 use std::net::SocketAddr;
 use weir_crds::duration;
-use weir_crds::microservice::{ClientKey, Dependency, EdgeSpec, MicroserviceSpec};
+use weir_crds::microservice::{
+    ClientKey, Dependency, EdgeSpec, LIVENESS_PATH, MicroserviceSpec, ProbeKind, READINESS_PATH,
+};
 use weir_crds::policy::{CircuitBreakerPolicy, GrpcCode, GrpcPolicy, RetryPolicy};
 use weir_crds::proxy::{
     AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
@@ -139,8 +141,18 @@ pub fn build(
                 burst: r.burst.unwrap_or(r.requests_per_second),
             }),
             max_body_bytes: inbound.max_body_bytes,
-            liveness_path: has_app.then(|| spec.probes.liveness.path.clone()),
-            readiness_path: has_app.then(|| spec.probes.readiness.path.clone()),
+            liveness_path: has_app
+                .then(|| http_path(spec.probes.liveness.kind(LIVENESS_PATH)))
+                .flatten(),
+            readiness_path: has_app
+                .then(|| http_path(spec.probes.readiness.kind(READINESS_PATH)))
+                .flatten(),
+            liveness_grpc_service: has_app
+                .then(|| grpc_service(spec.probes.liveness.kind(LIVENESS_PATH)))
+                .flatten(),
+            readiness_grpc_service: has_app
+                .then(|| grpc_service(spec.probes.readiness.kind(READINESS_PATH)))
+                .flatten(),
             underscore_headers: UnderscoreHeaders::default(),
             app_protocol: spec.protocol.wire(),
         },
@@ -351,4 +363,18 @@ pub fn dependency_env_name(dependency: &str) -> String {
         .collect();
     s.push_str("_URL");
     s
+}
+
+fn http_path(kind: ProbeKind<'_>) -> Option<String> {
+    match kind {
+        ProbeKind::Http(p) => Some(p.to_string()),
+        ProbeKind::Grpc(_) => None,
+    }
+}
+
+fn grpc_service(kind: ProbeKind<'_>) -> Option<String> {
+    match kind {
+        ProbeKind::Grpc(s) => Some(s.to_string()),
+        ProbeKind::Http(_) => None,
+    }
 }

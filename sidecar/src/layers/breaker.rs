@@ -362,6 +362,9 @@ where
                         let failure = match ended {
                             grpc::Ended::Status(code) => breaker.is_grpc_failure(code),
                             grpc::Ended::Broken => failure_on_broken,
+                            // The caller went away: nothing learnt about the dependency (the
+                            // permit is dropped unrecorded, freeing a trial).
+                            grpc::Ended::Dropped => return,
                         };
                         permit.record(failure);
                     });

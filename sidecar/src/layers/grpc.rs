@@ -31,6 +31,8 @@ pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// gRPC status codes (grpc/doc/statuscodes.md).
 pub mod code {
     pub const OK: u16 = 0;
+    pub const CANCELLED: u16 = 1;
+    pub const UNKNOWN: u16 = 2;
     pub const DEADLINE_EXCEEDED: u16 = 4;
     pub const PERMISSION_DENIED: u16 = 7;
     pub const RESOURCE_EXHAUSTED: u16 = 8;
@@ -174,10 +176,12 @@ pub enum Ended {
     /// The body ended without a `grpc-status` (a protocol error: gRPC clients see `INTERNAL`),
     /// or broke (the connection failed mid-stream).
     Broken,
+    /// The body was dropped before its end: the caller went away (or reset the stream).
+    Dropped,
 }
 
-/// A response body that reports, once, how the call ended: the `grpc-status` of its trailers.
-/// A body dropped before its end (the caller went away) reports nothing.
+/// A response body that reports, once, how the call ended: the `grpc-status` of its trailers,
+/// or [`Ended::Dropped`] when it is dropped first.
 pub struct OnStatus {
     inner: body::BoxBody,
     report: Option<Box<dyn FnOnce(Ended) + Send>>,
@@ -233,6 +237,67 @@ impl hyper::body::Body for OnStatus {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+impl Drop for OnStatus {
+    fn drop(&mut self) {
+        self.report(Ended::Dropped);
+    }
+}
+
+/// The gRPC status a caller reads off an HTTP status that is not 200 (a non-gRPC hop answered):
+/// grpc/doc/http-grpc-status-mapping.md.
+pub fn code_of_http(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => code::INTERNAL,
+        401 => code::UNAUTHENTICATED,
+        403 => code::PERMISSION_DENIED,
+        404 => code::UNIMPLEMENTED,
+        429 | 502 | 503 | 504 => code::UNAVAILABLE,
+        _ => code::UNKNOWN,
+    }
+}
+
+/// Calls `report` once with the gRPC status the caller of a gRPC call will read from `resp`: a
+/// proxy refusal's status ([`code_for`]: the [`GrpcLayer`] outside turns it into one), the status
+/// of a Trailers-Only answer, the HTTP status's mapping when it is not 200, else the status in
+/// the trailers once the body ends (`INTERNAL` when it ends without one, `CANCELLED` when the
+/// caller drops it first). For metrics and spans, which see the answer before the [`GrpcLayer`]
+/// does.
+pub fn on_outcome(resp: Resp, report: impl FnOnce(u16) + Send + 'static) -> Resp {
+    if let Some(c) = status_in_headers(&resp) {
+        report(c);
+        return resp;
+    }
+    if let Some(reason) = rejection(&resp) {
+        report(code_for(reason));
+        return resp;
+    }
+    if resp.status() != StatusCode::OK {
+        report(code_of_http(resp.status()));
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = OnStatus::wrap(body, move |ended| {
+        report(match ended {
+            Ended::Status(c) => c,
+            Ended::Broken => code::INTERNAL,
+            Ended::Dropped => code::CANCELLED,
+        })
+    });
+    Resp::from_parts(parts, body)
+}
+
+/// `/package.Service/Method` as `("package.Service", "Method")`; `None` for any other path.
+pub fn service_and_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    };
+    (name(service) && name(method)).then_some((service, method))
 }
 
 #[derive(Clone, Debug, Default)]

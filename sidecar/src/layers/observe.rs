@@ -1,9 +1,12 @@
 //! Metrics and the JSON access log: counts each answer and its latency (to response headers) under
 //! the pre-created label set of its status class, and logs one line per request with the trace id.
+//! A gRPC call is also counted by service, method and the gRPC status its caller reads, when
+//! that status is known (at the end of a stream): [`crate::metrics::GrpcMetrics`].
 
 use super::{BoxFuture, always_ready};
 use crate::body::{Reason, Req, Resp, rejection, status_class};
-use crate::metrics::RequestMetrics;
+use crate::layers::grpc;
+use crate::metrics::{GrpcMetrics, RequestMetrics};
 use crate::trace::TraceContext;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ pub struct Observer {
     pub direction: &'static str,
     pub dependency: Arc<str>,
     pub metrics: RequestMetrics,
+    pub grpc: GrpcMetrics,
     pub access_log: bool,
 }
 
@@ -65,6 +69,7 @@ where
             .access_log
             .then(|| (req.method().clone(), req.uri().clone()));
         let ctx = req.extensions().get::<TraceContext>().copied();
+        let grpc_call = grpc::is_marked(&req).then(|| req.uri().clone());
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -94,6 +99,12 @@ where
                 };
                 line.emit();
             }
+            if let Some(uri) = grpc_call {
+                return Ok(grpc::on_outcome(resp, move |code| {
+                    let seconds = start.elapsed().as_secs_f64();
+                    obs.grpc.record(uri.path(), code, seconds);
+                }));
+            }
             Ok(resp)
         })
     }
@@ -114,6 +125,7 @@ mod tests {
             direction: "inbound",
             dependency: "".into(),
             metrics: m.request_metrics("inbound", ""),
+            grpc: m.grpc_metrics("inbound", ""),
             access_log: true,
         });
         let fail = tower::service_fn(|_req: Req| async { Ok::<_, Infallible>(status(503)) });

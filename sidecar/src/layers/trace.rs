@@ -1,11 +1,13 @@
 //! W3C trace context: continues the caller's trace when its `traceparent` is valid, starts one
 //! otherwise; the request passed on carries the proxy's span as parent (a child span of the
 //! caller's). Puts the [`TraceContext`] in the request extensions for the access log, and hands a
-//! finished span to the OTLP exporter when the trace is sampled.
+//! finished span to the OTLP exporter when the trace is sampled. A gRPC call's span ends with the
+//! call (its status, at the end of a stream) and carries the `rpc.*` attributes.
 
 use super::{BoxFuture, always_ready};
 use crate::body::{Req, Resp, rejection};
-use crate::otlp::{SpanRecord, SpanSink, unix_nanos};
+use crate::layers::grpc;
+use crate::otlp::{GrpcSpan, SpanRecord, SpanSink, unix_nanos};
 use crate::trace::{TraceContext, propagate};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -74,19 +76,34 @@ where
         let path = req.uri().path().to_string();
         let kind = self.settings.kind;
         let dependency = self.settings.dependency.clone();
+        let is_grpc = grpc::is_marked(&req);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            sink.record(SpanRecord {
+            let span = SpanRecord {
                 ctx,
                 kind,
                 method,
                 path,
                 dependency,
                 start_unix_nanos: unix_nanos(start),
-                end_unix_nanos: unix_nanos(SystemTime::now()),
+                end_unix_nanos: 0,
                 status: resp.status().as_u16(),
                 reason: rejection(&resp).map(|r| r.as_str()),
+                grpc: None,
+            };
+            if is_grpc {
+                return Ok(grpc::on_outcome(resp, move |code| {
+                    sink.record(SpanRecord {
+                        end_unix_nanos: unix_nanos(SystemTime::now()),
+                        grpc: Some(GrpcSpan::new(&span.path, code)),
+                        ..span
+                    })
+                }));
+            }
+            sink.record(SpanRecord {
+                end_unix_nanos: unix_nanos(SystemTime::now()),
+                ..span
             });
             Ok(resp)
         })

@@ -25,13 +25,26 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::B
     r
 }
 
-/// Calls the app's probe path on loopback and answers with its status (body dropped).
+/// Calls the app's probe path on loopback and answers with its status (body dropped), or asks
+/// its gRPC health service ([`super::grpc_health`]).
 async fn app_probe(shared: &Shared, which: &str) -> Resp {
     let cfg = shared.snapshot().config.clone();
-    let path = match which {
-        "liveness" => cfg.inbound.liveness_path.as_deref(),
-        _ => cfg.inbound.readiness_path.as_deref(),
+    let (path, grpc_service) = match which {
+        "liveness" => (
+            cfg.inbound.liveness_path.as_deref(),
+            cfg.inbound.liveness_grpc_service.as_deref(),
+        ),
+        _ => (
+            cfg.inbound.readiness_path.as_deref(),
+            cfg.inbound.readiness_grpc_service.as_deref(),
+        ),
     };
+    if let Some(service) = grpc_service {
+        // gRPC is HTTP/2 whatever the app's declared protocol.
+        let client = shared.clients().get(weir_crds::proxy::WireProtocol::Http2);
+        let app = cfg.inbound.app;
+        return super::grpc_health::probe(client, app, service, which, APP_PROBE_TIMEOUT).await;
+    }
     let Some(path) = path else {
         return text(
             StatusCode::NOT_FOUND,

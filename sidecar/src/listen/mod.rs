@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod detect;
 pub mod framing;
+pub mod grpc_health;
 
 use crate::body::{BodyError, ClientBodyError, Reason, Resp, reject, reject_closing};
 use crate::forward::Clients;

@@ -19,6 +19,8 @@ use weir_crds::proxy::*;
 
 pub use weir_testkit::{Proxy, free_addr, serve};
 
+pub mod otlp;
+
 /// A loopback HTTP/1.1 server; `handler` gets each request and its 0-based index.
 pub struct Upstream {
     pub addr: SocketAddr,
