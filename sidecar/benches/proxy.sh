@@ -13,8 +13,10 @@
 #
 # Env (defaults): BENCH_DURATION=10 BENCH_WARMUP=3 BENCH_CONNECTIONS=32 BENCH_CPU_LOAD=0
 # BENCH_CPU_PROXY=1 BENCH_PORT_BASE=18080 (uses 16 ports from there) BENCH_OVERLOAD_CONNECTIONS=300
-# BENCH_CPU_ECHO=$BENCH_CPU_LOAD (the slow upstream) BENCH_NO_BUILD=1 (skip cargo build). Everything listens on 127.0.0.1 only; every process the
-# script starts is stopped on exit.
+# BENCH_CPU_ECHO=$BENCH_CPU_LOAD (the slow upstream) BENCH_NO_BUILD=1 (skip cargo build)
+# BENCH_GRPC=0 (skip the gRPC table, sidecar/benches/grpc.sh, which otherwise runs after this
+# one in the same run). Everything listens on 127.0.0.1 only; every process the script starts
+# is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -353,3 +355,10 @@ printf '%s\n' "${BROWS[@]}" | awk -F'|' '
     printf "| %d | %.0f | %.0f | %d | %d | %s | %s | %s | %s | %s | %s | %s%% | %s | %s | %s%% | %d |\n", $1, $2 / s, ($2 - $4) / s, $4, $5, ms($6), ms($7), ms($8), ms($9), ($4 > 0 ? ms($10) : "-"), $12, $13, ($4 > 0 ? $15 "%" : "-"), ($4 > 0 ? $16 "%" : "-"), $17, $11 }'
 echo
 echo "¹ client side (wrk), 2xx/503 split by latency rank: every 2xx takes >= 20 ms, so the 2xx columns are exact when every 503 is faster than every 2xx (then '503 max' is the slowest 503). The proxy columns come from weir_request_duration_seconds (outbound) deltas over the measured run."
+
+if [ "${BENCH_GRPC:-1}" != 0 ]; then
+  for pid in "${PIDS[@]}"; do stop "$pid"; done
+  PIDS=()
+  echo
+  "$ROOT/sidecar/benches/grpc.sh"
+fi

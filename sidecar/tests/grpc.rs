@@ -315,6 +315,24 @@ async fn only_unavailable_is_retried_and_every_method_may_be() {
     }));
     assert_eq!(c.sum(asks).await.unwrap().into_inner().text, "a+b");
     assert_eq!(echo.calls(), 8);
+    // A client stream answered UNAVAILABLE is sent again from the copy while it fits the retry
+    // copy (64 KiB), and not at all once it does not: the messages already sent are gone.
+    let small = futures::stream::iter([Ask::text("a"), failing(Code::Unavailable)]);
+    assert_eq!(c.sum(small).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(echo.calls(), 11, "a small client stream is retried");
+    // (The failing message is short: its text becomes the grpc-message header.)
+    let big = futures::stream::iter(
+        (0..3)
+            .map(|i| Ask::text(&format!("{i}").repeat(40_000)))
+            .chain([failing(Code::Unavailable)]),
+    );
+    let e = c.sum(big).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(
+        echo.calls(),
+        12,
+        "a client stream beyond the copy is sent once"
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@
 //!   the server received is recorded ([`EchoServer::timeouts`]).
 //! - `Count` (server streaming): `count` messages `"<text>#i"`, `delay_ms` apart, then OK (or
 //!   `fail_code` in the trailers, after the messages).
-//! - `Sum` (client streaming): the texts received, joined with `+`.
+//! - `Sum` (client streaming): the texts received, joined with `+`; or, once the stream has
+//!   ended, the status `fail_code` of the first message that has one.
 //! - `Chat` (bidi): `"echo <text>"` for each message, as it arrives.
 //!
 //! The server also serves the gRPC health protocol (tonic-health): `""` and `weir.test.Echo`
@@ -132,8 +133,13 @@ impl echo_server::Echo for Echo {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut stream = req.into_inner();
         let mut texts = Vec::new();
+        let mut fail = None;
         while let Some(ask) = stream.message().await? {
+            fail = fail.or(failed(&ask));
             texts.push(ask.text);
+        }
+        if let Some(status) = fail {
+            return Err(status);
         }
         Ok(Response::new(Answer {
             text: texts.join("+"),
