@@ -1,0 +1,567 @@
+//! Per-request balancing across a dependency's endpoints, with outlier ejection.
+//!
+//! - **Choice**: power of two choices over peak-EWMA latency weighted by requests in flight
+//!   (Linkerd's balancer): two eligible endpoints drawn at random, the one with the lower
+//!   `rtt × (in_flight + 1) / warmth` wins. The RTT estimate jumps to any slower observation
+//!   (peak) and decays towards faster ones with [`Settings::decay`]; an endpoint never measured
+//!   starts at [`Settings::default_rtt`]. A new endpoint's `warmth` grows from 0.1 to 1 over
+//!   [`Settings::slow_start`], so it is not flooded the moment it appears.
+//! - **Ejection** (Envoy's outlier detection, Linkerd's failure accrual): after
+//!   [`Settings::consecutive_failures`] gateway failures in a row (connection refused or reset,
+//!   502/503/504, gRPC `UNAVAILABLE`: the caller says which with [`Outcome`]) an endpoint gets no
+//!   requests for the base ejection time, doubled at each ejection up to the maximum. At most
+//!   [`Settings::max_ejected_percent`] of the endpoints are ejected at once (at least one endpoint
+//!   is always left). When its time is up, exactly one real request probes it: success brings it
+//!   back, failure ejects it again for longer.
+//! - **Retries elsewhere**: [`Balancer::pick`] takes the endpoint to avoid (the one that just
+//!   failed); it is chosen only when it is the only one eligible.
+//!
+//! The endpoint set is replaced as a whole ([`Balancer::update`]) when discovery has a new
+//! answer; endpoints that stay keep their state.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The knobs, with the defaults `weir render` writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The RTT an endpoint is assumed to have before its first answer.
+    pub default_rtt: Duration,
+    /// How fast the estimate forgets a slow answer (the EWMA's time constant).
+    pub decay: Duration,
+    /// How long a new endpoint takes to get its full share.
+    pub slow_start: Duration,
+    /// Gateway failures in a row that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each next one doubles it.
+    pub base_ejection: Duration,
+    /// The longest ejection.
+    pub max_ejection: Duration,
+    /// The largest share of endpoints ejected at once, in percent.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+            slow_start: Duration::from_secs(10),
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// How a request to an endpoint ended, as far as the endpoint's health goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that says nothing against the endpoint (2xx–4xx, any gRPC status but
+    /// UNAVAILABLE).
+    Success,
+    /// A gateway failure: connection refused or reset, 502/503/504, gRPC UNAVAILABLE.
+    GatewayFailure,
+    /// The caller went away before the answer: no verdict.
+    Cancelled,
+}
+
+/// An endpoint's health as the balancer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Active,
+    /// Ejected until then.
+    Ejected(Instant),
+    /// Its ejection is over; one request is probing it (or may).
+    Probation,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Peak-EWMA RTT estimate, in seconds, as of `updated`.
+    rtt: f64,
+    updated: Instant,
+    failures: u32,
+    ejections: u32,
+    health: Health,
+}
+
+/// One endpoint of a dependency.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    added: Instant,
+    in_flight: AtomicU32,
+    /// The probe of an endpoint on probation is out.
+    probing: AtomicBool,
+    state: Mutex<State>,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, now: Instant, rtt: f64) -> Self {
+        Endpoint {
+            addr,
+            added: now,
+            in_flight: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
+            state: Mutex::new(State {
+                rtt,
+                updated: now,
+                failures: 0,
+                ejections: 0,
+                health: Health::Active,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests in flight to this endpoint.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The RTT estimate now (decayed since the last answer).
+    pub fn rtt(&self, now: Instant, s: &Settings) -> Duration {
+        let st = self.state();
+        Duration::from_secs_f64(decayed(st.rtt, st.updated, now, s))
+    }
+
+    /// Its health now: an ejection that is over reads as probation.
+    pub fn health(&self, now: Instant) -> Health {
+        match self.state().health {
+            Health::Ejected(until) if until <= now => Health::Probation,
+            h => h,
+        }
+    }
+
+    fn cost(&self, now: Instant, s: &Settings) -> f64 {
+        let rtt = self.rtt(now, s).as_secs_f64();
+        let warmth = if s.slow_start.is_zero() {
+            1.0
+        } else {
+            (now.saturating_duration_since(self.added).as_secs_f64() / s.slow_start.as_secs_f64())
+                .clamp(0.1, 1.0)
+        };
+        rtt * f64::from(self.in_flight() + 1) / warmth
+    }
+}
+
+/// The estimate `rtt` (set at `at`) as of `now`: it decays towards zero while nothing is
+/// learnt, so an endpoint that was slow gets a request again after a while and is measured anew
+/// (tower's and Linkerd's peak EWMA do the same).
+fn decayed(rtt: f64, at: Instant, now: Instant, s: &Settings) -> f64 {
+    let elapsed = now.saturating_duration_since(at).as_secs_f64();
+    rtt * (-elapsed / s.decay.as_secs_f64().max(1e-9)).exp()
+}
+
+/// A request's hold on an endpoint: counts it in flight until [`Picked::finish`] (or drop, which
+/// counts as [`Outcome::Cancelled`]).
+#[derive(Debug)]
+pub struct Picked {
+    pub endpoint: Arc<Endpoint>,
+    balancer: Arc<Shared>,
+    start: Instant,
+    probe: bool,
+    done: bool,
+}
+
+impl Picked {
+    /// Records how the request ended.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.record(outcome);
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let ep = &self.endpoint;
+        ep.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let s = &self.balancer.settings;
+        let want_ejection = {
+            let mut st = ep.state();
+            if outcome != Outcome::Cancelled {
+                let rtt = now.saturating_duration_since(self.start).as_secs_f64();
+                let current = decayed(st.rtt, st.updated, now, s);
+                st.rtt = if rtt > current {
+                    rtt
+                } else {
+                    // From the last estimate towards the new answer, as far as the time since
+                    // the last answer says (the same weight that decays it between answers).
+                    let w = current / st.rtt.max(f64::MIN_POSITIVE);
+                    st.rtt * w + rtt * (1.0 - w)
+                };
+                st.updated = now;
+            }
+            match outcome {
+                Outcome::Success => {
+                    st.failures = 0;
+                    if self.probe {
+                        st.health = Health::Active;
+                        st.ejections = 0;
+                    }
+                    false
+                }
+                Outcome::GatewayFailure => {
+                    st.failures += 1;
+                    self.probe
+                        || (st.health == Health::Active && st.failures >= s.consecutive_failures)
+                }
+                Outcome::Cancelled => false,
+            }
+        };
+        // The cap looks at the other endpoints' states: not while holding this one's lock.
+        if want_ejection && (self.probe || self.balancer.may_eject(&ep.addr, now)) {
+            let mut st = ep.state();
+            st.ejections += 1;
+            let factor = 2u32.saturating_pow(st.ejections - 1);
+            let length = s.base_ejection.saturating_mul(factor).min(s.max_ejection);
+            st.health = Health::Ejected(now + length);
+            st.failures = 0;
+        }
+        if self.probe {
+            ep.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.record(Outcome::Cancelled);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: Settings,
+    endpoints: RwLock<Vec<Arc<Endpoint>>>,
+}
+
+impl Shared {
+    fn list(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether one more endpoint (other than `addr`, which is not ejected yet) may be ejected
+    /// without passing the cap; at least one endpoint always stays.
+    fn may_eject(&self, addr: &SocketAddr, now: Instant) -> bool {
+        let list = self.list();
+        let ejected = list
+            .iter()
+            .filter(|e| e.addr != *addr && matches!(e.health(now), Health::Ejected(_)))
+            .count();
+        let cap = list.len() * self.settings.max_ejected_percent as usize / 100;
+        ejected < cap.min(list.len().saturating_sub(1))
+    }
+}
+
+/// The endpoints of one dependency and the choice among them.
+#[derive(Clone, Debug)]
+pub struct Balancer {
+    shared: Arc<Shared>,
+}
+
+impl Balancer {
+    pub fn new(settings: Settings) -> Self {
+        Balancer {
+            shared: Arc::new(Shared {
+                settings,
+                endpoints: RwLock::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Replaces the endpoint set; endpoints already known keep their state. A new endpoint's
+    /// RTT estimate starts at the mean of its peers' (so it is neither shunned behind a
+    /// pessimistic default nor flooded; slow start does the rest), or at the default RTT.
+    pub fn update(&self, addrs: &[SocketAddr]) {
+        let now = Instant::now();
+        let s = &self.shared.settings;
+        let mut list = self
+            .shared
+            .endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let start = if list.is_empty() {
+            s.default_rtt.as_secs_f64()
+        } else {
+            list.iter()
+                .map(|e| e.rtt(now, s).as_secs_f64())
+                .sum::<f64>()
+                / list.len() as f64
+        };
+        let next = addrs
+            .iter()
+            .map(|a| {
+                list.iter()
+                    .find(|e| e.addr == *a)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(*a, now, start)))
+            })
+            .collect();
+        *list = next;
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.shared.list()
+    }
+
+    /// Picks an endpoint for one request: an endpoint on probation whose probe is not out takes
+    /// it; else two active endpoints drawn at random, the cheaper wins; `avoid` only when no
+    /// other is eligible. `None` when there is no endpoint at all. When every endpoint is
+    /// ejected, the one whose ejection ends first is used rather than failing the request.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Picked> {
+        let now = Instant::now();
+        let s = &self.shared.settings;
+        let list = self.shared.list();
+        if list.is_empty() {
+            return None;
+        }
+        for e in &list {
+            if Some(e.addr) != avoid
+                && e.health(now) == Health::Probation
+                && e.probing
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some(self.hold(e.clone(), now, true));
+            }
+        }
+        let active: Vec<&Arc<Endpoint>> = list
+            .iter()
+            .filter(|e| e.health(now) == Health::Active)
+            .collect();
+        let preferred: Vec<&Arc<Endpoint>> = active
+            .iter()
+            .copied()
+            .filter(|e| Some(e.addr) != avoid)
+            .collect();
+        let pool = if preferred.is_empty() {
+            &active
+        } else {
+            &preferred
+        };
+        let chosen = match pool.len() {
+            0 => list
+                .iter()
+                .min_by_key(|e| match e.health(now) {
+                    Health::Ejected(until) => until,
+                    _ => now,
+                })
+                .expect("not empty"),
+            1 => pool[0],
+            n => {
+                let i = (crate::trace::random_u64() % n as u64) as usize;
+                let mut j = (crate::trace::random_u64() % (n as u64 - 1)) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (pool[i], pool[j]);
+                if a.cost(now, s) <= b.cost(now, s) {
+                    a
+                } else {
+                    b
+                }
+            }
+        };
+        Some(self.hold(chosen.clone(), now, false))
+    }
+
+    fn hold(&self, endpoint: Arc<Endpoint>, now: Instant, probe: bool) -> Picked {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Picked {
+            endpoint,
+            balancer: self.shared.clone(),
+            start: now,
+            probe,
+            done: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 8080))
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            slow_start: Duration::ZERO,
+            ..Settings::default()
+        }
+    }
+
+    /// Sends `n` sequential requests, each taking `rtt(addr)` or failing when `fails(addr)`;
+    /// returns how many each endpoint got.
+    async fn run(
+        b: &Balancer,
+        n: usize,
+        rtt: impl Fn(SocketAddr) -> Duration,
+        fails: impl Fn(SocketAddr) -> bool,
+    ) -> std::collections::HashMap<SocketAddr, usize> {
+        let mut got = std::collections::HashMap::new();
+        for _ in 0..n {
+            let p = b.pick(None).unwrap();
+            let a = p.endpoint.addr;
+            *got.entry(a).or_default() += 1;
+            tokio::time::sleep(rtt(a)).await;
+            p.finish(if fails(a) {
+                Outcome::GatewayFailure
+            } else {
+                Outcome::Success
+            });
+        }
+        got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_spreads_and_a_slow_endpoint_gets_a_small_share() {
+        let b = Balancer::new(settings());
+        b.update(&[addr(2), addr(3), addr(4)]);
+        let even = run(&b, 3000, |_| Duration::from_millis(5), |_| false).await;
+        for a in [addr(2), addr(3), addr(4)] {
+            assert!(even[&a] > 700, "{even:?}");
+        }
+        // One endpoint 10× slower: picked again only once its estimate has decayed below the
+        // others' (then measured slow anew), so its share falls far below a third.
+        let skewed = run(
+            &b,
+            3000,
+            |a| Duration::from_millis(if a == addr(4) { 50 } else { 5 }),
+            |_| false,
+        )
+        .await;
+        let share = skewed.get(&addr(4)).copied().unwrap_or(0) as f64 / 3000.0;
+        assert!(share < 0.05, "slow endpoint share {share}: {skewed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_requests_steer_away_from_a_busy_endpoint() {
+        let b = Balancer::new(settings());
+        b.update(&[addr(2), addr(3)]);
+        let held: Vec<_> = (0..5).map(|_| b.pick(None).unwrap()).collect();
+        // Equal RTTs: the in-flight counts alternate the picks.
+        let on2 = held.iter().filter(|p| p.endpoint.addr == addr(2)).count();
+        assert!((2..=3).contains(&on2), "{on2} of 5 on one endpoint");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_is_ejected_probed_once_and_returns() {
+        let s = settings();
+        let b = Balancer::new(s.clone());
+        b.update(&[addr(2), addr(3), addr(4)]);
+        let failing = std::sync::atomic::AtomicBool::new(true);
+        let got = run(
+            &b,
+            300,
+            |_| Duration::from_millis(1),
+            |a| a == addr(4) && failing.load(Ordering::Relaxed),
+        )
+        .await;
+        // Exactly the configured failures reached it before the ejection.
+        assert_eq!(got[&addr(4)], 5, "{got:?}");
+        let ep4 = b
+            .endpoints()
+            .into_iter()
+            .find(|e| e.addr == addr(4))
+            .unwrap();
+        assert!(matches!(ep4.health(Instant::now()), Health::Ejected(_)));
+        // While ejected: nothing.
+        let got = run(&b, 300, |_| Duration::from_millis(1), |_| false).await;
+        assert_eq!(got.get(&addr(4)), None);
+        // After the base ejection time: one probe, which fails: ejected for twice as long.
+        tokio::time::advance(s.base_ejection).await;
+        let got = run(&b, 50, |_| Duration::from_millis(1), |a| a == addr(4)).await;
+        assert_eq!(got[&addr(4)], 1, "exactly one probe: {got:?}");
+        let Health::Ejected(until) = ep4.health(Instant::now()) else {
+            panic!("a failed probe ejects again")
+        };
+        let left = until - Instant::now();
+        assert!(
+            left > s.base_ejection && left <= s.base_ejection * 2,
+            "{left:?}"
+        );
+        // Then a probe that succeeds brings it back for good.
+        tokio::time::advance(s.base_ejection * 2).await;
+        failing.store(false, Ordering::Relaxed);
+        let got = run(&b, 300, |_| Duration::from_millis(1), |_| false).await;
+        assert!(got[&addr(4)] > 50, "back in rotation: {got:?}");
+        assert_eq!(ep4.health(Instant::now()), Health::Active);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_half_the_endpoints_are_ejected_and_one_always_stays() {
+        let b = Balancer::new(settings());
+        b.update(&[addr(2), addr(3), addr(4), addr(5)]);
+        run(&b, 400, |_| Duration::from_millis(1), |_| true).await;
+        let now = Instant::now();
+        let ejected = b
+            .endpoints()
+            .iter()
+            .filter(|e| matches!(e.health(now), Health::Ejected(_)))
+            .count();
+        assert_eq!(ejected, 2, "the 50 % cap");
+        let lone = Balancer::new(settings());
+        lone.update(&[addr(2)]);
+        run(&lone, 50, |_| Duration::from_millis(1), |_| true).await;
+        assert_eq!(lone.endpoints()[0].health(Instant::now()), Health::Active);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_avoid_the_endpoint_that_just_failed_and_removed_ones_get_nothing() {
+        let b = Balancer::new(settings());
+        b.update(&[addr(2), addr(3)]);
+        for _ in 0..100 {
+            let p = b.pick(Some(addr(2))).unwrap();
+            assert_eq!(p.endpoint.addr, addr(3));
+        }
+        // Only one left: it is used even when it is the one to avoid.
+        b.update(&[addr(2)]);
+        assert_eq!(b.pick(Some(addr(2))).unwrap().endpoint.addr, addr(2));
+        // An endpoint that leaves the set gets no new requests; one that stays keeps its state.
+        b.update(&[addr(2), addr(3)]);
+        let before = b.endpoints()[0].clone();
+        b.update(&[addr(3), addr(2)]);
+        assert!(Arc::ptr_eq(&before, &b.endpoints()[1]));
+        b.update(&[addr(3)]);
+        let got = run(&b, 50, |_| Duration::from_millis(1), |_| false).await;
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), [addr(3)]);
+        assert!(Balancer::new(settings()).pick(None).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_warms_up_over_the_slow_start() {
+        let s = Settings {
+            slow_start: Duration::from_secs(10),
+            ..Settings::default()
+        };
+        let b = Balancer::new(s);
+        b.update(&[addr(2), addr(3)]);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        b.update(&[addr(2), addr(3), addr(4)]);
+        let early = run(&b, 300, |_| Duration::from_millis(5), |_| false).await;
+        let early_share = early.get(&addr(4)).copied().unwrap_or(0);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let late = run(&b, 300, |_| Duration::from_millis(5), |_| false).await;
+        let late_share = late.get(&addr(4)).copied().unwrap_or(0);
+        assert!(
+            early_share * 2 < late_share,
+            "early {early_share} vs warmed {late_share} of 300"
+        );
+    }
+}
