@@ -140,6 +140,16 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
         )
         .await?;
     }
+    // Ready means events flow too: each sidecar connected to its broker (`/brokerz` is 200 once
+    // connected, or when the service has no messaging). A broker that stays unreachable (an
+    // external one) is said, not fatal: the HTTP paths work without it.
+    for s in &services {
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, s.ports.admin));
+        let what = format!("{}'s weir-proxy connected to its broker", s.name);
+        if let Err(e) = wait_until(&what, opts.ready_timeout, || http_ok(admin, "/brokerz")).await {
+            eprintln!("weir up: warning: {e}; publishing and consuming fail until it connects");
+        }
+    }
     Ok(running)
 }
 
