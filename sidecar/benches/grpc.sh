@@ -180,10 +180,11 @@ events { worker_connections 4096; }
 http {
   access_log off;
   client_body_temp_path $WORK/body;
-  upstream up { server 127.0.0.1:$P_UP; keepalive 64; }
+  # Requests per client connection: 1000 by default, after which nginx closes it.
+  keepalive_requests 10000000;
+  upstream up { server 127.0.0.1:$P_UP; keepalive 64; keepalive_requests 10000000; }
   server {
     listen 127.0.0.1:$P_NGINX http2;
-    http2_max_requests 10000000;
     location / { grpc_pass grpc://up; }
   }
 }
