@@ -203,6 +203,151 @@ pub struct OutboundConfig {
     /// Served when the breaker or the bulkhead refuses a call; `None`: 503.
     #[serde(default)]
     pub fallback: Option<FallbackConfig>,
+    /// Where the dependency's endpoints are found, so calls are balanced per request across
+    /// them. Left out: the `upstream`'s own host is resolved the same way, so an external URL
+    /// whose name has several addresses is balanced too; a single address is called as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<EndpointsConfig>,
+    /// How a call picks one of several endpoints.
+    #[serde(default, skip_serializing_if = "LoadBalancerConfig::is_default")]
+    pub load_balancer: LoadBalancerConfig,
+    /// When an endpoint is left out of the choice for failing, and for how long.
+    #[serde(default, skip_serializing_if = "OutlierDetectionConfig::is_default")]
+    pub outlier_detection: OutlierDetectionConfig,
+}
+
+/// Where a dependency's endpoints come from. When discovery has no answer yet (or never had
+/// one), calls go to `upstream` by name, as without discovery; a failed resolution keeps the
+/// last answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointsConfig {
+    /// `host:port` whose A/AAAA records are the endpoints, resolved every `refresh_ms`: the
+    /// dependency's headless `<name>-endpoints` Service (its ready pods) and the sidecar's
+    /// inbound port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    /// Fixed endpoints (`weir up`: each replica's inbound listener). Not with `dns`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
+    /// How often `dns` is resolved (ms).
+    #[serde(default = "default_refresh_ms")]
+    pub refresh_ms: u64,
+}
+
+/// Default interval between two resolutions of a dependency's endpoints.
+pub const DEFAULT_REFRESH_MS: u64 = 5_000;
+
+fn default_refresh_ms() -> u64 {
+    DEFAULT_REFRESH_MS
+}
+
+/// How a call picks an endpoint (`dependencies[].loadBalancer`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerConfig {
+    /// The choice itself.
+    #[serde(default)]
+    pub algorithm: BalanceAlgorithm,
+    /// How fast the latency estimate forgets a slow answer (ms, the EWMA's time constant).
+    #[serde(default = "default_decay_ms")]
+    pub decay_ms: u64,
+    /// How long a new endpoint takes to get its full share (ms; 0: at once).
+    #[serde(default = "default_slow_start_ms")]
+    pub slow_start_ms: u64,
+    /// The latency an endpoint is assumed to have before its first answer, when no peer has
+    /// been measured either (ms).
+    #[serde(default = "default_rtt_ms")]
+    pub default_rtt_ms: u64,
+}
+
+impl Default for LoadBalancerConfig {
+    fn default() -> Self {
+        LoadBalancerConfig {
+            algorithm: BalanceAlgorithm::default(),
+            decay_ms: default_decay_ms(),
+            slow_start_ms: default_slow_start_ms(),
+            default_rtt_ms: default_rtt_ms(),
+        }
+    }
+}
+
+impl LoadBalancerConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_decay_ms() -> u64 {
+    10_000
+}
+fn default_slow_start_ms() -> u64 {
+    10_000
+}
+fn default_rtt_ms() -> u64 {
+    30
+}
+
+/// How one of several endpoints is chosen for a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BalanceAlgorithm {
+    /// Power of two choices over peak-EWMA latency weighted by calls in flight (Linkerd's).
+    #[default]
+    PeakEwma,
+    /// Each endpoint in turn, blind to latency and load (what a Service's virtual IP gives,
+    /// per connection rather than per call).
+    RoundRobin,
+}
+
+/// Outlier ejection per endpoint (`dependencies[].outlierDetection`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionConfig {
+    /// Gateway failures in a row (connect error, reset, 502/503/504, gRPC `UNAVAILABLE`) that
+    /// eject an endpoint.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// The first ejection's length (ms); each next one doubles it.
+    #[serde(default = "default_base_ejection_ms")]
+    pub base_ejection_ms: u64,
+    /// The longest ejection (ms).
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_ms: u64,
+    /// The largest share of endpoints ejected at once, in percent (0: never eject); at least
+    /// one endpoint always stays.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        OutlierDetectionConfig {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_ms: default_base_ejection_ms(),
+            max_ejection_ms: default_max_ejection_ms(),
+            max_ejected_percent: default_max_ejected_percent(),
+        }
+    }
+}
+
+impl OutlierDetectionConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection_ms() -> u64 {
+    30_000
+}
+fn default_max_ejection_ms() -> u64 {
+    300_000
+}
+fn default_max_ejected_percent() -> u32 {
+    50
 }
 
 /// Retries of one dependency's failed calls: exponential backoff with full jitter, bounded by a
@@ -805,6 +950,56 @@ impl ProxyConfig {
                 && b.max_concurrent == 0
             {
                 return Err(err(at("bulkhead.maxConcurrent"), "must be at least 1"));
+            }
+            if let Some(e) = &o.endpoints {
+                match (&e.dns, e.addresses.is_empty()) {
+                    (Some(_), false) => {
+                        return Err(err(
+                            at("endpoints.addresses"),
+                            "not with endpoints.dns: endpoints are resolved or fixed",
+                        ));
+                    }
+                    (None, true) => {
+                        return Err(err(
+                            at("endpoints"),
+                            "set endpoints.dns or endpoints.addresses",
+                        ));
+                    }
+                    (Some(d), true) => {
+                        let ok = d.rsplit_once(':').is_some_and(|(h, p)| {
+                            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                        });
+                        if !ok {
+                            return Err(err(at("endpoints.dns"), "must be host:port"));
+                        }
+                    }
+                    (None, false) => {}
+                }
+                if e.refresh_ms == 0 {
+                    return Err(err(at("endpoints.refreshMs"), "must be greater than 0"));
+                }
+            }
+            if o.load_balancer.decay_ms == 0 {
+                return Err(err(at("loadBalancer.decayMs"), "must be greater than 0"));
+            }
+            let od = &o.outlier_detection;
+            if od.consecutive_failures == 0 {
+                return Err(err(
+                    at("outlierDetection.consecutiveFailures"),
+                    "must be at least 1",
+                ));
+            }
+            if od.max_ejected_percent > 100 {
+                return Err(err(
+                    at("outlierDetection.maxEjectedPercent"),
+                    "must be between 0 and 100",
+                ));
+            }
+            if od.base_ejection_ms == 0 || od.max_ejection_ms < od.base_ejection_ms {
+                return Err(err(
+                    at("outlierDetection.maxEjectionMs"),
+                    "must be at least baseEjectionMs, which must be greater than 0",
+                ));
             }
             if let Some(f) = &o.fallback
                 && !(200..=599).contains(&f.status)

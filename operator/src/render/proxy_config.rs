@@ -289,6 +289,9 @@ fn outbound(
             grpc_status: f.grpc_status.map(GrpcCode::code),
             grpc_message: f.grpc_message.clone(),
         }),
+        endpoints: None,
+        load_balancer: Default::default(),
+        outlier_detection: Default::default(),
     })
 }
 

@@ -121,6 +121,9 @@ pub fn dependency(name: &str, upstream: String) -> OutboundConfig {
         circuit_breaker: None,
         bulkhead: None,
         fallback: None,
+        endpoints: None,
+        load_balancer: Default::default(),
+        outlier_detection: Default::default(),
     }
 }
 
