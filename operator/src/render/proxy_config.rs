@@ -11,9 +11,9 @@ use weir_crds::microservice::{
 use weir_crds::policy::{CircuitBreakerPolicy, GrpcCode, GrpcPolicy, RetryPolicy};
 use weir_crds::proxy::{
     AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
-    CorsConfig, EdgeConfig, EdgeRouteConfig, FailureClassConfig, FallbackConfig, IdentityConfig,
-    InboundConfig, JwtConfig, OutboundConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig,
-    RetryConfig, TracingConfig, UnderscoreHeaders, WireProtocol,
+    CorsConfig, EdgeConfig, EdgeRouteConfig, EndpointsConfig, FailureClassConfig, FallbackConfig,
+    IdentityConfig, InboundConfig, JwtConfig, OutboundConfig, ProxyConfig, RateLimitConfig,
+    RetryBudgetConfig, RetryConfig, TracingConfig, UnderscoreHeaders, WireProtocol,
 };
 
 /// Where the edge's JWKS Secret key is mounted in the sidecar (`spec.edge.jwt.jwksSecretRef`).
@@ -35,6 +35,11 @@ pub trait Placement {
     fn outbound(&self, index: usize) -> SocketAddr;
     /// Base URL of another Microservice, as seen from this one.
     fn microservice_url(&self, namespace: &str, name: &str) -> String;
+    /// Where the endpoints of another Microservice are found, for per-request balancing;
+    /// `None`: calls go to `microservice_url` alone.
+    fn microservice_endpoints(&self, _namespace: &str, _name: &str) -> Option<EndpointsConfig> {
+        None
+    }
     /// File holding the namespace's identity key, if this placement has one.
     fn identity_key_file(&self) -> Option<String> {
         None
@@ -245,14 +250,16 @@ fn outbound(
     let at = |f: &str| format!("spec.dependencies[{i}].{f}");
     // Another Microservice is reached through its inbound sidecar, which speaks HTTP/2 whatever
     // the app behind it speaks; an external URL is spoken to as declared.
-    let (upstream, protocol) = match (&d.microservice, &d.url) {
+    let (upstream, protocol, endpoints) = match (&d.microservice, &d.url) {
         (Some(target), None) => (
             placement.microservice_url(namespace, target),
             WireProtocol::Http2,
+            placement.microservice_endpoints(namespace, target),
         ),
         (None, Some(url)) => (
             url.trim_end_matches('/').to_string(),
             d.protocol.unwrap_or_default().wire(),
+            None,
         ),
         _ => {
             return Err(RenderError::Field {
@@ -289,7 +296,7 @@ fn outbound(
             grpc_status: f.grpc_status.map(GrpcCode::code),
             grpc_message: f.grpc_message.clone(),
         }),
-        endpoints: None,
+        endpoints,
         load_balancer: Default::default(),
         outlier_detection: Default::default(),
     })
