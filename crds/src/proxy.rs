@@ -1274,6 +1274,13 @@ mod tests {
                 }),
                 bulkhead: None,
                 fallback: None,
+                endpoints: Some(EndpointsConfig {
+                    dns: Some("users-weir-endpoints.shop.svc.cluster.local:15001".into()),
+                    addresses: vec![],
+                    refresh_ms: DEFAULT_REFRESH_MS,
+                }),
+                load_balancer: LoadBalancerConfig::default(),
+                outlier_detection: OutlierDetectionConfig::default(),
             }],
             tracing: TracingConfig::default(),
             shutdown_grace_ms: 30_000,
@@ -1281,6 +1288,53 @@ mod tests {
             edge: None,
             identity: None,
         }
+    }
+
+    #[test]
+    fn endpoints_and_ejection_settings_are_checked_naming_the_field() {
+        let bad = |f: &dyn Fn(&mut OutboundConfig)| {
+            let mut cfg = sample();
+            f(&mut cfg.outbound[0]);
+            cfg.validate().unwrap_err().to_string()
+        };
+        let e = bad(&|o| {
+            o.endpoints.as_mut().unwrap().addresses = vec!["127.0.0.2:1".parse().unwrap()]
+        });
+        assert!(e.contains("outbound[0].endpoints.addresses"), "{e}");
+        let e = bad(&|o| o.endpoints.as_mut().unwrap().dns = None);
+        assert!(e.contains("outbound[0].endpoints:"), "{e}");
+        let e = bad(&|o| o.endpoints.as_mut().unwrap().dns = Some("users".into()));
+        assert!(
+            e.contains("outbound[0].endpoints.dns: must be host:port"),
+            "{e}"
+        );
+        let e = bad(&|o| o.endpoints.as_mut().unwrap().refresh_ms = 0);
+        assert!(e.contains("outbound[0].endpoints.refreshMs"), "{e}");
+        let e = bad(&|o| o.load_balancer.decay_ms = 0);
+        assert!(e.contains("outbound[0].loadBalancer.decayMs"), "{e}");
+        let e = bad(&|o| o.outlier_detection.consecutive_failures = 0);
+        assert!(
+            e.contains("outbound[0].outlierDetection.consecutiveFailures"),
+            "{e}"
+        );
+        let e = bad(&|o| o.outlier_detection.max_ejected_percent = 101);
+        assert!(
+            e.contains("outbound[0].outlierDetection.maxEjectedPercent"),
+            "{e}"
+        );
+        let e = bad(&|o| o.outlier_detection.max_ejection_ms = 1);
+        assert!(
+            e.contains("outbound[0].outlierDetection.maxEjectionMs"),
+            "{e}"
+        );
+        // Left out, the blocks take their defaults and are not written.
+        let mut cfg = sample();
+        cfg.outbound[0].endpoints = None;
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            !text.contains("loadBalancer") && !text.contains("outlierDetection"),
+            "{text}"
+        );
     }
 
     #[test]
