@@ -19,15 +19,20 @@
 //! The endpoint set is replaced as a whole ([`Balancer::update`]) when discovery has a new
 //! answer; endpoints that stay keep their state.
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
+use weir_crds::proxy::{BalanceAlgorithm, LoadBalancerConfig, OutlierDetectionConfig};
 
 /// The knobs, with the defaults `weir render` writes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
+    /// Peak-EWMA with two choices, or each endpoint in turn.
+    pub algorithm: BalanceAlgorithm,
     /// The RTT an endpoint is assumed to have before its first answer.
     pub default_rtt: Duration,
     /// How fast the estimate forgets a slow answer (the EWMA's time constant).
@@ -47,6 +52,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            algorithm: BalanceAlgorithm::PeakEwma,
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
             slow_start: Duration::from_secs(10),
@@ -56,6 +62,43 @@ impl Default for Settings {
             max_ejected_percent: 50,
         }
     }
+}
+
+impl Settings {
+    /// The settings of one dependency's config.
+    pub fn from_config(lb: &LoadBalancerConfig, od: &OutlierDetectionConfig) -> Settings {
+        Settings {
+            algorithm: lb.algorithm,
+            default_rtt: Duration::from_millis(lb.default_rtt_ms),
+            decay: Duration::from_millis(lb.decay_ms),
+            slow_start: Duration::from_millis(lb.slow_start_ms),
+            consecutive_failures: od.consecutive_failures,
+            base_ejection: Duration::from_millis(od.base_ejection_ms),
+            max_ejection: Duration::from_millis(od.max_ejection_ms),
+            max_ejected_percent: od.max_ejected_percent,
+        }
+    }
+}
+
+/// One endpoint's series (`weir_endpoint_*{dependency, endpoint}`), updated as requests pass:
+/// plain atomics on the request path, no label lookup.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointMetrics {
+    pub requests: Counter,
+    pub ejections: Counter,
+    pub in_flight: Gauge,
+    /// The peak-EWMA latency estimate at the last answer, in seconds.
+    pub rtt: Gauge<f64, AtomicU64>,
+    /// 1 while ejected or on probation (0 once a probe brought it back).
+    pub ejected: Gauge,
+    /// The dependency's count of ejected endpoints (shared by its endpoints).
+    pub dependency_ejected: Gauge,
+}
+
+/// Makes an endpoint's series when it joins the set, and drops them when it leaves.
+pub trait EndpointObserver: Send + Sync + std::fmt::Debug {
+    fn joined(&self, addr: SocketAddr) -> EndpointMetrics;
+    fn left(&self, addr: SocketAddr);
 }
 
 /// How a request to an endpoint ended, as far as the endpoint's health goes.
@@ -95,6 +138,7 @@ struct State {
 pub struct Endpoint {
     pub addr: SocketAddr,
     added: Instant,
+    metrics: EndpointMetrics,
     in_flight: AtomicU32,
     /// The probe of an endpoint on probation is out.
     probing: AtomicBool,
@@ -102,10 +146,12 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, now: Instant, rtt: f64) -> Self {
+    fn new(addr: SocketAddr, now: Instant, rtt: f64, metrics: EndpointMetrics) -> Self {
+        metrics.rtt.set(rtt);
         Endpoint {
             addr,
             added: now,
+            metrics,
             in_flight: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -184,13 +230,16 @@ impl Picked {
         }
         let ep = &self.endpoint;
         ep.in_flight.fetch_sub(1, Ordering::Relaxed);
+        ep.metrics.in_flight.dec();
         let now = Instant::now();
         let s = &self.balancer.settings;
         let want_ejection = {
             let mut st = ep.state();
-            if outcome != Outcome::Cancelled {
-                let rtt = now.saturating_duration_since(self.start).as_secs_f64();
-                let current = decayed(st.rtt, st.updated, now, s);
+            let rtt = now.saturating_duration_since(self.start).as_secs_f64();
+            let current = decayed(st.rtt, st.updated, now, s);
+            // A request given up on (its deadline passed, its caller left) still says the
+            // endpoint was at least that slow: a black hole must not look fast.
+            if outcome != Outcome::Cancelled || rtt > current {
                 st.rtt = if rtt > current {
                     rtt
                 } else {
@@ -200,6 +249,7 @@ impl Picked {
                     st.rtt * w + rtt * (1.0 - w)
                 };
                 st.updated = now;
+                ep.metrics.rtt.set(st.rtt);
             }
             match outcome {
                 Outcome::Success => {
@@ -207,6 +257,8 @@ impl Picked {
                     if self.probe {
                         st.health = Health::Active;
                         st.ejections = 0;
+                        ep.metrics.ejected.dec();
+                        ep.metrics.dependency_ejected.dec();
                     }
                     false
                 }
@@ -221,11 +273,22 @@ impl Picked {
         // The cap looks at the other endpoints' states: not while holding this one's lock.
         if want_ejection && (self.probe || self.balancer.may_eject(&ep.addr, now)) {
             let mut st = ep.state();
+            if st.health == Health::Active {
+                ep.metrics.ejected.inc();
+                ep.metrics.dependency_ejected.inc();
+            }
             st.ejections += 1;
             let factor = 2u32.saturating_pow(st.ejections - 1);
             let length = s.base_ejection.saturating_mul(factor).min(s.max_ejection);
             st.health = Health::Ejected(now + length);
             st.failures = 0;
+            ep.metrics.ejections.inc();
+            tracing::warn!(
+                endpoint = %ep.addr,
+                ejection_s = length.as_secs_f64(),
+                ejections = st.ejections,
+                "endpoint ejected after gateway failures"
+            );
         }
         if self.probe {
             ep.probing.store(false, Ordering::Release);
@@ -243,6 +306,9 @@ impl Drop for Picked {
 struct Shared {
     settings: Settings,
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
+    observer: Option<Arc<dyn EndpointObserver>>,
+    /// Round robin's position.
+    next: AtomicUsize,
 }
 
 impl Shared {
@@ -266,6 +332,22 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    /// A balancer replaced by a reload takes its endpoints' series with it.
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let list = self.endpoints.get_mut().unwrap_or_else(|e| e.into_inner());
+        for e in list.iter() {
+            if e.health(now) != Health::Active {
+                e.metrics.dependency_ejected.dec();
+            }
+            if let Some(o) = &self.observer {
+                o.left(e.addr);
+            }
+        }
+    }
+}
+
 /// The endpoints of one dependency and the choice among them.
 #[derive(Clone, Debug)]
 pub struct Balancer {
@@ -274,12 +356,23 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(settings: Settings) -> Self {
+        Balancer::observed(settings, None)
+    }
+
+    /// A balancer whose endpoints' series are made and dropped by `observer`.
+    pub fn observed(settings: Settings, observer: Option<Arc<dyn EndpointObserver>>) -> Self {
         Balancer {
             shared: Arc::new(Shared {
                 settings,
                 endpoints: RwLock::new(Vec::new()),
+                observer,
+                next: AtomicUsize::new(0),
             }),
         }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
     }
 
     /// Replaces the endpoint set; endpoints already known keep their state. A new endpoint's
@@ -301,21 +394,94 @@ impl Balancer {
                 .sum::<f64>()
                 / list.len() as f64
         };
-        let next = addrs
+        let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            if next.iter().any(|e| e.addr == *a) {
+                continue;
+            }
+            let e = list
+                .iter()
+                .find(|e| e.addr == *a)
+                .cloned()
+                .unwrap_or_else(|| {
+                    let m = self
+                        .shared
+                        .observer
+                        .as_ref()
+                        .map(|o| o.joined(*a))
+                        .unwrap_or_default();
+                    Arc::new(Endpoint::new(*a, now, start, m))
+                });
+            next.push(e);
+        }
+        for gone in list
             .iter()
-            .map(|a| {
-                list.iter()
-                    .find(|e| e.addr == *a)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(*a, now, start)))
-            })
-            .collect();
+            .filter(|e| !next.iter().any(|n| n.addr == e.addr))
+        {
+            if gone.health(now) != Health::Active {
+                gone.metrics.dependency_ejected.dec();
+            }
+            if let Some(o) = &self.shared.observer {
+                o.left(gone.addr);
+            }
+        }
         *list = next;
+    }
+
+    /// Whether any endpoint but `addr` may take requests now (not ejected).
+    pub fn others_active(&self, addr: SocketAddr) -> bool {
+        let now = Instant::now();
+        self.shared
+            .list()
+            .iter()
+            .any(|e| e.addr != addr && !matches!(e.health(now), Health::Ejected(_)))
+    }
+
+    /// The endpoints and their state now, for the admin listener.
+    pub fn view(&self) -> Vec<EndpointView> {
+        let now = Instant::now();
+        let s = &self.shared.settings;
+        self.shared
+            .list()
+            .iter()
+            .map(|e| {
+                let st = e.state();
+                let (health, ejected_for_ms) = match st.health {
+                    Health::Ejected(until) if until > now => {
+                        ("ejected", Some((until - now).as_millis() as u64))
+                    }
+                    Health::Ejected(_) | Health::Probation => ("probation", None),
+                    Health::Active => ("active", None),
+                };
+                EndpointView {
+                    address: e.addr,
+                    health,
+                    ejected_for_ms,
+                    latency_ewma_ms: decayed(st.rtt, st.updated, now, s) * 1000.0,
+                    in_flight: e.in_flight(),
+                    consecutive_failures: st.failures,
+                    ejections: st.ejections,
+                }
+            })
+            .collect()
     }
 
     /// The current endpoints.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.shared.list()
+    }
+
+    /// How many endpoints there are.
+    pub fn len(&self) -> usize {
+        self.shared
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Picks an endpoint for one request: an endpoint on probation whose probe is not out takes
@@ -354,6 +520,9 @@ impl Balancer {
             &preferred
         };
         let chosen = match pool.len() {
+            n if n > 1 && s.algorithm == BalanceAlgorithm::RoundRobin => {
+                pool[self.shared.next.fetch_add(1, Ordering::Relaxed) % n]
+            }
             0 => list
                 .iter()
                 .min_by_key(|e| match e.health(now) {
@@ -381,6 +550,8 @@ impl Balancer {
 
     fn hold(&self, endpoint: Arc<Endpoint>, now: Instant, probe: bool) -> Picked {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        endpoint.metrics.in_flight.inc();
+        endpoint.metrics.requests.inc();
         Picked {
             endpoint,
             balancer: self.shared.clone(),
@@ -389,6 +560,35 @@ impl Balancer {
             done: false,
         }
     }
+}
+
+/// A request extension: the endpoint a retry should avoid (the one that just failed it).
+#[derive(Clone, Copy, Debug)]
+pub struct Avoid(pub SocketAddr);
+
+/// A response extension: the endpoint that answered, and whether its failure is spared the
+/// dependency's circuit breaker (the endpoint is ejected and others still take requests: the
+/// breaker judges the dependency as a whole, ejection judges endpoints).
+#[derive(Clone, Copy, Debug)]
+pub struct ServedBy {
+    pub addr: SocketAddr,
+    pub spared: bool,
+}
+
+/// One endpoint as `GET /endpoints` on the admin listener shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointView {
+    pub address: SocketAddr,
+    /// `active`, `ejected` or `probation` (its ejection is over; the next request probes it).
+    pub health: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
+    pub latency_ewma_ms: f64,
+    pub in_flight: u32,
+    pub consecutive_failures: u32,
+    /// Ejections in a row (the next one lasts `2^ejections` × the base time, capped).
+    pub ejections: u32,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! gRPC's `grpc-status` trailers cross an HTTP/2 hop intact (an HTTP/1.1 hop carries trailers
 //! only in chunked bodies, which gRPC never uses).
 
+use crate::balance::{Avoid, Balancer, Health, Outcome, ServedBy};
 use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
 use crate::layers::{BoxFuture, always_ready};
 use http::header::{CONNECTION, HOST, HeaderName, TE};
@@ -16,8 +17,10 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, OnceLock};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tower::Service;
 use weir_crds::proxy::WireProtocol;
@@ -285,54 +288,11 @@ impl Service<Req> for Forward {
     always_ready!();
 
     fn call(&mut self, mut req: Req) -> BoxFuture {
-        let https = self.target.scheme == Scheme::HTTPS;
-        if !https && self.target.scheme != Scheme::HTTP {
-            return Box::pin(std::future::ready(Ok(reject(Reason::UnsupportedScheme))));
-        }
-        // A caller that spoke HTTP/2 named the authority in `:authority`, not in Host: it is
-        // kept as Host, which an HTTP/1.1 app reads (and an HTTP/2 app receives alongside).
-        if !req.headers().contains_key(HOST)
-            && let Some(a) = req.uri().authority()
-            && let Ok(v) = HeaderValue::from_str(a.as_str())
-        {
-            req.headers_mut().insert(HOST, v);
-        }
-        *req.uri_mut() = self.target.uri(req.uri().path_and_query());
-        let h2 = self.target.protocol == WireProtocol::Http2;
-        *req.version_mut() = if h2 {
-            http::Version::HTTP_2
-        } else {
-            http::Version::HTTP_11
-        };
-        let h = req.headers_mut();
-        // `TE: trailers` is the one hop-by-hop value HTTP/2 keeps (RFC 9113 §8.2.2): gRPC
-        // servers expect it to know the client reads trailers.
-        let te_trailers = h2 && accepts_trailers(h);
-        strip_hop_by_hop(h);
-        if te_trailers {
-            h.insert(TE, HeaderValue::from_static("trailers"));
-        }
-        // A gRPC call carries its deadline to the next hop as the time left now (the caller's
-        // `grpc-timeout` was read into the deadline and removed).
-        if crate::layers::grpc::is_marked(&req)
-            && let Some(at) = crate::layers::deadline_of(&req)
-        {
-            let left = at.saturating_duration_since(tokio::time::Instant::now());
-            req.headers_mut().insert(
-                crate::layers::grpc::GRPC_TIMEOUT,
-                crate::layers::grpc::encode_timeout(left),
-            );
-        }
-        let h = req.headers_mut();
-        match &self.target.host {
-            // HTTP/2 carries the authority in `:authority` (from the URI); a Host header as well
-            // would be a second, possibly different, authority.
-            Some(_) if h2 => drop(h.remove(HOST)),
-            Some(host) => drop(h.insert(HOST, host.clone())),
-            None => {}
+        if let Err(refused) = prepare(&self.target, &mut req) {
+            return Box::pin(std::future::ready(Ok(refused)));
         }
         let connect_reason = self.connect_reason;
-        let fut = if https {
+        let fut = if self.target.scheme == Scheme::HTTPS {
             match https_client(self.target.protocol) {
                 Ok(c) => c.request(req),
                 Err(e) => {
@@ -343,40 +303,295 @@ impl Service<Req> for Forward {
         } else {
             self.client.request(req)
         };
-        Box::pin(async move {
-            match fut.await {
-                Ok(resp) => {
-                    let mut resp = resp.map(|b| b.map_err(BodyError::new).boxed_unsync());
-                    strip_hop_by_hop(resp.headers_mut());
-                    Ok(resp)
-                }
-                Err(e) => {
-                    if let Some(client) = ClientBodyError::in_chain(&e) {
-                        // The request body the client sent broke (bad chunk, aborted upload):
-                        // its fault, not the upstream's. The connection is closed: the rest of
-                        // its bytes cannot be framed.
-                        tracing::warn!(
-                            reason = Reason::ClientBodyError.as_str(),
-                            error = %client,
-                            "request body from the client failed; not forwarded in full"
-                        );
-                        return Ok(reject_closing(Reason::ClientBodyError));
-                    }
-                    let reason = if e.is_connect() {
-                        connect_reason
-                    } else {
-                        Reason::UpstreamError
-                    };
-                    let detail = std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default();
-                    tracing::warn!(reason = reason.as_str(), error = %e, detail, "forwarding failed");
-                    Ok(reject(reason))
-                }
+        Box::pin(async move { Ok(send(fut, connect_reason).await.resp) })
+    }
+}
+
+/// Turns a request the app sent to its local listener into one for `target`: the URI, the
+/// HTTP version, `Host`/`:authority`, hop-by-hop headers, and a gRPC call's time left. An
+/// answer instead when the target cannot be spoken to.
+fn prepare(target: &Target, req: &mut Req) -> Result<(), Resp> {
+    if target.scheme != Scheme::HTTPS && target.scheme != Scheme::HTTP {
+        return Err(reject(Reason::UnsupportedScheme));
+    }
+    // A caller that spoke HTTP/2 named the authority in `:authority`, not in Host: it is
+    // kept as Host, which an HTTP/1.1 app reads (and an HTTP/2 app receives alongside).
+    if !req.headers().contains_key(HOST)
+        && let Some(a) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(HOST, v);
+    }
+    *req.uri_mut() = target.uri(req.uri().path_and_query());
+    let h2 = target.protocol == WireProtocol::Http2;
+    *req.version_mut() = if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    let h = req.headers_mut();
+    // `TE: trailers` is the one hop-by-hop value HTTP/2 keeps (RFC 9113 §8.2.2): gRPC
+    // servers expect it to know the client reads trailers.
+    let te_trailers = h2 && accepts_trailers(h);
+    strip_hop_by_hop(h);
+    if te_trailers {
+        h.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    // A gRPC call carries its deadline to the next hop as the time left now (the caller's
+    // `grpc-timeout` was read into the deadline and removed).
+    if crate::layers::grpc::is_marked(req)
+        && let Some(at) = crate::layers::deadline_of(req)
+    {
+        let left = at.saturating_duration_since(tokio::time::Instant::now());
+        req.headers_mut().insert(
+            crate::layers::grpc::GRPC_TIMEOUT,
+            crate::layers::grpc::encode_timeout(left),
+        );
+    }
+    let h = req.headers_mut();
+    match &target.host {
+        // HTTP/2 carries the authority in `:authority` (from the URI); a Host header as well
+        // would be a second, possibly different, authority.
+        Some(_) if h2 => drop(h.remove(HOST)),
+        Some(host) => drop(h.insert(HOST, host.clone())),
+        None => {}
+    }
+    Ok(())
+}
+
+/// What came back from one forwarded request.
+struct Sent {
+    resp: Resp,
+    /// The connection failed (refused, reset, closed early): the target's fault.
+    gateway_failure: bool,
+    /// The caller's request body broke: nobody's fault but the caller's.
+    client_fault: bool,
+}
+
+async fn send(fut: hyper_util::client::legacy::ResponseFuture, connect_reason: Reason) -> Sent {
+    match fut.await {
+        Ok(resp) => {
+            let mut resp = resp.map(|b| b.map_err(BodyError::new).boxed_unsync());
+            strip_hop_by_hop(resp.headers_mut());
+            Sent {
+                resp,
+                gateway_failure: false,
+                client_fault: false,
             }
+        }
+        Err(e) => {
+            if let Some(client) = ClientBodyError::in_chain(&e) {
+                // The request body the client sent broke (bad chunk, aborted upload): its
+                // fault, not the upstream's. The connection is closed: the rest of its bytes
+                // cannot be framed.
+                tracing::warn!(
+                    reason = Reason::ClientBodyError.as_str(),
+                    error = %client,
+                    "request body from the client failed; not forwarded in full"
+                );
+                return Sent {
+                    resp: reject_closing(Reason::ClientBodyError),
+                    gateway_failure: false,
+                    client_fault: true,
+                };
+            }
+            let reason = if e.is_connect() {
+                connect_reason
+            } else {
+                Reason::UpstreamError
+            };
+            let detail = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            tracing::warn!(reason = reason.as_str(), error = %e, detail, "forwarding failed");
+            Sent {
+                resp: reject(reason),
+                gateway_failure: true,
+                client_fault: false,
+            }
+        }
+    }
+}
+
+/// A connector that dials one endpoint whatever the URI names, so the URI (and with it
+/// `Host`/`:authority`, TLS's server name and the pool key) keeps the dependency's name while
+/// each endpoint gets a client, and a pool, of its own.
+#[derive(Clone, Debug)]
+struct Pinned {
+    inner: HttpConnector,
+    to: Uri,
+}
+
+impl Service<Uri> for Pinned {
+    type Response = <HttpConnector as Service<Uri>>::Response;
+    type Error = <HttpConnector as Service<Uri>>::Error;
+    type Future = <HttpConnector as Service<Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        self.inner.call(self.to.clone())
+    }
+}
+
+/// One endpoint's client.
+#[derive(Clone, Debug)]
+enum EndpointClient {
+    Plain(Client<Pinned, BoxBody>),
+    Tls(Client<hyper_rustls::HttpsConnector<Pinned>, BoxBody>),
+}
+
+impl EndpointClient {
+    fn new(addr: SocketAddr, target: &Target) -> Result<EndpointClient, String> {
+        let pinned = Pinned {
+            inner: {
+                let mut c = connector();
+                c.enforce_http(false);
+                c
+            },
+            to: format!("http://{addr}")
+                .parse()
+                .expect("a socket address is an authority"),
+        };
+        let mut b = builder();
+        let h2 = target.protocol == WireProtocol::Http2;
+        if h2 {
+            h2_settings(&mut b);
+        }
+        if target.scheme != Scheme::HTTPS {
+            return Ok(EndpointClient::Plain(b.build(pinned)));
+        }
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .map_err(|e| format!("no usable TLS root certificates: {e}"))?
+            .https_only();
+        let tls = if h2 {
+            tls.enable_http2().wrap_connector(pinned)
+        } else {
+            tls.enable_http1().wrap_connector(pinned)
+        };
+        Ok(EndpointClient::Tls(b.build(tls)))
+    }
+
+    fn request(&self, req: Req) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            EndpointClient::Plain(c) => c.request(req),
+            EndpointClient::Tls(c) => c.request(req),
+        }
+    }
+}
+
+/// Forwards each request to one of the dependency's endpoints, chosen per request by the
+/// [`Balancer`], and tells it how the request went: a connection refused or reset, a 502, 503
+/// or 504, or a gRPC `UNAVAILABLE` in the response headers is a gateway failure of that
+/// endpoint (outlier ejection); anything else a success, timed at the response headers (the
+/// latency estimate). Until discovery has an answer, and for a URL whose name has a single
+/// address, requests go to the target by name as [`Forward`] sends them.
+#[derive(Clone, Debug)]
+pub struct Balanced {
+    balancer: Balancer,
+    target: Arc<Target>,
+    by_name: Forward,
+    /// Only balance when there are at least two endpoints (a URL's own name).
+    implicit: bool,
+    clients: Arc<Mutex<HashMap<SocketAddr, EndpointClient>>>,
+    connect_reason: Reason,
+}
+
+impl Balanced {
+    pub fn new(
+        clients: &Clients,
+        target: Target,
+        connect_reason: Reason,
+        balancer: Balancer,
+        implicit: bool,
+    ) -> Self {
+        Balanced {
+            balancer,
+            by_name: Forward::new(clients, target.clone(), connect_reason),
+            target: Arc::new(target),
+            implicit,
+            clients: Arc::default(),
+            connect_reason,
+        }
+    }
+
+    fn client(&self, addr: SocketAddr) -> Result<EndpointClient, String> {
+        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&addr) {
+            return Ok(c.clone());
+        }
+        // Endpoints that left the set lose their clients (and idle connections) here.
+        let current = self.balancer.endpoints();
+        map.retain(|a, _| current.iter().any(|e| e.addr == *a));
+        let c = EndpointClient::new(addr, &self.target)?;
+        map.insert(addr, c.clone());
+        Ok(c)
+    }
+}
+
+impl Service<Req> for Balanced {
+    type Response = Resp;
+    type Error = Infallible;
+    type Future = BoxFuture;
+    always_ready!();
+
+    fn call(&mut self, mut req: Req) -> BoxFuture {
+        if self.implicit && self.balancer.len() < 2 {
+            return self.by_name.call(req);
+        }
+        let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
+        let Some(picked) = self.balancer.pick(avoid) else {
+            return self.by_name.call(req);
+        };
+        if let Err(refused) = prepare(&self.target, &mut req) {
+            return Box::pin(std::future::ready(Ok(refused)));
+        }
+        let addr = picked.endpoint.addr;
+        let client = match self.client(addr) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = e, "cannot call an https:// upstream");
+                return Box::pin(std::future::ready(Ok(reject(self.connect_reason))));
+            }
+        };
+        let fut = client.request(req);
+        let balancer = self.balancer.clone();
+        let connect_reason = self.connect_reason;
+        Box::pin(async move {
+            let sent = send(fut, connect_reason).await;
+            let mut resp = sent.resp;
+            let status = resp.status().as_u16();
+            let outcome = if sent.client_fault {
+                Outcome::Cancelled
+            } else if sent.gateway_failure
+                || matches!(status, 502..=504)
+                || crate::layers::grpc::status_in_headers(&resp) == Some(UNAVAILABLE)
+            {
+                Outcome::GatewayFailure
+            } else {
+                Outcome::Success
+            };
+            let endpoint = picked.endpoint.clone();
+            picked.finish(outcome);
+            // The failure that ejected the endpoint (or one from an endpoint already ejected,
+            // a failed probe) is the endpoint's, not the dependency's, while others remain.
+            let spared = outcome == Outcome::GatewayFailure
+                && endpoint.health(tokio::time::Instant::now()) != Health::Active
+                && balancer.others_active(addr);
+            resp.extensions_mut().insert(ServedBy { addr, spared });
+            Ok(resp)
         })
     }
 }
+
+/// gRPC's `UNAVAILABLE`.
+const UNAVAILABLE: u16 = 14;
 
 #[cfg(test)]
 mod tests {

@@ -108,6 +108,8 @@ pub struct Metrics {
     pub bridge: crate::bridge::metrics::BridgeMetrics,
     /// Edge and identity-header counters (`weir_auth_rejections_*`, `weir_identity_*`).
     pub edge: crate::edge::metrics::EdgeMetrics,
+    /// Per dependency and endpoint (`weir_endpoint_*`, `weir_endpoints*`).
+    pub endpoints: crate::endpoint_metrics::EndpointFamilies,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -324,6 +326,7 @@ impl Metrics {
         );
         let bridge = crate::bridge::metrics::BridgeMetrics::register(&mut registry);
         let edge = crate::edge::metrics::EdgeMetrics::register(&mut registry);
+        let endpoints = crate::endpoint_metrics::EndpointFamilies::register(&mut registry);
         Arc::new(Metrics {
             registry,
             requests,
@@ -343,6 +346,7 @@ impl Metrics {
             spans_dropped,
             bridge,
             edge,
+            endpoints,
         })
     }
 

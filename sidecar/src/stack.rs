@@ -2,12 +2,14 @@
 //! bulkheads, the inbound limiter and token bucket, the span exporter) are carried over from the
 //! previous build when their own config is unchanged, so a reload does not reset them.
 
+use crate::balance::{Balancer, Settings};
 use crate::body::Reason;
+use crate::discovery::{Discovery, Resolver};
 use crate::edge::client_limit::ClientLimiter;
 use crate::edge::identity::IdentityKey;
 use crate::edge::keys::KeySource;
 use crate::edge::{Edge, EdgeCounters, EdgeLayer};
-use crate::forward::{Clients, Forward, Target};
+use crate::forward::{Balanced, Clients, Forward, Target};
 use crate::layers::attempt_timeout::AttemptTimeoutLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::{Breaker, BreakerLayer};
@@ -31,8 +33,8 @@ use std::time::Duration;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use weir_crds::proxy::{
-    CircuitBreakerConfig, ClientRateLimitConfig, JwtConfig, ProxyConfig, RateLimitConfig,
-    RetryBudgetConfig, TracingConfig,
+    CircuitBreakerConfig, ClientRateLimitConfig, JwtConfig, LoadBalancerConfig, OutboundConfig,
+    OutlierDetectionConfig, ProxyConfig, RateLimitConfig, RetryBudgetConfig, TracingConfig,
 };
 
 use crate::service::Stack;
@@ -45,6 +47,8 @@ pub struct Env {
     pub clients: Clients,
     pub access_log: bool,
     pub otlp_flush_interval: Duration,
+    /// How discovery resolves names (the system's resolver but in tests).
+    pub resolver: Resolver,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,6 +56,57 @@ struct DepState {
     breaker: Option<(CircuitBreakerConfig, Arc<Breaker>)>,
     budget: Option<(RetryBudgetConfig, Arc<RetryBudget>)>,
     bulkhead: Option<((u32, u32), Arc<Limiter>)>,
+    balancing: Option<(BalanceKey, Balancing)>,
+}
+
+/// What a dependency's balancer and discovery are made of: a reload that changes none of it
+/// keeps both, with every endpoint's latency estimate and ejection.
+#[derive(Clone, Debug, PartialEq)]
+struct BalanceKey {
+    load_balancer: LoadBalancerConfig,
+    outlier_detection: OutlierDetectionConfig,
+    /// The name resolved, and how often; `None`: fixed addresses.
+    resolve: Option<(String, u64)>,
+}
+
+#[derive(Clone, Debug)]
+struct Balancing {
+    balancer: Balancer,
+    /// Balanced only when the name has two addresses or more (an external URL's own host).
+    implicit: bool,
+    _discovery: Option<Arc<Discovery>>,
+}
+
+/// What to balance a dependency over: its configured endpoints, else the upstream URL's host
+/// when it is a name (an address literal is a single endpoint: nothing to balance).
+fn balance_key(o: &OutboundConfig) -> Option<(BalanceKey, bool)> {
+    let key = |resolve| BalanceKey {
+        load_balancer: o.load_balancer.clone(),
+        outlier_detection: o.outlier_detection.clone(),
+        resolve,
+    };
+    match &o.endpoints {
+        Some(e) => Some((key(e.dns.clone().map(|d| (d, e.refresh_ms))), false)),
+        None => {
+            let uri: http::Uri = o.upstream.parse().ok()?;
+            let host = uri.host()?;
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if bare.parse::<std::net::IpAddr>().is_ok() {
+                return None;
+            }
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            Some((
+                key(Some((
+                    format!("{host}:{port}"),
+                    weir_crds::proxy::DEFAULT_REFRESH_MS,
+                ))),
+                true,
+            ))
+        }
+    }
 }
 
 /// The stateful components behind a snapshot.
@@ -75,6 +130,28 @@ impl Components {
 
     pub fn breaker(&self, dependency: &str) -> Option<&Arc<Breaker>> {
         self.deps.get(dependency)?.breaker.as_ref().map(|(_, b)| b)
+    }
+
+    /// The balancer of a dependency with endpoints to balance over.
+    pub fn balancer(&self, dependency: &str) -> Option<&Balancer> {
+        self.deps
+            .get(dependency)?
+            .balancing
+            .as_ref()
+            .map(|(_, b)| &b.balancer)
+    }
+
+    /// Every balanced dependency's endpoints, for `GET /endpoints`.
+    pub fn endpoints_view(
+        &self,
+    ) -> std::collections::BTreeMap<String, Vec<crate::balance::EndpointView>> {
+        self.deps
+            .iter()
+            .filter_map(|(name, d)| {
+                let (_, b) = d.balancing.as_ref()?;
+                Some((name.clone(), b.balancer.view()))
+            })
+            .collect()
     }
 }
 
@@ -188,13 +265,56 @@ pub fn build(
                 },
             )
         });
+        let balancing = balance_key(o).map(|(key, implicit)| {
+            reuse(old.balancing.as_ref(), &key, || {
+                let balancer = Balancer::observed(
+                    Settings::from_config(&o.load_balancer, &o.outlier_detection),
+                    Some(m.endpoints.observer(name)),
+                );
+                let discovery = key.resolve.as_ref().map(|(dns, every)| {
+                    Arc::new(Discovery::start(
+                        name,
+                        dns.clone(),
+                        Duration::from_millis(*every),
+                        balancer.clone(),
+                        env.resolver.clone(),
+                    ))
+                });
+                Balancing {
+                    balancer,
+                    implicit,
+                    _discovery: discovery,
+                }
+            })
+        });
+        // Fixed addresses (`weir up`) are the set as given; a reload may change them.
+        if let (Some(e), Some((_, b))) = (&o.endpoints, &balancing)
+            && e.dns.is_none()
+        {
+            b.balancer.update(&e.addresses);
+        }
         let st = DepState {
             breaker,
             budget,
             bulkhead,
+            balancing,
         };
         let target = Target::upstream(&o.upstream, o.protocol)
             .map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
+        let forward = match &st.balancing {
+            Some((_, b)) => tower::util::Either::Left(Balanced::new(
+                &env.clients,
+                target,
+                Reason::UpstreamConnect,
+                b.balancer.clone(),
+                b.implicit,
+            )),
+            None => tower::util::Either::Right(Forward::new(
+                &env.clients,
+                target,
+                Reason::UpstreamConnect,
+            )),
+        };
         let svc = ServiceBuilder::new()
             // Outermost: gRPC callers get every answer below as a gRPC status.
             .layer(GrpcLayer)
@@ -242,7 +362,7 @@ pub fn build(
             // Only the breaker needs to see a timed-out attempt; without one the outer timeout
             // alone answers 504 (one timer per request instead of two).
             .option_layer(st.breaker.as_ref().map(|_| AttemptTimeoutLayer))
-            .service(Forward::new(&env.clients, target, Reason::UpstreamConnect));
+            .service(forward);
         outbound.insert(Arc::<str>::from(name), BoxCloneSyncService::new(svc));
         comps.deps.insert(name.to_string(), st);
     }

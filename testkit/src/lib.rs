@@ -39,5 +39,5 @@ pub use brokers::{KafkaServer, NatsServer, RabbitServer, RedisServer};
 pub use net::{eventually, eventually_async, free_addr, free_port};
 pub use pki::Pki;
 pub use proxy::Proxy;
-pub use serve::{serve, serve_h2};
+pub use serve::{serve, serve_at, serve_h2};
 pub use tls_front::TlsFront;

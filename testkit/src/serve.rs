@@ -17,9 +17,19 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    serve_at("127.0.0.1:0".parse().expect("an address"), handler).await
+}
+
+/// Like [`serve`] on `bind` (e.g. `127.0.0.3:<port>`, one of several endpoints of one
+/// dependency on distinct loopback addresses).
+pub async fn serve_at<F, Fut>(bind: SocketAddr, handler: F) -> (SocketAddr, JoinHandle<()>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(bind)
         .await
-        .expect("bind a loopback port");
+        .unwrap_or_else(|e| panic!("bind {bind}: {e}"));
     let addr = listener.local_addr().expect("the listener's address");
     let task = tokio::spawn(async move {
         loop {

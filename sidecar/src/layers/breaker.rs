@@ -348,6 +348,15 @@ where
             if rejection(&resp) == Some(Reason::ClientBodyError) {
                 return Ok(resp);
             }
+            // An endpoint's failure that got it ejected while others still take requests is
+            // the balancer's to handle: not a call of the dependency's window either.
+            if resp
+                .extensions()
+                .get::<crate::balance::ServedBy>()
+                .is_some_and(|s| s.spared)
+            {
+                return Ok(resp);
+            }
             if is_grpc && rejection(&resp).is_none() {
                 // A gRPC call is judged by its status: in the headers of a Trailers-Only
                 // answer, else in the trailers once the stream ends (the permit goes with it).

@@ -315,7 +315,7 @@ where
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let deadline = deadline_of(&req);
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
             let mut deposit = Some(deposit);
             let mut attempt = 1;
             let bytes = if teed {
@@ -342,6 +342,7 @@ where
                 if !withdraw(&policy, &mut resp) {
                     return Ok(resp);
                 }
+                avoid_next(&mut parts, &resp);
                 drop(resp);
                 tokio::time::sleep_until(until.max(Instant::now())).await;
                 attempt += 1;
@@ -378,11 +379,20 @@ where
                 if !withdraw(&policy, &mut resp) {
                     return Ok(resp);
                 }
+                avoid_next(&mut parts, &resp);
                 drop(resp);
                 tokio::time::sleep(backoff).await;
                 attempt += 1;
             }
         })
+    }
+}
+
+/// The next attempt goes elsewhere than the endpoint that failed this one, when the
+/// dependency has another.
+fn avoid_next(parts: &mut http::request::Parts, failed: &Resp) {
+    if let Some(s) = failed.extensions().get::<crate::balance::ServedBy>() {
+        parts.extensions.insert(crate::balance::Avoid(s.addr));
     }
 }
 

@@ -133,6 +133,16 @@ pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
                 format!("{why}\n"),
             ),
         },
+        "/endpoints" => {
+            match serde_json::to_vec_pretty(&shared.snapshot().components.endpoints_view()) {
+                Ok(json) => text(StatusCode::OK, "application/json", json),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
         "/config" => match serde_json::to_vec_pretty(&*shared.snapshot().config) {
             Ok(json) => text(StatusCode::OK, "application/json", json),
             Err(e) => text(
@@ -144,7 +154,7 @@ pub async fn handle(shared: &Shared, req: Request<BoxBody>) -> Resp {
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /readyz, /brokerz, /config\n",
+            "not found: try /metrics, /healthz, /readyz, /brokerz, /config, /endpoints\n",
         ),
     }
 }

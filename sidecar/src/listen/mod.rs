@@ -465,6 +465,7 @@ impl Proxy {
             clients: Clients::new(),
             access_log: opts.access_log,
             otlp_flush_interval: opts.otlp_flush_interval,
+            resolver: crate::discovery::system_resolver(),
         };
         let snap = stack::build(Arc::new(config), None, &env)?;
         let cfg = snap.config.clone();
