@@ -523,3 +523,40 @@ fn grpc_example_runs_under_weir_up() {
     let st = up.terminate();
     assert!(st.success(), "{st}");
 }
+
+#[test]
+fn a_dependants_calls_are_balanced_across_the_replicas_of_a_microservice() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata:\n  name: front\n  annotations:\n    weir.dev/local-command: weir-echo\nspec:\n  image: ghcr.io/weir-dev/weir-echo:0.1.0\n  dependencies:\n    - name: back\n      microservice: back\n---\napiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata:\n  name: back\n  annotations:\n    weir.dev/local-command: weir-echo\nspec:\n  image: ghcr.io/weir-dev/weir-echo:0.1.0\n  replicas: 3\n",
+    )
+    .unwrap();
+    let mut up = Up::start(
+        &["-f", &dir.path().to_string_lossy()],
+        Duration::from_secs(60),
+    );
+    let front = up.port("front");
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..90 {
+        let (st, body) = request(front, "GET", "/call/back/", "");
+        assert_eq!(st, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let pod = v["upstream"]["pod"].as_str().unwrap_or("?").to_string();
+        *by_pod.entry(pod).or_default() += 1;
+    }
+    eprintln!("calls by replica: {by_pod:?}");
+    assert_eq!(
+        by_pod.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["back-0", "back-1", "back-2"],
+        "{by_pod:?}"
+    );
+    assert!(by_pod.values().all(|n| *n >= 10), "each replica takes a share: {by_pod:?}");
+    // front's sidecar lists the three as the dependency's endpoints.
+    let admin = up.state()["services"]["front"]["admin"].as_u64().unwrap() as u16;
+    let (st, body) = request(admin, "GET", "/endpoints", "");
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["back"].as_array().map(Vec::len), Some(3), "{v}");
+    assert!(up.terminate().success());
+}

@@ -262,10 +262,10 @@ async fn a_failing_endpoint_is_ejected_probed_with_one_request_and_returns() {
     assert_eq!(load(&p, 1, 1).await, BTreeMap::from([(200, 1)]));
     assert_eq!(eps[1].hits() - before, 1, "the probe");
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let seen = load(&p, 150, 1).await;
+    let seen = load(&p, 150, 4).await;
     assert_eq!(seen, BTreeMap::from([(200, 150)]));
     assert!(
-        eps[1].hits() - before > 20,
+        eps[1].hits() - before > 15,
         "back: {}",
         eps[1].hits() - before
     );

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use weir_crds::Microservice;
-use weir_crds::proxy::ProxyConfig;
+use weir_crds::proxy::{EndpointsConfig, ProxyConfig};
 
 /// Annotation naming the local command that runs a Microservice's app (run with `sh -c`).
 pub const LOCAL_COMMAND: &str = "weir.dev/local-command";
@@ -41,6 +41,8 @@ pub struct LocalPorts {
 pub struct LocalPlacement<'a> {
     pub me: &'a LocalPorts,
     pub all: &'a BTreeMap<String, LocalPorts>,
+    /// Every replica of every Microservice: a dependency's endpoints.
+    pub replicas: &'a BTreeMap<String, Vec<LocalPorts>>,
     /// The run's identity key (signs `x-user-*` headers between sidecars), if any.
     pub identity_key: Option<&'a Path>,
 }
@@ -65,6 +67,19 @@ impl Placement for LocalPlacement<'_> {
         // A missing target was refused when the manifests were loaded.
         let port = self.all.get(name).map(|p| p.inbound).unwrap_or(1);
         format!("http://127.0.0.1:{port}")
+    }
+    /// Each replica's sidecar, as the pods behind a headless Service: calls are balanced
+    /// across them per request.
+    fn microservice_endpoints(&self, _namespace: &str, name: &str) -> Option<EndpointsConfig> {
+        let replicas = self.replicas.get(name).filter(|r| !r.is_empty())?;
+        Some(EndpointsConfig {
+            dns: None,
+            addresses: replicas
+                .iter()
+                .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p.inbound)))
+                .collect(),
+            refresh_ms: weir_crds::proxy::DEFAULT_REFRESH_MS,
+        })
     }
 }
 
@@ -274,8 +289,8 @@ pub fn plan_with(
         }
         ports.insert(name, all);
     }
-    // Where a dependant's sidecar sends a Microservice's calls: its replica 0. A dependency has
-    // one upstream in the sidecar's config (balancing over replicas is issue #17); a
+    // A dependant's sidecar balances a Microservice's calls over its replicas, and sends them
+    // to replica 0 by name until it has (as a cluster's Service name stands for its pods); a
     // Microservice with no replica is missing here and its callers get connection refused.
     let first: BTreeMap<String, LocalPorts> = ports
         .iter()
@@ -312,6 +327,7 @@ pub fn plan_with(
             let placement = LocalPlacement {
                 me,
                 all: &first,
+                replicas: &ports,
                 identity_key,
             };
             let mut config = proxy_config::build(&microservice, namespace, &ms.spec, &placement)

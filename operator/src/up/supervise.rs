@@ -116,6 +116,8 @@ pub async fn start(services: Vec<LocalService>, opts: &UpOptions) -> Result<Runn
         let mut env = s.env.clone();
         env.push(("PATH".into(), path.clone()));
         env.push(("SERVICE_NAME".into(), s.microservice.clone()));
+        // As a pod's hostname is its name: which replica answered shows in what apps report.
+        env.push(("HOSTNAME".into(), s.name.clone()));
         env.push((
             "WEIR_STATE_DIR".into(),
             state_dir.to_string_lossy().into_owned(),
