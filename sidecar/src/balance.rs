@@ -123,8 +123,13 @@ pub enum Health {
     Probation,
 }
 
+/// The least weight one answer has in its endpoint's estimate.
+const MIN_SAMPLE_WEIGHT: f64 = 0.1;
+
 #[derive(Debug)]
 struct State {
+    /// It has answered: `rtt` is a measurement, not the prior.
+    measured: bool,
     /// Peak-EWMA RTT estimate, in seconds, as of `updated`.
     rtt: f64,
     updated: Instant,
@@ -155,6 +160,7 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             state: Mutex::new(State {
+                measured: false,
                 rtt,
                 updated: now,
                 failures: 0,
@@ -187,8 +193,18 @@ impl Endpoint {
         }
     }
 
-    fn cost(&self, now: Instant, s: &Settings) -> f64 {
-        let rtt = self.rtt(now, s).as_secs_f64();
+    /// Whether the endpoint has answered at least once.
+    fn measured(&self) -> bool {
+        self.state().measured
+    }
+
+    /// `prior`: the RTT assumed while it has never answered (its measured peers' mean).
+    fn cost(&self, now: Instant, s: &Settings, prior: f64) -> f64 {
+        let rtt = if self.measured() {
+            self.rtt(now, s).as_secs_f64()
+        } else {
+            prior
+        };
         let warmth = if s.slow_start.is_zero() {
             1.0
         } else {
@@ -196,6 +212,22 @@ impl Endpoint {
                 .clamp(0.1, 1.0)
         };
         rtt * f64::from(self.in_flight() + 1) / warmth
+    }
+}
+
+/// What an endpoint that never answered is assumed to take: its measured peers' mean (so it
+/// is neither shunned behind a pessimistic default nor flooded), or the default RTT.
+fn prior_rtt(list: &[Arc<Endpoint>], now: Instant, s: &Settings) -> f64 {
+    let (sum, n) = list
+        .iter()
+        .filter(|e| e.measured())
+        .fold((0.0, 0u32), |(sum, n), e| {
+            (sum + e.rtt(now, s).as_secs_f64(), n + 1)
+        });
+    if n == 0 {
+        s.default_rtt.as_secs_f64()
+    } else {
+        sum / f64::from(n)
     }
 }
 
@@ -240,14 +272,18 @@ impl Picked {
             // A request given up on (its deadline passed, its caller left) still says the
             // endpoint was at least that slow: a black hole must not look fast.
             if outcome != Outcome::Cancelled || rtt > current {
-                st.rtt = if rtt > current {
+                st.rtt = if rtt > current || !st.measured {
+                    // The first answer replaces the prior; a slower one is taken at once.
                     rtt
                 } else {
                     // From the last estimate towards the new answer, as far as the time since
-                    // the last answer says (the same weight that decays it between answers).
-                    let w = current / st.rtt.max(f64::MIN_POSITIVE);
+                    // the last answer says (the same weight that decays it between answers),
+                    // and at least by `MIN_SAMPLE_WEIGHT`: at thousands of answers a second the
+                    // time alone would freeze the estimates, and with them the choice.
+                    let w = (current / st.rtt.max(f64::MIN_POSITIVE)).min(1.0 - MIN_SAMPLE_WEIGHT);
                     st.rtt * w + rtt * (1.0 - w)
                 };
+                st.measured = true;
                 st.updated = now;
                 ep.metrics.rtt.set(st.rtt);
             }
@@ -538,7 +574,8 @@ impl Balancer {
                     j += 1;
                 }
                 let (a, b) = (pool[i], pool[j]);
-                if a.cost(now, s) <= b.cost(now, s) {
+                let prior = prior_rtt(&list, now, s);
+                if a.cost(now, s, prior) <= b.cost(now, s, prior) {
                     a
                 } else {
                     b
