@@ -223,7 +223,7 @@ pub struct OutboundConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointsConfig {
     /// `host:port` whose A/AAAA records are the endpoints, resolved every `refresh_ms`: the
-    /// dependency's headless `<name>-endpoints` Service (its ready pods) and the sidecar's
+    /// dependency's headless `<name>-weir-endpoints` Service (its ready pods) and the sidecar's
     /// inbound port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,
@@ -1274,6 +1274,9 @@ mod tests {
                 }),
                 bulkhead: None,
                 fallback: None,
+                endpoints: None,
+                load_balancer: LoadBalancerConfig::default(),
+                outlier_detection: OutlierDetectionConfig::default(),
             }],
             tracing: TracingConfig::default(),
             shutdown_grace_ms: 30_000,
