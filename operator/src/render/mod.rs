@@ -822,7 +822,10 @@ spec:
             "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users}\nspec: {image: users:1, protocol: grpc}\n",
         );
         let headless = r.endpoints_service.expect("a headless Service");
-        assert_eq!(headless.metadata.name.as_deref(), Some("users-weir-endpoints"));
+        assert_eq!(
+            headless.metadata.name.as_deref(),
+            Some("users-weir-endpoints")
+        );
         assert_eq!(headless.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(headless.metadata.labels, r.service.metadata.labels);
         let (spec, service) = (headless.spec.unwrap(), r.service.spec.unwrap());
