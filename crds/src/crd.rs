@@ -36,7 +36,8 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     crds
 }
 
-/// A Microservice's name names its Service, so it must be a DNS label. The schema says so on
+/// A Microservice's name names its Service and, with `-weir-endpoints`, its headless Service,
+/// so it must be a DNS label short enough for both. The schema says so on
 /// `metadata.name` itself (the one place besides `generateName` where a CRD may restrict
 /// metadata; `metadata` may carry nothing else, not even a description), rather than in a CEL
 /// rule on the root: the apiserver names the field in its
@@ -44,12 +45,9 @@ pub fn all() -> Vec<CustomResourceDefinition> {
 fn name_is_a_dns_label(root: &mut JSONSchemaProps) {
     let name = JSONSchemaProps {
         type_: Some("string".into()),
-        max_length: Some(63),
+        max_length: Some(crate::microservice::MAX_NAME_LEN as i64),
         pattern: Some(crate::validate::DNS_LABEL_PATTERN.into()),
-        description: Some(
-            "A DNS label (it names the Service): lowercase letters, digits and '-', at most 63."
-                .into(),
-        ),
+        description: Some(crate::validate::MICROSERVICE_NAME_RULE.into()),
         ..Default::default()
     };
     let metadata = JSONSchemaProps {

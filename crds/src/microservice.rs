@@ -2,7 +2,8 @@
 
 use crate::duration::DURATION_PATTERN;
 use crate::policy::{
-    BulkheadPolicy, CircuitBreakerPolicy, FallbackPolicy, GrpcPolicy, RetryPolicy, default_timeout,
+    BulkheadPolicy, CircuitBreakerPolicy, FallbackPolicy, GrpcPolicy, LoadBalancerPolicy,
+    OutlierDetectionPolicy, RetryPolicy, default_timeout,
 };
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -125,6 +126,20 @@ pub struct MicroserviceSpec {
     /// answers CORS and limits each client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge: Option<Box<EdgeSpec>>,
+}
+
+/// What a Microservice's name gets to name its headless Service (see
+/// [`endpoints_service_name`]).
+pub const ENDPOINTS_SERVICE_SUFFIX: &str = "-weir-endpoints";
+
+/// The longest Microservice name: a Service name is a DNS label of at most 63 characters, and
+/// the name must leave room for [`ENDPOINTS_SERVICE_SUFFIX`].
+pub const MAX_NAME_LEN: usize = 63 - ENDPOINTS_SERVICE_SUFFIX.len();
+
+/// The headless Service beside Microservice `name`'s own: its A records are the ready pods,
+/// which callers' sidecars resolve to balance each call across them.
+pub fn endpoints_service_name(name: &str) -> String {
+    format!("{name}{ENDPOINTS_SERVICE_SUFFIX}")
 }
 
 fn default_port() -> i32 {
@@ -257,7 +272,10 @@ impl Default for Probes {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.microservice) != has(self.url)", "message": "set exactly one of microservice or url"},
     {"rule": "!has(self.protocol) || has(self.url)", "message": "protocol is for url dependencies; a Microservice dependency speaks what its own spec.protocol says", "fieldPath": ".protocol"},
-    {"rule": "!has(self.retry) || !has(self.retry.backoff) || duration(self.retry.backoff.max) >= duration(self.retry.backoff.base)", "message": "retry.backoff.max must be at least retry.backoff.base", "fieldPath": ".retry.backoff.max"}
+    {"rule": "!has(self.retry) || !has(self.retry.backoff) || duration(self.retry.backoff.max) >= duration(self.retry.backoff.base)", "message": "retry.backoff.max must be at least retry.backoff.base", "fieldPath": ".retry.backoff.max"},
+    {"rule": "!has(self.loadBalancer) || duration(self.loadBalancer.decay) > duration('0s')", "message": "loadBalancer.decay must be greater than 0", "fieldPath": ".loadBalancer.decay"},
+    {"rule": "!has(self.outlierDetection) || duration(self.outlierDetection.baseEjectionTime) > duration('0s')", "message": "outlierDetection.baseEjectionTime must be greater than 0", "fieldPath": ".outlierDetection.baseEjectionTime"},
+    {"rule": "!has(self.outlierDetection) || duration(self.outlierDetection.maxEjectionTime) >= duration(self.outlierDetection.baseEjectionTime)", "message": "outlierDetection.maxEjectionTime must be at least outlierDetection.baseEjectionTime", "fieldPath": ".outlierDetection.maxEjectionTime"}
 ]))]
 pub struct Dependency {
     /// Also names the env var: `users` gives `USERS_URL`.
@@ -299,6 +317,14 @@ pub struct Dependency {
     /// Which gRPC statuses are retried and which count as the breaker's failures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcPolicy>,
+    /// How each call picks one of the dependency's endpoints (a Microservice's ready pods, or
+    /// the addresses a URL's host resolves to); peak-EWMA with its defaults when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerPolicy>,
+    /// When an endpoint that keeps failing is left out of the choice, and for how long; on,
+    /// with its defaults, when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionPolicy>,
 }
 
 /// Limits on traffic arriving at this service.

@@ -3,7 +3,9 @@
 //! The defaults are written down in `docs/api.md`: timeout 3s; breaker at 50 % errors over a
 //! 10s window split into 10 buckets, 20 calls minimum before it may open (a handful of calls
 //! says nothing about an upstream), 10s open before one trial call; retry budget 20 % of recent
-//! requests plus 10/s over 10s.
+//! requests plus 10/s over 10s; per endpoint, peak-EWMA balancing with a 10s decay and 10s slow
+//! start, and ejection after 5 gateway failures in a row for 30s (doubling up to 5m), at most
+//! half of the endpoints at once.
 
 use crate::duration::DURATION_PATTERN;
 use schemars::JsonSchema;
@@ -260,6 +262,114 @@ pub struct BulkheadPolicy {
     #[serde(default)]
     #[schemars(range(min = 0, max = 100000))]
     pub max_queue: u32,
+}
+
+/// How each call picks one of the dependency's endpoints: the ready pods of a Microservice
+/// (through its headless `<name>-weir-endpoints` Service), or the addresses a URL's host
+/// resolves to. Per call rather than per connection, so one long-lived HTTP/2 connection does
+/// not pin every call to one pod. Applied with its defaults when left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerPolicy {
+    /// `peakEwma` (the default): of two endpoints picked at random, the one with the lower
+    /// latency estimate times calls in flight, so a slow or overloaded pod gets fewer calls
+    /// (Linkerd's balancer). `roundRobin`: each endpoint in turn, blind to latency, for
+    /// upstreams whose cost per call is even and known.
+    #[serde(default)]
+    pub algorithm: LoadBalancerAlgorithm,
+    /// How fast the latency estimate forgets a slow answer: a spike counts at once, then fades
+    /// over about this long. Shorter follows changes faster and is noisier. Greater than 0.
+    #[serde(default = "default_decay")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub decay: String,
+    /// How long a new endpoint takes to reach its full share of calls, so a pod that just
+    /// started (cold caches, JIT) is not handed a full share at once. `0s` turns it off.
+    #[serde(default = "default_slow_start")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub slow_start: String,
+}
+
+impl Default for LoadBalancerPolicy {
+    fn default() -> Self {
+        Self {
+            algorithm: LoadBalancerAlgorithm::default(),
+            decay: default_decay(),
+            slow_start: default_slow_start(),
+        }
+    }
+}
+
+/// How one of several endpoints is chosen for a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancerAlgorithm {
+    /// Power of two choices over peak-EWMA latency weighted by calls in flight.
+    #[default]
+    PeakEwma,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+fn default_decay() -> String {
+    "10s".into()
+}
+fn default_slow_start() -> String {
+    "10s".into()
+}
+
+/// Takes an endpoint out of the balancer's choice after `consecutiveFailures` gateway failures
+/// in a row (a refused or reset connection, 502, 503, 504, gRPC `UNAVAILABLE`), for
+/// `baseEjectionTime`, doubled at each next ejection up to `maxEjectionTime`; then it is chosen
+/// again. A single failing pod then costs a few calls instead of its share of every call,
+/// while the circuit breaker still judges the dependency as a whole. Applied with its defaults
+/// when left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionPolicy {
+    /// Gateway failures in a row that eject an endpoint. An application error (a 500, a gRPC
+    /// `INTERNAL`) says the pod answered: it never counts.
+    #[serde(default = "default_consecutive_failures")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each next one doubles it. Greater than 0.
+    #[serde(default = "default_base_ejection_time")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub base_ejection_time: String,
+    /// The longest ejection, so a pod that recovers is tried again within this long. At least
+    /// `baseEjectionTime`.
+    #[serde(default = "default_max_ejection_time")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub max_ejection_time: String,
+    /// The largest share of endpoints ejected at once, in percent, so a fault of the caller
+    /// (or of every pod at once) cannot eject them all; at least one endpoint always stays.
+    /// `0` never ejects.
+    #[serde(default = "default_max_ejection_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetectionPolicy {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection_time(),
+            max_ejection_time: default_max_ejection_time(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection_time() -> String {
+    "30s".into()
+}
+fn default_max_ejection_time() -> String {
+    "5m".into()
+}
+fn default_max_ejection_percent() -> u32 {
+    50
 }
 
 /// Served when the breaker is open or the bulkhead is full.

@@ -223,7 +223,7 @@ pub struct OutboundConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointsConfig {
     /// `host:port` whose A/AAAA records are the endpoints, resolved every `refresh_ms`: the
-    /// dependency's headless `<name>-endpoints` Service (its ready pods) and the sidecar's
+    /// dependency's headless `<name>-weir-endpoints` Service (its ready pods) and the sidecar's
     /// inbound port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,

@@ -58,14 +58,17 @@ pub(crate) fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// What a Microservice's name must be, as the CRD's description of `metadata.name` says it.
+pub(crate) const MICROSERVICE_NAME_RULE: &str = "A DNS label of at most 48 characters (it names the Service, and with -weir-endpoints the headless Service of its pods): lowercase letters, digits and '-'.";
+
 /// Every invalid field of Microservice `name`; empty when it is valid.
 pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
-    if !is_dns_label(name) {
+    if !is_dns_label(name) || name.len() > crate::microservice::MAX_NAME_LEN {
         push(
             &mut errs,
             "metadata.name".into(),
-            "must be a DNS label (it names the Service): lowercase letters, digits and '-', at most 63",
+            "must be a DNS label of at most 48 characters (it names the Service, and with -weir-endpoints the headless Service of its pods): lowercase letters, digits and '-'",
         );
     }
     if !(1..=65535).contains(&spec.port) {
@@ -201,6 +204,60 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
                 at("circuitBreaker.resetTimeout"),
                 &b.reset_timeout,
             );
+        }
+        if let Some(lb) = &d.load_balancer {
+            if check_duration(&mut errs, at("loadBalancer.decay"), &lb.decay)
+                .is_some_and(|d| d.is_zero())
+            {
+                push(
+                    &mut errs,
+                    at("loadBalancer.decay"),
+                    "loadBalancer.decay must be greater than 0",
+                );
+            }
+            check_duration(&mut errs, at("loadBalancer.slowStart"), &lb.slow_start);
+        }
+        if let Some(od) = &d.outlier_detection {
+            if !(1..=1000).contains(&od.consecutive_failures) {
+                push(
+                    &mut errs,
+                    at("outlierDetection.consecutiveFailures"),
+                    "must be between 1 and 1000",
+                );
+            }
+            if od.max_ejection_percent > 100 {
+                push(
+                    &mut errs,
+                    at("outlierDetection.maxEjectionPercent"),
+                    "must be between 0 and 100",
+                );
+            }
+            let base = check_duration(
+                &mut errs,
+                at("outlierDetection.baseEjectionTime"),
+                &od.base_ejection_time,
+            );
+            let max = check_duration(
+                &mut errs,
+                at("outlierDetection.maxEjectionTime"),
+                &od.max_ejection_time,
+            );
+            if base.is_some_and(|b| b.is_zero()) {
+                push(
+                    &mut errs,
+                    at("outlierDetection.baseEjectionTime"),
+                    "outlierDetection.baseEjectionTime must be greater than 0",
+                );
+            }
+            if let (Some(b), Some(m)) = (base, max)
+                && m < b
+            {
+                push(
+                    &mut errs,
+                    at("outlierDetection.maxEjectionTime"),
+                    "outlierDetection.maxEjectionTime must be at least outlierDetection.baseEjectionTime",
+                );
+            }
         }
         if let Some(f) = &d.fallback
             && !(200..=599).contains(&f.status)
@@ -600,6 +657,57 @@ inbound: {maxQueue: 5}
             ]
         );
         assert!(!microservice("Bad_Name", &ms("image: x")).is_empty());
+    }
+
+    #[test]
+    fn balancing_and_ejection_errors_name_the_field() {
+        let spec = ms(r#"
+image: orders:1
+dependencies:
+  - name: users
+    microservice: users
+    loadBalancer: {decay: 0s, slowStart: 0s}
+    outlierDetection: {baseEjectionTime: 1m, maxEjectionTime: 30s}
+  - name: geo
+    url: https://geo.example.com
+    loadBalancer: {algorithm: roundRobin, slowStart: soon}
+    outlierDetection: {consecutiveFailures: 0, maxEjectionPercent: 101, baseEjectionTime: 0s}
+  - name: ok
+    url: https://ok.example.com
+    loadBalancer: {}
+    outlierDetection: {maxEjectionPercent: 0, baseEjectionTime: 5m, maxEjectionTime: 5m}
+"#);
+        let fields: Vec<_> = microservice("orders", &spec)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.dependencies[0].loadBalancer.decay",
+                "spec.dependencies[0].outlierDetection.maxEjectionTime",
+                "spec.dependencies[1].loadBalancer.slowStart",
+                "spec.dependencies[1].outlierDetection.consecutiveFailures",
+                "spec.dependencies[1].outlierDetection.maxEjectionPercent",
+                "spec.dependencies[1].outlierDetection.baseEjectionTime",
+            ]
+        );
+        let bad: Result<MicroserviceSpec, _> = serde_yaml::from_str(
+            "image: x\ndependencies: [{name: a, url: 'http://a', loadBalancer: {algorithm: random}}]\n",
+        );
+        assert!(bad.unwrap_err().to_string().contains("random"));
+    }
+
+    #[test]
+    fn a_microservice_name_leaves_room_for_its_headless_service() {
+        assert_eq!(crate::microservice::MAX_NAME_LEN, 48);
+        let spec = ms("image: x");
+        assert_eq!(microservice(&"a".repeat(48), &spec), vec![]);
+        let errs = microservice(&"a".repeat(49), &spec);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "metadata.name");
+        assert!(errs[0].message.contains("48"), "{}", errs[0].message);
+        assert!(MICROSERVICE_NAME_RULE.contains("48"));
     }
 
     #[test]

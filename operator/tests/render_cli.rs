@@ -85,7 +85,7 @@ fn renders_the_legacy_sidecar_like_the_golden_file() {
 }
 
 #[test]
-fn every_example_renders_and_each_microservice_gets_three_objects() {
+fn every_example_renders_and_each_microservice_gets_four_objects() {
     let out = weir(&["render", "-f", "examples/"]);
     assert!(
         out.status.success(),
@@ -101,7 +101,35 @@ fn every_example_renders_and_each_microservice_gets_three_objects() {
     assert!(kinds("Deployment") >= 2);
     // Each managed Broker (the saga and shop examples have one) is a StatefulSet and a Service.
     assert_eq!(kinds("StatefulSet"), 2);
-    assert_eq!(kinds("Deployment") + kinds("StatefulSet"), kinds("Service"));
+    // Each Microservice also has its headless `<name>-weir-endpoints` Service, which callers'
+    // sidecars resolve; a saga coordinator (a Deployment labelled with its Saga) has none.
+    let headless: Vec<_> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service" && d["spec"]["clusterIP"] == "None")
+        .collect();
+    let microservices: Vec<_> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment" && d["metadata"]["labels"]["weir.dev/saga"].is_null())
+        .collect();
+    assert!(!microservices.is_empty());
+    assert_eq!(headless.len(), microservices.len());
+    for d in &microservices {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let service = headless
+            .iter()
+            .find(|s| s["metadata"]["name"] == format!("{name}-weir-endpoints").as_str())
+            .unwrap_or_else(|| panic!("no headless Service for {name}"));
+        assert_eq!(service["spec"]["publishNotReadyAddresses"], false);
+        assert_eq!(service["spec"]["ports"][0]["port"], 15001);
+        assert_eq!(
+            service["spec"]["selector"],
+            d["spec"]["selector"]["matchLabels"]
+        );
+    }
+    assert_eq!(
+        kinds("Deployment") + kinds("StatefulSet") + headless.len(),
+        kinds("Service")
+    );
     assert_eq!(kinds("Deployment"), kinds("ConfigMap"));
     for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
         let pod = &d["spec"]["template"]["spec"];

@@ -1033,6 +1033,48 @@ static RULE_CASES: &[RuleCase] = &[
     },
     RuleCase {
         kind: "Microservice",
+        object: "orders",
+        node: "spec.dependencies[0]",
+        rule_starts: "!has(self.loadBalancer) || duration(self.loadBalancer.decay) > ",
+        set: &[("loadBalancer.decay", r#""0s""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.dependencies[1]",
+        rule_starts: "!has(self.loadBalancer) || duration(self.loadBalancer.decay) > ",
+        set: &[("loadBalancer.decay", r#""0ms""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.dependencies[0]",
+        rule_starts: "!has(self.outlierDetection) || duration(self.outlierDetection.baseEjectionTime) > ",
+        set: &[("outlierDetection.baseEjectionTime", r#""0s""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.dependencies[0]",
+        rule_starts: "!has(self.outlierDetection) || duration(self.outlierDetection.maxEjectionTime) >= ",
+        set: &[("outlierDetection.maxEjectionTime", r#""10s""#)],
+        remove: &[],
+    },
+    // The url dependency sets neither time: the defaults (30s, 5m) are applied before the
+    // rule, so a base of 10m alone breaks it.
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.dependencies[1]",
+        rule_starts: "!has(self.outlierDetection) || duration(self.outlierDetection.maxEjectionTime) >= ",
+        set: &[("outlierDetection.baseEjectionTime", r#""10m""#)],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
         object: "gateway",
         node: "spec.edge.cors",
         rule_starts: "!self.allowCredentials",

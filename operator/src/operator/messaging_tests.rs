@@ -581,6 +581,11 @@ async fn a_consuming_microservice_gets_the_bridge_config_and_the_credentials_mou
             ),
             expect(
                 Method::PATCH,
+                "/api/v1/namespaces/demo/services/billing-weir-endpoints",
+                echo,
+            ),
+            expect(
+                Method::PATCH,
                 "/apis/apps/v1/namespaces/demo/deployments/billing",
                 echo,
             ),
@@ -603,7 +608,7 @@ async fn a_consuming_microservice_gets_the_bridge_config_and_the_credentials_mou
     assert_eq!(m["consumes"][0]["stream"], "weir_demo_orders");
     assert_eq!(m["consumes"][0]["consumer"], "billing");
     assert_eq!(m["consumes"][0]["schema"], json!({"type": "object"}));
-    let pod = &seen[4].1["spec"]["template"]["spec"];
+    let pod = &seen[5].1["spec"]["template"]["spec"];
     assert!(
         pod["volumes"]
             .as_array()

@@ -90,6 +90,11 @@ fn children(deployment: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static)
         ),
         expect(
             Method::PATCH,
+            "/api/v1/namespaces/demo/services/orders-weir-endpoints",
+            echo,
+        ),
+        expect(
+            Method::PATCH,
             "/apis/apps/v1/namespaces/demo/deployments/orders",
             deployment,
         ),
@@ -107,7 +112,7 @@ fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
 
 /// One reconcile of a new orders (which calls users) against the mock API: users answered by
 /// `users`, the children applied with the Deployment answering `deployment`, then the status
-/// write. The reconcile's action, and what the API server saw in order (the status at `[4]`).
+/// write. The reconcile's action, and what the API server saw in order (the status at `[5]`).
 async fn reconcile_orders(
     users: fn(&Value) -> (StatusCode, Value),
     deployment: impl Fn(&Value) -> (StatusCode, Value) + Send + 'static,
@@ -132,7 +137,7 @@ async fn create_applies_children_with_owner_references_and_reports_ready() {
     let (action, seen) = reconcile_orders(users_found, deployment_with(2, 2)).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 
-    for (path, body) in &seen[1..4] {
+    for (path, body) in &seen[1..5] {
         let owner = &body["metadata"]["ownerReferences"][0];
         assert_eq!(
             (owner["kind"].as_str(), owner["name"].as_str()),
@@ -145,7 +150,15 @@ async fn create_applies_children_with_owner_references_and_reports_ready() {
             "{path}"
         );
     }
-    let deployment = &seen[3].1;
+    // The headless Service of the pods, which callers' sidecars resolve.
+    let headless = &seen[3].1;
+    assert_eq!(headless["metadata"]["name"], "orders-weir-endpoints");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(
+        headless["spec"]["selector"]["weir.dev/microservice"],
+        "orders"
+    );
+    let deployment = &seen[4].1;
     assert_eq!(deployment["spec"]["replicas"], 2);
     assert_eq!(
         deployment["spec"]["template"]["spec"]["initContainers"][0]["name"],
@@ -159,7 +172,7 @@ async fn create_applies_children_with_owner_references_and_reports_ready() {
             .any(|e| e["name"] == "USERS_URL" && e["value"] == "http://127.0.0.1:15100")
     );
 
-    let status = &seen[4].1;
+    let status = &seen[5].1;
     assert_eq!(status["status"]["observedGeneration"], 2);
     assert_eq!(status["status"]["replicaSummary"], "2/2");
     assert_eq!(status["status"]["dependencySummary"], "1/1");
@@ -177,7 +190,7 @@ async fn create_applies_children_with_owner_references_and_reports_ready() {
 #[tokio::test]
 async fn a_dependency_without_a_ready_pod_is_not_counted_as_ready() {
     let (_, seen) = reconcile_orders(users_not_ready, deployment_with(2, 2)).await;
-    let status = &seen[4].1;
+    let status = &seen[5].1;
     assert_eq!(status["status"]["dependencySummary"], "0/1");
     assert_eq!(condition(status, "Ready")["status"], "True");
     assert_eq!(condition(status, "Degraded")["status"], "False");
@@ -186,7 +199,7 @@ async fn a_dependency_without_a_ready_pod_is_not_counted_as_ready() {
 #[tokio::test]
 async fn rollout_in_progress_is_reported() {
     let (_, seen) = reconcile_orders(users_found, deployment_with(1, 1)).await;
-    let status = &seen[4].1;
+    let status = &seen[5].1;
     assert_eq!(condition(status, "Ready")["status"], "False");
     assert_eq!(condition(status, "Ready")["reason"], "ReplicasNotReady");
     assert_eq!(condition(status, "Progressing")["status"], "True");
@@ -220,13 +233,13 @@ async fn missing_dependency_is_a_condition_and_an_event() {
     );
     let seen = server.await.unwrap();
 
-    let event = &seen[4].1;
+    let event = &seen[5].1;
     assert_eq!(event["reason"], "DependencyNotFound");
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["regarding"]["name"], "orders");
     assert!(event["note"].as_str().unwrap().contains("users"));
 
-    let status = &seen[5].1;
+    let status = &seen[6].1;
     let degraded = condition(status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "DependencyNotFound");
@@ -346,6 +359,11 @@ async fn drifted_children_are_applied_back_to_the_spec() {
         "/api/v1/namespaces/demo/services/orders",
         echo,
     ));
+    script.push(expect(
+        Method::PATCH,
+        "/api/v1/namespaces/demo/services/orders-weir-endpoints",
+        echo,
+    ));
     script.push(expect(Method::PATCH, "/apis/apps/v1/namespaces/demo/deployments/orders", |b| {
         let mut d = b.clone();
         d["metadata"]["generation"] = json!(7);
@@ -362,7 +380,7 @@ async fn drifted_children_are_applied_back_to_the_spec() {
         .await
         .unwrap();
     let seen = server.await.unwrap();
-    assert_eq!(seen[3].1["spec"]["replicas"], 2);
+    assert_eq!(seen[4].1["spec"]["replicas"], 2);
     let cfg: Value =
         serde_json::from_str(seen[1].1["data"]["proxy.json"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -370,7 +388,7 @@ async fn drifted_children_are_applied_back_to_the_spec() {
         "http://users.demo.svc.cluster.local:80"
     );
     assert_eq!(
-        condition(&seen[4].1, "Progressing")["status"],
+        condition(&seen[5].1, "Progressing")["status"],
         "True",
         "scale-down still in progress"
     );
@@ -670,7 +688,7 @@ async fn an_edge_creates_the_namespace_identity_key_once_and_runs_the_proxy_alon
         secret["metadata"]["ownerReferences"].is_null(),
         "shared by the namespace, owned by no Microservice"
     );
-    let pod = &seen[5].1["spec"]["template"]["spec"];
+    let pod = &seen[6].1["spec"]["template"]["spec"];
     assert!(pod["initContainers"].is_null());
     let containers = pod["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1, "no app container without an image");

@@ -1,6 +1,6 @@
-//! Applying a rendered workload (its ConfigMap, Service and Deployment) by server-side apply
-//! under [`FIELD_MANAGER`]: the "make it so" half of a Microservice or a saga coordinator, whose
-//! "what should exist" is [`crate::render`].
+//! Applying a rendered workload (its ConfigMap, Service, headless Service and Deployment) by
+//! server-side apply under [`FIELD_MANAGER`]: the "make it so" half of a Microservice or a saga
+//! coordinator, whose "what should exist" is [`crate::render`].
 
 use super::FIELD_MANAGER;
 use crate::render::{self, Rendered};
@@ -25,9 +25,20 @@ pub async fn apply(
             &Patch::Apply(&rendered.config_map),
         )
         .await?;
-    Api::<Service>::namespaced(client.clone(), namespace)
+    let services = Api::<Service>::namespaced(client.clone(), namespace);
+    services
         .patch(name, &pp, &Patch::Apply(&rendered.service))
         .await?;
+    // The headless Service of the pods, which callers' sidecars resolve to balance each call.
+    if let Some(headless) = &rendered.endpoints_service {
+        services
+            .patch(
+                &headless.metadata.name.clone().unwrap_or_default(),
+                &pp,
+                &Patch::Apply(headless),
+            )
+            .await?;
+    }
     Api::<Deployment>::namespaced(client.clone(), namespace)
         .patch(name, &pp, &Patch::Apply(&rendered.deployment))
         .await

@@ -1,5 +1,5 @@
-//! What should exist for a Microservice: a Deployment (app + `weir-proxy`), a Service and the
-//! sidecar's ConfigMap. Pure functions: the operator applies their output, `weir render`
+//! What should exist for a Microservice: a Deployment (app + `weir-proxy`), a Service, the
+//! headless Service of its pods (`<name>-weir-endpoints`) and the sidecar's ConfigMap. Pure functions: the operator applies their output, `weir render`
 //! prints it, `weir up` runs it.
 
 pub mod broker;
@@ -24,6 +24,7 @@ use proxy_config::{PodPlacement, dependency_env_name};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use weir_crds::Microservice;
+use weir_crds::microservice::endpoints_service_name;
 use weir_crds::proxy::{ADMIN_PORT, CONFIG_KEY, CONFIG_MOUNT_PATH, INBOUND_PORT, ProxyConfig};
 
 /// Label on everything rendered for a Microservice, and the pods' selector.
@@ -84,6 +85,9 @@ pub struct Rendered {
     pub config_map: ConfigMap,
     pub deployment: Deployment,
     pub service: Service,
+    /// The headless `<name>-weir-endpoints` Service of a Microservice (see
+    /// [`endpoints_service`]); `None` for a saga coordinator, which no sidecar calls.
+    pub endpoints_service: Option<Service>,
 }
 
 pub fn config_map_name(ms_name: &str) -> String {
@@ -170,6 +174,7 @@ pub fn render_with(
         }),
         ..Default::default()
     };
+    let endpoints_service = endpoints_service(ms, &name, &namespace);
     let mut deployment = deployment(ms, &name, &namespace, &config, &config_hash, opts);
     if let Some(secret) = bridge.and_then(|m| m.credentials_secret.as_deref()) {
         mount_broker_credentials(&mut deployment, secret);
@@ -181,7 +186,38 @@ pub fn render_with(
         config_map,
         deployment,
         service,
+        endpoints_service: Some(endpoints_service),
     })
+}
+
+/// The headless Service beside the Microservice's own, for its callers' sidecars: its A records
+/// are the pods that are ready (`publishNotReadyAddresses: false`), so a caller resolving
+/// `<name>-weir-endpoints` every few seconds (`outbound[].endpoints.dns`) learns where the
+/// pods are, with no API-server watch per pod and nothing of the operator's on the request
+/// path, and balances each call across them instead of each connection through the virtual IP.
+/// Its one port is the pods' inbound sidecar.
+fn endpoints_service(ms: &Microservice, name: &str, namespace: &str) -> Service {
+    Service {
+        metadata: metadata(ms, endpoints_service_name(name), namespace),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(false),
+            selector: Some(BTreeMap::from([(
+                LABEL_MICROSERVICE.to_string(),
+                name.to_string(),
+            )])),
+            ports: Some(vec![ServicePort {
+                name: Some(service_port_name(ms.spec.protocol).into()),
+                port: i32::from(INBOUND_PORT),
+                target_port: Some(IntOrString::String("weir-inbound".into())),
+                protocol: Some("TCP".into()),
+                app_protocol: Some(ms.spec.protocol.service_app_protocol().into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Mounts the Broker's credentials Secret into the sidecar at
@@ -583,11 +619,13 @@ pub fn render_all(
             .and_then(|bridge| render_with(ms, opts, bridge.as_ref()))
             .map_err(|e| format!("{}: Microservice/{name}: {e}", l.file.display()))?;
         let head = format!("# Source: {} (Microservice/{name})\n", l.file.display());
-        for doc in [
-            to_yaml(&r.config_map),
-            to_yaml(&r.service),
-            to_yaml(&r.deployment),
-        ] {
+        let docs_of_ms = [
+            Some(to_yaml(&r.config_map)),
+            Some(to_yaml(&r.service)),
+            r.endpoints_service.as_ref().map(to_yaml),
+            Some(to_yaml(&r.deployment)),
+        ];
+        for doc in docs_of_ms.into_iter().flatten() {
             docs.push(format!("{head}{doc}"));
         }
     }
@@ -776,6 +814,93 @@ spec:
             (Some("http"), Some("http"))
         );
         assert_eq!(r.config.inbound.app_protocol, WireProtocol::Http1);
+    }
+
+    #[test]
+    fn a_headless_service_lists_the_ready_pods_on_their_inbound_port() {
+        let r = rendered(
+            "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users}\nspec: {image: users:1, protocol: grpc}\n",
+        );
+        let headless = r.endpoints_service.expect("a headless Service");
+        assert_eq!(
+            headless.metadata.name.as_deref(),
+            Some("users-weir-endpoints")
+        );
+        assert_eq!(headless.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(headless.metadata.labels, r.service.metadata.labels);
+        let (spec, service) = (headless.spec.unwrap(), r.service.spec.unwrap());
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(false));
+        assert_eq!(spec.selector, service.selector);
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!(port.port, i32::from(INBOUND_PORT));
+        assert_eq!(
+            port.target_port,
+            Some(IntOrString::String("weir-inbound".into()))
+        );
+        assert_eq!(
+            (port.name.as_deref(), port.app_protocol.as_deref()),
+            (Some("grpc"), Some("kubernetes.io/h2c"))
+        );
+    }
+
+    #[test]
+    fn a_microservice_dependency_is_found_through_its_headless_service() {
+        use weir_crds::proxy::{BalanceAlgorithm, LoadBalancerConfig, OutlierDetectionConfig};
+        let r = rendered(
+            r#"
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata: {name: orders}
+spec:
+  image: orders:1
+  dependencies:
+    - {name: users, microservice: users}
+    - name: geo
+      url: https://geo.example.com
+      loadBalancer: {algorithm: roundRobin, decay: 2s, slowStart: 0s}
+      outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 10s, maxEjectionTime: 1m, maxEjectionPercent: 0}
+    - {name: stock, microservice: stock, loadBalancer: {}, outlierDetection: {}}
+"#,
+        );
+        let (users, geo, stock) = (
+            &r.config.outbound[0],
+            &r.config.outbound[1],
+            &r.config.outbound[2],
+        );
+        let dns = users.endpoints.as_ref().unwrap();
+        assert_eq!(
+            dns.dns.as_deref(),
+            Some("users-weir-endpoints.shop.svc.cluster.local:15001")
+        );
+        assert!(dns.addresses.is_empty());
+        assert_eq!(dns.refresh_ms, weir_crds::proxy::DEFAULT_REFRESH_MS);
+        // An external URL's own host is resolved by the sidecar: nothing to name here.
+        assert_eq!(geo.endpoints, None);
+        assert_eq!(
+            geo.load_balancer,
+            LoadBalancerConfig {
+                algorithm: BalanceAlgorithm::RoundRobin,
+                decay_ms: 2_000,
+                slow_start_ms: 0,
+                ..LoadBalancerConfig::default()
+            }
+        );
+        assert_eq!(
+            geo.outlier_detection,
+            OutlierDetectionConfig {
+                consecutive_failures: 3,
+                base_ejection_ms: 10_000,
+                max_ejection_ms: 60_000,
+                max_ejected_percent: 0,
+            }
+        );
+        // A block left out and a block given empty are the same: the contract's defaults.
+        for o in [users, stock] {
+            assert_eq!(o.load_balancer, LoadBalancerConfig::default());
+            assert_eq!(o.outlier_detection, OutlierDetectionConfig::default());
+        }
+        r.config.validate().unwrap();
     }
 
     #[test]

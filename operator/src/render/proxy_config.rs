@@ -7,12 +7,17 @@ use std::net::SocketAddr;
 use weir_crds::duration;
 use weir_crds::microservice::{
     ClientKey, Dependency, EdgeSpec, LIVENESS_PATH, MicroserviceSpec, ProbeKind, READINESS_PATH,
+    endpoints_service_name,
 };
-use weir_crds::policy::{CircuitBreakerPolicy, GrpcCode, GrpcPolicy, RetryPolicy};
+use weir_crds::policy::{
+    CircuitBreakerPolicy, GrpcCode, GrpcPolicy, LoadBalancerAlgorithm, LoadBalancerPolicy,
+    OutlierDetectionPolicy, RetryPolicy,
+};
 use weir_crds::proxy::{
-    AdminConfig, AnonymousRuleConfig, BulkheadConfig, CircuitBreakerConfig, ClientRateLimitConfig,
-    CorsConfig, EdgeConfig, EdgeRouteConfig, EndpointsConfig, FailureClassConfig, FallbackConfig,
-    IdentityConfig, InboundConfig, JwtConfig, OutboundConfig, ProxyConfig, RateLimitConfig,
+    AdminConfig, AnonymousRuleConfig, BalanceAlgorithm, BulkheadConfig, CircuitBreakerConfig,
+    ClientRateLimitConfig, CorsConfig, DEFAULT_REFRESH_MS, EdgeConfig, EdgeRouteConfig,
+    EndpointsConfig, FailureClassConfig, FallbackConfig, IdentityConfig, InboundConfig, JwtConfig,
+    LoadBalancerConfig, OutboundConfig, OutlierDetectionConfig, ProxyConfig, RateLimitConfig,
     RetryBudgetConfig, RetryConfig, TracingConfig, UnderscoreHeaders, WireProtocol,
 };
 
@@ -70,6 +75,22 @@ impl Placement for PodPlacement {
     }
     fn microservice_url(&self, namespace: &str, name: &str) -> String {
         format!("http://{name}.{namespace}.svc.{}:80", self.cluster_domain)
+    }
+    /// The A records of a headless Service are its ready pods: the sidecar's periodic
+    /// resolution of `<name>-weir-endpoints` is the discovery, with no API-server watch per pod
+    /// and nothing of the operator's on the request path. The port is each pod's inbound
+    /// sidecar.
+    fn microservice_endpoints(&self, namespace: &str, name: &str) -> Option<EndpointsConfig> {
+        Some(EndpointsConfig {
+            dns: Some(format!(
+                "{}.{namespace}.svc.{}:{}",
+                endpoints_service_name(name),
+                self.cluster_domain,
+                weir_crds::proxy::INBOUND_PORT
+            )),
+            addresses: vec![],
+            refresh_ms: DEFAULT_REFRESH_MS,
+        })
     }
     fn identity_key_file(&self) -> Option<String> {
         Some(IDENTITY_KEY_FILE.into())
@@ -297,8 +318,49 @@ fn outbound(
             grpc_message: f.grpc_message.clone(),
         }),
         endpoints,
-        load_balancer: Default::default(),
-        outlier_detection: Default::default(),
+        load_balancer: load_balancer(d.load_balancer.as_ref(), &at)?,
+        outlier_detection: outlier_detection(d.outlier_detection.as_ref(), &at)?,
+    })
+}
+
+/// The balancer of a dependency; the block's defaults (the contract's) when left out.
+fn load_balancer(
+    lb: Option<&LoadBalancerPolicy>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<LoadBalancerConfig, RenderError> {
+    let Some(lb) = lb else {
+        return Ok(LoadBalancerConfig::default());
+    };
+    Ok(LoadBalancerConfig {
+        algorithm: match lb.algorithm {
+            LoadBalancerAlgorithm::PeakEwma => BalanceAlgorithm::PeakEwma,
+            LoadBalancerAlgorithm::RoundRobin => BalanceAlgorithm::RoundRobin,
+        },
+        decay_ms: ms(&at("loadBalancer.decay"), &lb.decay)?,
+        slow_start_ms: ms(&at("loadBalancer.slowStart"), &lb.slow_start)?,
+        ..LoadBalancerConfig::default()
+    })
+}
+
+/// The outlier ejection of a dependency; the block's defaults (the contract's) when left out.
+fn outlier_detection(
+    od: Option<&OutlierDetectionPolicy>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<OutlierDetectionConfig, RenderError> {
+    let Some(od) = od else {
+        return Ok(OutlierDetectionConfig::default());
+    };
+    Ok(OutlierDetectionConfig {
+        consecutive_failures: od.consecutive_failures,
+        base_ejection_ms: ms(
+            &at("outlierDetection.baseEjectionTime"),
+            &od.base_ejection_time,
+        )?,
+        max_ejection_ms: ms(
+            &at("outlierDetection.maxEjectionTime"),
+            &od.max_ejection_time,
+        )?,
+        max_ejected_percent: od.max_ejection_percent,
     })
 }
 

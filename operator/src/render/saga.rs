@@ -347,6 +347,8 @@ pub fn render(
         }
         other => other,
     })?;
+    // No sidecar calls a coordinator as a dependency: its pods need no headless Service.
+    rendered.endpoints_service = None;
 
     let credentials_secret = super::broker::credentials_secret(broker);
     let config = CoordinatorConfig {
