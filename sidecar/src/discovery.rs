@@ -5,7 +5,7 @@
 //! no API-server watch per pod and nothing of the operator's on the request path (the data
 //! plane keeps working with the operator down). For an external URL it is the URL's own host.
 //!
-//! - Every [`EndpointsConfig::refresh_ms`] the name is resolved and the balancer's set
+//! - Every [`refresh_ms`](weir_crds::proxy::EndpointsConfig::refresh_ms) the name is resolved and the balancer's set
 //!   replaced by the answer (endpoints that stay keep their state).
 //! - A resolution that fails, or answers nothing, keeps the last set: a DNS hiccup must not
 //!   empty a healthy dependency. An endpoint that is really gone is found at once by the

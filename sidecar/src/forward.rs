@@ -289,7 +289,7 @@ impl Service<Req> for Forward {
 
     fn call(&mut self, mut req: Req) -> BoxFuture {
         if let Err(refused) = prepare(&self.target, &mut req) {
-            return Box::pin(std::future::ready(Ok(refused)));
+            return Box::pin(std::future::ready(Ok(reject(refused))));
         }
         let connect_reason = self.connect_reason;
         let fut = if self.target.scheme == Scheme::HTTPS {
@@ -308,11 +308,11 @@ impl Service<Req> for Forward {
 }
 
 /// Turns a request the app sent to its local listener into one for `target`: the URI, the
-/// HTTP version, `Host`/`:authority`, hop-by-hop headers, and a gRPC call's time left. An
-/// answer instead when the target cannot be spoken to.
-fn prepare(target: &Target, req: &mut Req) -> Result<(), Resp> {
+/// HTTP version, `Host`/`:authority`, hop-by-hop headers, and a gRPC call's time left. The
+/// reason to refuse it instead when the target cannot be spoken to.
+fn prepare(target: &Target, req: &mut Req) -> Result<(), Reason> {
     if target.scheme != Scheme::HTTPS && target.scheme != Scheme::HTTP {
-        return Err(reject(Reason::UnsupportedScheme));
+        return Err(Reason::UnsupportedScheme);
     }
     // A caller that spoke HTTP/2 named the authority in `:authority`, not in Host: it is
     // kept as Host, which an HTTP/1.1 app reads (and an HTTP/2 app receives alongside).
@@ -550,7 +550,7 @@ impl Service<Req> for Balanced {
             return self.by_name.call(req);
         };
         if let Err(refused) = prepare(&self.target, &mut req) {
-            return Box::pin(std::future::ready(Ok(refused)));
+            return Box::pin(std::future::ready(Ok(reject(refused))));
         }
         let addr = picked.endpoint.addr;
         let client = match self.client(addr) {

@@ -105,6 +105,188 @@ async fn weir_in_a_real_cluster() -> Result<()> {
     result
 }
 
+/// Per-call balancing over a Microservice's pods: `back` with three replicas behind `front`.
+/// front's sidecar finds the pods through the headless `back-weir-endpoints` Service (DNS), the
+/// calls are spread over the three; then one pod's app fails every call while its probes pass:
+/// it is ejected after the configured failures, front's calls all succeed (retried on another
+/// pod) and the dependency's breaker stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_and_ejection_in_a_real_cluster() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-balance-e2e").await?;
+    let result = balance_run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+/// `n` calls of `GET path` on `addr`, four at a time: each answer's status and body.
+fn calls(addr: SocketAddr, path: &str, n: usize) -> Vec<(u16, String)> {
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                s.spawn(move || {
+                    (0..n)
+                        .filter(|i| i % 4 == w)
+                        .map(|_| http_get(addr, path).unwrap_or((0, String::new())))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+async fn balance_run(client: &Client, ns: &str) -> Result<()> {
+    let long = Duration::from_secs(240);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let pull = env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent");
+    let back: Microservice = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+        "metadata": {"name": "back"},
+        "spec": {"image": "ghcr.io/weir-dev/weir-echo:0.1.0", "port": 8080, "replicas": 3,
+                 "imagePullPolicy": pull}
+    }))?;
+    let front: Microservice = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+        "metadata": {"name": "front"},
+        "spec": {"image": "ghcr.io/weir-dev/weir-echo:0.1.0", "port": 8080,
+                 "imagePullPolicy": pull,
+                 "dependencies": [{
+                     "name": "back", "microservice": "back",
+                     "retry": {"attempts": 3},
+                     "circuitBreaker": {"errorThresholdPercentage": 20, "volumeThreshold": 10},
+                     "outlierDetection": {"consecutiveFailures": 3, "baseEjectionTime": "2m"}
+                 }]}
+    }))?;
+    for ms in [&back, &front] {
+        mss.patch(
+            &ms.name_any(),
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(ms),
+        )
+        .await?;
+    }
+    ready(&mss, "back", long).await?;
+    ready(&mss, "front", long).await?;
+    let headless = svcs.get("back-weir-endpoints").await?;
+    assert_eq!(
+        headless.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("None"),
+        "the companion Service is headless"
+    );
+    // front's sidecar resolves the headless Service every 5 s: the three pods.
+    let front_admin = pod_admin(&pods, "front").await?;
+    wait_for(
+        "front's sidecar knows back's three pods",
+        long,
+        || async move {
+            let (_, body) = http_get(front_admin, "/endpoints")?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            Ok((v["back"].as_array().map(Vec::len) == Some(3)).then_some(()))
+        },
+    )
+    .await?;
+
+    let front_addr = service_addr(&svcs, "front").await?;
+    let by_pod = |answers: &[(u16, String)]| {
+        let mut m = std::collections::BTreeMap::<String, usize>::new();
+        for (status, body) in answers {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let pod = v["upstream"]["pod"].as_str().unwrap_or("?");
+            *m.entry(format!("{status} {pod}")).or_default() += 1;
+        }
+        m
+    };
+    let answers = calls(front_addr, "/call/back/", 120);
+    let spread = by_pod(&answers);
+    eprintln!("calls by back pod: {spread:?}");
+    assert_eq!(spread.len(), 3, "three pods answered: {spread:?}");
+    for (k, n) in &spread {
+        assert!(k.starts_with("200 ") && *n >= 10, "spread: {spread:?}");
+    }
+
+    // One pod's app fails every call (its probes still pass).
+    let back_pods: Vec<Pod> = pods
+        .list(&ListParams::default().labels("weir.dev/microservice=back"))
+        .await?
+        .items;
+    let bad = back_pods
+        .iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+        .context("a back pod")?;
+    let bad_name = bad.name_any();
+    let bad_ip = bad
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .context("pod IP")?;
+    let (status, body) = weir_e2e::http_post(format!("{bad_ip}:15001").parse()?, "/fail", "{}")?;
+    assert_eq!(status, 200, "{body}");
+    let answers = calls(front_addr, "/call/back/", 120);
+    let after = by_pod(&answers);
+    eprintln!("after {bad_name} failed: {after:?}");
+    // Every call answered by a healthy pod (the failures were retried elsewhere)...
+    assert!(
+        answers
+            .iter()
+            .all(|(s, b)| *s == 200 && !b.contains(&bad_name)),
+        "{after:?}"
+    );
+    // ...the bad pod was sent the failures that ejected it...
+    let (_, bad_metrics) = http_get(format!("{bad_ip}:15090").parse()?, "/metrics")?;
+    let failed = metric(
+        &bad_metrics,
+        r#"weir_requests_total{direction="inbound",dependency="",status_class="5xx"}"#,
+    )
+    .unwrap_or(0.0);
+    // Three failures in a row eject it; calls already on their way when the third came back
+    // (four callers) may still reach it.
+    assert!(
+        (3.0..=6.0).contains(&failed),
+        "consecutiveFailures reached it, and what was in flight, no more ({failed}):\n{bad_metrics}"
+    );
+    let (_, body) = http_get(front_admin, "/endpoints")?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let states: Vec<(String, String)> = v["back"]
+        .as_array()
+        .context("back's endpoints")?
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap_or("").to_string(),
+                e["health"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&(format!("{bad_ip}:15001"), "ejected".into())),
+        "{states:?}"
+    );
+    // ...and front's breaker for back stayed closed.
+    let (_, fm) = http_get(front_admin, "/metrics")?;
+    assert_eq!(
+        metric(&fm, r#"weir_circuit_breaker_state{dependency="back"}"#),
+        Some(0.0),
+        "{fm}"
+    );
+    assert_eq!(
+        metric(&fm, r#"weir_endpoints_ejected{dependency="back"}"#),
+        Some(1.0),
+        "{fm}"
+    );
+    Ok(())
+}
+
 /// examples/grpc in pods: inventory (tonic, h2c) ready by its gRPC health check relayed by its
 /// sidecar, storefront calling it through both sidecars, unary and a server stream, with the
 /// calls counted by gRPC method and status on each side.

@@ -10,6 +10,9 @@
 //! - `POST /publish/<queue>`: publishes the body through the sidecar (`$WEIR_SIDECAR_URL/v1/publish/<queue>`).
 //! - `POST /events/<anything>`: receives an event pushed by the sidecar (500 while `FAIL_EVENTS=1`);
 //!   `GET /received` lists the events received, with their `ce-id`.
+//! - `POST /fail`: from then on every request but the probes and `POST /recover` is answered
+//!   503 (one replica gone bad while its probes pass: what outlier ejection is for);
+//!   `POST /recover` ends it.
 //!
 //! Listens on `127.0.0.1:$PORT` (8080): only the sidecar calls it. `BIND=0.0.0.0` to expose it.
 
@@ -21,6 +24,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Set by `POST /fail`, cleared by `POST /recover`.
+static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -83,6 +89,21 @@ async fn handle(
     received: Received,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = req.uri().path().to_string();
+    let post_to = |p: &str| req.method() == hyper::Method::POST && path == p;
+    if post_to("/fail") || post_to("/recover") {
+        FAILING.store(path == "/fail", std::sync::atomic::Ordering::SeqCst);
+        return Ok(reply(
+            StatusCode::OK,
+            json!({"service": *name, "failing": path == "/fail"}),
+        ));
+    }
+    if FAILING.load(std::sync::atomic::Ordering::SeqCst) && path != "/healthz" && path != "/readyz"
+    {
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "error": "failing (POST /fail)"}),
+        ));
+    }
     if req.method() == hyper::Method::POST {
         return Ok(post(req, &path, &client, &name, &received).await);
     }
