@@ -86,7 +86,7 @@ pub struct Rendered {
     pub deployment: Deployment,
     pub service: Service,
     /// The headless `<name>-weir-endpoints` Service of a Microservice (see
-    /// [`endpoints_service`]); `None` for a saga coordinator, which no sidecar calls.
+    /// `endpoints_service` function); `None` for a saga coordinator, which no sidecar calls.
     pub endpoints_service: Option<Service>,
 }
 
