@@ -85,8 +85,8 @@ pub struct Rendered {
     pub config_map: ConfigMap,
     pub deployment: Deployment,
     pub service: Service,
-    /// The headless `<name>-weir-endpoints` Service of a Microservice (see
-    /// `endpoints_service` function); `None` for a saga coordinator, which no sidecar calls.
+    /// The headless `<name>-weir-endpoints` Service of a Microservice (made by
+    /// `endpoints_service`); `None` for a saga coordinator, which no sidecar calls.
     pub endpoints_service: Option<Service>,
 }
 
