@@ -107,8 +107,12 @@ pub enum Outcome {
     /// An answer that says nothing against the endpoint (2xx–4xx, any gRPC status but
     /// UNAVAILABLE).
     Success,
-    /// A gateway failure: connection refused or reset, 502/503/504, gRPC UNAVAILABLE.
+    /// A gateway failure: connection reset, 502/503/504, gRPC UNAVAILABLE.
     GatewayFailure,
+    /// No connection could be made (refused, unreachable, timed out): the endpoint is most
+    /// likely gone (a pod deleted before discovery said so), so it is ejected at once, within
+    /// the cap, rather than after [`Settings::consecutive_failures`].
+    ConnectFailure,
     /// The caller went away before the answer: no verdict.
     Cancelled,
 }
@@ -302,6 +306,10 @@ impl Picked {
                     st.failures += 1;
                     self.probe
                         || (st.health == Health::Active && st.failures >= s.consecutive_failures)
+                }
+                Outcome::ConnectFailure => {
+                    st.failures += 1;
+                    self.probe || st.health == Health::Active
                 }
                 Outcome::Cancelled => false,
             }

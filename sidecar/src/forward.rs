@@ -364,6 +364,8 @@ struct Sent {
     resp: Resp,
     /// The connection failed (refused, reset, closed early): the target's fault.
     gateway_failure: bool,
+    /// No connection could be made at all.
+    connect_failure: bool,
     /// The caller's request body broke: nobody's fault but the caller's.
     client_fault: bool,
 }
@@ -376,6 +378,7 @@ async fn send(fut: hyper_util::client::legacy::ResponseFuture, connect_reason: R
             Sent {
                 resp,
                 gateway_failure: false,
+                connect_failure: false,
                 client_fault: false,
             }
         }
@@ -392,6 +395,7 @@ async fn send(fut: hyper_util::client::legacy::ResponseFuture, connect_reason: R
                 return Sent {
                     resp: reject_closing(Reason::ClientBodyError),
                     gateway_failure: false,
+                    connect_failure: false,
                     client_fault: true,
                 };
             }
@@ -407,6 +411,7 @@ async fn send(fut: hyper_util::client::legacy::ResponseFuture, connect_reason: R
             Sent {
                 resp: reject(reason),
                 gateway_failure: true,
+                connect_failure: e.is_connect(),
                 client_fault: false,
             }
         }
@@ -569,6 +574,8 @@ impl Service<Req> for Balanced {
             let status = resp.status().as_u16();
             let outcome = if sent.client_fault {
                 Outcome::Cancelled
+            } else if sent.connect_failure {
+                Outcome::ConnectFailure
             } else if sent.gateway_failure
                 || matches!(status, 502..=504)
                 || crate::layers::grpc::status_in_headers(&resp) == Some(UNAVAILABLE)
@@ -581,7 +588,7 @@ impl Service<Req> for Balanced {
             picked.finish(outcome);
             // The failure that ejected the endpoint (or one from an endpoint already ejected,
             // a failed probe) is the endpoint's, not the dependency's, while others remain.
-            let spared = outcome == Outcome::GatewayFailure
+            let spared = matches!(outcome, Outcome::GatewayFailure | Outcome::ConnectFailure)
                 && endpoint.health(tokio::time::Instant::now()) != Health::Active
                 && balancer.others_active(addr);
             resp.extensions_mut().insert(ServedBy { addr, spared });

@@ -488,3 +488,63 @@ pub fn build(
         components: comps,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_crds::proxy::EndpointsConfig;
+
+    fn outbound(upstream: &str, endpoints: Option<EndpointsConfig>) -> OutboundConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": "d", "listen": "127.0.0.1:1", "upstream": upstream, "timeoutMs": 1000,
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn what_a_dependency_is_balanced_over() {
+        // An address literal is one endpoint: called as before, no balancer.
+        assert!(balance_key(&outbound("http://10.0.0.1:8080", None)).is_none());
+        assert!(balance_key(&outbound("https://[fd00::1]/v1", None)).is_none());
+        // A URL's name is resolved, and balanced only when it has several addresses.
+        let (k, implicit) = balance_key(&outbound("https://api.example.com/v1", None)).unwrap();
+        assert!(implicit);
+        assert_eq!(
+            k.resolve,
+            Some((
+                "api.example.com:443".into(),
+                weir_crds::proxy::DEFAULT_REFRESH_MS
+            ))
+        );
+        let (k, _) = balance_key(&outbound("http://api.example.com", None)).unwrap();
+        assert_eq!(k.resolve.unwrap().0, "api.example.com:80");
+        // Configured endpoints: balanced whatever their number; fixed ones are not resolved.
+        let dns = EndpointsConfig {
+            dns: Some("users-weir-endpoints.shop.svc.cluster.local:15001".into()),
+            addresses: vec![],
+            refresh_ms: 2000,
+        };
+        let (k, implicit) = balance_key(&outbound(
+            "http://users.shop.svc.cluster.local:80",
+            Some(dns),
+        ))
+        .unwrap();
+        assert!(!implicit);
+        assert_eq!(
+            k.resolve,
+            Some((
+                "users-weir-endpoints.shop.svc.cluster.local:15001".into(),
+                2000
+            ))
+        );
+        let fixed = EndpointsConfig {
+            dns: None,
+            addresses: vec!["127.0.0.1:2".parse().unwrap()],
+            refresh_ms: 5000,
+        };
+        let (k, implicit) = balance_key(&outbound("http://127.0.0.1:2", Some(fixed))).unwrap();
+        assert!(!implicit);
+        assert_eq!(k.resolve, None);
+    }
+}

@@ -468,3 +468,55 @@ async fn dns_endpoints_are_resolved_and_called_by_address_under_the_dependencys_
         format!("127.0.0.1:{}", addr.port())
     );
 }
+
+#[tokio::test]
+async fn an_endpoint_that_refuses_connections_is_ejected_at_the_first_refusal() {
+    // A pod deleted before discovery says so: its address refuses connections.
+    let mut eps = endpoints(3).await;
+    let gone = eps.remove(2);
+    let gone_addr = gone.addr;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut cfg = config(&eps, |d| {
+        d.retry = Some(weir_crds::proxy::RetryConfig {
+            attempts: 2,
+            backoff_base_ms: 1,
+            backoff_max_ms: 1,
+            retry_non_idempotent: false,
+            budget: weir_crds::proxy::RetryBudgetConfig {
+                ratio: 1.0,
+                min_per_second: 1000,
+                ttl_ms: 10_000,
+            },
+            grpc_statuses: vec![14],
+        });
+    });
+    cfg.outbound[0]
+        .endpoints
+        .as_mut()
+        .unwrap()
+        .addresses
+        .push(gone_addr);
+    let p = proxy(cfg).await;
+    let seen = load(&p, 100, 1).await;
+    // The refusal was retried on another endpoint; no caller saw it.
+    assert_eq!(seen, BTreeMap::from([(200, 100)]));
+    let view = endpoints_view(&p).await;
+    assert_eq!(health_of(&view, gone_addr), "ejected", "{view}");
+    let refused = view
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == gone_addr.to_string())
+        .unwrap()["consecutiveFailures"]
+        .as_u64();
+    assert_eq!(refused, Some(0), "ejected at its first refusal: {view}");
+    assert_eq!(
+        p.metric(&format!(
+            "weir_endpoint_requests_total{{dependency=\"backend\",endpoint=\"{gone_addr}\"}}"
+        ))
+        .await,
+        1.0,
+        "one attempt reached it"
+    );
+}

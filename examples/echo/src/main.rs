@@ -13,6 +13,9 @@
 //! - `POST /fail`: from then on every request but the probes and `POST /recover` is answered
 //!   503 (one replica gone bad while its probes pass: what outlier ejection is for);
 //!   `POST /recover` ends it.
+//! - `GET /requests`: how many requests it has answered (the probes and this one aside).
+//! - `DELAY_MS`: every answer but the probes' and `/requests` waits that long first (one slow
+//!   replica among fast ones, in the balancing benchmark).
 //!
 //! Listens on `127.0.0.1:$PORT` (8080): only the sidecar calls it. `BIND=0.0.0.0` to expose it.
 
@@ -24,6 +27,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// `DELAY_MS`, read once.
+static DELAY: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    Duration::from_millis(
+        std::env::var("DELAY_MS")
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0),
+    )
+});
+
+/// Requests answered, probes and `/requests` aside.
+static ANSWERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Set by `POST /fail`, cleared by `POST /recover`.
 static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -89,6 +105,20 @@ async fn handle(
     received: Received,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = req.uri().path().to_string();
+    if path == "/requests" {
+        let n = ANSWERED.load(std::sync::atomic::Ordering::SeqCst);
+        return Ok(reply(
+            StatusCode::OK,
+            json!({"service": *name, "requests": n}),
+        ));
+    }
+    if path != "/healthz" && path != "/readyz" {
+        ANSWERED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let delay = *DELAY;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
     let post_to = |p: &str| req.method() == hyper::Method::POST && path == p;
     if post_to("/fail") || post_to("/recover") {
         FAILING.store(path == "/fail", std::sync::atomic::Ordering::SeqCst);
