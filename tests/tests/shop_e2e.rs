@@ -187,6 +187,18 @@ impl Shop {
         names.into_iter().map(|(_, n)| n).collect()
     }
 
+    /// The inbound ports of every replica of a Microservice.
+    fn ports(&self, service: &str) -> Vec<u16> {
+        let state = self.state();
+        state["services"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|s| s["microservice"] == service)
+            .map(|s| s["inbound"].as_u64().unwrap() as u16)
+            .collect()
+    }
+
     fn port(&self, service: &str) -> u16 {
         self.service(service)["inbound"].as_u64().unwrap() as u16
     }
@@ -566,12 +578,14 @@ fn shop_end_to_end(broker: &str) {
     eprintln!("  services with spans of the trace: {services:?}");
     let log = shop.log();
     for svc in ["gateway", "orders", "users"] {
-        // Replica 0: the one called through the gateway's URL and by dependants.
-        let svc = &shop.replicas(svc)[0];
+        // Whichever replica the call was balanced to.
+        let replicas = shop.replicas(svc);
         assert!(
-            log.lines()
-                .any(|l| l.starts_with(&format!("[{svc}] ")) && l.contains(&trace_id)),
-            "no log line of {svc} with trace id {trace_id}"
+            log.lines().any(
+                |l| replicas.iter().any(|r| l.starts_with(&format!("[{r}] ")))
+                    && l.contains(&trace_id)
+            ),
+            "no log line of {replicas:?} with trace id {trace_id}"
         );
     }
 
@@ -623,14 +637,11 @@ fn shop_end_to_end(broker: &str) {
     http(pay, "POST", "/admin/fail", Some(&json!({"on": false})), &[]);
 
     eprintln!("== users slow: the breaker opens, the fallback customer answers fast; then closes");
-    let users = shop.port("users");
-    http(
-        users,
-        "POST",
-        "/admin/slow",
-        Some(&json!({"ms": 1500})),
-        &[],
-    );
+    // Every replica: orders balances its calls over them.
+    let users = shop.ports("users");
+    for &u in &users {
+        http(u, "POST", "/admin/slow", Some(&json!({"ms": 1500})), &[]);
+    }
     let orders_admin = shop.admin("orders");
     let fast_fallback = wait_until(
         "the fallback customer, fast",
@@ -651,7 +662,9 @@ fn shop_end_to_end(broker: &str) {
         Some(1.0),
         "breaker open"
     );
-    http(users, "POST", "/admin/slow", Some(&json!({"ms": 0})), &[]);
+    for &u in &users {
+        http(u, "POST", "/admin/slow", Some(&json!({"ms": 0})), &[]);
+    }
     wait_until("the real customer again", Duration::from_secs(30), || {
         let (_, o, _) = http(gw, "GET", &format!("/orders/{id}"), None, &[]);
         (o["customer"]["name"] == "Ada Lovelace").then_some(())
