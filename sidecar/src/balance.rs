@@ -197,18 +197,22 @@ impl Endpoint {
         }
     }
 
-    /// Whether the endpoint has answered at least once.
-    fn measured(&self) -> bool {
-        self.state().measured
+    /// Its state now, read under one lock.
+    fn snap(&self, now: Instant, s: &Settings) -> Snap {
+        let st = self.state();
+        Snap {
+            health: match st.health {
+                Health::Ejected(until) if until <= now => Health::Probation,
+                h => h,
+            },
+            measured: st.measured,
+            rtt: decayed(st.rtt, st.updated, now, s),
+        }
     }
 
     /// `prior`: the RTT assumed while it has never answered (its measured peers' mean).
-    fn cost(&self, now: Instant, s: &Settings, prior: f64) -> f64 {
-        let rtt = if self.measured() {
-            self.rtt(now, s).as_secs_f64()
-        } else {
-            prior
-        };
+    fn cost(&self, snap: &Snap, now: Instant, s: &Settings, prior: f64) -> f64 {
+        let rtt = if snap.measured { snap.rtt } else { prior };
         let warmth = if s.slow_start.is_zero() {
             1.0
         } else {
@@ -221,18 +225,25 @@ impl Endpoint {
 
 /// What an endpoint that never answered is assumed to take: its measured peers' mean (so it
 /// is neither shunned behind a pessimistic default nor flooded), or the default RTT.
-fn prior_rtt(list: &[Arc<Endpoint>], now: Instant, s: &Settings) -> f64 {
-    let (sum, n) = list
+fn prior_rtt(snaps: &[Snap], s: &Settings) -> f64 {
+    let (sum, n) = snaps
         .iter()
-        .filter(|e| e.measured())
-        .fold((0.0, 0u32), |(sum, n), e| {
-            (sum + e.rtt(now, s).as_secs_f64(), n + 1)
-        });
+        .filter(|e| e.measured)
+        .fold((0.0, 0u32), |(sum, n), e| (sum + e.rtt, n + 1));
     if n == 0 {
         s.default_rtt.as_secs_f64()
     } else {
         sum / f64::from(n)
     }
+}
+
+/// An endpoint's state as one choice reads it.
+#[derive(Clone, Copy, Debug)]
+struct Snap {
+    health: Health,
+    measured: bool,
+    /// The decayed estimate, in seconds.
+    rtt: f64,
 }
 
 /// The estimate `rtt` (set at `at`) as of `now`: it decays towards zero while nothing is
@@ -535,13 +546,19 @@ impl Balancer {
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Picked> {
         let now = Instant::now();
         let s = &self.shared.settings;
-        let list = self.shared.list();
+        // Each endpoint's state read once, under one lock each; no other allocation on the way.
+        let list = self
+            .shared
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         if list.is_empty() {
             return None;
         }
-        for e in &list {
+        let snaps: Vec<Snap> = list.iter().map(|e| e.snap(now, s)).collect();
+        for (e, snap) in list.iter().zip(&snaps) {
             if Some(e.addr) != avoid
-                && e.health(now) == Health::Probation
+                && snap.health == Health::Probation
                 && e.probing
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
@@ -549,48 +566,50 @@ impl Balancer {
                 return Some(self.hold(e.clone(), now, true));
             }
         }
-        let active: Vec<&Arc<Endpoint>> = list
-            .iter()
-            .filter(|e| e.health(now) == Health::Active)
-            .collect();
-        let preferred: Vec<&Arc<Endpoint>> = active
-            .iter()
-            .copied()
-            .filter(|e| Some(e.addr) != avoid)
-            .collect();
-        let pool = if preferred.is_empty() {
-            &active
-        } else {
-            &preferred
+        // Active endpoints but the one to avoid; all active ones when that leaves none.
+        let eligible = |i: usize, strict: bool| {
+            snaps[i].health == Health::Active && !(strict && Some(list[i].addr) == avoid)
         };
-        let chosen = match pool.len() {
-            n if n > 1 && s.algorithm == BalanceAlgorithm::RoundRobin => {
-                pool[self.shared.next.fetch_add(1, Ordering::Relaxed) % n]
-            }
-            0 => list
-                .iter()
-                .min_by_key(|e| match e.health(now) {
+        let mut strict = true;
+        let mut n = (0..list.len()).filter(|&i| eligible(i, true)).count();
+        if n == 0 {
+            strict = false;
+            n = (0..list.len()).filter(|&i| eligible(i, false)).count();
+        }
+        let nth = |k: usize| {
+            (0..list.len())
+                .filter(|&i| eligible(i, strict))
+                .nth(k)
+                .expect("k < n")
+        };
+        let chosen = match n {
+            0 => (0..list.len())
+                .min_by_key(|&i| match snaps[i].health {
                     Health::Ejected(until) => until,
                     _ => now,
                 })
                 .expect("not empty"),
-            1 => pool[0],
+            1 => nth(0),
+            n if s.algorithm == BalanceAlgorithm::RoundRobin => {
+                nth(self.shared.next.fetch_add(1, Ordering::Relaxed) % n)
+            }
             n => {
                 let i = (crate::trace::random_u64() % n as u64) as usize;
                 let mut j = (crate::trace::random_u64() % (n as u64 - 1)) as usize;
                 if j >= i {
                     j += 1;
                 }
-                let (a, b) = (pool[i], pool[j]);
-                let prior = prior_rtt(&list, now, s);
-                if a.cost(now, s, prior) <= b.cost(now, s, prior) {
-                    a
+                let (a, b) = (nth(i), nth(j));
+                let prior = if snaps[a].measured && snaps[b].measured {
+                    0.0
                 } else {
-                    b
-                }
+                    prior_rtt(&snaps, s)
+                };
+                let cost = |k: usize| list[k].cost(&snaps[k], now, s, prior);
+                if cost(a) <= cost(b) { a } else { b }
             }
         };
-        Some(self.hold(chosen.clone(), now, false))
+        Some(self.hold(list[chosen].clone(), now, false))
     }
 
     fn hold(&self, endpoint: Arc<Endpoint>, now: Instant, probe: bool) -> Picked {
@@ -611,7 +630,8 @@ impl Balancer {
 #[derive(Clone, Copy, Debug)]
 pub struct Avoid(pub SocketAddr);
 
-/// A response extension: the endpoint that answered, and whether its failure is spared the
+/// A response extension on a failed answer (a gateway failure, any 5xx; the retry layer takes
+/// the endpoint to avoid from it): the endpoint that answered, and whether its failure is spared the
 /// dependency's circuit breaker (the endpoint is ejected and others still take requests: the
 /// breaker judges the dependency as a whole, ejection judges endpoints).
 #[derive(Clone, Copy, Debug)]

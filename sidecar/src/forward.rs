@@ -504,7 +504,7 @@ pub struct Balanced {
     by_name: Forward,
     /// Only balance when there are at least two endpoints (a URL's own name).
     implicit: bool,
-    clients: Arc<Mutex<HashMap<SocketAddr, EndpointClient>>>,
+    clients: Arc<Mutex<HashMap<SocketAddr, Arc<EndpointClient>>>>,
     connect_reason: Reason,
 }
 
@@ -526,7 +526,7 @@ impl Balanced {
         }
     }
 
-    fn client(&self, addr: SocketAddr) -> Result<EndpointClient, String> {
+    fn client(&self, addr: SocketAddr) -> Result<Arc<EndpointClient>, String> {
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&addr) {
             return Ok(c.clone());
@@ -534,7 +534,7 @@ impl Balanced {
         // Endpoints that left the set lose their clients (and idle connections) here.
         let current = self.balancer.endpoints();
         map.retain(|a, _| current.iter().any(|e| e.addr == *a));
-        let c = EndpointClient::new(addr, &self.target)?;
+        let c = Arc::new(EndpointClient::new(addr, &self.target)?);
         map.insert(addr, c.clone());
         Ok(c)
     }
@@ -586,12 +586,18 @@ impl Service<Req> for Balanced {
             };
             let endpoint = picked.endpoint.clone();
             picked.finish(outcome);
-            // The failure that ejected the endpoint (or one from an endpoint already ejected,
-            // a failed probe) is the endpoint's, not the dependency's, while others remain.
-            let spared = matches!(outcome, Outcome::GatewayFailure | Outcome::ConnectFailure)
-                && endpoint.health(tokio::time::Instant::now()) != Health::Active
-                && balancer.others_active(addr);
-            resp.extensions_mut().insert(ServedBy { addr, spared });
+            // Only what a retry may follow is marked (a gateway failure, any 5xx): a good
+            // answer goes on without an extension to allocate.
+            let gateway = matches!(outcome, Outcome::GatewayFailure | Outcome::ConnectFailure);
+            if gateway || status >= 500 {
+                // The failure that ejected the endpoint (or one from an endpoint already
+                // ejected, a failed probe) is the endpoint's, not the dependency's, while
+                // others remain.
+                let spared = gateway
+                    && endpoint.health(tokio::time::Instant::now()) != Health::Active
+                    && balancer.others_active(addr);
+                resp.extensions_mut().insert(ServedBy { addr, spared });
+            }
             Ok(resp)
         })
     }

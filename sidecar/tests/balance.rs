@@ -307,6 +307,17 @@ async fn retries_land_on_another_endpoint() {
         eps[0].hits()
     );
     assert_eq!(eps[1].hits(), 200);
+    // A 500 (the app's own error, no ejection) is retried elsewhere too.
+    eps[0].set_status(500);
+    let before = (eps[0].hits(), eps[1].hits());
+    let seen = load(&p, 200, 4).await;
+    assert_eq!(seen, BTreeMap::from([(200, 200)]), "{seen:?}");
+    assert!(
+        eps[0].hits() - before.0 > 20,
+        "tried: {}",
+        eps[0].hits() - before.0
+    );
+    assert_eq!(eps[1].hits() - before.1, 200);
 }
 
 #[tokio::test]
