@@ -1275,7 +1275,7 @@ mod tests {
                 bulkhead: None,
                 fallback: None,
                 endpoints: Some(EndpointsConfig {
-                    dns: Some("users-weir-endpoints.shop.svc.cluster.local:15001".into()),
+                    dns: Some("users-weir-endpoints.shop.svc.cluster.local.:15001".into()),
                     addresses: vec![],
                     refresh_ms: DEFAULT_REFRESH_MS,
                 }),

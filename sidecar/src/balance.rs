@@ -132,7 +132,9 @@ const MIN_SAMPLE_WEIGHT: f64 = 0.1;
 
 #[derive(Debug)]
 struct State {
-    /// It has answered: `rtt` is a measurement, not the prior.
+    /// It has answered once (that answer is not measured).
+    answered: bool,
+    /// It has answered since: `rtt` is a measurement, not the prior.
     measured: bool,
     /// Peak-EWMA RTT estimate, in seconds, as of `updated`.
     rtt: f64,
@@ -164,6 +166,7 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             state: Mutex::new(State {
+                answered: false,
                 measured: false,
                 rtt,
                 updated: now,
@@ -286,9 +289,18 @@ impl Picked {
             let current = decayed(st.rtt, st.updated, now, s);
             // A request given up on (its deadline passed, its caller left) still says the
             // endpoint was at least that slow: a black hole must not look fast.
-            if outcome != Outcome::Cancelled || rtt > current {
-                st.rtt = if rtt > current || !st.measured {
-                    // The first answer replaces the prior; a slower one is taken at once.
+            if !st.answered {
+                // An endpoint's first answer carries its connection's setup and a cold app, not
+                // its latency: taken as a peak it would keep a new pod out of the choice for half
+                // a minute. The next answer measures it (a pod that is really slow is avoided
+                // from its second answer on).
+                st.answered = true;
+            } else if outcome != Outcome::Cancelled || rtt > current {
+                st.rtt = if !st.measured {
+                    // The first measurement replaces the prior.
+                    rtt
+                } else if rtt > current {
+                    // A slower answer is taken at once (the peak).
                     rtt
                 } else {
                     // From the last estimate towards the new answer, as far as the time since
@@ -807,6 +819,27 @@ mod tests {
         let got = run(&b, 50, |_| Duration::from_millis(1), |_| false).await;
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), [addr(3)]);
         assert!(Balancer::new(settings()).pick(None).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_answer_does_not_keep_a_new_endpoint_out() {
+        let b = Balancer::new(settings());
+        b.update(&[addr(2), addr(3)]);
+        run(&b, 100, |_| Duration::from_millis(1), |_| false).await;
+        b.update(&[addr(2), addr(3), addr(4)]);
+        // Its first answer takes 50× its peers' (a new connection, a cold app); then as fast.
+        let mut first = true;
+        let mut got = 0;
+        for _ in 0..300 {
+            let p = b.pick(None).unwrap();
+            let slow = p.endpoint.addr == addr(4) && std::mem::take(&mut first);
+            if p.endpoint.addr == addr(4) {
+                got += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(if slow { 50 } else { 1 })).await;
+            p.finish(Outcome::Success);
+        }
+        assert!(got > 50, "the new endpoint got {got} of 300");
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,9 +7,14 @@
 //!
 //! - Every [`refresh_ms`](weir_crds::proxy::EndpointsConfig::refresh_ms) the name is resolved and the balancer's set
 //!   replaced by the answer (endpoints that stay keep their state).
-//! - A resolution that fails, or answers nothing, keeps the last set: a DNS hiccup must not
-//!   empty a healthy dependency. An endpoint that is really gone is found at once by the
-//!   connections refused or reset to it (outlier ejection) and leaves at the next answer.
+//! - A resolution that fails (a timeout, a server failure: `Temporary failure in name
+//!   resolution`) keeps the last set: a DNS hiccup must not empty a healthy dependency. An
+//!   endpoint that is really gone is found at once by the connection refused to it (outlier
+//!   ejection) and leaves at the next answer.
+//! - An answer of no address (the name does not exist, or has no record: a headless Service
+//!   with no ready pod) empties the set: calls then go to the upstream by name, through the
+//!   Service, which answers as it would without Weir (refused at once with no pod), so the
+//!   dependency's breaker and fallback work as before.
 //! - One address family is used: IPv4 when the answer has any, else IPv6 (a dual-stack name
 //!   lists each host twice, and `localhost` is not two endpoints).
 
@@ -44,11 +49,31 @@ impl Resolver {
 }
 
 /// The system's resolver (`getaddrinfo`: `/etc/hosts`, then the pod's nameservers and search
-/// domains).
+/// domains). A name that does not exist or has no address is an answer (no address), not an
+/// error: only a resolution that could not be made is.
 pub fn system_resolver() -> Resolver {
     Resolver::new(|name: String| {
-        Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+        Box::pin(async move {
+            match tokio::net::lookup_host(name).await {
+                Ok(addrs) => Ok(addrs.collect()),
+                Err(e) if is_no_such_name(&e) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            }
+        })
     })
+}
+
+/// Whether a `getaddrinfo` error is the answer "no such name" or "no address for it"
+/// (`EAI_NONAME`, `EAI_NODATA`), which the standard library passes on as their text only.
+fn is_no_such_name(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    [
+        "Name or service not known",
+        "No address associated with hostname",
+        "nodename nor servname provided",
+    ]
+    .iter()
+    .any(|t| text.contains(t))
 }
 
 /// The running resolution loop of one dependency; stopped when dropped (a reload that changes
@@ -90,7 +115,19 @@ impl Discovery {
             let mut failing = false;
             loop {
                 match resolve.resolve(name.clone()).await {
-                    Ok(addrs) if !addrs.is_empty() => {
+                    Ok(addrs) if addrs.is_empty() => {
+                        if !last.is_empty() {
+                            tracing::warn!(
+                                %dependency,
+                                %name,
+                                "no endpoint: the name has no address; calls go to the upstream by name"
+                            );
+                            balancer.update(&[]);
+                            last.clear();
+                        }
+                        failing = false;
+                    }
+                    Ok(addrs) => {
                         let addrs = one_family(addrs);
                         if failing {
                             tracing::info!(%dependency, %name, "endpoints resolve again");
@@ -107,12 +144,9 @@ impl Discovery {
                             last = addrs;
                         }
                     }
-                    outcome => {
+                    Err(e) => {
                         if !failing {
-                            let error = match outcome {
-                                Ok(_) => "no address".to_string(),
-                                Err(e) => e.to_string(),
-                            };
+                            let error = e.to_string();
                             tracing::warn!(
                                 %dependency,
                                 %name,
@@ -165,22 +199,38 @@ mod tests {
         let d = Discovery::start("users", "users:15001".into(), every, b.clone(), resolve);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(addrs(&b), [a("10.0.0.1:15001"), a("10.0.0.2:15001")]);
-        // A failed resolution and an empty answer keep the set.
+        // A failed resolution keeps the set.
         *answer.lock().unwrap() = None;
-        tokio::time::sleep(every).await;
-        assert_eq!(addrs(&b).len(), 2);
-        *answer.lock().unwrap() = Some(vec![]);
         tokio::time::sleep(every).await;
         assert_eq!(addrs(&b).len(), 2);
         // A pod leaves and another comes: the next resolution says so.
         *answer.lock().unwrap() = Some(vec![a("10.0.0.2:15001"), a("10.0.0.3:15001")]);
         tokio::time::sleep(every).await;
         assert_eq!(addrs(&b), [a("10.0.0.2:15001"), a("10.0.0.3:15001")]);
+        // No address at all (no ready pod): the set empties, and calls go by name.
+        *answer.lock().unwrap() = Some(vec![]);
+        tokio::time::sleep(every).await;
+        assert!(addrs(&b).is_empty());
+        *answer.lock().unwrap() = Some(vec![a("10.0.0.2:15001"), a("10.0.0.3:15001")]);
+        tokio::time::sleep(every).await;
+        assert_eq!(addrs(&b).len(), 2);
         // Stopped with its handle.
         drop(d);
         *answer.lock().unwrap() = Some(vec![a("10.0.0.9:15001")]);
         tokio::time::sleep(every * 2).await;
         assert_eq!(addrs(&b).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_system_resolver_answers_no_address_for_a_name_that_does_not_exist() {
+        let r = system_resolver();
+        assert_eq!(
+            r.resolve("weir-no-such-name.invalid:80".into())
+                .await
+                .unwrap(),
+            Vec::<SocketAddr>::new()
+        );
+        assert!(!r.resolve("localhost:80".into()).await.unwrap().is_empty());
     }
 
     #[test]

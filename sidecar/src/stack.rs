@@ -521,7 +521,7 @@ mod tests {
         assert_eq!(k.resolve.unwrap().0, "api.example.com:80");
         // Configured endpoints: balanced whatever their number; fixed ones are not resolved.
         let dns = EndpointsConfig {
-            dns: Some("users-weir-endpoints.shop.svc.cluster.local:15001".into()),
+            dns: Some("users-weir-endpoints.shop.svc.cluster.local.:15001".into()),
             addresses: vec![],
             refresh_ms: 2000,
         };
@@ -534,7 +534,7 @@ mod tests {
         assert_eq!(
             k.resolve,
             Some((
-                "users-weir-endpoints.shop.svc.cluster.local:15001".into(),
+                "users-weir-endpoints.shop.svc.cluster.local.:15001".into(),
                 2000
             ))
         );

@@ -871,7 +871,7 @@ spec:
         let dns = users.endpoints.as_ref().unwrap();
         assert_eq!(
             dns.dns.as_deref(),
-            Some("users-weir-endpoints.shop.svc.cluster.local:15001")
+            Some("users-weir-endpoints.shop.svc.cluster.local.:15001")
         );
         assert!(dns.addresses.is_empty());
         assert_eq!(dns.refresh_ms, weir_crds::proxy::DEFAULT_REFRESH_MS);

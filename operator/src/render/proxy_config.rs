@@ -79,11 +79,12 @@ impl Placement for PodPlacement {
     /// The A records of a headless Service are its ready pods: the sidecar's periodic
     /// resolution of `<name>-weir-endpoints` is the discovery, with no API-server watch per pod
     /// and nothing of the operator's on the request path. The port is each pod's inbound
-    /// sidecar.
+    /// sidecar. The name is absolute (a trailing dot): a pod's `ndots:5` would otherwise try
+    /// each search domain first, three failed queries every resolution.
     fn microservice_endpoints(&self, namespace: &str, name: &str) -> Option<EndpointsConfig> {
         Some(EndpointsConfig {
             dns: Some(format!(
-                "{}.{namespace}.svc.{}:{}",
+                "{}.{namespace}.svc.{}.:{}",
                 endpoints_service_name(name),
                 self.cluster_domain,
                 weir_crds::proxy::INBOUND_PORT
