@@ -291,6 +291,19 @@ pub(super) fn listening_sockets(port: u16) -> Vec<String> {
     out
 }
 
+/// Whether `c` exits by `deadline`, polled: for when waiting on it failed.
+async fn exits_by(c: &mut Child, deadline: Instant) -> bool {
+    loop {
+        match c.try_wait() {
+            Ok(Some(_)) => return true,
+            // The pid is gone (reaped elsewhere): nothing is left to wait for.
+            Err(_) => return true,
+            Ok(None) if Instant::now() >= deadline => return false,
+            Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 pub(super) async fn stop_all(children: &mut Vec<(String, Child)>, grace: Duration) {
     for (_, c) in children.iter() {
         if let Some(pid) = c.id() {
@@ -304,9 +317,21 @@ pub(super) async fn stop_all(children: &mut Vec<(String, Child)>, grace: Duratio
     for (name, c) in children.iter_mut() {
         let pid = c.id();
         let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, c.wait()).await.is_err() {
-            eprintln!("weir up: {name} did not stop within {grace:?}; killing it");
-            let _ = c.kill().await;
+        match tokio::time::timeout(left, c.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                // Not known to exit: poll for it rather than kill a process still finishing
+                // its in-flight requests.
+                eprintln!("weir up: waiting for {name} failed ({e}); polling for its exit");
+                if !exits_by(c, deadline).await {
+                    eprintln!("weir up: {name} did not stop within {grace:?}; killing it");
+                    let _ = c.kill().await;
+                }
+            }
+            Err(_) => {
+                eprintln!("weir up: {name} did not stop within {grace:?}; killing it");
+                let _ = c.kill().await;
+            }
         }
         kill_group(pid);
     }
