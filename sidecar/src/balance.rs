@@ -2,10 +2,16 @@
 //!
 //! - **Choice**: power of two choices over peak-EWMA latency weighted by requests in flight
 //!   (Linkerd's balancer): two eligible endpoints drawn at random, the one with the lower
-//!   `rtt × (in_flight + 1) / warmth` wins. The RTT estimate jumps to any slower observation
-//!   (peak) and decays towards faster ones with [`Settings::decay`]; an endpoint never measured
-//!   starts at [`Settings::default_rtt`]. A new endpoint's `warmth` grows from 0.1 to 1 over
-//!   [`Settings::slow_start`], so it is not flooded the moment it appears.
+//!   `rtt × (in_flight + 1)` wins. The RTT estimate jumps to any slower observation (peak) and
+//!   decays towards faster ones with [`Settings::decay`]; an endpoint never measured is assumed
+//!   as fast as its measured peers ([`Settings::default_rtt`] when none is). An estimate of
+//!   few answers decays faster (`decay × (n/10)²` after `n < 10` answers): one slow early
+//!   answer (a cold app) keeps a new pod out for a fraction of a second, not for half a minute,
+//!   and an endpoint measured long keeps the full decay.
+//! - **Slow start**: a new endpoint's `warmth` grows from 0.1 to 1 over [`Settings::slow_start`];
+//!   when it wins a draw it takes the request with that chance (else the other candidate does),
+//!   so its share ramps up with time. (Dividing its cost by the warmth instead would make it
+//!   lose every draw against warm peers as fast as it, until fully warm: a step, not a ramp.)
 //! - **Ejection** (Envoy's outlier detection, Linkerd's failure accrual): after
 //!   [`Settings::consecutive_failures`] gateway failures in a row (connection refused or reset,
 //!   502/503/504, gRPC `UNAVAILABLE`: the caller says which with [`Outcome`]) an endpoint gets no
@@ -134,8 +140,8 @@ const MIN_SAMPLE_WEIGHT: f64 = 0.1;
 struct State {
     /// It has answered once (that answer is not measured).
     answered: bool,
-    /// It has answered since: `rtt` is a measurement, not the prior.
-    measured: bool,
+    /// Answers measured since (saturating): none means `rtt` is the prior.
+    measurements: u32,
     /// Peak-EWMA RTT estimate, in seconds, as of `updated`.
     rtt: f64,
     updated: Instant,
@@ -167,7 +173,7 @@ impl Endpoint {
             probing: AtomicBool::new(false),
             state: Mutex::new(State {
                 answered: false,
-                measured: false,
+                measurements: 0,
                 rtt,
                 updated: now,
                 failures: 0,
@@ -188,8 +194,7 @@ impl Endpoint {
 
     /// The RTT estimate now (decayed since the last answer).
     pub fn rtt(&self, now: Instant, s: &Settings) -> Duration {
-        let st = self.state();
-        Duration::from_secs_f64(decayed(st.rtt, st.updated, now, s))
+        Duration::from_secs_f64(self.state().estimate(now, s))
     }
 
     /// Its health now: an ejection that is over reads as probation.
@@ -208,21 +213,25 @@ impl Endpoint {
                 Health::Ejected(until) if until <= now => Health::Probation,
                 h => h,
             },
-            measured: st.measured,
-            rtt: decayed(st.rtt, st.updated, now, s),
+            measured: st.measurements > 0,
+            rtt: st.estimate(now, s),
         }
     }
 
     /// `prior`: the RTT assumed while it has never answered (its measured peers' mean).
-    fn cost(&self, snap: &Snap, now: Instant, s: &Settings, prior: f64) -> f64 {
+    fn cost(&self, snap: &Snap, prior: f64) -> f64 {
         let rtt = if snap.measured { snap.rtt } else { prior };
-        let warmth = if s.slow_start.is_zero() {
+        rtt * f64::from(self.in_flight() + 1)
+    }
+
+    /// How far into its slow start it is: 0.1 when it appears, 1 once `slow_start` has passed.
+    fn warmth(&self, now: Instant, s: &Settings) -> f64 {
+        if s.slow_start.is_zero() {
             1.0
         } else {
             (now.saturating_duration_since(self.added).as_secs_f64() / s.slow_start.as_secs_f64())
                 .clamp(0.1, 1.0)
-        };
-        rtt * f64::from(self.in_flight() + 1) / warmth
+        }
     }
 }
 
@@ -249,12 +258,26 @@ struct Snap {
     rtt: f64,
 }
 
-/// The estimate `rtt` (set at `at`) as of `now`: it decays towards zero while nothing is
-/// learnt, so an endpoint that was slow gets a request again after a while and is measured anew
-/// (tower's and Linkerd's peak EWMA do the same).
-fn decayed(rtt: f64, at: Instant, now: Instant, s: &Settings) -> f64 {
-    let elapsed = now.saturating_duration_since(at).as_secs_f64();
-    rtt * (-elapsed / s.decay.as_secs_f64().max(1e-9)).exp()
+/// Answers after which an estimate decays at the full [`Settings::decay`].
+const SETTLED_MEASUREMENTS: u32 = 10;
+
+impl State {
+    /// The estimate as of `now`: it decays towards zero while nothing is learnt, so an endpoint
+    /// that was slow gets a request again after a while and is measured anew (tower's and
+    /// Linkerd's peak EWMA do the same).
+    ///
+    /// An estimate of `n` answers decays with `decay × (n/10)²` until ten: it says little yet
+    /// (a new pod's early answers carry cold caches and pools), and an endpoint is only
+    /// measured anew once its estimate has decayed below its peers'. With the full decay from
+    /// the start, one answer 50× slower than the peers' keeps a pod out for `ln 50 × 10 s`
+    /// ≈ 40 s; so, for 0.4 s.
+    fn estimate(&self, now: Instant, s: &Settings) -> f64 {
+        let settled = f64::from(self.measurements.clamp(1, SETTLED_MEASUREMENTS))
+            / f64::from(SETTLED_MEASUREMENTS);
+        let decay = s.decay.as_secs_f64() * settled * settled;
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.rtt * (-elapsed / decay.max(1e-9)).exp()
+    }
 }
 
 /// A request's hold on an endpoint: counts it in flight until [`Picked::finish`] (or drop, which
@@ -286,7 +309,7 @@ impl Picked {
         let want_ejection = {
             let mut st = ep.state();
             let rtt = now.saturating_duration_since(self.start).as_secs_f64();
-            let current = decayed(st.rtt, st.updated, now, s);
+            let current = st.estimate(now, s);
             // A request given up on (its deadline passed, its caller left) still says the
             // endpoint was at least that slow: a black hole must not look fast.
             if !st.answered {
@@ -296,7 +319,7 @@ impl Picked {
                 // from its second answer on).
                 st.answered = true;
             } else if outcome != Outcome::Cancelled || rtt > current {
-                st.rtt = if !st.measured {
+                st.rtt = if st.measurements == 0 {
                     // The first measurement replaces the prior.
                     rtt
                 } else if rtt > current {
@@ -310,7 +333,7 @@ impl Picked {
                     let w = (current / st.rtt.max(f64::MIN_POSITIVE)).min(1.0 - MIN_SAMPLE_WEIGHT);
                     st.rtt * w + rtt * (1.0 - w)
                 };
-                st.measured = true;
+                st.measurements = st.measurements.saturating_add(1);
                 st.updated = now;
                 ep.metrics.rtt.set(st.rtt);
             }
@@ -524,7 +547,7 @@ impl Balancer {
                     address: e.addr,
                     health,
                     ejected_for_ms,
-                    latency_ewma_ms: decayed(st.rtt, st.updated, now, s) * 1000.0,
+                    latency_ewma_ms: st.estimate(now, s) * 1000.0,
                     in_flight: e.in_flight(),
                     consecutive_failures: st.failures,
                     ejections: st.ejections,
@@ -617,8 +640,15 @@ impl Balancer {
                 } else {
                     prior_rtt(&snaps, s)
                 };
-                let cost = |k: usize| list[k].cost(&snaps[k], now, s, prior);
-                if cost(a) <= cost(b) { a } else { b }
+                let cost = |k: usize| list[k].cost(&snaps[k], prior);
+                let (win, lose) = if cost(a) <= cost(b) { (a, b) } else { (b, a) };
+                // Slow start: a warming winner takes the request with the chance of its warmth.
+                let warmth = list[win].warmth(now, s);
+                if warmth < 1.0 && unit_random() >= warmth {
+                    lose
+                } else {
+                    win
+                }
             }
         };
         Some(self.hold(list[chosen].clone(), now, false))
@@ -636,6 +666,11 @@ impl Balancer {
             done: false,
         }
     }
+}
+
+/// A uniform draw in `[0, 1)`.
+fn unit_random() -> f64 {
+    (crate::trace::random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A request extension: the endpoint a retry should avoid (the one that just failed it).
@@ -840,6 +875,98 @@ mod tests {
             p.finish(Outcome::Success);
         }
         assert!(got > 50, "the new endpoint got {got} of 300");
+    }
+
+    /// Calls every 10 ms for `secs` seconds, each answered in 1 ms but by `slow` for its
+    /// `slow_answers` answers after the first; returns how many calls each endpoint got.
+    async fn paced(
+        b: &Balancer,
+        secs: u64,
+        slow: SocketAddr,
+        slow_answers: std::ops::Range<usize>,
+    ) -> std::collections::HashMap<SocketAddr, usize> {
+        let mut got = std::collections::HashMap::<SocketAddr, usize>::new();
+        for _ in 0..secs * 100 {
+            let p = b.pick(None).unwrap();
+            let n = got.entry(p.endpoint.addr).or_default();
+            let this_slow = p.endpoint.addr == slow && slow_answers.contains(n);
+            *n += 1;
+            tokio::time::sleep(Duration::from_millis(if this_slow { 50 } else { 1 })).await;
+            p.finish(Outcome::Success);
+            tokio::time::sleep(Duration::from_millis(9)).await;
+        }
+        got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_slow_for_its_first_measured_answers_is_back_within_seconds() {
+        // Its first answers after the unmeasured one take 50× its peers' (a cold app): with
+        // the full 10 s decay from the start it would be out for ln 50 × 10 s ≈ 40 s. An
+        // estimate of few answers decays faster, so it is measured anew within seconds.
+        for slow_answers in [1..2, 1..4] {
+            let b = Balancer::new(settings());
+            b.update(&[addr(2), addr(3)]);
+            paced(&b, 1, addr(9), 0..0).await;
+            b.update(&[addr(2), addr(3), addr(4)]);
+            let got = paced(&b, 20, addr(4), slow_answers.clone()).await;
+            let share = got.get(&addr(4)).copied().unwrap_or(0) as f64 / 2000.0;
+            eprintln!("slow answers {slow_answers:?}: {share}");
+            assert!(
+                share > 0.2,
+                "slow answers {slow_answers:?}: the new endpoint got {share} of the calls: {got:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_measured_long_keeps_the_full_decay() {
+        // A peak after many answers still keeps it out for about decay × ln(ratio).
+        let b = Balancer::new(settings());
+        b.update(&[addr(2), addr(3), addr(4)]);
+        paced(&b, 10, addr(9), 0..0).await;
+        let ep4 = b
+            .endpoints()
+            .into_iter()
+            .find(|e| e.addr == addr(4))
+            .unwrap();
+        // Requests held in flight on the others until one goes to it.
+        let mut held = Vec::new();
+        let p = loop {
+            let p = b.pick(None).unwrap();
+            if p.endpoint.addr == addr(4) {
+                break p;
+            }
+            held.push(p);
+        };
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        p.finish(Outcome::Success);
+        assert!(ep4.rtt(Instant::now(), &settings()) >= Duration::from_millis(49));
+        let got = paced(&b, 10, addr(9), 0..0).await;
+        let share = got.get(&addr(4)).copied().unwrap_or(0) as f64 / 1000.0;
+        assert!(share < 0.05, "{share}: {got:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_new_endpoint_up_rather_than_keeping_it_out() {
+        // Equal latencies, one call at a time: a cost divided by the warmth would lose every
+        // draw until the pod is warm; drawn with a chance that grows with it, it gets calls
+        // from the start, fewer than its peers.
+        let s = Settings {
+            slow_start: Duration::from_secs(10),
+            ..Settings::default()
+        };
+        let b = Balancer::new(s);
+        b.update(&[addr(2), addr(3)]);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        paced(&b, 1, addr(9), 0..0).await;
+        b.update(&[addr(2), addr(3), addr(4)]);
+        let first = paced(&b, 3, addr(9), 0..0).await;
+        let early = first.get(&addr(4)).copied().unwrap_or(0);
+        assert!(
+            (10..100).contains(&early),
+            "the new endpoint got {early} of the first 300 calls: {first:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
