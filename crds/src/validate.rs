@@ -45,6 +45,21 @@ fn check_duration(
     }
 }
 
+/// A duration greater than zero at `at(field)`; the message names `field` as the CRD's rule
+/// does.
+fn check_positive_duration(
+    errs: &mut Vec<FieldError>,
+    at: &dyn Fn(&str) -> String,
+    field: &str,
+    value: &str,
+) -> Option<std::time::Duration> {
+    let d = check_duration(errs, at(field), value)?;
+    if d.is_zero() {
+        push(errs, at(field), format!("{field} must be greater than 0"));
+    }
+    Some(d)
+}
+
 /// The pattern of a DNS label, as the Microservice CRD states it for `metadata.name`.
 pub(crate) const DNS_LABEL_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
 
@@ -206,15 +221,7 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
             );
         }
         if let Some(lb) = &d.load_balancer {
-            if check_duration(&mut errs, at("loadBalancer.decay"), &lb.decay)
-                .is_some_and(|d| d.is_zero())
-            {
-                push(
-                    &mut errs,
-                    at("loadBalancer.decay"),
-                    "loadBalancer.decay must be greater than 0",
-                );
-            }
+            check_positive_duration(&mut errs, &at, "loadBalancer.decay", &lb.decay);
             check_duration(&mut errs, at("loadBalancer.slowStart"), &lb.slow_start);
         }
         if let Some(od) = &d.outlier_detection {
@@ -232,9 +239,10 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
                     "must be between 0 and 100",
                 );
             }
-            let base = check_duration(
+            let base = check_positive_duration(
                 &mut errs,
-                at("outlierDetection.baseEjectionTime"),
+                &at,
+                "outlierDetection.baseEjectionTime",
                 &od.base_ejection_time,
             );
             let max = check_duration(
@@ -242,13 +250,6 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
                 at("outlierDetection.maxEjectionTime"),
                 &od.max_ejection_time,
             );
-            if base.is_some_and(|b| b.is_zero()) {
-                push(
-                    &mut errs,
-                    at("outlierDetection.baseEjectionTime"),
-                    "outlierDetection.baseEjectionTime must be greater than 0",
-                );
-            }
             if let (Some(b), Some(m)) = (base, max)
                 && m < b
             {
@@ -305,27 +306,37 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
     if let Some(e) = &spec.edge {
         edge(&mut errs, e, spec);
     }
-    let mut queues = BTreeSet::new();
-    for (i, c) in spec.consumes.iter().enumerate() {
-        if !queues.insert(c.queue.as_str()) {
-            push(
-                &mut errs,
-                format!("spec.consumes[{i}]"),
-                format!("duplicate queue {:?}", c.queue),
-            );
-        }
-    }
-    let mut queues = BTreeSet::new();
-    for (i, p) in spec.publishes.iter().enumerate() {
-        if !queues.insert(p.queue.as_str()) {
-            push(
-                &mut errs,
-                format!("spec.publishes[{i}]"),
-                format!("duplicate queue {:?}", p.queue),
-            );
-        }
-    }
+    once_each(
+        &mut errs,
+        "spec.consumes",
+        spec.consumes.iter().map(|c| c.queue.as_str()),
+    );
+    once_each(
+        &mut errs,
+        "spec.publishes",
+        spec.publishes.iter().map(|p| p.queue.as_str()),
+    );
     errs
+}
+
+/// Each queue named once in the list at `field`.
+fn once_each<Q: Ord + std::fmt::Debug>(
+    errs: &mut Vec<FieldError>,
+    field: &str,
+    queues: impl IntoIterator<Item = Q>,
+) {
+    let mut seen = BTreeSet::new();
+    for (i, q) in queues.into_iter().enumerate() {
+        if seen.contains(&q) {
+            push(
+                errs,
+                format!("{field}[{i}]"),
+                format!("duplicate queue {q:?}"),
+            );
+        } else {
+            seen.insert(q);
+        }
+    }
 }
 
 /// A path prefix as the schema's pattern allows it: `/` or `/a/b`, no empty segment, no query.

@@ -402,17 +402,14 @@ struct Shared {
 }
 
 impl Shared {
-    fn list(&self) -> Vec<Arc<Endpoint>> {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Endpoint>>> {
+        self.endpoints.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether one more endpoint (other than `addr`, which is not ejected yet) may be ejected
     /// without passing the cap; at least one endpoint always stays.
     fn may_eject(&self, addr: &SocketAddr, now: Instant) -> bool {
-        let list = self.list();
+        let list = self.read();
         let ejected = list
             .iter()
             .filter(|e| e.addr != *addr && matches!(e.health(now), Health::Ejected(_)))
@@ -522,7 +519,7 @@ impl Balancer {
     pub fn others_active(&self, addr: SocketAddr) -> bool {
         let now = Instant::now();
         self.shared
-            .list()
+            .read()
             .iter()
             .any(|e| e.addr != addr && !matches!(e.health(now), Health::Ejected(_)))
     }
@@ -532,7 +529,7 @@ impl Balancer {
         let now = Instant::now();
         let s = &self.shared.settings;
         self.shared
-            .list()
+            .read()
             .iter()
             .map(|e| {
                 let st = e.state();
@@ -558,16 +555,12 @@ impl Balancer {
 
     /// The current endpoints.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
-        self.shared.list()
+        self.shared.read().clone()
     }
 
     /// How many endpoints there are.
     pub fn len(&self) -> usize {
-        self.shared
-            .endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.shared.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -579,15 +572,17 @@ impl Balancer {
     /// other is eligible. `None` when there is no endpoint at all. When every endpoint is
     /// ejected, the one whose ejection ends first is used rather than failing the request.
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Picked> {
+        self.pick_from(avoid, 1)
+    }
+
+    /// [`Balancer::pick`] when there are `at_least` endpoints (one look at the set), else
+    /// `None`.
+    pub fn pick_from(&self, avoid: Option<SocketAddr>, at_least: usize) -> Option<Picked> {
         let now = Instant::now();
         let s = &self.shared.settings;
         // Each endpoint's state read once, under one lock each; no other allocation on the way.
-        let list = self
-            .shared
-            .endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        if list.is_empty() {
+        let list = self.shared.read();
+        if list.is_empty() || list.len() < at_least {
             return None;
         }
         let snaps: Vec<Snap> = list.iter().map(|e| e.snap(now, s)).collect();

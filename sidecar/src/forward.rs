@@ -547,11 +547,10 @@ impl Service<Req> for Balanced {
     always_ready!();
 
     fn call(&mut self, mut req: Req) -> BoxFuture {
-        if self.implicit && self.balancer.len() < 2 {
-            return self.by_name.call(req);
-        }
+        // A URL's name is balanced once it has two addresses or more; a declared set from one.
+        let at_least = if self.implicit { 2 } else { 1 };
         let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
-        let Some(picked) = self.balancer.pick(avoid) else {
+        let Some(picked) = self.balancer.pick_from(avoid, at_least) else {
             return self.by_name.call(req);
         };
         if let Err(refused) = prepare(&self.target, &mut req) {

@@ -104,6 +104,22 @@ fn config(eps: &[Endpoint], tune: impl FnOnce(&mut OutboundConfig)) -> ProxyConf
     cfg
 }
 
+/// One retry after 1 ms, never held back by the budget: each failed call is tried again once.
+fn one_quick_retry() -> weir_crds::proxy::RetryConfig {
+    weir_crds::proxy::RetryConfig {
+        attempts: 2,
+        backoff_base_ms: 1,
+        backoff_max_ms: 1,
+        retry_non_idempotent: false,
+        budget: weir_crds::proxy::RetryBudgetConfig {
+            ratio: 1.0,
+            min_per_second: 1000,
+            ttl_ms: 10_000,
+        },
+        grpc_statuses: vec![14],
+    }
+}
+
 /// Sends `n` GETs, `concurrency` at a time; the statuses seen, by count.
 async fn load(p: &Proxy, n: usize, concurrency: usize) -> BTreeMap<u16, usize> {
     let c = client();
@@ -283,18 +299,7 @@ async fn retries_land_on_another_endpoint() {
     let p = proxy(config(&eps, |d| {
         // Never ejected here: each call meets the failing endpoint afresh.
         d.outlier_detection.max_ejected_percent = 0;
-        d.retry = Some(weir_crds::proxy::RetryConfig {
-            attempts: 2,
-            backoff_base_ms: 1,
-            backoff_max_ms: 1,
-            retry_non_idempotent: false,
-            budget: weir_crds::proxy::RetryBudgetConfig {
-                ratio: 1.0,
-                min_per_second: 1000,
-                ttl_ms: 10_000,
-            },
-            grpc_statuses: vec![14],
-        });
+        d.retry = Some(one_quick_retry());
     }))
     .await;
     eps[0].set_status(503);
@@ -489,18 +494,7 @@ async fn an_endpoint_that_refuses_connections_is_ejected_at_the_first_refusal() 
     drop(gone);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut cfg = config(&eps, |d| {
-        d.retry = Some(weir_crds::proxy::RetryConfig {
-            attempts: 2,
-            backoff_base_ms: 1,
-            backoff_max_ms: 1,
-            retry_non_idempotent: false,
-            budget: weir_crds::proxy::RetryBudgetConfig {
-                ratio: 1.0,
-                min_per_second: 1000,
-                ttl_ms: 10_000,
-            },
-            grpc_statuses: vec![14],
-        });
+        d.retry = Some(one_quick_retry());
     });
     cfg.outbound[0]
         .endpoints

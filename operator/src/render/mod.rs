@@ -156,20 +156,8 @@ pub fn render_with(
     let service = Service {
         metadata: metadata(ms, name.clone(), &namespace),
         spec: Some(ServiceSpec {
-            selector: Some(BTreeMap::from([(
-                LABEL_MICROSERVICE.to_string(),
-                name.clone(),
-            )])),
-            ports: Some(vec![ServicePort {
-                // The port fronts the inbound sidecar, which accepts HTTP/1.1 and HTTP/2 alike;
-                // `appProtocol` says what the app behind it speaks, for tools that read it.
-                name: Some(service_port_name(ms.spec.protocol).into()),
-                port: SERVICE_PORT,
-                target_port: Some(IntOrString::String("weir-inbound".into())),
-                protocol: Some("TCP".into()),
-                app_protocol: Some(ms.spec.protocol.service_app_protocol().into()),
-                ..Default::default()
-            }]),
+            selector: Some(pods_of(&name)),
+            ports: Some(vec![inbound_service_port(ms, SERVICE_PORT)]),
             ..Default::default()
         }),
         ..Default::default()
@@ -202,20 +190,28 @@ fn endpoints_service(ms: &Microservice, name: &str, namespace: &str) -> Service 
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(false),
-            selector: Some(BTreeMap::from([(
-                LABEL_MICROSERVICE.to_string(),
-                name.to_string(),
-            )])),
-            ports: Some(vec![ServicePort {
-                name: Some(service_port_name(ms.spec.protocol).into()),
-                port: i32::from(INBOUND_PORT),
-                target_port: Some(IntOrString::String("weir-inbound".into())),
-                protocol: Some("TCP".into()),
-                app_protocol: Some(ms.spec.protocol.service_app_protocol().into()),
-                ..Default::default()
-            }]),
+            selector: Some(pods_of(name)),
+            ports: Some(vec![inbound_service_port(ms, i32::from(INBOUND_PORT))]),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// The selector of a Microservice's pods.
+fn pods_of(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(LABEL_MICROSERVICE.to_string(), name.to_string())])
+}
+
+/// A Service port onto the pods' inbound sidecar, which accepts HTTP/1.1 and HTTP/2 alike;
+/// `appProtocol` says what the app behind it speaks, for tools that read it.
+fn inbound_service_port(ms: &Microservice, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(service_port_name(ms.spec.protocol).into()),
+        port,
+        target_port: Some(IntOrString::String("weir-inbound".into())),
+        protocol: Some("TCP".into()),
+        app_protocol: Some(ms.spec.protocol.service_app_protocol().into()),
         ..Default::default()
     }
 }
@@ -532,7 +528,7 @@ fn deployment(
         (None, vec![proxy, app])
     };
 
-    let selector = BTreeMap::from([(LABEL_MICROSERVICE.to_string(), name.to_string())]);
+    let selector = pods_of(name);
     Deployment {
         metadata: metadata(ms, name.to_string(), namespace),
         spec: Some(DeploymentSpec {
