@@ -9,8 +9,9 @@
 //!   answer (a cold app) keeps a new pod out for a fraction of a second, not for half a minute,
 //!   and an endpoint measured long keeps the full decay.
 //! - **Slow start**: a new endpoint's `warmth` grows from 0.1 to 1 over [`Settings::slow_start`];
-//!   when it wins a draw it takes the request with that chance (else the other candidate does),
-//!   so its share ramps up with time. (Dividing its cost by the warmth instead would make it
+//!   when it wins a draw against a warmer endpoint it takes the request with the chance of its
+//!   warmth over the other's (else the other does), so its share ramps up with time; endpoints
+//!   that appeared together compete on latency alone. (Dividing its cost by the warmth instead would make it
 //!   lose every draw against warm peers as fast as it, until fully warm: a step, not a ramp.)
 //! - **Ejection** (Envoy's outlier detection, Linkerd's failure accrual): after
 //!   [`Settings::consecutive_failures`] gateway failures in a row (connection refused or reset,
@@ -637,9 +638,11 @@ impl Balancer {
                 };
                 let cost = |k: usize| list[k].cost(&snaps[k], prior);
                 let (win, lose) = if cost(a) <= cost(b) { (a, b) } else { (b, a) };
-                // Slow start: a warming winner takes the request with the chance of its warmth.
-                let warmth = list[win].warmth(now, s);
-                if warmth < 1.0 && unit_random() >= warmth {
+                // Slow start: a winner colder than the other takes the request with the chance of
+                // its warmth over the other's (endpoints that appeared together compete on
+                // latency alone).
+                let (warm_win, warm_lose) = (list[win].warmth(now, s), list[lose].warmth(now, s));
+                if warm_win < warm_lose && unit_random() >= warm_win / warm_lose {
                     lose
                 } else {
                     win
@@ -951,7 +954,7 @@ mod tests {
             slow_start: Duration::from_secs(10),
             ..Settings::default()
         };
-        let b = Balancer::new(s);
+        let b = Balancer::new(s.clone());
         b.update(&[addr(2), addr(3)]);
         tokio::time::advance(Duration::from_secs(60)).await;
         paced(&b, 1, addr(9), 0..0).await;
@@ -962,6 +965,13 @@ mod tests {
             (10..100).contains(&early),
             "the new endpoint got {early} of the first 300 calls: {first:?}"
         );
+        // Endpoints that appear together (a proxy's start, a first resolution) warm up together:
+        // their slow start does not send the slower one calls its latency would not earn.
+        let b = Balancer::new(s);
+        b.update(&[addr(2), addr(3), addr(4)]);
+        let got = paced(&b, 5, addr(4), 1..usize::MAX).await;
+        let slow = got.get(&addr(4)).copied().unwrap_or(0);
+        assert!(slow < 25, "the slow endpoint got {slow} of 500: {got:?}");
     }
 
     #[tokio::test(start_paused = true)]
