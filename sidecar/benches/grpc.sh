@@ -40,64 +40,19 @@ P_ENVOY=$((BASE + 6))
 P_ENVOY_ADMIN=$((BASE + 7))
 P_UNUSED=$((BASE + 8)) # otlp endpoint: never contacted with sampling 0
 
-log() { printf '[grpc-bench] %s\n' "$*" >&2; }
+BENCH_NAME=grpc-bench
+# shellcheck source=sidecar/benches/lib.sh
+. "$ROOT/sidecar/benches/lib.sh"
 
-for tool in h2load haproxy envoy nginx taskset curl; do
-  if ! command -v "$tool" >/dev/null; then
-    log "$tool missing: running scripts/setup.sh --bench"
-    scripts/setup.sh --bench
-    break
-  fi
-done
-if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-  log "cargo build --release -p weir-proxy -p weir-example-grpc"
-  cargo build --release -q -p weir-proxy -p weir-example-grpc
-fi
+need_tools h2load haproxy envoy nginx taskset curl
+build_release -p weir-proxy -p weir-example-grpc
 WEIR=$TARGET_DIR/release/weir-proxy
 SERVER=$TARGET_DIR/release/weir-grpc-inventory
 if [ ! -x "$WEIR" ] || [ ! -x "$SERVER" ]; then log "missing $WEIR or $SERVER"; exit 1; fi
 
-WORK=$(mktemp -d /tmp/weir-grpc-bench.XXXXXX)
-PIDS=()
-stop() { # pid: TERM, up to 5 s, then KILL
-  local pid=$1 deadline=$((SECONDS + 5))
-  kill -TERM "$pid" 2>/dev/null || return 0
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$? pid f
-  for pid in "${PIDS[@]}"; do stop "$pid"; done
-  if [ "$rc" != 0 ]; then
-    for f in "$WORK"/*.log "$WORK"/*.err; do
-      [ -s "$f" ] && { log "--- $f"; tail -n 5 "$f" >&2; }
-    done
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir
 
-for p in $(seq "$BASE" $((BASE + 9))); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-    log "port $p is in use: set GRPC_BENCH_PORT_BASE"; exit 1
-  fi
-done
-
-START_PID=
-start() { # name cpu cmd...: starts cmd pinned to cpu, logs to $WORK/name.log, sets START_PID
-  local name=$1 cpu=$2; shift 2
-  taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
-  START_PID=$!
-  PIDS+=("$START_PID")
-}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
-CLK_TCK=$(getconf CLK_TCK)
+ports_free "$BASE" $((BASE + 9)) GRPC_BENCH_PORT_BASE
 
 # StockQuery { sku: "apple" }, framed: uncompressed, 7 bytes.
 printf '\x00\x00\x00\x00\x07\x0a\x05apple' >"$WORK/check.bin"
@@ -132,32 +87,9 @@ backend be
   server up 127.0.0.1:$P_UP proto h2
 EOF
 
-cat >"$WORK/envoy.yaml" <<EOF
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: $P_ENVOY_ADMIN}}
-static_resources:
-  listeners:
-  - name: bench
-    address: {socket_address: {address: 127.0.0.1, port_value: $P_ENVOY}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{match: {prefix: "/"}, route: {cluster: up}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: up
-    type: STATIC
-    connect_timeout: 1s
+{
+  envoy_head AUTO 'cluster: up'
+  cat <<EOF
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -166,6 +98,7 @@ static_resources:
       cluster_name: up
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $P_UP}}}}]}]
 EOF
+} >"$WORK/envoy.yaml"
 
 NGINX_GRPC=0
 if nginx -V 2>&1 | grep -q -- '--with-http_v2_module' && ! nginx -V 2>&1 | grep -q -- '--without-http_grpc_module'; then

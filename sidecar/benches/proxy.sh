@@ -43,72 +43,19 @@ P_BULK=$((BASE + 9))
 P_BULK_ADMIN=$((BASE + 10))
 P_UNUSED=$((BASE + 11)) # otlp endpoint: never contacted with sampling 0
 
-log() { printf '[bench] %s\n' "$*" >&2; }
+BENCH_NAME=bench
+# shellcheck source=sidecar/benches/lib.sh
+. "$ROOT/sidecar/benches/lib.sh"
 
-for tool in nginx haproxy wrk envoy taskset curl; do
-  if ! command -v "$tool" >/dev/null; then
-    log "$tool missing: running scripts/setup.sh --bench"
-    scripts/setup.sh --bench
-    break
-  fi
-done
-if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-  log "cargo build --release -p weir-proxy -p weir-example-echo"
-  cargo build --release -q -p weir-proxy -p weir-example-echo
-fi
+need_tools nginx haproxy wrk envoy taskset curl
+build_release -p weir-proxy -p weir-example-echo
 WEIR=$TARGET_DIR/release/weir-proxy
 ECHO=$TARGET_DIR/release/weir-echo
 if [ ! -x "$WEIR" ] || [ ! -x "$ECHO" ]; then log "missing $WEIR or $ECHO"; exit 1; fi
 
-WORK=$(mktemp -d /tmp/weir-bench.XXXXXX)
-PIDS=()
-stop() { # pid: TERM, up to 5 s, then KILL
-  local pid=$1 deadline=$((SECONDS + 5))
-  kill -TERM "$pid" 2>/dev/null || return 0
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$? pid f
-  for pid in "${PIDS[@]}"; do stop "$pid"; done
-  if [ "$rc" != 0 ]; then
-    for f in "$WORK"/*.log "$WORK"/*.err; do
-      [ -s "$f" ] && { log "--- $f"; tail -n 5 "$f" >&2; }
-    done
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir
 
-for p in $(seq "$BASE" $((BASE + 11))); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-    log "port $p is in use: set BENCH_PORT_BASE"; exit 1
-  fi
-done
-
-START_PID=
-start() { # name cpu cmd...: starts cmd pinned to cpu, logs to $WORK/name.log, sets START_PID
-  local name=$1 cpu=$2; shift 2
-  taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
-  START_PID=$!
-  PIDS+=("$START_PID")
-}
-wait_http() { # url [seconds]: until it answers 2xx
-  local url=$1 deadline=$((SECONDS + ${2:-20}))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  log "no answer from $url"; return 1
-}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
-CLK_TCK=$(getconf CLK_TCK)
+ports_free "$BASE" $((BASE + 11)) BENCH_PORT_BASE
 
 # --- configs ----------------------------------------------------------------------------------
 mkdir -p "$WORK/www"
@@ -154,36 +101,14 @@ backend be
   server up 127.0.0.1:$P_UP
 EOF
 
-cat >"$WORK/envoy.yaml" <<EOF
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: $P_ENVOY_ADMIN}}
-static_resources:
-  listeners:
-  - name: bench
-    address: {socket_address: {address: 127.0.0.1, port_value: $P_ENVOY}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: HTTP1
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{match: {prefix: "/"}, route: {cluster: up}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: up
-    type: STATIC
-    connect_timeout: 1s
+{
+  envoy_head HTTP1 'cluster: up'
+  cat <<EOF
     load_assignment:
       cluster_name: up
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $P_UP}}}}]}]
 EOF
+} >"$WORK/envoy.yaml"
 
 # weir-proxy: every inbound policy on (rate limit far above the load, concurrency limit above the
 # connection count, tracing configured with sampling 0, metrics always on) and one outbound
