@@ -272,6 +272,34 @@ impl Issuer {
     }
 }
 
+impl Issuer {
+    /// A serving certificate for the issuer's own endpoint: DNS names, server authentication
+    /// only (a workload certificate cannot stand in for it, nor it for one: it has no URI SAN).
+    pub fn sign_server(
+        &self,
+        key: &WorkloadKey,
+        dns_names: &[String],
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Issued, SignError> {
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(pki)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let not_after = (now + lifetime).min(self.ca.not_after);
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial());
+        let leaf = params.signed_by(&key.key, &self.ca.rcgen()?).map_err(pki)?;
+        Ok(Issued {
+            chain_pem: format!("{}{}", leaf.pem(), self.ca.cert_pem()),
+            not_after,
+        })
+    }
+}
+
 /// A workload's key pair, made where it is used (the private key never leaves the process),
 /// and its CSR.
 pub struct WorkloadKey {

@@ -6,6 +6,8 @@
 //! - [`ca`]: the trust anchor and the issuer (an intermediate CA), the key pair and CSR a
 //!   workload makes for itself, and the issuer's policy: a certificate for exactly the identity
 //!   its requester authenticated as, short-lived, never a CA.
+//! - [`endpoint`]: the issuer's HTTPS endpoint (a CSR and a bearer token in, a chain out) and
+//!   the client a workload asks it with.
 //! - [`tls`]: rustls configurations for mutual TLS by identity, with the workload's certificate
 //!   replaceable under open connections.
 //!
@@ -14,6 +16,7 @@
 //! crate, so the identity's spelling and the issuer's policy are defined once.
 
 pub mod ca;
+pub mod endpoint;
 pub mod id;
 pub mod tls;
 

@@ -70,6 +70,11 @@ impl TrustBundle {
         })
     }
 
+    /// The anchors, for a verifier.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
     /// How many anchors it holds.
     pub fn len(&self) -> usize {
         self.roots.len()

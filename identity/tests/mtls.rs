@@ -162,7 +162,10 @@ async fn certificates_from_another_anchor_are_refused_at_both_ends() {
     .await;
     // Another anchor's issuer has the same name as ours: its signature is what fails.
     let err = out.server.unwrap_err();
-    assert!(err.contains("invalid peer certificate: BadSignature"), "server: {err}");
+    assert!(
+        err.contains("invalid peer certificate: BadSignature"),
+        "server: {err}"
+    );
     // A server whose certificate another anchor issued: the client refuses it.
     let out = connect(
         &pki.bundle(),
@@ -173,7 +176,10 @@ async fn certificates_from_another_anchor_are_refused_at_both_ends() {
     )
     .await;
     let err = out.client.unwrap_err();
-    assert!(err.contains("invalid peer certificate: BadSignature"), "client: {err}");
+    assert!(
+        err.contains("invalid peer certificate: BadSignature"),
+        "client: {err}"
+    );
 }
 
 #[tokio::test]
