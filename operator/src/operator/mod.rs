@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod broker;
 pub mod conditions;
 pub mod events;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod microservice;
