@@ -161,6 +161,23 @@ mod tests {
                             "ownerReferences": owners}})
     }
 
+    /// The review authenticates `system:serviceaccount:shop:orders`; the ServiceAccount's GET
+    /// answers `answer`.
+    fn orders_account(answer: (StatusCode, Value)) -> Vec<crate::operator::mock_api::Expect> {
+        vec![
+            expect(
+                Method::POST,
+                REVIEWS,
+                reviewed(authenticated("system:serviceaccount:shop:orders")),
+            ),
+            expect(
+                Method::GET,
+                "/api/v1/namespaces/shop/serviceaccounts/orders",
+                move |_| answer.clone(),
+            ),
+        ]
+    }
+
     async fn run(script: Vec<crate::operator::mock_api::Expect>) -> Result<WorkloadId, AuthError> {
         let (ctx, handle) = context();
         let server = tokio::spawn(serve(handle, script));
@@ -173,26 +190,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_rendered_service_account_maps_to_its_microservice() {
-        let out = run(vec![
-            expect(
-                Method::POST,
-                REVIEWS,
-                reviewed(authenticated("system:serviceaccount:shop:orders")),
+        let out = run(orders_account((
+            StatusCode::OK,
+            sa(
+                json!({"weir.dev/microservice": "orders"}),
+                Some(("Microservice", "orders")),
             ),
-            expect(
-                Method::GET,
-                "/api/v1/namespaces/shop/serviceaccounts/orders",
-                |_| {
-                    (
-                        StatusCode::OK,
-                        sa(
-                            json!({"weir.dev/microservice": "orders"}),
-                            Some(("Microservice", "orders")),
-                        ),
-                    )
-                },
-            ),
-        ])
+        )))
         .await;
         assert_eq!(
             out,
@@ -240,70 +244,31 @@ mod tests {
         .await;
         assert!(matches!(out, Err(AuthError::Forbidden(_))), "{out:?}");
         // A ServiceAccount with the label but no owner (a user's own, same name).
-        let out = run(vec![
-            expect(
-                Method::POST,
-                REVIEWS,
-                reviewed(authenticated("system:serviceaccount:shop:orders")),
-            ),
-            expect(
-                Method::GET,
-                "/api/v1/namespaces/shop/serviceaccounts/orders",
-                |_| {
-                    (
-                        StatusCode::OK,
-                        sa(json!({"weir.dev/microservice": "orders"}), None),
-                    )
-                },
-            ),
-        ])
+        let out = run(orders_account((
+            StatusCode::OK,
+            sa(json!({"weir.dev/microservice": "orders"}), None),
+        )))
         .await;
         assert!(
             matches!(&out, Err(AuthError::Forbidden(m)) if m.contains("not one Weir rendered")),
             "{out:?}"
         );
         // Labelled for payments, owned by orders: no.
-        let out = run(vec![
-            expect(
-                Method::POST,
-                REVIEWS,
-                reviewed(authenticated("system:serviceaccount:shop:orders")),
+        let out = run(orders_account((
+            StatusCode::OK,
+            sa(
+                json!({"weir.dev/microservice": "payments"}),
+                Some(("Microservice", "orders")),
             ),
-            expect(
-                Method::GET,
-                "/api/v1/namespaces/shop/serviceaccounts/orders",
-                |_| {
-                    (
-                        StatusCode::OK,
-                        sa(
-                            json!({"weir.dev/microservice": "payments"}),
-                            Some(("Microservice", "orders")),
-                        ),
-                    )
-                },
-            ),
-        ])
+        )))
         .await;
         assert!(matches!(out, Err(AuthError::Forbidden(_))), "{out:?}");
         // Gone.
-        let out = run(vec![
-            expect(
-                Method::POST,
-                REVIEWS,
-                reviewed(authenticated("system:serviceaccount:shop:orders")),
-            ),
-            expect(
-                Method::GET,
-                "/api/v1/namespaces/shop/serviceaccounts/orders",
-                |_| {
-                    (
-                        StatusCode::NOT_FOUND,
-                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        let out = run(orders_account((
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                "reason": "NotFound", "code": 404, "message": "not found"}),
-                    )
-                },
-            ),
-        ])
+        )))
         .await;
         assert!(
             matches!(&out, Err(AuthError::Forbidden(m)) if m.contains("gone")),
