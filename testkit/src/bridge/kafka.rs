@@ -27,6 +27,9 @@ pub const QUEUE_PARTITIONS: i32 = 4;
 pub const QUIET: Duration = Duration::from_millis(300);
 /// How long [`read_all`] waits for a topic's first record (joining, finding the start).
 pub const FIRST: Duration = Duration::from_millis(1500);
+/// How long [`read_all`] waits for more while a partition has not reached the end it had when
+/// the read began.
+const SHORT_OF_THE_END: Duration = Duration::from_secs(5);
 
 /// The librdkafka settings of the server's `kafka://` URL.
 pub fn config(k: &KafkaServer) -> ClientConfig {
@@ -196,14 +199,41 @@ async fn read_keyed(k: &KafkaServer, topic: &str, quiet: Duration) -> Vec<(Strin
                 .unwrap();
         }
         c.assign(&tpl).expect("assign");
+        // Each partition's end as of now. A quiet spell ends the read, as it did, but while a
+        // partition has not reached its end the spell must be longer: waiting 300 ms alone
+        // missed a record under load (a fetch of one of four partitions came later).
+        let ends: Option<BTreeMap<i32, i64>> = parts
+            .iter()
+            .map(|&p| {
+                c.fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .ok()
+                    .map(|(_, high)| (p, high))
+            })
+            .collect();
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let reached = |next: &BTreeMap<i32, i64>| {
+            ends.as_ref().is_none_or(|ends| {
+                ends.iter()
+                    .all(|(p, high)| next.get(p).copied().unwrap_or(0) >= *high)
+            })
+        };
         let mut out = Vec::new();
         let mut quiet_since = std::time::Instant::now();
         let mut wait = FIRST;
-        while quiet_since.elapsed() < wait {
+        loop {
+            let limit = if reached(&next) {
+                wait
+            } else {
+                wait.max(SHORT_OF_THE_END)
+            };
+            if quiet_since.elapsed() >= limit {
+                break;
+            }
             if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
                 {
                     quiet_since = std::time::Instant::now();
                     wait = quiet;
+                    next.insert(m.partition(), m.offset() + 1);
                     let headers: BTreeMap<_, _> = weir_broker::kafka::headers_of(&m)
                         .into_iter()
                         .map(|(k, v)| (k.to_ascii_lowercase(), v))
