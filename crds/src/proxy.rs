@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     /// The namespace's identity key: which `x-user-*` headers this sidecar may trust and sign.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityConfig>,
+    /// The workload's own certificate, for mutual TLS between sidecars; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsConfig>,
 }
 
 /// The inbound listener: every request for the app passes it, so its limits are the app's.
@@ -793,6 +796,31 @@ pub struct IdentityConfig {
     pub sign_for: Vec<String>,
 }
 
+/// The workload's certificate: who it is, whom it trusts, and where it asks for the certificate.
+/// The sidecar makes its own key (it never leaves the process), asks the issuer with the pod's
+/// token, and renews at `renewAtPercent` of the lifetime it got; it is not ready without a
+/// valid certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsConfig {
+    /// This workload's identity: `spiffe://<trust-domain>/ns/<namespace>/ms/<name>`.
+    pub identity: String,
+    /// The trust anchors (PEM): a peer's chain must end at one of them.
+    pub trust_bundle_file: String,
+    /// The issuer's endpoint, `https://host:port`.
+    pub issuer_url: String,
+    /// The token the sidecar proves itself with (the pod's projected ServiceAccount token),
+    /// read anew for each request: the kubelet rotates it.
+    pub token_file: String,
+    /// Renew once this share of the certificate's lifetime has passed.
+    #[serde(default = "default_renew_at_percent")]
+    pub renew_at_percent: u8,
+}
+
+fn default_renew_at_percent() -> u8 {
+    70
+}
+
 pub use crate::config_error::ConfigError;
 
 impl ProxyConfig {
@@ -1012,6 +1040,31 @@ impl ProxyConfig {
         }
         if let Some(e) = &self.edge {
             e.validate(&self.outbound)?;
+        }
+        if let Some(m) = &self.mtls {
+            if !m.identity.starts_with("spiffe://") {
+                return Err(err(
+                    "mtls.identity".into(),
+                    "must be a SPIFFE ID: spiffe://<trust-domain>/ns/<namespace>/ms/<name>",
+                ));
+            }
+            for (field, value) in [
+                ("mtls.trustBundleFile", &m.trust_bundle_file),
+                ("mtls.tokenFile", &m.token_file),
+            ] {
+                if value.is_empty() {
+                    return Err(err(field.into(), "must not be empty"));
+                }
+            }
+            if !m.issuer_url.starts_with("https://") {
+                return Err(err("mtls.issuerUrl".into(), "must be https://host:port"));
+            }
+            if !(10..=90).contains(&m.renew_at_percent) {
+                return Err(err(
+                    "mtls.renewAtPercent".into(),
+                    "must be between 10 and 90",
+                ));
+            }
         }
         if let Some(id) = &self.identity {
             if id.key_file.is_empty() {
@@ -1287,6 +1340,7 @@ mod tests {
             messaging: None,
             edge: None,
             identity: None,
+            mtls: None,
         }
     }
 

@@ -215,6 +215,24 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<WorkloadId, PeerErr
     }
 }
 
+/// The validity of a chain's leaf (PEM): not before, not after.
+pub fn leaf_validity(
+    chain_pem: &str,
+) -> Result<(std::time::SystemTime, std::time::SystemTime), PeerError> {
+    use rustls::pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or(PeerError::NoCertificate)?
+        .map_err(|e| PeerError::Unreadable(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+        .map_err(|e| PeerError::Unreadable(e.to_string()))?;
+    let at = |t: i64| {
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0).unsigned_abs())
+    };
+    let v = cert.validity();
+    Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
+}
+
 /// Why a peer's certificate names no workload.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {

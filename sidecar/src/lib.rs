@@ -14,6 +14,7 @@ pub mod layers;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
+pub mod mtls;
 pub mod otlp;
 pub mod service;
 pub mod stack;

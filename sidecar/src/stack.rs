@@ -120,9 +120,16 @@ pub struct Components {
     jwt_keys: Option<(JwtConfig, Arc<KeySource>)>,
     client_limiter: Option<(ClientRateLimitConfig, Arc<ClientLimiter>)>,
     identity_key: Option<(String, Arc<IdentityKey>)>,
+    /// The workload's certificate, kept across reloads while its config is the same.
+    workload_cert: Option<(weir_crds::proxy::MtlsConfig, Arc<crate::mtls::CertManager>)>,
 }
 
 impl Components {
+    /// The workload's certificate, when `mtls` is configured.
+    pub fn workload_cert(&self) -> Option<&Arc<crate::mtls::CertManager>> {
+        self.workload_cert.as_ref().map(|(_, m)| m)
+    }
+
     /// The span exporter's sink, when spans are exported.
     pub fn span_sink(&self) -> Option<&SpanSink> {
         self.exporter.as_ref().map(|(_, _, s)| s)
@@ -224,6 +231,11 @@ pub fn build(
         })
     });
     let identity_key = comps.identity_key.as_ref().map(|(_, k)| k.clone());
+    comps.workload_cert = config.mtls.as_ref().map(|m| {
+        reuse(prev.workload_cert.as_ref(), m, || {
+            crate::mtls::CertManager::start(m)
+        })
+    });
     let sign_for = |dep: &str| {
         config
             .identity

@@ -53,6 +53,7 @@ pub fn config(namespace: &str, service: &str, app: SocketAddr) -> ProxyConfig {
         messaging: None,
         edge: None,
         identity: None,
+        mtls: None,
     }
 }
 

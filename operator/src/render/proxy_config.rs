@@ -192,6 +192,7 @@ pub fn build(
         messaging: None,
         edge,
         identity,
+        mtls: None,
     })
 }
 

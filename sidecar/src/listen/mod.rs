@@ -98,11 +98,16 @@ impl Shared {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining".into());
         }
-        let unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
-        if !unbound.is_empty() {
-            return Err(format!("listeners not bound: {}", unbound.join(", ")));
+        {
+            let unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+            if !unbound.is_empty() {
+                return Err(format!("listeners not bound: {}", unbound.join(", ")));
+            }
         }
-        Ok(())
+        match self.snapshot().components.workload_cert() {
+            Some(cert) => cert.readiness(),
+            None => Ok(()),
+        }
     }
 
     fn desired(cfg: &ProxyConfig) -> Vec<(Role, SocketAddr)> {

@@ -1,0 +1,167 @@
+//! The workload's certificate (`mtls` in the config): made, asked for, renewed.
+//!
+//! The sidecar makes its own key pair (the private key never leaves this process), sends a CSR
+//! for its identity to the issuer's endpoint with the pod's token (read anew each time: the
+//! kubelet rotates it), checks that what came back is its own identity and chains to the trust
+//! bundle, and installs it in [`CurrentCert`], which every TLS handshake reads: a renewal
+//! changes what new connections present and touches no open one. It renews once
+//! `renewAtPercent` of the lifetime it got has passed (counted from when it got it: the
+//! certificate's `notBefore` is set back for clock skew), and on failure retries after 1 s,
+//! doubling to 30 s, with the current certificate still in use until it expires.
+//!
+//! Readiness follows it: no valid certificate, not ready, with the last reason.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::task::JoinHandle;
+use weir_crds::proxy::MtlsConfig;
+use weir_identity::tls::{CurrentCert, TrustBundle};
+use weir_identity::{WorkloadId, WorkloadKey};
+
+/// How long one request to the issuer may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first retry's delay after a failure; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct State {
+    /// The installed certificate's expiry.
+    not_after: Option<SystemTime>,
+    /// Why the last attempt failed (cleared by a success).
+    last_error: Option<String>,
+    /// Certificates installed so far.
+    installed: u64,
+}
+
+/// The workload's certificate and the task that keeps it valid; the task stops on drop.
+#[derive(Debug)]
+pub struct CertManager {
+    pub cert: Arc<CurrentCert>,
+    state: Arc<RwLock<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for CertManager {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CertManager {
+    /// Starts asking for the certificate at once.
+    pub fn start(cfg: &MtlsConfig) -> Arc<CertManager> {
+        let cert = CurrentCert::new();
+        let state = Arc::new(RwLock::new(State::default()));
+        let task = tokio::spawn(keep_valid(cfg.clone(), cert.clone(), state.clone()));
+        Arc::new(CertManager { cert, state, task })
+    }
+
+    /// Ready when a certificate is installed and not expired; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        match (st.not_after, &st.last_error) {
+            (Some(t), _) if t > SystemTime::now() => Ok(()),
+            (Some(_), Some(e)) => Err(format!("the workload certificate expired; renewing: {e}")),
+            (Some(_), None) => Err("the workload certificate expired".into()),
+            (None, Some(e)) => Err(format!("no workload certificate yet: {e}")),
+            (None, None) => Err("no workload certificate yet".into()),
+        }
+    }
+
+    /// Certificates installed since the start (renewals included).
+    pub fn installed(&self) -> u64 {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .installed
+    }
+}
+
+async fn keep_valid(cfg: MtlsConfig, cert: Arc<CurrentCert>, state: Arc<RwLock<State>>) {
+    let mut retry = FIRST_RETRY;
+    loop {
+        let wait = match obtain(&cfg, &cert).await {
+            Ok(not_after) => {
+                let got = SystemTime::now();
+                let lifetime = not_after.duration_since(got).unwrap_or_default();
+                let renew_in = lifetime.mul_f64(f64::from(cfg.renew_at_percent) / 100.0);
+                tracing::info!(
+                    identity = %cfg.identity,
+                    valid_s = lifetime.as_secs(),
+                    renew_in_s = renew_in.as_secs(),
+                    "workload certificate installed"
+                );
+                let mut st = state.write().unwrap_or_else(|e| e.into_inner());
+                st.not_after = Some(not_after);
+                st.last_error = None;
+                st.installed += 1;
+                retry = FIRST_RETRY;
+                renew_in.max(Duration::from_millis(100))
+            }
+            Err(e) => {
+                tracing::warn!(identity = %cfg.identity, error = %e, retry_s = retry.as_secs(), "no workload certificate");
+                state.write().unwrap_or_else(|e| e.into_inner()).last_error = Some(e);
+                let wait = retry;
+                retry = (retry * 2).min(MAX_RETRY);
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One round: key, CSR, request, checks, install. Returns the new certificate's expiry.
+async fn obtain(cfg: &MtlsConfig, cert: &CurrentCert) -> Result<SystemTime, String> {
+    let id = WorkloadId::parse(&cfg.identity).map_err(|e| e.to_string())?;
+    let bundle_pem = tokio::fs::read_to_string(&cfg.trust_bundle_file)
+        .await
+        .map_err(|e| format!("the trust bundle {}: {e}", cfg.trust_bundle_file))?;
+    let bundle = TrustBundle::from_pem(&bundle_pem).map_err(|e| e.to_string())?;
+    let token = tokio::fs::read_to_string(&cfg.token_file)
+        .await
+        .map_err(|e| format!("the token {}: {e}", cfg.token_file))?;
+    let key = WorkloadKey::generate().map_err(|e| e.to_string())?;
+    let csr = key.csr(&id).map_err(|e| e.to_string())?;
+    let chain = weir_identity::endpoint::request_certificate(
+        &cfg.issuer_url,
+        &bundle,
+        token.trim(),
+        &csr,
+        REQUEST_TIMEOUT,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    // What came back must be this workload's, chain to the bundle, and be valid now.
+    check_chain(&chain, &bundle, &id)?;
+    let (_, not_after) = weir_identity::tls::leaf_validity(&chain).map_err(|e| e.to_string())?;
+    cert.install(&chain, key.private_key())
+        .map_err(|e| e.to_string())?;
+    Ok(not_after)
+}
+
+/// The issued chain names `id` and verifies up to `bundle` as a client certificate would.
+fn check_chain(chain_pem: &str, bundle: &TrustBundle, id: &WorkloadId) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    let chain: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the issued chain: {e}"))?;
+    let got = weir_identity::tls::peer_identity(&chain).map_err(|e| e.to_string())?;
+    if &got != id {
+        return Err(format!(
+            "the issuer returned a certificate for {got}, not {id}"
+        ));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        bundle.roots(),
+        weir_identity::tls::provider(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map_err(|e| {
+            format!("the issued certificate does not verify with the trust bundle: {e}")
+        })?;
+    Ok(())
+}
