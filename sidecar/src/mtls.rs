@@ -18,6 +18,32 @@ use weir_crds::proxy::MtlsConfig;
 use weir_identity::tls::{CurrentCert, TrustBundle};
 use weir_identity::{WorkloadId, WorkloadKey};
 
+/// The first byte of a TLS connection (a handshake record): how the inbound listener tells
+/// mutual TLS from plaintext.
+pub const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The header that tells the app who called, `<namespace>/<name>`: set only from a verified
+/// mutual-TLS chain, removed from every other request, so the app may trust it.
+pub const CALLER_HEADER: &str = "x-weir-caller";
+
+/// A request extension: the caller's identity, `<namespace>/<name>`, from the verified chain of
+/// its connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller(pub Arc<str>);
+
+/// Removes any `x-weir-caller` a request came with, and sets it from its connection's verified
+/// identity, if it has one.
+pub fn mark_caller<B>(req: &mut http::Request<B>) {
+    req.headers_mut().remove(CALLER_HEADER);
+    let value = req
+        .extensions()
+        .get::<Caller>()
+        .and_then(|c| http::HeaderValue::from_str(&c.0).ok());
+    if let Some(v) = value {
+        req.headers_mut().insert(CALLER_HEADER, v);
+    }
+}
+
 /// How long one request to the issuer may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first retry's delay after a failure; it doubles up to [`MAX_RETRY`].
@@ -39,6 +65,9 @@ struct State {
 pub struct CertManager {
     pub cert: Arc<CurrentCert>,
     state: Arc<RwLock<State>>,
+    /// The inbound listener's TLS config: the current certificate, the bundle of the last
+    /// round (rebuilt at each).
+    server: Arc<RwLock<Option<Arc<rustls::ServerConfig>>>>,
     task: JoinHandle<()>,
 }
 
@@ -53,8 +82,30 @@ impl CertManager {
     pub fn start(cfg: &MtlsConfig) -> Arc<CertManager> {
         let cert = CurrentCert::new();
         let state = Arc::new(RwLock::new(State::default()));
-        let task = tokio::spawn(keep_valid(cfg.clone(), cert.clone(), state.clone()));
-        Arc::new(CertManager { cert, state, task })
+        let server = Arc::new(RwLock::new(None));
+        let task = tokio::spawn(keep_valid(
+            cfg.clone(),
+            cert.clone(),
+            state.clone(),
+            server.clone(),
+        ));
+        Arc::new(CertManager {
+            cert,
+            state,
+            server,
+            task,
+        })
+    }
+
+    /// The inbound TLS config, once a certificate is installed.
+    pub fn server_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        if !self.cert.is_installed() {
+            return None;
+        }
+        self.server
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Ready when a certificate is installed and not expired; else why not.
@@ -78,11 +129,22 @@ impl CertManager {
     }
 }
 
-async fn keep_valid(cfg: MtlsConfig, cert: Arc<CurrentCert>, state: Arc<RwLock<State>>) {
+async fn keep_valid(
+    cfg: MtlsConfig,
+    cert: Arc<CurrentCert>,
+    state: Arc<RwLock<State>>,
+    server: Arc<RwLock<Option<Arc<rustls::ServerConfig>>>>,
+) {
     let mut retry = FIRST_RETRY;
     loop {
         let wait = match obtain(&cfg, &cert).await {
-            Ok(not_after) => {
+            Ok((not_after, bundle)) => {
+                match weir_identity::tls::server_config(&bundle, cert.clone()) {
+                    Ok(c) => {
+                        *server.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(c));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "no inbound TLS config"),
+                }
                 let got = SystemTime::now();
                 let lifetime = not_after.duration_since(got).unwrap_or_default();
                 let renew_in = lifetime.mul_f64(f64::from(cfg.renew_at_percent) / 100.0);
@@ -111,8 +173,9 @@ async fn keep_valid(cfg: MtlsConfig, cert: Arc<CurrentCert>, state: Arc<RwLock<S
     }
 }
 
-/// One round: key, CSR, request, checks, install. Returns the new certificate's expiry.
-async fn obtain(cfg: &MtlsConfig, cert: &CurrentCert) -> Result<SystemTime, String> {
+/// One round: key, CSR, request, checks, install. Returns the new certificate's expiry and the
+/// bundle it was checked with.
+async fn obtain(cfg: &MtlsConfig, cert: &CurrentCert) -> Result<(SystemTime, TrustBundle), String> {
     let id = WorkloadId::parse(&cfg.identity).map_err(|e| e.to_string())?;
     let bundle_pem = tokio::fs::read_to_string(&cfg.trust_bundle_file)
         .await
@@ -137,7 +200,7 @@ async fn obtain(cfg: &MtlsConfig, cert: &CurrentCert) -> Result<SystemTime, Stri
     let (_, not_after) = weir_identity::tls::leaf_validity(&chain).map_err(|e| e.to_string())?;
     cert.install(&chain, key.private_key())
         .map_err(|e| e.to_string())?;
-    Ok(not_after)
+    Ok((not_after, bundle))
 }
 
 /// The issued chain names `id` and verifies up to `bundle` as a client certificate would.

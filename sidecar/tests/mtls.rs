@@ -179,3 +179,141 @@ async fn an_invalid_mtls_block_is_refused_naming_the_field() {
     cfg.mtls = Some(good);
     cfg.validate().unwrap();
 }
+
+/// A TLS client of the inbound listener holding a certificate for `as_who`, expecting the
+/// server to be `server`: one HTTP/1.1 GET (ALPN http/1.1 only) or h2 (ALPN h2); the status and
+/// the body.
+async fn mtls_get(
+    iss: &IssuerOnLoopback,
+    inbound: std::net::SocketAddr,
+    as_who: &WorkloadId,
+    server: &WorkloadId,
+    h2: bool,
+) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Empty};
+    use weir_identity::tls::{self, CurrentCert, TrustBundle};
+    let key = weir_identity::WorkloadKey::generate().unwrap();
+    let token = iss.tokens.issue(as_who.clone());
+    let bundle = TrustBundle::from_pem(&iss.bundle_pem).unwrap();
+    let chain = endpoint::request_certificate(
+        &iss.url,
+        &bundle,
+        &token,
+        &key.csr(as_who).unwrap(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let cert = CurrentCert::new();
+    cert.install(&chain, key.private_key()).unwrap();
+    let mut config = tls::client_config(&bundle, cert, server.clone()).unwrap();
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(tls::server_name(server), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let req = http::Request::get("/who")
+        .header("host", "orders")
+        .header("x-weir-caller", "shop/forged")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    };
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test]
+async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_removed() {
+    let iss = issuer(DAY).await;
+    // The app answers with the x-weir-caller it was given ("-" for none).
+    let (app, _app_task) =
+        weir_testkit::serve::serve(|req: http::Request<hyper::body::Incoming>| async move {
+            let caller = req
+                .headers()
+                .get("x-weir-caller")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(caller)))
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
+    std::fs::write(&bundle, &iss.bundle_pem).unwrap();
+    let orders = WorkloadId::microservice("cluster.local", "shop", "orders");
+    std::fs::write(&token, iss.tokens.issue(orders.clone())).unwrap();
+    let mut cfg = weir_testkit::proxy::config("shop", "orders", app);
+    cfg.mtls = Some(MtlsConfig {
+        identity: orders.uri(),
+        trust_bundle_file: bundle.display().to_string(),
+        issuer_url: iss.url.clone(),
+        token_file: token.display().to_string(),
+        renew_at_percent: 70,
+    });
+    let inbound = cfg.inbound.listen;
+    let p = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), cfg, &[], &[]);
+    p.wait_ready().await;
+    let payments = WorkloadId::microservice("cluster.local", "shop", "payments");
+    // Over mutual TLS, HTTP/1.1 and HTTP/2: the app is told the verified caller, whatever the
+    // request itself claimed.
+    for h2 in [false, true] {
+        let (status, body) = mtls_get(&iss, inbound, &payments, &orders, h2)
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (200, "shop/payments"), "h2: {h2}");
+    }
+    // Plaintext, claiming to be someone: the claim is removed.
+    let (status, body) = weir_testkit::proxy::http_send(
+        http::Request::get(format!("http://{inbound}/who"))
+            .header("x-weir-caller", "shop/forged")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_str()), (200, "-"));
+    // A client that expected another server refuses this one: it is orders, not users.
+    let users = WorkloadId::microservice("cluster.local", "shop", "users");
+    let err = mtls_get(&iss, inbound, &payments, &users, false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("not spiffe://cluster.local/ns/shop/ms/users"),
+        "{err}"
+    );
+    // A client with a certificate from another anchor is refused by the sidecar.
+    let other = issuer(DAY).await;
+    let err = mtls_get(&other, inbound, &payments, &orders, false).await;
+    assert!(err.is_err(), "{err:?}");
+    assert!(
+        p.log_lines()
+            .iter()
+            .any(|l| l.to_string().contains("mutual TLS handshake refused")),
+        "the refusal is logged"
+    );
+}

@@ -285,11 +285,70 @@ where
 async fn serve_connection(
     shared: Arc<Shared>,
     role: Role,
-    mut stream: tokio::net::TcpStream,
+    stream: tokio::net::TcpStream,
     _tracker: Option<mpsc::Sender<()>>,
 ) {
-    let mut drain = shared.drain_rx.clone();
     let peer = stream.peer_addr().ok().map(crate::service::PeerAddr);
+    // Inbound, with a workload certificate: a connection that opens with a TLS handshake
+    // record is mutual TLS from another sidecar; its verified identity goes with each request.
+    if role == Role::Inbound
+        && let Some(tls) = shared
+            .snapshot()
+            .components
+            .workload_cert()
+            .and_then(|m| m.server_config())
+    {
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await;
+        if matches!(peeked, Ok(Ok(1))) && first[0] == crate::mtls::TLS_HANDSHAKE {
+            let accepted = tokio::time::timeout(
+                HEADER_READ_TIMEOUT,
+                tokio_rustls::TlsAcceptor::from(tls).accept(stream),
+            )
+            .await;
+            let tls = match accepted {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = ?peer.map(|p| p.0), error = %e, "mutual TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(peer = ?peer.map(|p| p.0), "mutual TLS handshake not done in time; connection closed");
+                    return;
+                }
+            };
+            let caller = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(weir_identity::tls::peer_identity);
+            let caller = match caller {
+                Some(Ok(id)) => crate::mtls::Caller(id.short().into()),
+                Some(Err(e)) => {
+                    tracing::warn!(peer = ?peer.map(|p| p.0), error = %e, "a verified peer certificate names no workload; connection closed");
+                    return;
+                }
+                None => return,
+            };
+            serve_io(shared, role, tls, peer, Some(caller)).await;
+            return;
+        }
+    }
+    serve_io(shared, role, stream, peer, None).await;
+}
+
+/// Serves one connection's requests, of the version its first bytes say, each marked with its
+/// peer address and, over mutual TLS, its caller.
+async fn serve_io<I>(
+    shared: Arc<Shared>,
+    role: Role,
+    mut stream: I,
+    peer: Option<crate::service::PeerAddr>,
+    caller: Option<crate::mtls::Caller>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut drain = shared.drain_rx.clone();
     // The version, from the first bytes; a client that sends none within the head timeout is
     // closed, as one that sends half a head would be.
     let sniffed = tokio::select! {
@@ -318,9 +377,13 @@ async fn serve_connection(
         detect::Version::Http1 => {
             let tap = Tap::default();
             let stream = Tapped::new(stream, tap.clone());
+            let caller = caller.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 if let Some(p) = peer {
                     req.extensions_mut().insert(p);
+                }
+                if let Some(c) = &caller {
+                    req.extensions_mut().insert(c.clone());
                 }
                 let refused = tap.dispatched(&req).err();
                 dispatch(s2.clone(), r2.clone(), req, refused)
@@ -340,6 +403,9 @@ async fn serve_connection(
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 if let Some(p) = peer {
                     req.extensions_mut().insert(p);
+                }
+                if let Some(c) = &caller {
+                    req.extensions_mut().insert(c.clone());
                 }
                 dispatch(s2.clone(), r2.clone(), req, None)
             });
@@ -440,6 +506,8 @@ async fn dispatch(
     match role {
         Role::Admin => Ok(admin::handle(&shared, req).await),
         Role::Inbound => {
+            let mut req = req;
+            crate::mtls::mark_caller(&mut req);
             let svc = shared.snapshot().inbound.clone();
             svc.oneshot(req).await
         }
