@@ -317,3 +317,36 @@ async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_remov
         "the refusal is logged"
     );
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_does_not_hold_the_shutdown() {
+    let iss = issuer(DAY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
+    std::fs::write(&bundle, &iss.bundle_pem).unwrap();
+    let orders = WorkloadId::microservice("cluster.local", "shop", "orders");
+    std::fs::write(&token, iss.tokens.issue(orders.clone())).unwrap();
+    let mut cfg = weir_testkit::proxy::config("shop", "orders", "127.0.0.1:9".parse().unwrap());
+    cfg.mtls = Some(MtlsConfig {
+        identity: orders.uri(),
+        trust_bundle_file: bundle.display().to_string(),
+        issuer_url: iss.url.clone(),
+        token_file: token.display().to_string(),
+        renew_at_percent: 70,
+    });
+    let inbound = cfg.inbound.listen;
+    let mut p = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), cfg, &[], &[]);
+    p.wait_ready().await;
+    // Connected, nothing sent: the sidecar waits to see whether it is TLS.
+    let _idle = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    p.sigterm();
+    let status = p.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the shutdown waited {:?} for a connection that sent nothing",
+        start.elapsed()
+    );
+}

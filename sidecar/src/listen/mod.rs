@@ -298,14 +298,22 @@ async fn serve_connection(
             .workload_cert()
             .and_then(|m| m.server_config())
     {
+        // As for the first bytes of a plaintext connection: the head timeout, and the drain
+        // (a connection that sends nothing must not hold the shutdown).
+        let mut drain = shared.drain_rx.clone();
         let mut first = [0u8; 1];
-        let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await;
+        let peeked = tokio::select! {
+            r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => r,
+            _ = drained(&mut drain) => return,
+        };
         if matches!(peeked, Ok(Ok(1))) && first[0] == crate::mtls::TLS_HANDSHAKE {
-            let accepted = tokio::time::timeout(
-                HEADER_READ_TIMEOUT,
-                tokio_rustls::TlsAcceptor::from(tls).accept(stream),
-            )
-            .await;
+            let accepted = tokio::select! {
+                r = tokio::time::timeout(
+                    HEADER_READ_TIMEOUT,
+                    tokio_rustls::TlsAcceptor::from(tls).accept(stream),
+                ) => r,
+                _ = drained(&mut drain) => return,
+            };
             let tls = match accepted {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
