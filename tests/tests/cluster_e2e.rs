@@ -203,6 +203,11 @@ async fn balance_run(client: &Client, ns: &str) -> Result<()> {
     )
     .await?;
 
+    // A pod found at the last resolution is in its slow start (10 s by default): it takes a
+    // draw it wins with the chance of its warmth over the others', so right after discovery it
+    // gets few calls by design (one CI run: 1 of 120). The spread is measured once every pod
+    // has been known for longer than that.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let front_addr = service_addr(&svcs, "front").await?;
     let by_pod = |answers: &[(u16, String)]| {
         let mut m = std::collections::BTreeMap::<String, usize>::new();
@@ -218,7 +223,7 @@ async fn balance_run(client: &Client, ns: &str) -> Result<()> {
     eprintln!("calls by back pod: {spread:?}");
     assert_eq!(spread.len(), 3, "three pods answered: {spread:?}");
     // Each pod takes calls, not a third each: a pod whose answer came late (the node is busy)
-    // is avoided while its estimate decays. Six runs: the least served pod got 11 to 34 of
+    // is avoided while its estimate decays. Seven runs: the least served pod got 11 to 34 of
     // 120; before an early estimate decayed faster, one got 0 of 240.
     for (k, n) in &spread {
         assert!(k.starts_with("200 ") && *n >= 6, "spread: {spread:?}");
