@@ -41,6 +41,26 @@ async fn issuer(lifetime: Duration) -> IssuerOnLoopback {
     }
 }
 
+/// The `mtls` block of a sidecar for `id`: the issuer's bundle and `token` written to files in
+/// `dir` (the token file can be rewritten), renewal at 70 %.
+fn mtls_block(
+    iss: &IssuerOnLoopback,
+    dir: &std::path::Path,
+    id: &WorkloadId,
+    token: &str,
+) -> MtlsConfig {
+    let (bundle, token_file) = (dir.join("bundle.pem"), dir.join("token"));
+    std::fs::write(&bundle, &iss.bundle_pem).unwrap();
+    std::fs::write(&token_file, token).unwrap();
+    MtlsConfig {
+        identity: id.uri(),
+        trust_bundle_file: bundle.display().to_string(),
+        issuer_url: iss.url.clone(),
+        token_file: token_file.display().to_string(),
+        renew_at_percent: 70,
+    }
+}
+
 async fn readyz(p: &Proxy) -> (u16, String) {
     http_get(&p.admin_url("/readyz"))
         .await
@@ -62,17 +82,12 @@ async fn until(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
 async fn the_sidecar_gets_renews_and_keeps_its_workload_certificate() {
     let iss = issuer(Duration::from_secs(6)).await;
     let dir = tempfile::tempdir().unwrap();
-    let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
-    std::fs::write(&bundle, &iss.bundle_pem).unwrap();
-    std::fs::write(&token, "not-a-token").unwrap();
+    let token = dir.path().join("token");
     let mut cfg = weir_testkit::proxy::config("shop", "orders", "127.0.0.1:9".parse().unwrap());
     let id = WorkloadId::microservice("cluster.local", "shop", "orders");
     cfg.mtls = Some(MtlsConfig {
-        identity: id.uri(),
-        trust_bundle_file: bundle.display().to_string(),
-        issuer_url: iss.url.clone(),
-        token_file: token.display().to_string(),
         renew_at_percent: 50,
+        ..mtls_block(&iss, dir.path(), &id, "not-a-token")
     });
     let p = Proxy::spawn(
         env!("CARGO_BIN_EXE_weir-proxy"),
@@ -264,18 +279,14 @@ async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_remov
         })
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
-    std::fs::write(&bundle, &iss.bundle_pem).unwrap();
     let orders = WorkloadId::microservice("cluster.local", "shop", "orders");
-    std::fs::write(&token, iss.tokens.issue(orders.clone())).unwrap();
     let mut cfg = weir_testkit::proxy::config("shop", "orders", app);
-    cfg.mtls = Some(MtlsConfig {
-        identity: orders.uri(),
-        trust_bundle_file: bundle.display().to_string(),
-        issuer_url: iss.url.clone(),
-        token_file: token.display().to_string(),
-        renew_at_percent: 70,
-    });
+    cfg.mtls = Some(mtls_block(
+        &iss,
+        dir.path(),
+        &orders,
+        &iss.tokens.issue(orders.clone()),
+    ));
     let inbound = cfg.inbound.listen;
     let p = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), cfg, &[], &[]);
     p.wait_ready().await;
@@ -320,18 +331,14 @@ async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_remov
 async fn a_connection_that_sends_nothing_does_not_hold_the_shutdown() {
     let iss = issuer(DAY).await;
     let dir = tempfile::tempdir().unwrap();
-    let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
-    std::fs::write(&bundle, &iss.bundle_pem).unwrap();
     let orders = WorkloadId::microservice("cluster.local", "shop", "orders");
-    std::fs::write(&token, iss.tokens.issue(orders.clone())).unwrap();
     let mut cfg = weir_testkit::proxy::config("shop", "orders", "127.0.0.1:9".parse().unwrap());
-    cfg.mtls = Some(MtlsConfig {
-        identity: orders.uri(),
-        trust_bundle_file: bundle.display().to_string(),
-        issuer_url: iss.url.clone(),
-        token_file: token.display().to_string(),
-        renew_at_percent: 70,
-    });
+    cfg.mtls = Some(mtls_block(
+        &iss,
+        dir.path(),
+        &orders,
+        &iss.tokens.issue(orders.clone()),
+    ));
     let inbound = cfg.inbound.listen;
     let mut p = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), cfg, &[], &[]);
     p.wait_ready().await;
