@@ -217,6 +217,11 @@ pub struct OutboundConfig {
     /// When an endpoint is left out of the choice for failing, and for how long.
     #[serde(default, skip_serializing_if = "OutlierDetectionConfig::is_default")]
     pub outlier_detection: OutlierDetectionConfig,
+    /// The identity the dependency's sidecar must present (`spiffe://…`): set, every call is
+    /// mutual TLS with this workload's certificate (needs `mtls`); left out, plaintext (or
+    /// HTTPS as the `upstream` says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
 }
 
 /// Where a dependency's endpoints come from. When discovery has no answer yet (or never had
@@ -815,6 +820,77 @@ pub struct MtlsConfig {
     /// Renew once this share of the certificate's lifetime has passed.
     #[serde(default = "default_renew_at_percent")]
     pub renew_at_percent: u8,
+    /// What the inbound listener does with plaintext from outside the pod (loopback plaintext,
+    /// the pod's own containers, is always admitted; the admin listener is always plaintext).
+    #[serde(default, skip_serializing_if = "InboundMtlsMode::is_default")]
+    pub inbound: InboundMtlsMode,
+    /// Which mutual-TLS callers the inbound listener admits.
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
+}
+
+/// Plaintext from the pod network on the inbound listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InboundMtlsMode {
+    /// Refused: 403 `mtls-required` (gRPC `UNAUTHENTICATED`).
+    #[default]
+    Strict,
+    /// Admitted and counted (`transport="plaintext"`): the migration path, and the edge's
+    /// listener, where outside traffic enters.
+    Permissive,
+}
+
+impl InboundMtlsMode {
+    pub(crate) fn is_default(&self) -> bool {
+        *self == InboundMtlsMode::default()
+    }
+}
+
+/// Who may call over mutual TLS: the callers the declared graph allows, and `allow`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// What happens to a caller not in `allow`.
+    #[serde(default)]
+    pub mode: AuthorizationMode,
+    /// The callers admitted: `<namespace>/<name>` (a Microservice), `<namespace>/saga/<name>`
+    /// (a Saga's coordinator) or `<namespace>/*` (every workload of the namespace).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// What the inbound listener does with a mutual-TLS caller outside `authorization.allow`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthorizationMode {
+    /// Refused: 403 `caller-not-allowed` (gRPC `PERMISSION_DENIED`), counted and logged.
+    #[default]
+    Enforce,
+    /// Admitted, and counted and logged as it would have been refused.
+    Audit,
+    /// Every verified caller admitted.
+    Open,
+}
+
+/// Whether `entry` is an `authorization.allow` entry: `<ns>/<name>`, `<ns>/saga/<name>` or
+/// `<ns>/*`, each part a DNS label.
+pub fn is_allow_entry(entry: &str) -> bool {
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    let parts: Vec<&str> = entry.split('/').collect();
+    match parts.as_slice() {
+        [ns, "*"] => label(ns),
+        [ns, name] => label(ns) && label(name),
+        [ns, "saga", name] => label(ns) && label(name),
+        _ => false,
+    }
 }
 
 fn default_renew_at_percent() -> u8 {
@@ -918,6 +994,26 @@ impl ProxyConfig {
                     at("name"),
                     &format!("duplicate dependency name {:?}", o.name),
                 ));
+            }
+            if let Some(id) = &o.peer_identity {
+                if self.mtls.is_none() {
+                    return Err(err(
+                        at("peerIdentity"),
+                        "needs mtls: the sidecar has no certificate to call with",
+                    ));
+                }
+                if !id.starts_with("spiffe://") {
+                    return Err(err(
+                        at("peerIdentity"),
+                        "must be a SPIFFE ID: spiffe://<trust-domain>/ns/<namespace>/ms/<name>",
+                    ));
+                }
+                if o.upstream.starts_with("https://") {
+                    return Err(err(
+                        at("peerIdentity"),
+                        "is for a Weir sidecar's http:// upstream; an https:// URL is verified by its own name",
+                    ));
+                }
             }
             if !listens.insert(o.listen) {
                 return Err(err(
@@ -1064,6 +1160,16 @@ impl ProxyConfig {
                     "mtls.renewAtPercent".into(),
                     "must be between 10 and 90",
                 ));
+            }
+            for (i, a) in m.authorization.allow.iter().enumerate() {
+                if !is_allow_entry(a) {
+                    return Err(err(
+                        format!("mtls.authorization.allow[{i}]"),
+                        &format!(
+                            "{a:?} must be <namespace>/<name>, <namespace>/saga/<name> or <namespace>/*"
+                        ),
+                    ));
+                }
             }
         }
         if let Some(id) = &self.identity {
@@ -1334,6 +1440,7 @@ mod tests {
                 }),
                 load_balancer: LoadBalancerConfig::default(),
                 outlier_detection: OutlierDetectionConfig::default(),
+                peer_identity: None,
             }],
             tracing: TracingConfig::default(),
             shutdown_grace_ms: 30_000,

@@ -135,6 +135,12 @@ pub enum Reason {
     /// `DEADLINE_EXCEEDED` in the trailers; else reset). Never a response of its own, as
     /// the headers have been sent by then; counted in `weir_rejections_total`.
     StreamIdleTimeout,
+    /// A mutual-TLS caller the inbound authorization does not admit (`mtls.authorization`):
+    /// 403 (gRPC `PERMISSION_DENIED`).
+    CallerNotAllowed,
+    /// Plaintext from outside the pod while `mtls.inbound` is `strict`: 403 (gRPC
+    /// `UNAUTHENTICATED`).
+    MtlsRequired,
 }
 
 impl Reason {
@@ -163,6 +169,8 @@ impl Reason {
             Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
             Reason::UnderscoreHeader => "underscore-header",
             Reason::StreamIdleTimeout => "stream-idle-timeout",
+            Reason::CallerNotAllowed => "caller-not-allowed",
+            Reason::MtlsRequired => "mtls-required",
         }
     }
 
@@ -177,7 +185,9 @@ impl Reason {
             Reason::RateLimited | Reason::ClientRateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Unauthorized => StatusCode::UNAUTHORIZED,
             Reason::NoRoute => StatusCode::NOT_FOUND,
-            Reason::CorsRejected => StatusCode::FORBIDDEN,
+            Reason::CorsRejected | Reason::CallerNotAllowed | Reason::MtlsRequired => {
+                StatusCode::FORBIDDEN
+            }
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::BadRequest
             | Reason::ClientBodyError
@@ -262,6 +272,8 @@ fn reason_body(reason: Reason) -> &'static [u8] {
         Reason::UnsupportedTransferCoding => b"unsupported-transfer-coding\n",
         Reason::UnderscoreHeader => b"underscore-header\n",
         Reason::StreamIdleTimeout => b"stream-idle-timeout\n",
+        Reason::CallerNotAllowed => b"caller-not-allowed\n",
+        Reason::MtlsRequired => b"mtls-required\n",
     }
 }
 

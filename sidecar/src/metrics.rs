@@ -110,6 +110,8 @@ pub struct Metrics {
     pub edge: crate::edge::metrics::EdgeMetrics,
     /// Per dependency and endpoint (`weir_endpoint_*`, `weir_endpoints*`).
     pub endpoints: crate::endpoint_metrics::EndpointFamilies,
+    /// Mutual TLS and authorization (`weir_inbound_authorizations_total`, `weir_tls_handshakes_total`).
+    pub mtls: crate::mtls::MtlsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -327,6 +329,7 @@ impl Metrics {
         let bridge = crate::bridge::metrics::BridgeMetrics::register(&mut registry);
         let edge = crate::edge::metrics::EdgeMetrics::register(&mut registry);
         let endpoints = crate::endpoint_metrics::EndpointFamilies::register(&mut registry);
+        let mtls = crate::mtls::MtlsMetrics::register(&mut registry);
         Arc::new(Metrics {
             registry,
             requests,
@@ -347,6 +350,7 @@ impl Metrics {
             bridge,
             edge,
             endpoints,
+            mtls,
         })
     }
 

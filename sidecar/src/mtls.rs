@@ -11,6 +11,10 @@
 //!
 //! Readiness follows it: no valid certificate, not ready, with the last reason.
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
@@ -41,6 +45,76 @@ pub fn mark_caller<B>(req: &mut http::Request<B>) {
         .and_then(|c| http::HeaderValue::from_str(&c.0).ok());
     if let Some(v) = value {
         req.headers_mut().insert(CALLER_HEADER, v);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorizationLabels {
+    /// `mtls` or `plaintext`.
+    pub transport: &'static str,
+    /// The verified caller, `<namespace>/<name>`; empty for plaintext.
+    pub caller: String,
+    /// `allowed`, `denied`, `audit-denied`, `open` (mTLS); `loopback`, `admitted`, `refused`
+    /// (plaintext).
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `ok`, or why not: `refused` (the peer's chain or identity), `timeout`, `no-identity`,
+    /// `no-certificate` (outbound, before this workload has one), `error` (the connection).
+    pub result: &'static str,
+}
+
+/// Counters of mutual TLS and of inbound authorization.
+#[derive(Clone, Debug)]
+pub struct MtlsMetrics {
+    authorizations: Family<AuthorizationLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
+}
+
+impl MtlsMetrics {
+    pub fn register(registry: &mut Registry) -> MtlsMetrics {
+        let authorizations = Family::<AuthorizationLabels, Counter>::default();
+        registry.register(
+            "inbound_authorizations",
+            "Inbound requests by transport (mtls, plaintext), verified caller and decision (allowed, denied, audit-denied, open; loopback, admitted, refused)",
+            authorizations.clone(),
+        );
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "Mutual-TLS handshakes between sidecars, by direction and result",
+            handshakes.clone(),
+        );
+        MtlsMetrics {
+            authorizations,
+            handshakes,
+        }
+    }
+
+    /// The counter of one transport, caller and decision.
+    pub fn authorization(
+        &self,
+        transport: &'static str,
+        caller: &str,
+        decision: &'static str,
+    ) -> Counter {
+        self.authorizations
+            .get_or_create_owned(&AuthorizationLabels {
+                transport,
+                caller: caller.to_string(),
+                decision,
+            })
+    }
+
+    /// Counts one handshake's result.
+    pub fn handshake(&self, direction: &'static str, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
     }
 }
 

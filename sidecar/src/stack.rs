@@ -11,6 +11,7 @@ use crate::edge::keys::KeySource;
 use crate::edge::{Edge, EdgeCounters, EdgeLayer};
 use crate::forward::{Balanced, Clients, Forward, Target};
 use crate::layers::attempt_timeout::AttemptTimeoutLayer;
+use crate::layers::authorize::{AuthorizeLayer, Authorizer};
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::{Breaker, BreakerLayer};
 use crate::layers::concurrency::{ConcurrencyLimitLayer, Limiter};
@@ -462,6 +463,12 @@ pub fn build(
         .layer(GuardLayer::new("inbound", |r| {
             m.rejections("inbound", "", r)
         }))
+        .option_layer(
+            config
+                .mtls
+                .as_ref()
+                .map(|c| AuthorizeLayer::new(Arc::new(Authorizer::new(c, m)))),
+        )
         .layer(HeaderNamesLayer::new(
             ib.underscore_headers,
             m.header_name_counters(),

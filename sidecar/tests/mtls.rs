@@ -2,6 +2,8 @@
 //! ready without one (with the reason), ready once the token is good, renewed at the configured
 //! share of its lifetime, kept while the issuer is down until it expires.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -58,6 +60,8 @@ fn mtls_block(
         issuer_url: iss.url.clone(),
         token_file: token_file.display().to_string(),
         renew_at_percent: 70,
+        inbound: Default::default(),
+        authorization: Default::default(),
     }
 }
 
@@ -157,6 +161,8 @@ async fn an_invalid_mtls_block_is_refused_naming_the_field() {
         issuer_url: "https://weir-identity.weir-system.svc:8443".into(),
         token_file: "/t".into(),
         renew_at_percent: 70,
+        inbound: Default::default(),
+        authorization: Default::default(),
     };
     for (field, bad) in [
         (
@@ -192,6 +198,56 @@ async fn an_invalid_mtls_block_is_refused_naming_the_field() {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.field, field, "{err}");
     }
+    for (i, entry) in [
+        "shop",
+        "shop/",
+        "/orders",
+        "Shop/orders",
+        "shop/saga/",
+        "shop/x/y",
+        "*/orders",
+        "shop/**",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut m = good.clone();
+        m.authorization.allow = vec!["shop/users".into(), entry.into()];
+        cfg.mtls = Some(m);
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(
+            err.field, "mtls.authorization.allow[1]",
+            "entry {i} {entry:?}: {err}"
+        );
+        assert!(err.message.contains(entry), "{err}");
+    }
+    let mut m = good.clone();
+    m.authorization.allow = vec![
+        "shop/users".into(),
+        "shop/saga/checkout".into(),
+        "ops/*".into(),
+    ];
+    cfg.mtls = Some(m);
+    cfg.validate().unwrap();
+
+    // A dependency called over mutual TLS needs the sidecar's own certificate.
+    let mut with_dep =
+        weir_testkit::proxy::config("shop", "orders", "127.0.0.1:9".parse().unwrap());
+    with_dep.outbound.push(common::dependency(
+        "users",
+        "http://users.shop.svc:80".into(),
+    ));
+    with_dep.outbound[0].peer_identity = Some("spiffe://cluster.local/ns/shop/ms/users".into());
+    let err = with_dep.validate().unwrap_err();
+    assert_eq!(err.field, "outbound[0].peerIdentity", "{err}");
+    with_dep.mtls = Some(good.clone());
+    with_dep.validate().unwrap();
+    with_dep.outbound[0].peer_identity = Some("users".into());
+    assert_eq!(
+        with_dep.validate().unwrap_err().field,
+        "outbound[0].peerIdentity"
+    );
+
     cfg.mtls = Some(good);
     cfg.validate().unwrap();
 }
@@ -206,8 +262,22 @@ async fn mtls_get(
     server: &WorkloadId,
     h2: bool,
 ) -> Result<(u16, String), String> {
-    use http_body_util::{BodyExt, Empty};
-    use weir_identity::tls::{self, CurrentCert, TrustBundle};
+    let req = http::Request::get("/who")
+        .header("host", "orders")
+        .header("x-weir-caller", "shop/forged")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    mtls_send(iss, inbound, as_who, server, h2, req)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// A certificate for `as_who` from `iss`, as a sidecar would hold it.
+async fn workload_cert(
+    iss: &IssuerOnLoopback,
+    as_who: &WorkloadId,
+) -> Arc<weir_identity::tls::CurrentCert> {
+    use weir_identity::tls::{CurrentCert, TrustBundle};
     let key = weir_identity::WorkloadKey::generate().unwrap();
     let token = iss.tokens.issue(as_who.clone());
     let bundle = TrustBundle::from_pem(&iss.bundle_pem).unwrap();
@@ -222,6 +292,23 @@ async fn mtls_get(
     .unwrap();
     let cert = CurrentCert::new();
     cert.install(&chain, key.private_key()).unwrap();
+    cert
+}
+
+/// `req` over a new mutual-TLS connection as `as_who` to `server` at `inbound`: the status,
+/// the headers and the body with the trailers' `grpc-status`, if any, after a `|`.
+async fn mtls_send(
+    iss: &IssuerOnLoopback,
+    inbound: std::net::SocketAddr,
+    as_who: &WorkloadId,
+    server: &WorkloadId,
+    h2: bool,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<(u16, http::HeaderMap, String), String> {
+    use http_body_util::BodyExt;
+    use weir_identity::tls::{self, TrustBundle};
+    let cert = workload_cert(iss, as_who).await;
+    let bundle = TrustBundle::from_pem(&iss.bundle_pem).unwrap();
     let mut config = tls::client_config(&bundle, cert, server.clone()).unwrap();
     config.alpn_protocols = vec![if h2 {
         b"h2".to_vec()
@@ -234,11 +321,6 @@ async fn mtls_get(
         .await
         .map_err(|e| e.to_string())?;
     let io = hyper_util::rt::TokioIo::new(stream);
-    let req = http::Request::get("/who")
-        .header("host", "orders")
-        .header("x-weir-caller", "shop/forged")
-        .body(Empty::<bytes::Bytes>::new())
-        .unwrap();
     let resp = if h2 {
         let (mut send, conn) =
             hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
@@ -254,13 +336,23 @@ async fn mtls_get(
         send.send_request(req).await.map_err(|e| e.to_string())?
     };
     let status = resp.status().as_u16();
-    let body = resp
+    let headers = resp.headers().clone();
+    let collected = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        .map_err(|e| e.to_string())?;
+    let grpc = collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    if let Some(g) = grpc {
+        body = format!("{body}|{g}");
+    }
+    Ok((status, headers, body))
 }
 
 #[tokio::test]
@@ -281,12 +373,9 @@ async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_remov
     let dir = tempfile::tempdir().unwrap();
     let orders = WorkloadId::microservice("cluster.local", "shop", "orders");
     let mut cfg = weir_testkit::proxy::config("shop", "orders", app);
-    cfg.mtls = Some(mtls_block(
-        &iss,
-        dir.path(),
-        &orders,
-        &iss.tokens.issue(orders.clone()),
-    ));
+    let mut block = mtls_block(&iss, dir.path(), &orders, &iss.tokens.issue(orders.clone()));
+    block.authorization.allow = vec!["shop/payments".into()];
+    cfg.mtls = Some(block);
     let inbound = cfg.inbound.listen;
     let p = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), cfg, &[], &[]);
     p.wait_ready().await;
@@ -354,4 +443,193 @@ async fn a_connection_that_sends_nothing_does_not_hold_the_shutdown() {
         "the shutdown waited {:?} for a connection that sent nothing",
         start.elapsed()
     );
+}
+
+/// This machine's address on its default route (no packet is sent), to call a listener from
+/// outside loopback; `None` on a machine without one.
+fn routable_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// An app that answers with the `x-weir-caller` it was given (`-` for none).
+async fn caller_echo() -> (std::net::SocketAddr, impl Drop) {
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let (app, task) =
+        weir_testkit::serve::serve(|req: http::Request<hyper::body::Incoming>| async move {
+            let caller = req
+                .headers()
+                .get("x-weir-caller")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(caller)))
+        })
+        .await;
+    (app, Abort(task))
+}
+
+#[tokio::test]
+async fn only_the_allowed_callers_reach_the_app_and_the_set_reloads_without_a_restart() {
+    let iss = issuer(DAY).await;
+    let (app, _app) = caller_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = |name: &str| WorkloadId::microservice("cluster.local", "shop", name);
+    let users = id("users");
+    let mut cfg = weir_testkit::proxy::config("shop", "users", app);
+    let mut block = mtls_block(&iss, dir.path(), &users, &iss.tokens.issue(users.clone()));
+    block.authorization.allow = vec![
+        "shop/orders".into(),
+        "shop/saga/checkout".into(),
+        "ops/*".into(),
+    ];
+    cfg.mtls = Some(block);
+    // On every address, so that a plaintext caller from outside loopback can be tried.
+    let port = cfg.inbound.listen.port();
+    cfg.inbound.listen = format!("0.0.0.0:{port}").parse().unwrap();
+    let inbound: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut p = Proxy::spawn(
+        env!("CARGO_BIN_EXE_weir-proxy"),
+        cfg.clone(),
+        &["--reload-interval-ms", "100"],
+        &[],
+    );
+    p.wait_ready().await;
+
+    // The declared callers, over HTTP/1.1 and HTTP/2.
+    let checkout = WorkloadId::saga("cluster.local", "shop", "checkout");
+    let prober = WorkloadId::microservice("cluster.local", "ops", "prober");
+    for h2 in [false, true] {
+        for (who, name) in [
+            (&id("orders"), "shop/orders"),
+            (&checkout, "shop/saga/checkout"),
+            (&prober, "ops/prober"),
+        ] {
+            let got = mtls_get(&iss, inbound, who, &users, h2).await.unwrap();
+            assert_eq!(got, (200, name.to_string()), "{name}, h2: {h2}");
+        }
+    }
+    // Anyone else with a valid certificate: 403 caller-not-allowed, never the app.
+    let payments = id("payments");
+    let saga_orders = WorkloadId::saga("cluster.local", "shop", "orders");
+    for who in [
+        &payments,
+        &saga_orders,
+        &WorkloadId::microservice("cluster.local", "other", "orders"),
+    ] {
+        for h2 in [false, true] {
+            let req = http::Request::get("/who")
+                .header("host", "users")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let (status, headers, body) = mtls_send(&iss, inbound, who, &users, h2, req)
+                .await
+                .unwrap();
+            assert_eq!(
+                (status, body.as_str()),
+                (403, "caller-not-allowed\n"),
+                "{who} h2: {h2}"
+            );
+            assert_eq!(headers["x-weir-reason"], "caller-not-allowed");
+        }
+    }
+    // A gRPC caller is told in gRPC terms: PERMISSION_DENIED.
+    let grpc = http::Request::post("/shop.Users/Get")
+        .header("host", "users")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let (status, headers, body) = mtls_send(&iss, inbound, &payments, &users, true, grpc)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{headers:?}");
+    assert!(
+        body.ends_with("|7"),
+        "grpc-status PERMISSION_DENIED: {body:?} {headers:?}"
+    );
+
+    // Plaintext: from loopback (the pod's own containers) admitted, without a caller.
+    let (status, body) = http_get(&format!("http://{inbound}/who")).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "-"));
+    // From outside the pod: refused (strict).
+    match routable_ip() {
+        Some(ip) => {
+            let (status, body) = http_get(&format!(
+                "http://{}/who",
+                std::net::SocketAddr::new(ip, port)
+            ))
+            .await
+            .unwrap();
+            assert_eq!(
+                (status, body.as_str()),
+                (403, "mtls-required\n"),
+                "from {ip}"
+            );
+        }
+        None => eprintln!(
+            "SKIPPED the plaintext call from outside loopback: this machine has no routable address"
+        ),
+    }
+
+    // Counted by caller and decision, and logged.
+    let (_, metrics) = http_get(&p.admin_url("/metrics")).await.unwrap();
+    for line in [
+        r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/payments",decision="denied"} 3"#,
+        r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/orders",decision="allowed"} 2"#,
+        r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/saga/orders",decision="denied"} 2"#,
+        r#"weir_inbound_authorizations_total{transport="plaintext",caller="",decision="loopback"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    if routable_ip().is_some() {
+        assert!(metrics.contains(r#"weir_inbound_authorizations_total{transport="plaintext",caller="",decision="refused"} 1"#), "{metrics}");
+    }
+    p.wait_log(|l| {
+        let t = l.to_string();
+        t.contains("caller not allowed: refused") && t.contains("shop/payments")
+    })
+    .await;
+
+    // The graph changed: payments now declares users. The new set is in force without a restart.
+    let pid = p.child().id();
+    cfg.mtls
+        .as_mut()
+        .unwrap()
+        .authorization
+        .allow
+        .push("shop/payments".into());
+    p.write_config(&serde_json::to_string(&cfg).unwrap());
+    until(
+        "payments admitted after the reload",
+        Duration::from_secs(10),
+        async || {
+            mtls_get(&iss, inbound, &payments, &users, false).await
+                == Ok((200, "shop/payments".into()))
+        },
+    )
+    .await;
+    assert_eq!(p.child().id(), pid, "the same process");
+    // Audit: admitted, counted as it would have been refused.
+    cfg.mtls.as_mut().unwrap().authorization.mode = weir_crds::proxy::AuthorizationMode::Audit;
+    p.write_config(&serde_json::to_string(&cfg).unwrap());
+    let stranger = WorkloadId::microservice("cluster.local", "shop", "stranger");
+    until(
+        "audit admits the stranger",
+        Duration::from_secs(10),
+        async || {
+            mtls_get(&iss, inbound, &stranger, &users, false).await
+                == Ok((200, "shop/stranger".into()))
+        },
+    )
+    .await;
+    let (_, metrics) = http_get(&p.admin_url("/metrics")).await.unwrap();
+    assert!(metrics.contains(r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/stranger",decision="audit-denied"}"#), "{metrics}");
 }

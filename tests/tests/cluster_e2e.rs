@@ -348,7 +348,14 @@ async fn grpc_run(client: &Client, ns: &str) -> Result<()> {
     assert_eq!((status, body.as_str()), (200, "app readiness: SERVING\n"));
 
     let storefront = service_addr(&svcs, "storefront").await?;
-    let (status, body) = http_get(storefront, "/stock/apple")?;
+    // Ready is the pod's; the Service's rules on the node follow a moment later (kube-proxy),
+    // so the first call waits for an answer (any answer: its status is asserted below).
+    let (status, body) = wait_for(
+        "storefront answers through its Service",
+        Duration::from_secs(30),
+        || async move { Ok(http_get(storefront, "/stock/apple").ok()) },
+    )
+    .await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&body)?,

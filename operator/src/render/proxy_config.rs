@@ -322,6 +322,7 @@ fn outbound(
         endpoints,
         load_balancer: load_balancer(d.load_balancer.as_ref(), &at)?,
         outlier_detection: outlier_detection(d.outlier_detection.as_ref(), &at)?,
+        peer_identity: None,
     })
 }
 

@@ -124,8 +124,8 @@ pub fn code_for(reason: Reason) -> u16 {
         | Reason::UpstreamConnect
         | Reason::UpstreamError
         | Reason::UnsupportedScheme => code::UNAVAILABLE,
-        Reason::Unauthorized => code::UNAUTHENTICATED,
-        Reason::CorsRejected => code::PERMISSION_DENIED,
+        Reason::Unauthorized | Reason::MtlsRequired => code::UNAUTHENTICATED,
+        Reason::CorsRejected | Reason::CallerNotAllowed => code::PERMISSION_DENIED,
         Reason::NoRoute | Reason::MethodNotAllowed => code::UNIMPLEMENTED,
         Reason::BadRequest
         | Reason::ClientBodyError

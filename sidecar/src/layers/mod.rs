@@ -3,6 +3,7 @@
 //! layers compose without error plumbing.
 
 pub mod attempt_timeout;
+pub mod authorize;
 pub mod body_limit;
 pub mod breaker;
 pub mod concurrency;

@@ -124,6 +124,7 @@ pub fn dependency(name: &str, upstream: String) -> OutboundConfig {
         endpoints: None,
         load_balancer: Default::default(),
         outlier_detection: Default::default(),
+        peer_identity: None,
     }
 }
 
