@@ -10,6 +10,7 @@
 use crate::balance::{Avoid, Balancer, Health, Outcome, ServedBy};
 use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
 use crate::layers::{BoxFuture, always_ready};
+use crate::mtls::MtlsConnector;
 use http::header::{CONNECTION, HOST, HeaderName, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
@@ -263,9 +264,22 @@ impl Default for Clients {
     }
 }
 
+/// The client of a dependency's sidecar over mutual TLS.
+pub type MtlsClient = Client<MtlsConnector, BoxBody>;
+
+fn mtls_client(connector: MtlsConnector, protocol: WireProtocol) -> MtlsClient {
+    let mut b = builder();
+    if protocol == WireProtocol::Http2 {
+        h2_settings(&mut b);
+    }
+    b.build(connector)
+}
+
 #[derive(Clone, Debug)]
 pub struct Forward {
     client: HttpClient,
+    /// Set: every call is mutual TLS to the dependency's sidecar (`peerIdentity`).
+    mtls: Option<MtlsClient>,
     target: Arc<Target>,
     /// Reason given when the target cannot be reached.
     connect_reason: Reason,
@@ -275,9 +289,16 @@ impl Forward {
     pub fn new(clients: &Clients, target: Target, connect_reason: Reason) -> Self {
         Forward {
             client: clients.get(target.protocol).clone(),
+            mtls: None,
             target: Arc::new(target),
             connect_reason,
         }
+    }
+
+    /// Calls over mutual TLS with `connector` (the dependency's identity in it).
+    pub fn with_mtls(mut self, connector: Option<MtlsConnector>) -> Self {
+        self.mtls = connector.map(|c| mtls_client(c, self.target.protocol));
+        self
     }
 }
 
@@ -292,7 +313,9 @@ impl Service<Req> for Forward {
             return Box::pin(std::future::ready(Ok(reject(refused))));
         }
         let connect_reason = self.connect_reason;
-        let fut = if self.target.scheme == Scheme::HTTPS {
+        let fut = if let Some(c) = &self.mtls {
+            c.request(req)
+        } else if self.target.scheme == Scheme::HTTPS {
             match https_client(self.target.protocol) {
                 Ok(c) => c.request(req),
                 Err(e) => {
@@ -449,10 +472,21 @@ impl Service<Uri> for Pinned {
 enum EndpointClient {
     Plain(Client<Pinned, BoxBody>),
     Tls(Client<hyper_rustls::HttpsConnector<Pinned>, BoxBody>),
+    Mtls(MtlsClient),
 }
 
 impl EndpointClient {
-    fn new(addr: SocketAddr, target: &Target) -> Result<EndpointClient, String> {
+    fn new(
+        addr: SocketAddr,
+        target: &Target,
+        mtls: Option<&MtlsConnector>,
+    ) -> Result<EndpointClient, String> {
+        if let Some(c) = mtls {
+            return Ok(EndpointClient::Mtls(mtls_client(
+                c.pinned(addr),
+                target.protocol,
+            )));
+        }
         let pinned = Pinned {
             inner: {
                 let mut c = connector();
@@ -487,6 +521,7 @@ impl EndpointClient {
         match self {
             EndpointClient::Plain(c) => c.request(req),
             EndpointClient::Tls(c) => c.request(req),
+            EndpointClient::Mtls(c) => c.request(req),
         }
     }
 }
@@ -506,6 +541,7 @@ pub struct Balanced {
     implicit: bool,
     clients: Arc<Mutex<HashMap<SocketAddr, Arc<EndpointClient>>>>,
     connect_reason: Reason,
+    mtls: Option<MtlsConnector>,
 }
 
 impl Balanced {
@@ -523,7 +559,15 @@ impl Balanced {
             implicit,
             clients: Arc::default(),
             connect_reason,
+            mtls: None,
         }
+    }
+
+    /// Calls every endpoint (and the name, before discovery answers) over mutual TLS.
+    pub fn with_mtls(mut self, connector: Option<MtlsConnector>) -> Self {
+        self.by_name = self.by_name.with_mtls(connector.clone());
+        self.mtls = connector;
+        self
     }
 
     fn client(&self, addr: SocketAddr) -> Result<Arc<EndpointClient>, String> {
@@ -534,7 +578,7 @@ impl Balanced {
         // Endpoints that left the set lose their clients (and idle connections) here.
         let current = self.balancer.endpoints();
         map.retain(|a, _| current.iter().any(|e| e.addr == *a));
-        let c = Arc::new(EndpointClient::new(addr, &self.target)?);
+        let c = Arc::new(EndpointClient::new(addr, &self.target, self.mtls.as_ref())?);
         map.insert(addr, c.clone());
         Ok(c)
     }

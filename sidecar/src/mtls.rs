@@ -132,6 +132,8 @@ struct State {
     last_error: Option<String>,
     /// Certificates installed so far.
     installed: u64,
+    /// The bundle of the last successful round: what outbound handshakes verify peers with.
+    bundle: Option<TrustBundle>,
 }
 
 /// The workload's certificate and the task that keeps it valid; the task stops on drop.
@@ -142,8 +144,15 @@ pub struct CertManager {
     /// The inbound listener's TLS config: the current certificate, the bundle of the last
     /// round (rebuilt at each).
     server: Arc<RwLock<Option<Arc<rustls::ServerConfig>>>>,
+    /// Outbound TLS configs by expected peer and protocol, with the `installed` count they
+    /// were built at (a new round's bundle builds them anew; the session cache lives in them,
+    /// so reused configs resume sessions).
+    clients: std::sync::Mutex<ClientConfigs>,
     task: JoinHandle<()>,
 }
+
+type ClientConfigs =
+    std::collections::HashMap<(WorkloadId, bool), (u64, Arc<rustls::ClientConfig>)>;
 
 impl Drop for CertManager {
     fn drop(&mut self) {
@@ -167,6 +176,7 @@ impl CertManager {
             cert,
             state,
             server,
+            clients: Default::default(),
             task,
         })
     }
@@ -192,6 +202,46 @@ impl CertManager {
             (None, Some(e)) => Err(format!("no workload certificate yet: {e}")),
             (None, None) => Err("no workload certificate yet".into()),
         }
+    }
+
+    /// The outbound TLS config towards `expected` (ALPN `h2` only, or `http/1.1` only), once a
+    /// certificate is installed; else why not.
+    pub fn client_config(
+        &self,
+        expected: &WorkloadId,
+        h2: bool,
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        let current = {
+            let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+            st.bundle
+                .clone()
+                .filter(|_| self.cert.is_installed())
+                .map(|b| (st.installed, b))
+        };
+        let Some((installed, bundle)) = current else {
+            return Err(self
+                .readiness()
+                .err()
+                .unwrap_or_else(|| "no workload certificate yet".into()));
+        };
+        let key = (expected.clone(), h2);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, c)) = clients.get(&key)
+            && *at == installed
+        {
+            return Ok(c.clone());
+        }
+        let mut config =
+            weir_identity::tls::client_config(&bundle, self.cert.clone(), expected.clone())
+                .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        let config = Arc::new(config);
+        clients.insert(key, (installed, config.clone()));
+        Ok(config)
     }
 
     /// Certificates installed since the start (renewals included).
@@ -232,6 +282,7 @@ async fn keep_valid(
                 st.not_after = Some(not_after);
                 st.last_error = None;
                 st.installed += 1;
+                st.bundle = Some(bundle);
                 retry = FIRST_RETRY;
                 renew_in.max(Duration::from_millis(100))
             }
@@ -301,4 +352,190 @@ fn check_chain(chain_pem: &str, bundle: &TrustBundle, id: &WorkloadId) -> Result
             format!("the issued certificate does not verify with the trust bundle: {e}")
         })?;
     Ok(())
+}
+
+/// Dials a dependency's sidecar and opens mutual TLS: this workload's certificate presented,
+/// the peer's chain verified to the bundle and required to name `expected` (the dependency
+/// meant), ALPN the one protocol spoken. Pinned to one endpoint, or to the URI's host (each
+/// of its addresses in turn). A failure is a connect error: the endpoint's, for ejection.
+#[derive(Clone, Debug)]
+pub struct MtlsConnector {
+    certs: Arc<CertManager>,
+    expected: Arc<WorkloadId>,
+    h2: bool,
+    to: Option<std::net::SocketAddr>,
+    metrics: MtlsMetrics,
+}
+
+/// How long the TCP connect, and then the handshake, may each take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl MtlsConnector {
+    pub fn new(
+        certs: Arc<CertManager>,
+        expected: WorkloadId,
+        h2: bool,
+        metrics: MtlsMetrics,
+    ) -> MtlsConnector {
+        MtlsConnector {
+            certs,
+            expected: Arc::new(expected),
+            h2,
+            to: None,
+            metrics,
+        }
+    }
+
+    /// The same, dialing `addr` whatever the URI names.
+    pub fn pinned(&self, addr: std::net::SocketAddr) -> MtlsConnector {
+        MtlsConnector {
+            to: Some(addr),
+            ..self.clone()
+        }
+    }
+
+    async fn connect(self, uri: http::Uri) -> Result<MtlsStream, ConnectError> {
+        let config = self
+            .certs
+            .client_config(&self.expected, self.h2)
+            .map_err(|e| {
+                self.metrics.handshake("outbound", "no-certificate");
+                ConnectError(e)
+            })?;
+        let addrs: Vec<std::net::SocketAddr> = match self.to {
+            Some(a) => vec![a],
+            None => {
+                let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                let port = uri.port_u16().unwrap_or(80);
+                tokio::net::lookup_host((host, port))
+                    .await
+                    .map_err(|e| ConnectError(format!("resolving {host}: {e}")))?
+                    .collect()
+            }
+        };
+        let mut last = ConnectError(format!("{uri}: no address"));
+        let mut tcp = None;
+        for a in addrs {
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(a)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = ConnectError(format!("connecting to {a}: {e}")),
+                Err(_) => last = ConnectError(format!("connecting to {a}: timed out")),
+            }
+        }
+        let tcp = tcp.ok_or(last)?;
+        let _ = tcp.set_nodelay(true);
+        let handshake = tokio_rustls::TlsConnector::from(config)
+            .connect(weir_identity::tls::server_name(&self.expected), tcp);
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok(tls)) => {
+                self.metrics.handshake("outbound", "ok");
+                Ok(MtlsStream(hyper_util::rt::TokioIo::new(tls)))
+            }
+            Ok(Err(e)) => {
+                self.metrics.handshake("outbound", "refused");
+                tracing::warn!(expected = %self.expected, error = %e, "mutual TLS to a dependency refused");
+                Err(ConnectError(format!(
+                    "mutual TLS with {}: {e}",
+                    self.expected
+                )))
+            }
+            Err(_) => {
+                self.metrics.handshake("outbound", "timeout");
+                Err(ConnectError(format!(
+                    "mutual TLS with {}: no handshake within {CONNECT_TIMEOUT:?}",
+                    self.expected
+                )))
+            }
+        }
+    }
+}
+
+/// Why a mutual-TLS connection was not made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConnectError(String);
+
+impl tower::Service<http::Uri> for MtlsConnector {
+    type Response = MtlsStream;
+    type Error = ConnectError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<MtlsStream, ConnectError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ConnectError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
+/// A mutual-TLS connection to a dependency's sidecar, as the HTTP client uses it.
+#[derive(Debug)]
+pub struct MtlsStream(
+    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+);
+
+impl hyper_util::client::legacy::connect::Connection for MtlsStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let c = hyper_util::client::legacy::connect::Connected::new();
+        if self.0.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl hyper::rt::Read for MtlsStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MtlsStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
 }

@@ -232,8 +232,15 @@ pub fn build(
         })
     });
     let identity_key = comps.identity_key.as_ref().map(|(_, k)| k.clone());
+    // Kept across reloads while what the certificate depends on is the same: a new allowed
+    // set (the graph changed) must not make a new key and ask again.
     comps.workload_cert = config.mtls.as_ref().map(|m| {
-        reuse(prev.workload_cert.as_ref(), m, || {
+        let key = weir_crds::proxy::MtlsConfig {
+            inbound: Default::default(),
+            authorization: Default::default(),
+            ..m.clone()
+        };
+        reuse(prev.workload_cert.as_ref(), &key, || {
             crate::mtls::CertManager::start(m)
         })
     });
@@ -314,19 +321,34 @@ pub fn build(
         };
         let target = Target::upstream(&o.upstream, o.protocol)
             .map_err(|e| format!("outbound[{name}].upstream: {e}"))?;
+        // Mutual TLS to the dependency's sidecar, which must be the identity declared.
+        let mtls = match (&o.peer_identity, &comps.workload_cert) {
+            (Some(id), Some((_, certs))) => {
+                let expected = weir_identity::WorkloadId::parse(id)
+                    .map_err(|e| format!("outbound[{name}].peerIdentity: {e}"))?;
+                Some(crate::mtls::MtlsConnector::new(
+                    certs.clone(),
+                    expected,
+                    o.protocol == weir_crds::proxy::WireProtocol::Http2,
+                    m.mtls.clone(),
+                ))
+            }
+            _ => None,
+        };
         let forward = match &st.balancing {
-            Some((_, b)) => tower::util::Either::Left(Balanced::new(
-                &env.clients,
-                target,
-                Reason::UpstreamConnect,
-                b.balancer.clone(),
-                b.implicit,
-            )),
-            None => tower::util::Either::Right(Forward::new(
-                &env.clients,
-                target,
-                Reason::UpstreamConnect,
-            )),
+            Some((_, b)) => tower::util::Either::Left(
+                Balanced::new(
+                    &env.clients,
+                    target,
+                    Reason::UpstreamConnect,
+                    b.balancer.clone(),
+                    b.implicit,
+                )
+                .with_mtls(mtls),
+            ),
+            None => tower::util::Either::Right(
+                Forward::new(&env.clients, target, Reason::UpstreamConnect).with_mtls(mtls),
+            ),
         };
         let svc = ServiceBuilder::new()
             // Outermost: gRPC callers get every answer below as a gRPC status.

@@ -414,6 +414,13 @@ async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_remov
     // The refusal is logged (the log is read as the sidecar writes it: waited for).
     p.wait_log(|l| l.to_string().contains("mutual TLS handshake refused"))
         .await;
+    // Counted: the other anchor's client, and the client that refused the sidecar (the
+    // sidecar's handshake ends with that client's alert).
+    let (_, m) = http_get(&p.admin_url("/metrics")).await.unwrap();
+    assert!(
+        m.contains(r#"weir_tls_handshakes_total{direction="inbound",result="refused"} 2"#),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -632,4 +639,197 @@ async fn only_the_allowed_callers_reach_the_app_and_the_set_reloads_without_a_re
     .await;
     let (_, metrics) = http_get(&p.admin_url("/metrics")).await.unwrap();
     assert!(metrics.contains(r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/stranger",decision="audit-denied"}"#), "{metrics}");
+    // Neither reload made a new key or asked the issuer again.
+    let installed = p
+        .log_lines()
+        .iter()
+        .filter(|l| l.to_string().contains("workload certificate installed"))
+        .count();
+    assert_eq!(installed, 1, "{:?}", p.log_lines());
+}
+
+/// `users`'s sidecar (mTLS, admitting `shop/orders`) in front of the caller-echo app, and the
+/// sidecar of `caller` calling it as dependency `users` over mutual TLS, expecting
+/// `expect_peer`: by its address, or (`endpoints`) through the balancer.
+struct Hop {
+    users: Proxy,
+    caller: Proxy,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn hop(
+    iss: &IssuerOnLoopback,
+    app: std::net::SocketAddr,
+    caller: &str,
+    expect_peer: &str,
+    protocol: weir_crds::proxy::WireProtocol,
+    endpoints: bool,
+    renew_at_percent: u8,
+) -> Hop {
+    let id = |name: &str| WorkloadId::microservice("cluster.local", "shop", name);
+    let (ud, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ucfg = weir_testkit::proxy::config("shop", "users", app);
+    let mut block = mtls_block(iss, ud.path(), &id("users"), &iss.tokens.issue(id("users")));
+    block.authorization.allow = vec!["shop/orders".into()];
+    block.renew_at_percent = renew_at_percent;
+    ucfg.mtls = Some(block);
+    let inbound = ucfg.inbound.listen;
+    let users = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), ucfg, &[], &[]);
+    let mut ccfg = weir_testkit::proxy::config("shop", caller, "127.0.0.1:9".parse().unwrap());
+    let mut block = mtls_block(iss, cd.path(), &id(caller), &iss.tokens.issue(id(caller)));
+    block.renew_at_percent = renew_at_percent;
+    ccfg.mtls = Some(block);
+    let mut dep = common::dependency("users", format!("http://{inbound}"));
+    dep.protocol = protocol;
+    dep.peer_identity = Some(id(expect_peer).uri());
+    if endpoints {
+        dep.endpoints = Some(weir_crds::proxy::EndpointsConfig {
+            dns: None,
+            addresses: vec![inbound],
+            refresh_ms: 5_000,
+        });
+    }
+    ccfg.outbound.push(dep);
+    let caller = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), ccfg, &[], &[]);
+    users.wait_ready().await;
+    caller.wait_ready().await;
+    Hop {
+        users,
+        caller,
+        _dirs: (ud, cd),
+    }
+}
+
+#[tokio::test]
+async fn sidecars_call_each_other_over_mutual_tls_and_check_whom_they_reach() {
+    use weir_crds::proxy::WireProtocol;
+    let iss = issuer(DAY).await;
+    let (app, _app) = caller_echo().await;
+    for protocol in [WireProtocol::Http2, WireProtocol::Http1] {
+        for endpoints in [false, true] {
+            let what = format!("{protocol:?}, endpoints: {endpoints}");
+            let h = hop(&iss, app, "orders", "users", protocol, endpoints, 70).await;
+            // The app behind users is told its caller from the verified chain.
+            for _ in 0..3 {
+                let got = http_get(&h.caller.outbound_url("users", "/who"))
+                    .await
+                    .unwrap();
+                assert_eq!(got, (200, "shop/orders".to_string()), "{what}");
+            }
+            let (_, m) = http_get(&h.caller.admin_url("/metrics")).await.unwrap();
+            assert!(
+                m.contains(r#"weir_tls_handshakes_total{direction="outbound",result="ok"}"#),
+                "{what}: {m}"
+            );
+            let (_, m) = http_get(&h.users.admin_url("/metrics")).await.unwrap();
+            assert!(
+                m.contains(r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/orders",decision="allowed"} 3"#),
+                "{what}: {m}"
+            );
+            // Reused connections: one handshake for the three calls over HTTP/2.
+            if protocol == WireProtocol::Http2 {
+                assert!(
+                    m.contains(r#"weir_tls_handshakes_total{direction="inbound",result="ok"} 1"#),
+                    "{what}: {m}"
+                );
+            }
+        }
+    }
+
+    // A caller that meant another service: the sidecar it reached is users, not payments, so
+    // it refuses the connection; the app is told 502 and never reaches users' app.
+    let h = hop(
+        &iss,
+        app,
+        "orders",
+        "payments",
+        WireProtocol::Http2,
+        false,
+        70,
+    )
+    .await;
+    let (status, body) = http_get(&h.caller.outbound_url("users", "/who"))
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (502, "upstream-connect\n"));
+    h.caller
+        .wait_log(|l| l.to_string().contains("mutual TLS to a dependency refused"))
+        .await;
+    let (_, m) = http_get(&h.caller.admin_url("/metrics")).await.unwrap();
+    assert!(
+        m.contains(r#"weir_tls_handshakes_total{direction="outbound",result="refused"}"#),
+        "{m}"
+    );
+
+    // A caller users does not admit (payments, over mTLS as itself): 403 from users' sidecar,
+    // passed back to the app as it came.
+    let h = hop(
+        &iss,
+        app,
+        "payments",
+        "users",
+        WireProtocol::Http2,
+        true,
+        70,
+    )
+    .await;
+    let (status, body) = http_get(&h.caller.outbound_url("users", "/who"))
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (403, "caller-not-allowed\n"));
+}
+
+#[tokio::test]
+async fn certificates_renew_under_load_without_a_failed_request() {
+    use weir_crds::proxy::WireProtocol;
+    // Certificates of 4 s renewed at 50 %: each sidecar renews about every 2 s.
+    let iss = issuer(Duration::from_secs(4)).await;
+    let (app, _app) = caller_echo().await;
+    for protocol in [WireProtocol::Http2, WireProtocol::Http1] {
+        let h = hop(&iss, app, "orders", "users", protocol, true, 50).await;
+        let url = h.caller.outbound_url("users", "/who");
+        let start = Instant::now();
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        // Four callers at once for 7 s: past three renewals of each side, and past the first
+        // certificates' expiry (connections opened then must use the new ones).
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                while start.elapsed() < Duration::from_secs(7) {
+                    out.push(http_get(&url).await);
+                }
+                out
+            }));
+        }
+        for t in tasks {
+            for r in t.await.unwrap() {
+                match r {
+                    Ok((200, b)) if b == "shop/orders" => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{protocol:?}: {} of {} failed: {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(ok > 100, "{protocol:?}: only {ok} calls");
+        for p in [&h.caller, &h.users] {
+            let installed = p
+                .log_lines()
+                .iter()
+                .filter(|l| l.to_string().contains("workload certificate installed"))
+                .count();
+            assert!(
+                installed >= 3,
+                "{protocol:?}: {installed} certificates installed"
+            );
+        }
+        eprintln!("{protocol:?}: {ok} calls, none failed, across the renewals");
+    }
 }

@@ -317,10 +317,12 @@ async fn serve_connection(
             let tls = match accepted {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    shared.metrics.mtls.handshake("inbound", "refused");
                     tracing::warn!(peer = ?peer.map(|p| p.0), error = %e, "mutual TLS handshake refused");
                     return;
                 }
                 Err(_) => {
+                    shared.metrics.mtls.handshake("inbound", "timeout");
                     tracing::warn!(peer = ?peer.map(|p| p.0), "mutual TLS handshake not done in time; connection closed");
                     return;
                 }
@@ -333,11 +335,16 @@ async fn serve_connection(
             let caller = match caller {
                 Some(Ok(id)) => crate::mtls::Caller(id.short().into()),
                 Some(Err(e)) => {
+                    shared.metrics.mtls.handshake("inbound", "no-identity");
                     tracing::warn!(peer = ?peer.map(|p| p.0), error = %e, "a verified peer certificate names no workload; connection closed");
                     return;
                 }
-                None => return,
+                None => {
+                    shared.metrics.mtls.handshake("inbound", "no-identity");
+                    return;
+                }
             };
+            shared.metrics.mtls.handshake("inbound", "ok");
             serve_io(shared, role, tls, peer, Some(caller)).await;
             return;
         }
