@@ -361,6 +361,22 @@ pub struct InboundPolicy {
     #[serde(default = "default_max_body")]
     #[schemars(range(min = 1, max = 1073741824))]
     pub max_body_bytes: u64,
+    /// Plaintext from outside the pod under the mesh's mutual TLS ([`MtlsMode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+    /// Who may call over mutual TLS ([`AuthorizationPolicy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<AuthorizationPolicy>,
+    /// Callers admitted besides the graph's: `<namespace>/<name>` (a Microservice),
+    /// `<namespace>/saga/<name>` (a Saga's coordinator) or `<namespace>/*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(
+            pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/(\*|saga/[a-z0-9]([-a-z0-9]*[a-z0-9])?|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$"
+        ))
+    )]
+    pub allow_from: Vec<String>,
 }
 
 impl Default for InboundPolicy {
@@ -372,8 +388,40 @@ impl Default for InboundPolicy {
             max_queue: None,
             rate_limit: None,
             max_body_bytes: default_max_body(),
+            mtls: None,
+            authorization: None,
+            allow_from: Vec::new(),
         }
     }
+}
+
+/// With the mesh's mutual TLS on, what happens to plaintext from outside the pod: `strict`
+/// refuses it (403 `mtls-required`), `permissive` admits and counts it (the migration path).
+/// Left out: the operator's default (the chart's `mtls.mode`). An edge Microservice admits
+/// plaintext whatever this says: outside traffic enters there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MtlsMode {
+    /// Plaintext from outside the pod refused.
+    Strict,
+    /// Plaintext admitted and counted.
+    Permissive,
+}
+
+/// Who may call over mutual TLS. `graph` (the default): the Microservices that declare this one
+/// a dependency, the Sagas with a step on it, and `allowFrom`; anyone else gets 403
+/// `caller-not-allowed`. `audit`: everyone admitted, and those `graph` would refuse counted and
+/// logged. `open`: every workload of the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthorizationPolicy {
+    /// The declared graph and `allowFrom`.
+    #[default]
+    Graph,
+    /// Everyone admitted; what `graph` would refuse counted and logged.
+    Audit,
+    /// Every workload of the mesh.
+    Open,
 }
 
 fn default_inbound_timeout() -> String {

@@ -287,6 +287,17 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
             "maxQueue needs maxConcurrent",
         );
     }
+    for (i, a) in spec.inbound.allow_from.iter().enumerate() {
+        if !crate::proxy::is_allow_entry(a) {
+            push(
+                &mut errs,
+                format!("spec.inbound.allowFrom[{i}]"),
+                format!(
+                    "{a:?} must be <namespace>/<name>, <namespace>/saga/<name> or <namespace>/*"
+                ),
+            );
+        }
+    }
     if let Some(t) = &spec.tracing
         && !(0.0..=1.0).contains(&t.sampling_ratio)
     {
@@ -719,6 +730,26 @@ dependencies:
         assert_eq!(errs[0].field, "metadata.name");
         assert!(errs[0].message.contains("48"), "{}", errs[0].message);
         assert!(MICROSERVICE_NAME_RULE.contains("48"));
+    }
+
+    #[test]
+    fn allow_from_entries_name_a_workload_or_a_namespace() {
+        let errs = microservice(
+            "users",
+            &ms(
+                "image: u\nport: 8080\ninbound: {allowFrom: [shop/orders, shop/saga/checkout, ops/*, Shop/x, shop, a/b/c]}",
+            ),
+        );
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.inbound.allowFrom[3]",
+                "spec.inbound.allowFrom[4]",
+                "spec.inbound.allowFrom[5]"
+            ],
+            "{errs:?}"
+        );
     }
 
     #[test]

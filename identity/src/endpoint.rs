@@ -279,6 +279,8 @@ impl Endpoint {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
+                // Out of file descriptors, most likely: a pause rather than a busy loop.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let (acceptor, me) = (acceptor.clone(), self.clone());

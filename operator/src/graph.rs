@@ -1,5 +1,8 @@
 //! `weir graph`: the system as Mermaid or DOT: services, synchronous calls with their
-//! policies, events from publishers to consumers, sagas and their steps.
+//! policies, events from publishers to consumers, sagas and their steps, and who may call whom
+//! under the mesh's mutual TLS: the calls and steps drawn are the graph's authorization;
+//! `allowFrom` adds callers (drawn `allowFrom`), and a service marked `open` or `audit`
+//! admits everyone.
 
 use crate::manifest::{Loaded, Object};
 use std::fmt::Write;
@@ -39,9 +42,17 @@ pub fn policy_label(d: &Dependency) -> String {
 }
 
 enum Edge {
-    Call { label: String },
-    Event { label: String },
-    Step { label: String },
+    Call {
+        label: String,
+    },
+    Event {
+        label: String,
+    },
+    Step {
+        label: String,
+    },
+    /// `spec.inbound.allowFrom`: a caller admitted beyond the graph.
+    Allow,
 }
 
 struct Graph {
@@ -65,11 +76,22 @@ fn build(objects: &[Loaded]) -> Graph {
                 let name = ms.metadata.name.clone().unwrap_or_default();
                 let me = id("ms", &name);
                 let edge = ms.spec.edge.as_deref();
-                let label = match edge {
+                let mut label = match edge {
                     Some(_) => format!("{name} (edge)"),
                     None => name.clone(),
                 };
+                use weir_crds::microservice::AuthorizationPolicy;
+                match ms.spec.inbound.authorization {
+                    Some(AuthorizationPolicy::Open) => label.push_str(" [open to all callers]"),
+                    Some(AuthorizationPolicy::Audit) => label.push_str(" [authorization: audit]"),
+                    _ => {}
+                }
                 add_node(&mut g, me.clone(), label, "service");
+                for a in &ms.spec.inbound.allow_from {
+                    let from = id("allow", a);
+                    add_node(&mut g, from.clone(), a.clone(), "caller");
+                    g.edges.push((from, me.clone(), Edge::Allow));
+                }
                 for d in &ms.spec.dependencies {
                     let (target, label) = match (&d.microservice, &d.url) {
                         (Some(t), _) => (id("ms", t), t.clone()),
@@ -202,6 +224,7 @@ pub fn render(objects: &[Loaded], format: Format) -> String {
                     "queue" => writeln!(out, "  {nid}[(\"{label}\")]"),
                     "saga" => writeln!(out, "  {nid}{{{{\"{label}\"}}}}"),
                     "external" => writeln!(out, "  {nid}>\"{label}\"]"),
+                    "caller" => writeln!(out, "  {nid}([\"{label}\"])"),
                     _ => writeln!(out, "  {nid}[\"{label}\"]"),
                 };
             }
@@ -210,6 +233,7 @@ pub fn render(objects: &[Loaded], format: Format) -> String {
                     Edge::Call { label } => writeln!(out, "  {a} -->|\"{}\"| {b}", esc(label)),
                     Edge::Event { label } => writeln!(out, "  {a} -.->|\"{}\"| {b}", esc(label)),
                     Edge::Step { label } => writeln!(out, "  {a} ==>|\"{}\"| {b}", esc(label)),
+                    Edge::Allow => writeln!(out, "  {a} --o|\"allowFrom\"| {b}"),
                 };
             }
         }
@@ -220,15 +244,17 @@ pub fn render(objects: &[Loaded], format: Format) -> String {
                     "queue" => "cylinder",
                     "saga" => "hexagon",
                     "external" => "cds",
+                    "caller" => "ellipse",
                     _ => "box",
                 };
                 let _ = writeln!(out, "  {nid} [label=\"{}\", shape={shape}];", esc(label));
             }
             for (a, b, e) in &g.edges {
                 let (label, style) = match e {
-                    Edge::Call { label } => (label, "solid"),
-                    Edge::Event { label } => (label, "dashed"),
-                    Edge::Step { label } => (label, "bold"),
+                    Edge::Call { label } => (label.as_str(), "solid"),
+                    Edge::Event { label } => (label.as_str(), "dashed"),
+                    Edge::Step { label } => (label.as_str(), "bold"),
+                    Edge::Allow => ("allowFrom", "dotted"),
                 };
                 let _ = writeln!(
                     out,
@@ -288,6 +314,37 @@ mod tests {
         assert!(
             m.contains(r#"ms_orders -->|"1s, breaker 50%"| ms_catalog"#),
             "{m}"
+        );
+    }
+
+    #[test]
+    fn who_may_call_whom_beyond_the_calls_is_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        std::fs::write(
+            &f,
+            "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users}\nspec:\n  image: u\n  inbound: {allowFrom: [ops/*, shop/saga/audit]}\n---\napiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: status}\nspec:\n  image: s\n  inbound: {authorization: open}\n",
+        )
+        .unwrap();
+        let loaded = load(&[f], &Schemas::new()).unwrap().0;
+        let m = render(&loaded, Format::Mermaid);
+        assert!(m.contains(r#"allow_ops__(["ops/*"])"#), "{m}");
+        assert!(
+            m.contains(r#"allow_ops__ --o|"allowFrom"| ms_users"#),
+            "{m}"
+        );
+        assert!(
+            m.contains(r#"allow_shop_saga_audit --o|"allowFrom"| ms_users"#),
+            "{m}"
+        );
+        assert!(
+            m.contains(r#"ms_status["status [open to all callers]"]"#),
+            "{m}"
+        );
+        let d = render(&loaded, Format::Dot);
+        assert!(
+            d.contains(r#"allow_ops__ -> ms_users [label="allowFrom", style=dotted];"#),
+            "{d}"
         );
     }
 

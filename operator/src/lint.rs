@@ -88,6 +88,7 @@ pub fn lint(objects: &[Loaded], cfg: &LintConfig) -> Vec<Finding> {
     unprotected(&services, &mut out);
     grpc(&services, &mut out);
     events(objects, &services, cfg, &mut out);
+    open_authorization(&services, &mut out);
     out.sort_by(|a, b| (a.severity, a.rule, &a.objects).cmp(&(b.severity, b.rule, &b.objects)));
     out
 }
@@ -296,6 +297,24 @@ fn unprotected(services: &BTreeMap<Key, &Microservice>, out: &mut Vec<Finding>) 
     }
 }
 
+// --- WEIR011 open authorization ---------------------------------------------------------
+
+fn open_authorization(services: &BTreeMap<Key, &Microservice>, out: &mut Vec<Finding>) {
+    use weir_crds::microservice::AuthorizationPolicy;
+    for (k, ms) in services {
+        if ms.spec.inbound.authorization == Some(AuthorizationPolicy::Open) {
+            out.push(Finding {
+                rule: "WEIR011",
+                name: "open-authorization",
+                severity: Severity::Warning,
+                objects: vec![ms_ref(k)],
+                message: "inbound.authorization: open admits every workload of the mesh, not only the callers the graph declares".into(),
+                hint: "leave authorization out (graph) and add the callers that are not in the graph to `inbound.allowFrom`; `audit` shows who they are first",
+            });
+        }
+    }
+}
+
 /// What a dependency speaks: its `protocol` for a URL, the target's `spec.protocol` for a
 /// Microservice of the set (`None`: a Microservice not in the set, unknown).
 fn dependency_protocol(
@@ -488,6 +507,20 @@ mod tests {
 
     fn rules(f: &[Finding]) -> Vec<&str> {
         f.iter().map(|f| f.rule).collect()
+    }
+
+    #[test]
+    fn open_authorization_is_a_warning_and_graph_or_audit_are_not() {
+        let f = lint_yaml(&format!(
+            "{}{}{}",
+            ms("a", "  inbound: {authorization: open}\n"),
+            ms("b", "  inbound: {authorization: audit}\n"),
+            ms("c", "  inbound: {allowFrom: [ops/*]}\n"),
+        ));
+        let open: Vec<_> = f.iter().filter(|f| f.rule == "WEIR011").collect();
+        assert_eq!(open.len(), 1, "{f:?}");
+        assert_eq!(open[0].objects, ["Microservice/a"]);
+        assert_eq!(open[0].severity, Severity::Warning);
     }
 
     #[test]

@@ -93,6 +93,11 @@ struct UpArgs {
     /// `S` is the file `DIR/S/K`.
     #[arg(long)]
     secrets_dir: Option<PathBuf>,
+    /// Plaintext between the sidecars. By default each sidecar gets a certificate from a CA of
+    /// the run, sidecars call each other over mutual TLS, and each admits only the callers the
+    /// manifests declare (as in a cluster with the chart's defaults).
+    #[arg(long)]
+    no_mtls: bool,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -309,6 +314,7 @@ impl UpArgs {
             no_restart: self.no_restart,
             any_port: self.any_port,
             secrets_dir: self.secrets_dir,
+            no_mtls: self.no_mtls,
         }
     }
 }

@@ -582,3 +582,113 @@ fn a_dependants_calls_are_balanced_across_the_replicas_of_a_microservice() {
     assert_eq!(v["back"].as_array().map(Vec::len), Some(3), "{v}");
     assert!(up.terminate().success());
 }
+
+/// front declares back; intruder is no Microservice of the run.
+const FRONT_AND_BACK: &str = "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata:\n  name: front\n  annotations:\n    weir.dev/local-command: weir-echo\nspec:\n  image: ghcr.io/weir-dev/weir-echo:0.1.0\n  dependencies:\n    - name: back\n      microservice: back\n---\napiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata:\n  name: back\n  annotations:\n    weir.dev/local-command: weir-echo\nspec:\n  image: ghcr.io/weir-dev/weir-echo:0.1.0\n";
+
+/// `GET /` to `port` over mutual TLS with a certificate for `as_who` made with the run's issuer
+/// (from the state file), expecting `server`: status and body.
+fn mtls_get_as(up: &Up, port: u16, as_who: &str, server: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    use weir_identity::tls::{self, CurrentCert, TrustBundle};
+    use weir_identity::{Authority, Issuer, WorkloadId, WorkloadKey};
+    let m = &up.state()["mtls"];
+    let read = |k: &str| std::fs::read_to_string(m[k].as_str().unwrap()).unwrap();
+    let issuer = Issuer::new(Authority::from_pem(&read("issuerCert"), &read("issuerKey")).unwrap());
+    let bundle = TrustBundle::from_pem(&read("bundle")).unwrap();
+    let id = WorkloadId::parse(as_who).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = issuer
+        .sign(
+            &key.csr(&id).unwrap(),
+            &id,
+            std::time::SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let cert = CurrentCert::new();
+    cert.install(&issued.chain_pem, key.private_key()).unwrap();
+    let server = WorkloadId::parse(server).unwrap();
+    let mut config = tls::client_config(&bundle, cert, server.clone()).unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), tls::server_name(&server))
+            .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: back\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn sidecars_under_weir_up_use_mutual_tls_and_refuse_an_undeclared_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("services.yaml"), FRONT_AND_BACK).unwrap();
+    let mut up = Up::start(
+        &["-f", &dir.path().to_string_lossy()],
+        Duration::from_secs(60),
+    );
+    let (front, back) = (up.port("front"), up.port("back"));
+    // front's call reaches back's app over mutual TLS, named by its verified identity.
+    let (st, body) = request(front, "GET", "/call/back/", "");
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["upstream"]["caller"], "default/front", "{v}");
+    let admin = |s: &str| up.state()["services"][s]["admin"].as_u64().unwrap() as u16;
+    let (_, metrics) = request(admin("back"), "GET", "/metrics", "");
+    assert!(
+        metrics.contains(r#"weir_inbound_authorizations_total{transport="mtls",caller="default/front",decision="allowed"} 1"#),
+        "{metrics}"
+    );
+    let (_, metrics) = request(admin("front"), "GET", "/metrics", "");
+    assert!(
+        metrics.contains(r#"weir_tls_handshakes_total{direction="outbound",result="ok"} 1"#),
+        "{metrics}"
+    );
+    // A workload with a valid certificate of this run that back does not declare: refused.
+    let (st, body) = mtls_get_as(
+        &up,
+        back,
+        "spiffe://cluster.local/ns/default/ms/intruder",
+        "spiffe://cluster.local/ns/default/ms/back",
+    );
+    assert_eq!((st, body.as_str()), (403, "caller-not-allowed\n"));
+    // front, as itself, is let in (the same client, a declared identity).
+    let (st, body) = mtls_get_as(
+        &up,
+        back,
+        "spiffe://cluster.local/ns/default/ms/front",
+        "spiffe://cluster.local/ns/default/ms/back",
+    );
+    assert_eq!(st, 200, "{body}");
+    // curl to a service's port on this machine (loopback plaintext) keeps working, no caller.
+    let (st, body) = request(back, "GET", "/", "");
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["caller"],
+        Value::Null
+    );
+    assert!(up.terminate().success());
+
+    // --no-mtls: plaintext between the sidecars, as before.
+    let mut up = Up::start(
+        &["-f", &dir.path().to_string_lossy(), "--no-mtls"],
+        Duration::from_secs(60),
+    );
+    let (st, body) = request(up.port("front"), "GET", "/call/back/", "");
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["upstream"]["caller"], Value::Null, "{v}");
+    assert_eq!(up.state()["mtls"], Value::Null);
+    assert!(up.terminate().success());
+}

@@ -26,6 +26,10 @@ use weir_identity::{WorkloadId, WorkloadKey};
 /// mutual TLS from plaintext.
 pub const TLS_HANDSHAKE: u8 = 0x16;
 
+/// How long an inbound mutual-TLS handshake may take once its first byte came: a handshake
+/// that stalls holds a connection (and a task) for no one.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The header that tells the app who called, `<namespace>/<name>`: set only from a verified
 /// mutual-TLS chain, removed from every other request, so the app may trust it.
 pub const CALLER_HEADER: &str = "x-weir-caller";

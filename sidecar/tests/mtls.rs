@@ -833,3 +833,46 @@ async fn certificates_renew_under_load_without_a_failed_request() {
         eprintln!("{protocol:?}: {ok} calls, none failed, across the renewals");
     }
 }
+
+#[tokio::test]
+async fn a_handshake_that_stalls_is_closed_logged_and_counted() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let iss = issuer(DAY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = WorkloadId::microservice("cluster.local", "shop", "users");
+    let mut cfg = weir_testkit::proxy::config("shop", "users", "127.0.0.1:9".parse().unwrap());
+    cfg.mtls = Some(mtls_block(
+        &iss,
+        dir.path(),
+        &users,
+        &iss.tokens.issue(users.clone()),
+    ));
+    let inbound = cfg.inbound.listen;
+    let p = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), cfg, &[], &[]);
+    p.wait_ready().await;
+    // The first bytes of a TLS record header, then nothing.
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    let waited = start.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not {read:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(13),
+        "closed after {waited:?}, not the 10 s handshake timeout"
+    );
+    p.wait_log(|l| {
+        l.to_string()
+            .contains("mutual TLS handshake not done in time")
+    })
+    .await;
+    let (_, m) = http_get(&p.admin_url("/metrics")).await.unwrap();
+    assert!(
+        m.contains(r#"weir_tls_handshakes_total{direction="inbound",result="timeout"} 1"#),
+        "{m}"
+    );
+}

@@ -1,8 +1,9 @@
 //! `weir-echo`: the app in Weir's examples and end-to-end tests.
 //!
 //! - `GET /healthz`, `GET /readyz`: 200.
-//! - `GET /`: who answered (`SERVICE_NAME`, `HOSTNAME`), the trace context it received and the
-//!   identity headers its sidecar let through (`x-user-id`, `x-user-role`).
+//! - `GET /`: who answered (`SERVICE_NAME`, `HOSTNAME`), the trace context it received, the
+//!   identity headers its sidecar let through (`x-user-id`, `x-user-role`) and the caller its
+//!   sidecar verified over mutual TLS (`x-weir-caller`, `caller`).
 //! - `GET /call/<dep>/<path>`: calls `$<DEP>_URL/<path>` (the sidecar's local port) and returns
 //!   the upstream's status and body: how an app uses its dependencies under Weir.
 //! - `GET /status/<code>`: answers with that status (to exercise breakers and retries).
@@ -155,7 +156,7 @@ async fn handle(
         "/healthz" | "/readyz" => reply(StatusCode::OK, json!({"ok": true})),
         "/" => reply(
             StatusCode::OK,
-            json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "traceparent": traceparent, "user": header("x-user-id"), "role": header("x-user-role")}),
+            json!({"service": *name, "pod": std::env::var("HOSTNAME").ok(), "traceparent": traceparent, "user": header("x-user-id"), "role": header("x-user-role"), "caller": header("x-weir-caller")}),
         ),
         p if p.starts_with("/status/") => {
             let code = p["/status/".len()..]

@@ -3,6 +3,7 @@
 //! prints it, `weir up` runs it.
 
 pub mod broker;
+pub mod mesh;
 pub mod messaging;
 pub mod proxy_config;
 pub mod saga;

@@ -15,6 +15,7 @@
 //! - this module: the run loop, from the manifests to Ctrl-C, and the state file.
 
 pub mod brokers;
+pub mod mtls;
 pub mod plan;
 mod process;
 mod sagas;
@@ -53,12 +54,19 @@ pub struct RunOptions {
     pub any_port: bool,
     /// Local stand-ins for Secrets: `<dir>/<secret name>/<key>`.
     pub secrets_dir: Option<PathBuf>,
+    /// Plaintext between the sidecars: no CA of the run, no authorization by the graph.
+    pub no_mtls: bool,
 }
 
 /// Writes the state file: ports and pids by replica, saga coordinator URLs, the broker's URL
 /// (as given to the sidecars, credentials included: tools connect with it) and each broker
 /// process's pid and port. Whole, then renamed, so a reader never sees half a file.
-fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<(), UpError> {
+fn write_state(
+    f: &Path,
+    running: &Running,
+    broker_url: Option<&str>,
+    ca: Option<&mtls::LocalCa>,
+) -> Result<(), UpError> {
     let failed = |e: &dyn std::fmt::Display| UpError::StateFile {
         path: f.to_path_buf(),
         message: e.to_string(),
@@ -91,6 +99,7 @@ fn write_state(f: &Path, running: &Running, broker_url: Option<&str>) -> Result<
         "sagas": sagas,
         "brokerUrl": broker_url,
         "brokers": running.brokers(),
+        "mtls": ca.map(mtls::LocalCa::state),
     });
     let tmp = f.with_extension("tmp");
     let text = serde_json::to_string_pretty(&json).map_err(|e| failed(&e))?;
@@ -160,6 +169,26 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     let identity_key = work_dir.join("identity.key");
     let key: [u8; 32] = rand::random();
     std::fs::write(&identity_key, hex::encode(key))?;
+    // The run's CA: each Microservice's sidecars get a token for its identity, and a
+    // certificate for it from the endpoint.
+    let ca = match opts.no_mtls {
+        true => None,
+        false => Some(mtls::LocalCa::start(&work_dir).await?),
+    };
+    if let Some(ca) = &ca {
+        for l in &loaded {
+            if let Object::Microservice(m) = &l.object {
+                ca.enroll(
+                    &opts.namespace,
+                    m.metadata.name.as_deref().unwrap_or_default(),
+                )?;
+            }
+        }
+    }
+    let (bundle, tokens) = match &ca {
+        Some(ca) => (ca.bundle_file(), ca.dir.join("tokens")),
+        None => Default::default(),
+    };
     let mut services = plan_with(
         &loaded,
         &opts.namespace,
@@ -168,6 +197,11 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
             any_port: opts.any_port,
             identity_key: Some(&identity_key),
             secrets_dir: opts.secrets_dir.as_deref(),
+            mesh: ca.as_ref().map(|ca| plan::PlanMesh {
+                issuer_url: &ca.issuer_url,
+                trust_bundle_file: &bundle,
+                tokens_dir: &tokens,
+            }),
         },
     )?;
     if let (Some((_, nats_url)), Some(url)) = (&saga_log_nats, &broker_url) {
@@ -239,7 +273,7 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         println!("{name}:\n{usage}");
     }
     if let Some(f) = &opts.state_file {
-        write_state(f, &running, broker_url.as_deref())?;
+        write_state(f, &running, broker_url.as_deref(), ca.as_ref())?;
     }
     println!("Ctrl-C stops everything.");
     // Both streams are made once, outside the loop: a fresh `ctrl_c()` each turn would miss a
@@ -262,7 +296,8 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
                     Err(e) => break Stop::Failed(e),
                     Ok(true) => {
                         if let Some(f) = &opts.state_file
-                            && let Err(e) = write_state(f, &running, broker_url.as_deref())
+                            && let Err(e) =
+                                write_state(f, &running, broker_url.as_deref(), ca.as_ref())
                         {
                             break Stop::Failed(e);
                         }

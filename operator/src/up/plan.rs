@@ -4,6 +4,7 @@
 
 use super::process::free_port;
 use crate::manifest::{Loaded, Object};
+use crate::render::mesh;
 use crate::render::messaging::{self as render_messaging, ResolvedQueue};
 use crate::render::proxy_config::{self, Placement, dependency_env_name};
 use anyhow::{Result, anyhow, bail};
@@ -217,6 +218,17 @@ pub struct PlanOptions<'a> {
     pub identity_key: Option<&'a Path>,
     /// Local stand-ins for Secrets: `<dir>/<secret name>/<key>` (an edge's JWKS or HS256 key).
     pub secrets_dir: Option<&'a Path>,
+    /// Mutual TLS between the sidecars, from the run's CA; `None`: plaintext.
+    pub mesh: Option<PlanMesh<'a>>,
+}
+
+/// Where a local run's sidecars get their certificates.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanMesh<'a> {
+    pub issuer_url: &'a str,
+    pub trust_bundle_file: &'a Path,
+    /// `<dir>/<microservice>`: each Microservice's token.
+    pub tokens_dir: &'a Path,
 }
 
 /// [`plan()`] with options.
@@ -299,6 +311,18 @@ pub fn plan_with(
     if first.is_empty() {
         bail!("every Microservice has replicas: 0: nothing to run");
     }
+    // The graph, for each sidecar's allowed callers.
+    let all_specs: Vec<(&str, &weir_crds::microservice::MicroserviceSpec)> = services
+        .iter()
+        .map(|&(_, m)| (m.metadata.name.as_deref().unwrap_or_default(), &m.spec))
+        .collect();
+    let sagas: Vec<(&str, &weir_crds::saga::SagaSpec)> = loaded
+        .iter()
+        .filter_map(|l| match &l.object {
+            Object::Saga(s) => Some((s.metadata.name.as_deref().unwrap_or_default(), &s.spec)),
+            _ => None,
+        })
+        .collect();
     let mut out = Vec::new();
     for (l, ms) in services {
         let microservice = ms.metadata.name.clone().unwrap_or_default();
@@ -332,6 +356,22 @@ pub fn plan_with(
             };
             let mut config = proxy_config::build(&microservice, namespace, &ms.spec, &placement)
                 .map_err(|e| anyhow!("{obj}: {e}"))?;
+            if let Some(pm) = &opts.mesh {
+                let callers = mesh::callers(
+                    namespace,
+                    &microservice,
+                    all_specs.iter().map(|(n, s)| (namespace, *n, *s)),
+                    sagas.iter().map(|(n, s)| (namespace, *n, *s)),
+                );
+                let m = mesh::Mesh {
+                    trust_domain: super::mtls::TRUST_DOMAIN.into(),
+                    issuer_url: pm.issuer_url.into(),
+                    trust_bundle_file: pm.trust_bundle_file.display().to_string(),
+                    token_file: pm.tokens_dir.join(&microservice).display().to_string(),
+                    default_mode: weir_crds::microservice::MtlsMode::Strict,
+                };
+                mesh::apply(&mut config, &ms.spec, &m, &callers);
+            }
             local_edge_secrets(&obj, ms, &mut config, opts.secrets_dir)?;
             if broker_url.is_some() {
                 let bridge = render_messaging::build(

@@ -309,7 +309,7 @@ async fn serve_connection(
         if matches!(peeked, Ok(Ok(1))) && first[0] == crate::mtls::TLS_HANDSHAKE {
             let accepted = tokio::select! {
                 r = tokio::time::timeout(
-                    HEADER_READ_TIMEOUT,
+                    crate::mtls::HANDSHAKE_TIMEOUT,
                     tokio_rustls::TlsAcceptor::from(tls).accept(stream),
                 ) => r,
                 _ = drained(&mut drain) => return,
