@@ -211,7 +211,25 @@ if [ -e "$s" ]; then
   expect_args "$s" single-namespace present --leader-elect "--watch-namespace=apps" "--metrics-addr=0.0.0.0:9090"
   expect_args "$s" single-namespace absent --legacy-sidecar
   expect_kinds "$s" RoleBinding PodDisruptionBudget
-  if objects "$s" | grep -q ' ClusterRoleBinding '; then fail "single-namespace: ClusterRoleBinding rendered"; fi
+  # The watch rights are bound in the namespace only; the one cluster-wide binding left is the
+  # identity endpoint's TokenReview (cluster-scoped). Read whole, then matched: `grep -q` on a
+  # pipe under pipefail would make a match look like a failure of the pipe.
+  crbs=$(objects "$s" | awk '$2 == "ClusterRoleBinding" {print $3}')
+  if [ -n "$crbs" ] && grep -qvxF "$RELEASE-identity" <<<"$crbs"; then
+    fail "single-namespace: ClusterRoleBinding rendered: $(tr '\n' ' ' <<<"$crbs")"
+  fi
+fi
+m="$work/by-name-mtls-values.yaml"
+if [ -e "$m" ]; then
+  expect_args "$m" mtls present --mtls "--trust-domain=mesh.example.com" "--identity-addr=0.0.0.0:9443"
+  # Sidecars ask https://weir-identity.<namespace>.svc: the Service's name is fixed.
+  objects "$m" >"$work/mtls-objects"
+  grep -qx 'v1 Service weir-identity' "$work/mtls-objects" || fail "mtls: no Service weir-identity"
+fi
+if [ -e "$d" ]; then
+  expect_args "$d" default absent --mtls
+  objects "$d" >"$work/default-objects"
+  if grep -qx 'v1 Service weir-identity' "$work/default-objects"; then fail "default: Service weir-identity without mtls.enabled"; fi
 fi
 [ "${#failures[@]}" -eq "$n_before" ] && pass "API versions, kinds, operator flags and CRDs as expected"
 

@@ -353,6 +353,20 @@ pub async fn request_certificate(
     csr: &[u8],
     timeout: Duration,
 ) -> Result<String, ClientError> {
+    request_certificate_via(url, None, bundle, token, csr, timeout).await
+}
+
+/// [`request_certificate`], connecting to `connect_to` instead of resolving the URL's host
+/// (which the certificate must still name): for a caller outside the cluster's DNS, such as a
+/// test on the node reaching the endpoint's Service by its cluster IP.
+pub async fn request_certificate_via(
+    url: &str,
+    connect_to: Option<std::net::SocketAddr>,
+    bundle: &TrustBundle,
+    token: &str,
+    csr: &[u8],
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let authority = url
         .strip_prefix("https://")
         .map(|r| r.trim_end_matches('/'))
@@ -382,9 +396,11 @@ pub async fn request_certificate(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| ClientError::Connect(format!("{authority}: {e}")))?;
+        let tcp = match connect_to {
+            Some(a) => tokio::net::TcpStream::connect(a).await,
+            None => tokio::net::TcpStream::connect(authority).await,
+        }
+        .map_err(|e| ClientError::Connect(format!("{authority}: {e}")))?;
         let tls = connector
             .connect(server_name, tcp)
             .await

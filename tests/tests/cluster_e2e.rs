@@ -826,3 +826,230 @@ fn operator_peak_rss_kib() -> Option<u64> {
     }
     None
 }
+
+/// The operator's identity endpoint against the cluster's own TokenReview (the chart installed
+/// with `mtls.enabled`): a projected token of a ServiceAccount labelled for and owned by a
+/// Microservice gets a certificate naming it, verified to the bundle in `weir-issuer`; a CSR
+/// for another workload, a token for another audience, a ServiceAccount Weir did not render
+/// and a pod-bound token once its pod is gone are each refused, and nothing is issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_endpoint_with_the_clusters_token_review() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-identity-e2e").await?;
+    let result = identity_run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+async fn identity_run(client: &Client, ns: &str) -> Result<()> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    use weir_identity::endpoint::{ClientError, request_certificate_via};
+    use weir_identity::tls::{TrustBundle, peer_identity};
+    use weir_identity::{WorkloadId, WorkloadKey};
+    let system = env_or("WEIR_E2E_OPERATOR_NAMESPACE", "weir-system");
+    // The CA the operator made (or was given), and its endpoint's Service.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &system);
+    let issuer = wait_for(
+        "the operator's weir-issuer Secret",
+        Duration::from_secs(60),
+        || {
+            let secrets = secrets.clone();
+            async move { Ok(secrets.get_opt("weir-issuer").await?) }
+        },
+    )
+    .await?;
+    let bundle_pem = issuer
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .context("weir-issuer has ca.crt")?;
+    let bundle = TrustBundle::from_pem(&bundle_pem)?;
+    let svc = Api::<Service>::namespaced(client.clone(), &system)
+        .get("weir-identity")
+        .await?;
+    let ip = svc.spec.and_then(|s| s.cluster_ip).context("cluster IP")?;
+    let endpoint: SocketAddr = format!("{ip}:8443").parse()?;
+    let url = format!("https://weir-identity.{system}.svc:8443");
+
+    // A Microservice (no pods needed) and the ServiceAccount the operator will render for it:
+    // labelled for it and owned by it. And one with the label but no owner.
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let mut ms = example("users")?;
+    ms.spec.replicas = 0;
+    let ms = mss.create(&PostParams::default(), &ms).await?;
+    let uid = ms.metadata.uid.clone().context("uid")?;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "users-weir", "labels": {"weir.dev/microservice": "users"},
+                "ownerReferences": [{"apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+                    "name": "users", "uid": uid, "controller": true}]}
+        }))?,
+    )
+    .await?;
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "impostor", "labels": {"weir.dev/microservice": "users"}}
+        }))?,
+    )
+    .await?;
+    let token = |account: &'static str, audience: &'static str, pod: Option<(String, String)>| {
+        let sas = sas.clone();
+        async move {
+            let req = TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![audience.to_string()],
+                    expiration_seconds: Some(600),
+                    bound_object_ref: pod.map(|(name, uid)| BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: Some(name),
+                        uid: Some(uid),
+                    }),
+                },
+                ..Default::default()
+            };
+            let got: TokenRequest = sas
+                .create_subresource(
+                    "token",
+                    account,
+                    &PostParams::default(),
+                    &req,
+                )
+                .await?;
+            Ok::<_, anyhow::Error>(got.status.context("token status")?.token)
+        }
+    };
+    let users = WorkloadId::microservice("cluster.local", ns, "users");
+    let ask = |token: String, id: WorkloadId| {
+        let (url, bundle) = (url.clone(), bundle.clone());
+        async move {
+            let key = WorkloadKey::generate()?;
+            let csr = key.csr(&id)?;
+            Ok::<_, anyhow::Error>(
+                request_certificate_via(
+                    &url,
+                    Some(endpoint),
+                    &bundle,
+                    &token,
+                    &csr,
+                    Duration::from_secs(10),
+                )
+                .await,
+            )
+        }
+    };
+    // A token of the rendered account, audience weir: a certificate for users, to the bundle.
+    let good = token("users-weir", "weir", None).await?;
+    let chain = wait_for(
+        "a certificate from the identity endpoint",
+        Duration::from_secs(60),
+        || {
+            let (good, users) = (good.clone(), users.clone());
+            let ask = &ask;
+            async move {
+                match ask(good, users).await? {
+                    Ok(chain) => Ok(Some(chain)),
+                    Err(ClientError::Connect(e)) => {
+                        eprintln!("  (endpoint not answering yet: {e})");
+                        Ok(None)
+                    }
+                    Err(e) => Err(anyhow::anyhow!("refused: {e}")),
+                }
+            }
+        },
+    )
+    .await?;
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    let certs: Vec<CertificateDer<'_>> =
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>()?;
+    assert_eq!(peer_identity(&certs)?, users);
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        bundle.roots(),
+        weir_identity::tls::provider(),
+    )
+    .build()?
+    .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())?;
+    eprintln!(
+        "  ok: {users} issued by the operator, verified to the bundle in {system}/weir-issuer"
+    );
+
+    let refused = |r: Result<String, ClientError>| match r {
+        Err(ClientError::Refused { status, reason }) => (status, reason),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // The same token, a CSR for another workload: 403, nothing signed.
+    let payments = WorkloadId::microservice("cluster.local", ns, "payments");
+    let (status, reason) = refused(ask(good.clone(), payments).await?);
+    assert_eq!(status, 403, "{reason}");
+    // A token of the same account for the API server's audience: 401.
+    let (status, reason) = refused(
+        ask(
+            token("users-weir", "https://kubernetes.default.svc", None).await?,
+            users.clone(),
+        )
+        .await?,
+    );
+    assert_eq!(status, 401, "{reason}");
+    // The labelled account Weir did not render (no owner): 403.
+    let (status, reason) =
+        refused(ask(token("impostor", "weir", None).await?, users.clone()).await?);
+    assert_eq!(status, 403, "{reason}");
+    eprintln!(
+        "  ok: another workload's CSR 403, another audience 401, an account Weir did not render 403"
+    );
+
+    // A token bound to a pod works while the pod exists and not once it is gone. The pod is
+    // never scheduled (a node that does not exist): only the object matters.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "holder"},
+                "spec": {"serviceAccountName": "users-weir", "nodeName": "no-such-node",
+                    "containers": [{"name": "c", "image": "weir-e2e/none:0"}]}
+            }))?,
+        )
+        .await?;
+    let bound = token(
+        "users-weir",
+        "weir",
+        Some((
+            "holder".into(),
+            pod.metadata.uid.clone().context("pod uid")?,
+        )),
+    )
+    .await?;
+    ask(bound.clone(), users.clone())
+        .await?
+        .map_err(|e| anyhow::anyhow!("bound token refused while its pod exists: {e}"))?;
+    pods.delete(
+        "holder",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
+    wait_for("the holder pod gone", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { Ok(pods.get_opt("holder").await?.is_none().then_some(())) }
+    })
+    .await?;
+    let (status, reason) = refused(ask(bound, users.clone()).await?);
+    assert_eq!(status, 401, "{reason}");
+    eprintln!("  ok: a pod-bound token is refused once its pod is gone ({reason})");
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod events;
 pub mod identity;
 pub mod leader;
+pub mod mesh_ca;
 pub mod metrics;
 pub mod microservice;
 pub mod queue;
@@ -61,6 +62,16 @@ pub struct OperatorArgs {
     /// Plain-text logs instead of JSON.
     #[arg(long)]
     pub log_text: bool,
+    /// The mesh's mutual TLS: keep the CA in Secrets of `--lease-namespace` (made when absent)
+    /// and serve the identity endpoint on `--identity-addr`, on every replica.
+    #[arg(long, env = "WEIR_MTLS")]
+    pub mtls: bool,
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Address of the identity endpoint (HTTPS), behind the `weir-identity` Service.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub identity_addr: SocketAddr,
 }
 
 /// What every reconciler shares.
@@ -100,6 +111,42 @@ impl Context {
     }
 }
 
+/// Loads (or makes) the mesh's CA, retrying while the API server cannot be reached, and serves
+/// the identity endpoint in a task of its own.
+async fn start_identity_endpoint(
+    client: &Client,
+    args: &OperatorArgs,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let ns = args.lease_namespace.clone();
+    let mut wait = std::time::Duration::from_secs(1);
+    let loaded = loop {
+        match mesh_ca::load_or_create(client, &ns, &args.trust_domain).await {
+            Ok(l) => break l,
+            Err(e @ mesh_ca::CaError::Invalid { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_s = wait.as_secs(), "the mesh's CA is not available yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    };
+    let auth = Arc::new(identity::TokenReviewer::new(
+        client.clone(),
+        &args.trust_domain,
+    ));
+    let (client, domain, addr) = (
+        client.clone(),
+        args.cluster_domain.clone(),
+        args.identity_addr,
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = mesh_ca::serve(client, ns, domain, loaded, auth, addr).await {
+            tracing::error!(error = %e, "the identity endpoint stopped; exiting");
+            std::process::exit(1);
+        }
+    }))
+}
+
 /// Runs the operator until SIGTERM/SIGINT.
 pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
     init_logging(!args.log_text);
@@ -134,6 +181,12 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         metrics.clone(),
         ready.clone(),
     ));
+    // Every replica issues certificates, leader or not: a sidecar starting while leadership
+    // moves must still get one.
+    let identity = match args.mtls {
+        true => Some(start_identity_endpoint(&client, &args).await?),
+        false => None,
+    };
 
     let mut leadership = None;
     if args.leader_elect {
@@ -198,6 +251,9 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         }
     }
     admin.abort();
+    if let Some(task) = identity {
+        task.abort();
+    }
     Ok(())
 }
 

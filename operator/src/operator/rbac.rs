@@ -10,12 +10,14 @@
 pub enum Scope {
     Watched,
     ReleaseNamespace,
+    /// Cluster-scoped requests, bound cluster-wide whatever `watchNamespace` says.
+    Cluster,
 }
 
 /// One grant: scope, API group ("" for core), resource, verbs.
 pub type Rule = (Scope, &'static str, &'static str, &'static [&'static str]);
 
-use Scope::{ReleaseNamespace, Watched};
+use Scope::{Cluster, ReleaseNamespace, Watched};
 
 /// The verbs the operator uses. Server-side apply is a `patch`; one that creates the object is
 /// also authorized as `create` by the API server, so applied kinds need both. Watches
@@ -80,6 +82,18 @@ pub const RULES: &[Rule] = &[
     // creates the identity key or a managed RabbitMQ user). Never listed or watched: a
     // cluster-wide list would hand the operator every token Secret of every namespace.
     (Watched, "", "secrets", &["get", "create"]),
+    // The identity endpoint (identity.rs): the ServiceAccount of a reviewed token, by name.
+    (Watched, "", "serviceaccounts", &["get"]),
+    // ... and the TokenReview itself.
+    (
+        Cluster,
+        "authentication.k8s.io",
+        "tokenreviews",
+        &["create"],
+    ),
+    // The mesh's CA (mesh_ca.rs): its Secrets in the operator's namespace, read and created
+    // once when absent.
+    (ReleaseNamespace, "", "secrets", &["get", "create"]),
     // kube's Recorder: the first Event of a series is created, repeats patch it.
     (Watched, "events.k8s.io", "events", &["create", "patch"]),
     // Leader election (leader.rs): get, create the Lease, replace it with its resourceVersion.
@@ -116,7 +130,11 @@ mod tests {
         let mut out = BTreeSet::new();
         for doc in serde_yaml::Deserializer::from_str(rendered) {
             let v = serde_yaml::Value::deserialize(doc).expect("rendered YAML");
+            let cluster = v["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-identity"));
             let scope = match v["kind"].as_str() {
+                Some("ClusterRole") if cluster => Cluster,
                 Some("ClusterRole") => Watched,
                 Some("Role") => ReleaseNamespace,
                 _ => continue,
