@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The cost of mutual TLS on the sidecar-to-sidecar hop, measured in one run on one machine:
+#
+# 1. CPU per request of the two sidecars of a call (the caller's, the callee's) on reused
+#    connections, mutual TLS against plaintext: `weir up` runs front -> back (weir-echo apps)
+#    twice, with its CA (the default) and with --no-mtls; wrk (1 thread, MTLS_CONNECTIONS
+#    keep-alive connections, GET /) calls front's outbound listener for back, so each request
+#    crosses front's sidecar, the hop (HTTP/2, one connection), back's sidecar and back's app.
+#    Both sidecars' CPU from /proc/<pid>/stat over the measured run, divided by wrk's requests.
+# 2. New mutual-TLS connections per second per core on the callee's sidecar: `openssl s_time
+#    -new` with a certificate of the run's CA for default/front (full TLS 1.3 handshakes, no
+#    resumption), back's sidecar's CPU over the run.
+#
+#   sidecar/benches/mtls.sh
+#
+# The sidecars run on CPU BENCH_CPU_PROXY, wrk, openssl and the apps on BENCH_CPU_LOAD.
+# Env (defaults): BENCH_DURATION=10 BENCH_WARMUP=3 MTLS_CONNECTIONS=16 BENCH_CPU_LOAD=0
+# BENCH_CPU_PROXY=1 BENCH_NO_BUILD=1 (skip cargo build). Everything started is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+DURATION=${BENCH_DURATION:-10}
+WARMUP=${BENCH_WARMUP:-3}
+CONNS=${MTLS_CONNECTIONS:-16}
+CPU_LOAD=${BENCH_CPU_LOAD:-0}
+CPU_PROXY=${BENCH_CPU_PROXY:-1}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export PATH="$ROOT/.tools/bin:/usr/sbin:$PATH"
+
+BENCH_NAME=mtls-bench
+# shellcheck source=sidecar/benches/lib.sh
+. "$ROOT/sidecar/benches/lib.sh"
+
+need_tools wrk taskset curl jq openssl
+build_release -p weir -p weir-proxy -p weir-example-echo
+WEIR=$TARGET_DIR/release/weir
+for b in "$WEIR" "$TARGET_DIR/release/weir-proxy" "$TARGET_DIR/release/weir-echo"; do
+  [ -x "$b" ] || { log "missing $b"; exit 1; }
+done
+bench_workdir
+
+cat >"$WORK/services.yaml" <<'EOF'
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata:
+  name: front
+  annotations: {weir.dev/local-command: weir-echo}
+spec:
+  image: weir-echo
+  dependencies: [{name: back, microservice: back, timeout: 5s}]
+---
+apiVersion: weir.dev/v1alpha1
+kind: Microservice
+metadata:
+  name: back
+  annotations: {weir.dev/local-command: weir-echo}
+spec:
+  image: weir-echo
+EOF
+
+UP_PID=
+up() { # extra weir up args...
+  rm -f "$WORK/state.json"
+  "$WEIR" up -f "$WORK/services.yaml" --any-port --state-file "$WORK/state.json" \
+    --work-dir "$WORK/run-$#" "$@" >"$WORK/up-$#.log" 2>&1 &
+  UP_PID=$!
+  PIDS+=("$UP_PID")
+  local deadline=$((SECONDS + 60))
+  until [ -s "$WORK/state.json" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || { log "weir up not ready"; exit 1; }
+    kill -0 "$UP_PID" 2>/dev/null || { log "weir up exited"; exit 1; }
+    sleep 0.2
+  done
+  state() { jq -r "$1" "$WORK/state.json"; }
+  FRONT_PROXY=$(state .services.front.proxyPid)
+  BACK_PROXY=$(state .services.back.proxyPid)
+  OUT=$(state '.services.front.outbound[0]')
+  BACK_IN=$(state .services.back.inbound)
+  # The sidecars on their CPU, the apps beside the load generator.
+  for p in "$FRONT_PROXY" "$BACK_PROXY"; do taskset -a -pc "$CPU_PROXY" "$p" >/dev/null; done
+  for p in $(state .services.front.pid) $(state .services.back.pid); do taskset -a -pc "$CPU_LOAD" "$p" >/dev/null; done
+  wait_http "http://127.0.0.1:$OUT/"
+}
+down() {
+  stop "$UP_PID"
+}
+
+declare -A RPS US
+measure() { # label
+  local label=$1 f0 b0 f1 b1 out reqs
+  taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "http://127.0.0.1:$OUT/" >/dev/null
+  f0=$(cpu_ticks "$FRONT_PROXY"); b0=$(cpu_ticks "$BACK_PROXY")
+  out=$(taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$OUT/")
+  f1=$(cpu_ticks "$FRONT_PROXY"); b1=$(cpu_ticks "$BACK_PROXY")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  if grep -q 'Non-2xx' <<<"$out"; then log "$label: non-2xx answers:"; echo "$out" >&2; exit 1; fi
+  RPS[$label]=$(awk -v r="$reqs" -v d="$DURATION" 'BEGIN {printf "%.0f", r / d}')
+  US[$label]=$(awk -v t=$((f1 - f0 + b1 - b0)) -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN {printf "%.1f", t * 1e6 / hz / r}')
+  log "$label: ${RPS[$label]} req/s, ${US[$label]} us of sidecar CPU per request (both sidecars)"
+}
+
+log "plaintext between the sidecars (weir up --no-mtls)"
+up --no-mtls
+measure plaintext
+down
+
+log "mutual TLS between the sidecars (weir up's CA)"
+up
+# The hop really is mutual TLS: back's sidecar counts front as a verified caller.
+curl -fsS "http://127.0.0.1:$(jq -r .services.back.admin "$WORK/state.json")/metrics" \
+  | grep -q 'weir_inbound_authorizations_total{transport="mtls",caller="default/front",decision="allowed"}' \
+  || { log "back's sidecar saw no mutual-TLS caller"; exit 1; }
+measure mtls
+
+# New handshakes against back's sidecar, as default/front, with a certificate of the run's CA.
+M=$(dirname "$(jq -r .mtls.issuerKey "$WORK/state.json")")
+openssl ecparam -genkey -name prime256v1 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$WORK/k.pem"
+openssl req -new -key "$WORK/k.pem" -subj /CN=front -out "$WORK/r.csr" \
+  -addext subjectAltName=URI:spiffe://cluster.local/ns/default/ms/front 2>/dev/null
+openssl x509 -req -in "$WORK/r.csr" -CA "$M/issuer.pem" -CAkey "$M/issuer.key" -days 1 \
+  -copy_extensions copy 2>/dev/null | cat - "$M/issuer.pem" >"$WORK/chain.pem"
+b0=$(cpu_ticks "$BACK_PROXY")
+st=$(taskset -c "$CPU_LOAD" openssl s_time -connect "127.0.0.1:$BACK_IN" -new -tls1_3 \
+  -cert "$WORK/chain.pem" -key "$WORK/k.pem" -time "$DURATION" 2>&1 || true)
+b1=$(cpu_ticks "$BACK_PROXY")
+conns=$(awk '/connections in .* real seconds/ {print $1; exit}' <<<"$st")
+[ -n "$conns" ] || { log "openssl s_time: $st"; exit 1; }
+per_core=$(awk -v c="$conns" -v t=$((b1 - b0)) -v hz="$CLK_TCK" 'BEGIN {printf "%.0f", c / (t / hz)}')
+per_s=$(awk -v c="$conns" -v d="$DURATION" 'BEGIN {printf "%.0f", c / d}')
+down
+
+ratio=$(awk -v m="${US[mtls]}" -v p="${US[plaintext]}" 'BEGIN {printf "%.2f", m / p}')
+target=$(awk -v r="$ratio" 'BEGIN {print (r <= 1.15) ? "met" : "missed"}')
+cat <<EOF
+
+| sidecar-to-sidecar hop ($CONNS connections, ${DURATION}s) | req/s | sidecar CPU per request (both) |
+|---|---|---|
+| plaintext | ${RPS[plaintext]} | ${US[plaintext]} us |
+| mutual TLS 1.3 | ${RPS[mtls]} | ${US[mtls]} us |
+| mutual TLS / plaintext | | ${ratio}x (target <= 1.15: $target) |
+
+New mutual-TLS connections (full TLS 1.3 handshakes, openssl s_time -new): $per_s/s offered by
+one client, $per_core per second per core of the callee's sidecar.
+EOF
