@@ -921,12 +921,7 @@ async fn identity_run(client: &Client, ns: &str) -> Result<()> {
                 ..Default::default()
             };
             let got: TokenRequest = sas
-                .create_subresource(
-                    "token",
-                    account,
-                    &PostParams::default(),
-                    &req,
-                )
+                .create_subresource("token", account, &PostParams::default(), &req)
                 .await?;
             Ok::<_, anyhow::Error>(got.status.context("token status")?.token)
         }
@@ -987,12 +982,22 @@ async fn identity_run(client: &Client, ns: &str) -> Result<()> {
 
     let refused = |r: Result<String, ClientError>| match r {
         Err(ClientError::Refused { status, reason }) => (status, reason),
-        other => panic!("expected a refusal, got {other:?}"),
+        Ok(chain) => {
+            let certs: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap_or_default();
+            panic!(
+                "expected a refusal, got a certificate for {:?}",
+                peer_identity(&certs)
+            )
+        }
+        Err(e) => panic!("expected a refusal, got {e}"),
     };
     // The same token, a CSR for another workload: 403, nothing signed.
     let payments = WorkloadId::microservice("cluster.local", ns, "payments");
     let (status, reason) = refused(ask(good.clone(), payments).await?);
     assert_eq!(status, 403, "{reason}");
+    eprintln!("  ok: a CSR for another workload: {status} {reason}");
     // A token of the same account for the API server's audience: 401.
     let (status, reason) = refused(
         ask(
@@ -1002,6 +1007,7 @@ async fn identity_run(client: &Client, ns: &str) -> Result<()> {
         .await?,
     );
     assert_eq!(status, 401, "{reason}");
+    eprintln!("  ok: a token for another audience: {status} {reason}");
     // The labelled account Weir did not render (no owner): 403.
     let (status, reason) =
         refused(ask(token("impostor", "weir", None).await?, users.clone()).await?);
@@ -1048,8 +1054,34 @@ async fn identity_run(client: &Client, ns: &str) -> Result<()> {
         async move { Ok(pods.get_opt("holder").await?.is_none().then_some(())) }
     })
     .await?;
-    let (status, reason) = refused(ask(bound, users.clone()).await?);
+    // The API server keeps a token it authenticated for 10 s (kube-apiserver's token cache),
+    // so the refusal comes within that, not at once.
+    let gone = Instant::now();
+    let (status, reason) = wait_for(
+        "the pod-bound token refused once its pod is gone",
+        Duration::from_secs(30),
+        || {
+            let (bound, users) = (bound.clone(), users.clone());
+            let ask = &ask;
+            async move {
+                match ask(bound, users).await? {
+                    Err(ClientError::Refused { status, reason }) => Ok(Some((status, reason))),
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                }
+            }
+        },
+    )
+    .await?;
     assert_eq!(status, 401, "{reason}");
-    eprintln!("  ok: a pod-bound token is refused once its pod is gone ({reason})");
+    assert!(
+        gone.elapsed() < Duration::from_secs(15),
+        "refused only after {:?}",
+        gone.elapsed()
+    );
+    eprintln!(
+        "  ok: a pod-bound token refused {:.1}s after its pod was deleted ({reason})",
+        gone.elapsed().as_secs_f64()
+    );
     Ok(())
 }
