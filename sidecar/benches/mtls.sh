@@ -107,8 +107,8 @@ down
 log "mutual TLS between the sidecars (weir up's CA)"
 up
 # The hop really is mutual TLS: back's sidecar counts front as a verified caller.
-curl -fsS "http://127.0.0.1:$(jq -r .services.back.admin "$WORK/state.json")/metrics" \
-  | grep -q 'weir_inbound_authorizations_total{transport="mtls",caller="default/front",decision="allowed"}' \
+metrics=$(curl -fsS "http://127.0.0.1:$(jq -r .services.back.admin "$WORK/state.json")/metrics")
+grep -q 'weir_inbound_authorizations_total{transport="mtls",caller="default/front",decision="allowed"}' <<<"$metrics" \
   || { log "back's sidecar saw no mutual-TLS caller"; exit 1; }
 measure mtls
 
