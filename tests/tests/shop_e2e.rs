@@ -795,9 +795,15 @@ fn shop_end_to_end(broker: &str) {
                     })
                     .collect();
                 let tail = &of_it[of_it.len().saturating_sub(20)..];
+                // And the whole shutdown as weir up logged it, every process: whether the app
+                // was signalled, restarted or killed shows there (this has been seen missing
+                // a few times in CI, with no more to go on than the app's own lines).
+                let all: Vec<&str> = log.lines().collect();
+                let end = &all[all.len().saturating_sub(80)..];
                 panic!(
-                    "no line {prefix}…{needle}; its last lines:\n{}",
-                    tail.join("\n")
+                    "no line {prefix}…{needle}; its last lines:\n{}\n--- the last 80 lines of weir up's log:\n{}",
+                    tail.join("\n"),
+                    end.join("\n")
                 )
             })
     };
