@@ -39,6 +39,13 @@ fn connector() -> HttpConnector {
     conn
 }
 
+/// [`connector`] for any scheme: the TCP under a TLS layer of the sidecar's own (mutual TLS).
+pub(crate) fn tcp_connector() -> HttpConnector {
+    let mut c = connector();
+    c.enforce_http(false);
+    c
+}
+
 fn builder() -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -87,8 +94,7 @@ pub fn https_client(protocol: WireProtocol) -> Result<&'static HttpsClient, &'st
         WireProtocol::Http2 => &HTTPS_H2,
     };
     cell.get_or_init(|| {
-        let mut conn = connector();
-        conn.enforce_http(false);
+        let conn = tcp_connector();
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
             .map_err(|e| format!("no usable TLS root certificates: {e}"))?
@@ -488,11 +494,7 @@ impl EndpointClient {
             )));
         }
         let pinned = Pinned {
-            inner: {
-                let mut c = connector();
-                c.enforce_http(false);
-                c
-            },
+            inner: tcp_connector(),
             to: format!("http://{addr}")
                 .parse()
                 .expect("a socket address is an authority"),

@@ -367,12 +367,16 @@ pub struct MtlsConnector {
     certs: Arc<CertManager>,
     expected: Arc<WorkloadId>,
     h2: bool,
-    to: Option<std::net::SocketAddr>,
+    /// The TCP connector every client of the sidecar uses (its connect timeout, keepalive,
+    /// no delay, name resolution).
+    tcp: hyper_util::client::legacy::connect::HttpConnector,
+    /// Dialed instead of the URI, for one endpoint.
+    to: Option<http::Uri>,
     metrics: MtlsMetrics,
 }
 
-/// How long the TCP connect, and then the handshake, may each take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the handshake may take once connected (the connect has its own 10 s).
+const HANDSHAKE_OUT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl MtlsConnector {
     pub fn new(
@@ -385,6 +389,7 @@ impl MtlsConnector {
             certs,
             expected: Arc::new(expected),
             h2,
+            tcp: crate::forward::tcp_connector(),
             to: None,
             metrics,
         }
@@ -393,7 +398,11 @@ impl MtlsConnector {
     /// The same, dialing `addr` whatever the URI names.
     pub fn pinned(&self, addr: std::net::SocketAddr) -> MtlsConnector {
         MtlsConnector {
-            to: Some(addr),
+            to: Some(
+                format!("http://{addr}")
+                    .parse()
+                    .expect("a socket address is an authority"),
+            ),
             ..self.clone()
         }
     }
@@ -406,34 +415,19 @@ impl MtlsConnector {
                 self.metrics.handshake("outbound", "no-certificate");
                 ConnectError(e)
             })?;
-        let addrs: Vec<std::net::SocketAddr> = match self.to {
-            Some(a) => vec![a],
-            None => {
-                let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
-                let port = uri.port_u16().unwrap_or(80);
-                tokio::net::lookup_host((host, port))
-                    .await
-                    .map_err(|e| ConnectError(format!("resolving {host}: {e}")))?
-                    .collect()
-            }
-        };
-        let mut last = ConnectError(format!("{uri}: no address"));
-        let mut tcp = None;
-        for a in addrs {
-            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(a)).await {
-                Ok(Ok(s)) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => last = ConnectError(format!("connecting to {a}: {e}")),
-                Err(_) => last = ConnectError(format!("connecting to {a}: timed out")),
-            }
-        }
-        let tcp = tcp.ok_or(last)?;
-        let _ = tcp.set_nodelay(true);
+        let target = self.to.clone().unwrap_or(uri);
+        let tcp = tower::ServiceExt::oneshot(self.tcp.clone(), target.clone())
+            .await
+            .map_err(|e| {
+                let cause = std::error::Error::source(&e)
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                ConnectError(format!("connecting to {target}: {e}{cause}"))
+            })?
+            .into_inner();
         let handshake = tokio_rustls::TlsConnector::from(config)
             .connect(weir_identity::tls::server_name(&self.expected), tcp);
-        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        match tokio::time::timeout(HANDSHAKE_OUT_TIMEOUT, handshake).await {
             Ok(Ok(tls)) => {
                 self.metrics.handshake("outbound", "ok");
                 Ok(MtlsStream(hyper_util::rt::TokioIo::new(tls)))
@@ -449,7 +443,7 @@ impl MtlsConnector {
             Err(_) => {
                 self.metrics.handshake("outbound", "timeout");
                 Err(ConnectError(format!(
-                    "mutual TLS with {}: no handshake within {CONNECT_TIMEOUT:?}",
+                    "mutual TLS with {}: no handshake within {HANDSHAKE_OUT_TIMEOUT:?}",
                     self.expected
                 )))
             }

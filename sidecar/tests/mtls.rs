@@ -71,6 +71,14 @@ async fn readyz(p: &Proxy) -> (u16, String) {
         .unwrap_or((0, String::new()))
 }
 
+/// Certificates the sidecar has installed, by its log.
+fn installed(p: &Proxy) -> usize {
+    p.log_lines()
+        .iter()
+        .filter(|l| l.to_string().contains("workload certificate installed"))
+        .count()
+}
+
 async fn until(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -128,13 +136,7 @@ async fn the_sidecar_gets_renews_and_keeps_its_workload_certificate() {
     until(
         "three installations logged",
         Duration::from_secs(10),
-        async || {
-            p.log_lines()
-                .iter()
-                .filter(|l| l.to_string().contains("workload certificate installed"))
-                .count()
-                >= 3
-        },
+        async || installed(&p) >= 3,
     )
     .await;
     // The issuer goes away: the certificate in hand keeps the sidecar ready until it expires
@@ -358,18 +360,7 @@ async fn mtls_send(
 #[tokio::test]
 async fn a_caller_over_mutual_tls_is_named_to_the_app_and_a_forged_name_is_removed() {
     let iss = issuer(DAY).await;
-    // The app answers with the x-weir-caller it was given ("-" for none).
-    let (app, _app_task) =
-        weir_testkit::serve::serve(|req: http::Request<hyper::body::Incoming>| async move {
-            let caller = req
-                .headers()
-                .get("x-weir-caller")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string();
-            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(caller)))
-        })
-        .await;
+    let (app, _app) = caller_echo().await;
     let dir = tempfile::tempdir().unwrap();
     let orders = WorkloadId::microservice("cluster.local", "shop", "orders");
     let mut cfg = weir_testkit::proxy::config("shop", "orders", app);
@@ -640,12 +631,7 @@ async fn only_the_allowed_callers_reach_the_app_and_the_set_reloads_without_a_re
     let (_, metrics) = http_get(&p.admin_url("/metrics")).await.unwrap();
     assert!(metrics.contains(r#"weir_inbound_authorizations_total{transport="mtls",caller="shop/stranger",decision="audit-denied"}"#), "{metrics}");
     // Neither reload made a new key or asked the issuer again.
-    let installed = p
-        .log_lines()
-        .iter()
-        .filter(|l| l.to_string().contains("workload certificate installed"))
-        .count();
-    assert_eq!(installed, 1, "{:?}", p.log_lines());
+    assert_eq!(installed(&p), 1, "{:?}", p.log_lines());
 }
 
 /// `users`'s sidecar (mTLS, admitting `shop/orders`) in front of the caller-echo app, and the
@@ -820,11 +806,7 @@ async fn certificates_renew_under_load_without_a_failed_request() {
         );
         assert!(ok > 100, "{protocol:?}: only {ok} calls");
         for p in [&h.caller, &h.users] {
-            let installed = p
-                .log_lines()
-                .iter()
-                .filter(|l| l.to_string().contains("workload certificate installed"))
-                .count();
+            let installed = installed(p);
             assert!(
                 installed >= 3,
                 "{protocol:?}: {installed} certificates installed"

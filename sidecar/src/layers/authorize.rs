@@ -46,6 +46,14 @@ struct CallerEntry {
 }
 
 impl CallerEntry {
+    /// Counts one decision, and one rejection when it refuses.
+    fn count(&self) {
+        self.counter.inc();
+        if let Some(r) = &self.rejections {
+            r.inc();
+        }
+    }
+
     /// Whether this refusal (or audit) gets a log line now.
     fn log_now(&self) -> bool {
         let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,10 +154,7 @@ impl Authorizer {
     fn decide<B>(&self, req: &http::Request<B>) -> Option<Reason> {
         if let Some(Caller(caller)) = req.extensions().get::<Caller>() {
             let e = self.entry(caller);
-            e.counter.inc();
-            if let Some(r) = &e.rejections {
-                r.inc();
-            }
+            e.count();
             if e.decision != "allowed" && e.decision != "open" && e.log_now() {
                 if e.admitted {
                     tracing::warn!(caller = %caller, "caller not allowed (audit: admitted)");
@@ -171,10 +176,7 @@ impl Authorizer {
             }
             InboundMtlsMode::Strict => {
                 let e = &self.plaintext_refused;
-                e.counter.inc();
-                if let Some(r) = &e.rejections {
-                    r.inc();
-                }
+                e.count();
                 if e.log_now() {
                     tracing::warn!(peer = ?peer, "plaintext from outside the pod refused (mtls strict)");
                 }
