@@ -377,6 +377,7 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain,
         default_namespace: args.namespace,
+        mesh: None,
     };
     match weir::render::render_all(&loaded, &opts) {
         Ok(docs) => {

@@ -223,6 +223,7 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain.clone(),
         default_namespace: "default".into(),
+        mesh: None,
     };
     let ctx = Arc::new(Context::new(client.clone(), render, metrics));
     ready.store(true, Ordering::SeqCst);

@@ -129,6 +129,104 @@ pub fn apply(config: &mut ProxyConfig, spec: &MicroserviceSpec, mesh: &Mesh, cal
     }
 }
 
+/// The ConfigMap of each namespace holding the trust bundle (key [`BUNDLE_KEY`]).
+pub const BUNDLE_CONFIG_MAP: &str = "weir-trust-bundle";
+pub const BUNDLE_KEY: &str = "ca.crt";
+/// Where the sidecar reads the bundle and its token, in a pod.
+pub const BUNDLE_DIR: &str = "/etc/weir/mtls";
+pub const TOKEN_DIR: &str = "/var/run/secrets/weir.dev";
+/// How long a projected token lives before the kubelet rotates it.
+pub const TOKEN_SECONDS: i64 = 3600;
+
+/// The ServiceAccount a Microservice's pods run under: its name.
+pub fn service_account_name(ms_name: &str) -> String {
+    format!("{ms_name}-weir")
+}
+
+/// The mesh as the operator renders it into pods.
+pub fn pod_mesh(trust_domain: &str, issuer_url: &str, default_mode: MtlsMode) -> Mesh {
+    Mesh {
+        trust_domain: trust_domain.into(),
+        issuer_url: issuer_url.into(),
+        trust_bundle_file: format!("{BUNDLE_DIR}/{BUNDLE_KEY}"),
+        token_file: format!("{TOKEN_DIR}/token"),
+        default_mode,
+    }
+}
+
+/// Puts a Deployment's pods under `account` and gives the sidecar what mutual TLS needs: a
+/// projected token of that account for the audience `weir` (rotated by the kubelet, bound to
+/// the pod) and the namespace's trust bundle. The app container gets neither.
+pub fn mount_pod_identity(
+    deployment: &mut k8s_openapi::api::apps::v1::Deployment,
+    account: &str,
+    proxy_container: &str,
+) {
+    use k8s_openapi::api::core::v1::{
+        ConfigMapVolumeSource, KeyToPath, ProjectedVolumeSource, ServiceAccountTokenProjection,
+        Volume, VolumeMount, VolumeProjection,
+    };
+    let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    else {
+        return;
+    };
+    pod.service_account_name = Some(account.into());
+    pod.volumes.get_or_insert_with(Vec::new).extend([
+        Volume {
+            name: "weir-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(crate::operator::identity::AUDIENCE.into()),
+                        expiration_seconds: Some(TOKEN_SECONDS),
+                        path: "token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "weir-trust-bundle".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: BUNDLE_CONFIG_MAP.into(),
+                items: Some(vec![KeyToPath {
+                    key: BUNDLE_KEY.into(),
+                    path: BUNDLE_KEY.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ]);
+    let containers = pod
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(pod.containers.iter_mut());
+    for c in containers.filter(|c| c.name == proxy_container) {
+        c.volume_mounts.get_or_insert_with(Vec::new).extend([
+            VolumeMount {
+                name: "weir-token".into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "weir-trust-bundle".into(),
+                mount_path: BUNDLE_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

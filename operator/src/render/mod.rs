@@ -62,6 +62,19 @@ pub struct RenderOptions {
     pub cluster_domain: String,
     /// Namespace used for objects that have none (e.g. `weir render` of a file without one).
     pub default_namespace: String,
+    /// The mesh's mutual TLS in pods: each Microservice under a ServiceAccount of its own, with
+    /// a projected `weir` token and the trust bundle, and the sidecar's `mtls` block.
+    pub mesh: Option<MeshOptions>,
+}
+
+/// What pods need of the mesh's mutual TLS.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub trust_domain: String,
+    /// The identity endpoint, as sidecars reach it.
+    pub issuer_url: String,
+    /// `spec.inbound.mtls` when left out.
+    pub default_mode: weir_crds::microservice::MtlsMode,
 }
 
 impl Default for RenderOptions {
@@ -74,6 +87,7 @@ impl Default for RenderOptions {
             native_sidecar: true,
             cluster_domain: "cluster.local".into(),
             default_namespace: "default".into(),
+            mesh: None,
         }
     }
 }
@@ -89,6 +103,9 @@ pub struct Rendered {
     /// The headless `<name>-weir-endpoints` Service of a Microservice (made by
     /// `endpoints_service`); `None` for a saga coordinator, which no sidecar calls.
     pub endpoints_service: Option<Service>,
+    /// The ServiceAccount its pods run under, with the mesh's mutual TLS (its token is the
+    /// workload's proof of identity): labelled for the Microservice and owned by it.
+    pub service_account: Option<k8s_openapi::api::core::v1::ServiceAccount>,
 }
 
 pub fn config_map_name(ms_name: &str) -> String {
@@ -133,6 +150,17 @@ pub fn render_with(
     opts: &RenderOptions,
     bridge: Option<&messaging::Messaging>,
 ) -> Result<Rendered, RenderError> {
+    render_in_mesh(ms, opts, bridge, &[])
+}
+
+/// [`render_with`], and with `opts.mesh` the sidecar's mutual TLS admitting `callers` (the
+/// graph's, see [`mesh::callers`]).
+pub fn render_in_mesh(
+    ms: &Microservice,
+    opts: &RenderOptions,
+    bridge: Option<&messaging::Messaging>,
+    callers: &[String],
+) -> Result<Rendered, RenderError> {
     let name = ms
         .metadata
         .name
@@ -146,6 +174,10 @@ pub fn render_with(
     };
     let mut config = proxy_config::build(&name, &namespace, &ms.spec, &placement)?;
     config.messaging = bridge.map(|m| m.config.clone());
+    if let Some(m) = &opts.mesh {
+        let pod = mesh::pod_mesh(&m.trust_domain, &m.issuer_url, m.default_mode);
+        mesh::apply(&mut config, &ms.spec, &pod, callers);
+    }
     let config_json = serde_json::to_string_pretty(&config).expect("proxy config serializes");
     let config_hash = hash(&config_json);
 
@@ -169,6 +201,14 @@ pub fn render_with(
         mount_broker_credentials(&mut deployment, secret);
     }
     mount_identity_and_edge_secrets(&mut deployment, &ms.spec);
+    let service_account = opts.mesh.as_ref().map(|_| {
+        let account = mesh::service_account_name(&name);
+        mesh::mount_pod_identity(&mut deployment, &account, PROXY_CONTAINER);
+        k8s_openapi::api::core::v1::ServiceAccount {
+            metadata: metadata(ms, account, &namespace),
+            ..Default::default()
+        }
+    });
     Ok(Rendered {
         config,
         config_hash,
@@ -176,6 +216,7 @@ pub fn render_with(
         deployment,
         service,
         endpoints_service: Some(endpoints_service),
+        service_account,
     })
 }
 
@@ -945,5 +986,102 @@ spec:
         );
         assert_eq!(r.config.inbound.readiness_path.as_deref(), Some("/readyz"));
         assert_eq!(r.config.inbound.readiness_grpc_service, None);
+    }
+}
+
+#[cfg(test)]
+mod mesh_tests {
+    use super::*;
+
+    #[test]
+    fn with_the_mesh_a_microservice_runs_under_its_own_account_with_a_weir_token_and_the_bundle() {
+        let mut ms: Microservice = serde_yaml::from_str(
+            "apiVersion: weir.dev/v1alpha1\nkind: Microservice\nmetadata: {name: users, namespace: shop, uid: u-1}\nspec:\n  image: users:1\n  dependencies: [{name: audit, microservice: audit}]\n",
+        )
+        .unwrap();
+        ms.metadata.uid = Some("u-1".into());
+        let opts = RenderOptions {
+            mesh: Some(MeshOptions {
+                trust_domain: "cluster.local".into(),
+                issuer_url: "https://weir-identity.weir-system.svc:8443".into(),
+                default_mode: weir_crds::microservice::MtlsMode::Strict,
+            }),
+            ..Default::default()
+        };
+        let r = render_in_mesh(&ms, &opts, None, &["shop/orders".to_string()]).unwrap();
+        // The account: named for it, labelled for it, owned by it (what the identity endpoint
+        // maps a token by).
+        let sa = r.service_account.as_ref().expect("a ServiceAccount");
+        assert_eq!(sa.metadata.name.as_deref(), Some("users-weir"));
+        assert_eq!(
+            sa.labels().get(LABEL_MICROSERVICE).map(String::as_str),
+            Some("users")
+        );
+        let owner = &sa.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Microservice", "users", "u-1")
+        );
+        // The pods run under it; the sidecar, and only the sidecar, mounts the token and bundle.
+        let pod = r
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("users-weir"));
+        let token = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "weir-token")
+            .unwrap();
+        let proj = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+            .service_account_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(proj.audience.as_deref(), Some("weir"));
+        let mounts = |c: &k8s_openapi::api::core::v1::Container| -> Vec<String> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        let all: Vec<_> = pod
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&pod.containers)
+            .collect();
+        let proxy = all.iter().find(|c| c.name == PROXY_CONTAINER).unwrap();
+        let app = all.iter().find(|c| c.name == APP_CONTAINER).unwrap();
+        assert!(mounts(proxy).contains(&"weir-token".to_string()));
+        assert!(mounts(proxy).contains(&"weir-trust-bundle".to_string()));
+        assert!(
+            !mounts(app).iter().any(|m| m.starts_with("weir-t")),
+            "{:?}",
+            mounts(app)
+        );
+        // The sidecar's config reads what is mounted, and names its peers.
+        let m = r.config.mtls.as_ref().unwrap();
+        assert_eq!(m.identity, "spiffe://cluster.local/ns/shop/ms/users");
+        assert_eq!(m.token_file, "/var/run/secrets/weir.dev/token");
+        assert_eq!(m.trust_bundle_file, "/etc/weir/mtls/ca.crt");
+        assert_eq!(m.authorization.allow, ["shop/orders"]);
+        assert_eq!(
+            r.config.outbound[0].peer_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/ms/audit")
+        );
+        r.config.validate().unwrap();
+        // Without the mesh: none of it.
+        let plain = render(&ms, &RenderOptions::default()).unwrap();
+        assert!(plain.service_account.is_none() && plain.config.mtls.is_none());
+        let pod = plain.deployment.spec.unwrap().template.spec.unwrap();
+        assert!(pod.service_account_name.is_none());
     }
 }

@@ -47,6 +47,7 @@ pub(super) fn coordinator_configs(
         .collect();
     let render_opts = crate::render::RenderOptions {
         default_namespace: namespace.to_string(),
+        mesh: None,
         ..Default::default()
     };
     let mut out = Vec::new();
