@@ -221,7 +221,7 @@ if [ -e "$s" ]; then
 fi
 m="$work/by-name-mtls-values.yaml"
 if [ -e "$m" ]; then
-  expect_args "$m" mtls present --mtls "--trust-domain=mesh.example.com" "--identity-addr=0.0.0.0:9443"
+  expect_args "$m" mtls present --mtls "--trust-domain=mesh.example.com" "--identity-addr=0.0.0.0:9443" "--mtls-mode=permissive"
   # Sidecars ask https://weir-identity.<namespace>.svc: the Service's name is fixed.
   objects "$m" >"$work/mtls-objects"
   grep -qx 'v1 Service weir-identity' "$work/mtls-objects" || fail "mtls: no Service weir-identity"

@@ -99,7 +99,11 @@ impl TokenReviewer {
 }
 
 /// The workload a ServiceAccount was rendered for: its label names it and that object owns it.
-fn workload_of(sa: &ServiceAccount, namespace: &str, trust_domain: &str) -> Option<WorkloadId> {
+pub(crate) fn workload_of(
+    sa: &ServiceAccount,
+    namespace: &str,
+    trust_domain: &str,
+) -> Option<WorkloadId> {
     let labels = sa.labels();
     let owned_by = |kind: &str, name: &str| {
         sa.owner_references()

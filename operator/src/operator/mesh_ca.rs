@@ -70,7 +70,7 @@ pub struct Loaded {
     pub version: String,
 }
 
-fn key(s: &Secret, k: &str) -> Option<String> {
+pub(crate) fn key(s: &Secret, k: &str) -> Option<String> {
     s.data
         .as_ref()
         .and_then(|d| d.get(k))

@@ -103,7 +103,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     // operator reads a Deployment's status from the answer to its own apply.
     let dependents_store = store.clone();
     let queue_store = store.clone();
-    Controller::for_stream(main, store)
+    let mesh = ctx.mesh.clone();
+    if let Some(m) = &mesh {
+        let _ = m.microservices.set(store.clone());
+    }
+    let gone_mesh = mesh.clone();
+    let controller = Controller::for_stream(main, store)
         .owns_stream(children::<Deployment>(&client, namespace, &owned))
         .owns_stream(children::<Service>(&client, namespace, &owned))
         .owns_stream(children::<ConfigMap>(&client, namespace, &owned))
@@ -120,13 +125,48 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             .default_backoff()
             .touched_objects(),
             move |target: PartialObjectMeta<Microservice>| {
-                dependents(
-                    &dependents_store.state(),
-                    target.namespace().as_deref(),
-                    &target.name_any(),
-                )
+                let ns = target.namespace();
+                let name = target.name_any();
+                let mut out = dependents(&dependents_store.state(), ns.as_deref(), &name);
+                // Under the mesh, one that is gone is no longer admitted by its targets.
+                let gone = || {
+                    !dependents_store
+                        .state()
+                        .iter()
+                        .any(|o| o.name_any() == name && o.namespace() == ns)
+                };
+                if let Some(m) = gone_mesh.as_ref().filter(|_| gone()) {
+                    out.extend(
+                        m.admitting(&format!("{}/{name}", ns.as_deref().unwrap_or_default())),
+                    );
+                }
+                out
             },
-        )
+        );
+    // Under the mesh: a Saga's change re-renders the Microservices it calls and those that
+    // admitted it; a caller's reconcile re-renders the targets it gained or lost.
+    let controller = match &mesh {
+        Some(m) => {
+            let sagas = api::<weir_crds::Saga>(&client, namespace);
+            let (saga_store, saga_writer) = reflector::store();
+            let _ = m.sagas.set(saga_store);
+            let stream = watcher(sagas, watcher::Config::default())
+                .default_backoff()
+                .reflect(saga_writer)
+                .touched_objects();
+            let mapped = m.clone();
+            let controller =
+                controller.watches_stream(stream, move |saga| mapped.saga_targets(&saga));
+            match m.take_triggers() {
+                Some(mut rx) => {
+                    controller.reconcile_on(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+                }
+                None => controller,
+            }
+        }
+        None => controller,
+    };
+    controller
         // Bounded: a burst of new objects (a namespace of a thousand services applied at once)
         // queues up instead of holding a thousand renders and requests in memory.
         .with_config(
@@ -194,6 +234,9 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     if ms.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
         ctx.last_written.forget(&super::backoff::key_of(ms));
+        if let Some(m) = &ctx.mesh {
+            m.forget(&ns, &name);
+        }
         return Ok(Action::await_change());
     }
     let current = ms.status.clone().unwrap_or_default();
@@ -282,8 +325,20 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     if ms.spec.edge.is_some() {
         ensure_identity_secret(ctx, &ns).await?;
     }
-    let rendered = render::render_with(ms, &ctx.render, bridge.as_ref())?;
+    // Under the mesh: the namespace's trust bundle before the pods that mount it, and the
+    // callers the graph admits now.
+    let callers = match &ctx.mesh {
+        Some(m) => {
+            m.ensure_bundle(&ctx.client, &ns).await?;
+            m.callers(&ns, &name)
+        }
+        None => Vec::new(),
+    };
+    let rendered = render::render_in_mesh(ms, &ctx.render, bridge.as_ref(), &callers)?;
     let deployment = workload::apply(&ctx.client, &ns, &name, &rendered).await?;
+    if let Some(m) = &ctx.mesh {
+        m.rendered(&ns, ms, callers);
+    }
 
     let desired = ms.spec.replicas;
     let dstatus = deployment.status.clone().unwrap_or_default();

@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod events;
 pub mod identity;
 pub mod leader;
+pub mod mesh;
 pub mod mesh_ca;
 pub mod metrics;
 pub mod microservice;
@@ -72,6 +73,19 @@ pub struct OperatorArgs {
     /// Address of the identity endpoint (HTTPS), behind the `weir-identity` Service.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub identity_addr: SocketAddr,
+    /// What a sidecar does with plaintext from other pods when its Microservice does not say
+    /// (`spec.inbound.mtls`): `strict` refuses it, `permissive` admits it (while callers that
+    /// do not speak mutual TLS yet are moved over).
+    #[arg(long, env = "WEIR_MTLS_MODE", default_value = "strict", value_parser = parse_mtls_mode)]
+    pub mtls_mode: weir_crds::microservice::MtlsMode,
+}
+
+fn parse_mtls_mode(s: &str) -> Result<weir_crds::microservice::MtlsMode, String> {
+    match s {
+        "strict" => Ok(weir_crds::microservice::MtlsMode::Strict),
+        "permissive" => Ok(weir_crds::microservice::MtlsMode::Permissive),
+        other => Err(format!("{other:?}: strict or permissive")),
+    }
 }
 
 /// What every reconciler shares.
@@ -88,6 +102,8 @@ pub struct Context {
     pub connections: broker::Connections,
     /// The conditions last written per object, so an Event is published once per change.
     pub last_written: conditions::LastWritten,
+    /// The mesh in pods (`--mtls`): the trust bundle and the graph's callers.
+    pub mesh: Option<Arc<mesh::PodMesh>>,
 }
 
 impl Context {
@@ -107,6 +123,7 @@ impl Context {
             messaging_backoff: Default::default(),
             connections: Default::default(),
             last_written: Default::default(),
+            mesh: None,
         }
     }
 }
@@ -116,7 +133,7 @@ impl Context {
 async fn start_identity_endpoint(
     client: &Client,
     args: &OperatorArgs,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, String)> {
     let ns = args.lease_namespace.clone();
     let mut wait = std::time::Duration::from_secs(1);
     let loaded = loop {
@@ -130,6 +147,7 @@ async fn start_identity_endpoint(
             }
         }
     };
+    let bundle = loaded.bundle_pem.clone();
     let auth = Arc::new(identity::TokenReviewer::new(
         client.clone(),
         &args.trust_domain,
@@ -139,12 +157,13 @@ async fn start_identity_endpoint(
         args.cluster_domain.clone(),
         args.identity_addr,
     );
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = mesh_ca::serve(client, ns, domain, loaded, auth, addr).await {
             tracing::error!(error = %e, "the identity endpoint stopped; exiting");
             std::process::exit(1);
         }
-    }))
+    });
+    Ok((task, bundle))
 }
 
 /// Runs the operator until SIGTERM/SIGINT.
@@ -183,9 +202,12 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     ));
     // Every replica issues certificates, leader or not: a sidecar starting while leadership
     // moves must still get one.
-    let identity = match args.mtls {
-        true => Some(start_identity_endpoint(&client, &args).await?),
-        false => None,
+    let (identity, bundle) = match args.mtls {
+        true => {
+            let (task, bundle) = start_identity_endpoint(&client, &args).await?;
+            (Some(task), Some(bundle))
+        }
+        false => (None, None),
     };
 
     let mut leadership = None;
@@ -223,9 +245,28 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain.clone(),
         default_namespace: "default".into(),
-        mesh: None,
+        mesh: args.mtls.then(|| crate::render::MeshOptions {
+            trust_domain: args.trust_domain.clone(),
+            issuer_url: format!(
+                "https://{}.{}.svc:{}",
+                mesh_ca::SERVICE,
+                args.lease_namespace,
+                args.identity_addr.port()
+            ),
+            default_mode: args.mtls_mode,
+        }),
     };
-    let ctx = Arc::new(Context::new(client.clone(), render, metrics));
+    let mut ctx = Context::new(client.clone(), render, metrics);
+    if let Some(pem) = bundle {
+        let pod_mesh = Arc::new(mesh::PodMesh::new(pem));
+        tokio::spawn(mesh::follow_bundle(
+            client.clone(),
+            args.lease_namespace.clone(),
+            pod_mesh.clone(),
+        ));
+        ctx.mesh = Some(pod_mesh);
+    }
+    let ctx = Arc::new(ctx);
     ready.store(true, Ordering::SeqCst);
     tracing::info!(native_sidecar = !args.legacy_sidecar, proxy_image = %args.proxy_image, "controllers starting");
     let ns = args.watch_namespace.as_deref();

@@ -82,8 +82,9 @@ pub const RULES: &[Rule] = &[
     // creates the identity key or a managed RabbitMQ user). Never listed or watched: a
     // cluster-wide list would hand the operator every token Secret of every namespace.
     (Watched, "", "secrets", &["get", "create"]),
-    // The identity endpoint (identity.rs): the ServiceAccount of a reviewed token, by name.
-    (Watched, "", "serviceaccounts", &["get"]),
+    // The identity endpoint (identity.rs): the ServiceAccount of a reviewed token, by name;
+    // under the mesh, each Microservice's own account, server-side applied (workload.rs).
+    (Watched, "", "serviceaccounts", &["get", "create", "patch"]),
     // ... and the TokenReview itself.
     (
         Cluster,

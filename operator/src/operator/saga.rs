@@ -250,6 +250,10 @@ async fn reconcile_inner(saga: &Saga, ctx: &Context, stats: &StatsFn) -> Result<
         Err(RenderError::Metadata(m)) => return Err(Error::Missing(m)),
     };
     let coord = coordinator_name(&name);
+    // Under the mesh: the namespace's trust bundle before the pods that mount it.
+    if let Some(m) = &ctx.mesh {
+        m.ensure_bundle(&ctx.client, &ns).await?;
+    }
     let deployment = workload::apply(&ctx.client, &ns, &coord, &rendered).await?;
 
     let desired = saga.spec.replicas;

@@ -5,12 +5,12 @@
 use super::FIELD_MANAGER;
 use crate::render::{self, Rendered};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 
-/// Applies `rendered` as workload `name` of `namespace`, ConfigMap first (a new Deployment's
-/// pods mount it), and returns the Deployment as the API server now has it (with its status).
+/// Applies `rendered` as workload `name` of `namespace`, ConfigMap and ServiceAccount first (a
+/// new Deployment's pods mount the one and run under the other), and returns the Deployment as the API server now has it (with its status).
 pub async fn apply(
     client: &Client,
     namespace: &str,
@@ -25,6 +25,15 @@ pub async fn apply(
             &Patch::Apply(&rendered.config_map),
         )
         .await?;
+    if let Some(account) = &rendered.service_account {
+        Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+            .patch(
+                &account.metadata.name.clone().unwrap_or_default(),
+                &pp,
+                &Patch::Apply(account),
+            )
+            .await?;
+    }
     let services = Api::<Service>::namespaced(client.clone(), namespace);
     services
         .patch(name, &pp, &Patch::Apply(&rendered.service))

@@ -180,6 +180,18 @@ pub fn render_in_mesh(
     }
     let config_json = serde_json::to_string_pretty(&config).expect("proxy config serializes");
     let config_hash = hash(&config_json);
+    // The pods roll on a change of their config, but not of the callers they admit: the sidecar
+    // reloads those from the ConfigMap, and a new caller must not restart its targets.
+    let template_hash = match &config.mtls {
+        Some(m) if !m.authorization.allow.is_empty() => {
+            let mut without = config.clone();
+            if let Some(m) = without.mtls.as_mut() {
+                m.authorization.allow.clear();
+            }
+            hash(&serde_json::to_string_pretty(&without).expect("proxy config serializes"))
+        }
+        _ => config_hash.clone(),
+    };
 
     let config_map = ConfigMap {
         metadata: metadata(ms, config_map_name(&name), &namespace),
@@ -196,7 +208,7 @@ pub fn render_in_mesh(
         ..Default::default()
     };
     let endpoints_service = endpoints_service(ms, &name, &namespace);
-    let mut deployment = deployment(ms, &name, &namespace, &config, &config_hash, opts);
+    let mut deployment = deployment(ms, &name, &namespace, &config, &template_hash, opts);
     if let Some(secret) = bridge.and_then(|m| m.credentials_secret.as_deref()) {
         mount_broker_credentials(&mut deployment, secret);
     }

@@ -327,8 +327,10 @@ pub fn render(
         "replicas": spec.replicas,
         "probes": {"liveness": {"path": "/healthz"}, "readiness": {"path": "/readyz"}},
         "dependencies": dependencies,
-        // `POST ...?wait=` may hold a request up to five minutes.
-        "inbound": {"timeout": "330s"},
+        // `POST ...?wait=` may hold a request up to five minutes. Under the mesh, its trigger
+        // is called by whoever starts the saga (no graph names them): it admits any caller,
+        // as an edge does.
+        "inbound": {"timeout": "330s", "mtls": "permissive", "authorization": "open"},
         "terminationGracePeriodSeconds": 30,
     }))
     .map_err(|e| field("spec", format!("coordinator spec: {e}")))?;
@@ -349,6 +351,18 @@ pub fn render(
     })?;
     // No sidecar calls a coordinator as a dependency: its pods need no headless Service.
     rendered.endpoints_service = None;
+    // Under the mesh, the coordinator's sidecar is the Saga (`<ns>/saga/<name>`, what its
+    // targets admit), and its account is labelled and owned as the identity endpoint expects.
+    if let (Some(mesh), Some(m)) = (&opts.mesh, rendered.config.mtls.as_mut()) {
+        m.identity = weir_identity::WorkloadId::saga(&mesh.trust_domain, &namespace, &name).uri();
+        let json = serde_json::to_string_pretty(&rendered.config).expect("config serializes");
+        rendered.config_hash = super::hash(&json);
+        rendered
+            .config_map
+            .data
+            .get_or_insert_with(Default::default)
+            .insert(weir_crds::proxy::CONFIG_KEY.into(), json);
+    }
 
     let credentials_secret = super::broker::credentials_secret(broker);
     let config = CoordinatorConfig {
@@ -391,6 +405,14 @@ pub fn render(
         meta.labels
             .get_or_insert_with(Default::default)
             .insert(LABEL_SAGA.into(), name.clone());
+    }
+    if let Some(sa) = rendered.service_account.as_mut() {
+        let meta = &mut sa.metadata;
+        meta.owner_references = owner.clone();
+        let labels = meta.labels.get_or_insert_with(Default::default);
+        // The account names the Saga alone: no Microservice of the coordinator's name.
+        labels.remove(super::LABEL_MICROSERVICE);
+        labels.insert(LABEL_SAGA.into(), name.clone());
     }
     rendered
         .config_map
@@ -692,6 +714,80 @@ spec:
         assert!(e.to_string().starts_with("spec.onCompleted.queue:"), "{e}");
         let e = render(&saga(SAGA), &q, &BTreeMap::new(), &RenderOptions::default()).unwrap_err();
         assert!(e.to_string().starts_with("spec.broker:"), "{e}");
+    }
+
+    #[test]
+    fn under_the_mesh_the_coordinator_is_the_saga_calling_its_targets_over_mutual_tls() {
+        let (q, b) = inputs();
+        let opts = RenderOptions {
+            mesh: Some(crate::render::MeshOptions {
+                trust_domain: "cluster.local".into(),
+                issuer_url: "https://weir-identity.weir-system.svc:8443".into(),
+                default_mode: weir_crds::microservice::MtlsMode::Strict,
+            }),
+            ..Default::default()
+        };
+        let r = render(&saga(SAGA), &q, &b, &opts).unwrap();
+        let proxy = &r.rendered.config;
+        let m = proxy.mtls.as_ref().expect("an mtls block");
+        assert_eq!(
+            m.identity,
+            "spiffe://cluster.local/ns/shop/saga/place-order"
+        );
+        // Whoever starts it (no graph names them) reaches its trigger.
+        assert_eq!(m.inbound, weir_crds::proxy::InboundMtlsMode::Permissive);
+        assert_eq!(
+            m.authorization.mode,
+            weir_crds::proxy::AuthorizationMode::Open
+        );
+        let peers: Vec<(&str, Option<&str>)> = proxy
+            .outbound
+            .iter()
+            .map(|o| (o.name.as_str(), o.peer_identity.as_deref()))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                (
+                    "inventory",
+                    Some("spiffe://cluster.local/ns/shop/ms/inventory")
+                ),
+                ("pay-example-com", None),
+            ]
+        );
+        // The ConfigMap holds the config as changed, and the pods roll on it.
+        let data = r.rendered.config_map.data.as_ref().unwrap();
+        let stored: weir_crds::proxy::ProxyConfig =
+            serde_json::from_str(&data[weir_crds::proxy::CONFIG_KEY]).unwrap();
+        assert_eq!(&stored, proxy);
+        // The account: the Saga's, owned by it, which the identity endpoint maps to the Saga.
+        let sa = r.rendered.service_account.as_ref().expect("an account");
+        assert_eq!(sa.metadata.name.as_deref(), Some("place-order-saga-weir"));
+        assert_eq!(
+            sa.metadata.owner_references.as_ref().unwrap()[0].kind,
+            "Saga"
+        );
+        let labels = sa.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[LABEL_SAGA], "place-order");
+        assert!(!labels.contains_key(crate::render::LABEL_MICROSERVICE));
+        assert_eq!(
+            crate::operator::identity::workload_of(sa, "shop", "cluster.local").map(|w| w.uri()),
+            Some("spiffe://cluster.local/ns/shop/saga/place-order".to_string())
+        );
+        let pod = r
+            .rendered
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("place-order-saga-weir")
+        );
     }
 
     #[test]
