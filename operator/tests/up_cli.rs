@@ -589,8 +589,7 @@ const FRONT_AND_BACK: &str = "apiVersion: weir.dev/v1alpha1\nkind: Microservice\
 /// `GET /` to `port` over mutual TLS with a certificate for `as_who` made with the run's issuer
 /// (from the state file), expecting `server`: status and body.
 fn mtls_get_as(up: &Up, port: u16, as_who: &str, server: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    use weir_identity::tls::{self, CurrentCert, TrustBundle};
+    use weir_identity::tls::{CurrentCert, TrustBundle};
     use weir_identity::{Authority, Issuer, WorkloadId, WorkloadKey};
     let m = &up.state()["mtls"];
     let read = |k: &str| std::fs::read_to_string(m[k].as_str().unwrap()).unwrap();
@@ -609,25 +608,8 @@ fn mtls_get_as(up: &Up, port: u16, as_who: &str, server: &str) -> (u16, String) 
     let cert = CurrentCert::new();
     cert.install(&issued.chain_pem, key.private_key()).unwrap();
     let server = WorkloadId::parse(server).unwrap();
-    let mut config = tls::client_config(&bundle, cert, server.clone()).unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(config), tls::server_name(&server))
-            .unwrap();
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(b"GET / HTTP/1.1\r\nhost: back\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    weir_testkit::mtls::get(([127, 0, 0, 1], port).into(), &bundle, cert, &server, "/")
+        .unwrap_or((0, String::new()))
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //!   and data as a crash and a recovery would. They run the command lines of
 //!   [`weir_broker::local`], the ones `weir up` runs.
 //! - [`pki`]: a private CA and a server certificate for brokers behind TLS.
+//! - [`mtls`]: a request over the mesh's mutual TLS with a workload certificate, as a peer
+//!   sidecar makes it.
 //! - [`proxy`]: a running `weir-proxy` (its binary given by the caller, e.g.
 //!   `env!("CARGO_BIN_EXE_weir-proxy")` in the sidecar's own tests), and the small HTTP client
 //!   the suites talk to it with.
@@ -26,6 +28,7 @@
 pub mod brokers;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+pub mod mtls;
 pub mod net;
 pub mod pki;
 pub mod proxy;

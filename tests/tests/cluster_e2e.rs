@@ -888,15 +888,32 @@ async fn identity_run(client: &Client, ns: &str) -> Result<()> {
     let ms = mss.create(&PostParams::default(), &ms).await?;
     let uid = ms.metadata.uid.clone().context("uid")?;
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    sas.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "users-weir", "labels": {"weir.dev/microservice": "users"},
-                "ownerReferences": [{"apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
-                    "name": "users", "uid": uid, "controller": true}]}
-        }))?,
+    // The operator renders it (the chart is installed with mtls.enabled): labelled for the
+    // Microservice and owned by it.
+    let rendered = wait_for(
+        "the operator's ServiceAccount users-weir",
+        Duration::from_secs(60),
+        || {
+            let sas = sas.clone();
+            async move { Ok(sas.get_opt("users-weir").await?) }
+        },
     )
     .await?;
+    assert_eq!(
+        rendered
+            .labels()
+            .get("weir.dev/microservice")
+            .map(String::as_str),
+        Some("users")
+    );
+    assert!(
+        rendered
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "Microservice" && o.uid == uid),
+        "{:?}",
+        rendered.owner_references()
+    );
     sas.create(
         &PostParams::default(),
         &serde_json::from_value(json!({
@@ -1083,5 +1100,327 @@ async fn identity_run(client: &Client, ns: &str) -> Result<()> {
         "  ok: a pod-bound token refused {:.1}s after its pod was deleted ({reason})",
         gone.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The mesh in pods: the chart is installed with `mtls.enabled` (tests/e2e/local-cluster.sh,
+/// `mtls.mode=permissive` so that the other suites' calls from the node still reach their
+/// services), and `users` says `inbound.mtls: strict`. Every pod gets its certificate (else it
+/// would not be Ready); `orders` calls `users` over mutual TLS and is admitted by name; a Saga's
+/// coordinator calls it as `<ns>/saga/checkout`; a pod calling it in plaintext and the node's
+/// plain curl get 403 `mtls-required`; a workload with a certificate that `users` does not
+/// admit gets 403 `caller-not-allowed`; once that workload declares the dependency, the
+/// operator re-renders `users` and the call goes through, without `users`' pods rolling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_and_the_declared_graph_in_a_real_cluster() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-mesh-e2e").await?;
+    let result = mesh_run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+/// The operator's trust bundle (`weir-issuer`'s `ca.crt`), and its identity endpoint's URL and
+/// cluster address.
+async fn identity_endpoint(client: &Client) -> Result<(String, String, SocketAddr)> {
+    use k8s_openapi::api::core::v1::Secret;
+    let system = env_or("WEIR_E2E_OPERATOR_NAMESPACE", "weir-system");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &system);
+    let issuer = wait_for(
+        "the operator's weir-issuer Secret",
+        Duration::from_secs(60),
+        || {
+            let secrets = secrets.clone();
+            async move { Ok(secrets.get_opt("weir-issuer").await?) }
+        },
+    )
+    .await?;
+    let bundle_pem = issuer
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .context("weir-issuer has ca.crt")?;
+    let svc = Api::<Service>::namespaced(client.clone(), &system)
+        .get("weir-identity")
+        .await?;
+    let ip = svc.spec.and_then(|s| s.cluster_ip).context("cluster IP")?;
+    Ok((
+        bundle_pem,
+        format!("https://weir-identity.{system}.svc:8443"),
+        format!("{ip}:8443").parse()?,
+    ))
+}
+
+/// The IP of the running pod of Microservice `app`.
+async fn pod_ip(pods: &Api<Pod>, app: &str) -> Result<String> {
+    let admin = pod_admin(pods, app).await?;
+    Ok(admin.ip().to_string())
+}
+
+async fn mesh_run(client: &Client, ns: &str) -> Result<()> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+    use weir_identity::tls::{CurrentCert, TrustBundle};
+    use weir_identity::{WorkloadId, WorkloadKey};
+    let long = Duration::from_secs(240);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let pull = env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent");
+    let echo = |name: &str, extra: serde_json::Value| -> Result<Microservice> {
+        let mut spec = json!({"image": "ghcr.io/weir-dev/weir-echo:0.1.0", "port": 8080,
+                              "imagePullPolicy": pull});
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+            "metadata": {"name": name}, "spec": spec
+        }))?)
+    };
+    let apply = |ms: Microservice| {
+        let mss = mss.clone();
+        async move {
+            mss.patch(
+                &ms.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&ms),
+            )
+            .await
+        }
+    };
+    let nats_image = env_or("WEIR_E2E_NATS_IMAGE", "nats:2.10-alpine");
+    let brokers: Api<weir_crds::Broker> = Api::namespaced(client.clone(), ns);
+    brokers
+        .patch(
+            "bus",
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(json!({
+                "apiVersion": "weir.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "bus"},
+                "spec": {"kind": "nats", "managed": {"image": nats_image}}
+            })),
+        )
+        .await?;
+    let sagas: Api<weir_crds::Saga> = Api::namespaced(client.clone(), ns);
+    sagas
+        .patch(
+            "checkout",
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(json!({
+                "apiVersion": "weir.dev/v1alpha1", "kind": "Saga", "metadata": {"name": "checkout"},
+                "spec": {"broker": "bus", "trigger": {"http": true},
+                         "steps": [{"name": "ask", "action": {"http": {"microservice": "users", "method": "GET", "path": "/"}}}]}
+            })),
+        )
+        .await?;
+    apply(echo("users", json!({"inbound": {"mtls": "strict"}}))?).await?;
+    apply(echo(
+        "orders",
+        json!({"dependencies": [{"name": "users", "microservice": "users"}]}),
+    )?)
+    .await?;
+    // Calls users' pods in plaintext: its dependency is a URL, which names no peer identity.
+    let stranger_plain =
+        json!({"dependencies": [{"name": "users", "url": "http://users-weir-endpoints:15001"}]});
+    apply(echo("stranger", stranger_plain)?).await?;
+    let started = Instant::now();
+    for name in ["users", "orders", "stranger"] {
+        ready(&mss, name, long).await?;
+    }
+    eprintln!(
+        "  ok: users, orders and stranger Ready, each sidecar with its certificate ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+
+    // What the operator rendered: an account per Microservice, the namespace's bundle.
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get("users-weir")
+        .await?;
+    assert!(
+        sa.owner_references()
+            .iter()
+            .any(|o| o.kind == "Microservice" && o.name == "users")
+    );
+    let (bundle_pem, url, endpoint) = identity_endpoint(client).await?;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("weir-trust-bundle")
+        .await?;
+    assert_eq!(
+        cm.data.as_ref().and_then(|d| d.get("ca.crt")),
+        Some(&bundle_pem),
+        "the namespace's bundle is the issuer Secret's ca.crt"
+    );
+    let users_pod = pods
+        .list(&ListParams::default().labels("weir.dev/microservice=users"))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+        .context("a users pod")?;
+    let spec = users_pod.spec.as_ref().context("pod spec")?;
+    assert_eq!(spec.service_account_name.as_deref(), Some("users-weir"));
+    let users_pod_name = users_pod.name_any();
+    let users_ip = pod_ip(&pods, "users").await?;
+    let users_inbound: SocketAddr = format!("{users_ip}:15001").parse()?;
+    let users_admin: SocketAddr = format!("{users_ip}:15090").parse()?;
+
+    // orders → users over mutual TLS, admitted by name.
+    let orders_addr = service_addr(&svcs, "orders").await?;
+    let (status, body) = wait_for(
+        "orders' call reaching users",
+        Duration::from_secs(60),
+        || async move {
+            let (s, b) = http_get(orders_addr, "/call/users/")?;
+            Ok((s != 0 && s != 502 && s != 503).then_some((s, b)))
+        },
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        v["upstream"]["caller"],
+        json!(format!("{ns}/orders")),
+        "{body}"
+    );
+    eprintln!("  ok: orders → users over mutual TLS, users' app told {ns}/orders");
+
+    // The Saga's coordinator calls users as the Saga.
+    let saga_svc = wait_for("the checkout coordinator's Service", long, || {
+        let svcs = svcs.clone();
+        async move { Ok(svcs.get_opt("checkout-saga").await?) }
+    })
+    .await?;
+    let saga_ip = saga_svc.spec.and_then(|s| s.cluster_ip).context("IP")?;
+    let saga_addr: SocketAddr = format!("{saga_ip}:80").parse()?;
+    let (status, body) = wait_for("a checkout saga completing", long, || async move {
+        match weir_e2e::http_post(saga_addr, "/v1/sagas/checkout?wait=8s", "{}") {
+            Ok((200, b)) => Ok(Some((200, b))),
+            Ok((s, b)) if s >= 400 && s != 502 && s != 503 => Ok(Some((s, b))),
+            Ok(_) | Err(_) => Ok(None),
+        }
+    })
+    .await?;
+    assert!(
+        status == 200 && body.to_lowercase().contains("completed"),
+        "{status} {body}"
+    );
+    let (_, um) = http_get(users_admin, "/metrics")?;
+    let allowed = |caller: &str| {
+        metric(
+            &um,
+            &format!(
+                r#"weir_inbound_authorizations_total{{transport="mtls",caller="{caller}",decision="allowed"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(allowed(&format!("{ns}/orders")) >= 1.0, "{um}");
+    assert!(allowed(&format!("{ns}/saga/checkout")) >= 1.0, "{um}");
+    eprintln!("  ok: the checkout saga completed, its call admitted as {ns}/saga/checkout");
+
+    // Plaintext from another pod, and from the node: refused under strict.
+    let stranger_addr = service_addr(&svcs, "stranger").await?;
+    let (status, body) = http_get(stranger_addr, "/call/users/")?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("mtls-required"), "{body}");
+    let (status, body) = http_get(users_inbound, "/")?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("mtls-required"), "{body}");
+    eprintln!("  ok: plaintext from the stranger pod and from the node: 403 mtls-required");
+
+    // A certificate users does not admit: stranger's own, from the identity endpoint with a
+    // token of its rendered account.
+    let bundle = TrustBundle::from_pem(&bundle_pem)?;
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["weir".into()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let got: TokenRequest = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_subresource("token", "stranger-weir", &PostParams::default(), &req)
+        .await?;
+    let token = got.status.context("token")?.token;
+    let stranger_id = WorkloadId::microservice("cluster.local", ns, "stranger");
+    let key = WorkloadKey::generate()?;
+    let chain = weir_identity::endpoint::request_certificate_via(
+        &url,
+        Some(endpoint),
+        &bundle,
+        &token,
+        &key.csr(&stranger_id)?,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let cert = CurrentCert::new();
+    cert.install(&chain, key.private_key())?;
+    let users_id = WorkloadId::microservice("cluster.local", ns, "users");
+    let (status, body) = {
+        let (bundle, cert, users_id) = (bundle.clone(), cert.clone(), users_id.clone());
+        tokio::task::spawn_blocking(move || {
+            weir_testkit::mtls::get(users_inbound, &bundle, cert, &users_id, "/")
+        })
+        .await??
+    };
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("caller-not-allowed"), "{body}");
+    eprintln!("  ok: {stranger_id} with its own certificate: 403 caller-not-allowed");
+
+    // stranger declares the dependency: the operator re-renders users, whose sidecar reloads
+    // the allowed set from its ConfigMap (the kubelet refreshes the volume within a minute or
+    // so), and its pods do not roll.
+    apply(echo(
+        "stranger",
+        json!({"dependencies": [{"name": "users", "microservice": "users"}]}),
+    )?)
+    .await?;
+    let declared = Instant::now();
+    wait_for(
+        "stranger admitted by users",
+        Duration::from_secs(180),
+        || {
+            let (bundle, cert, users_id) = (bundle.clone(), cert.clone(), users_id.clone());
+            async move {
+                let got = tokio::task::spawn_blocking(move || {
+                    weir_testkit::mtls::get(users_inbound, &bundle, cert, &users_id, "/")
+                })
+                .await?;
+                Ok(matches!(got, Ok((200, _))).then_some(()))
+            }
+        },
+    )
+    .await?;
+    eprintln!(
+        "  ok: stranger admitted {:.1}s after it declared the dependency",
+        declared.elapsed().as_secs_f64()
+    );
+    // Through its own sidecar too, once it has rolled to the new config.
+    wait_for(
+        "stranger's sidecar calling users over mutual TLS",
+        long,
+        || async move {
+            let (s, b) = http_get(stranger_addr, "/call/users/")?;
+            Ok((s == 200 && b.contains(&format!("{ns}/stranger"))).then_some(()))
+        },
+    )
+    .await?;
+    let now: Vec<String> = pods
+        .list(&ListParams::default().labels("weir.dev/microservice=users"))
+        .await?
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(now, [users_pod_name], "users' pods did not roll");
+    eprintln!("  ok: stranger's sidecar → users over mutual TLS; users' pod is the same one");
     Ok(())
 }
