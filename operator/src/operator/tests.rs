@@ -719,3 +719,126 @@ async fn an_existing_identity_key_is_left_alone() {
         .unwrap();
     server.await.unwrap();
 }
+
+/// Under the mesh (`--mtls`): the namespace's trust bundle first (once per process and bundle),
+/// then orders' own ServiceAccount before its Deployment, whose pods run under it; the sidecar's
+/// config admits the callers the caches hold (a Microservice depending on orders and a Saga
+/// calling it, not a Microservice of another namespace), and names users as the peer to expect;
+/// users, which orders now calls, is reconciled again.
+#[tokio::test]
+async fn under_the_mesh_the_bundle_the_account_and_the_graphs_callers_are_applied() {
+    use kube::runtime::{reflector, watcher};
+    let (ctx, handle) = context();
+    let mut ctx = Arc::into_inner(ctx).expect("one owner");
+    ctx.render.mesh = Some(crate::render::MeshOptions {
+        trust_domain: "cluster.local".into(),
+        issuer_url: "https://weir-identity.weir-system.svc:8443".into(),
+        default_mode: weir_crds::microservice::MtlsMode::Strict,
+    });
+    let mesh = Arc::new(super::mesh::PodMesh::new("BUNDLE PEM\n".into()));
+    let mut triggers = mesh.take_triggers().unwrap();
+    let (mss, mut mss_writer) = reflector::store::<Microservice>();
+    let (sagas, mut sagas_writer) = reflector::store::<weir_crds::Saga>();
+    let caller = |ns: &str| -> Microservice {
+        serde_json::from_value(json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+            "metadata": {"name": "front", "namespace": ns},
+            "spec": {"image": "front:1", "dependencies": [{"name": "orders", "microservice": "orders"}]}
+        }))
+        .unwrap()
+    };
+    mss_writer.apply_watcher_event(&watcher::Event::Apply(caller("demo")));
+    mss_writer.apply_watcher_event(&watcher::Event::Apply(caller("elsewhere")));
+    mss_writer.apply_watcher_event(&watcher::Event::Apply(microservice(orders_spec(), None)));
+    sagas_writer.apply_watcher_event(&watcher::Event::Apply(
+        serde_json::from_value(json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "Saga",
+            "metadata": {"name": "checkout", "namespace": "demo"},
+            "spec": {"broker": "bus", "trigger": {"http": true},
+                     "steps": [{"name": "a", "action": {"http": {"microservice": "orders", "path": "/"}}}]}
+        }))
+        .unwrap(),
+    ));
+    let _ = mesh.microservices.set(mss);
+    let _ = mesh.sagas.set(sagas);
+    ctx.mesh = Some(mesh.clone());
+    let ctx = Arc::new(ctx);
+
+    let script = |with_bundle: bool| {
+        let mut s = vec![expect(Method::GET, &format!("{MS}/users"), users_found)];
+        if with_bundle {
+            s.push(expect(
+                Method::PATCH,
+                "/api/v1/namespaces/demo/configmaps/weir-trust-bundle",
+                echo,
+            ));
+        }
+        s.push(expect(
+            Method::PATCH,
+            "/api/v1/namespaces/demo/configmaps/orders-weir-proxy",
+            echo,
+        ));
+        s.push(expect(
+            Method::PATCH,
+            "/api/v1/namespaces/demo/serviceaccounts/orders-weir",
+            echo,
+        ));
+        s.extend(children(deployment_with(2, 2)).into_iter().skip(1));
+        s.push(expect(
+            Method::PATCH,
+            &format!("{MS}/orders/status"),
+            status_echo,
+        ));
+        s
+    };
+    let server = tokio::spawn(serve(handle, script(true)));
+    reconcile(Arc::new(microservice(orders_spec(), None)), ctx.clone())
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let bundle = &seen[1].1;
+    assert_eq!(bundle["data"]["ca.crt"], "BUNDLE PEM\n");
+    let config: Value =
+        serde_json::from_str(seen[2].1["data"]["proxy.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        config["mtls"]["identity"],
+        "spiffe://cluster.local/ns/demo/ms/orders"
+    );
+    assert_eq!(
+        config["mtls"]["authorization"]["allow"],
+        json!(["demo/front", "demo/saga/checkout"])
+    );
+    assert_eq!(
+        config["outbound"][0]["peerIdentity"],
+        "spiffe://cluster.local/ns/demo/ms/users"
+    );
+    let account = &seen[3].1;
+    assert_eq!(
+        account["metadata"]["ownerReferences"][0]["kind"],
+        "Microservice"
+    );
+    assert_eq!(
+        account["metadata"]["labels"]["weir.dev/microservice"],
+        "orders"
+    );
+    let pod = &seen[6].1["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "orders-weir");
+    let told = triggers.try_recv().expect("users reconciled again");
+    assert_eq!(
+        (told.name.as_str(), told.namespace.as_deref()),
+        ("users", Some("demo"))
+    );
+    assert!(triggers.try_recv().is_err());
+
+    // Again: the bundle is not applied twice, and nothing changed for users.
+    let (ctx2, handle) = context();
+    let mut ctx2 = Arc::into_inner(ctx2).expect("one owner");
+    ctx2.render = ctx.render.clone();
+    ctx2.mesh = Some(mesh);
+    let server = tokio::spawn(serve(handle, script(false)));
+    reconcile(Arc::new(microservice(orders_spec(), None)), Arc::new(ctx2))
+        .await
+        .unwrap();
+    server.await.unwrap();
+    assert!(triggers.try_recv().is_err());
+}
