@@ -595,7 +595,7 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
     let app = App::start(Duration::from_millis(1), Arc::new(|_, _| 200)).await;
     let a = Arc::new(sidecar(PROXY, base_config("orders", app_a.addr, broker.publisher())).await);
     let c = consume_config("billing");
-    let _b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
+    let b = sidecar(PROXY, base_config("billing", app.addr, broker.consumer(c))).await;
     // Tansu's durable storage (on moto's S3 endpoint) takes some 10-20 writes a second, each
     // delivery costing two (the processed-event record, the commit): fewer events on it.
     let n: usize = if kind == Kind::Kafka { 300 } else { 1500 };
@@ -697,9 +697,17 @@ async fn killing_the_broker_loses_nothing(kind: Kind) {
             }
             b => format!("{} stored", b.len(STREAM).await),
         };
+        // What the consuming sidecar said about it (its connection, rebalances, fetches).
+        let lines = b.log_lines();
+        let tail: Vec<String> = lines
+            .iter()
+            .skip(lines.len().saturating_sub(60))
+            .map(|l| l.to_string())
+            .collect();
         panic!(
-            "processed {} of {n}; missing {missing:?}; {stored}",
+            "processed {} of {n}; missing {missing:?}; {stored}\nthe consuming sidecar's last log lines:\n{}",
             counts.len(),
+            tail.join("\n")
         );
     }
     broker
