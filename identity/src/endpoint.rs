@@ -304,29 +304,83 @@ impl Endpoint {
     }
 }
 
-/// The endpoint's TLS: its serving certificate (for `dns_names`, made now by the issuer, with a
-/// key of its own), server authentication only: a workload proves itself by its token.
+/// The endpoint's own serving certificate, for `dns_names`, signed by the issuer of the moment.
+/// It is made again with each new issuer ([`ServingCert::reissue`]), so that once an anchor
+/// rotation has dropped the old anchor from the bundle, sidecars still verify the endpoint; and
+/// before it expires ([`ServingCert::renew_if_due`]), so that an endpoint that runs for months
+/// keeps a valid one. The config of [`ServingCert::config`] presents whichever is current.
+pub struct ServingCert {
+    current: Arc<crate::tls::CurrentCert>,
+    dns_names: Vec<String>,
+    lifetime: Duration,
+    /// When the current one stops being valid.
+    expires: RwLock<SystemTime>,
+}
+
+impl ServingCert {
+    pub fn new(
+        issuer: &Issuer,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<ServingCert, ClientError> {
+        let s = ServingCert {
+            current: crate::tls::CurrentCert::new(),
+            dns_names: dns_names.to_vec(),
+            lifetime,
+            expires: RwLock::new(SystemTime::UNIX_EPOCH),
+        };
+        s.reissue(issuer)?;
+        Ok(s)
+    }
+
+    /// A new key and certificate from `issuer`, presented from the next handshake on.
+    pub fn reissue(&self, issuer: &Issuer) -> Result<(), ClientError> {
+        let key = WorkloadKey::generate().map_err(|e| ClientError::Tls(e.to_string()))?;
+        let now = SystemTime::now();
+        let issued = issuer
+            .sign_server(&key, &self.dns_names, now, self.lifetime)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        self.current
+            .install(&issued.chain_pem, key.private_key())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        // The issuer may cut the lifetime short (never past itself): renew from the shorter.
+        let until = crate::tls::leaf_validity(&issued.chain_pem)
+            .map(|(_, to)| to)
+            .unwrap_or(now + self.lifetime);
+        *self.expires.write().unwrap_or_else(|e| e.into_inner()) = until;
+        Ok(())
+    }
+
+    /// Reissues when less than a third of the lifetime is left. Returns whether it did.
+    pub fn renew_if_due(&self, issuer: &Issuer, now: SystemTime) -> Result<bool, ClientError> {
+        let expires = *self.expires.read().unwrap_or_else(|e| e.into_inner());
+        if expires.duration_since(now).unwrap_or_default() > self.lifetime / 3 {
+            return Ok(false);
+        }
+        self.reissue(issuer)?;
+        Ok(true)
+    }
+
+    /// The endpoint's TLS config: TLS 1.3, HTTP/1.1, the current certificate.
+    pub fn config(&self) -> Result<rustls::ServerConfig, ClientError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.current.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// A serving config whose certificate is made once (tests, `weir up`: their issuer does not
+/// change while they run).
 pub fn serving_config(
     issuer: &Issuer,
     dns_names: &[String],
     lifetime: Duration,
 ) -> Result<rustls::ServerConfig, ClientError> {
-    let key = WorkloadKey::generate().map_err(|e| ClientError::Tls(e.to_string()))?;
-    let issued = issuer
-        .sign_server(&key, dns_names, SystemTime::now(), lifetime)
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key.private_key())
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    ServingCert::new(issuer, dns_names, lifetime)?.config()
 }
 
 /// Why a workload got no certificate from the endpoint.

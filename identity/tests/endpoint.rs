@@ -274,3 +274,96 @@ async fn the_handler_answers_without_a_server_too() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("no bearer token"));
 }
+
+/// An anchor rotation end to end, as docs/security.md states its steps, through the endpoint and
+/// the workload's client over real TLS: (1) both anchors in the bundle; (2) the issuer switched
+/// to one of the new anchor, the endpoint's own certificate with it; (3) the old anchor gone
+/// from the bundle. At every step a workload gets a certificate that verifies to the bundle of
+/// that step, and after (3) it still reaches the endpoint (whose first certificate, from the old
+/// issuer, it would refuse).
+#[tokio::test]
+async fn an_anchor_rotation_keeps_workloads_and_the_endpoint_verifiable_at_every_step() {
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    let now = SystemTime::now();
+    let old = Authority::new_anchor(TD, now, 365 * DAY).unwrap();
+    let new = Authority::new_anchor(TD, now, 365 * DAY).unwrap();
+    let issuer_of =
+        |a: &Authority| Issuer::new(Authority::new_issuer(a, TD, now, 30 * DAY).unwrap());
+    let serving =
+        endpoint::ServingCert::new(&issuer_of(&old), &["localhost".to_string()], 30 * DAY).unwrap();
+    let tokens = Arc::new(StaticTokens::default());
+    let ep = Endpoint::new(issuer_of(&old), tokens.clone(), DAY);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let task = tokio::spawn(
+        ep.clone()
+            .serve(listener, Arc::new(serving.config().unwrap())),
+    );
+    let token = tokens.issue(ms("orders"));
+    let bundle = |anchors: &[&Authority]| {
+        let pem: String = anchors.iter().map(|a| a.cert_pem()).collect();
+        TrustBundle::from_pem(&pem).unwrap()
+    };
+    // A certificate asked with `b`, and whether its chain verifies to `b`.
+    let renew = |b: TrustBundle| {
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let key = WorkloadKey::generate().unwrap();
+            let chain = endpoint::request_certificate(
+                &url,
+                &b,
+                &token,
+                &key.csr(&ms("orders")).unwrap(),
+                Duration::from_secs(5),
+            )
+            .await?;
+            let certs: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let verified = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                b.roots(),
+                tls::provider(),
+            )
+            .build()
+            .unwrap()
+            .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+            .is_ok();
+            Ok::<_, ClientError>(verified)
+        }
+    };
+    assert!(renew(bundle(&[&old])).await.unwrap(), "before");
+    // (1) Both anchors in the bundle: the old issuer's certificates verify.
+    assert!(renew(bundle(&[&old, &new])).await.unwrap(), "step 1");
+    // Without the next step, a bundle of the new anchor alone refuses the endpoint.
+    assert!(matches!(
+        renew(bundle(&[&new])).await,
+        Err(ClientError::Tls(_))
+    ));
+    // (2) The issuer switched, the endpoint's certificate with it (what mesh_ca::serve does).
+    ep.set_issuer(issuer_of(&new));
+    serving.reissue(&ep.issuer()).unwrap();
+    assert!(renew(bundle(&[&old, &new])).await.unwrap(), "step 2");
+    // (3) The old anchor gone: the endpoint and the new certificates verify to the new one.
+    assert!(renew(bundle(&[&new])).await.unwrap(), "step 3");
+    assert!(matches!(
+        renew(bundle(&[&old])).await,
+        Err(ClientError::Tls(_))
+    ));
+    task.abort();
+}
+
+#[test]
+fn the_endpoints_certificate_is_renewed_with_a_third_of_its_life_left() {
+    let now = SystemTime::now();
+    let anchor = Authority::new_anchor(TD, now, 365 * DAY).unwrap();
+    let issuer = Issuer::new(Authority::new_issuer(&anchor, TD, now, 90 * DAY).unwrap());
+    let serving =
+        endpoint::ServingCert::new(&issuer, &["localhost".to_string()], 30 * DAY).unwrap();
+    assert!(!serving.renew_if_due(&issuer, now + 19 * DAY).unwrap());
+    assert!(serving.renew_if_due(&issuer, now + 21 * DAY).unwrap());
+    // Renewed (from the clock's now): a full lifetime again, nothing due tomorrow.
+    assert!(!serving.renew_if_due(&issuer, now + DAY).unwrap());
+}

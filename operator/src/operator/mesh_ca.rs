@@ -8,8 +8,9 @@
 //!   (`ca.crt`: the anchors sidecars verify with; two of them while an anchor is rotated). The
 //!   first replica that finds none makes one, signed by the anchor; both are made
 //!   create-only, so replicas starting together agree on the one that was created first.
-//! - The endpoint's serving certificate is made by each replica from the issuer at start, for
-//!   `weir-identity.<namespace>.svc` (and `.svc.<cluster domain>`).
+//! - The endpoint's serving certificate is made by each replica from the current issuer, for
+//!   `weir-identity.<namespace>.svc` (and `.svc.<cluster domain>`), again when the issuer
+//!   changes and before it expires.
 //!
 //! A change of the issuer Secret (its rotation) is picked up within [`RELOAD_EVERY`] without a
 //! restart; certificates signed by the old issuer stay valid until they expire.
@@ -42,6 +43,9 @@ const ANCHOR_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const ISSUER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long a workload certificate is valid (renewed at 70 %).
 pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long the endpoint's own serving certificate is valid; renewed with a third left, and
+/// made again whenever the issuer changes.
+const SERVING_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Why the mesh's CA is not available.
 #[derive(Debug, thiserror::Error)]
@@ -207,15 +211,16 @@ pub async fn serve(
     authenticate: Arc<dyn endpoint::Authenticate>,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
-    let tls = endpoint::serving_config(
+    let serving = endpoint::ServingCert::new(
         &loaded.issuer,
         &dns_names(&ns, &cluster_domain),
-        LEAF_LIFETIME * 30,
+        SERVING_LIFETIME,
     )?;
+    let tls = serving.config()?;
     let ep = Endpoint::new(loaded.issuer, authenticate, LEAF_LIFETIME);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "identity endpoint listening");
-    let serving = tokio::spawn(ep.clone().serve(listener, Arc::new(tls)));
+    let task = tokio::spawn(ep.clone().serve(listener, Arc::new(tls)));
     let mut version = loaded.version;
     let api: Api<Secret> = Api::namespaced(client, &ns);
     loop {
@@ -227,8 +232,13 @@ pub async fn serve(
                         Ok(a) => {
                             ep.set_issuer(Issuer::new(a));
                             version = s.metadata.resource_version.unwrap_or_default();
+                            // The endpoint's own certificate too: once the old anchor leaves
+                            // the bundle, sidecars verify the endpoint by the new one.
+                            if let Err(e) = serving.reissue(&ep.issuer()) {
+                                tracing::warn!(error = %e, "cannot reissue the endpoint's serving certificate");
+                            }
                             tracing::info!(
-                                "the issuer changed; new certificates are signed by the new one"
+                                "the issuer changed; new certificates, the endpoint's own included, are signed by the new one"
                             );
                         }
                         Err(e) => {
@@ -243,7 +253,12 @@ pub async fn serve(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the issuer Secret"),
         }
-        if serving.is_finished() {
+        match serving.renew_if_due(&ep.issuer(), SystemTime::now()) {
+            Ok(true) => tracing::info!("the endpoint's serving certificate renewed"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot renew the endpoint's serving certificate"),
+        }
+        if task.is_finished() {
             anyhow::bail!("the identity endpoint stopped");
         }
     }
