@@ -6,8 +6,9 @@
 //! token, one for another audience, or one whose pod is gone is refused by the server that
 //! issued it), then maps the ServiceAccount to a workload: it must carry the label
 //! `weir.dev/microservice: <name>` (or `weir.dev/saga`) and be owned by that Microservice (or
-//! Saga) in the same namespace, as the ServiceAccounts the operator renders are. A
-//! ServiceAccount a user made with the same name, without that owner, names no workload.
+//! Saga) in the same namespace, the live object by its uid, as the ServiceAccounts the operator
+//! renders are. A ServiceAccount a user made with the same name, without that owner, or one
+//! left from an earlier object of that name, names no workload.
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -90,11 +91,38 @@ impl TokenReviewer {
             }
             Err(e) => return Err(AuthError::Unavailable(format!("ServiceAccount: {e}"))),
         };
-        workload_of(&sa, namespace, &self.trust_domain).ok_or_else(|| {
+        let id = workload_of(&sa, namespace, &self.trust_domain).ok_or_else(|| {
             AuthError::Forbidden(format!(
                 "ServiceAccount {namespace}/{account} is not one Weir rendered for a Microservice or a Saga"
             ))
-        })
+        })?;
+        // The owner named must be the live object, not an earlier one of the same name: an
+        // account left behind (or made with a copied owner reference) names nobody.
+        let live_uid = match id.kind {
+            weir_identity::WorkloadKind::Microservice => {
+                Api::<weir_crds::Microservice>::namespaced(self.client.clone(), namespace)
+                    .get_opt(&id.name)
+                    .await
+                    .map(|o| o.and_then(|o| o.metadata.uid))
+            }
+            weir_identity::WorkloadKind::Saga => {
+                Api::<weir_crds::Saga>::namespaced(self.client.clone(), namespace)
+                    .get_opt(&id.name)
+                    .await
+                    .map(|o| o.and_then(|o| o.metadata.uid))
+            }
+        }
+        .map_err(|e| AuthError::Unavailable(format!("the account's owner: {e}")))?;
+        let owned_by_live = live_uid
+            .as_deref()
+            .is_some_and(|uid| sa.owner_references().iter().any(|o| o.uid == uid));
+        if !owned_by_live {
+            return Err(AuthError::Forbidden(format!(
+                "ServiceAccount {namespace}/{account} is owned by no live {}",
+                id.short()
+            )));
+        }
+        Ok(id)
     }
 }
 
@@ -192,20 +220,52 @@ mod tests {
         out
     }
 
+    /// The live owner's GET, answering an object of `uid` (`None`: gone).
+    fn owner(path: &str, uid: Option<&'static str>) -> crate::operator::mock_api::Expect {
+        expect(Method::GET, path, move |_| match uid {
+            Some(uid) => (
+                StatusCode::OK,
+                json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Microservice",
+                       "metadata": {"name": "orders", "namespace": "shop", "uid": uid},
+                       "spec": {"image": "o", "port": 1}}),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "reason": "NotFound", "code": 404, "message": "not found"}),
+            ),
+        })
+    }
+
+    const ORDERS: &str = "/apis/weir.dev/v1alpha1/namespaces/shop/microservices/orders";
+
     #[tokio::test]
     async fn a_rendered_service_account_maps_to_its_microservice() {
-        let out = run(orders_account((
-            StatusCode::OK,
-            sa(
-                json!({"weir.dev/microservice": "orders"}),
-                Some(("Microservice", "orders")),
-            ),
-        )))
-        .await;
+        let account = || {
+            (
+                StatusCode::OK,
+                sa(
+                    json!({"weir.dev/microservice": "orders"}),
+                    Some(("Microservice", "orders")),
+                ),
+            )
+        };
+        let mut script = orders_account(account());
+        script.push(owner(ORDERS, Some("u-1")));
         assert_eq!(
-            out,
+            run(script).await,
             Ok(WorkloadId::microservice("cluster.local", "shop", "orders"))
         );
+        // An account left from an earlier orders (another uid), or whose orders is gone.
+        for live in [Some("u-2"), None] {
+            let mut script = orders_account(account());
+            script.push(owner(ORDERS, live));
+            let out = run(script).await;
+            assert!(
+                matches!(&out, Err(AuthError::Forbidden(m)) if m.contains("owned by no live shop/orders")),
+                "{live:?}: {out:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ use Scope::{Cluster, ReleaseNamespace, Watched};
 pub const RULES: &[Rule] = &[
     // Controller and reflector of every kind; `get` of a dependency (microservice.rs), of the
     // Queues and Broker of a bridge or Saga (queue.rs, saga.rs); Queue finalizers by merge
-    // patch (queue.rs). Sagas are never read one by one.
+    // patch (queue.rs).
     (
         Watched,
         "weir.dev",
@@ -38,7 +38,8 @@ pub const RULES: &[Rule] = &[
         "queues",
         &["get", "list", "watch", "patch"],
     ),
-    (Watched, "weir.dev", "sagas", &["list", "watch"]),
+    // Sagas also read by name: the identity endpoint checks a coordinator account's live owner.
+    (Watched, "weir.dev", "sagas", &["get", "list", "watch"]),
     (Watched, "weir.dev", "brokers", &["get", "list", "watch"]),
     // Status by server-side apply (`patch_status`), never read or replaced.
     (Watched, "weir.dev", "microservices/status", &["patch"]),
