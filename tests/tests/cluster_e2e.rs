@@ -1424,3 +1424,178 @@ async fn mesh_run(client: &Client, ns: &str) -> Result<()> {
     eprintln!("  ok: stranger's sidecar → users over mutual TLS; users' pod is the same one");
     Ok(())
 }
+
+/// examples/shop in pods, under the mesh: every Microservice but the gateway (called from the
+/// node here) made `strict`, so that each call between the shop's pods must be mutual TLS and
+/// admitted by the graph. An order placed at the gateway is confirmed by the place-order saga
+/// (its coordinator calling catalog, payments and orders as `<ns>/saga/place-order`), and its
+/// read shows the customer (orders → users); the sidecars' counters show who called whom.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_in_a_real_cluster_over_mutual_tls() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-shop-e2e").await?;
+    let result = shop_run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+async fn shop_run(client: &Client, ns: &str) -> Result<()> {
+    use serde::Deserialize as _;
+    let long = Duration::from_secs(300);
+    let pull = env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent");
+    let nats_image = env_or("WEIR_E2E_NATS_IMAGE", "nats:2.10-alpine");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
+    let mut names = Vec::new();
+    for file in ["broker.yaml", "queues.yaml", "services.yaml", "saga.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut v = serde_json::Value::deserialize(doc)?;
+            if v.is_null() {
+                continue;
+            }
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            let name = v["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if let Some(a) = v["metadata"].as_object_mut() {
+                a.remove("annotations");
+            }
+            let pp = PatchParams::apply(MANAGER);
+            match kind.as_str() {
+                "Broker" => {
+                    v["spec"]["managed"]["image"] = json!(nats_image);
+                    Api::<weir_crds::Broker>::namespaced(client.clone(), ns)
+                        .patch(&name, &pp, &Patch::Apply(&v))
+                        .await?;
+                }
+                "Queue" => {
+                    Api::<weir_crds::Queue>::namespaced(client.clone(), ns)
+                        .patch(&name, &pp, &Patch::Apply(&v))
+                        .await?;
+                }
+                "Saga" => {
+                    Api::<weir_crds::Saga>::namespaced(client.clone(), ns)
+                        .patch(&name, &pp, &Patch::Apply(&v))
+                        .await?;
+                }
+                "Microservice" => {
+                    v["spec"]["imagePullPolicy"] = json!(pull);
+                    if name != "gateway" {
+                        v["spec"]["inbound"]["mtls"] = json!("strict");
+                    }
+                    Api::<Microservice>::namespaced(client.clone(), ns)
+                        .patch(&name, &pp, &Patch::Apply(&v))
+                        .await?;
+                    names.push(name);
+                }
+                other => bail!("examples/shop/{file}: unexpected kind {other:?}"),
+            }
+        }
+    }
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let started = Instant::now();
+    for name in &names {
+        ready(&mss, name, long).await?;
+    }
+    eprintln!(
+        "  ok: the shop's {} Microservices Ready, each pod with its certificate ({:.1}s)",
+        names.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let gateway = service_addr(&svcs, "gateway").await?;
+    let order = json!({"userId": "u1", "items": [{"productId": "p1", "qty": 2}],
+                       "cardToken": "tok_visa", "address": "1 Main St"})
+    .to_string();
+    // The first order waits for the saga's coordinator and the queues' consumers.
+    let id = wait_for("an order accepted by the gateway", long, || {
+        let order = order.clone();
+        async move {
+            match weir_e2e::http_post(gateway, "/orders", &order) {
+                Ok((201, b)) => {
+                    let v: serde_json::Value = serde_json::from_str(&b)?;
+                    Ok(v["id"].as_str().map(str::to_string))
+                }
+                _ => Ok(None),
+            }
+        }
+    })
+    .await?;
+    let path = format!("/orders/{id}");
+    let settled = wait_for(&format!("order {id} settled"), long, || {
+        let path = path.clone();
+        async move {
+            let (_, b) = http_get(gateway, &path)?;
+            let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+            Ok(matches!(v["status"].as_str(), Some("confirmed" | "failed")).then_some(v))
+        }
+    })
+    .await?;
+    assert_eq!(settled["status"], "confirmed", "{settled}");
+    assert_eq!(settled["customer"]["name"], "Ada Lovelace", "{settled}");
+    eprintln!("  ok: order {id} confirmed by the saga, its customer read from users");
+
+    // Who called whom, over mutual TLS, as each callee's sidecar counted it.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let admitted = |text: &str, caller: &str| {
+        metric(
+            text,
+            &format!(
+                r#"weir_inbound_authorizations_total{{transport="mtls",caller="{ns}/{caller}",decision="allowed"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    for (callee, callers) in [
+        ("users", &["orders"][..]),
+        ("catalog", &["saga/place-order"][..]),
+        ("payments", &["saga/place-order"][..]),
+        ("orders", &["gateway", "saga/place-order"][..]),
+    ] {
+        // Replicas balance the calls: the counts of every pod of the callee.
+        let list = pods
+            .list(&ListParams::default().labels(&format!("weir.dev/microservice={callee}")))
+            .await?;
+        let mut texts = Vec::new();
+        for p in list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            if let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+                texts.push(http_get(format!("{ip}:15090").parse()?, "/metrics")?.1);
+            }
+        }
+        for caller in callers {
+            let n: f64 = texts.iter().map(|t| admitted(t, caller)).sum();
+            assert!(
+                n >= 1.0,
+                "{callee} admitted {ns}/{caller} {n} times:\n{texts:?}"
+            );
+        }
+        let refused: f64 = texts
+            .iter()
+            .map(|t| {
+                metric(
+                    t,
+                    r#"weir_inbound_authorizations_total{transport="plaintext",caller="",decision="refused"}"#,
+                )
+                .unwrap_or(0.0)
+            })
+            .sum();
+        assert_eq!(refused, 0.0, "no plaintext call reached {callee}");
+    }
+    let users_ip = pod_ip(&pods, "users").await?;
+    let (status, body) = http_get(format!("{users_ip}:15001").parse()?, "/users/u1")?;
+    assert_eq!(status, 403, "{body}");
+    eprintln!(
+        "  ok: users admitted orders, the saga called catalog, payments and orders over mutual TLS; users refuses the node's plaintext"
+    );
+    Ok(())
+}
