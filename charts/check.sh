@@ -226,10 +226,17 @@ if [ -e "$m" ]; then
   objects "$m" >"$work/mtls-objects"
   grep -qx 'v1 Service weir-identity' "$work/mtls-objects" || fail "mtls: no Service weir-identity"
 fi
+# The mesh is on by default (strict); mtls.enabled=false turns all of it off.
 if [ -e "$d" ]; then
-  expect_args "$d" default absent --mtls
+  expect_args "$d" default present --mtls "--trust-domain=cluster.local" "--identity-addr=0.0.0.0:8443" "--mtls-mode=strict"
   objects "$d" >"$work/default-objects"
-  if grep -qx 'v1 Service weir-identity' "$work/default-objects"; then fail "default: Service weir-identity without mtls.enabled"; fi
+  grep -qx 'v1 Service weir-identity' "$work/default-objects" || fail "default: no Service weir-identity"
+fi
+n="$work/by-name-no-mtls-values.yaml"
+if [ -e "$n" ]; then
+  expect_args "$n" no-mtls absent --mtls
+  objects "$n" >"$work/no-mtls-objects"
+  if grep -qx 'v1 Service weir-identity' "$work/no-mtls-objects"; then fail "no-mtls: Service weir-identity without mtls.enabled"; fi
 fi
 [ "${#failures[@]}" -eq "$n_before" ] && pass "API versions, kinds, operator flags and CRDs as expected"
 
