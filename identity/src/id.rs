@@ -108,8 +108,9 @@ impl WorkloadId {
             "saga" => WorkloadKind::Saga,
             _ => return Err(err("its kind is neither ms nor saga")),
         };
-        if !is_dns_label(namespace) || !is_dns_subdomain(name) {
-            return Err(err("its namespace or name is not a Kubernetes name"));
+        // Names are DNS labels: a Microservice's or Saga's name names its Service.
+        if !is_dns_label(namespace) || !is_dns_label(name) {
+            return Err(err("its namespace or name is not a DNS label"));
         }
         Ok(WorkloadId {
             trust_domain: trust_domain.into(),
@@ -148,10 +149,6 @@ fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]

@@ -235,6 +235,41 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
+    /// The contract's check of an `allow` entry (weir-crds) and the identity parser (weir-identity)
+    /// judge names alike: an entry the config accepts names a workload a certificate can carry,
+    /// and a name no certificate can carry is refused in the config, not left to match nothing.
+    #[test]
+    fn allow_entries_and_identities_agree_on_what_a_name_is() {
+        let names = [
+            "orders", "a", "0rders", "ord-ers", "9", "-orders", "orders-", "Orders", "or_ders",
+            "or.ders", "", &"x".repeat(63), &"x".repeat(64),
+        ];
+        for ns in names {
+            for name in names {
+                for (entry, uri) in [
+                    (
+                        format!("{ns}/{name}"),
+                        format!("spiffe://cluster.local/ns/{ns}/ms/{name}"),
+                    ),
+                    (
+                        format!("{ns}/saga/{name}"),
+                        format!("spiffe://cluster.local/ns/{ns}/saga/{name}"),
+                    ),
+                ] {
+                    let parsed = weir_identity::WorkloadId::parse(&uri);
+                    assert_eq!(
+                        weir_crds::proxy::is_allow_entry(&entry),
+                        parsed.is_ok(),
+                        "{entry:?} vs {uri:?}: {parsed:?}"
+                    );
+                    if let Ok(id) = parsed {
+                        assert_eq!(id.short(), entry);
+                    }
+                }
+            }
+        }
+    }
+
     fn authorizer(
         inbound: InboundMtlsMode,
         mode: AuthorizationMode,
