@@ -81,6 +81,22 @@ pub(crate) fn key(s: &Secret, k: &str) -> Option<String> {
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
+/// Why a CA Secret gives no authority.
+enum CaSecret {
+    /// No `tls.crt` or no `tls.key`.
+    Incomplete,
+    /// They do not parse, or do not match.
+    Unusable(String),
+}
+
+/// The authority a CA Secret holds (`tls.crt`, `tls.key`): the anchor's or the issuer's.
+fn authority_of(s: &Secret) -> Result<Authority, CaSecret> {
+    let (Some(cert), Some(k)) = (key(s, "tls.crt"), key(s, "tls.key")) else {
+        return Err(CaSecret::Incomplete);
+    };
+    Authority::from_pem(&cert, &k).map_err(|e| CaSecret::Unusable(e.to_string()))
+}
+
 /// Reads the issuer Secret of `ns`, making the anchor and the issuer first when absent.
 pub async fn load_or_create(
     client: &Client,
@@ -113,17 +129,18 @@ pub async fn load_or_create(
             .await
             .map_err(api_err(ANCHOR_SECRET))?
         {
-            Some(s) => {
-                let (Some(cert), Some(k)) = (key(&s, "tls.crt"), key(&s, "tls.key")) else {
+            Some(s) => match authority_of(&s) {
+                Ok(a) => a,
+                Err(CaSecret::Incomplete) => {
                     return Err(invalid(
                         ISSUER_SECRET,
                         format!(
                             "missing, and {ANCHOR_SECRET} has no tls.key to make it with: provide the issuer (tls.crt, tls.key, ca.crt)"
                         ),
                     ));
-                };
-                Authority::from_pem(&cert, &k).map_err(|e| invalid(ANCHOR_SECRET, e.to_string()))?
-            }
+                }
+                Err(CaSecret::Unusable(e)) => return Err(invalid(ANCHOR_SECRET, e)),
+            },
             None => {
                 let made = Authority::new_anchor(trust_domain, now, ANCHOR_VALIDITY)
                     .map_err(|e| invalid(ANCHOR_SECRET, e.to_string()))?;
@@ -143,11 +160,12 @@ pub async fn load_or_create(
                         .get(ANCHOR_SECRET)
                         .await
                         .map_err(api_err(ANCHOR_SECRET))?;
-                    Authority::from_pem(
-                        &key(&s, "tls.crt").unwrap_or_default(),
-                        &key(&s, "tls.key").unwrap_or_default(),
-                    )
-                    .map_err(|e| invalid(ANCHOR_SECRET, e.to_string()))?
+                    authority_of(&s).map_err(|e| match e {
+                        CaSecret::Incomplete => {
+                            invalid(ANCHOR_SECRET, "needs tls.crt and tls.key".into())
+                        }
+                        CaSecret::Unusable(e) => invalid(ANCHOR_SECRET, e),
+                    })?
                 }
             }
         };
@@ -169,16 +187,12 @@ pub async fn load_or_create(
         .get(ISSUER_SECRET)
         .await
         .map_err(api_err(ISSUER_SECRET))?;
-    let (Some(cert), Some(k), Some(bundle_pem)) =
-        (key(&s, "tls.crt"), key(&s, "tls.key"), key(&s, "ca.crt"))
-    else {
-        return Err(invalid(
-            ISSUER_SECRET,
-            "needs tls.crt, tls.key and ca.crt".into(),
-        ));
-    };
-    let issuer =
-        Authority::from_pem(&cert, &k).map_err(|e| invalid(ISSUER_SECRET, e.to_string()))?;
+    let needs = || invalid(ISSUER_SECRET, "needs tls.crt, tls.key and ca.crt".into());
+    let bundle_pem = key(&s, "ca.crt").ok_or_else(needs)?;
+    let issuer = authority_of(&s).map_err(|e| match e {
+        CaSecret::Incomplete => needs(),
+        CaSecret::Unusable(e) => invalid(ISSUER_SECRET, e),
+    })?;
     TrustBundle::from_pem(&bundle_pem)
         .map_err(|e| invalid(ISSUER_SECRET, format!("ca.crt: {e}")))?;
     Ok(Loaded {
@@ -227,25 +241,23 @@ pub async fn serve(
         tokio::time::sleep(RELOAD_EVERY).await;
         match api.get(ISSUER_SECRET).await {
             Ok(s) if s.metadata.resource_version.as_deref() != Some(version.as_str()) => {
-                match (key(&s, "tls.crt"), key(&s, "tls.key")) {
-                    (Some(c), Some(k)) => match Authority::from_pem(&c, &k) {
-                        Ok(a) => {
-                            ep.set_issuer(Issuer::new(a));
-                            version = s.metadata.resource_version.unwrap_or_default();
-                            // The endpoint's own certificate too: once the old anchor leaves
-                            // the bundle, sidecars verify the endpoint by the new one.
-                            if let Err(e) = serving.reissue(&ep.issuer()) {
-                                tracing::warn!(error = %e, "cannot reissue the endpoint's serving certificate");
-                            }
-                            tracing::info!(
-                                "the issuer changed; new certificates, the endpoint's own included, are signed by the new one"
-                            );
+                match authority_of(&s) {
+                    Ok(a) => {
+                        ep.set_issuer(Issuer::new(a));
+                        version = s.metadata.resource_version.unwrap_or_default();
+                        // The endpoint's own certificate too: once the old anchor leaves the
+                        // bundle, sidecars verify the endpoint by the new one.
+                        if let Err(e) = serving.reissue(&ep.issuer()) {
+                            tracing::warn!(error = %e, "cannot reissue the endpoint's serving certificate");
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the issuer Secret changed but is not usable; the previous issuer stays")
-                        }
-                    },
-                    _ => tracing::warn!(
+                        tracing::info!(
+                            "the issuer changed; new certificates, the endpoint's own included, are signed by the new one"
+                        );
+                    }
+                    Err(CaSecret::Unusable(e)) => {
+                        tracing::warn!(error = %e, "the issuer Secret changed but is not usable; the previous issuer stays")
+                    }
+                    Err(CaSecret::Incomplete) => tracing::warn!(
                         "the issuer Secret changed but lacks tls.crt or tls.key; the previous issuer stays"
                     ),
                 }

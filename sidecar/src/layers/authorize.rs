@@ -241,8 +241,19 @@ mod tests {
     #[test]
     fn allow_entries_and_identities_agree_on_what_a_name_is() {
         let names = [
-            "orders", "a", "0rders", "ord-ers", "9", "-orders", "orders-", "Orders", "or_ders",
-            "or.ders", "", &"x".repeat(63), &"x".repeat(64),
+            "orders",
+            "a",
+            "0rders",
+            "ord-ers",
+            "9",
+            "-orders",
+            "orders-",
+            "Orders",
+            "or_ders",
+            "or.ders",
+            "",
+            &"x".repeat(63),
+            &"x".repeat(64),
         ];
         for ns in names {
             for name in names {
