@@ -1599,3 +1599,224 @@ async fn shop_run(client: &Client, ns: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// Rotation through the operator's Secrets, as docs/security.md tells an operator to do it:
+/// (1) a second anchor added to `weir-issuer`'s `ca.crt` reaches every namespace's
+/// `weir-trust-bundle`; (2) an issuer of the new anchor put in `weir-issuer` is taken by the
+/// identity endpoint without a restart, for the certificates it signs and for its own serving
+/// certificate (a client holding the new anchor alone reaches it). The Secret is put back
+/// afterwards and the test waits until the endpoint serves from it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_and_anchor_rotation_through_the_operators_secrets() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    use k8s_openapi::api::core::v1::Secret;
+    let client = Client::try_default().await?;
+    let system = env_or("WEIR_E2E_OPERATOR_NAMESPACE", "weir-system");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &system);
+    let original = secrets.get("weir-issuer").await?;
+    let ns = namespace(&client, "weir-rotation-e2e").await?;
+    let result = rotation_run(&client, &ns, &secrets).await;
+    // Put the issuer back, and wait until the endpoint serves and signs from it again.
+    let restored = restore_issuer(&client, &secrets, &original).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result.and(restored)
+}
+
+fn secret_text(s: &k8s_openapi::api::core::v1::Secret, key: &str) -> Result<String> {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .with_context(|| format!("Secret {} has no {key}", s.name_any()))
+}
+
+/// A certificate for `users` of `ns` asked with `bundle` (the endpoint verified by it), and
+/// whether its chain verifies to `bundle`; `Ok(None)` when the endpoint is refused or down.
+async fn users_certificate(client: &Client, ns: &str, bundle_pem: &str) -> Result<Option<bool>> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    use weir_identity::tls::TrustBundle;
+    use weir_identity::{WorkloadId, WorkloadKey};
+    let (_, url, endpoint) = identity_endpoint(client).await?;
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["weir".into()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let got: TokenRequest = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_subresource("token", "users-weir", &PostParams::default(), &req)
+        .await?;
+    let token = got.status.context("token")?.token;
+    let bundle = TrustBundle::from_pem(bundle_pem)?;
+    let key = WorkloadKey::generate()?;
+    let id = WorkloadId::microservice("cluster.local", ns, "users");
+    let chain = match weir_identity::endpoint::request_certificate_via(
+        &url,
+        Some(endpoint),
+        &bundle,
+        &token,
+        &key.csr(&id)?,
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("  (not yet: {e})");
+            return Ok(None);
+        }
+    };
+    let certs: Vec<CertificateDer<'_>> =
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>()?;
+    let verified = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        bundle.roots(),
+        weir_identity::tls::provider(),
+    )
+    .build()?
+    .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+    .is_ok();
+    Ok(Some(verified))
+}
+
+async fn rotation_run(
+    client: &Client,
+    ns: &str,
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::time::SystemTime;
+    use weir_identity::Authority;
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let mut users = example("users")?;
+    users.spec.replicas = 0;
+    mss.create(&PostParams::default(), &users).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let bundle_now = |want: String| {
+        let cms = cms.clone();
+        async move {
+            let cm = cms.get_opt("weir-trust-bundle").await?;
+            Ok(cm
+                .and_then(|c| c.data)
+                .and_then(|d| d.get("ca.crt").cloned())
+                .filter(|b| *b == want)
+                .map(|_| ()))
+        }
+    };
+    let issuer = secrets.get("weir-issuer").await?;
+    let old_bundle = secret_text(&issuer, "ca.crt")?;
+    wait_for("the namespace's bundle", Duration::from_secs(60), || {
+        bundle_now(old_bundle.clone())
+    })
+    .await?;
+
+    // (1) Both anchors in the bundle.
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let new_anchor = Authority::new_anchor("cluster.local", now, 30 * day)?;
+    let both = format!("{old_bundle}{}", new_anchor.cert_pem());
+    secrets
+        .patch(
+            "weir-issuer",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"ca.crt": both}})),
+        )
+        .await?;
+    let step = Instant::now();
+    wait_for(
+        "both anchors in the namespace's weir-trust-bundle",
+        Duration::from_secs(150),
+        || bundle_now(both.clone()),
+    )
+    .await?;
+    eprintln!(
+        "  ok: (1) the second anchor reached the namespace's bundle in {:.1}s",
+        step.elapsed().as_secs_f64()
+    );
+
+    // (2) An issuer of the new anchor: the endpoint signs with it and serves with it.
+    let new_issuer = Authority::new_issuer(&new_anchor, "cluster.local", now, 30 * day)?;
+    secrets
+        .patch(
+            "weir-issuer",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"tls.crt": new_issuer.cert_pem(),
+                                                 "tls.key": new_issuer.key_pem()}})),
+        )
+        .await?;
+    let step = Instant::now();
+    let new_only = new_anchor.cert_pem();
+    wait_for(
+        "a certificate of the new issuer, from an endpoint the new anchor alone vouches for",
+        Duration::from_secs(150),
+        || {
+            let new_only = new_only.clone();
+            async move {
+                Ok(users_certificate(client, ns, &new_only)
+                    .await?
+                    .filter(|v| *v))
+            }
+        },
+    )
+    .await?;
+    eprintln!(
+        "  ok: (2) the endpoint signs and serves with the new issuer {:.1}s after the Secret changed, no restart",
+        step.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn restore_issuer(
+    client: &Client,
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    original: &k8s_openapi::api::core::v1::Secret,
+) -> Result<()> {
+    let data: serde_json::Map<String, serde_json::Value> = ["tls.crt", "tls.key", "ca.crt"]
+        .iter()
+        .map(|k| Ok(((*k).to_string(), json!(secret_text(original, k)?))))
+        .collect::<Result<_>>()?;
+    secrets
+        .patch(
+            "weir-issuer",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": data})),
+        )
+        .await?;
+    let bundle = secret_text(original, "ca.crt")?;
+    // A namespace of its own to ask in (the test's may be gone).
+    let ns = namespace(client, "weir-rotation-back").await?;
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), &ns);
+    let mut users = example("users")?;
+    users.spec.replicas = 0;
+    mss.create(&PostParams::default(), &users).await?;
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    wait_for("the account users-weir", Duration::from_secs(60), || {
+        let sas = sas.clone();
+        async move { Ok(sas.get_opt("users-weir").await?.map(|_| ())) }
+    })
+    .await?;
+    let back = wait_for(
+        "the endpoint back on the original issuer",
+        Duration::from_secs(150),
+        || {
+            let (ns, bundle) = (ns.clone(), bundle.clone());
+            async move {
+                Ok(users_certificate(client, &ns, &bundle)
+                    .await?
+                    .filter(|v| *v))
+            }
+        },
+    )
+    .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    back.map(|_| ())
+}
