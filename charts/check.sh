@@ -232,6 +232,21 @@ if [ -e "$d" ]; then
   objects "$d" >"$work/default-objects"
   grep -qx 'v1 Service weir-identity' "$work/default-objects" || fail "default: no Service weir-identity"
 fi
+o="$work/by-name-mtls-own-pki-values.yaml"
+if [ -e "$o" ]; then
+  # Your own PKI: the chart makes weir-issuer (tls.crt, tls.key, ca.crt) from the values.
+  keys=$("$PY" -c '
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d.get("kind") == "Secret" and d["metadata"]["name"] == "weir-issuer":
+        print(" ".join(sorted(d["stringData"])))
+' "$o")
+  [ "$keys" = "ca.crt tls.crt tls.key" ] || fail "mtls-own-pki: Secret weir-issuer with keys '$keys'"
+fi
+if [ -e "$d" ]; then
+  objects "$d" >"$work/default-objects-pki"
+  if grep -qx 'v1 Secret weir-issuer' "$work/default-objects-pki"; then fail "default: Secret weir-issuer rendered without mtls.issuer"; fi
+fi
 n="$work/by-name-no-mtls-values.yaml"
 if [ -e "$n" ]; then
   expect_args "$n" no-mtls absent --mtls

@@ -416,6 +416,46 @@ mod tests {
         assert!(text.contains("weir-trust-anchor has no tls.key"), "{text}");
     }
 
+    /// Your own PKI (the chart's `mtls.issuer` and `mtls.trustAnchorsPEM` make this Secret): the
+    /// issuer and the anchors are used as they are, two anchors during a rotation, and nothing
+    /// is made (no anchor Secret read or created).
+    #[tokio::test]
+    async fn a_given_issuer_is_used_as_it_is_and_nothing_is_made() {
+        let now = SystemTime::now();
+        let old = Authority::new_anchor("cluster.local", now, ANCHOR_VALIDITY).unwrap();
+        let new = Authority::new_anchor("cluster.local", now, ANCHOR_VALIDITY).unwrap();
+        let issuer = Authority::new_issuer(&new, "cluster.local", now, ISSUER_VALIDITY).unwrap();
+        let bundle = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let given = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": ISSUER_SECRET, "namespace": "weir-system"},
+            "stringData": {"tls.crt": issuer.cert_pem(), "tls.key": issuer.key_pem(),
+                           "ca.crt": bundle}});
+        let g2 = given.clone();
+        let script = vec![
+            expect(Method::GET, &format!("{SECRETS}/{ISSUER_SECRET}"), move |_| {
+                (StatusCode::OK, stored(&given))
+            }),
+            expect(Method::GET, &format!("{SECRETS}/{ISSUER_SECRET}"), move |_| {
+                (StatusCode::OK, stored(&g2))
+            }),
+        ];
+        let (ctx, handle) = context();
+        let server = tokio::spawn(mock(handle, script));
+        let loaded = load_or_create(&ctx.client, "weir-system", "cluster.local")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        server.await.unwrap();
+        assert_eq!(loaded.bundle_pem, bundle);
+        assert_eq!(TrustBundle::from_pem(&loaded.bundle_pem).unwrap().len(), 2);
+        // What it signs chains to the given issuer.
+        let serving = endpoint::ServingCert::new(
+            &loaded.issuer,
+            &dns_names("weir-system", "cluster.local"),
+            SERVING_LIFETIME,
+        );
+        assert!(serving.is_ok());
+    }
+
     #[test]
     fn sidecars_reach_the_endpoint_by_a_name_its_certificate_carries() {
         let url = issuer_url("weir-system");
