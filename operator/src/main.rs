@@ -157,6 +157,20 @@ struct RenderArgs {
     namespace: String,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Render the mesh's mutual TLS as the operator does with the chart's `mtls.enabled` (its
+    /// default): each Microservice's ServiceAccount, token and trust bundle, and the callers
+    /// the files' Microservices and Sagas declare.
+    #[arg(long)]
+    mtls: bool,
+    /// The SPIFFE trust domain (with `--mtls`).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Where sidecars ask for certificates (with `--mtls`): the chart's weir-identity Service.
+    #[arg(long, default_value = "https://weir-identity.weir-system.svc:8443")]
+    issuer_url: String,
+    /// The inbound mode of a Microservice that does not set one (with `--mtls`).
+    #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
+    mtls_mode: String,
 }
 
 fn main() -> ExitCode {
@@ -377,7 +391,14 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain,
         default_namespace: args.namespace,
-        mesh: None,
+        mesh: args.mtls.then(|| weir::render::MeshOptions {
+            trust_domain: args.trust_domain,
+            issuer_url: args.issuer_url,
+            default_mode: match args.mtls_mode.as_str() {
+                "permissive" => weir_crds::microservice::MtlsMode::Permissive,
+                _ => weir_crds::microservice::MtlsMode::Strict,
+            },
+        }),
     };
     match weir::render::render_all(&loaded, &opts) {
         Ok(docs) => {

@@ -210,3 +210,64 @@ fn unknown_field_message_names_the_field() {
     let out = weir(&["render", "-f", "operator/tests/bad/unknown-field.yaml"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("timout"));
 }
+
+/// The shop under the mesh, as the operator renders it with the chart's default: each
+/// Microservice's ServiceAccount, its sidecar's identity, peers and the callers the files
+/// declare (orders admitted by users; the place-order saga by catalog, payments and orders).
+#[test]
+fn renders_the_shop_under_the_mesh_like_the_golden_file() {
+    let out = weir(&["render", "--mtls", "-f", "examples/shop", "-n", "shop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    use serde::Deserialize as _;
+    let mut allowed = std::collections::BTreeMap::new();
+    let mut accounts = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match v["kind"].as_str() {
+            Some("ServiceAccount") => accounts.push(name),
+            Some("ConfigMap") => {
+                let config: serde_json::Value =
+                    serde_json::from_str(v["data"]["proxy.json"].as_str().unwrap()).unwrap();
+                allowed.insert(name, config["mtls"]["authorization"]["allow"].clone());
+            }
+            _ => {}
+        }
+    }
+    let allow = |cm: &str| allowed[cm].clone();
+    assert_eq!(
+        allow("users-weir-proxy"),
+        serde_json::json!(["shop/orders"])
+    );
+    assert_eq!(
+        allow("orders-weir-proxy"),
+        serde_json::json!(["shop/gateway", "shop/saga/place-order"])
+    );
+    assert_eq!(
+        allow("payments-weir-proxy"),
+        serde_json::json!(["shop/saga/place-order"])
+    );
+    assert_eq!(allow("gateway-weir-proxy"), serde_json::json!([]));
+    accounts.sort();
+    assert_eq!(
+        accounts,
+        [
+            "catalog-weir",
+            "gateway-weir",
+            "notifications-weir",
+            "orders-weir",
+            "payments-weir",
+            "place-order-saga-weir",
+            "users-weir"
+        ]
+    );
+    check_golden("shop-mtls.yaml", &text);
+}

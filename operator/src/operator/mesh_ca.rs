@@ -432,12 +432,16 @@ mod tests {
                            "ca.crt": bundle}});
         let g2 = given.clone();
         let script = vec![
-            expect(Method::GET, &format!("{SECRETS}/{ISSUER_SECRET}"), move |_| {
-                (StatusCode::OK, stored(&given))
-            }),
-            expect(Method::GET, &format!("{SECRETS}/{ISSUER_SECRET}"), move |_| {
-                (StatusCode::OK, stored(&g2))
-            }),
+            expect(
+                Method::GET,
+                &format!("{SECRETS}/{ISSUER_SECRET}"),
+                move |_| (StatusCode::OK, stored(&given)),
+            ),
+            expect(
+                Method::GET,
+                &format!("{SECRETS}/{ISSUER_SECRET}"),
+                move |_| (StatusCode::OK, stored(&g2)),
+            ),
         ];
         let (ctx, handle) = context();
         let server = tokio::spawn(mock(handle, script));

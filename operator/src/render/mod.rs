@@ -636,6 +636,34 @@ fn deployment(
 }
 
 /// Objects of `loaded` rendered as one YAML stream, each document headed by its source.
+/// The callers of `ms` among the loaded Microservices and Sagas (see [`mesh::callers`]).
+fn callers_in(
+    loaded: &[crate::manifest::Loaded],
+    ms: &Microservice,
+    opts: &RenderOptions,
+) -> Vec<String> {
+    use crate::manifest::Object;
+    let ns_of = |n: Option<String>| n.unwrap_or_else(|| opts.default_namespace.clone());
+    let mss: Vec<(String, &Microservice)> = loaded
+        .iter()
+        .filter_map(|l| match &l.object {
+            Object::Microservice(m) => Some((ns_of(m.namespace()), m)),
+            _ => None,
+        })
+        .collect();
+    let sagas: Vec<(String, &weir_crds::Saga)> = loaded
+        .iter()
+        .filter_map(|l| match &l.object {
+            Object::Saga(s) => Some((ns_of(s.namespace()), s)),
+            _ => None,
+        })
+        .collect();
+    let mss: Vec<(&str, &Microservice)> = mss.iter().map(|(n, m)| (n.as_str(), *m)).collect();
+    let sagas: Vec<(&str, &weir_crds::Saga)> =
+        sagas.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    mesh::callers_of(ms, &ns_of(ms.namespace()), &mss, &sagas)
+}
+
 pub fn render_all(
     loaded: &[crate::manifest::Loaded],
     opts: &RenderOptions,
@@ -665,11 +693,16 @@ pub fn render_all(
             continue;
         };
         let name = ms.name_any();
+        let callers = match opts.mesh {
+            Some(_) => callers_in(loaded, ms, opts),
+            None => Vec::new(),
+        };
         let r = bridge_from_input(loaded, ms, opts)
-            .and_then(|bridge| render_with(ms, opts, bridge.as_ref()))
+            .and_then(|bridge| render_in_mesh(ms, opts, bridge.as_ref(), &callers))
             .map_err(|e| format!("{}: Microservice/{name}: {e}", l.file.display()))?;
         let head = format!("# Source: {} (Microservice/{name})\n", l.file.display());
         let docs_of_ms = [
+            r.service_account.as_ref().map(to_yaml),
             Some(to_yaml(&r.config_map)),
             Some(to_yaml(&r.service)),
             r.endpoints_service.as_ref().map(to_yaml),

@@ -533,11 +533,13 @@ pub fn render_documents(
         .map_err(|e| format!("{}: Saga/{name}: {e}", l.file.display()))?;
     let head = format!("# Source: {} (Saga/{name})\n", l.file.display());
     Ok([
-        super::to_yaml(&r.rendered.config_map),
-        super::to_yaml(&r.rendered.service),
-        super::to_yaml(&r.rendered.deployment),
+        r.rendered.service_account.as_ref().map(super::to_yaml),
+        Some(super::to_yaml(&r.rendered.config_map)),
+        Some(super::to_yaml(&r.rendered.service)),
+        Some(super::to_yaml(&r.rendered.deployment)),
     ]
     .into_iter()
+    .flatten()
     .map(|doc| format!("{head}{doc}"))
     .collect())
 }
