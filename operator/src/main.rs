@@ -391,7 +391,7 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
         native_sidecar: !args.legacy_sidecar,
         cluster_domain: args.cluster_domain,
         default_namespace: args.namespace,
-        mesh: args.mtls.then(|| weir::render::MeshOptions {
+        mesh: args.mtls.then_some(weir::render::MeshOptions {
             trust_domain: args.trust_domain,
             issuer_url: args.issuer_url,
             default_mode: match args.mtls_mode.as_str() {
