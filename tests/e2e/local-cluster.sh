@@ -6,6 +6,7 @@
 #   tests/e2e/local-cluster.sh            # everything, then tear down
 #   WEIR_KEEP_CLUSTER=1 tests/e2e/local-cluster.sh   # leave the cluster up afterwards
 #   WEIR_E2E_SCALE=1 ...                  # also the 1,000-Microservice scale benchmark
+#   WEIR_E2E_FILTER=NAME ...              # only the tests whose name contains NAME
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -54,4 +55,4 @@ cargo build --locked -p weir
 NATS_VERSION=$(nats-server --version | sed -n 's/.*v\([0-9.]*\).*/\1/p')
 WEIR_E2E_NATS_IMAGE="weir-e2e/nats:$NATS_VERSION" WEIR_E2E_REDIS_IMAGE=weir-e2e/redis:local \
 WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster WEIR_E2E_PODS=1 WEIR_E2E_PULL_POLICY=Never \
-  cargo test --locked --no-fail-fast -p weir-e2e -- --nocapture --test-threads 1
+  cargo test --locked --no-fail-fast -p weir-e2e -- --nocapture --test-threads 1 ${WEIR_E2E_FILTER:+"$WEIR_E2E_FILTER"}

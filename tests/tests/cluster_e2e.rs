@@ -1637,12 +1637,23 @@ fn secret_text(s: &k8s_openapi::api::core::v1::Secret, key: &str) -> Result<Stri
 /// A certificate for `users` of `ns` asked with `bundle` (the endpoint verified by it), and
 /// whether its chain verifies to `bundle`; `Ok(None)` when the endpoint is refused or down.
 async fn users_certificate(client: &Client, ns: &str, bundle_pem: &str) -> Result<Option<bool>> {
+    let (_, url, endpoint) = identity_endpoint(client).await?;
+    users_certificate_at(client, ns, &url, endpoint, bundle_pem).await
+}
+
+/// [`users_certificate`] from the endpoint at `endpoint` (a Service or one pod).
+async fn users_certificate_at(
+    client: &Client,
+    ns: &str,
+    url: &str,
+    endpoint: SocketAddr,
+    bundle_pem: &str,
+) -> Result<Option<bool>> {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
     use weir_identity::tls::TrustBundle;
     use weir_identity::{WorkloadId, WorkloadKey};
-    let (_, url, endpoint) = identity_endpoint(client).await?;
     let req = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec!["weir".into()],
@@ -1659,7 +1670,7 @@ async fn users_certificate(client: &Client, ns: &str, bundle_pem: &str) -> Resul
     let key = WorkloadKey::generate()?;
     let id = WorkloadId::microservice("cluster.local", ns, "users");
     let chain = match weir_identity::endpoint::request_certificate_via(
-        &url,
+        url,
         Some(endpoint),
         &bundle,
         &token,
@@ -1817,4 +1828,110 @@ async fn restore_issuer(
         .delete(&ns, &DeleteParams::background())
         .await;
     back.map(|_| ())
+}
+
+/// Every operator replica serves the identity endpoint, leader or not (a sidecar starting while
+/// leadership moves must still get its certificate): the operator scaled to two replicas, each
+/// pod's endpoint asked directly gives a certificate, the one not holding the Lease included.
+/// Scaled back to one afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operator_replica_issues_certificates_leader_or_not() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let system = env_or("WEIR_E2E_OPERATOR_NAMESPACE", "weir-system");
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &system);
+    let ns = namespace(&client, "weir-replicas-e2e").await?;
+    let result = replicas_run(&client, &ns, &system, &deps).await;
+    let _ = deps
+        .patch(
+            "weir",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+async fn replicas_run(
+    client: &Client,
+    ns: &str,
+    system: &str,
+    deps: &Api<Deployment>,
+) -> Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let long = Duration::from_secs(180);
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let mut users = example("users")?;
+    users.spec.replicas = 0;
+    mss.create(&PostParams::default(), &users).await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    wait_for("the account users-weir", Duration::from_secs(60), || {
+        let sas = sas.clone();
+        async move { Ok(sas.get_opt("users-weir").await?.map(|_| ())) }
+    })
+    .await?;
+    deps.patch(
+        "weir",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 2}})),
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), system);
+    let running = wait_for("two operator pods ready", long, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=weir"))
+                .await?;
+            let ready: Vec<(String, String)> = list
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.pod_ip.clone()?)))
+                .collect();
+            Ok((ready.len() == 2).then_some(ready))
+        }
+    })
+    .await?;
+    let holder = Api::<Lease>::namespaced(client.clone(), system)
+        .get("weir-operator")
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    let (bundle_pem, url, _) = identity_endpoint(client).await?;
+    let mut standby_issued = false;
+    for (pod, ip) in &running {
+        let at: SocketAddr = format!("{ip}:8443").parse()?;
+        let got = wait_for(
+            &format!("a certificate from {pod}'s endpoint"),
+            Duration::from_secs(60),
+            || {
+                let (url, bundle_pem) = (url.clone(), bundle_pem.clone());
+                async move { users_certificate_at(client, ns, &url, at, &bundle_pem).await }
+            },
+        )
+        .await?;
+        assert!(got, "{pod}: the certificate verifies to the bundle");
+        let role = if *pod == holder { "leader" } else { "standby" };
+        standby_issued |= *pod != holder;
+        eprintln!("  ok: {pod} ({role}) issued a certificate for {ns}/users");
+    }
+    assert!(
+        standby_issued,
+        "a replica not holding the Lease ({holder}) issued one"
+    );
+    Ok(())
 }
