@@ -1326,7 +1326,17 @@ async fn mesh_run(client: &Client, ns: &str) -> Result<()> {
 
     // Plaintext from another pod, and from the node: refused under strict.
     let stranger_addr = service_addr(&svcs, "stranger").await?;
-    let (status, body) = http_get(stranger_addr, "/call/users/")?;
+    // Its URL names users' headless Service, whose first lookup may have come before users'
+    // pod was ready (a negative answer the cluster's DNS keeps a while): 502 until it resolves.
+    let (status, body) = wait_for(
+        "stranger's sidecar reaching users' pod",
+        Duration::from_secs(90),
+        || async move {
+            let (s, b) = http_get(stranger_addr, "/call/users/")?;
+            Ok((s != 502 && s != 503).then_some((s, b)))
+        },
+    )
+    .await?;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("mtls-required"), "{body}");
     let (status, body) = http_get(users_inbound, "/")?;
