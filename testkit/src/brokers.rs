@@ -461,6 +461,21 @@ impl RabbitServer {
         );
     }
 
+    /// Waits (up to 60 s) until another listener of the node, given in `start_with_conf`'s
+    /// configuration, accepts connections: the broker opens its listeners one after the other,
+    /// and the AMQP one that `start_with_conf` waits for may come first (a TLS listener was
+    /// seen refusing connections just after it on a loaded CI machine).
+    pub fn wait_listening(&self, port: u16) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !local::listening(port, Duration::from_millis(200)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rabbitmq-server: nothing listens on 127.0.0.1:{port} after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The node's directory (HOME, database, logs).
     pub fn dir(&self) -> &Path {
         &self.node.dir

@@ -100,6 +100,7 @@ async fn rabbitmq_over_tls_with_the_secrets_ca() {
         pki.path("server.crt"),
         pki.path("server.key"),
     ));
+    server.wait_listening(tls_port);
     let url = format!("amqps://127.0.0.1:{tls_port}/%2f");
     let b = connects_only_with_the_ca(BrokerKind::Rabbitmq, &url, &pki).await;
     assert_eq!(b.server_version().await, "AMQP 0-9-1");
