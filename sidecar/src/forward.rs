@@ -221,21 +221,42 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.remove(CONNECTION) {
-        if let Ok(s) = conn.to_str() {
+    // One pass comparing the names a message carries (a handful) rather than a hashed lookup
+    // per hop-by-hop name: this runs on every request and every response, most requests carry
+    // none of them and most responses only `Connection` (sidecar/benches/profile.sh).
+    let (mut connection, mut listed) = (false, false);
+    for n in h.keys() {
+        if *n == CONNECTION {
+            connection = true;
+        } else if HOP_BY_HOP.contains(n) {
+            listed = true;
+        }
+    }
+    if connection {
+        // Every Connection line names headers: `HeaderMap::remove` gives back only the first
+        // value, so the names are read from all of them before any is removed.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in h.get_all(CONNECTION) {
+            let Ok(s) = value.to_str() else { continue };
             for name in s.split(',') {
-                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
-                    h.remove(n);
+                let name = name.trim();
+                // What a keep-alive response nearly always says: the header it names, when
+                // present, is one of HOP_BY_HOP and goes below.
+                if name.eq_ignore_ascii_case("keep-alive") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                    named.push(n);
                 }
             }
         }
-        // Further Connection values, if the header was repeated.
-        while let Some(extra) = h.remove(CONNECTION) {
-            drop(extra);
+        h.remove(CONNECTION);
+        for n in named {
+            h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
-        if h.contains_key(n) {
+    if listed {
+        for n in &HOP_BY_HOP {
             h.remove(n);
         }
     }
@@ -690,5 +711,45 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_however_they_come() {
+        let names = |h: &HeaderMap| {
+            let mut v: Vec<String> = h.keys().map(|n| n.to_string()).collect();
+            v.sort();
+            v
+        };
+        let cases: &[(&[(&str, &str)], &[&str])] = &[
+            // Nothing hop-by-hop: untouched.
+            (&[("host", "a"), ("x-a", "1")], &["host", "x-a"]),
+            // What a keep-alive response carries.
+            (&[("connection", "keep-alive"), ("x-a", "1")], &["x-a"]),
+            // A listed header without Connection.
+            (
+                &[("upgrade", "h2c"), ("te", "trailers"), ("x-a", "1")],
+                &["x-a"],
+            ),
+            // Connection repeated, naming headers in any case, `close` among them.
+            (
+                &[
+                    ("connection", "close, X-One"),
+                    ("connection", "x-two"),
+                    ("x-one", "1"),
+                    ("x-two", "2"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-a", "1"),
+                ],
+                &["x-a"],
+            ),
+        ];
+        for (given, left) in cases {
+            let mut h = HeaderMap::new();
+            for (n, v) in *given {
+                h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h);
+            assert_eq!(names(&h), *left, "{given:?}");
+        }
     }
 }

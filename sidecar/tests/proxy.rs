@@ -240,6 +240,39 @@ async fn inbound_concurrency_limit_queues_then_refuses() {
     );
 }
 
+/// RFC 9110 §7.6.1: a header named by `Connection` is for this hop only, on whichever of the
+/// request's Connection lines it is named (a second line was once read by nobody, and what it
+/// named went through to the app). Both directions: the app's answer names one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_named_by_any_connection_line_stay_on_their_hop() {
+    let app = upstream(|_, _| async {
+        let mut r = respond(200, "ok");
+        r.headers_mut()
+            .insert("connection", "keep-alive, x-app-hop".parse().unwrap());
+        r.headers_mut().insert("x-app-hop", "1".parse().unwrap());
+        r.headers_mut().insert("x-app-kept", "1".parse().unwrap());
+        r
+    })
+    .await;
+    let proxy = proxy(base_config(app.addr)).await;
+    let addr = proxy.config.inbound.listen;
+    let req = b"GET /hop HTTP/1.1\r\nhost: x\r\nconnection: x-one\r\nConnection: X-Two, close\r\n\
+        x-one: 1\r\nx-two: 2\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\n\r\n";
+    let r = raw(addr, req, Duration::from_secs(3)).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
+    let head = r.to_ascii_lowercase();
+    assert!(head.contains("x-app-kept: 1"), "{r:?}");
+    assert!(
+        !head.contains("x-app-hop"),
+        "the app's hop-only header came through: {r:?}"
+    );
+    let seen = app.seen.lock().unwrap()[0].clone();
+    for gone in ["x-one", "x-two", "keep-alive"] {
+        assert!(!seen.contains_key(gone), "{gone} reached the app: {seen:?}");
+    }
+    assert_eq!(seen["x-kept"], "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_4xx_and_the_proxy_keeps_serving() {
     let app = upstream(|_, _| async { respond(200, "ok") }).await;
