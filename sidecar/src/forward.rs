@@ -11,6 +11,7 @@ use crate::balance::{Avoid, Balancer, Health, Outcome, ServedBy};
 use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
 use crate::layers::{BoxFuture, always_ready};
 use crate::mtls::MtlsConnector;
+use crate::pool::{Pool, PoolError};
 use http::header::{CONNECTION, HOST, HeaderName, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
@@ -166,6 +167,17 @@ impl Target {
         })
     }
 
+    /// The address of a cleartext HTTP/1.1 target named by one, which [`Pool`] serves.
+    fn pooled_addr(&self) -> Option<SocketAddr> {
+        if self.scheme != Scheme::HTTP || self.protocol != WireProtocol::Http1 {
+            return None;
+        }
+        let host = self.authority.host();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.authority.port_u16().unwrap_or(80)))
+    }
+
     fn uri(&self, pq: Option<&PathAndQuery>) -> Uri {
         let pq = match (self.prefix.is_empty(), pq) {
             (true, Some(pq)) => pq.clone(),
@@ -262,11 +274,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// The cleartext clients, one per [`WireProtocol`], shared by every stack of a sidecar.
+/// The cleartext clients, one per [`WireProtocol`], shared by every stack of a sidecar, and
+/// the HTTP/1.1 connection pools of the targets named by address (kept across reloads).
 #[derive(Clone, Debug)]
 pub struct Clients {
     pub http1: HttpClient,
     pub http2: HttpClient,
+    pools: Arc<Mutex<HashMap<SocketAddr, Pool>>>,
 }
 
 impl Clients {
@@ -274,7 +288,18 @@ impl Clients {
         Clients {
             http1: new_client(),
             http2: new_h2_client(),
+            pools: Arc::default(),
         }
+    }
+
+    /// The HTTP/1.1 pool of `addr`, the same for every stack that calls it.
+    pub fn pool(&self, addr: SocketAddr) -> Pool {
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_insert_with(|| Pool::new(addr))
+            .clone()
     }
 
     pub fn get(&self, protocol: WireProtocol) -> &HttpClient {
@@ -305,6 +330,8 @@ fn mtls_client(connector: MtlsConnector, protocol: WireProtocol) -> MtlsClient {
 #[derive(Clone, Debug)]
 pub struct Forward {
     client: HttpClient,
+    /// Cleartext HTTP/1.1 to an address: the pool of that address (see [`crate::pool`]).
+    pool: Option<Pool>,
     /// Set: every call is mutual TLS to the dependency's sidecar (`peerIdentity`).
     mtls: Option<MtlsClient>,
     target: Arc<Target>,
@@ -316,6 +343,7 @@ impl Forward {
     pub fn new(clients: &Clients, target: Target, connect_reason: Reason) -> Self {
         Forward {
             client: clients.get(target.protocol).clone(),
+            pool: target.pooled_addr().map(|a| clients.pool(a)),
             mtls: None,
             target: Arc::new(target),
             connect_reason,
@@ -325,6 +353,9 @@ impl Forward {
     /// Calls over mutual TLS with `connector` (the dependency's identity in it).
     pub fn with_mtls(mut self, connector: Option<MtlsConnector>) -> Self {
         self.mtls = connector.map(|c| mtls_client(c, self.target.protocol));
+        if self.mtls.is_some() {
+            self.pool = None;
+        }
         self
     }
 }
@@ -340,6 +371,10 @@ impl Service<Req> for Forward {
             return Box::pin(std::future::ready(Ok(reject(refused))));
         }
         let connect_reason = self.connect_reason;
+        if let Some(pool) = &self.pool {
+            let pool = pool.clone();
+            return Box::pin(async move { Ok(send(pool.send(req), connect_reason).await.resp) });
+        }
         let fut = if let Some(c) = &self.mtls {
             c.request(req)
         } else if self.target.scheme == Scheme::HTTPS {
@@ -420,7 +455,28 @@ struct Sent {
     client_fault: bool,
 }
 
-async fn send(fut: hyper_util::client::legacy::ResponseFuture, connect_reason: Reason) -> Sent {
+/// What failed a forwarded request, from either client.
+trait SendError: std::error::Error + Send + Sync + 'static {
+    /// No connection could be made at all.
+    fn is_connect(&self) -> bool;
+}
+
+impl SendError for hyper_util::client::legacy::Error {
+    fn is_connect(&self) -> bool {
+        hyper_util::client::legacy::Error::is_connect(self)
+    }
+}
+
+impl SendError for PoolError {
+    fn is_connect(&self) -> bool {
+        PoolError::is_connect(self)
+    }
+}
+
+async fn send<E: SendError>(
+    fut: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, E>>,
+    connect_reason: Reason,
+) -> Sent {
     match fut.await {
         Ok(resp) => {
             let mut resp = resp.map(|b| b.map_err(BodyError::new).boxed_unsync());
@@ -497,6 +553,8 @@ impl Service<Uri> for Pinned {
 /// One endpoint's client.
 #[derive(Clone, Debug)]
 enum EndpointClient {
+    /// Cleartext HTTP/1.1 (see [`crate::pool`]).
+    Pool(Pool),
     Plain(Client<Pinned, BoxBody>),
     Tls(Client<hyper_rustls::HttpsConnector<Pinned>, BoxBody>),
     Mtls(MtlsClient),
@@ -513,6 +571,9 @@ impl EndpointClient {
                 c.pinned(addr),
                 target.protocol,
             )));
+        }
+        if target.scheme == Scheme::HTTP && target.protocol == WireProtocol::Http1 {
+            return Ok(EndpointClient::Pool(Pool::new(addr)));
         }
         let pinned = Pinned {
             inner: tcp_connector(),
@@ -540,11 +601,13 @@ impl EndpointClient {
         Ok(EndpointClient::Tls(b.build(tls)))
     }
 
-    fn request(&self, req: Req) -> hyper_util::client::legacy::ResponseFuture {
+    /// Sends `req`, as [`send`] tells.
+    async fn send(&self, req: Req, connect_reason: Reason) -> Sent {
         match self {
-            EndpointClient::Plain(c) => c.request(req),
-            EndpointClient::Tls(c) => c.request(req),
-            EndpointClient::Mtls(c) => c.request(req),
+            EndpointClient::Pool(p) => send(p.send(req), connect_reason).await,
+            EndpointClient::Plain(c) => send(c.request(req), connect_reason).await,
+            EndpointClient::Tls(c) => send(c.request(req), connect_reason).await,
+            EndpointClient::Mtls(c) => send(c.request(req), connect_reason).await,
         }
     }
 }
@@ -631,11 +694,10 @@ impl Service<Req> for Balanced {
                 return Box::pin(std::future::ready(Ok(reject(self.connect_reason))));
             }
         };
-        let fut = client.request(req);
         let balancer = self.balancer.clone();
         let connect_reason = self.connect_reason;
         Box::pin(async move {
-            let sent = send(fut, connect_reason).await;
+            let sent = client.send(req, connect_reason).await;
             let mut resp = sent.resp;
             let status = resp.status().as_u16();
             let outcome = if sent.client_fault {

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mtls;
 pub mod otlp;
+pub mod pool;
 pub mod service;
 pub mod stack;
 pub mod trace;

@@ -393,6 +393,7 @@ async fn serve_io<I>(
             let tap = Tap::default();
             let stream = Tapped::new(stream, tap.clone());
             let caller = caller.clone();
+            let cache = Arc::new(StackCache::default());
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 if let Some(p) = peer {
                     req.extensions_mut().insert(p);
@@ -401,7 +402,7 @@ async fn serve_io<I>(
                     req.extensions_mut().insert(c.clone());
                 }
                 let refused = tap.dispatched(&req).err();
-                dispatch(s2.clone(), r2.clone(), req, refused)
+                dispatch(s2.clone(), r2.clone(), cache.clone(), req, refused)
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -415,6 +416,7 @@ async fn serve_io<I>(
         detect::Version::Http2 => {
             // No request smuggling to look for: HTTP/2 frames every body itself, and the h2
             // codec refuses `Transfer-Encoding` and other connection-specific headers.
+            let cache = Arc::new(StackCache::default());
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 if let Some(p) = peer {
                     req.extensions_mut().insert(p);
@@ -422,7 +424,7 @@ async fn serve_io<I>(
                 if let Some(c) = &caller {
                     req.extensions_mut().insert(c.clone());
                 }
-                dispatch(s2.clone(), r2.clone(), req, None)
+                dispatch(s2.clone(), r2.clone(), cache.clone(), req, None)
             });
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -502,9 +504,54 @@ fn log_conn_error(shared: &Shared, role: &Role, e: &hyper::Error) {
     }
 }
 
+/// A connection's own copy of its listener's stack, kept from one request to the next. A tower
+/// service is called through `&mut self`, so every request needs a stack of its own, and
+/// cloning the whole boxed stack for each one cost about 5 % of the proxy's instructions per
+/// request (callgrind, `sidecar/benches/profile.sh`). HTTP/1.1 serves a connection's requests
+/// one at a time, so one copy serves them all; an HTTP/2 stream that finds the copy in use
+/// clones its own. The copy is used only while the snapshot it came from is the current one:
+/// after a reload the next request takes the new stack (the old snapshot is not kept alive by
+/// the copy: it holds the snapshot weakly).
+#[derive(Default)]
+struct StackCache(Mutex<Option<(std::sync::Weak<Snapshot>, crate::service::Stack)>>);
+
+impl StackCache {
+    /// The kept copy when it came from `snap`, else `pick`'s clone from `snap`.
+    fn take(
+        &self,
+        snap: &Arc<Snapshot>,
+        pick: impl FnOnce(&Snapshot) -> Option<&crate::service::Stack>,
+    ) -> Option<crate::service::Stack> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match kept {
+            Some((from, stack)) if std::sync::Weak::ptr_eq(&from, &Arc::downgrade(snap)) => {
+                Some(stack)
+            }
+            _ => pick(snap).cloned(),
+        }
+    }
+
+    fn put(&self, snap: &Arc<Snapshot>, stack: crate::service::Stack) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::downgrade(snap), stack));
+    }
+}
+
+/// Calls `stack` with `req`, then keeps it in `cache` for the connection's next request.
+async fn call_kept(
+    cache: &StackCache,
+    snap: &Arc<Snapshot>,
+    mut stack: crate::service::Stack,
+    req: crate::body::Req,
+) -> Result<Resp, Infallible> {
+    let resp = tower::Service::call(stack.ready().await?, req).await;
+    cache.put(snap, stack);
+    resp
+}
+
 async fn dispatch(
     shared: Arc<Shared>,
     role: Role,
+    cache: Arc<StackCache>,
     req: hyper::Request<Incoming>,
     refused: Option<&'static str>,
 ) -> Result<Resp, Infallible> {
@@ -523,13 +570,16 @@ async fn dispatch(
         Role::Inbound => {
             let mut req = req;
             crate::mtls::mark_caller(&mut req);
-            let svc = shared.snapshot().inbound.clone();
-            svc.oneshot(req).await
+            let snap = shared.snapshot();
+            let svc = cache
+                .take(&snap, |s| Some(&s.inbound))
+                .unwrap_or_else(|| snap.inbound.clone());
+            call_kept(&cache, &snap, svc, req).await
         }
         Role::Outbound(name) => {
-            let svc = shared.snapshot().outbound.get(&name).cloned();
-            match svc {
-                Some(svc) => svc.oneshot(req).await,
+            let snap = shared.snapshot();
+            match cache.take(&snap, |s| s.outbound.get(&name)) {
+                Some(svc) => call_kept(&cache, &snap, svc, req).await,
                 None => Ok(reject(Reason::UnknownDependency)),
             }
         }
