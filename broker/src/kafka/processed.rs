@@ -20,7 +20,7 @@
 
 use crate::kafka::quiet::Quiet;
 use crate::kafka::rewind::{KafkaMarker, applied_key, parse_applied_key};
-use crate::kafka::transport::{admin_error, produce_error};
+use crate::kafka::transport::{SidecarProducer, admin_error, produce_error};
 use crate::queue::rewind_marker_key;
 use crate::rewind::Marker;
 use crate::transport::{API_TIMEOUT, Error};
@@ -29,7 +29,7 @@ use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
@@ -197,7 +197,7 @@ pub struct ProcessedStore {
     consumer: String,
     ttl: Duration,
     seen: Arc<Mutex<Seen>>,
-    producer: FutureProducer<Quiet>,
+    producer: SidecarProducer,
     quit: Arc<AtomicBool>,
     /// A new rewind marker was read since [`ProcessedStore::take_rewind_signal`] (an atomic: the
     /// fetcher looks at it after every poll).
@@ -220,7 +220,7 @@ impl ProcessedStore {
     pub async fn open(
         base: &ClientConfig,
         quiet: Quiet,
-        producer: FutureProducer<Quiet>,
+        producer: SidecarProducer,
         topic: &str,
         consumer: &str,
         ttl: Duration,

@@ -114,8 +114,81 @@ pub fn base_config(url: &str, credentials: Option<&str>) -> Result<ClientConfig,
     Ok(c)
 }
 
-/// The sidecar's producer: librdkafka's reports quieted ([`Quiet`]).
-pub type SidecarProducer = FutureProducer<Quiet>;
+/// The sidecar's producer: librdkafka's reports quieted ([`Quiet`]), made again when librdkafka
+/// says it failed fatally. An idempotent producer that the broker fences (`ProducerFenced`: a
+/// Kafka-protocol broker restarting was seen to do it) fails every send after that until a new
+/// instance is made; a CI run saw a consuming sidecar unable to record any processed event
+/// again, each delivery retrying its record for the whole ack wait.
+#[derive(Clone)]
+pub struct SidecarProducer {
+    config: ClientConfig,
+    quiet: Quiet,
+    current: Arc<std::sync::RwLock<FutureProducer<Quiet>>>,
+}
+
+impl SidecarProducer {
+    fn new(config: ClientConfig, quiet: Quiet) -> Result<SidecarProducer, Error> {
+        let p = Self::make(&config, &quiet)?;
+        Ok(SidecarProducer {
+            config,
+            quiet,
+            current: Arc::new(std::sync::RwLock::new(p)),
+        })
+    }
+
+    fn make(config: &ClientConfig, quiet: &Quiet) -> Result<FutureProducer<Quiet>, Error> {
+        config
+            .create_with_context(quiet.clone())
+            .map_err(|e| Error::Config(format!("cannot create a Kafka producer: {e}")))
+    }
+
+    /// The producer instance in use.
+    pub fn current(&self) -> FutureProducer<Quiet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Produces `record`; when the send failed because the instance is in a fatal state, the
+    /// instance is replaced for the next send (this one's error is returned: the caller's retry
+    /// goes through the new one).
+    pub async fn send<K, P>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        timeout: Timeout,
+    ) -> rdkafka::producer::future_producer::OwnedDeliveryResult
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        let p = self.current();
+        let r = p.send(record, timeout).await;
+        if r.is_err()
+            && let Some((code, why)) = p.client().fatal_error()
+        {
+            self.renew(&p, code, &why);
+        }
+        r
+    }
+
+    fn renew(&self, failed: &FutureProducer<Quiet>, code: RDKafkaErrorCode, why: &str) {
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        // Another send may have replaced it already.
+        if cur.client().native_ptr() != failed.client().native_ptr() {
+            return;
+        }
+        match Self::make(&self.config, &self.quiet) {
+            Ok(p) => {
+                tracing::warn!(code = ?code, error = why, "the Kafka producer failed fatally: a new one is made");
+                *cur = p;
+            }
+            Err(e) => {
+                tracing::error!(code = ?code, error = why, new = %e, "the Kafka producer failed fatally and cannot be made again")
+            }
+        }
+    }
+}
 
 /// The sidecar's Kafka clients: an idempotent producer (reconnecting on its own), and a
 /// health check that keeps `connected` current by asking the cluster's metadata.
@@ -136,8 +209,8 @@ impl KafkaConn {
     ) -> Result<KafkaConn, Error> {
         let base = base_config(url, credentials)?;
         let quiet = Quiet::default();
-        let producer: SidecarProducer = base
-            .clone()
+        let mut config = base.clone();
+        config
             .set("client.id", name)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -149,15 +222,14 @@ impl KafkaConn {
             // A topic is the operator's to declare: never created by a publish, and known to be
             // missing within a second.
             .set("allow.auto.create.topics", "false")
-            .set("topic.metadata.propagation.max.ms", "1000")
-            .create_with_context(quiet.clone())
-            .map_err(|e| Error::Config(format!("cannot create a Kafka producer: {e}")))?;
+            .set("topic.metadata.propagation.max.ms", "1000");
+        let producer = SidecarProducer::new(config, quiet.clone())?;
         let connected = Arc::new(AtomicBool::new(false));
         let (p, flag, q) = (producer.clone(), connected.clone(), quiet.clone());
         let health = tokio::spawn(async move {
             let mut last_error: Option<String> = None;
             loop {
-                let p2 = p.clone();
+                let p2 = p.current();
                 let r = tokio::task::spawn_blocking(move || {
                     p2.client()
                         .fetch_metadata(None, Duration::from_secs(1))
@@ -211,7 +283,7 @@ impl KafkaConn {
     /// Stops the health check and sends what the producer still holds (up to 2 s).
     pub async fn close(&self) {
         self.health.abort();
-        let p = self.producer.clone();
+        let p = self.producer.current();
         let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(2))).await;
     }
 
@@ -829,6 +901,79 @@ async fn lane<H: Handler>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A producer that librdkafka has declared fatally failed (here through its test hook, as a
+    /// broker fencing it does) is made again: the send that meets the fatal state fails, the
+    /// next one is delivered by a new instance. Against a real Tansu; skipped without it.
+    #[tokio::test]
+    #[allow(unsafe_code)]
+    async fn a_producer_that_failed_fatally_is_made_again() {
+        let Some(bin) = crate::local::tansu() else {
+            eprintln!("SKIP: tansu not found");
+            return;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _broker = Killed(
+            crate::local::kafka_command(&bin, port)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start tansu"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !crate::local::listening(port, Duration::from_millis(200)) {
+            assert!(std::time::Instant::now() < deadline, "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let conn =
+            KafkaConn::open(&format!("kafka://127.0.0.1:{port}"), None, "fatal", |_| {}).unwrap();
+        let topic = "weir_fatal_test";
+        super::super::processed::ensure_topic(&conn.base, topic, 1, &[])
+            .await
+            .unwrap();
+        let send = |p: SidecarProducer| async move {
+            p.send(
+                FutureRecord::<str, [u8]>::to(topic).payload(&b"x"[..]),
+                Timeout::After(Duration::from_secs(10)),
+            )
+            .await
+        };
+        send(conn.producer.clone()).await.expect("delivered before");
+        let first = conn.producer.current().client().native_ptr();
+        // SAFETY: the handle is live (held by `conn.producer`); librdkafka's test hook only
+        // raises the fatal error on it.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                first,
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+                c"fenced by the test".as_ptr(),
+            );
+        }
+        let (e, _) = send(conn.producer.clone())
+            .await
+            .expect_err("a fatally failed producer sends nothing");
+        assert!(e.to_string().to_lowercase().contains("fatal"), "{e}");
+        assert_ne!(
+            conn.producer.current().client().native_ptr(),
+            first,
+            "a new instance"
+        );
+        send(conn.producer.clone())
+            .await
+            .expect("delivered by the new instance");
+        conn.close().await;
+    }
 
     #[test]
     fn urls_and_secrets_become_settings() {
