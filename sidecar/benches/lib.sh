@@ -14,6 +14,14 @@
 #   wait_http URL [SECONDS]  until URL answers 2xx (20 s)
 #   cpu_ticks PID, hwm_kb PID, CLK_TCK   CPU time (utime+stime, ticks) and peak RSS of PID
 #   envoy_head CODEC ROUTE   Envoy's config up to the fields of its cluster `up`
+#   nginx_conf NAME BODY     $WORK/NAME.conf: one nginx worker in the foreground, keep-alive
+#                            without limits, BODY inside its http block
+#   weir_bench_conf FILE INBOUND ADMIN APP OTLP OUTBOUND
+#                            weir-proxy's config with every inbound policy on (ports on
+#                            127.0.0.1) and the OUTBOUND JSON array
+#   weir_policies_outbound NAME LISTEN UPSTREAM
+#                            an OUTBOUND array of one dependency with timeout, retry budget,
+#                            breaker, bulkhead (64) and fallback (ports on 127.0.0.1)
 
 log() { printf '[%s] %s\n' "$BENCH_NAME" "$*" >&2; }
 
@@ -128,4 +136,52 @@ static_resources:
     type: STATIC
     connect_timeout: 1s
 YAML
+}
+
+nginx_conf() { # name http-block-body
+  cat >"$WORK/$1.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  client_body_temp_path $WORK/body;
+  proxy_temp_path $WORK/proxy;
+  $2
+}
+EOF
+}
+
+# Every inbound policy on: rate limit far above the load, concurrency limit above the connection
+# count, tracing configured with sampling 0 (its endpoint never contacted), metrics always on.
+weir_bench_conf() { # file inbound-port admin-port app-port otlp-port outbound-json-array
+  cat >"$1" <<EOF
+{"service":"bench","namespace":"bench",
+ "inbound":{"listen":"127.0.0.1:$2","app":"127.0.0.1:$4","timeoutMs":5000,
+   "maxConcurrent":64,"maxQueue":0,"rateLimit":{"requestsPerSecond":10000000,"burst":1000000},
+   "maxBodyBytes":1048576},
+ "admin":{"listen":"127.0.0.1:$3"},
+ "outbound":$6,
+ "tracing":{"otlpEndpoint":"http://127.0.0.1:$5","samplingRatio":0},
+ "shutdownGraceMs":1000}
+EOF
+}
+
+weir_policies_outbound() { # name listen-port upstream-port
+  cat <<EOF
+[{"name":"$1","listen":"127.0.0.1:$2",
+   "upstream":"http://127.0.0.1:$3","timeoutMs":5000,
+   "retry":{"attempts":3,"backoffBaseMs":10,"backoffMaxMs":100,
+     "budget":{"ratio":0.2,"minPerSecond":10,"ttlMs":10000}},
+   "circuitBreaker":{"errorThresholdPercentage":50,"volumeThreshold":20,"rollingWindowMs":10000,
+     "buckets":10,"resetTimeoutMs":5000,
+     "failureOn":{"status5xx":true,"connectErrors":true,"timeouts":true}},
+   "bulkhead":{"maxConcurrent":64,"maxQueue":0},
+   "fallback":{"status":200,"body":"fallback","contentType":"text/plain"}}]
+EOF
 }

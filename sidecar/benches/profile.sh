@@ -47,42 +47,11 @@ ports_free "$BASE" $((BASE + 4)) PROFILE_PORT_BASE
 
 mkdir -p "$WORK/www"
 printf 'ok' >"$WORK/www/ok"
-cat >"$WORK/upstream.conf" <<CONF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 120s;
-  client_body_temp_path $WORK/body;
-  proxy_temp_path $WORK/proxy;
-  server { listen 127.0.0.1:$P_UP; location / { root $WORK/www; } }
-}
-CONF
-# The config of proxy.sh: every inbound policy, and an outbound listener with timeout, retry
-# budget, breaker, bulkhead and fallback.
-cat >"$WORK/weir.json" <<CONF
-{"service":"bench","namespace":"bench",
- "inbound":{"listen":"127.0.0.1:$P_IN","app":"127.0.0.1:$P_UP","timeoutMs":5000,
-   "maxConcurrent":64,"maxQueue":0,"rateLimit":{"requestsPerSecond":10000000,"burst":1000000},
-   "maxBodyBytes":1048576},
- "admin":{"listen":"127.0.0.1:$P_ADMIN"},
- "outbound":[{"name":"up","listen":"127.0.0.1:$P_OUT",
-   "upstream":"http://127.0.0.1:$P_UP","timeoutMs":5000,
-   "retry":{"attempts":3,"backoffBaseMs":10,"backoffMaxMs":100,
-     "budget":{"ratio":0.2,"minPerSecond":10,"ttlMs":10000}},
-   "circuitBreaker":{"errorThresholdPercentage":50,"volumeThreshold":20,"rollingWindowMs":10000,
-     "buckets":10,"resetTimeoutMs":5000,
-     "failureOn":{"status5xx":true,"connectErrors":true,"timeouts":true}},
-   "bulkhead":{"maxConcurrent":64,"maxQueue":0},
-   "fallback":{"status":200,"body":"fallback","contentType":"text/plain"}}],
- "tracing":{"otlpEndpoint":"http://127.0.0.1:$P_UNUSED","samplingRatio":0},
- "shutdownGraceMs":1000}
-CONF
+nginx_conf upstream "server { listen 127.0.0.1:$P_UP; location / { root $WORK/www; } }"
+# The config of proxy.sh (lib.sh): every inbound policy, and an outbound listener with timeout,
+# retry budget, breaker, bulkhead and fallback.
+weir_bench_conf "$WORK/weir.json" "$P_IN" "$P_ADMIN" "$P_UP" "$P_UNUSED" \
+  "$(weir_policies_outbound up "$P_OUT" "$P_UP")"
 
 start upstream 0 nginx -e "$WORK/upstream.err" -p "$WORK" -c "$WORK/upstream.conf"
 wait_http "http://127.0.0.1:$P_UP/ok"
@@ -153,7 +122,7 @@ for side in inbound outbound; do
       else if (f ~ /^\.\//) { f = "libc" }
       by[f] += c; total += c
     }
-    END { for (f in by) printf "%9.0f %5.1f%%  %s\n", by[f] / n, 100 * by[f] / total, f }' | sort -rn | head -15
+    END { for (f in by) printf "%9.0f %5.1f%%  %s\n", by[f] / n, 100 * by[f] / total, f }' | sort -rn | awk 'NR <= 15'
 done
 echo
 echo "callgrind files: $OUT (callgrind_annotate --inclusive=yes FILE)"

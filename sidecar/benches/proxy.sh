@@ -61,24 +61,6 @@ ports_free "$BASE" $((BASE + 11)) BENCH_PORT_BASE
 # --- configs ----------------------------------------------------------------------------------
 mkdir -p "$WORK/www"
 printf 'ok' >"$WORK/www/ok"
-nginx_conf() { # name http-block-body: writes $WORK/name.conf
-  cat >"$WORK/$1.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/$1.pid;
-error_log $WORK/$1.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 120s;
-  client_body_temp_path $WORK/body;
-  proxy_temp_path $WORK/proxy;
-  $2
-}
-EOF
-}
 nginx_conf upstream "server { listen 127.0.0.1:$P_UP; location / { root $WORK/www; } }"
 nginx_conf nginx "upstream up { server 127.0.0.1:$P_UP; keepalive 64; keepalive_requests 10000000; }
   server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
@@ -111,31 +93,11 @@ EOF
 EOF
 } >"$WORK/envoy.yaml"
 
-# weir-proxy: every inbound policy on (rate limit far above the load, concurrency limit above the
-# connection count, tracing configured with sampling 0, metrics always on) and one outbound
-# listener with timeout, retry budget, breaker, bulkhead (64) and fallback.
-weir_conf() { # file inbound-port admin-port outbound-json-array
-  cat >"$1" <<EOF
-{"service":"bench","namespace":"bench",
- "inbound":{"listen":"127.0.0.1:$2","app":"127.0.0.1:$P_UP","timeoutMs":5000,
-   "maxConcurrent":64,"maxQueue":0,"rateLimit":{"requestsPerSecond":10000000,"burst":1000000},
-   "maxBodyBytes":1048576},
- "admin":{"listen":"127.0.0.1:$3"},
- "outbound":$4,
- "tracing":{"otlpEndpoint":"http://127.0.0.1:$P_UNUSED","samplingRatio":0},
- "shutdownGraceMs":1000}
-EOF
-}
-weir_conf "$WORK/weir.json" "$P_WEIR_IN" "$P_WEIR_ADMIN" "[{\"name\":\"up\",\"listen\":\"127.0.0.1:$P_WEIR_OUT\",
-   \"upstream\":\"http://127.0.0.1:$P_UP\",\"timeoutMs\":5000,
-   \"retry\":{\"attempts\":3,\"backoffBaseMs\":10,\"backoffMaxMs\":100,
-     \"budget\":{\"ratio\":0.2,\"minPerSecond\":10,\"ttlMs\":10000}},
-   \"circuitBreaker\":{\"errorThresholdPercentage\":50,\"volumeThreshold\":20,\"rollingWindowMs\":10000,
-     \"buckets\":10,\"resetTimeoutMs\":5000,
-     \"failureOn\":{\"status5xx\":true,\"connectErrors\":true,\"timeouts\":true}},
-   \"bulkhead\":{\"maxConcurrent\":64,\"maxQueue\":0},
-   \"fallback\":{\"status\":200,\"body\":\"fallback\",\"contentType\":\"text/plain\"}}]"
-weir_conf "$WORK/bulkhead.json" "$((BASE + 12))" "$P_BULK_ADMIN" "[{\"name\":\"slow\",\"listen\":\"127.0.0.1:$P_BULK\",
+# weir-proxy: every inbound policy on and one outbound listener with timeout, retry budget,
+# breaker, bulkhead (64) and fallback (lib.sh); the bulkhead scenario's listener apart.
+weir_bench_conf "$WORK/weir.json" "$P_WEIR_IN" "$P_WEIR_ADMIN" "$P_UP" "$P_UNUSED" \
+  "$(weir_policies_outbound up "$P_WEIR_OUT" "$P_UP")"
+weir_bench_conf "$WORK/bulkhead.json" "$((BASE + 12))" "$P_BULK_ADMIN" "$P_UP" "$P_UNUSED" "[{\"name\":\"slow\",\"listen\":\"127.0.0.1:$P_BULK\",
    \"upstream\":\"http://127.0.0.1:$P_ECHO\",\"timeoutMs\":5000,
    \"bulkhead\":{\"maxConcurrent\":256,\"maxQueue\":0}}]"
 
