@@ -167,9 +167,14 @@ impl Target {
         })
     }
 
-    /// The address of a cleartext HTTP/1.1 target named by one, which [`Pool`] serves.
+    /// Cleartext HTTP/1.1: spoken through a [`Pool`] of each address called.
+    fn pooled(&self) -> bool {
+        self.scheme == Scheme::HTTP && self.protocol == WireProtocol::Http1
+    }
+
+    /// The address of a [`Target::pooled`] target named by one.
     fn pooled_addr(&self) -> Option<SocketAddr> {
-        if self.scheme != Scheme::HTTP || self.protocol != WireProtocol::Http1 {
+        if !self.pooled() {
             return None;
         }
         let host = self.authority.host();
@@ -572,7 +577,7 @@ impl EndpointClient {
                 target.protocol,
             )));
         }
-        if target.scheme == Scheme::HTTP && target.protocol == WireProtocol::Http1 {
+        if target.pooled() {
             return Ok(EndpointClient::Pool(Pool::new(addr)));
         }
         let pinned = Pinned {

@@ -351,31 +351,29 @@ mod tests {
     async fn idle_connections_expire_and_are_capped() {
         let (addr, _) = server(0).await;
         let pool = Pool::with_max_idle(addr, 2);
-        let open = || async {
+        // A connection to the server; `served`: its connection task runs (else it is closed).
+        let open = |served: bool| async move {
             let stream = TcpStream::connect(addr).await.unwrap();
             let (tx, conn) = http1::handshake::<_, BoxBody>(TokioIo::new(stream))
                 .await
                 .unwrap();
-            tokio::spawn(conn);
+            if served {
+                tokio::spawn(conn);
+            }
             tx
         };
         text(pool.send(get("/")).await.unwrap()).await;
         assert_eq!(pool.idle(), 1);
         // Given back past the idle timeout: the one kept before has expired.
         let later = Instant::now() + POOL_IDLE_TIMEOUT + Duration::from_secs(1);
-        pool.checkin_at(open().await, later);
+        pool.checkin_at(open(true).await, later);
         assert_eq!(pool.idle(), 1);
         for _ in 0..3 {
-            pool.checkin_at(open().await, later);
+            pool.checkin_at(open(true).await, later);
         }
         assert_eq!(pool.idle(), 2, "capped");
         // A closed connection is not kept.
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (tx, conn) = http1::handshake::<_, BoxBody>(TokioIo::new(stream))
-            .await
-            .unwrap();
-        drop(conn);
-        pool.checkin_at(tx, later);
+        pool.checkin_at(open(false).await, later);
         assert_eq!(pool.idle(), 2);
     }
 }
