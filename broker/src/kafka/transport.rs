@@ -912,11 +912,7 @@ mod tests {
             eprintln!("SKIP: tansu not found");
             return;
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::local::free_port(crate::local::PortSpan::Tests).expect("a free port");
         struct Killed(std::process::Child);
         impl Drop for Killed {
             fn drop(&mut self) {
