@@ -78,7 +78,7 @@ async fn start_tls(kind: Kind, pki: &Pki) -> Option<TlsBroker> {
                  ssl_options.certfile = {cert}\nssl_options.keyfile = {key}\n\
                  ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"
             );
-            let server = RabbitServer::start_with_conf(&conf);
+            let mut server = RabbitServer::start_with_conf(&conf);
             server.wait_listening(tls_port);
             TlsBroker {
                 kind,

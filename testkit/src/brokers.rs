@@ -465,15 +465,12 @@ impl RabbitServer {
     /// configuration, accepts connections: the broker opens its listeners one after the other,
     /// and the AMQP one that `start_with_conf` waits for may come first (a TLS listener was
     /// seen refusing connections just after it on a loaded CI machine).
-    pub fn wait_listening(&self, port: u16) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !local::listening(port, Duration::from_millis(200)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "rabbitmq-server: nothing listens on 127.0.0.1:{port} after 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    pub fn wait_listening(&mut self, port: u16) {
+        self.process.wait(
+            Duration::from_secs(60),
+            || local::listening(port, Duration::from_millis(200)),
+            || format!("nothing listens on 127.0.0.1:{port}"),
+        );
     }
 
     /// The node's directory (HOME, database, logs).

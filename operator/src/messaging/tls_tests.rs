@@ -92,7 +92,7 @@ async fn rabbitmq_over_tls_with_the_secrets_ca() {
     }
     let Some(pki) = Pki::new() else { return };
     let tls_port = free_port();
-    let server = RabbitServer::start_with_conf(&format!(
+    let mut server = RabbitServer::start_with_conf(&format!(
         "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
          ssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\n\
          ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
