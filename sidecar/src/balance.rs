@@ -7,7 +7,9 @@
 //!   as fast as its measured peers ([`Settings::default_rtt`] when none is). An estimate of
 //!   few answers decays faster (`decay × (n/10)²` after `n < 10` answers): one slow early
 //!   answer (a cold app) keeps a new pod out for a fraction of a second, not for half a minute,
-//!   and an endpoint measured long keeps the full decay.
+//!   and an endpoint measured long keeps the full decay. An answer that waited for a new
+//!   connection is timed from when the connection was ready ([`crate::connected_at`]): a
+//!   connection's setup (a mutual-TLS handshake) is not the endpoint's latency.
 //! - **Slow start**: a new endpoint's `warmth` grows from 0.1 to 1 over [`Settings::slow_start`];
 //!   when it wins a draw against a warmer endpoint it takes the request with the chance of its
 //!   warmth over the other's (else the other does), so its share ramps up with time; endpoints
@@ -293,6 +295,12 @@ pub struct Picked {
 }
 
 impl Picked {
+    /// The request waited for a new connection, ready at `at`: its answer is timed from then,
+    /// not from the choice (see [`crate::connected_at`]).
+    pub fn waited_for_connection(&mut self, at: Instant) {
+        self.start = self.start.max(at);
+    }
+
     /// Records how the request ended.
     pub fn finish(mut self, outcome: Outcome) {
         self.record(outcome);
@@ -852,6 +860,27 @@ mod tests {
         let got = run(&b, 50, |_| Duration::from_millis(1), |_| false).await;
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), [addr(3)]);
         assert!(Balancer::new(settings()).pick(None).is_none());
+    }
+
+    /// An answer that waited for its connection is timed from when the connection was ready.
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_connection_is_not_latency() {
+        let b = Balancer::new(settings());
+        b.update(&[addr(2)]);
+        run(&b, 20, |_| Duration::from_millis(2), |_| false).await;
+        let mut p = b.pick(None).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.waited_for_connection(Instant::now());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        p.finish(Outcome::Success);
+        let rtt = b.endpoints()[0].rtt(Instant::now(), b.settings());
+        assert!(rtt < Duration::from_millis(3), "{rtt:?}");
+        // The same answer without the wait taken out is the peak.
+        let p = b.pick(None).unwrap();
+        tokio::time::sleep(Duration::from_millis(302)).await;
+        p.finish(Outcome::Success);
+        let rtt = b.endpoints()[0].rtt(Instant::now(), b.settings());
+        assert!(rtt >= Duration::from_millis(300), "{rtt:?}");
     }
 
     #[tokio::test(start_paused = true)]

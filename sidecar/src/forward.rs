@@ -9,6 +9,7 @@
 
 use crate::balance::{Avoid, Balancer, Health, Outcome, ServedBy};
 use crate::body::{BodyError, BoxBody, ClientBodyError, Reason, Req, Resp, reject, reject_closing};
+use crate::connected_at::{ConnectedAt, Timed};
 use crate::layers::{BoxFuture, always_ready};
 use crate::mtls::MtlsConnector;
 use crate::pool::{Pool, PoolError};
@@ -324,7 +325,10 @@ impl Default for Clients {
 /// The client of a dependency's sidecar over mutual TLS.
 pub type MtlsClient = Client<MtlsConnector, BoxBody>;
 
-fn mtls_client(connector: MtlsConnector, protocol: WireProtocol) -> MtlsClient {
+fn mtls_client<C>(connector: C, protocol: WireProtocol) -> Client<C, BoxBody>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
     let mut b = builder();
     if protocol == WireProtocol::Http2 {
         h2_settings(&mut b);
@@ -560,9 +564,9 @@ impl Service<Uri> for Pinned {
 enum EndpointClient {
     /// Cleartext HTTP/1.1 (see [`crate::pool`]).
     Pool(Pool),
-    Plain(Client<Pinned, BoxBody>),
-    Tls(Client<hyper_rustls::HttpsConnector<Pinned>, BoxBody>),
-    Mtls(MtlsClient),
+    Plain(Client<Timed<Pinned>, BoxBody>),
+    Tls(Client<Timed<hyper_rustls::HttpsConnector<Pinned>>, BoxBody>),
+    Mtls(Client<Timed<MtlsConnector>, BoxBody>),
 }
 
 impl EndpointClient {
@@ -573,7 +577,7 @@ impl EndpointClient {
     ) -> Result<EndpointClient, String> {
         if let Some(c) = mtls {
             return Ok(EndpointClient::Mtls(mtls_client(
-                c.pinned(addr),
+                Timed(c.pinned(addr)),
                 target.protocol,
             )));
         }
@@ -592,7 +596,7 @@ impl EndpointClient {
             h2_settings(&mut b);
         }
         if target.scheme != Scheme::HTTPS {
-            return Ok(EndpointClient::Plain(b.build(pinned)));
+            return Ok(EndpointClient::Plain(b.build(Timed(pinned))));
         }
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
@@ -603,7 +607,7 @@ impl EndpointClient {
         } else {
             tls.enable_http1().wrap_connector(pinned)
         };
-        Ok(EndpointClient::Tls(b.build(tls)))
+        Ok(EndpointClient::Tls(b.build(Timed(tls))))
     }
 
     /// Sends `req`, as [`send`] tells.
@@ -701,6 +705,7 @@ impl Service<Req> for Balanced {
         };
         let balancer = self.balancer.clone();
         let connect_reason = self.connect_reason;
+        let mut picked = picked;
         Box::pin(async move {
             let sent = client.send(req, connect_reason).await;
             let mut resp = sent.resp;
@@ -717,6 +722,10 @@ impl Service<Req> for Balanced {
             } else {
                 Outcome::Success
             };
+            // Timed from when its connection was ready, if it waited for one.
+            if let Some(at) = resp.extensions().get::<ConnectedAt>() {
+                picked.waited_for_connection(at.0);
+            }
             let endpoint = picked.endpoint.clone();
             picked.finish(outcome);
             // Only what a retry may follow is marked (a gateway failure, any 5xx): a good

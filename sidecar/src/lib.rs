@@ -4,6 +4,7 @@ pub mod balance;
 pub mod body;
 pub mod bridge;
 pub mod config;
+pub mod connected_at;
 pub mod discovery;
 pub mod edge;
 pub mod endpoint_metrics;

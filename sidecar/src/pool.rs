@@ -21,6 +21,7 @@
 //! the bulkhead benchmark's 256 in flight did not show it.
 
 use crate::body::BoxBody;
+use crate::connected_at::ConnectedAt;
 use crate::forward::POOL_IDLE_TIMEOUT;
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
@@ -114,11 +115,18 @@ impl Pool {
                 Some(tx) => (tx, true),
                 None => (self.connect().await?, false),
             };
+            let made = (!kept).then(Instant::now);
             let sent = tx.try_send_request(req);
             // Handed over: the connection takes the next request once this response is read.
             self.checkin(tx);
             match sent.await {
-                Ok(resp) => return Ok(resp),
+                Ok(mut resp) => {
+                    // The balancer times the answer from here (see `crate::connected_at`).
+                    if let Some(at) = made {
+                        resp.extensions_mut().insert(ConnectedAt(at));
+                    }
+                    return Ok(resp);
+                }
                 Err(mut e) => match e.take_message() {
                     // Not written: a kept connection that the peer had closed. Again, on a
                     // new connection if need be.
@@ -295,7 +303,17 @@ mod tests {
         let (addr, conns) = server(0).await;
         let pool = Pool::new(addr);
         for i in 0..5 {
-            let body = text(pool.send(get(&format!("/n/{i}?q=1"))).await.unwrap()).await;
+            let before = Instant::now();
+            let resp = pool.send(get(&format!("/n/{i}?q=1"))).await.unwrap();
+            // The answer on the connection just made says when it was ready (the balancer
+            // times it from then); those on the kept connection were sent on a ready one.
+            let made = resp.extensions().get::<ConnectedAt>().copied();
+            if i == 0 {
+                assert!(made.is_some_and(|m| m.0 >= before), "{made:?}");
+            } else {
+                assert_eq!(made, None);
+            }
+            let body = text(resp).await;
             assert_eq!(body, format!("GET /n/{i}?q=1 HTTP/1.1|{addr}|1"));
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1, "kept alive");

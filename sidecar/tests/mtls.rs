@@ -641,6 +641,47 @@ struct Hop {
     users: Proxy,
     caller: Proxy,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
+    _relay: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Hop {
+    fn drop(&mut self) {
+        if let Some(r) = &self._relay {
+            r.abort();
+        }
+    }
+}
+
+/// How the caller reaches `users`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Route {
+    /// By its address, as `upstream` names it.
+    ByAddress,
+    /// Through the balancer, `users`'s inbound listener its one endpoint.
+    Balanced,
+    /// Through the balancer, its one endpoint a relay that waits this long before it connects
+    /// each connection on to `users` (a slow network to set a connection up).
+    BalancedThroughSlowSetup(Duration),
+}
+
+/// Relays each connection to `to` once `delay` has passed since it came.
+async fn slow_setup_relay(
+    to: std::net::SocketAddr,
+    delay: Duration,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, task)
 }
 
 async fn hop(
@@ -649,7 +690,7 @@ async fn hop(
     caller: &str,
     expect_peer: &str,
     protocol: weir_crds::proxy::WireProtocol,
-    endpoints: bool,
+    route: Route,
     renew_at_percent: u8,
 ) -> Hop {
     let id = |name: &str| WorkloadId::microservice("cluster.local", "shop", name);
@@ -668,13 +709,21 @@ async fn hop(
     let mut dep = common::dependency("users", format!("http://{inbound}"));
     dep.protocol = protocol;
     dep.peer_identity = Some(id(expect_peer).uri());
-    if endpoints {
-        dep.endpoints = Some(weir_crds::proxy::EndpointsConfig {
-            dns: None,
-            addresses: vec![inbound],
-            refresh_ms: 5_000,
-        });
-    }
+    let mut relay = None;
+    let endpoint = match route {
+        Route::ByAddress => None,
+        Route::Balanced => Some(inbound),
+        Route::BalancedThroughSlowSetup(delay) => {
+            let (addr, task) = slow_setup_relay(inbound, delay).await;
+            relay = Some(task);
+            Some(addr)
+        }
+    };
+    dep.endpoints = endpoint.map(|e| weir_crds::proxy::EndpointsConfig {
+        dns: None,
+        addresses: vec![e],
+        refresh_ms: 5_000,
+    });
     ccfg.outbound.push(dep);
     let caller = Proxy::spawn(env!("CARGO_BIN_EXE_weir-proxy"), ccfg, &[], &[]);
     users.wait_ready().await;
@@ -683,6 +732,7 @@ async fn hop(
         users,
         caller,
         _dirs: (ud, cd),
+        _relay: relay,
     }
 }
 
@@ -692,9 +742,9 @@ async fn sidecars_call_each_other_over_mutual_tls_and_check_whom_they_reach() {
     let iss = issuer(DAY).await;
     let (app, _app) = caller_echo().await;
     for protocol in [WireProtocol::Http2, WireProtocol::Http1] {
-        for endpoints in [false, true] {
-            let what = format!("{protocol:?}, endpoints: {endpoints}");
-            let h = hop(&iss, app, "orders", "users", protocol, endpoints, 70).await;
+        for route in [Route::ByAddress, Route::Balanced] {
+            let what = format!("{protocol:?}, {route:?}");
+            let h = hop(&iss, app, "orders", "users", protocol, route, 70).await;
             // The app behind users is told its caller from the verified chain.
             for _ in 0..3 {
                 let got = http_get(&h.caller.outbound_url("users", "/who"))
@@ -730,7 +780,7 @@ async fn sidecars_call_each_other_over_mutual_tls_and_check_whom_they_reach() {
         "orders",
         "payments",
         WireProtocol::Http2,
-        false,
+        Route::ByAddress,
         70,
     )
     .await;
@@ -755,7 +805,7 @@ async fn sidecars_call_each_other_over_mutual_tls_and_check_whom_they_reach() {
         "payments",
         "users",
         WireProtocol::Http2,
-        true,
+        Route::Balanced,
         70,
     )
     .await;
@@ -772,7 +822,7 @@ async fn certificates_renew_under_load_without_a_failed_request() {
     let iss = issuer(Duration::from_secs(4)).await;
     let (app, _app) = caller_echo().await;
     for protocol in [WireProtocol::Http2, WireProtocol::Http1] {
-        let h = hop(&iss, app, "orders", "users", protocol, true, 50).await;
+        let h = hop(&iss, app, "orders", "users", protocol, Route::Balanced, 50).await;
         let url = h.caller.outbound_url("users", "/who");
         let start = Instant::now();
         let (mut ok, mut failed) = (0u32, Vec::new());
@@ -814,6 +864,61 @@ async fn certificates_renew_under_load_without_a_failed_request() {
         }
         eprintln!("{protocol:?}: {ok} calls, none failed, across the renewals");
     }
+}
+
+/// A request that waits for a new connection is timed, for the balancer's latency estimate, from
+/// when the connection was ready: the setup of a mutual-TLS connection (here 300 ms of a slow
+/// network before the handshake) is not the endpoint's latency. Over HTTP/2 the calls that come
+/// while the one connection is made all wait for it. Counted as latency, the setup would be the
+/// estimate's peak and keep the endpoint out of the choice for seconds each time it is given a
+/// connection.
+#[tokio::test]
+async fn a_new_connections_setup_is_not_taken_for_the_endpoints_latency() {
+    use weir_crds::proxy::WireProtocol;
+    const SETUP: Duration = Duration::from_millis(300);
+    let iss = issuer(DAY).await;
+    let (app, _app) = caller_echo().await;
+    let route = Route::BalancedThroughSlowSetup(SETUP);
+    let h = hop(&iss, app, "orders", "users", WireProtocol::Http2, route, 70).await;
+    let url = h.caller.outbound_url("users", "/who");
+    // Four calls at once, before any connection: each waits for the one being made.
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let r = http_get(&url).await.unwrap();
+                (r.0, start.elapsed())
+            })
+        })
+        .collect();
+    let mut fastest = Duration::MAX;
+    for c in calls {
+        let (status, took) = c.await.unwrap();
+        assert_eq!(status, 200);
+        fastest = fastest.min(took);
+    }
+    let (_, m) = http_get(&h.caller.admin_url("/metrics")).await.unwrap();
+    let (_, view) = http_get(&h.caller.admin_url("/endpoints")).await.unwrap();
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let estimate = view["users"][0]["latencyEwmaMs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no estimate for users: {view}"));
+    eprintln!("the fastest of the calls took {fastest:?}, the estimate is {estimate:.1} ms");
+    // Every call waited for the connection...
+    assert!(
+        fastest >= SETUP,
+        "a call did not wait for the connection: {fastest:?}"
+    );
+    assert!(
+        m.contains(r#"weir_tls_handshakes_total{direction="outbound",result="ok"} 1"#),
+        "one connection: {m}"
+    );
+    // ...and the estimate is the answers' latency, not the connection's setup.
+    assert!(
+        estimate < SETUP.as_secs_f64() * 1000.0 / 3.0,
+        "the estimate took the connection's setup for latency: {view}"
+    );
 }
 
 #[tokio::test]
