@@ -56,7 +56,8 @@ use serde::{Deserialize, Serialize};
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.port != 15001 && self.port != 15090 && (self.port < 15100 || self.port > 15199)", "message": "port collides with a weir-proxy port (15001, 15090, 15100-15199)", "fieldPath": ".port"},
     {"rule": "has(self.image) || (has(self.edge) && has(self.edge.routes) && size(self.edge.routes) > 0)", "message": "image is required unless the Microservice is an edge with routes (a gateway without an app)", "fieldPath": ".image"},
-    {"rule": "!has(self.probes) || ((!has(self.probes.liveness) || !has(self.probes.liveness.grpc)) && (!has(self.probes.readiness) || !has(self.probes.readiness.grpc))) || (has(self.protocol) && self.protocol != 'http')", "message": "a gRPC probe needs an app that speaks HTTP/2: set spec.protocol to grpc", "fieldPath": ".probes"}
+    {"rule": "!has(self.probes) || ((!has(self.probes.liveness) || !has(self.probes.liveness.grpc)) && (!has(self.probes.readiness) || !has(self.probes.readiness.grpc))) || (has(self.protocol) && self.protocol != 'http')", "message": "a gRPC probe needs an app that speaks HTTP/2: set spec.protocol to grpc", "fieldPath": ".probes"},
+    {"rule": "!has(self.autoscaling) || !has(self.autoscaling.queueLag) || self.autoscaling.queueLag.all(q, has(self.consumes) && self.consumes.exists(c, c.queue == q.queue))", "message": "autoscaling.queueLag names a queue this Microservice does not consume (spec.consumes)", "fieldPath": ".autoscaling.queueLag"}
 ]))]
 pub struct MicroserviceSpec {
     /// The app's container image. Left out for an edge that only routes: the pod then runs
@@ -88,10 +89,15 @@ pub struct MicroserviceSpec {
     /// the sidecar's listeners accept both, and sidecars talk HTTP/2 to each other.
     #[serde(default, skip_serializing_if = "AppProtocol::is_default")]
     pub protocol: AppProtocol,
-    /// Pods to run (0 stops the service but keeps its Service and config).
+    /// Pods to run (0 stops the service but keeps its Service and config). With `autoscaling`,
+    /// the autoscaler sets the count instead and this is not applied.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
+    /// Replicas from load: CPU and memory through a HorizontalPodAutoscaler, the lag of the
+    /// queues it consumes through KEDA. Fixed at `replicas` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// CPU and memory requests and limits of the app container, as in a Pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -794,6 +800,69 @@ pub enum ClientKey {
     Ip,
 }
 
+/// How many pods a Microservice runs, from its load. The names are the HorizontalPodAutoscaler's
+/// and KEDA's. CPU and memory targets alone: the operator renders an `autoscaling/v2`
+/// HorizontalPodAutoscaler. With `queueLag`: a KEDA ScaledObject carrying every target (KEDA
+/// makes the one HorizontalPodAutoscaler; two on one Deployment would fight), and without KEDA
+/// in the cluster only the CPU and memory targets apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas", "message": "minReplicas must be at most maxReplicas", "fieldPath": ".minReplicas"},
+    {"rule": "has(self.targetCPUUtilizationPercentage) || has(self.targetMemoryUtilizationPercentage) || (has(self.queueLag) && size(self.queueLag) > 0)", "message": "set a target: targetCPUUtilizationPercentage, targetMemoryUtilizationPercentage or queueLag"},
+    {"rule": "!has(self.minReplicas) || self.minReplicas > 0 || (has(self.queueLag) && size(self.queueLag) > 0)", "message": "minReplicas 0 needs a queueLag target: CPU and memory cannot wake a Microservice with no pods", "fieldPath": ".minReplicas"}
+]))]
+pub struct AutoscalingSpec {
+    /// Fewest pods. 0 (scale to zero) only with `queueLag`: the first pod starts when lag
+    /// passes `activationLag`.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU use across the pods, in percent of their CPU requests, that the autoscaler
+    /// keeps (the containers need CPU requests).
+    #[serde(
+        default,
+        rename = "targetCPUUtilizationPercentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+    /// Average memory use, in percent of the pods' memory requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_memory_utilization_percentage: Option<i32>,
+    /// Targets on the lag of queues this Microservice consumes: events not yet delivered to its
+    /// consumer, per pod. Needs KEDA in the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["queue"]))]
+    pub queue_lag: Vec<QueueLagTarget>,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+/// A queue's lag the autoscaler keeps per pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueLagTarget {
+    /// A Queue this Microservice consumes (`spec.consumes`).
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    pub queue: String,
+    /// Events waiting per pod that the autoscaler aims for: 100 waiting with a target of 10
+    /// means 10 pods.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub target_lag_per_replica: i64,
+    /// Lag above which a Microservice scaled to zero gets its first pod (KEDA's activation
+    /// threshold); 0 when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub activation_lag: Option<i64>,
+}
+
 /// What the operator last saw: conditions, replicas and dependencies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
@@ -822,4 +891,26 @@ pub struct MicroserviceStatus {
     /// Hash of the sidecar config now rolled out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// What scales the Microservice, when `spec.autoscaling` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// Which autoscaler drives the replicas, and what it wants now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// `HorizontalPodAutoscaler` (CPU or memory) or `KEDA` (a ScaledObject, with queue lag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<String>,
+    /// The object that scales the Deployment: `HorizontalPodAutoscaler/<name>` or
+    /// `ScaledObject/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// Pods the Deployment has now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_replicas: Option<i32>,
+    /// Pods the autoscaler last asked for (the Deployment's `spec.replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
 }

@@ -327,7 +327,57 @@ pub fn microservice(name: &str, spec: &MicroserviceSpec) -> Vec<FieldError> {
         "spec.publishes",
         spec.publishes.iter().map(|p| p.queue.as_str()),
     );
+    if let Some(a) = &spec.autoscaling {
+        autoscaling(&mut errs, a, spec);
+    }
     errs
+}
+
+/// `spec.autoscaling`: the rules its CEL states (ranges and patterns are the schema's).
+fn autoscaling(
+    errs: &mut Vec<FieldError>,
+    a: &crate::microservice::AutoscalingSpec,
+    spec: &MicroserviceSpec,
+) {
+    if a.min_replicas > a.max_replicas {
+        push(
+            errs,
+            "spec.autoscaling.minReplicas".into(),
+            "minReplicas must be at most maxReplicas",
+        );
+    }
+    if a.target_cpu_utilization_percentage.is_none()
+        && a.target_memory_utilization_percentage.is_none()
+        && a.queue_lag.is_empty()
+    {
+        push(
+            errs,
+            "spec.autoscaling".into(),
+            "set a target: targetCPUUtilizationPercentage, targetMemoryUtilizationPercentage or queueLag",
+        );
+    }
+    if a.min_replicas == 0 && a.queue_lag.is_empty() {
+        push(
+            errs,
+            "spec.autoscaling.minReplicas".into(),
+            "minReplicas 0 needs a queueLag target: CPU and memory cannot wake a Microservice with no pods",
+        );
+    }
+    if a.queue_lag
+        .iter()
+        .any(|q| !spec.consumes.iter().any(|c| c.queue == q.queue))
+    {
+        push(
+            errs,
+            "spec.autoscaling.queueLag".into(),
+            "autoscaling.queueLag names a queue this Microservice does not consume (spec.consumes)",
+        );
+    }
+    once_each(
+        errs,
+        "spec.autoscaling.queueLag",
+        a.queue_lag.iter().map(|q| q.queue.as_str()),
+    );
 }
 
 /// Each queue named once in the list at `field`.
@@ -718,6 +768,60 @@ dependencies:
             "image: x\ndependencies: [{name: a, url: 'http://a', loadBalancer: {algorithm: random}}]\n",
         );
         assert!(bad.unwrap_err().to_string().contains("random"));
+    }
+
+    #[test]
+    fn autoscaling_errors_name_the_field() {
+        let fields = |yaml: &str| -> Vec<String> {
+            microservice("worker", &ms(yaml))
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        let consumer = "image: w:1\nconsumes: [{queue: jobs, path: /jobs}]\n";
+        assert_eq!(
+            fields(&format!(
+                "{consumer}autoscaling: {{minReplicas: 0, maxReplicas: 5, queueLag: [{{queue: jobs, targetLagPerReplica: 10}}]}}"
+            )),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            fields(&format!(
+                "{consumer}autoscaling: {{minReplicas: 6, maxReplicas: 5, targetCPUUtilizationPercentage: 50}}"
+            )),
+            ["spec.autoscaling.minReplicas"]
+        );
+        assert_eq!(
+            fields(&format!("{consumer}autoscaling: {{maxReplicas: 5}}")),
+            ["spec.autoscaling"]
+        );
+        assert_eq!(
+            fields(&format!(
+                "{consumer}autoscaling: {{minReplicas: 0, maxReplicas: 5, targetCPUUtilizationPercentage: 50}}"
+            )),
+            ["spec.autoscaling.minReplicas"]
+        );
+        assert_eq!(
+            fields(&format!(
+                "{consumer}autoscaling: {{maxReplicas: 5, queueLag: [{{queue: invoices, targetLagPerReplica: 10}}]}}"
+            )),
+            ["spec.autoscaling.queueLag"]
+        );
+        assert_eq!(
+            fields(&format!(
+                "{consumer}autoscaling: {{maxReplicas: 5, queueLag: [{{queue: jobs, targetLagPerReplica: 10}}, {{queue: jobs, targetLagPerReplica: 20}}]}}"
+            )),
+            ["spec.autoscaling.queueLag[1]"]
+        );
+        // The names users copy from the HorizontalPodAutoscaler: a misspelt one is refused.
+        let typo: Result<MicroserviceSpec, _> = serde_yaml::from_str(
+            "image: w:1\nautoscaling: {maxReplicas: 5, targetCpuUtilizationPercentage: 50}",
+        );
+        assert!(
+            typo.unwrap_err()
+                .to_string()
+                .contains("targetCpuUtilizationPercentage"),
+        );
     }
 
     #[test]

@@ -902,6 +902,45 @@ struct RuleCase {
 
 static RULE_CASES: &[RuleCase] = &[
     RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec",
+        rule_starts: "!has(self.autoscaling)",
+        set: &[(
+            "autoscaling.queueLag",
+            r#"[{"queue": "invoices", "targetLagPerReplica": 5}]"#,
+        )],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.autoscaling",
+        rule_starts: "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+        set: &[("minReplicas", "11")],
+        remove: &[],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.autoscaling",
+        rule_starts: "has(self.targetCPUUtilizationPercentage)",
+        set: &[],
+        remove: &[
+            "targetCPUUtilizationPercentage",
+            "targetMemoryUtilizationPercentage",
+            "queueLag",
+        ],
+    },
+    RuleCase {
+        kind: "Microservice",
+        object: "orders",
+        node: "spec.autoscaling",
+        rule_starts: "!has(self.minReplicas) || self.minReplicas > 0",
+        set: &[("minReplicas", "0")],
+        remove: &["queueLag"],
+    },
+    RuleCase {
         kind: "Broker",
         object: "nats",
         node: "spec",
