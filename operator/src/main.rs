@@ -143,6 +143,10 @@ struct RenderArgs {
     /// Render the sidecar as a plain second container (clusters older than 1.29).
     #[arg(long)]
     legacy_sidecar: bool,
+    /// Render `autoscaling.queueLag` as without KEDA in the cluster: only the CPU and memory
+    /// targets, through a HorizontalPodAutoscaler (the operator decides from discovery).
+    #[arg(long)]
+    no_keda: bool,
     #[arg(long, default_value_t = RenderOptions::default().proxy_image)]
     proxy_image: String,
     #[arg(long)]
@@ -399,6 +403,7 @@ fn render_cmd(args: RenderArgs) -> ExitCode {
                 _ => weir_crds::microservice::MtlsMode::Strict,
             },
         }),
+        keda: !args.no_keda,
     };
     match weir::render::render_all(&loaded, &opts) {
         Ok(docs) => {

@@ -190,6 +190,10 @@ fn broken_manifests_exit_2_naming_the_field() {
             "edge-route-unknown-dependency.yaml",
             "Microservice/gateway: spec.edge.routes[0].dependency",
         ),
+        (
+            "autoscaling-unconsumed-queue.yaml",
+            "Microservice/worker: spec.autoscaling.queueLag",
+        ),
         ("not-yaml.yaml", "document 1"),
     ];
     for (file, needle) in cases {
@@ -270,4 +274,334 @@ fn renders_the_shop_under_the_mesh_like_the_golden_file() {
         ]
     );
     check_golden("shop-mtls.yaml", &text);
+}
+
+/// The documents of `weir render`'s output.
+fn documents(text: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .collect()
+}
+
+fn rendered(args: &[&str]) -> String {
+    let out = weir(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The autoscaling example: api under a HorizontalPodAutoscaler (CPU), worker under a KEDA
+/// ScaledObject (queue lag and CPU, from zero); neither Deployment carries `replicas`.
+#[test]
+fn renders_examples_autoscaling_like_the_golden_file() {
+    let text = rendered(&["render", "-f", "examples/autoscaling"]);
+    let docs = documents(&text);
+    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+        assert!(
+            d["spec"].get("replicas").is_none(),
+            "an autoscaled Deployment names no replicas: {d}"
+        );
+    }
+    let kinds: Vec<_> = docs
+        .iter()
+        .filter(|d| d["kind"] != "ConfigMap" && d["kind"] != "Service")
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Deployment/api",
+            "HorizontalPodAutoscaler/api",
+            "Deployment/worker",
+            "ScaledObject/worker"
+        ]
+    );
+    check_golden("autoscaling.yaml", &text);
+}
+
+/// Without KEDA (`--no-keda`, as the operator renders when discovery finds no ScaledObject):
+/// worker keeps its CPU target through a HorizontalPodAutoscaler, from at least one pod.
+#[test]
+fn without_keda_only_the_cpu_and_memory_targets_are_rendered() {
+    let docs = documents(&rendered(&[
+        "render",
+        "-f",
+        "examples/autoscaling",
+        "--no-keda",
+    ]));
+    assert!(docs.iter().all(|d| d["kind"] != "ScaledObject"));
+    let hpa = docs
+        .iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler" && d["metadata"]["name"] == "worker")
+        .expect("worker's HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["minReplicas"], 1, "{hpa}");
+    assert_eq!(hpa["spec"]["maxReplicas"], 20);
+    assert_eq!(
+        hpa["spec"]["metrics"],
+        serde_json::json!([{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}])
+    );
+}
+
+/// KEDA 2.16's CRD schema of `kind` (operator/tests/keda/), made strict as the API server's
+/// field validation is: a property no schema names is refused, not pruned.
+fn keda_schema(file: &str) -> serde_json::Value {
+    fn strict(s: &mut serde_json::Value) {
+        let Some(o) = s.as_object_mut() else { return };
+        if o.contains_key("properties")
+            && !o.contains_key("additionalProperties")
+            && o.get("x-kubernetes-preserve-unknown-fields") != Some(&serde_json::json!(true))
+        {
+            o.insert("additionalProperties".into(), serde_json::json!(false));
+        }
+        for (_, v) in o.iter_mut() {
+            match v {
+                serde_json::Value::Object(_) => strict(v),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(strict),
+                _ => {}
+            }
+        }
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keda")
+        .join(file);
+    let crd: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    let mut schema = version["schema"]["openAPIV3Schema"].clone();
+    // The API server checks metadata itself.
+    schema["properties"]["metadata"] = serde_json::json!({"type": "object"});
+    strict(&mut schema);
+    schema
+}
+
+/// The trigger metadata keys KEDA 2.16 reads, per scaler (`pkg/scalers/<scaler>_scaler.go` at
+/// tag v2.16.1), those it requires, and the auth parameters a TriggerAuthentication may give.
+fn scaler_keys(
+    scaler: &str,
+) -> (
+    &'static [&'static str],
+    &'static [&'static str],
+    &'static [&'static str],
+) {
+    match scaler {
+        "nats-jetstream" => (
+            &[
+                "natsServerMonitoringEndpoint",
+                "account",
+                "stream",
+                "consumer",
+                "lagThreshold",
+                "activationLagThreshold",
+                "useHttps",
+            ],
+            &[
+                "natsServerMonitoringEndpoint",
+                "account",
+                "stream",
+                "consumer",
+            ],
+            &["natsServerMonitoringEndpoint", "account"],
+        ),
+        "redis-streams" => (
+            &[
+                "address",
+                "addresses",
+                "host",
+                "port",
+                "username",
+                "password",
+                "enableTLS",
+                "unsafeSsl",
+                "databaseIndex",
+                "stream",
+                "consumerGroup",
+                "pendingEntriesCount",
+                "streamLength",
+                "lagCount",
+                "activationLagCount",
+            ],
+            &["address", "stream"],
+            &[
+                "address",
+                "host",
+                "port",
+                "username",
+                "password",
+                "tls",
+                "ca",
+                "cert",
+                "key",
+                "keyPassword",
+            ],
+        ),
+        "rabbitmq" => (
+            &[
+                "host",
+                "queueName",
+                "mode",
+                "value",
+                "activationValue",
+                "protocol",
+                "vhostName",
+                "useRegex",
+                "pageSize",
+                "operation",
+                "excludeUnacknowledged",
+                "timeout",
+                "unsafeSsl",
+            ],
+            &["host", "queueName", "mode", "value"],
+            &[
+                "host",
+                "protocol",
+                "username",
+                "password",
+                "tls",
+                "ca",
+                "cert",
+                "key",
+                "keyPassword",
+            ],
+        ),
+        "kafka" => (
+            &[
+                "bootstrapServers",
+                "consumerGroup",
+                "topic",
+                "lagThreshold",
+                "activationLagThreshold",
+                "offsetResetPolicy",
+                "allowIdleConsumers",
+                "excludePersistentLag",
+                "scaleToZeroOnInvalidOffset",
+                "limitToPartitionsWithLag",
+                "partitionLimitation",
+                "version",
+                "unsafeSsl",
+                "sasl",
+                "tls",
+            ],
+            &["bootstrapServers", "consumerGroup"],
+            &[
+                "sasl",
+                "username",
+                "password",
+                "tls",
+                "ca",
+                "cert",
+                "key",
+                "keyPassword",
+            ],
+        ),
+        "cpu" | "memory" => (&["value"], &["value"], &[]),
+        other => panic!("no KEDA {other} scaler is rendered by Weir"),
+    }
+}
+
+/// Queue lag on each broker kind: one ScaledObject per consumer, with the scaler of its
+/// broker aimed at the stream and consumer the sidecar reads with, and a TriggerAuthentication
+/// naming the Broker Secret's keys. Each is checked field by field against KEDA 2.16's CRD
+/// schema and each trigger's metadata against the keys its scaler reads.
+#[test]
+fn queue_lag_renders_keda_objects_per_broker_kind_that_kedas_schema_accepts() {
+    let text = rendered(&["render", "-f", "operator/tests/autoscaling/brokers.yaml"]);
+    let docs = documents(&text);
+    let scaled_object =
+        jsonschema::validator_for(&keda_schema("keda.sh_scaledobjects.yaml")).unwrap();
+    let trigger_auth =
+        jsonschema::validator_for(&keda_schema("keda.sh_triggerauthentications.yaml")).unwrap();
+    let mut scalers = Vec::new();
+    let mut golden = Vec::new();
+    for d in &docs {
+        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default();
+        match d["kind"].as_str().unwrap_or_default() {
+            "Deployment" => assert!(d["spec"].get("replicas").is_none(), "{ns}: {d}"),
+            "ScaledObject" => {
+                let errors: Vec<String> = scaled_object
+                    .iter_errors(d)
+                    .map(|e| format!("{} at {}", e, e.instance_path()))
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "{ns}: KEDA's schema refuses the ScaledObject: {errors:?}\n{d}"
+                );
+                assert_eq!(d["spec"]["scaleTargetRef"]["name"], "packer");
+                let auth = docs.iter().find(|t| {
+                    t["kind"] == "TriggerAuthentication" && t["metadata"]["namespace"] == ns
+                });
+                for t in d["spec"]["triggers"].as_array().unwrap() {
+                    let scaler = t["type"].as_str().unwrap();
+                    let (known, required, auth_params) = scaler_keys(scaler);
+                    let meta = t["metadata"].as_object().unwrap();
+                    for k in meta.keys() {
+                        assert!(
+                            known.contains(&k.as_str()),
+                            "{ns}: {scaler} reads no metadata {k:?}"
+                        );
+                    }
+                    for k in required {
+                        assert!(meta.contains_key(*k), "{ns}: {scaler} requires {k:?}: {t}");
+                    }
+                    if let Some(name) = t["authenticationRef"]["name"].as_str() {
+                        let auth =
+                            auth.unwrap_or_else(|| panic!("{ns}: no TriggerAuthentication {name}"));
+                        assert_eq!(auth["metadata"]["name"], name);
+                        for r in auth["spec"]["secretTargetRef"].as_array().unwrap() {
+                            let p = r["parameter"].as_str().unwrap();
+                            assert!(
+                                auth_params.contains(&p),
+                                "{ns}: {scaler} takes no auth parameter {p:?}"
+                            );
+                        }
+                    }
+                    if scaler == "cpu" || scaler == "memory" {
+                        assert_eq!(t["metricType"], "Utilization");
+                    } else {
+                        scalers.push(scaler.to_string());
+                    }
+                }
+                golden.push(d.clone());
+            }
+            "TriggerAuthentication" => {
+                let errors: Vec<String> = trigger_auth
+                    .iter_errors(d)
+                    .map(|e| format!("{} at {}", e, e.instance_path()))
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "{ns}: KEDA's schema refuses the TriggerAuthentication: {errors:?}\n{d}"
+                );
+                golden.push(d.clone());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        scalers,
+        ["nats-jetstream", "redis-streams", "rabbitmq", "kafka"]
+    );
+    // The schema check can fail: a field KEDA does not know is refused.
+    let mut typo = golden[0].clone();
+    typo["spec"]["minReplicas"] = serde_json::json!(1);
+    assert!(
+        !scaled_object.is_valid(&typo),
+        "the strict schema must refuse spec.minReplicas"
+    );
+    let text = golden
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    check_golden("autoscaling-brokers.yaml", &text);
 }

@@ -309,13 +309,7 @@ pub fn render(b: &Broker, namespace: &str) -> Result<Option<RenderedBroker>, Ren
         metadata: meta,
         spec: Some(ServiceSpec {
             selector: Some(selector),
-            ports: Some(vec![ServicePort {
-                name: Some("client".into()),
-                port: i32::from(port(b.spec.kind)),
-                protocol: Some("TCP".into()),
-                target_port: Some(IntOrString::Int(i32::from(port(b.spec.kind)))),
-                ..Default::default()
-            }]),
+            ports: Some(service_ports(b.spec.kind)),
             ..Default::default()
         }),
         ..Default::default()
@@ -324,6 +318,23 @@ pub fn render(b: &Broker, namespace: &str) -> Result<Option<RenderedBroker>, Ren
         service,
         stateful_set,
     }))
+}
+
+/// The client port, and NATS's monitoring port: KEDA reads a consumer's lag there
+/// (`autoscaling.queueLag`, see `render::autoscaling`).
+fn service_ports(kind: BrokerKind) -> Vec<ServicePort> {
+    let tcp = |name: &str, p: u16| ServicePort {
+        name: Some(name.into()),
+        port: i32::from(p),
+        protocol: Some("TCP".into()),
+        target_port: Some(IntOrString::Int(i32::from(p))),
+        ..Default::default()
+    };
+    let mut ports = vec![tcp("client", port(kind))];
+    if kind == BrokerKind::Nats {
+        ports.push(tcp("monitoring", super::autoscaling::NATS_MONITORING_PORT));
+    }
+    ports
 }
 
 /// A storage size such as `1Gi` or `500M`; the error says what was expected.

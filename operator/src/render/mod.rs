@@ -2,6 +2,7 @@
 //! headless Service of its pods (`<name>-weir-endpoints`) and the sidecar's ConfigMap. Pure functions: the operator applies their output, `weir render`
 //! prints it, `weir up` runs it.
 
+pub mod autoscaling;
 pub mod broker;
 pub mod mesh;
 pub mod messaging;
@@ -65,6 +66,9 @@ pub struct RenderOptions {
     /// The mesh's mutual TLS in pods: each Microservice under a ServiceAccount of its own, with
     /// a projected `weir` token and the trust bundle, and the sidecar's `mtls` block.
     pub mesh: Option<MeshOptions>,
+    /// KEDA's ScaledObject is served: `autoscaling.queueLag` renders one (see
+    /// [`autoscaling`]). The operator sets it from the API server's discovery.
+    pub keda: bool,
 }
 
 /// What pods need of the mesh's mutual TLS.
@@ -88,6 +92,7 @@ impl Default for RenderOptions {
             cluster_domain: "cluster.local".into(),
             default_namespace: "default".into(),
             mesh: None,
+            keda: true,
         }
     }
 }
@@ -106,6 +111,8 @@ pub struct Rendered {
     /// The ServiceAccount its pods run under, with the mesh's mutual TLS (its token is the
     /// workload's proof of identity): labelled for the Microservice and owned by it.
     pub service_account: Option<k8s_openapi::api::core::v1::ServiceAccount>,
+    /// What scales it (`spec.autoscaling`); nothing for a saga coordinator.
+    pub autoscalers: autoscaling::Autoscalers,
 }
 
 pub fn config_map_name(ms_name: &str) -> String {
@@ -208,7 +215,19 @@ pub fn render_in_mesh(
         ..Default::default()
     };
     let endpoints_service = endpoints_service(ms, &name, &namespace);
+    let autoscalers = autoscaling::render(
+        ms,
+        &metadata(ms, name.clone(), &namespace),
+        bridge,
+        opts.keda,
+    )?;
     let mut deployment = deployment(ms, &name, &namespace, &config, &template_hash, opts);
+    if autoscalers.scales()
+        && let Some(spec) = deployment.spec.as_mut()
+    {
+        // The autoscaler owns the count: applying one here would undo its every change.
+        spec.replicas = None;
+    }
     if let Some(secret) = bridge.and_then(|m| m.credentials_secret.as_deref()) {
         mount_broker_credentials(&mut deployment, secret);
     }
@@ -229,6 +248,7 @@ pub fn render_in_mesh(
         service,
         endpoints_service: Some(endpoints_service),
         service_account,
+        autoscalers,
     })
 }
 
@@ -707,6 +727,9 @@ pub fn render_all(
             Some(to_yaml(&r.service)),
             r.endpoints_service.as_ref().map(to_yaml),
             Some(to_yaml(&r.deployment)),
+            r.autoscalers.hpa.as_ref().map(to_yaml),
+            r.autoscalers.trigger_authentication.as_ref().map(to_yaml),
+            r.autoscalers.scaled_object.as_ref().map(to_yaml),
         ];
         for doc in docs_of_ms.into_iter().flatten() {
             docs.push(format!("{head}{doc}"));
