@@ -89,6 +89,7 @@ pub fn lint(objects: &[Loaded], cfg: &LintConfig) -> Vec<Finding> {
     grpc(&services, &mut out);
     events(objects, &services, cfg, &mut out);
     open_authorization(&services, &mut out);
+    autoscaling_without_requests(&services, &mut out);
     out.sort_by(|a, b| (a.severity, a.rule, &a.objects).cmp(&(b.severity, b.rule, &b.objects)));
     out
 }
@@ -315,6 +316,42 @@ fn open_authorization(services: &BTreeMap<Key, &Microservice>, out: &mut Vec<Fin
     }
 }
 
+// --- WEIR012 a utilization target without the request it is a percentage of -------------
+
+fn autoscaling_without_requests(services: &BTreeMap<Key, &Microservice>, out: &mut Vec<Finding>) {
+    for (k, ms) in services {
+        let Some(a) = &ms.spec.autoscaling else {
+            continue;
+        };
+        let requests = ms.spec.resources.as_ref().and_then(|r| r.requests.as_ref());
+        for (target, set, resource) in [
+            (
+                "targetCPUUtilizationPercentage",
+                a.target_cpu_utilization_percentage,
+                "cpu",
+            ),
+            (
+                "targetMemoryUtilizationPercentage",
+                a.target_memory_utilization_percentage,
+                "memory",
+            ),
+        ] {
+            if set.is_some() && !requests.is_some_and(|r| r.contains_key(resource)) {
+                out.push(Finding {
+                    rule: "WEIR012",
+                    name: "utilization-without-request",
+                    severity: Severity::Warning,
+                    objects: vec![ms_ref(k)],
+                    message: format!(
+                        "autoscaling.{target} is a percentage of the app's {resource} request, and spec.resources.requests.{resource} is not set: the autoscaler cannot compute it and never scales"
+                    ),
+                    hint: "set spec.resources.requests (the sidecar's requests are set by Weir)",
+                });
+            }
+        }
+    }
+}
+
 /// What a dependency speaks: its `protocol` for a URL, the target's `spec.protocol` for a
 /// Microservice of the set (`None`: a Microservice not in the set, unknown).
 fn dependency_protocol(
@@ -521,6 +558,29 @@ mod tests {
         assert_eq!(open.len(), 1, "{f:?}");
         assert_eq!(open[0].objects, ["Microservice/a"]);
         assert_eq!(open[0].severity, Severity::Warning);
+    }
+
+    #[test]
+    fn a_utilization_target_without_its_request_is_a_warning() {
+        let f = lint_yaml(&format!(
+            "{}{}",
+            ms(
+                "a",
+                "  autoscaling: {maxReplicas: 3, targetCPUUtilizationPercentage: 50, targetMemoryUtilizationPercentage: 50}\n  resources: {requests: {memory: 64Mi}}\n"
+            ),
+            ms(
+                "b",
+                "  autoscaling: {maxReplicas: 3, targetCPUUtilizationPercentage: 50}\n  resources: {requests: {cpu: 100m}}\n"
+            ),
+        ));
+        let found: Vec<_> = f.iter().filter(|f| f.rule == "WEIR012").collect();
+        assert_eq!(found.len(), 1, "{f:?}");
+        assert_eq!(found[0].objects, ["Microservice/a"]);
+        assert!(
+            found[0].message.contains("requests.cpu"),
+            "{}",
+            found[0].message
+        );
     }
 
     #[test]

@@ -1952,3 +1952,203 @@ async fn replicas_run(
     );
     Ok(())
 }
+
+/// `spec.autoscaling` with the operator in the cluster: `api` (CPU) gets a
+/// HorizontalPodAutoscaler it owns, which sets the Deployment's count (the operator applies none);
+/// a count set by hand is not undone by the operator's next apply; `worker` (queue lag and CPU)
+/// says KEDA is missing (the test cluster has none) and keeps its CPU target; turning autoscaling
+/// off deletes the autoscaler and gives `replicas` back to the spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_in_a_real_cluster() -> Result<()> {
+    if !in_cluster_operator() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let ns = namespace(&client, "weir-autoscaling-e2e").await?;
+    let result = autoscaling_run(&client, &ns).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+    result
+}
+
+async fn autoscaling_run(client: &Client, ns: &str) -> Result<()> {
+    use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/autoscaling");
+    let mut objects = Vec::new();
+    for file in ["broker.yaml", "services.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            use serde::Deserialize as _;
+            objects.push(serde_json::Value::deserialize(doc)?);
+        }
+    }
+    let long = Duration::from_secs(120);
+    let pull = env_or("WEIR_E2E_PULL_POLICY", "IfNotPresent");
+    for o in &mut objects {
+        if o["kind"] == "Microservice" {
+            o["spec"]["imagePullPolicy"] = json!(pull);
+        }
+        let kind = o["kind"].as_str().unwrap_or_default().to_string();
+        let name = o["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let plural = format!("{}s", kind.to_lowercase());
+        let ar = kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("weir.dev", "v1alpha1", &kind),
+            &plural,
+        );
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        api.patch(&name, &PatchParams::apply(MANAGER), &Patch::Apply(&*o))
+            .await
+            .with_context(|| format!("apply {kind}/{name}"))?;
+    }
+    let mss: Api<Microservice> = Api::namespaced(client.clone(), ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+
+    // api: its HorizontalPodAutoscaler, owned by it, scales the Deployment up to minReplicas.
+    let api_uid = mss.get("api").await?.uid().context("uid")?;
+    let hpa = wait_for("HorizontalPodAutoscaler api", long, || {
+        let hpas = hpas.clone();
+        async move { Ok(hpas.get_opt("api").await?) }
+    })
+    .await?;
+    let spec = hpa.spec.clone().context("HPA spec")?;
+    assert_eq!(
+        (
+            spec.min_replicas,
+            spec.max_replicas,
+            spec.target_cpu_utilization_percentage
+        ),
+        (Some(2), 10, Some(70))
+    );
+    assert_eq!(spec.scale_target_ref.name, "api");
+    let owner = &hpa.metadata.owner_references.as_ref().context("owner")?[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Microservice", api_uid.as_str())
+    );
+    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+    wait_for("the autoscaler brings api to 2 pods", long, || {
+        let deps = deps.clone();
+        async move {
+            Ok(deps
+                .get_opt("api")
+                .await?
+                .filter(|d| replicas(d) == Some(2))
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    wait_for("api's status names its autoscaler", long, || {
+        let mss = mss.clone();
+        async move {
+            let ms = mss.get("api").await?;
+            let a = ms.status.as_ref().and_then(|s| s.autoscaling.clone());
+            let cond = ms
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "Autoscaling");
+            Ok(
+                a.filter(|a| a.scaler.as_deref() == Some("HorizontalPodAutoscaler"))
+                    .and(
+                        cond.filter(|c| {
+                            c.status == "True" && c.reason == "HorizontalPodAutoscaler"
+                        }),
+                    ),
+            )
+        }
+    })
+    .await?;
+
+    // A count set by hand (within the autoscaler's range) stays through the operator's next
+    // apply: an edit of api makes it apply the Deployment again.
+    deps.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await?;
+    mss.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"autoscaling": {"maxReplicas": 11}}})),
+    )
+    .await?;
+    let generation = mss.get("api").await?.metadata.generation;
+    wait_for("the operator re-applied api after the edit", long, || {
+        let mss = mss.clone();
+        let hpas = hpas.clone();
+        async move {
+            let ms = mss.get("api").await?;
+            let current = ms.status.as_ref().and_then(|s| s.observed_generation) == generation;
+            let hpa_max = hpas.get("api").await?.spec.map(|s| s.max_replicas);
+            Ok((current && hpa_max == Some(11)).then_some(()))
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        replicas(&deps.get("api").await?),
+        Some(3),
+        "the count set by hand was undone"
+    );
+
+    // worker: queue lag needs KEDA, which this cluster lacks; its CPU target still applies.
+    let message = wait_for("worker says KEDA is not installed", long, || {
+        let mss = mss.clone();
+        async move {
+            let ms = mss.get("worker").await?;
+            Ok(ms
+                .status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| {
+                    c.type_ == "Autoscaling"
+                        && c.reason == "KedaNotInstalled"
+                        && c.status == "False"
+                })
+                .map(|c| c.message))
+        }
+    })
+    .await?;
+    eprintln!("  worker's Autoscaling condition: {message}");
+    assert!(
+        message.contains("HorizontalPodAutoscaler/worker"),
+        "{message}"
+    );
+    let worker_hpa = hpas.get("worker").await?.spec.context("spec")?;
+    assert_eq!(
+        (worker_hpa.min_replicas, worker_hpa.max_replicas),
+        (Some(1), 20)
+    );
+
+    // Autoscaling off: the autoscaler goes, the spec's count comes back.
+    mss.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"autoscaling": null, "replicas": 1}})),
+    )
+    .await?;
+    wait_for(
+        "api's autoscaler deleted and replicas 1 applied",
+        long,
+        || {
+            let deps = deps.clone();
+            let hpas = hpas.clone();
+            async move {
+                let gone = hpas.get_opt("api").await?.is_none();
+                let one = replicas(&deps.get("api").await?) == Some(1);
+                Ok((gone && one).then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}

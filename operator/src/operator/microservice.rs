@@ -1,7 +1,7 @@
 //! The Microservice reconciler: applies the rendered Deployment, Service and ConfigMap with
 //! server-side apply, and reports what it sees in status conditions and Events.
 
-use super::{Context, conditions, events, status, workload};
+use super::{Context, autoscaling, conditions, events, status, workload};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -334,13 +334,52 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         }
         None => Vec::new(),
     };
-    let rendered = render::render_in_mesh(ms, &ctx.render, bridge.as_ref(), &callers)?;
+    // Autoscaling: what the cluster serves decides what is rendered (KEDA, or only the
+    // HorizontalPodAutoscaler), and what was applied last what is removed.
+    let served = if ms.spec.autoscaling.is_some() || current.autoscaling.is_some() {
+        Some(ctx.autoscaling.served(&ctx.client).await?)
+    } else {
+        None
+    };
+    let rendered = match served {
+        Some(s) if s.keda != ctx.render.keda => {
+            let opts = crate::render::RenderOptions {
+                keda: s.keda,
+                ..ctx.render.clone()
+            };
+            render::render_in_mesh(ms, &opts, bridge.as_ref(), &callers)?
+        }
+        _ => render::render_in_mesh(ms, &ctx.render, bridge.as_ref(), &callers)?,
+    };
+    if let Some(served) = served {
+        if rendered.autoscalers.scales() {
+            autoscaling::hand_over_replicas(&ctx.client, &ns, &name).await?;
+        }
+        autoscaling::apply(
+            &ctx.client,
+            &ns,
+            &name,
+            &rendered.autoscalers,
+            current.autoscaling.as_ref(),
+            served,
+        )
+        .await?;
+    }
     let deployment = workload::apply(&ctx.client, &ns, &name, &rendered).await?;
     if let Some(m) = &ctx.mesh {
         m.rendered(&ns, ms, callers);
     }
 
-    let desired = ms.spec.replicas;
+    // Under an autoscaler, what it last asked for (the Deployment's count) is what is desired.
+    let scaler = rendered.autoscalers.scaler();
+    let desired = match scaler {
+        Some(_) => deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(ms.spec.replicas),
+        None => ms.spec.replicas,
+    };
     let dstatus = deployment.status.clone().unwrap_or_default();
     let ready = dstatus.ready_replicas.unwrap_or(0);
     let updated = dstatus.updated_replicas.unwrap_or(0);
@@ -427,6 +466,15 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         )
     });
 
+    if let Some(a) = &ms.spec.autoscaling {
+        conds.push(autoscaling_condition(
+            &name,
+            a,
+            &rendered.autoscalers,
+            generation,
+        ));
+    }
+
     if !missing.is_empty() {
         let note = format!("dependency Microservice not found: {}", missing.join(", "));
         publish_on_change(
@@ -449,6 +497,15 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         replica_summary: Some(format!("{ready}/{desired}")),
         dependency_summary: Some(format!("{deps_ready}/{deps_total}")),
         config_hash: Some(rendered.config_hash),
+        autoscaling: scaler.map(|s| weir_crds::microservice::AutoscalingStatus {
+            scaler: Some(s.to_string()),
+            object: Some(match s {
+                render::autoscaling::SCALER_KEDA => format!("ScaledObject/{name}"),
+                _ => format!("HorizontalPodAutoscaler/{name}"),
+            }),
+            current_replicas: Some(dstatus.replicas.unwrap_or(0)),
+            desired_replicas: Some(desired),
+        }),
     };
     write_status(ctx, ms, &current, status).await?;
 
@@ -458,6 +515,50 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         // Deployment status changes arrive through the owned watch.
         Action::requeue(RESYNC)
     })
+}
+
+/// `Autoscaling`: what scales the Microservice, or why part of `spec.autoscaling` cannot apply.
+fn autoscaling_condition(
+    name: &str,
+    spec: &weir_crds::microservice::AutoscalingSpec,
+    rendered: &render::autoscaling::Autoscalers,
+    generation: Option<i64>,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let range = format!("{}-{} replicas", spec.min_replicas, spec.max_replicas);
+    if rendered.lag_without_keda {
+        let rest = if rendered.hpa.is_some() {
+            format!(
+                "only the CPU/memory targets apply, through HorizontalPodAutoscaler/{name} ({range})"
+            )
+        } else {
+            "nothing scales it: the Deployment keeps spec.replicas".to_string()
+        };
+        return conditions::new(
+            "Autoscaling",
+            false,
+            "KedaNotInstalled",
+            format!(
+                "spec.autoscaling.queueLag needs KEDA (keda.sh/v1alpha1 ScaledObject is not served by this cluster); {rest}"
+            ),
+            generation,
+        );
+    }
+    match rendered.scaler() {
+        Some(render::autoscaling::SCALER_KEDA) => conditions::new(
+            "Autoscaling",
+            true,
+            "ScaledObject",
+            format!("KEDA ScaledObject/{name} scales the Deployment ({range}, queue lag)"),
+            generation,
+        ),
+        _ => conditions::new(
+            "Autoscaling",
+            true,
+            "HorizontalPodAutoscaler",
+            format!("HorizontalPodAutoscaler/{name} scales the Deployment ({range})"),
+            generation,
+        ),
+    }
 }
 
 /// Whether a dependency can answer a call now: at least one of its pods is ready (a target

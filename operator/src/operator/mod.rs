@@ -1,6 +1,7 @@
 //! `weir operator`: the controllers, leader election, and the metrics/health endpoint.
 
 pub mod admin;
+pub mod autoscaling;
 pub mod backoff;
 pub mod broker;
 pub mod conditions;
@@ -104,6 +105,8 @@ pub struct Context {
     pub last_written: conditions::LastWritten,
     /// The mesh in pods (`--mtls`): the trust bundle and the graph's callers.
     pub mesh: Option<Arc<mesh::PodMesh>>,
+    /// Which autoscaling APIs the cluster serves (KEDA, `autoscaling/v2`), asked when needed.
+    pub autoscaling: autoscaling::Discovery,
 }
 
 impl Context {
@@ -124,6 +127,7 @@ impl Context {
             connections: Default::default(),
             last_written: Default::default(),
             mesh: None,
+            autoscaling: Default::default(),
         }
     }
 }
@@ -255,6 +259,8 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
             ),
             default_mode: args.mtls_mode,
         }),
+        // Asked of discovery per reconcile of a Microservice that autoscales.
+        keda: false,
     };
     let mut ctx = Context::new(client.clone(), render, metrics);
     if let Some(pem) = bundle {
@@ -299,6 +305,8 @@ async fn run_async(args: OperatorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+mod autoscaling_tests;
 #[cfg(test)]
 mod messaging_tests;
 #[cfg(test)]

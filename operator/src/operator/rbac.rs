@@ -54,11 +54,34 @@ pub const RULES: &[Rule] = &[
     (Watched, "weir.dev", "brokers/finalizers", &["update"]),
     // Children, server-side applied and watched by metadata (Microservice, Saga) or whole
     // (a managed Broker's StatefulSet). Deleted by the garbage collector, never by the operator.
+    // Deployments also read by name: whose field manager holds `replicas` before an autoscaler
+    // takes them over (autoscaling.rs).
     (
         Watched,
         "apps",
         "deployments",
-        &["list", "watch", "create", "patch"],
+        &["get", "list", "watch", "create", "patch"],
+    ),
+    // What scales a Microservice (autoscaling.rs): server-side applied, and deleted by the
+    // operator when `spec.autoscaling` no longer renders it (the garbage collector removes
+    // them with the Microservice). Never read: the status says what was applied.
+    (
+        Watched,
+        "autoscaling",
+        "horizontalpodautoscalers",
+        &["create", "patch", "delete"],
+    ),
+    (
+        Watched,
+        "keda.sh",
+        "scaledobjects",
+        &["create", "patch", "delete"],
+    ),
+    (
+        Watched,
+        "keda.sh",
+        "triggerauthentications",
+        &["create", "patch", "delete"],
     ),
     (
         Watched,

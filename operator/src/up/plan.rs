@@ -264,6 +264,12 @@ pub fn plan_with(
                 l.file.display()
             );
         }
+        if ms.spec.autoscaling.is_some() {
+            eprintln!(
+                "note: {}: Microservice/{name}: spec.autoscaling applies in a cluster (a HorizontalPodAutoscaler or KEDA); here it runs spec.replicas: {replicas}",
+                l.file.display()
+            );
+        }
         let fixed = ms
             .metadata
             .annotations
