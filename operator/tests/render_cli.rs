@@ -194,6 +194,10 @@ fn broken_manifests_exit_2_naming_the_field() {
             "autoscaling-unconsumed-queue.yaml",
             "Microservice/worker: spec.autoscaling.queueLag",
         ),
+        (
+            "autoscaling-twice.yaml",
+            "Microservice/worker: metadata.annotations[\"weir.dev/autoscaled-by\"]",
+        ),
         ("not-yaml.yaml", "document 1"),
     ];
     for (file, needle) in cases {

@@ -377,3 +377,43 @@ async fn queue_lag_with_keda_applies_a_scaled_object() {
         "ScaledObject"
     );
 }
+
+/// An autoscaler of the user's own, named by `weir.dev/autoscaled-by`: nothing is rendered for
+/// it, the count is handed over and left to it, and status names it.
+#[tokio::test]
+async fn an_autoscaler_of_the_users_own_is_left_the_replicas() {
+    let mut ms = microservice(json!({"image": "orders:1", "replicas": 2}), None);
+    ms.metadata.annotations = Some(
+        [(
+            "weir.dev/autoscaled-by".to_string(),
+            "HorizontalPodAutoscaler/orders-lag".to_string(),
+        )]
+        .into(),
+    );
+    let mut script = discovery(false, true);
+    script.push(expect(
+        Method::GET,
+        DEPLOYMENT,
+        live_deployment("weir-operator"),
+    ));
+    script.push(expect(Method::PATCH, DEPLOYMENT, echo));
+    script.extend(children());
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let seen = run(ms, script).await;
+    assert_eq!(seen[3].1["spec"], json!({"replicas": 5}));
+    assert!(seen[7].1["spec"].get("replicas").is_none(), "{}", seen[7].1);
+    let status = &seen[8].1;
+    assert_eq!(
+        status["status"]["autoscaling"]["object"],
+        "HorizontalPodAutoscaler/orders-lag"
+    );
+    assert_eq!(status["status"]["autoscaling"]["scaler"], "External");
+    assert_eq!(
+        condition(status, "Autoscaling").unwrap()["reason"],
+        "External"
+    );
+}

@@ -336,7 +336,11 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     };
     // Autoscaling: what the cluster serves decides what is rendered (KEDA, or only the
     // HorizontalPodAutoscaler), and what was applied last what is removed.
-    let served = if ms.spec.autoscaling.is_some() || current.autoscaling.is_some() {
+    let autoscaled_by = ms
+        .annotations()
+        .contains_key(render::autoscaling::ANNOTATION_AUTOSCALED_BY);
+    let served = if ms.spec.autoscaling.is_some() || current.autoscaling.is_some() || autoscaled_by
+    {
         Some(ctx.autoscaling.served(&ctx.client).await?)
     } else {
         None
@@ -473,6 +477,14 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
             &rendered.autoscalers,
             generation,
         ));
+    } else if let Some(external) = &rendered.autoscalers.external {
+        conds.push(conditions::new(
+            "Autoscaling",
+            true,
+            "External",
+            format!("{external} scales the Deployment (annotation {}); the operator applies no replicas", render::autoscaling::ANNOTATION_AUTOSCALED_BY),
+            generation,
+        ));
     }
 
     if !missing.is_empty() {
@@ -499,8 +511,9 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         config_hash: Some(rendered.config_hash),
         autoscaling: scaler.map(|s| weir_crds::microservice::AutoscalingStatus {
             scaler: Some(s.to_string()),
-            object: Some(match s {
-                render::autoscaling::SCALER_KEDA => format!("ScaledObject/{name}"),
+            object: Some(match (s, &rendered.autoscalers.external) {
+                (_, Some(external)) => external.clone(),
+                (render::autoscaling::SCALER_KEDA, _) => format!("ScaledObject/{name}"),
                 _ => format!("HorizontalPodAutoscaler/{name}"),
             }),
             current_replicas: Some(dstatus.replicas.unwrap_or(0)),

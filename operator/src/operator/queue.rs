@@ -107,6 +107,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         ),
     };
     let controller = Controller::new(queues, watcher::Config::default());
+    // The figures in each Queue's status, exported at each scrape (metrics.rs).
+    let _ = ctx.metrics.queues.set(controller.store());
     // A Broker's change (URL, credentials, back online) reconciles the Queues on it.
     let store = controller.store();
     controller

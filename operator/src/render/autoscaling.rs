@@ -17,7 +17,10 @@
 //!   any; [`Autoscalers::lag_without_keda`] tells the reconciler to say so in a condition.
 //!
 //! While an autoscaler is rendered the Deployment carries no `replicas`: the autoscaler owns
-//! the field ([`Autoscalers::scales`]).
+//! the field ([`Autoscalers::scales`]). The same holds for an autoscaler of the user's own (a
+//! HorizontalPodAutoscaler on an external metric such as the operator's
+//! `weir_operator_queue_consumer_lag` through a Prometheus adapter), named by the annotation
+//! [`ANNOTATION_AUTOSCALED_BY`]: nothing is rendered for it, and `replicas` is left to it.
 
 use super::RenderError;
 use super::messaging::Messaging;
@@ -41,6 +44,13 @@ pub const KEDA_GROUP: &str = "keda.sh";
 pub const SCALER_HPA: &str = "HorizontalPodAutoscaler";
 /// `scaler` of the status when a KEDA ScaledObject does.
 pub const SCALER_KEDA: &str = "KEDA";
+/// `scaler` of the status when an autoscaler of the user's own does
+/// ([`ANNOTATION_AUTOSCALED_BY`]).
+pub const SCALER_EXTERNAL: &str = "External";
+
+/// Annotation of a Microservice whose replicas an autoscaler of the user's own sets, naming it
+/// (`HorizontalPodAutoscaler/orders-lag`): the operator applies no `replicas`.
+pub const ANNOTATION_AUTOSCALED_BY: &str = "weir.dev/autoscaled-by";
 
 /// KEDA's ScaledObject.
 pub fn scaled_object_resource() -> ApiResource {
@@ -73,12 +83,14 @@ pub struct Autoscalers {
     pub trigger_authentication: Option<DynamicObject>,
     /// `queueLag` targets were left out: KEDA is not in the cluster.
     pub lag_without_keda: bool,
+    /// The user's own autoscaler ([`ANNOTATION_AUTOSCALED_BY`]).
+    pub external: Option<String>,
 }
 
 impl Autoscalers {
     /// Whether an autoscaler sets the Deployment's replicas (the Deployment then has none).
     pub fn scales(&self) -> bool {
-        self.hpa.is_some() || self.scaled_object.is_some()
+        self.hpa.is_some() || self.scaled_object.is_some() || self.external.is_some()
     }
 
     /// `HorizontalPodAutoscaler` or `KEDA`, when one scales.
@@ -87,6 +99,8 @@ impl Autoscalers {
             Some(SCALER_KEDA)
         } else if self.hpa.is_some() {
             Some(SCALER_HPA)
+        } else if self.external.is_some() {
+            Some(SCALER_EXTERNAL)
         } else {
             None
         }
@@ -102,9 +116,33 @@ pub fn render(
     bridge: Option<&Messaging>,
     keda: bool,
 ) -> Result<Autoscalers, RenderError> {
+    let external = ms
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_AUTOSCALED_BY));
+    let field = || format!("metadata.annotations[{ANNOTATION_AUTOSCALED_BY:?}]");
     let Some(a) = &ms.spec.autoscaling else {
-        return Ok(Autoscalers::default());
+        return match external.map(|e| e.trim()) {
+            None => Ok(Autoscalers::default()),
+            Some("") => Err(RenderError::Field {
+                field: field(),
+                message: "names no autoscaler: set it to the one that scales the Microservice, e.g. HorizontalPodAutoscaler/<name>".into(),
+            }),
+            Some(e) => Ok(Autoscalers {
+                external: Some(e.to_string()),
+                ..Autoscalers::default()
+            }),
+        };
     };
+    if external.is_some() {
+        return Err(RenderError::Field {
+            field: field(),
+            message:
+                "spec.autoscaling renders Weir's own autoscaler: set one or the other, not both"
+                    .into(),
+        });
+    }
     let name = meta.name.clone().unwrap_or_default();
     if a.queue_lag.is_empty() || !keda {
         let hpa = (!resource_metrics(a).is_empty()).then(|| hpa(meta, &name, a));
@@ -113,6 +151,7 @@ pub fn render(
             scaled_object: None,
             trigger_authentication: None,
             lag_without_keda: !a.queue_lag.is_empty(),
+            external: None,
         });
     }
     let bridge = bridge.ok_or_else(|| RenderError::Field {
@@ -176,6 +215,7 @@ pub fn render(
         scaled_object: Some(so),
         trigger_authentication,
         lag_without_keda: false,
+        external: None,
     })
 }
 
