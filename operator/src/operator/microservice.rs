@@ -540,8 +540,11 @@ fn autoscaling_condition(
     let range = format!("{}-{} replicas", spec.min_replicas, spec.max_replicas);
     if rendered.lag_without_keda {
         let rest = if rendered.hpa.is_some() {
+            // A HorizontalPodAutoscaler does not scale from zero.
             format!(
-                "only the CPU/memory targets apply, through HorizontalPodAutoscaler/{name} ({range})"
+                "only the CPU/memory targets apply, through HorizontalPodAutoscaler/{name} ({}-{} replicas)",
+                spec.min_replicas.max(1),
+                spec.max_replicas
             )
         } else {
             "nothing scales it: the Deployment keeps spec.replicas".to_string()
