@@ -2120,7 +2120,7 @@ async fn autoscaling_run(client: &Client, ns: &str) -> Result<()> {
     .await?;
     eprintln!("  worker's Autoscaling condition: {message}");
     assert!(
-        message.contains("HorizontalPodAutoscaler/worker"),
+        message.contains("HorizontalPodAutoscaler/worker (1-20 replicas)"),
         "{message}"
     );
     let worker_hpa = hpas.get("worker").await?.spec.context("spec")?;

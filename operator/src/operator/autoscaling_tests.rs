@@ -304,7 +304,7 @@ async fn queue_lag_without_keda_is_a_condition_and_the_cpu_target_still_applies(
         "{message}"
     );
     assert!(
-        message.contains("HorizontalPodAutoscaler/orders"),
+        message.contains("HorizontalPodAutoscaler/orders (1-8 replicas)"),
         "{message}"
     );
 }
