@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks of the Weir Helm chart (charts/weir). Run scripts/setup.sh first: it installs helm and
-# kubernetes-validate into .tools/bin.
+# kubernetes-validate into .tools/bin, and promtool (Debian's prometheus package).
 #
 #   charts/check.sh
 #
@@ -11,12 +11,19 @@
 #    the 1.20 test cluster; 1.33 is the API level the operator is built against), the CRDs from
 #    crds/ against WEIR_CRD_K8S_VERSIONS (default "1.33": they use CEL rules with fieldPath,
 #    which the CRD schema knows from 1.28; older API servers drop those fields). Every rendered
-#    object must be validated: a kind without a schema is a failure, not a warning.
+#    object must be validated: a kind without a schema is a failure, not a warning. The one
+#    exception is the PrometheusRule (a CRD of the Prometheus Operator): its rules are checked
+#    with `promtool check rules` instead.
 # 3. Contract assertions on the rendered manifests: API versions limited to the ones served by
 #    Kubernetes 1.20 and later, the operator's flags for each values file, the CRDs from
 #    charts/weir/crds/ (none yet is fine) all rendered.
 # 4. Negative checks: every charts/testdata/bad-*-values.yaml must make both `helm lint --strict`
 #    and `helm template` fail through values.schema.json.
+# 5. Alerts and dashboards: `promtool check rules` and `promtool test rules` on
+#    charts/weir/rules/ (every alert with a summary, description and runbook), the PrometheusRule
+#    rendered with the default values equal to rules/weir-alerts.yaml (its one definition), and
+#    the PromQL of every dashboard in charts/weir/dashboards/ parsed by promtool. That the
+#    metrics they name are exported is checked by `cargo test -p weir --test chart_metrics`.
 #
 # Exits non-zero when anything failed, after printing every failure.
 set -uo pipefail
@@ -36,7 +43,7 @@ fail() { failures+=("$1"); printf '  FAIL %s\n' "$1"; }
 pass() { printf '  ok   %s\n' "$1"; }
 step() { printf '\n== %s\n' "$1"; }
 
-for tool in helm kubernetes-validate; do
+for tool in helm kubernetes-validate promtool; do
   if ! command -v "$tool" >/dev/null; then
     echo "check.sh: $tool not found; run scripts/setup.sh first" >&2
     exit 1
@@ -114,15 +121,29 @@ for vs in "${value_sets[@]}"; do
     continue
   fi
   cp "$rendered" "$work/by-name-$(basename "$vs")"
-  # Split the stream: CustomResourceDefinitions (from crds/) and the chart's templates.
+  # Split the stream: CustomResourceDefinitions (from crds/), the PrometheusRule's rule groups
+  # (no schema of kubernetes-validate knows the kind; promtool checks them) and the chart's
+  # templates.
   "$PY" -c '
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 crds = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
-rest = [d for d in docs if d.get("kind") != "CustomResourceDefinition"]
+rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+rest = [d for d in docs if d.get("kind") not in ("CustomResourceDefinition", "PrometheusRule")]
 yaml.safe_dump_all(crds, open(sys.argv[2], "w"), sort_keys=False)
 yaml.safe_dump_all(rest, open(sys.argv[3], "w"), sort_keys=False)
-' "$rendered" "$work/crds-$i.yaml" "$work/templates-$i.yaml"
+for n, d in enumerate(rules):
+    yaml.safe_dump(d["spec"], open("%s-%d.yaml" % (sys.argv[4], n), "w"), sort_keys=False)
+' "$rendered" "$work/crds-$i.yaml" "$work/templates-$i.yaml" "$work/prometheusrule-$i"
+  for f in "$work/prometheusrule-$i"-*.yaml; do
+    [ -e "$f" ] || continue
+    if out=$(promtool check rules "$f" 2>&1); then
+      pass "promtool check rules, the rendered PrometheusRule ($vs): $(grep -o '[0-9]* rules found' <<<"$out")"
+    else
+      printf '%s\n' "$out" | sed 's/^/       /'
+      fail "promtool check rules, the rendered PrometheusRule ($vs)"
+    fi
+  done
   for part in templates crds; do
     file="$work/$part-$i.yaml"
     total=$(objects "$file" | wc -l)
@@ -152,7 +173,8 @@ done
 step "rendered manifests match the operator's contract"
 n_before=${#failures[@]}
 # API versions a Kubernetes 1.20 cluster serves (policy/v1 only behind its Capabilities guard).
-allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1)$'
+# monitoring.coreos.com/v1 is the Prometheus Operator's (prometheusRules.enabled, off by default).
+allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1|monitoring.coreos.com/v1)$'
 for f in "$work"/rendered-*.yaml; do
   [ -e "$f" ] || continue
   bad=$(objects "$f" | awk '{print $1}' | sort -u | grep -vE "$allowed" || true)
@@ -253,7 +275,45 @@ if [ -e "$n" ]; then
   objects "$n" >"$work/no-mtls-objects"
   if grep -qx 'v1 Service weir-identity' "$work/no-mtls-objects"; then fail "no-mtls: Service weir-identity without mtls.enabled"; fi
 fi
-[ "${#failures[@]}" -eq "$n_before" ] && pass "API versions, kinds, operator flags and CRDs as expected"
+# Dashboards and alerts are off by default; observability-values turns them on.
+if [ -e "$d" ]; then
+  objects "$d" >"$work/default-objects-obs"
+  if grep -qE '^monitoring.coreos.com/v1 PrometheusRule ' "$work/default-objects-obs"; then fail "default: PrometheusRule rendered"; fi
+  if grep -q 'grafana_dashboard' "$d"; then fail "default: dashboard ConfigMaps rendered"; fi
+fi
+ob="$work/by-name-observability-values.yaml"
+if [ -e "$ob" ]; then
+  # The dashboards: one ConfigMap per dashboards/*.json, in grafana.dashboards.namespace, with
+  # the label and value asked for, holding the file's JSON unchanged.
+  got=$("$PY" -c '
+import json, sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d.get("kind") == "ConfigMap" and (d["metadata"].get("labels") or {}).get("weir.dev/dashboard") == "true":
+        for key, text in d["data"].items():
+            same = json.loads(text) == json.load(open(sys.argv[2] + "/" + key))
+            print(d["metadata"]["namespace"], key, "same" if same else "differs")
+' "$ob" "$CHART/dashboards")
+  want=$(for f in "$CHART"/dashboards/*.json; do echo "monitoring $(basename "$f") same"; done)
+  [ "$got" = "$want" ] || fail "observability: dashboard ConfigMaps '$got', expected '$want'"
+  # The PrometheusRule: labelled for the ruleSelector, with the values' `for` and severity, and
+  # without the alert turned off.
+  got=$("$PY" -c '
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d.get("kind") == "PrometheusRule":
+        print("release=" + d["metadata"]["labels"].get("release", ""))
+        for g in d["spec"]["groups"]:
+            for r in g["rules"]:
+                print(r["alert"], r["for"], r["labels"]["severity"])
+' "$ob")
+  want="release=kube-prometheus-stack
+WeirCircuitBreakerOpen 10m critical
+WeirDeadLettersGrowing 0m warning
+WeirSagaCompensationFailed 0m critical
+WeirConsumerLagGrowing 30m warning"
+  [ "$got" = "$want" ] || fail "observability: PrometheusRule '$got', expected '$want'"
+fi
+[ "${#failures[@]}" -eq "$n_before" ] && pass "API versions, kinds, operator flags, CRDs, dashboards and alerts as expected"
 
 # --- 4. negative checks: values.schema.json rejects bad values -------------------------------
 step "values.schema.json rejects wrong values (these must fail)"
@@ -269,6 +329,98 @@ for f in charts/testdata/bad-*-values.yaml; do
     fail "$f was not rejected by values.schema.json (helm lint rc $lint_rc, helm template rc $tmpl_rc)"
   fi
 done
+
+# --- 5. alerts and dashboards: promtool ------------------------------------------------------
+step "alerting rules and dashboards (promtool)"
+RULES=$CHART/rules/weir-alerts.yaml
+if out=$(promtool check rules "$RULES" 2>&1); then
+  pass "promtool check rules $RULES: $(grep -o '[0-9]* rules found' <<<"$out")"
+else
+  printf '%s\n' "$out" | sed 's/^/       /'
+  fail "promtool check rules $RULES"
+fi
+for t in "$CHART"/rules/*_test.yaml; do
+  [ -e "$t" ] || continue
+  if out=$(promtool test rules "$t" 2>&1); then
+    pass "promtool test rules $t: $(grep -c 'alertname:' "$t") alert checks"
+  else
+    printf '%s\n' "$out" | sed 's/^/       /'
+    fail "promtool test rules $t"
+  fi
+done
+# Every alert says what it is and what to do, and is tested firing and not firing.
+if out=$("$PY" -c '
+import sys, yaml
+rules = yaml.safe_load(open(sys.argv[1]))
+tests = yaml.safe_load(open(sys.argv[2]))
+firing, quiet = set(), set()
+for t in tests["tests"]:
+    for a in t.get("alert_rule_test", []):
+        (firing if a.get("exp_alerts") else quiet).add(a["alertname"])
+bad = []
+for g in rules["groups"]:
+    for r in g["rules"]:
+        name = r.get("alert") or r.get("record")
+        missing = [k for k in ("summary", "description", "runbook") if not (r.get("annotations") or {}).get(k)]
+        if "alert" in r and missing:
+            bad.append("%s: no %s annotation" % (name, ", ".join(missing)))
+        if "alert" in r and name not in firing:
+            bad.append("%s: no test where it fires" % name)
+        if "alert" in r and name not in quiet:
+            bad.append("%s: no test where it does not fire" % name)
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+' "$RULES" "$CHART/rules/weir-alerts_test.yaml" 2>&1); then
+  pass "every alert has a summary, a description and a runbook, and tests firing and not firing"
+else
+  printf '%s\n' "$out" | sed 's/^/       /'
+  fail "alerts without their annotations or tests"
+fi
+# One definition: the PrometheusRule rendered with the default values is the rule file.
+if helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --set prometheusRules.enabled=true \
+    --show-only templates/prometheusrule.yaml >"$work/prometheusrule-default.yaml" 2>"$work/err" &&
+  out=$("$PY" -c '
+import sys, yaml
+rendered = yaml.safe_load(open(sys.argv[1]))["spec"]
+source = yaml.safe_load(open(sys.argv[2]))
+if rendered != source:
+    for g1, g2 in zip(rendered["groups"], source["groups"]):
+        for r1, r2 in zip(g1["rules"], g2["rules"]):
+            if r1 != r2:
+                print("%s: rendered %s, rules file %s" % (r2.get("alert"), {k: v for k, v in r1.items() if r2.get(k) != v}, {k: v for k, v in r2.items() if r1.get(k) != v}))
+    sys.exit(1)
+' "$work/prometheusrule-default.yaml" "$RULES" 2>&1); then
+  pass "the PrometheusRule rendered with the default values is $RULES"
+else
+  { cat "$work/err"; printf '%s\n' "$out"; } | sed 's/^/       /'
+  fail "the PrometheusRule rendered with the default values differs from $RULES (prometheusRules.alerts in values.yaml?)"
+fi
+# The dashboards' PromQL, with Grafana's variables given values, as recording rules.
+if "$PY" -c '
+import glob, json, sys, yaml
+values = {"$__rate_interval": "5m", "$__range": "1h", "$namespace": "ns", "$microservice": ".*", "$queue": ".*", "$saga": ".*"}
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels", []))
+rules = []
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    d = json.load(open(f))
+    for p in panels(d["panels"]):
+        for t in p.get("targets", []):
+            expr = t["expr"]
+            for k, v in values.items():
+                expr = expr.replace(k, v)
+            if "$" in expr:
+                sys.exit("%s, panel %r: a variable this check does not know: %s" % (f, p["title"], expr))
+            rules.append({"record": "weir_dashboard:%s:%d" % (d["uid"].replace("-", "_"), len(rules)), "expr": expr})
+yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}, open(sys.argv[2], "w"))
+' "$CHART/dashboards" "$work/dashboard-exprs.yaml" 2>"$work/err" && out=$(promtool check rules "$work/dashboard-exprs.yaml" 2>&1); then
+  pass "the PromQL of $(ls "$CHART"/dashboards/*.json | wc -l) dashboards parses: $(grep -o '[0-9]* rules found' <<<"$out" | sed 's/rules/queries/')"
+else
+  { cat "$work/err"; printf '%s\n' "${out:-}"; } | sed 's/^/       /'
+  fail "the dashboards' PromQL"
+fi
 
 # --- summary ---------------------------------------------------------------------------------
 echo

@@ -2,8 +2,8 @@
 # Installs what Weir's build, tests and checks need. Idempotent: run it as often as you like.
 #
 #   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server,
-#                               redis-server and rabbitmq-server (Debian; services left stopped),
-#                               tansu (the Kafka-protocol broker), moto_server (its S3 storage)
+#                               redis-server, rabbitmq-server and promtool (Debian; services left
+#                               stopped), tansu (the Kafka-protocol broker), moto_server (its S3 storage)
 #   scripts/setup.sh --bench    also nginx, haproxy, wrk, h2load, valgrind and envoy for the sidecar
 #                               benchmarks and profile
 #
@@ -113,14 +113,24 @@ if ! command -v redis-server >/dev/null || ! [ -x /usr/lib/rabbitmq/bin/rabbitmq
   apt_install redis-server rabbitmq-server
   [ "$had_policy" = 1 ] || rm -f "$policy"
 fi
+# promtool (Debian's prometheus package): charts/check.sh checks and unit-tests the chart's
+# alerting rules with it. Only the tool is wanted: the package's Prometheus service is kept from
+# starting at install time, as above, and stopped below if something started it.
+if ! command -v promtool >/dev/null; then
+  policy=/usr/sbin/policy-rc.d
+  had_policy=0; [ -e "$policy" ] && had_policy=1
+  [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
+  apt_install prometheus
+  [ "$had_policy" = 1 ] || rm -f "$policy"
+fi
 # The broker TLS tests make their CA and server certificates with the openssl CLI.
 command -v openssl >/dev/null || apt_install openssl
-for svc in redis-server rabbitmq-server; do
+for svc in redis-server rabbitmq-server prometheus; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
-    log "stopping and disabling the system-wide $svc (tests run their own)"
+    log "stopping and disabling the system-wide $svc (tests and checks start what they need)"
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   elif command -v service >/dev/null && service "$svc" status >/dev/null 2>&1; then
-    log "stopping the system-wide $svc (tests run their own)"
+    log "stopping the system-wide $svc (tests and checks start what they need)"
     service "$svc" stop >/dev/null 2>&1 || true
   fi
 done
