@@ -31,7 +31,7 @@ pub struct Metrics {
     pub errors: Family<ErrorLabel, Counter>,
     pub duration: Family<KindLabel, Histogram>,
     pub leader: Gauge,
-    /// The Queue controller's cache, set when it starts: the figures of [`QueueFigures`].
+    /// The Queue controller's cache, set when it starts: the figures exported at each scrape (`weir_operator_queue_*`).
     pub queues: Arc<OnceLock<Store<Queue>>>,
 }
 
