@@ -417,3 +417,28 @@ async fn an_autoscaler_of_the_users_own_is_left_the_replicas() {
         "External"
     );
 }
+
+/// Once status says an autoscaler scales it, the Deployment is not read again for a hand-over.
+#[tokio::test]
+async fn an_autoscaled_microservice_is_not_handed_over_twice() {
+    let spec = json!({"image": "orders:1",
+        "autoscaling": {"maxReplicas": 8, "targetCPUUtilizationPercentage": 60}});
+    let status = json!({"autoscaling": {"scaler": "HorizontalPodAutoscaler", "object": "HorizontalPodAutoscaler/orders"}});
+    let mut script = discovery(false, true);
+    script.push(expect(
+        Method::PATCH,
+        "/apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers/orders",
+        echo,
+    ));
+    script.extend(children());
+    script.push(expect(
+        Method::PATCH,
+        &format!("{MS}/orders/status"),
+        status_echo,
+    ));
+    let seen = run(microservice(spec, Some(status)), script).await;
+    assert!(
+        seen.iter()
+            .all(|(path, body)| path != DEPLOYMENT || !body.is_null())
+    );
+}

@@ -356,7 +356,9 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         _ => render::render_in_mesh(ms, &ctx.render, bridge.as_ref(), &callers)?,
     };
     if let Some(served) = served {
-        if rendered.autoscalers.scales() {
+        // Once status says an autoscaler scales it, the operator applied no replicas since:
+        // nothing is left to hand over, and the Deployment is not read again.
+        if rendered.autoscalers.scales() && current.autoscaling.is_none() {
             autoscaling::hand_over_replicas(&ctx.client, &ns, &name).await?;
         }
         autoscaling::apply(
