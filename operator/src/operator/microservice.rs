@@ -46,11 +46,13 @@ pub const RECONCILE_CONCURRENCY: u16 = 32;
 /// Periodic resync even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Metadata-only events of the operator's children of kind `K`.
+/// Metadata-only events of the operator's children of kind `K`, kept in `cache` (the versions
+/// [`super::applied`] compares its last applies with).
 fn children<K>(
     client: &kube::Client,
     namespace: Option<&str>,
     config: &watcher::Config,
+    cache: reflector::store::Writer<PartialObjectMeta<K>>,
 ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
@@ -66,6 +68,7 @@ where
         config.clone(),
     )
     .default_backoff()
+    .reflect(cache)
     .touched_objects()
 }
 
@@ -108,10 +111,33 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         let _ = m.microservices.set(store.clone());
     }
     let gone_mesh = mesh.clone();
+    let (deployments, deployments_cache) = reflector::store();
+    let (services, services_cache) = reflector::store();
+    let (config_maps, config_maps_cache) = reflector::store();
+    ctx.applied.watch(super::applied::Stores {
+        deployments,
+        services,
+        config_maps,
+    });
     let controller = Controller::for_stream(main, store)
-        .owns_stream(children::<Deployment>(&client, namespace, &owned))
-        .owns_stream(children::<Service>(&client, namespace, &owned))
-        .owns_stream(children::<ConfigMap>(&client, namespace, &owned))
+        .owns_stream(children::<Deployment>(
+            &client,
+            namespace,
+            &owned,
+            deployments_cache,
+        ))
+        .owns_stream(children::<Service>(
+            &client,
+            namespace,
+            &owned,
+            services_cache,
+        ))
+        .owns_stream(children::<ConfigMap>(
+            &client,
+            namespace,
+            &owned,
+            config_maps_cache,
+        ))
         // A Queue's change (e.g. maxDeliveries) reaches the sidecars of the services using it.
         .watches(queues, watcher::Config::default(), move |q| {
             super::queue::microservices_using(&queue_store, &q)
@@ -234,6 +260,14 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     if ms.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
         ctx.last_written.forget(&super::backoff::key_of(ms));
+        ctx.applied.forget(
+            &ns,
+            &[
+                name.clone(),
+                render::config_map_name(&name),
+                weir_crds::microservice::endpoints_service_name(&name),
+            ],
+        );
         if let Some(m) = &ctx.mesh {
             m.forget(&ns, &name);
         }
@@ -371,7 +405,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
         )
         .await?;
     }
-    let deployment = workload::apply(&ctx.client, &ns, &name, &rendered).await?;
+    let deployment = workload::apply(&ctx.client, &ns, &name, &rendered, &ctx.applied).await?;
     if let Some(m) = &ctx.mesh {
         m.rendered(&ns, ms, callers);
     }

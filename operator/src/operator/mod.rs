@@ -1,6 +1,7 @@
 //! `weir operator`: the controllers, leader election, and the metrics/health endpoint.
 
 pub mod admin;
+pub mod applied;
 pub mod autoscaling;
 pub mod backoff;
 pub mod broker;
@@ -107,6 +108,8 @@ pub struct Context {
     pub mesh: Option<Arc<mesh::PodMesh>>,
     /// Which autoscaling APIs the cluster serves (KEDA, `autoscaling/v2`), asked when needed.
     pub autoscaling: autoscaling::Discovery,
+    /// What was last applied of each child, to skip applies that change nothing.
+    pub applied: applied::Applied,
 }
 
 impl Context {
@@ -128,6 +131,7 @@ impl Context {
             last_written: Default::default(),
             mesh: None,
             autoscaling: Default::default(),
+            applied: Default::default(),
         }
     }
 }

@@ -254,7 +254,7 @@ async fn reconcile_inner(saga: &Saga, ctx: &Context, stats: &StatsFn) -> Result<
     if let Some(m) = &ctx.mesh {
         m.ensure_bundle(&ctx.client, &ns).await?;
     }
-    let deployment = workload::apply(&ctx.client, &ns, &coord, &rendered).await?;
+    let deployment = workload::apply(&ctx.client, &ns, &coord, &rendered, &ctx.applied).await?;
 
     let desired = saga.spec.replicas;
     let ready = deployment

@@ -3,6 +3,7 @@
 //! coordinator, whose "what should exist" is [`crate::render`].
 
 use super::FIELD_MANAGER;
+use super::applied::Applied;
 use crate::render::{self, Rendered};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -10,21 +11,29 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 
 /// Applies `rendered` as workload `name` of `namespace`, ConfigMap and ServiceAccount first (a
-/// new Deployment's pods mount the one and run under the other), and returns the Deployment as the API server now has it (with its status).
+/// new Deployment's pods mount the one and run under the other), and returns the Deployment as
+/// the API server now has it (with its status). A child that `applied` knows to be as this
+/// apply would leave it is not applied again ([`super::applied`]).
 pub async fn apply(
     client: &Client,
     namespace: &str,
     name: &str,
     rendered: &Rendered,
+    applied: &Applied,
 ) -> Result<Deployment, kube::Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .patch(
-            &render::config_map_name(name),
-            &pp,
-            &Patch::Apply(&rendered.config_map),
-        )
-        .await?;
+    let cm_name = render::config_map_name(name);
+    if !applied.unchanged(namespace, &cm_name, &rendered.config_map) {
+        let answer = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .patch(&cm_name, &pp, &Patch::Apply(&rendered.config_map))
+            .await?;
+        applied.record(
+            namespace,
+            &cm_name,
+            &rendered.config_map,
+            answer.metadata.resource_version,
+        );
+    }
     if let Some(account) = &rendered.service_account {
         Api::<ServiceAccount>::namespaced(client.clone(), namespace)
             .patch(
@@ -35,20 +44,25 @@ pub async fn apply(
             .await?;
     }
     let services = Api::<Service>::namespaced(client.clone(), namespace);
-    services
-        .patch(name, &pp, &Patch::Apply(&rendered.service))
-        .await?;
-    // The headless Service of the pods, which callers' sidecars resolve to balance each call.
+    // The Service, and the headless Service of the pods, which callers' sidecars resolve to
+    // balance each call.
+    let mut all = vec![(name.to_string(), &rendered.service)];
     if let Some(headless) = &rendered.endpoints_service {
-        services
-            .patch(
-                &headless.metadata.name.clone().unwrap_or_default(),
-                &pp,
-                &Patch::Apply(headless),
-            )
-            .await?;
+        all.push((headless.metadata.name.clone().unwrap_or_default(), headless));
     }
-    Api::<Deployment>::namespaced(client.clone(), namespace)
+    for (svc_name, svc) in all {
+        if applied.unchanged(namespace, &svc_name, svc) {
+            continue;
+        }
+        let answer = services.patch(&svc_name, &pp, &Patch::Apply(svc)).await?;
+        applied.record(namespace, &svc_name, svc, answer.metadata.resource_version);
+    }
+    if let Some(d) = applied.unchanged_deployment(namespace, name, &rendered.deployment) {
+        return Ok((*d).clone());
+    }
+    let answer = Api::<Deployment>::namespaced(client.clone(), namespace)
         .patch(name, &pp, &Patch::Apply(&rendered.deployment))
-        .await
+        .await?;
+    applied.record_deployment(namespace, name, &rendered.deployment, &answer);
+    Ok(answer)
 }
