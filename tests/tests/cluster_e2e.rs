@@ -875,8 +875,16 @@ async fn direct_applies(client: &Client, n: usize, concurrency: usize) -> Result
     let bin = std::env::var("WEIR_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weir"));
-    let out = std::process::Command::new(&bin)
-        .args(["render", "--mtls", "-n", &ns, "-f"])
+    // As the chart configures the operator: native sidecars from Kubernetes 1.29.
+    let v = client.apiserver_version().await?;
+    let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["render", "--mtls", "-n", &ns]);
+    if minor < 29 {
+        cmd.arg("--legacy-sidecar");
+    }
+    let out = cmd
+        .arg("-f")
         .arg(&file)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;

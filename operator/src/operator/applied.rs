@@ -149,7 +149,8 @@ impl Applied {
         }
     }
 
-    /// Records the Deployment the API server answered an apply of `object` with.
+    /// Records the Deployment the API server answered an apply of `object` with: of the answer,
+    /// what a reconcile reads (its generation, replicas and status), not its pod template.
     pub fn record_deployment(
         &self,
         namespace: &str,
@@ -163,13 +164,30 @@ impl Applied {
             object,
             answer.metadata.resource_version.clone(),
         );
+        let kept = Deployment {
+            metadata: kube::api::ObjectMeta {
+                name: answer.metadata.name.clone(),
+                namespace: answer.metadata.namespace.clone(),
+                generation: answer.metadata.generation,
+                resource_version: answer.metadata.resource_version.clone(),
+                ..Default::default()
+            },
+            spec: answer
+                .spec
+                .as_ref()
+                .map(|s| k8s_openapi::api::apps::v1::DeploymentSpec {
+                    replicas: s.replicas,
+                    ..Default::default()
+                }),
+            status: answer.status.clone(),
+        };
         if let Some(l) = self
             .last
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&(<Deployment as Child>::KIND, namespace.into(), name.into()))
         {
-            l.deployment = Some(Arc::new(answer.clone()));
+            l.deployment = Some(Arc::new(kept));
         }
     }
 

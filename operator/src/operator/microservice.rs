@@ -68,6 +68,14 @@ where
         config.clone(),
     )
     .default_backoff()
+    // Only what maps a child to its owner and tells its version is kept (managedFields, labels
+    // and annotations are most of an object's metadata, times every child).
+    .modify(|c: &mut PartialObjectMeta<K>| {
+        let m = &mut c.metadata;
+        m.managed_fields = None;
+        m.annotations = None;
+        m.labels = None;
+    })
     .reflect(cache)
     .touched_objects()
 }
