@@ -966,9 +966,20 @@ async fn direct_applies(client: &Client, n: usize, concurrency: usize) -> Result
         "  direct: {n} Microservices written in {:.1}s",
         took.as_secs_f64()
     );
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&ns, &DeleteParams::background())
-        .await;
+    // Gone before the operator's turn: the garbage collector's deletes would share the API
+    // server with it.
+    let namespaces = Api::<Namespace>::all(client.clone());
+    namespaces.delete(&ns, &DeleteParams::background()).await?;
+    wait_for(
+        &format!("namespace {ns} gone"),
+        Duration::from_secs(900),
+        || {
+            let namespaces = namespaces.clone();
+            let ns = ns.clone();
+            async move { Ok(namespaces.get_opt(&ns).await?.is_none().then_some(())) }
+        },
+    )
+    .await?;
     Ok((took, applies / n as f64))
 }
 
