@@ -356,6 +356,21 @@ fn without_keda_only_the_cpu_and_memory_targets_are_rendered() {
     );
 }
 
+/// Fails naming each error when KEDA's `schema` refuses the rendered `object`.
+fn accepted(schema: &jsonschema::Validator, object: &serde_json::Value) {
+    let errors: Vec<String> = schema
+        .iter_errors(object)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "KEDA's schema refuses {}/{} in {}: {errors:?}\n{object}",
+        object["kind"],
+        object["metadata"]["name"],
+        object["metadata"]["namespace"]
+    );
+}
+
 /// KEDA 2.16's CRD schema of `kind` (operator/tests/keda/), made strict as the API server's
 /// field validation is: a property no schema names is refused, not pruned.
 fn keda_schema(file: &str) -> serde_json::Value {
@@ -532,14 +547,7 @@ fn queue_lag_renders_keda_objects_per_broker_kind_that_kedas_schema_accepts() {
         match d["kind"].as_str().unwrap_or_default() {
             "Deployment" => assert!(d["spec"].get("replicas").is_none(), "{ns}: {d}"),
             "ScaledObject" => {
-                let errors: Vec<String> = scaled_object
-                    .iter_errors(d)
-                    .map(|e| format!("{} at {}", e, e.instance_path()))
-                    .collect();
-                assert!(
-                    errors.is_empty(),
-                    "{ns}: KEDA's schema refuses the ScaledObject: {errors:?}\n{d}"
-                );
+                accepted(&scaled_object, d);
                 assert_eq!(d["spec"]["scaleTargetRef"]["name"], "packer");
                 let auth = docs.iter().find(|t| {
                     t["kind"] == "TriggerAuthentication" && t["metadata"]["namespace"] == ns
@@ -578,14 +586,7 @@ fn queue_lag_renders_keda_objects_per_broker_kind_that_kedas_schema_accepts() {
                 golden.push(d.clone());
             }
             "TriggerAuthentication" => {
-                let errors: Vec<String> = trigger_auth
-                    .iter_errors(d)
-                    .map(|e| format!("{} at {}", e, e.instance_path()))
-                    .collect();
-                assert!(
-                    errors.is_empty(),
-                    "{ns}: KEDA's schema refuses the TriggerAuthentication: {errors:?}\n{d}"
-                );
+                accepted(&trigger_auth, d);
                 golden.push(d.clone());
             }
             _ => {}

@@ -124,6 +124,26 @@ fn status_echo(body: &Value) -> (StatusCode, Value) {
     (StatusCode::OK, obj)
 }
 
+/// The bridge's lookups of a Microservice consuming Queue `jobs` on the NATS Broker `nats`.
+fn queue_jobs_on_nats() -> Vec<Expect> {
+    let found = |object: Value| move |_: &Value| (StatusCode::OK, object.clone());
+    vec![
+        expect(
+            Method::GET,
+            "/apis/weir.dev/v1alpha1/namespaces/demo/queues/jobs",
+            found(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Queue",
+                "metadata": {"name": "jobs", "namespace": "demo"}, "spec": {"broker": "nats"}})),
+        ),
+        expect(
+            Method::GET,
+            "/apis/weir.dev/v1alpha1/namespaces/demo/brokers/nats",
+            found(json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
+                "metadata": {"name": "nats", "namespace": "demo"},
+                "spec": {"kind": "nats", "url": "nats://nats:4222"}})),
+        ),
+    ]
+}
+
 fn condition<'a>(status_patch: &'a Value, type_: &str) -> Option<&'a Value> {
     status_patch["status"]["conditions"]
         .as_array()
@@ -254,30 +274,7 @@ async fn queue_lag_without_keda_is_a_condition_and_the_cpu_target_still_applies(
         "consumes": [{"queue": "jobs", "path": "/jobs"}],
         "autoscaling": {"maxReplicas": 8, "targetCPUUtilizationPercentage": 60,
             "queueLag": [{"queue": "jobs", "targetLagPerReplica": 10}]}});
-    let mut script = vec![
-        expect(
-            Method::GET,
-            "/apis/weir.dev/v1alpha1/namespaces/demo/queues/jobs",
-            |_| {
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Queue",
-                "metadata": {"name": "jobs", "namespace": "demo"}, "spec": {"broker": "nats"}}),
-                )
-            },
-        ),
-        expect(
-            Method::GET,
-            "/apis/weir.dev/v1alpha1/namespaces/demo/brokers/nats",
-            |_| {
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
-                "metadata": {"name": "nats", "namespace": "demo"}, "spec": {"kind": "nats", "url": "nats://nats:4222"}}),
-                )
-            },
-        ),
-    ];
+    let mut script = queue_jobs_on_nats();
     script.extend(discovery(false, true));
     script.push(expect(Method::GET, DEPLOYMENT, not_found));
     script.push(expect(
@@ -317,30 +314,7 @@ async fn queue_lag_with_keda_applies_a_scaled_object() {
         "consumes": [{"queue": "jobs", "path": "/jobs"}],
         "autoscaling": {"minReplicas": 0, "maxReplicas": 8, "targetCPUUtilizationPercentage": 60,
             "queueLag": [{"queue": "jobs", "targetLagPerReplica": 10}]}});
-    let mut script = vec![
-        expect(
-            Method::GET,
-            "/apis/weir.dev/v1alpha1/namespaces/demo/queues/jobs",
-            |_| {
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Queue",
-                "metadata": {"name": "jobs", "namespace": "demo"}, "spec": {"broker": "nats"}}),
-                )
-            },
-        ),
-        expect(
-            Method::GET,
-            "/apis/weir.dev/v1alpha1/namespaces/demo/brokers/nats",
-            |_| {
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "weir.dev/v1alpha1", "kind": "Broker",
-                "metadata": {"name": "nats", "namespace": "demo"}, "spec": {"kind": "nats", "url": "nats://nats:4222"}}),
-                )
-            },
-        ),
-    ];
+    let mut script = queue_jobs_on_nats();
     script.extend(discovery(true, true));
     script.push(expect(Method::GET, DEPLOYMENT, not_found));
     script.push(expect(
