@@ -66,6 +66,7 @@ async fn crds_on_a_modern_api_server() -> Result<()> {
     typos_are_refused(&api).await.context("typos")?;
     parity(&api).await.context("parity")?;
     printer_columns(&api).await.context("printer columns")?;
+    keda_objects_are_accepted(&api).await.context("KEDA")?;
     Ok(())
 }
 
@@ -184,6 +185,119 @@ fn refusal(reply: &Reply) -> (Vec<String>, String) {
         .map(|c| str_of(c, "/field").to_string())
         .collect();
     (fields, str_of(&reply.2, "/message").to_string())
+}
+
+/// What `weir render` makes for KEDA (`spec.autoscaling.queueLag`: the example and one consumer
+/// on each broker kind) is accepted by a server serving KEDA 2.16's own CRDs
+/// (operator/tests/keda/) with strict field validation, and a misspelt field is refused: the
+/// rendered objects are KEDA's as its API server sees them, not only as its schema file reads.
+async fn keda_objects_are_accepted(api: &Api) -> Result<()> {
+    eprintln!("== KEDA's ScaledObject and TriggerAuthentication as weir render makes them");
+    let dir = root().join("operator/tests/keda");
+    let mut names = Vec::new();
+    for file in [
+        "keda.sh_scaledobjects.yaml",
+        "keda.sh_triggerauthentications.yaml",
+    ] {
+        let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(dir.join(file))?)?;
+        let reply = apply_crd(api, &crd).await?;
+        if !reply.0.is_success() {
+            bail!("{file}: {}", refusal(&reply).1);
+        }
+        names.push(str_of(&crd, "/metadata/name").to_string());
+    }
+    for n in &names {
+        wait_established(api, n).await?;
+    }
+    let mut objects = Vec::new();
+    for input in [
+        "operator/tests/autoscaling/brokers.yaml",
+        "examples/autoscaling",
+    ] {
+        let out = std::process::Command::new(weir_bin())
+            .args(["render", "-f"])
+            .arg(root().join(input))
+            .output()
+            .with_context(|| format!("running {}", weir_bin().display()))?;
+        if !out.status.success() {
+            bail!(
+                "weir render -f {input}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for doc in serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout)?) {
+            use serde::Deserialize as _;
+            let v = Value::deserialize(doc)?;
+            if str_of(&v, "/apiVersion") == "keda.sh/v1alpha1" {
+                objects.push(v);
+            }
+        }
+    }
+    let collection = |o: &Value| {
+        let plural = match str_of(o, "/kind") {
+            "ScaledObject" => "scaledobjects",
+            _ => "triggerauthentications",
+        };
+        format!(
+            "/apis/keda.sh/v1alpha1/namespaces/{}/{plural}",
+            str_of(o, "/metadata/namespace")
+        )
+    };
+    for o in &objects {
+        let what = format!(
+            "{}/{} in {}",
+            str_of(o, "/kind"),
+            str_of(o, "/metadata/name"),
+            str_of(o, "/metadata/namespace")
+        );
+        let reply = api
+            .create(&format!("{}?fieldValidation=Strict", collection(o)), o)
+            .await?;
+        if !reply.0.is_success() || !reply.1.is_empty() {
+            bail!(
+                "{what}: {} warnings {:?}: {}",
+                reply.0,
+                reply.1,
+                refusal(&reply).1
+            );
+        }
+    }
+    let kinds = |k: &str| objects.iter().filter(|o| str_of(o, "/kind") == k).count();
+    if kinds("ScaledObject") < 5 || kinds("TriggerAuthentication") < 3 {
+        bail!("too few KEDA objects rendered: {}", objects.len());
+    }
+    // The same check refuses what KEDA does not know.
+    let mut typo = objects
+        .iter()
+        .find(|o| str_of(o, "/kind") == "ScaledObject")
+        .cloned()
+        .context("a ScaledObject")?;
+    typo["metadata"]["name"] = json!("typo");
+    typo["spec"]["minReplicas"] = json!(1);
+    let reply = api
+        .create(
+            &format!("{}?fieldValidation=Strict", collection(&typo)),
+            &typo,
+        )
+        .await?;
+    let (fields, message) = refusal(&reply);
+    if reply.0.is_success() {
+        bail!("a ScaledObject with spec.minReplicas was accepted");
+    }
+    eprintln!(
+        "  ok: {} ScaledObjects and {} TriggerAuthentications accepted with strict field validation; a misspelt one refused: {}",
+        kinds("ScaledObject"),
+        kinds("TriggerAuthentication"),
+        if fields.is_empty() {
+            message
+        } else {
+            fields.join(", ")
+        }
+    );
+    for n in &names {
+        api.delete(&format!("{CRD_PATH}/{n}")).await?;
+    }
+    Ok(())
 }
 
 async fn apply_crd(api: &Api, crd: &Value) -> Result<Reply> {
