@@ -52,6 +52,16 @@ pub struct CoordinatorConfig {
     /// than on NATS (queues on Redis or RabbitMQ; `weir up --broker`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_url: Option<String>,
+    /// Where each target really is when `targets` points at a sidecar's dependency port (a
+    /// Microservice's Service URL, an external URL's base). Stored with each definition an
+    /// instance runs: an instance started on a definition whose target is no longer in
+    /// `targets` calls it there, around the sidecar. Left out: `targets` are direct.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub direct_targets: BTreeMap<String, String>,
+    /// How long finished instances are kept on the log (ms) before the coordinator purges
+    /// them; left out: 30 days (the log stream's age).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<u64>,
 }
 
 /// One step, resolved: its calls, its deadline and its retries.

@@ -8,6 +8,14 @@ use std::time::Duration;
 /// The regular expression the CRD schema uses for every duration field.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
 
+/// The pattern of long durations (retention, ages), which may also count days: `30d`, `7d12h`.
+pub const LONG_DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+
+/// Parses a long duration: as [`parse`], plus `d` (24h): `30d`, `7d12h`, `90m`.
+pub fn parse_long(input: &str) -> Result<Duration, DurationError> {
+    parse_units(input, true)
+}
+
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid duration {input:?}: {reason} (expected e.g. 250ms, 3s, 1m30s)")]
@@ -20,6 +28,10 @@ pub struct DurationError {
 
 /// Parses `250ms`, `3s`, `1m30s`, `2h`: one or more number+unit pairs, units `ms`, `s`, `m`, `h`.
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
+    parse_units(input, false)
+}
+
+fn parse_units(input: &str, days: bool) -> Result<Duration, DurationError> {
     let err = |reason| DurationError {
         input: input.to_string(),
         reason,
@@ -53,6 +65,11 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
         } else if input[i..].starts_with('h') {
             i += 1;
             3_600_000
+        } else if days && input[i..].starts_with('d') {
+            i += 1;
+            86_400_000
+        } else if days {
+            return Err(err("unit must be one of ms, s, m, h, d"));
         } else {
             return Err(err("unit must be one of ms, s, m, h"));
         };
@@ -89,6 +106,15 @@ mod tests {
         assert_eq!(parse("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse("1s500ms").unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn long_durations_count_days() {
+        assert_eq!(parse_long("30d").unwrap(), Duration::from_secs(30 * 86400));
+        assert_eq!(parse_long("1d12h").unwrap(), Duration::from_secs(36 * 3600));
+        assert_eq!(parse_long("90s").unwrap(), Duration::from_secs(90));
+        assert!(parse("1d").is_err());
+        assert!(parse_long("1w").is_err());
     }
 
     #[test]

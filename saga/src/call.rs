@@ -136,20 +136,35 @@ impl Caller {
         headers: &CallHeaders,
         timeout: Duration,
     ) -> Outcome {
+        self.call_in(&self.targets, call, body, headers, timeout)
+            .await
+    }
+
+    /// [`Caller::call`] with HTTP targets resolved in `targets` (an instance's definition may
+    /// name targets the config no longer has).
+    pub async fn call_in(
+        &self,
+        targets: &BTreeMap<String, String>,
+        call: &CallConfig,
+        body: Option<Value>,
+        headers: &CallHeaders,
+        timeout: Duration,
+    ) -> Outcome {
         match call {
-            CallConfig::Http(h) => self.http_call(h, body, headers, timeout).await,
+            CallConfig::Http(h) => self.http_call(targets, h, body, headers, timeout).await,
             CallConfig::Request(r) => self.request(r, body, headers, timeout).await,
         }
     }
 
     async fn http_call(
         &self,
+        targets: &BTreeMap<String, String>,
         h: &HttpCallConfig,
         body: Option<Value>,
         headers: &CallHeaders,
         timeout: Duration,
     ) -> Outcome {
-        let Some(base) = self.targets.get(&h.target) else {
+        let Some(base) = targets.get(&h.target) else {
             return Outcome::NotSent {
                 error: format!("no target {:?}", h.target),
             };

@@ -15,8 +15,10 @@
 //!   twice (a replica paused longer than the TTL), the second writer's append fails and it stops.
 
 use super::call::{CallHeaders, Caller, Outcome};
-use super::config::{CallConfig, CoordinatorConfig, RetryConfig};
-use super::log::{Entry, Event, Instance, Log, LogError, Status, StepOutcome};
+use super::config::{CallConfig, CoordinatorConfig, RetryConfig, StepConfig};
+use super::log::{
+    Entry, Event, Instance, Log, LogError, Request, StateFilter, Status, StepOutcome,
+};
 use super::metrics::{SagaLabel, SagaMetrics, StepLabel};
 use super::template;
 use async_nats::jetstream::{self, consumer, kv};
@@ -24,7 +26,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +44,82 @@ pub struct Summary {
     pub step: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The definition it runs ([`Definition::version`]); `None`: started before versions.
+    pub version: Option<String>,
+    #[serde(skip)]
+    cancel_requested: bool,
+}
+
+/// What an instance runs: the steps and the compensation policy it started with, stored under
+/// its content hash (the version) in the versions bucket when a coordinator starts with it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Definition {
+    pub steps: Vec<StepConfig>,
+    pub compensation_retry: RetryConfig,
+    /// Where each HTTP target was when the version was first stored (its direct address when
+    /// the config had one): how an instance reaches a target the current config no longer has.
+    #[serde(default)]
+    pub targets: BTreeMap<String, String>,
+}
+
+impl Definition {
+    pub fn of(cfg: &CoordinatorConfig) -> Self {
+        Self {
+            steps: cfg.steps.clone(),
+            compensation_retry: cfg.compensation_retry.clone(),
+            targets: cfg
+                .targets
+                .iter()
+                .map(|(k, v)| (k.clone(), cfg.direct_targets.get(k).unwrap_or(v).clone()))
+                .collect(),
+        }
+    }
+
+    /// 12 hex digits of the SHA-256 of the steps and the compensation policy (not the targets'
+    /// addresses: the same steps on other ports are the same version).
+    pub fn version(&self) -> String {
+        let canonical = serde_json::to_vec(&json!({
+            "steps": self.steps,
+            "compensationRetry": self.compensation_retry,
+        }))
+        .expect("definitions serialize");
+        hex::encode(Sha256::digest(&canonical))[..12].to_string()
+    }
+}
+
+/// A definition ready to run: its step names and its targets resolved (the current config's
+/// address of a target first, else the one stored with the definition).
+pub struct Loaded {
+    pub version: Option<String>,
+    pub def: Definition,
+    names: Vec<String>,
+    targets: BTreeMap<String, String>,
+}
+
+impl Loaded {
+    fn new(version: Option<String>, def: Definition, cfg: &CoordinatorConfig) -> Self {
+        let mut targets = def.targets.clone();
+        targets.extend(cfg.targets.clone());
+        Self {
+            version,
+            names: def.steps.iter().map(|s| s.name.clone()).collect(),
+            def,
+            targets,
+        }
+    }
+}
+
+/// Counts of one version's instances.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStats {
+    /// Unfinished: running, compensating or cancelling.
+    pub running: i64,
+    pub completed: i64,
+    pub compensated: i64,
+    pub cancelled: i64,
+    pub failed: i64,
 }
 
 /// Counts over every instance on the log.
@@ -56,7 +134,22 @@ pub struct Stats {
     pub failed: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
+    /// Instances whose cancel was requested, not ended yet.
+    #[serde(default)]
+    pub cancelling: i64,
+    /// Instances cancelled (compensated on request).
+    #[serde(default)]
+    pub cancelled: i64,
+    /// The version new instances start on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<String>,
+    /// Counts per version (`unversioned`: started before versions existed).
+    #[serde(default)]
+    pub versions: BTreeMap<String, VersionStats>,
 }
+
+/// The key of instances without a version in [`Stats::versions`].
+pub const UNVERSIONED: &str = "unversioned";
 
 #[derive(Default)]
 struct View {
@@ -91,8 +184,12 @@ pub struct Coordinator {
     pub metrics: Arc<SagaMetrics>,
     js: jetstream::Context,
     leases: kv::Store,
+    versions: kv::Store,
     caller: Caller,
-    names: Vec<String>,
+    /// The definition new instances run.
+    pub current: Arc<Loaded>,
+    /// Older definitions, loaded from the versions bucket when an instance needs one.
+    defs: Mutex<HashMap<String, Arc<Loaded>>>,
     view: Mutex<View>,
     driving: Mutex<HashSet<String>>,
     finished: broadcast::Sender<Finished>,
@@ -109,7 +206,11 @@ impl Coordinator {
         replica: String,
     ) -> anyhow::Result<Arc<Self>> {
         let js = jetstream::new(client.clone());
-        let log = Log::open(js.clone(), &cfg.namespace, &cfg.name).await?;
+        let retention = Duration::from_millis(
+            cfg.retention_ms
+                .unwrap_or(super::log::LOG_MAX_AGE.as_millis() as u64),
+        );
+        let log = Log::open_with(js.clone(), &cfg.namespace, &cfg.name, retention).await?;
         let bucket = super::log::lease_bucket(&cfg.namespace, &cfg.name);
         let ttl = Duration::from_millis(cfg.lease_ttl_ms);
         let leases = match js
@@ -131,8 +232,47 @@ impl Coordinator {
                     .map_err(|e| anyhow::anyhow!("lease bucket {bucket}: {e}"))?
             }
         };
+        // The definition new instances run, stored under its version before any instance can
+        // name it (create: a version's first definition stays, the same steps whatever ports).
+        let vbucket = super::log::versions_bucket(&cfg.namespace, &cfg.name);
+        let versions = match js
+            .create_key_value(kv::Config {
+                bucket: vbucket.clone(),
+                description: format!(
+                    "Weir Saga {}/{}: the definitions instances run, by version",
+                    cfg.namespace, cfg.name
+                ),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "versions bucket exists, opening it");
+                js.get_key_value(&vbucket)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("versions bucket {vbucket}: {e}"))?
+            }
+        };
+        let def = Definition::of(&cfg);
+        let version = def.version();
+        let text = serde_json::to_vec(&def).expect("definitions serialize");
+        if versions
+            .get(&version)
+            .await
+            .map_err(|e| anyhow::anyhow!("versions bucket {vbucket}: {e}"))?
+            .is_none()
+            && let Err(e) = versions.create(&version, text.into()).await
+        {
+            // Another replica stored it first; anything else is fatal.
+            if versions.get(&version).await.ok().flatten().is_none() {
+                anyhow::bail!("storing definition {version} in {vbucket}: {e}");
+            }
+        }
+        let current = Arc::new(Loaded::new(Some(version), def, &cfg));
         let caller = Caller::new(client, cfg.targets.clone());
-        let names = cfg.steps.iter().map(|s| s.name.clone()).collect();
         let (finished, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
@@ -141,8 +281,10 @@ impl Coordinator {
             metrics: Arc::new(SagaMetrics::default()),
             js,
             leases,
+            versions,
             caller,
-            names,
+            current,
+            defs: Mutex::new(HashMap::new()),
             view: Mutex::new(View::default()),
             driving: Mutex::new(HashSet::new()),
             finished,
@@ -160,6 +302,34 @@ impl Coordinator {
 
     fn saga_ref(&self) -> String {
         format!("{}/{}", self.cfg.namespace, self.cfg.name)
+    }
+
+    /// The definition of `version` (`None`: the current one, for instances started before
+    /// versions existed).
+    pub async fn definition(&self, version: Option<&str>) -> Result<Arc<Loaded>, LogError> {
+        let Some(v) = version else {
+            return Ok(self.current.clone());
+        };
+        if self.current.version.as_deref() == Some(v) {
+            return Ok(self.current.clone());
+        }
+        if let Some(d) = self.defs.lock().expect("defs").get(v) {
+            return Ok(d.clone());
+        }
+        let bytes = self
+            .versions
+            .get(v)
+            .await
+            .map_err(|e| LogError::Broker(format!("definition {v}: {e}")))?
+            .ok_or_else(|| LogError::Broker(format!("no definition {v} in the versions bucket")))?;
+        let def: Definition = serde_json::from_slice(&bytes)
+            .map_err(|e| LogError::Broker(format!("definition {v}: {e}")))?;
+        let loaded = Arc::new(Loaded::new(Some(v.to_string()), def, &self.cfg));
+        self.defs
+            .lock()
+            .expect("defs")
+            .insert(v.to_string(), loaded.clone());
+        Ok(loaded)
     }
 
     /// Runs the background work: tailing the log and taking over unowned unfinished instances.
@@ -186,6 +356,65 @@ impl Coordinator {
                 }
             }
         });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let retention = me.retention();
+            let every = (retention / 10).clamp(Duration::from_millis(500), Duration::from_secs(60));
+            loop {
+                tokio::time::sleep(every).await;
+                if me.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if me.caught_up.load(Ordering::SeqCst) {
+                    me.expire(retention).await;
+                }
+            }
+        });
+    }
+
+    /// How long finished instances are kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_millis(
+            self.cfg
+                .retention_ms
+                .unwrap_or(super::log::LOG_MAX_AGE.as_millis() as u64),
+        )
+    }
+
+    /// Purges the finished instances that ended more than `retention` ago (every replica does;
+    /// purging twice is harmless).
+    async fn expire(&self, retention: Duration) {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let ids: Vec<String> = self
+            .view
+            .lock()
+            .expect("view")
+            .instances
+            .values()
+            .filter(|s| s.status.finished() && s.updated_at.is_some_and(|t| t < cutoff))
+            .map(|s| s.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        match self.log.purge_ids(&ids).await {
+            Ok(()) => {
+                tracing::info!(
+                    purged = ids.len(),
+                    "purged finished instances past the retention"
+                );
+                self.forget(&ids);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot purge expired instances"),
+        }
+    }
+
+    fn forget(&self, ids: &[String]) {
+        let mut view = self.view.lock().expect("view");
+        for id in ids {
+            view.instances.remove(id);
+        }
     }
 
     /// Follows every instance's log into the view (from the beginning, then live).
@@ -208,7 +437,19 @@ impl Coordinator {
             let m = m?;
             let pending = m.info().map(|i| i.pending).unwrap_or(0);
             let id = m.subject.rsplit('.').next().unwrap_or_default().to_string();
-            if let Ok(entry) = serde_json::from_slice::<Entry>(&m.payload) {
+            if id == "~purged" {
+                if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+                    let ids: Vec<String> = v["purged"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    self.forget(&ids);
+                }
+            } else if let Ok(entry) = serde_json::from_slice::<Entry>(&m.payload) {
                 self.observe(&id, &entry);
             }
             if pending == 0 {
@@ -230,19 +471,50 @@ impl Coordinator {
                 updated_at: None,
                 step: 0,
                 reason: None,
+                version: None,
+                cancel_requested: false,
             });
         s.updated_at = Some(entry.at);
         let mut done = None;
+        let compensating = |s: &mut Summary| {
+            if s.status != Status::Cancelling {
+                s.status = Status::Compensating;
+            }
+        };
         match &entry.event {
+            Event::Started { version, .. } => s.version = version.clone(),
             Event::StepStarted { step, .. } | Event::StepSucceeded { step, .. } => s.step = *step,
             Event::StepFailed {
                 step, name, error, ..
             } => {
                 s.step = *step;
-                s.status = Status::Compensating;
+                compensating(s);
                 s.reason = Some(format!("step {step} ({name}) failed: {error}"));
             }
-            Event::CompStarted { .. } => s.status = Status::Compensating,
+            Event::CompStarted { .. } => compensating(s),
+            Event::CancelRequested {
+                requested_by,
+                reason,
+            } => {
+                if !s.status.finished() && !s.cancel_requested {
+                    s.cancel_requested = true;
+                    s.status = Status::Cancelling;
+                    s.reason = Some(super::log::cancel_reason(requested_by, reason));
+                }
+            }
+            Event::RetryRequested { .. } => {
+                if s.status == Status::CompensationFailed {
+                    s.status = if s.cancel_requested {
+                        Status::Cancelling
+                    } else {
+                        Status::Compensating
+                    };
+                }
+            }
+            Event::Cancelled { reason } => {
+                s.reason = Some(reason.clone());
+                done = Some(Status::Cancelled);
+            }
             Event::Completed => done = Some(Status::Completed),
             Event::Compensated { reason } => {
                 s.reason = Some(reason.clone());
@@ -261,7 +533,7 @@ impl Coordinator {
                 status,
                 reason: s.reason.clone(),
             };
-            if status != Status::Completed {
+            if !matches!(status, Status::Completed | Status::Cancelled) {
                 view.last_failure = f.reason.clone().map(|r| format!("{id}: {r}"));
             }
             let _ = self.finished.send(f);
@@ -274,13 +546,30 @@ impl Coordinator {
             last_failure: view.last_failure.clone(),
             ..Default::default()
         };
+        st.current_version = self.current.version.clone();
+        if let Some(v) = &st.current_version {
+            st.versions.entry(v.clone()).or_default();
+        }
         for s in view.instances.values() {
+            let v = st
+                .versions
+                .entry(s.version.clone().unwrap_or_else(|| UNVERSIONED.to_string()))
+                .or_default();
             match s.status {
                 Status::Running => st.running += 1,
                 Status::Compensating => st.compensating += 1,
+                Status::Cancelling => st.cancelling += 1,
                 Status::Completed => st.completed += 1,
                 Status::Compensated => st.compensated += 1,
+                Status::Cancelled => st.cancelled += 1,
                 Status::CompensationFailed => st.failed += 1,
+            }
+            match s.status {
+                Status::Completed => v.completed += 1,
+                Status::Compensated => v.compensated += 1,
+                Status::Cancelled => v.cancelled += 1,
+                Status::CompensationFailed => v.failed += 1,
+                _ => v.running += 1,
             }
         }
         st
@@ -294,6 +583,76 @@ impl Coordinator {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// The instances whose status `state` selects (any when `None`) and whose version is
+    /// `version` (any when `None`; `unversioned` for those started before versions).
+    pub fn filtered(&self, state: Option<StateFilter>, version: Option<&str>) -> Vec<Summary> {
+        self.summaries()
+            .into_iter()
+            .filter(|s| state.is_none_or(|f| f.matches(s.status)))
+            .filter(|s| version.is_none_or(|v| s.version.as_deref().unwrap_or(UNVERSIONED) == v))
+            .collect()
+    }
+
+    /// Logs a cancel request; then takes the instance over when nobody drives it (else its
+    /// driver meets the request at its next append).
+    pub async fn cancel(
+        self: &Arc<Self>,
+        id: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<Request, LogError> {
+        let r = self
+            .log
+            .request_cancel(id, &self.replica, by, reason)
+            .await?;
+        if matches!(r, Request::Accepted(_)) {
+            tracing::info!(instance = %id, requested_by = %by, %reason, "cancel requested");
+            self.take_over(id).await;
+        }
+        Ok(r)
+    }
+
+    /// Logs a retry request on a `CompensationFailed` instance and takes it over.
+    pub async fn retry(
+        self: &Arc<Self>,
+        id: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<Request, LogError> {
+        let r = self
+            .log
+            .request_retry(id, &self.replica, by, reason)
+            .await?;
+        if matches!(r, Request::Accepted(_)) {
+            tracing::info!(instance = %id, requested_by = %by, %reason, "retry of the compensations requested");
+            self.take_over(id).await;
+        }
+        Ok(r)
+    }
+
+    async fn take_over(self: &Arc<Self>, id: &str) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(rev) = self.acquire(id).await {
+            self.drive(id.to_string(), None, rev);
+        }
+    }
+
+    /// Purges the finished instances `state` selects that ended more than `older_than` ago
+    /// (and run `version`, when given). Reads the log rather than the view, so that what is
+    /// purged is finished as of now.
+    pub async fn purge(
+        &self,
+        state: StateFilter,
+        older_than: Duration,
+        version: Option<&str>,
+    ) -> Result<Vec<String>, LogError> {
+        let ids = self.log.purge(selector(state, older_than, version)).await?;
+        self.forget(&ids);
+        Ok(ids)
     }
 
     pub fn summary(&self, id: &str) -> Option<Summary> {
@@ -359,15 +718,16 @@ impl Coordinator {
             return Err(StartError::BadId);
         }
         let Some(rev) = self.acquire(id).await else {
-            return match self.log.load(id, self.names.len()).await? {
+            return match self.log.load(id, 0).await? {
                 Some(_) => Ok(false),
                 None => Err(StartError::Busy(id.to_string())),
             };
         };
-        let mut inst = Instance::new(id, self.names.len());
+        let mut inst = Instance::new(id, self.current.def.steps.len());
+        let version = self.current.version.clone();
         match self
             .log
-            .append(id, 0, &self.replica, Event::Started { input })
+            .append(id, 0, &self.replica, Event::Started { input, version })
             .await
         {
             Ok((seq, entry)) => inst.apply(seq, entry),
@@ -430,19 +790,47 @@ impl Coordinator {
         });
     }
 
+    /// Appends `event` after the last entry this driver saw. When the log moved on because of
+    /// requests only (a cancel or retry written by the API or the command line, not another
+    /// driver), folds them in and appends after them; a `step-started` after a cancel request
+    /// is not appended (`LogError::Cancelled`): no step starts once a cancel is on the log.
     async fn append(&self, inst: &mut Instance, event: Event) -> Result<(), LogError> {
-        let (seq, entry) = self
-            .log
-            .append(&inst.id, inst.last_seq, &self.replica, event)
-            .await?;
-        inst.apply(seq, entry);
-        Ok(())
+        loop {
+            match self
+                .log
+                .append(&inst.id, inst.last_seq, &self.replica, event.clone())
+                .await
+            {
+                Ok((seq, entry)) => {
+                    inst.apply(seq, entry);
+                    return Ok(());
+                }
+                Err(LogError::Conflict(id)) => {
+                    let Some(fresh) = self.log.load(&inst.id, 0).await? else {
+                        return Err(LogError::Conflict(id));
+                    };
+                    let known = inst.entries.len();
+                    if fresh.entries.len() <= known
+                        || !fresh.entries[known..].iter().all(|e| e.event.is_request())
+                    {
+                        return Err(LogError::Conflict(id));
+                    }
+                    let n = inst.steps.len();
+                    *inst = fresh;
+                    inst.resize(n);
+                    if matches!(event, Event::StepStarted { .. }) && inst.cancel.is_some() {
+                        return Err(LogError::Cancelled(id));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn run_instance(&self, id: &str, preloaded: Option<Instance>) -> Result<(), LogError> {
         let mut inst = match preloaded {
             Some(i) => i,
-            None => match self.log.load(id, self.names.len()).await? {
+            None => match self.log.load(id, 0).await? {
                 Some(i) => i,
                 None => return Ok(()),
             },
@@ -450,12 +838,30 @@ impl Coordinator {
         if inst.status.finished() {
             return Ok(());
         }
+        let def = self.definition(inst.version.as_deref()).await?;
+        inst.resize(def.def.steps.len());
         if inst.status == Status::Running {
-            for i in 0..self.cfg.steps.len() {
+            match self.run_steps(&mut inst, &def).await {
+                Ok(()) | Err(LogError::Cancelled(_)) => {}
+                Err(e) => return Err(e),
+            }
+            if inst.status == Status::Running {
+                return self.finish(&mut inst, Event::Completed, &def).await;
+            }
+        }
+        self.compensate(&mut inst, &def).await
+    }
+
+    /// Runs the steps not done yet, until one fails or a cancel is requested.
+    async fn run_steps(&self, inst: &mut Instance, def: &Loaded) -> Result<(), LogError> {
+        let id = inst.id.clone();
+        let mut inst = inst;
+        {
+            for i in 0..def.def.steps.len() {
                 if matches!(inst.steps[i], StepOutcome::Succeeded(_)) {
                     continue;
                 }
-                let step = &self.cfg.steps[i];
+                let step = &def.def.steps[i];
                 let name = step.name.clone();
                 let key = format!("{}/{}/{}", self.cfg.name, id, name);
                 // One logged attempt per turn. `retry.attempts` bounds the failed attempts across
@@ -467,6 +873,9 @@ impl Coordinator {
                     if matches!(inst.steps[i], StepOutcome::Retrying { .. }) {
                         tokio::time::sleep(backoff(&step.retry, failures + 1)).await;
                     }
+                    if inst.cancel.is_some() {
+                        return Ok(());
+                    }
                     self.crash.maybe("before-step");
                     self.append(
                         &mut inst,
@@ -477,7 +886,15 @@ impl Coordinator {
                     )
                     .await?;
                     let (outcome, uncertain) = self
-                        .attempt(&inst, &step.action, &key, step.timeout_ms, &name, "action")
+                        .attempt(
+                            inst,
+                            def,
+                            &step.action,
+                            &key,
+                            step.timeout_ms,
+                            &name,
+                            "action",
+                        )
                         .await;
                     self.crash.maybe("after-step-call");
                     let uncertain = uncertain || inst.step_uncertain[i];
@@ -537,19 +954,18 @@ impl Coordinator {
                     break;
                 }
             }
-            if inst.status == Status::Running {
-                return self.finish(&mut inst, Event::Completed).await;
-            }
         }
-        self.compensate(&mut inst).await
+        Ok(())
     }
 
     /// One attempt of `call`; its callers log each attempt and decide on retries, so that the
     /// retry bounds hold across restarts. The second value is true when the attempt may have
     /// reached the target (so a failure leaves the outcome unknown).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         inst: &Instance,
+        def: &Loaded,
         call: &CallConfig,
         key: &str,
         timeout_ms: u64,
@@ -557,7 +973,7 @@ impl Coordinator {
         kind: &str,
     ) -> (Outcome, bool) {
         let started = Instant::now();
-        let results = inst.results(&self.names);
+        let results = inst.results(&def.names);
         let scope = template::Scope {
             input: &inst.input,
             results: &results,
@@ -585,7 +1001,13 @@ impl Coordinator {
         };
         let outcome = self
             .caller
-            .call(call, body, &headers, Duration::from_millis(timeout_ms))
+            .call_in(
+                &def.targets,
+                call,
+                body,
+                &headers,
+                Duration::from_millis(timeout_ms),
+            )
             .await;
         let uncertain = matches!(outcome, Outcome::Unknown { .. });
         self.metrics
@@ -606,12 +1028,12 @@ impl Coordinator {
     }
 
     /// Compensates, in reverse order, every step whose action may have happened.
-    async fn compensate(&self, inst: &mut Instance) -> Result<(), LogError> {
+    async fn compensate(&self, inst: &mut Instance, def: &Loaded) -> Result<(), LogError> {
         let reason = inst.reason.clone().unwrap_or_else(|| "compensating".into());
         let mut failures = Vec::new();
-        let policy = self.cfg.compensation_retry.clone();
-        for i in (0..self.cfg.steps.len()).rev() {
-            let step = &self.cfg.steps[i];
+        let policy = def.def.compensation_retry.clone();
+        for i in (0..def.def.steps.len()).rev() {
+            let step = &def.def.steps[i];
             let Some(comp) = &step.compensation else {
                 continue;
             };
@@ -645,6 +1067,7 @@ impl Coordinator {
                 let (out, _) = self
                     .attempt(
                         inst,
+                        def,
                         comp,
                         &key,
                         step.timeout_ms,
@@ -680,10 +1103,15 @@ impl Coordinator {
             }
         }
         if failures.is_empty() {
-            self.finish(inst, Event::Compensated { reason }).await
+            let end = if inst.cancel.is_some() {
+                Event::Cancelled { reason }
+            } else {
+                Event::Compensated { reason }
+            };
+            self.finish(inst, end, def).await
         } else {
             let reason = format!("{reason}; {}", failures.join("; "));
-            self.finish(inst, Event::CompensationFailed { reason })
+            self.finish(inst, Event::CompensationFailed { reason }, def)
                 .await
         }
     }
@@ -691,10 +1119,16 @@ impl Coordinator {
     /// Dead-letters (when compensation failed), publishes the outcome event, then logs the end.
     /// Publishing first and deduplicating by message id means a crash in between repeats the
     /// publish (dropped by the stream) rather than losing it.
-    async fn finish(&self, inst: &mut Instance, event: Event) -> Result<(), LogError> {
+    async fn finish(
+        &self,
+        inst: &mut Instance,
+        event: Event,
+        def: &Loaded,
+    ) -> Result<(), LogError> {
         let (status, reason) = match &event {
             Event::Completed => (Status::Completed, None),
             Event::Compensated { reason } => (Status::Compensated, Some(reason.clone())),
+            Event::Cancelled { reason } => (Status::Cancelled, Some(reason.clone())),
             _ => {
                 let Event::CompensationFailed { reason } = &event else {
                     unreachable!("finish takes a terminal event")
@@ -711,7 +1145,13 @@ impl Coordinator {
                 "log": inst.entries,
             });
             let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", format!("{}:dead-letter", inst.id).as_str());
+            // One dead letter per time the instance ends CompensationFailed (a retry may fail
+            // again), each deduplicated against a crash's repeat.
+            let msg_id = match inst.retries {
+                0 => format!("{}:dead-letter", inst.id),
+                n => format!("{}:dead-letter:retry-{n}", inst.id),
+            };
+            h.insert("Nats-Msg-Id", msg_id.as_str());
             h.insert("Weir-Saga", self.saga_ref().as_str());
             h.insert("Weir-Saga-Id", inst.id.as_str());
             h.insert(
@@ -728,14 +1168,18 @@ impl Coordinator {
             self.cfg.on_failed.as_ref()
         };
         if let Some(o) = outcome {
-            let event_id = format!("{}:{}", inst.id, status.as_str().to_ascii_lowercase());
+            let mut event_id = format!("{}:{}", inst.id, status.as_str().to_ascii_lowercase());
+            if status == Status::CompensationFailed && inst.retries > 0 {
+                event_id.push_str(&format!(":retry-{}", inst.retries));
+            }
             let body = json!({
                 "saga": self.cfg.name,
                 "sagaId": inst.id,
                 "outcome": status.as_str(),
                 "input": inst.input,
                 "reason": reason,
-                "results": inst.results(&self.names),
+                "results": inst.results(&def.names),
+                "version": def.version,
             });
             let mut h = async_nats::HeaderMap::new();
             h.insert("ce-specversion", "1.0");
@@ -757,11 +1201,23 @@ impl Coordinator {
                 None => self.publish_until_acked(&o.subject, h, &body).await,
             }
         }
+        // A retry that ended well resolves the instance's dead letters: they are deleted (the
+        // log keeps the whole story). Before the end entry, so a crash repeats it.
+        if inst.retries > 0 && matches!(status, Status::Compensated | Status::Cancelled) {
+            match self.log.resolve_dead_letters(&inst.id).await {
+                Ok(n) => tracing::info!(instance = %inst.id, deleted = n, "dead letters resolved"),
+                Err(e) => {
+                    tracing::warn!(instance = %inst.id, error = %e, "cannot resolve the dead letters");
+                    return Err(e);
+                }
+            }
+        }
         self.crash.maybe("before-end");
         self.append(inst, event).await?;
         let counter = match status {
             Status::Completed => &self.metrics.completed,
             Status::Compensated => &self.metrics.compensated,
+            Status::Cancelled => &self.metrics.cancelled,
             _ => &self.metrics.compensation_failed,
         };
         counter.get_or_create(&self.label()).inc();
@@ -888,6 +1344,22 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+}
+
+/// Selects the instances `state` names that ended more than `older_than` ago and run
+/// `version` (any when `None`).
+pub fn selector(
+    state: StateFilter,
+    older_than: Duration,
+    version: Option<&str>,
+) -> impl Fn(&Instance) -> bool + '_ {
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+    move |i: &Instance| {
+        state.matches(i.status)
+            && i.updated_at().is_some_and(|t| t <= cutoff)
+            && version.is_none_or(|v| i.version.as_deref().unwrap_or(UNVERSIONED) == v)
     }
 }
 

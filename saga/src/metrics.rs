@@ -29,6 +29,8 @@ pub struct SagaMetrics {
     /// Instances in which a step failed (compensation began).
     pub failed: Family<SagaLabel, Counter>,
     pub compensation_failed: Family<SagaLabel, Counter>,
+    /// Instances cancelled on request (compensated).
+    pub cancelled: Family<SagaLabel, Counter>,
     /// Instances this replica took over from the log (after a crash or from another replica).
     pub resumed: Family<SagaLabel, Counter>,
     pub step_duration: Family<StepLabel, Histogram>,
@@ -43,6 +45,7 @@ impl Default for SagaMetrics {
         let failed = Family::<SagaLabel, Counter>::default();
         let compensation_failed = Family::<SagaLabel, Counter>::default();
         let resumed = Family::<SagaLabel, Counter>::default();
+        let cancelled = Family::<SagaLabel, Counter>::default();
         let step_duration = Family::<StepLabel, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -70,6 +73,11 @@ impl Default for SagaMetrics {
             compensation_failed.clone(),
         );
         registry.register(
+            "instances_cancelled",
+            "Instances cancelled on request, their steps compensated",
+            cancelled.clone(),
+        );
+        registry.register(
             "instances_resumed",
             "Unfinished instances taken over from the log",
             resumed.clone(),
@@ -86,6 +94,7 @@ impl Default for SagaMetrics {
             compensated,
             failed,
             compensation_failed,
+            cancelled,
             resumed,
             step_duration,
         }

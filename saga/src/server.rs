@@ -3,12 +3,17 @@
 //! - `POST /v1/sagas/<name>`: JSON input → `202 {"id": ...}`; `?wait=30s` waits for the end and
 //!   answers `200 {"id", "status", "reason"}` (or `202` when it has not ended in time). An
 //!   `Idempotency-Key` header makes the start idempotent: the instance id is derived from it.
-//! - `GET /v1/sagas/<name>`: every instance (id, status, step, times).
+//! - `GET /v1/sagas/<name>?state=&version=`: the instances (id, status, version, step, times).
 //! - `GET /v1/sagas/<name>/<id>`: one instance's timeline.
-//! - `GET /v1/stats`: counts (running, compensating, completed, compensated, failed).
+//! - `POST /v1/sagas/<name>/<id>/cancel`, `.../retry` (`{"by", "reason"}`): `202` logged, `200`
+//!   already asked, `409` not in a state that allows it, `404` unknown.
+//! - `POST /v1/sagas/<name>/purge?state=&olderThan=&version=`: deletes finished instances.
+//! - `GET /v1/stats`: counts (running, compensating, cancelling, completed, compensated,
+//!   cancelled, failed) and counts per version.
 //! - `/metrics`, `/healthz`, `/readyz`.
 
 use super::coordinator::{Coordinator, StartError};
+use super::log::{Request, StateFilter};
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -83,11 +88,108 @@ async fn handle(req: hyper::Request<Incoming>, c: Arc<Coordinator>) -> Response<
             format!("this coordinator runs saga {:?}", c.cfg.name),
         ),
         (Method::POST, ["v1", "sagas", _]) => start(req, &query, c).await,
+        (Method::POST, ["v1", "sagas", _, "purge"]) => purge(&c, &query).await,
+        (Method::POST, ["v1", "sagas", _, id, op @ ("cancel" | "retry")]) => {
+            let (id, op) = (id.to_string(), op.to_string());
+            request(req, c, &id, &op).await
+        }
         (Method::GET, ["v1", "sagas", _]) => {
-            reply(StatusCode::OK, json!({"instances": c.summaries()}))
+            let state = match param(&query, "state")
+                .map(|s| StateFilter::parse(&s))
+                .transpose()
+            {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            let version = param(&query, "version");
+            reply(
+                StatusCode::OK,
+                json!({"instances": c.filtered(state, version.as_deref())}),
+            )
         }
         (Method::GET, ["v1", "sagas", _, id]) => timeline(&c, id).await,
         _ => error(StatusCode::NOT_FOUND, format!("no route for {path}")),
+    }
+}
+
+/// A query parameter, percent-decoded enough for the values used here.
+fn param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.replace("%20", " ").replace('+', " "))
+    })
+}
+
+/// `POST .../<id>/cancel` and `.../<id>/retry` with an optional `{"by", "reason"}` body.
+async fn request(
+    req: hyper::Request<Incoming>,
+    c: Arc<Coordinator>,
+    id: &str,
+    op: &str,
+) -> Response<Full<Bytes>> {
+    if !super::log::valid_instance_id(id) {
+        return error(StatusCode::BAD_REQUEST, "bad instance id");
+    }
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+    };
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+        }
+    };
+    let by = body["by"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("api");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    let answer = if op == "cancel" {
+        c.cancel(id, by, reason).await
+    } else {
+        c.retry(id, by, reason).await
+    };
+    match answer {
+        Ok(Request::Accepted(s)) => reply(StatusCode::ACCEPTED, json!({"id": id, "status": s})),
+        Ok(Request::Already(s)) => reply(StatusCode::OK, json!({"id": id, "status": s})),
+        Ok(Request::Refused(_, why)) => error(StatusCode::CONFLICT, why),
+        Ok(Request::NotFound) => error(StatusCode::NOT_FOUND, format!("no instance {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// `POST /v1/sagas/<saga>/purge?state=&olderThan=&version=`.
+async fn purge(c: &Coordinator, query: &str) -> Response<Full<Bytes>> {
+    let state = param(query, "state").unwrap_or_else(|| "finished".into());
+    let filter = match StateFilter::parse(&state) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let finished = match filter {
+        StateFilter::One(s) => s.finished(),
+        StateFilter::Finished => true,
+        StateFilter::Unfinished => false,
+    };
+    if !finished {
+        return error(
+            StatusCode::CONFLICT,
+            format!("state={state}: unfinished instances are never purged (cancel them first)"),
+        );
+    }
+    let age = match param(query, "olderThan")
+        .map(|a| weir_crds::duration::parse_long(&a))
+        .transpose()
+    {
+        Ok(a) => a.unwrap_or_default(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("olderThan: {e}")),
+    };
+    let version = param(query, "version");
+    match c.purge(filter, age, version.as_deref()).await {
+        Ok(ids) => reply(StatusCode::OK, json!({"purged": ids.len(), "ids": ids})),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
@@ -185,12 +287,13 @@ async fn timeline(c: &Coordinator, id: &str) -> Response<Full<Bytes>> {
     if !super::log::valid_instance_id(id) {
         return error(StatusCode::BAD_REQUEST, "bad instance id");
     }
-    match c.log.load(id, c.cfg.steps.len()).await {
+    match c.log.load(id, 0).await {
         Ok(Some(inst)) => reply(
             StatusCode::OK,
             json!({
                 "id": inst.id,
                 "status": inst.status,
+                "version": inst.version,
                 "reason": inst.reason,
                 "input": inst.input,
                 "entries": inst.entries,

@@ -386,6 +386,8 @@ pub fn render(
         on_completed: outcome("spec.onCompleted", &spec.on_completed)?,
         on_failed: outcome("spec.onFailed", &spec.on_failed)?,
         publish_url: None,
+        direct_targets: Default::default(),
+        retention_ms: None,
     };
     config
         .validate()

@@ -217,6 +217,8 @@ pub fn config(nats: &str, svc: &str, name: &str) -> CoordinatorConfig {
         on_completed: None,
         on_failed: None,
         publish_url: None,
+        direct_targets: Default::default(),
+        retention_ms: None,
     }
 }
 
