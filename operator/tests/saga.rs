@@ -886,3 +886,726 @@ async fn broker_request_steps_carry_the_same_headers_and_their_reply_is_the_resu
         ]
     );
 }
+
+// ---- Operations: cancel, retry, versions, purge (issue #20) ----
+
+fn kinds(inst: &weir_saga::log::Instance) -> Vec<&'static str> {
+    inst.entries.iter().map(|e| e.event.kind()).collect()
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    request("POST", url, Some(body), &[]).await.unwrap()
+}
+
+/// Starts an instance (no wait) and returns its id.
+async fn start_instance(coord: &str, saga: &str, input: Value) -> String {
+    let (status, body) = request(
+        "POST",
+        &format!("{coord}/v1/sagas/{saga}"),
+        Some(input),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_instance_compensates_its_steps_in_reverse_and_says_who_cancelled() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Slow(1500));
+    let js = outcome_stream(
+        &nats.url(),
+        "weir_shop_orders-failed",
+        "weir.shop.orders-failed",
+    )
+    .await;
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.on_failed = Some(OutcomeConfig {
+        queue: "orders-failed".into(),
+        subject: "weir.shop.orders-failed".into(),
+        event_type: "OrderFailed".into(),
+    });
+    let coord = Coordinator::spawn(&cfg, None);
+    let base = format!("{}/v1/sagas/place-order", coord.url());
+    let id = start_instance(&coord.url(), "place-order", json!({"order": "c-1"})).await;
+    wait_until("the slow step in flight", || {
+        svc.calls_of(&id).iter().any(|c| c.path == "/charge")
+    })
+    .await;
+
+    // The step in flight finishes first; then its compensation and step 1's, in reverse.
+    let (status, body) = post(
+        &format!("{base}/{id}/cancel"),
+        json!({"by": "alice", "reason": "customer called"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "Cancelling");
+    assert_eq!(body["id"], id.as_str());
+    let (status, body) = post(&format!("{base}/{id}/cancel"), json!({})).await;
+    assert_eq!(status, 200, "a second cancel is idempotent: {body}");
+    assert_eq!(body["status"], "Cancelling");
+
+    let inst = wait_end(&nats.url(), "place-order", &id).await;
+    assert_eq!(inst.status, Status::Cancelled, "{:?}", inst.reason);
+    assert_eq!(
+        paths(&svc.calls_of(&id)),
+        ["/reserve", "/charge", "/charge/undo", "/reserve/undo"],
+        "no step after the cancel; the completed ones compensated in reverse"
+    );
+    let cancel = inst
+        .entries
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::CancelRequested {
+                requested_by,
+                reason,
+            } => Some((requested_by.clone(), reason.clone())),
+            _ => None,
+        })
+        .expect("a cancel-requested entry");
+    assert_eq!(cancel, ("alice".to_string(), "customer called".to_string()));
+    assert_eq!(
+        inst.entries
+            .iter()
+            .filter(|e| matches!(e.event, Event::CancelRequested { .. }))
+            .count(),
+        1,
+        "the second cancel logged nothing"
+    );
+    assert_eq!(kinds(&inst).last(), Some(&"cancelled"));
+    for c in svc
+        .calls_of(&id)
+        .iter()
+        .filter(|c| c.path.ends_with("/undo"))
+    {
+        let step = c.path.trim_start_matches('/').trim_end_matches("/undo");
+        assert_eq!(c.key, format!("place-order/{id}/{step}/compensate"));
+    }
+
+    let events = read_all(&js, "weir_shop_orders-failed").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].headers.get("ce-id").unwrap().as_str(),
+        format!("{id}:cancelled")
+    );
+    let ev: Value = serde_json::from_slice(&events[0].payload).unwrap();
+    assert_eq!(ev["outcome"], "Cancelled");
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled by alice: customer called"),
+        "{ev}"
+    );
+
+    // Cancelled again: 200; a completed instance: 409 naming its state; unknown: 404.
+    let (status, body) = post(&format!("{base}/{id}/cancel"), json!({})).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("Cancelled")));
+    svc.set("/charge", Mode::Ok);
+    let (_, done) = request("POST", &format!("{base}?wait=10s"), Some(json!({})), &[])
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "Completed");
+    let done = done["id"].as_str().unwrap();
+    let (status, body) = post(&format!("{base}/{done}/cancel"), json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains(done) && msg.contains("Completed"), "{msg}");
+    let (status, _) = post(&format!("{base}/nope/cancel"), json!({})).await;
+    assert_eq!(status, 404);
+
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["cancelled"], 1, "{stats}");
+    assert_eq!(stats["completed"], 1, "{stats}");
+    let (_, list) = request("GET", &format!("{base}?state=cancelled"), None, &[])
+        .await
+        .unwrap();
+    let list = list["instances"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], id.as_str());
+    assert!(list[0]["version"].is_string(), "{list:?}");
+    let metrics = reqwest_text(&format!("{}/metrics", coord.url())).await;
+    assert!(
+        metrics.contains("weir_saga_instances_cancelled_total{saga=\"place-order\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A coordinator that dies in the middle of a cancel's compensations: the restarted one
+/// finishes them (the cancel is on the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_survives_a_coordinator_crash_during_its_compensations() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Slow(1000));
+    let cfg = config(&nats.url(), &svc.url(), "place-order");
+    // Crashes right after its first compensation call, before logging it.
+    let mut coord = Coordinator::spawn(&cfg, Some("after-compensation-call=1"));
+    let id = start_instance(&coord.url(), "place-order", json!({"order": "c-2"})).await;
+    wait_until("the slow step in flight", || {
+        svc.calls_of(&id).iter().any(|c| c.path == "/charge")
+    })
+    .await;
+    let (status, body) = post(
+        &format!("{}/v1/sagas/place-order/{id}/cancel", coord.url()),
+        json!({"by": "bob"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !coord.exited() {
+        assert!(Instant::now() < deadline, "the crash point was not hit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mid = instances(&nats.url(), "place-order")
+        .await
+        .remove(&id)
+        .unwrap();
+    assert_eq!(mid.status, Status::Cancelling);
+    assert_eq!(paths(&svc.calls_of(&id)).last().unwrap(), "/charge/undo");
+
+    coord = Coordinator::spawn(&cfg, None);
+    let inst = wait_end(&nats.url(), "place-order", &id).await;
+    assert_eq!(inst.status, Status::Cancelled, "{:?}", inst.reason);
+    let calls = svc.calls_of(&id);
+    assert_eq!(
+        paths(&calls),
+        [
+            "/reserve",
+            "/charge",
+            "/charge/undo",
+            "/charge/undo",
+            "/reserve/undo"
+        ],
+        "the cut-short compensation made again, then step 1's"
+    );
+    assert_eq!(calls[2].key, calls[3].key, "same idempotency key");
+    assert!(inst.reason.unwrap().contains("cancelled by bob"));
+    drop(coord);
+}
+
+/// A CompensationFailed instance retried once the step service is fixed: the failed
+/// compensation runs again with the same key (here with a crash in the middle of the retry),
+/// the instance ends Compensated and its dead letter is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_reruns_the_failed_compensations_and_resolves_the_dead_letter() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/ship", Mode::Status(422));
+    svc.set("/charge/undo", Mode::Status(500));
+    let cfg = config(&nats.url(), &svc.url(), "place-order");
+    let mut coord = Coordinator::spawn(&cfg, None);
+    let base = format!("{}/v1/sagas/place-order", coord.url());
+    let mut ids = Vec::new();
+    for order in ["r-1", "r-2"] {
+        let (_, body) = request(
+            "POST",
+            &format!("{base}?wait=10s"),
+            Some(json!({"order": order})),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(body["status"], "CompensationFailed", "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let dlq = "weir_saga_shop_place-order_dlq";
+    let dead = |js: async_nats::jetstream::Context| async move {
+        let mut s = js.get_stream(dlq).await.unwrap();
+        s.info().await.unwrap().state.messages
+    };
+    assert_eq!(dead(js.clone()).await, 2);
+    // Not CompensationFailed: 409; unknown: 404.
+    let (status, body) = post(&format!("{base}/nope/retry"), json!({})).await;
+    assert_eq!(status, 404, "{body}");
+
+    // The first instance: the coordinator crashes right after the retried compensation call.
+    svc.set("/charge/undo", Mode::Ok);
+    coord.kill();
+    coord = Coordinator::spawn(&cfg, Some("after-compensation-call=1"));
+    let base = format!("{}/v1/sagas/place-order", coord.url());
+    let (status, body) = post(
+        &format!("{base}/{}/retry", ids[0]),
+        json!({"by": "ops", "reason": "payments fixed"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !coord.exited() {
+        assert!(Instant::now() < deadline, "the crash point was not hit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    coord = Coordinator::spawn(&cfg, None);
+    let base = format!("{}/v1/sagas/place-order", coord.url());
+    let inst = wait_end(&nats.url(), "place-order", &ids[0]).await;
+    assert_eq!(inst.status, Status::Compensated, "{:?}", inst.reason);
+    let calls = svc.calls_of(&ids[0]);
+    let undo: Vec<&Call> = calls.iter().filter(|c| c.path == "/charge/undo").collect();
+    assert_eq!(
+        undo.len(),
+        3 + 2,
+        "3 failed, the retried call cut short by the crash, and again: {:?}",
+        paths(&calls)
+    );
+    assert!(
+        undo.iter()
+            .all(|c| c.key == format!("place-order/{}/charge/compensate", ids[0]))
+    );
+    assert_eq!(
+        calls.iter().filter(|c| c.path == "/reserve/undo").count(),
+        1,
+        "a compensation that succeeded is not run again"
+    );
+    let retry = inst
+        .entries
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::RetryRequested {
+                requested_by,
+                reason,
+            } => Some((requested_by.clone(), reason.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(retry, ("ops".to_string(), "payments fixed".to_string()));
+    assert_eq!(
+        dead(js.clone()).await,
+        1,
+        "the first instance's dead letter is deleted"
+    );
+    let left = read_all(&js, dlq).await;
+    let left: Vec<Value> = left
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert!(
+        left.iter().all(|v| v["sagaId"] == ids[1].as_str()),
+        "{left:?}"
+    );
+
+    // Retry again: 409 (it is Compensated now).
+    let (status, body) = post(&format!("{base}/{}/retry", ids[0]), json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("Compensated"),
+        "{body}"
+    );
+
+    // The second one with the command line's batch form, twice (idempotent).
+    let (ok, out, err) = weir_saga(&[
+        "retry",
+        "place-order",
+        "--all",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--reason",
+        "batch",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&ids[1]) && out.contains("retry requested"),
+        "{out}"
+    );
+    let inst = wait_end(&nats.url(), "place-order", &ids[1]).await;
+    assert_eq!(inst.status, Status::Compensated);
+    let (ok, out, err) = weir_saga(&[
+        "retry",
+        "place-order",
+        "--all",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("no instance"), "{out}");
+    // One id that cannot be retried: a clear error, non-zero exit.
+    let (ok, _, err) = weir_saga(&[
+        "retry",
+        "place-order",
+        &ids[1],
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(&ids[1]) && err.contains("Compensated"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dead(js.clone()).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "dead letter of the second not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats["failed"].as_i64(), stats["compensated"].as_i64()),
+        (Some(0), Some(2)),
+        "{stats}"
+    );
+}
+
+/// Instances run the definition they started with: removing a step and renaming a target in
+/// the coordinator's config changes nothing for them, only for new instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_instances_keep_the_definition_they_started_with() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    let billing = StepService::start().await;
+    svc.set("/charge", Mode::Slow(1500));
+    let v1_cfg = config(&nats.url(), &svc.url(), "place-order");
+    let v1 = weir_saga::coordinator::Definition::of(&v1_cfg).version();
+    let mut coord = Coordinator::spawn(&v1_cfg, None);
+    let mut old = Vec::new();
+    for i in 0..3 {
+        old.push(
+            start_instance(
+                &coord.url(),
+                "place-order",
+                json!({"order": format!("v-{i}")}),
+            )
+            .await,
+        );
+    }
+    wait_until("every old instance in its slow step", || {
+        old.iter()
+            .all(|id| svc.calls_of(id).iter().any(|c| c.path == "/charge"))
+    })
+    .await;
+    coord.kill();
+
+    // v2: no `ship` step, and `charge` calls target `billing` (target `payments` and
+    // `shipping` are gone from the config).
+    let mut v2_cfg = v1_cfg.clone();
+    v2_cfg.steps.truncate(2);
+    if let weir_crds::coordinator::CallConfig::Http(h) = &mut v2_cfg.steps[1].action {
+        h.target = "billing".into();
+    }
+    v2_cfg.steps[1].compensation = None;
+    v2_cfg.targets = BTreeMap::from([
+        ("inventory".to_string(), svc.url()),
+        ("billing".to_string(), billing.url()),
+    ]);
+    let v2 = weir_saga::coordinator::Definition::of(&v2_cfg).version();
+    assert_ne!(v1, v2);
+    coord = Coordinator::spawn(&v2_cfg, None);
+    let new = start_instance(&coord.url(), "place-order", json!({"order": "v-new"})).await;
+    let inst = wait_end(&nats.url(), "place-order", &new).await;
+    assert_eq!(inst.status, Status::Completed);
+    assert_eq!(inst.version.as_deref(), Some(v2.as_str()));
+    assert_eq!(paths(&svc.calls_of(&new)), ["/reserve"]);
+    assert_eq!(paths(&billing.calls_of(&new)), ["/charge"]);
+
+    for id in &old {
+        let inst = wait_end(&nats.url(), "place-order", id).await;
+        assert_eq!(inst.status, Status::Completed, "{id}: {:?}", inst.reason);
+        assert_eq!(inst.version.as_deref(), Some(v1.as_str()));
+        let p = paths(&svc.calls_of(id));
+        // The charge cut short by the kill is made again (same key), at its old target.
+        assert!(
+            p == ["/reserve", "/charge", "/charge", "/ship"]
+                || p == ["/reserve", "/charge", "/ship"],
+            "{id}: {p:?}"
+        );
+        assert!(
+            billing.calls_of(id).is_empty(),
+            "{id}: called the renamed target"
+        );
+    }
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["currentVersion"], v2.as_str(), "{stats}");
+    assert_eq!(stats["versions"][&v1]["completed"], 3, "{stats}");
+    assert_eq!(stats["versions"][&v2]["completed"], 1, "{stats}");
+    let (_, list) = request(
+        "GET",
+        &format!("{}/v1/sagas/place-order?version={v1}", coord.url()),
+        None,
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(list["instances"].as_array().unwrap().len(), 3, "{list}");
+    let (ok, out, err) = weir_saga(&[
+        "list",
+        "place-order",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--version",
+        &v2,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&new) && out.contains("1 instance(s)"), "{out}");
+}
+
+/// While old instances still run, `/v1/stats` counts them under their version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_running_instances_per_version() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Slow(3000));
+    let cfg = config(&nats.url(), &svc.url(), "place-order");
+    let v1 = weir_saga::coordinator::Definition::of(&cfg).version();
+    let coord = Coordinator::spawn(&cfg, None);
+    let a = start_instance(&coord.url(), "place-order", json!({})).await;
+    let _b = start_instance(&coord.url(), "place-order", json!({})).await;
+    wait_until("in flight", || !svc.calls_of(&a).is_empty()).await;
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["versions"][&v1]["running"], 2, "{stats}");
+    assert_eq!(stats["running"], 2, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_instances_are_purged_by_state_and_age_and_after_the_retention() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/ship", Mode::FailIfFlag);
+    let cfg = config(&nats.url(), &svc.url(), "place-order");
+    let coord = Coordinator::spawn(&cfg, None);
+    let base = format!("{}/v1/sagas/place-order", coord.url());
+    let mut ids = BTreeMap::new();
+    for (order, fail) in [("p-1", false), ("p-2", false), ("p-3", true)] {
+        let (_, body) = request(
+            "POST",
+            &format!("{base}?wait=10s"),
+            Some(json!({"order": order, "fail": fail})),
+            &[],
+        )
+        .await
+        .unwrap();
+        ids.insert(order, body["id"].as_str().unwrap().to_string());
+    }
+    let (status, body) = post(&format!("{base}/purge?state=running"), json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = post(&format!("{base}/purge?state=compensated"), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged"], 1);
+    assert_eq!(body["ids"], json!([ids["p-3"]]));
+    let (_, body) = post(
+        &format!("{base}/purge?state=completed&olderThan=1h"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(body["purged"], 0, "too recent");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, body) = post(
+        &format!("{base}/purge?state=completed&olderThan=1s"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(body["purged"], 2, "{body}");
+    assert!(instances(&nats.url(), "place-order").await.is_empty());
+    let (_, list) = request("GET", &base, None, &[]).await.unwrap();
+    assert_eq!(list["instances"], json!([]), "the view forgets them too");
+    let (_, stats) = request("GET", &format!("{}/v1/stats", coord.url()), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(stats["completed"], 0, "{stats}");
+
+    // The command line's purge.
+    let (_, body) = request("POST", &format!("{base}?wait=10s"), Some(json!({})), &[])
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_string();
+    let (ok, out, err) = weir_saga(&[
+        "purge",
+        "place-order",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--state",
+        "completed",
+        "--older-than",
+        "7d",
+    ]);
+    assert!(ok && out.contains("0 instance(s) purged"), "{out}{err}");
+    let (ok, out, err) = weir_saga(&[
+        "purge",
+        "place-order",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--state",
+        "finished",
+    ]);
+    assert!(
+        ok && out.contains(&id) && out.contains("1 instance(s) purged"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = weir_saga(&[
+        "purge",
+        "place-order",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--state",
+        "running",
+    ]);
+    assert!(!ok && err.contains("never purged"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = request("GET", &base, None, &[]).await.unwrap();
+        if list["instances"] == json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the purge notice did not reach the view: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(coord);
+
+    // Retention: finished instances go by themselves.
+    let mut cfg = cfg.clone();
+    cfg.retention_ms = Some(1000);
+    let coord = Coordinator::spawn(&cfg, None);
+    let (_, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({})),
+        &[],
+    )
+    .await
+    .unwrap();
+    let id = body["id"].as_str().unwrap().to_string();
+    assert!(
+        instances(&nats.url(), "place-order")
+            .await
+            .contains_key(&id)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instances(&nats.url(), "place-order")
+        .await
+        .contains_key(&id)
+    {
+        assert!(Instant::now() < deadline, "not purged after the retention");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_cancels_every_running_instance_once() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Slow(1500));
+    let cfg = config(&nats.url(), &svc.url(), "place-order");
+    let coord = Coordinator::spawn(&cfg, None);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            start_instance(
+                &coord.url(),
+                "place-order",
+                json!({"order": format!("b-{i}")}),
+            )
+            .await,
+        );
+    }
+    wait_until("all in flight", || {
+        ids.iter()
+            .all(|id| svc.calls_of(id).iter().any(|c| c.path == "/charge"))
+    })
+    .await;
+    let args = [
+        "cancel",
+        "place-order",
+        "--all",
+        "--state",
+        "running",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--reason",
+        "maintenance",
+        "--by",
+        "carol",
+    ];
+    let (ok, out, err) = weir_saga(&args);
+    assert!(ok, "{out}{err}");
+    for id in &ids {
+        assert!(out.contains(&format!("{id}: cancel requested")), "{out}");
+    }
+    // Again: none is running any more (they are cancelling or cancelled): nothing to do.
+    let (ok, out, err) = weir_saga(&args);
+    assert!(ok, "{out}{err}");
+    for id in &ids {
+        let inst = wait_end(&nats.url(), "place-order", id).await;
+        assert_eq!(inst.status, Status::Cancelled, "{id}: {:?}", inst.reason);
+        assert_eq!(
+            paths(&svc.calls_of(id)),
+            ["/reserve", "/charge", "/charge/undo", "/reserve/undo"]
+        );
+        assert!(
+            inst.reason
+                .clone()
+                .unwrap()
+                .contains("cancelled by carol: maintenance")
+        );
+    }
+    // One id: already cancelled is fine; a finished one is refused, naming it and its state.
+    let one = |id: &str| {
+        weir_saga(&[
+            "cancel",
+            "place-order",
+            id,
+            "-n",
+            "shop",
+            "--broker-url",
+            &nats.url(),
+        ])
+    };
+    let (ok, out, _) = one(&ids[0]);
+    assert!(ok && out.contains("already Cancelled"), "{out}");
+    svc.set("/charge", Mode::Ok);
+    let (_, body) = request(
+        "POST",
+        &format!("{}/v1/sagas/place-order?wait=10s", coord.url()),
+        Some(json!({})),
+        &[],
+    )
+    .await
+    .unwrap();
+    let done = body["id"].as_str().unwrap();
+    let (ok, _, err) = one(done);
+    assert!(!ok, "cancelling a completed instance must fail");
+    assert!(err.contains(done) && err.contains("Completed"), "{err}");
+    let (ok, _, err) = one("nope");
+    assert!(!ok && err.contains("no instance nope"), "{err}");
+    let (ok, out, _) = weir_saga(&[
+        "list",
+        "place-order",
+        "-n",
+        "shop",
+        "--broker-url",
+        &nats.url(),
+        "--state",
+        "cancelled",
+    ]);
+    assert!(ok && out.contains("3 instance(s)"), "{out}");
+}

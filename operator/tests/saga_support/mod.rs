@@ -32,6 +32,8 @@ pub enum Mode {
     Hang,
     /// 409 when the body's `fail` is true.
     FailIfFlag,
+    /// 200 after this many ms.
+    Slow(u64),
 }
 
 #[derive(Default)]
@@ -111,6 +113,10 @@ impl StepService {
                                     (409, json!({"error": "out of stock"}))
                                 }
                                 Mode::FailIfFlag => {
+                                    (200, json!({"ok": true, "ref": format!("{path}:{saga_id}")}))
+                                }
+                                Mode::Slow(ms) => {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
                                     (200, json!({"ok": true, "ref": format!("{path}:{saga_id}")}))
                                 }
                             };
@@ -335,4 +341,41 @@ pub async fn instances(nats: &str, saga: &str) -> BTreeMap<String, weir_saga::lo
     let js = async_nats::jetstream::new(client);
     let log = weir_saga::log::Log::existing(js, "shop", saga);
     log.load_all(3).await.unwrap()
+}
+
+/// Waits until instance `id` has ended (60 s at most) and returns it.
+pub async fn wait_end(nats: &str, saga: &str, id: &str) -> weir_saga::log::Instance {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(i) = instances(nats, saga).await.remove(id)
+            && i.status.finished()
+        {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "{id} did not end in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `pred` holds (30 s at most).
+pub async fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `weir saga <args>`: (exit success, stdout, stderr).
+pub fn weir_saga(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("saga")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
