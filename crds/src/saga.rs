@@ -1,6 +1,6 @@
 //! `Saga`: ordered steps, each an action and its compensation, run by a crash-safe coordinator.
 
-use crate::duration::DURATION_PATTERN;
+use crate::duration::{DURATION_PATTERN, LONG_DURATION_PATTERN};
 use crate::policy::{RetryPolicy, default_timeout};
 use crate::preserve_unknown_fields;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -66,6 +66,11 @@ pub struct SagaSpec {
     /// An event published when an instance fails (after its compensations); none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failed: Option<OutcomeEvent>,
+    /// How long finished instances are kept on the broker before the coordinator purges them
+    /// (`7d`, `12h`); 30 days when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(LONG_DURATION_PATTERN))]
+    pub retention: Option<String>,
 }
 
 fn one() -> i32 {
@@ -225,4 +230,26 @@ pub struct SagaStatus {
     /// The most recent failure: instance, step and reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
+    /// Instances cancelled on request (their steps compensated).
+    #[serde(default)]
+    pub cancelled: i64,
+    /// The versions (definitions) instances run: the current one (new instances start on it)
+    /// and every older one that still has instances in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["version"]))]
+    pub versions: Vec<SagaVersionStatus>,
+}
+
+/// How many instances run one version of the saga's steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaVersionStatus {
+    /// Content hash of the steps and compensation policy (12 hex digits); `unversioned` for
+    /// instances started before versions existed.
+    pub version: String,
+    /// Instances of this version in progress.
+    pub running: i64,
+    /// Whether new instances start on this version.
+    #[serde(default)]
+    pub current: bool,
 }

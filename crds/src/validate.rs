@@ -682,6 +682,11 @@ pub fn saga(spec: &SagaSpec) -> Vec<FieldError> {
             }
         }
     }
+    if let Some(r) = &spec.retention
+        && let Err(e) = duration::parse_long(r)
+    {
+        push(&mut errs, "spec.retention".into(), e.to_string());
+    }
     errs
 }
 
@@ -691,6 +696,20 @@ mod tests {
 
     fn ms(yaml: &str) -> MicroserviceSpec {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_saga_retention_counts_days_and_names_its_field() {
+        let spec = |retention: &str| -> SagaSpec {
+            serde_yaml::from_str(&format!(
+                "broker: nats\nretention: {retention}\nsteps:\n- name: a\n  action: {{request: {{subject: x}}}}\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(saga(&spec("7d12h")), vec![]);
+        let errs = saga(&spec("1w"));
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "spec.retention");
     }
 
     #[test]

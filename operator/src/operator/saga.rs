@@ -1,7 +1,8 @@
 //! The Saga reconciler: applies the coordinator (Deployment with `weir-proxy`, Service,
 //! ConfigMap) with server-side apply, and reports in status the instance counts the coordinator
-//! serves on `/v1/stats` (running, completed, compensated, failed = ended `CompensationFailed`),
-//! the last failure and `Ready`.
+//! serves on `/v1/stats` (running, completed, compensated, cancelled, failed = ended
+//! `CompensationFailed`), the versions instances run (the current one and every older one still
+//! running, with its count of instances in progress), the last failure and `Ready`.
 
 use super::{Context, conditions, status, workload};
 use crate::render::saga::{coordinator_name, render};
@@ -18,7 +19,7 @@ use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use weir_crds::saga::SagaStatus;
+use weir_crds::saga::{SagaStatus, SagaVersionStatus};
 use weir_crds::{Broker, Queue, Saga, validate};
 use weir_saga::coordinator::Stats;
 
@@ -309,11 +310,13 @@ async fn reconcile_inner(saga: &Saga, ctx: &Context, stats: &StatsFn) -> Result<
     };
     let mut conds = vec![ready_cond];
     if let Some(Ok(s)) = &counts {
-        status.running = s.running + s.compensating;
+        status.running = s.running + s.compensating + s.cancelling;
         status.completed = s.completed;
         status.compensated = s.compensated;
+        status.cancelled = s.cancelled;
         status.failed = s.failed;
         status.last_failure = s.last_failure.clone();
+        status.versions = versions(s);
     }
     conds.push(if status.failed > 0 {
         conditions::new(
@@ -332,6 +335,19 @@ async fn reconcile_inner(saga: &Saga, ctx: &Context, stats: &StatsFn) -> Result<
     status.conditions = conds;
     write_status(ctx, &ns, &name, &current, status).await?;
     Ok(Action::requeue(STATS_RESYNC))
+}
+
+/// The versions instances run: the current one, and every other with instances in progress.
+pub fn versions(s: &Stats) -> Vec<SagaVersionStatus> {
+    s.versions
+        .iter()
+        .filter(|(v, c)| c.running > 0 || s.current_version.as_deref() == Some(v.as_str()))
+        .map(|(v, c)| SagaVersionStatus {
+            version: v.clone(),
+            running: c.running,
+            current: s.current_version.as_deref() == Some(v.as_str()),
+        })
+        .collect()
 }
 
 /// Writes status only when it says something new ([`status`]).
@@ -513,10 +529,37 @@ mod tests {
                 Ok(Stats {
                     running: 2,
                     compensating: 1,
+                    cancelling: 1,
                     completed: 40,
                     compensated: 3,
+                    cancelled: 2,
                     failed: 1,
                     last_failure: Some("x: step 2 (charge) failed: HTTP 402".into()),
+                    current_version: Some("bbbbbbbbbbbb".into()),
+                    versions: BTreeMap::from([
+                        (
+                            "aaaaaaaaaaaa".to_string(),
+                            weir_saga::coordinator::VersionStats {
+                                running: 3,
+                                completed: 40,
+                                ..Default::default()
+                            },
+                        ),
+                        (
+                            "bbbbbbbbbbbb".to_string(),
+                            weir_saga::coordinator::VersionStats {
+                                running: 1,
+                                ..Default::default()
+                            },
+                        ),
+                        (
+                            "cccccccccccc".to_string(),
+                            weir_saga::coordinator::VersionStats {
+                                completed: 3,
+                                ..Default::default()
+                            },
+                        ),
+                    ]),
                 })
             })
         };
@@ -554,7 +597,16 @@ mod tests {
         );
         let st = &seen[5].2;
         assert_eq!(st["status"]["steps"], 2);
-        assert_eq!(st["status"]["running"], 3);
+        assert_eq!(st["status"]["running"], 4);
+        assert_eq!(st["status"]["cancelled"], 2);
+        // The current version, and the older one that still has instances in progress.
+        assert_eq!(
+            st["status"]["versions"],
+            json!([
+                {"version": "aaaaaaaaaaaa", "running": 3, "current": false},
+                {"version": "bbbbbbbbbbbb", "running": 1, "current": true}
+            ])
+        );
         assert_eq!(st["status"]["completed"], 40);
         assert_eq!(st["status"]["compensated"], 3);
         assert_eq!(st["status"]["failed"], 1);

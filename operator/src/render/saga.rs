@@ -82,6 +82,8 @@ impl RenderedSaga {
             };
             cfg.targets.insert(name.clone(), url);
         }
+        // The targets are direct already.
+        cfg.direct_targets.clear();
         Ok(cfg)
     }
 }
@@ -386,8 +388,23 @@ pub fn render(
         on_completed: outcome("spec.onCompleted", &spec.on_completed)?,
         on_failed: outcome("spec.onFailed", &spec.on_failed)?,
         publish_url: None,
-        direct_targets: Default::default(),
-        retention_ms: None,
+        // Where each target is without the sidecar: what an instance started on an older
+        // definition calls when its target has left the config.
+        direct_targets: rendered
+            .config
+            .outbound
+            .iter()
+            .map(|o| (o.name.clone(), o.upstream.clone()))
+            .collect(),
+        retention_ms: spec
+            .retention
+            .as_deref()
+            .map(|r| {
+                duration::parse_long(r)
+                    .map(|d| d.as_millis() as u64)
+                    .map_err(|e| field("spec.retention", e.to_string()))
+            })
+            .transpose()?,
     };
     config
         .validate()
