@@ -1609,3 +1609,50 @@ async fn the_command_line_cancels_every_running_instance_once() {
     ]);
     assert!(ok && out.contains("3 instance(s)"), "{out}");
 }
+
+/// A cancel sent to a replica that does not drive the instance: the driver meets the request on
+/// the log at its next append and compensates; nobody waits for a lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_another_replica_reaches_the_driver() {
+    let nats = NatsServer::start();
+    let svc = StepService::start().await;
+    svc.set("/charge", Mode::Slow(1000));
+    let mut cfg = config(&nats.url(), &svc.url(), "place-order");
+    cfg.lease_ttl_ms = 10_000;
+    let a = Coordinator::spawn(&cfg, None);
+    let b = Coordinator::spawn(&cfg, None);
+    let id = start_instance(&a.url(), "place-order", json!({"order": "x-1"})).await;
+    wait_until("the slow step in flight", || {
+        svc.calls_of(&id).iter().any(|c| c.path == "/charge")
+    })
+    .await;
+    let asked = Instant::now();
+    let (status, body) = post(
+        &format!("{}/v1/sagas/place-order/{id}/cancel", b.url()),
+        json!({"by": "dave"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let inst = wait_end(&nats.url(), "place-order", &id).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "ended {:?} after the cancel: it waited for the lease",
+        asked.elapsed()
+    );
+    assert_eq!(inst.status, Status::Cancelled);
+    assert_eq!(
+        paths(&svc.calls_of(&id)),
+        ["/reserve", "/charge", "/charge/undo", "/reserve/undo"]
+    );
+    let writers: std::collections::BTreeSet<&str> = inst
+        .entries
+        .iter()
+        .filter(|e| !e.event.is_request())
+        .map(|e| e.by.as_str())
+        .collect();
+    assert_eq!(
+        writers.len(),
+        1,
+        "one driver from start to end: {writers:?}"
+    );
+}

@@ -242,10 +242,12 @@ pub fn run(args: SagaArgs) -> anyhow::Result<String> {
                 version,
             } => {
                 let filter = StateFilter::parse(&state).map_err(anyhow::Error::msg)?;
-                if let StateFilter::One(s) = filter
-                    && s.finished()
-                {
-                } else if filter != StateFilter::Finished {
+                let finished = match filter {
+                    StateFilter::One(s) => s.finished(),
+                    StateFilter::Finished => true,
+                    StateFilter::Unfinished => false,
+                };
+                if !finished {
                     anyhow::bail!(
                         "--state {state}: unfinished instances are never purged (cancel them first)"
                     );
