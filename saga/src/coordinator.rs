@@ -495,21 +495,17 @@ impl Coordinator {
             Event::CancelRequested {
                 requested_by,
                 reason,
-            } => {
-                if !s.status.finished() && !s.cancel_requested {
-                    s.cancel_requested = true;
-                    s.status = Status::Cancelling;
-                    s.reason = Some(super::log::cancel_reason(requested_by, reason));
-                }
+            } if !s.status.finished() && !s.cancel_requested => {
+                s.cancel_requested = true;
+                s.status = Status::Cancelling;
+                s.reason = Some(super::log::cancel_reason(requested_by, reason));
             }
-            Event::RetryRequested { .. } => {
-                if s.status == Status::CompensationFailed {
-                    s.status = if s.cancel_requested {
-                        Status::Cancelling
-                    } else {
-                        Status::Compensating
-                    };
-                }
+            Event::RetryRequested { .. } if s.status == Status::CompensationFailed => {
+                s.status = if s.cancel_requested {
+                    Status::Cancelling
+                } else {
+                    Status::Compensating
+                };
             }
             Event::Cancelled { reason } => {
                 s.reason = Some(reason.clone());
@@ -855,104 +851,100 @@ impl Coordinator {
     /// Runs the steps not done yet, until one fails or a cancel is requested.
     async fn run_steps(&self, inst: &mut Instance, def: &Loaded) -> Result<(), LogError> {
         let id = inst.id.clone();
-        let mut inst = inst;
-        {
-            for i in 0..def.def.steps.len() {
-                if matches!(inst.steps[i], StepOutcome::Succeeded(_)) {
-                    continue;
+        for i in 0..def.def.steps.len() {
+            if matches!(inst.steps[i], StepOutcome::Succeeded(_)) {
+                continue;
+            }
+            let step = &def.def.steps[i];
+            let name = step.name.clone();
+            let key = format!("{}/{}/{}", self.cfg.name, id, name);
+            // One logged attempt per turn. `retry.attempts` bounds the failed attempts across
+            // restarts: a restarted coordinator counts the failures its predecessors logged.
+            // An attempt cut short by a stop has no outcome; it is made again (same
+            // idempotency key), as a resumption rather than a retry.
+            let failed = loop {
+                let failures = inst.step_failures[i];
+                if matches!(inst.steps[i], StepOutcome::Retrying { .. }) {
+                    tokio::time::sleep(backoff(&step.retry, failures + 1)).await;
                 }
-                let step = &def.def.steps[i];
-                let name = step.name.clone();
-                let key = format!("{}/{}/{}", self.cfg.name, id, name);
-                // One logged attempt per turn. `retry.attempts` bounds the failed attempts across
-                // restarts: a restarted coordinator counts the failures its predecessors logged.
-                // An attempt cut short by a stop has no outcome; it is made again (same
-                // idempotency key), as a resumption rather than a retry.
-                let failed = loop {
-                    let failures = inst.step_failures[i];
-                    if matches!(inst.steps[i], StepOutcome::Retrying { .. }) {
-                        tokio::time::sleep(backoff(&step.retry, failures + 1)).await;
-                    }
-                    if inst.cancel.is_some() {
-                        return Ok(());
-                    }
-                    self.crash.maybe("before-step");
-                    self.append(
-                        &mut inst,
-                        Event::StepStarted {
-                            step: i + 1,
-                            name: name.clone(),
-                        },
+                if inst.cancel.is_some() {
+                    return Ok(());
+                }
+                self.crash.maybe("before-step");
+                self.append(
+                    inst,
+                    Event::StepStarted {
+                        step: i + 1,
+                        name: name.clone(),
+                    },
+                )
+                .await?;
+                let (outcome, uncertain) = self
+                    .attempt(
+                        inst,
+                        def,
+                        &step.action,
+                        &key,
+                        step.timeout_ms,
+                        &name,
+                        "action",
                     )
-                    .await?;
-                    let (outcome, uncertain) = self
-                        .attempt(
+                    .await;
+                self.crash.maybe("after-step-call");
+                let uncertain = uncertain || inst.step_uncertain[i];
+                match outcome {
+                    Outcome::Ok(result) => {
+                        self.append(
                             inst,
-                            def,
-                            &step.action,
-                            &key,
-                            step.timeout_ms,
-                            &name,
-                            "action",
+                            Event::StepSucceeded {
+                                step: i + 1,
+                                name: name.clone(),
+                                result,
+                            },
                         )
-                        .await;
-                    self.crash.maybe("after-step-call");
-                    let uncertain = uncertain || inst.step_uncertain[i];
-                    match outcome {
-                        Outcome::Ok(result) => {
-                            self.append(
-                                &mut inst,
-                                Event::StepSucceeded {
-                                    step: i + 1,
-                                    name: name.clone(),
-                                    result,
-                                },
-                            )
-                            .await?;
-                            break None;
-                        }
-                        other
-                            if other.retryable()
-                                && inst.step_failures[i] + 1 < step.retry.attempts =>
-                        {
-                            self.append(
-                                &mut inst,
-                                Event::StepAttemptFailed {
-                                    step: i + 1,
-                                    name: name.clone(),
-                                    error: other.error().unwrap_or_default().to_string(),
-                                    uncertain,
-                                },
-                            )
-                            .await?;
-                        }
-                        other => {
-                            let mut error = other.error().unwrap_or_default().to_string();
-                            if other.retryable() && step.retry.attempts > 1 {
-                                error.push_str(&format!(
+                        .await?;
+                        break None;
+                    }
+                    other
+                        if other.retryable() && inst.step_failures[i] + 1 < step.retry.attempts =>
+                    {
+                        self.append(
+                            inst,
+                            Event::StepAttemptFailed {
+                                step: i + 1,
+                                name: name.clone(),
+                                error: other.error().unwrap_or_default().to_string(),
+                                uncertain,
+                            },
+                        )
+                        .await?;
+                    }
+                    other => {
+                        let mut error = other.error().unwrap_or_default().to_string();
+                        if other.retryable() && step.retry.attempts > 1 {
+                            error.push_str(&format!(
                                     " (attempt {} of {}; failed attempts are counted across coordinator restarts)",
                                     inst.step_failures[i] + 1,
                                     step.retry.attempts
                                 ));
-                            }
-                            break Some((error, uncertain));
                         }
+                        break Some((error, uncertain));
                     }
-                };
-                if let Some((error, uncertain)) = failed {
-                    self.append(
-                        &mut inst,
-                        Event::StepFailed {
-                            step: i + 1,
-                            name,
-                            error,
-                            uncertain,
-                        },
-                    )
-                    .await?;
-                    self.metrics.failed.get_or_create(&self.label()).inc();
-                    break;
                 }
+            };
+            if let Some((error, uncertain)) = failed {
+                self.append(
+                    inst,
+                    Event::StepFailed {
+                        step: i + 1,
+                        name,
+                        error,
+                        uncertain,
+                    },
+                )
+                .await?;
+                self.metrics.failed.get_or_create(&self.label()).inc();
+                break;
             }
         }
         Ok(())
