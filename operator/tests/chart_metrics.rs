@@ -366,6 +366,7 @@ fn saga_metrics() -> String {
         &m.compensated,
         &m.failed,
         &m.compensation_failed,
+        &m.cancelled,
         &m.resumed,
     ] {
         family.get_or_create(&saga).inc();
