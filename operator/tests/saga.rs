@@ -590,6 +590,46 @@ fn check_invariants(
                 );
                 *counts.entry("compensated").or_default() += 1;
             }
+            Status::Cancelled => {
+                assert!(
+                    inst.entries
+                        .iter()
+                        .any(|e| matches!(e.event, Event::CancelRequested { .. })),
+                    "{id}: cancelled without a request"
+                );
+                // Every step that succeeded is compensated; one the service refused is not.
+                for (i, s) in names.iter().enumerate() {
+                    let succeeded = inst.entries.iter().any(
+                        |e| matches!(&e.event, Event::StepSucceeded { step, .. } if *step == i + 1),
+                    );
+                    if succeeded {
+                        assert!(undo(s) >= 1, "{id}: {s} succeeded but was not compensated");
+                    }
+                    let refused = inst.entries.iter().any(|e| {
+                        matches!(&e.event, Event::StepFailed { step, uncertain: false, .. } if *step == i + 1)
+                    });
+                    if refused {
+                        assert_eq!(undo(s), 0, "{id}: the refused {s} was compensated");
+                    }
+                }
+                let first = |p: &str| mine.iter().filter(|c| c.path == p).map(|c| c.seq).min();
+                if let (Some(c), Some(r)) = (first("/charge/undo"), first("/reserve/undo")) {
+                    assert!(c < r, "{id}: compensations out of order");
+                }
+                // No step started after the request was logged.
+                let at = inst
+                    .entries
+                    .iter()
+                    .position(|e| matches!(e.event, Event::CancelRequested { .. }))
+                    .unwrap();
+                assert!(
+                    !inst.entries[at..]
+                        .iter()
+                        .any(|e| matches!(e.event, Event::StepStarted { .. })),
+                    "{id}: a step started after the cancel"
+                );
+                *counts.entry("cancelled").or_default() += 1;
+            }
             other => panic!("{id}: ended {other:?}: {:?}", inst.reason),
         }
         for s in names {
@@ -641,9 +681,22 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    crash_run(n, 0, (0, 20)).await;
+}
+
+/// The same with one instance in `cancel_every` cancelled (on the log, as `weir saga cancel`
+/// does) while it runs: a cancelled instance must end with every step that succeeded
+/// compensated, in reverse order, none started after the request, whatever kills the
+/// coordinator; one whose cancel came too late ends as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_end_consistent_whatever_kills_the_coordinator() {
+    crash_run(150, 3, (30, 90)).await;
+}
+
+async fn crash_run(n: usize, cancel_every: usize, delay: (u64, u64)) {
     let nats = NatsServer::start();
     let svc = StepService::start().await;
-    svc.state.lock().unwrap().delay = (0, 20);
+    svc.state.lock().unwrap().delay = delay;
     svc.set("/ship", Mode::FailIfFlag);
     let mut cfg = config(&nats.url(), &svc.url(), "crash");
     cfg.lease_ttl_ms = 600;
@@ -687,12 +740,37 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
         })
     };
     let mut fails = BTreeMap::new();
+    let log = weir_saga::log::Log::existing(
+        async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap()),
+        "shop",
+        "crash",
+    );
+    let mut cancels = Vec::new();
     for chunk in 0..n.div_ceil(50) {
         let u = url.lock().unwrap().clone();
         let m = 50.min(n - chunk * 50);
         // Keys must be unique across chunks.
         let part = submit_offset(&u, &url, chunk * 50, m, 3).await;
+        if cancel_every > 0 {
+            for (k, id) in part.keys().enumerate() {
+                if k % cancel_every == 1 {
+                    let (log, id) = (log.clone(), id.clone());
+                    cancels.push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(rand::random_range(0..60))).await;
+                        log.request_cancel(&id, "test", "tester", "crash run")
+                            .await
+                            .unwrap()
+                    }));
+                }
+            }
+        }
         fails.extend(part);
+    }
+    let mut accepted = 0;
+    for c in cancels {
+        if matches!(c.await.unwrap(), weir_saga::log::Request::Accepted(_)) {
+            accepted += 1;
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(90) + Duration::from_millis(50 * n as u64);
     let all = loop {
@@ -729,9 +807,29 @@ async fn every_instance_ends_consistent_whatever_kills_the_coordinator() {
     );
     assert_eq!(
         counts.get("completed").copied().unwrap_or(0)
-            + counts.get("compensated").copied().unwrap_or(0),
+            + counts.get("compensated").copied().unwrap_or(0)
+            + counts.get("cancelled").copied().unwrap_or(0),
         n
     );
+    if cancel_every > 0 {
+        // A cancel logged after the last step succeeded is too late: that instance completes.
+        let late = all
+            .values()
+            .filter(|i| {
+                i.status == Status::Completed
+                    && i.entries
+                        .iter()
+                        .any(|e| matches!(e.event, Event::CancelRequested { .. }))
+            })
+            .count();
+        eprintln!("{accepted} cancels logged, {late} too late");
+        assert_eq!(
+            counts.get("cancelled").copied().unwrap_or(0) + late,
+            accepted,
+            "every cancel logged in time ends cancelled"
+        );
+        assert!(accepted > 0, "no cancel reached a running instance");
+    }
 }
 
 async fn submit_offset(
