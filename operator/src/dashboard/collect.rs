@@ -162,7 +162,8 @@ fn total(scrapes: &[&Scrape], name: &str, filter: &[(&str, &str)]) -> f64 {
     scrapes
         .iter()
         .map(|s| prom::sum(&s.samples, name, filter))
-        .sum()
+        .sum::<f64>()
+        + 0.0
 }
 
 pub struct Collector {
@@ -271,7 +272,9 @@ impl Collector {
                 .iter()
                 .filter(|x| x.microservice == s.name)
                 .count();
-            let inbound = window(&pairs, &[("direction", "inbound")]);
+            let mut inbound = window(&pairs, &[("direction", "inbound")]);
+            // Since start, from every replica answering (a first scrape has no window yet).
+            inbound.total = total(&current, "weir_requests_total", &[("direction", "inbound")]);
             let rejected = |reason: &str| {
                 total(
                     &current,
@@ -296,7 +299,8 @@ impl Collector {
         for c in &self.system.calls {
             let (pairs, current) = self.pairs_of(&c.from);
             let f = [("direction", "outbound"), ("dependency", c.dependency.as_str())];
-            let w = window(&pairs, &f);
+            let mut w = window(&pairs, &f);
+            w.total = total(&current, "weir_requests_total", &f);
             let states: Vec<f64> = current
                 .iter()
                 .filter_map(|s| {

@@ -14,6 +14,8 @@ pub mod collect;
 pub mod model;
 pub mod prom;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 pub use collect::{Coordinator, Sidecar, Targets};
 

@@ -113,7 +113,9 @@ pub fn sum(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
         .iter()
         .filter(|s| s.name == name && s.matches(filter))
         .map(|s| s.value)
-        .sum()
+        // `+ 0.0`: the empty sum is -0.0, which would print as such.
+        .sum::<f64>()
+        + 0.0
 }
 
 /// The largest value of the samples called `name` that match `filter`, if any.
