@@ -341,10 +341,12 @@ impl UpArgs {
             any_port: self.any_port,
             secrets_dir: self.secrets_dir,
             no_mtls: self.no_mtls,
-            dashboard: self.dashboard.map(|addr| weir::dashboard::DashboardOptions {
-                addr,
-                actions: self.dashboard_actions,
-            }),
+            dashboard: self
+                .dashboard
+                .map(|addr| weir::dashboard::DashboardOptions {
+                    addr,
+                    actions: self.dashboard_actions,
+                }),
         }
     }
 }

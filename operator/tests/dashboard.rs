@@ -93,10 +93,10 @@ fn pid(up: &Up, service: &str) -> i32 {
         .unwrap_or_else(|| panic!("no pid of {service}")) as i32
 }
 
-/// Places an order through the gateway; its id.
-fn place(up: &Up, user: &str) -> String {
+/// Places an order through the gateway, paid with `card`; its id.
+fn place(up: &Up, user: &str, card: &str) -> String {
     let body = json!({"userId": user, "items": [{"productId": "p1", "qty": 1}],
-                      "cardToken": "tok_visa", "address": "1 Main St"});
+                      "cardToken": card, "address": "1 Main St"});
     let gw = port(up, "gateway");
     up.until("an order accepted", Duration::from_secs(30), || {
         let (st, b) = request(gw, "POST", "/orders", &body.to_string());
@@ -151,7 +151,10 @@ async fn dead_letter_on_nats(broker: &str, event_id: &str, order: &str) {
         ("Weir-Consumer", "notifications"),
         ("Weir-Delivery-Count", "5"),
         ("Weir-Reason", "max-deliveries"),
-        ("Weir-Last-Error", "503 from the app: notifications was down"),
+        (
+            "Weir-Last-Error",
+            "503 from the app: notifications was down",
+        ),
         ("Weir-Dead-Lettered-At", "2026-01-01T00:00:00Z"),
     ] {
         h.insert(k, v);
@@ -185,7 +188,7 @@ fn the_dashboard_shows_the_shop_live_in_a_browser() {
     eprintln!("== system: the graph and the calls, live from the sidecars");
     b.goto(&format!("{url}#/system"));
     b.wait_text("the calls table", "#calls", long, |t| t.contains("users"));
-    let order = place(&up, "u1");
+    let order = place(&up, "u1", "tok_visa");
     b.wait_text(
         "orders → users closed",
         "#call-orders-users .breaker",
@@ -251,9 +254,12 @@ fn the_dashboard_shows_the_shop_live_in_a_browser() {
     publish_to_docs(&shot, "queues.png");
     assert!(!notified(&up, "o-dash-1"), "notified before the replay");
     b.click("#dead-letters button.replay");
-    b.wait_text("the replay armed", "#dead-letters button.replay", long, |t| {
-        t.contains("Confirm")
-    });
+    b.wait_text(
+        "the replay armed",
+        "#dead-letters button.replay",
+        long,
+        |t| t.contains("Confirm"),
+    );
     b.click("#dead-letters button.replay");
     b.wait_text("the replay done", "#replayed", long, |t| {
         t.contains("Replayed 1") && t.contains("dash-capture-1")
@@ -268,26 +274,58 @@ fn the_dashboard_shows_the_shop_live_in_a_browser() {
     });
 
     eprintln!("== sagas: instances by state, one instance's timeline");
+    // A declined card: that instance is compensated.
+    place(&up, "u3", "tok_declined");
     b.goto(&format!("{url}#/sagas"));
     b.wait_text("place-order's instances", "#saga-tables", long, |t| {
-        t.contains("Completed")
+        t.contains("Completed") && t.contains("Compensated")
     });
     let shot = b.screenshot(&dir, "sagas");
     publish_to_docs(&shot, "sagas.png");
+    b.type_into("#saga-filter", &first_completed(&b));
+    b.wait_text(
+        "the instances filtered by id",
+        "table.instances tbody",
+        long,
+        |t| t.lines().count() == 1 && t.contains("Completed"),
+    );
     b.click("table.instances tbody tr a");
     b.wait_text("the timeline", "#timeline", long, |t| {
         t.contains("step-succeeded") && t.contains("completed")
     });
     b.wait_text("the state", "#instance-status", long, |t| t == "Completed");
+    b.wait_text("the steps", "#steps", long, |t| {
+        t.contains("reserve")
+            && t.contains("charge")
+            && t.contains("ship")
+            && t.contains("succeeded")
+    });
     let shot = b.screenshot(&dir, "saga-instance");
     publish_to_docs(&shot, "saga-instance.png");
+}
+
+/// The id of the first Completed instance the sagas page lists.
+fn first_completed(b: &Session) -> String {
+    b.script(
+        "for (const tr of document.querySelectorAll('table.instances tbody tr')) { if (tr.innerText.includes('Completed')) return tr.dataset.id; } return null;",
+        json!([]),
+    )
+    .as_str()
+    .expect("a Completed instance listed")
+    .to_string()
 }
 
 #[test]
 fn the_read_only_dashboard_refuses_actions_and_shows_no_buttons() {
     let Some(driver) = driver() else { return };
     let up = Up::start(
-        &["-f", "examples/shop", "--any-port", "--dashboard", "127.0.0.1:0"],
+        &[
+            "-f",
+            "examples/shop",
+            "--any-port",
+            "--dashboard",
+            "127.0.0.1:0",
+        ],
         Duration::from_secs(120),
     );
     let url = up.until("the dashboard's URL", Duration::from_secs(10), || {
@@ -303,9 +341,12 @@ fn the_read_only_dashboard_refuses_actions_and_shows_no_buttons() {
     b.wait_text("the mode", "#mode", Duration::from_secs(30), |t| {
         t == "read-only"
     });
-    b.wait_text("the dead letters", "#letters", Duration::from_secs(30), |t| {
-        t.contains("No dead letters")
-    });
+    b.wait_text(
+        "the dead letters",
+        "#letters",
+        Duration::from_secs(30),
+        |t| t.contains("No dead letters"),
+    );
     let buttons = b.script(
         "return document.querySelectorAll('button.replay, #replay-all').length",
         json!([]),
@@ -351,7 +392,7 @@ fn a_running_saga_instance_is_cancelled_from_its_page_and_compensated() {
         }
     }
     let resume = Resume(payments);
-    let order = place(&up, "u2");
+    let order = place(&up, "u2", "tok_visa");
     b.goto(&format!("{url}#/sagas"));
     b.wait_text(
         "a running instance",

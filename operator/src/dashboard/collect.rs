@@ -215,8 +215,14 @@ impl Collector {
             let url = format!("http://127.0.0.1:{}/metrics", s.admin_port);
             let replica = s.replica.clone();
             async move {
-                let r = request(&client, http::Method::GET, &url, None, Duration::from_secs(2))
-                    .await;
+                let r = request(
+                    &client,
+                    http::Method::GET,
+                    &url,
+                    None,
+                    Duration::from_secs(2),
+                )
+                .await;
                 (replica, r)
             }
         }))
@@ -298,7 +304,10 @@ impl Collector {
         let mut calls = Vec::new();
         for c in &self.system.calls {
             let (pairs, current) = self.pairs_of(&c.from);
-            let f = [("direction", "outbound"), ("dependency", c.dependency.as_str())];
+            let f = [
+                ("direction", "outbound"),
+                ("dependency", c.dependency.as_str()),
+            ];
             let mut w = window(&pairs, &f);
             w.total = total(&current, "weir_requests_total", &f);
             let states: Vec<f64> = current
@@ -403,7 +412,12 @@ impl Collector {
                 "coordinators": self.targets.coordinators.iter().filter(|c| c.saga == g.name).count(),
             });
             let mut got = Err("no coordinator".to_string());
-            for c in self.targets.coordinators.iter().filter(|c| c.saga == g.name) {
+            for c in self
+                .targets
+                .coordinators
+                .iter()
+                .filter(|c| c.saga == g.name)
+            {
                 let url = format!("{}/v1/sagas/{}", c.url, g.name);
                 got = match request(
                     &self.client,
@@ -414,8 +428,9 @@ impl Collector {
                 )
                 .await
                 {
-                    Ok((200, body)) => serde_json::from_slice::<Value>(&body)
-                        .map_err(|e| e.to_string()),
+                    Ok((200, body)) => {
+                        serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string())
+                    }
                     Ok((st, _)) => Err(format!("coordinator answered {st}")),
                     Err(e) => Err(e),
                 };
@@ -437,8 +452,7 @@ impl Collector {
                         };
                         t(b).cmp(&t(a))
                     });
-                    let mut by_status: std::collections::BTreeMap<String, u64> =
-                        Default::default();
+                    let mut by_status: std::collections::BTreeMap<String, u64> = Default::default();
                     for i in &instances {
                         *by_status
                             .entry(i["status"].as_str().unwrap_or("?").to_string())

@@ -208,8 +208,7 @@ pub fn build(loaded: &[Loaded], namespace: &str) -> System {
                 .iter()
                 .find(|s| s.name == c.from)
                 .map(|s| s.layer);
-            if let (Some(from), Some(to)) =
-                (from, sys.services.iter_mut().find(|s| s.name == c.to))
+            if let (Some(from), Some(to)) = (from, sys.services.iter_mut().find(|s| s.name == c.to))
                 && to.layer < from + 1
                 && from < n
             {
@@ -256,7 +255,14 @@ mod tests {
     fn the_shop_model_has_its_calls_queues_and_saga() {
         let sys = build(&shop(), "default");
         let names: Vec<&str> = sys.services.iter().map(|s| s.name.as_str()).collect();
-        for s in ["gateway", "orders", "catalog", "payments", "users", "notifications"] {
+        for s in [
+            "gateway",
+            "orders",
+            "catalog",
+            "payments",
+            "users",
+            "notifications",
+        ] {
             assert!(names.contains(&s), "{names:?}");
         }
         let call = sys

@@ -179,10 +179,7 @@ pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
 pub fn bucket_increase(now: &[(f64, f64)], before: &[(f64, f64)]) -> Vec<(f64, f64)> {
     now.iter()
         .map(|&(le, c)| {
-            let b = before
-                .iter()
-                .find(|(l, _)| *l == le)
-                .map_or(0.0, |x| x.1);
+            let b = before.iter().find(|(l, _)| *l == le).map_or(0.0, |x| x.1);
             (le, increase(c, b))
         })
         .collect()
@@ -225,7 +222,10 @@ not a sample
         assert_eq!(s[0].value, 7.0);
         assert_eq!(s[2].value, 10.0, "the timestamp is not the value");
         assert_eq!(s[4].labels, vec![]);
-        assert_eq!(s[5].label("msg"), Some(r#"a "quoted" \ value, with } and ,"#));
+        assert_eq!(
+            s[5].label("msg"),
+            Some(r#"a "quoted" \ value, with } and ,"#)
+        );
         assert_eq!(s[5].label("x"), Some("y"));
         assert_eq!(s[5].value, 25.0);
         assert_eq!(s[6].value, 5.0, "the exemplar is not the value");
@@ -245,12 +245,18 @@ not a sample
             ),
             3.0
         );
-        assert_eq!(sum(&s, "weir_requests_total", &[("dependency", "nope")]), 0.0);
+        assert_eq!(
+            sum(&s, "weir_requests_total", &[("dependency", "nope")]),
+            0.0
+        );
         assert_eq!(
             max(&s, "weir_circuit_breaker_state", &[("dependency", "users")]),
             Some(1.0)
         );
-        assert_eq!(max(&s, "weir_circuit_breaker_state", &[("dependency", "x")]), None);
+        assert_eq!(
+            max(&s, "weir_circuit_breaker_state", &[("dependency", "x")]),
+            None
+        );
     }
 
     #[test]
@@ -276,7 +282,11 @@ not a sample
     #[test]
     fn increases_between_scrapes_and_after_a_reset() {
         assert_eq!(increase(10.0, 4.0), 6.0);
-        assert_eq!(increase(3.0, 40.0), 3.0, "a restarted sidecar counts from 0");
+        assert_eq!(
+            increase(3.0, 40.0),
+            3.0,
+            "a restarted sidecar counts from 0"
+        );
         let before = vec![(0.1, 5.0), (1.0, 6.0), (f64::INFINITY, 6.0)];
         let now = vec![(0.1, 5.0), (1.0, 9.0), (f64::INFINITY, 10.0)];
         let d = bucket_increase(&now, &before);

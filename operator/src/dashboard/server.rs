@@ -115,11 +115,10 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(req, state).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-            .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
         });
     }
 }
@@ -282,7 +281,10 @@ async fn dead_letter_list(state: &State, q: &super::model::Queue) -> Response<Bo
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
-            reply(StatusCode::OK, &json!({"queue": q.name, "deadLetters": items}))
+            reply(
+                StatusCode::OK,
+                &json!({"queue": q.name, "deadLetters": items}),
+            )
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
@@ -365,7 +367,9 @@ async fn replay(state: &State, q: &super::model::Queue, body: &Value) -> Respons
     let mut failed = Vec::new();
     for (d, r) in dead_letters::replay(&broker, ns, &q.name, &chosen).await {
         match r {
-            Ok(new_seq) => replayed.push(json!({"seq": d.seq, "eventId": d.event_id(), "newSeq": new_seq})),
+            Ok(new_seq) => {
+                replayed.push(json!({"seq": d.seq, "eventId": d.event_id(), "newSeq": new_seq}))
+            }
             Err(e) => failed.push(json!({"seq": d.seq, "error": e.to_string()})),
         }
     }

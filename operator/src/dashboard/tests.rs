@@ -23,21 +23,22 @@ async fn fake(f: Handler) -> u16 {
             let (s, _) = l.accept().await.unwrap();
             let f = f.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let f = f.clone();
-                    async move {
-                        let method = req.method().to_string();
-                        let path = req.uri().path().to_string();
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let (st, out) = f(&method, &path, &String::from_utf8_lossy(&body));
-                        Ok::<_, Infallible>(
-                            http::Response::builder()
-                                .status(st)
-                                .body(Full::new(Bytes::from(out)))
-                                .unwrap(),
-                        )
-                    }
-                });
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let f = f.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let (st, out) = f(&method, &path, &String::from_utf8_lossy(&body));
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(st)
+                                    .body(Full::new(Bytes::from(out)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
@@ -97,7 +98,10 @@ async fn call(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut rest = body;
         let mut out = String::new();
         while let Some((size, r)) = rest.split_once("\r\n") {
@@ -185,30 +189,33 @@ async fn dashboard(actions: bool) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
     .await;
     let sent: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let seen = sent.clone();
-    let coordinator = fake(Arc::new(move |method, path, body| {
-        match (method, path) {
-            ("GET", "/v1/sagas/s") => (
-                200,
-                json!({"instances": [
-                    {"id": "i1", "status": "Running", "step": 1, "startedAt": "2026-01-01T00:00:01Z"},
-                    {"id": "i0", "status": "Completed", "step": 1, "startedAt": "2026-01-01T00:00:00Z"},
-                ]})
-                .to_string(),
-            ),
-            ("GET", "/v1/sagas/s/i1") => (
-                200,
-                json!({"id": "i1", "status": "Running", "entries": [{"type": "started"}]}).to_string(),
-            ),
-            ("POST", "/v1/sagas/s/i1/cancel") => {
-                seen.lock().unwrap().push((path.to_string(), body.to_string()));
-                (202, json!({"id": "i1", "status": "Compensating"}).to_string())
-            }
-            ("POST", "/v1/sagas/s/i0/cancel") => (
-                409,
-                json!({"error": "instance i0 has finished (Completed)"}).to_string(),
-            ),
-            _ => (404, json!({"error": "no route"}).to_string()),
+    let coordinator = fake(Arc::new(move |method, path, body| match (method, path) {
+        ("GET", "/v1/sagas/s") => (
+            200,
+            json!({"instances": [
+                {"id": "i1", "status": "Running", "step": 1, "startedAt": "2026-01-01T00:00:01Z"},
+                {"id": "i0", "status": "Completed", "step": 1, "startedAt": "2026-01-01T00:00:00Z"},
+            ]})
+            .to_string(),
+        ),
+        ("GET", "/v1/sagas/s/i1") => (
+            200,
+            json!({"id": "i1", "status": "Running", "entries": [{"type": "started"}]}).to_string(),
+        ),
+        ("POST", "/v1/sagas/s/i1/cancel") => {
+            seen.lock()
+                .unwrap()
+                .push((path.to_string(), body.to_string()));
+            (
+                202,
+                json!({"id": "i1", "status": "Compensating"}).to_string(),
+            )
         }
+        ("POST", "/v1/sagas/s/i0/cancel") => (
+            409,
+            json!({"error": "instance i0 has finished (Completed)"}).to_string(),
+        ),
+        _ => (404, json!({"error": "no route"}).to_string()),
     }))
     .await;
     let targets = Targets {
@@ -262,7 +269,10 @@ async fn the_page_the_snapshot_and_the_event_stream() {
     let (st, js) = call(port, "GET", "/app.js", None, "").await;
     assert_eq!(st, 200);
     assert!(js.contains("EventSource(\"/api/events\")"));
-    assert!(!js.contains("http://") && !js.contains("https://"), "nothing from elsewhere");
+    assert!(
+        !js.contains("http://") && !js.contains("https://"),
+        "nothing from elsewhere"
+    );
     let (st, _) = call(port, "GET", "/app.css", None, "").await;
     assert_eq!(st, 200);
 
@@ -274,7 +284,10 @@ async fn the_page_the_snapshot_and_the_event_stream() {
     assert_eq!(call_ab["bulkheadRejections"], json!(2.0));
     assert_eq!(call_ab["window"]["total"], json!(4.0), "{s}");
     let a = &s["services"][0];
-    assert_eq!((a["name"].as_str(), a["state"].as_str()), (Some("a"), Some("up")));
+    assert_eq!(
+        (a["name"].as_str(), a["state"].as_str()),
+        (Some("a"), Some("up"))
+    );
     assert_eq!(a["rateLimited"], json!(5.0));
     let b = &s["services"][1];
     assert_eq!(b["state"], "down", "its sidecar does not answer: {b}");
@@ -295,7 +308,10 @@ async fn the_page_the_snapshot_and_the_event_stream() {
 
     let (st, t) = call(port, "GET", "/api/sagas/s/i1", None, "").await;
     assert_eq!(st, 200);
-    assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["status"], "Running");
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["status"],
+        "Running"
+    );
     let (st, _) = call(port, "GET", "/api/sagas/nope/i1", None, "").await;
     assert_eq!(st, 404);
     let (st, _) = call(port, "GET", "/api/sagas/s/..", None, "").await;
@@ -318,7 +334,10 @@ async fn read_only_refuses_every_action_and_says_why() {
         assert_eq!(st, 403, "{path}: {body}");
         assert!(body.contains("--dashboard-actions"), "{body}");
     }
-    assert!(sent.lock().unwrap().is_empty(), "nothing reached the coordinator");
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "nothing reached the coordinator"
+    );
 }
 
 #[tokio::test]
@@ -340,10 +359,19 @@ async fn actions_go_to_the_coordinator_and_take_json_only() {
     let got = sent.lock().unwrap().clone();
     assert_eq!(got.len(), 1);
     let sent_body: Value = serde_json::from_str(&got[0].1).unwrap();
-    assert_eq!(sent_body, json!({"by": "weir-dashboard", "reason": "stuck"}));
+    assert_eq!(
+        sent_body,
+        json!({"by": "weir-dashboard", "reason": "stuck"})
+    );
     // A finished instance: the coordinator's 409 and its words come back.
-    let (st, body) = call(port, "POST", "/api/sagas/s/i0/cancel", Some("application/json"), "{}")
-        .await;
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/s/i0/cancel",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
     assert_eq!(st, 409);
     assert!(body.contains("has finished"), "{body}");
     // A form post (what another site could make a browser send) is refused.
@@ -358,10 +386,22 @@ async fn actions_go_to_the_coordinator_and_take_json_only() {
     assert_eq!(st, 415);
     assert_eq!(sent.lock().unwrap().len(), 1);
     // Replay needs a broker, and says which dead letters.
-    let (st, body) = call(port, "POST", "/api/queues/q/replay", Some("application/json"), "{}")
-        .await;
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/queues/q/replay",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
     assert_eq!(st, 503, "{body}");
-    let (st, _) = call(port, "POST", "/api/queues/nope/replay", Some("application/json"), "{}")
-        .await;
+    let (st, _) = call(
+        port,
+        "POST",
+        "/api/queues/nope/replay",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
     assert_eq!(st, 404);
 }

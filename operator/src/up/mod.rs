@@ -275,8 +275,8 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         println!("{name}:\n{usage}");
     }
     if let Some(d) = &opts.dashboard {
-        let addr = start_dashboard(d, &loaded, &opts.namespace, &running, broker_url.as_deref())
-            .await?;
+        let addr =
+            start_dashboard(d, &loaded, &opts.namespace, &running, broker_url.as_deref()).await?;
         println!(
             "weir up: dashboard on http://{addr}/ ({})",
             match d.actions {

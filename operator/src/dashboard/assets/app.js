@@ -56,16 +56,29 @@ function armed(btn, label) {
 // ---- System -----------------------------------------------------------------------------
 
 function graphSvg(s) {
-  const W = 180, H = 54, GX = 90, GY = 26, PAD = 20;
+  const W = 210, H = 54, GX = 80, GY = 24, PAD = 20;
+  // Layers: sagas first, then each service one right of its deepest caller (calls and saga
+  // steps); queues in a last column.
+  const layer = {};
+  for (const g of s.sagas) layer["saga:" + g.name] = 0;
+  for (const x of s.services) layer["ms:" + x.name] = 0;
+  const links = s.calls.filter(c => !c.external).map(c => ["ms:" + c.from, "ms:" + c.to]);
+  for (const g of s.sagas) for (const st of g.steps) links.push(["saga:" + g.name, "ms:" + st.target]);
+  for (let i = 0; i < s.services.length + 1; i++) {
+    let changed = false;
+    for (const [a, b] of links) {
+      if (a === b || layer[a] == null || layer[b] == null) continue;
+      if (layer[b] < layer[a] + 1 && layer[a] + 1 <= s.services.length + 1) { layer[b] = layer[a] + 1; changed = true; }
+    }
+    if (!changed) break;
+  }
   const cols = {};
-  for (const svc of s.services) (cols[svc.layer] = cols[svc.layer] || []).push({ kind: "svc", d: svc });
+  for (const x of s.services) (cols[layer["ms:" + x.name]] = cols[layer["ms:" + x.name]] || []).push({ kind: "svc", d: x });
+  for (const g of s.sagas) (cols[0] = cols[0] || []).push({ kind: "saga", d: g });
   const maxLayer = Math.max(0, ...Object.keys(cols).map(Number));
-  const extra = [];
-  for (const q of s.queues) extra.push({ kind: "queue", d: q });
-  for (const g of s.sagas) extra.push({ kind: "saga", d: g });
   const layers = [];
   for (let i = 0; i <= maxLayer; i++) layers.push(cols[i] || []);
-  if (extra.length) layers.push(extra);
+  if (s.queues.length) layers.push(s.queues.map(q => ({ kind: "queue", d: q })));
   const pos = {};
   let height = 0;
   layers.forEach((nodes, x) => {
@@ -76,7 +89,7 @@ function graphSvg(s) {
     });
   });
   const width = PAD * 2 + layers.length * (W + GX) - GX;
-  let edges = "", nodes = "";
+  let edges = "", nodes = "", labels = "";
   const line = (a, b, cls, label, lcls) => {
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
     let d;
@@ -84,16 +97,21 @@ function graphSvg(s) {
     else d = `M${a.x + W / 2},${a.y + H} C${a.x + W / 2},${a.y + H + 40} ${b.x + W / 2},${b.y + H + 40} ${b.x + W / 2},${b.y + H}`;
     edges += `<path class="edge ${cls}" d="${d}" marker-end="url(#arrow)"/>`;
     if (label) {
-      const lx = (x1 + x2) / 2 - 30, ly = (y1 + y2) / 2 - 4;
-      edges += `<text class="elabel ${lcls || ""}" x="${lx}" y="${ly}">${esc(label)}</text>`;
+      const lx = (x1 + x2) / 2, ly = (y1 + y2) / 2 - 5;
+      labels += `<text class="elabel ${lcls || ""}" x="${lx}" y="${ly}">${esc(label)}</text>`;
     }
   };
   for (const c of s.calls) {
     const a = pos["ms:" + c.from], b = pos["ms:" + c.to];
     if (!a || !b) continue;
     const br = c.breaker === "open" ? "breaker open" : c.breaker === "half-open" ? "half-open" : "";
-    const label = `${num(c.window.rps)}/s ${pct(c.window.errorRate)} ${br}`.trim();
+    const busy = c.window.rps > 0 ? `${num(c.window.rps)}/s ${pct(c.window.errorRate)}` : "";
+    const label = `${busy} ${br}`.trim();
     line(a, b, c.breaker, label, c.breaker === "open" ? "open" : "");
+  }
+  for (const g of s.sagas) {
+    const a = pos["saga:" + g.name];
+    for (const st of g.steps) { const b = pos["ms:" + st.target]; if (a && b) line(a, b, "step"); }
   }
   for (const q of s.queues) {
     const b = pos["queue:" + q.name];
@@ -121,7 +139,7 @@ function graphSvg(s) {
   }
   return `<svg class="graph" viewBox="0 0 ${width} ${height + PAD}" role="img" aria-label="system graph">` +
     `<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#8a8f96"/></marker></defs>` +
-    edges + nodes + `</svg>`;
+    edges + nodes + labels + `</svg>`;
 }
 
 function renderSystem(s) {
@@ -331,6 +349,7 @@ function drawInstance(saga, id) {
   } else {
     h += `<p class="muted">Read-only: start weir up with --dashboard-actions to cancel or retry.</p>`;
   }
+  h += stepSummary(saga, d);
   h += `<h3>Timeline</h3><ol class="timeline" id="timeline">`;
   let prev = null;
   for (const e of d.entries || []) {
@@ -342,6 +361,34 @@ function drawInstance(saga, id) {
   }
   h += `</ol><h3>Input</h3><pre>${esc(JSON.stringify(d.input, null, 2))}</pre>`;
   box.innerHTML = h;
+}
+
+// Per step of the saga: how far it got, attempts, time taken, the last error, compensation.
+function stepSummary(saga, d) {
+  const g = (snap.sagas || []).find(x => x.name === saga);
+  if (!g) return "";
+  let h = `<h3>Steps</h3><table id="steps"><thead><tr><th>#</th><th>Step</th><th>Calls</th><th>State</th><th>Attempts</th><th>Took</th><th>Compensation</th><th>Last error</th></tr></thead><tbody>`;
+  g.steps.forEach((st, i) => {
+    const n = i + 1;
+    const es = (d.entries || []).filter(e => e.step === n);
+    const started = es.filter(e => e.type === "step-started");
+    const end = es.find(e => e.type === "step-succeeded" || e.type === "step-failed");
+    let word = "not started";
+    if (end) word = end.type === "step-succeeded" ? "succeeded" : "failed";
+    else if (started.length) word = "running";
+    let comp = g.steps[i].compensated ? "–" : "none";
+    const cs = es.find(e => e.type === "comp-succeeded"), cf = es.filter(e => e.type === "comp-failed");
+    if (cs) comp = "compensated";
+    else if (cf.length) comp = `failed ×${cf.length}`;
+    else if (es.some(e => e.type === "comp-started")) comp = "compensating";
+    const errs = es.filter(e => e.error);
+    const cls = { succeeded: "Completed", failed: "CompensationFailed", running: "Running" }[word] || "none";
+    h += `<tr><td>${n}</td><td>${esc(st.name)}</td><td>${esc(st.target)}</td>
+      <td><span class="state state-${cls}">${esc(word)}</span></td><td class="num">${started.length}</td>
+      <td class="num">${started.length && end ? duration(started[0].at, end.at) : "–"}</td><td>${esc(comp)}</td>
+      <td>${errs.length ? esc(errs[errs.length - 1].error) : ""}</td></tr>`;
+  });
+  return h + `</tbody></table>`;
 }
 
 function renderInstance(s, saga, id) {
