@@ -97,7 +97,7 @@ impl System {
         let key = format!("{kind}/{name}");
         self.findings
             .iter()
-            .filter(|f| f.objects.iter().any(|o| *o == key))
+            .filter(|f| f.objects.contains(&key))
             .collect()
     }
 }

@@ -204,6 +204,10 @@ pub async fn handle(req: http::Request<Incoming>, state: Arc<State>) -> Response
 }
 
 /// A Queue of the system, else the 404.
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer itself, returned at once"
+)]
 fn queue(state: &State, name: &str) -> Result<super::model::Queue, Response<Body>> {
     state
         .system
@@ -214,6 +218,10 @@ fn queue(state: &State, name: &str) -> Result<super::model::Queue, Response<Body
         .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no Queue {name}")))
 }
 
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer itself, returned at once"
+)]
 fn saga_of(state: &State, saga: &str, id: &str) -> Result<String, Response<Body>> {
     if !state.system.sagas.iter().any(|s| s.name == saga) {
         return Err(error(StatusCode::NOT_FOUND, format!("no Saga {saga}")));
@@ -225,6 +233,10 @@ fn saga_of(state: &State, saga: &str, id: &str) -> Result<String, Response<Body>
 }
 
 /// The JSON body of an action, or the answer refusing it: 403 read-only, 415 not JSON, 400.
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer itself, returned at once"
+)]
 async fn action_body(state: &State, req: http::Request<Incoming>) -> Result<Value, Response<Body>> {
     if !state.actions {
         return Err(error(StatusCode::FORBIDDEN, READ_ONLY));
