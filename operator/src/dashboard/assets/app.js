@@ -288,7 +288,7 @@ function renderSagas(s) {
   const v = view.sagas = view.sagas || { filter: "", status: "" };
   if (route !== "sagas" || !$("#saga-tables")) {
     $("#main").innerHTML = `<h2>Sagas</h2><p><input type="search" id="saga-filter" placeholder="Filter by instance id" value="${esc(v.filter)}">
-      <select id="saga-status"><option value="">every state</option>${["Running", "Compensating", "Completed", "Compensated", "CompensationFailed", "Cancelled"]
+      <select id="saga-status"><option value="">every state</option>${["Running", "Compensating", "Cancelling", "Completed", "Compensated", "CompensationFailed", "Cancelled"]
         .map(x => `<option${v.status === x ? " selected" : ""}>${x}</option>`).join("")}</select></p><div id="saga-tables"></div>`;
     $("#saga-filter").oninput = e => { v.filter = e.target.value; drawSagas(snap); };
     $("#saga-status").onchange = e => { v.status = e.target.value; drawSagas(snap); };
@@ -341,7 +341,8 @@ function drawInstance(saga, id) {
   if (v.error) { box.innerHTML = `<div class="message bad">${esc(v.error)}</div>`; return; }
   if (!v.data) { box.innerHTML = `<p class="muted">Loading…</p>`; return; }
   const d = v.data;
-  const finished = ["Completed", "Compensated", "CompensationFailed", "Cancelled", "cancelled"].includes(d.status);
+  // Cancel applies to an instance still running or compensating; retry to a failed compensation.
+  const finished = ["Completed", "Compensated", "CompensationFailed", "Cancelled", "Cancelling"].includes(d.status);
   let h = `<p>State: <span id="instance-status">${state(d.status)}</span> ${d.reason ? `<span class="muted">reason: ${esc(d.reason)}</span>` : ""}</p>`;
   if (snap.actions) {
     if (!finished) h += `<button id="cancel">Cancel</button> `;
