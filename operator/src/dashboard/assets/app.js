@@ -16,6 +16,12 @@ function num(v, digits) {
   if (v == null) return "–";
   return Number(v).toFixed(digits == null ? 1 : digits);
 }
+// `2026-01-02T03:04:05.678901Z` → `2026-01-02 03:04:05.678` (UTC, as the logs write it).
+function when(ts) {
+  if (!ts) return "";
+  const m = /^(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})(\.\d{1,3})?/.exec(ts);
+  return m ? `${m[1]} ${m[2]}${m[3] || ""}` : ts;
+}
 function pct(v) { return v == null ? "–" : (v * 100).toFixed(1) + "%"; }
 function ms(v) { return v == null ? "–" : (v >= 1000 ? (v / 1000).toFixed(2) + " s" : v.toFixed(0) + " ms"); }
 function state(word, extra) {
@@ -123,12 +129,14 @@ function graphSvg(s) {
     const p = pos[key], d = p.n.d;
     let title = d.name, figures = "", cls = p.n.kind;
     if (p.n.kind === "svc") {
-      title = `${d.name}${d.edge ? " (edge)" : ""} — ${d.state}`;
+      const nf = (d.findings || []).length;
+      title = `${d.name}${d.edge ? " (edge)" : ""} — ${d.state}${nf ? ` · ${nf} finding${nf > 1 ? "s" : ""}` : ""}`;
       figures = `${num(d.inbound.rps)} req/s · ${pct(d.inbound.errorRate)} err · p99 ${ms(d.inbound.p99Ms)}`;
       cls += " " + d.state;
     } else if (p.n.kind === "queue") {
       title = "queue " + d.name;
-      figures = `${d.messages == null ? "?" : d.messages} msgs · ${d.deadLetters == null ? "–" : d.deadLetters} dead`;
+      const lag = Object.values(d.lag || {}).reduce((a, b) => a + b, 0);
+      figures = `${d.messages == null ? "?" : d.messages} on stream · lag ${lag} · ${d.deadLetters == null ? "–" : d.deadLetters} dead`;
     } else {
       title = "saga " + d.name;
       const by = d.byStatus || {};
@@ -222,7 +230,7 @@ function drawDeadLetters(name) {
     <th>Consumer</th><th>Last error</th><th></th></tr></thead><tbody>`;
   for (const d of v.letters) {
     h += `<tr data-seq="${esc(d.seq)}"><td>${esc(d.seq)}</td><td>${esc(d.eventId)}</td><td>${esc(d.reason)}</td>
-      <td class="num">${esc(d.deliveryCount)}</td><td>${esc(d.deadLetteredAt)}</td><td>${esc(d.consumer)}</td>
+      <td class="num">${esc(d.deliveryCount)}</td><td class="nowrap">${esc(when(d.deadLetteredAt))}</td><td>${esc(d.consumer)}</td>
       <td>${esc(d.lastError)}</td><td><button class="show" data-seq="${esc(d.seq)}">Show</button>
       ${snap.actions ? `<button class="replay" data-seq="${esc(d.seq)}">Replay</button>` : ""}</td></tr>`;
   }
@@ -311,9 +319,9 @@ function drawSagas(s) {
     h += `<table class="instances" data-saga="${esc(g.name)}"><thead><tr><th>Instance</th><th>State</th><th>Version</th><th>Step</th><th>Started</th><th>Updated</th><th>Reason</th></tr></thead><tbody>`;
     for (const i of rows.slice(0, 200)) {
       const step = i.step ? (g.steps[i.step - 1] || {}).name || i.step : "–";
-      h += `<tr data-id="${esc(i.id)}"><td><a href="#/sagas/${enc(g.name)}/${enc(i.id)}">${esc(i.id)}</a></td><td>${state(i.status)}</td>
-        <td>${esc(i.version == null ? "–" : i.version)}</td><td>${esc(step)}</td><td>${esc(i.startedAt || i.started_at || "")}</td>
-        <td>${esc(i.updatedAt || i.updated_at || "")}</td><td>${esc(i.reason || "")}</td></tr>`;
+      h += `<tr data-id="${esc(i.id)}"><td class="nowrap"><a href="#/sagas/${enc(g.name)}/${enc(i.id)}">${esc(i.id)}</a></td><td>${state(i.status)}</td>
+        <td>${esc(i.version == null ? "–" : i.version)}</td><td>${esc(step)}</td><td class="nowrap">${esc(when(i.startedAt || i.started_at))}</td>
+        <td class="nowrap">${esc(when(i.updatedAt || i.updated_at))}</td><td>${esc(i.reason || "")}</td></tr>`;
     }
     h += `</tbody></table>`;
     if (rows.length > 200) h += `<p class="muted">${rows.length - 200} more: filter by id.</p>`;
@@ -356,7 +364,7 @@ function drawInstance(saga, id) {
   for (const e of d.entries || []) {
     const bad = /failed/.test(e.type) ? "bad" : "";
     h += `<li class="${bad}"><span class="kind">${esc(e.type)}</span>${e.name ? esc(e.name) + " " : ""}
-      <span class="muted">${esc(e.at)}${prev ? " (+" + duration(prev, e.at) + ")" : ""} by ${esc(e.by)}</span>
+      <span class="muted">${esc(when(e.at))}${prev ? " (+" + duration(prev, e.at) + ")" : ""} by ${esc(e.by)}</span>
       ${e.error ? `<div class="bad">error: ${esc(e.error)}</div>` : ""}${e.reason ? `<div>reason: ${esc(e.reason)}</div>` : ""}</li>`;
     prev = e.at;
   }
@@ -445,5 +453,5 @@ function connect() {
   es.onerror = () => { $("#status").textContent = "disconnected, retrying…"; };
 }
 
-window.addEventListener("hashchange", () => { route = ""; draw(); });
+window.addEventListener("hashchange", () => { route = ""; $("#main").onclick = null; draw(); });
 connect();
