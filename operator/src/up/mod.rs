@@ -12,7 +12,8 @@
 //!   stopped apps first.
 //! - `process`: one process: its command line, process group, signals and ports (the only
 //!   `unsafe` code of `weir up`).
-//! - this module: the run loop, from the manifests to Ctrl-C, and the state file.
+//! - this module: the run loop, from the manifests to Ctrl-C, and the state file; with
+//!   `--dashboard`, the page of [`crate::dashboard`] over the running processes.
 
 pub mod brokers;
 pub mod mtls;
@@ -284,6 +285,12 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
                 false => "read-only",
             }
         );
+        if !addr.ip().is_loopback() {
+            println!(
+                "weir up: the dashboard has no login, and {} is reachable from other machines",
+                addr.ip()
+            );
+        }
     }
     if let Some(f) = &opts.state_file {
         write_state(f, &running, broker_url.as_deref(), ca.as_ref())?;
