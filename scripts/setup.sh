@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh            toolchain checks, helm, kubernetes-validate, nats-server,
 #                               redis-server, rabbitmq-server and promtool (Debian; services left
-#                               stopped), tansu (the Kafka-protocol broker), moto_server (its S3 storage)
+#                               stopped), tansu (the Kafka-protocol broker), moto_server (its S3 storage),
+#                               chromium and chromium-driver (the dashboard's browser tests)
 #   scripts/setup.sh --bench    also nginx, haproxy, wrk, h2load, valgrind and envoy for the sidecar
 #                               benchmarks and profile
 #
@@ -123,6 +124,9 @@ if ! command -v promtool >/dev/null; then
   apt_install prometheus
   [ "$had_policy" = 1 ] || rm -f "$policy"
 fi
+# chromium and chromedriver (Debian): operator/tests/dashboard.rs drives the `weir up --dashboard`
+# page in headless Chromium over WebDriver, and CI runs it.
+apt_install chromium chromium-driver
 # The broker TLS tests make their CA and server certificates with the openssl CLI.
 command -v openssl >/dev/null || apt_install openssl
 for svc in redis-server rabbitmq-server prometheus; do

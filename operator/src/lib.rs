@@ -1,5 +1,6 @@
 //! The Weir operator and command-line tool.
 
+pub mod dashboard;
 pub mod graph;
 pub mod lint;
 pub mod manifest;

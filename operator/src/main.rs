@@ -98,6 +98,14 @@ struct UpArgs {
     /// manifests declare (as in a cluster with the chart's defaults).
     #[arg(long)]
     no_mtls: bool,
+    /// Serve the dashboard on this address (e.g. 127.0.0.1:9900): the system's graph with live
+    /// rates, errors, p99 and breaker states from the sidecars, queues and dead letters, saga
+    /// instances. Read-only unless --dashboard-actions.
+    #[arg(long, value_name = "ADDR")]
+    dashboard: Option<std::net::SocketAddr>,
+    /// Let the dashboard act: replay dead letters, cancel and retry saga instances.
+    #[arg(long, requires = "dashboard")]
+    dashboard_actions: bool,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -333,6 +341,12 @@ impl UpArgs {
             any_port: self.any_port,
             secrets_dir: self.secrets_dir,
             no_mtls: self.no_mtls,
+            dashboard: self
+                .dashboard
+                .map(|addr| weir::dashboard::DashboardOptions {
+                    addr,
+                    actions: self.dashboard_actions,
+                }),
         }
     }
 }

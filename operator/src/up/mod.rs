@@ -12,7 +12,8 @@
 //!   stopped apps first.
 //! - `process`: one process: its command line, process group, signals and ports (the only
 //!   `unsafe` code of `weir up`).
-//! - this module: the run loop, from the manifests to Ctrl-C, and the state file.
+//! - this module: the run loop, from the manifests to Ctrl-C, and the state file; with
+//!   `--dashboard`, the page of [`crate::dashboard`] over the running processes.
 
 pub mod brokers;
 pub mod mtls;
@@ -56,6 +57,8 @@ pub struct RunOptions {
     pub secrets_dir: Option<PathBuf>,
     /// Plaintext between the sidecars: no CA of the run, no authorization by the graph.
     pub no_mtls: bool,
+    /// Serve the dashboard (`--dashboard ADDR`, `--dashboard-actions`).
+    pub dashboard: Option<crate::dashboard::DashboardOptions>,
 }
 
 /// Writes the state file: ports and pids by replica, saga coordinator URLs, the broker's URL
@@ -272,6 +275,23 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
     for (name, usage) in usage_notes(&loaded, &running) {
         println!("{name}:\n{usage}");
     }
+    if let Some(d) = &opts.dashboard {
+        let addr =
+            start_dashboard(d, &loaded, &opts.namespace, &running, broker_url.as_deref()).await?;
+        println!(
+            "weir up: dashboard on http://{addr}/ ({})",
+            match d.actions {
+                true => "actions enabled: dead-letter replay, saga cancel and retry",
+                false => "read-only",
+            }
+        );
+        if !addr.ip().is_loopback() {
+            println!(
+                "weir up: the dashboard has no login, and {} is reachable from other machines",
+                addr.ip()
+            );
+        }
+    }
     if let Some(f) = &opts.state_file {
         write_state(f, &running, broker_url.as_deref(), ca.as_ref())?;
     }
@@ -323,6 +343,42 @@ pub async fn run(loaded: Vec<Loaded>, opts: RunOptions) -> Result<()> {
         Stop::Signal(_) => Ok(()),
         Stop::Failed(e) => Err(e.into()),
     }
+}
+
+/// Starts the dashboard over the running system: every replica's sidecar, every coordinator
+/// replica, the broker.
+async fn start_dashboard(
+    d: &crate::dashboard::DashboardOptions,
+    loaded: &[Loaded],
+    namespace: &str,
+    running: &Running,
+    broker_url: Option<&str>,
+) -> Result<std::net::SocketAddr> {
+    use crate::dashboard::{self, Coordinator, Sidecar, Targets};
+    let targets = Targets {
+        sidecars: running
+            .services
+            .iter()
+            .map(|s| Sidecar {
+                replica: s.name.clone(),
+                microservice: s.microservice.clone(),
+                admin_port: s.ports.admin,
+            })
+            .collect(),
+        coordinators: running
+            .sagas
+            .iter()
+            .map(|s| Coordinator {
+                saga: s.name.clone(),
+                url: s.url.clone(),
+            })
+            .collect(),
+        broker_url: broker_url.map(str::to_string),
+    };
+    let system = dashboard::model::build(loaded, namespace);
+    dashboard::start(d, system, targets)
+        .await
+        .map_err(|e| anyhow::anyhow!("dashboard on {}: {e}", d.addr))
 }
 
 /// The `weir.dev/local-usage` note of each Microservice, `{url}` replaced by its local URL.

@@ -1,0 +1,407 @@
+//! The dashboard's HTTP API on a real server and port, over a fake sidecar (its `/metrics`)
+//! and a fake saga coordinator: the page, the snapshot and its figures, the event stream,
+//! the coordinator's answers passed through, and the actions refused when read-only.
+
+use super::model::{Call, Queue, Saga, Service, Step, System};
+use super::{Coordinator, DashboardOptions, Sidecar, Targets};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Handler = Arc<dyn Fn(&str, &str, &str) -> (u16, String) + Send + Sync>;
+
+/// A loopback HTTP server answering with `f(method, path, body)`; its port.
+async fn fake(f: Handler) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let f = f.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let f = f.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let (st, out) = f(&method, &path, &String::from_utf8_lossy(&body));
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(st)
+                                    .body(Full::new(Bytes::from(out)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// One request on a fresh connection: status and body (the head only for an event stream,
+/// with its first event).
+async fn call(
+    port: u16,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let ct = content_type
+        .map(|c| format!("content-type: {c}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\n{ct}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        // An event stream does not end: stop at its first event.
+        if text.contains("text/event-stream")
+            && text
+                .split_once("data: ")
+                .is_some_and(|(_, r)| r.contains("\n\n"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut rest = body;
+        let mut out = String::new();
+        while let Some((size, r)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || r.len() < n {
+                break;
+            }
+            out.push_str(&r[..n]);
+            rest = r[n..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+const METRICS_OPEN: &str = r#"# TYPE weir_requests counter
+weir_requests_total{direction="inbound",dependency="",status_class="2xx"} 10
+weir_requests_total{direction="outbound",dependency="b",status_class="5xx"} 4
+weir_circuit_breaker_state{dependency="b"} 1
+weir_rejections_total{direction="outbound",dependency="b",reason="circuit-open"} 3
+weir_rejections_total{direction="outbound",dependency="b",reason="bulkhead-full"} 2
+weir_rejections_total{direction="inbound",dependency="",reason="rate-limited"} 5
+# EOF
+"#;
+
+fn system() -> System {
+    let svc = |name: &str, layer| Service {
+        name: name.into(),
+        replicas: 1,
+        edge: false,
+        publishes: vec![],
+        consumes: vec![],
+        layer,
+    };
+    System {
+        namespace: "default".into(),
+        services: vec![svc("a", 0), svc("b", 1)],
+        calls: vec![Call {
+            from: "a".into(),
+            dependency: "b".into(),
+            to: "b".into(),
+            external: false,
+            policy: "1s, breaker 50%".into(),
+            has_breaker: true,
+            has_bulkhead: true,
+        }],
+        queues: vec![Queue {
+            name: "q".into(),
+            event_type: "t".into(),
+            publishers: vec!["a".into()],
+            consumers: vec!["b".into()],
+            triggers: vec![],
+            spec: None,
+        }],
+        sagas: vec![Saga {
+            name: "s".into(),
+            steps: vec![Step {
+                name: "one".into(),
+                target: "b".into(),
+                compensated: true,
+            }],
+            trigger_queue: None,
+            outcome_queues: vec![],
+        }],
+        findings: vec![super::model::Finding {
+            rule: "W009".into(),
+            name: "x".into(),
+            severity: "warning".into(),
+            objects: vec!["Microservice/b".into()],
+            message: "b has a finding".into(),
+            hint: "h".into(),
+        }],
+    }
+}
+
+/// The dashboard over one fake sidecar (of `a`; `b`'s does not answer) and one fake
+/// coordinator; the bodies the coordinator was sent.
+async fn dashboard(actions: bool) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
+    let sidecar = fake(Arc::new(|_, path, _| match path {
+        "/metrics" => (200, METRICS_OPEN.to_string()),
+        _ => (404, String::new()),
+    }))
+    .await;
+    let sent: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let seen = sent.clone();
+    let coordinator = fake(Arc::new(move |method, path, body| match (method, path) {
+        ("GET", "/v1/sagas/s") => (
+            200,
+            json!({"instances": [
+                {"id": "i1", "status": "Running", "step": 1, "startedAt": "2026-01-01T00:00:01Z"},
+                {"id": "i0", "status": "Completed", "step": 1, "startedAt": "2026-01-01T00:00:00Z"},
+            ]})
+            .to_string(),
+        ),
+        ("GET", "/v1/sagas/s/i1") => (
+            200,
+            json!({"id": "i1", "status": "Running", "entries": [{"type": "started"}]}).to_string(),
+        ),
+        ("POST", "/v1/sagas/s/i1/cancel") => {
+            seen.lock()
+                .unwrap()
+                .push((path.to_string(), body.to_string()));
+            (
+                202,
+                json!({"id": "i1", "status": "Compensating"}).to_string(),
+            )
+        }
+        ("POST", "/v1/sagas/s/i0/cancel") => (
+            409,
+            json!({"error": "instance i0 has finished (Completed)"}).to_string(),
+        ),
+        _ => (404, json!({"error": "no route"}).to_string()),
+    }))
+    .await;
+    let targets = Targets {
+        sidecars: vec![
+            Sidecar {
+                replica: "a".into(),
+                microservice: "a".into(),
+                admin_port: sidecar,
+            },
+            Sidecar {
+                replica: "b".into(),
+                microservice: "b".into(),
+                // Nothing listens there.
+                admin_port: 1,
+            },
+        ],
+        coordinators: vec![Coordinator {
+            saga: "s".into(),
+            url: format!("http://127.0.0.1:{coordinator}"),
+        }],
+        broker_url: None,
+    };
+    let opts = DashboardOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        actions,
+    };
+    let addr = super::start(&opts, system(), targets).await.unwrap();
+    (addr.port(), sent)
+}
+
+async fn snapshot(port: u16) -> Value {
+    let start = Instant::now();
+    loop {
+        let (st, body) = call(port, "GET", "/api/snapshot", None, "").await;
+        assert_eq!(st, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if v["services"].is_array() {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no snapshot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_page_the_snapshot_and_the_event_stream() {
+    let (port, _) = dashboard(false).await;
+    let (st, html) = call(port, "GET", "/", None, "").await;
+    assert_eq!(st, 200);
+    assert!(html.contains("<script src=\"/app.js\">"), "{html}");
+    let (st, js) = call(port, "GET", "/app.js", None, "").await;
+    assert_eq!(st, 200);
+    assert!(js.contains("EventSource(\"/api/events\")"));
+    assert!(
+        !js.contains("http://") && !js.contains("https://"),
+        "nothing from elsewhere"
+    );
+    let (st, _) = call(port, "GET", "/app.css", None, "").await;
+    assert_eq!(st, 200);
+
+    let s = snapshot(port).await;
+    assert_eq!(s["actions"], json!(false));
+    let call_ab = &s["calls"][0];
+    assert_eq!(call_ab["breaker"], "open", "{call_ab}");
+    assert_eq!(call_ab["circuitOpenRejections"], json!(3.0));
+    assert_eq!(call_ab["bulkheadRejections"], json!(2.0));
+    assert_eq!(call_ab["window"]["total"], json!(4.0), "{s}");
+    let a = &s["services"][0];
+    assert_eq!(
+        (a["name"].as_str(), a["state"].as_str()),
+        (Some("a"), Some("up"))
+    );
+    assert_eq!(a["rateLimited"], json!(5.0));
+    let b = &s["services"][1];
+    assert_eq!(b["state"], "down", "its sidecar does not answer: {b}");
+    assert_eq!(b["findings"][0]["rule"], "W009");
+    assert_eq!(s["queues"][0]["error"], "this run has no broker");
+    let saga = &s["sagas"][0];
+    assert_eq!(saga["byStatus"], json!({"Completed": 1, "Running": 1}));
+    assert_eq!(saga["instances"][0]["id"], "i1", "newest first");
+
+    let (st, ev) = call(port, "GET", "/api/events", None, "").await;
+    assert_eq!(st, 200);
+    let data = ev
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("an event");
+    let v: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(v["calls"][0]["breaker"], "open");
+
+    let (st, t) = call(port, "GET", "/api/sagas/s/i1", None, "").await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["status"],
+        "Running"
+    );
+    let (st, _) = call(port, "GET", "/api/sagas/nope/i1", None, "").await;
+    assert_eq!(st, 404);
+    let (st, _) = call(port, "GET", "/api/sagas/s/..", None, "").await;
+    assert_eq!(st, 400);
+    let (st, _) = call(port, "GET", "/api/queues/nope/dead-letters", None, "").await;
+    assert_eq!(st, 404);
+    let (st, _) = call(port, "GET", "/api/nothing", None, "").await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test]
+async fn read_only_refuses_every_action_and_says_why() {
+    let (port, sent) = dashboard(false).await;
+    for path in [
+        "/api/queues/q/replay",
+        "/api/sagas/s/i1/cancel",
+        "/api/sagas/s/i1/retry",
+    ] {
+        let (st, body) = call(port, "POST", path, Some("application/json"), "{}").await;
+        assert_eq!(st, 403, "{path}: {body}");
+        assert!(body.contains("--dashboard-actions"), "{body}");
+    }
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "nothing reached the coordinator"
+    );
+}
+
+#[tokio::test]
+async fn actions_go_to_the_coordinator_and_take_json_only() {
+    let (port, sent) = dashboard(true).await;
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/s/i1/cancel",
+        Some("application/json"),
+        r#"{"reason": "stuck"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "Compensating"
+    );
+    let got = sent.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let sent_body: Value = serde_json::from_str(&got[0].1).unwrap();
+    assert_eq!(
+        sent_body,
+        json!({"by": "weir-dashboard", "reason": "stuck"})
+    );
+    // A finished instance: the coordinator's 409 and its words come back.
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/s/i0/cancel",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
+    assert_eq!(st, 409);
+    assert!(body.contains("has finished"), "{body}");
+    // A form post (what another site could make a browser send) is refused.
+    let (st, _) = call(
+        port,
+        "POST",
+        "/api/sagas/s/i1/cancel",
+        Some("application/x-www-form-urlencoded"),
+        "reason=x",
+    )
+    .await;
+    assert_eq!(st, 415);
+    assert_eq!(sent.lock().unwrap().len(), 1);
+    // Replay needs a broker, and says which dead letters.
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/queues/q/replay",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
+    assert_eq!(st, 503, "{body}");
+    let (st, _) = call(
+        port,
+        "POST",
+        "/api/queues/nope/replay",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
+    assert_eq!(st, 404);
+}
