@@ -7,18 +7,21 @@
 //! are most of its work. So an apply is skipped when both hold:
 //!
 //! - the rendered object is the one last applied (the same hash of its JSON), and
-//! - the child is as that apply left it: its `resourceVersion` in the operator's watch cache is
-//!   the one the apply answered. Anyone's change to it (an edit, a delete, a scale, the
-//!   controller manager's status update) moves the version, and the next reconcile applies it
-//!   again, so drift is repaired as before.
+//! - the child is as that apply left it. For a ConfigMap, a Service or a ServiceAccount: its
+//!   `resourceVersion` in the operator's watch cache is the one the apply answered, so anyone's
+//!   change to it (an edit, a delete) moves the version and the next reconcile applies it
+//!   again. For a Deployment, whose version also moves with every status update of the
+//!   controller manager: its `generation` (which only a change of its spec moves: an edit, a
+//!   scale) is the one the apply answered, and every label, annotation and owner reference the
+//!   rendering sets is still there with its value.
 //!
 //! Nothing is skipped before the caches are set ([`Applied::watch`]) or for a child they do not
-//! hold, and an operator that restarts applies everything once. The Deployment's answer is kept
-//! too: a reconcile that skips its apply reads the Deployment's status from it, which is current
-//! since its version has not moved.
+//! hold, and an operator that restarts applies everything once. The Deployment cache keeps what
+//! a reconcile reads (generation, replicas, status; not the pod template, [`trim_deployment`]),
+//! so a reconcile that skips the apply reads the current status from it.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::Resource;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -30,9 +33,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The operator's metadata caches of the children it watches.
 #[derive(Clone)]
 pub struct Stores {
-    pub deployments: Store<PartialObjectMeta<Deployment>>,
+    /// Whole Deployments, trimmed by [`trim_deployment`].
+    pub deployments: Store<Deployment>,
     pub services: Store<PartialObjectMeta<Service>>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    /// Watched only under the mesh (the only time the operator applies ServiceAccounts); an
+    /// empty store otherwise.
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
 }
 
 /// A child: its kind, namespace and name.
@@ -41,8 +48,8 @@ type Key = (&'static str, String, String);
 #[derive(Clone)]
 struct Last {
     hash: u64,
-    resource_version: String,
-    deployment: Option<Arc<Deployment>>,
+    /// The `resourceVersion` the apply answered; for a Deployment, its `generation`.
+    version: String,
 }
 
 /// The last applies, and the caches to compare them with.
@@ -69,12 +76,6 @@ where
     store.get(&r)?.metadata.resource_version.clone()
 }
 
-impl Child for Deployment {
-    const KIND: &'static str = "Deployment";
-    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
-        version(&stores.deployments, namespace, name)
-    }
-}
 impl Child for Service {
     const KIND: &'static str = "Service";
     fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
@@ -86,6 +87,54 @@ impl Child for ConfigMap {
     fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
         version(&stores.config_maps, namespace, name)
     }
+}
+impl Child for ServiceAccount {
+    const KIND: &'static str = "ServiceAccount";
+    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
+        version(&stores.service_accounts, namespace, name)
+    }
+}
+
+const DEPLOYMENT: &str = "Deployment";
+
+/// What the Deployment cache keeps of a Deployment: what maps it to its owner, tells whether
+/// it is as the operator applied it, and what a reconcile reads (generation, replicas,
+/// status). The pod template and the managed fields, most of the object, are dropped.
+pub fn trim_deployment(d: &mut Deployment) {
+    let m = &mut d.metadata;
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    if let Some(spec) = d.spec.as_mut() {
+        *spec = k8s_openapi::api::apps::v1::DeploymentSpec {
+            replicas: spec.replicas,
+            ..Default::default()
+        };
+    }
+}
+
+/// Whether `live` still carries every label, annotation and owner reference of `rendered`.
+fn keeps_metadata(rendered: &kube::api::ObjectMeta, live: &kube::api::ObjectMeta) -> bool {
+    fn has(
+        want: &Option<std::collections::BTreeMap<String, String>>,
+        got: &Option<std::collections::BTreeMap<String, String>>,
+    ) -> bool {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| got.as_ref().and_then(|g| g.get(k)) == Some(v))
+    }
+    has(&rendered.labels, &live.labels)
+        && has(&rendered.annotations, &live.annotations)
+        && rendered.owner_references.iter().flatten().all(|o| {
+            live.owner_references.iter().flatten().any(|l| {
+                l.uid == o.uid
+                    && l.kind == o.kind
+                    && l.name == o.name
+                    && l.controller == o.controller
+            })
+        })
+        && live.deletion_timestamp.is_none()
 }
 
 fn hash_of(object: &impl Serialize) -> u64 {
@@ -118,8 +167,7 @@ impl Applied {
             return false;
         };
         last.hash == hash_of(object)
-            && K::cached_version(stores, namespace, name).as_deref()
-                == Some(last.resource_version.as_str())
+            && K::cached_version(stores, namespace, name).as_deref() == Some(last.version.as_str())
     }
 
     /// Records an apply of `object` that the API server answered with `resource_version`.
@@ -138,8 +186,7 @@ impl Applied {
                     key,
                     Last {
                         hash: hash_of(object),
-                        resource_version: rv,
-                        deployment: None,
+                        version: rv,
                     },
                 );
             }
@@ -149,8 +196,7 @@ impl Applied {
         }
     }
 
-    /// Records the Deployment the API server answered an apply of `object` with: of the answer,
-    /// what a reconcile reads (its generation, replicas and status), not its pod template.
+    /// Records an apply of Deployment `object` that the API server answered with `answer`.
     pub fn record_deployment(
         &self,
         namespace: &str,
@@ -158,55 +204,47 @@ impl Applied {
         object: &Deployment,
         answer: &Deployment,
     ) {
-        self.record(
-            namespace,
-            name,
-            object,
-            answer.metadata.resource_version.clone(),
-        );
-        let kept = Deployment {
-            metadata: kube::api::ObjectMeta {
-                name: answer.metadata.name.clone(),
-                namespace: answer.metadata.namespace.clone(),
-                generation: answer.metadata.generation,
-                resource_version: answer.metadata.resource_version.clone(),
-                ..Default::default()
-            },
-            spec: answer
-                .spec
-                .as_ref()
-                .map(|s| k8s_openapi::api::apps::v1::DeploymentSpec {
-                    replicas: s.replicas,
-                    ..Default::default()
-                }),
-            status: answer.status.clone(),
-        };
-        if let Some(l) = self
-            .last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&(<Deployment as Child>::KIND, namespace.into(), name.into()))
-        {
-            l.deployment = Some(Arc::new(kept));
+        let key = (DEPLOYMENT, namespace.to_string(), name.to_string());
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match answer.metadata.generation {
+            Some(generation) => {
+                last.insert(
+                    key,
+                    Last {
+                        hash: hash_of(object),
+                        version: generation.to_string(),
+                    },
+                );
+            }
+            None => {
+                last.remove(&key);
+            }
         }
     }
 
-    /// The Deployment of the last apply, when applying `object` would change nothing.
+    /// The cached Deployment (with its current status), when applying `object` would change
+    /// nothing (module docs).
     pub fn unchanged_deployment(
         &self,
         namespace: &str,
         name: &str,
         object: &Deployment,
     ) -> Option<Arc<Deployment>> {
-        if !self.unchanged(namespace, name, object) {
-            return None;
-        }
-        self.last
+        let stores = self.stores.get()?;
+        let last = self
+            .last
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(<Deployment as Child>::KIND, namespace.into(), name.into()))?
-            .deployment
-            .clone()
+            .get(&(DEPLOYMENT, namespace.to_string(), name.to_string()))
+            .cloned()?;
+        if last.hash != hash_of(object) {
+            return None;
+        }
+        let live = stores
+            .deployments
+            .get(&ObjectRef::<Deployment>::new(name).within(namespace))?;
+        let same_spec = live.metadata.generation.map(|g| g.to_string()) == Some(last.version);
+        (same_spec && keeps_metadata(&object.metadata, &live.metadata)).then_some(live)
     }
 
     /// Forgets every child of `namespace` named `name…` (an owner deleted).
@@ -258,6 +296,7 @@ mod tests {
             deployments: reflector::store().0,
             services: reflector::store().0,
             config_maps,
+            service_accounts: reflector::store().0,
         });
         // Not in the cache (not seen yet, or deleted): applied.
         assert!(!applied.unchanged("shop", "orders-weir-proxy", &cm));
@@ -293,5 +332,163 @@ mod tests {
         )));
         applied.forget("shop", &["orders-weir-proxy".to_string()]);
         assert!(!applied.unchanged("shop", "orders-weir-proxy", &cm));
+    }
+
+    fn deployment(image: &str) -> Deployment {
+        let mut d = Deployment {
+            metadata: kube::api::ObjectMeta {
+                name: Some("orders".into()),
+                namespace: Some("shop".into()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "weir".to_string(),
+                    )]
+                    .into(),
+                ),
+                annotations: Some([("weir.dev/config-hash".to_string(), "abc".to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        d.spec = Some(k8s_openapi::api::apps::v1::DeploymentSpec {
+            replicas: Some(2),
+            template: k8s_openapi::api::core::v1::PodTemplateSpec {
+                spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                    containers: vec![k8s_openapi::api::core::v1::Container {
+                        name: "app".into(),
+                        image: Some(image.into()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        d
+    }
+
+    /// The live Deployment as the cache holds it: `generation`, `ready` replicas, and what else
+    /// `edit` changes.
+    fn live(generation: i64, ready: i32, edit: impl FnOnce(&mut Deployment)) -> Deployment {
+        let mut d = deployment("shop/orders:1");
+        d.metadata.generation = Some(generation);
+        d.metadata.resource_version = Some(format!("{}", generation * 100 + i64::from(ready)));
+        d.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("deployment.kubernetes.io/revision".into(), "1".into());
+        d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+            ready_replicas: Some(ready),
+            observed_generation: Some(generation),
+            ..Default::default()
+        });
+        edit(&mut d);
+        trim_deployment(&mut d);
+        d
+    }
+
+    #[test]
+    fn a_deployment_is_applied_again_for_a_spec_or_metadata_change_not_for_its_status() {
+        let applied = Applied::default();
+        let (deployments, mut writer) = reflector::store();
+        applied.watch(Stores {
+            deployments,
+            services: reflector::store().0,
+            config_maps: reflector::store().0,
+            service_accounts: reflector::store().0,
+        });
+        let rendered = deployment("shop/orders:1");
+        // Never applied: applied.
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
+        applied.record_deployment("shop", "orders", &rendered, &live(3, 0, |_| {}));
+        // Applied, but not in the cache yet: applied.
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
+        writer.apply_watcher_event(&watcher::Event::Apply(live(3, 0, |_| {})));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_some()
+        );
+        // The controller manager's status updates move its version, not its generation: skipped,
+        // and the status read is the cache's current one.
+        writer.apply_watcher_event(&watcher::Event::Apply(live(3, 2, |_| {})));
+        let cached = applied
+            .unchanged_deployment("shop", "orders", &rendered)
+            .expect("skipped");
+        assert_eq!(cached.status.as_ref().unwrap().ready_replicas, Some(2));
+        assert!(
+            cached.spec.as_ref().unwrap().template.spec.is_none(),
+            "the template is not kept"
+        );
+        // Another rendering: applied.
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &deployment("shop/orders:2"))
+                .is_none()
+        );
+        // A spec change by anyone (kubectl scale, an edit) moves the generation: applied.
+        writer.apply_watcher_event(&watcher::Event::Apply(live(4, 2, |_| {})));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
+        applied.record_deployment("shop", "orders", &rendered, &live(5, 2, |_| {}));
+        writer.apply_watcher_event(&watcher::Event::Apply(live(5, 2, |_| {})));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_some()
+        );
+        // A label or annotation of the rendering removed or changed: applied.
+        writer.apply_watcher_event(&watcher::Event::Apply(live(5, 2, |d| {
+            d.metadata.labels.as_mut().unwrap().clear();
+        })));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
+        writer.apply_watcher_event(&watcher::Event::Apply(live(5, 2, |d| {
+            d.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert("weir.dev/config-hash".into(), "edited".into());
+        })));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
+        // Being deleted: applied.
+        writer.apply_watcher_event(&watcher::Event::Apply(live(5, 2, |d| {
+            d.metadata.deletion_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+            );
+        })));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
+        // Deleted: applied.
+        writer.apply_watcher_event(&watcher::Event::Delete(live(5, 2, |_| {})));
+        assert!(
+            applied
+                .unchanged_deployment("shop", "orders", &rendered)
+                .is_none()
+        );
     }
 }

@@ -5,7 +5,7 @@ use super::{Context, autoscaling, conditions, events, status, workload};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
@@ -110,8 +110,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
-    // Children are watched by metadata only: enough to map an event to its owner, and the
-    // operator reads a Deployment's status from the answer to its own apply.
+    // Services, ConfigMaps and ServiceAccounts are watched by metadata only: enough to map an
+    // event to its owner and to tell its version.
     let dependents_store = store.clone();
     let queue_store = store.clone();
     let mesh = ctx.mesh.clone();
@@ -122,18 +122,22 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let (deployments, deployments_cache) = reflector::store();
     let (services, services_cache) = reflector::store();
     let (config_maps, config_maps_cache) = reflector::store();
+    let (service_accounts, service_accounts_cache) = reflector::store();
     ctx.applied.watch(super::applied::Stores {
         deployments,
         services,
         config_maps,
+        service_accounts,
     });
+    // Deployments are watched whole but cached trimmed: a reconcile reads their status from
+    // the cache (applied.rs), and their status updates do not re-apply them.
+    let deployments = watcher(api::<Deployment>(&client, namespace), owned.clone())
+        .default_backoff()
+        .modify(super::applied::trim_deployment)
+        .reflect(deployments_cache)
+        .touched_objects();
     let controller = Controller::for_stream(main, store)
-        .owns_stream(children::<Deployment>(
-            &client,
-            namespace,
-            &owned,
-            deployments_cache,
-        ))
+        .owns_stream(deployments)
         .owns_stream(children::<Service>(
             &client,
             namespace,
@@ -145,7 +149,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             namespace,
             &owned,
             config_maps_cache,
-        ))
+        ));
+    // Under the mesh each Microservice has a ServiceAccount of its own, applied like the rest.
+    let controller = match &ctx.mesh {
+        Some(_) => controller.owns_stream(children::<ServiceAccount>(
+            &client,
+            namespace,
+            &owned,
+            service_accounts_cache,
+        )),
+        None => controller,
+    };
+    let controller = controller
         // A Queue's change (e.g. maxDeliveries) reaches the sidecars of the services using it.
         .watches(queues, watcher::Config::default(), move |q| {
             super::queue::microservices_using(&queue_store, &q)
@@ -274,6 +289,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
                 name.clone(),
                 render::config_map_name(&name),
                 weir_crds::microservice::endpoints_service_name(&name),
+                crate::render::mesh::service_account_name(&name),
             ],
         );
         if let Some(m) = &ctx.mesh {

@@ -53,7 +53,7 @@ pub const RULES: &[Rule] = &[
     (Watched, "weir.dev", "sagas/finalizers", &["update"]),
     (Watched, "weir.dev", "brokers/finalizers", &["update"]),
     // Children, server-side applied and watched by metadata (Microservice, Saga) or whole
-    // (a managed Broker's StatefulSet). Deleted by the garbage collector, never by the operator.
+    // (a managed Broker's StatefulSet; a Microservice's Deployments, cached trimmed). Deleted by the garbage collector, never by the operator.
     // Deployments also read by name: whose field manager holds `replicas` before an autoscaler
     // takes them over (autoscaling.rs).
     (
@@ -108,7 +108,13 @@ pub const RULES: &[Rule] = &[
     (Watched, "", "secrets", &["get", "create"]),
     // The identity endpoint (identity.rs): the ServiceAccount of a reviewed token, by name;
     // under the mesh, each Microservice's own account, server-side applied (workload.rs).
-    (Watched, "", "serviceaccounts", &["get", "create", "patch"]),
+    // Under the mesh, watched by metadata (applied.rs knows their versions).
+    (
+        Watched,
+        "",
+        "serviceaccounts",
+        &["get", "list", "watch", "create", "patch"],
+    ),
     // ... and the TokenReview itself.
     (
         Cluster,

@@ -35,13 +35,18 @@ pub async fn apply(
         );
     }
     if let Some(account) = &rendered.service_account {
-        Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-            .patch(
-                &account.metadata.name.clone().unwrap_or_default(),
-                &pp,
-                &Patch::Apply(account),
-            )
-            .await?;
+        let account_name = account.metadata.name.clone().unwrap_or_default();
+        if !applied.unchanged(namespace, &account_name, account) {
+            let answer = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+                .patch(&account_name, &pp, &Patch::Apply(account))
+                .await?;
+            applied.record(
+                namespace,
+                &account_name,
+                account,
+                answer.metadata.resource_version,
+            );
+        }
     }
     let services = Api::<Service>::namespaced(client.clone(), namespace);
     // The Service, and the headless Service of the pods, which callers' sidecars resolve to
