@@ -377,7 +377,6 @@ fn signal(pid: i32, sig: i32) {
 }
 
 #[test]
-#[ignore = "needs saga cancel"]
 fn a_running_saga_instance_is_cancelled_from_its_page_and_compensated() {
     let Some(driver) = driver() else { return };
     let (up, url) = shop_with_dashboard();
