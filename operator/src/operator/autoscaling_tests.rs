@@ -3,7 +3,7 @@
 //! removed, and what status says.
 
 use super::microservice::reconcile;
-use super::mock_api::{Expect, context, expect, serve};
+use super::mock_api::{Expect, context, echo, expect, microservice, not_found, serve};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -11,30 +11,6 @@ use weir_crds::Microservice;
 
 const MS: &str = "/apis/weir.dev/v1alpha1/namespaces/demo/microservices";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/orders";
-
-fn microservice(spec: Value, status: Option<Value>) -> Microservice {
-    let mut v = json!({
-        "apiVersion": "weir.dev/v1alpha1",
-        "kind": "Microservice",
-        "metadata": {"name": "orders", "namespace": "demo", "uid": "uid-orders", "generation": 2},
-        "spec": spec,
-    });
-    if let Some(s) = status {
-        v["status"] = s;
-    }
-    serde_json::from_value(v).unwrap()
-}
-
-fn echo(body: &Value) -> (StatusCode, Value) {
-    (StatusCode::OK, body.clone())
-}
-
-fn not_found(_: &Value) -> (StatusCode, Value) {
-    (
-        StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-    )
-}
 
 /// Discovery of a cluster serving (or not) KEDA and `autoscaling/v2`.
 fn discovery(keda: bool, hpa_v2: bool) -> Vec<Expect> {

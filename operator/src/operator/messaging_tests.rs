@@ -13,7 +13,7 @@ use weir_broker::topology::Topology;
 use weir_crds::{Broker, Microservice, Queue};
 use weir_testkit::NatsServer;
 
-use super::mock_api::{context, expect, serve};
+use super::mock_api::{context, echo, expect, not_found, serve};
 
 const NS: &str = "/namespaces/demo";
 fn api(kind: &str) -> String {
@@ -46,13 +46,6 @@ fn ms_obj(name: &str, spec: Value) -> Value {
 
 fn ms_list(items: Vec<Value>) -> Value {
     json!({"apiVersion": "weir.dev/v1alpha1", "kind": "MicroserviceList", "metadata": {"resourceVersion": "9"}, "items": items})
-}
-
-fn not_found(_: &Value) -> (StatusCode, Value) {
-    (
-        StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-    )
 }
 
 fn created(b: &Value) -> (StatusCode, Value) {
@@ -970,10 +963,6 @@ fn sts_echo(ready: i32) -> impl Fn(&Value) -> (StatusCode, Value) {
         obj["status"] = json!({"replicas": 1, "readyReplicas": ready});
         (StatusCode::OK, obj)
     }
-}
-
-fn echo(b: &Value) -> (StatusCode, Value) {
-    (StatusCode::OK, b.clone())
 }
 
 /// A managed NATS Broker: the operator applies its StatefulSet and Service (owned by the

@@ -7,9 +7,10 @@ use crate::render::RenderOptions;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
+use weir_crds::Microservice;
 
 pub(super) type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -110,5 +111,32 @@ pub(super) fn context() -> (Arc<Context>, Handle) {
     (
         Arc::new(Context::new(client, render, Arc::new(Metrics::default()))),
         handle,
+    )
+}
+
+/// Microservice `demo/orders` (generation 2) with `spec` and `status`.
+pub(super) fn microservice(spec: Value, status: Option<Value>) -> Microservice {
+    let mut v = json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "Microservice",
+        "metadata": {"name": "orders", "namespace": "demo", "uid": "uid-orders", "generation": 2},
+        "spec": spec,
+    });
+    if let Some(s) = status {
+        v["status"] = s;
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+/// The API server answers an apply with the object applied.
+pub(super) fn echo(body: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, body.clone())
+}
+
+/// The API server's 404.
+pub(super) fn not_found(_: &Value) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
     )
 }

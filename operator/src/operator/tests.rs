@@ -13,27 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use weir_crds::Microservice;
 
-use super::mock_api::{Expect, Handle, context, expect, serve};
-
-fn microservice(spec: Value, status: Option<Value>) -> Microservice {
-    let mut v = json!({
-        "apiVersion": "weir.dev/v1alpha1",
-        "kind": "Microservice",
-        "metadata": {"name": "orders", "namespace": "demo", "uid": "uid-orders", "generation": 2},
-        "spec": spec,
-    });
-    if let Some(s) = status {
-        v["status"] = s;
-    }
-    serde_json::from_value(v).unwrap()
-}
+use super::mock_api::{Expect, Handle, context, echo, expect, microservice, not_found, serve};
 
 fn orders_spec() -> Value {
     json!({"image": "orders:1", "replicas": 2, "dependencies": [{"name": "users", "microservice": "users"}]})
-}
-
-fn echo(body: &Value) -> (StatusCode, Value) {
-    (StatusCode::OK, body.clone())
 }
 
 /// The apiserver answers a status patch with the whole object.
@@ -65,13 +48,6 @@ fn users_not_ready(_: &Value) -> (StatusCode, Value) {
     let mut users = serde_json::to_value(microservice(json!({"image": "users:1"}), None)).unwrap();
     users["status"] = json!({"readyReplicas": 0, "replicas": 0});
     (StatusCode::OK, users)
-}
-
-fn not_found(_: &Value) -> (StatusCode, Value) {
-    (
-        StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-    )
 }
 
 const MS: &str = "/apis/weir.dev/v1alpha1/namespaces/demo/microservices";
