@@ -224,19 +224,23 @@ async fn dashboard(actions: bool) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
                 replica: "a".into(),
                 microservice: "a".into(),
                 admin_port: sidecar,
+                pod: None,
             },
             Sidecar {
                 replica: "b".into(),
                 microservice: "b".into(),
                 // Nothing listens there.
                 admin_port: 1,
+                pod: None,
             },
         ],
         coordinators: vec![Coordinator {
             saga: "s".into(),
             url: format!("http://127.0.0.1:{coordinator}"),
+            pod: None,
         }],
         broker_url: None,
+        ..Default::default()
     };
     let opts = DashboardOptions {
         addr: "127.0.0.1:0".parse().unwrap(),
@@ -404,4 +408,252 @@ async fn actions_go_to_the_coordinator_and_take_json_only() {
     )
     .await;
     assert_eq!(st, 404);
+}
+
+/// The shop's objects as the API server lists them, in namespace `shop`, by plural.
+fn shop_lists() -> std::collections::HashMap<&'static str, Value> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
+    let files = crate::manifest::expand_paths(&[dir]).unwrap();
+    let loaded = crate::manifest::load(&files, &crate::manifest::Schemas::new())
+        .unwrap()
+        .0;
+    let mut lists: std::collections::HashMap<&'static str, Vec<Value>> = Default::default();
+    for l in loaded {
+        use crate::manifest::Object;
+        let (plural, mut v) = match l.object {
+            Object::Microservice(m) => ("microservices", serde_json::to_value(m).unwrap()),
+            Object::Queue(mut q) => {
+                if q.metadata.name.as_deref() == Some("orders") {
+                    q.status = Some(weir_crds::queue::QueueStatus {
+                        messages: Some(7),
+                        pending: [("payments".to_string(), 2)].into(),
+                        dead_letters: Some(3),
+                        ..Default::default()
+                    });
+                }
+                ("queues", serde_json::to_value(q).unwrap())
+            }
+            Object::Saga(s) => ("sagas", serde_json::to_value(s).unwrap()),
+            Object::Broker(b) => ("brokers", serde_json::to_value(b).unwrap()),
+        };
+        v["metadata"]["namespace"] = json!("shop");
+        lists.entry(plural).or_default().push(v);
+    }
+    let pod = |name: &str, labels: Value| {
+        json!({"metadata": {"name": name, "namespace": "shop", "labels": labels},
+               "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    lists.insert(
+        "pods",
+        vec![
+            pod(
+                "orders-1",
+                json!({"app.kubernetes.io/managed-by": "weir", "weir.dev/microservice": "orders"}),
+            ),
+            pod(
+                "users-1",
+                json!({"app.kubernetes.io/managed-by": "weir", "weir.dev/microservice": "users"}),
+            ),
+            pod(
+                "place-order-saga-1",
+                json!({"app.kubernetes.io/managed-by": "weir", "weir.dev/microservice": "place-order-saga", "weir.dev/saga": "place-order"}),
+            ),
+        ],
+    );
+    lists
+        .into_iter()
+        .map(|(k, items)| {
+            (
+                k,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        })
+        .collect()
+}
+
+const ORDERS_METRICS: &str = r#"weir_requests_total{direction="inbound",dependency="",status_class="2xx"} 42
+weir_requests_total{direction="outbound",dependency="users",status_class="2xx"} 40
+weir_circuit_breaker_state{dependency="users"} 0
+"#;
+
+/// A fake API server: the shop's lists, its pods' metrics and the coordinator through the pod
+/// proxy. The requests it saw, by path.
+async fn fake_api_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let lists = shop_lists();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let port = fake(Arc::new(move |method, path, _| {
+        log.lock().unwrap().push(format!("{method} {path}"));
+        let plural = path.rsplit('/').next().unwrap_or_default();
+        match path {
+            "/api/v1/namespaces/shop/pods/orders-1:15090/proxy/metrics" => {
+                (200, ORDERS_METRICS.to_string())
+            }
+            // users' sidecar does not answer: it counts as down.
+            "/api/v1/namespaces/shop/pods/users-1:15090/proxy/metrics" => {
+                (503, "error trying to reach service".to_string())
+            }
+            "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order" => (
+                200,
+                json!({"instances": [{"id": "i1", "status": "Running", "startedAt": "2026-01-01T00:00:00Z"}]})
+                    .to_string(),
+            ),
+            "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1" => {
+                (200, json!({"id": "i1", "status": "Running", "entries": []}).to_string())
+            }
+            _ if path == "/api/v1/pods" || path.starts_with("/apis/weir.dev/") => match lists.get(plural) {
+                Some(l) => (200, l.to_string()),
+                None => (404, json!({"kind": "Status", "code": 404}).to_string()),
+            },
+            _ => (404, json!({"kind": "Status", "code": 404}).to_string()),
+        }
+    }))
+    .await;
+    (port, seen)
+}
+
+async fn cluster_dashboard(api: u16, prometheus: Option<String>, actions: bool) -> u16 {
+    let config = kube::Config::new(format!("http://127.0.0.1:{api}").parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let cluster = Arc::new(super::cluster::Cluster::new(
+        client,
+        super::cluster::ClusterOptions {
+            namespace: None,
+            prometheus,
+            cluster_domain: "cluster.local".into(),
+        },
+    ));
+    let opts = DashboardOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        actions,
+    };
+    super::start_cluster(&opts, cluster).await.unwrap().port()
+}
+
+/// The snapshot once it has listed the cluster and read `service`'s figures.
+async fn cluster_snapshot(port: u16, service: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = snapshot(port).await;
+        let ok = v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == service && s["up"] == 1);
+        if ok {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "no figures: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_a_cluster_the_page_reads_through_the_pod_proxy_and_queue_status() {
+    let (api, seen) = fake_api_server().await;
+    let port = cluster_dashboard(api, None, false).await;
+    let v = cluster_snapshot(port, "orders").await;
+    assert_eq!(v["source"], "cluster");
+    assert_eq!(v["namespace"], "shop");
+    let svc = |n: &str| {
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no service {n}: {v}"))
+    };
+    assert_eq!(svc("orders")["inbound"]["total"], 42.0);
+    assert_eq!(svc("users")["state"], "down");
+    let edge = v["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["from"] == "orders" && c["dependency"] == "users")
+        .unwrap();
+    assert_eq!(edge["breaker"], "closed");
+    assert_eq!(edge["window"]["total"], 40.0);
+    let q = v["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "orders")
+        .unwrap();
+    assert_eq!(
+        (&q["messages"], &q["lag"], &q["deadLetters"]),
+        (&json!(7), &json!({"payments": 2}), &json!(3)),
+        "{q}"
+    );
+    let saga = &v["sagas"][0];
+    assert_eq!(saga["name"], "place-order");
+    assert_eq!(saga["instances"][0]["id"], "i1", "{saga}");
+    let (st, body) = call_path(port, "GET", "/api/sagas/place-order/i1").await;
+    assert_eq!(st, 200, "{body}");
+    // Read-only: actions refused, naming the chart value; dead letters need actions mode.
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/place-order/i1/cancel",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
+    assert_eq!(st, 403);
+    assert!(body.contains("dashboard.actions=true"), "{body}");
+    let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 403);
+    assert!(body.contains("actions mode"), "{body}");
+    let (st, _) = call_path(port, "GET", "/healthz").await;
+    assert_eq!(st, 200);
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen.iter().any(|p| p.starts_with("POST")),
+        "nothing acted: {seen:?}"
+    );
+}
+
+async fn call_path(port: u16, method: &str, path: &str) -> (u16, String) {
+    call(port, method, path, None, "").await
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_prometheus_the_series_come_from_an_instant_query() {
+    let (api, seen) = fake_api_server().await;
+    let prom = fake(Arc::new(|_, path, _| match path {
+        "/api/v1/query" => (
+            200,
+            json!({"status": "success", "data": {"resultType": "vector", "result": [
+                {"metric": {"__name__": "weir_requests_total", "namespace": "shop", "pod": "users-1",
+                            "direction": "inbound", "dependency": "", "status_class": "2xx"},
+                 "value": [1700000000.0, "17"]},
+                {"metric": {"__name__": "weir_requests_total", "namespace": "other", "pod": "users-1",
+                            "direction": "inbound", "dependency": "", "status_class": "2xx"},
+                 "value": [1700000000.0, "1000"]}
+            ]}})
+            .to_string(),
+        ),
+        _ => (404, String::new()),
+    }))
+    .await;
+    let port = cluster_dashboard(api, Some(format!("http://127.0.0.1:{prom}")), false).await;
+    let v = cluster_snapshot(port, "users").await;
+    let users = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "users")
+        .unwrap();
+    assert_eq!(users["inbound"]["total"], 17.0, "{users}");
+    let orders = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["state"], "down", "no series from Prometheus: {orders}");
+    assert!(
+        !seen.lock().unwrap().iter().any(|p| p.ends_with("/metrics")),
+        "no pod scraped"
+    );
 }
