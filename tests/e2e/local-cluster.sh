@@ -39,7 +39,8 @@ install() {
   helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \
     --set image.pullPolicy=Never --set proxy.image.pullPolicy=Never \
     --set image.tag="$VERSION" --set proxy.image.tag="$VERSION" \
-    --set sidecar.native=$native --set logLevel=info --set mtls.enabled=true --set mtls.mode=permissive
+    --set sidecar.native=$native --set logLevel=info --set mtls.enabled=true --set mtls.mode=permissive \
+    --set dashboard.enabled=true
 }
 # One more try after the diagnosis: a node that was slow to take the first pod (image
 # unpacking, a kubelet still settling) should not fail the whole suite; an operator that

@@ -428,9 +428,12 @@ impl Cluster {
                 .map_err(|e| e.to_string())?;
             Ok((status, body))
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| format!("pod {}/{}: no answer within {timeout:?}", p.namespace, p.pod))?
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            format!(
+                "pod {}/{}: no answer within {timeout:?}",
+                p.namespace, p.pod
+            )
+        })?
     }
 
     /// Every sidecar's samples: from Prometheus when given, else scraped through the pod proxy.
@@ -460,7 +463,13 @@ impl Cluster {
             let r = match &s.pod {
                 None => None,
                 Some(p) => match self
-                    .proxy(p, http::Method::GET, "metrics", None, Duration::from_secs(3))
+                    .proxy(
+                        p,
+                        http::Method::GET,
+                        "metrics",
+                        None,
+                        Duration::from_secs(3),
+                    )
                     .await
                 {
                     Ok((200, body)) => {
@@ -556,7 +565,10 @@ mod tests {
         let loaded = crate::manifest::load(&files, &crate::manifest::Schemas::new())
             .unwrap()
             .0;
-        let one = system_of(&BTreeMap::from([("shop".to_string(), loaded.clone())]), None);
+        let one = system_of(
+            &BTreeMap::from([("shop".to_string(), loaded.clone())]),
+            None,
+        );
         assert_eq!(one.namespace, "shop");
         assert!(one.services.iter().any(|s| s.name == "orders"));
         let two = system_of(
@@ -574,7 +586,11 @@ mod tests {
         let q = two.queues.iter().find(|q| q.name == "a.orders").unwrap();
         assert_eq!(q.publishers, ["a.orders"]);
         assert_eq!(q.triggers, ["a.place-order"]);
-        let saga = two.sagas.iter().find(|s| s.name == "a.place-order").unwrap();
+        let saga = two
+            .sagas
+            .iter()
+            .find(|s| s.name == "a.place-order")
+            .unwrap();
         assert_eq!(saga.steps[0].target, "a.catalog");
         assert_eq!(saga.trigger_queue.as_deref(), Some("a.orders"));
         for f in &two.findings {
@@ -597,8 +613,18 @@ mod tests {
     #[test]
     fn pods_become_sidecars_and_ready_coordinators() {
         let pods = [
-            pod("shop", "orders-1", &[("weir.dev/microservice", "orders")], true),
-            pod("shop", "orders-2", &[("weir.dev/microservice", "orders")], false),
+            pod(
+                "shop",
+                "orders-1",
+                &[("weir.dev/microservice", "orders")],
+                true,
+            ),
+            pod(
+                "shop",
+                "orders-2",
+                &[("weir.dev/microservice", "orders")],
+                false,
+            ),
             pod(
                 "shop",
                 "place-order-saga-1",
@@ -617,7 +643,11 @@ mod tests {
         ];
         let t = targets_of(&pods, false);
         let replicas: Vec<&str> = t.sidecars.iter().map(|s| s.replica.as_str()).collect();
-        assert_eq!(replicas, ["shop/orders-1", "shop/orders-2"], "not-Ready pods count as down");
+        assert_eq!(
+            replicas,
+            ["shop/orders-1", "shop/orders-2"],
+            "not-Ready pods count as down"
+        );
         assert_eq!(t.coordinators.len(), 1);
         let c = &t.coordinators[0];
         assert_eq!(c.saga, "place-order");

@@ -99,7 +99,12 @@ pub async fn start_cluster(
             tokio::time::sleep(TICK).await;
         }
     });
-    let state = Arc::new(server::State::in_cluster(cluster, view_rx, opts.actions, rx));
+    let state = Arc::new(server::State::in_cluster(
+        cluster,
+        view_rx,
+        opts.actions,
+        rx,
+    ));
     tokio::spawn(server::serve(listener, state));
     Ok(addr)
 }

@@ -214,6 +214,10 @@ pub async fn handle(req: http::Request<Incoming>, state: Arc<State>) -> Response
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    // Read-only: every action is refused, whatever it names.
+    if method == Method::POST && segs.first() == Some(&"api") && !state.actions {
+        return error(StatusCode::FORBIDDEN, state.read_only());
+    }
     match (&method, segs.as_slice()) {
         (&Method::GET, [""] | ["index.html"]) => {
             full(StatusCode::OK, "text/html; charset=utf-8", assets::INDEX)
@@ -413,10 +417,7 @@ async fn replay(state: &State, q: &super::model::Queue, body: &Value) -> Respons
         Err(r) => return r,
     };
     let ns = ns.as_str();
-    let q = &super::model::Queue {
-        name,
-        ..q.clone()
-    };
+    let q = &super::model::Queue { name, ..q.clone() };
     let chosen = if body["all"] == json!(true) {
         match dead_letters::list(&broker, ns, &q.name).await {
             Ok(l) => l,

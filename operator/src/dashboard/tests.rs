@@ -651,7 +651,10 @@ async fn in_a_cluster_with_prometheus_the_series_come_from_an_instant_query() {
         .iter()
         .find(|s| s["name"] == "orders")
         .unwrap();
-    assert_eq!(orders["state"], "down", "no series from Prometheus: {orders}");
+    assert_eq!(
+        orders["state"], "down",
+        "no series from Prometheus: {orders}"
+    );
     assert!(
         !seen.lock().unwrap().iter().any(|p| p.ends_with("/metrics")),
         "no pod scraped"
