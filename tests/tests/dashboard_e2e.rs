@@ -198,7 +198,7 @@ async fn run(client: &Client, ns: &str) -> Result<()> {
         let snap: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         let counted = |name: &str| {
             service(&snap, ns, name).is_some_and(|s| {
-                s["up"].as_u64() == Some(1) && s["inbound"]["total"].as_f64().unwrap_or(0.0) > 0.0
+                s["state"] == "up" && s["inbound"]["total"].as_f64().unwrap_or(0.0) > 0.0
             })
         };
         if st == 200 && counted("orders") && counted("users") {
