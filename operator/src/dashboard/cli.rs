@@ -133,6 +133,10 @@ fn on_path(name: &str) -> Option<std::path::PathBuf> {
 
 /// `kubectl port-forward svc/weir-dashboard <port>:80 -n <ns>` as a child until Ctrl-C.
 async fn open(args: DashboardArgs) -> anyhow::Result<()> {
+    // A port taken already would answer before kubectl does (and kubectl would fail to bind it).
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", args.port)) {
+        anyhow::bail!("127.0.0.1:{}: {e}; choose another with --port", args.port);
+    }
     let mut child = tokio::process::Command::new("kubectl")
         .args([
             "port-forward",
@@ -187,5 +191,59 @@ async fn open(args: DashboardArgs) -> anyhow::Result<()> {
         status = child.wait() => {
             anyhow::bail!("kubectl port-forward exited ({})", status?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DashboardArgs,
+    }
+
+    #[test]
+    fn the_user_command_and_the_server_parse() {
+        let c = Cli::try_parse_from(["weir"]).unwrap().args;
+        assert!(c.command.is_none());
+        assert_eq!(
+            (c.namespace.as_str(), c.port, c.no_open),
+            ("weir-system", 9900, false)
+        );
+        let c = Cli::try_parse_from(["weir", "-n", "ops", "--port", "9999", "--no-open"])
+            .unwrap()
+            .args;
+        assert_eq!(
+            (c.namespace.as_str(), c.port, c.no_open),
+            ("ops", 9999, true)
+        );
+        let c = Cli::try_parse_from([
+            "weir",
+            "serve",
+            "--listen",
+            "0.0.0.0:9900",
+            "--actions",
+            "--prometheus",
+            "http://prometheus:9090",
+            "--namespace",
+            "apps",
+        ])
+        .unwrap()
+        .args;
+        let Some(DashboardCommand::Serve(s)) = c.command else {
+            panic!("serve")
+        };
+        assert_eq!(s.listen, "0.0.0.0:9900".parse().unwrap());
+        assert!(s.actions);
+        assert_eq!(s.prometheus.as_deref(), Some("http://prometheus:9090"));
+        assert_eq!(s.namespace.as_deref(), Some("apps"));
+        let d = Cli::try_parse_from(["weir", "serve"]).unwrap().args;
+        let Some(DashboardCommand::Serve(s)) = d.command else {
+            panic!("serve")
+        };
+        assert!(!s.actions && s.prometheus.is_none() && s.namespace.is_none());
     }
 }
