@@ -1,6 +1,7 @@
 //! The dashboard's HTTP server: the page (embedded), the JSON API and the event stream.
 //!
 //! - `GET /`, `/app.js`, `/app.css`: the page.
+//! - `GET /healthz`: `ok` (the chart's probes).
 //! - `GET /api/snapshot`: the latest snapshot (services, calls, queues, sagas, findings).
 //! - `GET /api/events`: Server-Sent Events, one snapshot per tick.
 //! - `GET /api/queues/<queue>/dead-letters`: the Queue's dead letters (as `weir dlq list --json`).
@@ -10,8 +11,8 @@
 //! - `POST /api/sagas/<saga>/<id>/cancel` `{"reason"}`, `POST …/retry`: passed to the
 //!   coordinator.
 //!
-//! The POST endpoints act only with `--dashboard-actions`; otherwise they answer 403 and say
-//! why. They take JSON only (`content-type: application/json`), which a cross-site form
+//! The POST endpoints act only with `--dashboard-actions` (`weir dashboard serve --actions`);
+//! otherwise they answer 403 and say why. They take JSON only (`content-type: application/json`), which a cross-site form
 //! cannot send.
 
 use super::assets;

@@ -454,7 +454,9 @@ function connect() {
   const es = new EventSource("/api/events");
   es.onmessage = ev => {
     snap = JSON.parse(ev.data);
-    $("#status").textContent = "live · " + (snap.at || "");
+    $("#status").textContent = snap.listError
+      ? "stale: " + snap.listError
+      : "live · " + (snap.at || "") + (snap.source === "cluster" ? " · cluster" + (snap.namespace ? " " + snap.namespace : "") : "");
     draw();
   };
   es.onerror = () => { $("#status").textContent = "disconnected, retrying…"; };
