@@ -498,6 +498,11 @@ async fn fake_api_server() -> (u16, Arc<Mutex<Vec<String>>>) {
                 json!({"instances": [{"id": "i1", "status": "Running", "startedAt": "2026-01-01T00:00:00Z"}]})
                     .to_string(),
             ),
+            "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1/cancel"
+                if method == "POST" =>
+            {
+                (202, json!({"id": "i1", "status": "Cancelling"}).to_string())
+            }
             "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1" => {
                 (200, json!({"id": "i1", "status": "Running", "entries": []}).to_string())
             }
@@ -659,4 +664,32 @@ async fn in_a_cluster_with_prometheus_the_series_come_from_an_instant_query() {
         !seen.lock().unwrap().iter().any(|p| p.ends_with("/metrics")),
         "no pod scraped"
     );
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_actions_a_cancel_goes_through_the_pod_proxy() {
+    let (api, seen) = fake_api_server().await;
+    let port = cluster_dashboard(api, None, true).await;
+    let v = cluster_snapshot(port, "orders").await;
+    assert_eq!(v["actions"], true);
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/place-order/i1/cancel",
+        Some("application/json"),
+        r#"{"reason": "test"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    assert!(body.contains("Cancelling"), "{body}");
+    assert!(
+        seen.lock().unwrap().iter().any(|p| p
+            == "POST /api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1/cancel"),
+        "the cancel went through the pod proxy"
+    );
+    // Dead letters with actions: the Queue and its Broker read from the API server (this one
+    // has no such object: the answer says so).
+    let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("Queue shop/orders"), "{body}");
 }
