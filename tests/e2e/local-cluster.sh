@@ -34,6 +34,7 @@ diagnose() {
   kubectl get events -n weir-system --sort-by=.lastTimestamp >&2 || true
   kubectl logs -n weir-system -l app.kubernetes.io/name=weir --all-containers --tail 200 >&2 || true
   kubectl logs -n weir-system -l app.kubernetes.io/name=weir --all-containers --previous --tail 100 >&2 || true
+  kubectl logs -n weir-system -l app.kubernetes.io/component=dashboard --tail 100 >&2 || true
 }
 install() {
   helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \

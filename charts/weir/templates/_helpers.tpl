@@ -79,10 +79,11 @@ The weir-proxy image the operator injects, "<repository>:<tag>".
 
 
 {{/*
-The dashboard's selector labels (component dashboard: not selected by the operator's Services).
+The dashboard's selector labels. Its name is not the operator's: `-l app.kubernetes.io/name=weir`
+(the operator's Services, the end-to-end suites, `kubectl logs`) selects the operator's pods only.
 */}}
 {{- define "weir.dashboardSelectorLabels" -}}
-app.kubernetes.io/name: {{ include "weir.name" . }}
+app.kubernetes.io/name: {{ printf "%s-dashboard" (include "weir.name" .) | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: dashboard
 {{- end }}
