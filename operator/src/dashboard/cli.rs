@@ -46,7 +46,8 @@ pub struct ServeArgs {
     /// retry saga instances. Without it the action endpoints answer 403.
     #[arg(long)]
     pub actions: bool,
-    /// Read the sidecars' series from this Prometheus (e.g. http://prometheus.monitoring:9090)
+    /// Read the sidecars' series from this Prometheus, over plain HTTP (e.g.
+    /// http://prometheus.monitoring:9090)
     /// instead of scraping every pod through the API server.
     #[arg(long, value_name = "URL")]
     pub prometheus: Option<String>,
@@ -93,6 +94,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     let _ = fmt().json().with_env_filter(filter).try_init();
+    if let Some(u) = &args.prometheus
+        && !u.starts_with("http://")
+    {
+        anyhow::bail!("--prometheus {u}: an http:// URL (the dashboard speaks plain HTTP to it)");
+    }
     let client = kube::Client::try_default().await?;
     let cluster = Arc::new(super::cluster::Cluster::new(
         client,
