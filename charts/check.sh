@@ -175,7 +175,7 @@ step "rendered manifests match the operator's contract"
 n_before=${#failures[@]}
 # API versions a Kubernetes 1.20 cluster serves (policy/v1 only behind its Capabilities guard).
 # monitoring.coreos.com/v1 is the Prometheus Operator's (prometheusRules.enabled, off by default).
-allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1|monitoring.coreos.com/v1)$'
+allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1|networking.k8s.io/v1|monitoring.coreos.com/v1)$'
 for f in "$work"/rendered-*.yaml; do
   [ -e "$f" ] || continue
   bad=$(objects "$f" | awk '{print $1}' | sort -u | grep -vE "$allowed" || true)
@@ -342,6 +342,8 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
                         print("grant %s/%s %s" % (g, res, v))
     elif k in ("ClusterRoleBinding", "RoleBinding"):
         print("binding %s %s" % (k, d["metadata"].get("namespace", "")))
+    elif k == "NetworkPolicy":
+        print("networkpolicy ingress=%s" % d["spec"].get("ingress"))
 ' "$1"
 }
 if [ -e "$d" ]; then
@@ -363,7 +365,7 @@ if [ -e "$db" ]; then
     "service weir-dashboard ClusterIP 80->http" "binding ClusterRoleBinding " \
     "grant weir.dev/microservices list" "grant weir.dev/queues list" "grant weir.dev/sagas list" \
     "grant weir.dev/brokers list" "grant /pods list" "grant /pods/proxy get" \
-    "pod name label weir-dashboard"
+    "pod name label weir-dashboard" "networkpolicy ingress=[]"
   # Its pods are not the operator's (`-l app.kubernetes.io/name=weir` selects the operator).
   # Read-only: no POST through the pod proxy, no Secret, nothing written.
   expect_facts dashboard "$f" absent "arg --actions" "grant /pods/proxy create" "grant /secrets get"
@@ -375,7 +377,8 @@ if [ -e "$da" ]; then
   f=$(dashboard_facts "$da")
   expect_facts dashboard-actions "$f" present "arg --actions" "arg --namespace=apps" \
     "grant /pods/proxy create" "grant /secrets get" "binding RoleBinding apps"
-  expect_facts dashboard-actions "$f" absent "binding ClusterRoleBinding " "grant /secrets list" "grant /secrets watch"
+  expect_facts dashboard-actions "$f" absent "binding ClusterRoleBinding " "grant /secrets list" "grant /secrets watch" \
+    "networkpolicy ingress=[]"
 fi
 [ "${#failures[@]}" -eq "$n_before" ] && pass "API versions, kinds, operator flags, CRDs, dashboards and alerts as expected"
 
