@@ -411,7 +411,7 @@ async fn actions_go_to_the_coordinator_and_take_json_only() {
 }
 
 /// The shop's objects as the API server lists them, in namespace `shop`, by plural.
-fn shop_lists() -> std::collections::HashMap<&'static str, Value> {
+fn shop_lists(broker_url: Option<&str>) -> std::collections::HashMap<&'static str, Value> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
     let files = crate::manifest::expand_paths(&[dir]).unwrap();
     let loaded = crate::manifest::load(&files, &crate::manifest::Schemas::new())
@@ -434,7 +434,14 @@ fn shop_lists() -> std::collections::HashMap<&'static str, Value> {
                 ("queues", serde_json::to_value(q).unwrap())
             }
             Object::Saga(s) => ("sagas", serde_json::to_value(s).unwrap()),
-            Object::Broker(b) => ("brokers", serde_json::to_value(b).unwrap()),
+            Object::Broker(mut b) => {
+                // A Broker at this URL instead of the managed one.
+                if let Some(url) = broker_url {
+                    b.spec.managed = None;
+                    b.spec.url = Some(url.to_string());
+                }
+                ("brokers", serde_json::to_value(b).unwrap())
+            }
         };
         v["metadata"]["namespace"] = json!("shop");
         lists.entry(plural).or_default().push(v);
@@ -479,7 +486,13 @@ weir_circuit_breaker_state{dependency="users"} 0
 /// A fake API server: the shop's lists, its pods' metrics and the coordinator through the pod
 /// proxy. The requests it saw, by path.
 async fn fake_api_server() -> (u16, Arc<Mutex<Vec<String>>>) {
-    let lists = shop_lists();
+    fake_api_server_with(None).await
+}
+
+/// [`fake_api_server`] whose Broker is at `broker_url`; it also answers a Queue's and a
+/// Broker's GET by name.
+async fn fake_api_server_with(broker_url: Option<&str>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let lists = shop_lists(broker_url);
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
     let port = fake(Arc::new(move |method, path, _| {
@@ -505,6 +518,22 @@ async fn fake_api_server() -> (u16, Arc<Mutex<Vec<String>>>) {
             }
             "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1" => {
                 (200, json!({"id": "i1", "status": "Running", "entries": []}).to_string())
+            }
+            _ if path.starts_with("/apis/weir.dev/v1alpha1/namespaces/shop/") => {
+                // One object by name: /apis/weir.dev/v1alpha1/namespaces/shop/<plural>/<name>.
+                let mut parts = path.rsplit('/');
+                let (name, plural) = (parts.next().unwrap(), parts.next().unwrap());
+                let found = lists.get(plural).and_then(|l| {
+                    l["items"]
+                        .as_array()?
+                        .iter()
+                        .find(|o| o["metadata"]["name"] == name)
+                        .cloned()
+                });
+                match found {
+                    Some(o) => (200, o.to_string()),
+                    None => (404, json!({"kind": "Status", "code": 404}).to_string()),
+                }
             }
             _ if path == "/api/v1/pods" || path.starts_with("/apis/weir.dev/") => match lists.get(plural) {
                 Some(l) => (200, l.to_string()),
@@ -687,9 +716,49 @@ async fn in_a_cluster_with_actions_a_cancel_goes_through_the_pod_proxy() {
             == "POST /api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1/cancel"),
         "the cancel went through the pod proxy"
     );
-    // Dead letters with actions: the Queue and its Broker read from the API server (this one
-    // has no such object: the answer says so).
+    // Dead letters with actions: the Queue and its Broker read from the API server, the
+    // managed Broker dialled at its Service (not resolvable here: the answer says so).
     let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
     assert_eq!(st, 503, "{body}");
-    assert!(body.contains("Queue shop/orders"), "{body}");
+    assert!(body.contains("bus.shop.svc.cluster.local"), "{body}");
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_actions_dead_letters_come_from_the_queues_broker() {
+    let nats = weir_testkit::NatsServer::start();
+    let url = nats.url();
+    // The Queue's stream, as the operator declares it.
+    let lists = shop_lists(Some(&url));
+    let q = lists["queues"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["metadata"]["name"] == "orders")
+        .unwrap()
+        .clone();
+    let spec: weir_crds::queue::QueueSpec = serde_json::from_value(q["spec"].clone()).unwrap();
+    let t = weir_broker::topology::Topology::new("shop", "orders", &spec).unwrap();
+    let admin = weir_broker::admin::connect(
+        weir_crds::broker::BrokerKind::Nats,
+        &url,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    {
+        use weir_broker::admin::Admin;
+        admin.declare_queue(&t).await.unwrap();
+    }
+    let (api, _) = fake_api_server_with(Some(&url)).await;
+    let port = cluster_dashboard(api, None, true).await;
+    cluster_snapshot(port, "orders").await;
+    let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["deadLetters"], json!([]), "{v}");
+    // Read-only, the same request is refused before any Secret or broker is touched.
+    let ro = cluster_dashboard(api, None, false).await;
+    cluster_snapshot(ro, "orders").await;
+    let (st, body) = call_path(ro, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 403, "{body}");
 }
