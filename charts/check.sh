@@ -16,7 +16,8 @@
 #    with `promtool check rules` instead.
 # 3. Contract assertions on the rendered manifests: API versions limited to the ones served by
 #    Kubernetes 1.20 and later, the operator's flags for each values file, the CRDs from
-#    charts/weir/crds/ (none yet is fine) all rendered.
+#    charts/weir/crds/ (none yet is fine) all rendered, the web dashboard (off by default; its
+#    args, hardening, Service and least rights read-only and with actions).
 # 4. Negative checks: every charts/testdata/bad-*-values.yaml must make both `helm lint --strict`
 #    and `helm template` fail through values.schema.json.
 # 5. Alerts and dashboards: `promtool check rules` and `promtool test rules` on
@@ -174,7 +175,7 @@ step "rendered manifests match the operator's contract"
 n_before=${#failures[@]}
 # API versions a Kubernetes 1.20 cluster serves (policy/v1 only behind its Capabilities guard).
 # monitoring.coreos.com/v1 is the Prometheus Operator's (prometheusRules.enabled, off by default).
-allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1|monitoring.coreos.com/v1)$'
+allowed='^(v1|apps/v1|rbac.authorization.k8s.io/v1|coordination.k8s.io/v1|events.k8s.io/v1|apiextensions.k8s.io/v1|policy/v1|networking.k8s.io/v1|monitoring.coreos.com/v1)$'
 for f in "$work"/rendered-*.yaml; do
   [ -e "$f" ] || continue
   bad=$(objects "$f" | awk '{print $1}' | sort -u | grep -vE "$allowed" || true)
@@ -312,6 +313,72 @@ WeirDeadLettersGrowing 0m warning
 WeirSagaCompensationFailed 0m critical
 WeirConsumerLagGrowing 30m warning"
   [ "$got" = "$want" ] || fail "observability: PrometheusRule '$got', expected '$want'"
+fi
+# The web dashboard is off by default; dashboard-values turns it on read-only (from a
+# Prometheus), dashboard-actions-values with actions and one watched namespace.
+dashboard_facts() { # file: the dashboard's args, its securityContext and probes, and its rights
+  "$PY" -c '
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if not d or (d.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/component") != "dashboard":
+        continue
+    k = d["kind"]
+    if k == "Deployment":
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        print("pod name label " + d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"])
+        for a in c.get("args", []):
+            print("arg " + a)
+        sc = c.get("securityContext") or {}
+        print("readOnlyRootFilesystem=%s runAsNonRoot=%s" % (sc.get("readOnlyRootFilesystem"), sc.get("runAsNonRoot")))
+        print("probes=%s,%s" % (c["livenessProbe"]["httpGet"]["port"], c["readinessProbe"]["httpGet"]["port"]))
+    elif k == "Service":
+        p = d["spec"]["ports"][0]
+        print("service %s %s %s->%s" % (d["metadata"]["name"], d["spec"]["type"], p["port"], p["targetPort"]))
+    elif k == "ClusterRole":
+        for r in d["rules"]:
+            for g in r["apiGroups"]:
+                for res in r["resources"]:
+                    for v in r["verbs"]:
+                        print("grant %s/%s %s" % (g, res, v))
+    elif k in ("ClusterRoleBinding", "RoleBinding"):
+        print("binding %s %s" % (k, d["metadata"].get("namespace", "")))
+    elif k == "NetworkPolicy":
+        print("networkpolicy ingress=%s" % d["spec"].get("ingress"))
+' "$1"
+}
+if [ -e "$d" ]; then
+  if [ -n "$(dashboard_facts "$d")" ]; then fail "default: the dashboard rendered without dashboard.enabled"; fi
+fi
+expect_facts() { # label facts present|absent lines...
+  local label=$1 facts=$2 mode=$3; shift 3
+  for l in "$@"; do
+    if [ "$mode" = present ] && ! grep -qxF -- "$l" <<<"$facts"; then fail "$label: dashboard '$l' missing"; fi
+    if [ "$mode" = absent ] && grep -qxF -- "$l" <<<"$facts"; then fail "$label: dashboard '$l' unexpected"; fi
+  done
+}
+db="$work/by-name-dashboard-values.yaml"
+if [ -e "$db" ]; then
+  f=$(dashboard_facts "$db")
+  expect_facts dashboard "$f" present "arg dashboard" "arg serve" "arg --listen=0.0.0.0:9900" \
+    "arg --prometheus=http://prometheus-operated.monitoring:9090" \
+    "readOnlyRootFilesystem=True runAsNonRoot=True" "probes=http,http" \
+    "service weir-dashboard ClusterIP 80->http" "binding ClusterRoleBinding " \
+    "grant weir.dev/microservices list" "grant weir.dev/queues list" "grant weir.dev/sagas list" \
+    "grant weir.dev/brokers list" "grant /pods list" "grant /pods/proxy get" \
+    "pod name label weir-dashboard" "networkpolicy ingress=[]"
+  # Its pods are not the operator's (`-l app.kubernetes.io/name=weir` selects the operator).
+  # Read-only: no POST through the pod proxy, no Secret, nothing written.
+  expect_facts dashboard "$f" absent "arg --actions" "grant /pods/proxy create" "grant /secrets get"
+  w=$(grep -E '^grant ' <<<"$f" | grep -vE ' (get|list|watch)$' || true)
+  [ -z "$w" ] || fail "dashboard: read-only dashboard may write: $(tr '\n' ' ' <<<"$w")"
+fi
+da="$work/by-name-dashboard-actions-values.yaml"
+if [ -e "$da" ]; then
+  f=$(dashboard_facts "$da")
+  expect_facts dashboard-actions "$f" present "arg --actions" "arg --namespace=apps" \
+    "grant /pods/proxy create" "grant /secrets get" "binding RoleBinding apps"
+  expect_facts dashboard-actions "$f" absent "binding ClusterRoleBinding " "grant /secrets list" "grant /secrets watch" \
+    "networkpolicy ingress=[]"
 fi
 [ "${#failures[@]}" -eq "$n_before" ] && pass "API versions, kinds, operator flags, CRDs, dashboards and alerts as expected"
 

@@ -29,6 +29,9 @@ enum Command {
     Lint(LintArgs),
     /// Print the system as a Mermaid or DOT graph: calls, events, sagas.
     Graph(GraphArgs),
+    /// Open the in-cluster dashboard (chart value dashboard.enabled) through kubectl
+    /// port-forward; `weir dashboard serve` is the server the chart runs.
+    Dashboard(weir::dashboard::cli::DashboardArgs),
     /// Inspect a Queue's dead letters and replay them onto the queue.
     Dlq(weir::messaging::dlq::DlqArgs),
     /// Work on a Queue's consumers: `rewind` moves one back to a point in time.
@@ -217,6 +220,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up_cmd(args),
         Command::Graph(args) => graph_cmd(args),
         Command::Dlq(args) => weir::messaging::dlq::run(args),
+        Command::Dashboard(args) => weir::dashboard::cli::run(args),
         Command::Queue(args) => weir::messaging::rewind::run(args),
         Command::Crd {
             out_dir,

@@ -49,7 +49,7 @@ native=true
 [ "$minor" -lt 29 ] && native=false
 helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \
   --set image.pullPolicy=IfNotPresent --set proxy.image.pullPolicy=IfNotPresent \
-  --set sidecar.native=$native
+  --set sidecar.native=$native --set dashboard.enabled=true
 
 WEIR_E2E=1 WEIR_E2E_OPERATOR=cluster WEIR_E2E_PODS=1 WEIR_E2E_PULL_POLICY=IfNotPresent \
   cargo test --locked -p weir-e2e -- --nocapture --test-threads 1

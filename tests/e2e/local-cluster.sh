@@ -34,12 +34,14 @@ diagnose() {
   kubectl get events -n weir-system --sort-by=.lastTimestamp >&2 || true
   kubectl logs -n weir-system -l app.kubernetes.io/name=weir --all-containers --tail 200 >&2 || true
   kubectl logs -n weir-system -l app.kubernetes.io/name=weir --all-containers --previous --tail 100 >&2 || true
+  kubectl logs -n weir-system -l app.kubernetes.io/component=dashboard --tail 100 >&2 || true
 }
 install() {
   helm upgrade --install weir charts/weir -n weir-system --create-namespace --wait --timeout 180s \
     --set image.pullPolicy=Never --set proxy.image.pullPolicy=Never \
     --set image.tag="$VERSION" --set proxy.image.tag="$VERSION" \
-    --set sidecar.native=$native --set logLevel=info --set mtls.enabled=true --set mtls.mode=permissive
+    --set sidecar.native=$native --set logLevel=info --set mtls.enabled=true --set mtls.mode=permissive \
+    --set dashboard.enabled=true
 }
 # One more try after the diagnosis: a node that was slow to take the first pod (image
 # unpacking, a kubelet still settling) should not fail the whole suite; an operator that

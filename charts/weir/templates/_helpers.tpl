@@ -77,3 +77,27 @@ The weir-proxy image the operator injects, "<repository>:<tag>".
 {{- printf "%s:%s" .Values.proxy.image.repository (default .Chart.AppVersion .Values.proxy.image.tag) }}
 {{- end }}
 
+
+{{/*
+The dashboard's selector labels. Its name is not the operator's: `-l app.kubernetes.io/name=weir`
+(the operator's Services, the end-to-end suites, `kubectl logs`) selects the operator's pods only.
+*/}}
+{{- define "weir.dashboardSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-dashboard" (include "weir.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: dashboard
+{{- end }}
+
+{{/*
+Labels on the dashboard's resources.
+*/}}
+{{- define "weir.dashboardLabels" -}}
+helm.sh/chart: {{ include "weir.chart" . }}
+{{ include "weir.dashboardSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: weir
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

@@ -3,12 +3,14 @@
 //! instances from its coordinator. One [`Collector::tick`] makes one snapshot, the JSON the
 //! page draws.
 
+use super::cluster::{Cluster, PodRef};
 use super::model::System;
 use super::prom::{self, Sample};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_broker::admin::{self, Admin, BrokerAdmin};
 use weir_broker::credentials::Credentials;
@@ -21,13 +23,41 @@ pub struct Sidecar {
     pub replica: String,
     pub microservice: String,
     pub admin_port: u16,
+    /// In a cluster: the pod, scraped through the API server's pod proxy.
+    pub pod: Option<PodRef>,
 }
 
 /// One replica of a Saga's coordinator.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Coordinator {
     pub saga: String,
     pub url: String,
+    /// In a cluster: the pod, asked through the API server's pod proxy.
+    pub pod: Option<PodRef>,
+}
+
+impl Coordinator {
+    /// `<method> /v1/sagas/<saga><suffix>` to this replica: status and body.
+    pub async fn call(
+        &self,
+        client: &HttpClient,
+        cluster: Option<&Cluster>,
+        method: http::Method,
+        suffix: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), String> {
+        match (&self.pod, cluster) {
+            (Some(p), Some(k)) => {
+                let path = format!("v1/sagas/{}{suffix}", p.object);
+                k.proxy(p, method, &path, body, timeout).await
+            }
+            _ => {
+                let url = format!("{}/v1/sagas/{}{suffix}", self.url, self.saga);
+                request(client, method, &url, body, timeout).await
+            }
+        }
+    }
 }
 
 /// What the dashboard reads: the run's sidecars, coordinators and broker.
@@ -36,10 +66,14 @@ pub struct Targets {
     pub sidecars: Vec<Sidecar>,
     pub coordinators: Vec<Coordinator>,
     pub broker_url: Option<String>,
+    /// In a cluster: each Queue of the page (by the name it shows) as namespace and name.
+    pub queue_refs: HashMap<String, (String, String)>,
 }
 
 struct Scrape {
     at: Instant,
+    /// When Prometheus scraped it (Unix seconds); `None` when the dashboard did.
+    scraped: Option<f64>,
     samples: Vec<Sample>,
 }
 
@@ -173,7 +207,15 @@ pub struct Collector {
     prev: HashMap<String, Scrape>,
     cur: HashMap<String, Scrape>,
     broker: Option<BrokerAdmin>,
+    /// In a cluster: where everything is read, and the Queues' figures from their status.
+    cluster: Option<Arc<Cluster>>,
+    queue_figures: HashMap<String, Value>,
+    listed: Option<Instant>,
+    list_error: Option<String>,
 }
+
+/// How often a cluster's objects and pods are listed again.
+pub const RELIST: Duration = Duration::from_secs(10);
 
 impl Collector {
     pub fn new(system: System, targets: Targets) -> Self {
@@ -184,6 +226,46 @@ impl Collector {
             prev: HashMap::new(),
             cur: HashMap::new(),
             broker: None,
+            cluster: None,
+            queue_figures: HashMap::new(),
+            listed: None,
+            list_error: None,
+        }
+    }
+
+    /// A collector over a cluster: the model and the targets come from its listing.
+    pub fn in_cluster(cluster: Arc<Cluster>) -> Self {
+        let mut c = Collector::new(System::default(), Targets::default());
+        c.cluster = Some(cluster);
+        c
+    }
+
+    /// In a cluster, lists the objects and pods again every [`RELIST`]; true when it did.
+    pub async fn relist(&mut self) -> bool {
+        let Some(k) = self.cluster.clone() else {
+            return false;
+        };
+        if self.listed.is_some_and(|t| t.elapsed() < RELIST) {
+            return false;
+        }
+        self.listed = Some(Instant::now());
+        match k.list().await {
+            Ok(l) => {
+                self.system = l.system;
+                self.targets = l.targets;
+                self.queue_figures = l.queue_figures;
+                self.list_error = None;
+                let live: std::collections::HashSet<&String> =
+                    self.targets.sidecars.iter().map(|s| &s.replica).collect();
+                self.cur.retain(|r, _| live.contains(r));
+                self.prev.retain(|r, _| live.contains(r));
+                true
+            }
+            Err(e) => {
+                tracing::warn!("listing the cluster: {e}");
+                self.list_error = Some(format!("listing the cluster: {e}"));
+                false
+            }
         }
     }
 
@@ -207,38 +289,64 @@ impl Collector {
         Ok(b)
     }
 
-    /// Scrapes every sidecar at once; the previous scrape of each is kept for the rates.
+    /// Reads every sidecar at once; the previous reading of each is kept for the rates.
     async fn scrape(&mut self) {
-        let client = self.client.clone();
-        let results = futures::future::join_all(self.targets.sidecars.iter().map(|s| {
-            let client = client.clone();
-            let url = format!("http://127.0.0.1:{}/metrics", s.admin_port);
-            let replica = s.replica.clone();
-            async move {
-                let r = request(
-                    &client,
-                    http::Method::GET,
-                    &url,
-                    None,
-                    Duration::from_secs(2),
-                )
-                .await;
-                (replica, r)
+        let results = match &self.cluster {
+            Some(k) => k.read(&self.targets.sidecars).await,
+            None => {
+                let client = self.client.clone();
+                futures::future::join_all(self.targets.sidecars.iter().map(|s| {
+                    let client = client.clone();
+                    let url = format!("http://127.0.0.1:{}/metrics", s.admin_port);
+                    let replica = s.replica.clone();
+                    async move {
+                        let r = request(
+                            &client,
+                            http::Method::GET,
+                            &url,
+                            None,
+                            Duration::from_secs(2),
+                        )
+                        .await;
+                        let r = match r {
+                            Ok((200, body)) => {
+                                Some((prom::parse(&String::from_utf8_lossy(&body)), None))
+                            }
+                            _ => None,
+                        };
+                        (replica, r)
+                    }
+                }))
+                .await
             }
-        }))
-        .await;
+        };
+        let now = Instant::now();
+        let unix_now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
         for (replica, r) in results {
             match r {
-                Ok((200, body)) => {
+                Some((samples, scraped)) => {
+                    // From Prometheus: a new reading only when it scraped again, dated then.
+                    if let (Some(at), Some(cur)) = (scraped, self.cur.get(&replica))
+                        && cur.scraped == Some(at)
+                    {
+                        continue;
+                    }
+                    let at = match scraped {
+                        Some(t) => now
+                            .checked_sub(Duration::from_secs_f64((unix_now - t).max(0.0)))
+                            .unwrap_or(now),
+                        None => now,
+                    };
                     let scrape = Scrape {
-                        at: Instant::now(),
-                        samples: prom::parse(&String::from_utf8_lossy(&body)),
+                        at,
+                        scraped,
+                        samples,
                     };
                     if let Some(old) = self.cur.insert(replica.clone(), scrape) {
                         self.prev.insert(replica, old);
                     }
                 }
-                _ => {
+                None => {
                     // Down: no figures from it until it answers again.
                     self.cur.remove(&replica);
                     self.prev.remove(&replica);
@@ -360,7 +468,11 @@ impl Collector {
     /// Each Queue: messages, pending per consumer (the lag), dead letters.
     async fn queues_json(&mut self) -> Vec<Value> {
         let ns = self.system.namespace.clone();
-        let broker = self.broker().await;
+        let broker = if self.cluster.is_some() {
+            Err(String::new())
+        } else {
+            self.broker().await
+        };
         let mut out = Vec::new();
         for q in self.system.queues.clone() {
             let mut v = json!({
@@ -371,6 +483,19 @@ impl Collector {
                 "triggers": q.triggers,
                 "findings": self.system.findings_on("Queue", &q.name),
             });
+            if self.cluster.is_some() {
+                // In a cluster: the figures the operator wrote in the Queue's status.
+                match self.queue_figures.get(&q.name) {
+                    Some(f) => {
+                        for (k, x) in f.as_object().into_iter().flatten() {
+                            v[k] = x.clone();
+                        }
+                    }
+                    None => v["error"] = json!("no such Queue listed"),
+                }
+                out.push(v);
+                continue;
+            }
             let figures = match (&broker, &q.spec) {
                 (Err(e), _) => Err(e.clone()),
                 (_, None) => Err("no spec".to_string()),
@@ -418,15 +543,16 @@ impl Collector {
                 .iter()
                 .filter(|c| c.saga == g.name)
             {
-                let url = format!("{}/v1/sagas/{}", c.url, g.name);
-                got = match request(
-                    &self.client,
-                    http::Method::GET,
-                    &url,
-                    None,
-                    Duration::from_secs(2),
-                )
-                .await
+                got = match c
+                    .call(
+                        &self.client,
+                        self.cluster.as_deref(),
+                        http::Method::GET,
+                        "",
+                        None,
+                        Duration::from_secs(3),
+                    )
+                    .await
                 {
                     Ok((200, body)) => {
                         serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string())
@@ -472,6 +598,7 @@ impl Collector {
 
     /// One snapshot: scrape, then everything as the page reads it.
     pub async fn tick(&mut self, actions: bool) -> Value {
+        self.relist().await;
         self.scrape().await;
         let (services, calls) = self.services_json();
         let queues = self.queues_json().await;
@@ -485,6 +612,8 @@ impl Collector {
             "queues": queues,
             "sagas": sagas,
             "findings": self.system.findings,
+            "source": if self.cluster.is_some() { "cluster" } else { "local" },
+            "listError": self.list_error,
         })
     }
 }
@@ -496,6 +625,7 @@ mod tests {
     fn scrape(at: Instant, text: &str) -> Scrape {
         Scrape {
             at,
+            scraped: None,
             samples: prom::parse(text),
         }
     }

@@ -1,6 +1,7 @@
 //! The dashboard's HTTP server: the page (embedded), the JSON API and the event stream.
 //!
 //! - `GET /`, `/app.js`, `/app.css`: the page.
+//! - `GET /healthz`: `ok` (the chart's probes).
 //! - `GET /api/snapshot`: the latest snapshot (services, calls, queues, sagas, findings).
 //! - `GET /api/events`: Server-Sent Events, one snapshot per tick.
 //! - `GET /api/queues/<queue>/dead-letters`: the Queue's dead letters (as `weir dlq list --json`).
@@ -10,12 +11,13 @@
 //! - `POST /api/sagas/<saga>/<id>/cancel` `{"reason"}`, `POST …/retry`: passed to the
 //!   coordinator.
 //!
-//! The POST endpoints act only with `--dashboard-actions`; otherwise they answer 403 and say
-//! why. They take JSON only (`content-type: application/json`), which a cross-site form
+//! The POST endpoints act only with `--dashboard-actions` (`weir dashboard serve --actions`);
+//! otherwise they answer 403 and say why. They take JSON only (`content-type: application/json`), which a cross-site form
 //! cannot send.
 
 use super::assets;
-use super::collect::{HttpClient, Targets, request};
+use super::cluster::Cluster;
+use super::collect::{HttpClient, Targets};
 use super::model::System;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -34,17 +36,32 @@ use weir_broker::dead_letters;
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// What the handlers share.
-pub struct State {
+/// The system the handlers answer about: fixed for `weir up`, listed again and again in a
+/// cluster.
+#[derive(Debug, Clone, Default)]
+pub struct View {
     pub system: System,
     pub targets: Targets,
+}
+
+/// What the handlers share.
+pub struct State {
+    pub view: watch::Receiver<Arc<View>>,
     pub actions: bool,
     pub snapshot: watch::Receiver<Arc<String>>,
     pub client: HttpClient,
     broker: Mutex<Option<BrokerAdmin>>,
+    /// In a cluster: the API server, through which coordinators and brokers are reached.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 pub const READ_ONLY: &str = "the dashboard is read-only: start weir up with --dashboard-actions to replay dead letters and cancel or retry saga instances";
+
+/// The answer of an action of the in-cluster dashboard without `--actions`.
+pub const READ_ONLY_CLUSTER: &str = "the dashboard is read-only: install the chart with dashboard.actions=true (weir dashboard serve --actions) to replay dead letters and cancel or retry saga instances";
+
+/// Why the in-cluster dashboard lists no dead letters without `--actions`.
+pub const DEAD_LETTERS_NEED_ACTIONS: &str = "listing dead letters in a cluster needs the dashboard's actions mode (chart value dashboard.actions=true): it reads the Broker's credentials Secret, which a read-only dashboard may not; the count above is the Queue's status";
 
 impl State {
     pub fn new(
@@ -53,13 +70,75 @@ impl State {
         actions: bool,
         snapshot: watch::Receiver<Arc<String>>,
     ) -> Self {
+        // The sender goes: the receiver keeps the one value.
+        let (_, view) = watch::channel(Arc::new(View { system, targets }));
         State {
-            system,
-            targets,
+            view,
             actions,
             snapshot,
             client: super::collect::client(),
             broker: Mutex::new(None),
+            cluster: None,
+        }
+    }
+
+    /// The state of the in-cluster dashboard: the view follows the collector's listings.
+    pub fn in_cluster(
+        cluster: Arc<Cluster>,
+        view: watch::Receiver<Arc<View>>,
+        actions: bool,
+        snapshot: watch::Receiver<Arc<String>>,
+    ) -> Self {
+        State {
+            view,
+            actions,
+            snapshot,
+            client: super::collect::client(),
+            broker: Mutex::new(None),
+            cluster: Some(cluster),
+        }
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    fn read_only(&self) -> &'static str {
+        if self.cluster.is_some() {
+            READ_ONLY_CLUSTER
+        } else {
+            READ_ONLY
+        }
+    }
+
+    /// The broker of a Queue, with the namespace and name it has there; or the answer saying
+    /// why not.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the Err is the answer itself, returned at once"
+    )]
+    async fn dead_letters_of(
+        &self,
+        q: &super::model::Queue,
+    ) -> Result<(BrokerAdmin, String, String), Response<Body>> {
+        let view = self.view();
+        match &self.cluster {
+            Some(k) => {
+                if !self.actions {
+                    return Err(error(StatusCode::FORBIDDEN, DEAD_LETTERS_NEED_ACTIONS));
+                }
+                let Some((ns, name)) = view.targets.queue_refs.get(&q.name) else {
+                    return Err(error(StatusCode::NOT_FOUND, format!("no Queue {}", q.name)));
+                };
+                match k.broker_of_queue(ns, name).await {
+                    Ok(b) => Ok((b, ns.clone(), name.clone())),
+                    Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+                }
+            }
+            None => match self.broker().await {
+                Ok(b) => Ok((b, view.system.namespace.clone(), q.name.clone())),
+                Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+            },
         }
     }
 
@@ -71,6 +150,7 @@ impl State {
             return Ok(b.clone());
         }
         let url = self
+            .view()
             .targets
             .broker_url
             .clone()
@@ -135,6 +215,10 @@ pub async fn handle(req: http::Request<Incoming>, state: Arc<State>) -> Response
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    // Read-only: every action is refused, whatever it names.
+    if method == Method::POST && segs.first() == Some(&"api") && !state.actions {
+        return error(StatusCode::FORBIDDEN, state.read_only());
+    }
     match (&method, segs.as_slice()) {
         (&Method::GET, [""] | ["index.html"]) => {
             full(StatusCode::OK, "text/html; charset=utf-8", assets::INDEX)
@@ -147,6 +231,7 @@ pub async fn handle(req: http::Request<Incoming>, state: Arc<State>) -> Response
         (&Method::GET, ["app.css"]) => {
             full(StatusCode::OK, "text/css; charset=utf-8", assets::APP_CSS)
         }
+        (&Method::GET, ["healthz"]) => full(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, ["api", "snapshot"]) => {
             let s = state.snapshot.borrow().clone();
             full(StatusCode::OK, "application/json", s.as_bytes().to_vec())
@@ -210,6 +295,7 @@ pub async fn handle(req: http::Request<Incoming>, state: Arc<State>) -> Response
 )]
 fn queue(state: &State, name: &str) -> Result<super::model::Queue, Response<Body>> {
     state
+        .view()
         .system
         .queues
         .iter()
@@ -223,7 +309,7 @@ fn queue(state: &State, name: &str) -> Result<super::model::Queue, Response<Body
     reason = "the Err is the answer itself, returned at once"
 )]
 fn saga_of(state: &State, saga: &str, id: &str) -> Result<String, Response<Body>> {
-    if !state.system.sagas.iter().any(|s| s.name == saga) {
+    if !state.view().system.sagas.iter().any(|s| s.name == saga) {
         return Err(error(StatusCode::NOT_FOUND, format!("no Saga {saga}")));
     }
     if !plain(id) || id.contains('.') {
@@ -239,7 +325,7 @@ fn saga_of(state: &State, saga: &str, id: &str) -> Result<String, Response<Body>
 )]
 async fn action_body(state: &State, req: http::Request<Incoming>) -> Result<Value, Response<Body>> {
     if !state.actions {
-        return Err(error(StatusCode::FORBIDDEN, READ_ONLY));
+        return Err(error(StatusCode::FORBIDDEN, state.read_only()));
     }
     let json_type = req
         .headers()
@@ -281,11 +367,11 @@ fn events(state: &State) -> Response<Body> {
 }
 
 async fn dead_letter_list(state: &State, q: &super::model::Queue) -> Response<Body> {
-    let broker = match state.broker().await {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    let (broker, ns, name) = match state.dead_letters_of(q).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    match dead_letters::list(&broker, &state.system.namespace, &q.name).await {
+    match dead_letters::list(&broker, &ns, &name).await {
         Ok(letters) => {
             // The lines of `weir dlq list --json`, one object each.
             let text = crate::messaging::dlq::format_list(&letters, true);
@@ -303,11 +389,11 @@ async fn dead_letter_list(state: &State, q: &super::model::Queue) -> Response<Bo
 }
 
 async fn dead_letter_show(state: &State, q: &super::model::Queue, seq: &str) -> Response<Body> {
-    let broker = match state.broker().await {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    let (broker, ns, name) = match state.dead_letters_of(q).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    match dead_letters::get(&broker, &state.system.namespace, &q.name, seq).await {
+    match dead_letters::get(&broker, &ns, &name, seq).await {
         Ok(Some(d)) => reply(
             StatusCode::OK,
             &json!({
@@ -327,11 +413,12 @@ async fn dead_letter_show(state: &State, q: &super::model::Queue, seq: &str) -> 
 }
 
 async fn replay(state: &State, q: &super::model::Queue, body: &Value) -> Response<Body> {
-    let broker = match state.broker().await {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    let (broker, ns, name) = match state.dead_letters_of(q).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let ns = state.system.namespace.as_str();
+    let ns = ns.as_str();
+    let q = &super::model::Queue { name, ..q.clone() };
     let chosen = if body["all"] == json!(true) {
         match dead_letters::list(&broker, ns, &q.name).await {
             Ok(l) => l,
@@ -404,16 +491,18 @@ async fn to_coordinator(
     body: Option<Bytes>,
 ) -> Response<Body> {
     let mut last = "no coordinator".to_string();
-    for c in state.targets.coordinators.iter().filter(|c| c.saga == saga) {
-        let url = format!("{}/v1/sagas/{saga}/{id}{suffix}", c.url);
-        match request(
-            &state.client,
-            method.clone(),
-            &url,
-            body.clone(),
-            Duration::from_secs(10),
-        )
-        .await
+    let view = state.view();
+    for c in view.targets.coordinators.iter().filter(|c| c.saga == saga) {
+        match c
+            .call(
+                &state.client,
+                state.cluster.as_deref(),
+                method.clone(),
+                &format!("/{id}{suffix}"),
+                body.clone(),
+                Duration::from_secs(10),
+            )
+            .await
         {
             Ok((st, body)) => {
                 let status = StatusCode::from_u16(st).unwrap_or(StatusCode::BAD_GATEWAY);

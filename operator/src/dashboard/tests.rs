@@ -224,19 +224,23 @@ async fn dashboard(actions: bool) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
                 replica: "a".into(),
                 microservice: "a".into(),
                 admin_port: sidecar,
+                pod: None,
             },
             Sidecar {
                 replica: "b".into(),
                 microservice: "b".into(),
                 // Nothing listens there.
                 admin_port: 1,
+                pod: None,
             },
         ],
         coordinators: vec![Coordinator {
             saga: "s".into(),
             url: format!("http://127.0.0.1:{coordinator}"),
+            pod: None,
         }],
         broker_url: None,
+        ..Default::default()
     };
     let opts = DashboardOptions {
         addr: "127.0.0.1:0".parse().unwrap(),
@@ -404,4 +408,357 @@ async fn actions_go_to_the_coordinator_and_take_json_only() {
     )
     .await;
     assert_eq!(st, 404);
+}
+
+/// The shop's objects as the API server lists them, in namespace `shop`, by plural.
+fn shop_lists(broker_url: Option<&str>) -> std::collections::HashMap<&'static str, Value> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
+    let files = crate::manifest::expand_paths(&[dir]).unwrap();
+    let loaded = crate::manifest::load(&files, &crate::manifest::Schemas::new())
+        .unwrap()
+        .0;
+    let mut lists: std::collections::HashMap<&'static str, Vec<Value>> = Default::default();
+    for l in loaded {
+        use crate::manifest::Object;
+        let (plural, mut v) = match l.object {
+            Object::Microservice(m) => ("microservices", serde_json::to_value(m).unwrap()),
+            Object::Queue(mut q) => {
+                if q.metadata.name.as_deref() == Some("orders") {
+                    q.status = Some(weir_crds::queue::QueueStatus {
+                        messages: Some(7),
+                        pending: [("payments".to_string(), 2)].into(),
+                        dead_letters: Some(3),
+                        ..Default::default()
+                    });
+                }
+                ("queues", serde_json::to_value(q).unwrap())
+            }
+            Object::Saga(s) => ("sagas", serde_json::to_value(s).unwrap()),
+            Object::Broker(mut b) => {
+                // A Broker at this URL instead of the managed one.
+                if let Some(url) = broker_url {
+                    b.spec.managed = None;
+                    b.spec.url = Some(url.to_string());
+                }
+                ("brokers", serde_json::to_value(b).unwrap())
+            }
+        };
+        v["metadata"]["namespace"] = json!("shop");
+        lists.entry(plural).or_default().push(v);
+    }
+    let pod = |name: &str, labels: Value| {
+        json!({"metadata": {"name": name, "namespace": "shop", "labels": labels},
+               "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    lists.insert(
+        "pods",
+        vec![
+            pod(
+                "orders-1",
+                json!({"app.kubernetes.io/managed-by": "weir", "weir.dev/microservice": "orders"}),
+            ),
+            pod(
+                "users-1",
+                json!({"app.kubernetes.io/managed-by": "weir", "weir.dev/microservice": "users"}),
+            ),
+            pod(
+                "place-order-saga-1",
+                json!({"app.kubernetes.io/managed-by": "weir", "weir.dev/microservice": "place-order-saga", "weir.dev/saga": "place-order"}),
+            ),
+        ],
+    );
+    lists
+        .into_iter()
+        .map(|(k, items)| {
+            (
+                k,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        })
+        .collect()
+}
+
+const ORDERS_METRICS: &str = r#"weir_requests_total{direction="inbound",dependency="",status_class="2xx"} 42
+weir_requests_total{direction="outbound",dependency="users",status_class="2xx"} 40
+weir_circuit_breaker_state{dependency="users"} 0
+"#;
+
+/// A fake API server: the shop's lists, its pods' metrics and the coordinator through the pod
+/// proxy. The requests it saw, by path.
+async fn fake_api_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+    fake_api_server_with(None).await
+}
+
+/// [`fake_api_server`] whose Broker is at `broker_url`; it also answers a Queue's and a
+/// Broker's GET by name.
+async fn fake_api_server_with(broker_url: Option<&str>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let lists = shop_lists(broker_url);
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let port = fake(Arc::new(move |method, path, _| {
+        log.lock().unwrap().push(format!("{method} {path}"));
+        let plural = path.rsplit('/').next().unwrap_or_default();
+        match path {
+            "/api/v1/namespaces/shop/pods/orders-1:15090/proxy/metrics" => {
+                (200, ORDERS_METRICS.to_string())
+            }
+            // users' sidecar does not answer: it counts as down.
+            "/api/v1/namespaces/shop/pods/users-1:15090/proxy/metrics" => {
+                (503, "error trying to reach service".to_string())
+            }
+            "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order" => (
+                200,
+                json!({"instances": [{"id": "i1", "status": "Running", "startedAt": "2026-01-01T00:00:00Z"}]})
+                    .to_string(),
+            ),
+            "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1/cancel"
+                if method == "POST" =>
+            {
+                (202, json!({"id": "i1", "status": "Cancelling"}).to_string())
+            }
+            "/api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1" => {
+                (200, json!({"id": "i1", "status": "Running", "entries": []}).to_string())
+            }
+            _ if path.starts_with("/apis/weir.dev/v1alpha1/namespaces/shop/") => {
+                // One object by name: /apis/weir.dev/v1alpha1/namespaces/shop/<plural>/<name>.
+                let mut parts = path.rsplit('/');
+                let (name, plural) = (parts.next().unwrap(), parts.next().unwrap());
+                let found = lists.get(plural).and_then(|l| {
+                    l["items"]
+                        .as_array()?
+                        .iter()
+                        .find(|o| o["metadata"]["name"] == name)
+                        .cloned()
+                });
+                match found {
+                    Some(o) => (200, o.to_string()),
+                    None => (404, json!({"kind": "Status", "code": 404}).to_string()),
+                }
+            }
+            _ if path == "/api/v1/pods" || path.starts_with("/apis/weir.dev/") => match lists.get(plural) {
+                Some(l) => (200, l.to_string()),
+                None => (404, json!({"kind": "Status", "code": 404}).to_string()),
+            },
+            _ => (404, json!({"kind": "Status", "code": 404}).to_string()),
+        }
+    }))
+    .await;
+    (port, seen)
+}
+
+async fn cluster_dashboard(api: u16, prometheus: Option<String>, actions: bool) -> u16 {
+    let config = kube::Config::new(format!("http://127.0.0.1:{api}").parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let cluster = Arc::new(super::cluster::Cluster::new(
+        client,
+        super::cluster::ClusterOptions {
+            namespace: None,
+            prometheus,
+            cluster_domain: "cluster.local".into(),
+        },
+    ));
+    let opts = DashboardOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        actions,
+    };
+    super::start_cluster(&opts, cluster).await.unwrap().port()
+}
+
+/// The snapshot once it has listed the cluster and read `service`'s figures.
+async fn cluster_snapshot(port: u16, service: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = snapshot(port).await;
+        let ok = v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == service && s["up"] == 1);
+        if ok {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "no figures: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_a_cluster_the_page_reads_through_the_pod_proxy_and_queue_status() {
+    let (api, seen) = fake_api_server().await;
+    let port = cluster_dashboard(api, None, false).await;
+    let v = cluster_snapshot(port, "orders").await;
+    assert_eq!(v["source"], "cluster");
+    assert_eq!(v["namespace"], "shop");
+    let svc = |n: &str| {
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no service {n}: {v}"))
+    };
+    assert_eq!(svc("orders")["inbound"]["total"], 42.0);
+    assert_eq!(svc("users")["state"], "down");
+    let edge = v["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["from"] == "orders" && c["dependency"] == "users")
+        .unwrap();
+    assert_eq!(edge["breaker"], "closed");
+    assert_eq!(edge["window"]["total"], 40.0);
+    let q = v["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "orders")
+        .unwrap();
+    assert_eq!(
+        (&q["messages"], &q["lag"], &q["deadLetters"]),
+        (&json!(7), &json!({"payments": 2}), &json!(3)),
+        "{q}"
+    );
+    let saga = &v["sagas"][0];
+    assert_eq!(saga["name"], "place-order");
+    assert_eq!(saga["instances"][0]["id"], "i1", "{saga}");
+    let (st, body) = call_path(port, "GET", "/api/sagas/place-order/i1").await;
+    assert_eq!(st, 200, "{body}");
+    // Read-only: actions refused, naming the chart value; dead letters need actions mode.
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/place-order/i1/cancel",
+        Some("application/json"),
+        "{}",
+    )
+    .await;
+    assert_eq!(st, 403);
+    assert!(body.contains("dashboard.actions=true"), "{body}");
+    let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 403);
+    assert!(body.contains("actions mode"), "{body}");
+    let (st, _) = call_path(port, "GET", "/healthz").await;
+    assert_eq!(st, 200);
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen.iter().any(|p| p.starts_with("POST")),
+        "nothing acted: {seen:?}"
+    );
+}
+
+async fn call_path(port: u16, method: &str, path: &str) -> (u16, String) {
+    call(port, method, path, None, "").await
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_prometheus_the_series_come_from_an_instant_query() {
+    let (api, seen) = fake_api_server().await;
+    let prom = fake(Arc::new(|_, path, _| match path {
+        "/api/v1/query" => (
+            200,
+            json!({"status": "success", "data": {"resultType": "vector", "result": [
+                {"metric": {"__name__": "weir_requests_total", "namespace": "shop", "pod": "users-1",
+                            "direction": "inbound", "dependency": "", "status_class": "2xx"},
+                 "value": [1700000000.0, "17"]},
+                {"metric": {"__name__": "weir_requests_total", "namespace": "other", "pod": "users-1",
+                            "direction": "inbound", "dependency": "", "status_class": "2xx"},
+                 "value": [1700000000.0, "1000"]}
+            ]}})
+            .to_string(),
+        ),
+        _ => (404, String::new()),
+    }))
+    .await;
+    let port = cluster_dashboard(api, Some(format!("http://127.0.0.1:{prom}")), false).await;
+    let v = cluster_snapshot(port, "users").await;
+    let users = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "users")
+        .unwrap();
+    assert_eq!(users["inbound"]["total"], 17.0, "{users}");
+    let orders = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert_eq!(
+        orders["state"], "down",
+        "no series from Prometheus: {orders}"
+    );
+    assert!(
+        !seen.lock().unwrap().iter().any(|p| p.ends_with("/metrics")),
+        "no pod scraped"
+    );
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_actions_a_cancel_goes_through_the_pod_proxy() {
+    let (api, seen) = fake_api_server().await;
+    let port = cluster_dashboard(api, None, true).await;
+    let v = cluster_snapshot(port, "orders").await;
+    assert_eq!(v["actions"], true);
+    let (st, body) = call(
+        port,
+        "POST",
+        "/api/sagas/place-order/i1/cancel",
+        Some("application/json"),
+        r#"{"reason": "test"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    assert!(body.contains("Cancelling"), "{body}");
+    assert!(
+        seen.lock().unwrap().iter().any(|p| p
+            == "POST /api/v1/namespaces/shop/pods/place-order-saga-1:8080/proxy/v1/sagas/place-order/i1/cancel"),
+        "the cancel went through the pod proxy"
+    );
+    // Dead letters with actions: the Queue and its Broker read from the API server, the
+    // managed Broker dialled at its Service (not resolvable here: the answer says so).
+    let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("bus.shop.svc.cluster.local"), "{body}");
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_actions_dead_letters_come_from_the_queues_broker() {
+    let nats = weir_testkit::NatsServer::start();
+    let url = nats.url();
+    // The Queue's stream, as the operator declares it.
+    let lists = shop_lists(Some(&url));
+    let q = lists["queues"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["metadata"]["name"] == "orders")
+        .unwrap()
+        .clone();
+    let spec: weir_crds::queue::QueueSpec = serde_json::from_value(q["spec"].clone()).unwrap();
+    let t = weir_broker::topology::Topology::new("shop", "orders", &spec).unwrap();
+    let admin = weir_broker::admin::connect(
+        weir_crds::broker::BrokerKind::Nats,
+        &url,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    {
+        use weir_broker::admin::Admin;
+        admin.declare_queue(&t).await.unwrap();
+    }
+    let (api, _) = fake_api_server_with(Some(&url)).await;
+    let port = cluster_dashboard(api, None, true).await;
+    cluster_snapshot(port, "orders").await;
+    let (st, body) = call_path(port, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["deadLetters"], json!([]), "{v}");
+    // Read-only, the same request is refused before any Secret or broker is touched.
+    let ro = cluster_dashboard(api, None, false).await;
+    cluster_snapshot(ro, "orders").await;
+    let (st, body) = call_path(ro, "GET", "/api/queues/orders/dead-letters").await;
+    assert_eq!(st, 403, "{body}");
 }

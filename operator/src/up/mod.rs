@@ -363,6 +363,7 @@ async fn start_dashboard(
                 replica: s.name.clone(),
                 microservice: s.microservice.clone(),
                 admin_port: s.ports.admin,
+                pod: None,
             })
             .collect(),
         coordinators: running
@@ -371,9 +372,11 @@ async fn start_dashboard(
             .map(|s| Coordinator {
                 saga: s.name.clone(),
                 url: s.url.clone(),
+                pod: None,
             })
             .collect(),
         broker_url: broker_url.map(str::to_string),
+        ..Default::default()
     };
     let system = dashboard::model::build(loaded, namespace);
     dashboard::start(d, system, targets)

@@ -6,6 +6,13 @@ let snap = null;          // the latest snapshot
 let route = "";           // the route drawn last
 const view = {};          // per-route state kept across snapshots
 
+// How actions are turned on where this dashboard runs.
+function enableActions() {
+  return snap && snap.source === "cluster"
+    ? "install the chart with dashboard.actions=true"
+    : "start weir up with --dashboard-actions";
+}
+
 const $ = (sel, root) => (root || document).querySelector(sel);
 function esc(s) {
   return String(s == null ? "" : s).replace(/[&<>"']/g, c =>
@@ -250,7 +257,7 @@ function renderQueue(s, name) {
   }
   $("#main").innerHTML = `<p><a href="#/queues">← Queues</a></p><h2>Queue ${esc(name)}</h2>
     <div class="cards" id="queue-figures">${queueFigures(q)}</div>
-    <h3>Dead letters ${snap.actions ? `<button id="replay-all">Replay all</button>` : `<span class="muted">(read-only: start weir up with --dashboard-actions to replay)</span>`}
+    <h3>Dead letters ${snap.actions ? `<button id="replay-all">Replay all</button>` : `<span class="muted">(read-only: ${enableActions()} to replay)</span>`}
       <button id="refresh">Refresh</button></h3>
     <div id="action-result"></div><div id="letters"></div><pre id="shown" hidden></pre>`;
   drawDeadLetters(name);
@@ -356,7 +363,7 @@ function drawInstance(saga, id) {
     if (!finished) h += `<button id="cancel">Cancel</button> `;
     if (d.status === "CompensationFailed") h += `<button id="retry">Retry compensation</button>`;
   } else {
-    h += `<p class="muted">Read-only: start weir up with --dashboard-actions to cancel or retry.</p>`;
+    h += `<p class="muted">Read-only: ${enableActions()} to cancel or retry.</p>`;
   }
   h += stepSummary(saga, d);
   h += `<h3>Timeline</h3><ol class="timeline" id="timeline">`;
@@ -447,7 +454,9 @@ function connect() {
   const es = new EventSource("/api/events");
   es.onmessage = ev => {
     snap = JSON.parse(ev.data);
-    $("#status").textContent = "live · " + (snap.at || "");
+    $("#status").textContent = snap.listError
+      ? "stale: " + snap.listError
+      : "live · " + (snap.at || "") + (snap.source === "cluster" ? " · cluster" + (snap.namespace ? " " + snap.namespace : "") : "");
     draw();
   };
   es.onerror = () => { $("#status").textContent = "disconnected, retrying…"; };
