@@ -12,8 +12,9 @@
 //!   coordinator.
 //!
 //! The POST endpoints act only with `--dashboard-actions` (`weir dashboard serve --actions`);
-//! otherwise they answer 403 and say why. They take JSON only (`content-type: application/json`), which a cross-site form
-//! cannot send.
+//! otherwise they answer 403 and say why. They take JSON only (`content-type: application/json`),
+//! which a cross-site form cannot send. A request whose `Host` is another site's name is refused
+//! (403): the guard against DNS rebinding ([`host_allowed`]).
 
 use super::assets;
 use super::cluster::Cluster;
@@ -211,7 +212,47 @@ fn plain(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Whether a request's `Host` may name this dashboard. A web page can make a name of its own
+/// resolve to 127.0.0.1 (DNS rebinding) and then read and act on the dashboard as the same
+/// origin; its requests carry that name. So only what reaches the dashboard directly is
+/// served: an IP address, `localhost`, a single-label name, a cluster Service name (`*.svc`,
+/// `*.svc.cluster.local`). A request without `Host` (HTTP/1.0) is served.
+pub fn host_allowed(host: Option<&str>) -> bool {
+    let Some(host) = host else { return true };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(name, _)| name)
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || (!name.is_empty() && !name.contains('.'))
+        || name.ends_with(".svc")
+        || name.ends_with(".svc.cluster.local")
+}
+
 pub async fn handle(req: http::Request<Incoming>, state: Arc<State>) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("").to_string())
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if !host_allowed(host.as_deref()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host {:?} is not an address of this dashboard: open it at localhost or an IP address (names that are not are refused, against DNS rebinding)",
+                host.unwrap_or_default()
+            ),
+        );
+    }
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();

@@ -762,3 +762,64 @@ async fn in_a_cluster_with_actions_dead_letters_come_from_the_queues_broker() {
     let (st, body) = call_path(ro, "GET", "/api/queues/orders/dead-letters").await;
     assert_eq!(st, 403, "{body}");
 }
+
+#[test]
+fn hosts_that_reach_the_dashboard_directly_are_allowed_others_refused() {
+    use super::server::host_allowed;
+    for ok in [
+        None,
+        Some("127.0.0.1:9900"),
+        Some("10.1.2.3"),
+        Some("[::1]:9900"),
+        Some("localhost:9900"),
+        Some("LOCALHOST"),
+        Some("weir-dashboard"),
+        Some("weir-dashboard.weir-system.svc:80"),
+        Some("weir-dashboard.weir-system.svc.cluster.local."),
+    ] {
+        assert!(host_allowed(ok), "{ok:?} refused");
+    }
+    for bad in [
+        Some("evil.example.com"),
+        Some("evil.example.com:9900"),
+        Some("127.0.0.1.nip.io:9900"),
+        Some("[not-an-ip]:80"),
+        Some(""),
+        Some("svc.evil.example"),
+    ] {
+        assert!(!host_allowed(bad), "{bad:?} allowed");
+    }
+}
+
+/// A page of another site, its name rebound to 127.0.0.1, reads nothing and does nothing.
+#[tokio::test]
+async fn a_request_for_another_sites_name_is_refused() {
+    let (port, sent) = dashboard(true).await;
+    for (method, path, body) in [
+        ("GET", "/api/snapshot", ""),
+        ("POST", "/api/sagas/s/i1/cancel", "{}"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: rebound.example.com:{port}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 403"), "{path}: {out}");
+        assert!(out.contains("DNS rebinding"), "{out}");
+    }
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "nothing reached the coordinator"
+    );
+    // The same requests by address are served.
+    let (st, _) = call(port, "GET", "/api/snapshot", None, "").await;
+    assert_eq!(st, 200);
+}
