@@ -47,7 +47,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub actions: bool,
     /// Read the sidecars' series from this Prometheus, over plain HTTP (e.g.
-    /// http://prometheus.monitoring:9090)
+    /// `http://prometheus.monitoring:9090`)
     /// instead of scraping every pod through the API server.
     #[arg(long, value_name = "URL")]
     pub prometheus: Option<String>,
