@@ -164,8 +164,8 @@ impl SidecarProducer {
     {
         let p = self.current();
         let r = p.send(record, timeout).await;
-        if r.is_err()
-            && let Some((code, why)) = p.client().fatal_error()
+        if let Err((e, _)) = &r
+            && let Some((code, why)) = needs_new_instance(e, || p.client().fatal_error())
         {
             self.renew(&p, code, &why);
         }
@@ -187,6 +187,27 @@ impl SidecarProducer {
                 tracing::error!(code = ?code, error = why, new = %e, "the Kafka producer failed fatally and cannot be made again")
             }
         }
+    }
+}
+
+/// Why a producer whose send failed with `e` must be replaced, if it must: librdkafka says it
+/// failed fatally (`fatal`), or the broker fenced its producer id (`ProducerFenced`,
+/// `InvalidProducerEpoch`). A fenced idempotent producer is not always put in the fatal state:
+/// a CI run saw one answer every send with `ProducerFenced` after a Kafka-protocol broker was
+/// killed and restarted, without librdkafka ever reporting a fatal error, so the processed
+/// records of a consuming sidecar failed until the test gave up.
+fn needs_new_instance(
+    e: &KafkaError,
+    fatal: impl FnOnce() -> Option<(RDKafkaErrorCode, String)>,
+) -> Option<(RDKafkaErrorCode, String)> {
+    if let Some(f) = fatal() {
+        return Some(f);
+    }
+    match e.rdkafka_error_code() {
+        Some(
+            code @ (RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch),
+        ) => Some((code, e.to_string())),
+        _ => None,
     }
 }
 
@@ -969,6 +990,23 @@ mod tests {
             .await
             .expect("delivered by the new instance");
         conn.close().await;
+    }
+
+    #[test]
+    fn a_fenced_or_fatally_failed_producer_is_replaced_other_failures_keep_it() {
+        let fenced = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        assert_eq!(
+            needs_new_instance(&fenced, || None).map(|(c, _)| c),
+            Some(RDKafkaErrorCode::ProducerFenced)
+        );
+        let epoch = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidProducerEpoch);
+        assert!(needs_new_instance(&epoch, || None).is_some());
+        let late = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(needs_new_instance(&late, || None).is_none());
+        let fatal = needs_new_instance(&late, || {
+            Some((RDKafkaErrorCode::Fatal, "fatal".to_string()))
+        });
+        assert_eq!(fatal.map(|(c, _)| c), Some(RDKafkaErrorCode::Fatal));
     }
 
     #[test]
