@@ -282,6 +282,36 @@ fn the_dashboard_shows_the_shop_live_in_a_browser() {
     });
     let shot = b.screenshot(&dir, "sagas");
     publish_to_docs(&shot, "sagas.png");
+    // Instances by version: every instance here runs the one definition there is.
+    let listed = b
+        .script(
+            "return document.querySelectorAll('table.instances tbody tr').length;",
+            json!([]),
+        )
+        .as_u64()
+        .expect("a row count") as usize;
+    assert!(listed >= 2, "{listed} instances listed");
+    b.wait_text("the counts by version", "#saga-tables", long, |t| {
+        t.contains("By version:") && t.contains(&format!("{listed} instance(s), 0 unfinished"))
+    });
+    let version = b.script(
+        "const s = document.querySelector('#saga-version'); if (s.options.length < 2) return null; s.value = s.options[1].value; s.dispatchEvent(new Event('change')); return s.value;",
+        json!([]),
+    );
+    let version = version
+        .as_str()
+        .expect("a version to filter by")
+        .to_string();
+    b.wait_text(
+        "the instances of that version",
+        "table.instances tbody",
+        long,
+        |t| t.lines().count() == listed && t.lines().all(|l| l.contains(&version)),
+    );
+    b.script(
+        "const s = document.querySelector('#saga-version'); s.value = ''; s.dispatchEvent(new Event('change')); return s.value;",
+        json!([]),
+    );
     b.type_into("#saga-filter", &first_completed(&b));
     b.wait_text(
         "the instances filtered by id",

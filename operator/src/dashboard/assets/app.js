@@ -300,19 +300,49 @@ function queueFigures(q) {
 // ---- Sagas ------------------------------------------------------------------------------
 
 function renderSagas(s) {
-  const v = view.sagas = view.sagas || { filter: "", status: "" };
+  const v = view.sagas = view.sagas || { filter: "", status: "", version: "" };
   if (route !== "sagas" || !$("#saga-tables")) {
     $("#main").innerHTML = `<h2>Sagas</h2><p><input type="search" id="saga-filter" placeholder="Filter by instance id" value="${esc(v.filter)}">
       <select id="saga-status"><option value="">every state</option>${["Running", "Compensating", "Cancelling", "Completed", "Compensated", "CompensationFailed", "Cancelled"]
-        .map(x => `<option${v.status === x ? " selected" : ""}>${x}</option>`).join("")}</select></p><div id="saga-tables"></div>`;
+        .map(x => `<option${v.status === x ? " selected" : ""}>${x}</option>`).join("")}</select>
+      <select id="saga-version"><option value="">every version</option></select></p><div id="saga-tables"></div>`;
     $("#saga-filter").oninput = e => { v.filter = e.target.value; drawSagas(snap); };
     $("#saga-status").onchange = e => { v.status = e.target.value; drawSagas(snap); };
+    $("#saga-version").onchange = e => { v.version = e.target.value; drawSagas(snap); };
   }
   drawSagas(s);
 }
 
+// The version filter offers the versions the listed instances run (kept when it still exists).
+function versionOptions(s) {
+  const v = view.sagas, sel = $("#saga-version");
+  if (!sel) return;
+  const seen = [...new Set(s.sagas.flatMap(g => (g.instances || []).map(i => i.version).filter(x => x != null)))].sort();
+  if (v.version && !seen.includes(v.version)) seen.push(v.version);
+  const want = ["", ...seen].join(" ");
+  if (sel.dataset.options === want) return;
+  sel.dataset.options = want;
+  sel.innerHTML = `<option value="">every version</option>` +
+    seen.map(x => `<option value="${esc(x)}"${v.version === x ? " selected" : ""}>version ${esc(x)}</option>`).join("");
+}
+
+// "version abc: 3 instances, 1 unfinished" for each version a saga's instances run.
+function versionCounts(g) {
+  const by = {};
+  for (const i of g.instances || []) {
+    const k = i.version == null ? "(before versions)" : i.version;
+    const c = by[k] = by[k] || { all: 0, unfinished: 0 };
+    c.all++;
+    if (["Running", "Compensating", "Cancelling"].includes(i.status)) c.unfinished++;
+  }
+  const keys = Object.keys(by).sort();
+  if (!keys.length) return "";
+  return `<p class="versions">By version: ${keys.map(k => `<code>${esc(k)}</code>: ${by[k].all} instance(s), ${by[k].unfinished} unfinished`).join(" · ")}</p>`;
+}
+
 function drawSagas(s) {
   const v = view.sagas;
+  versionOptions(s);
   let h = "";
   for (const g of s.sagas) {
     const by = g.byStatus || {};
@@ -321,8 +351,10 @@ function drawSagas(s) {
     h += findings(g.findings);
     if (g.error) { h += `<div class="message bad">${esc(g.error)}</div>`; continue; }
     h += `<div class="cards">${Object.keys(by).map(k => `<div class="card">${state(k)}<b>${by[k]}</b></div>`).join("") || `<span class="muted">No instances yet.</span>`}</div>`;
+    h += versionCounts(g);
     const rows = (g.instances || []).filter(i =>
-      (!v.filter || i.id.includes(v.filter)) && (!v.status || i.status === v.status));
+      (!v.filter || i.id.includes(v.filter)) && (!v.status || i.status === v.status) &&
+      (!v.version || i.version === v.version));
     h += `<table class="instances" data-saga="${esc(g.name)}"><thead><tr><th>Instance</th><th>State</th><th>Version</th><th>Step</th><th>Started</th><th>Updated</th><th>Reason</th></tr></thead><tbody>`;
     for (const i of rows.slice(0, 200)) {
       const step = i.step ? (g.steps[i.step - 1] || {}).name || i.step : "–";
