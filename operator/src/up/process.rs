@@ -58,6 +58,16 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
 static FORWARDERS: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
     std::sync::Mutex::new(Vec::new());
 
+/// Writes `[label] line` and its newline with one write, flushed. `eprintln!` writes the pieces
+/// of its format one by one to the unbuffered stderr, so when stdout and stderr go to one file a
+/// line from another child could land between `[label]` and the rest (a CI run's log had
+/// `[place-order-0/saga[users-0] … "stopped"`, and the line starting `[users-0]` was not found).
+fn forward_line(to: &mut impl std::io::Write, label: &str, line: &str) {
+    let whole = format!("[{label}] {line}\n");
+    let _ = to.write_all(whole.as_bytes());
+    let _ = to.flush();
+}
+
 /// Forwards a child's output line by line, each prefixed with `[label]`.
 pub(super) fn prefix_output(child: &mut Child, label: String) {
     let mut tasks = Vec::new();
@@ -66,7 +76,7 @@ pub(super) fn prefix_output(child: &mut Child, label: String) {
         tasks.push(tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                println!("[{l}] {line}");
+                forward_line(&mut std::io::stdout().lock(), &l, &line);
             }
         }));
     }
@@ -74,7 +84,7 @@ pub(super) fn prefix_output(child: &mut Child, label: String) {
         tasks.push(tokio::spawn(async move {
             let mut lines = BufReader::new(err).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[{label}] {line}");
+                forward_line(&mut std::io::stderr().lock(), &label, &line);
             }
         }));
     }
