@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-use weir_crds::proxy::{EndpointsConfig, OutboundConfig, ProxyConfig};
+use weir_crds::proxy::{BalanceAlgorithm, EndpointsConfig, OutboundConfig, ProxyConfig};
 
 /// One endpoint: a real server on `127.0.0.<i>:<port>` that counts its requests, waits
 /// `delay_ms` and answers `status`, both changeable while it runs.
@@ -299,6 +299,10 @@ async fn retries_land_on_another_endpoint() {
     let p = proxy(config(&eps, |d| {
         // Never ejected here: each call meets the failing endpoint afresh.
         d.outlier_detection.max_ejected_percent = 0;
+        // Each endpoint in turn, so that every other first try meets the failing one. Under
+        // peak-EWMA one slow answer from it (a busy test machine) would keep it out of the
+        // choice between two endpoints for seconds, and the retries would not be exercised.
+        d.load_balancer.algorithm = BalanceAlgorithm::RoundRobin;
         d.retry = Some(one_quick_retry());
     }))
     .await;
