@@ -118,22 +118,25 @@ impl PodMesh {
             .map(|s| s.state())
             .unwrap_or_default();
         let sagas = self.sagas.get().map(|s| s.state()).unwrap_or_default();
-        let mss: Vec<(String, String, &Microservice)> = mss
-            .iter()
-            .map(|m| (m.namespace().unwrap_or_default(), m.name_any(), &**m))
-            .collect();
-        let sagas: Vec<(String, String, &Saga)> = sagas
-            .iter()
-            .map(|s| (s.namespace().unwrap_or_default(), s.name_any(), &**s))
-            .collect();
+        // Once per reconcile over the whole cache: borrowed, not copied (thousands of names
+        // allocated per reconcile made the operator's work grow with the square of the count).
+        fn meta(m: &kube::api::ObjectMeta) -> (&str, &str) {
+            (
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+            )
+        }
         callers(
             ns,
             name,
-            mss.iter()
-                .map(|(n, m, o)| (n.as_str(), m.as_str(), &o.spec)),
-            sagas
-                .iter()
-                .map(|(n, s, o)| (n.as_str(), s.as_str(), &o.spec)),
+            mss.iter().map(|m| {
+                let (n, s) = meta(&m.metadata);
+                (n, s, &m.spec)
+            }),
+            sagas.iter().map(|o| {
+                let (n, s) = meta(&o.metadata);
+                (n, s, &o.spec)
+            }),
         )
     }
 

@@ -43,6 +43,10 @@ impl Error {
 const DEPENDENCY_RECHECK: Duration = Duration::from_secs(30);
 /// Microservices reconciled at the same time.
 pub const RECONCILE_CONCURRENCY: u16 = 32;
+/// How long a Microservice's triggers are gathered into one reconcile. Applying its children
+/// sends a burst of events back (each child's own, then the Deployment's status as the
+/// Deployment controller takes it up); each would otherwise be a reconcile of its own.
+const DEBOUNCE: Duration = Duration::from_millis(500);
 /// Periodic resync even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -106,7 +110,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let (store, writer) = reflector::store();
     let main = watcher(mss.clone(), watcher::Config::default())
         .default_backoff()
-        .modify(|ms: &mut Microservice| ms.managed_fields_mut().clear())
+        .modify(|ms: &mut Microservice| {
+            ms.managed_fields_mut().clear();
+            // `kubectl apply`'s copy of the whole object: read by nothing here.
+            ms.annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
@@ -179,10 +188,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
                 let mut out = dependents(&dependents_store.state(), ns.as_deref(), &name);
                 // Under the mesh, one that is gone is no longer admitted by its targets.
                 let gone = || {
-                    !dependents_store
-                        .state()
-                        .iter()
-                        .any(|o| o.name_any() == name && o.namespace() == ns)
+                    let key = ObjectRef::<Microservice>::new(&name);
+                    let key = match ns.as_deref() {
+                        Some(ns) => key.within(ns),
+                        None => key,
+                    };
+                    dependents_store.get(&key).is_none()
                 };
                 if let Some(m) = gone_mesh.as_ref().filter(|_| gone()) {
                     out.extend(
@@ -219,7 +230,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         // Bounded: a burst of new objects (a namespace of a thousand services applied at once)
         // queues up instead of holding a thousand renders and requests in memory.
         .with_config(
-            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+            kube::runtime::controller::Config::default()
+                .concurrency(RECONCILE_CONCURRENCY)
+                .debounce(DEBOUNCE),
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -233,8 +246,10 @@ pub fn dependents(
     namespace: Option<&str>,
     name: &str,
 ) -> Vec<ObjectRef<Microservice>> {
+    // Every event of every Microservice (each status write) comes here, with thousands in the
+    // cache: compared in place, nothing allocated for those that do not match.
     all.iter()
-        .filter(|m| m.namespace().as_deref() == namespace)
+        .filter(|m| m.metadata.namespace.as_deref() == namespace)
         .filter(|m| {
             m.spec
                 .dependencies
