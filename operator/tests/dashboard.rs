@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use up_support::{Up, request, target};
 
-/// `weir up -f examples/shop --dashboard 127.0.0.1:0 --dashboard-actions`, and the page's URL
-/// from its output.
-fn shop_with_dashboard() -> (Up, String) {
+/// `weir up -f examples/shop --dashboard 127.0.0.1:0` (with `--dashboard-actions` when
+/// `actions`), and the page's URL from its output.
+fn shop_with_dashboard(actions: bool) -> (Up, String) {
     let t = target();
     for bin in [
         "shop-gateway",
@@ -41,17 +41,17 @@ fn shop_with_dashboard() -> (Up, String) {
             "{bin} not built: run `cargo build --workspace --bins` first"
         );
     }
-    let up = Up::start(
-        &[
-            "-f",
-            "examples/shop",
-            "--any-port",
-            "--dashboard",
-            "127.0.0.1:0",
-            "--dashboard-actions",
-        ],
-        Duration::from_secs(120),
-    );
+    let mut args = vec![
+        "-f",
+        "examples/shop",
+        "--any-port",
+        "--dashboard",
+        "127.0.0.1:0",
+    ];
+    if actions {
+        args.push("--dashboard-actions");
+    }
+    let up = Up::start(&args, Duration::from_secs(120));
     let url = up.until("the dashboard's URL", Duration::from_secs(10), || {
         up.log().lines().find_map(|l| {
             l.strip_prefix("weir up: dashboard on ")
@@ -180,7 +180,7 @@ fn notified(up: &Up, order: &str) -> bool {
 #[test]
 fn the_dashboard_shows_the_shop_live_in_a_browser() {
     let Some(driver) = driver() else { return };
-    let (up, url) = shop_with_dashboard();
+    let (up, url) = shop_with_dashboard(true);
     let b: Session = driver.session();
     let dir = shots();
     let long = Duration::from_secs(60);
@@ -348,23 +348,7 @@ fn first_completed(b: &Session) -> String {
 #[test]
 fn the_read_only_dashboard_refuses_actions_and_shows_no_buttons() {
     let Some(driver) = driver() else { return };
-    let up = Up::start(
-        &[
-            "-f",
-            "examples/shop",
-            "--any-port",
-            "--dashboard",
-            "127.0.0.1:0",
-        ],
-        Duration::from_secs(120),
-    );
-    let url = up.until("the dashboard's URL", Duration::from_secs(10), || {
-        up.log().lines().find_map(|l| {
-            l.strip_prefix("weir up: dashboard on ")
-                .and_then(|r| r.split_whitespace().next())
-                .map(str::to_string)
-        })
-    });
+    let (up, url) = shop_with_dashboard(false);
     assert!(up.log().contains("(read-only)"), "{}", up.log());
     let b = driver.session();
     b.goto(&format!("{url}#/queues/payments-captured"));
@@ -409,7 +393,7 @@ fn signal(pid: i32, sig: i32) {
 #[test]
 fn a_running_saga_instance_is_cancelled_from_its_page_and_compensated() {
     let Some(driver) = driver() else { return };
-    let (up, url) = shop_with_dashboard();
+    let (up, url) = shop_with_dashboard(true);
     let b = driver.session();
     // payments frozen: the charge step times out and retries, the instance stays Running.
     let payments = pid(&up, "payments");
