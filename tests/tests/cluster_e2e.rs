@@ -765,17 +765,30 @@ async fn scale_benchmark() -> Result<()> {
     let mut lines = Vec::new();
     for n in counts {
         let direct = direct_applies(&client, n, concurrency).await?;
-        let (operator, applies) = operator_reconciles(&client, n).await?;
-        let rss = operator_peak_rss_kib();
+        let OperatorRun {
+            took: operator,
+            applies,
+            cpu,
+            peak,
+            anon,
+            file,
+        } = operator_reconciles(&client, n).await?;
+        let mib = |k: Option<u64>| {
+            k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "unknown (operator process not visible from here)".into())
+        };
         let line = format!(
-            "SCALE: {n} Microservices: direct applies {:.1}s ({:.1} applies each), operator {:.1}s ({:.1} applies each), ratio {:.2}; operator peak RSS {}",
+            "SCALE: {n} Microservices: direct applies {:.1}s ({:.1} applies each), operator {:.1}s ({:.1} applies each), ratio {:.2}; operator CPU {}; operator peak RSS {} (when all were current: {} anonymous, {} of files)",
             direct.0.as_secs_f64(),
             direct.1,
             operator.as_secs_f64(),
             applies,
             operator.as_secs_f64() / direct.0.as_secs_f64(),
-            rss.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
-                .unwrap_or_else(|| "unknown (operator process not visible from here)".into())
+            cpu.map(|c| format!("{c:.1}s, {:.1} ms per Microservice", c * 1000.0 / n as f64))
+                .unwrap_or_else(|| "unknown".into()),
+            mib(peak),
+            mib(anon),
+            mib(file),
         );
         eprintln!("{line}");
         lines.push(line);
@@ -968,25 +981,41 @@ async fn direct_applies(client: &Client, n: usize, concurrency: usize) -> Result
     );
     // Gone before the operator's turn: the garbage collector's deletes would share the API
     // server with it.
+    delete_namespace(client, &ns).await?;
+    Ok((took, applies / n as f64))
+}
+
+/// Deletes namespace `ns` and waits until it is gone.
+async fn delete_namespace(client: &Client, ns: &str) -> Result<()> {
     let namespaces = Api::<Namespace>::all(client.clone());
-    namespaces.delete(&ns, &DeleteParams::background()).await?;
+    namespaces.delete(ns, &DeleteParams::background()).await?;
     wait_for(
         &format!("namespace {ns} gone"),
         Duration::from_secs(900),
         || {
             let namespaces = namespaces.clone();
-            let ns = ns.clone();
+            let ns = ns.to_string();
             async move { Ok(namespaces.get_opt(&ns).await?.is_none().then_some(())) }
         },
     )
-    .await?;
-    Ok((took, applies / n as f64))
+    .await
 }
 
 /// The operator back (and leading: a probe Microservice reconciled), then `n` Microservices
 /// created in a fresh namespace: the time from the first create until every status is current,
 /// and the server-side applies per Microservice the API server counted meanwhile.
-async fn operator_reconciles(client: &Client, n: usize) -> Result<(Duration, f64)> {
+/// What the benchmark measured of the operator's run.
+struct OperatorRun {
+    took: Duration,
+    applies: f64,
+    cpu: Option<f64>,
+    /// Peak RSS until every status was current, and then `RssAnon` and `RssFile` (KiB).
+    peak: Option<u64>,
+    anon: Option<u64>,
+    file: Option<u64>,
+}
+
+async fn operator_reconciles(client: &Client, n: usize) -> Result<OperatorRun> {
     scale_operator(client, 1).await?;
     let ns = namespace(client, &format!("weir-scale-{n}")).await?;
     let mss: Api<Microservice> = Api::namespaced(client.clone(), &ns);
@@ -1046,13 +1075,17 @@ async fn operator_reconciles(client: &Client, n: usize) -> Result<(Duration, f64
                     return anyhow::Ok(Instant::now());
                 }
             }
-            bail!("the watch of Microservices ended with {} current", current.len())
+            bail!(
+                "the watch of Microservices ended with {} current",
+                current.len()
+            )
         })
     };
     tokio::time::timeout(Duration::from_secs(60), rx)
         .await
         .context("the watch of Microservices did not start")??;
     let applies_before = apiserver_requests(client, "APPLY").await?;
+    let cpu_before = operator_cpu_seconds();
     let start = Instant::now();
     futures::stream::iter(scale_microservices(n))
         .map(|ms| {
@@ -1074,32 +1107,66 @@ async fn operator_reconciles(client: &Client, n: usize) -> Result<(Duration, f64
     // Writes settle a little after the last status (Events).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let applies = apiserver_requests(client, "APPLY").await? - applies_before;
+    let cpu = cpu_before.zip(operator_cpu_seconds()).map(|(a, b)| b - a);
     eprintln!(
         "  operator: {n} created in {:.1}s, all reconciled after {:.1}s",
         created.as_secs_f64(),
         done.as_secs_f64()
     );
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&ns, &DeleteParams::background())
-        .await;
-    Ok((done, applies / n as f64))
+    let (peak, anon, file) = (
+        operator_peak_rss_kib(),
+        operator_status_kib("RssAnon"),
+        operator_status_kib("RssFile"),
+    );
+    // Gone before the next count's direct writes, as theirs are before the operator's turn.
+    delete_namespace(client, &ns).await?;
+    Ok(OperatorRun {
+        took: done,
+        applies: applies / n as f64,
+        cpu,
+        peak,
+        anon,
+        file,
+    })
 }
 
-/// VmHWM of the `weir operator` process, when it runs on this machine (the local cluster).
+/// The `/proc` directory of the `weir operator` process, when it runs on this machine (the
+/// local cluster).
+fn operator_proc() -> Option<PathBuf> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            (args.len() >= 2 && args[0].ends_with(b"weir") && args[1] == b"operator")
+                .then(|| entry.path())
+        })
+}
+
+/// A field of the operator's `/proc/<pid>/status`, in KiB (`VmHWM`, `RssAnon`, `RssFile`).
+fn operator_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(operator_proc()?.join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// VmHWM of the operator process.
 fn operator_peak_rss_kib() -> Option<u64> {
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_operator = args.len() >= 2 && args[0].ends_with(b"weir") && args[1] == b"operator";
-        if is_operator {
-            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-            return status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
-        }
-    }
-    None
+    operator_status_kib("VmHWM")
+}
+
+/// The CPU time the operator process has used (user and system), in seconds.
+fn operator_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string(operator_proc()?.join("stat")).ok()?;
+    // After the command's name in parentheses: utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // In USER_HZ, which Linux fixes at 100 for /proc on every common architecture.
+    Some(ticks / 100.0)
 }
 
 /// The operator's identity endpoint against the cluster's own TokenReview (the chart installed

@@ -4,7 +4,6 @@
 use super::{Context, autoscaling, conditions, events, status, workload};
 use crate::render::{self, RenderError};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -138,13 +137,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         config_maps,
         service_accounts,
     });
-    // Deployments are watched whole but cached trimmed: a reconcile reads their status from
-    // the cache (applied.rs), and their status updates do not re-apply them.
-    let deployments = watcher(api::<Deployment>(&client, namespace), owned.clone())
-        .default_backoff()
-        .modify(super::applied::trim_deployment)
-        .reflect(deployments_cache)
-        .touched_objects();
+    // Deployments are watched as what a reconcile reads of them (applied::DeploymentState, the
+    // pod template never decoded): a reconcile reads their status from the cache, and their
+    // status updates do not re-apply them.
+    let deployments = watcher(
+        api::<super::applied::DeploymentState>(&client, namespace),
+        owned.clone(),
+    )
+    .default_backoff()
+    .modify(super::applied::DeploymentState::trim)
+    .reflect(deployments_cache)
+    .touched_objects();
     let controller = Controller::for_stream(main, store)
         .owns_stream(deployments)
         .owns_stream(children::<Service>(

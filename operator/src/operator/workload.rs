@@ -3,7 +3,7 @@
 //! coordinator, whose "what should exist" is [`crate::render`].
 
 use super::FIELD_MANAGER;
-use super::applied::Applied;
+use super::applied::{Applied, DeploymentState};
 use crate::render::{self, Rendered};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -11,8 +11,8 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 
 /// Applies `rendered` as workload `name` of `namespace`, ConfigMap and ServiceAccount first (a
-/// new Deployment's pods mount the one and run under the other), and returns the Deployment as
-/// the API server now has it (with its status). A child that `applied` knows to be as this
+/// new Deployment's pods mount the one and run under the other), and returns what a reconcile
+/// reads of the Deployment as the API server now has it (with its status). A child that `applied` knows to be as this
 /// apply would leave it is not applied again ([`super::applied`]).
 pub async fn apply(
     client: &Client,
@@ -20,7 +20,7 @@ pub async fn apply(
     name: &str,
     rendered: &Rendered,
     applied: &Applied,
-) -> Result<Deployment, kube::Error> {
+) -> Result<DeploymentState, kube::Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let cm_name = render::config_map_name(name);
     if !applied.unchanged(namespace, &cm_name, &rendered.config_map) {
@@ -68,6 +68,6 @@ pub async fn apply(
     let answer = Api::<Deployment>::namespaced(client.clone(), namespace)
         .patch(name, &pp, &Patch::Apply(&rendered.deployment))
         .await?;
-    applied.record_deployment(namespace, name, &rendered.deployment, &answer);
-    Ok(answer)
+    applied.record_deployment(namespace, name, &rendered.deployment, &answer.metadata);
+    Ok(answer.into())
 }
