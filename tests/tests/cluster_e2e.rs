@@ -763,7 +763,7 @@ async fn scale_benchmark() -> Result<()> {
         .collect::<Result<_, _>>()?;
     let concurrency: usize = env_or("WEIR_E2E_SCALE_CONCURRENCY", "32").parse()?;
     let mut lines = Vec::new();
-    for n in counts {
+    for (i, &n) in counts.iter().enumerate() {
         let direct = direct_applies(&client, n, concurrency).await?;
         let OperatorRun {
             took: operator,
@@ -772,7 +772,7 @@ async fn scale_benchmark() -> Result<()> {
             peak,
             anon,
             file,
-        } = operator_reconciles(&client, n).await?;
+        } = operator_reconciles(&client, n, i + 1 < counts.len()).await?;
         let mib = |k: Option<u64>| {
             k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
                 .unwrap_or_else(|| "unknown (operator process not visible from here)".into())
@@ -1015,7 +1015,7 @@ struct OperatorRun {
     file: Option<u64>,
 }
 
-async fn operator_reconciles(client: &Client, n: usize) -> Result<OperatorRun> {
+async fn operator_reconciles(client: &Client, n: usize, more: bool) -> Result<OperatorRun> {
     scale_operator(client, 1).await?;
     let ns = namespace(client, &format!("weir-scale-{n}")).await?;
     let mss: Api<Microservice> = Api::namespaced(client.clone(), &ns);
@@ -1119,7 +1119,13 @@ async fn operator_reconciles(client: &Client, n: usize) -> Result<OperatorRun> {
         operator_status_kib("RssFile"),
     );
     // Gone before the next count's direct writes, as theirs are before the operator's turn.
-    delete_namespace(client, &ns).await?;
+    if more {
+        delete_namespace(client, &ns).await?;
+    } else {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&ns, &DeleteParams::background())
+            .await;
+    }
     Ok(OperatorRun {
         took: done,
         applies: applies / n as f64,

@@ -49,13 +49,13 @@ const DEBOUNCE: Duration = Duration::from_millis(500);
 /// Periodic resync even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Metadata-only events of the operator's children of kind `K`, kept in `cache` (the versions
-/// [`super::applied`] compares its last applies with).
+/// Metadata-only events of the operator's children of kind `K`; their versions kept in
+/// `versions` (what [`super::applied`] compares its last applies with).
 fn children<K>(
     client: &kube::Client,
     namespace: Option<&str>,
     config: &watcher::Config,
-    cache: reflector::store::Writer<PartialObjectMeta<K>>,
+    versions: Arc<super::applied::Versions>,
 ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
@@ -66,20 +66,14 @@ where
         + serde::de::DeserializeOwned
         + 'static,
 {
-    watcher(
-        api::<PartialObjectMeta<K>>(client, namespace),
-        config.clone(),
+    futures::TryStreamExt::inspect_ok(
+        watcher(
+            api::<PartialObjectMeta<K>>(client, namespace),
+            config.clone(),
+        )
+        .default_backoff(),
+        move |event| versions.apply(event),
     )
-    .default_backoff()
-    // Only what maps a child to its owner and tells its version is kept (managedFields, labels
-    // and annotations are most of an object's metadata, times every child).
-    .modify(|c: &mut PartialObjectMeta<K>| {
-        let m = &mut c.metadata;
-        m.managed_fields = None;
-        m.annotations = None;
-        m.labels = None;
-    })
-    .reflect(cache)
     .touched_objects()
 }
 
@@ -128,9 +122,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     }
     let gone_mesh = mesh.clone();
     let (deployments, deployments_cache) = reflector::store();
-    let (services, services_cache) = reflector::store();
-    let (config_maps, config_maps_cache) = reflector::store();
-    let (service_accounts, service_accounts_cache) = reflector::store();
+    let services_cache = Arc::new(super::applied::Versions::default());
+    let config_maps_cache = Arc::new(super::applied::Versions::default());
+    let service_accounts_cache = Arc::new(super::applied::Versions::default());
+    let (services, config_maps, service_accounts) = (
+        services_cache.clone(),
+        config_maps_cache.clone(),
+        service_accounts_cache.clone(),
+    );
     ctx.applied.watch(super::applied::Stores {
         deployments,
         services,
