@@ -8,9 +8,9 @@
 //!
 //! - the rendered object is the one last applied (the same hash of its JSON), and
 //! - the child is as that apply left it. For a ConfigMap, a Service or a ServiceAccount: its
-//!   `resourceVersion` in the operator's watch cache is the one the apply answered, so anyone's
-//!   change to it (an edit, a delete) moves the version and the next reconcile applies it
-//!   again. For a Deployment, whose version also moves with every status update of the
+//!   `resourceVersion` as its watch last told ([`Versions`]) is the one the apply answered, so
+//!   anyone's change to it (an edit, a delete) moves the version and the next reconcile applies
+//!   it again. For a Deployment, whose version also moves with every status update of the
 //!   controller manager: its `generation` (which only a change of its spec moves: an edit, a
 //!   scale) is the one the apply answered, and every label, annotation and owner reference the
 //!   rendering sets is still there with its value.
