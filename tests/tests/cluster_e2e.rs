@@ -1001,9 +1001,6 @@ async fn delete_namespace(client: &Client, ns: &str) -> Result<()> {
     .await
 }
 
-/// The operator back (and leading: a probe Microservice reconciled), then `n` Microservices
-/// created in a fresh namespace: the time from the first create until every status is current,
-/// and the server-side applies per Microservice the API server counted meanwhile.
 /// What the benchmark measured of the operator's run.
 struct OperatorRun {
     took: Duration,
@@ -1015,6 +1012,10 @@ struct OperatorRun {
     file: Option<u64>,
 }
 
+/// The operator back (and leading: a probe Microservice reconciled), then `n` Microservices
+/// created in a fresh namespace: the time from the first create until every status is current,
+/// and the server-side applies per Microservice the API server counted meanwhile. With
+/// `more` counts to follow, waits for the namespace's deletion.
 async fn operator_reconciles(client: &Client, n: usize, more: bool) -> Result<OperatorRun> {
     scale_operator(client, 1).await?;
     let ns = namespace(client, &format!("weir-scale-{n}")).await?;

@@ -71,21 +71,22 @@ impl Versions {
                 m.name.clone().unwrap_or_default(),
             )
         }
+        fn version<K: Resource>(o: &K) -> String {
+            o.meta().resource_version.clone().unwrap_or_default()
+        }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             watcher::Event::Apply(o) => {
-                let version = o.meta().resource_version.clone().unwrap_or_default();
-                st.current.insert(key(o), version);
+                st.current.insert(key(o), version(o));
             }
             watcher::Event::Delete(o) => {
                 st.current.remove(&key(o));
             }
             watcher::Event::Init => st.relisting = Some(HashMap::new()),
             watcher::Event::InitApply(o) => {
-                let version = o.meta().resource_version.clone().unwrap_or_default();
                 st.relisting
                     .get_or_insert_with(HashMap::new)
-                    .insert(key(o), version);
+                    .insert(key(o), version(o));
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = st.relisting.take() {
@@ -154,10 +155,11 @@ const DEPLOYMENT: &str = "Deployment";
 
 /// What the Deployment cache keeps of a Deployment: what maps it to its owner, tells whether
 /// it is as the operator applied it, and what a reconcile reads (generation, replicas,
-/// status). Decoded straight from the watch's events, so the pod template and the managed
-/// fields (most of a Deployment) are skipped by the decoder, never allocated; and a
-/// `Deployment` value is 2.4 KB of inline fields before any of its heap, this a few hundred
-/// bytes (with thousands of Microservices this cache was a sixth of the operator's heap).
+/// status). Decoded straight from the watch's events, so the pod template (most of a
+/// Deployment) is skipped by the decoder, never allocated, and the managed fields are dropped
+/// ([`trim_metadata`]); a `Deployment` value is 2.4 KB of inline fields before any of its heap,
+/// this a few hundred bytes (with thousands of Microservices this cache was a sixth of the
+/// operator's heap).
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct DeploymentState {
     #[serde(default)]
@@ -198,15 +200,12 @@ impl Resource for DeploymentState {
     }
 }
 
-impl DeploymentState {
-    /// Drops what the cache does not need of the metadata: the managed fields and `kubectl
-    /// apply`'s copy of the object.
-    pub fn trim(&mut self) {
-        let m = &mut self.metadata;
-        m.managed_fields = None;
-        if let Some(a) = m.annotations.as_mut() {
-            a.remove("kubectl.kubernetes.io/last-applied-configuration");
-        }
+/// Drops what the operator's caches do not read of an object's metadata: its managed fields and
+/// `kubectl apply`'s copy of the whole object (often the larger half of an object).
+pub fn trim_metadata(m: &mut kube::api::ObjectMeta) {
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
@@ -219,7 +218,7 @@ impl From<Deployment> for DeploymentState {
             }),
             status: d.status,
         };
-        state.trim();
+        trim_metadata(&mut state.metadata);
         state
     }
 }

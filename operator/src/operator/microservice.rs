@@ -97,18 +97,13 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         Some(ns) => Api::<weir_crds::Queue>::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    // The cache holds Microservices without their managedFields (often the larger half of an
-    // object), and only spec changes (a new generation) trigger: the operator's own status
+    // The cache holds Microservices without their managedFields or `kubectl apply`'s copy
+    // (applied::trim_metadata), and only spec changes (a new generation) trigger: the operator's own status
     // writes do not come back as work.
     let (store, writer) = reflector::store();
     let main = watcher(mss.clone(), watcher::Config::default())
         .default_backoff()
-        .modify(|ms: &mut Microservice| {
-            ms.managed_fields_mut().clear();
-            // `kubectl apply`'s copy of the whole object: read by nothing here.
-            ms.annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
+        .modify(|ms: &mut Microservice| super::applied::trim_metadata(&mut ms.metadata))
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
@@ -144,7 +139,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         owned.clone(),
     )
     .default_backoff()
-    .modify(super::applied::DeploymentState::trim)
+    .modify(|d: &mut super::applied::DeploymentState| {
+        super::applied::trim_metadata(&mut d.metadata)
+    })
     .reflect(deployments_cache)
     .touched_objects();
     let controller = Controller::for_stream(main, store)

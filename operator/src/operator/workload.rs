@@ -12,8 +12,9 @@ use kube::api::{Api, Patch, PatchParams};
 
 /// Applies `rendered` as workload `name` of `namespace`, ConfigMap and ServiceAccount first (a
 /// new Deployment's pods mount the one and run under the other), and returns what a reconcile
-/// reads of the Deployment as the API server now has it (with its status). A child that `applied` knows to be as this
-/// apply would leave it is not applied again ([`super::applied`]).
+/// reads of the Deployment as the API server now has it (with its status). A child that
+/// `applied` knows to be as this apply would leave it is not applied again
+/// ([`super::applied`]).
 pub async fn apply(
     client: &Client,
     namespace: &str,
