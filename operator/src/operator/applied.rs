@@ -45,8 +45,9 @@ pub struct Stores {
 /// The `resourceVersion` of each child of one kind, as its watch last told: all an apply's skip
 /// needs of a ConfigMap, a Service or a ServiceAccount. A reflector's store of their metadata
 /// held a whole `ObjectMeta` each (owner references, uid, timestamps) behind an `Arc`: about
-/// 0.8 KiB per child where this keeps the name and the version, with thousands of Microservices
-/// and four such children each.
+/// 0.8 KiB per child, with thousands of Microservices and four such children each. This keeps
+/// two hashes per child, 16 bytes: of its namespace and name, and of its version ([`hash_of`]:
+/// the skip only asks whether the version is the one an apply answered).
 #[derive(Default)]
 pub struct Versions {
     state: Mutex<VersionsState>,
@@ -54,25 +55,25 @@ pub struct Versions {
 
 #[derive(Default)]
 struct VersionsState {
-    /// By namespace and name.
-    current: HashMap<(String, String), String>,
+    /// By the hash of namespace and name.
+    current: HashMap<u64, u64>,
     /// A relist in progress: the objects listed so far, in place of `current` when it is done
     /// (as a reflector's store does it).
-    relisting: Option<HashMap<(String, String), String>>,
+    relisting: Option<HashMap<u64, u64>>,
 }
 
 impl Versions {
     /// Takes in one event of the kind's watch.
     pub fn apply<K: Resource>(&self, event: &watcher::Event<K>) {
-        fn key<K: Resource>(o: &K) -> (String, String) {
+        fn key<K: Resource>(o: &K) -> u64 {
             let m = o.meta();
-            (
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
+            hash_of(&(
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+            ))
         }
-        fn version<K: Resource>(o: &K) -> String {
-            o.meta().resource_version.clone().unwrap_or_default()
+        fn version<K: Resource>(o: &K) -> u64 {
+            hash_of(&o.meta().resource_version)
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match event {
@@ -96,31 +97,40 @@ impl Versions {
         }
     }
 
-    /// The version the watch last told of `namespace/name`; `None` when it does not know it.
-    pub fn get(&self, namespace: &str, name: &str) -> Option<String> {
+    /// The hash of the version the watch last told of `namespace/name`; `None` when it does
+    /// not know it.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<u64> {
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .current
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+            .get(&hash_of(&(namespace, name)))
+            .copied()
     }
 }
 
-/// A child: its kind, namespace and name.
-type Key = (&'static str, String, String);
+/// The hash of a child's kind, namespace and name.
+fn key(kind: &str, namespace: &str, name: &str) -> u64 {
+    hash_of(&(kind, namespace, name))
+}
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Last {
+    /// Of the rendered object's JSON.
     hash: u64,
-    /// The `resourceVersion` the apply answered; for a Deployment, its `generation`.
-    version: String,
+    /// Of the `resourceVersion` the apply answered; for a Deployment, its `generation`.
+    version: u64,
 }
 
 /// The last applies, and the caches to compare them with.
+///
+/// Kept by hashes (of the child's kind, namespace and name; of what was applied; of the version
+/// it was answered with): 24 bytes an apply, where the names and versions as strings were about
+/// 150 with their allocations. Two children whose keys collide share an entry, and neither is
+/// skipped unless the other's rendering also hashes the same: a 64-bit coincidence twice over.
 #[derive(Default)]
 pub struct Applied {
-    last: Mutex<HashMap<Key, Last>>,
+    last: Mutex<HashMap<u64, Last>>,
     stores: OnceLock<Stores>,
 }
 
@@ -128,25 +138,25 @@ pub struct Applied {
 pub trait Child: Resource<DynamicType = ()> + Serialize {
     /// The kind, in the key of its last apply.
     const KIND: &'static str;
-    /// Its `resourceVersion` in the watch cache, if the cache holds it.
-    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String>;
+    /// The hash of its `resourceVersion` in the watch cache, if the cache holds it.
+    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<u64>;
 }
 
 impl Child for Service {
     const KIND: &'static str = "Service";
-    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
+    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<u64> {
         stores.services.get(namespace, name)
     }
 }
 impl Child for ConfigMap {
     const KIND: &'static str = "ConfigMap";
-    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
+    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<u64> {
         stores.config_maps.get(namespace, name)
     }
 }
 impl Child for ServiceAccount {
     const KIND: &'static str = "ServiceAccount";
-    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<String> {
+    fn cached_version(stores: &Stores, namespace: &str, name: &str) -> Option<u64> {
         stores.service_accounts.get(namespace, name)
     }
 }
@@ -154,12 +164,12 @@ impl Child for ServiceAccount {
 const DEPLOYMENT: &str = "Deployment";
 
 /// What the Deployment cache keeps of a Deployment: what maps it to its owner, tells whether
-/// it is as the operator applied it, and what a reconcile reads (generation, replicas,
-/// status). Decoded straight from the watch's events, so the pod template (most of a
-/// Deployment) is skipped by the decoder, never allocated, and the managed fields are dropped
-/// ([`trim_metadata`]); a `Deployment` value is 2.4 KB of inline fields before any of its heap,
-/// this a few hundred bytes (with thousands of Microservices this cache was a sixth of the
-/// operator's heap).
+/// it is as the operator applied it, and what a reconcile reads (generation, replicas, the
+/// counts of its status). Decoded straight from the watch's events, so the pod template (most
+/// of a Deployment) and the status conditions are skipped by the decoder, never allocated, and
+/// what the metadata carries besides is dropped ([`trim_deployment_metadata`]); a `Deployment`
+/// value is 2.4 KB of inline fields before any of its heap, this a few hundred bytes (with
+/// thousands of Microservices this cache was a sixth of the operator's heap).
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct DeploymentState {
     #[serde(default)]
@@ -167,7 +177,18 @@ pub struct DeploymentState {
     #[serde(default)]
     pub spec: Option<DeploymentReplicas>,
     #[serde(default)]
-    pub status: Option<k8s_openapi::api::apps::v1::DeploymentStatus>,
+    pub status: Option<DeploymentCounts>,
+}
+
+/// The counts of a Deployment's status a reconcile reads: how far its rollout is, and how many
+/// pods are ready. Its conditions (two, a few hundred bytes with their messages) are not kept.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentCounts {
+    pub observed_generation: Option<i64>,
+    pub replicas: Option<i32>,
+    pub ready_replicas: Option<i32>,
+    pub updated_replicas: Option<i32>,
 }
 
 /// The one field of a Deployment's spec a reconcile reads.
@@ -209,6 +230,18 @@ pub fn trim_metadata(m: &mut kube::api::ObjectMeta) {
     }
 }
 
+/// [`trim_metadata`], and what else the Deployment cache does not read of a Deployment's
+/// metadata: its uid and version (the cache is looked up by name; the skip compares its
+/// generation), and the revision annotation of the Deployment controller.
+pub fn trim_deployment_metadata(m: &mut kube::api::ObjectMeta) {
+    trim_metadata(m);
+    m.uid = None;
+    m.resource_version = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove("deployment.kubernetes.io/revision");
+    }
+}
+
 impl From<Deployment> for DeploymentState {
     fn from(d: Deployment) -> Self {
         let mut state = DeploymentState {
@@ -216,9 +249,14 @@ impl From<Deployment> for DeploymentState {
             spec: d.spec.map(|s| DeploymentReplicas {
                 replicas: s.replicas,
             }),
-            status: d.status,
+            status: d.status.map(|s| DeploymentCounts {
+                observed_generation: s.observed_generation,
+                replicas: s.replicas,
+                ready_replicas: s.ready_replicas,
+                updated_replicas: s.updated_replicas,
+            }),
         };
-        trim_metadata(&mut state.metadata);
+        trim_deployment_metadata(&mut state.metadata);
         state
     }
 }
@@ -246,11 +284,15 @@ fn keeps_metadata(rendered: &kube::api::ObjectMeta, live: &kube::api::ObjectMeta
         && live.deletion_timestamp.is_none()
 }
 
-fn hash_of(object: &impl Serialize) -> u64 {
+/// The hash of a rendered object's JSON.
+fn json_hash(object: &impl Serialize) -> u64 {
+    hash_of(&serde_json::to_vec(object).expect("a rendered object serializes"))
+}
+
+/// A 64-bit hash without a random state: the same for the same value throughout the process.
+fn hash_of(value: &impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
-    serde_json::to_vec(object)
-        .expect("a rendered object serializes")
-        .hash(&mut h);
+    value.hash(&mut h);
     h.finish()
 }
 
@@ -265,18 +307,17 @@ impl Applied {
         let Some(stores) = self.stores.get() else {
             return false;
         };
-        let key = (<K as Child>::KIND, namespace.to_string(), name.to_string());
         let Some(last) = self
             .last
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned()
+            .get(&key(K::KIND, namespace, name))
+            .copied()
         else {
             return false;
         };
-        last.hash == hash_of(object)
-            && K::cached_version(stores, namespace, name).as_deref() == Some(last.version.as_str())
+        last.hash == json_hash(object)
+            && K::cached_version(stores, namespace, name) == Some(last.version)
     }
 
     /// Records an apply of `object` that the API server answered with `resource_version`.
@@ -287,15 +328,15 @@ impl Applied {
         object: &K,
         resource_version: Option<String>,
     ) {
-        let key = (<K as Child>::KIND, namespace.to_string(), name.to_string());
+        let key = key(K::KIND, namespace, name);
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match resource_version {
             Some(rv) => {
                 last.insert(
                     key,
                     Last {
-                        hash: hash_of(object),
-                        version: rv,
+                        hash: json_hash(object),
+                        version: hash_of(&Some(rv)),
                     },
                 );
             }
@@ -313,15 +354,15 @@ impl Applied {
         object: &Deployment,
         answer: &kube::api::ObjectMeta,
     ) {
-        let key = (DEPLOYMENT, namespace.to_string(), name.to_string());
+        let key = key(DEPLOYMENT, namespace, name);
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match answer.generation {
             Some(generation) => {
                 last.insert(
                     key,
                     Last {
-                        hash: hash_of(object),
-                        version: generation.to_string(),
+                        hash: json_hash(object),
+                        version: generation as u64,
                     },
                 );
             }
@@ -344,24 +385,31 @@ impl Applied {
             .last
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(DEPLOYMENT, namespace.to_string(), name.to_string()))
-            .cloned()?;
-        if last.hash != hash_of(object) {
+            .get(&key(DEPLOYMENT, namespace, name))
+            .copied()?;
+        if last.hash != json_hash(object) {
             return None;
         }
         let live = stores
             .deployments
             .get(&ObjectRef::<DeploymentState>::new(name).within(namespace))?;
-        let same_spec = live.metadata.generation.map(|g| g.to_string()) == Some(last.version);
+        let same_spec = live.metadata.generation.map(|g| g as u64) == Some(last.version);
         (same_spec && keeps_metadata(&object.metadata, &live.metadata)).then_some(live)
     }
 
-    /// Forgets every child of `namespace` named `name…` (an owner deleted).
+    /// Forgets the children of `namespace` named `names`, of every kind (an owner deleted).
     pub fn forget(&self, namespace: &str, names: &[String]) {
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(_, ns, n), _| !(ns == namespace && names.contains(n)));
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        for kind in [
+            DEPLOYMENT,
+            Service::KIND,
+            ConfigMap::KIND,
+            ServiceAccount::KIND,
+        ] {
+            for name in names {
+                last.remove(&key(kind, namespace, name));
+            }
+        }
     }
 }
 
@@ -445,6 +493,11 @@ mod tests {
         assert!(!applied.unchanged("shop", "orders-weir-proxy", &cm));
     }
 
+    /// A version as [`Versions::get`] tells it.
+    fn version(rv: &str) -> Option<u64> {
+        Some(hash_of(&Some(rv.to_string())))
+    }
+
     #[test]
     fn versions_follow_the_watch_and_a_relist_replaces_them_whole() {
         let v = Versions::default();
@@ -455,11 +508,11 @@ mod tests {
         assert_eq!(v.get("shop", "a"), None);
         v.apply(&watcher::Event::InitApply(ev("b", "2")));
         v.apply(&watcher::Event::<PartialObjectMeta<ConfigMap>>::InitDone);
-        assert_eq!(v.get("shop", "a").as_deref(), Some("1"));
-        assert_eq!(v.get("shop", "b").as_deref(), Some("2"));
+        assert_eq!(v.get("shop", "a"), version("1"));
+        assert_eq!(v.get("shop", "b"), version("2"));
         assert_eq!(v.get("other", "a"), None, "by namespace too");
         v.apply(&watcher::Event::Apply(ev("a", "3")));
-        assert_eq!(v.get("shop", "a").as_deref(), Some("3"));
+        assert_eq!(v.get("shop", "a"), version("3"));
         v.apply(&watcher::Event::Delete(ev("b", "4")));
         assert_eq!(v.get("shop", "b"), None);
         // A relist (the watch was down): the old versions stand until it is done, then only
@@ -467,10 +520,10 @@ mod tests {
         v.apply(&watcher::Event::Apply(ev("b", "5")));
         v.apply(&watcher::Event::<PartialObjectMeta<ConfigMap>>::Init);
         v.apply(&watcher::Event::InitApply(ev("b", "6")));
-        assert_eq!(v.get("shop", "a").as_deref(), Some("3"));
+        assert_eq!(v.get("shop", "a"), version("3"));
         v.apply(&watcher::Event::<PartialObjectMeta<ConfigMap>>::InitDone);
         assert_eq!(v.get("shop", "a"), None);
-        assert_eq!(v.get("shop", "b").as_deref(), Some("6"));
+        assert_eq!(v.get("shop", "b"), version("6"));
     }
 
     fn deployment(image: &str) -> Deployment {
@@ -521,14 +574,42 @@ mod tests {
             .insert("deployment.kubernetes.io/revision".into(), "1".into());
         d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
             ready_replicas: Some(ready),
+            updated_replicas: Some(2),
+            replicas: Some(2),
             observed_generation: Some(generation),
+            conditions: Some(vec![k8s_openapi::api::apps::v1::DeploymentCondition {
+                type_: "Available".into(),
+                status: "True".into(),
+                message: Some("Deployment has minimum availability.".into()),
+                ..Default::default()
+            }]),
             ..Default::default()
         });
         edit(&mut d);
         // As the watch decodes it.
-        let state: DeploymentState =
+        let mut state: DeploymentState =
             serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
+        trim_deployment_metadata(&mut state.metadata);
         assert_eq!(state.spec.as_ref().unwrap().replicas, Some(2));
+        assert_eq!(
+            state.status,
+            Some(DeploymentCounts {
+                observed_generation: Some(generation),
+                replicas: Some(2),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(2),
+            })
+        );
+        let annotations = state.metadata.annotations.as_ref().unwrap();
+        assert!(!annotations.contains_key("deployment.kubernetes.io/revision"));
+        assert_eq!(
+            annotations["weir.dev/config-hash"],
+            d.metadata.annotations.as_ref().unwrap()["weir.dev/config-hash"]
+        );
+        // The same as what an apply's answer becomes.
+        let answered = DeploymentState::from(d);
+        assert_eq!(answered.status, state.status);
+        assert_eq!(answered.metadata, state.metadata);
         state
     }
 

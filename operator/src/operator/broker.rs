@@ -404,16 +404,17 @@ async fn publish_on_change(
     cond: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
 ) {
     // The cached Broker may not carry the status this process last wrote yet.
-    let latest = ctx.last_written.latest(
+    let unchanged = ctx.last_written.has(
         &super::backoff::key_of(b),
         b.metadata.uid.as_deref(),
         &current.conditions,
+        (
+            &cond.type_,
+            &cond.status,
+            &cond.reason,
+            cond.observed_generation,
+        ),
     );
-    let unchanged = conditions::find(&latest, &cond.type_).is_some_and(|old| {
-        old.status == cond.status
-            && old.reason == cond.reason
-            && old.observed_generation == cond.observed_generation
-    });
     if unchanged {
         return;
     }

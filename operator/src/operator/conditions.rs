@@ -4,6 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 
 pub fn new(
@@ -60,32 +61,139 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 /// status write (a child's watch event, caused by the reconcile's own apply, often arrives
 /// before the status write's): judged by that stale status alone, one cause would be recorded
 /// twice.
+///
+/// Only what that judgement compares is kept: a fingerprint of each condition's type, status,
+/// reason and observed generation, under a hash of the key and of the uid. A copy of the
+/// conditions (their messages, times) was about 0.7 KiB per object, with thousands of
+/// Microservices. A collision of two 64-bit hashes could at worst skip or repeat one Event.
 #[derive(Default)]
-pub struct LastWritten(Mutex<HashMap<String, Written>>);
+pub struct LastWritten(Mutex<HashMap<u64, Written>>);
 
-/// The uid of the object written and its conditions.
-type Written = (Option<String>, Vec<Condition>);
+/// The uid's hash and the conditions' fingerprints.
+type Written = (u64, Vec<u64>);
+
+fn hash_of(value: impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// What [`LastWritten`] keeps of a condition.
+fn fingerprint(type_: &str, status: &str, reason: &str, generation: Option<i64>) -> u64 {
+    hash_of((type_, status, reason, generation))
+}
 
 impl LastWritten {
     /// Remembers `conditions` as the object's latest.
     pub fn record(&self, key: &str, uid: Option<&str>, conditions: &[Condition]) {
-        self.0.lock().expect("conditions lock").insert(
-            key.to_string(),
-            (uid.map(str::to_string), conditions.to_vec()),
-        );
+        let prints = conditions
+            .iter()
+            .map(|c| fingerprint(&c.type_, &c.status, &c.reason, c.observed_generation))
+            .collect();
+        self.0
+            .lock()
+            .expect("conditions lock")
+            .insert(hash_of(key), (hash_of(uid), prints));
     }
 
-    /// The object's latest conditions: the ones recorded for this uid, else `status` (after a
+    /// Whether the object's latest conditions have condition `type_` at `status` for `reason`
+    /// and `generation`: the ones recorded for this uid, else `status_conditions` (after a
     /// restart, or for an object recreated under the same name).
-    pub fn latest(&self, key: &str, uid: Option<&str>, status: &[Condition]) -> Vec<Condition> {
-        match self.0.lock().expect("conditions lock").get(key) {
-            Some((u, c)) if u.as_deref() == uid => c.clone(),
-            _ => status.to_vec(),
+    pub fn has(
+        &self,
+        key: &str,
+        uid: Option<&str>,
+        status_conditions: &[Condition],
+        (type_, status, reason, generation): (&str, &str, &str, Option<i64>),
+    ) -> bool {
+        match self.0.lock().expect("conditions lock").get(&hash_of(key)) {
+            Some((u, prints)) if *u == hash_of(uid) => {
+                prints.contains(&fingerprint(type_, status, reason, generation))
+            }
+            _ => find(status_conditions, type_).is_some_and(|c| {
+                c.status == status && c.reason == reason && c.observed_generation == generation
+            }),
         }
     }
 
     /// Drops a deleted object's entry.
     pub fn forget(&self, key: &str) {
-        self.0.lock().expect("conditions lock").remove(key);
+        self.0
+            .lock()
+            .expect("conditions lock")
+            .remove(&hash_of(key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_written_conditions_are_judged_by_uid_then_by_status() {
+        let written = LastWritten::default();
+        let degraded =
+            |reason: &str, generation| new("Degraded", true, reason, "a message", Some(generation));
+        let key = "Microservice/shop/orders";
+        let status = vec![degraded("InvalidSpec", 1)];
+        // Nothing recorded: the object's status answers.
+        assert!(written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Degraded", "True", "InvalidSpec", Some(1))
+        ));
+        assert!(!written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Degraded", "False", "InvalidSpec", Some(1))
+        ));
+        assert!(!written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Degraded", "True", "InvalidSpec", Some(2))
+        ));
+        // Recorded for this uid: the record answers, whatever the (older) status says.
+        written.record(key, Some("u1"), &[degraded("DependencyNotFound", 2)]);
+        assert!(written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Degraded", "True", "DependencyNotFound", Some(2))
+        ));
+        assert!(!written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Degraded", "True", "InvalidSpec", Some(1))
+        ));
+        assert!(!written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Ready", "True", "DependencyNotFound", Some(2))
+        ));
+        // Another object under the same name: its own status answers.
+        assert!(written.has(
+            key,
+            Some("u2"),
+            &status,
+            ("Degraded", "True", "InvalidSpec", Some(1))
+        ));
+        assert!(!written.has(
+            "Microservice/shop/users",
+            Some("u1"),
+            &[],
+            ("Degraded", "True", "DependencyNotFound", Some(2))
+        ));
+        written.forget(key);
+        assert!(!written.has(
+            key,
+            Some("u1"),
+            &status,
+            ("Degraded", "True", "DependencyNotFound", Some(2))
+        ));
     }
 }

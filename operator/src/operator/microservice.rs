@@ -140,7 +140,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     )
     .default_backoff()
     .modify(|d: &mut super::applied::DeploymentState| {
-        super::applied::trim_metadata(&mut d.metadata)
+        super::applied::trim_deployment_metadata(&mut d.metadata)
     })
     .reflect(deployments_cache)
     .touched_objects();
@@ -689,14 +689,14 @@ async fn publish_on_change(
     type_: EventType,
     note: &str,
 ) {
-    // The cached object may not carry the status this process last wrote yet.
-    let latest = ctx.last_written.latest(
+    // The cached object may not carry the status this process last wrote yet. Every condition
+    // published on is `condition=True`.
+    let already = ctx.last_written.has(
         &super::backoff::key_of(ms),
         ms.metadata.uid.as_deref(),
         &current.conditions,
+        (condition, "True", reason, ms.metadata.generation),
     );
-    let already = conditions::find(&latest, condition)
-        .is_some_and(|c| c.reason == reason && c.observed_generation == ms.metadata.generation);
     if already {
         return;
     }
