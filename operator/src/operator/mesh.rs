@@ -16,7 +16,7 @@
 //!   roll its targets' pods.
 
 use super::FIELD_MANAGER;
-use crate::render::mesh::{BUNDLE_CONFIG_MAP, BUNDLE_KEY, callers};
+use crate::render::mesh::{BUNDLE_CONFIG_MAP, BUNDLE_KEY, callers, depends_on, saga_calls};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -112,14 +112,21 @@ impl PodMesh {
 
     /// The callers the graph admits to `ns/name` now.
     pub fn callers(&self, ns: &str, name: &str) -> Vec<String> {
+        // Once per reconcile over the whole cache: looked at in place under the stores' locks,
+        // only the callers taken out. (Thousands of names copied per reconcile, then a snapshot
+        // of every cached object, an `Arc` cloned and dropped for each, made the operator's work
+        // grow with the square of the count.)
+        let in_ns = |m: &kube::api::ObjectMeta| m.namespace.as_deref() == Some(ns);
         let mss = self
             .microservices
             .get()
-            .map(|s| s.state())
+            .map(|s| s.state_filter(|m| in_ns(&m.metadata) && depends_on(&m.spec, name)))
             .unwrap_or_default();
-        let sagas = self.sagas.get().map(|s| s.state()).unwrap_or_default();
-        // Once per reconcile over the whole cache: borrowed, not copied (thousands of names
-        // allocated per reconcile made the operator's work grow with the square of the count).
+        let sagas = self
+            .sagas
+            .get()
+            .map(|s| s.state_filter(|o| in_ns(&o.metadata) && saga_calls(&o.spec, name)))
+            .unwrap_or_default();
         fn meta(m: &kube::api::ObjectMeta) -> (&str, &str) {
             (
                 m.namespace.as_deref().unwrap_or_default(),
@@ -145,19 +152,27 @@ impl PodMesh {
     pub fn rendered(&self, ns: &str, ms: &Microservice, admitted: Vec<String>) {
         let name = ms.name_any();
         let key = format!("{ns}/{name}");
-        self.admitted.lock().unwrap().insert(key.clone(), admitted);
+        // Most Microservices of a large namespace admit no caller or call no other: no entry is
+        // kept for them (an empty one is a key and a map slot each, thousands of times).
+        let mut all_admitted = self.admitted.lock().unwrap();
+        match admitted.is_empty() {
+            true => all_admitted.remove(&key),
+            false => all_admitted.insert(key.clone(), admitted),
+        };
+        drop(all_admitted);
         let now: BTreeSet<String> = ms
             .spec
             .dependencies
             .iter()
             .filter_map(|d| d.microservice.clone())
             .collect();
-        let before = self
-            .targets
-            .lock()
-            .unwrap()
-            .insert(key, now.clone())
-            .unwrap_or_default();
+        let mut targets = self.targets.lock().unwrap();
+        let before = match now.is_empty() {
+            true => targets.remove(&key),
+            false => targets.insert(key, now.clone()),
+        }
+        .unwrap_or_default();
+        drop(targets);
         for target in now.symmetric_difference(&before) {
             let _ = self.trigger.send(ObjectRef::new(target).within(ns));
         }

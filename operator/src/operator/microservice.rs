@@ -184,7 +184,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             move |target: PartialObjectMeta<Microservice>| {
                 let ns = target.namespace();
                 let name = target.name_any();
-                let mut out = dependents(&dependents_store.state(), ns.as_deref(), &name);
+                let mut out = dependents(&dependents_store, ns.as_deref(), &name);
                 // Under the mesh, one that is gone is no longer admitted by its targets.
                 let gone = || {
                     let key = ObjectRef::<Microservice>::new(&name);
@@ -239,22 +239,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .await;
 }
 
-/// Microservices of `namespace` that call Microservice `name`.
+/// Microservices of `namespace` (in `store`) that call Microservice `name`.
 pub fn dependents(
-    all: &[Arc<Microservice>],
+    store: &reflector::Store<Microservice>,
     namespace: Option<&str>,
     name: &str,
 ) -> Vec<ObjectRef<Microservice>> {
     // Every event of every Microservice (each status write) comes here, with thousands in the
-    // cache: compared in place, nothing allocated for those that do not match.
-    all.iter()
-        .filter(|m| m.metadata.namespace.as_deref() == namespace)
-        .filter(|m| {
-            m.spec
-                .dependencies
-                .iter()
-                .any(|d| d.microservice.as_deref() == Some(name))
+    // cache: looked at in place under the store's lock, only the callers taken out. (A
+    // snapshot of the store clones and drops an `Arc` per cached object, each in a cache line
+    // of its own.)
+    store
+        .state_filter(|m| {
+            m.metadata.namespace.as_deref() == namespace && render::mesh::depends_on(&m.spec, name)
         })
+        .iter()
         .map(|m| ObjectRef::from_obj(&**m))
         .collect()
 }

@@ -79,16 +79,17 @@ pub fn queues_on(store: &Store<Queue>, b: &Broker) -> Vec<ObjectRef<Queue>> {
 
 /// The Microservices (in `store`) that publish to or consume Queue `q`.
 pub fn microservices_using(store: &Store<Microservice>, q: &Queue) -> Vec<ObjectRef<Microservice>> {
-    let (ns, name) = (q.namespace(), q.name_any());
+    let (ns, name) = (q.metadata.namespace.as_deref(), q.name_any());
+    // Every event of a Queue (each status write) comes here: the Microservices looked at in
+    // place, only those using it taken out.
     store
-        .state()
-        .into_iter()
-        .filter(|ms| {
-            ms.namespace() == ns
+        .state_filter(|ms| {
+            ms.metadata.namespace.as_deref() == ns
                 && (ms.spec.publishes.iter().any(|p| p.queue == name)
                     || ms.spec.consumes.iter().any(|c| c.queue == name))
         })
-        .map(|ms| ObjectRef::from_obj(&*ms))
+        .iter()
+        .map(|ms| ObjectRef::from_obj(&**ms))
         .collect()
 }
 

@@ -610,17 +610,21 @@ fn a_microservice_change_wakes_its_callers_only() {
             .unwrap(),
         )
     };
-    let all = vec![
+    let (store, mut writer) = kube::runtime::reflector::store();
+    for ms in [
         mk("orders", "shop", &["users"]),
         mk("gateway", "shop", &["orders", "users"]),
         mk("orders", "other", &["users"]),
         mk("users", "shop", &[]),
-    ];
-    let woken: Vec<String> = super::microservice::dependents(&all, Some("shop"), "users")
+    ] {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply((*ms).clone()));
+    }
+    let mut woken: Vec<String> = super::microservice::dependents(&store, Some("shop"), "users")
         .into_iter()
         .map(|r| r.name)
         .collect();
-    assert_eq!(woken, ["orders", "gateway"]);
+    woken.sort();
+    assert_eq!(woken, ["gateway", "orders"]);
 }
 
 fn gateway_spec() -> Value {

@@ -40,31 +40,36 @@ pub fn callers<'a>(
 ) -> Vec<String> {
     let mut out = BTreeSet::new();
     for (ns, caller, spec) in microservices {
-        if ns == namespace
-            && spec
-                .dependencies
-                .iter()
-                .any(|d| d.microservice.as_deref() == Some(name))
-        {
+        if ns == namespace && depends_on(spec, name) {
             out.insert(format!("{ns}/{caller}"));
         }
     }
     for (ns, saga, spec) in sagas {
-        let calls = |a: &weir_crds::saga::SagaAction| {
-            a.http
-                .as_ref()
-                .is_some_and(|h| h.microservice.as_deref() == Some(name))
-        };
-        if ns == namespace
-            && spec
-                .steps
-                .iter()
-                .any(|s| calls(&s.action) || s.compensation.as_ref().is_some_and(calls))
-        {
+        if ns == namespace && saga_calls(spec, name) {
             out.insert(format!("{ns}/saga/{saga}"));
         }
     }
     out.into_iter().collect()
+}
+
+/// Whether a Microservice of `spec` has a dependency on Microservice `name` of its namespace.
+pub fn depends_on(spec: &MicroserviceSpec, name: &str) -> bool {
+    spec.dependencies
+        .iter()
+        .any(|d| d.microservice.as_deref() == Some(name))
+}
+
+/// Whether a Saga of `spec` has a step (action or compensation) calling Microservice `name` of
+/// its namespace over HTTP.
+pub fn saga_calls(spec: &SagaSpec, name: &str) -> bool {
+    let calls = |a: &weir_crds::saga::SagaAction| {
+        a.http
+            .as_ref()
+            .is_some_and(|h| h.microservice.as_deref() == Some(name))
+    };
+    spec.steps
+        .iter()
+        .any(|s| calls(&s.action) || s.compensation.as_ref().is_some_and(calls))
 }
 
 /// The callers of `ms` among `all` (Microservices) and `sagas`, by their metadata.
