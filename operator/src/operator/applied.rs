@@ -397,6 +397,11 @@ impl Applied {
         (same_spec && keeps_metadata(&object.metadata, &live.metadata)).then_some(live)
     }
 
+    /// How many applies are remembered.
+    pub fn remembered(&self) -> usize {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Forgets the children of `namespace` named `names`, of every kind (an owner deleted).
     pub fn forget(&self, namespace: &str, names: &[String]) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());

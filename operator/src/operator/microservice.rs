@@ -101,12 +101,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     // (applied::trim_metadata), and only spec changes (a new generation) trigger: the operator's own status
     // writes do not come back as work.
     let (store, writer) = reflector::store();
-    let main = watcher(mss.clone(), watcher::Config::default())
-        .default_backoff()
-        .modify(|ms: &mut Microservice| super::applied::trim_metadata(&mut ms.metadata))
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    let gone_ctx = ctx.clone();
+    let main = futures::TryStreamExt::inspect_ok(
+        watcher(mss.clone(), watcher::Config::default())
+            .default_backoff()
+            .modify(|ms: &mut Microservice| super::applied::trim_metadata(&mut ms.metadata)),
+        move |event| {
+            if let watcher::Event::Delete(ms) = event {
+                forget(&gone_ctx, ms);
+            }
+        },
+    )
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
     // Services, ConfigMaps and ServiceAccounts are watched by metadata only: enough to map an
     // event to its owner and to tell its version.
     let dependents_store = store.clone();
@@ -239,6 +247,32 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .await;
 }
 
+/// Drops what the operator keeps of a Microservice that is going or gone: the conditions it last
+/// wrote, the last applies of its children, its place in the mesh's graph. Called when a
+/// reconcile finds it being deleted, and on its watch's delete event (a Microservice without
+/// finalizers is gone before any reconcile sees it).
+pub(crate) fn forget(ctx: &Context, ms: &Microservice) {
+    let (Some(ns), Some(name)) = (
+        ms.metadata.namespace.as_deref(),
+        ms.metadata.name.as_deref(),
+    ) else {
+        return;
+    };
+    ctx.last_written.forget(&super::backoff::key_of(ms));
+    ctx.applied.forget(
+        ns,
+        &[
+            name.to_string(),
+            render::config_map_name(name),
+            weir_crds::microservice::endpoints_service_name(name),
+            crate::render::mesh::service_account_name(name),
+        ],
+    );
+    if let Some(m) = &ctx.mesh {
+        m.forget(ns, name);
+    }
+}
+
 /// Microservices of `namespace` (in `store`) that call Microservice `name`.
 pub fn dependents(
     store: &reflector::Store<Microservice>,
@@ -295,19 +329,7 @@ async fn reconcile_inner(ms: &Microservice, ctx: &Context) -> Result<Action, Err
     let generation = ms.metadata.generation;
     if ms.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
-        ctx.last_written.forget(&super::backoff::key_of(ms));
-        ctx.applied.forget(
-            &ns,
-            &[
-                name.clone(),
-                render::config_map_name(&name),
-                weir_crds::microservice::endpoints_service_name(&name),
-                crate::render::mesh::service_account_name(&name),
-            ],
-        );
-        if let Some(m) = &ctx.mesh {
-            m.forget(&ns, &name);
-        }
+        forget(ctx, ms);
         return Ok(Action::await_change());
     }
     let current = ms.status.clone().unwrap_or_default();

@@ -627,6 +627,31 @@ fn a_microservice_change_wakes_its_callers_only() {
     assert_eq!(woken, ["gateway", "orders"]);
 }
 
+#[tokio::test]
+async fn a_deleted_microservice_leaves_nothing_behind() {
+    let (ctx, _handle) = context();
+    let ms = microservice(json!({"image": "x:1"}), None);
+    let key = super::backoff::key_of(&ms);
+    let degraded = super::conditions::new("Degraded", true, "InvalidSpec", "bad", Some(2));
+    ctx.last_written
+        .record(&key, Some("uid-orders"), std::slice::from_ref(&degraded));
+    let cm = k8s_openapi::api::core::v1::ConfigMap::default();
+    let svc = k8s_openapi::api::core::v1::Service::default();
+    ctx.applied
+        .record("demo", "orders-weir-proxy", &cm, Some("1".into()));
+    ctx.applied.record("demo", "orders", &svc, Some("2".into()));
+    // Another Microservice's, and one of another namespace: kept.
+    ctx.applied.record("demo", "users", &svc, Some("3".into()));
+    ctx.applied
+        .record("other", "orders", &svc, Some("4".into()));
+    let seen = ("Degraded", "True", "InvalidSpec", Some(2));
+    assert!(ctx.last_written.has(&key, Some("uid-orders"), &[], seen));
+    assert_eq!(ctx.applied.remembered(), 4);
+    super::microservice::forget(&ctx, &ms);
+    assert!(!ctx.last_written.has(&key, Some("uid-orders"), &[], seen));
+    assert_eq!(ctx.applied.remembered(), 2);
+}
+
 fn gateway_spec() -> Value {
     json!({
         "dependencies": [{"name": "users", "microservice": "users"}],
