@@ -46,8 +46,8 @@ pub struct Stores {
 /// needs of a ConfigMap, a Service or a ServiceAccount. A reflector's store of their metadata
 /// held a whole `ObjectMeta` each (owner references, uid, timestamps) behind an `Arc`: about
 /// 0.8 KiB per child, with thousands of Microservices and four such children each. This keeps
-/// two hashes per child, 16 bytes: of its namespace and name, and of its version ([`hash_of`]:
-/// the skip only asks whether the version is the one an apply answered).
+/// two 64-bit hashes per child: of its namespace and name, and of its version (the skip only
+/// asks whether the version is the one an apply answered).
 #[derive(Default)]
 pub struct Versions {
     state: Mutex<VersionsState>,
