@@ -67,10 +67,10 @@ impl Versions {
     pub fn apply<K: Resource>(&self, event: &watcher::Event<K>) {
         fn key<K: Resource>(o: &K) -> u64 {
             let m = o.meta();
-            hash_of(&(
+            object_key(
                 m.namespace.as_deref().unwrap_or_default(),
                 m.name.as_deref().unwrap_or_default(),
-            ))
+            )
         }
         fn version<K: Resource>(o: &K) -> u64 {
             hash_of(&o.meta().resource_version)
@@ -104,9 +104,14 @@ impl Versions {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .current
-            .get(&hash_of(&(namespace, name)))
+            .get(&object_key(namespace, name))
             .copied()
     }
+}
+
+/// The hash of an object's namespace and name, its key in [`Versions`].
+fn object_key(namespace: &str, name: &str) -> u64 {
+    hash_of(&(namespace, name))
 }
 
 /// The hash of a child's kind, namespace and name.
@@ -290,7 +295,9 @@ fn json_hash(object: &impl Serialize) -> u64 {
 }
 
 /// A 64-bit hash without a random state: the same for the same value throughout the process.
-fn hash_of(value: &impl Hash) -> u64 {
+/// What the operator keeps per object at scale is kept as such hashes ([`Applied`],
+/// [`Versions`], [`super::conditions::LastWritten`]).
+pub(super) fn hash_of(value: &impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
     value.hash(&mut h);
     h.finish()

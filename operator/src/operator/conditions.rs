@@ -1,10 +1,10 @@
 //! Status conditions: built fresh on each reconcile, merged so that `lastTransitionTime` only
 //! moves when a condition's status does (otherwise every reconcile would rewrite the status).
 
+use super::applied::hash_of;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 
 pub fn new(
@@ -72,15 +72,9 @@ pub struct LastWritten(Mutex<HashMap<u64, Written>>);
 /// The uid's hash and the conditions' fingerprints.
 type Written = (u64, Vec<u64>);
 
-fn hash_of(value: impl Hash) -> u64 {
-    let mut h = DefaultHasher::new();
-    value.hash(&mut h);
-    h.finish()
-}
-
 /// What [`LastWritten`] keeps of a condition.
 fn fingerprint(type_: &str, status: &str, reason: &str, generation: Option<i64>) -> u64 {
-    hash_of((type_, status, reason, generation))
+    hash_of(&(type_, status, reason, generation))
 }
 
 impl LastWritten {
@@ -93,7 +87,7 @@ impl LastWritten {
         self.0
             .lock()
             .expect("conditions lock")
-            .insert(hash_of(key), (hash_of(uid), prints));
+            .insert(hash_of(&key), (hash_of(&uid), prints));
     }
 
     /// Whether the object's latest conditions have condition `type_` at `status` for `reason`
@@ -106,8 +100,8 @@ impl LastWritten {
         status_conditions: &[Condition],
         (type_, status, reason, generation): (&str, &str, &str, Option<i64>),
     ) -> bool {
-        match self.0.lock().expect("conditions lock").get(&hash_of(key)) {
-            Some((u, prints)) if *u == hash_of(uid) => {
+        match self.0.lock().expect("conditions lock").get(&hash_of(&key)) {
+            Some((u, prints)) if *u == hash_of(&uid) => {
                 prints.contains(&fingerprint(type_, status, reason, generation))
             }
             _ => find(status_conditions, type_).is_some_and(|c| {
@@ -121,7 +115,7 @@ impl LastWritten {
         self.0
             .lock()
             .expect("conditions lock")
-            .remove(&hash_of(key));
+            .remove(&hash_of(&key));
     }
 }
 
@@ -136,52 +130,22 @@ mod tests {
             |reason: &str, generation| new("Degraded", true, reason, "a message", Some(generation));
         let key = "Microservice/shop/orders";
         let status = vec![degraded("InvalidSpec", 1)];
+        // What `orders`' reconcile asks, with the object's `uid`, for a condition.
+        let has = |uid, condition| written.has(key, Some(uid), &status, condition);
         // Nothing recorded: the object's status answers.
-        assert!(written.has(
-            key,
-            Some("u1"),
-            &status,
-            ("Degraded", "True", "InvalidSpec", Some(1))
-        ));
-        assert!(!written.has(
-            key,
-            Some("u1"),
-            &status,
-            ("Degraded", "False", "InvalidSpec", Some(1))
-        ));
-        assert!(!written.has(
-            key,
-            Some("u1"),
-            &status,
-            ("Degraded", "True", "InvalidSpec", Some(2))
-        ));
+        assert!(has("u1", ("Degraded", "True", "InvalidSpec", Some(1))));
+        assert!(!has("u1", ("Degraded", "False", "InvalidSpec", Some(1))));
+        assert!(!has("u1", ("Degraded", "True", "InvalidSpec", Some(2))));
         // Recorded for this uid: the record answers, whatever the (older) status says.
         written.record(key, Some("u1"), &[degraded("DependencyNotFound", 2)]);
-        assert!(written.has(
-            key,
-            Some("u1"),
-            &status,
+        assert!(has(
+            "u1",
             ("Degraded", "True", "DependencyNotFound", Some(2))
         ));
-        assert!(!written.has(
-            key,
-            Some("u1"),
-            &status,
-            ("Degraded", "True", "InvalidSpec", Some(1))
-        ));
-        assert!(!written.has(
-            key,
-            Some("u1"),
-            &status,
-            ("Ready", "True", "DependencyNotFound", Some(2))
-        ));
+        assert!(!has("u1", ("Degraded", "True", "InvalidSpec", Some(1))));
+        assert!(!has("u1", ("Ready", "True", "DependencyNotFound", Some(2))));
         // Another object under the same name: its own status answers.
-        assert!(written.has(
-            key,
-            Some("u2"),
-            &status,
-            ("Degraded", "True", "InvalidSpec", Some(1))
-        ));
+        assert!(has("u2", ("Degraded", "True", "InvalidSpec", Some(1))));
         assert!(!written.has(
             "Microservice/shop/users",
             Some("u1"),
@@ -189,10 +153,8 @@ mod tests {
             ("Degraded", "True", "DependencyNotFound", Some(2))
         ));
         written.forget(key);
-        assert!(!written.has(
-            key,
-            Some("u1"),
-            &status,
+        assert!(!has(
+            "u1",
             ("Degraded", "True", "DependencyNotFound", Some(2))
         ));
     }

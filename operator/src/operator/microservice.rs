@@ -98,8 +98,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         None => Api::all(client.clone()),
     };
     // The cache holds Microservices without their managedFields or `kubectl apply`'s copy
-    // (applied::trim_metadata), and only spec changes (a new generation) trigger: the operator's own status
-    // writes do not come back as work.
+    // (applied::trim_metadata), and only spec changes (a new generation) trigger: the
+    // operator's own status writes do not come back as work. A delete event drops what the
+    // operator kept of the object (`forget`).
     let (store, writer) = reflector::store();
     let gone_ctx = ctx.clone();
     let main = futures::TryStreamExt::inspect_ok(
