@@ -1,5 +1,6 @@
 //! `weir-proxy`: the Weir sidecar. See `sidecar/README.md`.
 
+pub mod allocator;
 pub mod balance;
 pub mod body;
 pub mod bridge;

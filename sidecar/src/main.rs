@@ -2,11 +2,10 @@ use std::process::ExitCode;
 
 /// mimalloc rather than glibc's malloc: a proxied request makes a few dozen small allocations
 /// (request and response heads, futures, header maps), which glibc served with about a fifth of
-/// the proxy's instructions (callgrind, `sidecar/benches/profile.sh`). Built without transparent
-/// huge pages (`no_thp`): with them, mimalloc's arenas put 2 MiB pages under a few live objects
-/// and the idle proxy's anonymous memory went from 2.2 to 9.8 MiB.
+/// the proxy's instructions (callgrind, `sidecar/benches/profile.sh`). How it is called: see
+/// [`weir_proxy::allocator`].
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: weir_proxy::allocator::Allocator = weir_proxy::allocator::Allocator;
 use weir_proxy::config::{self, CliAction};
 use weir_proxy::listen::{Options, Proxy};
 
