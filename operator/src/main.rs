@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use weir::manifest::{self, Schemas};
 use weir::render::RenderOptions;
 
-/// mimalloc rather than glibc's malloc, as weir-proxy (and built the same way, without
-/// transparent huge pages): the operator's peak memory with thousands of Microservices is in the
-/// README's scale table.
+/// mimalloc rather than glibc's malloc, built as weir-proxy's is (mimalloc 2, without
+/// transparent huge pages; see `weir_proxy::allocator` for why): the operator's peak memory with
+/// thousands of Microservices is in the README's scale table.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
