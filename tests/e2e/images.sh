@@ -17,6 +17,8 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 REGISTRY=${WEIR_IMAGE_REGISTRY:-ghcr.io/weir-dev}
 
 PROFILE=${WEIR_PROFILE:-debug}
+# Where cargo puts the binaries (CARGO_TARGET_DIR when set, as cargo reads it from here).
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$PROFILE" = release ]; then
   cargo build --release --locked -p weir -p weir-proxy -p weir-example-echo -p weir-example-grpc -p weir-example-shop
 else
@@ -48,14 +50,14 @@ for pair in weir:weir weir-proxy:weir-proxy weir-echo:weir-echo \
   weir-grpc-inventory:weir-grpc-inventory weir-grpc-storefront:weir-grpc-storefront; do
   image=${pair%%:*}
   bin=${pair#*:}
-  rootfs_for "$ROOT/target/$PROFILE/$bin" "$work/$image"
+  rootfs_for "$TARGET_DIR/$PROFILE/$bin" "$work/$image"
   IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin" "$ROOT/tests/cluster/image.sh" "$REGISTRY/$image:$VERSION" "$work/$image" "/usr/local/bin/$bin"
 done
 echo "imported $REGISTRY/{weir,weir-proxy,weir-echo,weir-grpc-inventory,weir-grpc-storefront}:$VERSION"
 # The shop's services (examples/shop), each keeping its log in /tmp (world-writable here) as its
 # Dockerfile keeps it in /var/lib/shop.
 for svc in gateway catalog orders payments users notifications; do
-  rootfs_for "$ROOT/target/$PROFILE/shop-$svc" "$work/shop-$svc"
+  rootfs_for "$TARGET_DIR/$PROFILE/shop-$svc" "$work/shop-$svc"
   IMAGE_ENV="PATH=/usr/local/bin:/usr/bin:/bin DATA_DIR=/tmp PORT=8080" \
     "$ROOT/tests/cluster/image.sh" "$REGISTRY/shop-$svc:$VERSION" "$work/shop-$svc" "/usr/local/bin/shop-$svc"
 done
